@@ -1,0 +1,194 @@
+"""Building blocks shared by ResTv1 and ResTv2 (pure PyTorch).
+
+All token maps inside the backbones are kept channels-last, ``(B, H, W, C)``, so
+that linear layers, LayerNorms and window partitioning need no permutes; the
+convolutions see a permuted (channels-last strided) NCHW view.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "DropPath",
+    "Mlp",
+    "PixelAttention",
+    "Block",
+    "multi_head_attention",
+    "window_partition",
+    "window_unpartition",
+    "to_2tuple",
+]
+
+
+def to_2tuple(value) -> Tuple[int, int]:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"expected an int or a pair, got {value!r}")
+        return int(value[0]), int(value[1])
+    return int(value), int(value)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity in eval mode or when ``drop_prob`` is 0).
+
+    Args:
+        drop_prob (float): probability of dropping the residual branch. Default: 0.
+    """
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        self.drop_prob = float(drop_prob)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = x.new_empty(shape).bernoulli_(keep)
+        return x * mask.div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob:.3f}"
+
+
+class Mlp(nn.Module):
+    """Two-layer feed-forward network ``fc1 -> GELU -> fc2``.
+
+    Args:
+        dim (int): input and output channels.
+        hidden_dim (int): hidden channels.
+    """
+
+    def __init__(self, dim: int, hidden_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class PixelAttention(nn.Module):
+    """PA position encoding: ``x * sigmoid(dwconv3x3(x))`` on an NCHW map.
+
+    Args:
+        dim (int): channels.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pa_conv = nn.Conv2d(dim, dim, kernel_size=3, padding=1, groups=dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x * torch.sigmoid(self.pa_conv(x))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block over a channels-last map ``(B, H, W, C)``.
+
+    Args:
+        dim (int): channels.
+        attn (nn.Module): attention module mapping ``(B, H, W, C)`` to the same shape.
+        mlp_ratio (float): hidden/input ratio of the MLP. Default: 4.
+        drop_path (float): stochastic depth rate of both residual branches. Default: 0.
+        norm_eps (float): LayerNorm epsilon. Default: 1e-6.
+    """
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float = 4.0,
+                 drop_path: float = 0.0, norm_eps: float = 1e-6):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = attn
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
+                         fused: bool = True, dropout_p: float = 0.0) -> Tensor:
+    """``softmax(q @ k^T * scale) @ v`` over ``(..., N, d)`` tensors.
+
+    ``fused=True`` uses ``F.scaled_dot_product_attention`` (flash / memory-efficient
+    kernels, the attention matrix is never materialised); ``fused=False`` is the
+    explicit math of the released code, kept as an exact reference.
+    """
+    if fused:
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    attn = (q @ k.transpose(-2, -1)) * scale
+    attn = attn.softmax(dim=-1)
+    if dropout_p > 0:
+        attn = F.dropout(attn, p=dropout_p)
+    return attn @ v
+
+
+def window_partition(x: Tensor, window_size: Tuple[int, int]) -> Tuple[Tensor, Tuple[int, int]]:
+    """Split a channels-last map into non-overlapping windows, zero-padding the bottom/right.
+
+    Args:
+        x: ``(B, H, W, C)`` map.
+        window_size: ``(wh, ww)``.
+
+    Returns:
+        windows of shape ``(B * num_windows, wh, ww, C)`` and the padded size ``(Hp, Wp)``.
+    """
+    b, h, w, c = x.shape
+    wh, ww = window_size
+    pad_h = (wh - h % wh) % wh
+    pad_w = (ww - w % ww) % ww
+    if pad_h or pad_w:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h + pad_h, w + pad_w
+    x = x.view(b, hp // wh, wh, wp // ww, ww, c)
+    windows = x.permute(0, 1, 3, 2, 4, 5).reshape(-1, wh, ww, c)
+    return windows, (hp, wp)
+
+
+def window_unpartition(windows: Tensor, window_size: Tuple[int, int],
+                       pad_hw: Tuple[int, int], hw: Tuple[int, int]) -> Tensor:
+    """Inverse of :func:`window_partition`: reassemble windows and crop the padding.
+
+    Args:
+        windows: ``(B * num_windows, wh, ww, C)``.
+        window_size: ``(wh, ww)``.
+        pad_hw: padded size ``(Hp, Wp)`` returned by :func:`window_partition`.
+        hw: original size ``(H, W)``.
+
+    Returns:
+        ``(B, H, W, C)`` map.
+    """
+    wh, ww = window_size
+    hp, wp = pad_hw
+    h, w = hw
+    nh, nw = hp // wh, wp // ww
+    b = windows.shape[0] // (nh * nw)
+    x = windows.view(b, nh, nw, wh, ww, -1).permute(0, 1, 3, 2, 4, 5).reshape(b, hp, wp, -1)
+    if hp > h or wp > w:
+        x = x[:, :h, :w, :].contiguous()
+    return x
+
+
+def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
+    """The released code's initialisation: truncated normal for conv/linear, unit norms."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(m.weight, std=std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+            if m.weight is not None:
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+
+def ceil_div(a: int, b: int) -> int:
+    return -(-a // b)

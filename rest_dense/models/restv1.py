@@ -1,0 +1,215 @@
+"""ResTv1 (EMSA) dense-prediction backbone, pure PyTorch, in the released detection layout.
+
+Stages 1-3 are followed by token LayerNorms ``norm1..norm3`` applied *in the stream*
+(the next stage consumes the normalised tokens); stage 4 uses the classifier's final
+``norm``. Module names follow the released checkpoints.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import ArchType, ResTBase, resolve_arch, to_channels_first
+from .layers import Block, PixelAttention, multi_head_attention, trunc_normal_init
+
+__all__ = ["ResTv1", "EMSA", "RESTV1_ARCHS"]
+
+_COMMON = dict(num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1))
+RESTV1_ARCHS = {
+    "lite": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 2, 2), **_COMMON),
+    "small": dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2), **_COMMON),
+    "base": dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2), **_COMMON),
+    "large": dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2), **_COMMON),
+}
+_ARCH_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True, apply_transform=True)
+_EPS = 1e-5
+
+
+class EMSA(nn.Module):
+    """Efficient multi-head self-attention of ResTv1.
+
+    With ``apply_transform`` and more than one head, a 1x1 conv mixes the heads'
+    attention logits before softmax and an InstanceNorm follows it; that needs the
+    explicit attention matrix, so only the single-head / no-transform case can use the
+    fused kernel.
+
+    Args:
+        dim (int): channels.
+        num_heads (int): attention heads.
+        sr_ratio (int): spatial reduction of keys/values. Default: 1.
+        qkv_bias (bool): bias in ``q`` and ``kv``. Default: True.
+        apply_transform (bool): multi-head interaction (ignored for one head). Default: True.
+        attn_drop (float): dropout on attention weights. Default: 0.
+        fused_attn (bool): allow ``F.scaled_dot_product_attention``. Default: True.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
+                 apply_transform: bool = True, attn_drop: float = 0.0, fused_attn: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.sr_ratio = sr_ratio
+        self.attn_drop = attn_drop
+        self.fused_attn = fused_attn
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio + 1, stride=sr_ratio,
+                                padding=sr_ratio // 2, groups=dim)
+            self.sr_norm = nn.LayerNorm(dim, eps=_EPS)
+        self.apply_transform = bool(apply_transform) and num_heads > 1
+        if self.apply_transform:
+            self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1)
+            self.transform_norm = nn.InstanceNorm2d(num_heads)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        q = self.q(x).reshape(b, h * w, nh, hd).transpose(1, 2)
+        if self.sr_ratio > 1:
+            kv_map = self.sr(x.permute(0, 3, 1, 2))
+            n_kv = kv_map.shape[-2] * kv_map.shape[-1]
+            kv_in = self.sr_norm(kv_map.flatten(2).transpose(1, 2))
+        else:
+            n_kv = h * w
+            kv_in = x.reshape(b, n_kv, c)
+        k, v = self.kv(kv_in).reshape(b, n_kv, 2, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        drop = self.attn_drop if self.training else 0.0
+        if self.apply_transform:
+            logits = (q @ k.transpose(-2, -1)) * self.scale
+            # InstanceNorm over a near-uniform softmax amplifies rounding errors ~20x, so the
+            # head mixing, softmax and norm run in a wider type (fp64 for fp32 inputs).
+            wide = torch.float64 if logits.dtype == torch.float32 else torch.float32
+            tc = self.transform_conv
+            attn = F.conv2d(logits.to(wide), tc.weight.to(wide), tc.bias.to(wide))
+            attn = self.transform_norm(attn.softmax(dim=-1)).to(v.dtype)
+            if drop:
+                attn = F.dropout(attn, p=drop)
+            out = attn @ v
+        else:
+            out = multi_head_attention(q, k, v, self.scale, fused=self.fused_attn, dropout_p=drop)
+        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+
+
+class PatchEmbedV1(nn.Module):
+    """Stride-2 3x3 conv, BatchNorm, PA (``patch_embed_{2,3,4}``); NCHW -> channels-last."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_dim)
+        self.pos = PixelAttention(out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pos(self.norm(self.conv(x))).permute(0, 2, 3, 1)
+
+
+class BasicStemV1(nn.Module):
+    """Stride-4 stem of ResTv1 (``stem``): conv-BN-ReLU x2, strided conv, PA."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        hidden = dim // 2
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, hidden, 3, stride=1, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(hidden)
+        self.conv3 = nn.Conv2d(hidden, dim, 3, stride=2, padding=1, bias=False)
+        self.act = nn.ReLU(inplace=True)
+        self.pos = PixelAttention(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.norm1(self.conv1(x)))
+        x = self.act(self.norm2(self.conv2(x)))
+        return self.pos(self.conv3(x)).permute(0, 2, 3, 1)
+
+
+class ResTv1(ResTBase):
+    """ResTv1 backbone for dense prediction: four maps at strides 4/8/16/32, any input size.
+
+    Args:
+        arch (str | dict): ``'lite' | 'small' | 'base' | 'large'`` or a dict with
+            ``embed_dims``, ``num_heads``, ``depths``, ``sr_ratios`` and optionally
+            ``qkv_bias`` (True), ``apply_transform`` (True), ``mlp_ratio`` (4).
+            Default: ``'small'``.
+        in_channels (int): input channels. Default: 3.
+        out_indices (Sequence[int]): stages to emit (0..3). Default: (0, 1, 2, 3).
+        drop_path_rate (float): stochastic depth, linearly increasing over blocks. Default: 0.
+        frozen_stages (int): freeze the stem (0) and stages ``1..frozen_stages``. Default: -1.
+        norm_eval (bool): keep BatchNorm layers in eval mode while training. Default: False.
+        with_cp (bool): gradient checkpointing per block. Default: False.
+        fused_attn (bool): fused attention where the math allows it. Default: True.
+        attn_drop_rate (float): dropout on attention weights. Default: 0.
+        pretrained (str, optional): checkpoint path to load. Default: None.
+    """
+
+    def __init__(self, arch: ArchType = "small", in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 fused_attn: bool = True, attn_drop_rate: float = 0.0,
+                 pretrained: Optional[str] = None):
+        super().__init__()
+        spec = resolve_arch(arch, RESTV1_ARCHS, _ARCH_DEFAULTS, "ResTv1")
+        self.arch = spec
+        self.embed_dims = spec["embed_dims"]
+        self.depths = spec["depths"]
+        self.sr_ratios = spec["sr_ratios"]
+        self._setup_common(in_channels, out_indices, frozen_stages, norm_eval, with_cp)
+
+        dims = self.embed_dims
+        self.stem = BasicStemV1(in_channels, dims[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        cur = 0
+        for i in range(4):
+            if i > 0:
+                setattr(self, f"patch_embed_{i + 1}", PatchEmbedV1(dims[i - 1], dims[i]))
+            blocks = nn.ModuleList([
+                Block(dims[i],
+                      EMSA(dims[i], spec["num_heads"][i], self.sr_ratios[i], qkv_bias=spec["qkv_bias"],
+                           apply_transform=spec["apply_transform"], attn_drop=attn_drop_rate,
+                           fused_attn=fused_attn),
+                      mlp_ratio=spec["mlp_ratio"], drop_path=dpr[cur + j], norm_eps=_EPS)
+                for j in range(self.depths[i])])
+            setattr(self, f"stage{i + 1}", blocks)
+            cur += self.depths[i]
+        # in-stream norms: every stage up to the last emitted one needs its norm
+        for i in range(3):
+            setattr(self, f"norm{i + 1}", nn.LayerNorm(dims[i], eps=_EPS))
+        self.norm = nn.LayerNorm(dims[3], eps=_EPS)
+        self.init_weights()
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    def init_weights(self) -> None:
+        trunc_normal_init(self)
+
+    def _stage_norm(self, i: int) -> nn.LayerNorm:
+        return self.norm if i == 3 else getattr(self, f"norm{i + 1}")
+
+    def stage_modules(self, i: int) -> List[nn.Module]:
+        if i == 0:
+            return [self.stem]
+        mods = [getattr(self, f"stage{i}"), self._stage_norm(i - 1)]
+        if i > 1:
+            mods.append(getattr(self, f"patch_embed_{i}"))
+        return mods
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Args: x: ``(N, C, H, W)`` images. Returns: tuple of NCHW maps for ``out_indices``."""
+        self._check_input(x)
+        outs = []
+        x = self.stem(x)
+        for i in range(max(self.out_indices) + 1):
+            if i > 0:
+                x = getattr(self, f"patch_embed_{i + 1}")(x.permute(0, 3, 1, 2))
+            for blk in getattr(self, f"stage{i + 1}"):
+                x = self._run_block(blk, x)
+            x = self._stage_norm(i)(x)
+            if i in self.out_indices:
+                outs.append(to_channels_first(x))
+        return tuple(outs)

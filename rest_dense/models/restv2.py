@@ -1,0 +1,283 @@
+"""ResTv2 (EMSAv2) dense-prediction backbone, pure PyTorch.
+
+Module names follow the authors' released checkpoints (see ``shared/SPEC.md``), so
+their ImageNet, detectron2 and mmseg weights load without renaming.
+"""
+from __future__ import annotations
+
+from typing import List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import ArchType, ResTBase, resolve_arch, to_channels_first
+from .layers import (Block, PixelAttention, multi_head_attention, trunc_normal_init,
+                     window_partition, window_unpartition)
+
+__all__ = ["ResTv2", "EMSAv2", "RESTV2_ARCHS", "ATTN_MODES"]
+
+RESTV2_ARCHS = {
+    "tiny": dict(embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8), depths=(1, 2, 6, 2),
+                 sr_ratios=(8, 4, 2, 1)),
+    "small": dict(embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8), depths=(1, 2, 12, 2),
+                  sr_ratios=(8, 4, 2, 1)),
+    "base": dict(embed_dims=(96, 192, 384, 768), num_heads=(1, 2, 4, 8), depths=(1, 3, 16, 3),
+                 sr_ratios=(8, 4, 2, 1)),
+    "large": dict(embed_dims=(128, 256, 512, 1024), num_heads=(2, 4, 8, 16), depths=(2, 3, 16, 2),
+                  sr_ratios=(8, 4, 2, 1)),
+}
+_ARCH_DEFAULTS = dict(mlp_ratio=4.0)
+ATTN_MODES = ("global", "win", "cwin", "hwin")
+DEFAULT_WINDOW_SIZE = (64, 32, 16, 8)
+_EPS = 1e-6
+
+
+class EMSAv2(nn.Module):
+    """Efficient multi-head self-attention with the upsample branch (ResTv2).
+
+    Keys and values come from tokens downsampled by a strided depth-wise conv; the
+    values are also upsampled back (depth-wise conv + PixelShuffle) and added to the
+    attention output. Works on any ``(B, H, W, C)`` map: the upsampled branch is
+    cropped to ``H x W`` when ``H`` or ``W`` is not a multiple of ``sr_ratio``.
+
+    Args:
+        dim (int): channels.
+        num_heads (int): attention heads.
+        sr_ratio (int): spatial reduction of keys/values. Default: 1.
+        qkv_bias (bool): bias in ``q`` and ``kv``. Default: True.
+        attn_drop (float): dropout on attention weights. Default: 0.
+        fused_attn (bool): use ``F.scaled_dot_product_attention``; ``False`` runs the
+            explicit math path. Default: True.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
+                 attn_drop: float = 0.0, fused_attn: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.sr_ratio = sr_ratio
+        self.attn_drop = attn_drop
+        self.fused_attn = fused_attn
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio + 1, stride=sr_ratio,
+                                padding=sr_ratio // 2, groups=dim)
+            self.sr_norm = nn.LayerNorm(dim, eps=_EPS)
+        self.up = nn.Sequential(
+            nn.Conv2d(dim, sr_ratio * sr_ratio * dim, kernel_size=3, padding=1, groups=dim),
+            nn.PixelShuffle(sr_ratio),
+        )
+        self.up_norm = nn.LayerNorm(dim, eps=_EPS)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, h, w, c = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        q = self.q(x).reshape(b, h * w, nh, hd).transpose(1, 2)
+        if self.sr_ratio > 1:
+            kv_map = self.sr(x.permute(0, 3, 1, 2))
+            hk, wk = kv_map.shape[-2:]
+            kv_in = self.sr_norm(kv_map.flatten(2).transpose(1, 2))
+        else:
+            hk, wk = h, w
+            kv_in = x.reshape(b, h * w, c)
+        k, v = self.kv(kv_in).reshape(b, hk * wk, 2, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+
+        out = multi_head_attention(q, k, v, self.scale, fused=self.fused_attn,
+                                   dropout_p=self.attn_drop if self.training else 0.0)
+        out = out.transpose(1, 2).reshape(b, h, w, c)
+
+        # v with heads merged head-major -> (B, C, hk, wk) -> upsampled back to (at least) h x w
+        up = self.up(v.transpose(-1, -2).reshape(b, c, hk, wk))
+        if up.shape[-2] != h or up.shape[-1] != w:
+            up = up[:, :, :h, :w]
+        out = out + self.up_norm(up.permute(0, 2, 3, 1))
+        return self.proj(out)
+
+
+class PatchEmbedV2(nn.Module):
+    """Stride-2 3x3 conv, PA position encoding and LayerNorm (``patch_{2,3,4}``)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
+        self.pos = PixelAttention(out_dim)
+        self.norm = nn.LayerNorm(out_dim, eps=_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``(B, C, H, W)`` -> channels-last ``(B, H', W', C')``."""
+        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
+
+
+class ConvStemV2(nn.Module):
+    """Stride-4 convolutional stem (``stem``): two conv-BN-ReLU, a 1x1 conv, PA, LayerNorm."""
+
+    def __init__(self, in_channels: int, dim: int):
+        super().__init__()
+        hidden = dim // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, dim, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(dim),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(dim, dim, 1),
+        )
+        self.pos = PixelAttention(dim)
+        self.norm = nn.LayerNorm(dim, eps=_EPS)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
+
+
+def _per_stage(value, name: str) -> Tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * 4
+    value = tuple(int(v) for v in value)
+    if len(value) != 4:
+        raise ValueError(f"{name} must be an int or 4 values (one per stage), got {value}")
+    return value
+
+
+class ResTv2(ResTBase):
+    """ResTv2 backbone for dense prediction: four maps at strides 4/8/16/32.
+
+    Accepts any input size; stage ``i`` (0-based) of an ``H x W`` input is
+    ``ceil(H / 2**(i+2)) x ceil(W / 2**(i+2))``.
+
+    Args:
+        arch (str | dict): ``'tiny' | 'small' | 'base' | 'large'`` or a dict with
+            ``embed_dims``, ``num_heads``, ``depths``, ``sr_ratios`` (and optionally
+            ``mlp_ratio``). Default: ``'tiny'``.
+        in_channels (int): input channels. Default: 3.
+        out_indices (Sequence[int]): stages to emit (0..3). Default: (0, 1, 2, 3).
+        drop_path_rate (float): stochastic depth, linearly increasing over blocks. Default: 0.
+        attn_mode (str): ``'global'``, ``'win'`` (all blocks in windows), ``'cwin'``
+            (``win`` plus a residual 3x3 depth-wise conv after each stage), or ``'hwin'``
+            (windows except the last block of each stage). Default: ``'global'``.
+        window_size (int | Sequence[int]): window side in tokens per stage; each must be
+            a multiple of the stage's ``sr_ratio``. Default: (64, 32, 16, 8).
+        frozen_stages (int): freeze the stem (0) and stages ``1..frozen_stages``, keeping
+            them in eval mode; -1 freezes nothing. Default: -1.
+        norm_eval (bool): keep BatchNorm layers in eval mode while training. Default: False.
+        with_cp (bool): gradient checkpointing per block (only when gradients flow).
+            Default: False.
+        fused_attn (bool): attention through ``F.scaled_dot_product_attention``; ``False``
+            selects the explicit math path of the released code. Default: True.
+        attn_drop_rate (float): dropout on attention weights. Default: 0.
+        pretrained (str, optional): checkpoint path loaded with
+            :func:`rest_dense.models.load_checkpoint`. Default: None.
+    """
+
+    def __init__(self, arch: ArchType = "tiny", in_channels: int = 3,
+                 out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
+                 attn_mode: str = "global", window_size: Union[int, Sequence[int]] = DEFAULT_WINDOW_SIZE,
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 fused_attn: bool = True, attn_drop_rate: float = 0.0,
+                 pretrained: Optional[str] = None):
+        super().__init__()
+        spec = resolve_arch(arch, RESTV2_ARCHS, _ARCH_DEFAULTS, "ResTv2")
+        self.arch = spec
+        self.embed_dims = spec["embed_dims"]
+        self.depths = spec["depths"]
+        self.sr_ratios = spec["sr_ratios"]
+        self._setup_common(in_channels, out_indices, frozen_stages, norm_eval, with_cp)
+
+        if attn_mode not in ATTN_MODES:
+            raise ValueError(f"unknown attn_mode {attn_mode!r}; choose one of {ATTN_MODES}")
+        self.attn_mode = attn_mode
+        self.window_size = _per_stage(window_size, "window_size")
+        for i, (ws, sr) in enumerate(zip(self.window_size, self.sr_ratios)):
+            if ws <= 0 or ws % sr:
+                raise ValueError(f"window_size[{i}]={ws} must be a positive multiple of stage "
+                                 f"{i + 1}'s sr_ratio {sr}")
+
+        dims = self.embed_dims
+        self.stem = ConvStemV2(in_channels, dims[0])
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        cur = 0
+        for i in range(4):
+            if i > 0:
+                setattr(self, f"patch_{i + 1}", PatchEmbedV2(dims[i - 1], dims[i]))
+            blocks = nn.ModuleList([
+                Block(dims[i],
+                      EMSAv2(dims[i], spec["num_heads"][i], self.sr_ratios[i],
+                             attn_drop=attn_drop_rate, fused_attn=fused_attn),
+                      mlp_ratio=spec["mlp_ratio"], drop_path=dpr[cur + j], norm_eps=_EPS)
+                for j in range(self.depths[i])])
+            setattr(self, f"stage{i + 1}", blocks)
+            cur += self.depths[i]
+        for i in self.out_indices:
+            setattr(self, f"norm_{i + 1}", nn.LayerNorm(dims[i], eps=_EPS))
+        if attn_mode == "cwin":
+            self.cwin_convs = nn.ModuleList(
+                nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d) for d in dims)
+        self.init_weights()
+        if pretrained:
+            self.load_pretrained(pretrained)
+
+    def init_weights(self) -> None:
+        """Released-code initialisation; cross-window convs start at zero so that a
+        checkpoint loaded into ``cwin`` mode initially behaves exactly like ``win``."""
+        trunc_normal_init(self)
+        if self.attn_mode == "cwin":
+            for conv in self.cwin_convs:
+                nn.init.zeros_(conv.weight)
+                nn.init.zeros_(conv.bias)
+
+    @property
+    def num_window_blocks(self) -> Tuple[int, ...]:
+        """How many leading blocks of each stage run in windows (the rest are global)."""
+        if self.attn_mode == "global":
+            return (0,) * 4
+        if self.attn_mode == "hwin":
+            return tuple(max(d - 1, 0) for d in self.depths)
+        return tuple(self.depths)
+
+    def stage_modules(self, i: int) -> List[nn.Module]:
+        if i == 0:
+            return [self.stem]
+        mods = [getattr(self, f"stage{i}")]
+        if i > 1:
+            mods.append(getattr(self, f"patch_{i}"))
+        if hasattr(self, f"norm_{i}"):
+            mods.append(getattr(self, f"norm_{i}"))
+        if self.attn_mode == "cwin":
+            mods.append(self.cwin_convs[i - 1])
+        return mods
+
+    def _forward_stage(self, i: int, x: Tensor) -> Tensor:
+        blocks = getattr(self, f"stage{i + 1}")
+        n_win = self.num_window_blocks[i]
+        h, w = x.shape[1:3]
+        win = (min(self.window_size[i], h), min(self.window_size[i], w))
+        if n_win and win != (h, w):
+            # pad and partition once for all windowed blocks of the stage
+            xw, pad_hw = window_partition(x, win)
+            for blk in blocks[:n_win]:
+                xw = self._run_block(blk, xw)
+            x = window_unpartition(xw, win, pad_hw, (h, w))
+            blocks = blocks[n_win:]
+        for blk in blocks:
+            x = self._run_block(blk, x)
+        if self.attn_mode == "cwin":
+            x = x + self.cwin_convs[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return x
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Args: x: ``(N, C, H, W)`` images. Returns: tuple of NCHW maps for ``out_indices``."""
+        self._check_input(x)
+        outs = []
+        last = max(self.out_indices)
+        x = self.stem(x)
+        for i in range(last + 1):
+            if i > 0:
+                x = getattr(self, f"patch_{i + 1}")(x.permute(0, 3, 1, 2))
+            x = self._forward_stage(i, x)
+            if i in self.out_indices:
+                outs.append(to_channels_first(getattr(self, f"norm_{i + 1}")(x)))
+        return tuple(outs)
