@@ -104,7 +104,7 @@ def normalize_state_dict(state_dict: Mapping[str, Tensor]):
 
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
                     strict: bool = False, weights_only: bool = True, map_location="cpu",
-                    log: Optional[logging.Logger] = None) -> LoadReport:
+                    allow_partial: bool = False, log: Optional[logging.Logger] = None) -> LoadReport:
     """Load a released or converted ResT checkpoint into ``model``.
 
     Args:
@@ -114,6 +114,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
         strict: raise if any key is missing or unused.
         weights_only: passed to ``torch.load``; keep True for downloaded files.
         map_location: device for loading.
+        allow_partial: accept checkpoints that lack some backbone weights (they keep
+            their initialisation); by default only the dense-only layers may be missing.
         log: logger for the report (default: ``logging.getLogger("rest_dense")``).
 
     Returns:
@@ -121,7 +123,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
 
     Raises:
         CheckpointMismatchError: on any shape mismatch, when fewer than half of the
-            model's entries are found, or (``strict``) on missing/unused keys.
+            model's entries are found, when backbone weights other than the dense-only
+            layers are missing (unless ``allow_partial``), or (``strict``) on any
+            missing/unused key.
     """
     log = log or logger
     sd, dropped = normalize_state_dict(read_state_dict(checkpoint, weights_only, map_location))
@@ -144,6 +148,15 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
     report = LoadReport(missing, unexpected, dropped, matched)
     if strict and (missing or unexpected):
         raise CheckpointMismatchError(f"strict loading failed: {report.summary()}")
+    # only the dense-prediction additions (output norms, cross-window convs) may be absent:
+    # released classification checkpoints lack them, everything else must be there
+    optional = tuple(getattr(model, "dense_only_prefixes", ()))
+    required_missing = [k for k in missing if not k.startswith(optional)]
+    if required_missing and not allow_partial:
+        raise CheckpointMismatchError(
+            f"checkpoint lacks {len(required_missing)} weights of {type(model).__name__}: "
+            f"{_short(required_missing, 8)} (unused from checkpoint: {_short(unexpected, 5)}); "
+            f"pass allow_partial=True to load it anyway")
 
     model.load_state_dict({k: sd[k] for k in matched}, strict=False)
     log.info("rest_dense: %s", report.summary())

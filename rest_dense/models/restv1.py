@@ -185,6 +185,9 @@ class ResTv1(ResTBase):
         if pretrained:
             self.load_pretrained(pretrained)
 
+    #: in-stream norms of the detection layout (absent from ImageNet checkpoints)
+    dense_only_prefixes = ("norm1.", "norm2.", "norm3.")
+
     def init_weights(self) -> None:
         trunc_normal_init(self)
 

@@ -220,6 +220,9 @@ class ResTv2(ResTBase):
         if pretrained:
             self.load_pretrained(pretrained)
 
+    #: layers that only the dense model has (absent from ImageNet checkpoints)
+    dense_only_prefixes = ("norm_", "cwin_convs.")
+
     def init_weights(self) -> None:
         """Released-code initialisation; cross-window convs start at zero so that a
         checkpoint loaded into ``cwin`` mode initially behaves exactly like ``win``."""
