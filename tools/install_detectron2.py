@@ -68,11 +68,18 @@ def log(msg):
     print("[detectron2] " + msg, flush=True)
 
 
+# pip warns about every package missing from this machine's extra local indexes: noise.
+_PIP_NOISE = re.compile(r"^WARNING: Location 'file://.*' is ignored")
+
+
 def run(cmd, env=None, check=True, capture=False):
-    kw = dict(env=env, text=True)
-    if capture:
-        kw.update(stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    proc = subprocess.run(cmd, **kw)
+    """Run `cmd`; output is returned (capture=True) or printed without pip's index noise."""
+    proc = subprocess.run(cmd, env=env, text=True, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT)
+    if not capture:
+        out = "".join(l for l in proc.stdout.splitlines(True) if not _PIP_NOISE.match(l))
+        sys.stdout.write(out)
+        sys.stdout.flush()
     if check and proc.returncode != 0:
         if capture:
             sys.stdout.write(proc.stdout)
