@@ -1,0 +1,193 @@
+"""OpenMMLab-facing ResT backbones: the core models plus ``init_cfg`` handling.
+
+The classes here only translate between mmengine's conventions and the pure-PyTorch
+core in :mod:`rest_dense.models`: every architectural argument goes straight to the
+core, and ``init_cfg=dict(type='Pretrained', ...)`` is served by the core's
+:func:`~rest_dense.models.load_checkpoint` (``weights_only=True`` by default), so any
+released wrapping of the weights (ImageNet, mmseg, detectron2) loads unchanged.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from mmengine.logging import print_log
+from mmengine.model import BaseModule, initialize
+
+from ..models import CheckpointMismatchError, LoadReport, ResTv1, ResTv2, load_checkpoint
+from ..models.checkpoint import read_state_dict
+
+__all__ = ["MMResTv2", "MMResTv1", "load_pretrained_cfg"]
+
+InitCfg = Union[Dict[str, Any], List[Dict[str, Any]], None]
+
+_PRETRAINED_KEYS = {"type", "checkpoint", "prefix", "map_location", "weights_only", "strict"}
+
+# the core logs through the standard ``logging`` module; we report through mmengine
+# instead, so its own messages are sent nowhere
+_QUIET = logging.getLogger("rest_dense.mm.quiet")
+_QUIET.addHandler(logging.NullHandler())
+_QUIET.propagate = False
+
+
+def _is_pretrained(cfg: Mapping) -> bool:
+    return cfg.get("type") in ("Pretrained", "PretrainedInit")
+
+
+def _read_source(checkpoint: str, map_location: str, weights_only: bool):
+    """Local path or http(s) URL -> loaded object (URLs are cached by ``torch.hub``)."""
+    if checkpoint.startswith(("http://", "https://")):
+        from torch.hub import load_state_dict_from_url
+
+        return load_state_dict_from_url(checkpoint, map_location=map_location,
+                                        weights_only=weights_only)
+    path = os.path.expanduser(checkpoint)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained checkpoint not found: {checkpoint!r}")
+    return path
+
+
+def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
+    """Load weights into a ResT backbone as described by a ``Pretrained`` init config.
+
+    Args:
+        model: a ResT backbone (core or adapter).
+        cfg: ``dict(type='Pretrained', checkpoint=PATH_OR_URL, prefix=None,
+            map_location='cpu', weights_only=True, strict=False)``. ``prefix`` selects
+            and strips the keys of one sub-module of a whole-model checkpoint (e.g.
+            ``'backbone.'``); without it the core recognises the released wrappings.
+
+    Returns:
+        The core's :class:`~rest_dense.models.LoadReport`.
+
+    Raises:
+        ValueError: unknown keys in ``cfg`` or a ``prefix`` that matches nothing.
+        CheckpointMismatchError: the checkpoint belongs to another variant.
+    """
+    unknown = sorted(set(cfg) - _PRETRAINED_KEYS)
+    if unknown:
+        raise ValueError(f"unsupported keys {unknown} in Pretrained init_cfg; "
+                         f"allowed: {sorted(_PRETRAINED_KEYS)}")
+    if not cfg.get("checkpoint"):
+        raise ValueError("Pretrained init_cfg needs a 'checkpoint'")
+    checkpoint = str(cfg["checkpoint"])
+    map_location = cfg.get("map_location") or "cpu"
+    weights_only = bool(cfg.get("weights_only", True))
+    source = _read_source(checkpoint, map_location, weights_only)
+
+    prefix = cfg.get("prefix")
+    if prefix:
+        prefix = prefix if prefix.endswith(".") else prefix + "."
+        full = read_state_dict(source, weights_only=weights_only, map_location=map_location)
+        source = {k[len(prefix):]: v for k, v in full.items() if k.startswith(prefix)}
+        if not source:
+            raise ValueError(f"no key of {checkpoint!r} starts with prefix {prefix!r}")
+
+    name = type(model).__name__
+    try:
+        report = load_checkpoint(model, source, strict=bool(cfg.get("strict", False)),
+                                 weights_only=weights_only, map_location=map_location, log=_QUIET)
+    except CheckpointMismatchError as err:
+        raise CheckpointMismatchError(f"{name}: cannot load {checkpoint!r}: {err}") from err
+
+    print_log(f"{name}: loaded {len(report.loaded_keys)} tensors from {checkpoint}",
+              logger="current")
+    if report.missing_keys:
+        print_log(f"{name}: not in the checkpoint, keep their initialisation "
+                  f"({len(report.missing_keys)}): {', '.join(report.missing_keys)}",
+                  logger="current", level=logging.WARNING)
+    if report.unexpected_keys:
+        print_log(f"{name}: in the checkpoint but unused ({len(report.unexpected_keys)}): "
+                  f"{', '.join(report.unexpected_keys)}", logger="current", level=logging.WARNING)
+    if report.dropped_keys:
+        print_log(f"{name}: ignored {len(report.dropped_keys)} classifier / non-backbone "
+                  "entries of the checkpoint", logger="current")
+    return report
+
+
+class _InitCfgMixin:
+    """Gives a core ResT backbone mmengine's ``init_cfg`` / ``init_weights`` contract.
+
+    Listed first in the bases (``class X(_InitCfgMixin, CoreModel, BaseModule)``) so that
+    its :meth:`init_weights` overrides the core's; the core's constructor calls
+    ``init_weights`` before the adapter is set up, which then only performs the core's
+    random initialisation.
+    """
+
+    def _adapter_setup(self, init_cfg: InitCfg, pretrained: Optional[str]) -> None:
+        if pretrained is not None:
+            if init_cfg is not None:
+                raise ValueError("pass either 'pretrained' or 'init_cfg', not both")
+            init_cfg = dict(type="Pretrained", checkpoint=pretrained)
+        cfgs = [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg or [])
+        for cfg in cfgs:
+            if not isinstance(cfg, Mapping) or "type" not in cfg:
+                raise TypeError(f"init_cfg entries must be dicts with a 'type', got {cfg!r}")
+        if sum(_is_pretrained(c) for c in cfgs) > 1:
+            raise ValueError("init_cfg may hold at most one Pretrained entry")
+        self.init_cfg = copy.deepcopy(init_cfg)
+        self._is_init = False
+        # mmengine convention: frozen parameters are frozen from construction on, so
+        # that optimisers built before the first ``train()`` already leave them out
+        self._freeze_stages()
+        self._adapter_ready = True
+
+    def init_weights(self) -> None:
+        """Random initialisation, then any other ``init_cfg`` initialisers, then the
+        ``Pretrained`` checkpoint (which therefore always wins). Runs once: later calls
+        only warn, so a pretrained load is never overwritten by a parent module."""
+        if not getattr(self, "_adapter_ready", False):
+            # called by the core's own constructor: plain random initialisation
+            super().init_weights()
+            return
+        if self._is_init:
+            print_log(f"init_weights of {type(self).__name__} has been called more than once; "
+                      "ignored", logger="current", level=logging.WARNING)
+            return
+        cfgs = [self.init_cfg] if isinstance(self.init_cfg, Mapping) else list(self.init_cfg or [])
+        pretrained = [c for c in cfgs if _is_pretrained(c)]
+        others = [c for c in cfgs if not _is_pretrained(c)]
+        super().init_weights()
+        if others:
+            initialize(self, others)
+        if pretrained:
+            load_pretrained_cfg(self, pretrained[0])
+        self._is_init = True
+
+
+class MMResTv2(_InitCfgMixin, ResTv2, BaseModule):
+    """:class:`~rest_dense.models.ResTv2` for MMDetection / MMSegmentation configs
+    (registered there as ``'ResTv2'``).
+
+    Args:
+        init_cfg (dict | list[dict], optional): mmengine initialisation config, e.g.
+            ``dict(type='Pretrained', checkpoint='checkpoints/restv2_tiny_224.pth')``
+            with optional ``prefix``, ``map_location``, ``weights_only`` (default True)
+            and ``strict`` (default False). Loaded in :meth:`init_weights`.
+        pretrained (str, optional): shorthand for a ``Pretrained`` ``init_cfg`` (what
+            MMSegmentation's ``EncoderDecoder(pretrained=...)`` passes down).
+        **kwargs: every other argument of :class:`~rest_dense.models.ResTv2` (``arch``,
+            ``out_indices``, ``drop_path_rate``, ``attn_mode``, ``window_size``,
+            ``frozen_stages``, ``norm_eval``, ``with_cp``, ...), passed unchanged.
+    """
+
+    def __init__(self, init_cfg: InitCfg = None, pretrained: Optional[str] = None, **kwargs):
+        super().__init__(**kwargs)
+        self._adapter_setup(init_cfg, pretrained)
+
+
+class MMResTv1(_InitCfgMixin, ResTv1, BaseModule):
+    """:class:`~rest_dense.models.ResTv1` for MMDetection / MMSegmentation configs
+    (registered there as ``'ResTv1'``).
+
+    Args:
+        init_cfg (dict | list[dict], optional): as for :class:`MMResTv2`.
+        pretrained (str, optional): shorthand for a ``Pretrained`` ``init_cfg``.
+        **kwargs: every other argument of :class:`~rest_dense.models.ResTv1`, unchanged.
+    """
+
+    def __init__(self, init_cfg: InitCfg = None, pretrained: Optional[str] = None, **kwargs):
+        super().__init__(**kwargs)
+        self._adapter_setup(init_cfg, pretrained)

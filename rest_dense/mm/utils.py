@@ -1,0 +1,133 @@
+"""Helpers shared by the MMDetection / MMSegmentation command-line tools."""
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Mapping, Optional, Tuple
+
+from mmengine.config import Config, ConfigDict
+from mmengine.registry import init_default_scope
+from torch import nn
+
+__all__ = ["FRAMEWORKS", "detect_framework", "build_model", "count_parameters", "load_config",
+           "default_work_dir", "is_tta_model", "wrap_for_tta"]
+
+#: the OpenMMLab frameworks the tools handle, by their registry scope
+FRAMEWORKS: Tuple[str, ...] = ("mmdet", "mmseg")
+
+
+def detect_framework(cfg: Config) -> str:
+    """Tell whether a config belongs to MMDetection or MMSegmentation.
+
+    Uses ``cfg.default_scope`` when it names one of them; otherwise looks the model
+    type (``cfg.model.type``) up in both frameworks' ``MODELS`` registries.
+
+    Args:
+        cfg: a loaded config.
+
+    Returns:
+        ``'mmdet'`` or ``'mmseg'``.
+
+    Raises:
+        ValueError: the config names neither framework, or the model type is ambiguous.
+    """
+    scope = cfg.get("default_scope")
+    if scope in FRAMEWORKS:
+        return scope
+    model = cfg.get("model") or {}
+    model_type = model.get("type") if hasattr(model, "get") else None
+    if isinstance(model_type, str) and "." in model_type:
+        prefix = model_type.split(".", 1)[0]
+        if prefix in FRAMEWORKS:
+            return prefix
+    found = []
+    for framework in FRAMEWORKS:
+        try:
+            registry = importlib.import_module(f"{framework}.registry")
+        except ImportError:
+            continue
+        if isinstance(model_type, str) and registry.MODELS.get(model_type) is not None:
+            found.append(framework)
+    if len(found) == 1:
+        return found[0]
+    raise ValueError(
+        f"cannot tell whether this config is for MMDetection or MMSegmentation "
+        f"(default_scope={scope!r}, model.type={model_type!r}, registered in {found or 'neither'}); "
+        "set default_scope = 'mmdet' or 'mmseg' in the config")
+
+
+def build_model(cfg: Config) -> nn.Module:
+    """Build ``cfg.model`` with the registry of the config's framework (after importing
+    ``rest_dense`` so that the ResT backbones are registered).
+
+    Args:
+        cfg: a loaded config.
+
+    Returns:
+        The model (weights freshly initialised; ``init_weights`` is not called).
+    """
+    import rest_dense  # noqa: F401  (registers the backbones)
+
+    framework = detect_framework(cfg)
+    init_default_scope(framework)
+    registry = importlib.import_module(f"{framework}.registry")
+    return registry.MODELS.build(cfg.model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
+    """Read a config, apply ``--cfg-options`` and make sure ``default_scope`` is set.
+
+    Imports ``rest_dense`` first, so configs without ``custom_imports`` work too.
+
+    Args:
+        path: config file.
+        cfg_options: ``key=value`` overrides (``mmengine.config.DictAction`` output).
+
+    Returns:
+        The config, with ``default_scope`` set to ``'mmdet'`` or ``'mmseg'``.
+    """
+    import rest_dense  # noqa: F401
+
+    cfg = Config.fromfile(path)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    cfg.default_scope = detect_framework(cfg)
+    return cfg
+
+
+def default_work_dir(config_path: str) -> str:
+    """``./work_dirs/<config name>``, the OpenMMLab convention."""
+    return os.path.join("work_dirs", os.path.splitext(os.path.basename(config_path))[0])
+
+
+def is_tta_model(model_cfg: Mapping) -> bool:
+    """Whether a model config is already a test-time-augmentation wrapper."""
+    return str(model_cfg.get("type", "")).endswith("TTAModel") and "module" in model_cfg
+
+
+def wrap_for_tta(cfg: Config) -> Config:
+    """Switch a config to multi-scale / flip testing with its ``tta_model`` and
+    ``tta_pipeline`` (both provided by the shipped MMSegmentation configs).
+
+    Args:
+        cfg: a loaded config; modified in place.
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        KeyError: the config defines no ``tta_model`` or no ``tta_pipeline``.
+    """
+    if is_tta_model(cfg.model):
+        return cfg  # a *_ms-flip config: already wrapped
+    missing = [k for k in ("tta_model", "tta_pipeline") if k not in cfg]
+    if missing:
+        raise KeyError(f"--tta needs {' and '.join(missing)} in the config")
+    cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
+    cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
+    return cfg
