@@ -1,0 +1,9 @@
+# Mask R-CNN + FPN, ResTv2-B, COCO, 3x schedule (see the ResTv2-T config).
+# Paper (3x, detectron2): 75.47M params, box AP 48.7, mask AP 43.9.
+_base_ = './mask-rcnn_restv2-t_fpn_amp-ms-3x_coco.py'
+
+model = dict(
+    backbone=dict(
+        arch='base',
+        drop_path_rate=0.3,
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/restv2_base_224.pth')))
