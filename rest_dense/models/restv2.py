@@ -84,18 +84,23 @@ class EMSAv2(nn.Module):
         else:
             hk, wk = h, w
             kv_in = x.reshape(b, h * w, c)
-        k, v = self.kv(kv_in).reshape(b, hk * wk, 2, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        kv = self.kv(kv_in)
+        k = kv[..., :c].reshape(b, hk * wk, nh, hd).transpose(1, 2)
+        v_tokens = kv[..., c:]
+        v = v_tokens.reshape(b, hk * wk, nh, hd).transpose(1, 2)
 
         out = multi_head_attention(q, k, v, self.scale, fused=self.fused_attn,
                                    dropout_p=self.attn_drop if self.training else 0.0)
         out = out.transpose(1, 2).reshape(b, h, w, c)
 
-        # v with heads merged head-major -> (B, C, hk, wk) -> upsampled back to (at least) h x w
-        up = self.up(v.transpose(-1, -2).reshape(b, c, hk, wk))
-        if up.shape[-2] != h or up.shape[-1] != w:
-            up = up[:, :, :h, :w]
-        out = out + self.up_norm(up.permute(0, 2, 3, 1))
-        return self.proj(out)
+        # v with heads merged (head-major channels) as a channels-last (B, C, hk, wk) view:
+        # the depth-wise conv and PixelShuffle then stay channels-last, and the LayerNorm
+        # needs no copy; the result covers at least h x w and is cropped to it
+        up = self.up(v_tokens.reshape(b, hk, wk, c).permute(0, 3, 1, 2))
+        up = up.permute(0, 2, 3, 1)
+        if up.shape[1] != h or up.shape[2] != w:
+            up = up[:, :h, :w]
+        return self.proj(out + self.up_norm(up))
 
 
 class PatchEmbedV2(nn.Module):

@@ -1,0 +1,206 @@
+#!/usr/bin/env python
+"""Latency, throughput and peak memory of ResT backbones (CPU or GPU).
+
+Each row builds the backbone with the same weights, warms up, then times
+``--iters`` forward passes (``torch.inference_mode``; CUDA synchronised). Peak
+memory is the growth of the process' peak RSS during the timed passes on CPU
+(``/proc/self/clear_refs``), or ``torch.cuda.max_memory_allocated`` on GPU.
+
+Examples::
+
+    # fused (SDPA) vs the released code's math attention, and every attention mode
+    python tools/benchmark.py restv2_tiny --shapes 1x3x800x1216 8x3x224x224 \
+        --attn-impls sdpa math --modes global win cwin hwin --threads 2
+    python tools/benchmark.py restv2_tiny --device cuda --dtypes fp32 fp16 bf16
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Row:
+    model: str
+    mode: str
+    attn: str
+    shape: str
+    dtype: str
+    ms: float
+    imgs_per_s: float
+    peak_mb: Optional[float]
+
+
+def parse_shape(text: str) -> tuple:
+    parts = tuple(int(v) for v in text.lower().split("x"))
+    if len(parts) != 4:
+        raise argparse.ArgumentTypeError(f"shape must look like 1x3x800x1216, got {text!r}")
+    return parts
+
+
+def build_backbone(name: str, attn_mode: str, fused: bool) -> torch.nn.Module:
+    """``restv2_tiny`` / ``restv1_small`` style names -> core backbone."""
+    from rest_dense.models import ResTv1, ResTv2
+
+    family, _, variant = name.partition("_")
+    if family == "restv2":
+        return ResTv2(arch=variant, attn_mode=attn_mode, fused_attn=fused)
+    if family in ("restv1", "rest"):
+        if attn_mode != "global":
+            raise SystemExit("ResTv1 has global attention only")
+        return ResTv1(arch=variant, fused_attn=fused)
+    raise SystemExit(f"unknown backbone {name!r}; use restv2_<tiny|small|base|large> or "
+                     f"restv1_<lite|small|base|large>")
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def time_model(model: torch.nn.Module, shape: tuple, device: str, dtype: torch.dtype,
+               warmup: int, iters: int, min_time: float, progress: bool) -> tuple:
+    x = torch.randn(*shape, device=device)
+    autocast = dtype != torch.float32
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def step():
+        with torch.autocast(device_type=device.split(":")[0], dtype=dtype, enabled=autocast):
+            model(x)
+
+    with torch.inference_mode():
+        for _ in range(warmup):
+            step()
+        sync()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = _rss_kb("VmRSS:") if _reset_peak_rss() else None
+        times: List[float] = []
+        start = time.perf_counter()
+        bar = _progress(iters, progress)
+        while len(times) < iters or time.perf_counter() - start < min_time:
+            t0 = time.perf_counter()
+            step()
+            sync()
+            times.append(time.perf_counter() - t0)
+            bar.update(1)
+        bar.close()
+        if device.startswith("cuda"):
+            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        else:
+            peak = (_rss_kb("VmHWM:") - base) / 1024 if base is not None else None
+    times.sort()
+    median = times[len(times) // 2]
+    return median * 1e3, shape[0] / median, peak
+
+
+class _NoBar:
+    def update(self, n):
+        pass
+
+    def close(self):
+        pass
+
+
+def _progress(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, leave=False, file=sys.stderr)
+    except ImportError:
+        return _NoBar()
+
+
+def format_table(rows: Sequence[Row], baseline: Dict[tuple, float]) -> str:
+    head = "| model | attn_mode | attention | input | dtype | ms/iter | img/s | peak mem (MB) | speed-up |"
+    lines = [head, "|" + "---|" * 9]
+    for r in rows:
+        base = baseline.get((r.model, r.shape, r.dtype))
+        speed = f"{base / r.ms:.2f}x" if base else "-"
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
+        lines.append(f"| {r.model} | {r.mode} | {r.attn} | {r.shape} | {r.dtype} | {r.ms:.1f} | "
+                     f"{r.imgs_per_s:.2f} | {peak} | {speed} |")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("backbone", nargs="?", default="restv2_tiny")
+    p.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape("1x3x800x1216")])
+    p.add_argument("--modes", nargs="+", default=["global"], choices=["global", "win", "cwin", "hwin"])
+    p.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=["sdpa", "math"],
+                   help="sdpa = F.scaled_dot_product_attention, math = explicit attention matrix")
+    p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--min-time", type=float, default=0.0, help="keep timing for at least this many s")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
+    args = p.parse_args(argv)
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    reference = None
+    rows: List[Row] = []
+    baseline: Dict[tuple, float] = {}
+    combos = list(itertools.product(args.shapes, args.dtypes, args.modes, args.attn_impls))
+    for shape, dtype, mode, impl in combos:
+        model = build_backbone(args.backbone, mode, fused=impl == "sdpa")
+        if reference is None:
+            reference = model.state_dict()
+        else:
+            model.load_state_dict(reference, strict=False)  # same weights in every row
+        model = model.eval().to(args.device)
+        ms, ips, peak = time_model(model, shape, args.device, DTYPES[dtype], args.warmup,
+                                   args.iters, args.min_time, not args.no_progress)
+        shape_s = "x".join(map(str, shape))
+        row = Row(args.backbone, mode, impl, shape_s, dtype, ms, ips, peak)
+        rows.append(row)
+        # speed-ups are relative to the first row of each (shape, dtype): global + first impl
+        baseline.setdefault((row.model, shape_s, dtype), ms)
+        print(f"  {mode:6s} {impl:4s} {shape_s:14s} {dtype}: {ms:8.1f} ms  peak {peak or 0:7.0f} MB",
+              file=sys.stderr, flush=True)
+        del model
+    device_desc = (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                   else f"CPU, {torch.get_num_threads()} threads")
+    table = format_table(rows, baseline)
+    text = f"{args.backbone} on {device_desc}, torch {torch.__version__}, median of >= {args.iters} iters\n\n{table}"
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    return text
+
+
+if __name__ == "__main__":
+    main()
