@@ -51,10 +51,17 @@ def parse_shape(text: str) -> tuple:
 
 
 def build_backbone(name: str, attn_mode: str, fused: bool) -> torch.nn.Module:
-    """``restv2_tiny`` / ``restv1_small`` style names -> core backbone."""
+    """``restv2_tiny`` / ``restv1_small`` / ``swin_tiny`` style names -> backbone."""
     from rest_dense.models import ResTv1, ResTv2
 
     family, _, variant = name.partition("_")
+    if family == "swin":
+        if variant != "tiny" or attn_mode != "global":
+            raise SystemExit("only swin_tiny (mmdet's SwinTransformer, window 7) is available")
+        from mmdet.models.backbones import SwinTransformer
+
+        return SwinTransformer(embed_dims=96, depths=(2, 2, 6, 2), num_heads=(3, 6, 12, 24),
+                               window_size=7, out_indices=(0, 1, 2, 3))
     if family == "restv2":
         return ResTv2(arch=variant, attn_mode=attn_mode, fused_attn=fused)
     if family in ("restv1", "rest"):
@@ -63,6 +70,44 @@ def build_backbone(name: str, attn_mode: str, fused: bool) -> torch.nn.Module:
         return ResTv1(arch=variant, fused_attn=fused)
     raise SystemExit(f"unknown backbone {name!r}; use restv2_<tiny|small|base|large> or "
                      f"restv1_<lite|small|base|large>")
+
+
+class DetectorForward(torch.nn.Module):
+    """Whole-model inference (``predict``) of an mmdet/mmseg config on a fixed-size batch."""
+
+    def __init__(self, config: str, attn_mode: str, fused: bool):
+        super().__init__()
+        from mmengine.config import Config
+
+        import rest_dense  # noqa: F401  (registers the backbones)
+
+        cfg = Config.fromfile(config)
+        backbone = cfg.model.backbone
+        backbone.pop("init_cfg", None)
+        backbone.pop("pretrained", None)
+        if backbone.get("type") in ("ResTv2", "ResTv1"):
+            backbone["fused_attn"] = fused
+            if backbone["type"] == "ResTv2" and attn_mode != "global":
+                backbone["attn_mode"] = attn_mode
+        scope = cfg.get("default_scope", "mmdet")
+        if scope == "mmseg":
+            from mmseg.registry import MODELS
+            from mmseg.structures import SegDataSample as Sample
+        else:
+            from mmdet.registry import MODELS
+            from mmdet.structures import DetDataSample as Sample
+        from mmengine.registry import init_default_scope
+
+        init_default_scope(scope)
+        self.model = MODELS.build(cfg.model)
+        self.sample_cls = Sample
+
+    def forward(self, x: torch.Tensor):
+        h, w = x.shape[-2:]
+        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w), batch_input_shape=(h, w),
+                    scale_factor=(1.0, 1.0))
+        samples = [self.sample_cls(metainfo=meta) for _ in range(x.shape[0])]
+        return self.model.predict(x, samples)
 
 
 def _rss_kb(field: str) -> int:
@@ -143,7 +188,7 @@ def format_table(rows: Sequence[Row], baseline: Dict[tuple, float]) -> str:
     head = "| model | attn_mode | attention | input | dtype | ms/iter | img/s | peak mem (MB) | speed-up |"
     lines = [head, "|" + "---|" * 9]
     for r in rows:
-        base = baseline.get((r.model, r.shape, r.dtype))
+        base = baseline.get((r.shape, r.dtype))
         speed = f"{base / r.ms:.2f}x" if base else "-"
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
         lines.append(f"| {r.model} | {r.mode} | {r.attn} | {r.shape} | {r.dtype} | {r.ms:.1f} | "
@@ -153,7 +198,11 @@ def format_table(rows: Sequence[Row], baseline: Dict[tuple, float]) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> str:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("backbone", nargs="?", default="restv2_tiny")
+    p.add_argument("backbones", nargs="*", default=[],
+                   help="restv2_<tiny|small|base|large>, restv1_<lite|small|base|large>, swin_tiny "
+                        "(default: restv2_tiny when no --configs)")
+    p.add_argument("--configs", nargs="+", default=[],
+                   help="time whole shipped mmdet/mmseg models (predict) too")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape("1x3x800x1216")])
     p.add_argument("--modes", nargs="+", default=["global"], choices=["global", "win", "cwin", "hwin"])
     p.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=["sdpa", "math"],
@@ -171,31 +220,39 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    reference = None
+    targets = [("backbone", b) for b in args.backbones] + [("config", c) for c in args.configs]
+    if not targets:
+        targets = [("backbone", "restv2_tiny")]
     rows: List[Row] = []
     baseline: Dict[tuple, float] = {}
-    combos = list(itertools.product(args.shapes, args.dtypes, args.modes, args.attn_impls))
-    for shape, dtype, mode, impl in combos:
-        model = build_backbone(args.backbone, mode, fused=impl == "sdpa")
-        if reference is None:
-            reference = model.state_dict()
-        else:
-            model.load_state_dict(reference, strict=False)  # same weights in every row
-        model = model.eval().to(args.device)
-        ms, ips, peak = time_model(model, shape, args.device, DTYPES[dtype], args.warmup,
-                                   args.iters, args.min_time, not args.no_progress)
-        shape_s = "x".join(map(str, shape))
-        row = Row(args.backbone, mode, impl, shape_s, dtype, ms, ips, peak)
-        rows.append(row)
-        # speed-ups are relative to the first row of each (shape, dtype): global + first impl
-        baseline.setdefault((row.model, shape_s, dtype), ms)
-        print(f"  {mode:6s} {impl:4s} {shape_s:14s} {dtype}: {ms:8.1f} ms  peak {peak or 0:7.0f} MB",
-              file=sys.stderr, flush=True)
-        del model
+    for kind, target in targets:
+        name = Path(target).stem if kind == "config" else target
+        reference = None
+        for shape, dtype, mode, impl in itertools.product(args.shapes, args.dtypes, args.modes,
+                                                          args.attn_impls):
+            if kind == "config":
+                model = DetectorForward(target, mode, fused=impl == "sdpa")
+            else:
+                model = build_backbone(target, mode, fused=impl == "sdpa")
+            if reference is None:
+                reference = model.state_dict()
+            else:
+                model.load_state_dict(reference, strict=False)  # same weights in every row
+            model.eval()
+            model.to(args.device)
+            ms, ips, peak = time_model(model, shape, args.device, DTYPES[dtype], args.warmup,
+                                       args.iters, args.min_time, not args.no_progress)
+            shape_s = "x".join(map(str, shape))
+            rows.append(Row(name, mode, impl if "rest" in name else "-", shape_s, dtype, ms, ips, peak))
+            # speed-ups are relative to the first row of the same input size and dtype
+            baseline.setdefault((shape_s, dtype), ms)
+            print(f"  {name} {mode:6s} {impl:4s} {shape_s:14s} {dtype}: {ms:8.1f} ms  "
+                  f"peak {peak or 0:7.0f} MB", file=sys.stderr, flush=True)
+            del model
     device_desc = (torch.cuda.get_device_name() if args.device.startswith("cuda")
                    else f"CPU, {torch.get_num_threads()} threads")
     table = format_table(rows, baseline)
-    text = f"{args.backbone} on {device_desc}, torch {torch.__version__}, median of >= {args.iters} iters\n\n{table}"
+    text = f"On {device_desc}, torch {torch.__version__}, median of >= {args.iters} iters\n\n{table}"
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
