@@ -1,0 +1,35 @@
+"""detectron2 integration of the ResT backbones.
+
+Importing this package registers in detectron2's ``BACKBONE_REGISTRY``:
+``build_restv2_backbone``, ``build_restv2_fpn_backbone``,
+``build_retinanet_restv2_fpn_backbone`` (ResTv2) and ``build_rest_backbone``,
+``build_rest_fpn_backbone``, ``build_retinanet_rest_fpn_backbone`` (ResTv1).
+
+Typical use::
+
+    from detectron2.config import get_cfg
+    from rest_dense.d2 import add_restv2_config, add_rest_config
+
+    cfg = get_cfg()
+    add_restv2_config(cfg)
+    add_rest_config(cfg)
+    cfg.merge_from_file("configs/detectron2/mask_rcnn_restv2_tiny_3x.yaml")
+"""
+from .backbone import (D2ResTv1, D2ResTv2, build_rest_backbone, build_rest_fpn_backbone,
+                       build_restv2_backbone, build_restv2_fpn_backbone,
+                       build_retinanet_rest_fpn_backbone, build_retinanet_restv2_fpn_backbone,
+                       freeze_at_to_frozen_stages)
+from .checkpoint import RestDetectionCheckpointer, classify_checkpoint, find_rest_backbone
+from .config import (add_rest_config, add_rest_solver_config, add_restv2_config, rest_arch_from_cfg,
+                     restv2_arch_from_cfg)
+from .data import register_toy_datasets
+from .solver import build_adamw, build_optimizer, with_full_model_gradient_clipping
+
+__all__ = [
+    "add_restv2_config", "add_rest_config", "add_rest_solver_config", "restv2_arch_from_cfg",
+    "rest_arch_from_cfg", "D2ResTv2", "D2ResTv1", "build_restv2_backbone",
+    "build_restv2_fpn_backbone", "build_retinanet_restv2_fpn_backbone", "build_rest_backbone",
+    "build_rest_fpn_backbone", "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages",
+    "RestDetectionCheckpointer", "classify_checkpoint", "find_rest_backbone",
+    "register_toy_datasets", "build_optimizer", "build_adamw", "with_full_model_gradient_clipping",
+]

@@ -1,0 +1,197 @@
+"""detectron2 ``Backbone`` adapters over the core ResT models, and registered builders.
+
+The adapters *are* the core models (subclasses), so a Mask R-CNN built with
+``build_restv2_fpn_backbone`` has the parameter names of the authors' detectron2
+checkpoints: ``backbone.bottom_up.stem.proj.0.weight``, ``backbone.bottom_up.stage3.0...``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+from detectron2.config import CfgNode
+from detectron2.layers import ShapeSpec
+from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
+from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
+from torch import Tensor
+
+from ..models import ResTv1, ResTv2
+from .config import rest_arch_from_cfg, restv2_arch_from_cfg
+
+__all__ = [
+    "D2ResTv2", "D2ResTv1", "build_restv2_backbone", "build_restv2_fpn_backbone",
+    "build_retinanet_restv2_fpn_backbone", "build_rest_backbone", "build_rest_fpn_backbone",
+    "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages",
+]
+
+_STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
+
+
+def _out_indices(out_features: Sequence[str]) -> List[int]:
+    if isinstance(out_features, str):
+        out_features = [out_features]
+    bad = [f for f in out_features if f not in _STAGE_NAMES]
+    if bad or not out_features:
+        raise ValueError(f"out_features must be a non-empty subset of {list(_STAGE_NAMES)}, "
+                         f"got {list(out_features)}")
+    return sorted({_STAGE_NAMES.index(f) for f in out_features})
+
+
+class _D2BackboneMixin:
+    """detectron2 ``Backbone`` interface on top of a :class:`~rest_dense.models.base.ResTBase`."""
+
+    def _setup_d2(self, size_divisibility: int) -> None:
+        self._out_features = [_STAGE_NAMES[i] for i in self.out_indices]
+        self._out_feature_strides = {_STAGE_NAMES[i]: 2 ** (i + 2) for i in self.out_indices}
+        self._out_feature_channels = {_STAGE_NAMES[i]: int(self.embed_dims[i])
+                                      for i in self.out_indices}
+        self._size_divisibility = int(size_divisibility)
+        # the core applies frozen_stages in train(); detectron2 models are expected to be
+        # frozen as built (optimizers are created before the first train() call)
+        self.train(self.training)
+
+    @property
+    def size_divisibility(self) -> int:
+        """Inputs are padded to a multiple of this (32: an FPN on top needs maps that halve
+        exactly; the backbone itself accepts any size)."""
+        return self._size_divisibility
+
+    @property
+    def padding_constraints(self) -> Dict[str, int]:
+        """Padding requirements in the form newer detectron2 versions query."""
+        return {"size_divisibility": self._size_divisibility, "square_size": 0}
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        """``{stageN: ShapeSpec(channels, stride)}`` for the emitted stages."""
+        return {name: ShapeSpec(channels=self._out_feature_channels[name],
+                                stride=self._out_feature_strides[name])
+                for name in self._out_features}
+
+    def forward(self, x: Tensor) -> Dict[str, Tensor]:
+        """Args: x: ``(N, C, H, W)`` images. Returns: ``{"stage1": ..., ...}`` NCHW maps."""
+        outs = super().forward(x)
+        return dict(zip(self._out_features, outs))
+
+
+class D2ResTv2(_D2BackboneMixin, ResTv2, Backbone):
+    """:class:`~rest_dense.models.ResTv2` as a detectron2 ``Backbone``.
+
+    Emits ``stage1..stage4`` (strides 4, 8, 16, 32; channels = the arch's ``embed_dims``).
+
+    Args:
+        arch (str | dict): core variant name or arch dict (see :class:`ResTv2`).
+        out_features (Sequence[str]): subset of ``stage1..stage4``. Default: all four.
+        size_divisibility (int): padding the model's ``ImageList`` applies. Default: 32.
+        **kwargs: any other :class:`ResTv2` argument (``drop_path_rate``, ``attn_mode``,
+            ``window_size``, ``frozen_stages``, ``norm_eval``, ``with_cp``, ...).
+    """
+
+    def __init__(self, arch="tiny", out_features: Sequence[str] = _STAGE_NAMES,
+                 size_divisibility: int = 32, **kwargs):
+        super().__init__(arch=arch, out_indices=_out_indices(out_features), **kwargs)
+        self._setup_d2(size_divisibility)
+
+
+class D2ResTv1(_D2BackboneMixin, ResTv1, Backbone):
+    """:class:`~rest_dense.models.ResTv1` as a detectron2 ``Backbone``.
+
+    Args:
+        arch (str | dict): core variant name or arch dict (see :class:`ResTv1`).
+        out_features (Sequence[str]): subset of ``stage1..stage4``. Default: all four.
+        size_divisibility (int): padding the model's ``ImageList`` applies. Default: 32.
+        **kwargs: any other :class:`ResTv1` argument.
+    """
+
+    def __init__(self, arch="small", out_features: Sequence[str] = _STAGE_NAMES,
+                 size_divisibility: int = 32, **kwargs):
+        super().__init__(arch=arch, out_indices=_out_indices(out_features), **kwargs)
+        self._setup_d2(size_divisibility)
+
+
+def freeze_at_to_frozen_stages(freeze_at: int) -> int:
+    """detectron2's ``MODEL.BACKBONE.FREEZE_AT`` (0 nothing, 1 stem, 2 stem + stage1, ...,
+    5 everything) as the core models' ``frozen_stages`` (-1 nothing, 0 stem, k stem + 1..k)."""
+    freeze_at = int(freeze_at)
+    if not 0 <= freeze_at <= 5:
+        raise ValueError(f"MODEL.BACKBONE.FREEZE_AT must be in 0..5 for ResT backbones, got {freeze_at}")
+    return freeze_at - 1
+
+
+# --------------------------------------------------------------------------------- builders
+@BACKBONE_REGISTRY.register()
+def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
+    """ResTv2 from ``MODEL.RESTV2`` and ``MODEL.BACKBONE.FREEZE_AT``."""
+    c = cfg.MODEL.RESTV2
+    window = list(c.WINDOW_SIZE)
+    return D2ResTv2(
+        arch=restv2_arch_from_cfg(cfg),
+        in_channels=input_shape.channels,
+        out_features=c.OUT_FEATURES,
+        drop_path_rate=c.DROP_PATH_RATE,
+        attn_mode=c.ATTN_MODE,
+        window_size=window[0] if len(window) == 1 else window,
+        frozen_stages=freeze_at_to_frozen_stages(cfg.MODEL.BACKBONE.FREEZE_AT),
+        norm_eval=c.NORM_EVAL,
+        with_cp=c.WITH_CP,
+        fused_attn=c.FUSED_ATTN,
+    )
+
+
+@BACKBONE_REGISTRY.register()
+def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
+    """ResTv1 from ``MODEL.REST`` and ``MODEL.BACKBONE.FREEZE_AT``."""
+    c = cfg.MODEL.REST
+    return D2ResTv1(
+        arch=rest_arch_from_cfg(cfg),
+        in_channels=input_shape.channels,
+        out_features=c.OUT_FEATURES,
+        drop_path_rate=c.DROP_PATH_RATE,
+        frozen_stages=freeze_at_to_frozen_stages(cfg.MODEL.BACKBONE.FREEZE_AT),
+        norm_eval=c.NORM_EVAL,
+        with_cp=c.WITH_CP,
+        fused_attn=c.FUSED_ATTN,
+    )
+
+
+def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
+    return FPN(
+        bottom_up=bottom_up,
+        in_features=cfg.MODEL.FPN.IN_FEATURES,
+        out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
+        norm=cfg.MODEL.FPN.NORM,
+        top_block=top_block,
+        fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
+    )
+
+
+def _p6p7(cfg: CfgNode, bottom_up: Backbone) -> LastLevelP6P7:
+    # P6/P7 from the last backbone map the FPN uses (C5), as detectron2's RetinaNet ResNet builder
+    last = cfg.MODEL.FPN.IN_FEATURES[-1]
+    return LastLevelP6P7(bottom_up.output_shape()[last].channels, cfg.MODEL.FPN.OUT_CHANNELS,
+                         in_feature=last)
+
+
+@BACKBONE_REGISTRY.register()
+def build_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """ResTv2 + FPN (``MODEL.FPN``) + ``LastLevelMaxPool`` (P2-P6), as for Mask R-CNN."""
+    return _fpn(cfg, build_restv2_backbone(cfg, input_shape), LastLevelMaxPool())
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """ResTv2 + FPN + ``LastLevelP6P7`` on the last input map (P3-P7 with
+    ``FPN.IN_FEATURES = [stage2, stage3, stage4]``), as for RetinaNet."""
+    bottom_up = build_restv2_backbone(cfg, input_shape)
+    return _fpn(cfg, bottom_up, _p6p7(cfg, bottom_up))
+
+
+@BACKBONE_REGISTRY.register()
+def build_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """ResTv1 + FPN + ``LastLevelMaxPool``."""
+    return _fpn(cfg, build_rest_backbone(cfg, input_shape), LastLevelMaxPool())
+
+
+@BACKBONE_REGISTRY.register()
+def build_retinanet_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
+    """ResTv1 + FPN + ``LastLevelP6P7``, as for RetinaNet."""
+    bottom_up = build_rest_backbone(cfg, input_shape)
+    return _fpn(cfg, bottom_up, _p6p7(cfg, bottom_up))

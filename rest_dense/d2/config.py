@@ -1,0 +1,128 @@
+"""detectron2 (yacs) config keys for the ResT backbones and the AdamW recipe.
+
+``add_restv2_config(cfg)`` adds ``MODEL.RESTV2``; ``add_rest_config(cfg)`` adds
+``MODEL.REST`` (ResTv1). Both also add the solver keys the papers' recipe needs and
+detectron2 0.5 lacks (``SOLVER.OPTIMIZER``, ``SOLVER.BETAS``; ``SOLVER.CLIP_GRADIENTS``
+additionally accepts ``CLIP_TYPE: "full_model"``). Calling them twice is harmless.
+
+Pretrained weights always come through detectron2's ``MODEL.WEIGHTS`` (see
+:class:`rest_dense.d2.RestDetectionCheckpointer`); there is no backbone-specific key.
+"""
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+from detectron2.config import CfgNode as CN
+
+from ..models import RESTV1_ARCHS, RESTV2_ARCHS
+
+__all__ = ["add_restv2_config", "add_rest_config", "add_rest_solver_config", "restv2_arch_from_cfg",
+           "rest_arch_from_cfg", "RESTV2_NAMES", "REST_NAMES"]
+
+#: ``MODEL.RESTV2.NAME`` values and the core variant each selects.
+RESTV2_NAMES: Dict[str, str] = {f"restv2_{k}": k for k in RESTV2_ARCHS}
+#: ``MODEL.REST.NAME`` values (ResTv1) and the core variant each selects.
+REST_NAMES: Dict[str, str] = {f"rest_{k}": k for k in RESTV1_ARCHS}
+
+_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+
+
+def _arch_node() -> CN:
+    # empty list / 0 = "take the value of the variant named by NAME"
+    node = CN()
+    node.EMBED_DIMS = []
+    node.NUM_HEADS = []
+    node.DEPTHS = []
+    node.SR_RATIOS = []
+    node.MLP_RATIO = 0.0
+    return node
+
+
+def add_rest_solver_config(cfg: CN) -> None:
+    """Add ``SOLVER.OPTIMIZER`` (``"SGD"`` | ``"ADAMW"``, default SGD as in detectron2) and
+    ``SOLVER.BETAS`` (AdamW betas) if absent."""
+    if "OPTIMIZER" not in cfg.SOLVER:
+        cfg.SOLVER.OPTIMIZER = "SGD"
+    if "BETAS" not in cfg.SOLVER:
+        cfg.SOLVER.BETAS = (0.9, 0.999)
+
+
+def add_restv2_config(cfg: CN) -> None:
+    """Add the ``MODEL.RESTV2`` keys (and the solver keys) to a detectron2 config.
+
+    Keys:
+        NAME: ``restv2_tiny | restv2_small | restv2_base | restv2_large``.
+        ARCH: optional per-field overrides of the named variant (``EMBED_DIMS``,
+            ``NUM_HEADS``, ``DEPTHS``, ``SR_RATIOS``: 4 values each; ``MLP_RATIO``);
+            empty / 0 keeps the variant's value.
+        OUT_FEATURES: emitted maps, a subset of ``stage1..stage4`` (strides 4..32).
+        DROP_PATH_RATE: stochastic depth.
+        ATTN_MODE: ``global | win | cwin | hwin``.
+        WINDOW_SIZE: window side per stage (4 values, or 1 for all stages).
+        WITH_CP: gradient checkpointing per block.
+        NORM_EVAL: keep the stem's BatchNorms in eval mode while training.
+        FUSED_ATTN: use ``F.scaled_dot_product_attention``.
+
+    ``MODEL.BACKBONE.FREEZE_AT`` (0..5) freezes nothing / the stem / stem and stages
+    ``1..FREEZE_AT-1``.
+    """
+    add_rest_solver_config(cfg)
+    if "RESTV2" in cfg.MODEL:
+        return
+    cfg.MODEL.RESTV2 = CN()
+    c = cfg.MODEL.RESTV2
+    c.NAME = "restv2_tiny"
+    c.ARCH = _arch_node()
+    c.OUT_FEATURES = list(_STAGES)
+    c.DROP_PATH_RATE = 0.0
+    c.ATTN_MODE = "global"
+    c.WINDOW_SIZE = [64, 32, 16, 8]
+    c.WITH_CP = False
+    c.NORM_EVAL = False
+    c.FUSED_ATTN = True
+
+
+def add_rest_config(cfg: CN) -> None:
+    """Add the ``MODEL.REST`` keys (ResTv1; and the solver keys) to a detectron2 config.
+
+    Keys: ``NAME`` (``rest_lite | rest_small | rest_base | rest_large``), ``ARCH``,
+    ``OUT_FEATURES``, ``DROP_PATH_RATE``, ``WITH_CP``, ``NORM_EVAL``, ``FUSED_ATTN``, as
+    for :func:`add_restv2_config` (ResTv1 has no attention modes).
+    """
+    add_rest_solver_config(cfg)
+    if "REST" in cfg.MODEL:
+        return
+    cfg.MODEL.REST = CN()
+    c = cfg.MODEL.REST
+    c.NAME = "rest_small"
+    c.ARCH = _arch_node()
+    c.OUT_FEATURES = list(_STAGES)
+    c.DROP_PATH_RATE = 0.0
+    c.WITH_CP = False
+    c.NORM_EVAL = False
+    c.FUSED_ATTN = True
+
+
+def _arch(node: CN, names: Mapping[str, str], zoo: Mapping[str, Mapping], key: str) -> Dict:
+    name = str(node.NAME).lower()
+    variant = names.get(name, name if name in zoo else None)
+    if variant is None:
+        raise ValueError(f"{key}.NAME={node.NAME!r} is not one of {sorted(names)}")
+    spec = dict(zoo[variant])
+    over = node.ARCH
+    for field in ("EMBED_DIMS", "NUM_HEADS", "DEPTHS", "SR_RATIOS"):
+        if len(over[field]):
+            spec[field.lower()] = tuple(int(v) for v in over[field])
+    if over.MLP_RATIO:
+        spec["mlp_ratio"] = float(over.MLP_RATIO)
+    return spec
+
+
+def restv2_arch_from_cfg(cfg: CN) -> Dict:
+    """The core ``ResTv2`` arch dict selected by ``MODEL.RESTV2.NAME`` and ``.ARCH``."""
+    return _arch(cfg.MODEL.RESTV2, RESTV2_NAMES, RESTV2_ARCHS, "MODEL.RESTV2")
+
+
+def rest_arch_from_cfg(cfg: CN) -> Dict:
+    """The core ``ResTv1`` arch dict selected by ``MODEL.REST.NAME`` and ``.ARCH``."""
+    return _arch(cfg.MODEL.REST, REST_NAMES, RESTV1_ARCHS, "MODEL.REST")
