@@ -38,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work-dir", help="where logs and checkpoints go "
                         "(default: ./work_dirs/<config name>)")
     parser.add_argument("--amp", action="store_true", help="mixed-precision training "
-                        "(AmpOptimWrapper with dynamic loss scaling)")
+                        "(AmpOptimWrapper with dynamic loss scaling); the COCO configs use it "
+                        "already. Without a GPU, AMP configs fall back to fp32")
     parser.add_argument("--auto-scale-lr", action="store_true",
                         help="scale the lr by (total batch size / auto_scale_lr.base_batch_size)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
@@ -66,7 +67,7 @@ def main(argv=None):
     from mmengine.runner import Runner
 
     from rest_dense.mm.trusted_checkpoints import trust_checkpoints
-    from rest_dense.mm.utils import default_work_dir, load_config
+    from rest_dense.mm.utils import amp_unavailable_fallback, default_work_dir, load_config
 
     cfg = load_config(args.config, args.cfg_options)
     cfg.launcher = args.launcher
@@ -76,10 +77,11 @@ def main(argv=None):
         cfg.work_dir = default_work_dir(args.config)
 
     if args.amp:
-        if cfg.optim_wrapper.get("type", "OptimWrapper") == "AmpOptimWrapper":
-            print("tools/train.py: the config already trains with mixed precision")
         cfg.optim_wrapper.type = "AmpOptimWrapper"
         cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    if amp_unavailable_fallback(cfg):
+        print("tools/train.py: no GPU found; mixed precision (AmpOptimWrapper) needs one, "
+              "training in fp32 with OptimWrapper instead", flush=True)
 
     if args.auto_scale_lr:
         scale = cfg.get("auto_scale_lr") or {}

@@ -10,7 +10,7 @@ from mmengine.registry import init_default_scope
 from torch import nn
 
 __all__ = ["FRAMEWORKS", "detect_framework", "build_model", "count_parameters", "load_config",
-           "default_work_dir", "is_tta_model", "wrap_for_tta"]
+           "default_work_dir", "is_tta_model", "wrap_for_tta", "amp_unavailable_fallback"]
 
 #: the OpenMMLab frameworks the tools handle, by their registry scope
 FRAMEWORKS: Tuple[str, ...] = ("mmdet", "mmseg")
@@ -131,3 +131,26 @@ def wrap_for_tta(cfg: Config) -> Config:
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     return cfg
+
+
+def amp_unavailable_fallback(cfg: Config) -> bool:
+    """Switch an ``AmpOptimWrapper`` to the fp32 ``OptimWrapper`` when no accelerator is
+    present (mmengine's AMP wrapper refuses to run on CPU).
+
+    Args:
+        cfg: a loaded config; modified in place.
+
+    Returns:
+        Whether the config was changed.
+    """
+    from mmengine.device import is_cuda_available, is_mlu_available, is_npu_available
+
+    optim = cfg.get("optim_wrapper")
+    if not optim or optim.get("type") != "AmpOptimWrapper":
+        return False
+    if is_cuda_available() or is_npu_available() or is_mlu_available():
+        return False
+    optim.type = "OptimWrapper"
+    for key in ("loss_scale", "dtype", "use_fsdp"):
+        optim.pop(key, None)
+    return True

@@ -1,0 +1,109 @@
+"""Every shipped MMDetection / MMSegmentation config parses, follows the papers' recipes
+and builds its model; full-size parameter counts match the authors' models."""
+import re
+
+import pytest
+from mmengine.config import Config
+
+from rest_dense.mm import MMResTv1, MMResTv2
+from rest_dense.mm.utils import count_parameters, detect_framework
+
+from _mm_utils import CONFIG_DIR, build, load, model_cfg, shipped_configs, shrink
+
+CONFIGS = shipped_configs()
+IDS = [str(p.relative_to(CONFIG_DIR)) for p in CONFIGS]
+VARIANT = {"t": ("tiny", 0.1), "s": ("small", 0.2), "b": ("base", 0.3)}
+MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def test_every_family_is_shipped():
+    names = {p.name for p in CONFIGS}
+    for v in "tsb":
+        for sched in ("1x", "3x"):
+            assert f"mask-rcnn_restv2-{v}_fpn_amp-ms-{sched}_coco.py" in names
+        assert f"upernet_restv2-{v}_8xb2-160k_ade20k-512x512.py" in names
+        assert f"upernet_restv2-{v}_8xb2-160k_ade20k-512x512_ms-flip.py" in names
+    for mode in ("win", "cwin", "hwin"):
+        assert f"mask-rcnn_restv2-t-{mode}_fpn_amp-ms-1x_coco.py" in names
+    for name in ("retinanet_restv2-t_fpn_amp-ms-1x_coco.py", "retinanet_restv2-t_fpn_amp-ms-3x_coco.py",
+                 "retinanet_rest-s_fpn_amp-ms-1x_coco.py", "retinanet_rest-b_fpn_amp-ms-1x_coco.py"):
+        assert name in names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=IDS)
+def test_config_recipe_and_build(path):
+    cfg = Config.fromfile(str(path))
+    family = path.parent.name
+    framework = "mmseg" if family == "upernet" else "mmdet"
+    assert cfg.default_scope == framework == detect_framework(cfg)
+    assert cfg.custom_imports == dict(imports=["rest_dense"], allow_failed_imports=False)
+
+    model = model_cfg(cfg)
+    pre = model.data_preprocessor
+    assert (pre.mean, pre.std, pre.bgr_to_rgb) == (MEAN, STD, True)
+    backbone = model.backbone
+
+    if family == "retinanet" and "_rest-" in path.name:
+        variant = re.search(r"_rest-([sb])_", path.name).group(1)
+        assert backbone.type == "ResTv1"
+        assert backbone.arch == {"s": "small", "b": "base"}[variant]
+        assert backbone.init_cfg.checkpoint == f"checkpoints/rest_{backbone.arch}.pth"
+    else:
+        m = re.search(r"_restv2-([tsb])(?:-(win|cwin|hwin))?_", path.name)
+        arch, dpr = VARIANT[m.group(1)]
+        assert backbone.type == "ResTv2"
+        assert (backbone.arch, backbone.drop_path_rate) == (arch, dpr)
+        assert backbone.attn_mode == (m.group(2) or "global")
+        assert backbone.init_cfg == dict(type="Pretrained",
+                                         checkpoint=f"checkpoints/restv2_{arch}_224.pth")
+
+    optim = cfg.optim_wrapper
+    if framework == "mmdet":
+        assert cfg.train_dataloader.dataset.data_root == "data/coco/"
+        assert cfg.train_dataloader.batch_size == 2 and cfg.auto_scale_lr.base_batch_size == 16
+        resize = cfg.train_dataloader.dataset.pipeline[2]
+        assert resize.type == "RandomChoiceResize" and resize.keep_ratio
+        assert [s[1] for s in resize.scales] == list(range(480, 801, 32))
+        assert {s[0] for s in resize.scales} == {1333}
+        assert cfg.train_dataloader.dataset.pipeline[3] == dict(type="RandomFlip", prob=0.5)
+        assert optim.type == "AmpOptimWrapper"
+        assert (optim.optimizer.type, optim.optimizer.lr, optim.optimizer.weight_decay) == \
+            ("AdamW", 1e-4, 0.05)
+        epochs = 36 if "-3x_" in path.name else 12
+        assert cfg.train_cfg.max_epochs == epochs
+        assert cfg.param_scheduler[1].milestones == ([28, 33] if epochs == 36 else [8, 11])
+    else:
+        assert cfg.train_dataloader.dataset.data_root == "data/ade/ADEChallengeData2016"
+        assert cfg.train_dataloader.batch_size == 2 and cfg.train_cfg.max_iters == 160000
+        assert (optim.optimizer.type, optim.optimizer.lr, optim.optimizer.weight_decay) == \
+            ("AdamW", 1.5e-4, 0.05)
+        assert optim.constructor == "ResTLayerDecayOptimizerConstructor"
+        warmup, poly = cfg.param_scheduler
+        assert (warmup.type, warmup.end, poly.type, poly.begin, poly.end) == \
+            ("LinearLR", 1500, "PolyLR", 1500, 160000)
+        assert model.decode_head.channels == 512 and model.decode_head.num_classes == 150
+        aux = model.auxiliary_head
+        assert (aux.in_index, aux.channels, aux.num_classes) == (2, 256, 150)
+        if path.name.endswith("_ms-flip.py"):
+            assert cfg.model.type == "SegTTAModel"
+
+    built = build(shrink(cfg))
+    core = getattr(built, "module", built).backbone
+    assert isinstance(core, MMResTv1 if backbone.type == "ResTv1" else MMResTv2)
+    if backbone.type == "ResTv2":
+        assert core.attn_mode == backbone.attn_mode
+    assert core.init_cfg is None and not core.is_init
+
+
+# full-size models: the figures of the authors' code (shared/ENV.md)
+FULL = {
+    "mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py": 49.941,
+    "mask_rcnn/mask-rcnn_restv2-t-cwin_fpn_amp-ms-1x_coco.py": 49.955,
+    "upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py": 62.088,
+}
+
+
+@pytest.mark.parametrize("rel", sorted(FULL))
+def test_full_size_parameter_count(rel):
+    model = build(load(rel))
+    assert round(count_parameters(model) / 1e6, 3) == FULL[rel]
