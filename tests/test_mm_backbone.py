@@ -202,7 +202,9 @@ def test_missing_keys_logged_through_mmengine(tmp_path):
     handler = Collect(level=logging.DEBUG)
     logger.addHandler(handler)
     try:
-        MMResTv2(arch=TINY_ARCH, init_cfg=dict(type="Pretrained", checkpoint=str(path))).init_weights()
+        backbone = MMResTv2(arch=TINY_ARCH,
+                            init_cfg=dict(type="Pretrained", checkpoint=str(path)))
+        backbone.init_weights()
     finally:
         logger.removeHandler(handler)
     text = "\n".join(r.getMessage() for r in records)
@@ -232,3 +234,27 @@ def test_frozen_stages_from_config():
     assert all(g is None for n, g in grads.items() if n.startswith(frozen))
     assert grads["stage3.0.attn.q.weight"] is not None
     assert torch.count_nonzero(grads["stage3.0.attn.q.weight"]) > 0
+
+
+def test_pretrained_from_url(tmp_path, monkeypatch):
+    """http(s) checkpoints are downloaded into torch.hub's cache and read weights-only."""
+    import functools
+    import http.server
+    import threading
+
+    served = tmp_path / "served"
+    served.mkdir()
+    sd = _source_v2()
+    torch.save(_d2_style(sd), served / "model_final.pth")
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(served))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/model_final.pth"
+        backbone = MMResTv2(arch=TINY_ARCH, init_cfg=dict(type="Pretrained", checkpoint=url))
+        backbone.init_weights()
+    finally:
+        server.shutdown()
+    assert all(torch.equal(backbone.state_dict()[k], v) for k, v in sd.items())
+    assert list((tmp_path / "hub").rglob("model_final.pth"))

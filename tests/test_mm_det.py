@@ -55,7 +55,8 @@ def test_train_step_and_predict(case):
         assert isinstance(res, DetDataSample)
         pred = res.pred_instances
         n = len(pred)
-        assert pred.bboxes.shape == (n, 4) and pred.scores.shape == (n,) and pred.labels.shape == (n,)
+        assert pred.bboxes.shape == (n, 4)
+        assert pred.scores.shape == (n,) and pred.labels.shape == (n,)
         assert n <= 100
         if with_mask:
             assert tuple(pred.masks.shape) == (n, *res.ori_shape)

@@ -81,7 +81,7 @@ def test_upernet_recipe_rates():
     schedulers = [PARAM_SCHEDULERS.build(dict(s, optimizer=optim)) for s in cfg.param_scheduler]
     stem_group = _groups_by_param(optim)[id(model.backbone.stem.proj[0].weight)]
     head_group = _groups_by_param(optim)[id(model.decode_head.conv_seg.weight)]
-    for it in range(1500):
+    for _ in range(1500):
         for s in schedulers:
             s.step()
     assert head_group["lr"] == pytest.approx(1.5e-4, rel=1e-3)

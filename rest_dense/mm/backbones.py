@@ -37,12 +37,22 @@ def _is_pretrained(cfg: Mapping) -> bool:
 
 
 def _read_source(checkpoint: str, map_location: str, weights_only: bool):
-    """Local path or http(s) URL -> loaded object (URLs are cached by ``torch.hub``)."""
+    """Local path -> the path; http(s) URL -> the loaded object (downloaded once into
+    torch.hub's cache, by rank 0 first when running distributed)."""
     if checkpoint.startswith(("http://", "https://")):
+        from mmengine.dist import barrier, get_dist_info
         from torch.hub import load_state_dict_from_url
 
-        return load_state_dict_from_url(checkpoint, map_location=map_location,
-                                        weights_only=weights_only)
+        def fetch():
+            return load_state_dict_from_url(checkpoint, map_location=map_location,
+                                            weights_only=weights_only)
+
+        rank, world_size = get_dist_info()
+        if world_size == 1:
+            return fetch()
+        obj = fetch() if rank == 0 else None
+        barrier()
+        return obj if rank == 0 else fetch()
     path = os.path.expanduser(checkpoint)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained checkpoint not found: {checkpoint!r}")

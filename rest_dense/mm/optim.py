@@ -7,7 +7,7 @@ nothing here depends on class or module names.
 from __future__ import annotations
 
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from mmengine.dist import get_rank
 from mmengine.logging import print_log

@@ -52,7 +52,8 @@ def detect_framework(cfg: Config) -> str:
         return found[0]
     raise ValueError(
         f"cannot tell whether this config is for MMDetection or MMSegmentation "
-        f"(default_scope={scope!r}, model.type={model_type!r}, registered in {found or 'neither'}); "
+        f"(default_scope={scope!r}, model.type={model_type!r}, "
+        f"registered in {found or 'neither'}); "
         "set default_scope = 'mmdet' or 'mmseg' in the config")
 
 
