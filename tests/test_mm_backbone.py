@@ -226,10 +226,8 @@ def test_frozen_stages_from_config():
     assert not backbone.stem.proj[1].training and not backbone.stage2.training
     assert backbone.stage3.training and backbone.patch_3.training
 
-    from mmdet.testing import demo_mm_inputs
-    data = model.data_preprocessor(demo_mm_inputs(2, [(3, 64, 96)] * 2, with_mask=True), True)
-    loss, _ = model.parse_losses(model(**data, mode="loss"))
-    loss.backward()
+    outs = backbone(torch.randn(2, 3, 64, 96))
+    sum(o.square().mean() for o in outs).backward()
     grads = {n: p.grad for n, p in backbone.named_parameters()}
     assert all(g is None for n, g in grads.items() if n.startswith(frozen))
     assert grads["stage3.0.attn.q.weight"] is not None
