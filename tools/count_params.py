@@ -11,14 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Iterable, List
+from typing import Iterable, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmengine.config import Config, DictAction  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Print the parameter count of config models.")
     parser.add_argument("configs", nargs="+", help="config files or directories (searched "
                         "recursively for *.py, skipping _base_ folders)")
@@ -41,7 +41,7 @@ def expand(paths: Iterable[str]) -> List[str]:
     return found
 
 
-def main(argv=None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     from rest_dense.mm.utils import build_model, count_parameters
 

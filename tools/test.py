@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Test a ResT detector or segmentor "
                                      "(MMDetection or MMSegmentation config).")
     parser.add_argument("config", help="config file")
@@ -60,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def enable_visualization(cfg, framework: str, show_dir, show: bool, wait_time: float) -> None:
+def enable_visualization(cfg, framework: str, show_dir: Optional[str], show: bool,
+                         wait_time: float) -> None:
     """Turn on the config's visualization hook for ``--show`` / ``--show-dir``."""
     hooks = cfg.get("default_hooks") or {}
     if "visualization" not in hooks:
@@ -78,7 +80,7 @@ def enable_visualization(cfg, framework: str, show_dir, show: bool, wait_time: f
             hook["interval"] = 1  # mmseg paints every `interval`-th image only
 
 
-def main(argv=None) -> dict:
+def main(argv: Optional[Sequence[str]] = None) -> dict:
     """Parse ``argv``, build the runner and test. Returns the metrics."""
     args = parse_args(argv)
     from mmengine.registry import RUNNERS

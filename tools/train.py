@@ -25,13 +25,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mmengine.config import DictAction  # noqa: E402
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description="Train a ResT detector or segmentor "
                                      "(MMDetection or MMSegmentation config).")
     parser.add_argument("config", help="config file")
@@ -60,7 +61,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None):
+def main(argv: Optional[Sequence[str]] = None):
     """Parse ``argv``, build the runner and train. Returns the trained model."""
     args = parse_args(argv)
     from mmengine.registry import RUNNERS

@@ -71,7 +71,7 @@ def trust_checkpoints(*paths: PathLike) -> None:
         _INSTALLED = True
 
 
-def load_from_local(filename: str, map_location=None):
+def load_from_local(filename: str, map_location=None) -> dict:
     """mmengine local-file loader: full unpickling for trusted paths, ``weights_only=True``
     for everything else (with a hint when that fails)."""
     filename = osp.expanduser(filename)
