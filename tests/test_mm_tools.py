@@ -137,13 +137,10 @@ def test_seg_train_resume_and_test(tmp_path):
     assert "resumed epoch: 0, iter: 2" in log
     assert (work / "iter_3.pth").is_file()
 
-    # testing the trained checkpoint, single scale and multi-scale + flip
-    metrics = test.main([cfg, str(work / "iter_3.pth"), "--work-dir", str(tmp_path / "t1"),
-                         "--cfg-options", "experiment_name=seg_c"])
-    assert {"mIoU", "aAcc", "mAcc"} <= set(metrics)
+    # testing the trained checkpoint, multi-scale + flip (single scale: see the det test)
     metrics = test.main([cfg, str(work / "iter_3.pth"), "--tta", "--work-dir",
                          str(tmp_path / "t2"), "--cfg-options", "experiment_name=seg_d"])
-    assert "mIoU" in metrics
+    assert {"mIoU", "aAcc", "mAcc"} <= set(metrics)
     assert "SegTTAModel" in _last_log(tmp_path / "t2")
 
     # a copy outside the trusted locations is read with weights_only=True and refused
