@@ -17,7 +17,6 @@ unpickled fully if the safe loader refuses them.
 """
 from __future__ import annotations
 
-import logging
 import os
 import pickle
 import re

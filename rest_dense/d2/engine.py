@@ -12,8 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import weakref
-from collections import OrderedDict
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
@@ -92,8 +91,19 @@ class RestTrainer(DefaultTrainer):
     :func:`rest_dense.d2.solver.build_optimizer` (AdamW / SGD, no weight decay on norms and
     biases as configured, per-parameter or whole-model gradient clipping), weights are loaded
     by :class:`RestDetectionCheckpointer` (ImageNet, released detectron2 and converted
-    checkpoints alike), and evaluation uses ``COCOEvaluator``.
+    checkpoints alike), evaluation uses ``COCOEvaluator``, and ``OUTPUT_DIR`` is created if
+    missing (detectron2's writers need it).
     """
+
+    def __init__(self, cfg: CfgNode):
+        if comm.is_main_process() and cfg.OUTPUT_DIR:
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        super().__init__(cfg)
+
+    def train(self) -> Optional[Dict[str, Any]]:
+        """Run training; returns the last evaluation results (``None`` if none ran)."""
+        ret = super().train()
+        return ret if ret is not None else getattr(self, "_last_eval_results", None)
 
     @classmethod
     def build_optimizer(cls, cfg: CfgNode, model: torch.nn.Module) -> torch.optim.Optimizer:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Type, Union
+from typing import Any, Dict, Iterable, List, Sequence, Type, Union
 
 import torch
 from detectron2.config import CfgNode
@@ -37,8 +37,10 @@ def with_full_model_gradient_clipping(optimizer_cls: Type[torch.optim.Optimizer]
 def build_adamw(params: Union[Iterable, List[Dict[str, Any]]], lr: float = 1e-4,
                 weight_decay: float = 0.05, betas: Sequence[float] = (0.9, 0.999),
                 eps: float = 1e-8, clip_grad_norm: float = 0.0) -> torch.optim.Optimizer:
-    """``torch.optim.AdamW``, with whole-model gradient-norm clipping when
-    ``clip_grad_norm > 0`` (for LazyConfig: ``L(build_adamw)(params=L(get_default_optimizer_params)(...))``)."""
+    """``torch.optim.AdamW``, with whole-model gradient-norm clipping when ``clip_grad_norm > 0``.
+
+    For LazyConfig: ``L(build_adamw)(params=L(get_default_optimizer_params)(...), lr=...)``.
+    """
     cls = torch.optim.AdamW
     if clip_grad_norm and clip_grad_norm > 0:
         cls = with_full_model_gradient_clipping(cls, clip_grad_norm)
