@@ -1,0 +1,188 @@
+"""Parameter counts of the authors' detectron2 models and MODEL.WEIGHTS in every released layout."""
+import json
+import os
+import re
+
+import pytest
+import torch
+
+from _d2_utils import REPO, TINY_ARCH, config_path, one_thread, small_cfg  # noqa: F401,I100
+
+from detectron2.config import get_cfg  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from rest_dense.d2 import (RestDetectionCheckpointer, add_rest_config, add_restv2_config,  # noqa: E402
+                           classify_checkpoint)
+from rest_dense.d2.engine import setup_yaml_config  # noqa: E402
+from rest_dense.models import ResTv1, ResTv2  # noqa: E402
+
+FIXTURE_KEYS = os.path.join(os.path.dirname(REPO), "shared", "fixtures",
+                            "official_imagenet_checkpoint_keys.json")
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _full_cfg(name, extra=()):
+    return setup_yaml_config(config_path(name), ["MODEL.DEVICE", "cpu", *extra])
+
+
+@pytest.fixture(scope="module")
+def tiny_mask_rcnn():
+    """Full-size ResTv2-T Mask R-CNN from the shipped 3x config."""
+    torch.manual_seed(0)
+    return build_model(_full_cfg("mask_rcnn_restv2_tiny_3x.yaml"))
+
+
+def _millions(model):
+    return round(sum(p.numel() for p in model.parameters()) / 1e6, 2)
+
+
+def test_param_count_restv2_tiny(tiny_mask_rcnn):
+    assert _millions(tiny_mask_rcnn) == 49.94
+
+
+@pytest.mark.parametrize("name,expected", [
+    ("mask_rcnn_restv2_small_3x.yaml", 60.71),
+    ("mask_rcnn_restv2_base_3x.yaml", 75.47),
+    # cwin adds one 3x3 depth-wise conv per stage (ResTv2 paper, Table 4a)
+    ("mask_rcnn_restv2_tiny_cwin_1x.yaml", 49.96),
+])
+def test_param_counts(name, expected):
+    assert _millions(build_model(_full_cfg(name))) == expected
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _tiny_core(v1=False, seed=1):
+    torch.manual_seed(seed)
+    return (ResTv1 if v1 else ResTv2)(dict(TINY_ARCH)).eval()
+
+
+def _released_d2_layout(state_dict):
+    """Key layout of the authors' released detectron2 checkpoints."""
+    return {"backbone.bottom_up." + re.sub(r"^norm_(\d)\.", r"norm_\1.0.", k): v
+            for k, v in state_dict.items()}
+
+
+def _bottom_up_outputs(model, x):
+    bb = model.backbone.bottom_up.eval()
+    with torch.no_grad():
+        return [bb(x)[f"stage{i + 1}"] for i in range(4)]
+
+
+@pytest.mark.parametrize("v1", [False, True])
+def test_released_detectron2_checkpoint_matches_core(tmp_path, v1):
+    name = "mask_rcnn_rest_small_1x.yaml" if v1 else "mask_rcnn_restv2_tiny_1x.yaml"
+    core = _tiny_core(v1)
+    donor = build_model(small_cfg(name))  # supplies head weights for a complete checkpoint
+    sd = {k: v for k, v in donor.state_dict().items() if not k.startswith("backbone.bottom_up.")}
+    sd.update(_released_d2_layout(core.state_dict()))
+    if not v1:
+        assert any(".norm_1.0.weight" in k for k in sd)
+    path = tmp_path / "released_d2.pth"
+    torch.save({"model": sd}, path)
+
+    torch.manual_seed(123)
+    model = build_model(small_cfg(name))
+    assert classify_checkpoint(model, sd) == "detectron2"
+    RestDetectionCheckpointer(model).load(str(path))
+    x = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        expected = core(x)
+    for got, want in zip(_bottom_up_outputs(model, x), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    # the heads were loaded as well
+    for k, v in donor.state_dict().items():
+        if k.startswith("roi_heads."):
+            assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_imagenet_checkpoint_loads_into_backbone(tmp_path):
+    core = _tiny_core()
+    sd = {k: v for k, v in core.state_dict().items() if not k.startswith("norm_")}
+    sd["norm.weight"] = torch.ones(TINY_ARCH["embed_dims"][3])
+    sd["norm.bias"] = torch.zeros(TINY_ARCH["embed_dims"][3])
+    sd["head.weight"] = torch.randn(1000, TINY_ARCH["embed_dims"][3])
+    sd["head.bias"] = torch.zeros(1000)
+    path = tmp_path / "restv2_tiny_224.pth"
+    torch.save({"model": sd, "epoch": 299}, path)
+
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
+    heads_before = {k: v.clone() for k, v in model.state_dict().items()
+                    if not k.startswith("backbone.bottom_up.")}
+    assert classify_checkpoint(model, sd) == "backbone"
+    ret = RestDetectionCheckpointer(model).load(str(path))
+    assert "epoch" not in ret
+    own = model.backbone.bottom_up.state_dict()
+    for k, v in core.state_dict().items():
+        if not k.startswith("norm_"):
+            assert torch.equal(own[k], v), k
+    for k, v in heads_before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_mm_style_checkpoint_loads_into_backbone(tmp_path):
+    core = _tiny_core()
+    sd = {"backbone." + k: v for k, v in core.state_dict().items()}
+    sd["decode_head.conv_seg.weight"] = torch.randn(150, 8, 1, 1)
+    path = tmp_path / "upernet.pth"
+    torch.save({"state_dict": sd, "meta": {"epoch": 1}}, path)
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
+    RestDetectionCheckpointer(model).load(str(path))
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = core(x)
+    for got, want in zip(_bottom_up_outputs(model, x), expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.skipif(not os.path.isfile(FIXTURE_KEYS), reason="shared fixtures not available")
+@pytest.mark.parametrize("variant", ["restv2_tiny"])
+def test_official_imagenet_key_layout(tmp_path, tiny_mask_rcnn, variant):
+    """A checkpoint with exactly the keys and shapes of the released ImageNet file."""
+    with open(FIXTURE_KEYS) as f:
+        shapes = json.load(f)[variant]
+    sd = {k: torch.full(tuple(s), 0.5) for k, s in shapes.items()}
+    path = tmp_path / f"{variant}_224.pth"
+    torch.save({"model": sd}, path)
+    model = tiny_mask_rcnn
+    RestDetectionCheckpointer(model).load(str(path))
+    own = model.backbone.bottom_up.state_dict()
+    loaded = [k for k in own if k in sd]
+    not_loaded = sorted(k for k in own if k not in sd)
+    assert len(loaded) == len(sd) - 4  # all but the classifier's norm and head
+    assert all(torch.all(own[k] == 0.5) for k in loaded if not k.endswith("num_batches_tracked"))
+    # only the dense output norms (absent from classifiers) keep their initialisation
+    assert {k.split(".")[0] for k in not_loaded} == {"norm_1", "norm_2", "norm_3", "norm_4"}
+
+
+def test_own_training_checkpoint_resumes(tmp_path):
+    """A checkpoint saved with optimizer state (as training writes it) resumes from the output dir."""
+    from rest_dense.d2 import build_optimizer
+
+    cfg = small_cfg("mask_rcnn_restv2_tiny_1x.yaml")
+    model = build_model(cfg)
+    opt = build_optimizer(cfg, model)
+    ckpt = RestDetectionCheckpointer(model, str(tmp_path), optimizer=opt)
+    ckpt.save("model_0000009", iteration=9)
+    model2 = build_model(cfg)
+    opt2 = build_optimizer(cfg, model2)
+    ret = RestDetectionCheckpointer(model2, str(tmp_path), optimizer=opt2).resume_or_load(
+        "", resume=True)
+    assert ret["iteration"] == 9
+    for (k, a), b in zip(model.state_dict().items(), model2.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_yaml_keys_and_arch_override():
+    cfg = get_cfg()
+    add_restv2_config(cfg)
+    add_rest_config(cfg)
+    add_restv2_config(cfg)  # idempotent
+    assert list(cfg.MODEL.RESTV2.OUT_FEATURES) == ["stage1", "stage2", "stage3", "stage4"]
+    assert cfg.MODEL.RESTV2.NAME == "restv2_tiny" and cfg.MODEL.REST.NAME == "rest_small"
+    assert cfg.SOLVER.OPTIMIZER == "SGD"
+    model = build_model(small_cfg("mask_rcnn_restv2_base_1x.yaml"))
+    bb = model.backbone.bottom_up
+    # depths/dims from ARCH, heads and sr ratios from the named variant
+    assert bb.depths == tuple(TINY_ARCH["depths"]) and bb.embed_dims == tuple(TINY_ARCH["embed_dims"])
+    assert bb.sr_ratios == (8, 4, 2, 1)
