@@ -1,8 +1,11 @@
 """Deterministic synthetic "toy shapes" dataset for end-to-end smoke runs.
 
 Every scene is a small RGB image with a few filled shapes (circles, squares,
-triangles) of random colour, size and rotation on a textured, noisy background.
-Shapes may overlap; a later shape occludes earlier ones, and the annotations
+triangles) of random size and rotation on a textured, noisy background. Colour is
+a strong but imperfect cue: with probability ``class_color_prob`` (default 0.75)
+a shape takes a hue from its class's range (circles red-orange, squares green,
+triangles blue-violet), otherwise any hue, so the remaining shapes can only be
+told apart by their outline. Shapes may overlap; a later shape occludes earlier ones, and the annotations
 hold the *visible* part of every shape, so instance masks are disjoint and the
 semantic label map is exactly their union.
 
@@ -49,7 +52,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 __all__ = [
-    "TOY_CLASSES", "TOY_SEG_CLASSES", "TOY_PALETTE", "ToyScene", "make_scene", "scene_rng",
+    "TOY_CLASSES", "TOY_SEG_CLASSES", "TOY_PALETTE", "TOY_HUES", "ToyScene", "make_scene", "scene_rng",
     "mask_to_rle", "rle_to_mask", "mask_to_bbox", "generate_toy_dataset", "toy_dataset_ready",
 ]
 
@@ -60,8 +63,11 @@ TOY_SEG_CLASSES: Tuple[str, ...] = ("background",) + TOY_CLASSES
 #: Display colours of the semantic classes (RGB).
 TOY_PALETTE: Tuple[Tuple[int, int, int], ...] = ((0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200))
 
+#: Hue range (fraction of the colour wheel, may wrap past 1) of each class's own colours.
+TOY_HUES: Tuple[Tuple[float, float], ...] = ((-0.04, 0.1), (0.22, 0.42), (0.56, 0.76))
+
 _SPLITS = {"train": ("train", "training", 0), "val": ("val", "validation", 1)}
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2
 _META_FILE = "toy_meta.json"
 
 
@@ -107,9 +113,11 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     return base + smooth + stripes
 
 
-def _shape_color(rng: np.random.Generator) -> np.ndarray:
-    """A saturated colour with a random hue (HSV -> RGB)."""
-    h, s, v = rng.uniform(0, 1), rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0)
+def _shape_color(rng: np.random.Generator, kind: int, class_color_prob: float) -> np.ndarray:
+    """A saturated colour (HSV -> RGB), its hue from the class's range with ``class_color_prob``."""
+    own = rng.uniform(0, 1) < class_color_prob
+    lo, hi = TOY_HUES[kind] if own else (0.0, 1.0)
+    h, s, v = rng.uniform(lo, hi) % 1.0, rng.uniform(0.55, 1.0), rng.uniform(0.45, 1.0)
     i = int(h * 6) % 6
     f = h * 6 - int(h * 6)
     p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
@@ -132,14 +140,16 @@ def _shape_mask(kind: int, cx: float, cy: float, r: float, angle: float, size: i
 
 
 def make_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4,
-               min_radius: float = 0.07, max_radius: float = 0.2, max_occlusion: float = 0.4,
-               min_area: int = 40) -> ToyScene:
+               class_color_prob: float = 0.75, min_radius: float = 0.07, max_radius: float = 0.2,
+               max_occlusion: float = 0.4, min_area: int = 40) -> ToyScene:
     """Draw one scene.
 
     Args:
         rng: random generator (see :func:`scene_rng`).
         size: side of the square image in pixels.
         max_objects: shapes per image are drawn uniformly from ``1..max_objects``.
+        class_color_prob: probability that a shape's hue comes from its class's range
+            (:data:`TOY_HUES`) rather than the whole colour wheel.
         min_radius: smallest shape half-extent, as a fraction of ``size``.
         max_radius: largest shape half-extent, as a fraction of ``size``.
         max_occlusion: a new shape is re-placed if it would hide more than this
@@ -166,7 +176,7 @@ def make_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4,
             break
         else:
             continue
-        color = _shape_color(rng)
+        color = _shape_color(rng, kind, class_color_prob)
         # mild shading so shapes are not perfectly flat
         yy, xx = np.nonzero(m)
         shade = 1.0 + 0.15 * ((xx - cx) * rng.normal() + (yy - cy) * rng.normal()) / max(r, 1.0)
@@ -216,13 +226,16 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _params(num_train: int, num_val: int, size: int, seed: int, max_objects: int) -> Dict[str, int]:
+def _params(num_train: int, num_val: int, size: int, seed: int, max_objects: int,
+            class_color_prob: float) -> Dict[str, Union[int, float]]:
     return {"version": _FORMAT_VERSION, "num_train": int(num_train), "num_val": int(num_val),
-            "size": int(size), "seed": int(seed), "max_objects": int(max_objects)}
+            "size": int(size), "seed": int(seed), "max_objects": int(max_objects),
+            "class_color_prob": float(class_color_prob)}
 
 
 def toy_dataset_ready(out_dir: Union[str, os.PathLike], num_train: int = 300, num_val: int = 50,
-                      size: int = 128, seed: int = 0, max_objects: int = 4) -> bool:
+                      size: int = 128, seed: int = 0, max_objects: int = 4,
+                      class_color_prob: float = 0.75) -> bool:
     """Whether ``out_dir`` already holds a complete dataset made with these parameters."""
     meta = Path(out_dir) / _META_FILE
     if not meta.is_file():
@@ -231,12 +244,13 @@ def toy_dataset_ready(out_dir: Union[str, os.PathLike], num_train: int = 300, nu
         recorded = json.loads(meta.read_text())
     except (OSError, ValueError):
         return False
-    return recorded.get("params") == _params(num_train, num_val, size, seed, max_objects)
+    return recorded.get("params") == _params(num_train, num_val, size, seed, max_objects, class_color_prob)
 
 
 def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_train: int = 300,
                          num_val: int = 50, size: int = 128, seed: int = 0, max_objects: int = 4,
-                         overwrite: bool = False, splits: Optional[Sequence[str]] = None) -> Dict[str, str]:
+                         class_color_prob: float = 0.75, overwrite: bool = False,
+                         splits: Optional[Sequence[str]] = None) -> Dict[str, str]:
     """Write the toy dataset (both layouts) under ``out_dir``.
 
     Skips the work when ``out_dir`` already holds a dataset generated with the same
@@ -249,6 +263,7 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         size: image side in pixels.
         seed: base seed; the output is a pure function of the parameters.
         max_objects: most shapes per scene.
+        class_color_prob: probability that a shape is coloured from its class's hue range.
         overwrite: regenerate even if a matching dataset exists.
         splits: subset of ``('train', 'val')`` to write (default both).
 
@@ -265,9 +280,9 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         paths[f"{split}_images"] = str(root / coco_dir)
         paths[f"{split}_seg_images"] = str(root / "images" / ade_dir)
         paths[f"{split}_seg_labels"] = str(root / "annotations" / ade_dir)
-    params = _params(num_train, num_val, size, seed, max_objects)
+    params = _params(num_train, num_val, size, seed, max_objects, class_color_prob)
     if not overwrite and set(splits) == {"train", "val"} and toy_dataset_ready(
-            root, num_train, num_val, size, seed, max_objects):
+            root, num_train, num_val, size, seed, max_objects, class_color_prob):
         return paths
     meta_path = root / _META_FILE
     if meta_path.exists():
@@ -281,7 +296,8 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
             d.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
         for idx in range(counts[split]):
-            scene = make_scene(scene_rng(seed, split, idx), size=size, max_objects=max_objects)
+            scene = make_scene(scene_rng(seed, split, idx), size=size, max_objects=max_objects,
+                               class_color_prob=class_color_prob)
             name = f"toy_{idx:05d}.png"
             img_bytes = _png_bytes(scene.image)
             (root / coco_dir / name).write_bytes(img_bytes)

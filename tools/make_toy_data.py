@@ -27,6 +27,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, default=50, help="validation images (default: 50)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
     p.add_argument("--max-objects", type=int, default=4, help="most shapes per image (default: 4)")
+    p.add_argument("--class-color-prob", type=float, default=0.75,
+                   help="probability that a shape is coloured from its class's hue range (default: 0.75)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="regenerate even if a matching dataset exists")
     return p.parse_args(argv)
@@ -36,7 +38,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.time()
     paths = generate_toy_dataset(args.out, num_train=args.num_train, num_val=args.num_val, size=args.size,
-                                 seed=args.seed, max_objects=args.max_objects, overwrite=args.overwrite)
+                                 seed=args.seed, max_objects=args.max_objects,
+                                 class_color_prob=args.class_color_prob, overwrite=args.overwrite)
     with open(os.path.join(args.out, "toy_meta.json")) as f:
         stats = json.load(f)["stats"]
     print(f"toy dataset at {paths['root']} ({time.time() - t0:.1f} s): "
