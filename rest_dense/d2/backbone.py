@@ -6,7 +6,7 @@ checkpoints: ``backbone.bottom_up.stem.proj.0.weight``, ``backbone.bottom_up.sta
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Mapping, Sequence, Union
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec
@@ -85,7 +85,7 @@ class D2ResTv2(_D2BackboneMixin, ResTv2, Backbone):
             ``window_size``, ``frozen_stages``, ``norm_eval``, ``with_cp``, ...).
     """
 
-    def __init__(self, arch="tiny", out_features: Sequence[str] = _STAGE_NAMES,
+    def __init__(self, arch: Union[str, Mapping] = "tiny", out_features: Sequence[str] = _STAGE_NAMES,
                  size_divisibility: int = 32, **kwargs):
         super().__init__(arch=arch, out_indices=_out_indices(out_features), **kwargs)
         self._setup_d2(size_divisibility)
@@ -101,7 +101,7 @@ class D2ResTv1(_D2BackboneMixin, ResTv1, Backbone):
         **kwargs: any other :class:`ResTv1` argument.
     """
 
-    def __init__(self, arch="small", out_features: Sequence[str] = _STAGE_NAMES,
+    def __init__(self, arch: Union[str, Mapping] = "small", out_features: Sequence[str] = _STAGE_NAMES,
                  size_divisibility: int = 32, **kwargs):
         super().__init__(arch=arch, out_indices=_out_indices(out_features), **kwargs)
         self._setup_d2(size_divisibility)

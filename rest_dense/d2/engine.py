@@ -9,10 +9,11 @@
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 import weakref
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
@@ -21,6 +22,7 @@ from detectron2.engine import defaults as _d2_defaults
 from detectron2.engine.defaults import create_ddp_model
 from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from omegaconf import DictConfig
 
 from .checkpoint import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
@@ -45,7 +47,7 @@ def _amp_guard(device: str, enabled: bool) -> bool:
     return enabled
 
 
-def default_setup(cfg, args) -> None:
+def default_setup(cfg: Union[CfgNode, DictConfig], args: argparse.Namespace) -> None:
     """detectron2's ``default_setup`` (logging, config backup, seeding), tolerant of a
     detectron2 build without its compiled extension, whose environment report would fail."""
     collect = _d2_defaults.collect_env_info
@@ -76,7 +78,7 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     return cfg
 
 
-def setup_lazy_config(config_file: str, opts: Sequence[str] = ()):
+def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
     """Load a LazyConfig file and apply ``key=value`` overrides."""
     cfg = LazyConfig.load(config_file)
     cfg = LazyConfig.apply_overrides(cfg, list(opts))
@@ -125,7 +127,7 @@ class RestTrainer(DefaultTrainer):
 
 
 # ------------------------------------------------------------------------------ LazyConfig
-def lazy_test(cfg, model: torch.nn.Module) -> Dict[str, Any]:
+def lazy_test(cfg: DictConfig, model: torch.nn.Module) -> Dict[str, Any]:
     """Evaluate ``model`` on ``cfg.dataloader.test`` with ``cfg.dataloader.evaluator``."""
     if "evaluator" not in cfg.dataloader:
         return {}
@@ -136,13 +138,13 @@ def lazy_test(cfg, model: torch.nn.Module) -> Dict[str, Any]:
     return ret
 
 
-def lazy_build_model(cfg) -> torch.nn.Module:
+def lazy_build_model(cfg: DictConfig) -> torch.nn.Module:
     """Instantiate ``cfg.model`` on ``cfg.train.device``."""
     model = instantiate(cfg.model)
     return model.to(cfg.train.get("device", "cuda"))
 
 
-def lazy_train(cfg, resume: bool = False) -> Dict[str, Any]:
+def lazy_train(cfg: DictConfig, resume: bool = False) -> Dict[str, Any]:
     """Train with a LazyConfig (``model``, ``optimizer``, ``dataloader``, ``lr_multiplier``,
     ``train``), with periodic checkpoints and evaluation; returns the last evaluation."""
     model = lazy_build_model(cfg)

@@ -5,6 +5,7 @@ import importlib.util
 import os
 
 from detectron2.config import LazyConfig
+from omegaconf import DictConfig
 
 __all__ = ["d2_config_path", "get_d2_config"]
 
@@ -27,6 +28,6 @@ def d2_config_path(rel_path: str) -> str:
                             f"({list(spec.submodule_search_locations)})")
 
 
-def get_d2_config(rel_path: str):
+def get_d2_config(rel_path: str) -> DictConfig:
     """Load one of detectron2's model-zoo LazyConfig files (``common/...``) as a DictConfig."""
     return LazyConfig.load(d2_config_path(rel_path))
