@@ -268,7 +268,9 @@ def test_fused_matches_math():
 def test_frozen_stages_stay_frozen_after_train(kind, frozen_stages):
     cls, arch = MODELS[kind]
     model = cls(arch=arch, frozen_stages=frozen_stages)
+    frozen_at_init = {n for n, p in model.named_parameters() if not p.requires_grad}
     model.train()
+    assert frozen_at_init == {n for n, p in model.named_parameters() if not p.requires_grad}
     for i in range(5):
         for m in model.stage_modules(i):
             frozen = i <= frozen_stages

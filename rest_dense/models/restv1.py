@@ -184,6 +184,7 @@ class ResTv1(ResTBase):
         self.init_weights()
         if pretrained:
             self.load_pretrained(pretrained)
+        self._freeze_stages()  # frozen from construction on, before any optimizer is built
 
     #: in-stream norms of the detection layout (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm1.", "norm2.", "norm3.")

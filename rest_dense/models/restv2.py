@@ -224,6 +224,7 @@ class ResTv2(ResTBase):
         self.init_weights()
         if pretrained:
             self.load_pretrained(pretrained)
+        self._freeze_stages()  # frozen from construction on, before any optimizer is built
 
     #: layers that only the dense model has (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm_", "cwin_convs.")
