@@ -14,12 +14,14 @@
 #   REST_DENSE_VENV    venv location (default: $REPO/.venv); an existing venv is adopted, never recreated
 #   REST_DENSE_PYTHON  interpreter used to create the venv (default: python3.11, else python3)
 #   REST_DENSE_FORCE=1 ignore the stamp and run every step (each step is a no-op when already done)
+#   REST_DENSE_MMCV_WHEELS  folder with a prebuilt mmcv 2.1.0 wheel (default: $REPO/../shared/wheels;
+#                      set it to "" to force the source build)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${REST_DENSE_VENV:-$REPO/.venv}"
 STAMP="$VENV/.rest_dense_env_stamp"
-SHARED_WHEELS="$REPO/../shared/wheels"
+SHARED_WHEELS="${REST_DENSE_MMCV_WHEELS-$REPO/../shared/wheels}"
 CONSTRAINTS="$REPO/tools/constraints.txt"
 
 log() { echo "[setup] $*"; }
@@ -83,7 +85,23 @@ pip() {
 }
 PIPQ=(--quiet --progress-bar off)
 
+# Cheap sanity check (metadata only, no imports) that nobody removed/replaced the key packages.
+stack_ok() {
+    "$PY" - <<'PY' >/dev/null 2>&1
+from importlib import metadata as m
+want = {"torch": "2.13.0", "torchvision": "0.28.0", "mmengine": "0.10.7", "mmcv": "2.1.0",
+        "mmdet": "3.3.0", "mmsegmentation": "1.2.2"}
+for name, version in want.items():
+    assert m.version(name) == version, name
+assert m.version("detectron2").startswith("0.5")
+PY
+}
+
 WANT="$(env_hash)"
+if [[ "${REST_DENSE_FORCE:-0}" != "1" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && ! stack_ok; then
+    log "stamp matches but key packages are missing or changed; re-running the set-up"
+    rm -f "$STAMP"
+fi
 if [[ "${REST_DENSE_FORCE:-0}" != "1" && -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]]; then
     if editable_ok; then
         log "environment up to date ($VENV)"
@@ -113,7 +131,7 @@ if mmcv_ok; then
     log "mmcv 2.1.0 with ops already installed"
 else
     installed=0
-    if [[ -d "$SHARED_WHEELS" ]]; then
+    if [[ -n "$SHARED_WHEELS" && -d "$SHARED_WHEELS" ]]; then
         log "installing mmcv 2.1.0 from prebuilt wheel in $SHARED_WHEELS"
         if pip install "${PIPQ[@]}" -c "$CONSTRAINTS" --find-links "$SHARED_WHEELS" \
                 --only-binary mmcv "mmcv==2.1.0" && mmcv_ok; then
@@ -126,6 +144,7 @@ else
         # mmcv 2.1.0's setup.py imports pkg_resources (gone from setuptools >= 70) and must build
         # against the installed torch, hence --no-build-isolation.
         log "building mmcv 2.1.0 with ops from source (MAX_JOBS=$(nproc); ~10 min on 2 cores)"
+        log "(pip will complain that torch wants setuptools>=77.0.3: expected, restored below)"
         pip install "${PIPQ[@]}" "setuptools<70" ninja wheel
         MMCV_WITH_OPS=1 MAX_JOBS="$(nproc)" pip install "${PIPQ[@]}" -c "$CONSTRAINTS" \
             --no-build-isolation --no-binary mmcv "mmcv==2.1.0"
