@@ -30,6 +30,7 @@ Conventions (those of fvcore, detectron2 and the ResT papers):
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -231,8 +232,8 @@ class _RoICounter:
             h.remove()
 
 
-# models already counted in this process: (framework, shape, repr(model)) -> (label, count, RoIs);
-# configs that differ only in schedule or test-time augmentation build the same model
+# models already counted in this process: (framework, shape, model config) -> (label, count,
+# RoIs); configs that differ only in schedule or test-time augmentation build the same model
 _COUNTED: Dict[Tuple, Tuple[str, "FlopCount", Dict[str, int]]] = {}
 
 
@@ -240,10 +241,10 @@ def _label(path: str) -> str:
     return os.path.relpath(path, REPO) if os.path.isabs(path) else path
 
 
-def _count_once(framework: str, shape, model: nn.Module, label: str, counter):
-    """Run ``counter() -> (FlopCount, RoI counts)`` unless an identical model was counted
-    already; returns the count and notes for the table."""
-    key = (framework, tuple(shape), repr(model))
+def _count_once(framework: str, shape, model_cfg: str, label: str, counter):
+    """Run ``counter() -> (FlopCount, RoI counts)`` unless a model with the same config text
+    ``model_cfg`` was counted already; returns the count and notes for the table."""
+    key = (framework, tuple(shape), model_cfg)
     first = None
     if key in _COUNTED:
         first, fc, rois = _COUNTED[key]
@@ -310,7 +311,8 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
         roi.remove()
         return fc, roi.counts
 
-    fc, notes_ = _count_once(framework, shape, model, label, counter)
+    model_cfg = json.dumps(cfg.model.to_dict(), sort_keys=True, default=str)
+    fc, notes_ = _count_once(framework, shape, model_cfg, label, counter)
     notes += notes_
     res = Result(label, framework, shape, params, fc, notes=notes)
     _attach_paper_figures(res, cfg.model.get("type"), *_mm_identity(cfg.model))
@@ -377,7 +379,7 @@ def analyze_d2_config(path: str, shape: Optional[Tuple[int, int]] = None,
         roi.remove()
         return fc, roi.counts
 
-    fc, notes = _count_once("d2", shape, model, label, counter)
+    fc, notes = _count_once("d2", shape, cfg.MODEL.dump(), label, counter)
     res = Result(label, "d2", shape, params, fc, notes=notes)
     family, arch, mode = None, None, "global"
     if cfg.MODEL.BACKBONE.NAME.startswith("build_restv2"):
