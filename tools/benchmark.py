@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
@@ -50,11 +51,18 @@ def parse_shape(text: str) -> tuple:
     return parts
 
 
-def build_backbone(name: str, attn_mode: str, fused: bool) -> torch.nn.Module:
+def build_backbone(name: str, attn_mode: str, impl: str) -> torch.nn.Module:
     """``restv2_tiny`` / ``restv1_small`` / ``swin_tiny`` style names -> backbone."""
     from rest_dense.models import ResTv1, ResTv2
 
+    fused = impl == "sdpa"
     family, _, variant = name.partition("_")
+    if impl == "released":
+        if family != "restv2":
+            raise SystemExit("--attn-impls released is available for restv2_* backbones")
+        from _released_layout import ReleasedLayoutResTv2
+
+        return ReleasedLayoutResTv2(ResTv2(arch=variant, attn_mode=attn_mode, fused_attn=False))
     if family == "swin":
         if variant != "tiny" or attn_mode != "global":
             raise SystemExit("only swin_tiny (mmdet's SwinTransformer, window 7) is available")
@@ -108,6 +116,28 @@ class DetectorForward(torch.nn.Module):
                     scale_factor=(1.0, 1.0))
         samples = [self.sample_cls(metainfo=meta) for _ in range(x.shape[0])]
         return self.model.predict(x, samples)
+
+
+def _load_same_weights(model: torch.nn.Module, reference: Dict[str, torch.Tensor]) -> None:
+    """Load the first row's weights (the released-layout wrapper nests them under ``model.``)."""
+    own = model.state_dict()
+    if own.keys() != reference.keys():
+        if all(k.startswith("model.") for k in own):
+            reference = {"model." + k: v for k, v in reference.items()}
+        elif all(k.startswith("model.") for k in reference):
+            reference = {k[len("model."):]: v for k, v in reference.items()}
+    model.load_state_dict(reference, strict=False)
+
+
+def _return_freed_memory_to_os() -> None:
+    """Serve large CPU allocations with mmap (fixed threshold) so that freed tensors leave
+    the RSS and the peak-RSS delta measures the forward pass's own peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_kb(field: str) -> int:
@@ -205,8 +235,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
                    help="time whole shipped mmdet/mmseg models (predict) too")
     p.add_argument("--shapes", nargs="+", type=parse_shape, default=[parse_shape("1x3x800x1216")])
     p.add_argument("--modes", nargs="+", default=["global"], choices=["global", "win", "cwin", "hwin"])
-    p.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=["sdpa", "math"],
-                   help="sdpa = F.scaled_dot_product_attention, math = explicit attention matrix")
+    p.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=["sdpa", "math", "released"],
+                   help="sdpa = F.scaled_dot_product_attention; math = explicit attention matrix; "
+                        "released = the released code's layout and math attention (baseline)")
     p.add_argument("--dtypes", nargs="+", default=["fp32"], choices=sorted(DTYPES))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -219,6 +250,8 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cpu":
+        _return_freed_memory_to_os()
     torch.manual_seed(0)
     targets = [("backbone", b) for b in args.backbones] + [("config", c) for c in args.configs]
     if not targets:
@@ -233,11 +266,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             if kind == "config":
                 model = DetectorForward(target, mode, fused=impl == "sdpa")
             else:
-                model = build_backbone(target, mode, fused=impl == "sdpa")
+                model = build_backbone(target, mode, impl)
             if reference is None:
                 reference = model.state_dict()
             else:
-                model.load_state_dict(reference, strict=False)  # same weights in every row
+                _load_same_weights(model, reference)
             model.eval()
             model.to(args.device)
             ms, ips, peak = time_model(model, shape, args.device, DTYPES[dtype], args.warmup,
