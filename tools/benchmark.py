@@ -3,8 +3,9 @@
 
 Each row builds the backbone with the same weights, warms up, then times
 ``--iters`` forward passes (``torch.inference_mode``; CUDA synchronised). Peak
-memory is the growth of the process' peak RSS during the timed passes on CPU
-(``/proc/self/clear_refs``), or ``torch.cuda.max_memory_allocated`` on GPU.
+memory is ``torch.cuda.max_memory_allocated`` on GPU; on CPU, the growth of the peak
+RSS over one forward pass, measured in a fresh process that returns freed memory to the
+system (so the timed passes run with the normal allocator).
 
 Examples::
 
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -140,6 +143,40 @@ def _return_freed_memory_to_os() -> None:
         pass
 
 
+def cpu_peak_memory(args) -> Optional[float]:
+    """Peak RSS growth (MB) of one forward pass, in this (fresh) process."""
+    _return_freed_memory_to_os()
+    kind, target = ("config", args.configs[0]) if args.configs else ("backbone", args.backbones[0])
+    mode, impl, dtype, shape = args.modes[0], args.attn_impls[0], DTYPES[args.dtypes[0]], args.shapes[0]
+    model = (DetectorForward(target, mode, fused=impl == "sdpa") if kind == "config"
+             else build_backbone(target, mode, impl))
+    model.eval()
+    x = torch.randn(*shape)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32):
+        if not _reset_peak_rss():
+            return None
+        base = _rss_kb("VmRSS:")
+        model(x)
+        return (_rss_kb("VmHWM:") - base) / 1024
+
+
+def measure_cpu_memory_in_subprocess(kind: str, target: str, shape: tuple, dtype: str, mode: str,
+                                     impl: str, threads: Optional[int]) -> Optional[float]:
+    """Run :func:`cpu_peak_memory` in a fresh interpreter: allocations served by mmap there
+    are returned on free, so the peak is the pass's own, and timing runs stay unaffected."""
+    cmd = [sys.executable, str(Path(__file__).resolve())]
+    cmd += ["--configs", target] if kind == "config" else [target]
+    cmd += ["--measure-cpu-memory", "--shapes", "x".join(map(str, shape)), "--dtypes", dtype, "--modes", mode,
+           "--attn-impls", impl]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        print(res.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
 def _rss_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -174,8 +211,6 @@ def time_model(model: torch.nn.Module, shape: tuple, device: str, dtype: torch.d
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
-        else:
-            base = _rss_kb("VmRSS:") if _reset_peak_rss() else None
         times: List[float] = []
         start = time.perf_counter()
         bar = _progress(iters, progress)
@@ -186,10 +221,8 @@ def time_model(model: torch.nn.Module, shape: tuple, device: str, dtype: torch.d
             times.append(time.perf_counter() - t0)
             bar.update(1)
         bar.close()
-        if device.startswith("cuda"):
-            peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        else:
-            peak = (_rss_kb("VmHWM:") - base) / 1024 if base is not None else None
+        peak = ((torch.cuda.max_memory_allocated() - base) / 2 ** 20
+                if device.startswith("cuda") else None)
     times.sort()
     median = times[len(times) // 2]
     return median * 1e3, shape[0] / median, peak
@@ -245,13 +278,16 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--min-time", type=float, default=0.0, help="keep timing for at least this many s")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-memory", action="store_true", help="skip the CPU peak-memory pass")
+    p.add_argument("--measure-cpu-memory", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--markdown", type=Path, default=None, help="also write the table here")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device == "cpu":
-        _return_freed_memory_to_os()
+    if args.measure_cpu_memory:
+        print(json.dumps({"peak_mb": cpu_peak_memory(args)}))
+        return ""
     torch.manual_seed(0)
     targets = [("backbone", b) for b in args.backbones] + [("config", c) for c in args.configs]
     if not targets:
@@ -275,6 +311,9 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
             model.to(args.device)
             ms, ips, peak = time_model(model, shape, args.device, DTYPES[dtype], args.warmup,
                                        args.iters, args.min_time, not args.no_progress)
+            if args.device == "cpu" and not args.no_memory:
+                peak = measure_cpu_memory_in_subprocess(kind, target, shape, dtype, mode, impl,
+                                                        args.threads)
             shape_s = "x".join(map(str, shape))
             rows.append(Row(name, mode, impl if "rest" in name else "-", shape_s, dtype, ms, ips, peak))
             # speed-ups are relative to the first row of the same input size and dtype

@@ -71,7 +71,12 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        hidden = self.fc1(x)
+        if hidden.requires_grad:
+            hidden = self.act(hidden)
+        else:  # inference: the 4C-wide hidden map is the largest tensor; activate it in place
+            hidden = torch.ops.aten.gelu_(hidden)
+        return self.fc2(hidden)
 
 
 class PixelAttention(nn.Module):
