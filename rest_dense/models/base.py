@@ -61,8 +61,12 @@ class ResTBase(nn.Module):
 
     num_stages = 4
 
-    def _setup_common(self, in_channels: int, out_indices: Sequence[int], frozen_stages: int,
-                      norm_eval: bool, with_cp: bool) -> None:
+    def _setup_common(self, spec: Dict, in_channels: int, out_indices: Sequence[int],
+                      frozen_stages: int, norm_eval: bool, with_cp: bool) -> None:
+        self.arch = spec
+        self.embed_dims = spec["embed_dims"]
+        self.depths = spec["depths"]
+        self.sr_ratios = spec["sr_ratios"]
         self.in_channels = int(in_channels)
         if isinstance(out_indices, int):
             out_indices = (out_indices,)
@@ -79,6 +83,13 @@ class ResTBase(nn.Module):
         self.frozen_stages = int(frozen_stages)
         self.norm_eval = bool(norm_eval)
         self.with_cp = bool(with_cp)
+
+    def _finish_init(self, pretrained: Optional[str]) -> None:
+        """Initialise, optionally load weights, and freeze (before any optimizer exists)."""
+        self.init_weights()
+        if pretrained:
+            self.load_pretrained(pretrained)
+        self._freeze_stages()
 
     # ----------------------------------------------------------------- helpers
     def stage_modules(self, i: int) -> List[nn.Module]:

@@ -155,11 +155,7 @@ class ResTv1(ResTBase):
                  pretrained: Optional[str] = None):
         super().__init__()
         spec = resolve_arch(arch, RESTV1_ARCHS, _ARCH_DEFAULTS, "ResTv1")
-        self.arch = spec
-        self.embed_dims = spec["embed_dims"]
-        self.depths = spec["depths"]
-        self.sr_ratios = spec["sr_ratios"]
-        self._setup_common(in_channels, out_indices, frozen_stages, norm_eval, with_cp)
+        self._setup_common(spec, in_channels, out_indices, frozen_stages, norm_eval, with_cp)
 
         dims = self.embed_dims
         self.stem = BasicStemV1(in_channels, dims[0])
@@ -181,10 +177,7 @@ class ResTv1(ResTBase):
         for i in range(3):
             setattr(self, f"norm{i + 1}", nn.LayerNorm(dims[i], eps=_EPS))
         self.norm = nn.LayerNorm(dims[3], eps=_EPS)
-        self.init_weights()
-        if pretrained:
-            self.load_pretrained(pretrained)
-        self._freeze_stages()  # frozen from construction on, before any optimizer is built
+        self._finish_init(pretrained)
 
     #: in-stream norms of the detection layout (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm1.", "norm2.", "norm3.")

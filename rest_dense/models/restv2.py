@@ -186,11 +186,7 @@ class ResTv2(ResTBase):
                  pretrained: Optional[str] = None):
         super().__init__()
         spec = resolve_arch(arch, RESTV2_ARCHS, _ARCH_DEFAULTS, "ResTv2")
-        self.arch = spec
-        self.embed_dims = spec["embed_dims"]
-        self.depths = spec["depths"]
-        self.sr_ratios = spec["sr_ratios"]
-        self._setup_common(in_channels, out_indices, frozen_stages, norm_eval, with_cp)
+        self._setup_common(spec, in_channels, out_indices, frozen_stages, norm_eval, with_cp)
 
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"unknown attn_mode {attn_mode!r}; choose one of {ATTN_MODES}")
@@ -221,10 +217,7 @@ class ResTv2(ResTBase):
         if attn_mode == "cwin":
             self.cwin_convs = nn.ModuleList(
                 nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d) for d in dims)
-        self.init_weights()
-        if pretrained:
-            self.load_pretrained(pretrained)
-        self._freeze_stages()  # frozen from construction on, before any optimizer is built
+        self._finish_init(pretrained)
 
     #: layers that only the dense model has (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm_", "cwin_convs.")
