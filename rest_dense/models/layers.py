@@ -18,6 +18,7 @@ __all__ = [
     "Mlp",
     "PixelAttention",
     "Block",
+    "ReducedKVAttention",
     "multi_head_attention",
     "window_partition",
     "window_unpartition",
@@ -117,6 +118,63 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ReducedKVAttention(nn.Module):
+    """Queries from every token, keys/values from tokens downsampled by a strided
+    depth-wise conv (``sr``) and LayerNorm (``sr_norm``): the part EMSA and EMSAv2 share.
+
+    Args:
+        dim (int): channels.
+        num_heads (int): attention heads.
+        sr_ratio (int): spatial reduction of keys/values. Default: 1.
+        qkv_bias (bool): bias in ``q`` and ``kv``. Default: True.
+        norm_eps (float): epsilon of ``sr_norm``. Default: 1e-6.
+        attn_drop (float): dropout on attention weights. Default: 0.
+        fused_attn (bool): use ``F.scaled_dot_product_attention``. Default: True.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
+                 norm_eps: float = 1e-6, attn_drop: float = 0.0, fused_attn: bool = True):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.sr_ratio = sr_ratio
+        self.attn_drop = attn_drop
+        self.fused_attn = fused_attn
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio + 1, stride=sr_ratio,
+                                padding=sr_ratio // 2, groups=dim)
+            self.sr_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.proj = nn.Linear(dim, dim)
+
+    def project_qkv(self, x: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tuple[int, int]]:
+        """``(B, H, W, C)`` -> ``q (B, heads, H*W, d)``, ``k (B, heads, n, d)``, the value
+        tokens ``(B, n, C)`` (heads merged, head-major) and the reduced size ``(h, w)``."""
+        b, h, w, c = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        q = self.q(x).reshape(b, h * w, nh, hd).transpose(1, 2)
+        if self.sr_ratio > 1:
+            kv_map = self.sr(x.permute(0, 3, 1, 2))
+            hk, wk = kv_map.shape[-2:]
+            kv_in = self.sr_norm(kv_map.flatten(2).transpose(1, 2))
+        else:
+            hk, wk = h, w
+            kv_in = x.reshape(b, h * w, c)
+        kv = self.kv(kv_in)
+        k = kv[..., :c].reshape(b, hk * wk, nh, hd).transpose(1, 2)
+        return q, k, kv[..., c:], (hk, wk)
+
+    def split_heads(self, tokens: Tensor) -> Tensor:
+        b, n, _ = tokens.shape
+        return tokens.reshape(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def merge_heads(self, out: Tensor, h: int, w: int) -> Tensor:
+        """``(B, heads, H*W, d)`` -> ``(B, H, W, C)``."""
+        return out.transpose(1, 2).reshape(out.shape[0], h, w, -1)
 
 
 def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import ArchType, ResTBase, resolve_arch, to_channels_first
-from .layers import Block, PixelAttention, multi_head_attention, trunc_normal_init
+from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
+                     trunc_normal_init)
 
 __all__ = ["ResTv1", "EMSA", "RESTV1_ARCHS"]
 
@@ -28,7 +29,7 @@ _ARCH_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True, apply_transform=True)
 _EPS = 1e-5
 
 
-class EMSA(nn.Module):
+class EMSA(ReducedKVAttention):
     """Efficient multi-head self-attention of ResTv1.
 
     With ``apply_transform`` and more than one head, a 1x1 conv mixes the heads'
@@ -48,20 +49,7 @@ class EMSA(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
                  apply_transform: bool = True, attn_drop: float = 0.0, fused_attn: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.sr_ratio = sr_ratio
-        self.attn_drop = attn_drop
-        self.fused_attn = fused_attn
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio + 1, stride=sr_ratio,
-                                padding=sr_ratio // 2, groups=dim)
-            self.sr_norm = nn.LayerNorm(dim, eps=_EPS)
+        super().__init__(dim, num_heads, sr_ratio, qkv_bias, _EPS, attn_drop, fused_attn)
         self.apply_transform = bool(apply_transform) and num_heads > 1
         if self.apply_transform:
             self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1)
@@ -69,16 +57,8 @@ class EMSA(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
-        nh, hd = self.num_heads, self.head_dim
-        q = self.q(x).reshape(b, h * w, nh, hd).transpose(1, 2)
-        if self.sr_ratio > 1:
-            kv_map = self.sr(x.permute(0, 3, 1, 2))
-            n_kv = kv_map.shape[-2] * kv_map.shape[-1]
-            kv_in = self.sr_norm(kv_map.flatten(2).transpose(1, 2))
-        else:
-            n_kv = h * w
-            kv_in = x.reshape(b, n_kv, c)
-        k, v = self.kv(kv_in).reshape(b, n_kv, 2, nh, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v_tokens, _ = self.project_qkv(x)
+        v = self.split_heads(v_tokens)
         drop = self.attn_drop if self.training else 0.0
         if self.apply_transform:
             logits = (q @ k.transpose(-2, -1)) * self.scale
@@ -93,7 +73,7 @@ class EMSA(nn.Module):
             out = attn @ v
         else:
             out = multi_head_attention(q, k, v, self.scale, fused=self.fused_attn, dropout_p=drop)
-        return self.proj(out.transpose(1, 2).reshape(b, h, w, c))
+        return self.proj(self.merge_heads(out, h, w))
 
 
 class PatchEmbedV1(nn.Module):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import ArchType, ResTBase, resolve_arch, to_channels_first
-from .layers import (Block, PixelAttention, multi_head_attention, trunc_normal_init,
-                     window_partition, window_unpartition)
+from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
+                     trunc_normal_init, window_partition, window_unpartition)
 
 __all__ = ["ResTv2", "EMSAv2", "RESTV2_ARCHS", "ATTN_MODES"]
 
@@ -33,7 +33,7 @@ DEFAULT_WINDOW_SIZE = (64, 32, 16, 8)
 _EPS = 1e-6
 
 
-class EMSAv2(nn.Module):
+class EMSAv2(ReducedKVAttention):
     """Efficient multi-head self-attention with the upsample branch (ResTv2).
 
     Keys and values come from tokens downsampled by a strided depth-wise conv; the
@@ -53,45 +53,20 @@ class EMSAv2(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
                  attn_drop: float = 0.0, fused_attn: bool = True):
-        super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.sr_ratio = sr_ratio
-        self.attn_drop = attn_drop
-        self.fused_attn = fused_attn
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
-        if sr_ratio > 1:
-            self.sr = nn.Conv2d(dim, dim, kernel_size=sr_ratio + 1, stride=sr_ratio,
-                                padding=sr_ratio // 2, groups=dim)
-            self.sr_norm = nn.LayerNorm(dim, eps=_EPS)
+        super().__init__(dim, num_heads, sr_ratio, qkv_bias, _EPS, attn_drop, fused_attn)
         self.up = nn.Sequential(
             nn.Conv2d(dim, sr_ratio * sr_ratio * dim, kernel_size=3, padding=1, groups=dim),
             nn.PixelShuffle(sr_ratio),
         )
         self.up_norm = nn.LayerNorm(dim, eps=_EPS)
-        self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, h, w, c = x.shape
-        nh, hd = self.num_heads, self.head_dim
-        q = self.q(x).reshape(b, h * w, nh, hd).transpose(1, 2)
-        if self.sr_ratio > 1:
-            kv_map = self.sr(x.permute(0, 3, 1, 2))
-            hk, wk = kv_map.shape[-2:]
-            kv_in = self.sr_norm(kv_map.flatten(2).transpose(1, 2))
-        else:
-            hk, wk = h, w
-            kv_in = x.reshape(b, h * w, c)
-        kv = self.kv(kv_in)
-        k = kv[..., :c].reshape(b, hk * wk, nh, hd).transpose(1, 2)
-        v_tokens = kv[..., c:]
-        v = v_tokens.reshape(b, hk * wk, nh, hd).transpose(1, 2)
-
-        out = multi_head_attention(q, k, v, self.scale, fused=self.fused_attn,
+        q, k, v_tokens, (hk, wk) = self.project_qkv(x)
+        out = multi_head_attention(q, k, self.split_heads(v_tokens), self.scale,
+                                   fused=self.fused_attn,
                                    dropout_p=self.attn_drop if self.training else 0.0)
-        out = out.transpose(1, 2).reshape(b, h, w, c)
+        out = self.merge_heads(out, h, w)
 
         # v with heads merged (head-major channels) as a channels-last (B, C, hk, wk) view:
         # the depth-wise conv and PixelShuffle then stay channels-last, and the LayerNorm
