@@ -1,19 +1,11 @@
 """rest_dense: ResTv2 / ResTv1 backbones for dense prediction.
 
-Importing the package registers the backbones with whichever of MMDetection,
-MMSegmentation and detectron2 are installed; the model core in
-:mod:`rest_dense.models` depends on PyTorch only.
+Importing the package imports PyTorch only. The framework adapters register themselves
+when imported: ``import rest_dense.mm`` (MMDetection / MMSegmentation; configs say
+``custom_imports=dict(imports=['rest_dense.mm'], allow_failed_imports=False)``) and
+``import rest_dense.d2`` (detectron2).
 """
-from importlib.util import find_spec
+from .models import ResTv1, ResTv2, create_model, list_models, load_checkpoint
+from .version import __version__
 
-from .models import ResTv1, ResTv2, load_checkpoint
-
-# Framework registrations, only for the frameworks that are installed; an error inside
-# an installed framework's adapter is raised, not hidden.
-if find_spec("mmengine") is not None and (find_spec("mmdet") or find_spec("mmseg")):
-    from . import mm  # noqa: F401  (MMDetection / MMSegmentation)
-if find_spec("detectron2") is not None:
-    from . import d2  # noqa: F401  (detectron2)
-
-__version__ = "0.1.0"
-__all__ = ["ResTv2", "ResTv1", "load_checkpoint", "__version__"]
+__all__ = ["ResTv2", "ResTv1", "create_model", "list_models", "load_checkpoint", "__version__"]

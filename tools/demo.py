@@ -7,7 +7,7 @@
     python tools/demo.py --max-iters 20     # quick smoke run
     python tools/demo.py --max-iters 0      # evaluate the untrained (randomly initialised) model only
 
-Steps: write the toy dataset if it is missing (``rest_dense/toy.py``), build the config from
+Steps: write the toy dataset if it is missing (``rest_dense/data/toy.py``), build the config from
 ``configs/toy/``, evaluate the randomly initialised model, train it with mmengine's Runner,
 evaluate it (COCO bbox/segm mAP, or mIoU), and save a picture of predictions next to the ground
 truth for a few validation images. The trained model is evaluated in memory: nothing is reloaded
@@ -380,7 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    from rest_dense.toy import generate_toy_dataset, toy_dataset_ready
+    from rest_dense.data.toy import generate_toy_dataset, toy_dataset_ready
 
     t0 = time.time()
     data_args = dict(num_train=args.num_train, num_val=args.num_val, size=args.size,

@@ -4,7 +4,7 @@
     python tools/make_toy_data.py                      # -> data/toy (300 train / 50 val, 128 px)
     python tools/make_toy_data.py --out data/toy_big --num-train 2000 --size 192
 
-The output is a pure function of the arguments (see ``rest_dense/toy.py``); an existing
+The output is a pure function of the arguments (see ``rest_dense/data/toy.py``); an existing
 dataset with the same parameters is left alone unless ``--overwrite`` is given.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from rest_dense.toy import generate_toy_dataset  # noqa: E402
+from rest_dense.data.toy import generate_toy_dataset  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -30,6 +30,7 @@ log() { echo "[setup] $*"; }
 ENV_FILES=(
     "$REPO/tools/setup_env.sh"
     "$REPO/setup.py"
+    "$REPO/pyproject.toml"
     "$REPO/tools/install_detectron2.py"
     "$REPO/tools/constraints.txt"
 )

@@ -1,6 +1,6 @@
 # Runtime settings shared by the MMSegmentation configs (iteration-based). Importing
 # `rest_dense` registers the ResT backbones and the lr-decay optimizer constructor.
-custom_imports = dict(imports=['rest_dense'], allow_failed_imports=False)
+custom_imports = dict(imports=['rest_dense.mm'], allow_failed_imports=False)
 default_scope = 'mmseg'
 
 default_hooks = dict(

@@ -1,9 +1,9 @@
 # Mask R-CNN + FPN with a small, randomly initialised ResTv2 on the synthetic toy-shapes
-# dataset (rest_dense/toy.py; make it with `python tools/make_toy_data.py`).
+# dataset (rest_dense/data/toy.py; make it with `python tools/make_toy_data.py`).
 # Sized to train in a few minutes on a 2-core CPU: 128x128 images, a 4-stage ResTv2 with
 # 32..256 channels, 64-channel FPN and heads, anchors/sampling scaled down to the small images.
 # Run end to end with `python tools/demo.py` (or any mmdet-style train script).
-custom_imports = dict(imports=['rest_dense'], allow_failed_imports=False)
+custom_imports = dict(imports=['rest_dense.mm'], allow_failed_imports=False)
 default_scope = 'mmdet'
 
 data_root = 'data/toy/'

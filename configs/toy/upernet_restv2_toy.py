@@ -3,7 +3,7 @@
 # Label maps: 0 = background (a real class here), 1 = circle, 2 = square, 3 = triangle,
 # so reduce_zero_label=False and num_classes=4.
 # Sized to train in a few minutes on a 2-core CPU; run with `python tools/demo.py --task seg`.
-custom_imports = dict(imports=['rest_dense'], allow_failed_imports=False)
+custom_imports = dict(imports=['rest_dense.mm'], allow_failed_imports=False)
 default_scope = 'mmseg'
 
 data_root = 'data/toy/'

@@ -14,7 +14,7 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P7
 from torch import Tensor
 
-from ..models import ResTv1, ResTv2
+from ..models import STAGE_STRIDES, ResTv1, ResTv2
 from .config import rest_arch_from_cfg, restv2_arch_from_cfg
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages",
 ]
 
-_STAGE_NAMES = ("stage1", "stage2", "stage3", "stage4")
+_STAGE_NAMES = tuple(f"stage{i + 1}" for i in range(len(STAGE_STRIDES)))
 
 
 def _out_indices(out_features: Sequence[str]) -> List[int]:
@@ -40,14 +40,11 @@ class _D2BackboneMixin:
     """detectron2 ``Backbone`` interface on top of a :class:`~rest_dense.models.base.ResTBase`."""
 
     def _setup_d2(self, size_divisibility: int) -> None:
-        self._out_features = [_STAGE_NAMES[i] for i in self.out_indices]
-        self._out_feature_strides = {_STAGE_NAMES[i]: 2 ** (i + 2) for i in self.out_indices}
-        self._out_feature_channels = {_STAGE_NAMES[i]: int(self.embed_dims[i])
-                                      for i in self.out_indices}
+        # detectron2's Backbone attributes, read from the core's description of its outputs
+        self._out_features = [f.name for f in self.feature_info]
+        self._out_feature_strides = {f.name: f.stride for f in self.feature_info}
+        self._out_feature_channels = {f.name: f.channels for f in self.feature_info}
         self._size_divisibility = int(size_divisibility)
-        # the core applies frozen_stages in train(); detectron2 models are expected to be
-        # frozen as built (optimizers are created before the first train() call)
-        self.train(self.training)
 
     @property
     def size_divisibility(self) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import pickle
-import re
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -28,19 +27,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
-from ..models import load_checkpoint, normalize_state_dict
+from ..models import load_checkpoint, matching_keys, normalize_state_dict, rename_d2_norm_keys
 from ..models.base import ResTBase
 
-__all__ = ["RestDetectionCheckpointer", "find_rest_backbone", "classify_checkpoint",
-           "rename_d2_norm_keys"]
+__all__ = ["RestDetectionCheckpointer", "find_rest_backbone", "classify_checkpoint"]
 
-_D2_NORM = re.compile(r"(^|\.)norm_(\d)\.0\.")
 _BACKBONE_ONLY = "__rest_backbone_only__"
-
-
-def rename_d2_norm_keys(state_dict: Mapping[str, Any]) -> Dict[str, Any]:
-    """``...norm_i.0.weight`` (released detectron2 spelling) -> ``...norm_i.weight``."""
-    return {_D2_NORM.sub(r"\1norm_\2.", k): v for k, v in state_dict.items()}
 
 
 def find_rest_backbone(model: nn.Module) -> Optional[Tuple[str, ResTBase]]:
@@ -64,15 +56,9 @@ def classify_checkpoint(model: nn.Module, state_dict: Mapping[str, Any]) -> str:
     own = backbone.state_dict()
     if not own:
         return "other"
-    direct = rename_d2_norm_keys(state_dict)
-    n_direct = sum(1 for k, v in own.items()
-                   if prefix + k in direct and tuple(direct[prefix + k].shape) == tuple(v.shape))
-    if n_direct >= 0.5 * len(own):
+    if len(matching_keys(own, rename_d2_norm_keys(state_dict), prefix)) >= 0.5 * len(own):
         return "detectron2"
-    normalized, _ = normalize_state_dict(state_dict)
-    n_norm = sum(1 for k, v in own.items()
-                 if k in normalized and tuple(normalized[k].shape) == tuple(v.shape))
-    if n_norm >= 0.5 * len(own):
+    if len(matching_keys(own, normalize_state_dict(state_dict)[0])) >= 0.5 * len(own):
         return "backbone"
     return "other"
 

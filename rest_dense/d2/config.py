@@ -10,21 +10,16 @@ Pretrained weights always come through detectron2's ``MODEL.WEIGHTS`` (see
 """
 from __future__ import annotations
 
-from typing import Dict, Mapping
+from typing import Dict
 
 from detectron2.config import CfgNode as CN
 
-from ..models import RESTV1_ARCHS, RESTV2_ARCHS
+from ..models import DEFAULT_WINDOW_SIZE, STAGE_STRIDES, get_model_entry
 
 __all__ = ["add_restv2_config", "add_rest_config", "add_rest_solver_config", "restv2_arch_from_cfg",
-           "rest_arch_from_cfg", "RESTV2_NAMES", "REST_NAMES"]
+           "rest_arch_from_cfg"]
 
-#: ``MODEL.RESTV2.NAME`` values and the core variant each selects.
-RESTV2_NAMES: Dict[str, str] = {f"restv2_{k}": k for k in RESTV2_ARCHS}
-#: ``MODEL.REST.NAME`` values (ResTv1) and the core variant each selects.
-REST_NAMES: Dict[str, str] = {f"rest_{k}": k for k in RESTV1_ARCHS}
-
-_STAGES = ["stage1", "stage2", "stage3", "stage4"]
+_STAGES = [f"stage{i + 1}" for i in range(len(STAGE_STRIDES))]
 
 
 def _arch_node() -> CN:
@@ -51,7 +46,7 @@ def add_restv2_config(cfg: CN) -> None:
     """Add the ``MODEL.RESTV2`` keys (and the solver keys) to a detectron2 config.
 
     Keys:
-        NAME: ``restv2_tiny | restv2_small | restv2_base | restv2_large``.
+        NAME: a ResTv2 name of :func:`rest_dense.models.list_models` (``restv2_tiny`` ...).
         ARCH: optional per-field overrides of the named variant (``EMBED_DIMS``,
             ``NUM_HEADS``, ``DEPTHS``, ``SR_RATIOS``: 4 values each; ``MLP_RATIO``);
             empty / 0 keeps the variant's value.
@@ -76,7 +71,7 @@ def add_restv2_config(cfg: CN) -> None:
     c.OUT_FEATURES = list(_STAGES)
     c.DROP_PATH_RATE = 0.0
     c.ATTN_MODE = "global"
-    c.WINDOW_SIZE = [64, 32, 16, 8]
+    c.WINDOW_SIZE = list(DEFAULT_WINDOW_SIZE)
     c.WITH_CP = False
     c.NORM_EVAL = False
     c.FUSED_ATTN = True
@@ -85,7 +80,8 @@ def add_restv2_config(cfg: CN) -> None:
 def add_rest_config(cfg: CN) -> None:
     """Add the ``MODEL.REST`` keys (ResTv1; and the solver keys) to a detectron2 config.
 
-    Keys: ``NAME`` (``rest_lite | rest_small | rest_base | rest_large``), ``ARCH``,
+    Keys: ``NAME`` (a ResTv1 name of :func:`rest_dense.models.list_models`, or its released
+    spelling ``rest_small`` ...), ``ARCH``,
     ``OUT_FEATURES``, ``DROP_PATH_RATE``, ``WITH_CP``, ``NORM_EVAL``, ``FUSED_ATTN``, as
     for :func:`add_restv2_config` (ResTv1 has no attention modes).
     """
@@ -103,12 +99,14 @@ def add_rest_config(cfg: CN) -> None:
     c.FUSED_ATTN = True
 
 
-def _arch(node: CN, names: Mapping[str, str], zoo: Mapping[str, Mapping], key: str) -> Dict:
-    name = str(node.NAME).lower()
-    variant = names.get(name, name if name in zoo else None)
-    if variant is None:
-        raise ValueError(f"{key}.NAME={node.NAME!r} is not one of {sorted(names)}")
-    spec = dict(zoo[variant])
+def _arch(node: CN, family: str, key: str) -> Dict:
+    try:
+        entry = get_model_entry(str(node.NAME))
+    except ValueError as err:
+        raise ValueError(f"{key}.NAME: {err}") from None
+    if entry.family != family:
+        raise ValueError(f"{key}.NAME={node.NAME!r} is a {entry.family} model; {key} builds {family}")
+    spec = entry.arch_spec
     over = node.ARCH
     for field in ("EMBED_DIMS", "NUM_HEADS", "DEPTHS", "SR_RATIOS"):
         if len(over[field]):
@@ -120,9 +118,9 @@ def _arch(node: CN, names: Mapping[str, str], zoo: Mapping[str, Mapping], key: s
 
 def restv2_arch_from_cfg(cfg: CN) -> Dict:
     """The core ``ResTv2`` arch dict selected by ``MODEL.RESTV2.NAME`` and ``.ARCH``."""
-    return _arch(cfg.MODEL.RESTV2, RESTV2_NAMES, RESTV2_ARCHS, "MODEL.RESTV2")
+    return _arch(cfg.MODEL.RESTV2, "restv2", "MODEL.RESTV2")
 
 
 def rest_arch_from_cfg(cfg: CN) -> Dict:
     """The core ``ResTv1`` arch dict selected by ``MODEL.REST.NAME`` and ``.ARCH``."""
-    return _arch(cfg.MODEL.REST, REST_NAMES, RESTV1_ARCHS, "MODEL.REST")
+    return _arch(cfg.MODEL.REST, "restv1", "MODEL.REST")

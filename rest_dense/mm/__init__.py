@@ -1,13 +1,15 @@
 """MMDetection / MMSegmentation integration (needs mmengine).
 
-Importing this package (``import rest_dense`` does it) registers
+Importing this package registers
 
 - ``'ResTv2'`` and ``'ResTv1'`` in ``MODELS`` of MMDetection and of MMSegmentation,
 - ``'ResTLayerDecayOptimizerConstructor'`` in ``OPTIM_WRAPPER_CONSTRUCTORS`` of mmengine,
   MMDetection and MMSegmentation,
 
 for whichever of the two frameworks is installed, so configs can use
-``custom_imports=dict(imports=['rest_dense'], allow_failed_imports=False)``.
+``custom_imports=dict(imports=['rest_dense.mm'], allow_failed_imports=False)``.
+A name already registered there by another package is an error, not a silent
+replacement.
 """
 from __future__ import annotations
 
@@ -30,7 +32,24 @@ REGISTERED: List[str] = []
 #: frameworks that could not be imported, with the reason
 UNAVAILABLE: Dict[str, str] = {}
 
-_ENGINE_CONSTRUCTORS.register_module(module=ResTLayerDecayOptimizerConstructor, force=True)
+
+
+def _register(registry, name: str, cls) -> None:
+    """Register ``cls`` as ``name`` unless it is there already (re-imports, reloads);
+    refuse to replace another package's module of the same name."""
+    present = registry.module_dict.get(name)
+    if present is not None:
+        if present.__module__ == cls.__module__ and present.__qualname__ == cls.__qualname__:
+            if present is not cls:  # this module was reloaded: keep the registry current
+                registry.register_module(name=name, module=cls, force=True)
+            return
+        raise KeyError(f"{registry.name} registry of {registry.scope!r} already holds {name!r} "
+                       f"from {present.__module__}; rest_dense will not replace it")
+    registry.register_module(name=name, module=cls)
+
+
+_register(_ENGINE_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
+          ResTLayerDecayOptimizerConstructor)
 
 for _framework in ("mmdet", "mmseg"):
     try:
@@ -39,7 +58,7 @@ for _framework in ("mmdet", "mmseg"):
         UNAVAILABLE[_framework] = f"{type(_err).__name__}: {_err}"
         continue
     for _name, _cls in _BACKBONES.items():
-        _registry.MODELS.register_module(name=_name, module=_cls, force=True)
-    _registry.OPTIM_WRAPPER_CONSTRUCTORS.register_module(
-        module=ResTLayerDecayOptimizerConstructor, force=True)
+        _register(_registry.MODELS, _name, _cls)
+    _register(_registry.OPTIM_WRAPPER_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
+              ResTLayerDecayOptimizerConstructor)
     REGISTERED.append(_framework)

@@ -25,12 +25,6 @@ InitCfg = Union[Dict[str, Any], List[Dict[str, Any]], None]
 
 _PRETRAINED_KEYS = {"type", "checkpoint", "prefix", "map_location", "weights_only", "strict"}
 
-# the core logs through the standard ``logging`` module; we report through mmengine
-# instead, so its own messages are sent nowhere
-_QUIET = logging.getLogger("rest_dense.mm.quiet")
-_QUIET.addHandler(logging.NullHandler())
-_QUIET.propagate = False
-
 
 def _is_pretrained(cfg: Mapping) -> bool:
     return cfg.get("type") in ("Pretrained", "PretrainedInit")
@@ -98,7 +92,7 @@ def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
     name = type(model).__name__
     try:
         report = load_checkpoint(model, source, strict=bool(cfg.get("strict", False)),
-                                 weights_only=weights_only, map_location=map_location, log=_QUIET)
+                                 weights_only=weights_only, map_location=map_location, log=None)
     except CheckpointMismatchError as err:
         raise CheckpointMismatchError(f"{name}: cannot load {checkpoint!r}: {err}") from err
 
@@ -120,13 +114,12 @@ def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
 class _InitCfgMixin:
     """Gives a core ResT backbone mmengine's ``init_cfg`` / ``init_weights`` contract.
 
-    Listed first in the bases (``class X(_InitCfgMixin, CoreModel, BaseModule)``) so that
-    its :meth:`init_weights` overrides the core's; the core's constructor calls
-    ``init_weights`` before the adapter is set up, which then only performs the core's
-    random initialisation.
+    Listed first in the bases (``class X(_InitCfgMixin, CoreModel, BaseModule)``): the
+    core constructor initialises the weights randomly (``reset_parameters``) and freezes
+    ``frozen_stages``; ``BaseModule.__init__`` runs inside it through ``super()``.
     """
 
-    def _adapter_setup(self, init_cfg: InitCfg, pretrained: Optional[str]) -> None:
+    def __init__(self, init_cfg: InitCfg = None, pretrained: Optional[str] = None, **kwargs):
         if pretrained is not None:
             if init_cfg is not None:
                 raise ValueError("pass either 'pretrained' or 'init_cfg', not both")
@@ -137,21 +130,13 @@ class _InitCfgMixin:
                 raise TypeError(f"init_cfg entries must be dicts with a 'type', got {cfg!r}")
         if sum(_is_pretrained(c) for c in cfgs) > 1:
             raise ValueError("init_cfg may hold at most one Pretrained entry")
+        super().__init__(**kwargs)
         self.init_cfg = copy.deepcopy(init_cfg)
-        self._is_init = False
-        # mmengine convention: frozen parameters are frozen from construction on, so
-        # that optimisers built before the first ``train()`` already leave them out
-        self._freeze_stages()
-        self._adapter_ready = True
 
     def init_weights(self) -> None:
         """Random initialisation, then any other ``init_cfg`` initialisers, then the
         ``Pretrained`` checkpoint (which therefore always wins). Runs once: later calls
         only warn, so a pretrained load is never overwritten by a parent module."""
-        if not getattr(self, "_adapter_ready", False):
-            # called by the core's own constructor: plain random initialisation
-            super().init_weights()
-            return
         if self._is_init:
             print_log(f"init_weights of {type(self).__name__} has been called more than once; "
                       "ignored", logger="current", level=logging.WARNING)
@@ -159,7 +144,7 @@ class _InitCfgMixin:
         cfgs = [self.init_cfg] if isinstance(self.init_cfg, Mapping) else list(self.init_cfg or [])
         pretrained = [c for c in cfgs if _is_pretrained(c)]
         others = [c for c in cfgs if not _is_pretrained(c)]
-        super().init_weights()
+        self.reset_parameters()
         if others:
             initialize(self, others)
         if pretrained:
@@ -175,17 +160,13 @@ class MMResTv2(_InitCfgMixin, ResTv2, BaseModule):
         init_cfg (dict | list[dict], optional): mmengine initialisation config, e.g.
             ``dict(type='Pretrained', checkpoint='checkpoints/restv2_tiny_224.pth')``
             with optional ``prefix``, ``map_location``, ``weights_only`` (default True)
-            and ``strict`` (default False). Loaded in :meth:`init_weights`.
+            and ``strict`` (default False). Loaded in :meth:`init_weights`. Default: None.
         pretrained (str, optional): shorthand for a ``Pretrained`` ``init_cfg`` (what
-            MMSegmentation's ``EncoderDecoder(pretrained=...)`` passes down).
+            MMSegmentation's ``EncoderDecoder(pretrained=...)`` passes down). Default: None.
         **kwargs: every other argument of :class:`~rest_dense.models.ResTv2` (``arch``,
             ``out_indices``, ``drop_path_rate``, ``attn_mode``, ``window_size``,
             ``frozen_stages``, ``norm_eval``, ``with_cp``, ...), passed unchanged.
     """
-
-    def __init__(self, init_cfg: InitCfg = None, pretrained: Optional[str] = None, **kwargs):
-        super().__init__(**kwargs)
-        self._adapter_setup(init_cfg, pretrained)
 
 
 class MMResTv1(_InitCfgMixin, ResTv1, BaseModule):
@@ -193,11 +174,7 @@ class MMResTv1(_InitCfgMixin, ResTv1, BaseModule):
     (registered there as ``'ResTv1'``).
 
     Args:
-        init_cfg (dict | list[dict], optional): as for :class:`MMResTv2`.
-        pretrained (str, optional): shorthand for a ``Pretrained`` ``init_cfg``.
+        init_cfg (dict | list[dict], optional): as for :class:`MMResTv2`. Default: None.
+        pretrained (str, optional): shorthand for a ``Pretrained`` ``init_cfg``. Default: None.
         **kwargs: every other argument of :class:`~rest_dense.models.ResTv1`, unchanged.
     """
-
-    def __init__(self, init_cfg: InitCfg = None, pretrained: Optional[str] = None, **kwargs):
-        super().__init__(**kwargs)
-        self._adapter_setup(init_cfg, pretrained)

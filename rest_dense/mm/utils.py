@@ -67,7 +67,7 @@ def build_model(cfg: Config) -> nn.Module:
     Returns:
         The model (weights freshly initialised; ``init_weights`` is not called).
     """
-    import rest_dense  # noqa: F401  (registers the backbones)
+    import rest_dense.mm  # noqa: F401  (registers the backbones)
 
     framework = detect_framework(cfg)
     init_default_scope(framework)
@@ -92,7 +92,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     Returns:
         The config, with ``default_scope`` set to ``'mmdet'`` or ``'mmseg'``.
     """
-    import rest_dense  # noqa: F401
+    import rest_dense.mm  # noqa: F401  (registers the backbones)
 
     cfg = Config.fromfile(path)
     if cfg_options:

@@ -4,13 +4,34 @@ from __future__ import annotations
 
 import re
 
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
 ArchType = Union[str, Mapping]
+
+#: output stride of each of the four stages
+STAGE_STRIDES: Tuple[int, ...] = (4, 8, 16, 32)
+
+
+@dataclass(frozen=True)
+class FeatureInfo:
+    """One emitted feature map of a backbone.
+
+    Args:
+        stage (int): 0-based stage index (the entry of ``out_indices``).
+        name (str): ``'stage1'`` .. ``'stage4'`` (detectron2's feature names).
+        channels (int): channels of the map.
+        stride (int): input pixels per map pixel (4, 8, 16, 32).
+    """
+
+    stage: int
+    name: str
+    channels: int
+    stride: int
 
 _STAGE_ID_RE = re.compile(
     r"^(?:(?P<stem>stem)\.|stage(?P<s1>\d)\.|patch_(?:embed_)?(?P<s2>\d)\.|norm_?(?P<s3>\d)\."
@@ -70,7 +91,9 @@ class ResTBase(nn.Module):
         self.in_channels = int(in_channels)
         if isinstance(out_indices, int):
             out_indices = (out_indices,)
-        out_indices = tuple(int(i) for i in out_indices)
+        out_indices = tuple(out_indices)
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in out_indices):
+            raise TypeError(f"out_indices must be integers, got {out_indices}")
         bad = [i for i in out_indices if not 0 <= i < self.num_stages]
         if bad or not out_indices:
             raise ValueError(f"out_indices must be a non-empty subset of 0..{self.num_stages - 1}, "
@@ -78,6 +101,10 @@ class ResTBase(nn.Module):
         if len(set(out_indices)) != len(out_indices):
             raise ValueError(f"out_indices has duplicates: {out_indices}")
         self.out_indices = out_indices
+        #: the emitted maps, in output order (what necks and adapters read)
+        self.feature_info: Tuple[FeatureInfo, ...] = tuple(
+            FeatureInfo(i, f"stage{i + 1}", int(self.embed_dims[i]), STAGE_STRIDES[i])
+            for i in out_indices)
         if not -1 <= frozen_stages <= self.num_stages:
             raise ValueError(f"frozen_stages must be in -1..{self.num_stages}, got {frozen_stages}")
         self.frozen_stages = int(frozen_stages)
@@ -86,12 +113,20 @@ class ResTBase(nn.Module):
 
     def _finish_init(self, pretrained: Optional[str]) -> None:
         """Initialise, optionally load weights, and freeze (before any optimizer exists)."""
-        self.init_weights()
+        self.reset_parameters()
         if pretrained:
             self.load_pretrained(pretrained)
         self._freeze_stages()
 
     # ----------------------------------------------------------------- helpers
+    def reset_parameters(self) -> None:
+        """The released code's random initialisation (called by the constructor)."""
+        raise NotImplementedError
+
+    def init_weights(self) -> None:
+        """Re-initialise the weights randomly (framework adapters extend this)."""
+        self.reset_parameters()
+
     def stage_modules(self, i: int) -> List[nn.Module]:
         """Modules owned by stage ``i`` (0 = stem, 1..4 = stages); used for freezing."""
         raise NotImplementedError
@@ -129,12 +164,8 @@ class ResTBase(nn.Module):
 
     @property
     def out_channels(self) -> Tuple[int, ...]:
-        """Channels of each emitted map, in ``out_indices`` order."""
-        return tuple(self.embed_dims[i] for i in self.out_indices)
-
-    @property
-    def out_strides(self) -> Tuple[int, ...]:
-        return tuple(2 ** (i + 2) for i in self.out_indices)
+        """Channels of each emitted map, in output order (from :attr:`feature_info`)."""
+        return tuple(f.channels for f in self.feature_info)
 
     def stage_id(self, param_name: str) -> int:
         """Stage of a parameter for stage-wise lr decay: 0 = stem, 1..4 = stages (with their

@@ -15,15 +15,16 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["load_checkpoint", "read_state_dict", "normalize_state_dict", "LoadReport",
-           "CheckpointMismatchError"]
+__all__ = ["load_checkpoint", "read_state_dict", "normalize_state_dict", "rename_d2_norm_keys",
+           "matching_keys", "LoadReport", "CheckpointMismatchError"]
 
 logger = logging.getLogger("rest_dense")
 
 # prefixes tried in this order; the first one that some keys carry selects the backbone
 _BACKBONE_PREFIXES = ("backbone.bottom_up.", "backbone.")
 _HEAD_PREFIXES = ("head.",)
-_D2_NORM = re.compile(r"^norm_(\d)\.0\.")
+# detectron2's released spelling of the output norms, at the start or after a prefix
+_D2_NORM = re.compile(r"(^|\.)norm_(\d)\.0\.")
 # below this fraction of the model's entries found in the checkpoint we refuse to load
 MIN_MATCHED_FRACTION = 0.5
 
@@ -79,6 +80,18 @@ def read_state_dict(source: Union[str, os.PathLike, Mapping], weights_only: bool
     return {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
 
 
+def rename_d2_norm_keys(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+    """``...norm_i.0.weight`` (the released detectron2 spelling) -> ``...norm_i.weight``."""
+    return {_D2_NORM.sub(r"\1norm_\2.", k): v for k, v in state_dict.items()}
+
+
+def matching_keys(own: Mapping[str, Tensor], state_dict: Mapping[str, Tensor],
+                  prefix: str = "") -> List[str]:
+    """Keys of ``own`` found in ``state_dict`` (under ``prefix``) with the same shape."""
+    return [k for k, v in own.items()
+            if prefix + k in state_dict and tuple(state_dict[prefix + k].shape) == tuple(v.shape)]
+
+
 def normalize_state_dict(state_dict: Mapping[str, Tensor]):
     """Strip wrappers' prefixes, rename ``norm_i.0.`` and drop the classifier.
 
@@ -97,14 +110,15 @@ def normalize_state_dict(state_dict: Mapping[str, Tensor]):
     for k, v in sd.items():
         if k.startswith(_HEAD_PREFIXES):
             dropped.append(k)
-            continue
-        out[_D2_NORM.sub(r"norm_\1.", k)] = v
-    return out, dropped
+        else:
+            out[k] = v
+    return rename_d2_norm_keys(out), dropped
 
 
 def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
                     strict: bool = False, weights_only: bool = True, map_location="cpu",
-                    allow_partial: bool = False, log: Optional[logging.Logger] = None) -> LoadReport:
+                    allow_partial: bool = False,
+                    log: Optional[logging.Logger] = logger) -> LoadReport:
     """Load a released or converted ResT checkpoint into ``model``.
 
     Args:
@@ -116,7 +130,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
         map_location: device for loading.
         allow_partial: accept checkpoints that lack some backbone weights (they keep
             their initialisation); by default only the dense-only layers may be missing.
-        log: logger for the report (default: ``logging.getLogger("rest_dense")``).
+        log: logger for the report (default: ``logging.getLogger("rest_dense")``);
+            ``None`` loads silently (the caller reports from the returned value).
 
     Returns:
         :class:`LoadReport` with missing, unexpected, dropped and loaded keys.
@@ -127,7 +142,6 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
             layers are missing (unless ``allow_partial``), or (``strict``) on any
             missing/unused key.
     """
-    log = log or logger
     sd, dropped = normalize_state_dict(read_state_dict(checkpoint, weights_only, map_location))
     own = model.state_dict()
 
@@ -159,6 +173,8 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
             f"pass allow_partial=True to load it anyway")
 
     model.load_state_dict({k: sd[k] for k in matched}, strict=False)
+    if log is None:
+        return report
     log.info("rest_dense: %s", report.summary())
     if missing:
         log.warning("rest_dense: keys not in the checkpoint keep their initialisation: %s",

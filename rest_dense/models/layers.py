@@ -6,7 +6,6 @@ convolutions see a permuted (channels-last strided) NCHW view.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence, Tuple
 
 import torch
@@ -22,16 +21,7 @@ __all__ = [
     "multi_head_attention",
     "window_partition",
     "window_unpartition",
-    "to_2tuple",
 ]
-
-
-def to_2tuple(value) -> Tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"expected an int or a pair, got {value!r}")
-        return int(value[0]), int(value[1])
-    return int(value), int(value)
 
 
 class DropPath(nn.Module):
@@ -252,6 +242,3 @@ def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import ArchType, ResTBase, resolve_arch, to_channels_first
+from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init)
 
@@ -159,10 +160,12 @@ class ResTv1(ResTBase):
         self.norm = nn.LayerNorm(dims[3], eps=_EPS)
         self._finish_init(pretrained)
 
+    #: the named variants (registered as ``restv1_<key>``, alias ``rest_<key>``)
+    ARCHS = RESTV1_ARCHS
     #: in-stream norms of the detection layout (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm1.", "norm2.", "norm3.")
 
-    def init_weights(self) -> None:
+    def reset_parameters(self) -> None:
         trunc_normal_init(self)
 
     def _stage_norm(self, i: int) -> nn.LayerNorm:
@@ -179,7 +182,7 @@ class ResTv1(ResTBase):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Args: x: ``(N, C, H, W)`` images. Returns: tuple of NCHW maps for ``out_indices``."""
         self._check_input(x)
-        outs = []
+        feats = {}
         x = self.stem(x)
         for i in range(max(self.out_indices) + 1):
             if i > 0:
@@ -188,5 +191,9 @@ class ResTv1(ResTBase):
                 x = self._run_block(blk, x)
             x = self._stage_norm(i)(x)
             if i in self.out_indices:
-                outs.append(to_channels_first(x))
-        return tuple(outs)
+                feats[i] = to_channels_first(x)
+        return tuple(feats[i] for i in self.out_indices)
+
+
+for _arch in RESTV1_ARCHS:
+    register_model(ModelEntry(f"restv1_{_arch}", "restv1", _arch, ResTv1, aliases=(f"rest_{_arch}",)))

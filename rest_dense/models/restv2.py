@@ -1,7 +1,7 @@
 """ResTv2 (EMSAv2) dense-prediction backbone, pure PyTorch.
 
-Module names follow the authors' released checkpoints (see ``shared/SPEC.md``), so
-their ImageNet, detectron2 and mmseg weights load without renaming.
+Module names follow the authors' released checkpoints, so their ImageNet, detectron2 and
+mmseg weights load without renaming (Zhang & Yang, ResT V2, NeurIPS 2022).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import ArchType, ResTBase, resolve_arch, to_channels_first
+from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init, window_partition, window_unpartition)
 
@@ -194,10 +195,12 @@ class ResTv2(ResTBase):
                 nn.Conv2d(d, d, kernel_size=3, padding=1, groups=d) for d in dims)
         self._finish_init(pretrained)
 
+    #: the named variants (registered as ``restv2_<key>``)
+    ARCHS = RESTV2_ARCHS
     #: layers that only the dense model has (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm_", "cwin_convs.")
 
-    def init_weights(self) -> None:
+    def reset_parameters(self) -> None:
         """Released-code initialisation; cross-window convs start at zero so that a
         checkpoint loaded into ``cwin`` mode initially behaves exactly like ``win``."""
         trunc_normal_init(self)
@@ -248,13 +251,16 @@ class ResTv2(ResTBase):
     def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
         """Args: x: ``(N, C, H, W)`` images. Returns: tuple of NCHW maps for ``out_indices``."""
         self._check_input(x)
-        outs = []
-        last = max(self.out_indices)
+        feats = {}
         x = self.stem(x)
-        for i in range(last + 1):
+        for i in range(max(self.out_indices) + 1):
             if i > 0:
                 x = getattr(self, f"patch_{i + 1}")(x.permute(0, 3, 1, 2))
             x = self._forward_stage(i, x)
             if i in self.out_indices:
-                outs.append(to_channels_first(getattr(self, f"norm_{i + 1}")(x)))
-        return tuple(outs)
+                feats[i] = to_channels_first(getattr(self, f"norm_{i + 1}")(x))
+        return tuple(feats[i] for i in self.out_indices)
+
+
+for _arch in RESTV2_ARCHS:
+    register_model(ModelEntry(f"restv2_{_arch}", "restv2", _arch, ResTv2, attn_modes=ATTN_MODES))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from _d2_utils import (LAZY_CONFIG, TINY_ARCH, config_path, make_inputs, one_thread,  # noqa: F401,I100
+from _d2_utils import (LAZY_CONFIG, TINY_ARCH, config_path, make_inputs,  # noqa: F401,I100
                        shipped_yaml_configs, small_cfg)
 
 from detectron2.config import LazyConfig, get_cfg, instantiate  # noqa: E402

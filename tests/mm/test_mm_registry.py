@@ -39,10 +39,10 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_mmseg_alone_and_custom_imports(tmp_path):
-    """With MMDetection unimportable, `custom_imports=['rest_dense']` in a config still
+    """With MMDetection unimportable, `custom_imports=['rest_dense.mm']` in a config still
     registers the backbones with MMSegmentation (fresh interpreter, nothing imported before)."""
     cfg = tmp_path / "cfg.py"
-    cfg.write_text("custom_imports = dict(imports=['rest_dense'], allow_failed_imports=False)\n"
+    cfg.write_text("custom_imports = dict(imports=['rest_dense.mm'], allow_failed_imports=False)\n"
                    "model = dict(type='ResTv2', arch=dict(embed_dims=(16, 32, 64, 128), "
                    "num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1), sr_ratios=(8, 4, 2, 1)))\n")
     proc = _run(f"""

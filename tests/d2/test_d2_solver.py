@@ -46,8 +46,8 @@ def test_full_model_clipping():
     assert torch.cat([p.detach() for p in params]).norm() == pytest.approx(1.0, rel=1e-5)
 
 
-def test_import_rest_dense_registers_builders():
-    code = ("import rest_dense\n"
+def test_import_rest_dense_d2_registers_builders():
+    code = ("import rest_dense.d2\n"
             "from detectron2.modeling import BACKBONE_REGISTRY\n"
             "for n in ['build_restv2_backbone', 'build_restv2_fpn_backbone',\n"
             "          'build_retinanet_restv2_fpn_backbone', 'build_rest_backbone',\n"

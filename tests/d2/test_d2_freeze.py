@@ -4,7 +4,7 @@ import re
 import pytest
 import torch
 
-from _d2_utils import one_thread, small_cfg  # noqa: F401,I100
+from _d2_utils import small_cfg  # noqa: F401,I100
 
 from detectron2.modeling import build_model  # noqa: E402
 

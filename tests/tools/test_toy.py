@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rest_dense.toy import (TOY_CLASSES, generate_toy_dataset, make_scene, mask_to_bbox, mask_to_rle,
+from rest_dense.data.toy import (TOY_CLASSES, generate_toy_dataset, make_scene, mask_to_bbox, mask_to_rle,
                             rle_to_mask, scene_rng, toy_dataset_ready)
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import REPO
 
 
 def _load_tool(name):

@@ -1,18 +1,19 @@
 """The toy dataset registered in detectron2: a short CPU training run of the shipped toy config
 (through RestTrainer, with COCO evaluation) clearly improves box AP."""
+import importlib
 import json
 import os
 
 import pytest
 
-from _d2_utils import config_path, one_thread  # noqa: F401,I100
+from _d2_utils import config_path  # noqa: F401,I100
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
 from rest_dense.d2 import register_toy_datasets  # noqa: E402
 from rest_dense.d2.engine import RestTrainer, setup_yaml_config  # noqa: E402
 
-toy = pytest.importorskip("rest_dense.toy")
+toy = importlib.import_module("rest_dense.data.toy")
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -12,8 +12,7 @@ from rest_dense.models import (ATTN_MODES, CheckpointMismatchError, RESTV1_ARCHS
                                ResTv1, ResTv2, load_checkpoint, window_partition,
                                window_unpartition)
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
-FIXTURES = SHARED / "fixtures"
+from conftest import FIXTURES, SHARED  # noqa: F401
 TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
             sr_ratios=(8, 4, 2, 1))
 TINY_V1 = dict(TINY, qkv_bias=True, apply_transform=True)

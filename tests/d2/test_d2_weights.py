@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from _d2_utils import REPO, TINY_ARCH, config_path, one_thread, small_cfg  # noqa: F401,I100
+from _d2_utils import REPO, TINY_ARCH, config_path, small_cfg  # noqa: F401,I100
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402

@@ -36,7 +36,7 @@ def test_config_recipe_and_build(path):
     family = path.parent.name
     framework = "mmseg" if family == "upernet" else "mmdet"
     assert cfg.default_scope == framework == detect_framework(cfg)
-    assert cfg.custom_imports == dict(imports=["rest_dense"], allow_failed_imports=False)
+    assert cfg.custom_imports == dict(imports=["rest_dense.mm"], allow_failed_imports=False)
 
     model = model_cfg(cfg)
     pre = model.data_preprocessor

@@ -8,16 +8,13 @@ from typing import List
 import torch
 from mmengine.config import Config
 
-import rest_dense  # noqa: F401  (registers the backbones)
+import rest_dense.mm  # noqa: F401  (registers the backbones)
 from rest_dense.mm.utils import build_model, is_tta_model
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs"
+from conftest import CONFIG_DIR, REPO, TINY_ARCH  # noqa: F401
 # configs owned by other parts of the project
 FOREIGN_CONFIG_DIRS = ("toy", "detectron2", "_base_")
 
-TINY_ARCH = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1),
-                 sr_ratios=(8, 4, 2, 1))
 
 
 def shipped_configs(family: str = "") -> List[Path]:

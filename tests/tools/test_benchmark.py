@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-TOOLS = Path(__file__).resolve().parents[1] / "tools"
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 sys.path.insert(0, str(TOOLS))
 
 import benchmark  # noqa: E402

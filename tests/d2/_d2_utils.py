@@ -7,18 +7,19 @@ from typing import List, Sequence
 import pytest
 import torch
 
-pytest.importorskip("detectron2")
+import detectron2  # noqa: F401,E402  (installed by tools/setup_env.sh)
 
 from detectron2.structures import BitMasks, Boxes, Instances  # noqa: E402
 
 from rest_dense.d2.engine import setup_yaml_config  # noqa: E402
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import REPO as _REPO, TINY_ARCH as _TINY  # noqa: E402
+
+REPO = str(_REPO)
 D2_CONFIGS = os.path.join(REPO, "configs", "detectron2")
 LAZY_CONFIG = os.path.join(D2_CONFIGS, "lazy", "mask_rcnn_restv2_tiny_3x.py")
 
-TINY_ARCH = dict(embed_dims=[16, 32, 64, 128], num_heads=[1, 2, 4, 8], depths=[1, 1, 1, 1],
-                 sr_ratios=[8, 4, 2, 1])
+TINY_ARCH = {k: list(v) for k, v in _TINY.items()}
 
 
 def config_path(name: str) -> str:
@@ -80,12 +81,3 @@ def make_inputs(n: int = 2, h: int = 128, w: int = 160, with_targets: bool = Tru
             d["instances"] = inst
         out.append(d)
     return out
-
-
-@pytest.fixture
-def one_thread():
-    """Run on one CPU thread: on a shared 2-core machine, two threads are several times slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)

@@ -1,0 +1,69 @@
+"""The ``rest-dense`` command: one entry point over the package's jobs.
+
+Each subcommand lives in :mod:`rest_dense.commands` as a module with ``HELP`` (one line),
+``add_arguments(parser)`` and ``run(args) -> int``; this module only dispatches, and
+imports a subcommand's module (and its framework) only when that subcommand runs.
+The scripts in ``tools/`` call :func:`main` with their subcommand's name.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional, Sequence
+
+from .version import __version__
+
+__all__ = ["main", "build_parser", "SUBCOMMANDS"]
+
+#: subcommand -> module of rest_dense.commands (help text is read from the module)
+SUBCOMMANDS = {
+    "configs": "configs",
+    "demo": "demo",
+    "train": "train",
+    "test": "test",
+    "flops": "flops",
+    "bench": "bench",
+    "convert": "convert",
+    "export": "export",
+}
+
+
+def _command_module(name: str):
+    return importlib.import_module(f"rest_dense.commands.{SUBCOMMANDS[name]}")
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The argument parser; with ``only``, just that subcommand's modules are imported."""
+    parser = argparse.ArgumentParser(
+        prog="rest-dense",
+        description="ResT / ResTv2 backbones for dense prediction: configs, training, testing, "
+                    "FLOPs, benchmarks, checkpoint conversion and export.")
+    parser.add_argument("--version", action="version", version=f"rest_dense {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        if only is not None and name != only:
+            sub.add_parser(name, help="(see `rest-dense %s --help`)" % name, add_help=False)
+            continue
+        module = _command_module(name)
+        p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run ``rest-dense`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    argv: List[str] = list(sys.argv[1:] if argv is None else argv)
+    first = next((a for a in argv if not a.startswith("-")), None)
+    only = first if first in SUBCOMMANDS else None
+    parser = build_parser(only)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return int(_command_module(args.command).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

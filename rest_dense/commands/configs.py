@@ -1,0 +1,40 @@
+"""List the configs shipped with rest_dense, or print the path of one.
+
+Examples::
+
+    rest-dense configs                       # every config, with its framework
+    rest-dense configs 'mask_rcnn/*'         # a shell-style filter
+    rest-dense configs --framework mmseg
+    rest-dense configs --path upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py
+"""
+from __future__ import annotations
+
+import argparse
+
+HELP = "list the shipped configs (or print one's path)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pattern", nargs="?", default="*",
+                        help="shell-style filter on the config name (default: all)")
+    parser.add_argument("--framework", choices=["mmdet", "mmseg", "detectron2"],
+                        help="only configs of this framework")
+    parser.add_argument("--path", metavar="NAME", help="print the absolute path of one config")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..configs import config_framework, configs_root, get_config_path, list_configs
+
+    if args.path:
+        print(get_config_path(args.path))
+        return 0
+    names = list_configs(args.pattern, args.framework)
+    if not names:
+        print(f"no shipped config matches {args.pattern!r}"
+              + (f" for {args.framework}" if args.framework else ""))
+        return 1
+    width = max(len(n) for n in names)
+    for name in names:
+        print(f"{name:<{width}}  {config_framework(name)}")
+    print(f"({len(names)} configs in {configs_root()})")
+    return 0

@@ -1,0 +1,54 @@
+"""Fixtures and constants shared by the whole test suite.
+
+Test modules import the constants with ``from conftest import ...`` (pytest puts this
+folder on ``sys.path``); fixtures are found by name.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+#: the repository root and the read-only ``shared/`` folder beside it
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+FIXTURES = SHARED / "fixtures"
+CONFIG_DIR = REPO / "configs"
+
+#: a tiny ResTv2/ResTv1 arch (one block per stage) for fast CPU tests
+TINY_ARCH = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1),
+                 sr_ratios=(8, 4, 2, 1))
+
+
+def fixture_path(name: str) -> Path:
+    """A file of ``shared/fixtures``; fails the test (never skips) when it is missing."""
+    path = FIXTURES / name
+    if not path.is_file():
+        pytest.fail(f"fixture {path} is missing (../shared must sit beside the repository)")
+    return path
+
+
+@pytest.fixture
+def tiny_arch() -> dict:
+    """A fresh copy of :data:`TINY_ARCH`."""
+    return {k: tuple(v) for k, v in TINY_ARCH.items()}
+
+
+@pytest.fixture
+def one_thread():
+    """Run on one CPU thread: on a shared 2-core machine, two threads are several times slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def subprocess_env() -> dict:
+    """Environment for child interpreters: the repository importable, one thread each."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    return env
