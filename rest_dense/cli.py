@@ -26,6 +26,8 @@ SUBCOMMANDS = {
     "bench": "bench",
     "convert": "convert",
     "export": "export",
+    "infer": "infer",
+    "export-model": "export_model",
 }
 
 
