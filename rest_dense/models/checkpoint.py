@@ -3,20 +3,35 @@
 Handles ``{"model": ...}`` / ``{"state_dict": ...}`` wrapping, ``module.``,
 ``backbone.`` and ``backbone.bottom_up.`` prefixes, detectron2's ``norm_i.0.``
 spelling of the output norms, and drops the ImageNet classifier head.
+
+The loader never loads the wrong weights silently:
+
+* a file is identified by its first bytes before it is read, so an empty, text, JSON,
+  HTML, Git LFS pointer, truncated or misnamed file gives a :class:`CheckpointFormatError`
+  that says what the file is;
+* a checkpoint of another variant (other widths, other depths, other family) raises
+  :class:`CheckpointMismatchError` naming the model's variant and the checkpoint's,
+  which is inferred from the checkpoint's shapes and matched against the registry;
+* NaN/inf values, negative BatchNorm variances and integer tensors for floating-point
+  parameters raise :class:`CheckpointValueError` naming the tensors.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import zipfile
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["load_checkpoint", "read_state_dict", "normalize_state_dict", "rename_d2_norm_keys",
-           "matching_keys", "LoadReport", "CheckpointMismatchError"]
+           "matching_keys", "checkpoint_file_kind", "infer_arch", "describe_model", "LoadReport",
+           "ArchGuess", "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError",
+           "CheckpointValueError"]
 
 logger = logging.getLogger("rest_dense")
 
@@ -25,24 +40,54 @@ _BACKBONE_PREFIXES = ("backbone.bottom_up.", "backbone.")
 _HEAD_PREFIXES = ("head.",)
 # detectron2's released spelling of the output norms, at the start or after a prefix
 _D2_NORM = re.compile(r"(^|\.)norm_(\d)\.0\.")
+_BLOCK_KEY = re.compile(r"^stage([1-4])\.(\d+)\.")
 # below this fraction of the model's entries found in the checkpoint we refuse to load
 MIN_MATCHED_FRACTION = 0.5
 
+PathOrStateDict = Union[str, os.PathLike, Mapping]
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model (shapes differ or almost nothing matches)."""
+
+class CheckpointError(ValueError):
+    """Base class: a checkpoint cannot be loaded into a model."""
+
+
+class CheckpointFormatError(CheckpointError):
+    """The file (or object) is not a readable checkpoint; the message says what it is."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint does not fit the model: another variant, shapes differ, weights
+    missing or unused. The message names the model's variant and the checkpoint's."""
+
+
+class CheckpointValueError(CheckpointError):
+    """Tensors that would be loaded hold NaN/inf, negative BatchNorm variances, or an
+    integer dtype where the model has a floating-point tensor; the message names them."""
 
 
 @dataclass
 class LoadReport:
-    """What :func:`load_checkpoint` did."""
+    """What :func:`load_checkpoint` did.
+
+    Args:
+        missing_keys: model entries absent from the checkpoint (they keep their
+            initialisation).
+        unexpected_keys: backbone entries of the checkpoint the model does not use
+            (e.g. the classifier's final ``norm`` of a ResTv2 ImageNet checkpoint).
+        dropped_keys: entries outside the backbone (classifier head, necks, heads).
+        loaded_keys: model entries loaded from the checkpoint.
+        checkpoint_arch: the checkpoint's variant as inferred from its shapes, e.g.
+            ``'restv2_tiny'`` or a description of an unregistered architecture.
+    """
 
     missing_keys: List[str] = field(default_factory=list)
     unexpected_keys: List[str] = field(default_factory=list)
     dropped_keys: List[str] = field(default_factory=list)
     loaded_keys: List[str] = field(default_factory=list)
+    checkpoint_arch: str = ""
 
     def summary(self) -> str:
+        """One line: counts and (shortened) names of missing / unused entries."""
         parts = [f"loaded {len(self.loaded_keys)} tensors"]
         if self.missing_keys:
             parts.append(f"missing in checkpoint ({len(self.missing_keys)}): {_short(self.missing_keys)}")
@@ -54,30 +99,187 @@ class LoadReport:
         return "; ".join(parts)
 
 
-def _short(keys: List[str], n: int = 12) -> str:
+def _short(keys: Sequence[str], n: int = 12) -> str:
+    keys = list(keys)
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
-def read_state_dict(source: Union[str, os.PathLike, Mapping], weights_only: bool = True,
-                    map_location="cpu") -> Dict[str, Tensor]:
-    """Read a checkpoint file (or take a mapping) and unwrap ``model`` / ``state_dict``."""
-    if isinstance(source, (str, os.PathLike)):
-        path = os.fspath(source)
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
+# ------------------------------------------------------------------ reading files
+_ZIP_MAGIC = b"PK\x03\x04"
+_EMPTY_ZIP_MAGIC = b"PK\x05\x06"
+_ZIP_END = b"PK\x05\x06"
+# torch.save's legacy (non-zip) format: pickle protocol 2, then this magic number as a long
+_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
+_SNIFF_BYTES = 4096
 
-            ckpt = load_file(path, device=str(map_location))
-        else:
-            ckpt = torch.load(path, map_location=map_location, weights_only=weights_only)
-    else:
+_KIND_TEXT = {
+    "torch-zip": "a torch.save checkpoint (zip archive)",
+    "torch-legacy": "a torch.save checkpoint (legacy, non-zip format)",
+    "pickle": "a plain Python pickle (not written by torch.save)",
+    "safetensors": "a safetensors file",
+    "empty": "an empty file (0 bytes)",
+    "truncated-zip": "a truncated or damaged zip archive (no end-of-archive record)",
+    "zip": "a zip archive that is not a torch.save checkpoint (e.g. a numpy .npz)",
+    "truncated-safetensors": "a truncated safetensors file (shorter than its own header)",
+    "json": "a JSON file",
+    "html": "an HTML page (a failed download?)",
+    "git-lfs-pointer": "a Git LFS pointer file (the weights themselves were never downloaded; "
+                       "run `git lfs pull`)",
+    "text": "a text file",
+    "gzip": "a gzip-compressed file (decompress it first)",
+    "unknown": "not a checkpoint format rest_dense knows",
+}
+
+
+def checkpoint_file_kind(path: Union[str, os.PathLike]) -> str:
+    """What a file is, judged from its first bytes (its name plays no part).
+
+    Args:
+        path: an existing file.
+
+    Returns:
+        One of ``'torch-zip'``, ``'torch-legacy'``, ``'pickle'``, ``'safetensors'`` (the
+        readable kinds) or ``'empty'``, ``'truncated-zip'``, ``'zip'``,
+        ``'truncated-safetensors'``, ``'json'``, ``'html'``, ``'git-lfs-pointer'``,
+        ``'text'``, ``'gzip'``, ``'unknown'``.
+    """
+    path = os.fspath(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+        if size == 0:
+            return "empty"
+        # safetensors: 8-byte little-endian header length, then a JSON object
+        if len(head) >= 9 and head[8:9] == b"{":
+            n = int.from_bytes(head[:8], "little")
+            if 2 <= n < 1 << 40:
+                return "safetensors" if 8 + n <= size else "truncated-safetensors"
+        if head.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)):
+            f.seek(max(0, size - (1 << 16) - 22))
+            if _ZIP_END not in f.read():
+                return "truncated-zip"
+            try:
+                with zipfile.ZipFile(path) as z:
+                    names = z.namelist()
+            except (zipfile.BadZipFile, OSError):
+                return "truncated-zip"
+            return "torch-zip" if any(n.endswith("data.pkl") for n in names) else "zip"
+    if head.startswith(_LEGACY_TORCH_MAGIC):
+        return "torch-legacy"
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return "pickle"
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        # a multi-byte character cut by the sniff window is still text
+        if e.start < len(head) - 4:
+            return "unknown"
+        text = head[:e.start].decode("utf-8")
+    if any(c in text for c in "\x00\x01\x02\x03\x04\x05\x06\x07\x0e\x0f"):
+        return "unknown"
+    stripped = text.lstrip("\ufeff \t\r\n")
+    if stripped.startswith("version https://git-lfs"):
+        return "git-lfs-pointer"
+    low = stripped[:512].lower()
+    if low.startswith(("<!doctype html", "<html")) or "<html" in low:
+        return "html"
+    if stripped[:1] in ("{", "["):
+        return "json"
+    return "text"
+
+
+def _describe_file(path: str, kind: str) -> str:
+    detail = _KIND_TEXT[kind]
+    if kind in ("text", "json", "html"):
+        with open(path, "rb") as f:
+            start = f.read(60).decode("utf-8", "replace").strip().replace("\n", " ")
+        detail += f" starting {start!r}"
+    elif kind == "unknown":
+        with open(path, "rb") as f:
+            detail += f" (first bytes {f.read(8).hex(' ')})"
+    return f"{path!r} ({os.path.getsize(path)} bytes) is {detail}"
+
+
+def _load_file(path: str, weights_only: bool, map_location) -> object:
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, f"checkpoint file not found: {path!r}", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, f"checkpoint {path!r} is a directory, not a file", path)
+    kind = checkpoint_file_kind(path)
+    named_st = path.lower().endswith(".safetensors")
+    if kind == "safetensors":
+        if not named_st:
+            raise CheckpointFormatError(
+                f"{_describe_file(path, kind)} but its name does not end in '.safetensors'; "
+                "rename it so that it is read as safetensors")
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=str(map_location))
+        except SafetensorError as e:
+            raise CheckpointFormatError(
+                f"{_describe_file(path, kind)} that cannot be read (damaged or truncated?): {e}") from e
+    if named_st:
+        raise CheckpointFormatError(f"{_describe_file(path, kind)}, although it is named .safetensors")
+    if kind == "pickle":
+        raise CheckpointFormatError(
+            f"{_describe_file(path, kind)}; torch.load cannot read it. (Detectron2 model-zoo "
+            ".pkl files load through rest_dense.d2's RestDetectionCheckpointer.)")
+    if kind not in ("torch-zip", "torch-legacy"):
+        raise CheckpointFormatError(f"{_describe_file(path, kind)}, not a checkpoint")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as e:
+        if type(e).__name__ == "UnpicklingError" and "eights only" in str(e):
+            raise  # torch's own refusal under weights_only=True: its message says what to do
+        raise CheckpointFormatError(
+            f"{_describe_file(path, kind)} that torch.load cannot read (damaged or truncated?): "
+            f"{type(e).__name__}: {e}") from e
+
+
+def read_state_dict(source: PathOrStateDict, weights_only: bool = True,
+                    map_location="cpu") -> Dict[str, Tensor]:
+    """Read a checkpoint file (or take a mapping) and unwrap ``model`` / ``state_dict``.
+
+    Args:
+        source: a file (``torch.save`` output of any extension, or ``.safetensors``) or
+            an already loaded mapping.
+        weights_only: passed to ``torch.load``; keep True for downloaded files.
+        map_location: device for the loaded tensors.
+
+    Returns:
+        The tensors of the (unwrapped) state dict, keys unchanged.
+
+    Raises:
+        FileNotFoundError: ``source`` names no file.
+        CheckpointFormatError: the file is not a checkpoint (empty, text, JSON, HTML,
+            truncated, safetensors under another extension, ...), or it holds no tensors.
+        pickle.UnpicklingError: ``weights_only=True`` and the file holds other objects.
+    """
+    label = "checkpoint"
+    if isinstance(source, (str, os.PathLike)):
+        path = os.path.expanduser(os.fspath(source))
+        label = f"checkpoint {path!r}"
+        ckpt = _load_file(path, weights_only, map_location)
+    elif isinstance(source, Mapping):
         ckpt = source
+    else:
+        raise TypeError(f"a checkpoint must be a file path or a state dict (mapping), got "
+                        f"{type(source).__name__}")
     if not isinstance(ckpt, Mapping):
-        raise CheckpointMismatchError(f"checkpoint is a {type(ckpt).__name__}, not a state dict")
+        raise CheckpointFormatError(f"{label} holds a {type(ckpt).__name__}, not a state dict")
     for key in ("state_dict", "model"):
         if key in ckpt and isinstance(ckpt[key], Mapping):
             ckpt = ckpt[key]
             break
-    return {k: v for k, v in ckpt.items() if isinstance(v, Tensor)}
+    tensors = {k: v for k, v in ckpt.items() if isinstance(k, str) and isinstance(v, Tensor)}
+    if not tensors:
+        raise CheckpointFormatError(
+            f"{label} holds no tensors (top-level entries: {_short([str(k) for k in ckpt], 8) or 'none'})")
+    return tensors
 
 
 def rename_d2_norm_keys(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
@@ -115,11 +317,191 @@ def normalize_state_dict(state_dict: Mapping[str, Tensor]):
     return rename_d2_norm_keys(out), dropped
 
 
-def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mapping],
+# ------------------------------------------------------------------ naming architectures
+@dataclass(frozen=True)
+class ArchGuess:
+    """A ResT architecture read off tensor shapes (:func:`infer_arch`).
+
+    Args:
+        family: ``'restv2'``, ``'restv1'`` or ``None`` (no ResT stem/patch keys).
+        embed_dims: channels per stage (``None`` where unknown).
+        depths: blocks per stage (0 where the checkpoint has none).
+        sr_ratios: key/value reduction per stage (``None`` where unknown).
+        name: the registered variant with these shapes, or ``None``.
+        cwin: whether the checkpoint holds ``cwin_convs`` (trained in ``'cwin'`` mode).
+    """
+
+    family: Optional[str]
+    embed_dims: Tuple[Optional[int], ...]
+    depths: Tuple[int, ...]
+    sr_ratios: Tuple[Optional[int], ...]
+    name: Optional[str] = None
+    cwin: bool = False
+
+    def __str__(self) -> str:
+        if self.family is None:
+            return "no ResT backbone"
+        shapes = f"embed_dims {_fmt(self.embed_dims)}, depths {_fmt(self.depths)}"
+        extra = ", with cwin_convs" if self.cwin else ""
+        if self.name:
+            return f"{self.name} ({shapes}{extra})"
+        family = "ResTv2" if self.family == "restv2" else "ResTv1"
+        return f"an unregistered {family} ({shapes}, sr_ratios {_fmt(self.sr_ratios)}{extra})"
+
+
+def _fmt(values: Sequence) -> str:
+    return "(" + ", ".join("?" if v is None else str(v) for v in values) + ")"
+
+
+def _first_dim(sd: Mapping[str, Tensor], *keys: str) -> Optional[int]:
+    for k in keys:
+        t = sd.get(k)
+        if isinstance(t, Tensor) and t.dim() >= 1:
+            return int(t.shape[0])
+    return None
+
+
+def infer_arch(state_dict: Mapping[str, Tensor]) -> ArchGuess:
+    """Read a backbone state dict's architecture off its keys and shapes and name it.
+
+    Args:
+        state_dict: backbone entries in the core's names (see :func:`normalize_state_dict`).
+
+    Returns:
+        :class:`ArchGuess`; ``name`` is the registered variant (``list_models()``) whose
+        family, ``embed_dims``, ``depths`` and ``sr_ratios`` equal the checkpoint's, if any.
+    """
+    if any(k.startswith(("stem.proj.", "patch_2.", "patch_3.", "patch_4.")) for k in state_dict):
+        family = "restv2"
+    elif any(k.startswith(("stem.conv1.", "patch_embed_")) for k in state_dict):
+        family = "restv1"
+    else:
+        return ArchGuess(None, (None,) * 4, (0,) * 4, (None,) * 4)
+    depths = [0] * 4
+    for k in state_dict:
+        m = _BLOCK_KEY.match(k)
+        if m:
+            i = int(m.group(1)) - 1
+            depths[i] = max(depths[i], int(m.group(2)) + 1)
+    dims: List[Optional[int]] = []
+    srs: List[Optional[int]] = []
+    for s in range(1, 5):
+        if family == "restv2":
+            patch = ("stem.proj.6.weight",) if s == 1 else (f"patch_{s}.proj.weight",)
+        else:
+            patch = ("stem.conv3.weight",) if s == 1 else (f"patch_embed_{s}.conv.weight",)
+        dims.append(_first_dim(state_dict, f"stage{s}.0.norm1.weight", f"stage{s}.0.attn.q.weight",
+                               *patch))
+        sr = state_dict.get(f"stage{s}.0.attn.sr.weight")
+        if isinstance(sr, Tensor) and sr.dim() == 4:
+            srs.append(int(sr.shape[-1]) - 1)
+        else:
+            srs.append(1 if depths[s - 1] else None)
+    cwin = any(k.startswith("cwin_convs.") for k in state_dict)
+    guess = ArchGuess(family, tuple(dims), tuple(depths), tuple(srs), None, cwin)
+    from .registry import get_model_entry, list_models
+
+    for name in list_models(family=family):
+        spec = get_model_entry(name).arch_spec
+        if (tuple(spec["embed_dims"]) == guess.embed_dims and tuple(spec["depths"]) == guess.depths
+                and tuple(spec["sr_ratios"]) == guess.sr_ratios):
+            return ArchGuess(family, guess.embed_dims, guess.depths, guess.sr_ratios, name, cwin)
+    return guess
+
+
+def _model_arch(model: nn.Module) -> ArchGuess:
+    guess = infer_arch(model.state_dict())
+    spec = getattr(model, "arch", None)
+    if not isinstance(spec, Mapping) or guess.family is None:
+        return guess
+    from .registry import get_model_entry, list_models
+
+    dims, depths, srs = (tuple(spec[k]) for k in ("embed_dims", "depths", "sr_ratios"))
+    name = None
+    for n in list_models(family=guess.family):
+        entry = get_model_entry(n)
+        if isinstance(model, entry.cls) and all(
+                _same_value(spec.get(k), v) for k, v in entry.arch_spec.items()):
+            name = n
+            break
+    return ArchGuess(guess.family, dims, depths, srs, name, guess.cwin)
+
+
+def _same_value(a, b) -> bool:
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        return tuple(a) == tuple(b)
+    return a == b
+
+
+def _same_arch(a: ArchGuess, b: ArchGuess) -> bool:
+    return (a.family, a.embed_dims, a.depths, a.sr_ratios) == (b.family, b.embed_dims, b.depths,
+                                                               b.sr_ratios)
+
+
+def describe_model(model: nn.Module) -> str:
+    """The model's registered variant name (with its shapes), or a description of its arch.
+
+    Uses the model's ``arch`` dict where it has one (:class:`ResTv2` / :class:`ResTv1` and
+    the framework adapters), else infers it from the model's own tensor shapes.
+
+    Args:
+        model: a ResT backbone (or any module with the same parameter names).
+
+    Returns:
+        e.g. ``"restv2_tiny (embed_dims (96, 192, 384, 768), depths (1, 2, 6, 2))"``, with
+        ``" in attn_mode 'win'"`` appended for a windowed model.
+    """
+    text = str(_model_arch(model))
+    mode = getattr(model, "attn_mode", None)
+    if isinstance(mode, str) and mode != "global":
+        text += f" in attn_mode {mode!r}"
+    return text
+
+
+# ------------------------------------------------------------------ loading
+def _value_problems(sd: Mapping[str, Tensor], own: Mapping[str, Tensor],
+                    keys: Sequence[str]) -> List[str]:
+    bad_dtype, no_data, nonfinite, negative_var = [], [], [], []
+    for k in keys:
+        t, o = sd[k], own[k]
+        if t.is_meta:
+            no_data.append(k)
+            continue
+        if o.is_floating_point() and not t.is_floating_point():
+            bad_dtype.append(f"{k} ({str(t.dtype)[6:]}, model {str(o.dtype)[6:]})")
+            continue
+        if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            what = ", ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} inf" if n_inf else "") if s)
+            nonfinite.append(f"{k} ({what})")
+        elif k.endswith("running_var") and t.numel() and bool((t < 0).any()):
+            negative_var.append(k)
+    out = []
+    if no_data:
+        out.append(f"{len(no_data)} tensors have no data (meta device): {_short(no_data, 8)}")
+    if bad_dtype:
+        out.append(f"{len(bad_dtype)} tensors have an integer/bool dtype where the model has "
+                   f"floating point: {_short(bad_dtype, 8)}")
+    if nonfinite:
+        out.append(f"{len(nonfinite)} tensors hold non-finite values (NaN/inf): {_short(nonfinite, 8)}")
+    if negative_var:
+        out.append(f"{len(negative_var)} BatchNorm running_var tensors hold negative values: "
+                   f"{_short(negative_var, 8)}")
+    return out
+
+
+def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
                     strict: bool = False, weights_only: bool = True, map_location="cpu",
                     allow_partial: bool = False,
                     log: Optional[logging.Logger] = logger) -> LoadReport:
     """Load a released or converted ResT checkpoint into ``model``.
+
+    Only what a released checkpoint legitimately lacks or carries in addition is
+    tolerated: the model's dense-only layers (``model.dense_only_prefixes``: output
+    norms, ``cwin_convs``) may be missing, and classifier-only entries (``head.*``, the
+    ResTv2 final ``norm.*``, output norms of stages the model does not emit:
+    ``model.unused_checkpoint_prefixes``) may be unused. Anything else that does not
+    fit — another variant's checkpoint, even one holding every key of the model — raises.
 
     Args:
         model: a :class:`ResTv2` / :class:`ResTv1` (or any module with the same names).
@@ -128,8 +510,9 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
         strict: raise if any key is missing or unused.
         weights_only: passed to ``torch.load``; keep True for downloaded files.
         map_location: device for loading.
-        allow_partial: accept checkpoints that lack some backbone weights (they keep
-            their initialisation); by default only the dense-only layers may be missing.
+        allow_partial: load the matching part of a checkpoint that lacks backbone weights
+            (they keep their initialisation) or holds backbone weights the model does not
+            use (e.g. a deeper variant's). Shape mismatches are never allowed.
         log: logger for the report (default: ``logging.getLogger("rest_dense")``);
             ``None`` loads silently (the caller reports from the returned value).
 
@@ -137,41 +520,68 @@ def load_checkpoint(model: nn.Module, checkpoint: Union[str, os.PathLike, Mappin
         :class:`LoadReport` with missing, unexpected, dropped and loaded keys.
 
     Raises:
-        CheckpointMismatchError: on any shape mismatch, when fewer than half of the
-            model's entries are found, when backbone weights other than the dense-only
-            layers are missing (unless ``allow_partial``), or (``strict``) on any
-            missing/unused key.
+        FileNotFoundError: the file does not exist.
+        CheckpointFormatError: the file is not a checkpoint; the message says what it is.
+        CheckpointMismatchError: any shape mismatch, fewer than half of the model's entries
+            found, backbone weights missing or unused (unless ``allow_partial``), or
+            (``strict``) any missing/unused key. The message names the model's variant
+            and the checkpoint's (inferred from its shapes).
+        CheckpointValueError: NaN/inf, negative BatchNorm variances or integer tensors for
+            floating-point entries, among the tensors to load.
     """
+    src = (f"checkpoint {os.fspath(checkpoint)!r}" if isinstance(checkpoint, (str, os.PathLike))
+           else "checkpoint")
     sd, dropped = normalize_state_dict(read_state_dict(checkpoint, weights_only, map_location))
     own = model.state_dict()
 
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and own[k].shape != v.shape]
-    if mismatched:
-        raise CheckpointMismatchError(
-            f"checkpoint does not match {type(model).__name__} (wrong variant?): "
-            f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:5])}")
-
-    matched = [k for k in own if k in sd]
+    matched = [k for k in own if k in sd and own[k].shape == sd[k].shape]
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    if len(matched) < MIN_MATCHED_FRACTION * len(own):
-        raise CheckpointMismatchError(
-            f"checkpoint does not fit {type(model).__name__}: only {len(matched)} of its {len(own)} "
-            f"entries found (e.g. missing {_short(missing, 5)}; checkpoint has {_short(unexpected, 5)})")
-    report = LoadReport(missing, unexpected, dropped, matched)
-    if strict and (missing or unexpected):
-        raise CheckpointMismatchError(f"strict loading failed: {report.summary()}")
     # only the dense-prediction additions (output norms, cross-window convs) may be absent:
     # released classification checkpoints lack them, everything else must be there
     optional = tuple(getattr(model, "dense_only_prefixes", ()))
-    required_missing = [k for k in missing if not k.startswith(optional)]
-    if required_missing and not allow_partial:
-        raise CheckpointMismatchError(
-            f"checkpoint lacks {len(required_missing)} weights of {type(model).__name__}: "
-            f"{_short(required_missing, 8)} (unused from checkpoint: {_short(unexpected, 5)}); "
-            f"pass allow_partial=True to load it anyway")
+    required_missing = [k for k in missing if not k.startswith(optional)] if optional else missing
+    ignorable = tuple(getattr(model, "unused_checkpoint_prefixes", ()))
+    unused = [k for k in unexpected if not k.startswith(ignorable)] if ignorable else unexpected
+    ckpt_arch = infer_arch(sd)
 
+    problems: List[str] = []  # never allowed
+    partial: List[str] = []  # allowed with allow_partial=True
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:5])}")
+    if len(matched) < MIN_MATCHED_FRACTION * len(own):
+        problems.append(f"only {len(matched)} of the model's {len(own)} entries found "
+                        f"(e.g. missing {_short(missing, 5)}; checkpoint has {_short(unexpected, 5)})")
+    if strict and (missing or unexpected):
+        problems.append(f"strict loading failed: {len(missing)} missing "
+                        f"({_short(missing, 8)}), {len(unexpected)} unused ({_short(unexpected, 8)})")
+    elif not allow_partial:
+        if required_missing:
+            partial.append(f"checkpoint lacks {len(required_missing)} weights of "
+                           f"{type(model).__name__}: {_short(required_missing, 8)}")
+        if unused:
+            hint = (" (it was trained with attn_mode='cwin')" if ckpt_arch.cwin
+                    and getattr(model, "attn_mode", None) != "cwin" else "")
+            partial.append(f"{len(unused)} backbone weights of the checkpoint are not used by "
+                           f"the model{hint}: {_short(unused, 8)}")
+    if problems or partial:
+        model_arch = _model_arch(model)
+        model_desc = describe_model(model)
+        if _same_arch(ckpt_arch, model_arch):
+            head = f"{src} does not fit the model, although both look like {model_desc}"
+        else:
+            head = f"{src} holds {ckpt_arch}, but the model is {model_desc} (wrong variant?)"
+        tail = "" if problems else "; pass allow_partial=True to load the matching part anyway"
+        raise CheckpointMismatchError(f"{head}: {'; '.join(problems + partial)}{tail}")
+
+    bad_values = _value_problems(sd, own, matched)
+    if bad_values:
+        raise CheckpointValueError(f"{src} cannot be loaded into {describe_model(model)}: "
+                                   f"{'; '.join(bad_values)}")
+
+    report = LoadReport(missing, unexpected, dropped, matched, str(ckpt_arch))
     model.load_state_dict({k: sd[k] for k in matched}, strict=False)
     if log is None:
         return report

@@ -164,6 +164,8 @@ class ResTv1(ResTBase):
     ARCHS = RESTV1_ARCHS
     #: in-stream norms of the detection layout (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm1.", "norm2.", "norm3.")
+    #: checkpoint entries the model may leave unused (none: the final norm is stage 4's)
+    unused_checkpoint_prefixes: Tuple[str, ...] = ()
 
     def reset_parameters(self) -> None:
         trunc_normal_init(self)

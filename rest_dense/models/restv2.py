@@ -199,6 +199,9 @@ class ResTv2(ResTBase):
     ARCHS = RESTV2_ARCHS
     #: layers that only the dense model has (absent from ImageNet checkpoints)
     dense_only_prefixes = ("norm_", "cwin_convs.")
+    #: checkpoint entries the model may leave unused: the classifier's final norm of the
+    #: ImageNet checkpoints, output norms of stages that out_indices does not emit
+    unused_checkpoint_prefixes = ("norm.", "norm_")
 
     def reset_parameters(self) -> None:
         """Released-code initialisation; cross-window convs start at zero so that a
