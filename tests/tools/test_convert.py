@@ -1,62 +1,64 @@
-"""Checkpoint conversion between the released, MMDetection/MMSegmentation and detectron2 layouts."""
+"""Checkpoint conversion (rest_dense.convert, ``rest-dense convert``) between the released,
+MMDetection/MMSegmentation, detectron2 and core layouts."""
 import hashlib
 import json
-import math
 import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FIXTURES, REPO  # noqa: E402
+from conftest import fixture_path
 
-TOOLS = REPO / "tools"
-sys.path.insert(0, str(TOOLS))
-
-import convert_checkpoint as cc  # noqa: E402
-import export_onnx as ex  # noqa: E402
-import get_flops as gf  # noqa: E402
-
-from rest_dense.models import CheckpointMismatchError, ResTv2, read_state_dict  # noqa: E402
-
-TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
-            sr_ratios=(8, 4, 2, 1))
+from rest_dense.cli import main
+from rest_dense.commands.convert import LAYOUT_CHOICES
+from rest_dense.convert import LAYOUTS, convert_checkpoint, infer_model_name
+from rest_dense.models import CheckpointMismatchError, canonical_name, create_model, read_state_dict
 
 
-# --------------------------------------------------------------------------- converter
 @pytest.fixture(scope="module")
 def imagenet_ckpt(tmp_path_factory):
     """A released-layout ImageNet checkpoint of ResTv2-T (random fp16 values; every key and
     shape of the authors' file, head and final norm included)."""
-    keys = FIXTURES / "official_imagenet_checkpoint_keys.json"
-    if not keys.exists():
-        pytest.fail(f"fixture {keys} is missing (../shared must sit beside the repo)")
-    shapes = json.loads(keys.read_text())["restv2_tiny"]
+    shapes = json.loads(fixture_path("official_imagenet_checkpoint_keys.json").read_text())
     gen = torch.Generator().manual_seed(0)
-    sd = {k: torch.tensor(3) if k.endswith("num_batches_tracked")
-          else torch.randn(s, generator=gen).half() for k, s in shapes.items()}
+    sd = {k: torch.randn(s, generator=gen).half() for k, s in shapes["restv2_tiny"].items()}
+    for k in sd:
+        if k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(3)
+        elif k.endswith("running_var"):
+            sd[k] = sd[k].abs() + 0.5
     path = tmp_path_factory.mktemp("ckpt") / "restv2_tiny_224.pth"
     torch.save({"model": sd}, path)
     return path, sd
 
 
-def _run_main(module, argv, capsys):
-    assert module.main([str(a) for a in argv]) == 0
-    return capsys.readouterr().out
+def _released_shapes(name):
+    """Empty tensors with every key and shape of a released ImageNet checkpoint."""
+    shapes = json.loads(fixture_path("official_imagenet_checkpoint_keys.json").read_text())
+    return {k: torch.empty(s) for k, s in shapes[name].items()}
 
 
-def test_convert_round_trip_imagenet_mmdet_d2_core(imagenet_ckpt, tmp_path, capsys):
+def _cli(argv, capsys):
+    rc = main(["convert", *map(str, argv)])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _leftovers(folder):
+    """Hidden temporary files a conversion might have left."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def test_cli_round_trip_imagenet_mmdet_d2_core(imagenet_ckpt, tmp_path, capsys):
     src, sd = imagenet_ckpt
     mm, d2, core = tmp_path / "mm.pth", tmp_path / "d2.safetensors", tmp_path / "core.pth"
-    out = _run_main(cc, [src, mm, "--to", "mmdet"], capsys)
-    assert "arch: restv2_tiny" in out
+    rc, out, _ = _cli([src, mm, "--to", "mmdet"], capsys)
+    assert rc == 0
+    assert "model: restv2_tiny" in out and "270 tensors written" in out
+    assert "head.weight" in out and "norm_1.weight" in out  # dropped / dense-only listed
     assert f"sha256: {hashlib.sha256(mm.read_bytes()).hexdigest()}" in out
-    _run_main(cc, [mm, d2, "--to", "d2"], capsys)
-    _run_main(cc, [d2, core, "--to", "core"], capsys)
+    assert _cli([mm, d2, "--to", "d2"], capsys)[0] == 0
+    assert _cli([d2, core, "--to", "core"], capsys)[0] == 0
 
     expected = {k: v for k, v in sd.items() if not k.startswith(("head.", "norm."))}
     mm_sd = torch.load(mm, weights_only=True)
@@ -70,60 +72,108 @@ def test_convert_round_trip_imagenet_mmdet_d2_core(imagenet_ckpt, tmp_path, caps
     for k, v in expected.items():
         for got in (mm_sd["backbone." + k], d2_sd["backbone.bottom_up." + k], core_sd[k]):
             assert got.dtype == v.dtype and torch.equal(got, v), k
+    assert not _leftovers(tmp_path)
 
 
-def test_convert_dense_checkpoint_uses_released_d2_norm_spelling(tmp_path):
-    model = ResTv2("tiny")
+def test_dense_cwin_checkpoint_uses_released_d2_norm_spelling(tmp_path):
+    model = create_model("restv2_tiny", attn_mode="cwin")
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     d2 = tmp_path / "d2.pth"
-    res = cc.convert(dense, str(d2), "d2")
-    assert res.arch == "restv2_tiny" and not res.missing_dense_only
+    res = convert_checkpoint(dense, d2, to="d2")
+    assert (res.model, res.attn_mode, res.layout) == ("restv2_tiny", "cwin", "d2")
+    assert res.num_tensors == len(dense) and not res.missing_dense_only and not res.dropped
+    assert res.sha256 == hashlib.sha256(d2.read_bytes()).hexdigest()
     d2_sd = torch.load(d2, weights_only=True)
     assert "backbone.bottom_up.norm_1.0.weight" in d2_sd
+    assert "backbone.bottom_up.cwin_convs.0.weight" in d2_sd
     assert not any(".norm_1.weight" in k for k in d2_sd)
     # and back: mmseg layout, then core, bit-identical to the model's own tensors
     mmseg, core = tmp_path / "seg.safetensors", tmp_path / "core.pth"
-    cc.convert(str(d2), str(mmseg), "mmseg")
+    convert_checkpoint(str(d2), str(mmseg), to="mmseg")
     assert set(read_state_dict(str(mmseg))) == {"backbone." + k for k in dense}
-    cc.convert(str(mmseg), str(core), "core")
+    convert_checkpoint(mmseg, core, to="core", model="restv2_tiny")
     back = torch.load(core, weights_only=True)
     assert set(back) == set(dense)
     assert all(torch.equal(back[k], v) for k, v in dense.items())
 
 
-def test_convert_refuses_wrong_arch(imagenet_ckpt, tmp_path):
+def test_wrong_arch_refused_and_nothing_written(imagenet_ckpt, tmp_path, capsys):
     src, _ = imagenet_ckpt
-    with pytest.raises(CheckpointMismatchError):
-        cc.convert(str(src), str(tmp_path / "x.pth"), "core", arch="restv2_small")
+    with pytest.raises(CheckpointMismatchError, match="restv2_small"):
+        convert_checkpoint(src, tmp_path / "x.pth", to="core", model="restv2_small")
+    with pytest.raises(CheckpointMismatchError, match="shape"):
+        convert_checkpoint(src, tmp_path / "x.pth", to="core", model="restv2_large")
+    assert not (tmp_path / "x.pth").exists() and not _leftovers(tmp_path)
+    # through the CLI: exit status 1, the reason on stderr, an existing file left alone
+    (tmp_path / "old.pth").write_bytes(b"previous")
+    rc, _, err = _cli([src, tmp_path / "old.pth", "--to", "mmdet", "--model", "restv2_small"], capsys)
+    assert rc == 1 and "not written" in err and "restv2_small" in err
+    assert (tmp_path / "old.pth").read_bytes() == b"previous" and not _leftovers(tmp_path)
 
 
-def test_convert_output_loads_through_mm_init_cfg(imagenet_ckpt, tmp_path):
-    pytest.importorskip("mmengine")
+def test_failed_bit_check_leaves_no_file(imagenet_ckpt, tmp_path, monkeypatch):
+    """A writer that corrupts one tensor: the read-back comparison fails, no file remains."""
+    import rest_dense.convert as conv
+
+    real_save = conv.save_state_dict
+
+    def corrupting_save(sd, path, metadata=None):
+        sd = dict(sd)
+        key = next(k for k in sd if k.endswith("attn.q.weight"))
+        sd[key] = sd[key].clone()
+        sd[key].view(-1)[0] += 1
+        real_save(sd, path, metadata)
+
+    monkeypatch.setattr(conv, "save_state_dict", corrupting_save)
+    src, _ = imagenet_ckpt
+    dst = tmp_path / "out.safetensors"
+    with pytest.raises(CheckpointMismatchError, match="differs from the source"):
+        convert_checkpoint(src, dst, to="mmseg")
+    assert not dst.exists() and os.listdir(tmp_path) == []
+
+
+def test_bad_input_is_named(imagenet_ckpt, tmp_path):
+    src, _ = imagenet_ckpt
+    with pytest.raises(ValueError, match="unknown layout"):
+        convert_checkpoint(src, tmp_path / "x.pth", to="detectron")
+    with pytest.raises(ValueError, match="unknown model"):
+        convert_checkpoint(src, tmp_path / "x.pth", to="core", model="restv3_tiny")
+    with pytest.raises(ValueError, match="same file"):
+        convert_checkpoint(src, src, to="core")
+    with pytest.raises(FileNotFoundError):
+        convert_checkpoint(tmp_path / "missing.pth", tmp_path / "x.pth")
+    with pytest.raises(CheckpointMismatchError, match="not a ResT backbone"):
+        infer_model_name({"conv1.weight": torch.zeros(8, 3, 3, 3)})
+    shallower = {k: v for k, v in _released_shapes("restv2_tiny").items()
+                 if not k.startswith("stage3.5.")}  # 5 blocks in stage 3: no such variant
+    with pytest.raises(CheckpointMismatchError, match="no registered variant"):
+        infer_model_name(shallower)
+    assert not (tmp_path / "x.pth").exists()
+
+
+def test_output_loads_through_mm_init_cfg(imagenet_ckpt, tmp_path):
     from rest_dense.mm.backbones import load_pretrained_cfg
 
     src, sd = imagenet_ckpt
     mm = tmp_path / "mm.safetensors"
-    cc.convert(str(src), str(mm), "mmdet")
-    model = ResTv2("tiny")
+    convert_checkpoint(src, mm, to="mmdet")
+    model = create_model("restv2_tiny")
     report = load_pretrained_cfg(model, dict(type="Pretrained", checkpoint=str(mm)))
     assert sorted(report.missing_keys) == sorted(f"norm_{i}.{p}" for i in range(1, 5)
                                                  for p in ("weight", "bias"))
     assert torch.equal(model.stage3[0].attn.q.weight, sd["stage3.0.attn.q.weight"].float())
 
 
-def test_infer_arch_covers_every_released_variant():
-    shapes = json.loads((FIXTURES / "official_imagenet_checkpoint_keys.json").read_text())
-    for name, keys in shapes.items():
-        sd = {k: torch.empty(s) for k, s in keys.items()}
-        assert cc.infer_arch(sd) == gf.canonical_name(name)
+def test_infer_model_name_covers_every_released_variant():
+    names = list(json.loads(fixture_path("official_imagenet_checkpoint_keys.json").read_text()))
+    assert len(names) == 8
+    for name in names:
+        sd = _released_shapes(name)
+        assert infer_model_name(sd) == canonical_name(name), name
+        # the same tensors in the detectron2 wrapping
+        wrapped = {"model": {"backbone.bottom_up." + k: v for k, v in sd.items()}}
+        assert infer_model_name(wrapped) == canonical_name(name), name
 
 
-# --------------------------------------------------------------------------- FLOPs
-def _attention_flops(model, h, w):
-    """Analytic attention products: per block ``N * M * (d_qk + d_v) * heads = 2 N M C``."""
-    total = 0
-    for i, (c, sr, depth) in enumerate(zip(model.embed_dims, model.sr_ratios, model.depths)):
-        hi, wi = math.ceil(h / 2 ** (i + 2)), math.ceil(w / 2 ** (i + 2))
-        m = math.ceil(hi / sr) * math.ceil(wi / sr)
-        total += depth * hi * wi * m * 2 * c
-    return total
+def test_cli_layout_choices_match_the_library():
+    assert tuple(LAYOUT_CHOICES) == tuple(LAYOUTS)
