@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ArchType, ResTBase, resolve_arch, to_channels_first
+from .base import ArchType, ResTBase, check_flag, check_rate, resolve_arch, to_channels_first
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init)
@@ -68,7 +68,15 @@ class EMSA(ReducedKVAttention):
             wide = torch.float64 if logits.dtype == torch.float32 else torch.float32
             tc = self.transform_conv
             attn = F.conv2d(logits.to(wide), tc.weight.to(wide), tc.bias.to(wide))
-            attn = self.transform_norm(attn.softmax(dim=-1)).to(v.dtype)
+            attn = attn.softmax(dim=-1)
+            if attn.shape[-2] * attn.shape[-1] > 1:
+                attn = self.transform_norm(attn)
+            else:
+                # one query and one key (a 1x1 map, e.g. stage 4 of a 32x32 input): the
+                # instance norm of a single value is exactly 0, which InstanceNorm2d refuses
+                # to compute ("more than 1 spatial element")
+                attn = torch.zeros_like(attn)
+            attn = attn.to(v.dtype)
             if drop:
                 attn = F.dropout(attn, p=drop)
             out = attn @ v
@@ -127,6 +135,11 @@ class ResTv1(ResTBase):
         fused_attn (bool): fused attention where the math allows it. Default: True.
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path to load. Default: None.
+
+    Arguments and inputs are checked as in :class:`ResTv2` (see its docstring). Any input
+    size works, in training and eval mode: where a stage's attention map has a single
+    query and key (a 1x1 map), the multi-head interaction's instance norm yields its exact
+    value, 0.
     """
 
     def __init__(self, arch: ArchType = "small", in_channels: int = 3,
@@ -137,9 +150,12 @@ class ResTv1(ResTBase):
         super().__init__()
         spec = resolve_arch(arch, RESTV1_ARCHS, _ARCH_DEFAULTS, "ResTv1")
         self._setup_common(spec, in_channels, out_indices, frozen_stages, norm_eval, with_cp)
+        drop_path_rate = check_rate(drop_path_rate, "drop_path_rate")
+        attn_drop_rate = check_rate(attn_drop_rate, "attn_drop_rate")
+        fused_attn = check_flag(fused_attn, "fused_attn")
 
         dims = self.embed_dims
-        self.stem = BasicStemV1(in_channels, dims[0])
+        self.stem = BasicStemV1(self.in_channels, dims[0])
         dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
         cur = 0
         for i in range(4):

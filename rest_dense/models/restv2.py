@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ArchType, ResTBase, resolve_arch, to_channels_first
+from .base import (ArchType, ResTBase, check_flag, check_int, check_per_stage, check_rate,
+                   resolve_arch, to_channels_first)
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init, window_partition, window_unpartition)
@@ -115,13 +116,25 @@ class ConvStemV2(nn.Module):
         return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
 
 
-def _per_stage(value, name: str) -> Tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * 4
-    value = tuple(int(v) for v in value)
-    if len(value) != 4:
-        raise ValueError(f"{name} must be an int or 4 values (one per stage), got {value}")
-    return value
+def _window_sizes(value, attn_mode: str, sr_ratios: Sequence[int]) -> Tuple[int, ...]:
+    """``window_size`` (an int for every stage, 4 ints, or None for the default) as 4 ints.
+
+    Every mode needs positive integers; only the window modes, which use them, need each
+    to be a multiple of its stage's ``sr_ratio``.
+    """
+    if value is None:
+        return tuple(DEFAULT_WINDOW_SIZE)
+    if isinstance(value, (Sequence, Tensor)) and not isinstance(value, (str, bytes)) \
+            or hasattr(value, "__array__") and getattr(value, "ndim", 0) > 0:
+        sizes = check_per_stage(value, "window_size", low=1)
+    else:
+        sizes = (check_int(value, "window_size", low=1),) * 4
+    if attn_mode != "global":
+        for i, (ws, sr) in enumerate(zip(sizes, sr_ratios)):
+            if ws % sr:
+                raise ValueError(f"window_size[{i}]={ws} must be a positive multiple of stage "
+                                 f"{i + 1}'s sr_ratio {sr} in attn_mode {attn_mode!r}")
+    return sizes
 
 
 class ResTv2(ResTBase):
@@ -140,8 +153,9 @@ class ResTv2(ResTBase):
         attn_mode (str): ``'global'``, ``'win'`` (all blocks in windows), ``'cwin'``
             (``win`` plus a residual 3x3 depth-wise conv after each stage), or ``'hwin'``
             (windows except the last block of each stage). Default: ``'global'``.
-        window_size (int | Sequence[int]): window side in tokens per stage; each must be
-            a multiple of the stage's ``sr_ratio``. Default: (64, 32, 16, 8).
+        window_size (int | Sequence[int]): window side in tokens per stage (one int for all
+            stages, or 4); in the window modes each must be a multiple of the stage's
+            ``sr_ratio``; ``global`` ignores it. Default: (64, 32, 16, 8).
         frozen_stages (int): freeze the stem (0) and stages ``1..frozen_stages``, keeping
             them in eval mode; -1 freezes nothing. Default: -1.
         norm_eval (bool): keep BatchNorm layers in eval mode while training. Default: False.
@@ -152,6 +166,13 @@ class ResTv2(ResTBase):
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path loaded with
             :func:`rest_dense.models.load_checkpoint`. Default: None.
+
+    Every argument is checked here: integers must be integers (``2.5`` and ``True`` are
+    refused, never truncated), rates must lie in ``[0, 1)``, flags must be bools;
+    a bad value raises ``TypeError`` / ``ValueError`` naming the argument. ``forward``
+    checks its input (see :meth:`ResTBase._check_input`): a 4-D floating-point batch with
+    ``N >= 1``, of the weights' dtype and device (any float16/bfloat16/float32 inside
+    ``torch.autocast``), without NaN/inf while ``check_finite_inputs`` is True (default).
     """
 
     def __init__(self, arch: ArchType = "tiny", in_channels: int = 3,
@@ -164,17 +185,19 @@ class ResTv2(ResTBase):
         spec = resolve_arch(arch, RESTV2_ARCHS, _ARCH_DEFAULTS, "ResTv2")
         self._setup_common(spec, in_channels, out_indices, frozen_stages, norm_eval, with_cp)
 
+        if not isinstance(attn_mode, str):
+            raise TypeError(f"attn_mode must be one of {ATTN_MODES}, got {attn_mode!r} "
+                            f"({type(attn_mode).__name__})")
         if attn_mode not in ATTN_MODES:
             raise ValueError(f"unknown attn_mode {attn_mode!r}; choose one of {ATTN_MODES}")
         self.attn_mode = attn_mode
-        self.window_size = _per_stage(window_size, "window_size")
-        for i, (ws, sr) in enumerate(zip(self.window_size, self.sr_ratios)):
-            if ws <= 0 or ws % sr:
-                raise ValueError(f"window_size[{i}]={ws} must be a positive multiple of stage "
-                                 f"{i + 1}'s sr_ratio {sr}")
+        self.window_size = _window_sizes(window_size, attn_mode, self.sr_ratios)
+        drop_path_rate = check_rate(drop_path_rate, "drop_path_rate")
+        attn_drop_rate = check_rate(attn_drop_rate, "attn_drop_rate")
+        fused_attn = check_flag(fused_attn, "fused_attn")
 
         dims = self.embed_dims
-        self.stem = ConvStemV2(in_channels, dims[0])
+        self.stem = ConvStemV2(self.in_channels, dims[0])
         dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
         cur = 0
         for i in range(4):

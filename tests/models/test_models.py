@@ -371,7 +371,7 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match="unknown attn_mode 'swin'"):
         ResTv2(arch=TINY, attn_mode="swin")
     with pytest.raises(ValueError, match=r"window_size\[1\]=6 .* sr_ratio 4"):
-        ResTv2(arch=TINY, window_size=(64, 6, 16, 8))
+        ResTv2(arch=TINY, attn_mode="win", window_size=(64, 6, 16, 8))
     with pytest.raises(ValueError, match="out_indices"):
         ResTv2(arch=TINY, out_indices=(0, 4))
     with pytest.raises(ValueError, match="missing"):
