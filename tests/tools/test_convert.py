@@ -87,14 +87,13 @@ def test_dense_cwin_checkpoint_uses_released_d2_norm_spelling(tmp_path):
     assert "backbone.bottom_up.norm_1.0.weight" in d2_sd
     assert "backbone.bottom_up.cwin_convs.0.weight" in d2_sd
     assert not any(".norm_1.weight" in k for k in d2_sd)
-    # and back: mmseg layout, then core, bit-identical to the model's own tensors
-    mmseg, core = tmp_path / "seg.safetensors", tmp_path / "core.pth"
-    convert_checkpoint(str(d2), str(mmseg), to="mmseg")
-    assert set(read_state_dict(str(mmseg))) == {"backbone." + k for k in dense}
-    convert_checkpoint(mmseg, core, to="core", model="restv2_tiny")
-    back = torch.load(core, weights_only=True)
-    assert set(back) == set(dense)
-    assert all(torch.equal(back[k], v) for k, v in dense.items())
+    # and on to the mmseg layout (safetensors), bit-identical to the model's own tensors
+    mmseg = tmp_path / "seg.safetensors"
+    res = convert_checkpoint(str(d2), str(mmseg), to="mmseg", model="restv2_tiny")
+    assert res.attn_mode == "cwin"
+    back = read_state_dict(str(mmseg))
+    assert set(back) == {"backbone." + k for k in dense}
+    assert all(torch.equal(back["backbone." + k], v) for k, v in dense.items())
 
 
 def test_wrong_arch_refused_and_nothing_written(imagenet_ckpt, tmp_path, capsys):
@@ -106,8 +105,8 @@ def test_wrong_arch_refused_and_nothing_written(imagenet_ckpt, tmp_path, capsys)
     assert not (tmp_path / "x.pth").exists() and not _leftovers(tmp_path)
     # through the CLI: exit status 1, the reason on stderr, an existing file left alone
     (tmp_path / "old.pth").write_bytes(b"previous")
-    rc, _, err = _cli([src, tmp_path / "old.pth", "--to", "mmdet", "--model", "restv2_small"], capsys)
-    assert rc == 1 and "not written" in err and "restv2_small" in err
+    rc, _, err = _cli([src, tmp_path / "old.pth", "--to", "mmdet", "--model", "rest_lite"], capsys)
+    assert rc == 1 and "not written" in err and "restv1_lite" in err
     assert (tmp_path / "old.pth").read_bytes() == b"previous" and not _leftovers(tmp_path)
 
 

@@ -1,66 +1,226 @@
-"""ONNX export and torch.compile parity of the backbones."""
-import hashlib
-import json
+"""ONNX export and torch.compile parity of the backbones (rest_dense.export, ``rest-dense export``)."""
 import math
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import FIXTURES, REPO  # noqa: E402
+import rest_dense.export as ex
+from rest_dense.cli import main
+from rest_dense.models import ResTv2, create_model
 
-TOOLS = REPO / "tools"
-sys.path.insert(0, str(TOOLS))
-
-import convert_checkpoint as cc  # noqa: E402
-import export_onnx as ex  # noqa: E402
-import get_flops as gf  # noqa: E402
-
-from rest_dense.models import CheckpointMismatchError, ResTv2, read_state_dict  # noqa: E402
-
+#: two blocks in stages 2-3 so that ``hwin`` has windowed blocks there
 TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
             sr_ratios=(8, 4, 2, 1))
+#: neither side a multiple of 32 (nor of the windows): crops and window padding all run
+SIZES = [(257, 391), (131, 201)]
 
 
-@pytest.mark.parametrize("attn_mode, window_size", [("global", (64, 32, 16, 8)),
-                                                    ("hwin", (16, 8, 4, 2))])
-def test_onnx_export_dynamic_sizes_match_eager(tmp_path, attn_mode, window_size):
-    pytest.importorskip("onnxruntime")
+@pytest.fixture(scope="module")
+def global_export(tmp_path_factory):
+    """A tiny global-mode ResTv2 and its dynamic ONNX export."""
     torch.manual_seed(0)
-    model = ResTv2(TINY, attn_mode=attn_mode, window_size=window_size).eval()
-    trace = ex.default_trace_shape(model)
-    assert not ex.traceable_side(model, trace[0]) and not ex.traceable_side(model, trace[1])
-    path = tmp_path / "m.onnx"
-    ex.export_onnx(model, str(path), trace)
-    diffs = ex.check_onnx(model, str(path), [(320, 480), (257, 391)], batch=2)
-    assert set(diffs) == {(320, 480), (257, 391)}
-    assert max(diffs.values()) < 1e-4, diffs
-
-
-def test_onnx_trace_shape_rules():
     model = ResTv2(TINY).eval()
-    assert ex.traceable_side(model, 256)  # 64 tokens: multiple of sr 8, the crop would be lost
-    assert not ex.traceable_side(model, 257)
+    path = tmp_path_factory.mktemp("onnx") / "global.onnx"
+    exp = ex.export_onnx(model, path)
+    return model, exp
+
+
+def test_onnx_global_dynamic_sizes_match_eager(global_export, one_thread):
+    model, exp = global_export
+    assert exp.dynamic and exp.shape == ex.default_trace_shape(model)
+    assert exp.output_names == ["stage1", "stage2", "stage3", "stage4"]
+    results = ex.check_onnx(model, exp.path, SIZES, batch=2)
+    assert [r.size for r in results] == SIZES
+    for r in results:
+        assert r.ok and set(r.max_abs_diff) == set(exp.output_names), r.describe()
+        assert all(math.isfinite(d) and d < 1e-4 for d in r.max_abs_diff.values())
+
+
+@pytest.fixture(scope="module")
+def hwin_export(tmp_path_factory):
+    """A tiny hwin-mode ResTv2 (windows in stages 2-3) and its dynamic ONNX export."""
+    torch.manual_seed(0)
+    model = ResTv2(TINY, attn_mode="hwin", window_size=(16, 8, 4, 2)).eval()
+    path = tmp_path_factory.mktemp("onnx") / "hwin.onnx"
+    return model, ex.export_onnx(model, path)
+
+
+def test_onnx_window_mode_dynamic_sizes_match_eager(hwin_export, one_thread):
+    model, exp = hwin_export
+    assert not ex.trace_side_problems(model, exp.shape[0])
+    assert not ex.trace_side_problems(model, exp.shape[1])
+    results = ex.check_onnx(model, exp.path, SIZES, batch=2)
+    assert all(r.ok for r in results), [r.describe() for r in results]
+    assert max(r.worst for r in results) < 1e-4
+
+
+def test_check_onnx_rejects_sizes_below_the_window_limit(hwin_export):
+    model, exp = hwin_export
+    # stage 2 (window 8, stride 8) needs 8 * 8 - 7 = 57 pixels, stage 3 49
+    assert ex.min_valid_side(model) == 57
+    with pytest.raises(ValueError, match="below 57"):
+        ex.check_onnx(model, exp.path, [(56, 320)])
+    with pytest.raises(ValueError, match="at least one size"):
+        ex.check_onnx(model, exp.path, [])
+
+
+def test_check_onnx_fails_on_nan_output(global_export, monkeypatch):
+    """onnxruntime returning NaN must fail, although a NaN difference compares as not > atol."""
+    import onnxruntime as ort
+
+    model, exp = global_export
+    real_run = ort.InferenceSession.run
+
+    def nan_run(self, names, feeds, *args, **kwargs):
+        outs = real_run(self, names, feeds, *args, **kwargs)
+        outs[1] = np.full_like(outs[1], np.nan)
+        return outs
+
+    monkeypatch.setattr(ort.InferenceSession, "run", nan_run)
+    results = ex.check_onnx(model, exp.path, SIZES[1:], raise_on_failure=False)
+    (res,) = results
+    assert not res.ok and math.isnan(res.max_abs_diff["stage2"]) and math.isnan(res.worst)
+    assert "non-finite" in res.describe() and "FAIL" in res.describe()
+    assert res.max_abs_diff["stage1"] < 1e-4  # the other outputs are still reported
+    with pytest.raises(ex.ParityError, match="stage2 nan") as info:
+        ex.check_onnx(model, exp.path, SIZES[1:])
+    assert len(info.value.results) == 1
+
+
+def test_check_onnx_fails_for_nan_weights(tmp_path):
+    """A model whose weights hold NaN: eager and ONNX are both NaN, which is no agreement."""
+    torch.manual_seed(0)
+    model = ResTv2(TINY).eval()
+    with torch.no_grad():
+        model.stage4[0].mlp.fc2.weight[0, 0] = float("nan")
+    exp = ex.export_onnx(model, tmp_path / "nan.onnx", shape=(129, 161), dynamic=False)
+    with pytest.raises(ex.ParityError, match="non-finite values in the eager and onnxruntime"):
+        ex.check_onnx(model, exp.path, [(129, 161)])
+
+
+def test_static_export_and_its_size_rule(tmp_path):
+    torch.manual_seed(0)
+    model = ResTv2(TINY, attn_mode="win").eval()
+    assert ex.min_valid_side(model) == 253
+    # a static graph is exact at its size, even below the dynamic graph's limit
+    exp = ex.export_onnx(model, tmp_path / "static.onnx", shape=(97, 130), dynamic=False)
+    (res,) = ex.check_onnx(model, exp.path, [(97, 130)])
+    assert res.ok and res.worst < 1e-4, res.describe()
+    with pytest.raises(ValueError, match="static graph"):
+        ex.check_onnx(model, exp.path, [(130, 97)])
+    with pytest.raises(ValueError, match="needs a shape"):
+        ex.export_onnx(model, tmp_path / "x.onnx", dynamic=False)
+
+
+def test_onnx_trace_shape_rules(tmp_path):
+    model = ResTv2(TINY).eval()
+    assert ex.trace_side_problems(model, 256)  # 64 tokens: multiple of sr 8, crop not traced
+    assert not ex.trace_side_problems(model, 257)
     win = ResTv2(TINY, attn_mode="win").eval()
-    assert ex.min_valid_side(win) == 253
-    with pytest.raises(ValueError):
-        ex.export_onnx(model, "unused.onnx", (256, 385))
-    with pytest.raises(ValueError):
-        ex.check_onnx(win, "unused.onnx", [(224, 320)])
+    assert ex.min_valid_side(win) == 253 and ex.min_valid_side(model) == 1
+    with pytest.raises(ValueError, match="shape-dependent branch"):
+        ex.export_onnx(model, tmp_path / "unused.onnx", (256, 385))
+    assert not (tmp_path / "unused.onnx").exists()
 
 
+def test_parity_result_never_passes_nan():
+    res = ex.ParityResult((8, 8), 1, {"stage1": 0.0, "stage2": math.nan}, atol=1e-4)
+    assert not res.ok and math.isnan(res.worst)
+    assert ex.ParityResult((8, 8), 1, {"stage1": 2e-5}, atol=1e-4).ok
+    assert not ex.ParityResult((8, 8), 1, {"stage1": 2e-3}, atol=1e-4).ok
+
+
+@pytest.mark.slow
 def test_torch_compile_matches_eager():
     torch._dynamo.reset()
     model = ResTv2(TINY, attn_mode="hwin", window_size=(8, 4, 2, 1)).eval()
-    # aot_eager runs dynamo + AOTAutograd without codegen; inductor works too
-    # (python tools/export_onnx.py restv2_tiny --no-onnx --compile) but compiles for minutes
-    # on 2 CPU cores. Static sizes: symbolic ones take minutes to compile in the window modes.
+    # aot_eager runs dynamo + AOTAutograd without codegen (inductor compiles for minutes on
+    # 2 CPU cores); static sizes: symbolic ones take minutes to compile in the window modes.
     # An odd size: the upsample-branch crop, window padding and cropping are all exercised.
-    res = ex.check_compile(model, [(65, 97)], backend="aot_eager", dynamic=False)
-    assert max(d for d, _ in res.values()) < 1e-5, res
-    torch._dynamo.reset()
+    try:
+        (res,) = ex.check_compile(model, [(65, 97)], backend="aot_eager", dynamic=False)
+    finally:
+        torch._dynamo.reset()
+    assert res.ok and res.worst < 1e-5, res.describe()
+    assert set(res.max_abs_diff) == {"stage1", "stage2", "stage3", "stage4"}
+
+
+def test_build_model_from_name_or_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="neither a registered model nor a checkpoint"):
+        ex.build_model("restv9_tiny")
+    with pytest.raises(ValueError, match="global attention only"):
+        ex.build_model("restv1_lite", window_size=7)
+    with pytest.raises(ValueError, match="attn_mode"):
+        ex.build_model("restv1_lite", attn_mode="win")
+    # a checkpoint file: variant inferred, weights loaded (the slow CLI test does restv2_tiny)
+    src = create_model("restv1_lite")
+    path = tmp_path / "restv1_lite_dense.pth"
+    torch.save({"model": src.state_dict()}, path)
+    model = ex.build_model(str(path))
+    assert not model.training and type(model) is type(src) and model.depths == src.depths
+    assert torch.equal(model.stage3[1].attn.q.weight, src.stage3[1].attn.q.weight)
+    with pytest.raises(ValueError, match="do not pass another checkpoint"):
+        ex.build_model(str(path), checkpoint=str(path))
+
+
+# --------------------------------------------------------------------------- CLI
+@pytest.fixture
+def tiny_cli_model(monkeypatch):
+    """``rest-dense export`` builds the tiny model instead of a registered variant."""
+    built = []
+
+    def fake_build(model, attn_mode="global", checkpoint=None, window_size=None, **kw):
+        torch.manual_seed(0)
+        built.append((model, attn_mode))
+        return ResTv2(TINY, attn_mode=attn_mode).eval()
+
+    monkeypatch.setattr(ex, "build_model", fake_build)
+    return built
+
+
+def test_cli_export_and_check(tiny_cli_model, tmp_path, capsys):
+    out = tmp_path / "m.onnx"
+    rc = main(["export", "restv2_tiny", "--out", str(out), "--check-shapes", "131x201",
+               "257x391", "--batch", "2"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.is_file() and tiny_cli_model == [("restv2_tiny", "global")]
+    assert "traced at 257x385" in text and "dynamic batch/height/width" in text
+    assert text.count(" ok") == 2 and "2x3x131x201" in text and "FAIL" not in text
+
+
+def test_cli_exits_nonzero_when_a_check_fails(tiny_cli_model, tmp_path, capsys, monkeypatch):
+    import onnxruntime as ort
+
+    real_run = ort.InferenceSession.run
+    monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: [
+        np.full_like(o, np.nan) for o in real_run(self, *a, **k)])
+    rc = main(["export", "restv2_tiny", "--static", "--shape", "97x130",
+               "--out", str(tmp_path / "s.onnx")])
+    out = capsys.readouterr()
+    assert rc == 1 and "1x3x97x130" in out.out and "FAIL" in out.out
+    assert "non-finite" in out.out and "FAILED" in out.err
+
+
+def test_cli_rejects_bad_input(tiny_cli_model, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["export", "restv2_tiny", "--check-shapes", "320by480"])
+    assert info.value.code == 2 and "HxW" in capsys.readouterr().err
+    assert main(["export", "restv2_tiny", "--static"]) == 2
+    assert "--static needs --shape" in capsys.readouterr().err
+    assert main(["export", "restv2_tiny", "--window-size", "8", "8"]) == 2
+    assert "1 or 4 values" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_exports_a_released_variant_from_its_checkpoint(tmp_path, capsys, one_thread):
+    """The real restv2_tiny, named by a checkpoint file (variant inferred), through the CLI."""
+    ckpt = tmp_path / "restv2_tiny_dense.pth"
+    torch.save(create_model("restv2_tiny").state_dict(), ckpt)
+    out = tmp_path / "restv2_tiny.onnx"
+    rc = main(["export", str(ckpt), "--out", str(out), "--check-shapes", "129x161"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.stat().st_size > 50e6  # 28M float32 parameters
+    assert "1x3x129x161" in text and " ok" in text

@@ -1,0 +1,150 @@
+"""Export a ResT backbone to ONNX (dynamic batch / height / width) and check it against eager
+PyTorch with onnxruntime; optionally check torch.compile against eager too.
+
+MODEL is a registered name (restv2_tiny, ...) or a checkpoint file (variant inferred, weights
+loaded). The command exits non-zero when a check fails: an output differs by more than --atol,
+or either side has non-finite values.
+
+A dynamic graph is traced at --shape (default: chosen automatically) which must make every
+shape-dependent branch run: each stage's map not a multiple of its sr_ratio and, in the window
+modes, larger than and not a multiple of its window. In the window modes a dynamic graph is
+valid only for H, W >= 4 * 2**i * window_size[i] - (4 * 2**i - 1) for every windowed stage i
+(253 for the default windows 64/32/16/8): the eager model shrinks windows larger than the map,
+which a traced graph cannot. Global mode has no limit. With --static the graph is fixed to
+--batch x --shape and is exact there. ResTv1 exports but cannot be checked: its head mixing runs
+in float64, which onnxruntime's CPU provider does not support.
+
+Examples::
+
+    rest-dense export restv2_tiny --out restv2_tiny.onnx
+    rest-dense export restv2_tiny --attn-mode hwin --checkpoint restv2_tiny_224.pth
+    rest-dense export restv2_tiny_224.pth --check-shapes 320x480 257x391 800x1216 --batch 2
+    rest-dense export restv2_tiny --static --shape 800x1216 --out restv2_tiny_800.onnx
+    rest-dense export restv2_tiny --no-onnx --compile inductor --check-shapes 800x1216
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Tuple
+
+HELP = "export a backbone to ONNX and check ONNX / torch.compile against eager PyTorch"
+
+_DEFAULT_CHECKS = "320x480 257x391"  # rest_dense.export.DEFAULT_CHECK_SIZES
+
+
+def _size(text: str) -> Tuple[int, int]:
+    from ..utils import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="registered name (restv2_tiny, restv2_small, ...) or a checkpoint file")
+    parser.add_argument("--attn-mode", default="global",
+                        help="ResTv2 attention mode: global, win, cwin or hwin (default: global)")
+    parser.add_argument("--window-size", type=int, nargs="+", metavar="N",
+                        help="window side per stage (1 or 4 values; default: the model's)")
+    parser.add_argument("--checkpoint", metavar="FILE",
+                        help="weights for a named MODEL (any released layout); default: random")
+    parser.add_argument("--out", metavar="FILE.onnx",
+                        help="ONNX file (default: <model>[_<attn-mode>].onnx)")
+    parser.add_argument("--shape", type=_size, metavar="HxW",
+                        help="input size to trace at (dynamic: default chosen automatically; "
+                             "--static: required)")
+    parser.add_argument("--static", action="store_true",
+                        help="no dynamic sizes: the ONNX graph is fixed to --batch x --shape and "
+                             "checked there; torch.compile(dynamic=False)")
+    parser.add_argument("--check-shapes", type=_size, nargs="*", metavar="HxW",
+                        help=f"sizes to compare at (default: {_DEFAULT_CHECKS}; with --static: "
+                             "--shape); give none to skip the checks")
+    parser.add_argument("--batch", type=int, default=1, help="batch size of the checks (default: 1)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    parser.add_argument("--atol", type=float, default=1e-4,
+                        help="fail above this max abs difference (default: 1e-4)")
+    parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and its checks")
+    parser.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor",
+                        help="also check torch.compile (default backend: inductor)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..export import (DEFAULT_CHECK_SIZES, ParityResult, build_model, check_compile,
+                          check_onnx, export_onnx, min_valid_side)
+    from ..utils import format_size
+
+    if args.batch < 1:
+        print("error: --batch must be at least 1", file=sys.stderr)
+        return 2
+    if args.static and args.shape is None and not args.no_onnx:
+        print("error: --static needs --shape HxW (the one size of the graph)", file=sys.stderr)
+        return 2
+    if args.check_shapes is not None:
+        sizes = list(args.check_shapes)
+    elif args.static and args.shape is not None:
+        sizes = [args.shape]
+    else:
+        sizes = list(DEFAULT_CHECK_SIZES)
+    window = None
+    if args.window_size:
+        if len(args.window_size) not in (1, 4):
+            print("error: --window-size takes 1 or 4 values", file=sys.stderr)
+            return 2
+        window = args.window_size[0] if len(args.window_size) == 1 else tuple(args.window_size)
+    try:
+        model = build_model(args.model, attn_mode=args.attn_mode, checkpoint=args.checkpoint,
+                            window_size=window)
+    except (ValueError, FileNotFoundError) as e:  # includes CheckpointMismatchError
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    failed = False
+
+    def report(prefix: str):
+        def show(res: ParityResult) -> None:
+            print(f"{prefix} {res.describe()}", flush=True)
+        return show
+
+    if not args.no_onnx:
+        if args.out:
+            out = args.out
+        else:
+            stem = args.model if not os.path.isfile(args.model) else \
+                os.path.splitext(os.path.basename(args.model))[0]
+            out = stem + ("" if args.attn_mode == "global" else f"_{args.attn_mode}") + ".onnx"
+        try:
+            exp = export_onnx(model, out, shape=args.shape, dynamic=not args.static,
+                              opset=args.opset, batch=args.batch)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        kind = ("dynamic batch/height/width" if exp.dynamic
+                else f"static {args.batch}x3x{format_size(exp.shape)}")
+        print(f"exported {exp.path} (traced at {format_size(exp.shape)}, opset {exp.opset}, "
+              f"{kind}) in {exp.seconds:.1f} s")
+        low = min_valid_side(model)
+        if exp.dynamic and low > 1:
+            print(f"note: the {args.attn_mode} graph is valid for H, W >= {low}")
+        if sizes:
+            try:
+                results = check_onnx(model, exp.path, sizes, batch=args.batch, atol=args.atol,
+                                     raise_on_failure=False,
+                                     on_result=report("onnxruntime vs eager"))
+            except (ValueError, RuntimeError) as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            failed |= not all(r.ok for r in results)
+    if args.compile:
+        compile_sizes = sizes or ([args.shape] if args.shape else list(DEFAULT_CHECK_SIZES))
+        results = check_compile(model, compile_sizes, backend=args.compile,
+                                dynamic=False if args.static else None, batch=args.batch,
+                                atol=args.atol, raise_on_failure=False,
+                                on_result=report(f"torch.compile({args.compile}) vs eager"))
+        failed |= not all(r.ok for r in results)
+    if failed:
+        print("FAILED: some outputs differ from eager PyTorch (see above)", file=sys.stderr)
+    return 1 if failed else 0

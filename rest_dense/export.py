@@ -1,0 +1,472 @@
+"""Export a ResT backbone to ONNX and check ONNX / ``torch.compile`` against eager PyTorch.
+
+Dynamic export (batch, height and width free) uses the TorchScript exporter
+(``dynamo=False``), which records the model's shape arithmetic on the traced input but fixes
+Python branches at trace time. The trace size must therefore take every branch that some input
+size can take (:func:`trace_side_problems` says why a side cannot serve,
+:func:`default_trace_shape` picks one; 257x385 for the default windows):
+
+* every stage's map is not a multiple of its ``sr_ratio``, so the crop of the upsample branch
+  is traced (a no-op slice at sizes that need none);
+* window modes: every windowed stage's map is larger than its window and not a multiple of it,
+  so window padding, partitioning and the final crop are traced.
+
+Limit: in the window modes the eager model shrinks a window to the map when the map is smaller
+(then the block equals global attention), which a traced graph cannot do; a dynamic graph is
+therefore valid only for inputs whose windowed stages are at least one window large
+(:func:`min_valid_side`: H and W >= 253 for the default windows 64/32/16/8); :func:`check_onnx`
+rejects smaller sizes. Global mode has no such limit. A static export (``dynamic=False``) is
+valid at its one size, whatever it is.
+
+ResTv1 exports, but its multi-head interaction runs in float64, for which onnxruntime's CPU
+provider has no Conv / InstanceNormalization kernels, so only ResTv2 can be checked.
+
+Example::
+
+    from rest_dense.export import build_model, export_onnx, check_onnx
+    model = build_model("restv2_tiny", attn_mode="hwin", checkpoint="restv2_tiny_224.pth")
+    export_onnx(model, "restv2_tiny_hwin.onnx")
+    for r in check_onnx(model, "restv2_tiny_hwin.onnx", [(320, 480), (257, 391)]):
+        print(r.describe())
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .models import (ResTv2, canonical_name, create_model, get_model_entry, load_checkpoint,
+                     read_state_dict)
+
+__all__ = ["DEFAULT_CHECK_SIZES", "DEFAULT_OPSET", "OnnxExport", "ParityResult", "ParityError",
+           "build_model", "export_onnx", "check_onnx", "check_compile", "trace_side_problems",
+           "min_valid_side", "default_trace_shape"]
+
+#: sizes :func:`check_onnx` is run at by ``rest-dense export`` unless told otherwise
+DEFAULT_CHECK_SIZES: Tuple[Tuple[int, int], ...] = ((320, 480), (257, 391))
+DEFAULT_OPSET = 17
+
+Size = Tuple[int, int]
+
+
+# ------------------------------------------------------------------ models
+def build_model(model: str, attn_mode: str = "global", checkpoint: Optional[str] = None,
+                window_size: Union[int, Sequence[int], None] = None,
+                weights_only: bool = True) -> nn.Module:
+    """A core backbone in eval mode, from a registry name or from a checkpoint file.
+
+    Args:
+        model: registry name (``'restv2_tiny'``, ...) or a checkpoint file; for a file the
+            variant is inferred from its tensors and its weights are loaded.
+        attn_mode: attention mode (ResTv2: ``global``, ``win``, ``cwin``, ``hwin``).
+        checkpoint: weights to load into a named model (any released layout). Default:
+            random initialisation (or ``model``'s weights when it is a file).
+        window_size: window side per stage (int or 4 ints); default: the model's.
+        weights_only: ``torch.load(weights_only=...)`` for checkpoint files.
+
+    Returns:
+        The model, in eval mode.
+
+    Raises:
+        ValueError: ``model`` is neither a registered name nor an existing file, or both a
+            checkpoint file and ``checkpoint`` are given.
+        CheckpointMismatchError: the weights do not fit the variant.
+    """
+    kwargs = {} if window_size is None else {"window_size": window_size}
+    if attn_mode != "global":
+        kwargs["attn_mode"] = attn_mode
+    try:
+        name = canonical_name(model)
+    except ValueError:
+        name = None
+    if name is None:
+        if not os.path.isfile(model):
+            raise ValueError(f"{model!r} is neither a registered model nor a checkpoint file; "
+                             "see `rest-dense export --help` for the model names")
+        if checkpoint is not None:
+            raise ValueError(f"{model!r} is a checkpoint file; do not pass another checkpoint")
+        from .convert import infer_model_name
+
+        checkpoint = read_state_dict(model, weights_only=weights_only)
+        name = infer_model_name(checkpoint)
+    if window_size is not None and get_model_entry(name).attn_modes == ("global",):
+        raise ValueError(f"{name} has global attention only; window_size does not apply")
+    net = create_model(name, **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(net, checkpoint, weights_only=weights_only)
+    return net.eval()
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+def _output_names(model: nn.Module) -> List[str]:
+    return [f"stage{i + 1}" for i in model.out_indices]
+
+
+# ------------------------------------------------------------------ shape rules
+def _stage_sides(n: int) -> List[int]:
+    """Side of each stage's map for an input side ``n`` (stride-2 convs with padding 1)."""
+    return [math.ceil(n / 2 ** (i + 2)) for i in range(4)]
+
+
+def _windows(model: nn.Module) -> List[Optional[int]]:
+    """Window side per stage for the stages that run blocks in windows, else None."""
+    if not isinstance(model, ResTv2):
+        return [None] * 4
+    return [ws if n else None for ws, n in zip(model.window_size, model.num_window_blocks)]
+
+
+def trace_side_problems(model: nn.Module, side: int) -> List[str]:
+    """Why an input side cannot serve for a dynamic trace of ``model``.
+
+    Args:
+        model: a core backbone.
+        side: input height or width in pixels.
+
+    Returns:
+        One message per shape-dependent branch the side would leave untraced; empty when the
+        side is fine.
+    """
+    problems = []
+    last = max(model.out_indices)
+    for i, (s, sr, ws) in enumerate(zip(_stage_sides(side), model.sr_ratios, _windows(model))):
+        if i > last:
+            break
+        if isinstance(model, ResTv2) and sr > 1 and s % sr == 0:
+            problems.append(f"stage {i + 1}: map side {s} is a multiple of sr_ratio {sr}")
+        if ws is not None and (s <= ws or s % ws == 0):
+            problems.append(f"stage {i + 1}: map side {s} must exceed and not be a multiple of "
+                            f"the window {ws}")
+    return problems
+
+
+def min_valid_side(model: nn.Module) -> int:
+    """Smallest input side at which a dynamic graph of ``model`` matches eager.
+
+    Window modes need every windowed stage's map to be at least one window large; other modes
+    have no limit (1 is returned).
+    """
+    need = [ws * 2 ** (i + 2) - (2 ** (i + 2) - 1) for i, ws in enumerate(_windows(model))
+            if ws is not None and i <= max(model.out_indices)]
+    return max(need, default=1)
+
+
+def default_trace_shape(model: nn.Module, start: Size = (256, 384)) -> Size:
+    """The smallest traceable ``(H, W)`` at or above ``start`` (see :func:`trace_side_problems`)."""
+    def first(n: int) -> int:
+        while trace_side_problems(model, n):
+            n += 1
+        return n
+
+    return first(start[0]), first(start[1])
+
+
+# ------------------------------------------------------------------ export
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote.
+
+    Attributes:
+        path: the ONNX file.
+        shape: ``(H, W)`` traced at.
+        dynamic: whether batch, height and width are free in the graph.
+        opset: ONNX opset version.
+        output_names: graph outputs, ``stage<i>`` per emitted stage.
+        seconds: time the export took.
+    """
+
+    path: str
+    shape: Size
+    dynamic: bool
+    opset: int
+    output_names: List[str]
+    seconds: float
+
+
+def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional[Size] = None,
+                dynamic: bool = True, opset: int = DEFAULT_OPSET, batch: int = 1) -> OnnxExport:
+    """Export ``model`` to ONNX (run in eval mode) and validate the file with ``onnx.checker``.
+
+    Args:
+        model: a core backbone.
+        path: ONNX file to write (folders are created).
+        shape: ``(H, W)`` to trace at. Default: :func:`default_trace_shape` (dynamic) -- a
+            given shape must pass :func:`trace_side_problems` when ``dynamic``.
+        dynamic: free batch, height and width; False fixes them to ``batch`` x ``shape``.
+        opset: ONNX opset version.
+        batch: batch size of a static graph (the trace input of a dynamic one has batch 1).
+
+    Returns:
+        :class:`OnnxExport`.
+
+    Raises:
+        ValueError: no ``shape`` for a static export, or a dynamic trace at a shape that would
+            fix a shape-dependent branch.
+    """
+    import onnx
+
+    path = os.fspath(path)
+    if shape is None:
+        if not dynamic:
+            raise ValueError("a static ONNX export needs a shape (H, W)")
+        shape = default_trace_shape(model)
+    shape = (int(shape[0]), int(shape[1]))
+    if dynamic:
+        bad = [f"H={shape[0]}: {p}" for p in trace_side_problems(model, shape[0])]
+        bad += [f"W={shape[1]}: {p}" for p in trace_side_problems(model, shape[1])]
+        if bad:
+            good = default_trace_shape(model)
+            raise ValueError(f"a dynamic export traced at {shape[0]}x{shape[1]} would fix a "
+                             f"shape-dependent branch ({'; '.join(bad)}); trace at "
+                             f"{good[0]}x{good[1]} instead")
+    names = _output_names(model)
+    axes = None
+    if dynamic:
+        axes = {"input": {0: "batch", 2: "height", 3: "width"}}
+        axes.update({n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names})
+    x = torch.randn(1 if dynamic else batch, 3, *shape)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    t0 = time.perf_counter()
+    with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
+        # TracerWarnings about Python ints are expected: the trace shape covers the branches
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (x,), path, dynamo=False, input_names=["input"],
+                          output_names=names, dynamic_axes=axes, opset_version=opset,
+                          do_constant_folding=True)
+    onnx.checker.check_model(onnx.load(path))
+    return OnnxExport(path, shape, dynamic, opset, names, time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------ parity checks
+@dataclass
+class ParityResult:
+    """One comparison of an exported / compiled model with eager PyTorch at one input size.
+
+    Attributes:
+        size: ``(H, W)`` of the input.
+        batch: batch size of the input.
+        max_abs_diff: per output name, the largest absolute difference (NaN when either side
+            has non-finite values).
+        atol: tolerance the differences were held to.
+        problems: what failed besides the tolerance (non-finite values, shape mismatches).
+        seconds: time of the run under test (for ``torch.compile``, the first call of a size
+            includes compiling).
+    """
+
+    size: Size
+    batch: int
+    max_abs_diff: Dict[str, float]
+    atol: float
+    problems: List[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        """No problems, and every difference finite and within ``atol``."""
+        return not self.problems and all(math.isfinite(d) and d <= self.atol
+                                         for d in self.max_abs_diff.values())
+
+    @property
+    def worst(self) -> float:
+        """The largest difference over the outputs; NaN if any is NaN."""
+        values = list(self.max_abs_diff.values())
+        if any(math.isnan(d) for d in values):
+            return math.nan
+        return max(values, default=math.nan)
+
+    def describe(self) -> str:
+        """One line: size, per-output differences, verdict and problems."""
+        diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_diff.items())
+        line = (f"{self.batch}x3x{self.size[0]}x{self.size[1]}: max abs diff {diffs} "
+                f"(atol {self.atol:g}) {'ok' if self.ok else 'FAIL'}")
+        return line + (f" -- {'; '.join(self.problems)}" if self.problems else "")
+
+
+class ParityError(AssertionError):
+    """A checked model disagrees with eager PyTorch; ``results`` holds every comparison."""
+
+    def __init__(self, what: str, results: List[ParityResult]):
+        self.results = results
+        failed = [r.describe() for r in results if not r.ok]
+        super().__init__(f"{what} differs from eager PyTorch at {len(failed)} of "
+                         f"{len(results)} sizes: " + " | ".join(failed))
+
+
+def _compare(names: Sequence[str], outs: Sequence, refs: Sequence[Tensor], size: Size,
+             batch: int, atol: float, seconds: float, what: str) -> ParityResult:
+    diffs: Dict[str, float] = {}
+    problems: List[str] = []
+    if len(outs) != len(refs):
+        problems.append(f"{what} gives {len(outs)} outputs, eager {len(refs)}")
+    for name, out, ref in zip(names, outs, refs):
+        out = torch.as_tensor(out).float()
+        ref = ref.float()
+        if tuple(out.shape) != tuple(ref.shape):
+            problems.append(f"{name}: {what} shape {tuple(out.shape)} != eager {tuple(ref.shape)}")
+            diffs[name] = math.nan
+            continue
+        bad = []
+        if not torch.isfinite(ref).all():
+            bad.append("eager")
+        if not torch.isfinite(out).all():
+            bad.append(what)
+        if bad:
+            problems.append(f"{name}: non-finite values in the {' and '.join(bad)} output")
+            diffs[name] = math.nan
+            continue
+        diffs[name] = float((out - ref).abs().max()) if out.numel() else 0.0
+    return ParityResult(size, batch, diffs, atol, problems, seconds)
+
+
+def _finish(what: str, results: List[ParityResult], raise_on_failure: bool
+            ) -> List[ParityResult]:
+    if raise_on_failure and not all(r.ok for r in results):
+        raise ParityError(what, results)
+    return results
+
+
+def _onnx_input_dims(sess) -> List[Union[int, str, None]]:
+    return list(sess.get_inputs()[0].shape)
+
+
+def check_onnx(model: nn.Module, path: Union[str, os.PathLike], sizes: Sequence[Size],
+               batch: int = 1, atol: float = 1e-4, seed: int = 0,
+               raise_on_failure: bool = True,
+               on_result: Optional[Callable[[ParityResult], None]] = None
+               ) -> List[ParityResult]:
+    """Run the ONNX file with onnxruntime (CPU) and compare each output with eager PyTorch.
+
+    A size fails when an output differs by more than ``atol``, has a different shape, or has
+    non-finite values on either side (a NaN difference never passes).
+
+    Args:
+        model: the eager model the file was exported from (run in eval mode).
+        path: ONNX file.
+        sizes: ``(H, W)`` input sizes to compare at.
+        batch: batch size of the inputs.
+        atol: largest accepted absolute difference.
+        seed: seed of the random inputs.
+        raise_on_failure: raise :class:`ParityError` after all sizes ran if any failed;
+            False returns the results only.
+        on_result: called with each result as soon as it is known (progress reporting).
+
+    Returns:
+        One :class:`ParityResult` per size, with the max abs difference per output.
+
+    Raises:
+        ValueError: no sizes; a size below :func:`min_valid_side` for a dynamic window-mode
+            graph; or a size / batch other than the one a static graph was exported at.
+        RuntimeError: onnxruntime cannot load the file (e.g. ResTv1's float64 ops).
+        ParityError: some size failed (with ``raise_on_failure``).
+    """
+    import onnxruntime as ort
+
+    if not sizes:
+        raise ValueError("check_onnx needs at least one size (H, W)")
+    sizes = [(int(h), int(w)) for h, w in sizes]
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    try:
+        sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
+        raise RuntimeError(f"onnxruntime cannot load {os.fspath(path)}: {e}. (ResTv1's "
+                           "multi-head interaction runs in float64, for which onnxruntime's CPU "
+                           "provider has no Conv / InstanceNormalization kernels; only ResTv2 "
+                           "can be checked)") from e
+    dims = _onnx_input_dims(sess)
+    if all(isinstance(d, int) for d in dims):  # static graph
+        wrong = [s for s in sizes if s != tuple(dims[2:])]
+        if wrong or batch != dims[0]:
+            raise ValueError(f"{os.fspath(path)} is a static graph for input {dims}; cannot check "
+                             f"batch {batch} at {', '.join(f'{h}x{w}' for h, w in sizes)}")
+    else:
+        low = min_valid_side(model)
+        small = [s for s in sizes if min(s) < low]
+        if small:
+            raise ValueError(
+                f"sizes {', '.join(f'{h}x{w}' for h, w in small)} are below {low} pixels, the "
+                "smallest side at which a dynamic window-mode graph matches eager (windows "
+                "larger than the map are shrunk in eager only); export statically for them")
+    input_name = sess.get_inputs()[0].name
+    names = [o.name for o in sess.get_outputs()]
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    with _eval_mode(model):
+        for size in sizes:
+            x = torch.randn(batch, 3, *size, generator=gen)
+            with torch.no_grad():
+                ref = model(x)
+            t0 = time.perf_counter()
+            outs = sess.run(None, {input_name: x.numpy()})
+            res = _compare(names, outs, ref, size, batch, atol, time.perf_counter() - t0,
+                           "onnxruntime")
+            results.append(res)
+            if on_result is not None:
+                on_result(res)
+    return _finish(f"ONNX model {os.fspath(path)}", results, raise_on_failure)
+
+
+def check_compile(model: nn.Module, sizes: Sequence[Size], backend: str = "inductor",
+                  dynamic: Optional[bool] = None, batch: int = 1, atol: float = 1e-4,
+                  seed: int = 0, raise_on_failure: bool = True,
+                  on_result: Optional[Callable[[ParityResult], None]] = None
+                  ) -> List[ParityResult]:
+    """Compare ``torch.compile(model)`` with eager PyTorch at each size.
+
+    Args:
+        model: a core backbone (run in eval mode).
+        sizes: ``(H, W)`` input sizes.
+        backend: ``torch.compile`` backend (``'inductor'``, ``'aot_eager'``, ...).
+        dynamic: passed to ``torch.compile``: None (PyTorch's default) recompiles with symbolic
+            sizes when a second size comes; False compiles each size separately (much faster
+            to compile in the window modes); True starts symbolic.
+        batch: batch size of the inputs.
+        atol: largest accepted absolute difference.
+        seed: seed of the random inputs.
+        raise_on_failure: raise :class:`ParityError` after all sizes ran if any failed.
+        on_result: called with each result as soon as it is known.
+
+    Returns:
+        One :class:`ParityResult` per size; ``seconds`` is the compiled call's time (the first
+        call of a size includes compiling).
+
+    Raises:
+        ValueError: no sizes.
+        ParityError: some size failed (with ``raise_on_failure``).
+    """
+    if not sizes:
+        raise ValueError("check_compile needs at least one size (H, W)")
+    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    names = _output_names(model)
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    with _eval_mode(model):
+        for h, w in sizes:
+            x = torch.randn(batch, 3, int(h), int(w), generator=gen)
+            with torch.no_grad():
+                ref = model(x)
+                t0 = time.perf_counter()
+                out = compiled(x)
+                dt = time.perf_counter() - t0
+            res = _compare(names, out, ref, (int(h), int(w)), batch, atol, dt,
+                           f"torch.compile({backend})")
+            results.append(res)
+            if on_result is not None:
+                on_result(res)
+    return _finish(f"torch.compile(backend={backend!r})", results, raise_on_failure)
