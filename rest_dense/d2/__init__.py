@@ -14,6 +14,10 @@ Typical use::
     add_restv2_config(cfg)
     add_rest_config(cfg)
     cfg.merge_from_file("configs/detectron2/mask_rcnn_restv2_tiny_3x.yaml")
+
+Training and evaluation: :class:`RestTrainer` (:mod:`rest_dense.d2.engine`) and
+:func:`launch_main` (:mod:`rest_dense.d2.launch`, what ``rest-dense train`` / ``test`` run),
+imported on first use.
 """
 from .backbone import (D2ResTv1, D2ResTv2, build_rest_backbone, build_rest_fpn_backbone,
                        build_restv2_backbone, build_restv2_fpn_backbone,
@@ -32,4 +36,17 @@ __all__ = [
     "build_rest_fpn_backbone", "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages",
     "RestDetectionCheckpointer", "classify_checkpoint", "find_rest_backbone",
     "register_toy_datasets", "build_optimizer", "build_adamw", "with_full_model_gradient_clipping",
+    "RestTrainer", "setup_yaml_config", "setup_lazy_config", "launch_main",
 ]
+
+# engine / launch import detectron2's trainers and evaluators: loaded on first access
+_LAZY = {"RestTrainer": "engine", "setup_yaml_config": "engine", "setup_lazy_config": "engine",
+         "launch_main": "launch"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,14 +11,15 @@
   ``backbone.bottom_up.norm_i.0.*``; converted or our own ones ``norm_i.*``): the norm
   keys are renamed and the whole model is loaded the usual way.
 
-Files are read with ``torch.load(weights_only=True)``. Only checkpoints inside the
-checkpointer's own ``save_dir`` (what training wrote, e.g. for ``--resume``) are
-unpickled fully if the safe loader refuses them.
+Files are read under :mod:`rest_dense.trust`'s policy, the same as the MMDetection /
+MMSegmentation adapter's: ``torch.load(weights_only=True)`` with an allow-list that covers
+what detectron2 training writes (``.pkl`` model-zoo files through a restricted unpickler);
+full unpickling only for paths marked with :func:`rest_dense.trust.trust` (the training
+run's ``OUTPUT_DIR``, which :class:`rest_dense.d2.engine.RestTrainer` and the launcher mark,
+``--trust-checkpoint`` paths, the checkpoint given to ``rest-dense test``).
 """
 from __future__ import annotations
 
-import os
-import pickle
 from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
@@ -27,6 +28,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
+from .. import trust as _trust
 from ..models import load_checkpoint, matching_keys, normalize_state_dict, rename_d2_norm_keys
 from ..models.base import ResTBase
 
@@ -72,39 +74,40 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
     """
 
     # ------------------------------------------------------------------ reading
-    def _trusted(self, filename: str) -> bool:
-        if not self.save_dir:
-            return False
-        root = os.path.realpath(self.save_dir)
-        return os.path.realpath(filename).startswith(root + os.sep)
-
-    def _torch_load(self, filename: str) -> Any:
-        try:
-            return torch.load(filename, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:
-            if not self._trusted(filename):
-                raise RuntimeError(
-                    f"{filename} holds objects other than tensors and plain containers, which "
-                    f"torch.load(weights_only=True) refuses to unpickle. Downloaded weights should "
-                    f"not need that; if this is your own checkpoint and you trust it, re-save its "
-                    f"'model' state dict alone, or put it in the output directory.") from e
-            self.logger.warning("%s needs full unpickling; allowed because it is inside the "
-                                "output directory %s", filename, self.save_dir)
-            return torch.load(filename, map_location="cpu", weights_only=False)
+    def _read_native(self, filename: str) -> Dict[str, Any]:
+        """A file in one of detectron2's formats, read under the trust policy, as
+        ``{"model": state dict, ...}``."""
+        if filename.endswith(".pkl"):
+            data = _trust.load_pickle_file(filename, log=self.logger)
+            if not isinstance(data, Mapping):
+                raise ValueError(f"{filename}: expected a dict, got {type(data).__name__}")
+            if "model" in data and "__author__" in data:  # detectron2 model-zoo layout
+                self.logger.info("Reading a file from '%s'", data["__author__"])
+                return dict(data)
+            # Caffe2 / Detectron1 layout: weights (under "blobs" for detection models),
+            # optimizer momenta left out; names are matched heuristically
+            blobs = data.get("blobs", data)
+            return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
+                    "__author__": "Caffe2", "matching_heuristics": True}
+        loaded = _trust.load_checkpoint_file(filename, map_location="cpu", log=self.logger)
+        if filename.endswith(".pyth"):  # pycls
+            if not isinstance(loaded, Mapping) or "model_state" not in loaded:
+                raise ValueError(f"{filename}: a .pyth (pycls) checkpoint must hold 'model_state'")
+            return {"model": {k: v for k, v in loaded["model_state"].items()
+                              if not k.endswith("num_batches_tracked")},
+                    "__author__": "pycls", "matching_heuristics": True}
+        if not isinstance(loaded, Mapping):
+            raise ValueError(f"{filename}: expected a dict checkpoint, got {type(loaded).__name__}")
+        loaded = dict(loaded)
+        if "model" not in loaded:
+            if isinstance(loaded.get("state_dict"), Mapping):  # mmengine / lightning layout
+                loaded = {"model": loaded["state_dict"]}
+            else:
+                loaded = {"model": loaded}
+        return loaded
 
     def _load_file(self, filename: str) -> Dict[str, Any]:
-        if filename.endswith((".pkl", ".pyth")):
-            loaded = super()._load_file(filename)
-        else:
-            loaded = self._torch_load(filename)
-            if not isinstance(loaded, Mapping):
-                raise ValueError(f"{filename}: expected a dict checkpoint, got {type(loaded).__name__}")
-            loaded = dict(loaded)
-            if "model" not in loaded:
-                if isinstance(loaded.get("state_dict"), Mapping):  # mmengine / lightning layout
-                    loaded = {"model": loaded["state_dict"]}
-                else:
-                    loaded = {"model": loaded}
+        loaded = self._read_native(filename)
         sd = loaded["model"]
         if not isinstance(sd, Mapping):
             raise ValueError(f"{filename}: 'model' is a {type(sd).__name__}, not a state dict")

@@ -24,6 +24,8 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
+from ..amp import resolve_amp
+from ..trust import trust
 from .checkpoint import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
 from .solver import build_optimizer
@@ -40,11 +42,9 @@ def is_lazy_config(path: str) -> bool:
 
 
 def _amp_guard(device: str, enabled: bool) -> bool:
-    # detectron2 0.5's AMPTrainer requires CUDA; on CPU the recipe's AMP is switched off
-    if enabled and not (str(device).startswith("cuda") and torch.cuda.is_available()):
-        logger.warning("AMP requested but not running on CUDA (device %s): training in fp32", device)
-        return False
-    return enabled
+    """detectron2 0.5's ``AMPTrainer`` needs CUDA: elsewhere the recipe's AMP is switched
+    off with a warning (:func:`rest_dense.amp.resolve_amp`, shared with the mm adapter)."""
+    return resolve_amp(bool(enabled), device, backends=("cuda",), log=logger)
 
 
 def default_setup(cfg: Union[CfgNode, DictConfig], args: argparse.Namespace) -> None:
@@ -93,14 +93,31 @@ class RestTrainer(DefaultTrainer):
     :func:`rest_dense.d2.solver.build_optimizer` (AdamW / SGD, no weight decay on norms and
     biases as configured, per-parameter or whole-model gradient clipping), weights are loaded
     by :class:`RestDetectionCheckpointer` (ImageNet, released detectron2 and converted
-    checkpoints alike), evaluation uses ``COCOEvaluator``, and ``OUTPUT_DIR`` is created if
-    missing (detectron2's writers need it).
+    checkpoints alike), evaluation uses ``COCOEvaluator``, ``OUTPUT_DIR`` is created if
+    missing (detectron2's writers need it) and marked as the run's own checkpoints
+    (:func:`rest_dense.trust.trust`), and checkpoints carry the optimizer (and AMP grad
+    scaler) state, so ``--resume`` continues where training stopped.
     """
 
     def __init__(self, cfg: CfgNode):
-        if comm.is_main_process() and cfg.OUTPUT_DIR:
-            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+        if cfg.OUTPUT_DIR:
+            if comm.is_main_process():
+                os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+            trust(cfg.OUTPUT_DIR)
         super().__init__(cfg)
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Hooks' state plus the inner trainer's (optimizer, AMP grad scaler)."""
+        ret = super().state_dict()
+        ret["_trainer"] = self._trainer.state_dict()
+        return ret
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; checkpoints without the inner trainer's state (older
+        ones) restore the iteration and hooks only."""
+        super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     def train(self) -> Optional[Dict[str, Any]]:
         """Run training; returns the last evaluation results (``None`` if none ran)."""
@@ -144,9 +161,22 @@ def lazy_build_model(cfg: DictConfig) -> torch.nn.Module:
     return model.to(cfg.train.get("device", "cuda"))
 
 
-def lazy_train(cfg: DictConfig, resume: bool = False) -> Dict[str, Any]:
+def lazy_train(cfg: DictConfig, resume: bool = False,
+               resume_from: Optional[str] = None) -> Dict[str, Any]:
     """Train with a LazyConfig (``model``, ``optimizer``, ``dataloader``, ``lr_multiplier``,
-    ``train``), with periodic checkpoints and evaluation; returns the last evaluation."""
+    ``train``), with periodic checkpoints and evaluation.
+
+    Args:
+        cfg: the config.
+        resume: continue from the last checkpoint in ``train.output_dir`` if there is one
+            (else start from ``train.init_checkpoint``).
+        resume_from: continue from this checkpoint file (model, optimizer, iteration);
+            overrides ``resume``. The file is marked trusted (:func:`rest_dense.trust.trust`).
+
+    Returns:
+        The last evaluation results.
+    """
+    trust(cfg.train.output_dir, resume_from)  # the run's own checkpoints
     model = lazy_build_model(cfg)
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
@@ -172,7 +202,11 @@ def lazy_train(cfg: DictConfig, resume: bool = False) -> Dict[str, Any]:
         hooks.PeriodicWriter(default_writers(cfg.train.output_dir, cfg.train.max_iter),
                              period=cfg.train.log_period) if comm.is_main_process() else None,
     ])
-    checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
-    start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
+    if resume_from:
+        checkpointer.load(resume_from)
+        start_iter = trainer.iter + 1
+    else:
+        checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
+        start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)
     return dict(results)

@@ -20,10 +20,11 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as _ENGINE_CONSTRUCTORS
 
 from .backbones import MMResTv1, MMResTv2, load_pretrained_cfg
 from .optim import ResTLayerDecayOptimizerConstructor, stage_lr_scales
-from .trusted_checkpoints import trust_checkpoints
+from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 
 __all__ = ["MMResTv2", "MMResTv1", "ResTLayerDecayOptimizerConstructor", "stage_lr_scales",
-           "load_pretrained_cfg", "trust_checkpoints", "REGISTERED", "UNAVAILABLE"]
+           "load_pretrained_cfg", "trust_checkpoints", "install_checkpoint_loader", "train", "test",
+           "REGISTERED", "UNAVAILABLE"]
 
 _BACKBONES = {"ResTv2": MMResTv2, "ResTv1": MMResTv1}
 
@@ -62,3 +63,5 @@ for _framework in ("mmdet", "mmseg"):
     _register(_registry.OPTIM_WRAPPER_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
               ResTLayerDecayOptimizerConstructor)
     REGISTERED.append(_framework)
+
+from .runner import test, train  # noqa: E402  (after registration: the runner builds models)

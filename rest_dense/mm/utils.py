@@ -136,7 +136,8 @@ def wrap_for_tta(cfg: Config) -> Config:
 
 def amp_unavailable_fallback(cfg: Config) -> bool:
     """Switch an ``AmpOptimWrapper`` to the fp32 ``OptimWrapper`` when no accelerator is
-    present (mmengine's AMP wrapper refuses to run on CPU).
+    present (mmengine's AMP wrapper refuses to run on CPU); the decision is
+    :func:`rest_dense.amp.resolve_amp`'s, shared with the detectron2 adapter.
 
     Args:
         cfg: a loaded config; modified in place.
@@ -144,12 +145,14 @@ def amp_unavailable_fallback(cfg: Config) -> bool:
     Returns:
         Whether the config was changed.
     """
-    from mmengine.device import is_cuda_available, is_mlu_available, is_npu_available
+    from mmengine.logging import MMLogger
+
+    from ..amp import resolve_amp
 
     optim = cfg.get("optim_wrapper")
     if not optim or optim.get("type") != "AmpOptimWrapper":
         return False
-    if is_cuda_available() or is_npu_available() or is_mlu_available():
+    if resolve_amp(True, device=None, log=MMLogger.get_current_instance()):
         return False
     optim.type = "OptimWrapper"
     for key in ("loss_scale", "dtype", "use_fsdp"):

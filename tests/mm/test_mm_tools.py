@@ -1,8 +1,10 @@
-"""tools/train.py and tools/test.py end to end on tiny on-disk datasets (MMSegmentation
-and MMDetection), including --resume and testing trained checkpoints under torch>=2.6
-(mmengine issue #1655), plus the helpers behind them."""
-import importlib.util
+"""Training and testing MMDetection / MMSegmentation configs end to end on tiny on-disk
+datasets, through ``rest-dense train`` / ``rest-dense test`` (:func:`rest_dense.cli.main`)
+and :mod:`rest_dense.mm.runner`: ``--resume``, test-time augmentation, ``--show-dir``, and
+reading trained checkpoints under torch>=2.6 (mmengine issue #1655) with
+:mod:`rest_dense.trust`'s policy; plus the helpers behind them."""
 import json
+import math
 import pickle
 import shutil
 
@@ -12,22 +14,32 @@ import pytest
 import torch
 from mmengine.config import Config
 
+from rest_dense import trust
+from rest_dense.amp import amp_supported
+from rest_dense.cli import main as cli
+from rest_dense.mm import runner as mm_runner
 from rest_dense.mm import trusted_checkpoints
-from rest_dense.mm.utils import detect_framework, wrap_for_tta
+from rest_dense.mm.utils import amp_unavailable_fallback, detect_framework, wrap_for_tta
 from rest_dense.models import ResTv2
 
-from _mm_utils import CONFIG_DIR, REPO, TINY_ARCH, load
-
-
-def _tool(name):
-    spec = importlib.util.spec_from_file_location(f"rest_dense_tools_{name}",
-                                                  REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from _mm_utils import CONFIG_DIR, TINY_ARCH, load
 
 TINY = repr(dict(TINY_ARCH))
+
+
+class Note:
+    """An object no allow-list admits (a stand-in for anything a checkpoint may carry)."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trust():
+    """Each test starts and ends with nothing marked trusted."""
+    trust.forget_trusted()
+    yield
+    trust.forget_trusted()
 
 
 def _last_log(work_dir):
@@ -40,6 +52,12 @@ def _pretrained(tmp_path):
     path = tmp_path / "tiny_in1k.pth"
     torch.save({"model": ResTv2(arch=TINY_ARCH).state_dict()}, path)
     return path
+
+
+def _finite_metrics(metrics, keys):
+    assert set(keys) <= set(metrics), metrics
+    for key in keys:
+        assert math.isfinite(float(metrics[key])), (key, metrics[key])
 
 
 # ------------------------------------------------------------------------- helpers
@@ -61,6 +79,54 @@ def test_wrap_for_tta():
     assert cfg.model.module.type == "EncoderDecoder"
     with pytest.raises(KeyError, match="tta_model"):
         wrap_for_tta(load("mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"))
+
+
+def test_parse_cfg_options():
+    assert mm_runner.parse_cfg_options(None) == {}
+    assert mm_runner.parse_cfg_options({"a.b": 1}) == {"a.b": 1}
+    parsed = mm_runner.parse_cfg_options(["a.b=3", "c=[1,2]", "d=x"])
+    assert parsed == {"a.b": 3, "c": [1, 2], "d": "x"}
+    with pytest.raises(ValueError, match="key=value"):
+        mm_runner.parse_cfg_options(["MODEL.DEVICE", "cpu"])
+
+
+def test_train_config_from_shipped_name(tmp_path):
+    """A shipped config by name: work dir, resume, AMP fallback and trust set as documented."""
+    name = "mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"
+    ckpt = tmp_path / "mine.pth"
+    torch.save({"state_dict": {}}, ckpt)
+    cfg = mm_runner.train_config(name, work_dir=tmp_path / "w", resume=str(ckpt),
+                                 cfg_options=["train_dataloader.batch_size=1"],
+                                 trust=[tmp_path / "earlier"])
+    assert cfg.default_scope == "mmdet" and cfg.work_dir == str(tmp_path / "w")
+    assert cfg.resume is True and cfg.load_from == str(ckpt)
+    assert cfg.train_dataloader.batch_size == 1
+    assert cfg.optim_wrapper.type == ("AmpOptimWrapper" if amp_supported() else "OptimWrapper")
+    assert trust.is_trusted(tmp_path / "w" / "iter_5.pth") and trust.is_trusted(ckpt)
+    assert trust.is_trusted(tmp_path / "earlier" / "x.pth")
+    assert not trust.is_trusted(tmp_path / "other.pth")
+
+    auto = mm_runner.train_config(name, resume=True)
+    assert auto.resume is True and auto.load_from is None
+    assert auto.work_dir.endswith("mask-rcnn_restv2-t_fpn_amp-ms-1x_coco")
+    with pytest.raises(FileNotFoundError, match="resume checkpoint"):
+        mm_runner.train_config(name, resume=tmp_path / "missing.pth")
+    with pytest.raises(FileNotFoundError, match="did you mean"):
+        mm_runner.train_config("mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_cocoo.py")
+    with pytest.raises(ValueError, match="launcher"):
+        mm_runner.train_config(name, launcher="torchrun")
+
+
+def test_amp_fallback_uses_shared_helper(monkeypatch):
+    """mm's AmpOptimWrapper fallback asks rest_dense.amp (the same helper as detectron2's)."""
+    import rest_dense.amp as amp
+
+    cfg = load("mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py")
+    monkeypatch.setattr(amp, "accelerator_available", lambda device_type: device_type == "npu")
+    assert not amp_unavailable_fallback(cfg) and cfg.optim_wrapper.type == "AmpOptimWrapper"
+    monkeypatch.setattr(amp, "accelerator_available", lambda device_type: False)
+    assert amp_unavailable_fallback(cfg)
+    assert cfg.optim_wrapper.type == "OptimWrapper" and "loss_scale" not in cfg.optim_wrapper
 
 
 # ------------------------------------------------------------- MMSegmentation end to end
@@ -115,41 +181,71 @@ default_hooks = dict(logger=dict(interval=1), checkpoint=dict(interval=1))
     return str(path)
 
 
-def test_seg_train_resume_and_test(tmp_path):
-    train, test = _tool("train"), _tool("test")
+@pytest.mark.slow
+def test_seg_train_resume_and_test(tmp_path, one_thread, capsys):
     cfg = _seg_config(tmp_path, "upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py")
     work = tmp_path / "work"
-    model = train.main([cfg, "--work-dir", str(work), "--cfg-options", "experiment_name=seg_a"])
-    assert type(model).__name__ == "EncoderDecoder"
+    assert cli(["train", cfg, "--work-dir", str(work), "experiment_name=seg_a"]) == 0
     ckpt = work / "iter_2.pth"
     assert ckpt.is_file()
     log = _last_log(work)
     assert "MMResTv2: loaded 128 tensors from" in log          # init_cfg Pretrained
     assert "ResTLayerDecayOptimizerConstructor: decay_rate=0.9" in log
 
-    # the mmengine checkpoint cannot be read with weights_only=True (mmengine #1655) ...
+    # torch's plain weights_only=True refuses an mmengine checkpoint (mmengine #1655) ...
     with pytest.raises(pickle.UnpicklingError):
         torch.load(ckpt, weights_only=True)
-    # ... so --resume of the run's own work dir unpickles it, as documented
-    train.main([cfg, "--work-dir", str(work), "--resume",
-                "--cfg-options", "experiment_name=seg_b", "train_cfg.max_iters=3"])
+    # ... rest_dense's allow-list reads it without full unpickling, from anywhere
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(ckpt, elsewhere / "copy.pth")
+    assert not trust.is_trusted(elsewhere / "copy.pth")
+    loaded = trusted_checkpoints.load_from_local(str(elsewhere / "copy.pth"), "cpu")
+    assert loaded["meta"]["iter"] == 2
+    buffers = loaded["message_hub"]["log_scalars"]
+    assert math.isfinite(float(buffers["train/loss"].mean()))
+
+    # --resume (no value) continues the latest run in the work dir
+    assert cli(["train", cfg, "--work-dir", str(work), "--resume",
+                "experiment_name=seg_b", "train_cfg.max_iters=3"]) == 0
     log = _last_log(work)
     assert "resumed epoch: 0, iter: 2" in log
     assert (work / "iter_3.pth").is_file()
 
-    # testing the trained checkpoint, multi-scale + flip (single scale: see the det test)
-    metrics = test.main([cfg, str(work / "iter_3.pth"), "--tta", "--work-dir",
-                         str(tmp_path / "t2"), "--cfg-options", "experiment_name=seg_d"])
-    assert {"mIoU", "aAcc", "mAcc"} <= set(metrics)
+    # testing the trained checkpoint, multi-scale + flip, painting the predictions
+    capsys.readouterr()
+    saved = tmp_path / "metrics.json"
+    assert cli(["test", cfg, str(work / "iter_3.pth"), "--tta", "--work-dir", str(tmp_path / "t2"),
+                "--show-dir", str(tmp_path / "vis"), "--save-metrics", str(saved),
+                "--cfg-options", "experiment_name=seg_d"]) == 0
+    metrics = json.loads(saved.read_text())
+    _finite_metrics(metrics, ("mIoU", "aAcc", "mAcc"))
+    assert "mIoU" in capsys.readouterr().out
     assert "SegTTAModel" in _last_log(tmp_path / "t2")
+    assert list((tmp_path / "vis").rglob("*.png")), "--show-dir painted nothing"
 
-    # a copy outside the trusted locations is read with weights_only=True and refused
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    shutil.copy(work / "iter_3.pth", elsewhere / "copy.pth")
-    assert not trusted_checkpoints.is_trusted(elsewhere / "copy.pth")
-    with pytest.raises(pickle.UnpicklingError, match="--trust-checkpoint"):
-        trusted_checkpoints.load_from_local(str(elsewhere / "copy.pth"), "cpu")
+    # a checkpoint that holds more than the allow-list admits: refused unless trusted
+    odd = elsewhere / "odd.pth"
+    torch.save({**loaded, "extra": Note("mine")}, odd)
+    with pytest.raises(trust.UntrustedCheckpointError, match="--trust-checkpoint"):
+        trusted_checkpoints.load_from_local(str(odd), "cpu")
+    mm_runner.test_config(cfg, odd, weights_only=True)  # --weights-only: not trusted
+    assert not trust.is_trusted(odd)
+    mm_runner.test_config(cfg, odd)                     # test's CHECKPOINT: trusted
+    assert trusted_checkpoints.load_from_local(str(odd), "cpu")["extra"].text == "mine"
+
+
+def test_cli_errors_name_the_problem(tmp_path, capsys):
+    cfg = "upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py"
+    assert cli(["test", cfg, str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth does not exist" in capsys.readouterr().err
+    assert cli(["train", cfg, "--num-gpus", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--num-gpus" in err and "MMDetection / MMSegmentation" in err
+    assert cli(["train", cfg, "MODEL.DEVICE", "cpu"]) == 2
+    assert "key=value" in capsys.readouterr().err
+    assert cli(["train", cfg, "--auto-scale-lr", "auto_scale_lr=None"]) == 2
+    assert "base_batch_size" in capsys.readouterr().err
 
 
 # -------------------------------------------------------------- MMDetection end to end
@@ -169,9 +265,9 @@ def _coco_like(root):
     (root / "ann.json").write_text(json.dumps(coco))
 
 
-def test_det_train_and_test(tmp_path):
-    """The tool flow on a 2-image COCO-format set (heads narrowed: this is about the tools)."""
-    train, test = _tool("train"), _tool("test")
+@pytest.mark.slow
+def test_det_train_and_test(tmp_path, one_thread):
+    """The library flow on a 2-image COCO-format set (heads narrowed: this is about the tools)."""
     data = tmp_path / "coco"
     _coco_like(data)
     base = CONFIG_DIR / "mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"
@@ -217,15 +313,16 @@ train_cfg = dict(max_epochs=1, val_interval=10)
 default_hooks = dict(logger=dict(interval=1))
 """)
     work = tmp_path / "work"
-    # the config asks for AmpOptimWrapper, which needs a GPU: on CPU the tool trains fp32
-    runner_model = train.main([str(cfg), "--work-dir", str(work),
-                               "--cfg-options", "experiment_name=det_a"])
-    assert type(runner_model).__name__ == "MaskRCNN"
+    # the config asks for AmpOptimWrapper, which needs a GPU: on CPU the runner trains fp32
+    model = mm_runner.train(cfg, work_dir=work, cfg_options={"experiment_name": "det_a"})
+    assert type(model).__name__ == "MaskRCNN"
     assert (work / "epoch_1.pth").is_file()
     log = _last_log(work)
     assert "MMResTv2: loaded 128 tensors" in log
-    if not torch.cuda.is_available():
+    if not amp_supported():
         assert "Epoch(train) [1][1/1]" in log
-    metrics = test.main([str(cfg), str(work / "epoch_1.pth"), "--work-dir", str(tmp_path / "t"),
-                         "--cfg-options", "experiment_name=det_b"])
-    assert "coco/bbox_mAP" in metrics and "coco/segm_mAP" in metrics
+    metrics = mm_runner.test(cfg, work / "epoch_1.pth", work_dir=tmp_path / "t", show_dir="vis",
+                             cfg_options=["experiment_name=det_b"])
+    _finite_metrics(metrics, ("coco/bbox_mAP", "coco/segm_mAP"))
+    painted = list((tmp_path / "t").rglob("vis/*.jpg"))
+    assert len(painted) == 2, painted

@@ -1,0 +1,96 @@
+"""Evaluate a checkpoint: an MMDetection / MMSegmentation config (mmengine's Runner) or a
+detectron2 config (yacs .yaml or LazyConfig .py; detectron2's --eval-only).
+
+CONFIG is a file or a shipped config name (`rest-dense configs`); the framework is read
+from the config as in `rest-dense train`. CHECKPOINT is a file or URL. Overrides go after
+the options: `key=value` (OpenMMLab, LazyConfig) or `KEY VALUE` (detectron2 yaml).
+
+Examples:
+
+  rest-dense test mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py \\
+      work_dirs/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco/epoch_12.pth
+  rest-dense test upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py CHECKPOINT --tta
+  rest-dense test CONFIG CHECKPOINT --show-dir vis --save-metrics metrics.json
+  bash tools/dist_test.sh CONFIG CHECKPOINT 8
+  rest-dense test detectron2/mask_rcnn_restv2_tiny_3x.yaml model_final.pth --num-gpus 8
+  rest-dense test detectron2/toy/mask_rcnn_restv2_toy.yaml outputs/model_final.pth \\
+      --threads 1 MODEL.DEVICE cpu
+
+Checkpoints: CHECKPOINT is taken to be one you trained: it is read with
+torch.load(weights_only=True) and rest_dense's allow-list (enough for mmengine and
+detectron2 training checkpoints) and, should that not suffice, unpickled in full. For a
+file of unknown origin pass --weights-only: then it is never unpickled in full.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+
+from .train import (add_common_arguments, add_overrides_argument, allow_intermixed,
+                    check_family_options, d2_namespace, fail, fix_resume, overrides,
+                    print_metrics, resolve_config, UsageError)
+
+HELP = "evaluate a checkpoint (MMDetection, MMSegmentation or detectron2 config)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    allow_intermixed(parser)
+    parser.add_argument("config", help="config file or shipped config name (rest-dense configs)")
+    parser.add_argument("checkpoint", help="checkpoint file (or URL)")
+    add_overrides_argument(parser)
+    parser.add_argument("--weights-only", action="store_true",
+                        help="never unpickle CHECKPOINT in full: for files you did not produce")
+    parser.add_argument("--save-metrics", metavar="FILE", help="also write the metrics as JSON")
+    add_common_arguments(parser)
+    parser.add_argument("--tta", action="store_true", default=None,
+                        help="OpenMMLab: test-time augmentation from the config's tta_model / "
+                        "tta_pipeline (MMSegmentation: scales x0.5-1.75 with flip)")
+    parser.add_argument("--show-dir", default=None,
+                        help="OpenMMLab: save images painted with the predictions here (mmdet: "
+                        "inside the run's folder in the work dir; mmseg: as given)")
+    parser.add_argument("--show", action="store_true", default=None,
+                        help="OpenMMLab: display the painted predictions")
+    parser.add_argument("--wait-time", type=float, default=None,
+                        help="OpenMMLab: seconds each image is shown with --show (default 2)")
+
+
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        resolve_config(args)
+        check_family_options(args)
+        fix_resume(args)
+    except UsageError as err:
+        return fail("test", str(err))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    if args.family == "detectron2":
+        from ..d2.launch import check_args, launch_main
+
+        ns = d2_namespace(args, eval_only=True, weights=args.checkpoint,
+                          weights_only=args.weights_only)
+        try:
+            check_args(ns)
+        except (FileNotFoundError, ValueError) as err:
+            return fail("test", str(err))
+        results = launch_main(ns)
+        if results is not None:
+            print_metrics(results, args.save_metrics)
+        return 0
+
+    from ..mm.runner import build_runner, test_config
+
+    try:
+        cfg = test_config(args.config_path, args.checkpoint, work_dir=args.work_dir,
+                          weights_only=args.weights_only, tta=bool(args.tta),
+                          show_dir=args.show_dir, show=bool(args.show),
+                          wait_time=2.0 if args.wait_time is None else args.wait_time,
+                          cfg_options=overrides(args), launcher=args.launcher or "none")
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        return fail("test", str(err).strip('"'))
+    metrics = build_runner(cfg).test()
+    print_metrics(metrics, args.save_metrics)
+    return 0

@@ -1,0 +1,270 @@
+"""Train a detector or segmentor: an MMDetection / MMSegmentation config (mmengine's Runner)
+or a detectron2 config (yacs .yaml or LazyConfig .py).
+
+CONFIG is a file or a shipped config name (`rest-dense configs` lists them). The framework
+is read from the config itself (--framework to override): .yaml files with detectron2's
+upper-case sections and Python files defining `dataloader` / `lr_multiplier` are
+detectron2; files with `_base_`, `default_scope`, `train_dataloader`, ... are OpenMMLab.
+
+Overrides go after the options (or with --cfg-options): `key=value` for OpenMMLab and
+LazyConfigs, `KEY VALUE` (or `KEY=VALUE`) for yacs configs.
+
+Examples:
+
+  rest-dense train mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py
+  rest-dense train upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py \\
+      --work-dir work_dirs/upernet_t train_dataloader.batch_size=4
+  rest-dense train CONFIG --work-dir work_dirs/run1 --resume      # latest checkpoint there
+  rest-dense train CONFIG --resume work_dirs/run1/iter_8000.pth   # that checkpoint
+  bash tools/dist_train.sh CONFIG 8                               # 8 GPUs through torchrun
+  rest-dense train detectron2/mask_rcnn_restv2_tiny_3x.yaml --num-gpus 8
+  rest-dense train detectron2/toy/mask_rcnn_restv2_toy.yaml --threads 1 \\
+      MODEL.DEVICE cpu SOLVER.MAX_ITER 100
+  rest-dense train detectron2/lazy/mask_rcnn_restv2_tiny_3x.py --num-gpus 8 train.max_iter=1000
+
+Checkpoints: files are read with torch.load(weights_only=True) and an allow-list that
+covers mmengine's and detectron2's training checkpoints (rest_dense/trust.py). If a file
+needs more, it is unpickled in full only if it is your own: inside this run's --work-dir,
+the --resume file, or a path given to --trust-checkpoint. Do not trust files you did not
+produce. Without a GPU, configs that train with mixed precision fall back to fp32.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Any, Dict, List, Optional
+
+HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
+
+#: options that only one family of frameworks understands: dest -> (flag, family)
+_MM_ONLY = {"auto_scale_lr": "--auto-scale-lr", "launcher": "--launcher", "tta": "--tta",
+            "show_dir": "--show-dir", "show": "--show", "wait_time": "--wait-time"}
+_D2_ONLY = {"num_gpus": "--num-gpus", "num_machines": "--num-machines",
+            "machine_rank": "--machine-rank", "dist_url": "--dist-url", "eval_only": "--eval-only",
+            "lazy": "--lazy", "toy_root": "--toy-root"}
+_FAMILY_NAMES = {"openmmlab": "an MMDetection / MMSegmentation", "detectron2": "a detectron2"}
+_D2_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+class UsageError(Exception):
+    """Bad command-line input; reported as ``rest-dense <command>: error: ...``."""
+
+
+# ----------------------------------------------------------------------------- parsing
+def allow_intermixed(parser: argparse.ArgumentParser) -> None:
+    """Let trailing positional overrides follow options (``CONFIG --work-dir W KEY=V``):
+    argparse's plain parsing stops filling positionals at the first option."""
+    plain = parser.parse_known_args
+    busy: List[bool] = []
+
+    def parse_known_args(args=None, namespace=None):
+        if busy:  # parse_known_intermixed_args calls back in
+            return plain(args, namespace)
+        busy.append(True)
+        try:
+            return parser.parse_known_intermixed_args(args, namespace)
+        finally:
+            busy.pop()
+
+    parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options shared by ``train`` and ``test``."""
+    parser.add_argument("--framework", choices=("auto", "openmmlab", "detectron2"), default="auto",
+                        help="which framework runs CONFIG (default: read from the config)")
+    parser.add_argument("--work-dir", metavar="DIR",
+                        help="logs, checkpoints, metrics (OpenMMLab default: ./work_dirs/<config "
+                        "name>; detectron2: the config's OUTPUT_DIR)")
+    parser.add_argument("--threads", "--cpu-threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's choice); 1 is much faster than "
+                        "several on a CPU shared with other jobs")
+    parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="config overrides, like the trailing ones")
+    mm = parser.add_argument_group("MMDetection / MMSegmentation")
+    mm.add_argument("--launcher", choices=("none", "pytorch", "slurm", "mpi"), default=None,
+                    help="job launcher for distributed runs (default: none)")
+    mm.add_argument("--local_rank", "--local-rank", type=int, default=0, help=argparse.SUPPRESS)
+    d2 = parser.add_argument_group("detectron2")
+    d2.add_argument("--num-gpus", type=int, default=None,
+                    help="GPUs (worker processes) per machine (default: 1)")
+    d2.add_argument("--num-machines", type=int, default=None, help="machines (default: 1)")
+    d2.add_argument("--machine-rank", type=int, default=None, help="rank of this machine")
+    d2.add_argument("--dist-url", default=None,
+                    help="torch.distributed init URL (default: a per-user localhost port)")
+    d2.add_argument("--lazy", action="store_true", default=None,
+                    help="CONFIG is a LazyConfig (default: by extension, .py)")
+    d2.add_argument("--toy-root", default=None,
+                    help="toy dataset registered as toy_train / toy_val "
+                    "(default: $RESTDENSE_TOY_ROOT or data/toy)")
+
+
+def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="OVERRIDE",
+                        help="config overrides after the options: key=value (OpenMMLab, "
+                        "LazyConfig) or KEY VALUE / KEY=VALUE (detectron2 yaml)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    allow_intermixed(parser)
+    parser.add_argument("config", help="config file or shipped config name (rest-dense configs)")
+    add_overrides_argument(parser)
+    parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
+                        help="continue training: from CHECKPOINT, or without a value from the "
+                        "latest checkpoint in the work / output dir")
+    parser.add_argument("--trust-checkpoint", nargs="+", default=[], metavar="PATH",
+                        help="further checkpoints (or folders) of your own that may be "
+                        "unpickled in full, e.g. a `load_from` file of an earlier run")
+    parser.add_argument("--amp", action="store_true",
+                        help="mixed-precision training (fp32 fallback without a GPU)")
+    add_common_arguments(parser)
+    parser.add_argument("--auto-scale-lr", action="store_true", default=None,
+                        help="OpenMMLab: scale the lr by total batch size / "
+                        "auto_scale_lr.base_batch_size")
+    parser.add_argument("--eval-only", action="store_true", default=None,
+                        help="detectron2: evaluate MODEL.WEIGHTS instead of training (see also "
+                        "`rest-dense test`)")
+
+
+# ----------------------------------------------------------------------------- preparation
+def resolve_config(args: argparse.Namespace) -> None:
+    """Set ``args.config_path`` (file or shipped name) and ``args.family``."""
+    from ..configs import get_config_path
+    from ..utils import guess_config_framework
+
+    try:
+        args.config_path = get_config_path(args.config)
+    except FileNotFoundError as err:
+        raise UsageError(str(err).strip('"')) from None
+    if args.framework != "auto":
+        args.family = args.framework
+        return
+    try:
+        args.family = guess_config_framework(args.config_path)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+def check_family_options(args: argparse.Namespace) -> None:
+    """Refuse options of the other family of frameworks, naming them."""
+    other = _D2_ONLY if args.family == "openmmlab" else _MM_ONLY
+    given = [flag for dest, flag in other.items() if getattr(args, dest, None) not in (None, False)]
+    if given:
+        raise UsageError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} not an option for "
+                         f"{_FAMILY_NAMES[args.family]} config ({args.config_path})")
+
+
+def fix_resume(args: argparse.Namespace) -> None:
+    """``--resume`` takes an optional value, so ``--resume KEY=V`` / ``--resume KEY V``
+    would swallow an override: a value that is no file but looks like an override goes
+    back to the overrides."""
+    value = getattr(args, "resume", None)
+    if value in (None, "auto") or os.path.exists(value):
+        return
+    if "=" in value or _D2_KEY.match(value):
+        args.overrides.insert(0, value)
+        args.resume = "auto"
+
+
+def overrides(args: argparse.Namespace) -> List[str]:
+    return list(args.cfg_options or []) + list(args.overrides or [])
+
+
+def d2_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespace:
+    """The namespace :func:`rest_dense.d2.launch.main` expects."""
+    from ..d2.launch import default_dist_url
+
+    return argparse.Namespace(
+        config_file=args.config_path, opts=overrides(args),
+        resume=extra.pop("resume", False), eval_only=bool(extra.pop("eval_only", False)),
+        num_gpus=args.num_gpus or 1, num_machines=args.num_machines or 1,
+        machine_rank=args.machine_rank or 0, dist_url=args.dist_url or default_dist_url(),
+        lazy=bool(args.lazy), toy_root=args.toy_root or os.environ.get("RESTDENSE_TOY_ROOT",
+                                                                       "data/toy"),
+        cpu_threads=args.threads or 0, output_dir=args.work_dir,
+        trust_checkpoint=list(getattr(args, "trust_checkpoint", None) or []), **extra)
+
+
+def fail(command: str, message: str) -> int:
+    print(f"rest-dense {command}: error: {message}", file=sys.stderr)
+    return 2
+
+
+def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None) -> None:
+    """Print the final metrics (flattened) and optionally save them as JSON."""
+    import json
+    import math
+
+    flat: Dict[str, Any] = {}
+
+    def _walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                _walk(f"{prefix}/{k}" if prefix else str(k), v)
+        else:
+            try:
+                flat[prefix] = float(value)
+            except (TypeError, ValueError):
+                flat[prefix] = str(value)
+
+    _walk("", dict(metrics or {}))
+    if flat:
+        width = max(len(k) for k in flat)
+        print("metrics:")
+        for k, v in flat.items():
+            shown = f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else v
+            print(f"  {k:<{width}}  {shown}")
+    if save:
+        os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
+        with open(save, "w") as f:
+            json.dump(flat, f, indent=2)
+        print(f"metrics saved to {save}")
+
+
+# ----------------------------------------------------------------------------- running
+def run(args: argparse.Namespace) -> int:
+    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    try:
+        resolve_config(args)
+        check_family_options(args)
+        fix_resume(args)
+    except UsageError as err:
+        return fail("train", str(err))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+    if args.family == "detectron2":
+        from ..d2.launch import check_args, launch_main
+
+        amp = []
+        if args.amp:
+            lazy = bool(args.lazy) or args.config_path.endswith(".py")
+            amp = ["train.amp.enabled=True"] if lazy else ["SOLVER.AMP.ENABLED", "True"]
+        ns = d2_namespace(args, resume=args.resume if args.resume not in (None, "auto")
+                          else args.resume == "auto", eval_only=args.eval_only)
+        ns.opts = amp + ns.opts
+        try:
+            check_args(ns)
+        except (FileNotFoundError, ValueError) as err:
+            return fail("train", str(err))
+        results = launch_main(ns)
+        if results:
+            print_metrics(results)
+        return 0
+
+    from ..mm.runner import build_runner, train_config
+
+    try:
+        cfg = train_config(args.config_path, work_dir=args.work_dir, amp=args.amp,
+                           resume=args.resume, cfg_options=overrides(args),
+                           launcher=args.launcher or "none",
+                           auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        return fail("train", str(err).strip('"'))
+    build_runner(cfg).train()
+    print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
+    return 0

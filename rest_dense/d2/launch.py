@@ -1,0 +1,269 @@
+"""Train / evaluate detectron2 models with ResT backbones: what ``rest-dense train`` /
+``rest-dense test`` run for detectron2 configs (yacs ``.yaml`` or LazyConfig ``.py``), and
+what ``tools/train_net.py`` runs with detectron2's usual command line.
+
+Example::
+
+    from rest_dense.d2.launch import build_parser, launch_main
+
+    args = build_parser().parse_args(
+        ["--config-file", "configs/detectron2/toy/mask_rcnn_restv2_toy.yaml",
+         "--cpu-threads", "1", "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "20"])
+    results = launch_main(args)
+
+Overrides follow the config: ``KEY VALUE`` pairs for yaml configs and ``key=value`` for
+LazyConfigs; either spelling is accepted for both (:func:`normalize_overrides`).
+Datasets named ``toy_train`` / ``toy_val`` are registered from ``--toy-root``.
+
+Checkpoints are read under :mod:`rest_dense.trust`'s policy; besides what the allow-list
+admits, full unpickling is allowed for the run's ``OUTPUT_DIR``, ``--resume FILE``,
+``--trust-checkpoint`` paths and the checkpoint under test (``weights``) unless
+``--weights-only``. Trust is registered in each worker process.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from detectron2.engine import default_argument_parser, launch
+from detectron2.evaluation import verify_results
+from detectron2.utils import comm
+
+from ..trust import trust
+from .checkpoint import RestDetectionCheckpointer
+from .data import register_toy_datasets
+from .engine import (RestTrainer, default_setup, is_lazy_config, lazy_build_model, lazy_test,
+                     lazy_train, setup_lazy_config, setup_yaml_config)
+
+__all__ = ["add_launch_arguments", "add_job_arguments", "build_parser", "normalize_overrides",
+           "job_overrides", "check_args", "main", "launch_main", "cli_main", "default_dist_url"]
+
+logger = logging.getLogger("rest_dense.d2.launch")
+
+def default_dist_url() -> str:
+    """detectron2's deterministic per-user port on localhost (orphaned workers show up as a
+    port in use rather than as silent clashes)."""
+    port = 2 ** 15 + 2 ** 14 + hash(os.getuid() if hasattr(os, "getuid") else 1) % 2 ** 14
+    return f"tcp://127.0.0.1:{port}"
+
+
+def add_launch_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--num-gpus``, ``--num-machines``, ``--machine-rank``, ``--dist-url``."""
+    parser.add_argument("--num-gpus", type=int, default=1, help="GPUs (processes) per machine")
+    parser.add_argument("--num-machines", type=int, default=1, help="total number of machines")
+    parser.add_argument("--machine-rank", type=int, default=0,
+                        help="the rank of this machine (unique per machine)")
+    parser.add_argument("--dist-url", default=default_dist_url(),
+                        help="initialization URL of torch.distributed ('auto': a free port)")
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options ``rest_dense`` adds to detectron2's: ``--lazy``, ``--toy-root``,
+    ``--cpu-threads``, ``--trust-checkpoint``."""
+    parser.add_argument("--lazy", action="store_true",
+                        help="treat the config as a LazyConfig (default: by extension, .py)")
+    parser.add_argument("--toy-root", default=os.environ.get("RESTDENSE_TOY_ROOT", "data/toy"),
+                        help="root of the toy COCO dataset registered as toy_train / toy_val "
+                        "(default: $RESTDENSE_TOY_ROOT or data/toy)")
+    parser.add_argument("--cpu-threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice); 1 is much faster than "
+                        "several on a CPU shared with other jobs")
+    parser.add_argument("--trust-checkpoint", nargs="+", default=[], metavar="PATH",
+                        help="checkpoints (or folders) of your own that may be unpickled in full "
+                        "if torch.load(weights_only=True) refuses them")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``tools/train_net.py``'s command line: detectron2's ``default_argument_parser``
+    (``--config-file``, ``--resume``, ``--eval-only``, launch options, trailing overrides)
+    plus :func:`add_job_arguments`."""
+    parser = default_argument_parser()
+    add_job_arguments(parser)
+    return parser
+
+
+def normalize_overrides(opts: Sequence[str], lazy: bool) -> List[str]:
+    """Overrides in the form the config type expects.
+
+    Accepts ``KEY VALUE`` pairs and ``key=value`` items, mixed, for both config types.
+
+    Args:
+        opts: the trailing command-line overrides.
+        lazy: LazyConfig (``key=value`` items) rather than yacs (flat ``KEY VALUE`` list).
+
+    Returns:
+        ``['key=value', ...]`` for LazyConfigs, ``['KEY', 'VALUE', ...]`` for yacs.
+
+    Raises:
+        ValueError: a key without a value.
+    """
+    pairs: List[tuple] = []
+    items = list(opts)
+    i = 0
+    while i < len(items):
+        item = items[i]
+        if "=" in item:  # keys never hold '='
+            key, value = item.split("=", 1)
+            if not key:
+                raise ValueError(f"override {item!r} has no key")
+            pairs.append((key, value))
+            i += 1
+            continue
+        if i + 1 >= len(items):
+            raise ValueError(f"override {item!r} has no value (use KEY VALUE or key=value)")
+        pairs.append((item, items[i + 1]))
+        i += 2
+    if lazy:
+        return [f"{k}={v}" for k, v in pairs]
+    return [x for kv in pairs for x in kv]
+
+
+def job_overrides(args: argparse.Namespace, lazy: bool) -> List[str]:
+    """The overrides of a job: ``args.opts`` plus those implied by ``args.output_dir`` (the
+    output folder) and ``args.weights`` (the checkpoint to evaluate), both optional."""
+    opts = normalize_overrides(getattr(args, "opts", None) or [], lazy)
+    extra = []
+    output_dir = getattr(args, "output_dir", None)
+    if output_dir:
+        extra.append(("train.output_dir" if lazy else "OUTPUT_DIR", os.fspath(output_dir)))
+    weights = getattr(args, "weights", None)
+    if weights:
+        extra.append(("train.init_checkpoint" if lazy else "MODEL.WEIGHTS", os.fspath(weights)))
+    for key, value in extra:
+        opts += [f"{key}={value}"] if lazy else [key, value]
+    return opts
+
+
+def _resume_file(args: argparse.Namespace) -> Optional[str]:
+    resume = getattr(args, "resume", False)
+    if isinstance(resume, str) and resume not in ("", "auto"):
+        return resume
+    return None
+
+
+def _trust_from_args(args: argparse.Namespace) -> None:
+    trust(_resume_file(args), *(getattr(args, "trust_checkpoint", None) or []))
+    weights = getattr(args, "weights", None)
+    if weights and not getattr(args, "weights_only", False):
+        trust(weights)
+
+
+def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    cfg = setup_yaml_config(args.config_file, job_overrides(args, lazy=False))
+    default_setup(cfg, args)
+    resume_file = _resume_file(args)
+    if args.eval_only:
+        trust(cfg.OUTPUT_DIR)  # a training run's folder (resume reads its last checkpoint)
+        model = RestTrainer.build_model(cfg)
+        checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        if resume_file:
+            checkpointer.load(resume_file, checkpointables=[])
+        else:
+            checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=bool(args.resume))
+        res = RestTrainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_results(cfg, res)
+        return res
+    trainer = RestTrainer(cfg)  # marks OUTPUT_DIR as trusted
+    if resume_file:
+        trainer.checkpointer.load(resume_file)  # model, optimizer, iteration
+        trainer.start_iter = trainer.iter + 1
+    else:
+        trainer.resume_or_load(resume=bool(args.resume))
+    return trainer.train()
+
+
+def _main_lazy(args: argparse.Namespace) -> Dict[str, Any]:
+    cfg = setup_lazy_config(args.config_file, job_overrides(args, lazy=True))
+    default_setup(cfg, args)
+    resume_file = _resume_file(args)
+    if args.eval_only:
+        trust(cfg.train.output_dir)
+        model = lazy_build_model(cfg)
+        checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.train.output_dir)
+        if resume_file:
+            checkpointer.load(resume_file, checkpointables=[])
+        else:
+            checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=bool(args.resume))
+        return lazy_test(cfg, model)
+    return lazy_train(cfg, resume=bool(args.resume) and not resume_file, resume_from=resume_file)
+
+
+def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Run one process of a job (what :func:`detectron2.engine.launch` calls in each worker).
+
+    Args:
+        args: the namespace of :func:`build_parser` (or of ``rest-dense train`` /
+            ``rest-dense test``): ``config_file``, ``opts``, ``resume`` (bool, or a
+            checkpoint file to continue from), ``eval_only``, ``lazy``, ``toy_root``,
+            ``cpu_threads``, ``trust_checkpoint``, and optionally ``output_dir``,
+            ``weights`` (checkpoint to evaluate) and ``weights_only``.
+
+    Returns:
+        The evaluation results (``None`` if no evaluation ran).
+    """
+    if getattr(args, "cpu_threads", 0) and args.cpu_threads > 0:
+        torch.set_num_threads(args.cpu_threads)
+    register_toy_datasets(getattr(args, "toy_root", None) or "data/toy")
+    _trust_from_args(args)
+    lazy = bool(getattr(args, "lazy", False)) or is_lazy_config(args.config_file)
+    return (_main_lazy if lazy else _main_yaml)(args)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Fail early, before any process starts, on a missing config / checkpoint file or
+    malformed overrides.
+
+    Raises:
+        FileNotFoundError: the config file, ``resume`` file or ``weights`` is missing.
+        ValueError: no config file, malformed overrides, fewer than one process.
+    """
+    if not args.config_file:
+        raise ValueError("a config file is required (--config-file)")
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"config file {args.config_file} does not exist")
+    for what, path in (("resume checkpoint", _resume_file(args)),
+                       ("checkpoint", getattr(args, "weights", None))):
+        if path and "://" not in path and not os.path.isfile(path):
+            raise FileNotFoundError(f"{what} {path} does not exist")
+    if args.num_gpus < 1 or args.num_machines < 1:
+        raise ValueError(f"--num-gpus ({args.num_gpus}) and --num-machines ({args.num_machines}) "
+                         "must be at least 1")
+    lazy = bool(getattr(args, "lazy", False)) or is_lazy_config(args.config_file)
+    normalize_overrides(getattr(args, "opts", None) or [], lazy)
+
+
+def launch_main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """Run :func:`main` in this process (one GPU or CPU) or in ``args.num_gpus`` worker
+    processes per machine through :func:`detectron2.engine.launch`.
+
+    Returns:
+        The results of :func:`main` when it ran in this process, else ``None``.
+
+    Raises:
+        FileNotFoundError, ValueError: see :func:`check_args`.
+    """
+    check_args(args)
+    if args.num_gpus * args.num_machines <= 1:
+        return main(args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,))
+    return None
+
+
+def cli_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``tools/train_net.py``: parse detectron2-style arguments and run the job."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.config_file:
+        parser.error("--config-file is required")
+    print("Command Line Args:", args)
+    try:
+        check_args(args)
+    except (FileNotFoundError, ValueError) as err:
+        parser.error(str(err))
+    launch_main(args)
+    return 0

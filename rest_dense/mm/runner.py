@@ -1,0 +1,303 @@
+"""Train and test MMDetection / MMSegmentation configs with mmengine's ``Runner``.
+
+What ``rest-dense train`` / ``rest-dense test`` (and ``tools/train.py`` / ``tools/test.py``)
+run for OpenMMLab configs. The framework is taken from the config's ``default_scope`` (or,
+failing that, from the registry that knows ``model.type``); ``rest_dense.mm`` is imported
+before anything is built, so configs need no ``custom_imports``.
+
+Checkpoints are read under :mod:`rest_dense.trust`'s policy: ``weights_only=True`` with an
+allow-list that covers mmengine's training checkpoints; full unpickling only for the run's
+``work_dir``, the ``resume`` file, the ``trust`` paths and the checkpoint given to
+:func:`test` (unless ``weights_only``).
+
+Example::
+
+    from rest_dense.mm import runner
+
+    model = runner.train("mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py",
+                         work_dir="work_dirs/mrcnn_t", cfg_options=["train_dataloader.batch_size=1"])
+    metrics = runner.test("mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py",
+                          "work_dirs/mrcnn_t/epoch_12.pth")
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import os.path as osp
+from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+
+from mmengine.config import Config, DictAction
+from mmengine.logging import print_log
+from mmengine.registry import RUNNERS
+from mmengine.runner import Runner
+from torch import nn
+
+from ..configs import get_config_path
+from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
+from .utils import (amp_unavailable_fallback, default_work_dir, detect_framework, load_config,
+                    wrap_for_tta)
+
+__all__ = ["LAUNCHERS", "parse_cfg_options", "resolve_config", "train_config", "test_config",
+           "enable_visualization", "build_runner", "train", "test"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+ConfigLike = Union[PathLike, Config]
+CfgOptions = Union[Mapping[str, Any], Sequence[str], None]
+
+#: job launchers mmengine's Runner accepts
+LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
+
+
+def parse_cfg_options(options: CfgOptions) -> Dict[str, Any]:
+    """Config overrides as a dict for ``Config.merge_from_dict``.
+
+    Args:
+        options: a mapping (``{'train_dataloader.batch_size': 4}``, e.g. the output of
+            ``--cfg-options``), or ``key=value`` strings parsed as ``--cfg-options`` parses
+            them (``'model.backbone.frozen_stages=1'``, ``'a.b=[1,2]'``).
+
+    Returns:
+        The overrides (empty for ``None``).
+
+    Raises:
+        ValueError: a string without ``=``.
+    """
+    if not options:
+        return {}
+    if isinstance(options, Mapping):
+        return dict(options)
+    if isinstance(options, str):
+        options = [options]
+    bad = [o for o in options if "=" not in str(o)]
+    if bad:
+        raise ValueError(f"config overrides must be key=value, got {bad}")
+    ns = argparse.Namespace()
+    DictAction(option_strings=[], dest="opts")(None, ns, [str(o) for o in options])
+    return dict(ns.opts)
+
+
+def resolve_config(config: ConfigLike) -> Union[str, Config]:
+    """A config file path or shipped config name -> absolute path; a ``Config`` unchanged.
+
+    Raises:
+        FileNotFoundError: neither a file nor a shipped config (close names suggested).
+    """
+    if isinstance(config, Config):
+        return config
+    return get_config_path(os.fspath(config))
+
+
+def _load(config: ConfigLike, cfg_options: CfgOptions) -> Config:
+    resolved = resolve_config(config)
+    if isinstance(resolved, Config):
+        import rest_dense.mm  # noqa: F401  (registers the backbones)
+
+        cfg = copy.deepcopy(resolved)
+        options = parse_cfg_options(cfg_options)
+        if options:
+            cfg.merge_from_dict(options)
+        cfg.default_scope = detect_framework(cfg)
+        return cfg
+    return load_config(resolved, parse_cfg_options(cfg_options))
+
+
+def _set_work_dir(cfg: Config, config: ConfigLike, work_dir: Optional[PathLike]) -> None:
+    if work_dir is not None:
+        cfg.work_dir = os.fspath(work_dir)
+    elif cfg.get("work_dir") is None:
+        name = config.filename if isinstance(config, Config) else os.fspath(config)
+        cfg.work_dir = default_work_dir(name or "config")
+
+
+def _check_local_file(path: Optional[PathLike], what: str) -> None:
+    if path is None:
+        return
+    path = os.fspath(path)
+    if "://" not in path and not osp.isfile(osp.expanduser(path)):
+        raise FileNotFoundError(f"{what} {path} does not exist")
+
+
+def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: bool = False,
+                 resume: Union[bool, str, PathLike, None] = None, cfg_options: CfgOptions = None,
+                 launcher: str = "none", auto_scale_lr: bool = False,
+                 trust: Iterable[PathLike] = ()) -> Config:
+    """The training config as :func:`train` runs it, with the trusted paths registered.
+
+    Args:
+        config: config file, shipped config name (``rest-dense configs``) or ``Config``.
+        work_dir: where logs and checkpoints go (default: the config's ``work_dir``, else
+            ``./work_dirs/<config name>``).
+        amp: switch the optimizer wrapper to ``AmpOptimWrapper`` (dynamic loss scale).
+            Without an accelerator, AMP configs fall back to fp32 with a warning.
+        resume: ``True`` / ``'auto'``: continue from the latest checkpoint in ``work_dir``;
+            a path: continue from that checkpoint; ``None`` / ``False``: start afresh.
+        cfg_options: overrides, see :func:`parse_cfg_options`.
+        launcher: ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
+        auto_scale_lr: scale the lr by total batch size / ``auto_scale_lr.base_batch_size``.
+        trust: further checkpoints (or folders) of the user's own that may be unpickled in
+            full, e.g. a ``load_from`` file of an earlier run.
+
+    Returns:
+        The config (``work_dir``, ``resume`` / ``load_from``, optimizer wrapper set).
+
+    Raises:
+        ValueError: unknown launcher.
+        FileNotFoundError: the config or the ``resume`` file does not exist.
+        KeyError: ``auto_scale_lr`` without ``auto_scale_lr.base_batch_size`` in the config.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    resume_file = None
+    if resume not in (None, False, True, "auto"):
+        resume_file = os.fspath(resume)
+        _check_local_file(resume_file, "resume checkpoint")
+    cfg = _load(config, cfg_options)
+    cfg.launcher = launcher
+    _set_work_dir(cfg, config, work_dir)
+
+    if amp:
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
+        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+    if amp_unavailable_fallback(cfg):
+        print_log("rest_dense: no GPU found; mixed precision (AmpOptimWrapper) needs one, "
+                  "training in fp32 with OptimWrapper instead", logger="current")
+
+    if auto_scale_lr:
+        scale = cfg.get("auto_scale_lr") or {}
+        if "base_batch_size" not in scale:
+            raise KeyError("auto_scale_lr (--auto-scale-lr) needs auto_scale_lr.base_batch_size "
+                           "in the config")
+        cfg.auto_scale_lr.enable = True
+
+    if resume_file is not None:
+        cfg.resume, cfg.load_from = True, resume_file
+    elif resume in (True, "auto"):
+        cfg.resume, cfg.load_from = True, None
+
+    # the user's own checkpoints: this run's work dir, the resume file and `trust`
+    trust_checkpoints(cfg.work_dir, resume_file, *trust)
+    return cfg
+
+
+def enable_visualization(cfg: Config, show_dir: Optional[PathLike] = None, show: bool = False,
+                         wait_time: float = 2.0) -> Config:
+    """Turn on the config's visualization hook (``--show`` / ``--show-dir``).
+
+    Args:
+        cfg: a loaded config with ``default_scope`` set; modified in place.
+        show_dir: save painted predictions here (mmdet: inside the run's folder in the work
+            dir; mmseg: as given).
+        show: display them in a window.
+        wait_time: seconds each image is shown.
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        KeyError: the config has no ``default_hooks.visualization``.
+    """
+    hooks = cfg.get("default_hooks") or {}
+    if "visualization" not in hooks:
+        raise KeyError("--show/--show-dir need a `visualization` entry in default_hooks")
+    hook = hooks["visualization"]
+    hook["draw"] = True
+    if show:
+        hook["show"] = True
+        hook["wait_time"] = wait_time
+    if show_dir:
+        if cfg.default_scope == "mmdet":
+            hook["test_out_dir"] = os.fspath(show_dir)  # mmdet paints every test image there
+        else:
+            cfg.visualizer["save_dir"] = os.fspath(show_dir)
+            hook["interval"] = 1  # mmseg paints every `interval`-th image only
+    return cfg
+
+
+def test_config(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] = None,
+                weights_only: bool = False, tta: bool = False,
+                show_dir: Optional[PathLike] = None, show: bool = False, wait_time: float = 2.0,
+                cfg_options: CfgOptions = None, launcher: str = "none") -> Config:
+    """The test config as :func:`test` runs it (``load_from`` set, ``checkpoint`` trusted
+    unless ``weights_only``). Arguments as in :func:`test`."""
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
+    checkpoint = os.fspath(checkpoint)
+    _check_local_file(checkpoint, "checkpoint")
+    cfg = _load(config, cfg_options)
+    cfg.launcher = launcher
+    _set_work_dir(cfg, config, work_dir)
+    cfg.load_from = checkpoint
+    install_checkpoint_loader()
+    if not weights_only:
+        trust_checkpoints(checkpoint)
+    if show or show_dir:
+        enable_visualization(cfg, show_dir, show, wait_time)
+    if tta:
+        wrap_for_tta(cfg)
+    return cfg
+
+
+def build_runner(cfg: Config) -> Runner:
+    """The config's runner (``runner_type`` if given, else mmengine's ``Runner``).
+
+    The visualizer is named after the run (mmengine's default) rather than the shipped
+    configs' fixed ``'visualizer'``: mmengine keeps one visualizer per name and process, so
+    with a fixed name a second run in the same process (train, then test) would write its
+    logs and pictures into the first run's folder.
+    """
+    install_checkpoint_loader()
+    vis = cfg.get("visualizer")
+    if isinstance(vis, dict) and vis.get("name") == "visualizer":
+        vis.pop("name")
+    return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+
+
+def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: bool = False,
+          resume: Union[bool, str, PathLike, None] = None, cfg_options: CfgOptions = None,
+          launcher: str = "none", auto_scale_lr: bool = False,
+          trust: Iterable[PathLike] = ()) -> nn.Module:
+    """Train a config with mmengine's runner.
+
+    Arguments as in :func:`train_config`.
+
+    Returns:
+        The trained model.
+    """
+    cfg = train_config(config, work_dir=work_dir, amp=amp, resume=resume,
+                       cfg_options=cfg_options, launcher=launcher, auto_scale_lr=auto_scale_lr,
+                       trust=trust)
+    return build_runner(cfg).train()
+
+
+def test(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] = None,
+         weights_only: bool = False, tta: bool = False, show_dir: Optional[PathLike] = None,
+         show: bool = False, wait_time: float = 2.0, cfg_options: CfgOptions = None,
+         launcher: str = "none") -> Dict[str, Any]:
+    """Evaluate a checkpoint on the config's test set.
+
+    Args:
+        config: config file, shipped config name or ``Config``.
+        checkpoint: checkpoint file (or URL) to evaluate.
+        work_dir: where logs (and mmdet's ``show_dir``) go (default as in :func:`train`).
+        weights_only: do not trust ``checkpoint``: read it with ``weights_only=True`` and
+            the allow-list only (for files of unknown origin).
+        tta: test-time augmentation from the config's ``tta_model`` / ``tta_pipeline``.
+        show_dir: save painted predictions, see :func:`enable_visualization`.
+        show: display painted predictions.
+        wait_time: seconds each image is shown with ``show``.
+        cfg_options: overrides, see :func:`parse_cfg_options`.
+        launcher: ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
+
+    Returns:
+        The metrics (e.g. ``{'coco/bbox_mAP': ..., ...}`` or ``{'mIoU': ..., ...}``).
+    """
+    cfg = test_config(config, checkpoint, work_dir=work_dir, weights_only=weights_only, tta=tta,
+                      show_dir=show_dir, show=show, wait_time=wait_time, cfg_options=cfg_options,
+                      launcher=launcher)
+    return build_runner(cfg).test()
+
+
+# not pytest tests when imported into a test module
+test.__test__ = False  # type: ignore[attr-defined]
+test_config.__test__ = False  # type: ignore[attr-defined]

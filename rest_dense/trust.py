@@ -1,0 +1,264 @@
+"""One policy for reading checkpoint files, shared by the MMDetection / MMSegmentation and
+the detectron2 adapters (PyTorch and numpy only).
+
+Since torch 2.6, ``torch.load`` defaults to ``weights_only=True``: a restricted unpickler
+that builds tensors, plain containers and an allow-list of types, and refuses everything
+else. Training checkpoints hold a little more than that: numpy scalars and arrays, and in
+mmengine's case the message hub's ``HistoryBuffer`` objects, whose statistics functions
+pickle as ``getattr(HistoryBuffer, 'mean')`` (mmengine issue #1655).
+
+The policy, in this order:
+
+1. Every file is read with ``torch.load(weights_only=True)``, with the allow-list of this
+   module active (:func:`safe_globals`): the numpy number types, ``numpy.ndarray`` /
+   ``numpy.dtype`` and the classes the adapters register with
+   :func:`register_safe_globals`. ``getattr`` is *not* allowed in general: the name
+   ``builtins.getattr`` resolves to a stand-in that returns only the attributes
+   registered with :func:`register_safe_attributes` (e.g. ``HistoryBuffer.mean``) and
+   refuses every other lookup. So the checkpoints that mmengine and detectron2 training
+   writes load without unpickling anything else.
+2. Only if that fails, and only for a path the user marked as their own (:func:`trust`:
+   the run's work / output directory, an explicit ``--resume FILE``,
+   ``--trust-checkpoint PATH``, the checkpoint given to ``rest-dense test`` unless
+   ``--weights-only``), the file is unpickled in full, with a warning.
+3. Anything else fails with :class:`UntrustedCheckpointError`, which names the file and
+   the flag that marks it trusted.
+
+Legacy ``.pkl`` weight files (detectron2's model zoo format) are read by
+:func:`load_pickle_file` with the same allow-list through a restricted
+:class:`pickle.Unpickler`.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import os.path as osp
+import pickle
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["trust", "forget_trusted", "trusted_paths", "is_trusted", "register_safe_globals",
+           "register_safe_attributes", "safe_globals", "safe_global_names", "load_checkpoint_file",
+           "load_pickle_file", "UntrustedCheckpointError", "TRUST_HINT"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+logger = logging.getLogger("rest_dense.trust")
+
+#: how the command-line tools let a user mark a checkpoint as their own
+TRUST_HINT = ("if you produced it yourself, mark it as trusted: `rest-dense train ... "
+              "--trust-checkpoint {path}` (or `--resume {path}`), or give it as the CHECKPOINT of "
+              "`rest-dense test` without --weights-only; from Python, rest_dense.trust.trust(path)")
+
+
+class UntrustedCheckpointError(pickle.UnpicklingError):
+    """A checkpoint needs full unpickling but its path was not marked trusted."""
+
+
+# ----------------------------------------------------------------------------- trusted paths
+_TRUSTED: List[str] = []
+
+
+def _real(path: PathLike) -> str:
+    return osp.realpath(osp.expanduser(os.fspath(path)))
+
+
+def trust(*paths: Optional[PathLike]) -> List[str]:
+    """Mark files or directories as the user's own checkpoints (full unpickling allowed if
+    ``weights_only=True`` is not enough). Unpickling runs code stored in the file: only
+    call this for files you produced.
+
+    Args:
+        *paths: checkpoint files or directories (a directory covers everything under it,
+            e.g. a run's ``work_dir``); ``None``, ``''`` and URLs are ignored.
+
+    Returns:
+        The resolved paths now trusted (in registration order).
+    """
+    for p in paths:
+        if p is None or os.fspath(p) == "" or "://" in os.fspath(p):
+            continue
+        real = _real(p)
+        if real not in _TRUSTED:
+            _TRUSTED.append(real)
+    return list(_TRUSTED)
+
+
+def forget_trusted(*paths: PathLike) -> None:
+    """Withdraw trust from ``paths`` (all of it when called without arguments)."""
+    if not paths:
+        _TRUSTED.clear()
+        return
+    for p in paths:
+        real = _real(p)
+        if real in _TRUSTED:
+            _TRUSTED.remove(real)
+
+
+def trusted_paths() -> List[str]:
+    """The files and directories marked with :func:`trust` (resolved, absolute)."""
+    return list(_TRUSTED)
+
+
+def is_trusted(path: PathLike) -> bool:
+    """Whether ``path`` is, or lies under, a location marked with :func:`trust`."""
+    real = _real(path)
+    return any(real == t or real.startswith(t.rstrip(os.sep) + os.sep) for t in _TRUSTED)
+
+
+# ----------------------------------------------------------------------------- allow-list
+_EXTRA_GLOBALS: Set[Any] = set()
+_SAFE_ATTRIBUTES: Dict[type, Set[str]] = {}
+
+
+def register_safe_globals(*objects: Any) -> None:
+    """Add classes (or functions) that checkpoints may reference to the allow-list.
+
+    A class on the list can be created and have its pickled state restored (its
+    ``__setstate__`` runs), so only register plain data holders whose restoration runs no
+    code named by the file.
+    """
+    _EXTRA_GLOBALS.update(objects)
+
+
+def register_safe_attributes(owner: type, names: Iterable[str]) -> None:
+    """Allow ``getattr(owner, name)`` during unpickling for exactly these ``names``.
+
+    Python pickles functions defined in a class (e.g. ``HistoryBuffer.mean``) as
+    ``getattr(HistoryBuffer, 'mean')``. ``owner`` is added to the allow-list as well.
+    """
+    register_safe_globals(owner)
+    _SAFE_ATTRIBUTES.setdefault(owner, set()).update(names)
+
+
+def _restricted_getattr(owner: Any, name: str, *default: Any) -> Any:
+    """Stand-in for ``builtins.getattr`` inside the restricted unpicklers."""
+    allowed = _SAFE_ATTRIBUTES.get(owner, ()) if isinstance(owner, type) else ()
+    if default or name not in allowed:
+        raise pickle.UnpicklingError(
+            f"getattr({getattr(owner, '__qualname__', type(owner).__name__)}, {name!r}) is not "
+            "on rest_dense's allow-list of attributes a checkpoint may reference")
+    return getattr(owner, name)
+
+
+def _numpy_globals() -> List[Tuple[Any, str]]:
+    """numpy arrays, scalars and the numeric / bool dtypes, under numpy 2's module names and
+    the ``numpy.core`` names of files written with numpy 1."""
+    multiarray = np._core.multiarray if hasattr(np, "_core") else np.core.multiarray
+    out: List[Tuple[Any, str]] = []
+    for obj, name in ((multiarray.scalar, "scalar"), (multiarray._reconstruct, "_reconstruct")):
+        for module in ("numpy._core.multiarray", "numpy.core.multiarray"):
+            out.append((obj, f"{module}.{name}"))
+    out += [(np.ndarray, "numpy.ndarray"), (np.dtype, "numpy.dtype")]
+    for code in "?bhilqpBHILQPefdgFDG":  # bool, integers, floats, complex: no object dtype
+        dtype_cls = type(np.dtype(code))
+        if dtype_cls is not np.dtype:
+            out.append((dtype_cls, f"{dtype_cls.__module__}.{dtype_cls.__qualname__}"))
+    return out
+
+
+def safe_global_names() -> List[str]:
+    """Dotted names of every global the allow-list admits beyond torch's own (sorted)."""
+    return sorted({name for _, name in _allow_list()})
+
+
+def _allow_list() -> List[Tuple[Any, str]]:
+    out = _numpy_globals()
+    out += [(obj, f"{obj.__module__}.{obj.__qualname__}") for obj in _EXTRA_GLOBALS]
+    out.append((_restricted_getattr, "builtins.getattr"))
+    return out
+
+
+@contextlib.contextmanager
+def safe_globals() -> Iterator[None]:
+    """Context in which ``torch.load(weights_only=True)`` admits the allow-list."""
+    with torch.serialization.safe_globals(list(dict.fromkeys(_allow_list()))):
+        yield
+
+
+# ----------------------------------------------------------------------------- loading
+def _first_line(err: BaseException) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    # torch puts the useful part ("Unsupported global: ...") after its generic preamble
+    useful = [ln for ln in lines if "Unsupported global" in ln or "Can only" in ln
+              or "Trying to" in ln or "allow-list" in ln]
+    return (useful or lines or [type(err).__name__])[0].strip()
+
+
+def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
+                         trusted: Optional[bool] = None,
+                         log: Optional[logging.Logger] = None) -> Any:
+    """Read a checkpoint file under the policy of this module.
+
+    Args:
+        path: a local file.
+        map_location: passed to ``torch.load``.
+        trusted: whether full unpickling is allowed if the allow-list does not suffice;
+            ``None`` (default) asks :func:`is_trusted`.
+        log: logger for the warning about full unpickling (default: ``rest_dense.trust``).
+
+    Returns:
+        Whatever the file holds (usually a dict).
+
+    Raises:
+        FileNotFoundError: ``path`` is not a file.
+        UntrustedCheckpointError: the file needs full unpickling and is not trusted; the
+            message names the file and how to mark it trusted.
+    """
+    filename = os.fspath(path)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f"checkpoint {filename} does not exist")
+    try:
+        with safe_globals():
+            return torch.load(filename, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if trusted is None:
+            trusted = is_trusted(filename)
+        if not trusted:
+            raise UntrustedCheckpointError(
+                f"{filename} holds objects that torch.load(weights_only=True) and rest_dense's "
+                f"allow-list refuse ({_first_line(err)}). Files of unknown origin should not need "
+                f"that; {TRUST_HINT.format(path=filename)}.") from err
+        (log or logger).warning(
+            "%s needs full unpickling (%s); allowed because it is marked as your own checkpoint",
+            filename, _first_line(err))
+        return torch.load(filename, map_location=map_location, weights_only=False)
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    """``pickle.Unpickler`` that resolves only allow-listed globals."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        allowed = {n: obj for obj, n in _allow_list()}
+        for key in (f"{module}.{name}", f"{module}.{name}".replace("numpy.core.", "numpy._core.")):
+            if key in allowed:
+                return allowed[key]
+        raise pickle.UnpicklingError(f"global {module}.{name} is not on rest_dense's allow-list")
+
+
+def load_pickle_file(path: PathLike, *, trusted: Optional[bool] = None,
+                     encoding: str = "latin1", log: Optional[logging.Logger] = None) -> Any:
+    """Read a plain pickle (e.g. detectron2's ``.pkl`` model-zoo weights: numpy arrays in
+    dicts) with the allow-list; full unpickling only for trusted paths, as in
+    :func:`load_checkpoint_file`.
+    """
+    filename = os.fspath(path)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(f"checkpoint {filename} does not exist")
+    try:
+        with open(filename, "rb") as f:
+            return _RestrictedUnpickler(f, encoding=encoding).load()
+    except pickle.UnpicklingError as err:
+        if trusted is None:
+            trusted = is_trusted(filename)
+        if not trusted:
+            raise UntrustedCheckpointError(
+                f"{filename} holds objects outside rest_dense's allow-list ({_first_line(err)}); "
+                f"{TRUST_HINT.format(path=filename)}.") from err
+        (log or logger).warning("%s needs full unpickling; allowed because it is marked as your "
+                                "own checkpoint", filename)
+        with open(filename, "rb") as f:
+            return pickle.load(f, encoding=encoding)
