@@ -4,23 +4,16 @@
     python tools/make_toy_data.py                      # -> data/toy (300 train / 50 val, 128 px)
     python tools/make_toy_data.py --out data/toy_big --num-train 2000 --size 192
 
-The output is a pure function of the arguments (see ``rest_dense/data/toy.py``); an existing
-dataset with the same parameters is left alone unless ``--overwrite`` is given.
+The output is a pure function of the arguments (see :func:`rest_dense.data.toy.generate_toy_dataset`);
+an existing dataset with the same parameters is left alone unless ``--overwrite`` is given.
 """
-from __future__ import annotations
-
 import argparse
-import json
-import os
 import sys
-import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from rest_dense.data.toy import generate_toy_dataset  # noqa: E402
+from rest_dense.data.toy import generate_toy_dataset
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="data/toy", help="dataset root (default: data/toy)")
     p.add_argument("--num-train", type=int, default=300, help="training images (default: 300)")
@@ -31,21 +24,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="probability that a shape is coloured from its class's hue range (default: 0.75)")
     p.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
     p.add_argument("--overwrite", action="store_true", help="regenerate even if a matching dataset exists")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    t0 = time.time()
+    args = p.parse_args(argv)
     paths = generate_toy_dataset(args.out, num_train=args.num_train, num_val=args.num_val, size=args.size,
                                  seed=args.seed, max_objects=args.max_objects,
                                  class_color_prob=args.class_color_prob, overwrite=args.overwrite)
-    with open(os.path.join(args.out, "toy_meta.json")) as f:
-        stats = json.load(f)["stats"]
-    print(f"toy dataset at {paths['root']} ({time.time() - t0:.1f} s): "
-          + ", ".join(f"{k}: {v['images']} images / {v['instances']} shapes" for k, v in stats.items()))
-    for key in ("train_json", "val_json", "train_seg_labels", "val_seg_labels"):
-        print(f"  {key:17s} {paths[key]}")
+    for key, path in paths.items():
+        print(f"{key:17s} {path}")
     return 0
 
 
