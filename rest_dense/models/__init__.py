@@ -1,6 +1,7 @@
 """Pure-PyTorch ResT backbones: importing this imports no detection/segmentation framework."""
 from .base import STAGE_STRIDES, FeatureInfo
-from .checkpoint import (CheckpointMismatchError, LoadReport, load_checkpoint, matching_keys,
+from .checkpoint import (CheckpointError, CheckpointFormatError, CheckpointMismatchError,
+                         CheckpointValueError, LoadReport, load_checkpoint, matching_keys,
                          normalize_state_dict, read_state_dict, rename_d2_norm_keys)
 from .layers import window_partition, window_unpartition
 from .registry import ModelEntry, canonical_name, create_model, get_model_entry, list_models
@@ -11,6 +12,7 @@ __all__ = [
     "ResTv2", "ResTv1", "RESTV2_ARCHS", "RESTV1_ARCHS", "ATTN_MODES", "DEFAULT_WINDOW_SIZE",
     "STAGE_STRIDES", "FeatureInfo", "create_model", "list_models", "canonical_name",
     "get_model_entry", "ModelEntry", "load_checkpoint", "read_state_dict", "normalize_state_dict",
-    "rename_d2_norm_keys", "matching_keys", "LoadReport", "CheckpointMismatchError",
+    "rename_d2_norm_keys", "matching_keys", "LoadReport", "CheckpointError",
+    "CheckpointFormatError", "CheckpointMismatchError", "CheckpointValueError",
     "window_partition", "window_unpartition",
 ]

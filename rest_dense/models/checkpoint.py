@@ -478,14 +478,14 @@ def _value_problems(sd: Mapping[str, Tensor], own: Mapping[str, Tensor],
             negative_var.append(k)
     out = []
     if no_data:
-        out.append(f"{len(no_data)} tensors have no data (meta device): {_short(no_data, 8)}")
+        out.append(f"{len(no_data)} tensor(s) have no data (meta device): {_short(no_data, 8)}")
     if bad_dtype:
-        out.append(f"{len(bad_dtype)} tensors have an integer/bool dtype where the model has "
+        out.append(f"{len(bad_dtype)} tensor(s) have an integer/bool dtype where the model has "
                    f"floating point: {_short(bad_dtype, 8)}")
     if nonfinite:
-        out.append(f"{len(nonfinite)} tensors hold non-finite values (NaN/inf): {_short(nonfinite, 8)}")
+        out.append(f"{len(nonfinite)} tensor(s) hold non-finite values (NaN/inf): {_short(nonfinite, 8)}")
     if negative_var:
-        out.append(f"{len(negative_var)} BatchNorm running_var tensors hold negative values: "
+        out.append(f"{len(negative_var)} BatchNorm running_var tensor(s) hold negative values: "
                    f"{_short(negative_var, 8)}")
     return out
 
@@ -552,8 +552,12 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches, e.g. {'; '.join(mismatched[:5])}")
     if len(matched) < MIN_MATCHED_FRACTION * len(own):
-        problems.append(f"only {len(matched)} of the model's {len(own)} entries found "
-                        f"(e.g. missing {_short(missing, 5)}; checkpoint has {_short(unexpected, 5)})")
+        examples = [f"missing {_short(missing, 5)}" if missing else "",
+                    f"checkpoint has {_short(unexpected, 5)}" if unexpected else ""]
+        examples = "; ".join(e for e in examples if e)
+        listed = not (strict or allow_partial)  # the missing / unused lists follow anyway
+        problems.append(f"only {len(matched)} of the model's {len(own)} entries found"
+                        + (f" (e.g. {examples})" if examples and not listed else ""))
     if strict and (missing or unexpected):
         problems.append(f"strict loading failed: {len(missing)} missing "
                         f"({_short(missing, 8)}), {len(unexpected)} unused ({_short(unexpected, 8)})")
