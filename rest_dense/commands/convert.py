@@ -28,16 +28,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-HELP = "convert a checkpoint between the released, mmdet/mmseg, detectron2 and core layouts"
+from ..convert import LAYOUTS  # light: torch and the core models, which the package imports
 
-#: the layouts of :data:`rest_dense.convert.LAYOUTS` (not imported here: that needs torch)
-LAYOUT_CHOICES = ("core", "mmdet", "mmseg", "d2")
+HELP = "convert a checkpoint between the released, mmdet/mmseg, detectron2 and core layouts"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("src", metavar="SRC", help="source checkpoint (.pth/.pt/.pkl/.safetensors)")
     parser.add_argument("dst", metavar="DST", help="output file; .safetensors selects safetensors")
-    parser.add_argument("--to", required=True, choices=LAYOUT_CHOICES, help="output layout")
+    parser.add_argument("--to", required=True, choices=LAYOUTS, help="output layout")
     parser.add_argument("--model", metavar="NAME",
                         help="variant (restv2_tiny, restv1_small, rest_small, ...); default: "
                              "inferred from the tensor shapes")
@@ -52,12 +51,11 @@ def _short(keys, n: int = 8) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ..convert import convert_checkpoint
-    from ..models import CheckpointMismatchError
 
     try:
         res = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model,
                                  weights_only=not args.unsafe_load)
-    except (CheckpointMismatchError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:  # the core's checkpoint errors are ValueErrors
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"model: {res.model} (verified in attn_mode {res.attn_mode}); layout: {res.layout}; "

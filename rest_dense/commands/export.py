@@ -29,14 +29,17 @@ import os
 import sys
 from typing import Tuple
 
+# light: torch and the core models (which the package imports); onnx is imported when used
+from ..export import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
+from ..models import ATTN_MODES
+from ..utils import format_size, parse_size
+
 HELP = "export a backbone to ONNX and check ONNX / torch.compile against eager PyTorch"
 
-_DEFAULT_CHECKS = "320x480 257x391"  # rest_dense.export.DEFAULT_CHECK_SIZES
+_DEFAULT_CHECKS = " ".join(format_size(s) for s in DEFAULT_CHECK_SIZES)
 
 
 def _size(text: str) -> Tuple[int, int]:
-    from ..utils import parse_size
-
     try:
         return parse_size(text)
     except ValueError as e:
@@ -46,8 +49,8 @@ def _size(text: str) -> Tuple[int, int]:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", metavar="MODEL",
                         help="registered name (restv2_tiny, restv2_small, ...) or a checkpoint file")
-    parser.add_argument("--attn-mode", default="global",
-                        help="ResTv2 attention mode: global, win, cwin or hwin (default: global)")
+    parser.add_argument("--attn-mode", default="global", choices=ATTN_MODES,
+                        help="ResTv2 attention mode (default: global)")
     parser.add_argument("--window-size", type=int, nargs="+", metavar="N",
                         help="window side per stage (1 or 4 values; default: the model's)")
     parser.add_argument("--checkpoint", metavar="FILE",
@@ -61,10 +64,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="no dynamic sizes: the ONNX graph is fixed to --batch x --shape and "
                              "checked there; torch.compile(dynamic=False)")
     parser.add_argument("--check-shapes", type=_size, nargs="*", metavar="HxW",
-                        help=f"sizes to compare at (default: {_DEFAULT_CHECKS}; with --static: "
-                             "--shape); give none to skip the checks")
+                        help=f"sizes to compare at (default: {_DEFAULT_CHECKS}; with "
+                             "--static: --shape); give none to skip the checks")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the checks (default: 1)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset (default: 17)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset (default: {DEFAULT_OPSET})")
     parser.add_argument("--atol", type=float, default=1e-4,
                         help="fail above this max abs difference (default: 1e-4)")
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and its checks")
@@ -73,9 +77,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..export import (DEFAULT_CHECK_SIZES, ParityResult, build_model, check_compile,
-                          check_onnx, export_onnx, min_valid_side)
-    from ..utils import format_size
+    from .. import export as ex
 
     if args.batch < 1:
         print("error: --batch must be at least 1", file=sys.stderr)
@@ -96,8 +98,8 @@ def run(args: argparse.Namespace) -> int:
             return 2
         window = args.window_size[0] if len(args.window_size) == 1 else tuple(args.window_size)
     try:
-        model = build_model(args.model, attn_mode=args.attn_mode, checkpoint=args.checkpoint,
-                            window_size=window)
+        model = ex.build_model(args.model, attn_mode=args.attn_mode, checkpoint=args.checkpoint,
+                               window_size=window)
     except (ValueError, FileNotFoundError) as e:  # includes CheckpointMismatchError
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -105,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     failed = False
 
     def report(prefix: str):
-        def show(res: ParityResult) -> None:
+        def show(res: "ex.ParityResult") -> None:
             print(f"{prefix} {res.describe()}", flush=True)
         return show
 
@@ -117,8 +119,8 @@ def run(args: argparse.Namespace) -> int:
                 os.path.splitext(os.path.basename(args.model))[0]
             out = stem + ("" if args.attn_mode == "global" else f"_{args.attn_mode}") + ".onnx"
         try:
-            exp = export_onnx(model, out, shape=args.shape, dynamic=not args.static,
-                              opset=args.opset, batch=args.batch)
+            exp = ex.export_onnx(model, out, shape=args.shape, dynamic=not args.static,
+                                 opset=args.opset, batch=args.batch)
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
@@ -126,24 +128,24 @@ def run(args: argparse.Namespace) -> int:
                 else f"static {args.batch}x3x{format_size(exp.shape)}")
         print(f"exported {exp.path} (traced at {format_size(exp.shape)}, opset {exp.opset}, "
               f"{kind}) in {exp.seconds:.1f} s")
-        low = min_valid_side(model)
+        low = ex.min_valid_side(model)
         if exp.dynamic and low > 1:
             print(f"note: the {args.attn_mode} graph is valid for H, W >= {low}")
         if sizes:
             try:
-                results = check_onnx(model, exp.path, sizes, batch=args.batch, atol=args.atol,
-                                     raise_on_failure=False,
-                                     on_result=report("onnxruntime vs eager"))
+                results = ex.check_onnx(model, exp.path, sizes, batch=args.batch, atol=args.atol,
+                                        raise_on_failure=False,
+                                        on_result=report("onnxruntime vs eager"))
             except (ValueError, RuntimeError) as e:
                 print(f"error: {e}", file=sys.stderr)
                 return 1
             failed |= not all(r.ok for r in results)
     if args.compile:
         compile_sizes = sizes or ([args.shape] if args.shape else list(DEFAULT_CHECK_SIZES))
-        results = check_compile(model, compile_sizes, backend=args.compile,
-                                dynamic=False if args.static else None, batch=args.batch,
-                                atol=args.atol, raise_on_failure=False,
-                                on_result=report(f"torch.compile({args.compile}) vs eager"))
+        results = ex.check_compile(model, compile_sizes, backend=args.compile,
+                                   dynamic=False if args.static else None, batch=args.batch,
+                                   atol=args.atol, raise_on_failure=False,
+                                   on_result=report(f"torch.compile({args.compile}) vs eager"))
         failed |= not all(r.ok for r in results)
     if failed:
         print("FAILED: some outputs differ from eager PyTorch (see above)", file=sys.stderr)

@@ -10,8 +10,7 @@ import torch
 from conftest import fixture_path
 
 from rest_dense.cli import main
-from rest_dense.commands.convert import LAYOUT_CHOICES
-from rest_dense.convert import LAYOUTS, convert_checkpoint, infer_model_name
+from rest_dense.convert import convert_checkpoint, infer_model_name
 from rest_dense.models import CheckpointMismatchError, canonical_name, create_model, read_state_dict
 
 
@@ -173,6 +172,3 @@ def test_infer_model_name_covers_every_released_variant():
         wrapped = {"model": {"backbone.bottom_up." + k: v for k, v in sd.items()}}
         assert infer_model_name(wrapped) == canonical_name(name), name
 
-
-def test_cli_layout_choices_match_the_library():
-    assert tuple(LAYOUT_CHOICES) == tuple(LAYOUTS)
