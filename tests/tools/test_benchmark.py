@@ -1,37 +1,151 @@
-"""The benchmark tool: its released-layout baseline computes the same function, and it
-prints a table for a tiny input."""
-import sys
-from pathlib import Path
+"""Benchmarking: rest_dense.benchmark, ``rest-dense bench`` and the released-layout
+reference (rest_dense.reference) it times as the baseline."""
+import math
 
+import pytest
 import torch
 
-TOOLS = Path(__file__).resolve().parents[2] / "tools"
-sys.path.insert(0, str(TOOLS))
-
-import benchmark  # noqa: E402
-from _released_layout import ReleasedLayoutResTv2  # noqa: E402
-
-from rest_dense.models import ResTv2  # noqa: E402
+from rest_dense import benchmark as bm
+from rest_dense.cli import main
+from rest_dense.models import ResTv2
+from rest_dense.reference import ReleasedLayoutResTv2
 
 TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 2, 1),
             sr_ratios=(8, 4, 2, 1))
 
 
-def test_released_layout_baseline_matches_core():
+# --------------------------------------------------------------------------- reference
+def test_released_layout_matches_core_forward(one_thread):
     torch.manual_seed(0)
     model = ResTv2(arch=TINY).eval()
     x = torch.randn(2, 3, 96, 128)
     with torch.no_grad():
-        for ours, released in zip(model(x), ReleasedLayoutResTv2(model)(x)):
-            torch.testing.assert_close(ours, released, atol=1e-5, rtol=1e-5)
+        ours, released = model(x), ReleasedLayoutResTv2(model)(x)
+    assert len(ours) == len(released) == 4
+    for a, b in zip(ours, released):
+        assert a.shape == b.shape and torch.isfinite(b).all()
+        assert (a - b).abs().max().item() < 1e-4
 
 
-def test_benchmark_table(tmp_path):
-    out = tmp_path / "table.md"
-    text = benchmark.main(["restv2_tiny", "--shapes", "1x3x64x96", "--attn-impls", "sdpa", "math",
-                           "released", "--modes", "global", "--iters", "1", "--warmup", "0",
-                           "--no-progress", "--markdown", str(out)])
-    rows = [line for line in text.splitlines() if line.startswith("| restv2_tiny")]
-    assert [r.split("|")[3].strip() for r in rows] == ["sdpa", "math", "released"]
-    assert all(float(r.split("|")[6]) > 0 for r in rows)  # ms/iter
-    assert out.read_text().strip() == text.strip()
+def test_released_layout_matches_core_gradients(one_thread):
+    torch.manual_seed(0)
+    model = ResTv2(arch=TINY, out_indices=(1, 3)).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    x = torch.randn(2, 3, 64, 96)
+    grads = []
+    for net in (model, ReleasedLayoutResTv2(model)):
+        loss = sum(o.mean() for o in net(x))
+        grads.append(torch.autograd.grad(loss, params))
+    assert len(grads[0]) == len(params) > 0
+    for g_ours, g_released in zip(*grads):
+        assert torch.isfinite(g_released).all()
+        assert (g_ours - g_released).abs().max().item() < 1e-4
+    assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_released_layout_rejects_what_the_released_code_cannot_run():
+    with pytest.raises(ValueError, match="global"):
+        ReleasedLayoutResTv2(ResTv2(arch=TINY, attn_mode="win", window_size=(8, 4, 2, 1)))
+    with pytest.raises(ValueError, match="dropout"):
+        ReleasedLayoutResTv2(ResTv2(arch=TINY, drop_path_rate=0.1))
+    with pytest.raises(ValueError, match="divisible by 32"):
+        ReleasedLayoutResTv2(ResTv2(arch=TINY))(torch.randn(1, 3, 64, 80))
+
+
+# --------------------------------------------------------------------------- planning
+def test_plan_leaves_out_combinations_that_do_not_apply():
+    cases, skipped = bm.plan_cases(["restv2_tiny", "restv1_lite", "swin_tiny"],
+                                   sizes=[(512, 512), (800, 1216)], batches=[2, 1],
+                                   attn_modes=["global", "win"], attn_impls=["sdpa", "released"],
+                                   modes=["infer", "train"])
+    by_model = {m: [c for c in cases if c.model == m] for m in ("restv2_tiny", "restv1_lite", "swin_tiny")}
+    # restv2: 2 sizes x 2 modes x (global sdpa, global released, win sdpa)
+    assert len(by_model["restv2_tiny"]) == 12
+    assert all(c.attn_mode == "global" for c in by_model["restv2_tiny"] if c.attn_impl == "released")
+    # restv1: global only, no released layout; swin: one row per size and mode
+    assert {(c.attn_mode, c.attn_impl) for c in by_model["restv1_lite"]} == {("global", "sdpa")}
+    assert len(by_model["swin_tiny"]) == 4 and {c.attn_impl for c in by_model["swin_tiny"]} == {"-"}
+    assert [c.batch for c in by_model["swin_tiny"]] == [2, 2, 1, 1]
+    assert skipped and all(s.startswith("skipped ") for s in skipped)
+
+
+def test_plan_rejects_bad_options():
+    with pytest.raises(ValueError, match="one batch for all sizes or one per size"):
+        bm.plan_cases(sizes=[(64, 64), (96, 96), (128, 128)], batches=[1, 2])
+    with pytest.raises(ValueError, match="unknown model 'resnet50'"):
+        bm.plan_cases(["resnet50"])
+    with pytest.raises(ValueError, match="dtype"):
+        bm.plan_cases(dtypes=["fp64"])
+
+
+# --------------------------------------------------------------------------- measuring
+def _check_rows(rows, memory):
+    assert rows
+    for r in rows:
+        assert math.isfinite(r.ms) and r.ms > 0
+        assert math.isfinite(r.imgs_per_s) and r.imgs_per_s > 0
+        assert r.iters == len(r.times_ms) >= 1
+        if memory:
+            assert r.peak_mb is not None and math.isfinite(r.peak_mb) and r.peak_mb > 0
+        else:
+            assert r.peak_mb is None
+
+
+def test_benchmark_tiny_arch_every_impl_both_modes(one_thread):
+    rows = bm.run_benchmark(["restv2_tiny"], sizes=[(64, 96)], batches=[2],
+                            attn_impls=["sdpa", "math", "released"], modes=["infer", "train"],
+                            dtypes=["fp32", "bf16"], arch=TINY, warmup=0, iters=1,
+                            memory=False, progress=False, log=lambda text: None)
+    assert [(r.case.dtype, r.case.mode, r.case.attn_impl) for r in rows] == [
+        (d, m, i) for d in ("fp32", "bf16") for m in ("infer", "train")
+        for i in ("sdpa", "math", "released")]
+    _check_rows(rows, memory=False)
+    table = bm.format_markdown(rows)
+    lines = table.splitlines()
+    assert len(lines) == 2 + len(rows)
+    assert lines[2].startswith("| restv2_tiny (custom arch) | global | sdpa | 64x96 | 2 | infer | fp32 |")
+    assert lines[2].endswith("| 1.00x |")
+
+
+@pytest.mark.slow
+def test_benchmark_peak_memory_in_fresh_processes(one_thread):
+    """CPU peak memory comes from a child interpreter per row, in both modes."""
+    rows = [bm.benchmark_backbone("restv2_tiny", (128, 160), batch=2, mode=mode, arch=TINY,
+                                  warmup=0, iters=2, threads=1)
+            for mode in ("infer", "train")]
+    _check_rows(rows, memory=True)
+    infer, train = rows
+    assert train.peak_mb > infer.peak_mb  # training keeps activations and gradients
+
+
+def test_swin_tiny_from_mmdet_config(one_thread):
+    model = bm.build_bench_model(bm.BenchCase("swin_tiny", (64, 64), attn_impl="-"))
+    assert model.stages[0].blocks[0].attn.w_msa.window_size == (7, 7)
+    model.eval()  # mmdet's SwinTransformer.train() returns None: no chaining
+    with torch.no_grad():
+        outs = model(torch.randn(1, 3, 64, 64))
+    assert [o.shape[1] for o in outs] == [96, 192, 384, 768]
+
+
+def test_cli_bench_writes_markdown_and_plot(tmp_path, capsys, one_thread):
+    md, png = tmp_path / "bench.md", tmp_path / "plot" / "bench.png"
+    code = main(["bench", "restv2_tiny", "--shape", "64x64", "96x64", "--batch", "1",
+                 "--attn-modes", "global", "hwin", "--iters", "1", "--warmup", "0",
+                 "--no-memory", "--no-progress", "--threads", "1",
+                 "--markdown", str(md), "--plot", str(png)])
+    assert code == 0
+    out = capsys.readouterr().out
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| restv2_tiny")]
+    assert [r.split("|")[2].strip() for r in rows] == ["global", "hwin", "global", "hwin"]
+    assert all(float(r.split("|")[8]) > 0 for r in rows)  # ms/iter
+    assert "rest-dense bench restv2_tiny --shape 64x64 96x64" in md.read_text()
+    assert rows[0] in out
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_bench_bad_input_is_named(capsys):
+    assert main(["bench", "restv2_tiny", "--shape", "64x64", "96x96", "128x128",
+                 "--batch", "1", "2"]) == 2
+    assert "one batch for all sizes or one per size" in capsys.readouterr().err
+    assert main(["bench", "restv2_tiny", "--shape", "64xx64"]) == 2
+    assert "64xx64" in capsys.readouterr().err

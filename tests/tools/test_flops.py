@@ -1,101 +1,141 @@
-"""FLOP and parameter counting."""
-import hashlib
-import json
+"""FLOP and parameter counting: rest_dense.analysis and ``rest-dense flops``."""
 import math
-import os
-import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import FIXTURES, REPO  # noqa: E402
+from rest_dense import analysis as an
+from rest_dense.cli import main
+from rest_dense.models import ResTv2
 
-TOOLS = REPO / "tools"
-sys.path.insert(0, str(TOOLS))
-
-import convert_checkpoint as cc  # noqa: E402
-import export_onnx as ex  # noqa: E402
-import get_flops as gf  # noqa: E402
-
-from rest_dense.models import CheckpointMismatchError, ResTv2, read_state_dict  # noqa: E402
-
+#: two blocks in the middle stages, so that every stage's attention is counted
 TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
             sr_ratios=(8, 4, 2, 1))
+MASK_RCNN_T = "mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"
 
 
-def test_flops_count_fused_attention_like_math_path():
+def _attention_flops(model: ResTv2, h: int, w: int) -> int:
+    """q k^T and attn v of every block: tokens N, keys M = N / sr^2, channels C."""
+    total = 0
+    for i, (c, depth, sr) in enumerate(zip(model.embed_dims, model.depths, model.sr_ratios)):
+        s = 2 ** (i + 2)
+        n = math.ceil(h / s) * math.ceil(w / s)
+        m = math.ceil(h / s / sr) * math.ceil(w / s / sr)
+        total += depth * n * m * 2 * c
+    return total
+
+
+def test_fused_attention_counted_like_math_path(one_thread):
+    torch.manual_seed(0)
     fused = ResTv2(TINY).eval()
     math_path = ResTv2(TINY, fused_attn=False).eval()
     x = torch.randn(1, 3, 64, 96)
-    a = gf.count_flops(fused, (x,))
-    b = gf.count_flops(math_path, (x,))
+    a = an.count_flops(fused, (x,))
+    b = an.count_flops(math_path, (x,))
     assert "scaled_dot_product_attention" in a.by_operator and "matmul" not in a.by_operator
     assert "matmul" in b.by_operator
-    assert a.total == b.total
+    assert a.total == b.total > 0
     assert a.groups == b.groups
     assert a.groups["matmul"] == _attention_flops(fused, 64, 96) > 0
 
 
-def test_flops_attention_grows_quadratically_with_tokens():
+def test_attention_flops_grow_quadratically_with_tokens(one_thread):
     model = ResTv2(TINY).eval()
-    small = gf.count_flops(model, (torch.randn(1, 3, 64, 64),)).groups
-    large = gf.count_flops(model, (torch.randn(1, 3, 128, 128),)).groups
-    assert large["matmul"] == 16 * small["matmul"]  # 4x tokens, 4x keys
-    assert large["linear"] == 4 * small["linear"]
+    small = an.count_flops(model, (torch.randn(1, 3, 64, 64),)).groups
+    large = an.count_flops(model, (torch.randn(1, 3, 128, 128),)).groups
+    assert large["matmul"] == 16 * small["matmul"] > 0  # 4x tokens, 4x keys
+    assert large["linear"] == 4 * small["linear"] > 0
     assert small["conv"] > 0 and small["layer_norm"] > 0
 
 
-def test_flops_window_mode_counts_fewer_attention_products():
+@pytest.mark.parametrize("mode", ["win", "cwin", "hwin"])
+def test_window_modes_count_fewer_attention_products(one_thread, mode):
     glob = ResTv2(TINY).eval()
-    win = ResTv2(TINY, attn_mode="win", window_size=(8, 4, 2, 1)).eval()
-    win.load_state_dict(glob.state_dict())
+    win = ResTv2(TINY, attn_mode=mode, window_size=(8, 4, 2, 1)).eval()
     x = torch.randn(1, 3, 128, 128)
-    g, w = gf.count_flops(glob, (x,)).groups, gf.count_flops(win, (x,)).groups
+    g, w = an.count_flops(glob, (x,)).groups, an.count_flops(win, (x,)).groups
     assert 0 < w["matmul"] < g["matmul"]
     assert w["linear"] == g["linear"]  # no padding at this size
 
 
-def test_get_flops_cli_backbone_markdown(tmp_path, capsys):
-    md = tmp_path / "flops.md"
-    out = _run_main(gf, ["restv2_tiny@64x64", "--check-math", "--markdown", md], capsys)
-    assert "fused == math path" in out
-    text = md.read_text()
-    assert "| restv2_tiny | backbone | 64×64 | 29.667 |" in text
-    for col in ("conv", "linear", "matmul", "layer_norm", "other"):
-        assert f"| {col} " in text
-
-
-def test_get_flops_counts_each_model_config_once():
+def test_count_cache_counts_each_model_config_once():
     calls = []
 
     def counter(n):
         def run():
             calls.append(n)
-            return gf.FlopCount(n, {"conv": n}), {"box": 7}
+            return an.FlopCount(n, {"conv": n}), {"box": 7}
         return run
 
-    a, notes_a = gf._count_once("mmdet", (8, 8), "model A", "a.py", counter(1))
-    b, notes_b = gf._count_once("mmdet", (8, 8), "model A", "b.py", counter(2))
-    c, _ = gf._count_once("mmdet", (8, 8), "model A, attn_mode=win", "c.py", counter(3))
-    assert calls == [1, 3] and a is b and c.total == 3
+    cache = an.CountCache()
+    a, notes_a = cache.count("mmdet", (8, 8), "model A", "a.py", counter(1))
+    b, notes_b = cache.count("mmdet", (8, 8), "model A", "b.py", counter(2))
+    c, _ = cache.count("mmdet", (8, 8), "model A, attn_mode=win", "c.py", counter(3))
+    d, _ = cache.count("mmdet", (16, 16), "model A", "a.py", counter(4))
+    assert calls == [1, 3, 4] and a is b and c.total == 3 and d.total == 4
     assert notes_a == ["RoIs: box 7"] and notes_b == ["RoIs: box 7", "same model as a.py"]
 
 
-def test_get_flops_mmdet_config():
-    pytest.importorskip("mmdet")
-    res = gf.analyze_mm_config(str(REPO / "configs/mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"),
-                               shape=(128, 160))
-    assert res.framework == "mmdet"
+def test_resolve_targets_names_configs_and_errors():
+    targets = an.resolve_targets(["rest_small", "restv2_tiny", MASK_RCNN_T,
+                                  "detectron2/mask_rcnn_restv2_tiny_1x.yaml"])
+    assert [(t.kind, t.label) for t in targets] == [
+        ("backbone", "restv1_small"), ("backbone", "restv2_tiny"), ("mm", MASK_RCNN_T),
+        ("d2", "detectron2/mask_rcnn_restv2_tiny_1x.yaml")]
+    assert an.resolve_targets([], all_configs=True)[0].kind in ("mm", "d2")
+    with pytest.raises(ValueError, match="restv2_tinny.*neither a model"):
+        an.resolve_targets(["restv2_tinny"])
+
+
+def test_cli_flops_backbone_default_size(tmp_path, capsys, one_thread):
+    md = tmp_path / "docs" / "flops.md"
+    assert main(["flops", "restv2_tiny", "--markdown", str(md), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "== restv2_tiny [backbone] input 224x224: 29.667M params, 4.11 GFLOPs" in out
+    assert "scaled_dot_product_attention" in out  # the breakdown by operator
+    text = md.read_text()
+    assert text.startswith("# Parameters and FLOPs") and "rest-dense flops restv2_tiny" in text
+    row = next(line for line in text.splitlines() if line.startswith("| restv2_tiny |"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[:5] == ["restv2_tiny", "backbone", "224×224", "29.667", "29.667"]
+    assert float(cells[6]) == pytest.approx(4.11, abs=0.01)  # GFLOPs
+    assert all(math.isfinite(float(c)) for c in cells[9:14])  # conv .. other
+
+
+def test_cli_flops_check_math_and_shape(capsys, one_thread):
+    assert main(["flops", "restv1_lite", "--shape", "64x96", "--check-math", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "input 64x96" in out and "fused == math path" in out
+
+
+def test_cli_flops_bad_input_is_named(capsys):
+    assert main(["flops", "restv2_tiny", "--shape", "800by1216"]) == 2
+    assert "800by1216" in capsys.readouterr().err
+    assert main(["flops", "no_such_model"]) == 2
+    assert "'no_such_model' is neither a model" in capsys.readouterr().err
+    assert main(["flops"]) == 2
+    assert "nothing to count" in capsys.readouterr().err
+
+
+def test_mmdet_config_counted(one_thread):
+    # 50 proposals instead of 1000 keep the trace short; the backbone count is unaffected
+    res = an.analyze_config(MASK_RCNN_T, shape=(128, 160),
+                            cfg_options=["model.test_cfg.rpn.max_per_img=50"])
+    assert res.framework == "mmdet" and res.target == MASK_RCNN_T
     assert abs(res.params / 1e6 - 49.941) < 5e-4  # shared/ENV.md: 49.941M
-    backbone = gf.count_flops(ResTv2("tiny").eval(), (torch.randn(1, 3, 128, 160),))
+    assert abs(res.backbone_params / 1e6 - 29.667) < 5e-4
+    backbone = an.count_flops(ResTv2("tiny").eval(), (torch.randn(1, 3, 128, 160),))
     assert res.flops.by_module["model.backbone"] == backbone.total
     assert res.flops.groups["matmul"] == backbone.groups["matmul"] > 0
     assert res.flops.total > backbone.total
-    assert any(n.startswith("RoIs: box") for n in res.notes)
+    assert "RoIs: box 50, mask 50" in res.notes
 
 
-# --------------------------------------------------------------------------- ONNX / compile
+def test_cli_params_only_shipped_configs(capsys):
+    assert main(["flops", "--params-only", "--no-progress", MASK_RCNN_T,
+                 "detectron2/mask_rcnn_restv2_tiny_1x.yaml"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2
+    for line, name in zip(lines, [MASK_RCNN_T, "detectron2/mask_rcnn_restv2_tiny_1x.yaml"]):
+        assert line.split()[0] == "49.941M" and "(backbone 29.667M)" in line
+        assert line.endswith(name)

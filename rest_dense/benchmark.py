@@ -1,0 +1,837 @@
+"""Latency, throughput and peak memory of ResT backbones, Swin-T and whole models.
+
+One *case* (:class:`BenchCase`) is a model at an input size and batch, with an attention
+mode, an attention implementation, a run mode and a dtype; :func:`run_benchmark` expands
+lists of those into cases, times each and returns one :class:`BenchRow` per case, all
+from one run (the same weights in every row of a model). :func:`format_markdown` and
+:func:`plot_rows` turn the rows into a table and a PNG. The command-line front end is
+``rest-dense bench`` (:mod:`rest_dense.commands.bench`).
+
+What is measured:
+
+* **time**: after ``warmup`` passes, the median over ``iters`` passes (at least
+  ``min_time`` seconds), CUDA synchronised. ``mode='infer'``: a forward pass under
+  ``torch.inference_mode`` in eval mode. ``mode='train'``: forward and backward in train
+  mode, the loss being the sum of the outputs' means (backbones only);
+* **dtype**: ``fp32``, or ``bf16`` / ``fp16`` under ``torch.autocast``;
+* **peak memory**: on CUDA, ``torch.cuda.max_memory_allocated`` over the timed passes
+  minus what was allocated before them; on the CPU, the growth of the peak RSS over one
+  pass, measured in a fresh interpreter per row (``python -m rest_dense.benchmark``) whose
+  allocator returns freed memory to the system (so the timed passes run with the normal
+  allocator, and one row's memory does not depend on the rows before it).
+
+Models: registry names (``restv2_tiny``, ``restv1_small``, see
+:func:`rest_dense.models.list_models`); ``swin_tiny``: MMDetection's ``SwinTransformer``
+built from MMDetection's own Mask R-CNN Swin-T config (window 7, stochastic depth off as
+in our backbones); whole models from MMDetection / MMSegmentation configs (``predict`` on
+a batch, inference only). Attention implementations of the ResT backbones: ``sdpa``
+(``F.scaled_dot_product_attention``, our default), ``math`` (our model with the explicit
+attention matrix) and ``released`` (the same weights run in the released code's layout,
+:mod:`rest_dense.reference`; ResTv2, global attention).
+
+Example, the scaling table (every attention mode and Swin-T, inference and training)::
+
+    from rest_dense.benchmark import SCALING_SIZES, format_markdown, plot_rows, run_benchmark
+    rows = run_benchmark(["restv2_tiny", "swin_tiny"], sizes=SCALING_SIZES,
+                         attn_modes=("global", "win", "cwin", "hwin"), modes=("infer", "train"))
+    print(format_markdown(rows))
+    plot_rows(rows, "scaling.png")
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+__all__ = [
+    "DTYPES", "ATTN_IMPLS", "ATTN_MODES", "RUN_MODES", "SWIN_MODELS", "SCALING_SIZES",
+    "BenchCase", "BenchRow", "ConfigModel", "build_bench_model", "make_inputs", "time_model",
+    "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "benchmark_case", "benchmark_backbone",
+    "plan_cases", "run_benchmark", "describe_device", "format_markdown", "markdown_document",
+    "plot_rows",
+]
+
+#: dtype names of the ``--dtypes`` option (non-fp32 ones run under ``torch.autocast``)
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
+                                  "fp16": torch.float16}
+#: attention implementations of the ResT backbones
+ATTN_IMPLS: Tuple[str, ...] = ("sdpa", "math", "released")
+#: attention modes (ResTv2; ResTv1 has global attention only)
+ATTN_MODES: Tuple[str, ...] = ("global", "win", "cwin", "hwin")
+#: what a timed pass does
+RUN_MODES: Tuple[str, ...] = ("infer", "train")
+#: the Swin Transformer models available for comparison: name -> MMDetection config
+SWIN_MODELS: Dict[str, str] = {"swin_tiny": "mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py"}
+#: input sizes (H, W) of the scaling table
+SCALING_SIZES: Tuple[Tuple[int, int], ...] = ((512, 512), (800, 1216), (1024, 2048), (2048, 2048))
+
+
+# ------------------------------------------------------------------ cases and rows
+@dataclass
+class BenchCase:
+    """The setup of one row.
+
+    Args:
+        model (str): registry name (``'restv2_tiny'``), a key of :data:`SWIN_MODELS`, or
+            an MMDetection / MMSegmentation config (file, shipped name, or
+            ``'mmdet::path'`` / ``'mmseg::path'`` inside that package's configs).
+        size (tuple[int, int]): input (H, W).
+        batch (int): images per pass. Default: 1.
+        attn_mode (str): one of :data:`ATTN_MODES` (ResT backbones and ResT configs).
+        attn_impl (str): one of :data:`ATTN_IMPLS`, or ``'-'`` for non-ResT models.
+        mode (str): ``'infer'`` or ``'train'``.
+        dtype (str): a key of :data:`DTYPES`.
+        arch (dict, optional): a custom arch for a registry family (the ``model`` name
+            picks the family), e.g. a tiny one for tests.
+    """
+
+    model: str
+    size: Tuple[int, int]
+    batch: int = 1
+    attn_mode: str = "global"
+    attn_impl: str = "sdpa"
+    mode: str = "infer"
+    dtype: str = "fp32"
+    arch: Optional[Dict[str, Any]] = None
+
+    @property
+    def kind(self) -> str:
+        """``'backbone'`` (registry), ``'swin'`` or ``'config'``."""
+        return _model_kind(self.model)
+
+    @property
+    def label(self) -> str:
+        """How tables name the model (a config's file stem)."""
+        if self.kind == "config":
+            return Path(self.model.split("::")[-1]).stem
+        return self.model + (" (custom arch)" if self.arch else "")
+
+    def to_json(self) -> str:
+        """The case as JSON (for the memory-measuring child process)."""
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "BenchCase":
+        """The inverse of :meth:`to_json`."""
+        data = json.loads(text)
+        data["size"] = tuple(data["size"])
+        return cls(**data)
+
+
+@dataclass
+class BenchRow:
+    """The measurement of one :class:`BenchCase`.
+
+    Args:
+        case (BenchCase): what was measured.
+        ms (float): median milliseconds per pass.
+        imgs_per_s (float): images per second at that median.
+        peak_mb (float | None): peak memory growth in MiB (None: not measured).
+        iters (int): timed passes.
+        times_ms (list[float]): every timed pass, in ms.
+    """
+
+    case: BenchCase
+    ms: float
+    imgs_per_s: float
+    peak_mb: Optional[float]
+    iters: int
+    times_ms: List[float] = field(default_factory=list)
+
+
+def _model_kind(model: str) -> str:
+    from .models import canonical_name
+
+    if model in SWIN_MODELS:
+        return "swin"
+    try:
+        canonical_name(model)
+        return "backbone"
+    except (ValueError, TypeError):
+        pass
+    if "::" in model or model.endswith(".py"):
+        return "config"
+    from .models import list_models
+
+    raise ValueError(f"unknown model {model!r}: use a registry name ({', '.join(list_models())}), "
+                     f"{', '.join(SWIN_MODELS)}, or pass a config with --configs")
+
+
+def _check_case(case: BenchCase, device: Optional[str] = None) -> None:
+    """Raise ValueError, naming the problem, for a case that cannot run (on ``device``,
+    when given)."""
+    from .models import get_model_entry
+
+    if case.mode not in RUN_MODES:
+        raise ValueError(f"mode {case.mode!r}: choose one of {RUN_MODES}")
+    if case.dtype not in DTYPES:
+        raise ValueError(f"dtype {case.dtype!r}: choose one of {tuple(DTYPES)}")
+    if case.batch < 1 or min(case.size) < 1:
+        raise ValueError(f"batch {case.batch} and size {case.size} must be positive")
+    kind = case.kind
+    if kind == "backbone":
+        entry = get_model_entry(case.model)
+        if case.attn_mode not in entry.attn_modes:
+            raise ValueError(f"{entry.name} has attn_mode {', '.join(entry.attn_modes)} only, "
+                             f"not {case.attn_mode!r}")
+        if case.attn_impl not in ATTN_IMPLS:
+            raise ValueError(f"attention implementation {case.attn_impl!r}: choose one of {ATTN_IMPLS}")
+        if case.attn_impl == "released":
+            if entry.family != "restv2" or case.attn_mode != "global":
+                raise ValueError("the released-layout baseline exists for ResTv2 with global "
+                                 f"attention only, not {entry.name} / {case.attn_mode}")
+            if case.size[0] % 32 or case.size[1] % 32:
+                raise ValueError(f"the released-layout baseline needs sides divisible by 32, "
+                                 f"got {case.size[0]}x{case.size[1]}")
+    elif kind == "config":
+        if case.mode != "infer":
+            raise ValueError(f"{case.label}: whole models are timed in inference only")
+        if case.attn_impl == "released":
+            raise ValueError(f"{case.label}: the released-layout baseline is for backbones only")
+        if device is not None and case.dtype != "fp32" and not device.startswith("cuda"):
+            raise ValueError(f"{case.label}: whole models run in fp32 on the CPU (mmcv's CPU "
+                             "ops, NMS for one, have no bf16 / fp16 kernels)")
+
+
+# ------------------------------------------------------------------ models
+def _resolve_config(name: str) -> str:
+    """A config file for ``name``: ``'mmdet::swin/x.py'`` (a package's own configs),
+    a shipped config name or a file."""
+    if "::" in name:
+        import importlib
+
+        package, rel = name.split("::", 1)
+        try:
+            module = importlib.import_module(package)
+        except ImportError as e:
+            raise FileNotFoundError(f"{name}: package {package!r} is not installed ({e})") from None
+        path = Path(module.__file__).parent / ".mim" / "configs" / rel
+        if not path.is_file():
+            raise FileNotFoundError(f"{name}: no such config in {package} ({path})")
+        return str(path)
+    from .configs import get_config_path
+
+    return get_config_path(name)
+
+
+class ConfigModel(nn.Module):
+    """Whole-model inference (``predict``) of an MMDetection / MMSegmentation config on a
+    fixed-size batch, randomly initialised (``init_cfg`` dropped: nothing is downloaded).
+
+    Args:
+        config (str): config file, shipped config name or ``'mmdet::path'``.
+        attn_mode (str): attention mode set on a ResTv2 backbone (``'global'``: the
+            config's own).
+        attn_impl (str): ``'sdpa'`` or ``'math'`` for a ResT backbone (``'-'``: as configured).
+    """
+
+    def __init__(self, config: str, attn_mode: str = "global", attn_impl: str = "sdpa"):
+        super().__init__()
+        import warnings
+
+        from .mm.utils import build_model, is_tta_model, load_config
+
+        cfg = load_config(_resolve_config(config))
+        if is_tta_model(cfg.model):
+            cfg.model = cfg.model.module
+        backbone = cfg.model.backbone
+        backbone.pop("init_cfg", None)
+        backbone.pop("pretrained", None)
+        cfg.model.pop("pretrained", None)
+        btype = str(backbone.get("type", "")).split(".")[-1]
+        if btype in ("ResTv2", "ResTv1") and attn_impl != "-":
+            backbone["fused_attn"] = attn_impl == "sdpa"
+            if attn_mode != "global":
+                if btype != "ResTv2":
+                    raise ValueError(f"{config}: ResTv1 has global attention only")
+                backbone["attn_mode"] = attn_mode
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.model = build_model(cfg)
+        if cfg.default_scope == "mmseg":
+            from mmseg.structures import SegDataSample as Sample
+        else:
+            from mmdet.structures import DetDataSample as Sample
+        self.sample_cls = Sample
+
+    def forward(self, x: torch.Tensor):
+        h, w = x.shape[-2:]
+        meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                    batch_input_shape=(h, w), scale_factor=(1.0, 1.0))
+        samples = [self.sample_cls(metainfo=meta) for _ in range(x.shape[0])]
+        return self.model.predict(x, samples)
+
+
+def _config_has_rest_backbone(config: str) -> bool:
+    """Whether a config's backbone is a ResT (so attention options apply to it)."""
+    from mmengine.config import Config
+
+    cfg = Config.fromfile(_resolve_config(config))
+    model = cfg.model.module if "module" in cfg.model else cfg.model  # TTA wrappers
+    return str(model.get("backbone", {}).get("type", "")).split(".")[-1] in ("ResTv2", "ResTv1")
+
+
+def _build_swin(name: str) -> nn.Module:
+    from mmengine.config import Config
+    from mmengine.registry import init_default_scope
+
+    cfg = Config.fromfile(_resolve_config(SWIN_MODELS[name]))
+    backbone = cfg.model.backbone
+    backbone.pop("init_cfg", None)
+    backbone["drop_path_rate"] = 0.0  # as our backbones here: stochastic depth off
+    init_default_scope("mmdet")
+    from mmdet.registry import MODELS
+
+    return MODELS.build(backbone)
+
+
+def build_bench_model(case: BenchCase) -> nn.Module:
+    """Build the (randomly initialised) model of a case.
+
+    Args:
+        case: the case.
+
+    Returns:
+        The module (on the CPU; mode not set).
+
+    Raises:
+        ValueError: the case cannot run (see the message).
+    """
+    from .models import create_model, get_model_entry
+
+    _check_case(case)
+    kind = case.kind
+    if kind == "swin":
+        return _build_swin(case.model)
+    if kind == "config":
+        return ConfigModel(case.model, case.attn_mode, case.attn_impl)
+    entry = get_model_entry(case.model)
+    kwargs: Dict[str, Any] = dict(fused_attn=case.attn_impl == "sdpa")
+    if case.attn_mode != "global":
+        kwargs["attn_mode"] = case.attn_mode
+    if case.arch is not None:
+        model = entry.cls(arch=dict(case.arch), **kwargs)
+    else:
+        model = create_model(entry.name, **kwargs)
+    if case.attn_impl == "released":
+        from .reference import ReleasedLayoutResTv2
+
+        model = ReleasedLayoutResTv2(model)
+    return model
+
+
+def _load_same_weights(model: nn.Module, reference: Mapping[str, torch.Tensor]) -> None:
+    """Load a reference state dict (the released-layout wrapper nests keys under ``model.``;
+    modes with extra layers keep their own for those)."""
+    own = model.state_dict()
+    if own.keys() != reference.keys():
+        if all(k.startswith("model.") for k in own) and not all(k.startswith("model.") for k in reference):
+            reference = {"model." + k: v for k, v in reference.items()}
+        elif all(k.startswith("model.") for k in reference) and not all(k.startswith("model.") for k in own):
+            reference = {k[len("model."):]: v for k, v in reference.items()}
+    model.load_state_dict({k: v for k, v in reference.items() if k in own}, strict=False)
+
+
+# ------------------------------------------------------------------ measuring
+def make_inputs(case: BenchCase, device: str = "cpu") -> torch.Tensor:
+    """A random ``(batch, 3, H, W)`` image batch for a case (fixed seed)."""
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(case.batch, 3, *case.size, generator=gen).to(device)
+
+
+def _loss(out: Any) -> torch.Tensor:
+    """Sum of the means of every tensor in a (nested) output."""
+    if isinstance(out, torch.Tensor):
+        return out.float().mean()
+    if isinstance(out, Mapping):
+        out = list(out.values())
+    if isinstance(out, (list, tuple)):
+        terms = [_loss(o) for o in out]
+        terms = [t for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+    return None
+
+
+def _step_fn(model: nn.Module, x: torch.Tensor, mode: str, dtype: str,
+             device: str) -> Callable[[], None]:
+    autocast = dict(device_type=device.split(":")[0], dtype=DTYPES[dtype],
+                    enabled=dtype != "fp32")
+    if mode == "infer":
+        model.eval()
+
+        def step():
+            with torch.inference_mode(), torch.autocast(**autocast):
+                model(x)
+    else:
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+
+        def step():
+            for p in params:
+                p.grad = None
+            with torch.autocast(**autocast):
+                loss = _loss(model(x))
+            loss.backward()
+    return step
+
+
+def time_model(model: nn.Module, x: torch.Tensor, mode: str = "infer", dtype: str = "fp32",
+               device: str = "cpu", warmup: int = 2, iters: int = 5,
+               min_time: float = 0.0) -> Tuple[List[float], Optional[float]]:
+    """Time passes of ``model`` on ``x``.
+
+    Args:
+        model: the model, already on ``device``.
+        x: its input, on ``device``.
+        mode: ``'infer'`` (eval mode, inference mode) or ``'train'`` (train mode, forward
+            and backward of the sum of the outputs' means).
+        dtype: ``'fp32'``, or ``'bf16'`` / ``'fp16'`` under ``torch.autocast``.
+        device: ``'cpu'`` or ``'cuda[:i]'``.
+        warmup: untimed passes first.
+        iters: timed passes (at least).
+        min_time: keep timing until this many seconds have passed.
+
+    Returns:
+        The time of every timed pass in ms, and on CUDA the peak memory growth in MiB
+        over the timed passes (None on the CPU).
+    """
+    if iters < 1 or warmup < 0:
+        raise ValueError(f"iters must be >= 1 and warmup >= 0, got {iters} and {warmup}")
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    step = _step_fn(model, x, mode, dtype, device)
+    for _ in range(warmup):
+        step()
+    sync()
+    if cuda:
+        for p in model.parameters():
+            p.grad = None
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < iters or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        step()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else None
+    return times, peak
+
+
+def _return_freed_memory_to_os() -> None:
+    """Serve large CPU allocations with mmap (fixed threshold) so that freed tensors leave
+    the RSS and the peak-RSS growth measures the pass's own peak."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 16)  # M_MMAP_THRESHOLD = 64 KiB
+    except (OSError, AttributeError):
+        pass
+
+
+def _rss_kb(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key):
+                return int(line.split()[1])
+    return 0
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def cpu_peak_memory(case: BenchCase) -> Optional[float]:
+    """Peak RSS growth (MiB) of one pass of a case, in **this** process.
+
+    Meant for a fresh interpreter (see :func:`cpu_peak_memory_in_subprocess`): it changes
+    the process's allocator settings, and earlier allocations would blur the figure.
+
+    Args:
+        case: the case (built here, on the CPU).
+
+    Returns:
+        MiB, or None where the peak RSS cannot be reset (no ``/proc/self/clear_refs``).
+    """
+    _return_freed_memory_to_os()
+    model = build_bench_model(case)
+    x = make_inputs(case)
+    step = _step_fn(model, x, case.mode, case.dtype, "cpu")
+    if not _reset_peak_rss():
+        return None
+    base = _rss_kb("VmRSS:")
+    step()
+    return (_rss_kb("VmHWM:") - base) / 1024
+
+
+def cpu_peak_memory_in_subprocess(case: BenchCase, threads: Optional[int] = None,
+                                  timeout: Optional[float] = None) -> Optional[float]:
+    """Run :func:`cpu_peak_memory` in a fresh interpreter (``python -m rest_dense.benchmark``).
+
+    Args:
+        case: the case.
+        threads: torch CPU threads in the child (default: torch's default).
+        timeout: seconds before the child is stopped (default: none).
+
+    Returns:
+        MiB, or None where the system cannot measure it.
+
+    Raises:
+        RuntimeError: the child failed (its stderr is in the message).
+    """
+    cmd = [sys.executable, "-m", "rest_dense.benchmark", case.to_json()]
+    if threads:
+        cmd += ["--threads", str(threads)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    if res.returncode != 0:
+        raise RuntimeError(f"measuring the CPU memory of {case.label} failed:\n{res.stderr[-2000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+
+
+def benchmark_case(case: BenchCase, device: str = "cpu", warmup: int = 2, iters: int = 5,
+                   min_time: float = 0.0, memory: bool = True, threads: Optional[int] = None,
+                   weights: Optional[Mapping[str, torch.Tensor]] = None,
+                   model: Optional[nn.Module] = None) -> BenchRow:
+    """Time one case and measure its peak memory.
+
+    Args:
+        case: the case.
+        device: ``'cpu'`` or ``'cuda[:i]'``.
+        warmup: untimed passes.
+        iters: timed passes (at least).
+        min_time: time for at least this many seconds.
+        memory: measure peak memory (CPU: in a fresh interpreter; CUDA: during timing).
+        threads: torch CPU threads of the memory-measuring child.
+        weights: a state dict to load first (same weights across rows).
+        model: an already built model for the case (default: built here).
+
+    Returns:
+        The :class:`BenchRow`.
+    """
+    if model is None:
+        model = build_bench_model(case)
+    if weights is not None:
+        _load_same_weights(model, weights)
+    model.to(device)
+    times, peak = time_model(model, make_inputs(case, device), case.mode, case.dtype, device,
+                             warmup, iters, min_time)
+    if not memory:
+        peak = None
+    elif not device.startswith("cuda"):
+        peak = cpu_peak_memory_in_subprocess(case, threads)
+    ms = statistics.median(times)
+    return BenchRow(case, ms, case.batch / (ms / 1e3), peak, len(times), times)
+
+
+def benchmark_backbone(model: str = "restv2_tiny", size: Tuple[int, int] = (224, 224),
+                       batch: int = 1, mode: str = "infer", dtype: str = "fp32",
+                       attn_mode: str = "global", attn_impl: str = "sdpa",
+                       arch: Optional[Dict[str, Any]] = None, **kwargs: Any) -> BenchRow:
+    """Time one backbone (registry name or ``swin_tiny``) at one size: a shortcut for
+    :func:`benchmark_case`.
+
+    Args:
+        model: registry name or a key of :data:`SWIN_MODELS`.
+        size: input (H, W).
+        batch: images per pass.
+        mode: ``'infer'`` or ``'train'``.
+        dtype: ``'fp32'``, ``'bf16'`` or ``'fp16'``.
+        attn_mode: attention mode (ResTv2).
+        attn_impl: ``'sdpa'``, ``'math'`` or ``'released'``.
+        arch: custom arch dict for the model's family.
+        **kwargs: :func:`benchmark_case` options (``device``, ``iters``, ``memory``, ...).
+
+    Returns:
+        The :class:`BenchRow`.
+    """
+    if model in SWIN_MODELS:
+        attn_impl = "-"
+    case = BenchCase(model, tuple(size), batch, attn_mode, attn_impl, mode, dtype, arch)
+    return benchmark_case(case, **kwargs)
+
+
+def plan_cases(models: Sequence[str] = ("restv2_tiny",),
+               sizes: Sequence[Tuple[int, int]] = ((800, 1216),),
+               batches: Sequence[int] = (1,), attn_modes: Sequence[str] = ("global",),
+               attn_impls: Sequence[str] = ("sdpa",), modes: Sequence[str] = ("infer",),
+               dtypes: Sequence[str] = ("fp32",), configs: Sequence[str] = (),
+               arch: Optional[Dict[str, Any]] = None, device: str = "cpu"
+               ) -> Tuple[List[BenchCase], List[str]]:
+    """Expand option lists into cases, leaving out the combinations that do not apply.
+
+    Order: model, then size, dtype, run mode, attention mode, attention implementation.
+    Swin-T, and configs whose backbone is not a ResT, get one row per size / dtype / run
+    mode (attention ``'-'``); configs run in inference only (and in fp32 on the CPU);
+    ``released`` runs for ResTv2 with global attention only; ResTv1 has global attention.
+
+    Args:
+        models: registry names and :data:`SWIN_MODELS` keys.
+        sizes: input sizes (H, W).
+        batches: one batch for every size, or one per size.
+        attn_modes: attention modes.
+        attn_impls: attention implementations.
+        modes: ``'infer'`` and/or ``'train'``.
+        dtypes: keys of :data:`DTYPES`.
+        configs: MMDetection / MMSegmentation configs (whole models).
+        arch: custom arch dict for the registry models.
+        device: where the cases will run (whole models run in fp32 only on the CPU).
+
+    Returns:
+        The cases, and a note for each left-out combination.
+
+    Raises:
+        ValueError: bad option values (the message names them).
+    """
+    sizes = [tuple(s) for s in sizes]
+    batches = list(batches)
+    if len(batches) == 1:
+        batches = batches * len(sizes)
+    if len(batches) != len(sizes):
+        raise ValueError(f"give one batch for all sizes or one per size: {len(batches)} batches "
+                         f"for {len(sizes)} sizes")
+    for name, values, allowed in (("attention mode", attn_modes, ATTN_MODES),
+                                  ("attention implementation", attn_impls, ATTN_IMPLS),
+                                  ("mode", modes, RUN_MODES), ("dtype", dtypes, tuple(DTYPES))):
+        bad = [v for v in values if v not in allowed]
+        if bad or not values:
+            raise ValueError(f"{name} {bad or '(none)'}: choose from {', '.join(allowed)}")
+    for m in models:
+        if _model_kind(m) == "config":
+            raise ValueError(f"{m!r} is a config: pass it with --configs (configs=...)")
+    cases: List[BenchCase] = []
+    skipped: List[str] = []
+    seen = set()
+    for model in [*models, *configs]:
+        kind = "config" if model in configs else _model_kind(model)
+        fixed_attention = kind == "swin" or (kind == "config" and not _config_has_rest_backbone(model))
+        for (size, batch), dtype, mode, attn_mode, impl in itertools.product(
+                zip(sizes, batches), dtypes, modes, attn_modes, attn_impls):
+            if fixed_attention:  # not a ResT: the attention options do not apply
+                attn_mode, impl = "global", "-"
+            case = BenchCase(model, size, batch, attn_mode, impl, mode, dtype,
+                             arch if kind == "backbone" else None)
+            key = case.to_json()
+            if key in seen:
+                continue
+            seen.add(key)
+            try:
+                _check_case(case, device)
+            except ValueError as e:
+                skipped.append(f"skipped {case.label} {attn_mode}/{impl} {size[0]}x{size[1]} "
+                               f"{mode} {dtype}: {e}")
+                continue
+            cases.append(case)
+    return cases, skipped
+
+
+def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
+                  sizes: Sequence[Tuple[int, int]] = ((800, 1216),),
+                  batches: Sequence[int] = (1,), attn_modes: Sequence[str] = ("global",),
+                  attn_impls: Sequence[str] = ("sdpa",), modes: Sequence[str] = ("infer",),
+                  dtypes: Sequence[str] = ("fp32",), configs: Sequence[str] = (),
+                  device: str = "cpu", threads: Optional[int] = None, warmup: int = 2,
+                  iters: int = 5, min_time: float = 0.0, memory: bool = True,
+                  progress: bool = True, arch: Optional[Dict[str, Any]] = None,
+                  log: Optional[Callable[[str], None]] = None) -> List[BenchRow]:
+    """Benchmark every applicable combination of the options (see :func:`plan_cases`).
+
+    Every row of one model uses the same weights (those of its first row).
+
+    Args:
+        models, sizes, batches, attn_modes, attn_impls, modes, dtypes, configs, arch:
+            see :func:`plan_cases`.
+        device: ``'cpu'`` or ``'cuda[:i]'``.
+        threads: torch CPU threads (here and in the memory-measuring children).
+        warmup: untimed passes per row.
+        iters: timed passes per row (at least).
+        min_time: time each row for at least this many seconds.
+        memory: measure peak memory.
+        progress: progress bar over the rows (stderr).
+        log: called with a line per finished row and per skipped combination
+            (default: print to stderr).
+
+    Returns:
+        One :class:`BenchRow` per case, in :func:`plan_cases` order.
+    """
+    from tqdm import tqdm
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    if threads:
+        torch.set_num_threads(threads)
+    cases, skipped = plan_cases(models, sizes, batches, attn_modes, attn_impls, modes, dtypes,
+                                configs, arch, device)
+    if not cases:
+        raise ValueError("no combination of the options applies:\n" + "\n".join(skipped))
+    bar = tqdm(cases, desc="bench", unit="row", file=sys.stderr, disable=not progress)
+    if log is None:
+        def log(text: str) -> None:
+            bar.write(text, file=sys.stderr)
+    for note in skipped:
+        log(note)
+    torch.manual_seed(0)
+    weights: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    rows = []
+    for case in bar:
+        bar.set_postfix_str(f"{case.label} {case.attn_mode}/{case.attn_impl} "
+                            f"{case.size[0]}x{case.size[1]} {case.mode} {case.dtype}")
+        model = build_bench_model(case)
+        key = (case.model, json.dumps(case.arch, sort_keys=True))
+        if key not in weights:
+            weights[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        row = benchmark_case(case, device, warmup, iters, min_time, memory, threads,
+                             weights=weights[key], model=model)
+        del model
+        rows.append(row)
+        peak = f"{row.peak_mb:7.0f} MiB" if row.peak_mb is not None else "      - MiB"
+        log(f"  {case.label} {case.attn_mode:6s} {case.attn_impl:8s} {case.batch}x"
+            f"{case.size[0]}x{case.size[1]} {case.mode:5s} {case.dtype}: {row.ms:9.1f} ms  "
+            f"peak {peak}")
+    return rows
+
+
+# ------------------------------------------------------------------ output
+def describe_device(device: str = "cpu") -> str:
+    """``'NVIDIA H100 ...'`` or ``'CPU, 2 threads'``."""
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    n = torch.get_num_threads()
+    return f"CPU, {n} thread{'' if n == 1 else 's'}"
+
+
+def format_markdown(rows: Sequence[BenchRow]) -> str:
+    """A markdown table of rows; the speed-up is relative to the first row with the same
+    input size, batch, run mode and dtype.
+
+    Args:
+        rows: from :func:`run_benchmark`.
+
+    Returns:
+        The table, without a trailing newline.
+    """
+    head = ("| model | attn_mode | attention | input (HxW) | batch | mode | dtype | ms/iter | "
+            "img/s | peak mem (MiB) | speed-up |")
+    lines = [head, "|---|---|---|---|---:|---|---|---:|---:|---:|---:|"]
+    baseline: Dict[Tuple, float] = {}
+    for r in rows:
+        c = r.case
+        key = (c.size, c.batch, c.mode, c.dtype)
+        base = baseline.setdefault(key, r.ms)
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
+        attn_mode = c.attn_mode if c.attn_impl != "-" else "-"
+        lines.append(f"| {c.label} | {attn_mode} | {c.attn_impl} | {c.size[0]}x{c.size[1]} | "
+                     f"{c.batch} | {c.mode} | {c.dtype} | {r.ms:.1f} | {r.imgs_per_s:.2f} | "
+                     f"{peak} | {base / r.ms:.2f}x |")
+    return "\n".join(lines)
+
+
+def markdown_document(rows: Sequence[BenchRow], device: str = "cpu",
+                      command: Optional[str] = None) -> str:
+    """The text ``rest-dense bench --markdown`` writes: a line on the setup, then the table.
+
+    Args:
+        rows: from :func:`run_benchmark`.
+        device: the device they ran on.
+        command: the command line (quoted when given).
+
+    Returns:
+        The document, ending with a newline.
+    """
+    iters = min((r.iters for r in rows), default=0)
+    text = (f"On {describe_device(device)}, torch {torch.__version__}, median of >= {iters} "
+            "timed passes; peak memory: "
+            + ("torch.cuda.max_memory_allocated growth" if device.startswith("cuda")
+               else "peak-RSS growth over one pass in a fresh process") + ".\n")
+    if command:
+        text += f"Generated by `{command}`.\n"
+    return text + "\n" + format_markdown(rows) + "\n"
+
+
+def plot_rows(rows: Sequence[BenchRow], path: str, device: str = "cpu",
+              title: Optional[str] = None) -> str:
+    """Plot time and peak memory against input pixels, one line per model / attention
+    mode / implementation / run mode / dtype (matplotlib, log-log axes).
+
+    Args:
+        rows: from :func:`run_benchmark` (several sizes make lines; one size, points).
+        path: the PNG to write.
+        device: the device they ran on (for the default title).
+        title: figure title (default: the device and torch version).
+
+    Returns:
+        ``path``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: Dict[str, List[BenchRow]] = {}
+    for r in rows:
+        c = r.case
+        name = c.label
+        if c.attn_impl != "-":
+            name += f" {c.attn_mode}" + ("" if c.attn_impl == "sdpa" else f" ({c.attn_impl})")
+        name += f" {c.mode}" + ("" if c.dtype == "fp32" else f" {c.dtype}")
+        series.setdefault(name, []).append(r)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for name, rs in series.items():
+        rs = sorted(rs, key=lambda r: r.case.batch * r.case.size[0] * r.case.size[1])
+        px = [r.case.batch * r.case.size[0] * r.case.size[1] / 1e6 for r in rs]
+        style = "--" if rs[0].case.mode == "train" else "-"
+        axes[0].plot(px, [r.ms for r in rs], style, marker="o", label=name)
+        mem = [(p, r.peak_mb) for p, r in zip(px, rs) if r.peak_mb is not None]
+        if mem:
+            axes[1].plot(*zip(*mem), style, marker="o", label=name)
+    for ax, ylabel in zip(axes, ("ms per pass", "peak memory (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("input megapixels (batch x H x W)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title or f"{describe_device(device)}, torch {torch.__version__}")
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------ memory child
+def _child_main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m rest_dense.benchmark CASE_JSON [--threads N]``: print the CPU peak
+    memory of one case as JSON (used by :func:`cpu_peak_memory_in_subprocess`)."""
+    p = argparse.ArgumentParser(prog="python -m rest_dense.benchmark",
+                                description="CPU peak memory of one benchmark case (internal)")
+    p.add_argument("case", help="BenchCase as JSON")
+    p.add_argument("--threads", type=int, default=None)
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(json.dumps({"peak_mb": cpu_peak_memory(BenchCase.from_json(args.case))}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

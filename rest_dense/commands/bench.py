@@ -1,0 +1,128 @@
+"""Time ResT backbones (and Swin-T, and whole Mask R-CNN / UperNet models): latency,
+throughput and peak memory, in inference or training, on the CPU or a GPU.
+
+Every combination of the options is one row, all from one run, with the same weights in
+every row of a model; speed-ups are relative to the first row of the same size, batch,
+mode and dtype. Peak memory: on the CPU the peak-RSS growth of one pass in a fresh
+process per row, on CUDA torch.cuda.max_memory_allocated. Attention implementations:
+sdpa (fused, our default), math (explicit attention matrix), released (the same weights
+in the released code's layout, rest_dense.reference; ResTv2 global only). swin_tiny is
+MMDetection's SwinTransformer from its Mask R-CNN Swin-T config (window 7); configs
+(--configs) time the whole model's predict. Combinations that do not apply (e.g.
+released with window attention) are left out with a note.
+
+Examples:
+
+    rest-dense bench restv2_tiny --shape 800x1216 224x224 --batch 1 8 \\
+        --attn-impls sdpa math released --threads 2
+    rest-dense bench restv2_tiny --attn-modes global win cwin hwin --mode infer train
+    rest-dense bench restv2_tiny swin_tiny --configs \\
+        mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py \\
+        mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py
+    rest-dense bench restv2_tiny swin_tiny --shape 512x512 800x1216 1024x2048 2048x2048 \\
+        --attn-modes global win cwin hwin --mode infer train --plot scaling.png
+    rest-dense bench restv2_tiny --device cuda --dtypes fp32 bf16 fp16
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+HELP = "latency, throughput and peak memory of backbones and whole models (CPU or CUDA)"
+
+_ATTN_MODES = ("global", "win", "cwin", "hwin")
+_ATTN_IMPLS = ("sdpa", "math", "released")
+_MODES = ("infer", "train")
+_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..models import list_models
+
+    parser.add_argument("models", nargs="*", metavar="MODEL",
+                        help="backbones: " + ", ".join(list_models()) + ", swin_tiny "
+                             "(default: restv2_tiny unless --configs is given)")
+    parser.add_argument("--configs", nargs="+", default=[], metavar="CONFIG",
+                        help="whole MMDetection / MMSegmentation models (inference): config "
+                             "files, shipped config names or mmdet::/mmseg:: package configs")
+    parser.add_argument("--shape", nargs="+", default=["800x1216"], metavar="HxW",
+                        help="input sizes (default: 800x1216)")
+    parser.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",
+                        help="batch size: one for every size, or one per size (default: 1)")
+    parser.add_argument("--attn-modes", nargs="+", default=["global"], choices=_ATTN_MODES,
+                        help="attention modes of the ResT models (default: global)")
+    parser.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=_ATTN_IMPLS,
+                        help="attention implementations (default: sdpa)")
+    parser.add_argument("--mode", nargs="+", default=["infer"], choices=_MODES,
+                        help="infer: forward in inference mode; train: forward + backward in "
+                             "train mode (backbones; loss = sum of the outputs' means)")
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=_DTYPES,
+                        help="fp32, or bf16 / fp16 under torch.autocast (default: fp32)")
+    parser.add_argument("--device", default=None,
+                        help="cpu or cuda[:i] (default: cuda when available, else cpu)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per row (default: 2)")
+    parser.add_argument("--iters", type=int, default=5, help="timed passes per row (default: 5)")
+    parser.add_argument("--min-time", type=float, default=0.0,
+                        help="time each row for at least this many seconds")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--markdown", metavar="FILE", help="also write the table here")
+    parser.add_argument("--plot", metavar="FILE.png",
+                        help="plot time and memory against input size (matplotlib)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import benchmark as bm
+    from ..utils import parse_size
+
+    try:
+        sizes = [parse_size(s) for s in args.shape]
+    except ValueError as e:
+        print(f"rest-dense bench: --shape: {e}", file=sys.stderr)
+        return 2
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    models = list(args.models) or ([] if args.configs else ["restv2_tiny"])
+    try:
+        rows = bm.run_benchmark(models, sizes, args.batch, args.attn_modes, args.attn_impls,
+                                args.mode, args.dtypes, args.configs, device=device,
+                                threads=args.threads, warmup=args.warmup, iters=args.iters,
+                                min_time=args.min_time, memory=not args.no_memory,
+                                progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rest-dense bench: {e}", file=sys.stderr)
+        return 2
+    text = bm.markdown_document(rows, device, "rest-dense " + _command_line(args))
+    print(text, end="")
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.markdown}")
+    if args.plot:
+        bm.plot_rows(rows, args.plot, device)
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _command_line(args: argparse.Namespace) -> str:
+    """The bench command line of ``args`` (quoted in the markdown)."""
+    parts = ["bench", *args.models]
+    if args.configs:
+        parts += ["--configs", *args.configs]
+    parts += ["--shape", *args.shape, "--batch", *map(str, args.batch)]
+    for opt in ("attn_modes", "attn_impls", "mode", "dtypes"):
+        parts += ["--" + opt.replace("_", "-"), *getattr(args, opt)]
+    for opt in ("device", "threads"):
+        if getattr(args, opt):
+            parts += ["--" + opt, str(getattr(args, opt))]
+    parts += ["--warmup", str(args.warmup), "--iters", str(args.iters)]
+    if args.min_time:
+        parts += ["--min-time", str(args.min_time)]
+    if args.no_memory:
+        parts.append("--no-memory")
+    return shlex.join(parts)

@@ -1,0 +1,130 @@
+"""Count the parameters and FLOPs (fvcore) of ResT backbones and of whole MMDetection /
+MMSegmentation / detectron2 models, with a per-operator breakdown
+(conv / linear / matmul / layer_norm / other) next to the ResT papers' figures.
+
+TARGET is a model name (`rest-dense flops --help` lists them below), a config file, a
+shipped config name (`rest-dense configs` lists them) or a folder of configs. Default input
+sizes: backbones 224x224, detection 800x1280, segmentation 512x2048; --shape sets one size
+(HxW) for every target. Attention products are counted (fused SDPA like the explicit
+matmuls); conventions: rest_dense.analysis.CONVENTIONS.
+
+Examples:
+
+    rest-dense flops restv2_tiny                            # 224x224, readable table
+    rest-dense flops restv2_tiny --shape 800x1280 --attn-mode win
+    rest-dense flops mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py
+    rest-dense flops configs/upernet --params-only           # parameters of every config below
+    rest-dense flops --all --markdown docs/flops.md          # every shipped config
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+
+HELP = "parameters and FLOPs of backbones and whole models (fvcore, per-operator breakdown)"
+
+_ATTN_MODES = ("global", "win", "cwin", "hwin")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..models import list_models
+
+    parser.add_argument("targets", nargs="*", metavar="TARGET",
+                        help="model name (" + ", ".join(list_models()) + "), config file, "
+                             "shipped config name or folder of configs")
+    parser.add_argument("--all", action="store_true",
+                        help="every shipped config (skipping frameworks that are not installed)")
+    parser.add_argument("--shape", metavar="HxW",
+                        help="input size for every target, e.g. 800x1280 (default: backbones "
+                             "224x224, detection 800x1280, segmentation 512x2048)")
+    parser.add_argument("--attn-mode", default="global", choices=_ATTN_MODES,
+                        help="attention mode of models given by name (configs set their own)")
+    parser.add_argument("--params-only", action="store_true",
+                        help="only build the models and print their parameter counts")
+    parser.add_argument("--math-attn", action="store_true",
+                        help="models given by name: count the explicit matmul attention "
+                             "instead of the fused SDPA (same FLOPs)")
+    parser.add_argument("--check-math", action="store_true",
+                        help="models given by name: count both attention paths and fail "
+                             "unless the totals are equal")
+    parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=None,
+                        help="config overrides applied to every config")
+    parser.add_argument("--markdown", metavar="FILE",
+                        help="also write the table, with the conventions, as markdown here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import analysis as an
+    from ..utils import format_size, parse_size
+
+    shape = None
+    if args.shape:
+        try:
+            shape = parse_size(args.shape)
+        except ValueError as e:
+            print(f"rest-dense flops: --shape: {e}", file=sys.stderr)
+            return 2
+    if not args.targets and not args.all:
+        print("rest-dense flops: nothing to count: give TARGETs or --all "
+              "(e.g. `rest-dense flops restv2_tiny`)", file=sys.stderr)
+        return 2
+    try:
+        targets = an.resolve_targets(args.targets, all_configs=args.all)
+    except ValueError as e:
+        print(f"rest-dense flops: {e}", file=sys.stderr)
+        return 2
+
+    from tqdm import tqdm
+
+    def show(r: "an.AnalysisResult") -> None:
+        # tqdm.write keeps the progress bar below the printed results
+        tqdm.write(an.format_params(r) if args.params_only else an.format_breakdown(r))
+
+    results = an.analyze(targets, shape, args.attn_mode, fused_attn=not args.math_attn,
+                         params_only=args.params_only, cfg_options=args.cfg_options,
+                         progress=not args.no_progress, skip_unavailable=args.all,
+                         on_result=show)
+    if args.check_math and not args.params_only:
+        for target, r in zip([t for t in targets if t.kind == "backbone"],
+                             [r for r in results if r.framework == "backbone"]):
+            other = an.analyze_backbone(target.name, r.shape, args.attn_mode,
+                                        fused_attn=args.math_attn)
+            if other.flops.total != r.flops.total:
+                print(f"rest-dense flops: {target.name}: fused attention {r.flops.total} FLOPs "
+                      f"!= math path {other.flops.total}", file=sys.stderr)
+                return 1
+            r.notes.append("fused == math path")
+            print(f"{target.name} {format_size(r.shape)}: fused == math path "
+                  f"({r.flops.total / 1e9:.2f} GFLOPs)")
+    if not args.params_only:
+        print()
+        print(an.format_table(results))
+    if args.markdown:
+        command = "rest-dense " + _reconstruct(args)
+        folder = os.path.dirname(os.path.abspath(args.markdown))
+        os.makedirs(folder, exist_ok=True)
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(an.markdown_document(results, command))
+        print(f"\nwrote {args.markdown}")
+    return 0
+
+
+def _reconstruct(args: argparse.Namespace) -> str:
+    """The command line of ``args``, quoted in the markdown document."""
+    parts = ["flops", *args.targets]
+    if args.all:
+        parts.append("--all")
+    if args.shape:
+        parts += ["--shape", args.shape]
+    if args.attn_mode != "global":
+        parts += ["--attn-mode", args.attn_mode]
+    for flag in ("params_only", "math_attn", "check_math"):
+        if getattr(args, flag):
+            parts.append("--" + flag.replace("_", "-"))
+    if args.cfg_options:
+        parts += ["--cfg-options", *args.cfg_options]
+    parts += ["--markdown", args.markdown]
+    return shlex.join(parts)
