@@ -1,17 +1,22 @@
 """The toy dataset registered in detectron2: a short CPU training run of the shipped toy config
-(through RestTrainer, with COCO evaluation) clearly improves box AP."""
+(through RestTrainer, with COCO evaluation) clearly improves box AP; ``rest-dense train`` /
+``rest-dense test`` on a detectron2 config (train, resume, evaluate); the AMP fallback."""
 import importlib
 import json
+import math
 import os
 
 import pytest
+import torch
 
 from _d2_utils import config_path  # noqa: F401,I100
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
+from rest_dense import amp, trust  # noqa: E402
+from rest_dense.cli import main as cli  # noqa: E402
 from rest_dense.d2 import register_toy_datasets  # noqa: E402
-from rest_dense.d2.engine import RestTrainer, setup_yaml_config  # noqa: E402
+from rest_dense.d2.engine import RestTrainer, _amp_guard, setup_yaml_config  # noqa: E402
 
 toy = importlib.import_module("rest_dense.data.toy")
 
@@ -34,6 +39,7 @@ def test_register_toy_datasets(toy_root):
     assert MetadataCatalog.get("d2test_toy_val").thing_classes == ["circle", "square", "triangle"]
 
 
+@pytest.mark.slow
 def test_toy_training_improves_ap(toy_root, tmp_path):
     register_toy_datasets(toy_root, prefix="d2test_toy")
     cfg = setup_yaml_config(config_path("toy/mask_rcnn_restv2_toy.yaml"), [
@@ -53,3 +59,73 @@ def test_toy_training_improves_ap(toy_root, tmp_path):
     print(f"toy bbox AP: untrained {before:.2f}, after 50 iterations {after:.2f}")
     assert after > before + 10.0, (before, after)  # measured: 0.0 -> 30.0
     assert os.path.isfile(tmp_path / "out" / "model_final.pth")
+
+
+def _metrics_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+@pytest.mark.slow
+def test_cli_train_resume_and_test(toy_root, tmp_path, capsys):
+    """`rest-dense train` on the shipped toy yaml (by name), `--resume` from the output
+    folder, then `rest-dense test` of the final checkpoint."""
+    trust.forget_trusted()
+    config = "detectron2/toy/mask_rcnn_restv2_toy.yaml"
+    out = tmp_path / "out"
+    common = ["--threads", "1", "--toy-root", str(toy_root), "--work-dir", str(out)]
+    small = ["MODEL.DEVICE", "cpu", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
+             "SOLVER.WARMUP_ITERS", "1", "SOLVER.STEPS=(1,)", "TEST.EVAL_PERIOD", "0"]
+    assert cli(["train", config, *common, *small, "SOLVER.MAX_ITER", "2"]) == 0
+    final = out / "model_final.pth"
+    assert final.is_file() and (out / "last_checkpoint").is_file()
+    assert trust.is_trusted(final)  # the run's own output folder
+    # what training wrote loads without full unpickling, optimizer state included
+    ckpt = trust.load_checkpoint_file(final, trusted=False)
+    assert ckpt["iteration"] == 1 and ckpt["trainer"]["_trainer"]["optimizer"]["state"]
+    losses = [m for m in _metrics_lines(out / "metrics.json") if "total_loss" in m]
+    assert losses and all(math.isfinite(m["total_loss"]) for m in losses)
+    assert "Starting training from iteration 0" in (out / "log.txt").read_text()
+
+    # --resume continues at iteration 2 with the restored optimizer, not from scratch
+    assert cli(["train", config, *common, "--resume", *small, "SOLVER.MAX_ITER", "3"]) == 0
+    assert "Starting training from iteration 2" in (out / "log.txt").read_text()
+    assert torch.load(final, weights_only=True)["iteration"] == 2
+
+    capsys.readouterr()
+    saved = tmp_path / "metrics.json"
+    assert cli(["test", config, str(final), "--threads", "1", "--toy-root", str(toy_root),
+                "--work-dir", str(tmp_path / "eval"), "--save-metrics", str(saved),
+                "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0"]) == 0
+    metrics = json.loads(saved.read_text())
+    assert {"bbox/AP", "segm/AP"} <= set(metrics), metrics
+    assert all(math.isfinite(metrics[k]) for k in ("bbox/AP", "segm/AP", "bbox/AP50"))
+    assert "bbox/AP" in capsys.readouterr().out
+    trust.forget_trusted()
+
+
+def test_cli_rejects_options_of_the_other_framework(capsys):
+    config = "detectron2/toy/mask_rcnn_restv2_toy.yaml"
+    assert cli(["train", config, "--launcher", "pytorch"]) == 2
+    assert "--launcher is not an option for a detectron2 config" in capsys.readouterr().err
+    assert cli(["test", config, "model.pth", "--tta"]) == 2
+    assert "--tta" in capsys.readouterr().err
+    assert cli(["test", config, "missing_model.pth"]) == 2
+    assert "checkpoint missing_model.pth does not exist" in capsys.readouterr().err
+    assert cli(["train", config, "SOLVER.MAX_ITER"]) == 2
+    assert "has no value" in capsys.readouterr().err
+
+
+def test_amp_fallback_uses_shared_helper(monkeypatch, caplog):
+    """detectron2's AMP guard asks rest_dense.amp (the same helper as the mm adapter's); the
+    AMPTrainer of detectron2 0.5 runs on CUDA only."""
+    monkeypatch.setattr(amp, "accelerator_available", lambda device_type: True)
+    assert _amp_guard("cuda", True) and _amp_guard("cuda:1", True)
+    assert not _amp_guard("npu", True) and not _amp_guard("cpu", True)
+    assert not _amp_guard("cuda", False)
+    monkeypatch.setattr(amp, "accelerator_available", lambda device_type: False)
+    with caplog.at_level("WARNING", logger="rest_dense.d2"):
+        assert not _amp_guard("cuda", True)
+    assert "training in fp32" in caplog.text
+    cfg = setup_yaml_config(config_path("mask_rcnn_restv2_tiny_3x.yaml"), ["MODEL.DEVICE", "cpu"])
+    assert cfg.SOLVER.AMP.ENABLED is False

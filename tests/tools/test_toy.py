@@ -1,6 +1,7 @@
-"""The synthetic toy-shapes dataset and the end-to-end demo (tools/demo.py) built on it."""
-import importlib.util
+"""The synthetic toy-shapes dataset and the end-to-end demo (``rest-dense demo``,
+:mod:`rest_dense.demo`) built on it."""
 import json
+import math
 import os
 from pathlib import Path
 
@@ -8,17 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from rest_dense.cli import main as cli
 from rest_dense.data.toy import (TOY_CLASSES, generate_toy_dataset, make_scene, mask_to_bbox, mask_to_rle,
-                            rle_to_mask, scene_rng, toy_dataset_ready)
-
-from conftest import REPO
-
-
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"_tool_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+                                 rle_to_mask, scene_rng, toy_dataset_ready)
+from rest_dense.demo import DemoOptions
 
 
 # ------------------------------------------------------------------ generator
@@ -113,25 +107,44 @@ def test_coco_annotations_valid(toy_root):
 
 # ------------------------------------------------------------------ end to end
 
-@pytest.fixture
-def one_thread():
-    """Run on one torch thread: these tiny models gain little from more, and spinning OpenMP
-    workers slow them down badly when the machine is busy with other tests."""
-    import torch
+def test_demo_options_are_checked(capsys):
+    with pytest.raises(ValueError, match="task"):
+        DemoOptions(task="detection").validate()
+    with pytest.raises(ValueError, match="max_iters"):
+        DemoOptions(max_iters=-1).validate()
+    with pytest.raises(ValueError, match="key=value"):
+        DemoOptions(cfg_options=["model.decode_head.channels"]).validate()
+    assert cli(["demo", "--size", "8"]) == 2
+    assert "size 8 is too small" in capsys.readouterr().err
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+@pytest.mark.slow
+def test_demo_short_run_from_any_directory(tmp_path, monkeypatch, one_thread, capsys):
+    """Both toy jobs, two iterations each, started outside the repository with the default
+    data root (``data/toy`` under the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    assert cli(["demo", "--task", "all", "--max-iters", "2", "--num-train", "8", "--num-val", "4",
+                "--size", "64", "--num-vis", "1", "--threads", "1", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "=== toy det" in out and "=== toy seg" in out and "[demo] done" in out
+    assert toy_dataset_ready(tmp_path / "data" / "toy", num_train=8, num_val=4, size=64)
+    for folder, keys in (("mask_rcnn", ("coco/bbox_mAP", "coco/segm_mAP")),
+                         ("upernet", ("mIoU", "aAcc"))):
+        summary = json.loads((tmp_path / "work_dirs" / "toy_demo" / folder / "metrics.json").read_text())
+        assert summary["max_iters"] == 2
+        for stage in ("untrained", "trained"):
+            for key in keys:
+                assert math.isfinite(summary[stage][key]), (folder, stage, key, summary[stage])
+        assert Path(summary["checkpoint"]).is_file() and Path(summary["picture"]).is_file()
 
 
+@pytest.mark.slow
 def test_toy_segmentation_training_learns(tmp_path, one_thread):
     """A short UperNet run must clearly beat the untrained model (and the all-background guess)."""
-    demo = _load_tool("demo")
     work = tmp_path / "work"
-    demo.main(["--task", "seg", "--data-root", str(tmp_path / "toy"), "--work-dir", str(work),
-               "--num-train", "64", "--num-val", "16", "--size", "64", "--max-iters", "60",
-               "--log-interval", "20", "--num-vis", "2", "--quiet"])
+    assert cli(["demo", "--task", "seg", "--data-root", str(tmp_path / "toy"), "--work-dir", str(work),
+                "--num-train", "64", "--num-val", "16", "--size", "64", "--max-iters", "60",
+                "--log-interval", "20", "--num-vis", "2", "--quiet"]) == 0
     summary = json.loads((work / "upernet" / "metrics.json").read_text())
     untrained, trained = summary["untrained"]["mIoU"], summary["trained"]["mIoU"]
     # mmseg reports percent; predicting "background" everywhere scores about 22
@@ -140,13 +153,15 @@ def test_toy_segmentation_training_learns(tmp_path, one_thread):
     assert Image.open(summary["picture"]).size[0] > 64 * 3
 
 
+@pytest.mark.slow
 def test_toy_detection_training_learns(tmp_path, one_thread):
     """The default job (Mask R-CNN) in miniature: train, COCO-evaluate in memory, draw."""
-    demo = _load_tool("demo")
-    work = tmp_path / "work"
-    demo.main(["--data-root", str(tmp_path / "toy"), "--work-dir", str(work), "--num-train", "64",
-               "--num-val", "16", "--size", "64", "--max-iters", "80", "--num-vis", "2", "--quiet"])
-    summary = json.loads((work / "mask_rcnn" / "metrics.json").read_text())
+    from rest_dense.demo import run_demo
+
+    summary, = run_demo(DemoOptions(data_root=str(tmp_path / "toy"), work_dir=str(tmp_path / "work"),
+                                    num_train=64, num_val=16, size=64, max_iters=80, num_vis=2,
+                                    quiet=True))
+    assert summary == json.loads((tmp_path / "work" / "mask_rcnn" / "metrics.json").read_text())
     untrained, trained = summary["untrained"], summary["trained"]
     for key in ("coco/bbox_mAP_50", "coco/segm_mAP_50"):
         # measured: 0.0 untrained, ~0.35 after 60 iterations, ~0.55 after 100
