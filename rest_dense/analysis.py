@@ -42,9 +42,9 @@ from .models import canonical_name, create_model, list_models
 __all__ = [
     "GROUPS", "DEFAULT_SHAPES", "SDPA_OPS", "CONVENTIONS", "PAPER_NOTES",
     "PAPER_BACKBONE", "PAPER_MASK_RCNN", "PAPER_UPERNET",
-    "FlopCount", "AnalysisResult", "Target", "CountCache",
+    "FlopCount", "AnalysisResult", "Target", "CountCache", "NoModelInConfig",
     "sdpa_flop_jit", "op_group", "count_parameters", "count_flops",
-    "resolve_targets", "config_kind", "analyze_backbone", "analyze_mm_config",
+    "resolve_targets", "config_kind", "parse_cfg_options", "analyze_backbone", "analyze_mm_config",
     "analyze_d2_config", "analyze_config", "analyze_target", "analyze",
     "format_breakdown", "format_table", "format_params", "format_markdown",
     "markdown_document",
@@ -247,11 +247,12 @@ How the papers' figures compare (checked against the table above):
   between. One figure we cannot reproduce: cwin adds 7.2 G of conv over win in Tab. 4b, while
   its extra layers (0.014 M parameters: one 3×3 depth-wise conv per stage, 49.94 → 49.96 M
   as in Tab. 4a) cost 0.1 G at 800×1280.
-* The dense ResTv2-T backbone at 800×1280: 127.65 G here against 127.6 G (linear 69.2,
-  matmul 46.1, conv 11.9, layer_norm 0.4) for the authors' code. The 0.06 G difference is the
-  four output norms `norm_1..4` (see the notes column): the authors' code builds these
-  channels-first LayerNorms from element-wise ops, which fvcore does not count, so its
-  layer_norm is 0.41 G instead of our 0.47 G; every other operator agrees exactly.
+* The dense ResTv2-T backbone at 800×1280 (`rest-dense flops restv2_tiny --shape 800x1280`):
+  127.65 G here against 127.6 G (linear 69.2, matmul 46.1, conv 11.9, layer_norm 0.4) for the
+  authors' code. The 0.06 G difference is the four output norms `norm_1..4` (reported in the
+  notes): the authors' code builds these channels-first LayerNorms from element-wise ops,
+  which fvcore does not count, so its layer_norm is 0.41 G instead of our 0.47 G; every other
+  operator agrees exactly.
 * Backbones at 224×224 are compared with the ImageNet classifiers, whose counts include the
   classifier head (and ResTv2's final norm) but not the dense output norms.
 """
@@ -299,6 +300,10 @@ class Target:
     kind: str
     name: str
     label: str
+
+
+class NoModelInConfig(ValueError):
+    """A config that builds no model (a deployment or dataset config, for instance)."""
 
 
 class CountCache:
@@ -552,7 +557,13 @@ def _attach_paper_figures(res: AnalysisResult, model_type: Any, family: Optional
         res.paper_params, res.paper_flops = ref
 
 
-def _parse_cfg_options(options: Optional[Sequence[str]]) -> Dict[str, Any]:
+def parse_cfg_options(options: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """``['a.b=1', 'c=x']`` -> ``{'a.b': 1, 'c': 'x'}`` (values read as Python literals
+    where they are ones, else kept as strings).
+
+    Raises:
+        ValueError: an item is not ``KEY=VALUE``.
+    """
     out: Dict[str, Any] = {}
     for opt in options or ():
         key, sep, value = opt.partition("=")
@@ -586,8 +597,12 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
     from .configs import get_config_path
     from .mm.utils import build_model, is_tta_model, load_config
 
+    from mmengine.config import Config
+
     path = get_config_path(path)
-    cfg = load_config(path, _parse_cfg_options(cfg_options))
+    if "model" not in Config.fromfile(path):
+        raise NoModelInConfig(f"{_config_label(path)} defines no model (a deployment config?)")
+    cfg = load_config(path, parse_cfg_options(cfg_options))
     framework = cfg.default_scope
     notes = []
     if is_tta_model(cfg.model):
@@ -686,9 +701,14 @@ def _build_d2_model(path: str, opts: Sequence[str]) -> Tuple[nn.Module, str, Any
     cfg.MODEL.RETINANET.SCORE_THRESH_TEST = 0.0
     cfg.freeze()
     model = d2_build_model(cfg).eval()
+    from .d2.config import restv2_arch_from_cfg
+    from .models import get_model_entry
+
     ident = (None, None, "global")
     if cfg.MODEL.BACKBONE.NAME.startswith("build_restv2"):
-        ident = ("restv2", cfg.MODEL.RESTV2.NAME.split("_")[-1], cfg.MODEL.RESTV2.ATTN_MODE)
+        entry = get_model_entry(cfg.MODEL.RESTV2.NAME)
+        if restv2_arch_from_cfg(cfg) == entry.arch_spec:  # a named variant, no ARCH override
+            ident = ("restv2", entry.arch, cfg.MODEL.RESTV2.ATTN_MODE)
     return model, cfg.MODEL.dump(), cfg.MODEL.META_ARCHITECTURE, ident
 
 
@@ -815,7 +835,7 @@ def _framework_available(kind: str) -> bool:
 def analyze(targets: Sequence[Target], shape: Optional[Tuple[int, int]] = None,
             attn_mode: str = "global", fused_attn: bool = True, params_only: bool = False,
             cfg_options: Optional[Sequence[str]] = None, progress: bool = False,
-            skip_unavailable: bool = False,
+            skip_unsupported: bool = False,
             on_result: Optional[Callable[[AnalysisResult], None]] = None
             ) -> List[AnalysisResult]:
     """Analyse several targets, counting identical models once.
@@ -828,8 +848,8 @@ def analyze(targets: Sequence[Target], shape: Optional[Tuple[int, int]] = None,
         params_only: skip the FLOP counts.
         cfg_options: ``KEY=VALUE`` overrides for every config.
         progress: show a progress bar over the targets (stderr).
-        skip_unavailable: skip (with a message on stderr) configs whose framework is not
-            installed, instead of failing.
+        skip_unsupported: skip (with a message on stderr) configs whose framework is not
+            installed and configs that define no model, instead of failing.
         on_result: called with each result as soon as it is ready.
 
     Returns:
@@ -843,11 +863,18 @@ def analyze(targets: Sequence[Target], shape: Optional[Tuple[int, int]] = None,
                disable=not progress or len(targets) < 2)
     for target in bar:
         bar.set_postfix_str(target.label[-40:])
-        if skip_unavailable and target.kind != "backbone" and not _framework_available(target.kind):
+        if skip_unsupported and target.kind != "backbone" and not _framework_available(target.kind):
             bar.write(f"skipping {target.label}: its framework ({target.kind}) is not installed",
                       file=sys.stderr)
             continue
-        res = analyze_target(target, shape, attn_mode, fused_attn, params_only, cfg_options, cache)
+        try:
+            res = analyze_target(target, shape, attn_mode, fused_attn, params_only, cfg_options,
+                                 cache)
+        except NoModelInConfig as e:
+            if not skip_unsupported:
+                raise
+            bar.write(f"skipping {e}", file=sys.stderr)
+            continue
         results.append(res)
         if on_result is not None:
             on_result(res)

@@ -32,17 +32,15 @@ import sys
 
 HELP = "latency, throughput and peak memory of backbones and whole models (CPU or CUDA)"
 
-_ATTN_MODES = ("global", "win", "cwin", "hwin")
-_ATTN_IMPLS = ("sdpa", "math", "released")
-_MODES = ("infer", "train")
-_DTYPES = ("fp32", "bf16", "fp16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # rest_dense.benchmark imports torch only (frameworks are imported when a row needs them)
+    from ..benchmark import ATTN_IMPLS, ATTN_MODES, DTYPES, RUN_MODES, SWIN_MODELS
     from ..models import list_models
 
     parser.add_argument("models", nargs="*", metavar="MODEL",
-                        help="backbones: " + ", ".join(list_models()) + ", swin_tiny "
+                        help="backbones: " + ", ".join([*list_models(), *SWIN_MODELS]) + " "
                              "(default: restv2_tiny unless --configs is given)")
     parser.add_argument("--configs", nargs="+", default=[], metavar="CONFIG",
                         help="whole MMDetection / MMSegmentation models (inference): config "
@@ -51,14 +49,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="input sizes (default: 800x1216)")
     parser.add_argument("--batch", nargs="+", type=int, default=[1], metavar="N",
                         help="batch size: one for every size, or one per size (default: 1)")
-    parser.add_argument("--attn-modes", nargs="+", default=["global"], choices=_ATTN_MODES,
+    parser.add_argument("--attn-modes", nargs="+", default=["global"], choices=ATTN_MODES,
                         help="attention modes of the ResT models (default: global)")
-    parser.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=_ATTN_IMPLS,
+    parser.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=ATTN_IMPLS,
                         help="attention implementations (default: sdpa)")
-    parser.add_argument("--mode", nargs="+", default=["infer"], choices=_MODES,
+    parser.add_argument("--mode", nargs="+", default=["infer"], choices=RUN_MODES,
                         help="infer: forward in inference mode; train: forward + backward in "
                              "train mode (backbones; loss = sum of the outputs' means)")
-    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=_DTYPES,
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=tuple(DTYPES),
                         help="fp32, or bf16 / fp16 under torch.autocast (default: fp32)")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda[:i] (default: cuda when available, else cpu)")

@@ -2,7 +2,7 @@
 MMSegmentation / detectron2 models, with a per-operator breakdown
 (conv / linear / matmul / layer_norm / other) next to the ResT papers' figures.
 
-TARGET is a model name (`rest-dense flops --help` lists them below), a config file, a
+TARGET is a model name (listed below), a config file, a
 shipped config name (`rest-dense configs` lists them) or a folder of configs. Default input
 sizes: backbones 224x224, detection 800x1280, segmentation 512x2048; --shape sets one size
 (HxW) for every target. Attention products are counted (fused SDPA like the explicit
@@ -25,21 +25,20 @@ import sys
 
 HELP = "parameters and FLOPs of backbones and whole models (fvcore, per-operator breakdown)"
 
-_ATTN_MODES = ("global", "win", "cwin", "hwin")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..models import list_models
+    from ..models import ATTN_MODES, list_models
 
     parser.add_argument("targets", nargs="*", metavar="TARGET",
                         help="model name (" + ", ".join(list_models()) + "), config file, "
                              "shipped config name or folder of configs")
     parser.add_argument("--all", action="store_true",
-                        help="every shipped config (skipping frameworks that are not installed)")
+                        help="every shipped config (skipping frameworks that are not installed and "
+                             "configs without a model)")
     parser.add_argument("--shape", metavar="HxW",
                         help="input size for every target, e.g. 800x1280 (default: backbones "
                              "224x224, detection 800x1280, segmentation 512x2048)")
-    parser.add_argument("--attn-mode", default="global", choices=_ATTN_MODES,
+    parser.add_argument("--attn-mode", default="global", choices=ATTN_MODES,
                         help="attention mode of models given by name (configs set their own)")
     parser.add_argument("--params-only", action="store_true",
                         help="only build the models and print their parameter counts")
@@ -67,6 +66,12 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"rest-dense flops: --shape: {e}", file=sys.stderr)
             return 2
+    try:
+        an.parse_cfg_options(args.cfg_options)
+    except ValueError as e:
+        print(f"rest-dense flops: --cfg-options: {e} (put TARGETs before --cfg-options)",
+              file=sys.stderr)
+        return 2
     if not args.targets and not args.all:
         print("rest-dense flops: nothing to count: give TARGETs or --all "
               "(e.g. `rest-dense flops restv2_tiny`)", file=sys.stderr)
@@ -83,10 +88,14 @@ def run(args: argparse.Namespace) -> int:
         # tqdm.write keeps the progress bar below the printed results
         tqdm.write(an.format_params(r) if args.params_only else an.format_breakdown(r))
 
-    results = an.analyze(targets, shape, args.attn_mode, fused_attn=not args.math_attn,
-                         params_only=args.params_only, cfg_options=args.cfg_options,
-                         progress=not args.no_progress, skip_unavailable=args.all,
-                         on_result=show)
+    try:
+        results = an.analyze(targets, shape, args.attn_mode, fused_attn=not args.math_attn,
+                             params_only=args.params_only, cfg_options=args.cfg_options,
+                             progress=not args.no_progress, skip_unsupported=args.all,
+                             on_result=show)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"rest-dense flops: {e}", file=sys.stderr)
+        return 2
     if args.check_math and not args.params_only:
         for target, r in zip([t for t in targets if t.kind == "backbone"],
                              [r for r in results if r.framework == "backbone"]):

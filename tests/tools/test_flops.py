@@ -117,6 +117,15 @@ def test_cli_flops_bad_input_is_named(capsys):
     assert "nothing to count" in capsys.readouterr().err
 
 
+def test_config_without_model_is_named(tmp_path, capsys):
+    cfg = tmp_path / "deploy_like.py"
+    cfg.write_text("backend_config = dict(type='onnxruntime')\n")
+    with pytest.raises(an.NoModelInConfig, match="defines no model"):
+        an.analyze_config(str(cfg), params_only=True)
+    assert main(["flops", "--params-only", "--no-progress", str(cfg)]) == 2
+    assert "deploy_like.py defines no model" in capsys.readouterr().err
+
+
 def test_mmdet_config_counted(one_thread):
     # 50 proposals instead of 1000 keep the trace short; the backbone count is unaffected
     res = an.analyze_config(MASK_RCNN_T, shape=(128, 160),
