@@ -1,0 +1,53 @@
+"""rest_dense.d2.launch: overrides in either spelling, early errors, tools/train_net.py's
+detectron2-style command line."""
+import argparse
+
+import pytest
+
+from _d2_utils import LAZY_CONFIG, config_path  # noqa: F401,I100
+
+from rest_dense.d2.launch import (build_parser, check_args, job_overrides,  # noqa: E402
+                                  normalize_overrides)
+
+
+def test_normalize_overrides_accepts_both_spellings():
+    mixed = ["MODEL.DEVICE", "cpu", "SOLVER.STEPS=(1,)", "OUTPUT_DIR", "a=b"]
+    assert normalize_overrides(mixed, lazy=False) == [
+        "MODEL.DEVICE", "cpu", "SOLVER.STEPS", "(1,)", "OUTPUT_DIR", "a=b"]
+    assert normalize_overrides(["train.max_iter=5", "train.device", "cpu"], lazy=True) == [
+        "train.max_iter=5", "train.device=cpu"]
+    with pytest.raises(ValueError, match="has no value"):
+        normalize_overrides(["MODEL.DEVICE"], lazy=False)
+    with pytest.raises(ValueError, match="has no key"):
+        normalize_overrides(["=3"], lazy=True)
+
+
+def test_job_overrides_add_output_dir_and_weights():
+    args = argparse.Namespace(opts=["MODEL.DEVICE", "cpu"], output_dir="out", weights="w.pth")
+    assert job_overrides(args, lazy=False) == ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", "out",
+                                               "MODEL.WEIGHTS", "w.pth"]
+    args = argparse.Namespace(opts=["train.device=cpu"], output_dir="out", weights=None)
+    assert job_overrides(args, lazy=True) == ["train.device=cpu", "train.output_dir=out"]
+
+
+def test_train_net_command_line(tmp_path):
+    parser = build_parser()
+    args = parser.parse_args(["--config-file", config_path("toy/mask_rcnn_restv2_toy.yaml"),
+                              "--resume", "--cpu-threads", "1", "--trust-checkpoint", "a.pth",
+                              "--toy-root", str(tmp_path), "MODEL.DEVICE", "cpu"])
+    assert args.resume is True and args.cpu_threads == 1 and args.trust_checkpoint == ["a.pth"]
+    assert args.opts == ["MODEL.DEVICE", "cpu"]
+    check_args(args)
+    args.opts = ["MODEL.DEVICE"]
+    with pytest.raises(ValueError, match="no value"):
+        check_args(args)
+    args.opts, args.config_file = [], str(tmp_path / "missing.yaml")
+    with pytest.raises(FileNotFoundError, match="missing.yaml does not exist"):
+        check_args(args)
+    lazy = parser.parse_args(["--config-file", LAZY_CONFIG, "--num-gpus", "0"])
+    with pytest.raises(ValueError, match="at least 1"):
+        check_args(lazy)
+    weights = argparse.Namespace(**{**vars(parser.parse_args(["--config-file", LAZY_CONFIG])),
+                                    "weights": str(tmp_path / "nope.pth")})
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pth does not exist"):
+        check_args(weights)

@@ -1,0 +1,155 @@
+"""rest_dense.trust (one checkpoint-reading policy for both adapters) and rest_dense.amp
+(one AMP-availability decision), framework-free."""
+import logging
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from rest_dense import amp, trust
+from rest_dense.trust import UntrustedCheckpointError
+
+
+@pytest.fixture(autouse=True)
+def _fresh_trust():
+    trust.forget_trusted()
+    yield
+    trust.forget_trusted()
+
+
+class Stats:
+    """A data holder whose statistics functions pickle as ``getattr(Stats, name)``, like
+    mmengine's HistoryBuffer."""
+
+    def __init__(self, values):
+        self.values = np.asarray(values, dtype=np.float64)
+        self.methods = {"mean": Stats.mean}
+
+    def mean(self):
+        return float(self.values.mean())
+
+    def secret(self):  # never on the allow-list
+        return "no"
+
+
+trust.register_safe_attributes(Stats, ["mean"])
+
+
+class Note:
+    """Not on any allow-list."""
+
+    def __init__(self, text):
+        self.text = text
+
+
+class RunsCode:
+    """Unpickling this runs ``open(path, 'w')``: creates a marker file."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+class AsksForSecret:
+    def __reduce__(self):
+        return (getattr, (Stats, "secret"))
+
+
+def _save(path, obj):
+    torch.save(obj, path)
+    return path
+
+
+def test_training_like_checkpoint_loads_without_trust(tmp_path):
+    """Tensors, numpy scalars / arrays of number types and allow-listed classes with their
+    registered statistics functions: no full unpickling, no trust needed."""
+    path = _save(tmp_path / "ckpt.pth", {
+        "state_dict": {"w": torch.ones(2)}, "seed": np.int64(3), "eta": np.float64(0.5),
+        "hist": Stats([1.0, 2.0, 4.0]), "arr": np.arange(4, dtype=np.int32)})
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(path, weights_only=True)  # torch's own allow-list is not enough
+    ckpt = trust.load_checkpoint_file(path)
+    assert torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
+    assert ckpt["seed"] == 3 and ckpt["eta"] == 0.5 and ckpt["arr"].tolist() == [0, 1, 2, 3]
+    assert ckpt["hist"].methods["mean"] is Stats.mean and ckpt["hist"].mean() == pytest.approx(7 / 3)
+    assert "builtins.getattr" in trust.safe_global_names()
+    assert "numpy.ndarray" in trust.safe_global_names()
+
+
+def test_code_in_an_untrusted_file_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+    for name, obj, why in (("code.pth", RunsCode(str(marker)), "open"),
+                           ("getattr.pth", AsksForSecret(), "secret"),
+                           ("note.pth", Note("x"), "Note"),
+                           ("objects.pth", np.array([Note("x")], dtype=object), "")):
+        path = _save(tmp_path / name, {"x": obj})
+        with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint") as info:
+            trust.load_checkpoint_file(path)
+        assert str(path) in str(info.value) and why in str(info.value)
+    assert not marker.exists()
+
+
+def test_trusted_paths_are_unpickled_in_full(tmp_path, caplog):
+    own = tmp_path / "work"
+    own.mkdir()
+    path = _save(own / "epoch_1.pth", {"note": Note("mine")})
+    sibling = _save(tmp_path / "work2.pth", {"note": Note("other")})
+    assert trust.trust(own, None, "", "https://example.com/w.pth") == [os.path.realpath(own)]
+    assert trust.is_trusted(path) and not trust.is_trusted(sibling)
+    assert not trust.is_trusted(tmp_path / "workshop" / "x.pth")  # a prefix is not a parent
+    with caplog.at_level(logging.WARNING, logger="rest_dense.trust"):
+        assert trust.load_checkpoint_file(path)["note"].text == "mine"
+    assert "full unpickling" in caplog.text
+    with pytest.raises(UntrustedCheckpointError):
+        trust.load_checkpoint_file(sibling)
+    assert trust.load_checkpoint_file(sibling, trusted=True)["note"].text == "other"
+    with pytest.raises(UntrustedCheckpointError):
+        trust.load_checkpoint_file(path, trusted=False)  # an explicit no wins
+    trust.forget_trusted(own)
+    assert trust.trusted_paths() == []
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        trust.load_checkpoint_file(tmp_path / "missing.pth")
+
+
+def test_plain_pickles_use_the_same_allow_list(tmp_path):
+    good = tmp_path / "weights.pkl"
+    with open(good, "wb") as f:
+        pickle.dump({"blobs": {"conv.w": np.ones((2, 2), np.float32)}, "it": np.int64(5)}, f)
+    data = trust.load_pickle_file(good)
+    assert data["blobs"]["conv.w"].sum() == 4 and data["it"] == 5
+    marker = tmp_path / "ran"
+    bad = tmp_path / "bad.pkl"
+    with open(bad, "wb") as f:
+        pickle.dump({"x": RunsCode(str(marker))}, f)
+    with pytest.raises(UntrustedCheckpointError, match="allow-list"):
+        trust.load_pickle_file(bad)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------- AMP
+def test_amp_on_cpu_falls_back(monkeypatch, caplog):
+    monkeypatch.setattr(amp, "accelerator_available", lambda device_type: False)
+    assert not amp.amp_supported() and not amp.amp_supported("cpu")
+    with caplog.at_level(logging.WARNING, logger="rest_dense.amp"):
+        assert amp.resolve_amp(True) is False
+    assert "training in fp32" in caplog.text and "CUDA" in caplog.text
+    assert amp.resolve_amp(False, "cuda") is False
+
+
+def test_amp_follows_the_device(monkeypatch):
+    monkeypatch.setattr(amp, "accelerator_available", lambda device_type: device_type == "cuda")
+    assert amp.amp_supported() and amp.amp_supported("cuda:0")
+    assert amp.amp_supported(torch.device("cuda", 1))
+    assert not amp.amp_supported("cpu") and not amp.amp_supported("npu")
+    assert amp.resolve_amp(True, "cuda") is True
+    assert amp.resolve_amp(True, "mps") is False
+    assert not amp.amp_supported("npu", backends=("cuda",))
+
+
+def test_accelerator_available_matches_torch():
+    assert amp.accelerator_available("cuda") == torch.cuda.is_available()
+    assert amp.accelerator_available("no_such_device") is False

@@ -1,0 +1,112 @@
+"""`rest-dense train` / `test` / `demo`: choosing the framework from the config, parsing
+the shared command line, light command modules, thin tool scripts. (The jobs themselves
+run in tests/mm/test_mm_tools.py, tests/d2/test_d2_toy.py and tests/tools/test_toy.py.)"""
+import subprocess
+import sys
+
+import pytest
+
+from rest_dense.cli import build_parser, main as cli
+from rest_dense.commands import train as train_cmd
+from rest_dense.configs import config_framework, get_config_path, list_configs
+from rest_dense.utils import guess_config_framework
+
+from conftest import REPO
+
+
+def test_shipped_configs_are_routed_to_their_framework():
+    names = [n for n in list_configs() if not n.startswith("deploy/")]  # export settings, not jobs
+    assert len(names) > 20
+    for name in names:
+        family = guess_config_framework(get_config_path(name))
+        assert family == ("detectron2" if config_framework(name) == "detectron2" else "openmmlab"), name
+
+
+@pytest.mark.parametrize("name,text,family", [
+    ("d2.yaml", "_BASE_: base.yaml\nSOLVER:\n  BASE_LR: 0.1\n", "detectron2"),
+    ("d2_plain.yml", "MODEL:\n  DEVICE: cpu\n", "detectron2"),
+    ("mm.yaml", "model:\n  type: MaskRCNN\ndefault_scope: mmdet\n", "openmmlab"),
+    ("lazy.py", "from common import dataloader, lr_multiplier, model, train\n", "detectron2"),
+    ("lazy2.py", "import detectron2\nmodel = None\ntrain = dict(max_iter=1)\n", "detectron2"),
+    ("mm.py", "_base_ = ['a.py']\nmodel = dict(type='MaskRCNN')\n", "openmmlab"),
+    ("mm_new.py", "from mmengine.config import read_base\nwith read_base():\n"
+                  "    from .base import *\nmodel.update(x=1)\n", "openmmlab"),
+    ("bare_mm.py", "model = dict(type='EncoderDecoder')\n", "openmmlab"),
+])
+def test_guess_config_framework(tmp_path, name, text, family):
+    path = tmp_path / name
+    path.write_text(text)
+    assert guess_config_framework(str(path)) == family
+
+
+def test_guess_config_framework_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        guess_config_framework(str(tmp_path / "none.py"))
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(ValueError, match=".py or .yaml"):
+        guess_config_framework(str(tmp_path / "x.json"))
+    (tmp_path / "odd.py").write_text("x = 1\n")
+    with pytest.raises(ValueError, match="--framework"):
+        guess_config_framework(str(tmp_path / "odd.py"))
+    (tmp_path / "broken.py").write_text("model = dict(\n")
+    with pytest.raises(ValueError, match="not valid Python"):
+        guess_config_framework(str(tmp_path / "broken.py"))
+
+
+def test_overrides_may_follow_options():
+    parser = build_parser("train")
+    args = parser.parse_args(["train", "C", "--work-dir", "W", "a.b=1", "--amp", "c=2"])
+    assert args.overrides == ["a.b=1", "c=2"] and args.work_dir == "W" and args.amp
+    args = parser.parse_args(["train", "C", "MODEL.DEVICE", "cpu", "--num-gpus", "2",
+                              "SOLVER.MAX_ITER", "3"])
+    assert args.overrides == ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "3"] and args.num_gpus == 2
+    args = build_parser("test").parse_args(["test", "C", "K", "--tta", "x=1", "--weights-only"])
+    assert (args.config, args.checkpoint, args.overrides) == ("C", "K", ["x=1"])
+    assert args.tta and args.weights_only
+
+
+@pytest.mark.parametrize("argv,resume,overrides", [
+    (["C", "--resume"], "auto", []),
+    (["C", "--resume", "a.b=1"], "auto", ["a.b=1"]),
+    (["C", "--resume", "MODEL.DEVICE", "cpu"], "auto", ["MODEL.DEVICE", "cpu"]),
+    (["C", "--resume", "work/iter_8.pth"], "work/iter_8.pth", []),
+])
+def test_resume_does_not_swallow_an_override(argv, resume, overrides):
+    args = build_parser("train").parse_args(["train", *argv])
+    train_cmd.fix_resume(args)
+    assert args.resume == resume and args.overrides == overrides
+
+
+def test_unknown_config_suggests_names(capsys):
+    assert cli(["train", "toy/mask_rcnn_restv2_toyy.py"]) == 2
+    err = capsys.readouterr().err
+    assert "rest-dense train: error:" in err and "toy/mask_rcnn_restv2_toy.py" in err
+
+
+def test_command_modules_import_no_framework(subprocess_env):
+    """`rest-dense train --help` must not pay for (or need) mmengine / detectron2."""
+    code = ("import sys\n"
+            "from rest_dense.cli import main\n"
+            "for cmd in ('train', 'test', 'demo'):\n"
+            "    try:\n"
+            "        main([cmd, '--help'])\n"
+            "    except SystemExit as e:\n"
+            "        assert e.code == 0, e.code\n"
+            "import rest_dense.demo, rest_dense.trust, rest_dense.amp\n"
+            "heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
+            "               ('mmengine', 'mmcv', 'mmdet', 'mmseg', 'detectron2', 'fvcore'))\n"
+            "print('HEAVY', heavy)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=subprocess_env, capture_output=True,
+                         text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert "HEAVY []" in out.stdout
+    assert "rest-dense demo" in out.stdout and "--trust-checkpoint" in out.stdout
+
+
+@pytest.mark.parametrize("script,command", [("train.py", '"train"'), ("test.py", '"test"'),
+                                            ("demo.py", '"demo"'), ("train_net.py", "cli_main")])
+def test_tool_scripts_are_thin(script, command):
+    text = (REPO / "tools" / script).read_text()
+    assert "sys.path" not in text and command in text
+    code = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+    assert len(code) < 25, f"tools/{script} should only call into rest_dense"
