@@ -110,7 +110,10 @@ def check_per_stage(value, name: str, low: int = 1, n: int = 4) -> Tuple[int, ..
     if isinstance(value, (str, bytes)) or not isinstance(value, (Sequence, torch.Tensor)) \
             and not hasattr(value, "__array__"):
         raise TypeError(f"{name} needs {n} integers (one per stage), got {value!r}")
-    values = tuple(value.tolist() if hasattr(value, "tolist") else value)
+    values = value.tolist() if hasattr(value, "tolist") else value
+    if not isinstance(values, (Sequence, range)):  # a 0-d array or tensor
+        raise TypeError(f"{name} needs {n} integers (one per stage), got {value!r}")
+    values = tuple(values)
     if len(values) != n:
         raise ValueError(f"{name} needs {n} integers (one per stage), got {len(values)}: {values}")
     return tuple(check_int(v, f"{name}[{i}]", low=low) for i, v in enumerate(values))
@@ -212,7 +215,8 @@ class ResTBase(nn.Module):
                 and not hasattr(out_indices, "__array__"):
             raise TypeError(f"out_indices must be a sequence of stage indices 0..{self.num_stages - 1} "
                             f"(order matters), got {out_indices!r}")
-        raw = tuple(out_indices.tolist() if hasattr(out_indices, "tolist") else out_indices)
+        raw = out_indices.tolist() if hasattr(out_indices, "tolist") else out_indices
+        raw = tuple(raw) if isinstance(raw, (Sequence, range)) else (raw,)  # 0-d array/tensor
         out_indices = tuple(check_int(i, f"out_indices[{j}]", 0, self.num_stages - 1)
                             for j, i in enumerate(raw))
         if not out_indices:
@@ -278,14 +282,17 @@ class ResTBase(nn.Module):
             raise TypeError(f"{name} expects a Tensor, got {type(x).__name__}")
         if x.dim() != 4:
             raise ValueError(f"{name} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
-        if x.shape[1] != self.in_channels:
-            raise ValueError(f"{name} was built for {self.in_channels} input channels, "
-                             f"got an input with {x.shape[1]} channels (shape {tuple(x.shape)})")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} got an empty batch (N=0, shape {tuple(x.shape)}); "
-                             "call it with at least one image")
-        if x.shape[2] == 0 or x.shape[3] == 0:
-            raise ValueError(f"{name} got an empty image (H x W = {x.shape[2]} x {x.shape[3]})")
+        # while tracing, sizes are tensors: comparing them would bake the branch into the trace
+        tracing = _tracing()
+        if not tracing:
+            if x.shape[1] != self.in_channels:
+                raise ValueError(f"{name} was built for {self.in_channels} input channels, got an "
+                                 f"input with {x.shape[1]} channels (shape {tuple(x.shape)})")
+            if x.shape[0] == 0:
+                raise ValueError(f"{name} got an empty batch (N=0, shape {tuple(x.shape)}); "
+                                 "call it with at least one image")
+            if x.shape[2] == 0 or x.shape[3] == 0:
+                raise ValueError(f"{name} got an empty image (H x W = {x.shape[2]} x {x.shape[3]})")
         if not x.is_floating_point():
             raise TypeError(f"{name} expects a floating-point input, got {x.dtype}; convert and "
                             "normalise the images first (e.g. (x.float() - mean) / std)")
@@ -302,7 +309,7 @@ class ResTBase(nn.Module):
                         else "or run under torch.autocast for mixed precision")
                 raise TypeError(f"{name} has {weight.dtype} weights but the input is {x.dtype}; "
                                 f"cast the input (x.to({weight.dtype})) or the model ({hint})")
-        if getattr(self, "check_finite_inputs", True) and not _tracing():
+        if getattr(self, "check_finite_inputs", True) and not tracing:
             with torch.no_grad():
                 total = x.sum() if x.dtype == torch.float64 else x.sum(dtype=torch.float32)
                 if not bool(torch.isfinite(total)):

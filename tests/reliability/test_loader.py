@@ -122,7 +122,7 @@ def test_released_imagenet_checkpoint_loads_into_its_variant(zoo, released_keys,
     assert sorted(report.unexpected_keys) == expected_unused
 
 
-@pytest.mark.parametrize("name", ["restv2_tiny", "restv2_large"])
+@pytest.mark.parametrize("name", ["restv2_tiny", "restv2_small"])
 def test_released_imagenet_checkpoint_loads_into_cwin_model(zoo, released_keys, name):
     model = zoo(name, "cwin")
     report = load_checkpoint(model, _released_ckpt(released_keys[name]), log=None)
