@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..trust import UntrustedCheckpointError
+
 from .train import (add_common_arguments, add_overrides_argument, allow_intermixed,
                     check_family_options, d2_namespace, fail, fix_resume, overrides,
                     print_metrics, resolve_config, UsageError)
@@ -76,7 +78,10 @@ def run(args: argparse.Namespace) -> int:
             check_args(ns)
         except (FileNotFoundError, ValueError) as err:
             return fail("test", str(err))
-        results = launch_main(ns)
+        try:
+            results = launch_main(ns)
+        except UntrustedCheckpointError as err:
+            return fail("test", str(err))
         if results is not None:
             print_metrics(results, args.save_metrics)
         return 0
@@ -91,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
                           cfg_options=overrides(args), launcher=args.launcher or "none")
     except (FileNotFoundError, ValueError, KeyError) as err:
         return fail("test", str(err).strip('"'))
-    metrics = build_runner(cfg).test()
+    try:
+        metrics = build_runner(cfg).test()
+    except UntrustedCheckpointError as err:
+        return fail("test", str(err))
     print_metrics(metrics, args.save_metrics)
     return 0

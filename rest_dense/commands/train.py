@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.family == "detectron2":
         from ..d2.launch import check_args, launch_main
+        from ..trust import UntrustedCheckpointError
 
         amp = []
         if args.amp:
@@ -251,12 +252,16 @@ def run(args: argparse.Namespace) -> int:
             check_args(ns)
         except (FileNotFoundError, ValueError) as err:
             return fail("train", str(err))
-        results = launch_main(ns)
+        try:
+            results = launch_main(ns)
+        except UntrustedCheckpointError as err:
+            return fail("train", str(err))
         if results:
             print_metrics(results)
         return 0
 
     from ..mm.runner import build_runner, train_config
+    from ..trust import UntrustedCheckpointError
 
     try:
         cfg = train_config(args.config_path, work_dir=args.work_dir, amp=args.amp,
@@ -265,6 +270,9 @@ def run(args: argparse.Namespace) -> int:
                            auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
     except (FileNotFoundError, ValueError, KeyError) as err:
         return fail("train", str(err).strip('"'))
-    build_runner(cfg).train()
+    try:
+        build_runner(cfg).train()
+    except UntrustedCheckpointError as err:
+        return fail("train", str(err))
     print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
     return 0

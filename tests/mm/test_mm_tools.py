@@ -229,7 +229,11 @@ def test_seg_train_resume_and_test(tmp_path, one_thread, capsys):
     torch.save({**loaded, "extra": Note("mine")}, odd)
     with pytest.raises(trust.UntrustedCheckpointError, match="--trust-checkpoint"):
         trusted_checkpoints.load_from_local(str(odd), "cpu")
-    mm_runner.test_config(cfg, odd, weights_only=True)  # --weights-only: not trusted
+    capsys.readouterr()
+    assert cli(["test", cfg, str(odd), "--weights-only", "--work-dir", str(tmp_path / "t3"),
+                "experiment_name=seg_e"]) == 2
+    err = capsys.readouterr().err
+    assert "rest-dense test: error:" in err and str(odd) in err and "--weights-only" in err
     assert not trust.is_trusted(odd)
     mm_runner.test_config(cfg, odd)                     # test's CHECKPOINT: trusted
     assert trusted_checkpoints.load_from_local(str(odd), "cpu")["extra"].text == "mine"
