@@ -42,8 +42,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=None, help="base learning rate (default: the config's)")
     p.add_argument("--num-train", type=int, default=300, help="toy training images (default: 300)")
     p.add_argument("--num-val", type=int, default=50, help="toy validation images (default: 50)")
-    p.add_argument("--size", type=int, default=128,
-                   help="toy image side in pixels, square images (default: 128)")
+    p.add_argument("--size", default="128", metavar="S|SxS",
+                   help="toy image size in pixels; the scenes are square (default: 128)")
     p.add_argument("--class-color-prob", type=float, default=0.75,
                    help="toy data: probability that a shape is coloured from its class's hue range")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
@@ -63,11 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..demo import DemoOptions, format_summary, run_demo
+    from ..utils import parse_size
 
+    try:
+        height, width = parse_size(args.size)
+        if height != width:
+            raise ValueError(f"--size {args.size}: the toy scenes are square, give S or SxS")
+    except ValueError as err:
+        print(f"rest-dense demo: error: {err}", file=sys.stderr)
+        return 2
     options = DemoOptions(
         task=args.task, work_dir=args.work_dir, data_root=args.data_root, max_iters=args.max_iters,
         batch_size=args.batch_size, lr=args.lr, num_train=args.num_train, num_val=args.num_val,
-        size=args.size, class_color_prob=args.class_color_prob, seed=args.seed,
+        size=height, class_color_prob=args.class_color_prob, seed=args.seed,
         threads=args.threads, baseline=not args.no_baseline, num_vis=args.num_vis,
         score_thr=args.score_thr, log_interval=args.log_interval, quiet=args.quiet,
         cfg_options=args.cfg_options)

@@ -116,6 +116,8 @@ def test_demo_options_are_checked(capsys):
         DemoOptions(cfg_options=["model.decode_head.channels"]).validate()
     assert cli(["demo", "--size", "8"]) == 2
     assert "size 8 is too small" in capsys.readouterr().err
+    assert cli(["demo", "--size", "64x96"]) == 2
+    assert "square" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -124,7 +126,7 @@ def test_demo_short_run_from_any_directory(tmp_path, monkeypatch, one_thread, ca
     data root (``data/toy`` under the working directory)."""
     monkeypatch.chdir(tmp_path)
     assert cli(["demo", "--task", "all", "--max-iters", "2", "--num-train", "8", "--num-val", "4",
-                "--size", "64", "--num-vis", "1", "--threads", "1", "--quiet"]) == 0
+                "--size", "64x64", "--num-vis", "1", "--threads", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "=== toy det" in out and "=== toy seg" in out and "[demo] done" in out
     assert toy_dataset_ready(tmp_path / "data" / "toy", num_train=8, num_val=4, size=64)
