@@ -35,7 +35,7 @@ import logging
 import os
 import os.path as osp
 import pickle
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
 import torch
@@ -174,8 +174,13 @@ def _allow_list() -> List[Tuple[Any, str]]:
 
 @contextlib.contextmanager
 def safe_globals() -> Iterator[None]:
-    """Context in which ``torch.load(weights_only=True)`` admits the allow-list."""
-    with torch.serialization.safe_globals(list(dict.fromkeys(_allow_list()))):
+    """Context in which ``torch.load(weights_only=True)`` admits the allow-list (torch >=
+    2.5; older versions have no allow-list, so only their built-in types load that way)."""
+    context = getattr(torch.serialization, "safe_globals", None)
+    if context is None:
+        yield
+        return
+    with context(list(dict.fromkeys(_allow_list()))):
         yield
 
 

@@ -35,7 +35,7 @@ from ..trust import UntrustedCheckpointError, is_trusted, trusted_paths
 __all__ = ["trust_checkpoints", "trusted_paths", "is_trusted", "install_checkpoint_loader",
            "load_from_local", "UntrustedCheckpointError", "HISTORY_BUFFER_STATISTICS"]
 
-PathLike = Union[str, "os.PathLike[str]"]
+PathLike = Union[str, os.PathLike]
 
 #: the statistics functions every HistoryBuffer pickles (mmengine registers these four)
 HISTORY_BUFFER_STATISTICS = ("min", "max", "mean", "current")
