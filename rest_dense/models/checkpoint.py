@@ -17,7 +17,6 @@ The loader never loads the wrong weights silently:
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -90,7 +89,8 @@ class LoadReport:
         """One line: counts and (shortened) names of missing / unused entries."""
         parts = [f"loaded {len(self.loaded_keys)} tensors"]
         if self.missing_keys:
-            parts.append(f"missing in checkpoint ({len(self.missing_keys)}): {_short(self.missing_keys)}")
+            parts.append(f"missing in checkpoint ({len(self.missing_keys)}): "
+                         f"{_short(self.missing_keys)}")
         if self.unexpected_keys:
             parts.append(f"unused from checkpoint ({len(self.unexpected_keys)}): "
                          f"{_short(self.unexpected_keys)}")
@@ -277,8 +277,8 @@ def read_state_dict(source: PathOrStateDict, weights_only: bool = True,
             break
     tensors = {k: v for k, v in ckpt.items() if isinstance(k, str) and isinstance(v, Tensor)}
     if not tensors:
-        raise CheckpointFormatError(
-            f"{label} holds no tensors (top-level entries: {_short([str(k) for k in ckpt], 8) or 'none'})")
+        entries = _short([str(k) for k in ckpt], 8) or "none"
+        raise CheckpointFormatError(f"{label} holds no tensors (top-level entries: {entries})")
     return tensors
 
 
@@ -472,7 +472,7 @@ def _value_problems(sd: Mapping[str, Tensor], own: Mapping[str, Tensor],
             continue
         if t.is_floating_point() and t.numel() and not bool(torch.isfinite(t).all()):
             n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
-            what = ", ".join(s for s in (f"{n_nan} NaN" if n_nan else "", f"{n_inf} inf" if n_inf else "") if s)
+            what = ", ".join(w for n, w in ((n_nan, f"{n_nan} NaN"), (n_inf, f"{n_inf} inf")) if n)
             nonfinite.append(f"{k} ({what})")
         elif k.endswith("running_var") and t.numel() and bool((t < 0).any()):
             negative_var.append(k)
@@ -483,7 +483,8 @@ def _value_problems(sd: Mapping[str, Tensor], own: Mapping[str, Tensor],
         out.append(f"{len(bad_dtype)} tensor(s) have an integer/bool dtype where the model has "
                    f"floating point: {_short(bad_dtype, 8)}")
     if nonfinite:
-        out.append(f"{len(nonfinite)} tensor(s) hold non-finite values (NaN/inf): {_short(nonfinite, 8)}")
+        out.append(f"{len(nonfinite)} tensor(s) hold non-finite values (NaN/inf): "
+                   f"{_short(nonfinite, 8)}")
     if negative_var:
         out.append(f"{len(negative_var)} BatchNorm running_var tensor(s) hold negative values: "
                    f"{_short(negative_var, 8)}")
