@@ -1,0 +1,39 @@
+"""From checkpoint to deployed model: inference on images, whole-model ONNX export checked with
+ONNX Runtime, and latency of both runtimes.
+
+* :mod:`~rest_dense.deploy.infer` -- :func:`run_inference` / :func:`build_predictor`:
+  MMDetection (``DetInferencer``), MMSegmentation (``MMSegInferencer``) and detectron2
+  (``DefaultPredictor``) on image files, folders and globs; pictures plus JSON (boxes, scores,
+  labels, RLE masks) or label PNGs. ``rest-dense infer``.
+* :mod:`~rest_dense.deploy.onnx_export` -- :func:`load_deployment`: export with MMDeploy
+  (OpenMMLab) or detectron2's ``TracingAdapter`` and compare ONNX Runtime with PyTorch.
+  ``rest-dense export-model``.
+* :mod:`~rest_dense.deploy.benchmark` -- :func:`benchmark`: ONNX Runtime vs PyTorch latency
+  on the same inputs and threads (``rest-dense export-model --benchmark``).
+* :mod:`~rest_dense.deploy.shapes` -- which input sizes a traced graph is valid for.
+
+Importing this package imports no framework; each function imports what it needs.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__all__ = ["run_inference", "build_predictor", "load_deployment", "benchmark",
+           "Detections", "SegMap", "Tolerances", "compare_predictions", "collect_images",
+           "read_image", "ImageReadError"]
+
+_LAZY = {
+    "run_inference": "infer", "build_predictor": "infer",
+    "load_deployment": "onnx_export",
+    "benchmark": "benchmark",
+    "Detections": "predictions", "SegMap": "predictions", "Tolerances": "predictions",
+    "compare_predictions": "predictions",
+    "collect_images": "inputs", "read_image": "inputs", "ImageReadError": "inputs",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,147 @@
+"""Reading a whole-model checkpoint for deployment and checking that it fits the model.
+
+The frameworks' own loaders load whatever keys match and only log the rest, so a checkpoint
+of another model (another variant, another head, a backbone-only file) silently gives a
+partly random detector. :func:`check_checkpoint_fits` turns that into an error that names
+the problem (and the backbone variants on both sides).
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from torch import Tensor, nn
+
+from ..models import CheckpointMismatchError
+
+__all__ = ["read_model_checkpoint", "model_state_dict", "check_checkpoint_fits",
+           "CheckpointMismatchError"]
+
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+def read_model_checkpoint(path: Union[str, os.PathLike], trusted: bool = False) -> Dict[str, Any]:
+    """Read a checkpoint file under :mod:`rest_dense.trust`'s policy.
+
+    Args:
+        path: ``.pth`` / ``.pt`` / ``.pkl`` checkpoint.
+        trusted: also unpickle in full when the restricted loader refuses the file (only for
+            the user's own files; :func:`rest_dense.trust.trust` marks it).
+
+    Returns:
+        The loaded object (usually a dict).
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be read as a checkpoint.
+    """
+    from .. import trust as _trust
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if trusted:
+        _trust.trust(path)
+    try:
+        if path.endswith(".pkl"):
+            return _trust.load_pickle_file(path)
+        return _trust.load_checkpoint_file(path, map_location="cpu")
+    except (FileNotFoundError, _trust.UntrustedCheckpointError):
+        raise
+    except Exception as e:  # corrupt / foreign files: name the file
+        raise ValueError(f"checkpoint {path!r} cannot be read: {type(e).__name__}: {e}") from e
+
+
+def model_state_dict(checkpoint: Any) -> Dict[str, Tensor]:
+    """The model weights inside a checkpoint: ``state_dict`` (mmengine), ``model``
+    (detectron2) or the mapping itself, with a ``module.`` (DDP) prefix removed."""
+    sd = checkpoint
+    if isinstance(sd, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(sd.get(key), Mapping):
+                sd = sd[key]
+                break
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"the checkpoint holds a {type(checkpoint).__name__}, not model weights")
+    out = {}
+    for k, v in sd.items():
+        if not isinstance(v, Tensor) and not hasattr(v, "shape"):
+            continue
+        out[k[len("module."):] if k.startswith("module.") else k] = v
+    return out
+
+
+def _backbone_prefix(model: nn.Module) -> Optional[str]:
+    from ..models.base import ResTBase
+
+    for name, module in model.named_modules():
+        if isinstance(module, ResTBase):
+            return name + "." if name else ""
+    return None
+
+
+def _variant_note(model: nn.Module, state_dict: Mapping[str, Tensor]) -> str:
+    """``'; the checkpoint's backbone is X, the model's Y'`` when both are ResT and differ."""
+    from ..models.checkpoint import describe_model, infer_arch, rename_d2_norm_keys
+
+    prefix = _backbone_prefix(model)
+    if prefix is None:
+        return ""
+    backbone = dict(model.named_modules())[prefix[:-1]] if prefix else model
+    part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    part = rename_d2_norm_keys(part)
+    guess = infer_arch(part)
+    theirs = str(guess) if guess.family else "absent"
+    ours = describe_model(backbone)
+    if theirs == ours:
+        return ""
+    return f"; its backbone is {theirs}, the config's {ours}"
+
+
+def _short(keys: List[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_checkpoint_fits(model: nn.Module, state_dict: Mapping[str, Tensor], what: str,
+                          for_config: str = "the config") -> Tuple[List[str], List[str]]:
+    """Check that a whole-model checkpoint covers ``model`` with the right shapes.
+
+    Args:
+        model: the model built from the config.
+        state_dict: the checkpoint's weights in the model's key names
+            (:func:`model_state_dict`; detectron2's ``norm_i.0`` renamed).
+        what: how to name the checkpoint in messages (its path).
+        for_config: how to name the config in messages.
+
+    Returns:
+        ``(missing, unexpected)`` key lists (``missing`` is always empty on return).
+
+    Raises:
+        CheckpointMismatchError: tensors of the model are missing from the checkpoint, or
+            have other shapes there; the message names a few and the backbone variants.
+    """
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith(_IGNORED_SUFFIXES)}
+    theirs = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    missing = sorted(k for k in own if k not in theirs)
+    unexpected = sorted(k for k in theirs if k not in own)
+    shapes = sorted(k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape))
+    if not missing and not shapes:
+        return [], unexpected
+    n = len(own)
+    parts = []
+    if missing and len(missing) == n:
+        parts.append(f"none of the model's {n} tensors is in it (e.g. {_short(missing, 3)})")
+    elif missing:
+        parts.append(f"{len(missing)} of the model's {n} tensors are missing ({_short(missing)})")
+    if shapes:
+        shown = [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3]]
+        parts.append(f"{len(shapes)} tensors have other shapes (checkpoint vs model: "
+                     f"{'; '.join(shown)}{', ...' if len(shapes) > 3 else ''})")
+    prefix = _backbone_prefix(model)
+    if prefix is not None and missing and all(not k.startswith(prefix) for k in missing) and \
+            len(theirs) and all(k.startswith(prefix) for k in theirs):
+        parts.append("it holds backbone weights only; inference needs a trained detector / "
+                     "segmenter checkpoint")
+    raise CheckpointMismatchError(
+        f"checkpoint {what} is not a checkpoint of the model in {for_config}: "
+        + "; ".join(parts) + _variant_note(model, theirs))

@@ -1,0 +1,539 @@
+"""Inference on image files with a config and a checkpoint, through each framework's own
+inference API, writing pictures and machine-readable results.
+
+* MMDetection: ``mmdet.apis.DetInferencer``; MMSegmentation: ``mmseg.apis.MMSegInferencer``;
+* detectron2: ``detectron2.engine.DefaultPredictor`` for yacs (``.yaml``) configs read with
+  :func:`rest_dense.d2.engine.setup_yaml_config`; LazyConfig (``.py``) configs run the model
+  with the config's test-time resize the same way.
+
+Weights are read under :mod:`rest_dense.trust`'s policy and must fit the model: a checkpoint
+of another model is an error (:func:`rest_dense.deploy.checkpoints.check_checkpoint_fits`),
+not a partly random network.
+
+Output layout under ``out_dir``::
+
+    vis/<name>.jpg        the image with the predictions drawn (score >= score_thr)
+    preds/<name>.json     detection: boxes, scores, labels, categories, RLE masks
+    preds/<name>.png      segmentation: map of class indices (8-bit, 16-bit above 256 classes)
+    summary.json          config, checkpoint, classes, per-image files, skipped inputs
+
+Example::
+
+    from rest_dense.deploy import run_inference
+    summary = run_inference("toy/mask_rcnn_restv2_toy.py", "work_dirs/toy/iter_600.pth",
+                            ["data/toy/val"], "out/", score_thr=0.3)
+    print(summary.processed, summary.skipped)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .inputs import ImageReadError, collect_images, output_names, read_image
+from .predictions import (Detections, Prediction, SegMap, detections_to_json, from_d2_instances,
+                          from_det_sample, from_seg_sample, write_label_png)
+
+__all__ = ["FRAMEWORKS", "config_framework", "Predictor", "MMDetPredictor", "MMSegPredictor",
+           "D2Predictor", "build_predictor", "InferenceSummary", "run_inference"]
+
+#: the frameworks :func:`build_predictor` handles
+FRAMEWORKS = ("mmdet", "mmseg", "detectron2")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ------------------------------------------------------------------ configs
+def resolve_config(config: PathLike) -> str:
+    """A config file path, or a shipped config name (:func:`rest_dense.configs.get_config_path`)."""
+    from ..configs import get_config_path
+
+    return get_config_path(os.fspath(config))
+
+
+def config_framework(config: PathLike) -> str:
+    """``'mmdet'``, ``'mmseg'`` or ``'detectron2'`` for a config file (or shipped name).
+
+    Raises:
+        FileNotFoundError: no such config.
+        ValueError: a config of another framework (or not a config).
+    """
+    from ..utils import guess_config_framework
+
+    path = resolve_config(config)
+    try:
+        family = guess_config_framework(path)
+    except ValueError as e:
+        raise ValueError(f"config {path} is of an unknown framework (not MMDetection, "
+                         f"MMSegmentation or detectron2): {e}") from None
+    if family == "detectron2":
+        return "detectron2"
+    from ..mm.utils import load_config
+
+    try:
+        cfg = load_config(path)
+    except ValueError as e:
+        raise ValueError(f"config {path} is of an unknown framework: {e}") from None
+    return cfg.default_scope
+
+
+def _mm_config(path: str, cfg_options: Optional[Dict[str, Any]] = None):
+    """The mmengine config for inference: ``LoadAnnotations`` dropped from the test pipeline
+    (images come without annotations), ``cfg_options`` merged."""
+    from ..mm.utils import load_config
+
+    cfg = load_config(path, cfg_options)
+    pipeline = cfg.test_dataloader.dataset.pipeline
+    cfg.test_dataloader.dataset.pipeline = [t for t in pipeline if t.get("type") != "LoadAnnotations"]
+    return cfg
+
+
+def _mm_dataset_meta(cfg) -> Dict[str, Any]:
+    """Classes / palette the config's test dataset declares (without reading annotations)."""
+    ds = cfg.test_dataloader.dataset
+    meta = dict(ds.get("metainfo") or {})
+    return {k: list(v) for k, v in meta.items() if k in ("classes", "palette")}
+
+
+# ------------------------------------------------------------------ predictors
+class Predictor:
+    """One framework's model behind a common interface.
+
+    Attributes:
+        framework: ``'mmdet'``, ``'mmseg'`` or ``'detectron2'``.
+        task: ``'det'`` (instances) or ``'seg'`` (semantic map).
+        classes: class names, indexed by label.
+        config: the config file.
+        checkpoint: the weights file.
+    """
+
+    framework = ""
+    task = "det"
+
+    def __init__(self, config: str, checkpoint: str):
+        self.config = config
+        self.checkpoint = checkpoint
+        self.classes: List[str] = []
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        """Predict on one ``(H, W, 3)`` uint8 BGR image (original size)."""
+        raise NotImplementedError
+
+    def draw(self, image: np.ndarray, pred: Prediction, score_thr: float) -> np.ndarray:
+        """The BGR image with ``pred`` drawn (detections scoring at least ``score_thr``)."""
+        raise NotImplementedError
+
+
+def _check_fit(model, checkpoint: Any, path: str, config: str,
+               rename_d2: bool = False) -> List[str]:
+    from ..models import rename_d2_norm_keys
+    from .checkpoints import check_checkpoint_fits, model_state_dict
+
+    sd = model_state_dict(checkpoint)
+    if rename_d2:
+        sd = rename_d2_norm_keys(sd)
+    _, unexpected = check_checkpoint_fits(model, sd, path, f"config {config}")
+    if unexpected:
+        warnings.warn(f"checkpoint {path} has {len(unexpected)} tensors the model does not use "
+                      f"(e.g. {', '.join(unexpected[:3])})")
+    return unexpected
+
+
+class _MMPredictor(Predictor):
+    """Shared set-up of the OpenMMLab inferencers."""
+
+    def _prepare(self, config: str, checkpoint: str, cfg_options, trusted: bool):
+        import rest_dense.mm  # noqa: F401  (backbones, checkpoint allow-list)
+        from ..mm.trusted_checkpoints import install_checkpoint_loader
+        from .checkpoints import read_model_checkpoint
+
+        install_checkpoint_loader()
+        ckpt = read_model_checkpoint(checkpoint, trusted=trusted)
+        cfg = _mm_config(config, cfg_options)
+        return cfg, ckpt
+
+
+class MMDetPredictor(_MMPredictor):
+    """MMDetection through ``mmdet.apis.DetInferencer``."""
+
+    framework = "mmdet"
+    task = "det"
+
+    def __init__(self, config: str, checkpoint: str, device: str = "cpu",
+                 cfg_options: Optional[Dict[str, Any]] = None, trusted: bool = False):
+        super().__init__(config, checkpoint)
+        from mmdet.apis import DetInferencer
+
+        cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
+                                            show_progress=False)
+        model = self.inferencer.model
+        _check_fit(model, ckpt, checkpoint, config)
+        meta = (ckpt.get("meta") or {}).get("dataset_meta") if isinstance(ckpt, dict) else None
+        if not meta:  # the checkpoint names no classes: the config's, not COCO's
+            cfg_meta = _mm_dataset_meta(cfg)
+            if cfg_meta.get("classes"):
+                model.dataset_meta = dict(model.dataset_meta, **cfg_meta)
+                self.inferencer.visualizer.dataset_meta = model.dataset_meta
+        self.classes = list(model.dataset_meta["classes"])
+        self.has_masks = bool(getattr(model, "with_mask", False))
+
+    def predict_sample(self, image: np.ndarray):
+        """The ``DetDataSample`` for one BGR image."""
+        out = self.inferencer(image, return_datasamples=True, no_save_vis=True, no_save_pred=True,
+                              out_dir="")
+        return out["predictions"][0]
+
+    def predict(self, image: np.ndarray) -> Detections:
+        return from_det_sample(self.predict_sample(image))
+
+    def draw(self, image: np.ndarray, pred: Detections, score_thr: float) -> np.ndarray:
+        import torch
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+
+        keep = pred.scores >= score_thr
+        inst = InstanceData()
+        inst.bboxes = torch.from_numpy(pred.boxes[keep])
+        inst.scores = torch.from_numpy(pred.scores[keep])
+        inst.labels = torch.from_numpy(pred.labels[keep])
+        if pred.masks is not None:
+            inst.masks = torch.from_numpy(pred.masks[keep])
+        sample = DetDataSample(pred_instances=inst)
+        vis = self.inferencer.visualizer
+        vis.add_datasample("image", image[..., ::-1].copy(), sample, draw_gt=False, show=False,
+                           pred_score_thr=score_thr)
+        return np.ascontiguousarray(vis.get_image()[..., ::-1])
+
+
+class MMSegPredictor(_MMPredictor):
+    """MMSegmentation through ``mmseg.apis.MMSegInferencer``."""
+
+    framework = "mmseg"
+    task = "seg"
+
+    def __init__(self, config: str, checkpoint: str, device: str = "cpu",
+                 cfg_options: Optional[Dict[str, Any]] = None, trusted: bool = False):
+        super().__init__(config, checkpoint)
+        from mmseg.apis import MMSegInferencer
+
+        cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
+        meta = (ckpt.get("meta") or {}).get("dataset_meta") if isinstance(ckpt, dict) else None
+        cfg_meta = _mm_dataset_meta(cfg) if not meta else {}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device,
+                                              classes=cfg_meta.get("classes"),
+                                              palette=cfg_meta.get("palette"))
+        model = self.inferencer.model
+        _check_fit(model, ckpt, checkpoint, config)
+        classes = self.inferencer.visualizer.dataset_meta.get("classes")
+        n = model.decode_head.num_classes
+        self.classes = list(classes) if classes and len(classes) == n else [str(i) for i in range(n)]
+
+    def predict_sample(self, image: np.ndarray):
+        """The ``SegDataSample`` for one BGR image."""
+        out = self.inferencer(image, return_datasamples=True)
+        return out[0] if isinstance(out, list) else out
+
+    def predict(self, image: np.ndarray) -> SegMap:
+        return from_seg_sample(self.predict_sample(image))
+
+    def draw(self, image: np.ndarray, pred: SegMap, score_thr: float) -> np.ndarray:
+        import torch
+        from mmengine.structures import PixelData
+        from mmseg.structures import SegDataSample
+
+        sample = SegDataSample(pred_sem_seg=PixelData(data=torch.from_numpy(pred.labels)[None]))
+        vis = self.inferencer.visualizer
+        vis.add_datasample("image", image[..., ::-1].copy(), sample, draw_gt=False, draw_pred=True,
+                           show=False, with_labels=False)
+        return np.ascontiguousarray(vis.get_image()[..., ::-1])
+
+
+class D2Predictor(Predictor):
+    """detectron2: ``DefaultPredictor`` (yaml configs) or the same steps for a LazyConfig."""
+
+    framework = "detectron2"
+    task = "det"
+
+    def __init__(self, config: str, checkpoint: str, device: str = "cpu",
+                 opts: Sequence[str] = (), trusted: bool = False):
+        super().__init__(config, checkpoint)
+        import torch
+
+        import rest_dense.d2  # noqa: F401  (backbones)
+        from ..d2.checkpoint import RestDetectionCheckpointer
+
+        if trusted:
+            from .. import trust as _trust
+
+            _trust.trust(checkpoint)
+        if not os.path.isfile(checkpoint):
+            raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+        if config.endswith(".py"):
+            self._init_lazy(config, device, opts)
+        else:
+            self._init_yaml(config, device, opts)
+        self.model.eval()
+        checkpointer = RestDetectionCheckpointer(self.model)
+        try:
+            loaded = checkpointer._load_file(checkpoint)
+        except (FileNotFoundError, ValueError):
+            raise
+        except Exception as e:
+            raise ValueError(f"checkpoint {checkpoint!r} cannot be read: {type(e).__name__}: {e}") from e
+        if not loaded.get("matching_heuristics"):
+            _check_fit(self.model, loaded, checkpoint, config, rename_d2=True)
+        checkpointer.load(checkpoint)
+        self._torch = torch
+
+    def _init_yaml(self, config: str, device: str, opts: Sequence[str]) -> None:
+        from detectron2.data import MetadataCatalog
+        from detectron2.engine import DefaultPredictor
+
+        from ..d2.engine import setup_yaml_config
+
+        cfg = setup_yaml_config(config, ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
+                                         *list(opts)])
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            self.predictor = DefaultPredictor(cfg)
+        self.model = self.predictor.model
+        self.aug = self.predictor.aug
+        self.input_format = self.predictor.input_format
+        name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
+        self.metadata = MetadataCatalog.get(name)
+        n = cfg.MODEL.ROI_HEADS.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE != "RetinaNet" \
+            else cfg.MODEL.RETINANET.NUM_CLASSES
+        self._set_classes(n)
+
+    def _init_lazy(self, config: str, device: str, opts: Sequence[str]) -> None:
+        import detectron2.data.transforms as T
+        from detectron2.config import instantiate
+        from detectron2.data import MetadataCatalog
+
+        from ..d2.engine import setup_lazy_config
+
+        cfg = setup_lazy_config(config, list(opts))
+        self.model = instantiate(cfg.model).to(device)
+        mapper = cfg.dataloader.test.mapper
+        augs = instantiate(mapper.augmentations) if "augmentations" in mapper else []
+        self.aug = T.AugmentationList(list(augs))
+        self.input_format = mapper.get("image_format", "BGR")
+        self.predictor = None
+        names = cfg.dataloader.test.dataset.get("names", "__unused")
+        self.metadata = MetadataCatalog.get(names if isinstance(names, str) else names[0])
+        heads = getattr(self.model, "roi_heads", None)
+        n = getattr(getattr(heads, "box_predictor", None), "num_classes", None) or \
+            getattr(self.model, "num_classes", 0)
+        self._set_classes(int(n))
+
+    def _set_classes(self, n: int) -> None:
+        names = list(getattr(self.metadata, "thing_classes", None) or [])
+        self.classes = names if len(names) == n else [f"class_{i}" for i in range(n)]
+
+    def model_inputs(self, image: np.ndarray) -> Dict[str, Any]:
+        """The dict the model takes for one BGR image (resized, in the model's channel order)."""
+        import detectron2.data.transforms as T
+
+        h, w = image.shape[:2]
+        if self.input_format == "RGB":
+            image = image[:, :, ::-1]
+        if isinstance(self.aug, T.AugmentationList):
+            aug_in = T.AugInput(image)
+            self.aug(aug_in)
+            resized = aug_in.image
+        else:
+            resized = self.aug.get_transform(image).apply_image(image)
+        tensor = self._torch.as_tensor(np.ascontiguousarray(resized).astype("float32").transpose(2, 0, 1))
+        return {"image": tensor, "height": h, "width": w}
+
+    def predict_instances(self, image: np.ndarray):
+        """detectron2 ``Instances`` (original-image coordinates) for one BGR image."""
+        with self._torch.no_grad():
+            if self.predictor is not None:
+                return self.predictor(image)["instances"].to("cpu")
+            return self.model([self.model_inputs(image)])[0]["instances"].to("cpu")
+
+    def predict(self, image: np.ndarray) -> Detections:
+        return from_d2_instances(self.predict_instances(image))
+
+    def draw(self, image: np.ndarray, pred: Detections, score_thr: float) -> np.ndarray:
+        from detectron2.structures import Boxes, Instances
+        from detectron2.utils.visualizer import Visualizer
+
+        torch = self._torch
+        det = pred.above(score_thr)
+        inst = Instances(det.image_size)
+        inst.pred_boxes = Boxes(torch.from_numpy(det.boxes))
+        inst.scores = torch.from_numpy(det.scores)
+        inst.pred_classes = torch.from_numpy(det.labels)
+        if det.masks is not None:
+            inst.pred_masks = torch.from_numpy(det.masks)
+        meta = self.metadata
+        if not getattr(meta, "thing_classes", None):
+            from types import SimpleNamespace
+
+            meta = SimpleNamespace(thing_classes=self.classes, get=lambda k, d=None: d)
+        vis = Visualizer(image[:, :, ::-1], meta)
+        return np.ascontiguousarray(vis.draw_instance_predictions(inst).get_image()[:, :, ::-1])
+
+
+def build_predictor(config: PathLike, checkpoint: PathLike, device: str = "cpu",
+                    cfg_options: Optional[Dict[str, Any]] = None, trusted: bool = False) -> Predictor:
+    """The predictor for a config of any of the three frameworks.
+
+    Args:
+        config: config file or shipped config name.
+        checkpoint: whole-model checkpoint (ours, or a released one the loaders understand).
+        device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``...
+        cfg_options: config overrides; OpenMMLab: ``{'model.test_cfg.rcnn.score_thr': 0.1}``;
+            detectron2: ``{'MODEL.ROI_HEADS.SCORE_THRESH_TEST': 0.1}`` (yaml) or
+            ``{'model.roi_heads...': v}`` (LazyConfig).
+        trusted: the checkpoint is the user's own file: allow full unpickling if the
+            restricted loader refuses it.
+
+    Raises:
+        FileNotFoundError: no such config or checkpoint.
+        ValueError: a config of an unknown framework; a checkpoint that cannot be read or
+            belongs to another model (:class:`~rest_dense.models.CheckpointMismatchError`).
+    """
+    path = resolve_config(config)
+    checkpoint = os.fspath(checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    framework = config_framework(path)
+    if framework == "detectron2":
+        opts: List[str] = []
+        for k, v in (cfg_options or {}).items():
+            opts += [f"{k}={v}"] if path.endswith(".py") else [k, str(v)]
+        return D2Predictor(path, checkpoint, device, opts, trusted)
+    if framework == "mmdet":
+        return MMDetPredictor(path, checkpoint, device, cfg_options, trusted)
+    if framework == "mmseg":
+        return MMSegPredictor(path, checkpoint, device, cfg_options, trusted)
+    raise ValueError(f"config {path} is for {framework!r}, which infer does not handle "
+                     f"(one of {', '.join(FRAMEWORKS)})")
+
+
+# ------------------------------------------------------------------ running
+@dataclass
+class InferenceSummary:
+    """What :func:`run_inference` did.
+
+    Attributes:
+        out_dir: the output folder.
+        framework: ``'mmdet'``, ``'mmseg'`` or ``'detectron2'``.
+        task: ``'det'`` or ``'seg'``.
+        processed: per processed image: ``input``, ``vis``, ``pred`` paths and ``instances``
+            (detections >= score_thr) or ``classes_present`` (segmentation).
+        skipped: per input that could not be processed: ``input`` and ``error``.
+        seconds: wall time of the predictions (model set-up excluded).
+    """
+
+    out_dir: str
+    framework: str
+    task: str
+    processed: List[Dict[str, Any]] = field(default_factory=list)
+    skipped: List[Dict[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def _write_outputs(predictor: Predictor, image: np.ndarray, pred: Prediction, path: str,
+                   stem: str, out_dir: str, score_thr: float, draw: bool) -> Dict[str, Any]:
+    import cv2
+
+    entry: Dict[str, Any] = {"input": path}
+    if isinstance(pred, Detections):
+        kept = pred.above(score_thr)
+        doc = detections_to_json(kept, predictor.classes, image=os.path.abspath(path),
+                                 framework=predictor.framework, score_thr=score_thr)
+        pred_path = os.path.join(out_dir, "preds", stem + ".json")
+        with open(pred_path, "w", encoding="utf-8") as f:
+            json.dump(doc, f)
+        entry["instances"] = len(kept)
+    else:
+        pred_path = os.path.join(out_dir, "preds", stem + ".png")
+        write_label_png(pred.labels, pred_path)
+        entry["classes_present"] = [int(c) for c in np.unique(pred.labels)]
+    entry["pred"] = pred_path
+    if draw:
+        vis_path = os.path.join(out_dir, "vis", stem + ".jpg")
+        if not cv2.imwrite(vis_path, predictor.draw(image, pred, score_thr)):
+            raise OSError(f"could not write {vis_path}")
+        entry["vis"] = vis_path
+    return entry
+
+
+def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathLike],
+                  out_dir: PathLike, device: str = "cpu", score_thr: float = 0.3,
+                  cfg_options: Optional[Dict[str, Any]] = None, draw: bool = True,
+                  progress: bool = True, trusted: bool = False,
+                  predictor: Optional[Predictor] = None) -> InferenceSummary:
+    """Predict on images and write pictures and results (see the module docstring).
+
+    Args:
+        config: config file or shipped config name.
+        checkpoint: whole-model checkpoint.
+        inputs: image files, folders (searched recursively) and glob patterns.
+        out_dir: output folder (created).
+        device: torch device.
+        score_thr: detections below this score are neither drawn nor written.
+        cfg_options: config overrides (see :func:`build_predictor`).
+        draw: write the pictures (``vis/``).
+        progress: show a tqdm progress bar.
+        trusted: the checkpoint is the user's own (see :func:`build_predictor`).
+        predictor: an already built predictor (``config``/``checkpoint`` then only label the
+            summary).
+
+    Returns:
+        :class:`InferenceSummary`; images that cannot be decoded are skipped and listed.
+
+    Raises:
+        FileNotFoundError: a missing config, checkpoint or input.
+        ValueError: bad config / checkpoint (see :func:`build_predictor`), or a negative
+            ``score_thr``.
+    """
+    from tqdm import tqdm
+
+    if not 0.0 <= float(score_thr) <= 1.0:
+        raise ValueError(f"score_thr must lie in [0, 1], got {score_thr}")
+    paths = collect_images(inputs)
+    if predictor is None:
+        predictor = build_predictor(config, checkpoint, device, cfg_options, trusted)
+    out_dir = os.fspath(out_dir)
+    os.makedirs(os.path.join(out_dir, "preds"), exist_ok=True)
+    if draw:
+        os.makedirs(os.path.join(out_dir, "vis"), exist_ok=True)
+    summary = InferenceSummary(out_dir, predictor.framework, predictor.task)
+    stems = output_names(paths)
+    t0 = time.perf_counter()
+    bar = tqdm(paths, desc="infer", unit="img", disable=not progress, dynamic_ncols=True)
+    for path in bar:
+        try:
+            image = read_image(path)
+        except ImageReadError as e:
+            summary.skipped.append({"input": path, "error": str(e)})
+            bar.write(f"skipped: {e}")
+            continue
+        pred = predictor.predict(image)
+        summary.processed.append(_write_outputs(predictor, image, pred, path, stems[path],
+                                                out_dir, score_thr, draw))
+    summary.seconds = time.perf_counter() - t0
+    doc = {"config": str(predictor.config), "checkpoint": str(predictor.checkpoint),
+           "framework": predictor.framework, "task": predictor.task, "device": device,
+           "score_thr": score_thr, "classes": predictor.classes,
+           "images": summary.processed, "skipped": summary.skipped,
+           "seconds": round(summary.seconds, 3)}
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+    return summary

@@ -1,0 +1,132 @@
+"""Image inputs of the deployment tools: files, folders and globs; decoding; test images."""
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+from typing import Dict, Iterable, List, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = ["IMAGE_SUFFIXES", "ImageReadError", "collect_images", "read_image", "output_names",
+           "synthetic_image"]
+
+#: file suffixes taken from folders (files named explicitly may have any suffix)
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+class ImageReadError(ValueError):
+    """An image file that does not exist or cannot be decoded."""
+
+
+def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
+    """Expand image files, folders (recursively, by suffix) and glob patterns.
+
+    Args:
+        inputs: paths or shell-style patterns (``'data/*.jpg'``, ``'imgs/**/*.png'``).
+
+    Returns:
+        The image paths, each once, in the order given (sorted within a folder or pattern).
+
+    Raises:
+        FileNotFoundError: an input is neither an existing file, nor a folder, nor a pattern
+            that matches a file; or a folder holds no image.
+    """
+    found: List[str] = []
+    for item in inputs:
+        item = os.fspath(item)
+        if os.path.isfile(item):
+            found.append(item)
+        elif os.path.isdir(item):
+            files = sorted(str(p) for p in Path(item).rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not files:
+                raise FileNotFoundError(f"folder {item!r} holds no image files "
+                                        f"({', '.join(IMAGE_SUFFIXES)})")
+            found += files
+        elif glob.has_magic(item):
+            files = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            if not files:
+                raise FileNotFoundError(f"no file matches the pattern {item!r}")
+            found += files
+        else:
+            raise FileNotFoundError(f"input {item!r} does not exist (expected an image file, "
+                                    "a folder of images or a glob pattern)")
+    seen, unique = set(), []
+    for path in found:
+        key = os.path.abspath(path)
+        if key not in seen:
+            seen.add(key)
+            unique.append(path)
+    return unique
+
+
+def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
+    """Decode an image file into an ``(H, W, 3)`` uint8 BGR array (the frameworks' layout).
+
+    Grey and palette images are expanded to three channels; an alpha channel is dropped.
+
+    Raises:
+        ImageReadError: the file is missing, empty or not a decodable image.
+    """
+    import cv2
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ImageReadError(f"image {path!r} does not exist")
+    data = np.fromfile(path, dtype=np.uint8)
+    if data.size == 0:
+        raise ImageReadError(f"image {path!r} is an empty file")
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if image is None or image.size == 0:
+        raise ImageReadError(f"image {path!r} cannot be decoded (not an image, or a format "
+                             "OpenCV does not read)")
+    return image
+
+
+def output_names(paths: Sequence[str]) -> Dict[str, str]:
+    """A distinct file stem per input path, for the files written about it.
+
+    The stem is the file name without its suffix; inputs that share one (``a/x.jpg`` and
+    ``b/x.png``) get their parent folders prepended (``a_x``, ``b_x``) and, if still equal,
+    a counter.
+    """
+    stems: Dict[str, str] = {}
+    by_stem: Dict[str, List[str]] = {}
+    for path in paths:
+        by_stem.setdefault(Path(path).stem, []).append(path)
+    used = set()
+    for stem, group in by_stem.items():
+        for path in group:
+            name = stem
+            if len(group) > 1:
+                parts = Path(os.path.abspath(path)).parts[:-1]
+                name = "_".join(list(parts[-1:]) + [stem]).lstrip("_")
+            base, k = name, 1
+            while name in used:
+                k += 1
+                name = f"{base}_{k}"
+            used.add(name)
+            stems[path] = name
+    return stems
+
+
+def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A deterministic ``(height, width, 3)`` uint8 BGR test picture with object-like content.
+
+    A toy-shapes scene (:func:`rest_dense.data.toy.make_scene`) resized to the requested size,
+    so that detectors and segmenters trained on anything shape-like give non-trivial output.
+    """
+    import cv2
+
+    from ..data.toy import make_scene
+
+    side = max(int(height), int(width), 32)
+    scene = make_scene(np.random.default_rng([int(seed), int(height), int(width)]), size=side)
+    rgb = cv2.resize(scene.image, (int(width), int(height)), interpolation=cv2.INTER_LINEAR)
+    return np.ascontiguousarray(rgb[..., ::-1])
+
+
+def image_sizes(paths: Iterable[str]) -> List[Tuple[int, int]]:
+    """``(H, W)`` of each image (decoded)."""
+    return [read_image(p).shape[:2] for p in paths]

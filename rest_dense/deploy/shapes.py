@@ -1,0 +1,186 @@
+"""Which input sizes a traced (dynamic-shape) graph of a ResTv2 backbone is valid for.
+
+An ONNX graph recorded by tracing keeps the shape arithmetic of the traced input but fixes
+every Python branch the trace took. ResTv2 has three shape-dependent branches per stage
+(``rest_dense/models/restv2.py`` and ``layers.py``):
+
+* **crop** -- the up-sampled value map of the reduced attention (``sr_ratio > 1``) covers
+  ``ceil(side / sr) * sr`` and is cropped when that exceeds the map;
+* **windows** -- in the window modes a stage with window blocks runs them in windows of
+  ``(min(ws, h), min(ws, w))``; the window is a constant of the graph, and when it equals the
+  whole map the stage runs globally;
+* **window padding** -- the map is padded to a multiple of the window (and cropped back).
+
+A graph traced at backbone input ``T`` gives the eager result at input ``X`` when, for every
+stage, a crop / padding needed at ``X`` was traced at ``T`` (a traced crop or pad is a no-op
+where none is needed), and the window is the same constant (a graph traced without windows is
+valid only where the eager model runs without windows too).
+
+The sizes here are those of the *backbone input*: the image after the framework's resize and
+padding (``pad_size_divisor`` / ``SIZE_DIVISIBILITY``). Padding to a multiple of 32 makes
+every stage's map a multiple of the power-of-two ``sr_ratio`` of the released variants, so
+the crop branch never runs for such inputs.
+
+ResTv1 has no shape-dependent branches of this kind (an explicit 1x1-map case aside).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from torch import nn
+
+__all__ = ["StageBranches", "find_backbone", "stage_branches", "graph_problems", "coverage",
+           "choose_trace_size"]
+
+Size = Tuple[int, int]
+
+
+@dataclass(frozen=True)
+class StageBranches:
+    """The shape-dependent decisions of one stage at one input size.
+
+    Attributes:
+        map_size: ``(h, w)`` of the stage's map.
+        crop: the reduced-attention up-sampling is cropped (either side).
+        window: window ``(wh, ww)`` when the stage runs blocks in windows, else None.
+        pad: the map is padded to a multiple of the window (only with ``window``).
+    """
+
+    map_size: Size
+    crop: bool
+    window: Optional[Size]
+    pad: bool
+
+
+def find_backbone(model: nn.Module) -> Optional[nn.Module]:
+    """The first ResT backbone (core class or an adapter subclass) inside ``model``."""
+    from ..models.base import ResTBase
+
+    for module in model.modules():
+        if isinstance(module, ResTBase):
+            return module
+    return None
+
+
+def _side(n: int, stage: int) -> int:
+    # stem: two stride-2 3x3 convs with padding 1; each later stage: one more
+    for _ in range(stage + 2):
+        n = (n + 1) // 2
+    return n
+
+
+def _reduced(n: int, sr: int) -> int:
+    # the reduction conv: kernel sr + 1, stride sr, padding sr // 2
+    return (n + 2 * (sr // 2) - (sr + 1)) // sr + 1
+
+
+def stage_branches(backbone: nn.Module, size: Size) -> List[StageBranches]:
+    """The decisions each stage of ``backbone`` takes for a ``size = (H, W)`` input.
+
+    Args:
+        backbone: a ResT backbone (see :func:`find_backbone`).
+        size: backbone input ``(H, W)``.
+
+    Returns:
+        One :class:`StageBranches` per stage the backbone runs (empty for ResTv1, which has
+        none of these branches).
+    """
+    from ..models import ResTv2
+
+    if not isinstance(backbone, ResTv2):
+        return []
+    last = max(backbone.out_indices)
+    out = []
+    for i in range(last + 1):
+        h, w = _side(size[0], i), _side(size[1], i)
+        sr = backbone.sr_ratios[i]
+        crop = sr > 1 and (_reduced(h, sr) * sr != h or _reduced(w, sr) * sr != w)
+        window, pad = None, False
+        if backbone.num_window_blocks[i]:
+            ws = backbone.window_size[i]
+            win = (min(ws, h), min(ws, w))
+            if win != (h, w):
+                window = win
+                pad = bool(h % win[0] or w % win[1])
+        out.append(StageBranches((h, w), crop, window, pad))
+    return out
+
+
+def graph_problems(backbone: nn.Module, traced: Size, size: Size) -> List[str]:
+    """Why a graph of ``backbone`` traced at input ``traced`` would differ from eager at ``size``.
+
+    Args:
+        backbone: a ResT backbone.
+        traced: backbone input ``(H, W)`` the graph was traced at.
+        size: backbone input ``(H, W)`` to run the graph at.
+
+    Returns:
+        One message per stage whose traced decisions do not hold at ``size``; empty when the
+        graph is valid there.
+    """
+    problems = []
+    for i, (t, x) in enumerate(zip(stage_branches(backbone, traced), stage_branches(backbone, size))):
+        where = (f"stage {i + 1} (map {x.map_size[0]}x{x.map_size[1]} at input "
+                 f"{size[0]}x{size[1]}, {t.map_size[0]}x{t.map_size[1]} when traced at "
+                 f"{traced[0]}x{traced[1]})")
+        if x.crop and not t.crop:
+            problems.append(f"{where}: needs the crop of the reduced attention, which the trace "
+                            "did not take")
+        if t.window is None:
+            if x.window is not None:
+                problems.append(f"{where}: eager runs windows {x.window[0]}x{x.window[1]}, "
+                                "the graph global attention")
+            continue
+        # a map that fits in one window runs globally, which equals one window of its size
+        eager = x.window if x.window is not None else x.map_size
+        if eager != t.window:
+            problems.append(f"{where}: eager runs windows {eager[0]}x{eager[1]}, the graph "
+                            f"{t.window[0]}x{t.window[1]}")
+        elif x.pad and not t.pad:
+            problems.append(f"{where}: needs window padding, which the trace did not take")
+    return problems
+
+
+def coverage(backbone: nn.Module, size: Size) -> int:
+    """How many optional branches (crops, window paddings) an input ``size`` traces."""
+    return sum(int(b.crop) + int(b.pad) for b in stage_branches(backbone, size))
+
+
+def choose_trace_size(backbone: nn.Module, sizes: Sequence[Size], divisor: int = 1,
+                      candidates: Optional[Iterable[int]] = None) -> Tuple[Size, List[str]]:
+    """A trace input valid for every one of ``sizes`` that takes as many branches as possible.
+
+    Args:
+        backbone: a ResT backbone.
+        sizes: backbone inputs ``(H, W)`` the graph must serve (e.g. those of the check images).
+        divisor: inputs are padded to a multiple of this; candidates are its multiples.
+        candidates: sides to try (default: multiples of ``divisor`` from ``divisor`` up to twice
+            the largest side in ``sizes``, at least 512).
+
+    Returns:
+        ``(size, problems)``: the chosen ``(H, W)`` and, when no candidate serves every size,
+        the problems of the best one (empty otherwise).
+    """
+    if candidates is None:
+        if divisor >= 8:
+            top = max([512] + [2 * max(s) for s in sizes])
+            candidates = range(divisor, top + 1, divisor)
+        else:  # unpadded inputs: sides near the ones to serve
+            candidates = {c for s in sizes for side in s
+                          for c in range(max(divisor, side - 32), side + 33) if c % divisor == 0}
+    cands = sorted(set(int(c) for c in candidates))
+    if not stage_branches(backbone, (cands[0], cands[0])):
+        # nothing shape-dependent: any size serves; prefer the first of the given sizes
+        return (tuple(sizes[0]) if sizes else (cands[0], cands[0])), []
+    best, best_key, best_problems = None, None, None
+    for h, w in itertools.product(cands, cands):
+        problems = [p for s in sizes for p in graph_problems(backbone, (h, w), s)]
+        # fewest problems, then most branches traced, then closest to the sizes served
+        dist = min((abs(math.log(h / s[0])) + abs(math.log(w / s[1])) for s in sizes), default=0.0)
+        key = (len(problems), -coverage(backbone, (h, w)), dist, h * w)
+        if best_key is None or key < best_key:
+            best, best_key, best_problems = (h, w), key, problems
+    return best, best_problems
