@@ -291,7 +291,7 @@ def test_small_inputs_work(family, mode, n, size):
     assert all(torch.isfinite(o).all() for o in outs)
 
 
-def test_resv1_single_token_attention_is_the_exact_instance_norm_value():
+def test_restv1_single_token_attention_is_the_exact_instance_norm_value():
     """On a 1x1 map the head-mixing instance norm of one value is 0, so the attention output
     is 0 and the block is the identity plus its MLP; compare with an explicit computation."""
     from rest_dense.models.restv1 import EMSA
