@@ -16,7 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 from mmengine.logging import print_log
 from mmengine.model import BaseModule, initialize
 
-from ..models import CheckpointMismatchError, LoadReport, ResTv1, ResTv2, load_checkpoint
+from ..models import CheckpointError, LoadReport, ResTv1, ResTv2, load_checkpoint
 from ..models.checkpoint import read_state_dict
 
 __all__ = ["MMResTv2", "MMResTv1", "load_pretrained_cfg"]
@@ -68,7 +68,8 @@ def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
 
     Raises:
         ValueError: unknown keys in ``cfg`` or a ``prefix`` that matches nothing.
-        CheckpointMismatchError: the checkpoint belongs to another variant.
+        CheckpointError: the file is no readable checkpoint, belongs to another variant, or
+            holds bad values (the same class as the core loader raised, with the path).
     """
     unknown = sorted(set(cfg) - _PRETRAINED_KEYS)
     if unknown:
@@ -93,8 +94,8 @@ def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
     try:
         report = load_checkpoint(model, source, strict=bool(cfg.get("strict", False)),
                                  weights_only=weights_only, map_location=map_location, log=None)
-    except CheckpointMismatchError as err:
-        raise CheckpointMismatchError(f"{name}: cannot load {checkpoint!r}: {err}") from err
+    except CheckpointError as err:
+        raise type(err)(f"{name}: cannot load {checkpoint!r}: {err}") from err
 
     print_log(f"{name}: loaded {len(report.loaded_keys)} tensors from {checkpoint}",
               logger="current")
