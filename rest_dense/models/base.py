@@ -100,6 +100,40 @@ def check_flag(value, name: str) -> bool:
     return bool(value)
 
 
+#: the memory levels of ``with_cp`` (what is recomputed in backward instead of kept):
+#: ``'none'`` keeps what the (memory-lean) blocks save, ``'mlp'`` also recomputes each
+#: block's 4C-wide MLP hidden map (one extra ``fc1`` GEMM per block), ``'block'``
+#: recomputes whole blocks (gradient checkpointing: only block inputs are kept)
+CP_LEVELS: Tuple[str, ...] = ("none", "mlp", "block")
+
+
+def check_cp_level(value, name: str = "with_cp") -> Tuple[Union[bool, str], str]:
+    """Normalise a ``with_cp`` setting.
+
+    Args:
+        value: ``False`` / ``'none'``, ``'mlp'``, or ``True`` / ``'block'`` (see
+            :data:`CP_LEVELS`).
+        name: the argument's name, for the error message.
+
+    Returns:
+        ``(with_cp, level)``: ``with_cp`` is ``False``, ``'mlp'`` or ``True`` (the bools
+        keep their old meaning) and ``level`` one of :data:`CP_LEVELS`.
+
+    Raises:
+        TypeError: neither a bool nor a string.
+        ValueError: a string that is not a level.
+    """
+    if _is_bool(value):
+        return (True, "block") if value else (False, "none")
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be True, False or one of {CP_LEVELS}, got {value!r} "
+                        f"({type(value).__name__})")
+    level = value.strip().lower()
+    if level not in CP_LEVELS:
+        raise ValueError(f"{name} must be True, False or one of {CP_LEVELS}, got {value!r}")
+    return {"none": False, "mlp": "mlp", "block": True}[level], level
+
+
 def check_per_stage(value, name: str, low: int = 1, n: int = 4) -> Tuple[int, ...]:
     """A sequence of ``n`` integers ``>= low``, one per stage, as a tuple.
 
@@ -199,10 +233,10 @@ class ResTBase(nn.Module):
         Raises:
             TypeError: ``in_channels``, ``out_indices`` or ``frozen_stages`` are not integers
                 (bools and floats included), ``out_indices`` is not a sequence, or
-                ``norm_eval`` / ``with_cp`` are not bools.
+                ``norm_eval`` is not a bool, ``with_cp`` neither a bool nor a level name.
             ValueError: ``in_channels`` < 1; ``out_indices`` empty, outside 0..3 or repeated
                 (any order is fine: outputs come in the order asked for); ``frozen_stages``
-                outside -1..4.
+                outside -1..4; ``with_cp`` a string outside :data:`CP_LEVELS`.
         """
         self.arch = spec
         self.embed_dims = spec["embed_dims"]
@@ -231,7 +265,8 @@ class ResTBase(nn.Module):
             for i in out_indices)
         self.frozen_stages = check_int(frozen_stages, "frozen_stages", -1, self.num_stages)
         self.norm_eval = check_flag(norm_eval, "norm_eval")
-        self.with_cp = check_flag(with_cp, "with_cp")
+        #: ``False``, ``'mlp'`` or ``True`` (may be changed later); :attr:`cp_level` names it
+        self.with_cp = check_cp_level(with_cp, "with_cp")[0]
         #: check every input for NaN/inf in forward (see :meth:`_check_input` for the cost)
         self.check_finite_inputs = True
 
@@ -321,10 +356,22 @@ class ResTBase(nn.Module):
                             f"of {x.numel()}); set model.check_finite_inputs = False to skip "
                             "this check")
 
+    @property
+    def cp_level(self) -> str:
+        """The ``with_cp`` memory level: ``'none'``, ``'mlp'`` or ``'block'`` (:data:`CP_LEVELS`)."""
+        return check_cp_level(self.with_cp, "with_cp")[1]
+
     def _run_block(self, block: nn.Module, x: Tensor) -> Tensor:
-        if self.with_cp and x.requires_grad and torch.is_grad_enabled():
-            return cp.checkpoint(block, x, use_reentrant=False)
-        return block(x)
+        """Run one transformer block at the model's ``with_cp`` memory level
+        (:data:`CP_LEVELS`); recomputation only happens while gradients are recorded."""
+        level = self.cp_level
+        if level == "none" or not torch.is_grad_enabled():
+            return block(x)
+        if level == "block":
+            if x.requires_grad:
+                return cp.checkpoint(block, x, use_reentrant=False)
+            return block(x)
+        return block(x, recompute=level)
 
     def _freeze_stages(self) -> None:
         for i in range(self.frozen_stages + 1):

@@ -10,13 +10,17 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint as cp
 from torch import Tensor, nn
+
+from . import functional as fast
 
 __all__ = [
     "DropPath",
     "Mlp",
     "PixelAttention",
     "Block",
+    "BLOCK_RECOMPUTE",
     "ReducedKVAttention",
     "multi_head_attention",
     "window_partition",
@@ -85,12 +89,22 @@ class PixelAttention(nn.Module):
         return x * torch.sigmoid(self.pa_conv(x))
 
 
+#: what :meth:`Block.forward` may recompute in backward (see ``with_cp`` of the models)
+BLOCK_RECOMPUTE = ("none", "mlp")
+
+
 class Block(nn.Module):
     """Pre-norm transformer block over a channels-last map ``(B, H, W, C)``.
 
+    When the attention is fused (``attn.fused_attn``) and
+    :func:`~rest_dense.models.functional.use_fast_path` allows it, the block runs the
+    memory-lean functions of :mod:`rest_dense.models.functional` (same math, about half
+    the saved activations); otherwise the plain module-by-module computation.
+
     Args:
         dim (int): channels.
-        attn (nn.Module): attention module mapping ``(B, H, W, C)`` to the same shape.
+        attn (nn.Module): attention module mapping ``(B, H, W, C)`` to the same shape;
+            it may offer ``forward_fast(x, norm)`` computing ``attn(norm(x))``.
         mlp_ratio (float): hidden/input ratio of the MLP. Default: 4.
         drop_path (float): stochastic depth rate of both residual branches. Default: 0.
         norm_eps (float): LayerNorm epsilon. Default: 1e-6.
@@ -105,9 +119,34 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, recompute: str = "none") -> Tensor:
+        """Args:
+            x: ``(B, H, W, C)`` tokens.
+            recompute: ``'none'``, or ``'mlp'`` to recompute the MLP's 4C-wide hidden map
+                in backward instead of keeping it (one more ``fc1`` GEMM; only while
+                gradients are recorded).
+
+        Returns:
+            ``(B, H, W, C)`` tokens.
+        """
+        if recompute not in BLOCK_RECOMPUTE:
+            raise ValueError(f"Block recompute must be one of {BLOCK_RECOMPUTE}, got {recompute!r}")
+        if getattr(self.attn, "fused_attn", False) and fast.use_fast_path(x):
+            forward_fast = getattr(self.attn, "forward_fast", None)
+            a = forward_fast(x, self.norm1) if forward_fast is not None else self.attn(self.norm1(x))
+            if not torch.is_grad_enabled():  # inference: residual sums in place
+                x = self.drop_path(a).add_(x)
+                return self.drop_path(fast.mlp_branch(x, self.norm2, self.mlp)).add_(x)
+            x = x + self.drop_path(a)
+            m = fast.mlp_branch(x, self.norm2, self.mlp, recompute_hidden=recompute == "mlp")
+            return x + self.drop_path(m)
         x = x + self.drop_path(self.attn(self.norm1(x)))
+        if recompute == "mlp" and fast.needs_grad(x, self.norm2, self.mlp.fc1, self.mlp.fc2):
+            return x + self.drop_path(cp.checkpoint(self._mlp_half, x, use_reentrant=False))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+    def _mlp_half(self, x: Tensor) -> Tensor:
+        return self.mlp(self.norm2(x))
 
 
 class ReducedKVAttention(nn.Module):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from .base import (ArchType, ResTBase, check_flag, check_int, check_per_stage, check_rate,
                    resolve_arch, to_channels_first)
+from . import functional as fast
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init, window_partition, window_unpartition)
@@ -79,26 +80,64 @@ class EMSAv2(ReducedKVAttention):
             up = up[:, :h, :w]
         return self.proj(out + self.up_norm(up))
 
+    def forward_fast(self, x: Tensor, norm: nn.LayerNorm) -> Tensor:
+        """``self(norm(x))`` through :mod:`~rest_dense.models.functional`: the LayerNorm is
+        fused with the input projections, the upsample branch with ``up_norm`` and ``proj``;
+        a fused ``q``+``kv`` GEMM when ``sr_ratio == 1``. Same math as :meth:`forward`
+        with ``fused_attn=True``, about half the activations kept for backward.
+
+        Args:
+            x: ``(B, H, W, C)`` block input (before ``norm``).
+            norm: the block's ``norm1``.
+
+        Returns:
+            ``(B, H, W, C)``.
+        """
+        b, h, w, c = x.shape
+        nh, hd = self.num_heads, self.head_dim
+        if self.sr_ratio == 1:
+            q, k, v = fast.norm_qkv(x, norm, self.q, self.kv).view(b, h * w, 3, nh, hd).unbind(2)
+            hk, wk = h, w
+        else:
+            q, s = fast.norm_q_sr(x, norm, self.q, self.sr, self.sr_ratio)
+            hk, wk = s.shape[1], s.shape[2]
+            k, v = self.kv(self.sr_norm(s)).view(b, hk * wk, 2, nh, hd).unbind(2)
+            q = q.view(b, h * w, nh, hd)
+        out = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        return fast.up_proj(out, v.reshape(b, hk, wk, c), self.up[0], self.up_norm, self.proj,
+                            self.sr_ratio, (h, w))
+
 
 class PatchEmbedV2(nn.Module):
-    """Stride-2 3x3 conv, PA position encoding and LayerNorm (``patch_{2,3,4}``)."""
+    """Stride-2 3x3 conv, PA position encoding and LayerNorm (``patch_{2,3,4}``).
 
-    def __init__(self, in_dim: int, out_dim: int):
+    ``fused=True`` lets the PA and the LayerNorm run as one memory-lean function
+    (:func:`~rest_dense.models.functional.pa_norm`) where the fast paths apply.
+    """
+
+    def __init__(self, in_dim: int, out_dim: int, fused: bool = True):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.pos = PixelAttention(out_dim)
         self.norm = nn.LayerNorm(out_dim, eps=_EPS)
+        self.fused = fused
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> channels-last ``(B, H', W', C')``."""
-        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
+        x = self.proj(x)
+        if self.fused and fast.use_fast_path(x):
+            return fast.pa_norm(x, self.pos, self.norm)
+        return self.norm(self.pos(x).permute(0, 2, 3, 1))
 
 
 class ConvStemV2(nn.Module):
     """Stride-4 convolutional stem (``stem``): two conv-BN-ReLU, a 1x1 conv, PA, LayerNorm."""
 
-    def __init__(self, in_channels: int, dim: int):
+    def __init__(self, in_channels: int, dim: int, fused: bool = True):
         super().__init__()
+        self.fused = fused
         hidden = dim // 2
         self.proj = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False),
@@ -113,7 +152,11 @@ class ConvStemV2(nn.Module):
         self.norm = nn.LayerNorm(dim, eps=_EPS)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
+        """``(B, C, H, W)`` images -> channels-last ``(B, H/4, W/4, C')`` tokens."""
+        x = self.proj(x)
+        if self.fused and fast.use_fast_path(x):
+            return fast.pa_norm(x, self.pos, self.norm)
+        return self.norm(self.pos(x).permute(0, 2, 3, 1))
 
 
 def _window_sizes(value, attn_mode: str, sr_ratios: Sequence[int]) -> Tuple[int, ...]:
@@ -197,12 +240,12 @@ class ResTv2(ResTBase):
         fused_attn = check_flag(fused_attn, "fused_attn")
 
         dims = self.embed_dims
-        self.stem = ConvStemV2(self.in_channels, dims[0])
+        self.stem = ConvStemV2(self.in_channels, dims[0], fused=fused_attn)
         dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
         cur = 0
         for i in range(4):
             if i > 0:
-                setattr(self, f"patch_{i + 1}", PatchEmbedV2(dims[i - 1], dims[i]))
+                setattr(self, f"patch_{i + 1}", PatchEmbedV2(dims[i - 1], dims[i], fused=fused_attn))
             blocks = nn.ModuleList([
                 Block(dims[i],
                       EMSAv2(dims[i], spec["num_heads"][i], self.sr_ratios[i],

@@ -1,0 +1,551 @@
+"""Fast, memory-lean paths of the ResT layers: custom autograd functions (pure PyTorch).
+
+Each function here computes exactly what the plain modules compute (same parameters,
+same math; only the floating-point summation order can differ, by about 1e-6), but keeps
+fewer activations alive for the backward pass and avoids layout copies:
+
+* :func:`mlp_branch` -- ``fc2(GELU(fc1(LayerNorm(x))))`` saving only ``x`` and the 4C-wide
+  hidden map (the plain path keeps ``x``, the normalised ``x``, the hidden map and its
+  GELU: 10C per token); the LayerNorm and the GELU are recomputed in backward. With
+  ``recompute_hidden=True`` even the hidden map is recomputed (one extra ``fc1``): 1C.
+* :func:`norm_q_sr` / :func:`norm_qkv` -- the block's first LayerNorm fused with the
+  query projection and the spatial-reduction conv (``sr_ratio > 1``), or with one fused
+  ``q``+``kv`` projection (``sr_ratio == 1``); the normalised tokens are recomputed.
+* :func:`up_proj` -- the EMSAv2 upsample branch (depth-wise 3x3 conv to ``sr**2 * C``
+  channels, PixelShuffle, LayerNorm), its sum with the attention output and the output
+  projection; nothing full-resolution is saved but the attention output, which the
+  attention kernel keeps anyway. The depth-wise conv runs as a plain depth-wise conv
+  over channels replicated ``sr**2`` times in an output-position-major order, so that
+  the pixel shuffle moves whole channel vectors (faster than a channel-multiplier conv).
+* :func:`pa_norm` -- PA position encoding ``x * sigmoid(dwconv3x3(x))`` followed by the
+  token LayerNorm, saving only ``x``.
+
+Per transformer block the activations kept for backward drop from about 16C to 8C
+floats per token (4C with ``recompute_hidden``).
+
+The fast paths are used by the models in training and inference when the attention is
+fused (``fused_attn=True``, the default) and no ``torch.autocast`` region is active for
+the input's device (under autocast the plain modules run, so autocast's per-op casting
+rules apply unchanged). :func:`fast_paths` switches them off, e.g. to compare with the
+plain computation::
+
+    from rest_dense.models.functional import fast_paths
+
+    with fast_paths(False):
+        reference = model(x)       # the plain module-by-module computation
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "fast_paths",
+    "fast_paths_enabled",
+    "set_fast_paths",
+    "use_fast_path",
+    "needs_grad",
+    "mlp_branch",
+    "norm_q_sr",
+    "norm_qkv",
+    "up_proj",
+    "upsample_values",
+    "pa_norm",
+]
+
+_ENABLED = [True]
+
+
+def fast_paths_enabled() -> bool:
+    """Whether the models may use the fast paths of this module (default: True)."""
+    return _ENABLED[0]
+
+
+def set_fast_paths(enabled: bool) -> bool:
+    """Switch the fast paths on or off for the whole process.
+
+    Args:
+        enabled: True to use them (the default), False to run the plain modules.
+
+    Returns:
+        The previous setting.
+
+    Raises:
+        TypeError: ``enabled`` is not a bool.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_fast_paths expects a bool, got {enabled!r}")
+    previous = _ENABLED[0]
+    _ENABLED[0] = enabled
+    return previous
+
+
+@contextlib.contextmanager
+def fast_paths(enabled: bool = True) -> Iterator[None]:
+    """Context manager form of :func:`set_fast_paths`; restores the previous setting.
+
+    Args:
+        enabled: use the fast paths inside the ``with`` block.
+    """
+    previous = set_fast_paths(enabled)
+    try:
+        yield
+    finally:
+        _ENABLED[0] = previous
+
+
+def use_fast_path(x: Tensor) -> bool:
+    """True when the fast paths may process ``x``: enabled, not under autocast for its
+    device, and not being traced/scripted (exporters see the plain modules)."""
+    if not _ENABLED[0]:
+        return False
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
+    try:
+        if torch.is_autocast_enabled(x.device.type):
+            return False
+    except (TypeError, RuntimeError):  # device types autocast does not know
+        return False
+    return x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def needs_grad(x: Tensor, *modules: nn.Module) -> bool:
+    """True when autograd will record: grad mode on and ``x`` or a parameter requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    if x.requires_grad:
+        return True
+    return any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
+
+
+# ----------------------------------------------------------------------------- helpers
+def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
+    """``torch.native_layer_norm`` over the last dim: (y, mean, rstd)."""
+    return torch.native_layer_norm(x, (x.shape[-1],), weight, bias, eps)
+
+
+def _ln_backward(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, weight: Optional[Tensor],
+                 bias: Optional[Tensor], mask: Sequence[bool]):
+    """Gradients of :func:`_ln` w.r.t. (x, weight, bias) where ``mask`` asks for them."""
+    if not any(mask):
+        return None, None, None
+    return torch.ops.aten.native_layer_norm_backward(
+        dy, x, (x.shape[-1],), mean, rstd, weight, bias,
+        [bool(mask[0]), bool(mask[1]) and weight is not None, bool(mask[2]) and bias is not None])
+
+
+def _rows(t: Tensor) -> Tensor:
+    """A ``(-1, C)`` contiguous view (or copy) of a channels-last tensor."""
+    t = t.reshape(-1, t.shape[-1])
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _dw_conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, has_bias: bool,
+                      stride: int, padding: int, mask: Sequence[bool]):
+    """Backward of a depth-wise ``F.conv2d`` (groups = input channels)."""
+    if not any(mask):
+        return None, None, None
+    return torch.ops.aten.convolution_backward(
+        grad_out, inp, weight, [weight.shape[0]] if has_bias else None, [stride, stride],
+        [padding, padding], [1, 1], False, [0, 0], inp.shape[1],
+        [bool(mask[0]), bool(mask[1]), bool(mask[2]) and has_bias])
+
+
+def _param(module: nn.Module, name: str) -> Optional[Tensor]:
+    return getattr(module, name, None)
+
+
+# ------------------------------------------------------------------------------ the MLP
+class _MlpBranch(torch.autograd.Function):
+    """``fc2(GELU(fc1(LayerNorm(x))))`` saving ``x`` (+ the hidden map unless recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, recompute_hidden):
+        x2 = _rows(x)
+        y, mean, rstd = _ln(x2, ln_w, ln_b, eps)
+        h = F.linear(y, w1, b1)
+        out = F.linear(F.gelu(h), w2, b2)
+        ctx.save_for_backward(x2, mean, rstd, ln_w, ln_b, w1, b1, w2,
+                              None if recompute_hidden else h)
+        ctx.eps = eps
+        ctx.shape = x.shape
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, dout):
+        x2, mean, rstd, ln_w, ln_b, w1, b1, w2, h = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        d = _rows(dout)
+        y = _ln(x2, ln_w, ln_b, ctx.eps)[0]
+        if h is None:
+            h = F.linear(y, w1, b1)
+        g = F.gelu(h)
+        dw2 = d.t().mm(g) if need[5] else None
+        db2 = d.sum(0) if need[6] else None
+        del g
+        dh = d.mm(w2)
+        torch.ops.aten.gelu_backward.grad_input(dh, h, grad_input=dh)
+        del h
+        dw1 = dh.t().mm(y) if need[3] else None
+        db1 = dh.sum(0) if need[4] and b1 is not None else None
+        dx = dlw = dlb = None
+        if need[0] or need[1] or need[2]:
+            dy = dh.mm(w1)
+            del dh
+            dx, dlw, dlb = _ln_backward(dy, x2, mean, rstd, ln_w, ln_b, need[:3])
+            if dx is not None:
+                dx = dx.view(ctx.shape)
+        return dx, dlw, dlb, dw1, db1, dw2, db2, None, None
+
+
+def mlp_branch(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_hidden: bool = False) -> Tensor:
+    """The MLP half of a pre-norm block, ``mlp(norm(x))``, without the residual.
+
+    Args:
+        x: channels-last tokens ``(..., C)``.
+        norm: the block's second LayerNorm (``norm2``).
+        mlp: a module with ``fc1`` (C -> hidden), ``fc2`` (hidden -> C); exact GELU between.
+        recompute_hidden: also recompute the hidden map in backward (one more ``fc1``
+            GEMM, 4C fewer floats per token kept); the ``with_cp='mlp'`` memory level.
+
+    Returns:
+        ``(..., C)`` tensor, ``mlp(norm(x))``.
+    """
+    if not needs_grad(x, norm, mlp.fc1, mlp.fc2):
+        h = F.linear(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
+                     mlp.fc1.weight, mlp.fc1.bias)
+        return F.linear(torch.ops.aten.gelu_(h), mlp.fc2.weight, mlp.fc2.bias)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _MlpBranch.apply(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
+                            mlp.fc2.weight, mlp.fc2.bias, norm.eps, bool(recompute_hidden))
+
+
+# ------------------------------------------------------------------ attention: inputs
+class _NormQSr(torch.autograd.Function):
+    """``y = LayerNorm(x)``; returns ``q = Linear(y)`` and ``s = dwconv_sr(y)`` (channels-last),
+    saving only ``x`` (``y`` is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, wq, bq, wsr, bsr, eps, sr):
+        c = x.shape[-1]
+        y, mean, rstd = _ln(x, ln_w, ln_b, eps)
+        q = F.linear(y, wq, bq)
+        s = F.conv2d(y.permute(0, 3, 1, 2), wsr, bsr, stride=sr, padding=sr // 2, groups=c)
+        s = s.permute(0, 2, 3, 1)
+        if not s.is_contiguous():
+            s = s.contiguous()
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, wq, wsr)
+        ctx.eps, ctx.sr, ctx.has_bq, ctx.has_bsr = eps, sr, bq is not None, bsr is not None
+        return q, s
+
+    @staticmethod
+    def backward(ctx, dq, ds):
+        x, mean, rstd, ln_w, ln_b, wq, wsr = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        need_y = need[0] or need[1] or need[2]
+        y = _ln(x, ln_w, ln_b, ctx.eps)[0]
+        dwq = dbq = dwsr = dbsr = dy = None
+        if dq is not None:
+            d = _rows(dq)
+            y2 = y.view(-1, y.shape[-1])
+            dwq = d.t().mm(y2) if need[3] else None
+            dbq = d.sum(0) if need[4] and ctx.has_bq else None
+            if need_y:
+                dy = d.mm(wq).view(y.shape)
+        if ds is not None:
+            dys, dwsr, dbsr = _dw_conv_backward(
+                ds.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), wsr, ctx.has_bsr, ctx.sr, ctx.sr // 2,
+                (need_y, need[5], need[6]))
+            if dys is not None:
+                dys = dys.permute(0, 2, 3, 1)
+                dy = dys if dy is None else dy.add_(dys)
+        dx = dlw = dlb = None
+        if dy is not None:
+            dx, dlw, dlb = _ln_backward(dy, x, mean, rstd, ln_w, ln_b, need[:3])
+        return dx, dlw, dlb, dwq, dbq, dwsr, dbsr, None, None
+
+
+def norm_q_sr(x: Tensor, norm: nn.LayerNorm, q: nn.Linear, sr: nn.Conv2d,
+              sr_ratio: int) -> Tuple[Tensor, Tensor]:
+    """``y = norm(x)``; the queries ``q(y)`` and the reduced map ``sr(y)`` (``sr_ratio > 1``).
+
+    Args:
+        x: ``(B, H, W, C)`` contiguous block input.
+        norm, q, sr: the block's ``norm1`` and the attention's ``q`` and ``sr`` layers.
+        sr_ratio: stride of ``sr``.
+
+    Returns:
+        ``q`` as ``(B, H, W, C)`` and the reduced map as ``(B, h, w, C)``.
+    """
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not needs_grad(x, norm, q, sr):
+        y = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        s = F.conv2d(y.permute(0, 3, 1, 2), sr.weight, sr.bias, stride=sr_ratio,
+                     padding=sr_ratio // 2, groups=x.shape[-1])
+        return F.linear(y, q.weight, q.bias), s.permute(0, 2, 3, 1)
+    return _NormQSr.apply(x, norm.weight, norm.bias, q.weight, q.bias, sr.weight, sr.bias,
+                          norm.eps, sr_ratio)
+
+
+def _cat_bias(wq: Tensor, bq: Optional[Tensor], wkv: Tensor, bkv: Optional[Tensor]) -> Optional[Tensor]:
+    """The bias of the fused ``[q | kv]`` projection (zeros stand in for a missing one)."""
+    if bq is None and bkv is None:
+        return None
+    return torch.cat([bq if bq is not None else wq.new_zeros(wq.shape[0]),
+                      bkv if bkv is not None else wkv.new_zeros(wkv.shape[0])])
+
+
+class _NormQKV(torch.autograd.Function):
+    """``y = LayerNorm(x)``; one GEMM for ``[q | kv](y)``; saves only ``x``."""
+
+    @staticmethod
+    def forward(ctx, x, ln_w, ln_b, wq, bq, wkv, bkv, eps):
+        y, mean, rstd = _ln(x, ln_w, ln_b, eps)
+        out = F.linear(y, torch.cat([wq, wkv]), _cat_bias(wq, bq, wkv, bkv))
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, wq, wkv)
+        ctx.eps, ctx.has_bq, ctx.has_bkv = eps, bq is not None, bkv is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, mean, rstd, ln_w, ln_b, wq, wkv = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        c = wq.shape[0]
+        d = _rows(dout)
+        dwq = dbq = dwkv = dbkv = None
+        if need[3] or need[5]:
+            y = _ln(x, ln_w, ln_b, ctx.eps)[0]
+            dw = d.t().mm(y.view(-1, y.shape[-1]))
+            dwq, dwkv = (dw[:c] if need[3] else None), (dw[c:] if need[5] else None)
+        if (need[4] and ctx.has_bq) or (need[6] and ctx.has_bkv):
+            db = d.sum(0)
+            dbq = db[:c] if need[4] and ctx.has_bq else None
+            dbkv = db[c:] if need[6] and ctx.has_bkv else None
+        dx = dlw = dlb = None
+        if need[0] or need[1] or need[2]:
+            dy = d.mm(torch.cat([wq, wkv])).view(x.shape)
+            dx, dlw, dlb = _ln_backward(dy, x, mean, rstd, ln_w, ln_b, need[:3])
+        return dx, dlw, dlb, dwq, dbq, dwkv, dbkv, None
+
+
+def norm_qkv(x: Tensor, norm: nn.LayerNorm, q: nn.Linear, kv: nn.Linear) -> Tensor:
+    """``y = norm(x)``; ``cat([q(y), kv(y)], -1)`` as one GEMM (``sr_ratio == 1``).
+
+    Args:
+        x: ``(B, H, W, C)`` block input.
+        norm, q, kv: the block's ``norm1`` and the attention's ``q`` and ``kv`` layers.
+
+    Returns:
+        ``(B, H, W, 3C)``: queries, keys, values (each head-major).
+    """
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if not needs_grad(x, norm, q, kv):
+        y = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return F.linear(y, torch.cat([q.weight, kv.weight]),
+                        _cat_bias(q.weight, q.bias, kv.weight, kv.bias))
+    return _NormQKV.apply(x, norm.weight, norm.bias, q.weight, q.bias, kv.weight, kv.bias, norm.eps)
+
+
+# ------------------------------------------------------------- attention: upsample branch
+def _replicated_weights(weight: Tensor, bias: Optional[Tensor], sr: int):
+    """Reorder the up conv's ``(C * sr**2, 1, 3, 3)`` weights from channel-major
+    (``c * sr**2 + s``) to position-major (``s * C + c``)."""
+    s2 = sr * sr
+    c = weight.shape[0] // s2
+    w = weight.view(c, s2, *weight.shape[1:]).transpose(0, 1).reshape(weight.shape)
+    b = None if bias is None else bias.view(c, s2).t().reshape(-1)
+    return w, b
+
+
+def _replicate(v: Tensor, sr: int) -> Tensor:
+    """``(B, h, w, C)`` -> ``(B, h, w, sr**2 * C)``: ``v`` repeated sr**2 times (contiguous)."""
+    b, h, w, c = v.shape
+    return v.unsqueeze(3).expand(b, h, w, sr * sr, c).reshape(b, h, w, sr * sr * c)
+
+
+def upsample_values(v: Tensor, weight: Tensor, bias: Optional[Tensor], sr: int) -> Tensor:
+    """The upsample branch before its LayerNorm: ``PixelShuffle(sr)(dwconv3x3(v))``.
+
+    Same result as ``nn.Sequential(nn.Conv2d(C, sr*sr*C, 3, padding=1, groups=C),
+    nn.PixelShuffle(sr))`` on the NCHW view of ``v``, computed channels-last: ``v`` is
+    replicated ``sr**2`` times position-major, convolved by a plain depth-wise conv and
+    its output positions interleaved.
+
+    Args:
+        v: ``(B, h, w, C)`` values (heads merged).
+        weight, bias: the ``(C * sr**2, 1, 3, 3)`` conv weight (released order) and bias.
+        sr: the spatial reduction ratio.
+
+    Returns:
+        ``(B, h * sr, w * sr, C)`` contiguous.
+    """
+    b, h, w, c = v.shape
+    if sr == 1:
+        vc = v if v.is_contiguous() else v.contiguous()
+        out = F.conv2d(vc.permute(0, 3, 1, 2), weight, bias, padding=1, groups=c)
+        out = out.permute(0, 2, 3, 1)
+        return out if out.is_contiguous() else out.contiguous()
+    wr, br = _replicated_weights(weight, bias, sr)
+    out = F.conv2d(_replicate(v, sr).permute(0, 3, 1, 2), wr, br, padding=1, groups=sr * sr * c)
+    out = out.permute(0, 2, 3, 1).reshape(b, h, w, sr, sr, c)
+    return out.permute(0, 1, 3, 2, 4, 5).reshape(b, h * sr, w * sr, c)
+
+
+def _upsample_values_backward(du: Tensor, v: Tensor, weight: Tensor, has_bias: bool, sr: int,
+                              mask: Sequence[bool]):
+    """Gradients of :func:`upsample_values` w.r.t. (v, weight, bias); ``du`` full size."""
+    b, h, w, c = v.shape
+    if sr == 1:
+        vc = v if v.is_contiguous() else v.contiguous()
+        gi, gw, gb = _dw_conv_backward(du.permute(0, 3, 1, 2), vc.permute(0, 3, 1, 2), weight,
+                                       has_bias, 1, 1, mask)
+        return (None if gi is None else gi.permute(0, 2, 3, 1)), gw, gb
+    s2 = sr * sr
+    wr, _ = _replicated_weights(weight, None, sr)
+    dur = du.view(b, h, sr, w, sr, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, s2 * c)
+    gi, gw, gb = _dw_conv_backward(dur.permute(0, 3, 1, 2), _replicate(v, sr).permute(0, 3, 1, 2),
+                                   wr, has_bias, 1, 1, mask)
+    dv = None if gi is None else gi.permute(0, 2, 3, 1).reshape(b, h, w, s2, c).sum(3)
+    if gw is not None:
+        gw = gw.view(s2, c, *gw.shape[1:]).transpose(0, 1).reshape(gw.shape)
+    if gb is not None:
+        gb = gb.view(s2, c).t().reshape(-1)
+    return dv, gw, gb
+
+
+def _up_norm_sum(out: Tensor, v: Tensor, wu, bu, wn, bn, sr: int, hw: Tuple[int, int], eps: float):
+    """``s = merge_heads(out) + LayerNorm(crop(upsample_values(v)))``; returns (s, u, mean, rstd)
+    with ``u`` the cropped upsampled map (LayerNorm input)."""
+    bsz, nh, n, hd = out.shape
+    h, w = hw
+    u = upsample_values(v, wu, bu, sr)
+    if u.shape[1] != h or u.shape[2] != w:
+        u = u[:, :h, :w].contiguous()
+    s, mean, rstd = _ln(u, wn, bn, eps)
+    s.add_(out.transpose(1, 2).reshape(bsz, h, w, nh * hd))
+    return s, u, mean, rstd
+
+
+class _UpProj(torch.autograd.Function):
+    """``proj(merge_heads(out) + up_norm(upsample(v)))`` saving only ``out`` and ``v``."""
+
+    @staticmethod
+    def forward(ctx, out, v, wu, bu, wn, bn, wp, bp, sr, hw, eps):
+        s, _, mean, rstd = _up_norm_sum(out, v, wu, bu, wn, bn, sr, hw, eps)
+        y = F.linear(s, wp, bp)
+        ctx.save_for_backward(out, v, mean, rstd, wu, bu, wn, bn, wp)
+        ctx.sr, ctx.hw, ctx.eps, ctx.has_bp = sr, hw, eps, bp is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        out, v, mean, rstd, wu, bu, wn, bn, wp = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        sr, (h, w) = ctx.sr, ctx.hw
+        bsz, nh, n, hd = out.shape
+        c = nh * hd
+        s, u, _, _ = _up_norm_sum(out, v, wu, bu, wn, bn, sr, ctx.hw, ctx.eps)
+        d = _rows(dy)
+        dwp = d.t().mm(s.view(-1, c)) if need[6] else None
+        dbp = d.sum(0) if need[7] and ctx.has_bp else None
+        del s
+        ds = d.mm(wp).view(bsz, h, w, c)
+        dout = ds.view(bsz, n, nh, hd).transpose(1, 2) if need[0] else None
+        dv = dwu = dbu = dwn = dbn = None
+        if any(need[1:6]):
+            need_u = need[1] or need[2] or need[3]
+            du, dwn, dbn = _ln_backward(ds, u, mean, rstd, wn, bn, (need_u, need[4], need[5]))
+            if need_u:
+                hu, wu_ = v.shape[1] * sr, v.shape[2] * sr
+                if (hu, wu_) != (h, w):
+                    full = du.new_zeros(bsz, hu, wu_, c)
+                    full[:, :h, :w] = du
+                    du = full
+                dv, dwu, dbu = _upsample_values_backward(du, v, wu, bu is not None, sr, need[1:4])
+        return dout, dv, dwu, dbu, dwn, dbn, dwp, dbp, None, None, None
+
+
+def up_proj(out: Tensor, v: Tensor, up_conv: nn.Conv2d, up_norm: nn.LayerNorm, proj: nn.Linear,
+            sr: int, hw: Tuple[int, int]) -> Tensor:
+    """EMSAv2's output: ``proj(merge_heads(out) + up_norm(PixelShuffle(up_conv(v))))``.
+
+    Args:
+        out: ``(B, heads, H*W, d)`` attention output.
+        v: ``(B, h, w, C)`` values, heads merged (head-major channels).
+        up_conv, up_norm, proj: the attention's ``up[0]``, ``up_norm`` and ``proj``.
+        sr: spatial reduction ratio (``h * sr >= H``, ``w * sr >= W``; cropped to H x W).
+        hw: ``(H, W)``.
+
+    Returns:
+        ``(B, H, W, C)``.
+    """
+    args = (out, v, up_conv.weight, up_conv.bias, up_norm.weight, up_norm.bias, proj.weight,
+            proj.bias, sr, tuple(hw), up_norm.eps)
+    if not needs_grad(out, up_conv, up_norm, proj) and not v.requires_grad:
+        s = _up_norm_sum(*args[:6], sr, tuple(hw), up_norm.eps)[0]
+        return F.linear(s, proj.weight, proj.bias)
+    return _UpProj.apply(*args)
+
+
+# -------------------------------------------------------------- PA position encoding
+class _PaNorm(torch.autograd.Function):
+    """``LayerNorm(x * sigmoid(dwconv3x3(x)))`` (channels-last out), saving only ``x``."""
+
+    @staticmethod
+    def _gate(x, wpa, bpa):
+        gate = F.conv2d(x, wpa, bpa, padding=1, groups=x.shape[1]).sigmoid_()
+        return gate, x * gate
+
+    @staticmethod
+    def forward(ctx, x, wpa, bpa, ln_w, ln_b, eps):
+        _, z = _PaNorm._gate(x, wpa, bpa)
+        y, mean, rstd = _ln(z.permute(0, 2, 3, 1), ln_w, ln_b, eps)
+        ctx.save_for_backward(x, mean, rstd, wpa, bpa, ln_w, ln_b)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, mean, rstd, wpa, bpa, ln_w, ln_b = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        gate, z = _PaNorm._gate(x, wpa, bpa)
+        need_z = need[0] or need[1] or need[2]
+        dz, dlw, dlb = _ln_backward(dy, z.permute(0, 2, 3, 1), mean, rstd, ln_w, ln_b,
+                                    (need_z, need[3], need[4]))
+        del z
+        dx = dwpa = dbpa = None
+        if need_z:
+            dz = dz.permute(0, 3, 1, 2)
+            da = torch.ops.aten.sigmoid_backward(dz * x, gate)
+            dxc, dwpa, dbpa = _dw_conv_backward(da, x, wpa, bpa is not None, 1, 1,
+                                                (need[0], need[1], need[2]))
+            if need[0]:
+                dx = dz * gate
+                dx = dx.add_(dxc) if dxc is not None else dx
+        return dx, dwpa, dbpa, dlw, dlb, None
+
+
+def pa_norm(x: Tensor, pa: nn.Module, norm: nn.LayerNorm) -> Tensor:
+    """PA position encoding then the token LayerNorm: ``norm(pa(x).permute(0, 2, 3, 1))``.
+
+    Args:
+        x: ``(B, C, H, W)`` map (channels-last memory format preferred).
+        pa: a :class:`~rest_dense.models.layers.PixelAttention` (its ``pa_conv``).
+        norm: the LayerNorm over channels.
+
+    Returns:
+        ``(B, H, W, C)`` tokens.
+    """
+    conv = pa.pa_conv
+    if not needs_grad(x, conv, norm):
+        z = x * F.conv2d(x, conv.weight, conv.bias, padding=1, groups=x.shape[1]).sigmoid_()
+        return F.layer_norm(z.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
+                            norm.eps)
+    return _PaNorm.apply(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
