@@ -26,17 +26,17 @@ Example::
 """
 from __future__ import annotations
 
-import copy
 import json
 import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 
 from .inputs import ImageReadError, collect_images, output_names, read_image
+from .logs import quiet_logs
 from .predictions import (Detections, Prediction, SegMap, detections_to_json, from_d2_instances,
                           from_det_sample, from_seg_sample, write_label_png)
 
@@ -171,8 +171,7 @@ class MMDetPredictor(_MMPredictor):
         from mmdet.apis import DetInferencer
 
         cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_logs():
             self.inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
                                             show_progress=False)
         model = self.inferencer.model
@@ -188,8 +187,9 @@ class MMDetPredictor(_MMPredictor):
 
     def predict_sample(self, image: np.ndarray):
         """The ``DetDataSample`` for one BGR image."""
-        out = self.inferencer(image, return_datasamples=True, no_save_vis=True, no_save_pred=True,
-                              out_dir="")
+        with quiet_logs():
+            out = self.inferencer(image, return_datasamples=True, no_save_vis=True,
+                                  no_save_pred=True, out_dir="")
         return out["predictions"][0]
 
     def predict(self, image: np.ndarray) -> Detections:
@@ -228,8 +228,7 @@ class MMSegPredictor(_MMPredictor):
         cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
         meta = (ckpt.get("meta") or {}).get("dataset_meta") if isinstance(ckpt, dict) else None
         cfg_meta = _mm_dataset_meta(cfg) if not meta else {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_logs():
             self.inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device,
                                               classes=cfg_meta.get("classes"),
                                               palette=cfg_meta.get("palette"))
@@ -241,7 +240,8 @@ class MMSegPredictor(_MMPredictor):
 
     def predict_sample(self, image: np.ndarray):
         """The ``SegDataSample`` for one BGR image."""
-        out = self.inferencer(image, return_datasamples=True)
+        with quiet_logs():
+            out = self.inferencer(image, return_datasamples=True)
         return out[0] if isinstance(out, list) else out
 
     def predict(self, image: np.ndarray) -> SegMap:
@@ -304,8 +304,7 @@ class D2Predictor(Predictor):
 
         cfg = setup_yaml_config(config, ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
                                          *list(opts)])
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with quiet_logs():
             self.predictor = DefaultPredictor(cfg)
         self.model = self.predictor.model
         self.aug = self.predictor.aug

@@ -32,19 +32,17 @@ Example::
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import logging
 import math
 import os
 import time
-import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .inputs import read_image, synthetic_image
+from .logs import quiet_logs
 from .predictions import (Comparison, Prediction, Tolerances, compare_predictions,
                           from_d2_instances, from_det_sample, from_seg_sample)
 from .shapes import choose_trace_size, find_backbone, graph_problems
@@ -116,29 +114,6 @@ class CheckResult:
         if self.graph_problems:
             text += " -- graph not valid here: " + "; ".join(self.graph_problems)
         return text
-
-
-@contextlib.contextmanager
-def quiet_logs(level: int = logging.ERROR) -> Iterator[None]:
-    """Silence mmengine / MMDeploy / detectron2 loggers and Python warnings for a while."""
-    names = ["mmengine", "mmdeploy", "detectron2", "fvcore", "d2"]
-    loggers = [logging.getLogger(n) for n in names]
-    try:
-        from mmengine.logging import MMLogger
-
-        loggers += list(MMLogger._instance_dict.values())
-    except Exception:  # mmengine absent (detectron2 only)
-        pass
-    old = [(lg, lg.level) for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(level)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, lvl in old:
-            lg.setLevel(lvl)
 
 
 def make_session(path: PathLike, threads: Optional[int] = None, device: str = "cpu"):

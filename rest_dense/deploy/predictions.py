@@ -198,17 +198,17 @@ class Tolerances:
     Attributes:
         box_atol: largest coordinate difference of matched boxes, in pixels.
         score_atol: largest score difference of matched detections; a detection without a
-            partner is tolerated only if its score lies within this of the other side's cut-off
-            (the lowest score it kept, or ``score_thr``), i.e. it is a borderline case.
+            partner is tolerated only if its score lies within this of the other side's lowest
+            kept score (a ``max_per_img`` cut) or of ``score_thr``: a borderline case.
         mask_iou: smallest IoU of matched masks (masks empty on both sides count as equal).
         seg_agreement: smallest fraction of pixels with the same class.
         score_thr: the score threshold both sides applied.
     """
 
-    box_atol: float = 1.0
-    score_atol: float = 0.02
-    mask_iou: float = 0.85
-    seg_agreement: float = 0.995
+    box_atol: float = 0.5
+    score_atol: float = 0.005
+    mask_iou: float = 0.9
+    seg_agreement: float = 0.999
     score_thr: float = 0.0
 
 
@@ -299,7 +299,7 @@ def _compare_detections(ref: Detections, out: Detections, tol: Tolerances) -> Co
             ("exported", out, list(np.where(~used)[0]), ref)):
         for k in unmatched:
             s = float(det.scores[k])
-            if s <= cut(other) + tol.score_atol or s <= tol.score_thr + tol.score_atol:
+            if abs(s - cut(other)) <= tol.score_atol or s <= tol.score_thr + tol.score_atol:
                 border.append(s)
             else:
                 res.problems.append(f"{name} detection (label {int(det.labels[k])}, score {s:.3f}, "

@@ -34,7 +34,8 @@ def mm_config(task: str, data_root: Path, work_dir: Path, iters: int, cfg_option
         if "ann_file" in cfg[key]:
             cfg[key].ann_file = os.path.join(root, "annotations/instances_val.json")
     cfg.train_cfg.max_iters = iters
-    cfg.train_cfg.val_interval = iters + 1  # no validation while training
+    cfg.train_cfg.val_interval = iters + 1
+    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None  # no validation while training
     cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0,
                                 end=max(iters // 5, 1))]
     cfg.optim_wrapper.optimizer.lr = 2e-3

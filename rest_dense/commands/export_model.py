@@ -1,0 +1,140 @@
+"""Export a whole detector / segmenter to ONNX and check it with ONNX Runtime against PyTorch.
+
+MMDetection and MMSegmentation configs are exported with MMDeploy 1.3.1 (deploy configs in
+configs/deploy/, plus the fixes it needs on torch 2.13: rest_dense/deploy/mmdeploy_support.py);
+detectron2 yaml configs (GeneralizedRCNN: Mask R-CNN / Faster R-CNN) with detectron2's
+TracingAdapter. Inside the graph: backbone, neck and heads including box decoding, NMS and the
+mask head; outside, identical for both runtimes: resize, normalisation, rescaling boxes and
+pasting masks (segmentation: crop, resize, argmax). Height and width are dynamic.
+
+After the export, ONNX Runtime (CPU) and PyTorch run on the same inputs: synthetic pictures of
+--check-shapes and the files of --check-images. The command exits non-zero when they disagree
+beyond the tolerances (matched boxes --box-atol px, scores --score-atol, mask IoU --mask-iou,
+pixels --seg-agreement), on NaN/inf, or when an image's network input is a size the traced
+graph is not valid for.
+
+--shape HxW is the network input the graph is traced at (after resize; a multiple of the
+model's padding divisor); by default it is chosen so that the graph is valid at every check
+image (in the window attention modes windows must fit the maps: see docs/deploy.md).
+--benchmark then times both runtimes on the check images (same inputs, --threads threads).
+
+Examples::
+
+    rest-dense export-model configs/toy/mask_rcnn_restv2_toy.py iter_600.pth --out mrcnn.onnx
+    rest-dense export-model toy/upernet_restv2_toy.py iter_600.pth --out upernet.onnx \\
+        --check-shapes 120x152 136x200 --benchmark --threads 1
+    rest-dense export-model configs/detectron2/toy/mask_rcnn_restv2_toy.yaml model_final.pth \\
+        --out d2_mrcnn.onnx --check-images data/toy/val/toy_00000.png
+    rest-dense export-model retinanet/retinanet_restv2-t_fpn_amp-ms-1x_coco.py retina_t.pth \\
+        --out retina.onnx --check-shapes 480x640 --cfg-options model.backbone.attn_mode=hwin
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Tuple
+
+HELP = "export a detector / segmenter to ONNX and check it with ONNX Runtime"
+
+_DEFAULT_CHECKS = ("427x640", "375x500")
+
+
+def _size(text: str) -> Tuple[int, int]:
+    from ..utils import parse_size
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", metavar="CONFIG", help="config file or shipped config name")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="whole-model checkpoint")
+    parser.add_argument("--out", required=True, metavar="FILE.onnx", help="ONNX file to write")
+    parser.add_argument("--shape", type=_size, metavar="HxW",
+                        help="network input to trace at (default: chosen for the check images)")
+    parser.add_argument("--check-shapes", type=_size, nargs="*", metavar="HxW",
+                        help=f"synthetic check images (default: {' '.join(_DEFAULT_CHECKS)})")
+    parser.add_argument("--check-images", nargs="*", default=[], metavar="IMAGE",
+                        help="image files to check on as well")
+    parser.add_argument("--device", default="cpu",
+                        help="device for PyTorch and ONNX Runtime (default: cpu)")
+    parser.add_argument("--opset", type=int, default=16, help="ONNX opset (default: 16)")
+    parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
+                        help="config overrides, e.g. model.backbone.attn_mode=win")
+    parser.add_argument("--no-check", action="store_true", help="export only")
+    parser.add_argument("--box-atol", type=float, default=0.5,
+                        help="largest difference of matched box coordinates, px (default: 0.5)")
+    parser.add_argument("--score-atol", type=float, default=0.005,
+                        help="largest score difference of matched detections (default: 0.005)")
+    parser.add_argument("--mask-iou", type=float, default=0.9,
+                        help="smallest IoU of matched masks (default: 0.9)")
+    parser.add_argument("--seg-agreement", type=float, default=0.999,
+                        help="smallest fraction of equal pixels, segmentation (default: 0.999)")
+    parser.add_argument("--benchmark", action="store_true",
+                        help="also time ONNX Runtime and PyTorch on the check images")
+    parser.add_argument("--runs", type=int, default=10, help="timed runs per image (default: 10)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads of both runtimes for checks and timing (default: 1)")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="never unpickle the checkpoint in full")
+
+
+def run(args: argparse.Namespace) -> int:
+    import pickle
+
+    import torch
+
+    from ..deploy.benchmark import benchmark, format_table
+    from ..deploy.onnx_export import load_deployment
+    from ..deploy.predictions import Tolerances
+    from ..utils import format_size
+    from .infer import parse_options
+
+    sizes = list(args.check_shapes) if args.check_shapes is not None else \
+        [_size(s) for s in _DEFAULT_CHECKS]
+    if args.threads < 1 or args.runs < 1:
+        print("error: --threads and --runs must be at least 1", file=sys.stderr)
+        return 2
+    if not args.no_check and not sizes and not args.check_images:
+        print("error: nothing to check: give --check-shapes or --check-images, or --no-check",
+              file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    try:
+        dep = load_deployment(args.config, args.checkpoint, device=args.device,
+                              cfg_options=parse_options(args.cfg_options),
+                              trusted=not args.weights_only, opset=args.opset)
+        exp = dep.export(args.out, shape=args.shape, check_sizes=sizes,
+                         check_images=args.check_images)
+    except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    size_mb = os.path.getsize(exp.path) / 2 ** 20
+    print(f"exported {exp.path} ({size_mb:.1f} MiB) with {exp.tool}, opset {exp.opset}, traced at "
+          f"network input {format_size(exp.trace_size)}, dynamic height/width, {exp.seconds:.1f} s")
+    print(f"  inputs {exp.inputs}, outputs {exp.outputs}")
+    print(f"  inside the graph: {exp.inside}")
+    for p in exp.problems:
+        print(f"  warning: the graph is not valid for a check image: {p}", file=sys.stderr)
+    if args.no_check:
+        return 0
+    tol = Tolerances(args.box_atol, args.score_atol, args.mask_iou, args.seg_agreement,
+                     score_thr=dep.score_thr())
+    results = dep.check(exp.path, sizes, args.check_images, trace_size=exp.trace_size,
+                        tolerances=tol, threads=args.threads,
+                        on_result=lambda r: print(f"onnxruntime vs pytorch: {r.describe()}", flush=True))
+    failed = [r for r in results if not r.ok]
+    if args.benchmark:
+        lat = benchmark(dep, exp.path, sizes, args.check_images, runs=args.runs,
+                        threads=args.threads)
+        label = os.path.basename(exp.path)
+        print(format_table([(label, r) for r in lat]))
+    if failed:
+        print(f"FAILED: ONNX Runtime disagrees with PyTorch on {len(failed)} of {len(results)} "
+              "images (see above)", file=sys.stderr)
+        return 1
+    print(f"ok: ONNX Runtime agrees with PyTorch on {len(results)} images")
+    return 0
