@@ -17,6 +17,8 @@ __all__ = ["configs_root", "get_config_path", "list_configs", "config_framework"
 
 _PACKAGE = Path(__file__).resolve().parent
 _SUFFIXES = (".py", ".yaml")
+#: folders of parts, not runnable configs: ``_base_`` files and the deployment (export) configs
+_NOT_RUNNABLE = ("_base_", "deploy")
 
 
 def configs_root() -> Path:
@@ -30,7 +32,8 @@ def configs_root() -> Path:
 
 
 def list_configs(pattern: str = "*", framework: Optional[str] = None) -> List[str]:
-    """Names of the configs users run (``_base_`` parts and ``Base-*.yaml`` left out).
+    """Names of the configs users train and test with (``_base_`` parts, ``Base-*.yaml`` and
+    the deployment configs under ``deploy/`` left out).
 
     Args:
         pattern: shell-style filter on the name, e.g. ``'mask_rcnn/*'`` or ``'*toy*'``.
@@ -40,7 +43,9 @@ def list_configs(pattern: str = "*", framework: Optional[str] = None) -> List[st
     names = []
     for path in sorted(root.rglob("*")):
         rel = path.relative_to(root).as_posix()
-        if path.suffix not in _SUFFIXES or "_base_" in rel.split("/") or "__pycache__" in rel:
+        parts = rel.split("/")
+        if path.suffix not in _SUFFIXES or "__pycache__" in parts or parts[0] in _NOT_RUNNABLE \
+                or "_base_" in parts:
             continue
         if path.name.startswith("Base-"):
             continue
