@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
 import time
@@ -84,13 +85,16 @@ def config_framework(config: PathLike) -> str:
 
 
 def _mm_config(path: str, cfg_options: Optional[Dict[str, Any]] = None):
-    """The mmengine config for inference: ``LoadAnnotations`` dropped from the test pipeline
-    (images come without annotations), ``cfg_options`` merged."""
+    """The mmengine config for inference: ``cfg_options`` merged, ``LoadAnnotations`` dropped
+    from the test dataloader's pipeline (images come without annotations), and that pipeline
+    copied to ``test_pipeline`` (what MMDeploy reads)."""
     from ..mm.utils import load_config
 
     cfg = load_config(path, cfg_options)
-    pipeline = cfg.test_dataloader.dataset.pipeline
-    cfg.test_dataloader.dataset.pipeline = [t for t in pipeline if t.get("type") != "LoadAnnotations"]
+    pipeline = [t for t in cfg.test_dataloader.dataset.pipeline if t.get("type") != "LoadAnnotations"]
+    cfg.test_dataloader.dataset.pipeline = pipeline
+    # MMDeploy reads the top-level `test_pipeline`: the dataloader's, overrides included
+    cfg.test_pipeline = copy.deepcopy(pipeline)
     return cfg
 
 

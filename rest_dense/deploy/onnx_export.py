@@ -43,7 +43,7 @@ import numpy as np
 
 from .inputs import read_image, synthetic_image
 from .logs import quiet_logs
-from .predictions import (Comparison, Prediction, Tolerances, compare_predictions,
+from .predictions import (Comparison, Detections, Prediction, Tolerances, compare_predictions,
                           from_d2_instances, from_det_sample, from_seg_sample)
 from .shapes import choose_trace_size, find_backbone, graph_problems
 
@@ -295,9 +295,18 @@ class Deployment:
             problems = graph_problems(self.backbone, trace_size, size) if trace_size else []
             res = CheckResult(name, tuple(image.shape[:2]), size, compare_predictions(ref, out, tol),
                               problems)
-            if on_result is not None:
-                on_result(res)
+            if isinstance(ref, Detections) and len(ref) == 0 and len(out) == 0:
+                res.comparison.metrics["empty"] = 1
             results.append(res)
+        if results and all(r.comparison.metrics.get("empty") for r in results):
+            for r in results:  # nothing was compared: a NaN model, or images without objects
+                r.comparison.problems.append(
+                    "no detections on either side for any check image: nothing was compared "
+                    "(non-finite outputs, or images without objects: try --check-images)")
+        for r in results:
+            r.comparison.metrics.pop("empty", None)
+            if on_result is not None:
+                on_result(r)
         return results
 
     def score_thr(self) -> float:

@@ -270,16 +270,19 @@ def _compare_detections(ref: Detections, out: Detections, tol: Tolerances) -> Co
     if tuple(ref.image_size) != tuple(out.image_size):
         res.problems.append(f"image size {out.image_size} != reference {ref.image_size}")
     iou = _iou_matrix(ref.boxes, out.boxes)
+    iou = np.where(ref.labels[:, None] == out.labels[None, :], iou, 0.0)
+    # closest pairs first (an exact partner is never taken by a near-duplicate)
+    cand = np.argwhere(iou >= 0.5)
+    order = np.lexsort((-ref.scores[cand[:, 0]] if len(cand) else [], -iou[tuple(cand.T)] if len(cand) else []))
     used = np.zeros(len(out), bool)
+    matched_ref = set()
     pairs = []
-    for i in np.argsort(-ref.scores, kind="stable"):
-        cand = np.where((out.labels == ref.labels[i]) & ~used & (iou[i] >= 0.5))[0] if len(out) else []
-        if len(cand) == 0:
+    for i, j in cand[order]:
+        if i in matched_ref or used[j]:
             continue
-        j = cand[np.argmax(iou[i, cand])]
         used[j] = True
-        pairs.append((i, j))
-    matched_ref = {i for i, _ in pairs}
+        matched_ref.add(int(i))
+        pairs.append((int(i), int(j)))
     box_diff = max((float(np.abs(ref.boxes[i] - out.boxes[j]).max()) for i, j in pairs), default=0.0)
     score_diff = max((abs(float(ref.scores[i]) - float(out.scores[j])) for i, j in pairs), default=0.0)
     res.metrics.update(reference=len(ref), exported=len(out), matched=len(pairs),
@@ -332,8 +335,8 @@ def _compare_seg(ref: SegMap, out: SegMap, tol: Tolerances) -> Comparison:
 def compare_predictions(ref: Prediction, out: Prediction, tol: Optional[Tolerances] = None) -> Comparison:
     """Compare the exported runtime's prediction ``out`` with the reference ``ref``.
 
-    Detections are matched greedily (by reference score) to the same-label detection with the
-    highest box IoU (>= 0.5); then box coordinates, scores and mask IoU of the pairs are held to
+    Detections are matched greedily, closest pairs first, to a same-label detection with box
+    IoU >= 0.5; then box coordinates, scores and mask IoU of the pairs are held to
     ``tol``, and unmatched detections are allowed only near the score cut-off. Segmentations
     must agree on ``tol.seg_agreement`` of the pixels. Non-finite values always fail.
 

@@ -1,78 +1,141 @@
-"""Small trained toy models for the deployment tests (mmengine Runner / detectron2 trainer)."""
+"""Toy data and non-trivial toy-model checkpoints for the deployment tests.
+
+The checkpoints are randomly initialised models with every weight perturbed (seeded), so
+that detections, masks and label maps are non-trivial without a training run; for RetinaNet
+the classification prior is raised so that boxes score above the threshold.
+"""
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Sequence
 
-from conftest import REPO
+import pytest
+import torch
 
-MM_CONFIGS = {
-    "det": REPO / "configs/toy/mask_rcnn_restv2_toy.py",
-    "seg": REPO / "configs/toy/upernet_restv2_toy.py",
-}
-D2_CONFIG = REPO / "configs/detectron2/toy/mask_rcnn_restv2_toy.yaml"
+from conftest import REPO, TINY_ARCH
+
+MM_DET = REPO / "configs/toy/mask_rcnn_restv2_toy.py"
+MM_SEG = REPO / "configs/toy/upernet_restv2_toy.py"
+MM_RETINA = REPO / "configs/retinanet/retinanet_restv2-t_fpn_amp-ms-1x_coco.py"
+D2_DET = REPO / "configs/detectron2/toy/mask_rcnn_restv2_toy.yaml"
 
 
-def make_toy_data(root: Path, num_train: int = 48, num_val: int = 4) -> Path:
-    """The toy-shapes dataset (COCO and ADE layouts) under ``root``."""
+
+def retina_options() -> Dict[str, object]:
+    """The shipped RetinaNet config made small: tiny backbone, images resized to <= 256x160."""
+    return {
+        "model.backbone.arch": dict(TINY_ARCH, _delete_=True),
+        "model.backbone.init_cfg": None,
+        "model.neck.in_channels": list(TINY_ARCH["embed_dims"])[1:],
+        "model.bbox_head.num_classes": 3,
+        "model.bbox_head.feat_channels": 64,
+        "test_dataloader.dataset.pipeline.1.scale": (256, 160),
+    }
+
+#: sizes of the synthetic check images: not multiples of 32
+CHECK_SIZES = [(120, 152), (136, 200)]
+
+
+def toy_data(root: Path) -> Path:
+    """A small toy-shapes dataset (COCO and ADE layouts, 3 validation images)."""
     from rest_dense.data.toy import generate_toy_dataset
 
-    generate_toy_dataset(root, num_train=num_train, num_val=num_val, size=128)
+    generate_toy_dataset(root, num_train=2, num_val=3, size=128)
     return root
 
 
-def mm_config(task: str, data_root: Path, work_dir: Path, iters: int, cfg_options: Optional[Dict] = None):
-    """The toy config pointed at ``data_root`` with a short schedule."""
+def _perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=gen) * scale)
+
+
+def mm_config(config: Path, cfg_options: Optional[Dict] = None, data_root: Optional[Path] = None):
+    """An OpenMMLab config with overrides, its datasets pointed at ``data_root``."""
     from rest_dense.mm.utils import load_config
 
-    cfg = load_config(str(MM_CONFIGS[task]), cfg_options)
-    root = str(data_root).rstrip("/") + "/"
-    for dl in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
-        dl.dataset.data_root = root
-    for key in ("val_evaluator", "test_evaluator"):
-        if "ann_file" in cfg[key]:
-            cfg[key].ann_file = os.path.join(root, "annotations/instances_val.json")
-    cfg.train_cfg.max_iters = iters
-    cfg.train_cfg.val_interval = iters + 1
-    cfg.val_cfg = cfg.val_dataloader = cfg.val_evaluator = None  # no validation while training
-    cfg.param_scheduler = [dict(type="LinearLR", start_factor=0.1, by_epoch=False, begin=0,
-                                end=max(iters // 5, 1))]
-    cfg.optim_wrapper.optimizer.lr = 2e-3
-    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", interval=iters, by_epoch=False)
-    cfg.default_hooks.logger.interval = max(iters, 1)
-    cfg.default_hooks.visualization = dict(type=cfg.default_hooks.visualization.type)
-    cfg.log_level = "WARNING"
-    cfg.work_dir = str(work_dir)
+    cfg = load_config(str(config), cfg_options)
+    if data_root is not None:
+        root = str(data_root).rstrip("/") + "/"
+        for dl in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+            dl.dataset.data_root = root
+        for key in ("val_evaluator", "test_evaluator"):
+            if "ann_file" in cfg[key]:
+                cfg[key].ann_file = root + "annotations/instances_val.json"
     return cfg
 
 
-def train_mm(task: str, data_root: Path, work_dir: Path, iters: int = 40,
-             cfg_options: Optional[Dict] = None) -> Path:
-    """Train a toy model briefly with mmengine's Runner; returns the checkpoint."""
-    from mmengine.runner import Runner
+def mm_checkpoint(path: Path, config: Path, cfg_options: Optional[Dict] = None, seed: int = 0,
+                  scale: float = 0.02) -> Path:
+    """Save a perturbed randomly initialised model of an OpenMMLab config (mmengine layout)."""
+    from rest_dense.mm.utils import build_model
 
-    cfg = mm_config(task, data_root, work_dir, iters, cfg_options)
-    Runner.from_cfg(cfg).train()
-    ckpt = Path(work_dir) / f"iter_{iters}.pth"
-    assert ckpt.is_file(), f"training wrote no {ckpt}"
-    return ckpt
+    cfg = mm_config(config, cfg_options)
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    model.init_weights()
+    _perturb(model, seed, scale)
+    head = getattr(model, "bbox_head", None)
+    if head is not None and hasattr(head, "retina_cls"):
+        gen = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():  # spread scores around ~0.1 (prior 0.01): no near-ties at the cuts
+            head.retina_cls.bias.fill_(-2.5)
+            w = head.retina_cls.weight
+            w.copy_(torch.randn(w.shape, generator=gen) * 0.2)
+    meta = {}
+    classes = (cfg.test_dataloader.dataset.get("metainfo") or {}).get("classes")
+    if classes:
+        meta = {"dataset_meta": {"classes": list(classes)}}
+    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
+    return path
 
 
-def train_d2(data_root: Path, out_dir: Path, iters: int = 40) -> Path:
-    """Train the detectron2 toy Mask R-CNN briefly; returns the checkpoint."""
-    from rest_dense.d2 import register_toy_datasets
-    from rest_dense.d2.engine import RestTrainer, setup_yaml_config
+def d2_opts(options: Optional[Dict] = None) -> list:
+    out = ["MODEL.DEVICE", "cpu"]
+    for k, v in (options or {}).items():
+        out += [k, str(v)]
+    return out
 
-    register_toy_datasets(data_root)
-    cfg = setup_yaml_config(str(D2_CONFIG), [
-        "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", str(iters), "SOLVER.STEPS", "()",
-        "SOLVER.WARMUP_ITERS", str(max(iters // 5, 1)), "SOLVER.BASE_LR", "0.002",
-        "SOLVER.CHECKPOINT_PERIOD", str(10 ** 6), "DATALOADER.NUM_WORKERS", "0",
-        "OUTPUT_DIR", str(out_dir)])
-    trainer = RestTrainer(cfg)
-    trainer.resume_or_load(resume=False)
-    trainer.train()
-    ckpt = Path(out_dir) / "model_final.pth"
-    assert ckpt.is_file(), f"training wrote no {ckpt}"
-    return ckpt
+
+def d2_checkpoint(path: Path, options: Optional[Dict] = None, seed: int = 0,
+                  scale: float = 0.02) -> Path:
+    """Save a perturbed randomly initialised detectron2 toy Mask R-CNN (``{'model': sd}``)."""
+    from detectron2.modeling import build_model
+
+    import rest_dense.d2  # noqa: F401
+    from rest_dense.d2.engine import setup_yaml_config
+
+    cfg = setup_yaml_config(str(D2_DET), d2_opts(options))
+    torch.manual_seed(seed)
+    model = build_model(cfg)
+    _perturb(model, seed, scale)
+    torch.save({"model": model.state_dict()}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def toy_root(tmp_path_factory) -> Path:
+    return toy_data(tmp_path_factory.mktemp("toy") / "data")
+
+
+@pytest.fixture(scope="session")
+def det_ckpt(tmp_path_factory) -> Path:
+    return mm_checkpoint(tmp_path_factory.mktemp("ckpt") / "mrcnn.pth", MM_DET)
+
+
+@pytest.fixture(scope="session")
+def seg_ckpt(tmp_path_factory) -> Path:
+    return mm_checkpoint(tmp_path_factory.mktemp("ckpt") / "upernet.pth", MM_SEG, scale=0.05)
+
+
+@pytest.fixture(scope="session")
+def d2_ckpt(tmp_path_factory) -> Path:
+    return d2_checkpoint(tmp_path_factory.mktemp("ckpt") / "d2_mrcnn.pth")
+
+
+def val_images(root: Path, layout: str = "coco") -> Sequence[Path]:
+    folder = root / ("val" if layout == "coco" else "images/validation")
+    images = sorted(folder.glob("*.png"))
+    assert images, f"no toy images under {folder}"
+    return images
