@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Thin wrapper: `rest-dense export-model` (see `rest-dense export-model --help`)."""
+"""Export a detector / segmenter to ONNX and check it with ONNX Runtime: ``rest-dense export-model`` (see its ``--help``).
+
+    python tools/export_model.py configs/toy/mask_rcnn_restv2_toy.py iter_600.pth --out mrcnn.onnx
+"""
 import sys
 
 from rest_dense.cli import main

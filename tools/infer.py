@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Thin wrapper: `rest-dense infer` (see `rest-dense infer --help`)."""
+"""Run a trained model on images: ``rest-dense infer`` (see its ``--help``).
+
+    python tools/infer.py configs/toy/mask_rcnn_restv2_toy.py iter_600.pth data/toy/val --out out/
+"""
 import sys
 
 from rest_dense.cli import main

@@ -1,0 +1,173 @@
+"""``rest-dense infer`` with DetInferencer / MMSegInferencer / DefaultPredictor: its files
+checked against each framework's own test-time output on the same images, and bad input."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from rest_dense.cli import main
+from rest_dense.deploy.predictions import (Tolerances, compare_predictions, detections_from_json,
+                                           from_d2_instances, from_det_sample, from_seg_sample,
+                                           read_label_png, SegMap)
+
+from _toy import (D2_DET, MM_DET, MM_SEG, d2_ckpt, d2_opts, det_ckpt, mm_checkpoint, mm_config,  # noqa: F401
+                  seg_ckpt, toy_root, val_images)
+from conftest import REPO
+
+EXACT = Tolerances(box_atol=1e-3, score_atol=1e-5, mask_iou=0.999, seg_agreement=1.0)
+
+
+def _infer(capsys, config, ckpt, inputs, out, *extra):
+    code = main(["infer", str(config), str(ckpt), *map(str, inputs), "--out", str(out),
+                 "--quiet", *extra])
+    text = capsys.readouterr()
+    return code, text.out, text.err
+
+
+def _summary(out):
+    with open(out / "summary.json") as f:
+        return json.load(f)
+
+
+def _check_files(out, n, suffix):
+    summary = _summary(out)
+    assert len(summary["images"]) == n and not summary["skipped"]
+    for item in summary["images"]:
+        assert item["pred"].endswith(suffix) and os.path.getsize(item["pred"]) > 0
+        assert os.path.getsize(item["vis"]) > 1000  # a real picture was written
+    return summary
+
+
+@pytest.mark.slow
+def test_infer_mmdet_matches_test_step(tmp_path, capsys, det_ckpt, toy_root, one_thread):
+    from mmdet.apis import init_detector
+    from mmengine.runner import Runner
+
+    out = tmp_path / "out"
+    code, text, err = _infer(capsys, MM_DET, det_ckpt, [toy_root / "val"], out, "--score-thr", "0")
+    assert code == 0, err
+    summary = _check_files(out, 3, ".json")
+    assert summary["framework"] == "mmdet" and summary["classes"] == ["circle", "square", "triangle"]
+    by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
+
+    # MMDetection's own test step over the config's test dataloader (with annotations)
+    cfg = mm_config(MM_DET, data_root=toy_root)
+    model = init_detector(cfg, str(det_ckpt), device="cpu").eval()
+    compared = 0
+    with torch.no_grad():
+        for batch in Runner.build_dataloader(cfg.test_dataloader):
+            for sample in model.test_step(batch):
+                ref = from_det_sample(sample)
+                got = detections_from_json(by_image[os.path.basename(sample.img_path)])
+                res = compare_predictions(ref, got, EXACT)
+                assert res.ok, res.describe()
+                compared += len(ref)
+    assert compared >= 10  # detections with masks were compared, not empty lists
+
+
+@pytest.mark.slow
+def test_infer_mmseg_matches_test_step(tmp_path, capsys, seg_ckpt, toy_root, one_thread):
+    from mmengine.runner import Runner
+    from mmseg.apis import init_model
+
+    out = tmp_path / "out"
+    images = val_images(toy_root, "ade")
+    code, text, err = _infer(capsys, MM_SEG, seg_ckpt, [toy_root / "images/validation/*.png"], out)
+    assert code == 0, err
+    summary = _check_files(out, len(images), ".png")
+    by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
+
+    cfg = mm_config(MM_SEG, data_root=toy_root)
+    model = init_model(cfg, str(seg_ckpt), device="cpu").eval()
+    seen = set()
+    with torch.no_grad():
+        for batch in Runner.build_dataloader(cfg.test_dataloader):
+            for sample in model.test_step(batch):
+                ref = from_seg_sample(sample)
+                got = SegMap(read_label_png(by_image[os.path.basename(sample.img_path)]))
+                assert compare_predictions(ref, got, EXACT).ok
+                seen |= set(np.unique(ref.labels).tolist())
+    assert len(seen) >= 2  # the maps are not constant
+
+
+@pytest.mark.slow
+def test_infer_detectron2_matches_test_loader(tmp_path, capsys, d2_ckpt, toy_root, one_thread):
+    from detectron2.data import build_detection_test_loader
+    from detectron2.modeling import build_model
+
+    from rest_dense.d2 import RestDetectionCheckpointer, register_toy_datasets
+    from rest_dense.d2.engine import setup_yaml_config
+
+    out = tmp_path / "out"
+    code, text, err = _infer(capsys, D2_DET, d2_ckpt, val_images(toy_root), out,
+                             "--score-thr", "0")
+    assert code == 0, err
+    summary = _check_files(out, 3, ".json")
+    by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
+
+    # detectron2's own test loader (DatasetMapper, test-time resize) and model call
+    register_toy_datasets(toy_root)
+    cfg = setup_yaml_config(str(D2_DET), d2_opts({"DATALOADER.NUM_WORKERS": 0}))
+    model = build_model(cfg).eval()
+    RestDetectionCheckpointer(model).load(str(d2_ckpt))
+    compared = 0
+    with torch.no_grad():
+        for inputs in build_detection_test_loader(cfg, "toy_val"):
+            for inp, output in zip(inputs, model(inputs)):
+                ref = from_d2_instances(output["instances"].to("cpu"))
+                got = detections_from_json(by_image[os.path.basename(inp["file_name"])])
+                res = compare_predictions(ref, got, EXACT)
+                assert res.ok, res.describe()
+                compared += len(ref)
+    assert compared >= 10
+
+
+@pytest.mark.slow
+def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thread):
+    good = val_images(toy_root)[0]
+    broken = tmp_path / "imgs" / "broken.jpg"
+    broken.parent.mkdir()
+    broken.write_bytes(b"\x89PNG but not really")
+    os.symlink(good, broken.parent / "good.png")
+
+    # a folder with an unreadable image: the rest is processed, the file reported
+    code, text, err = _infer(capsys, MM_DET, det_ckpt, [broken.parent], tmp_path / "o1")
+    assert code == 0 and "skipped" in err and "broken.jpg" in err
+    summary = _summary(tmp_path / "o1")
+    assert len(summary["images"]) == 1 and summary["skipped"][0]["input"].endswith("broken.jpg")
+    # nothing could be processed: exit 1
+    code, text, err = _infer(capsys, MM_DET, det_ckpt, [broken], tmp_path / "o2")
+    assert code == 1 and "no image could be processed" in err
+
+    cases = [
+        ((MM_DET, tmp_path / "missing.pth", [good]), "checkpoint .*missing.pth.* does not exist"),
+        ((MM_DET, det_ckpt, [tmp_path / "nope.png"]), "nope.png.* does not exist"),
+        ((MM_DET, seg_ckpt, [good]), "is not a checkpoint of the model"),
+        ((tmp_path / "other.py", det_ckpt, [good]), "unknown framework"),
+    ]
+    (tmp_path / "other.py").write_text("answer = 42\n")
+    import re
+
+    for (config, ckpt, inputs), pattern in cases:
+        code, text, err = _infer(capsys, config, ckpt, inputs, tmp_path / "o3")
+        assert code == 2 and re.search(pattern, err), (pattern, err)
+
+    # another variant of the same model: the message names both backbones
+    wide = mm_checkpoint(tmp_path / "wide.pth", MM_DET, {
+        "model.backbone.arch.embed_dims": (48, 96, 192, 384),
+        "model.neck.in_channels": [48, 96, 192, 384]})
+    code, text, err = _infer(capsys, MM_DET, wide, [good], tmp_path / "o4")
+    assert code == 2 and "other shapes" in err and "embed_dims (48, 96, 192, 384)" in err
+
+
+def test_tools_are_thin_wrappers():
+    for tool, sub in (("infer.py", "infer"), ("export_model.py", "export-model")):
+        text = (REPO / "tools" / tool).read_text()
+        assert "sys.path" not in text and f'main(["{sub}", *sys.argv[1:]])' in text
+    res = subprocess.run([sys.executable, str(REPO / "tools" / "export_model.py"), "--help"],
+                         capture_output=True, text=True, cwd=REPO, check=True)
+    assert "rest-dense export-model" in res.stdout and "--check-shapes" in res.stdout
