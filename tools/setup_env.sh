@@ -6,7 +6,8 @@
 #
 # Installs: torch 2.13.0 / torchvision 0.28.0 (regular PyPI builds), mmcv 2.1.0 with compiled ops
 # (prebuilt wheel from ../shared/wheels when present, otherwise built from source, ~10 min on 2 cores),
-# this package with extras [mm,d2,dev], and a patched detectron2 0.5 (tools/install_detectron2.py).
+# this package with extras [mm,d2,dev,deploy], MMDeploy 1.3.1 (without its protobuf pin), and a
+# patched detectron2 0.5 (tools/install_detectron2.py).
 #
 # A stamp file inside the venv records a hash of the files that define the environment; when it
 # matches, the only thing done is (re)registering the editable install of this checkout if needed.
@@ -91,7 +92,7 @@ stack_ok() {
     "$PY" - <<'PY' >/dev/null 2>&1
 from importlib import metadata as m
 want = {"torch": "2.13.0", "torchvision": "0.28.0", "mmengine": "0.10.7", "mmcv": "2.1.0",
-        "mmdet": "3.3.0", "mmsegmentation": "1.2.2"}
+        "mmdet": "3.3.0", "mmsegmentation": "1.2.2", "mmdeploy": "1.3.1"}
 for name, version in want.items():
     assert m.version(name) == version, name
 assert m.version("detectron2").startswith("0.5")
@@ -156,15 +157,21 @@ else
 fi
 
 # ---------------------------------------------------------------- this package + extras
-log "installing rest_dense (editable) with extras [mm,d2,dev]"
-pip install "${PIPQ[@]}" -c "$CONSTRAINTS" --no-build-isolation -e "$REPO[mm,d2,dev]"
+log "installing rest_dense (editable) with extras [mm,d2,dev,deploy]"
+pip install "${PIPQ[@]}" -c "$CONSTRAINTS" --no-build-isolation -e "$REPO[mm,d2,dev,deploy]"
+
+# ---------------------------------------------------------------- MMDeploy (whole-model export)
+# --no-deps: mmdeploy 1.3.1 pins protobuf<=3.20.2, which would downgrade the onnx stack; its
+# runtime needs come with the [deploy] extra. `pip check` reports that pin (expected).
+log "installing mmdeploy 1.3.1 (without its dependency pins)"
+pip install "${PIPQ[@]}" --no-deps "mmdeploy==1.3.1"
 
 # ---------------------------------------------------------------- detectron2 (not on PyPI)
 log "installing detectron2"
 "$PY" "$REPO/tools/install_detectron2.py"
 
 log "checking dependency consistency (pip check)"
-pip check || log "WARNING: pip check reported problems (see above)"
+pip check || log "WARNING: pip check reported problems (see above; mmdeploy's protobuf pin is expected)"
 
 # recompute: pip may have been upgraded, but the stamp inputs are the same files
 env_hash >"$STAMP"
