@@ -160,6 +160,15 @@ def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
     )
 
 
+def _max_pool(cfg: CfgNode, bottom_up: Backbone) -> LastLevelMaxPool:
+    # P6 by max-pooling the FPN's coarsest level; detectron2's default reads 'p5', which
+    # only exists when the FPN takes stage4 (e.g. not with IN_FEATURES stage1..stage3)
+    top = LastLevelMaxPool()
+    stride = max(bottom_up.output_shape()[f].stride for f in cfg.MODEL.FPN.IN_FEATURES)
+    top.in_feature = f"p{stride.bit_length() - 1}"
+    return top
+
+
 def _p6p7(cfg: CfgNode, bottom_up: Backbone) -> LastLevelP6P7:
     # P6/P7 from the last backbone map the FPN uses (C5), as detectron2's RetinaNet ResNet builder
     last = cfg.MODEL.FPN.IN_FEATURES[-1]
@@ -170,7 +179,8 @@ def _p6p7(cfg: CfgNode, bottom_up: Backbone) -> LastLevelP6P7:
 @BACKBONE_REGISTRY.register()
 def build_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv2 + FPN (``MODEL.FPN``) + ``LastLevelMaxPool`` (P2-P6), as for Mask R-CNN."""
-    return _fpn(cfg, build_restv2_backbone(cfg, input_shape), LastLevelMaxPool())
+    bottom_up = build_restv2_backbone(cfg, input_shape)
+    return _fpn(cfg, bottom_up, _max_pool(cfg, bottom_up))
 
 
 @BACKBONE_REGISTRY.register()
@@ -184,7 +194,8 @@ def build_retinanet_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) ->
 @BACKBONE_REGISTRY.register()
 def build_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv1 + FPN + ``LastLevelMaxPool``."""
-    return _fpn(cfg, build_rest_backbone(cfg, input_shape), LastLevelMaxPool())
+    bottom_up = build_rest_backbone(cfg, input_shape)
+    return _fpn(cfg, bottom_up, _max_pool(cfg, bottom_up))
 
 
 @BACKBONE_REGISTRY.register()

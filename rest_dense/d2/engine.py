@@ -86,6 +86,14 @@ def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
     return cfg
 
 
+def _create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
+    """detectron2's ``create_ddp_model``, for CPU models too: DDP takes no ``device_ids``
+    there (CPU-only jobs run with gloo, see :mod:`rest_dense.distributed`)."""
+    if all(p.device.type == "cpu" for p in model.parameters()):
+        kwargs.setdefault("device_ids", None)
+    return create_ddp_model(model, **kwargs)
+
+
 class RestTrainer(DefaultTrainer):
     """``DefaultTrainer`` for the ResT configs.
 
@@ -104,7 +112,12 @@ class RestTrainer(DefaultTrainer):
             if comm.is_main_process():
                 os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
             trust(cfg.OUTPUT_DIR)
-        super().__init__(cfg)
+        wrap = _d2_defaults.create_ddp_model
+        _d2_defaults.create_ddp_model = _create_ddp_model  # CPU (gloo) jobs: no device_ids
+        try:
+            super().__init__(cfg)
+        finally:
+            _d2_defaults.create_ddp_model = wrap
 
     def state_dict(self) -> Dict[str, Any]:
         """Hooks' state plus the inner trainer's (optimizer, AMP grad scaler)."""
@@ -183,7 +196,7 @@ def lazy_train(cfg: DictConfig, resume: bool = False,
     optim = instantiate(cfg.optimizer)
     train_loader = instantiate(cfg.dataloader.train)
 
-    model = create_ddp_model(model, **cfg.train.ddp)
+    model = _create_ddp_model(model, **cfg.train.ddp)
     trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
     checkpointer = RestDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     results: Dict[str, Any] = {}

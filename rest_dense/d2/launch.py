@@ -32,6 +32,8 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+from ..distributed import launch as launch_processes
+from ..distributed import local_process_group
 from ..trust import trust
 from .checkpoint import RestDetectionCheckpointer
 from .data import register_toy_datasets
@@ -238,7 +240,9 @@ def check_args(args: argparse.Namespace) -> None:
 
 def launch_main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     """Run :func:`main` in this process (one GPU or CPU) or in ``args.num_gpus`` worker
-    processes per machine through :func:`detectron2.engine.launch`.
+    processes per machine: through :func:`detectron2.engine.launch` (NCCL) where CUDA is
+    available, else through :func:`rest_dense.distributed.launch` with gloo (CPU processes;
+    use ``MODEL.DEVICE cpu``).
 
     Returns:
         The results of :func:`main` when it ran in this process, else ``None``.
@@ -249,9 +253,21 @@ def launch_main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     check_args(args)
     if args.num_gpus * args.num_machines <= 1:
         return main(args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    if torch.cuda.is_available():  # detectron2's launcher: NCCL, one GPU per process
+        launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    else:  # CPU-only machines (detectron2's launcher needs CUDA): gloo, CPU processes
+        launch_processes(_cpu_worker_main, args.num_gpus, num_machines=args.num_machines,
+                         machine_rank=args.machine_rank, dist_url=args.dist_url, args=(args,),
+                         backend="gloo")
     return None
+
+
+def _cpu_worker_main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
+    """:func:`main` in a worker of :func:`rest_dense.distributed.launch`, with detectron2's
+    per-machine process group set as its own launcher sets it."""
+    comm._LOCAL_PROCESS_GROUP = local_process_group()
+    return main(args)
 
 
 def cli_main(argv: Optional[Sequence[str]] = None) -> int:

@@ -34,6 +34,7 @@ from mmengine.runner import Runner
 from torch import nn
 
 from ..configs import get_config_path
+from ..distributed import setup_mm_distributed
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 from .utils import (amp_unavailable_fallback, default_work_dir, detect_framework, load_config,
                     wrap_for_tta)
@@ -245,8 +246,13 @@ def build_runner(cfg: Config) -> Runner:
     configs' fixed ``'visualizer'``: mmengine keeps one visualizer per name and process, so
     with a fixed name a second run in the same process (train, then test) would write its
     logs and pictures into the first run's folder.
+
+    Distributed runs without CUDA use gloo, DDP without device ids and BN for SyncBN
+    (:func:`rest_dense.distributed.setup_mm_distributed`); on GPUs nothing changes.
     """
     install_checkpoint_loader()
+    for change in setup_mm_distributed(cfg):
+        print_log(f"rest_dense: {change}", logger="current")
     vis = cfg.get("visualizer")
     if isinstance(vis, dict) and vis.get("name") == "visualizer":
         vis.pop("name")

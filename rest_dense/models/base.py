@@ -374,9 +374,20 @@ class ResTBase(nn.Module):
         return block(x, recompute=level)
 
     def _freeze_stages(self) -> None:
+        """Freeze the stem and stages ``1..frozen_stages`` (eval mode, no gradients).
+
+        Stages after the last one in ``out_indices`` never run in ``forward``: their
+        parameters are taken out of training too (``requires_grad=False``), since they would
+        never get a gradient (DDP without ``find_unused_parameters`` stops on such
+        parameters). They stay in the model, so checkpoints load and save unchanged.
+        """
         for i in range(self.frozen_stages + 1):
             for m in self.stage_modules(i):
                 m.eval()
+                for p in m.parameters():
+                    p.requires_grad = False
+        for i in range(max(self.out_indices) + 2, self.num_stages + 1):
+            for m in self.stage_modules(i):
                 for p in m.parameters():
                     p.requires_grad = False
 

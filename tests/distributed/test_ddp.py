@@ -1,0 +1,219 @@
+"""Multi-process training on this machine (2 processes, gloo on CPU): DDP without
+``find_unused_parameters`` keeps the replicas bit-identical for the mmdet Mask R-CNN, the
+mmseg UperNet and the detectron2 Mask R-CNN around the ResT backbones, over the attention
+modes, frozen stages, gradient checkpointing, stochastic depth and the ``out_indices`` a
+neck may use; ``tools/dist_train.sh`` / ``tools/dist_test.sh`` and ``--num-gpus 2`` train,
+save and evaluate end to end; SyncBN configs train in a single process.
+
+The jobs themselves live in ``_ddp_jobs.py`` (spawned workers import them by name).
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+import _ddp_jobs as jobs
+from rest_dense import distributed
+from rest_dense.data import toy
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+#: (name, setting): backbone options of one DDP run. Several options share a run where
+#: they are independent, to keep the process count (and the time) down.
+MMDET_SETTINGS = [
+    ("global", {}),
+    ("win+with_cp", {"attn_mode": "win", "with_cp": True}),
+    ("cwin+drop_path", {"attn_mode": "cwin", "drop_path_rate": 0.3}),
+    ("hwin+frozen_stages=1", {"attn_mode": "hwin", "depths": (2, 2, 2, 2), "frozen_stages": 1}),
+    ("out(1,2,3)", {"out_indices": (1, 2, 3)}),
+    ("out(2,3)+with_cp=mlp", {"out_indices": (2, 3), "with_cp": "mlp"}),
+    ("out(3,)", {"out_indices": (3,)}),
+    ("out(0,1,2)+cwin", {"out_indices": (0, 1, 2), "attn_mode": "cwin"}),
+    ("v1:out(0,1,2)+with_cp+drop_path", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True,
+                                         "drop_path_rate": 0.2}),
+    ("v1:frozen_stages=2", {"v1": True, "frozen_stages": 2}),
+]
+MMSEG_SETTINGS = [
+    ("global+SyncBN heads", {"sync_bn": True}),
+    ("win+with_cp+drop_path", {"attn_mode": "win", "with_cp": True, "drop_path_rate": 0.3}),
+    ("hwin+frozen_stages=2", {"attn_mode": "hwin", "depths": (2, 2, 2, 2), "frozen_stages": 2}),
+    ("out(0,1,2)+cwin", {"out_indices": (0, 1, 2), "attn_mode": "cwin"}),
+    ("out(1,2,3)", {"out_indices": (1, 2, 3)}),
+    ("out(2,3)", {"out_indices": (2, 3)}),
+    ("out(3,)", {"out_indices": (3,)}),
+    ("v1:out(0,1,2)+with_cp", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True}),
+]
+D2_SETTINGS = [
+    ("global", {}),
+    ("win+with_cp", {"attn_mode": "win", "with_cp": True}),
+    ("cwin+drop_path+freeze_at=2", {"attn_mode": "cwin", "drop_path_rate": 0.3, "frozen_stages": 1}),
+    ("hwin", {"attn_mode": "hwin", "depths": (2, 2, 2, 2)}),
+    ("out(1,2,3)", {"out_indices": (1, 2, 3)}),
+    ("out(2,3)", {"out_indices": (2, 3)}),
+    ("out(3,)", {"out_indices": (3,)}),
+    ("out(0,1,2)", {"out_indices": (0, 1, 2)}),
+    ("v1:out(0,1,2)+with_cp+drop_path", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True,
+                                         "drop_path_rate": 0.2}),
+]
+
+TINY_MM_OPTIONS = ["model.backbone.arch.embed_dims=[16,32,64,128]",
+                   "model.backbone.arch.depths=[1,1,1,1]"]
+
+
+def _check_records(path, settings, prefix):
+    records = json.loads(path.read_text())
+    assert [r["name"] for r in records] == [f"{prefix}:{name}" for name, _ in settings]
+    for record, (_, setting) in zip(records, settings):
+        name = record["name"]
+        # every parameter (frozen ones too) was compared, and all were equal on both ranks
+        assert record["compared"] == record["n_params"] > 0, name
+        assert record["finite"], name
+        assert len(record["losses"]) == jobs.STEPS
+        assert all(math.isfinite(v) and v > 0 for v in record["losses"]), record
+        # training moved (nearly) every trainable value and no frozen one
+        assert record["trainable_changed"] >= 0.9 * record["n_trainable"] > 0, record
+        assert record["frozen_unchanged"], name
+        unused_stages = max(setting.get("out_indices", (3,))) < 3
+        if setting.get("frozen_stages", -1) >= 0 or unused_stages:
+            assert record["n_frozen"] > 0, name
+        else:
+            assert record["n_frozen"] == 0, name
+    return records
+
+
+def _launch(job, args):
+    distributed.launch(job, 2, args=args, backend="gloo")
+
+
+# ------------------------------------------------------------- replicas stay in sync
+def test_mmdet_mask_rcnn_ddp_replicas_identical(tmp_path):
+    out = tmp_path / "mmdet.json"
+    _launch(jobs.mm_job, ("mmdet", MMDET_SETTINGS, str(out)))
+    _check_records(out, MMDET_SETTINGS, "mmdet")
+
+
+def test_mmseg_upernet_ddp_replicas_identical(tmp_path):
+    out = tmp_path / "mmseg.json"
+    _launch(jobs.mm_job, ("mmseg", MMSEG_SETTINGS, str(out)))
+    records = _check_records(out, MMSEG_SETTINGS, "mmseg")
+    # the SyncBN heads ran as BN under gloo (rest_dense.distributed.prepare_mm_config)
+    assert any("SyncBN -> BN" in c for c in records[0]["changes"])
+
+
+def test_detectron2_mask_rcnn_ddp_replicas_identical(tmp_path):
+    out = tmp_path / "d2.json"
+    _launch(jobs.d2_job, (D2_SETTINGS, str(out)))
+    _check_records(out, D2_SETTINGS, "d2")
+
+
+# ------------------------------------------------------------------------ end to end
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy")
+    toy.generate_toy_dataset(root, num_train=8, num_val=4)
+    return root
+
+
+def _run(cmd, env, timeout=400):
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    return log
+
+
+def _mm_data_options(root):
+    return [f"train_dataloader.dataset.data_root={root}/",
+            f"val_dataloader.dataset.data_root={root}/",
+            f"val_evaluator.ann_file={root}/annotations/instances_val.json"]
+
+
+def test_dist_train_and_dist_test_sh_on_cpu(toy_root, tmp_path, subprocess_env):
+    """`bash tools/dist_train.sh CONFIG 2` trains with 2 gloo processes, saves a checkpoint
+    and evaluates; `bash tools/dist_test.sh` evaluates that checkpoint with 2 processes."""
+    env = dict(subprocess_env, PYTHON=sys.executable)
+    env.pop("PORT", None)
+    config = "configs/toy/mask_rcnn_restv2_toy.py"
+    work = tmp_path / "work"
+    options = TINY_MM_OPTIONS + [
+        "model.neck.in_channels=[16,32,64,128]",
+        "train_cfg.max_iters=3", "train_cfg.val_interval=3", "default_hooks.checkpoint.interval=3",
+        "default_hooks.logger.interval=1", "train_dataloader.batch_size=2",
+        "val_dataloader.batch_size=2", "test_dataloader.batch_size=2",
+        "model.test_cfg.rcnn.score_thr=0.0"]
+    log = _run(["bash", "tools/dist_train.sh", config, "2", "--work-dir", str(work), "--threads",
+                "1", "--cfg-options", *options, *_mm_data_options(toy_root)], env)
+    assert "dist backend 'nccl' -> 'gloo'" in log
+    assert "Distributed training: True" in log and "GPU number: 2" in log
+    assert re.search(r"Iter\(train\) \[3/3\]", log), log[-3000:]
+    ckpt = work / "iter_3.pth"
+    assert ckpt.is_file() and ckpt.stat().st_size > 0
+    scalars = list(work.glob("*/vis_data/scalars.json"))
+    assert len(scalars) == 1
+    metrics = [json.loads(line) for line in scalars[0].read_text().splitlines()]
+    val = [m for m in metrics if "coco/bbox_mAP" in m]
+    assert val and 0.0 <= val[-1]["coco/bbox_mAP"] <= 1.0 and 0.0 <= val[-1]["coco/segm_mAP"] <= 1.0
+
+    log = _run(["bash", "tools/dist_test.sh", config, str(ckpt), "2", "--work-dir",
+                str(tmp_path / "test"), "--threads", "1", "--cfg-options", *options,
+                f"test_dataloader.dataset.data_root={toy_root}/",
+                f"test_evaluator.ann_file={toy_root}/annotations/instances_val.json"], env)
+    assert "GPU number: 2" in log
+    found = re.findall(r"coco/bbox_mAP: (\S+)", log)
+    assert found and all(0.0 <= float(v) <= 1.0 for v in found), log[-3000:]
+
+
+def test_detectron2_num_gpus_2_on_cpu(toy_root, tmp_path, subprocess_env):
+    """`rest-dense train <d2 config> --num-gpus 2` on a CPU machine: gloo workers train,
+    rank 0 saves, both evaluate (COCO results from the gathered predictions)."""
+    out = tmp_path / "d2"
+    tiny = jobs.TINY
+    log = _run([sys.executable, "-m", "rest_dense.cli", "train",
+                "detectron2/toy/mask_rcnn_restv2_toy.yaml", "--num-gpus", "2", "--dist-url", "auto",
+                "--toy-root", str(toy_root), "--work-dir", str(out), "--threads", "1",
+                "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "4",
+                "SOLVER.CHECKPOINT_PERIOD", "3", "TEST.EVAL_PERIOD", "3",
+                "DATALOADER.NUM_WORKERS", "0", "MODEL.ROI_HEADS.SCORE_THRESH_TEST", "0.0",
+                "MODEL.RESTV2.ARCH.EMBED_DIMS", str(list(tiny["embed_dims"])),
+                "MODEL.RESTV2.ARCH.DEPTHS", str(list(tiny["depths"])),
+                "MODEL.FPN.OUT_CHANNELS", "32"], subprocess_env)
+    assert (out / "model_final.pth").is_file()
+    assert (out / "log.txt.rank1").is_file()  # the second worker ran
+    assert "on 2 devices" in log  # inference split over both workers
+    results = json.loads((out / "inference" / "toy_val" / "coco_instances_results.json").read_text())
+    assert results, "no predictions"
+    ap = re.findall(r"copypaste: ([-0-9.nan]+),", log)
+    assert ap and all(math.isfinite(float(v)) for v in ap), log[-3000:]
+
+
+# -------------------------------------------------------------- SyncBN in one process
+def test_syncbn_config_trains_in_a_single_process(toy_root, tmp_path, one_thread):
+    """A config with SyncBN heads trains without a process group (launcher none)."""
+    from mmengine.config import Config
+
+    from rest_dense.mm import runner
+
+    cfg = Config.fromfile(str(REPO / "configs" / "toy" / "upernet_restv2_toy.py"))
+    for head in (cfg.model.decode_head, cfg.model.auxiliary_head):
+        head.norm_cfg = dict(type="SyncBN", requires_grad=True)
+    options = TINY_MM_OPTIONS + [
+        "model.decode_head.in_channels=[16,32,64,128]", "model.auxiliary_head.in_channels=64",
+        "model.decode_head.channels=32", "model.auxiliary_head.channels=16",
+        "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2",
+        "train_dataloader.batch_size=2", "val_dataloader.batch_size=2",
+        f"train_dataloader.dataset.data_root={toy_root}/",
+        f"val_dataloader.dataset.data_root={toy_root}/"]
+    assert not distributed.get_world_size() > 1
+    model = runner.train(cfg, work_dir=tmp_path / "w", cfg_options=options)
+    import torch
+
+    # mmengine turned the SyncBN layers into plain BatchNorm for the single process
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    assert bns and not any(isinstance(m, torch.nn.SyncBatchNorm) for m in bns)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert (tmp_path / "w" / "iter_2.pth").is_file()
