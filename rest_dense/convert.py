@@ -39,7 +39,8 @@ from .models import (CheckpointMismatchError, create_model, get_model_entry, lis
 from .models.checkpoint import infer_arch
 
 __all__ = ["LAYOUTS", "LAYOUT_PREFIXES", "ConversionResult", "convert_checkpoint",
-           "infer_model_name", "to_layout", "save_state_dict", "file_sha256"]
+           "infer_model_name", "to_layout", "save_state_dict", "file_sha256",
+           "check_destination"]
 
 #: output layouts and the prefix each puts before the backbone keys
 LAYOUT_PREFIXES: Dict[str, str] = {"core": "", "mmdet": "backbone.", "mmseg": "backbone.",
@@ -173,6 +174,39 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     return h.hexdigest()
 
 
+def check_destination(dst: Union[str, os.PathLike]) -> str:
+    """Check that an output file can be created at ``dst``, before any work is done.
+
+    Args:
+        dst: the output file.
+
+    Returns:
+        Its folder (absolute).
+
+    Raises:
+        IsADirectoryError: ``dst`` is an existing folder.
+        FileNotFoundError: ``dst``'s folder does not exist (folders are not created: a
+            mistyped folder would otherwise go unnoticed).
+        NotADirectoryError: ``dst``'s folder is a file.
+        PermissionError: the folder is not writable.
+    """
+    dst = os.fspath(dst)
+    if os.path.isdir(dst):
+        raise IsADirectoryError(21, f"destination {dst!r} is a folder; give a file name "
+                                    f"(e.g. {os.path.join(dst, 'converted.pth')!r})", dst)
+    folder = os.path.dirname(os.path.abspath(dst))
+    if not os.path.exists(folder):
+        raise FileNotFoundError(2, f"the folder of destination {dst!r} does not exist: "
+                                   f"{folder!r}; create it first", folder)
+    if not os.path.isdir(folder):
+        raise NotADirectoryError(20, f"the folder of destination {dst!r} is not a folder: "
+                                     f"{folder!r} is a file", folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(13, f"cannot write to the folder of destination {dst!r}: "
+                                  f"{folder!r}", folder)
+    return folder
+
+
 def _verify(path: str, model: nn.Module, expected: Mapping[str, Tensor]) -> List[str]:
     """Load the file at ``path`` into ``model`` and compare it with ``expected``; returns the
     dense-only keys the file lacks. Raises :class:`CheckpointMismatchError` on anything else:
@@ -226,24 +260,48 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
     Returns:
         :class:`ConversionResult` with the variant, the SHA-256 and the tensor count.
 
+    Every check that needs no conversion runs first (layout, model name, source file,
+    destination folder), then the source must load into the variant (shapes, values), and
+    only then is anything written.
+
     Raises:
-        ValueError: unknown layout or model name, or ``src`` and ``dst`` are the same file.
+        ValueError: unknown layout or model name, or ``src`` and ``dst`` are the same file
+            (also through another path or a link).
+        FileNotFoundError: ``src`` does not exist, or ``dst``'s folder does not exist.
+        IsADirectoryError / NotADirectoryError / PermissionError: ``src`` or ``dst`` is a
+            folder, ``dst``'s folder is a file or not writable (see
+            :func:`check_destination`).
+        CheckpointFormatError: ``src`` is not a checkpoint (empty, text, JSON, truncated,
+            safetensors under another name, ...); the message says what it is.
         CheckpointMismatchError: the checkpoint does not fit the variant, or the written file
             does not reproduce the source; ``dst`` is then not written.
-        ValueError: other checkpoint errors of :func:`rest_dense.models.load_checkpoint`
-            (e.g. non-finite values); ``dst`` is then not written either.
+        CheckpointValueError: the source holds NaN/inf or other unusable values (named);
+            ``dst`` is then not written either.
+        pickle.UnpicklingError: ``weights_only`` and the file pickles other objects than
+            tensors (torch's message says how to proceed).
     """
     if to not in LAYOUT_PREFIXES:
         raise ValueError(f"unknown layout {to!r}; choose one of {', '.join(LAYOUTS)}")
+    if not isinstance(dst, (str, os.PathLike)) or not os.fspath(dst):
+        raise ValueError(f"the destination must be a file path, got {dst!r}")
     dst = os.fspath(dst)
+    label = "the checkpoint"
     if isinstance(src, (str, os.PathLike)):
         src = os.fspath(src)
+        label = repr(src)
+        if os.path.isdir(src):
+            raise IsADirectoryError(21, f"checkpoint {src!r} is a directory, not a file", src)
         if not os.path.isfile(src):
-            raise FileNotFoundError(f"checkpoint {src!r} does not exist")
-        if os.path.abspath(src) == os.path.abspath(dst):
-            raise ValueError(f"source and destination are the same file: {dst!r}")
+            raise FileNotFoundError(2, f"checkpoint {src!r} does not exist", src)
+        if os.path.abspath(src) == os.path.abspath(dst) or (
+                os.path.exists(dst) and os.path.samefile(src, dst)):
+            raise ValueError(f"source and destination are the same file: {dst!r}; write the "
+                             "converted checkpoint to another file")
+    folder = check_destination(dst)
+    if model is not None:
+        model = get_model_entry(model).name  # unknown names fail before the file is read
     backbone, dropped = normalize_state_dict(read_state_dict(src, weights_only=weights_only))
-    name = get_model_entry(model).name if model else infer_model_name(backbone)
+    name = model or infer_model_name(backbone)
     attn_mode = _attn_mode_for(name, backbone)
     net = create_model(name, attn_mode=attn_mode)
     own = net.state_dict()
@@ -251,9 +309,11 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
     dropped = sorted(dropped + [k for k in backbone if k not in own])
     if not kept:
         raise CheckpointMismatchError(f"no tensor of the checkpoint belongs to a {name} backbone")
+    try:  # the source itself must load (shapes, values) before anything is written
+        load_checkpoint(net, kept, strict=False, log=None)
+    except ValueError as e:  # the core's checkpoint errors (mismatch, bad values)
+        raise type(e)(f"{label} cannot be converted for {name}, {dst!r} not written: {e}") from e
 
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
     suffix = ".safetensors" if dst.endswith(".safetensors") else ".pth"
     # a hidden name in the destination folder (same file system: os.replace is atomic);
     # created by the writer itself, so the file gets the usual permissions

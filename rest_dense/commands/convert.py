@@ -26,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 
 from ..convert import LAYOUTS  # light: torch and the core models, which the package imports
@@ -49,14 +50,24 @@ def _short(keys, n: int = 8) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
+def _message(e: Exception) -> str:
+    """The text of an error; an ``OSError(errno, text, path)`` shows as its text only."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
 def run(args: argparse.Namespace) -> int:
     from ..convert import convert_checkpoint
 
     try:
         res = convert_checkpoint(args.src, args.dst, to=args.to, model=args.model,
                                  weights_only=not args.unsafe_load)
-    except (ValueError, FileNotFoundError) as e:  # the core's checkpoint errors are ValueErrors
-        print(f"error: {e}", file=sys.stderr)
+    except (ValueError, OSError, pickle.UnpicklingError) as e:
+        # the core's checkpoint errors are ValueErrors; OSError: missing file, a folder, an
+        # unwritable destination; an UnpicklingError: SRC holds more than weights_only=True
+        # admits (the message names --unsafe-load)
+        print(f"error: {_message(e)}", file=sys.stderr)
         return 1
     print(f"model: {res.model} (verified in attn_mode {res.attn_mode}); layout: {res.layout}; "
           f"{res.num_tensors} tensors written")
