@@ -21,6 +21,15 @@ valid at its one size, whatever it is.
 ResTv1 exports, but its multi-head interaction runs in float64, for which onnxruntime's CPU
 provider has no Conv / InstanceNormalization kernels, so only ResTv2 can be checked.
 
+Dynamic shapes with ``torch.compile`` and ``torch.export`` (:func:`compile_model`,
+:func:`export_program`): in the window modes (``win``, ``cwin``, ``hwin`` with windowed
+blocks) symbolic height and width never finish compiling -- PyTorch's shape solver spends
+minutes per operator on the nested floor-divisions of window padding and partitioning -- so
+``dynamic=True`` is refused up front there (:class:`DynamicShapeError`, which names the
+alternatives: static shapes, one compile per input size; global attention; or
+:func:`export_onnx`, whose graph has dynamic height and width in every mode). Global mode
+compiles with symbolic sizes.
+
 Example::
 
     from rest_dense.export import build_model, export_onnx, check_onnx
@@ -46,8 +55,10 @@ from .models import (ResTv2, canonical_name, create_model, get_model_entry, load
                      read_state_dict)
 
 __all__ = ["DEFAULT_CHECK_SIZES", "DEFAULT_OPSET", "OnnxExport", "ParityResult", "ParityError",
-           "build_model", "export_onnx", "check_onnx", "check_compile", "trace_side_problems",
-           "min_valid_side", "default_trace_shape"]
+           "DynamicShapeError", "build_model", "export_onnx", "check_onnx", "check_compile",
+           "compile_model", "export_program", "check_program", "dynamic_shape_problem",
+           "windowed_stages", "trace_side_problems", "min_valid_side", "default_trace_shape",
+           "min_program_side"]
 
 #: sizes :func:`check_onnx` is run at by ``rest-dense export`` unless told otherwise
 DEFAULT_CHECK_SIZES: Tuple[Tuple[int, int], ...] = ((320, 480), (257, 391))
@@ -176,6 +187,250 @@ def default_trace_shape(model: nn.Module, start: Size = (256, 384)) -> Size:
     return first(start[0]), first(start[1])
 
 
+# ------------------------------------------------------------------ dynamic shapes (torch.compile / torch.export)
+class DynamicShapeError(NotImplementedError, ValueError):
+    """Dynamic height/width was asked of ``torch.compile`` / ``torch.export`` for a model or
+    setting where it does not work in bounded time; the message names what to use instead.
+
+    Raised before any compiling or tracing starts (a ``ValueError`` too, so command-line
+    tools report it like other bad input).
+    """
+
+
+def windowed_stages(model: nn.Module) -> List[int]:
+    """1-based stages of ``model`` whose blocks (some or all) run in windows, among the
+    stages it computes; empty for global attention and for ResTv1."""
+    last = max(model.out_indices)
+    return [i + 1 for i, ws in enumerate(_windows(model)) if ws is not None and i <= last]
+
+
+def dynamic_shape_problem(model: nn.Module) -> Optional[str]:
+    """Why symbolic (dynamic) height and width cannot be compiled or exported for ``model``.
+
+    With windowed stages, PyTorch's symbolic shape solver (used by ``torch.compile(...,
+    dynamic=True)``, by the automatic-dynamic recompile ``torch.compile`` makes at the second
+    input size, and by ``torch.export`` with ``Dim`` sizes) works for minutes on each
+    operator of the window padding / partitioning: a tiny 2-stage-window model had not
+    finished its first compile after 8 minutes. Global attention has no such problem.
+
+    Args:
+        model: a core backbone.
+
+    Returns:
+        The reason, with the alternatives, or None when dynamic sizes work.
+    """
+    stages = windowed_stages(model)
+    if not stages:
+        return None
+    mode = getattr(model, "attn_mode", "?")
+    low = min_valid_side(model)
+    return (f"dynamic height/width is not supported in attn_mode {mode!r} (stages "
+            f"{', '.join(map(str, stages))} run in windows): PyTorch's symbolic shape solver "
+            "does not finish on the window padding and partitioning (minutes per operator). "
+            "Use dynamic=False (static shapes: one compile per input size, seconds to a minute "
+            "each; `rest-dense export --compile` without --dynamic), attn_mode='global', or "
+            "the ONNX export (export_onnx / `rest-dense export`), whose graph has dynamic "
+            f"batch, height and width in every attention mode (H, W >= {low} here)")
+
+
+def _check_dynamic(model: nn.Module, what: str) -> None:
+    problem = dynamic_shape_problem(model)
+    if problem is not None:
+        raise DynamicShapeError(f"{what}: {problem}")
+
+
+def _check_backend(backend) -> None:
+    if callable(backend):
+        return
+    if not isinstance(backend, str) or not backend:
+        raise ValueError(f"torch.compile backend must be a name or a callable, got {backend!r}")
+    import torch._dynamo
+
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ValueError(f"unknown torch.compile backend {backend!r}; available: "
+                         f"{', '.join(sorted(known))}")
+
+
+def compile_model(model: nn.Module, backend: Union[str, Callable] = "inductor",
+                  dynamic: Optional[bool] = None, **options) -> Callable:
+    """``torch.compile(model)`` with dynamic-shape settings that finish in bounded time.
+
+    ``dynamic`` (as in ``torch.compile``):
+
+    * ``None`` (default): global attention uses PyTorch's default (static first, then one
+      recompile with symbolic sizes when a second size comes); in the window modes it
+      becomes ``False``, because the symbolic recompile never finishes there.
+    * ``True``: symbolic height and width from the first call. Global attention only;
+      window modes raise :class:`DynamicShapeError` before anything is compiled.
+    * ``False``: one static compile per input size. Works in every mode; after
+      ``torch._dynamo.config.recompile_limit`` sizes (8 by default) PyTorch runs new sizes
+      eagerly (with a warning).
+
+    Even with symbolic sizes PyTorch may recompile once more for a size on the other side
+    of a threshold its kernels choose by (e.g. the CPU convolution backend).
+
+    Args:
+        model: a core backbone.
+        backend: ``torch.compile`` backend (``'inductor'``, ``'aot_eager'``, ...) or a
+            callable backend.
+        dynamic: see above.
+        **options: other ``torch.compile`` keywords (``mode``, ``fullgraph``, ``options``).
+
+    Returns:
+        The compiled model (compiling happens at the first call of each size).
+
+    Raises:
+        DynamicShapeError: ``dynamic=True`` for a model with windowed stages.
+        ValueError: unknown backend name.
+    """
+    if not any(dynamic is v for v in (None, True, False)):
+        raise ValueError(f"dynamic must be None, True or False, got {dynamic!r}")
+    if dynamic is True:
+        _check_dynamic(model, "torch.compile(dynamic=True)")
+    elif dynamic is None and windowed_stages(model):
+        dynamic = False
+    _check_backend(backend)
+    return torch.compile(model, backend=backend, dynamic=dynamic, **options)
+
+
+def min_program_side(model: nn.Module) -> int:
+    """Smallest input side a dynamic :func:`export_program` graph accepts: the last
+    computed stage's map must be larger than 1 (PyTorch specialises sizes of 1)."""
+    return 2 ** (max(model.out_indices) + 2) + 1
+
+
+def _program_refusals(program, shape: Tuple[int, int, int, int], sides: Sequence[int]
+                      ) -> List[Tuple[Size, str]]:
+    """Sizes among ``(side, W)`` / ``(H, side)`` that the program's shape guards refuse
+    (checked on zero-stride tensors: no forward pass runs)."""
+    gm = program.module()
+    guards = getattr(gm, "_guards_fn", None)
+    if guards is None:  # a PyTorch without a guard function checks the guards at call time
+        return []
+    n, c, h0, w0 = shape
+    refused = []
+    sizes = [(s, w0) for s in sides] + [(h0, s) for s in sides]
+    for h, w in sizes:
+        try:
+            guards(torch.empty((), dtype=torch.float32).expand(n, c, h, w))
+        except AssertionError as e:
+            refused.append(((h, w), str(e)))
+    return refused
+
+
+def export_program(model: nn.Module, shape: Optional[Size] = None, dynamic: bool = True,
+                   batch: int = 1):
+    """``torch.export.export`` of a backbone (in eval mode), with dynamic height and width.
+
+    Dynamic: traced at :func:`default_trace_shape` (a given ``shape`` must pass
+    :func:`trace_side_problems`) with ``H, W >= min_program_side(model)``; the batch size is
+    fixed to ``batch``. The program is then checked: if its shape guards refuse sizes such
+    as multiples of 32 (a shape-dependent branch of the model was traced),
+    :class:`DynamicShapeError` says so rather than returning a program that fails later.
+
+    Args:
+        model: a core backbone.
+        shape: ``(H, W)`` to trace at; required when not ``dynamic``.
+        dynamic: symbolic height and width (global attention only); False exports one
+            static size (every mode).
+        batch: batch size of the program.
+
+    Returns:
+        The ``torch.export.ExportedProgram``; call ``program.module()(x)``.
+
+    Raises:
+        DynamicShapeError: ``dynamic`` for a model with windowed stages (before tracing), or
+            a traced program whose guards refuse ordinary sizes (after tracing).
+        ValueError: no ``shape`` for a static export, a bad trace shape, ``batch < 1``.
+    """
+    from torch.export import Dim, export
+
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    if dynamic:
+        _check_dynamic(model, "torch.export with dynamic height/width")
+        if shape is None:
+            shape = default_trace_shape(model)
+        bad = [f"H={shape[0]}: {p}" for p in trace_side_problems(model, shape[0])]
+        bad += [f"W={shape[1]}: {p}" for p in trace_side_problems(model, shape[1])]
+        low = min_program_side(model)
+        if min(shape) < low:
+            bad.append(f"sides must be at least {low}")
+        if bad:
+            good = default_trace_shape(model)
+            raise ValueError(f"a dynamic program traced at {shape[0]}x{shape[1]} would fix a "
+                             f"shape-dependent branch ({'; '.join(bad)}); trace at "
+                             f"{good[0]}x{good[1]} instead")
+    elif shape is None:
+        raise ValueError("a static torch.export program needs a shape (H, W)")
+    shape = (int(shape[0]), int(shape[1]))
+    x = torch.randn(batch, model.in_channels, *shape)
+    with _eval_mode(model), torch.no_grad():
+        if not dynamic:
+            return export(model, (x,))
+        side = Dim.DYNAMIC(min=min_program_side(model))
+        # size-oblivious reasoning: no guards on sizes the graph does not depend on
+        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+            program = export(model, (x,), dynamic_shapes={"x": {2: side, 3: side}})
+    low = min_program_side(model)
+    sides = sorted({low, low + 1, 64, 256, 800, 1216, shape[0], shape[1]})
+    refused = _program_refusals(program, (batch, model.in_channels, *shape), sides)
+    if refused:
+        (h, w), guard = refused[0]
+        raise DynamicShapeError(
+            f"torch.export traced a shape-dependent branch of the model: the program's guard "
+            f"({guard}) refuses {len(refused)} of {2 * len(sides)} probed sizes, e.g. {h}x{w}. "
+            "Use dynamic=False (one program per input size) or the ONNX export "
+            "(export_onnx / `rest-dense export`), whose graph has dynamic batch, height and "
+            "width")
+    return program
+
+
+def check_program(model: nn.Module, program, sizes: Sequence[Size], batch: int = 1,
+                  atol: float = 1e-5, seed: int = 0, raise_on_failure: bool = True,
+                  on_result: Optional[Callable[[ParityResult], None]] = None
+                  ) -> List[ParityResult]:
+    """Compare an :func:`export_program` program with eager PyTorch at each size.
+
+    Args:
+        model: the eager model the program was exported from (run in eval mode).
+        program: the ``torch.export.ExportedProgram``.
+        sizes: ``(H, W)`` input sizes.
+        batch: batch size of the inputs (the program's).
+        atol: largest accepted absolute difference.
+        seed: seed of the random inputs.
+        raise_on_failure: raise :class:`ParityError` after all sizes ran if any failed.
+        on_result: called with each result as soon as it is known.
+
+    Returns:
+        One :class:`ParityResult` per size.
+
+    Raises:
+        ValueError: no sizes.
+        ParityError: some size failed (with ``raise_on_failure``).
+    """
+    if not sizes:
+        raise ValueError("check_program needs at least one size (H, W)")
+    run = program.module()
+    names = _output_names(model)
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    with _eval_mode(model):
+        for h, w in sizes:
+            x = torch.randn(batch, model.in_channels, int(h), int(w), generator=gen)
+            with torch.no_grad():
+                ref = model(x)
+                t0 = time.perf_counter()
+                out = run(x)
+                dt = time.perf_counter() - t0
+            res = _compare(names, out, ref, (int(h), int(w)), batch, atol, dt, "torch.export")
+            results.append(res)
+            if on_result is not None:
+                on_result(res)
+    return _finish("torch.export program", results, raise_on_failure)
+
+
 # ------------------------------------------------------------------ export
 @dataclass
 class OnnxExport:
@@ -204,7 +459,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
 
     Args:
         model: a core backbone.
-        path: ONNX file to write (folders are created).
+        path: ONNX file to write; its folder must exist.
         shape: ``(H, W)`` to trace at. Default: :func:`default_trace_shape` (dynamic) -- a
             given shape must pass :func:`trace_side_problems` when ``dynamic``.
         dynamic: free batch, height and width; False fixes them to ``batch`` x ``shape``.
@@ -217,6 +472,8 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
     Raises:
         ValueError: no ``shape`` for a static export, or a dynamic trace at a shape that would
             fix a shape-dependent branch.
+        OSError: ``path`` is a folder or its folder does not exist (checked before tracing;
+            see :func:`rest_dense.convert.check_destination`).
     """
     import onnx
 
@@ -239,9 +496,10 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
     if dynamic:
         axes = {"input": {0: "batch", 2: "height", 3: "width"}}
         axes.update({n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names})
-    x = torch.randn(1 if dynamic else batch, 3, *shape)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
+    x = torch.randn(1 if dynamic else batch, model.in_channels, *shape)
+    from .convert import check_destination
+
+    check_destination(path)
     t0 = time.perf_counter()
     with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         # TracerWarnings about Python ints are expected: the trace shape covers the branches
@@ -433,9 +691,9 @@ def check_compile(model: nn.Module, sizes: Sequence[Size], backend: str = "induc
         model: a core backbone (run in eval mode).
         sizes: ``(H, W)`` input sizes.
         backend: ``torch.compile`` backend (``'inductor'``, ``'aot_eager'``, ...).
-        dynamic: passed to ``torch.compile``: None (PyTorch's default) recompiles with symbolic
-            sizes when a second size comes; False compiles each size separately (much faster
-            to compile in the window modes); True starts symbolic.
+        dynamic: as in :func:`compile_model` (None: symbolic sizes after the first size in
+            global mode, one static compile per size in the window modes; True: symbolic
+            from the start, global mode only; False: one static compile per size).
         batch: batch size of the inputs.
         atol: largest accepted absolute difference.
         seed: seed of the random inputs.
@@ -447,12 +705,13 @@ def check_compile(model: nn.Module, sizes: Sequence[Size], backend: str = "induc
         call of a size includes compiling).
 
     Raises:
-        ValueError: no sizes.
+        ValueError: no sizes; unknown backend.
+        DynamicShapeError: ``dynamic=True`` in a window mode (before compiling).
         ParityError: some size failed (with ``raise_on_failure``).
     """
     if not sizes:
         raise ValueError("check_compile needs at least one size (H, W)")
-    compiled = torch.compile(model, backend=backend, dynamic=dynamic)
+    compiled = compile_model(model, backend=backend, dynamic=dynamic)
     names = _output_names(model)
     gen = torch.Generator().manual_seed(seed)
     results = []

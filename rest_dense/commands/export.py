@@ -14,6 +14,14 @@ which a traced graph cannot. Global mode has no limit. With --static the graph i
 --batch x --shape and is exact there. ResTv1 exports but cannot be checked: its head mixing runs
 in float64, which onnxruntime's CPU provider does not support.
 
+--compile checks torch.compile against eager at the check sizes: one static compile per size
+by default in the window modes, symbolic sizes after the first in global mode; --dynamic
+compiles with symbolic height/width from the start. --program FILE.pt2 writes a torch.export
+program (dynamic height/width; --static: the one --shape). Dynamic height/width with
+torch.compile / torch.export works in global mode only: in the window modes PyTorch's shape
+solver does not finish (minutes per operator), so --dynamic and a dynamic --program are refused
+there before anything runs; the ONNX graph is dynamic in every mode.
+
 Examples::
 
     rest-dense export restv2_tiny --out restv2_tiny.onnx
@@ -21,13 +29,16 @@ Examples::
     rest-dense export restv2_tiny_224.pth --check-shapes 320x480 257x391 800x1216 --batch 2
     rest-dense export restv2_tiny --static --shape 800x1216 --out restv2_tiny_800.onnx
     rest-dense export restv2_tiny --no-onnx --compile inductor --check-shapes 800x1216
+    rest-dense export restv2_tiny --no-onnx --compile aot_eager --dynamic
+    rest-dense export restv2_tiny --no-onnx --program restv2_tiny.pt2
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from typing import Tuple
+from typing import Optional, Tuple
 
 # light: torch and the core models (which the package imports); onnx is imported when used
 from ..export import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
@@ -74,17 +85,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-onnx", action="store_true", help="skip the ONNX export and its checks")
     parser.add_argument("--compile", metavar="BACKEND", nargs="?", const="inductor",
                         help="also check torch.compile (default backend: inductor)")
+    parser.add_argument("--dynamic", action="store_true",
+                        help="torch.compile with dynamic=True (symbolic height/width from the "
+                             "first size); global attention only")
+    parser.add_argument("--program", metavar="FILE.pt2",
+                        help="also write a torch.export program (dynamic height/width, global "
+                             "attention only; --static: the one --shape, every mode) and check it")
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+def _message(e: Exception) -> str:
+    """The text of an error; an ``OSError(errno, text, path)`` shows as its text only."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e)
+
+
+def _check_arguments(args: argparse.Namespace) -> Optional[str]:
+    """What is wrong with the options alone (before a model is built), or None."""
+    from torch.onnx import _constants
+
+    if args.batch < 1:
+        return f"--batch must be at least 1, got {args.batch}"
+    if not (math.isfinite(args.atol) and args.atol >= 0):
+        return f"--atol must be a finite number >= 0, got {args.atol}"
+    low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    if not args.no_onnx and not low <= args.opset <= high:
+        return f"--opset {args.opset} is not supported; choose {low}..{high}"
+    if args.static and args.dynamic:
+        return "--static and --dynamic contradict each other"
+    if args.dynamic and not args.compile:
+        return "--dynamic applies to --compile; add --compile [BACKEND]"
+    if args.static and args.shape is None and not (args.no_onnx and args.program is None):
+        return "--static needs --shape HxW (the one size of the graph)"
+    if args.window_size and len(args.window_size) not in (1, 4):
+        return f"--window-size takes 1 or 4 values, got {len(args.window_size)}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import export as ex
+    import pickle
 
-    if args.batch < 1:
-        print("error: --batch must be at least 1", file=sys.stderr)
-        return 2
-    if args.static and args.shape is None and not args.no_onnx:
-        print("error: --static needs --shape HxW (the one size of the graph)", file=sys.stderr)
-        return 2
+    from .. import export as ex
+    from ..convert import check_destination
+
+    problem = _check_arguments(args)
+    if problem:
+        return _fail(problem)
     if args.check_shapes is not None:
         sizes = list(args.check_shapes)
     elif args.static and args.shape is not None:
@@ -93,16 +144,50 @@ def run(args: argparse.Namespace) -> int:
         sizes = list(DEFAULT_CHECK_SIZES)
     window = None
     if args.window_size:
-        if len(args.window_size) not in (1, 4):
-            print("error: --window-size takes 1 or 4 values", file=sys.stderr)
-            return 2
         window = args.window_size[0] if len(args.window_size) == 1 else tuple(args.window_size)
+    out = None
+    if not args.no_onnx:
+        if args.out:
+            out = args.out
+        else:
+            stem = args.model if not os.path.isfile(args.model) else \
+                os.path.splitext(os.path.basename(args.model))[0]
+            out = stem + ("" if args.attn_mode == "global" else f"_{args.attn_mode}") + ".onnx"
     try:
+        for path in (out, args.program):
+            if path is not None:
+                check_destination(path)
         model = ex.build_model(args.model, attn_mode=args.attn_mode, checkpoint=args.checkpoint,
                                window_size=window)
-    except (ValueError, FileNotFoundError) as e:  # includes CheckpointMismatchError
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (ValueError, TypeError, OSError, pickle.UnpicklingError) as e:
+        # includes the checkpoint errors (wrong variant, not a checkpoint, bad values)
+        return _fail(_message(e), 1)
+
+    # everything that can be refused is refused before exporting or compiling
+    if args.compile:
+        try:
+            ex.compile_model(model, backend=args.compile, dynamic=True if args.dynamic else None)
+        except ValueError as e:  # includes DynamicShapeError; nothing was compiled yet
+            return _fail(str(e))
+    if args.program and not args.static:
+        problem = ex.dynamic_shape_problem(model)
+        if problem:
+            return _fail(f"--program without --static: {problem}")
+    low = ex.min_valid_side(model)
+    if out is not None and not args.static and low > 1:
+        small = [s for s in sizes if min(s) < low]
+        if small:
+            return _fail(f"check sizes {' '.join(format_size(s) for s in small)} are below "
+                         f"{low} pixels, the smallest side at which a dynamic {args.attn_mode} "
+                         "graph matches eager (the eager model shrinks windows larger than the "
+                         "map); check larger sizes or export with --static --shape HxW")
+    if args.program and not args.static:
+        low_program = ex.min_program_side(model)
+        small = [s for s in sizes if min(s) < low_program]
+        if small:
+            return _fail(f"check sizes {' '.join(format_size(s) for s in small)} are below "
+                         f"{low_program} pixels, the smallest side of a dynamic torch.export "
+                         "program")
 
     failed = False
 
@@ -111,24 +196,16 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prefix} {res.describe()}", flush=True)
         return show
 
-    if not args.no_onnx:
-        if args.out:
-            out = args.out
-        else:
-            stem = args.model if not os.path.isfile(args.model) else \
-                os.path.splitext(os.path.basename(args.model))[0]
-            out = stem + ("" if args.attn_mode == "global" else f"_{args.attn_mode}") + ".onnx"
+    if out is not None:
         try:
             exp = ex.export_onnx(model, out, shape=args.shape, dynamic=not args.static,
                                  opset=args.opset, batch=args.batch)
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+            return _fail(str(e), 1)
         kind = ("dynamic batch/height/width" if exp.dynamic
                 else f"static {args.batch}x3x{format_size(exp.shape)}")
         print(f"exported {exp.path} (traced at {format_size(exp.shape)}, opset {exp.opset}, "
               f"{kind}) in {exp.seconds:.1f} s")
-        low = ex.min_valid_side(model)
         if exp.dynamic and low > 1:
             print(f"note: the {args.attn_mode} graph is valid for H, W >= {low}")
         if sizes:
@@ -137,13 +214,38 @@ def run(args: argparse.Namespace) -> int:
                                         raise_on_failure=False,
                                         on_result=report("onnxruntime vs eager"))
             except (ValueError, RuntimeError) as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
+                return _fail(str(e), 1)
+            failed |= not all(r.ok for r in results)
+    if args.program:
+        import time
+
+        import torch
+
+        t0 = time.perf_counter()
+        try:
+            program = ex.export_program(model, shape=args.shape, dynamic=not args.static,
+                                        batch=args.batch)
+        except ValueError as e:  # includes DynamicShapeError
+            return _fail(str(e), 1)
+        torch.export.save(program, args.program)
+        kind = ("dynamic height/width" if not args.static
+                else f"static {args.batch}x3x{format_size(args.shape)}")
+        print(f"exported {args.program} (torch.export, {kind}, batch {args.batch}) in "
+              f"{time.perf_counter() - t0:.1f} s")
+        program_sizes = [args.shape] if args.static else sizes
+        if program_sizes:
+            results = ex.check_program(model, program, program_sizes, batch=args.batch,
+                                       atol=args.atol, raise_on_failure=False,
+                                       on_result=report("torch.export vs eager"))
             failed |= not all(r.ok for r in results)
     if args.compile:
         compile_sizes = sizes or ([args.shape] if args.shape else list(DEFAULT_CHECK_SIZES))
+        dynamic = False if args.static else (True if args.dynamic else None)
+        if dynamic is None and ex.windowed_stages(model):
+            print(f"note: {args.attn_mode} mode compiles each size separately (dynamic=False); "
+                  "symbolic sizes do not finish compiling in the window modes")
         results = ex.check_compile(model, compile_sizes, backend=args.compile,
-                                   dynamic=False if args.static else None, batch=args.batch,
+                                   dynamic=dynamic, batch=args.batch,
                                    atol=args.atol, raise_on_failure=False,
                                    on_result=report(f"torch.compile({args.compile}) vs eager"))
         failed |= not all(r.ok for r in results)
