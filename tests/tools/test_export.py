@@ -1,5 +1,6 @@
 """ONNX export and torch.compile parity of the backbones (rest_dense.export, ``rest-dense export``)."""
 import math
+import time
 
 import numpy as np
 import pytest
@@ -224,3 +225,121 @@ def test_cli_exports_a_released_variant_from_its_checkpoint(tmp_path, capsys, on
     assert rc == 0, text
     assert out.stat().st_size > 50e6  # 28M float32 parameters
     assert "1x3x129x161" in text and " ok" in text
+
+
+# --------------------------------------------------------------------------- dynamic shapes
+WINDOW_MODES = ("win", "cwin", "hwin")
+
+
+@pytest.fixture
+def no_compiling(monkeypatch):
+    """Fail the test if torch.compile or torch.export is reached."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("compilation / tracing started")
+
+    monkeypatch.setattr(torch, "compile", refuse)
+    monkeypatch.setattr(torch.export, "export", refuse)
+
+
+@pytest.mark.parametrize("mode", WINDOW_MODES)
+def test_dynamic_shapes_refused_up_front_in_window_modes(mode, no_compiling):
+    model = ResTv2(TINY, attn_mode=mode, window_size=(16, 8, 4, 2)).eval()
+    assert ex.windowed_stages(model) == ([2, 3] if mode == "hwin" else [1, 2, 3, 4])
+    t0 = time.perf_counter()
+    with pytest.raises(ex.DynamicShapeError) as info:
+        ex.compile_model(model, backend="aot_eager", dynamic=True)
+    msg = str(info.value)
+    assert f"attn_mode {mode!r}" in msg and "dynamic=False" in msg
+    assert "attn_mode='global'" in msg and "ONNX" in msg
+    assert f"H, W >= {ex.min_valid_side(model)}" in msg
+    assert isinstance(info.value, ValueError) and isinstance(info.value, NotImplementedError)
+    with pytest.raises(ex.DynamicShapeError, match="torch.export.*ONNX"):
+        ex.export_program(model)
+    with pytest.raises(ex.DynamicShapeError, match="dynamic=False"):
+        ex.check_compile(model, [(65, 97)], backend="aot_eager", dynamic=True)
+    assert time.perf_counter() - t0 < 2  # nothing was compiled or traced
+
+
+def test_compile_model_settings(monkeypatch):
+    """What compile_model hands to torch.compile, per mode and request."""
+    calls = []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: calls.append(kw) or model)
+    glob = ResTv2(TINY).eval()
+    win = ResTv2(TINY, attn_mode="win", window_size=(16, 8, 4, 2)).eval()
+    # hwin with one block per stage: no block runs in windows, so it is global attention
+    flat = ResTv2(dict(TINY, depths=(1, 1, 1, 1)), attn_mode="hwin").eval()
+    assert ex.dynamic_shape_problem(glob) is None and ex.dynamic_shape_problem(flat) is None
+    for model, dynamic, expected in [(glob, None, None), (glob, True, True), (flat, True, True),
+                                     (win, None, False), (win, False, False),
+                                     (glob, False, False)]:
+        assert ex.compile_model(model, backend="aot_eager", dynamic=dynamic) is model
+        assert calls.pop() == {"backend": "aot_eager", "dynamic": expected}
+    with pytest.raises(ValueError, match="unknown torch.compile backend 'tensorrtx'"):
+        ex.compile_model(glob, backend="tensorrtx")
+    with pytest.raises(ValueError, match="dynamic must be None, True or False"):
+        ex.compile_model(glob, dynamic="yes")
+    with pytest.raises(ValueError, match="batch must be a positive int"):
+        ex.export_program(glob, batch=0)
+    with pytest.raises(ValueError, match="shape-dependent branch.*trace at 257x385"):
+        ex.export_program(glob, shape=(256, 385))
+    with pytest.raises(ValueError, match="needs a shape"):
+        ex.export_program(win, dynamic=False)
+    assert not calls
+
+
+@pytest.mark.slow
+def test_dynamic_compile_global_matches_eager(one_thread):
+    """Global attention, symbolic sizes from the first call: two sizes, equal to eager."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = ResTv2(dict(TINY, depths=(1, 1, 1, 1))).eval()
+    t0 = time.perf_counter()
+    try:
+        results = ex.check_compile(model, [(257, 391), (131, 201)], backend="aot_eager",
+                                   dynamic=True)
+    finally:
+        torch._dynamo.reset()
+    assert [r.size for r in results] == [(257, 391), (131, 201)]
+    for r in results:
+        assert r.ok and r.worst < 1e-5 and len(r.max_abs_diff) == 4, r.describe()
+    assert time.perf_counter() - t0 < 600
+
+
+@pytest.mark.slow
+def test_export_program_global_dynamic(one_thread):
+    """torch.export with dynamic H/W in global mode returns a program that matches eager at
+    odd sizes, multiples of 32 and the smallest side -- or, while the model still branches on
+    whether the upsample branch needs a crop, refuses with the guard and the alternatives
+    (never a program that fails at ordinary sizes later)."""
+    torch.manual_seed(0)
+    model = ResTv2(dict(TINY, depths=(1, 1, 1, 1))).eval()
+    assert ex.min_program_side(model) == 33
+    try:
+        program = ex.export_program(model)
+    except ex.DynamicShapeError as e:
+        msg = str(e)
+        assert "guard" in msg and "dynamic=False" in msg and "ONNX" in msg, msg
+        assert "refuses" in msg and "x" in msg.split("e.g.")[1], msg
+        return
+    sizes = [(257, 385), (256, 384), (33, 97), (131, 201)]
+    results = ex.check_program(model, program, sizes)
+    assert all(r.ok and r.worst < 1e-5 for r in results), [r.describe() for r in results]
+
+
+@pytest.mark.slow
+def test_static_program_in_window_mode(tmp_path, capsys, tiny_cli_model, one_thread):
+    """The working alternative in the window modes: a static torch.export program, through
+    the CLI (written, reloaded, equal to eager)."""
+    path = tmp_path / "win.pt2"
+    rc = main(["export", "restv2_tiny", "--attn-mode", "win", "--no-onnx", "--static",
+               "--shape", "65x97", "--program", str(path)])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert tiny_cli_model == [("restv2_tiny", "win")]
+    assert "static 1x3x65x97" in text and "torch.export vs eager 1x3x65x97" in text
+    assert " ok" in text and "FAIL" not in text
+    program = torch.export.load(str(path))
+    torch.manual_seed(0)
+    model = ResTv2(TINY, attn_mode="win").eval()
+    (res,) = ex.check_program(model, program, [(65, 97)])
+    assert res.ok and res.worst < 1e-5, res.describe()

@@ -1,0 +1,227 @@
+"""Hostile inputs for the conversion and export tools (``rest-dense convert`` / ``export``).
+
+One parametrised case per row. Every case runs the real command through
+``rest_dense.cli.main`` and checks that it fails with a non-zero exit status, an error on
+stderr that names the problem, no traceback, and no output file (nor a hidden temporary one)
+left behind. Nothing here exports or compiles: every refusal comes before that work.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+import pytest
+import torch
+
+from rest_dense.cli import main
+from rest_dense.models import create_model
+
+from conftest import fixture_path
+
+
+# --------------------------------------------------------------------------- helpers
+def _run(argv: Sequence[str], capsys) -> tuple:
+    """``main(argv)`` -> (exit status, stdout, stderr); argparse's exit counts as a status."""
+    try:
+        rc = main([str(a) for a in argv])
+    except SystemExit as e:  # argparse: usage errors exit with status 2
+        rc = e.code
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def _assert_refused(rc, err: str, expect: Sequence[str], status=None) -> None:
+    assert rc not in (0, None), f"accepted; stderr: {err}"
+    if status is not None:
+        assert rc == status, err
+    assert "Traceback" not in err and 'File "' not in err, err
+    assert "error:" in err, err
+    for text in expect:
+        assert text in err, f"{text!r} not in: {err}"
+
+
+def _fill(argv: Sequence[str], names: Dict[str, str]) -> List[str]:
+    """Replace ``{name}`` placeholders (file names, ``{d}``, ``{out}``) in ``argv``."""
+    out = []
+    for a in argv:
+        for k, v in names.items():
+            a = a.replace("{" + k + "}", v)
+        assert "{" not in a, a
+        out.append(a)
+    return out
+
+
+def _hidden(folder: Path) -> List[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Dict[str, Path]:
+    """Every source file the cases use, written once: a good restv1_lite checkpoint and its
+    hostile relatives."""
+    d = tmp_path_factory.mktemp("inputs")
+    torch.manual_seed(0)
+    sd = create_model("restv1_lite").state_dict()
+    paths = {name: d / name for name in (
+        "good.pth", "empty.pth", "text.pth", "config.json.pth", "truncated.pth",
+        "weights.pth", "resnet.pth", "shallow.pth", "pickled.pth", "nan.pth", "folder")}
+    torch.save({"model": sd}, paths["good.pth"])
+    paths["empty.pth"].write_bytes(b"")
+    paths["text.pth"].write_text("restv1_lite weights: see the release page\n")
+    paths["config.json.pth"].write_text(json.dumps({"model": {"stem.conv1.weight": [0.1]}}))
+    data = paths["good.pth"].read_bytes()
+    paths["truncated.pth"].write_bytes(data[: len(data) // 2])
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(paths["weights.pth"]))
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.weight": torch.zeros(10, 512)},
+               paths["resnet.pth"])
+    # stage 3 with 1 block: a ResTv1 that no registered variant has
+    torch.save({k: v for k, v in sd.items() if not k.startswith("stage3.1.")}, paths["shallow.pth"])
+    torch.save({"model": sd, "args": argparse.Namespace(lr=1e-4)}, paths["pickled.pth"])
+    bad = dict(sd)
+    bad["stage2.1.attn.q.weight"] = bad["stage2.1.attn.q.weight"].clone()
+    bad["stage2.1.attn.q.weight"][3, 5] = float("nan")
+    torch.save(bad, paths["nan.pth"])
+    paths["folder"].mkdir()
+    return paths
+
+
+# --------------------------------------------------------------------------- convert
+# (id, argv with {name} placeholders for files / {out}, texts the error must contain)
+CONVERT_CASES = [
+    ("missing-source", ["{d}/nowhere.pth", "{out}", "--to", "core"], ["nowhere.pth", "does not exist"]),
+    ("source-is-folder", ["{folder}", "{out}", "--to", "core"], ["is a directory"]),
+    ("empty-file", ["{empty.pth}", "{out}", "--to", "mmdet"], ["empty.pth", "empty file"]),
+    ("text-file", ["{text.pth}", "{out}", "--to", "mmdet"], ["text file", "restv1_lite weights"]),
+    ("json-file", ["{config.json.pth}", "{out}", "--to", "d2"], ["JSON file"]),
+    ("truncated-checkpoint", ["{truncated.pth}", "{out}", "--to", "core"], ["truncated"]),
+    ("safetensors-named-pth", ["{weights.pth}", "{out}", "--to", "core"],
+     ["safetensors", "rename"]),
+    ("not-a-rest-checkpoint", ["{resnet.pth}", "{out}", "--to", "core"],
+     ["not a ResT backbone", "conv1.weight"]),
+    ("unregistered-variant", ["{shallow.pth}", "{out}", "--to", "core"],
+     ["no registered variant", "restv1_lite"]),
+    ("pickled-objects", ["{pickled.pth}", "{out}", "--to", "core"],
+     ["argparse.Namespace", "--unsafe-load"]),
+    ("unknown-layout", ["{good.pth}", "{out}", "--to", "caffe2"], ["--to", "invalid choice", "caffe2"]),
+    ("unknown-model-name", ["{good.pth}", "{out}", "--to", "core", "--model", "restv3_tiny"],
+     ["unknown model", "restv3_tiny"]),
+    ("another-variant-named", ["{good.pth}", "{out}", "--to", "core", "--model", "restv1_base"],
+     ["restv1_lite", "restv1_base", "not written"]),
+    ("destination-in-missing-folder", ["{good.pth}", "{d}/no/such/dir/out.pth", "--to", "core"],
+     ["does not exist", "create it first"]),
+    ("destination-is-folder", ["{good.pth}", "{folder}", "--to", "core"], ["is a folder"]),
+    ("destination-folder-is-file", ["{good.pth}", "{text.pth}/out.pth", "--to", "core"],
+     ["is a file"]),
+    ("destination-is-source", ["{good.pth}", "{good.pth}", "--to", "core"], ["same file"]),
+    ("destination-is-source-other-path", ["{good.pth}", "{d}/../{dname}/good.pth", "--to", "core"],
+     ["same file"]),
+    ("destination-is-link-to-source", ["{good.pth}", "{d}/link.pth", "--to", "core"], ["same file"]),
+    ("nan-in-checkpoint", ["{nan.pth}", "{out}", "--to", "mmseg"],
+     ["NaN", "stage2.1.attn.q.weight", "not written"]),
+]
+
+
+@pytest.mark.parametrize("argv,expect", [c[1:] for c in CONVERT_CASES],
+                         ids=[c[0] for c in CONVERT_CASES])
+def test_convert_refuses(files, argv, expect, capsys, tmp_path):
+    d = files["good.pth"].parent
+    link = d / "link.pth"
+    if not link.exists():
+        os.link(files["good.pth"], link)  # a hard link: another name, the same file
+    names = {k: str(v) for k, v in files.items()}
+    names.update(d=str(d), dname=d.name, out=str(tmp_path / "out.pth"))
+    before = {p.name: p.stat().st_mtime_ns for p in d.iterdir()}
+    t0 = time.perf_counter()
+    rc, out, err = _run(["convert", *_fill(argv, names)], capsys)
+    _assert_refused(rc, err, expect)
+    assert time.perf_counter() - t0 < 30
+    assert "sha256" not in out
+    assert os.listdir(tmp_path) == [] and not _hidden(d)  # nothing written anywhere
+    assert {p.name: p.stat().st_mtime_ns for p in d.iterdir()} == before  # sources untouched
+
+
+def test_convert_library_errors_are_typed(files, tmp_path):
+    """The library raises typed errors the CLI turns into messages."""
+    from rest_dense.convert import check_destination, convert_checkpoint
+    from rest_dense.models import CheckpointFormatError, CheckpointValueError
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        convert_checkpoint(tmp_path / "nowhere.pth", tmp_path / "x.pth")
+    with pytest.raises(CheckpointFormatError, match="empty"):
+        convert_checkpoint(files["empty.pth"], tmp_path / "x.pth")
+    with pytest.raises(CheckpointValueError, match="NaN"):
+        convert_checkpoint(files["nan.pth"], tmp_path / "x.pth")
+    with pytest.raises(NotADirectoryError):
+        check_destination(files["text.pth"] / "x.pth")
+    assert check_destination(tmp_path / "x.pth") == str(tmp_path)
+    assert os.listdir(tmp_path) == []
+
+
+# --------------------------------------------------------------------------- export
+# (id, argv after `export`, texts the error must contain, exit status)
+EXPORT_CASES = [
+    ("unknown-model", ["restv9_tiny"], ["restv9_tiny", "neither a registered model"], 1),
+    ("shape-no-width", ["restv2_tiny", "--shape", "800x"], ["--shape", "800x", "HxW"], 2),
+    ("shape-letters", ["restv2_tiny", "--shape", "axb"], ["--shape", "axb", "HxW"], 2),
+    ("shape-zero", ["restv2_tiny", "--shape", "0x10"], ["--shape", "0x10", "positive"], 2),
+    ("shape-negative", ["restv2_tiny", "--shape=-1x5"], ["--shape", "-1x5", "HxW"], 2),
+    # a single side is S x S (as everywhere); 800x800 is no valid trace size for a dynamic graph
+    ("shape-single-side", ["restv2_tiny", "--shape", "800"],
+     ["traced at 800x800", "multiple of sr_ratio", "257x385"], 1),
+    ("check-shape-by", ["restv2_tiny", "--check-shapes", "320by480"], ["320by480", "HxW"], 2),
+    ("check-size-below-window-limit", ["restv2_tiny", "--attn-mode", "win", "--check-shapes",
+                                       "320x480", "128x200"], ["128x200", "below 253"], 2),
+    ("unknown-attn-mode", ["restv2_tiny", "--attn-mode", "swin"], ["invalid choice", "swin"], 2),
+    ("window-mode-for-restv1", ["restv1_lite", "--attn-mode", "win"], ["attn_mode", "win"], 1),
+    ("checkpoint-of-another-variant", ["restv1_small", "--checkpoint", "{good.pth}"],
+     ["restv1_lite", "restv1_small"], 1),
+    ("missing-checkpoint", ["restv2_tiny", "--checkpoint", "{d}/nowhere.pth"],
+     ["nowhere.pth", "not found"], 1),
+    ("checkpoint-is-text", ["{text.pth}"], ["text file"], 1),
+    ("window-not-multiple-of-sr", ["restv2_tiny", "--attn-mode", "win", "--window-size", "12"],
+     ["window_size[0]=12", "sr_ratio 8"], 1),
+    ("window-size-count", ["restv2_tiny", "--window-size", "8", "8"], ["1 or 4 values"], 2),
+    ("batch-zero", ["restv2_tiny", "--batch", "0"], ["--batch"], 2),
+    ("atol-nan", ["restv2_tiny", "--atol", "nan"], ["--atol"], 2),
+    ("opset-unsupported", ["restv2_tiny", "--opset", "99"], ["--opset 99"], 2),
+    ("static-without-shape", ["restv2_tiny", "--static"], ["--static needs --shape"], 2),
+    ("out-in-missing-folder", ["restv2_tiny", "--out", "{d}/no/such/m.onnx"],
+     ["does not exist", "create it first"], 1),
+    ("unknown-compile-backend", ["restv2_tiny", "--no-onnx", "--compile", "tensorrtx"],
+     ["unknown torch.compile backend", "tensorrtx", "inductor"], 2),
+    ("dynamic-compile-window-mode", ["restv2_tiny", "--attn-mode", "hwin", "--no-onnx",
+                                     "--compile", "aot_eager", "--dynamic"],
+     ["dynamic=False", "attn_mode='global'", "ONNX"], 2),
+    ("dynamic-program-window-mode", ["restv2_tiny", "--attn-mode", "cwin", "--no-onnx",
+                                     "--program", "{out}.pt2"], ["--static", "ONNX"], 2),
+]
+
+
+@pytest.mark.parametrize("argv,expect,status", [c[1:] for c in EXPORT_CASES],
+                         ids=[c[0] for c in EXPORT_CASES])
+def test_export_refuses(files, argv, expect, status, capsys, tmp_path, one_thread):
+    names = {k: str(v) for k, v in files.items()}
+    names.update(d=str(files["good.pth"].parent), out=str(tmp_path / "m"))
+    argv = _fill(argv, names)
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "m.onnx")]
+    t0 = time.perf_counter()
+    rc, out, err = _run(["export", *argv], capsys)
+    _assert_refused(rc, err, expect, status)
+    assert time.perf_counter() - t0 < 30  # refused before exporting or compiling
+    assert "exported" not in out and os.listdir(tmp_path) == []
+
+
+def test_export_bad_checkpoint_names_both_variants(files):
+    """The library path of the 'checkpoint of another variant' case."""
+    from rest_dense.export import build_model
+    from rest_dense.models import CheckpointMismatchError
+
+    with pytest.raises(CheckpointMismatchError, match="restv1_lite.*restv1_small|restv1_small.*restv1_lite"):
+        build_model("restv1_small", checkpoint=str(files["good.pth"]))
