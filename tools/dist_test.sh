@@ -26,7 +26,7 @@ if [ -z "${PORT:-}" ]; then
         echo "$0: multi-node jobs need PORT (and MASTER_ADDR) set on every node" >&2
         exit 2
     fi
-    PORT=$("$PYTHON" -c "from rest_dense.distributed import find_free_port; print(find_free_port())")
+    PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 fi
 exec "$PYTHON" -m torch.distributed.run \
     --nnodes="$NNODES" \

@@ -108,14 +108,6 @@ def _train_and_check(name: str, ddp: torch.nn.Module, step: Callable[[int], floa
     )
 
 
-def _run_settings(settings: Sequence[Setting], out_path: str,
-                  one: Callable[[str, Dict[str, Any]], Dict[str, Any]]) -> None:
-    torch.set_num_threads(1)
-    records = []
-    for name, setting in settings:
-        records.append(one(name, setting))
-    if distributed.get_rank() == 0:
-        Path(out_path).write_text(json.dumps(records, indent=1))
 
 
 def _seed(step: int) -> None:
@@ -209,7 +201,7 @@ def _seg_batch(step: int):
     return dict(inputs=inputs, data_samples=samples)
 
 
-def mm_job(framework: str, settings: Sequence[Setting], out_path: str) -> None:
+def mm_records(framework: str, settings: Sequence[Setting]) -> List[Dict[str, Any]]:
     """DDP training of the toy Mask R-CNN (``framework='mmdet'``) or UperNet (``'mmseg'``)
     through mmengine's ``MMDistributedDataParallel.train_step``, once per setting."""
     from mmengine.config import Config
@@ -247,7 +239,7 @@ def mm_job(framework: str, settings: Sequence[Setting], out_path: str) -> None:
         record["changes"] = changes
         return record
 
-    _run_settings(settings, out_path, one)
+    return [one(name, setting) for name, setting in settings]
 
 
 # ---------------------------------------------------------------------- detectron2 Mask R-CNN
@@ -301,7 +293,7 @@ def _d2_opts(setting: Dict[str, Any]) -> List[str]:
     return opts
 
 
-def d2_job(settings: Sequence[Setting], out_path: str) -> None:
+def d2_records(settings: Sequence[Setting]) -> List[Dict[str, Any]]:
     """DDP training of detectron2's Mask R-CNN (toy yaml config, tiny backbone) with
     ``torch.nn.parallel.DistributedDataParallel``, once per setting."""
     from detectron2.modeling import build_model
@@ -331,4 +323,34 @@ def d2_job(settings: Sequence[Setting], out_path: str) -> None:
 
         return _train_and_check(f"d2:{name}", ddp, step)
 
-    _run_settings(settings, out_path, one)
+    return [one(name, setting) for name, setting in settings]
+
+
+# ---------------------------------------------------------------------------- the job
+def sanity_check() -> Dict[str, Any]:
+    """The replica check is not vacuous: replicas that differ (a layer initialised with
+    the rank as seed) are reported, naming the parameter; after DDP's broadcast they agree."""
+    torch.manual_seed(distributed.get_rank())
+    layer = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 2))
+    with torch.no_grad():
+        layer[0].weight.copy_(torch.ones(2, 3))  # the first parameter agrees, the rest not
+    try:
+        distributed.assert_replicas_in_sync(layer)
+        error = ""
+    except RuntimeError as err:
+        error = str(err)
+    ddp = distributed.wrap_ddp(layer)
+    return dict(error=error, after_ddp=distributed.assert_replicas_in_sync(ddp))
+
+
+def job(plan: Sequence[Tuple[str, Sequence[Setting]]], out_path: str) -> None:
+    """Every group of settings of ``plan`` (``'mmdet'``, ``'mmseg'``, ``'d2'``) in one
+    process group (one start-up for all); rank 0 writes ``{group: [records]}``."""
+    torch.set_num_threads(1)
+    results: Dict[str, Any] = {"sanity": sanity_check()}
+    for group, settings in plan:
+        start = time.perf_counter()
+        records = d2_records(settings) if group == "d2" else mm_records(group, settings)
+        results[group] = dict(records=records, seconds=round(time.perf_counter() - start, 1))
+    if distributed.get_rank() == 0:
+        Path(out_path).write_text(json.dumps(results, indent=1))

@@ -24,50 +24,49 @@ from conftest import REPO
 
 pytestmark = pytest.mark.slow
 
-#: (name, setting): backbone options of one DDP run. Several options share a run where
-#: they are independent, to keep the process count (and the time) down.
+#: (name, setting): backbone options of one DDP run. Independent options share a run, to
+#: keep the time down; together they cover every attention mode, frozen stages, both
+#: with_cp levels, drop_path_rate > 0 and the out_indices necks use, in each framework.
 MMDET_SETTINGS = [
     ("global", {}),
     ("win+with_cp", {"attn_mode": "win", "with_cp": True}),
     ("cwin+drop_path", {"attn_mode": "cwin", "drop_path_rate": 0.3}),
     ("hwin+frozen_stages=1", {"attn_mode": "hwin", "depths": (2, 2, 2, 2), "frozen_stages": 1}),
-    ("out(1,2,3)", {"out_indices": (1, 2, 3)}),
-    ("out(2,3)+with_cp=mlp", {"out_indices": (2, 3), "with_cp": "mlp"}),
+    ("out(1,2,3)+with_cp=mlp", {"out_indices": (1, 2, 3), "with_cp": "mlp"}),
+    ("out(2,3)", {"out_indices": (2, 3)}),
     ("out(3,)", {"out_indices": (3,)}),
     ("out(0,1,2)+cwin", {"out_indices": (0, 1, 2), "attn_mode": "cwin"}),
-    ("v1:out(0,1,2)+with_cp+drop_path", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True,
-                                         "drop_path_rate": 0.2}),
-    ("v1:frozen_stages=2", {"v1": True, "frozen_stages": 2}),
+    ("v1:out(0,1,2)+with_cp+drop_path+frozen_stages=1",
+     {"v1": True, "out_indices": (0, 1, 2), "with_cp": True, "drop_path_rate": 0.2,
+      "frozen_stages": 1}),
 ]
 MMSEG_SETTINGS = [
     ("global+SyncBN heads", {"sync_bn": True}),
-    ("win+with_cp+drop_path", {"attn_mode": "win", "with_cp": True, "drop_path_rate": 0.3}),
-    ("hwin+frozen_stages=2", {"attn_mode": "hwin", "depths": (2, 2, 2, 2), "frozen_stages": 2}),
+    ("hwin+with_cp+drop_path+frozen_stages=2",
+     {"attn_mode": "hwin", "depths": (2, 2, 2, 2), "with_cp": True, "drop_path_rate": 0.3,
+      "frozen_stages": 2}),
     ("out(0,1,2)+cwin", {"out_indices": (0, 1, 2), "attn_mode": "cwin"}),
-    ("out(1,2,3)", {"out_indices": (1, 2, 3)}),
-    ("out(2,3)", {"out_indices": (2, 3)}),
+    ("out(2,3)+win", {"out_indices": (2, 3), "attn_mode": "win"}),
     ("out(3,)", {"out_indices": (3,)}),
-    ("v1:out(0,1,2)+with_cp", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True}),
+    ("v1:out(1,2,3)+drop_path", {"v1": True, "out_indices": (1, 2, 3), "drop_path_rate": 0.2}),
 ]
 D2_SETTINGS = [
     ("global", {}),
-    ("win+with_cp", {"attn_mode": "win", "with_cp": True}),
-    ("cwin+drop_path+freeze_at=2", {"attn_mode": "cwin", "drop_path_rate": 0.3, "frozen_stages": 1}),
+    ("cwin+with_cp+drop_path+freeze_at=2",
+     {"attn_mode": "cwin", "with_cp": True, "drop_path_rate": 0.3, "frozen_stages": 1}),
     ("hwin", {"attn_mode": "hwin", "depths": (2, 2, 2, 2)}),
-    ("out(1,2,3)", {"out_indices": (1, 2, 3)}),
-    ("out(2,3)", {"out_indices": (2, 3)}),
+    ("out(1,2,3)+win", {"out_indices": (1, 2, 3), "attn_mode": "win"}),
     ("out(3,)", {"out_indices": (3,)}),
     ("out(0,1,2)", {"out_indices": (0, 1, 2)}),
-    ("v1:out(0,1,2)+with_cp+drop_path", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True,
-                                         "drop_path_rate": 0.2}),
+    ("v1:out(0,1,2)+with_cp", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True}),
 ]
+PLAN = [("mmdet", MMDET_SETTINGS), ("mmseg", MMSEG_SETTINGS), ("d2", D2_SETTINGS)]
 
 TINY_MM_OPTIONS = ["model.backbone.arch.embed_dims=[16,32,64,128]",
                    "model.backbone.arch.depths=[1,1,1,1]"]
 
 
-def _check_records(path, settings, prefix):
-    records = json.loads(path.read_text())
+def _check_records(records, settings, prefix):
     assert [r["name"] for r in records] == [f"{prefix}:{name}" for name, _ in settings]
     for record, (_, setting) in zip(records, settings):
         name = record["name"]
@@ -87,29 +86,33 @@ def _check_records(path, settings, prefix):
     return records
 
 
-def _launch(job, args):
-    distributed.launch(job, 2, args=args, backend="gloo")
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    """All DDP runs, in one 2-process gloo group (one start-up for the three frameworks)."""
+    out = tmp_path_factory.mktemp("ddp") / "records.json"
+    distributed.launch(jobs.job, 2, args=(PLAN, str(out)), backend="gloo")
+    return json.loads(out.read_text())
 
 
 # ------------------------------------------------------------- replicas stay in sync
-def test_mmdet_mask_rcnn_ddp_replicas_identical(tmp_path):
-    out = tmp_path / "mmdet.json"
-    _launch(jobs.mm_job, ("mmdet", MMDET_SETTINGS, str(out)))
-    _check_records(out, MMDET_SETTINGS, "mmdet")
+def test_replica_check_reports_differences(ddp_results):
+    sanity = ddp_results["sanity"]
+    assert "differ between ranks 0 and 1: 0.bias" in sanity["error"]
+    assert sanity["after_ddp"] == 3 * 2 + 2 + 2 * 2 + 2
 
 
-def test_mmseg_upernet_ddp_replicas_identical(tmp_path):
-    out = tmp_path / "mmseg.json"
-    _launch(jobs.mm_job, ("mmseg", MMSEG_SETTINGS, str(out)))
-    records = _check_records(out, MMSEG_SETTINGS, "mmseg")
+def test_mmdet_mask_rcnn_ddp_replicas_identical(ddp_results):
+    _check_records(ddp_results["mmdet"]["records"], MMDET_SETTINGS, "mmdet")
+
+
+def test_mmseg_upernet_ddp_replicas_identical(ddp_results):
+    records = _check_records(ddp_results["mmseg"]["records"], MMSEG_SETTINGS, "mmseg")
     # the SyncBN heads ran as BN under gloo (rest_dense.distributed.prepare_mm_config)
     assert any("SyncBN -> BN" in c for c in records[0]["changes"])
 
 
-def test_detectron2_mask_rcnn_ddp_replicas_identical(tmp_path):
-    out = tmp_path / "d2.json"
-    _launch(jobs.d2_job, (D2_SETTINGS, str(out)))
-    _check_records(out, D2_SETTINGS, "d2")
+def test_detectron2_mask_rcnn_ddp_replicas_identical(ddp_results):
+    _check_records(ddp_results["d2"]["records"], D2_SETTINGS, "d2")
 
 
 # ------------------------------------------------------------------------ end to end
@@ -201,13 +204,12 @@ def test_syncbn_config_trains_in_a_single_process(toy_root, tmp_path, one_thread
     cfg = Config.fromfile(str(REPO / "configs" / "toy" / "upernet_restv2_toy.py"))
     for head in (cfg.model.decode_head, cfg.model.auxiliary_head):
         head.norm_cfg = dict(type="SyncBN", requires_grad=True)
+    cfg.val_dataloader = cfg.val_cfg = cfg.val_evaluator = None  # training is the point
     options = TINY_MM_OPTIONS + [
         "model.decode_head.in_channels=[16,32,64,128]", "model.auxiliary_head.in_channels=64",
         "model.decode_head.channels=32", "model.auxiliary_head.channels=16",
-        "train_cfg.max_iters=2", "train_cfg.val_interval=2", "default_hooks.checkpoint.interval=2",
-        "train_dataloader.batch_size=2", "val_dataloader.batch_size=2",
-        f"train_dataloader.dataset.data_root={toy_root}/",
-        f"val_dataloader.dataset.data_root={toy_root}/"]
+        "train_cfg.max_iters=2", "default_hooks.checkpoint.interval=2",
+        "train_dataloader.batch_size=2", f"train_dataloader.dataset.data_root={toy_root}/"]
     assert not distributed.get_world_size() > 1
     model = runner.train(cfg, work_dir=tmp_path / "w", cfg_options=options)
     import torch

@@ -1,0 +1,189 @@
+"""rest_dense.distributed without a process group, the stages DDP needs frozen (those
+past out_indices), detectron2's FPN on stage1..stage3, and the launcher scripts' checks."""
+import os
+import socket
+import subprocess
+
+import pytest
+import torch
+from mmengine.config import Config
+
+from rest_dense import distributed
+from rest_dense.models import ResTv1, ResTv2
+
+from conftest import REPO, TINY_ARCH
+
+
+def _ran(calls):
+    def job(x, y):
+        calls.append((x, y))
+    return job
+
+
+# ------------------------------------------------------------------ helpers, one process
+def test_backend_and_ports():
+    assert not torch.cuda.is_available()  # these machines: CPU only
+    assert distributed.default_backend() == "gloo"
+    assert distributed.default_backend("cpu") == "gloo"
+    assert not distributed.cuda_usable("cpu")
+    port = distributed.find_free_port()
+    assert 0 < port < 65536
+    with socket.socket() as s:
+        s.bind((distributed.LOCALHOST, port))  # really free
+    url = distributed.local_dist_url()
+    assert url.startswith("tcp://127.0.0.1:") and int(url.rsplit(":", 1)[1]) > 0
+
+
+def test_outside_a_process_group():
+    assert (distributed.get_rank(), distributed.get_world_size()) == (0, 1)
+    model = torch.nn.Linear(2, 2)
+    assert distributed.wrap_ddp(model) is model
+    assert distributed.ddp_device_ids(model) is None
+    assert distributed.assert_replicas_in_sync(model) == 0
+    assert distributed.local_process_group() is None
+
+
+def test_launch_one_process_runs_in_place_and_checks_arguments():
+    calls = []
+    distributed.launch(_ran(calls), 1, args=(1, "a"))
+    assert calls == [(1, "a")]
+    with pytest.raises(ValueError, match="at least one process"):
+        distributed.launch(_ran(calls), 0)
+    with pytest.raises(ValueError, match="machine_rank 2 is not in 0..1"):
+        distributed.launch(_ran(calls), 1, num_machines=2, machine_rank=2)
+    with pytest.raises(ValueError, match="only works on one machine"):
+        distributed.launch(_ran(calls), 2, num_machines=2, dist_url="auto")
+    assert calls == [(1, "a")]
+
+
+def test_init_from_env_needs_torchrun(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    with pytest.raises(RuntimeError, match="RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT.*torchrun"):
+        distributed.init_from_env()
+
+
+def _mm_cfg(**extra):
+    cfg = Config(dict(
+        model=dict(type="EncoderDecoder", backbone=dict(type="ResTv2"),
+                   decode_head=dict(norm_cfg=dict(type="SyncBN", requires_grad=True)),
+                   auxiliary_head=[dict(norm_cfg=dict(type="MMSyncBN"))]),
+        env_cfg=dict(dist_cfg=dict(backend="nccl", timeout=60)), **extra))
+    return cfg
+
+
+def test_prepare_mm_config_on_cpu():
+    cfg = _mm_cfg(launcher="pytorch", sync_bn="torch")
+    changes = distributed.prepare_mm_config(cfg, cuda=False)
+    assert cfg.env_cfg.dist_cfg == dict(backend="gloo", timeout=60)
+    assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel", broadcast_buffers=False,
+                                         find_unused_parameters=False, device_ids=None)
+    assert cfg.model.decode_head.norm_cfg.type == "BN"
+    assert cfg.model.auxiliary_head[0].norm_cfg.type == "BN"
+    assert cfg.sync_bn is None
+    text = "\n".join(changes)
+    assert "'gloo'" in text and "device_ids=None" in text
+    assert "model.decode_head.norm_cfg: SyncBN" in text and "auxiliary_head[0]" in text
+    assert "sync_bn='torch' dropped" in text
+    assert distributed.prepare_mm_config(cfg, cuda=False) == []  # idempotent
+
+
+def test_prepare_mm_config_keeps_gpu_and_single_process_configs():
+    for cfg, cuda in ((_mm_cfg(launcher="pytorch"), True), (_mm_cfg(launcher="none"), False),
+                      (_mm_cfg(), False)):
+        before = cfg.to_dict()
+        assert distributed.prepare_mm_config(cfg, cuda=cuda) == []
+        assert cfg.to_dict() == before
+    # a wrapper of the user's: device_ids filled in only for DDP wrappers, never overridden
+    cfg = _mm_cfg(launcher="pytorch", model_wrapper_cfg=dict(type="MMDistributedDataParallel",
+                                                             find_unused_parameters=True))
+    distributed.prepare_mm_config(cfg, cuda=False)
+    assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel",
+                                         find_unused_parameters=True, device_ids=None)
+    cfg = _mm_cfg(launcher="pytorch", model_wrapper_cfg=dict(type="MMFullyShardedDataParallel"))
+    distributed.prepare_mm_config(cfg, cuda=False)
+    assert cfg.model_wrapper_cfg == dict(type="MMFullyShardedDataParallel")
+
+
+def test_setup_mm_distributed_single_process_does_nothing():
+    cfg = _mm_cfg(launcher="none")
+    assert distributed.setup_mm_distributed(cfg) == []
+    assert not torch.distributed.is_initialized()
+
+
+# ------------------------------------------------- stages past out_indices: no gradient
+@pytest.mark.parametrize("cls,kwargs,unused", [
+    (ResTv2, dict(out_indices=(0, 1, 2)), ("stage4.", "patch_4.")),
+    (ResTv2, dict(out_indices=(0, 1), attn_mode="cwin", window_size=8),
+     ("stage3.", "stage4.", "patch_3.", "patch_4.", "cwin_convs.2.", "cwin_convs.3.")),
+    (ResTv2, dict(out_indices=(1, 2, 3)), ()),
+    (ResTv1, dict(out_indices=(0, 1, 2)), ("stage4.", "patch_embed_4.", "norm.")),
+    (ResTv1, dict(out_indices=(3,)), ()),
+])
+def test_stages_past_out_indices_are_frozen(cls, kwargs, unused, one_thread):
+    model = cls(arch=dict(TINY_ARCH), **kwargs)
+    full = cls(arch=dict(TINY_ARCH), **{k: v for k, v in kwargs.items() if k != "out_indices"})
+    for _ in range(2):  # as built, and after .train()
+        frozen = sorted(n for n, p in model.named_parameters() if not p.requires_grad)
+        assert frozen == sorted(n for n, _ in model.named_parameters() if n.startswith(unused))
+        model.train()
+    # every trainable parameter gets a gradient (what DDP without find_unused_parameters needs)
+    out = model(torch.randn(2, 3, 64, 96))
+    sum(o.square().mean() for o in out).backward()
+    assert distributed.params_without_grad(model) == []
+    # the weights stay: a full model's checkpoint loads strictly (the emitted norms aside)
+    missing, unexpected = model.load_state_dict(full.state_dict(), strict=False)
+    assert missing == [] and all(k.startswith("norm_") for k in unexpected)
+    if unused:  # made trainable again, they get no gradient, and that is detected
+        name = next(n for n, _ in model.named_parameters() if n.startswith(unused[0]))
+        dict(model.named_parameters())[name].requires_grad_(True)
+        model.zero_grad(set_to_none=True)
+        out = model(torch.randn(1, 3, 64, 96))
+        sum(o.square().mean() for o in out).backward()
+        assert distributed.params_without_grad(model) == [name]
+
+
+def test_frozen_stages_and_unused_stages_together():
+    model = ResTv2(arch=dict(TINY_ARCH), out_indices=(0, 1), frozen_stages=1).train()
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"stage2", "patch_2", "norm_2"}
+
+
+# ------------------------------------------------------------------ detectron2 FPN
+def test_d2_fpn_on_stage1_to_stage3_pools_its_last_level(one_thread):
+    from detectron2.modeling import build_backbone
+
+    from rest_dense.d2.engine import setup_yaml_config
+
+    feats = '["stage1", "stage2", "stage3"]'
+    cfg = setup_yaml_config(str(REPO / "configs" / "detectron2" / "toy" / "mask_rcnn_restv2_toy.yaml"),
+                            ["MODEL.DEVICE", "cpu", "MODEL.RESTV2.ARCH.EMBED_DIMS", "[16, 32, 64, 128]",
+                             "MODEL.RESTV2.ARCH.DEPTHS", "[1, 1, 1, 1]",
+                             "MODEL.RESTV2.OUT_FEATURES", feats, "MODEL.FPN.IN_FEATURES", feats])
+    fpn = build_backbone(cfg)
+    assert fpn.top_block.in_feature == "p4"
+    out = fpn(torch.randn(1, 3, 64, 96))
+    assert list(out) == ["p2", "p3", "p4", "p5"]
+    assert out["p5"].shape[-2:] == (2, 3) and out["p4"].shape[-2:] == (4, 6)
+    default = setup_yaml_config(str(REPO / "configs" / "detectron2" / "toy" / "mask_rcnn_restv2_toy.yaml"),
+                                ["MODEL.DEVICE", "cpu", "MODEL.RESTV2.ARCH.EMBED_DIMS", "[16, 32, 64, 128]",
+                                 "MODEL.RESTV2.ARCH.DEPTHS", "[1, 1, 1, 1]"])
+    assert build_backbone(default).top_block.in_feature == "p5"  # as detectron2's own
+
+
+# --------------------------------------------------------------------- launcher scripts
+@pytest.mark.parametrize("script,args,env,message", [
+    ("dist_train.sh", [], {}, "usage:"),
+    ("dist_train.sh", ["cfg.py", "two"], {}, "NUM_PROCESSES must be a positive integer, got 'two'"),
+    ("dist_train.sh", ["cfg.py", "0"], {}, "NUM_PROCESSES must be a positive integer"),
+    ("dist_train.sh", ["cfg.py", "2"], {"NNODES": "2"}, "multi-node jobs need PORT"),
+    ("dist_test.sh", ["cfg.py", "ckpt.pth"], {}, "usage:"),
+    ("dist_test.sh", ["cfg.py", "ckpt.pth", "-1"], {}, "NUM_PROCESSES must be a positive integer"),
+    ("dist_test.sh", ["cfg.py", "ckpt.pth", "2"], {"NNODES": "3"}, "multi-node jobs need PORT"),
+])
+def test_launcher_scripts_refuse_bad_arguments(script, args, env, message):
+    full_env = {k: v for k, v in os.environ.items() if k not in ("PORT", "NNODES")}
+    full_env.update(env)
+    proc = subprocess.run(["bash", str(REPO / "tools" / script), *args], env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
