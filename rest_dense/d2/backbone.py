@@ -128,7 +128,7 @@ def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
         window_size=window[0] if len(window) == 1 else window,
         frozen_stages=freeze_at_to_frozen_stages(cfg.MODEL.BACKBONE.FREEZE_AT),
         norm_eval=c.NORM_EVAL,
-        with_cp=c.WITH_CP,
+        with_cp=c.CP_LEVEL or c.WITH_CP,
         fused_attn=c.FUSED_ATTN,
     )
 
@@ -144,7 +144,7 @@ def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
         drop_path_rate=c.DROP_PATH_RATE,
         frozen_stages=freeze_at_to_frozen_stages(cfg.MODEL.BACKBONE.FREEZE_AT),
         norm_eval=c.NORM_EVAL,
-        with_cp=c.WITH_CP,
+        with_cp=c.CP_LEVEL or c.WITH_CP,
         fused_attn=c.FUSED_ATTN,
     )
 

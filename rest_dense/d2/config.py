@@ -55,6 +55,8 @@ def add_restv2_config(cfg: CN) -> None:
         ATTN_MODE: ``global | win | cwin | hwin``.
         WINDOW_SIZE: window side per stage (4 values, or 1 for all stages).
         WITH_CP: gradient checkpointing per block.
+        CP_LEVEL: memory level, ``none | mlp | block`` (see ``with_cp`` of
+            :class:`rest_dense.models.ResTv2`); empty (default) follows ``WITH_CP``.
         NORM_EVAL: keep the stem's BatchNorms in eval mode while training.
         FUSED_ATTN: use ``F.scaled_dot_product_attention``.
 
@@ -73,6 +75,7 @@ def add_restv2_config(cfg: CN) -> None:
     c.ATTN_MODE = "global"
     c.WINDOW_SIZE = list(DEFAULT_WINDOW_SIZE)
     c.WITH_CP = False
+    c.CP_LEVEL = ""
     c.NORM_EVAL = False
     c.FUSED_ATTN = True
 
@@ -82,7 +85,7 @@ def add_rest_config(cfg: CN) -> None:
 
     Keys: ``NAME`` (a ResTv1 name of :func:`rest_dense.models.list_models`, or its released
     spelling ``rest_small`` ...), ``ARCH``,
-    ``OUT_FEATURES``, ``DROP_PATH_RATE``, ``WITH_CP``, ``NORM_EVAL``, ``FUSED_ATTN``, as
+    ``OUT_FEATURES``, ``DROP_PATH_RATE``, ``WITH_CP``, ``CP_LEVEL``, ``NORM_EVAL``, ``FUSED_ATTN``, as
     for :func:`add_restv2_config` (ResTv1 has no attention modes).
     """
     add_rest_solver_config(cfg)
@@ -95,6 +98,7 @@ def add_rest_config(cfg: CN) -> None:
     c.OUT_FEATURES = list(_STAGES)
     c.DROP_PATH_RATE = 0.0
     c.WITH_CP = False
+    c.CP_LEVEL = ""
     c.NORM_EVAL = False
     c.FUSED_ATTN = True
 
