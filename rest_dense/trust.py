@@ -16,13 +16,15 @@ The policy, in this order:
    ``builtins.getattr`` resolves to a stand-in that returns only the attributes
    registered with :func:`register_safe_attributes` (e.g. ``HistoryBuffer.mean``) and
    refuses every other lookup. So the checkpoints that mmengine and detectron2 training
-   writes load without unpickling anything else.
-2. Only if that fails, and only for a path the user marked as their own (:func:`trust`:
-   the run's work / output directory, an explicit ``--resume FILE``,
-   ``--trust-checkpoint PATH``, the checkpoint given to ``rest-dense test`` unless
-   ``--weights-only``), the file is unpickled in full, with a warning.
+   writes load without unpickling anything else, wherever they lie.
+2. Only if that fails, and only for a path the user named explicitly (:func:`trust`; on
+   the command line ``--trust-checkpoint PATH`` of ``rest-dense train`` / ``rest-dense
+   test``), the file is unpickled in full, with a warning. Nothing is trusted implicitly:
+   not the run's work / output directory, not a ``--resume`` file, not the CHECKPOINT of
+   ``rest-dense test``.
 3. Anything else fails with :class:`UntrustedCheckpointError`, which names the file and
-   the flag that marks it trusted.
+   the flag that marks it trusted. Unpickling stops at the first refused global, so
+   nothing the file names runs.
 
 Legacy ``.pkl`` weight files (detectron2's model zoo format) are read by
 :func:`load_pickle_file` with the same allow-list through a restricted
@@ -49,9 +51,9 @@ PathLike = Union[str, "os.PathLike[str]"]
 logger = logging.getLogger("rest_dense.trust")
 
 #: how the command-line tools let a user mark a checkpoint as their own
-TRUST_HINT = ("if you produced it yourself, mark it as trusted: `rest-dense train ... "
-              "--trust-checkpoint {path}` (or `--resume {path}`), or give it as the CHECKPOINT of "
-              "`rest-dense test` without --weights-only; from Python, rest_dense.trust.trust(path)")
+TRUST_HINT = ("if you produced it yourself, mark it as trusted with `--trust-checkpoint {path}` "
+              "(rest-dense train / rest-dense test), from Python rest_dense.trust.trust(path); "
+              "files of unknown origin should never need that")
 
 
 class UntrustedCheckpointError(pickle.UnpicklingError):
@@ -69,11 +71,12 @@ def _real(path: PathLike) -> str:
 def trust(*paths: Optional[PathLike]) -> List[str]:
     """Mark files or directories as the user's own checkpoints (full unpickling allowed if
     ``weights_only=True`` is not enough). Unpickling runs code stored in the file: only
-    call this for files you produced.
+    call this for files you produced, and only for paths the user named explicitly (the
+    command-line tools call it for ``--trust-checkpoint`` paths, nothing else).
 
     Args:
         *paths: checkpoint files or directories (a directory covers everything under it,
-            e.g. a run's ``work_dir``); ``None``, ``''`` and URLs are ignored.
+            e.g. the work dir of an old run of your own); ``None``, ``''`` and URLs are ignored.
 
     Returns:
         The resolved paths now trusted (in registration order).
@@ -225,8 +228,8 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
         if not trusted:
             raise UntrustedCheckpointError(
                 f"{filename} holds objects that torch.load(weights_only=True) and rest_dense's "
-                f"allow-list refuse ({_first_line(err)}). Files of unknown origin should not need "
-                f"that; {TRUST_HINT.format(path=filename)}.") from err
+                f"allow-list refuse ({_first_line(err)}); nothing of it was run. "
+                f"{TRUST_HINT.format(path=filename)}.") from err
         (log or logger).warning(
             "%s needs full unpickling (%s); allowed because it is marked as your own checkpoint",
             filename, _first_line(err))
@@ -262,7 +265,7 @@ def load_pickle_file(path: PathLike, *, trusted: Optional[bool] = None,
         if not trusted:
             raise UntrustedCheckpointError(
                 f"{filename} holds objects outside rest_dense's allow-list ({_first_line(err)}); "
-                f"{TRUST_HINT.format(path=filename)}.") from err
+                f"nothing of it was run. {TRUST_HINT.format(path=filename)}.") from err
         (log or logger).warning("%s needs full unpickling; allowed because it is marked as your "
                                 "own checkpoint", filename)
         with open(filename, "rb") as f:

@@ -12,6 +12,10 @@ img_size = 128
 max_iters = 600
 warmup_iters = 100
 val_interval = max_iters
+checkpoint_interval = max_iters // 4  # a killed run loses at most a quarter (--resume)
+# `--cfg-options train_cfg.max_iters=N` stretches warm-up, cosine decay, validation,
+# checkpoint and logging intervals by N / max_iters (rest_dense.mm.runner)
+scale_schedule_with_max_iters = True
 neck_channels = 64
 
 model = dict(
@@ -218,7 +222,8 @@ default_hooks = dict(
     timer=dict(type='IterTimerHook'),
     logger=dict(type='LoggerHook', interval=20, log_metric_by_epoch=False),
     param_scheduler=dict(type='ParamSchedulerHook'),
-    checkpoint=dict(type='CheckpointHook', interval=max_iters, by_epoch=False, max_keep_ckpts=1),
+    checkpoint=dict(
+        type='CheckpointHook', interval=checkpoint_interval, by_epoch=False, max_keep_ckpts=1),
     sampler_seed=dict(type='DistSamplerSeedHook'),
     visualization=dict(type='DetVisualizationHook'))
 env_cfg = dict(

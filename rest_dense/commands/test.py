@@ -11,26 +11,27 @@ Examples:
       work_dirs/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco/epoch_12.pth
   rest-dense test upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py CHECKPOINT --tta
   rest-dense test CONFIG CHECKPOINT --show-dir vis --save-metrics metrics.json
+  rest-dense test CONFIG old_run.pth --trust-checkpoint old_run.pth   # your own odd file
   bash tools/dist_test.sh CONFIG CHECKPOINT 8
   rest-dense test detectron2/mask_rcnn_restv2_tiny_3x.yaml model_final.pth --num-gpus 8
   rest-dense test detectron2/toy/mask_rcnn_restv2_toy.yaml outputs/model_final.pth \\
       --threads 1 MODEL.DEVICE cpu
 
-Checkpoints: CHECKPOINT is taken to be one you trained: it is read with
-torch.load(weights_only=True) and rest_dense's allow-list (enough for mmengine and
-detectron2 training checkpoints) and, should that not suffice, unpickled in full. For a
-file of unknown origin pass --weights-only: then it is never unpickled in full.
+Checkpoints: CHECKPOINT is read with torch.load(weights_only=True) and rest_dense's
+allow-list, which is enough for mmengine and detectron2 training checkpoints (and for
+released weights). A file that needs more is refused with an error naming it; it is
+unpickled in full only if you name it with --trust-checkpoint (unpickling runs code: only
+for files you produced). --weights-only is accepted for older command lines: it is the
+default and cannot be combined with --trust-checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import os
 
-from ..trust import UntrustedCheckpointError
-
-from .train import (add_common_arguments, add_overrides_argument, allow_intermixed,
-                    check_family_options, d2_namespace, fail, fix_resume, overrides,
-                    print_metrics, resolve_config, UsageError)
+from .train import (CHECKPOINT_ERRORS, add_common_arguments, add_overrides_argument,
+                    add_trust_argument, allow_intermixed, check_family_options, d2_namespace,
+                    fail, fix_resume, overrides, print_metrics, resolve_config, UsageError)
 
 HELP = "evaluate a checkpoint (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -40,8 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="config file or shipped config name (rest-dense configs)")
     parser.add_argument("checkpoint", help="checkpoint file (or URL)")
     add_overrides_argument(parser)
+    add_trust_argument(parser)
     parser.add_argument("--weights-only", action="store_true",
-                        help="never unpickle CHECKPOINT in full: for files you did not produce")
+                        help="trust nothing (the default; kept for older command lines, not "
+                        "to be combined with --trust-checkpoint)")
     parser.add_argument("--save-metrics", metavar="FILE", help="also write the metrics as JSON")
     add_common_arguments(parser)
     parser.add_argument("--tta", action="store_true", default=None,
@@ -62,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
         resolve_config(args)
         check_family_options(args)
         fix_resume(args)
+        if args.weights_only and args.trust_checkpoint:
+            raise UsageError("--weights-only (trust nothing) contradicts --trust-checkpoint")
     except UsageError as err:
         return fail("test", str(err))
     if args.threads:
@@ -72,15 +77,14 @@ def run(args: argparse.Namespace) -> int:
     if args.family == "detectron2":
         from ..d2.launch import check_args, launch_main
 
-        ns = d2_namespace(args, eval_only=True, weights=args.checkpoint,
-                          weights_only=args.weights_only)
+        ns = d2_namespace(args, eval_only=True, weights=args.checkpoint)
         try:
             check_args(ns)
         except (FileNotFoundError, ValueError) as err:
             return fail("test", str(err))
         try:
             results = launch_main(ns)
-        except UntrustedCheckpointError as err:
+        except CHECKPOINT_ERRORS as err:
             return fail("test", str(err))
         if results is not None:
             print_metrics(results, args.save_metrics)
@@ -90,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         cfg = test_config(args.config_path, args.checkpoint, work_dir=args.work_dir,
-                          weights_only=args.weights_only, tta=bool(args.tta),
+                          trust=args.trust_checkpoint, tta=bool(args.tta),
                           show_dir=args.show_dir, show=bool(args.show),
                           wait_time=2.0 if args.wait_time is None else args.wait_time,
                           cfg_options=overrides(args), launcher=args.launcher or "none")
@@ -98,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("test", str(err).strip('"'))
     try:
         metrics = build_runner(cfg).test()
-    except UntrustedCheckpointError as err:
+    except CHECKPOINT_ERRORS as err:
         return fail("test", str(err))
     print_metrics(metrics, args.save_metrics)
     return 0

@@ -16,6 +16,7 @@ Examples:
       --work-dir work_dirs/upernet_t train_dataloader.batch_size=4
   rest-dense train CONFIG --work-dir work_dirs/run1 --resume      # latest checkpoint there
   rest-dense train CONFIG --resume work_dirs/run1/iter_8000.pth   # that checkpoint
+  rest-dense train toy/mask_rcnn_restv2_toy.py train_cfg.max_iters=60   # short, same shape
   bash tools/dist_train.sh CONFIG 8                               # 8 GPUs through torchrun
   rest-dense train detectron2/mask_rcnn_restv2_tiny_3x.yaml --num-gpus 8
   rest-dense train detectron2/toy/mask_rcnn_restv2_toy.yaml --threads 1 \\
@@ -23,18 +24,33 @@ Examples:
   rest-dense train detectron2/lazy/mask_rcnn_restv2_tiny_3x.py --num-gpus 8 train.max_iter=1000
 
 Checkpoints: files are read with torch.load(weights_only=True) and an allow-list that
-covers mmengine's and detectron2's training checkpoints (rest_dense/trust.py). If a file
-needs more, it is unpickled in full only if it is your own: inside this run's --work-dir,
-the --resume file, or a path given to --trust-checkpoint. Do not trust files you did not
-produce. Without a GPU, configs that train with mixed precision fall back to fp32.
+covers mmengine's and detectron2's training checkpoints (rest_dense/trust.py), wherever
+they lie. A file that needs more is unpickled in full only if you name it (or its folder)
+with --trust-checkpoint; nothing is trusted implicitly, not the work dir and not the
+--resume file. Never trust files you did not produce: unpickling runs code.
+
+Resuming: checkpoints are written atomically (temporary file, fsync, rename) and an old one
+is deleted only after the new one is complete, so a run killed at any moment -- also while
+saving -- continues with --resume from its last complete checkpoint. --resume without a
+value takes the most recent checkpoint of the work / output dir that loads (a damaged one is
+skipped with a warning naming it; a moved or copied work dir resumes from its own files);
+with nothing to resume from, a warning says so and training starts from scratch.
+
+Short runs: the toy configs (scale_schedule_with_max_iters = True, detectron2:
+SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER: True) stretch warm-up, lr steps, checkpoint, evaluation
+and logging intervals with an overridden train_cfg.max_iters / SOLVER.MAX_ITER, unless you
+set those too. Without a GPU, configs that train with mixed precision fall back to fp32.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
 import re
 import sys
 from typing import Any, Dict, List, Optional
+
+from ..checkpointing import ResumeError  # light: torch only
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -46,6 +62,12 @@ _D2_ONLY = {"num_gpus": "--num-gpus", "num_machines": "--num-machines",
             "lazy": "--lazy", "toy_root": "--toy-root"}
 _FAMILY_NAMES = {"openmmlab": "an MMDetection / MMSegmentation", "detectron2": "a detectron2"}
 _D2_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
+
+
+#: checkpoint errors reported as a one-line error: a file refused by the trust policy or by
+#: torch.load(weights_only=True) (rest_dense.trust.UntrustedCheckpointError is one), and
+#: checkpoints to resume from that cannot be read (rest_dense.checkpointing.ResumeError)
+CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError)
 
 
 class UsageError(Exception):
@@ -69,6 +91,15 @@ def allow_intermixed(parser: argparse.ArgumentParser) -> None:
             busy.pop()
 
     parser.parse_known_args = parse_known_args  # type: ignore[method-assign]
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-checkpoint PATH ...``: the only way to let a file be unpickled in full."""
+    parser.add_argument("--trust-checkpoint", nargs="+", default=[], metavar="PATH",
+                        help="checkpoints (or folders) of your own that may be unpickled in "
+                        "full if torch.load(weights_only=True) and rest_dense's allow-list "
+                        "refuse them; unpickling runs code, so never for files you did not "
+                        "produce (nothing is trusted without this flag)")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -113,10 +144,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_overrides_argument(parser)
     parser.add_argument("--resume", nargs="?", const="auto", default=None, metavar="CHECKPOINT",
                         help="continue training: from CHECKPOINT, or without a value from the "
-                        "latest checkpoint in the work / output dir")
-    parser.add_argument("--trust-checkpoint", nargs="+", default=[], metavar="PATH",
-                        help="further checkpoints (or folders) of your own that may be "
-                        "unpickled in full, e.g. a `load_from` file of an earlier run")
+                        "most recent checkpoint in the work / output dir that loads (none "
+                        "there: a warning, and training starts from scratch)")
+    add_trust_argument(parser)
     parser.add_argument("--amp", action="store_true",
                         help="mixed-precision training (fp32 fallback without a GPU)")
     add_common_arguments(parser)
@@ -239,7 +269,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.family == "detectron2":
         from ..d2.launch import check_args, launch_main
-        from ..trust import UntrustedCheckpointError
 
         amp = []
         if args.amp:
@@ -254,25 +283,24 @@ def run(args: argparse.Namespace) -> int:
             return fail("train", str(err))
         try:
             results = launch_main(ns)
-        except UntrustedCheckpointError as err:
+        except CHECKPOINT_ERRORS as err:
             return fail("train", str(err))
         if results:
             print_metrics(results)
         return 0
 
     from ..mm.runner import build_runner, train_config
-    from ..trust import UntrustedCheckpointError
 
     try:
         cfg = train_config(args.config_path, work_dir=args.work_dir, amp=args.amp,
                            resume=args.resume, cfg_options=overrides(args),
                            launcher=args.launcher or "none",
                            auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
-    except (FileNotFoundError, ValueError, KeyError) as err:
+    except (FileNotFoundError, ValueError, KeyError) + CHECKPOINT_ERRORS as err:
         return fail("train", str(err).strip('"'))
     try:
         build_runner(cfg).train()
-    except UntrustedCheckpointError as err:
+    except CHECKPOINT_ERRORS as err:
         return fail("train", str(err))
     print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
     return 0

@@ -1,4 +1,5 @@
-"""A ``DetectionCheckpointer`` that loads every released ResT checkpoint layout.
+"""A ``DetectionCheckpointer`` that loads every released ResT checkpoint layout and whose
+checkpoints survive the training process being killed.
 
 ``MODEL.WEIGHTS`` may point at
 
@@ -14,13 +15,21 @@
 Files are read under :mod:`rest_dense.trust`'s policy, the same as the MMDetection /
 MMSegmentation adapter's: ``torch.load(weights_only=True)`` with an allow-list that covers
 what detectron2 training writes (``.pkl`` model-zoo files through a restricted unpickler);
-full unpickling only for paths marked with :func:`rest_dense.trust.trust` (the training
-run's ``OUTPUT_DIR``, which :class:`rest_dense.d2.engine.RestTrainer` and the launcher mark,
-``--trust-checkpoint`` paths, the checkpoint given to ``rest-dense test``).
+full unpickling only for paths marked with :func:`rest_dense.trust.trust`, which the
+command line does for ``--trust-checkpoint`` paths and nothing else.
+
+Saving (:meth:`RestDetectionCheckpointer.save`) writes each checkpoint and the
+``last_checkpoint`` pointer atomically (:mod:`rest_dense.checkpointing`: temporary file in
+the output folder, ``fsync``, ``os.replace``), so a file under a checkpoint's name is always
+complete and ``PeriodicCheckpointer(max_to_keep=...)`` deletes an old checkpoint only after
+the new one is in place. Resuming (:meth:`RestDetectionCheckpointer.resume_or_load` with
+``resume=True``) takes the most recent checkpoint of the output folder that loads, skipping
+damaged ones with a warning, and says so plainly when there is nothing to resume from.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Optional, Tuple
+import os
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,11 +37,19 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
+from .. import checkpointing as _ckpt
 from .. import trust as _trust
 from ..models import load_checkpoint, matching_keys, normalize_state_dict, rename_d2_norm_keys
 from ..models.base import ResTBase
 
-__all__ = ["RestDetectionCheckpointer", "find_rest_backbone", "classify_checkpoint"]
+__all__ = ["RestDetectionCheckpointer", "find_rest_backbone", "classify_checkpoint",
+           "CHECKPOINT_PATTERN", "FINAL_NAMES"]
+
+#: file names of ``PeriodicCheckpointer``'s checkpoints (``model_0000099.pth``); the group is
+#: the iteration
+CHECKPOINT_PATTERN = r"model_(\d+)\.pth"
+#: the checkpoint written at the end of training, newer than every numbered one
+FINAL_NAMES = ("model_final.pth",)
 
 _BACKBONE_ONLY = "__rest_backbone_only__"
 
@@ -71,7 +88,73 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
     Drop-in replacement: same constructor, ``load`` / ``resume_or_load`` / ``save``.
     Backbone-only checkpoints go through :func:`rest_dense.models.load_checkpoint` into the
     model's ResT backbone; detectron2 checkpoints get ``norm_i.0.`` renamed to ``norm_i.``.
+    Saves are atomic and resuming falls back past damaged checkpoints (module docstring).
     """
+
+    # ------------------------------------------------------------------ saving
+    def save(self, name: str, **kwargs: Any) -> None:
+        """Write ``<save_dir>/<name>.pth`` (model, checkpointables, ``kwargs``) and point
+        ``last_checkpoint`` at it, both atomically: a process killed at any moment leaves the
+        previous checkpoint and pointer intact, or the new ones complete."""
+        if not self.save_dir or not self.save_to_disk:
+            return
+        data = {"model": self.model.state_dict()}
+        for key, obj in self.checkpointables.items():
+            data[key] = obj.state_dict()
+        data.update(kwargs)
+        basename = f"{name}.pth"
+        save_file = os.path.join(self.save_dir, basename)
+        if os.path.basename(save_file) != basename:
+            raise ValueError(f"checkpoint name {name!r} must be a plain file name")
+        self.logger.info("Saving checkpoint to %s", save_file)
+        _ckpt.atomic_save(data, save_file)
+        self.tag_last_checkpoint(basename)
+
+    def tag_last_checkpoint(self, last_filename_basename: str) -> None:
+        """Point ``last_checkpoint`` at ``last_filename_basename``, atomically."""
+        _ckpt.atomic_write_text(os.path.join(self.save_dir, _ckpt.POINTER_NAME),
+                                last_filename_basename)
+
+    # ------------------------------------------------------------------ resuming
+    def resume_candidates(self) -> List[str]:
+        """The output folder's checkpoints, the one to resume from first
+        (:func:`rest_dense.checkpointing.resume_candidates`)."""
+        if not self.save_dir:
+            return []
+        return _ckpt.resume_candidates(self.save_dir, CHECKPOINT_PATTERN,
+                                       final_names=FINAL_NAMES)
+
+    def has_checkpoint(self) -> bool:
+        """Whether the output folder holds a checkpoint to resume from (the pointer, or a
+        checkpoint file written just before the process died, before the pointer moved)."""
+        return bool(self.resume_candidates())
+
+    def find_resume_checkpoint(self) -> Optional[str]:
+        """The most recent checkpoint of the output folder that loads (damaged ones are
+        skipped with a warning naming them); ``None`` when there is none.
+
+        Raises:
+            ResumeError: there are checkpoints, but none can be read.
+            UntrustedCheckpointError: the newest needs full unpickling and is not trusted.
+        """
+        if self.save_dir and self.save_to_disk:
+            _ckpt.remove_stale_temporaries(self.save_dir, log=self.logger)
+        return _ckpt.select_resume_checkpoint(
+            self.resume_candidates(),
+            read=lambda p: _trust.load_checkpoint_file(p, map_location="cpu"), log=self.logger)
+
+    def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
+        """With ``resume``: load model and checkpointables from
+        :meth:`find_resume_checkpoint`; without, or when the output folder holds no
+        checkpoint (a warning says so), load the model weights of ``path`` only."""
+        if resume:
+            found = self.find_resume_checkpoint()
+            if found is not None:
+                return self.load(found)
+            self.logger.warning(
+                "rest_dense: --resume: no checkpoint in %s to resume from; starting from %s",
+                self.save_dir, f"the weights {path}" if path else "scratch")
+        return self.load(path, checkpointables=[])
 
     # ------------------------------------------------------------------ reading
     def _read_native(self, filename: str) -> Dict[str, Any]:

@@ -34,12 +34,15 @@ def _arch_node() -> CN:
 
 
 def add_rest_solver_config(cfg: CN) -> None:
-    """Add ``SOLVER.OPTIMIZER`` (``"SGD"`` | ``"ADAMW"``, default SGD as in detectron2) and
-    ``SOLVER.BETAS`` (AdamW betas) if absent."""
+    """Add ``SOLVER.OPTIMIZER`` (``"SGD"`` | ``"ADAMW"``, default SGD as in detectron2),
+    ``SOLVER.BETAS`` (AdamW betas) and ``SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER`` (default
+    False; see :func:`rest_dense.d2.engine.scale_yaml_schedule`) if absent."""
     if "OPTIMIZER" not in cfg.SOLVER:
         cfg.SOLVER.OPTIMIZER = "SGD"
     if "BETAS" not in cfg.SOLVER:
         cfg.SOLVER.BETAS = (0.9, 0.999)
+    if "SCALE_SCHEDULE_WITH_MAX_ITER" not in cfg.SOLVER:
+        cfg.SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER = False
 
 
 def add_restv2_config(cfg: CN) -> None:

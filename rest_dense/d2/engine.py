@@ -5,7 +5,12 @@
   ``COCOEvaluator``; for yacs configs.
 * :func:`lazy_train` / :func:`lazy_test`: the same for LazyConfig (python) configs.
 * :func:`setup_yaml_config` / :func:`setup_lazy_config`: read a config file plus
-  command-line overrides.
+  command-line overrides; yaml configs with ``SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER: True`` (the
+  toy config) keep their schedule proportionate to an overridden ``SOLVER.MAX_ITER``
+  (:func:`scale_yaml_schedule`).
+
+Nothing is trusted implicitly: checkpoints that need full unpickling load only from paths
+given to ``--trust-checkpoint`` (:mod:`rest_dense.trust`), also in the run's own output folder.
 """
 from __future__ import annotations
 
@@ -13,7 +18,7 @@ import argparse
 import logging
 import os
 import weakref
-from typing import Any, Dict, Optional, Sequence, Union
+from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 from detectron2.config import CfgNode, LazyConfig, get_cfg, instantiate
@@ -25,13 +30,13 @@ from detectron2.utils import comm
 from omegaconf import DictConfig
 
 from ..amp import resolve_amp
-from ..trust import trust
+from ..checkpointing import scale_count
 from .checkpoint import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
 from .solver import build_optimizer
 
 __all__ = ["RestTrainer", "setup_yaml_config", "setup_lazy_config", "lazy_train", "lazy_test",
-           "lazy_build_model", "is_lazy_config", "default_setup"]
+           "lazy_build_model", "is_lazy_config", "default_setup", "scale_yaml_schedule"]
 
 logger = logging.getLogger("rest_dense.d2")
 
@@ -65,14 +70,91 @@ def default_setup(cfg: Union[CfgNode, DictConfig], args: argparse.Namespace) -> 
         _d2_defaults.collect_env_info = collect
 
 
+def scale_yaml_schedule(cfg: CfgNode, max_iter: int,
+                        explicit: Collection[str] = ()) -> Dict[str, Tuple[Any, Any]]:
+    """Set ``SOLVER.MAX_ITER`` and stretch everything counted in iterations with it.
+
+    With ``r = max_iter / <the config's SOLVER.MAX_ITER>``: ``SOLVER.STEPS`` (lr decay),
+    ``SOLVER.WARMUP_ITERS``, ``SOLVER.CHECKPOINT_PERIOD`` and a non-zero ``TEST.EVAL_PERIOD``
+    are multiplied by ``r`` and rounded (periods at least 1, steps before the last
+    iteration). A short run then warms up,
+    decays, saves checkpoints and evaluates like the full one, only sooner. Keys named in
+    ``explicit`` keep their value.
+
+    Args:
+        cfg: a yacs config, not frozen; modified in place.
+        max_iter: the new number of iterations (>= 1).
+        explicit: keys the user set explicitly (e.g. ``SOLVER.STEPS`` among the overrides).
+
+    Returns:
+        What changed: ``{key: (old, new)}``.
+
+    Raises:
+        ValueError: ``max_iter`` < 1.
+    """
+    max_iter = int(max_iter)
+    if max_iter < 1:
+        raise ValueError(f"SOLVER.MAX_ITER must be at least 1, got {max_iter}")
+    old = int(cfg.SOLVER.MAX_ITER)
+    ratio = max_iter / float(old)
+    changes: Dict[str, Tuple[Any, Any]] = {"SOLVER.MAX_ITER": (old, max_iter)}
+    cfg.SOLVER.MAX_ITER = max_iter
+    new_values = {
+        # fvcore's MultiStepParamScheduler wants milestones in [1, MAX_ITER)
+        "SOLVER.STEPS": tuple(sorted({min(scale_count(s, ratio), max_iter - 1)
+                                      for s in cfg.SOLVER.STEPS} - {0})),
+        "SOLVER.WARMUP_ITERS": scale_count(cfg.SOLVER.WARMUP_ITERS, ratio, minimum=0),
+        "SOLVER.CHECKPOINT_PERIOD": scale_count(cfg.SOLVER.CHECKPOINT_PERIOD, ratio),
+    }
+    if cfg.TEST.EVAL_PERIOD > 0:
+        new_values["TEST.EVAL_PERIOD"] = scale_count(cfg.TEST.EVAL_PERIOD, ratio)
+    for key, value in new_values.items():
+        section, name = key.split(".")
+        before = cfg[section][name]
+        if key in explicit or before == value:
+            continue
+        cfg[section][name] = value
+        changes[key] = (before, value)
+    return changes
+
+
+def _pop_override(opts: List[str], key: str) -> Tuple[Optional[str], List[str]]:
+    """``(value, the other overrides)`` of a flat ``[KEY, VALUE, ...]`` list."""
+    value, rest = None, []
+    for k, v in zip(opts[0::2], opts[1::2]):
+        if k == key:
+            value = v
+        else:
+            rest += [k, v]
+    return value, rest
+
+
 def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """detectron2 defaults + ResT keys + ``config_file`` + ``opts``; AMP is disabled with a
-    warning when the device is not CUDA. Returns a frozen config."""
+    warning when the device is not CUDA. An overridden ``SOLVER.MAX_ITER`` rescales the
+    schedule if the config sets ``SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER``
+    (:func:`scale_yaml_schedule`). Returns a frozen config."""
     cfg = get_cfg()
     add_restv2_config(cfg)
     add_rest_config(cfg)
     cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
+    opts = list(opts)
+    max_iter, others = (None, opts)  # an odd list: merge_from_list reports it
+    if len(opts) % 2 == 0:
+        max_iter, others = _pop_override(opts, "SOLVER.MAX_ITER")
+    cfg.merge_from_list(others)
+    if max_iter is not None:
+        if cfg.SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER:
+            try:
+                n = int(str(max_iter))
+            except ValueError:
+                raise ValueError(f"SOLVER.MAX_ITER must be an integer, got {max_iter!r}") from None
+            changes = scale_yaml_schedule(cfg, n, explicit=set(others[0::2]))
+            logger.info("schedule scaled to SOLVER.MAX_ITER=%s (SOLVER.SCALE_SCHEDULE_WITH_MAX_"
+                        "ITER): %s", max_iter, ", ".join(f"{k} {a}->{b}"
+                                                         for k, (a, b) in changes.items()))
+        else:
+            cfg.merge_from_list(["SOLVER.MAX_ITER", max_iter])
     cfg.SOLVER.AMP.ENABLED = _amp_guard(cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED)
     cfg.freeze()
     return cfg
@@ -101,17 +183,15 @@ class RestTrainer(DefaultTrainer):
     :func:`rest_dense.d2.solver.build_optimizer` (AdamW / SGD, no weight decay on norms and
     biases as configured, per-parameter or whole-model gradient clipping), weights are loaded
     by :class:`RestDetectionCheckpointer` (ImageNet, released detectron2 and converted
-    checkpoints alike), evaluation uses ``COCOEvaluator``, ``OUTPUT_DIR`` is created if
-    missing (detectron2's writers need it) and marked as the run's own checkpoints
-    (:func:`rest_dense.trust.trust`), and checkpoints carry the optimizer (and AMP grad
-    scaler) state, so ``--resume`` continues where training stopped.
+    checkpoints alike) and saved atomically, evaluation uses ``COCOEvaluator``,
+    ``OUTPUT_DIR`` is created if missing (detectron2's writers need it), and checkpoints
+    carry the optimizer (and AMP grad scaler) state, so ``--resume`` continues where training
+    stopped, from the most recent checkpoint that loads.
     """
 
     def __init__(self, cfg: CfgNode):
-        if cfg.OUTPUT_DIR:
-            if comm.is_main_process():
-                os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-            trust(cfg.OUTPUT_DIR)
+        if cfg.OUTPUT_DIR and comm.is_main_process():
+            os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         wrap = _d2_defaults.create_ddp_model
         _d2_defaults.create_ddp_model = _create_ddp_model  # CPU (gloo) jobs: no device_ids
         try:
@@ -181,15 +261,14 @@ def lazy_train(cfg: DictConfig, resume: bool = False,
 
     Args:
         cfg: the config.
-        resume: continue from the last checkpoint in ``train.output_dir`` if there is one
-            (else start from ``train.init_checkpoint``).
+        resume: continue from the most recent checkpoint in ``train.output_dir`` that loads
+            if there is one (else, with a warning, start from ``train.init_checkpoint``).
         resume_from: continue from this checkpoint file (model, optimizer, iteration);
-            overrides ``resume``. The file is marked trusted (:func:`rest_dense.trust.trust`).
+            overrides ``resume``.
 
     Returns:
         The last evaluation results.
     """
-    trust(cfg.train.output_dir, resume_from)  # the run's own checkpoints
     model = lazy_build_model(cfg)
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model

@@ -15,10 +15,13 @@ Overrides follow the config: ``KEY VALUE`` pairs for yaml configs and ``key=valu
 LazyConfigs; either spelling is accepted for both (:func:`normalize_overrides`).
 Datasets named ``toy_train`` / ``toy_val`` are registered from ``--toy-root``.
 
-Checkpoints are read under :mod:`rest_dense.trust`'s policy; besides what the allow-list
-admits, full unpickling is allowed for the run's ``OUTPUT_DIR``, ``--resume FILE``,
-``--trust-checkpoint`` paths and the checkpoint under test (``weights``) unless
-``--weights-only``. Trust is registered in each worker process.
+Checkpoints are read under :mod:`rest_dense.trust`'s policy; beyond what the allow-list
+admits (which covers detectron2's and mmengine's training checkpoints), full unpickling is
+allowed only for ``--trust-checkpoint`` paths -- not for the run's ``OUTPUT_DIR``, a
+``--resume FILE`` or the checkpoint under test. Trust is registered in each worker process.
+``--resume`` without a file continues from the most recent checkpoint of the output folder
+that loads, and says so when there is none
+(:meth:`rest_dense.d2.checkpoint.RestDetectionCheckpointer.resume_or_load`).
 """
 from __future__ import annotations
 
@@ -147,10 +150,8 @@ def _resume_file(args: argparse.Namespace) -> Optional[str]:
 
 
 def _trust_from_args(args: argparse.Namespace) -> None:
-    trust(_resume_file(args), *(getattr(args, "trust_checkpoint", None) or []))
-    weights = getattr(args, "weights", None)
-    if weights and not getattr(args, "weights_only", False):
-        trust(weights)
+    """Only the paths the user named with ``--trust-checkpoint``."""
+    trust(*(getattr(args, "trust_checkpoint", None) or []))
 
 
 def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -158,7 +159,6 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     default_setup(cfg, args)
     resume_file = _resume_file(args)
     if args.eval_only:
-        trust(cfg.OUTPUT_DIR)  # a training run's folder (resume reads its last checkpoint)
         model = RestTrainer.build_model(cfg)
         checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         if resume_file:
@@ -169,7 +169,7 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = RestTrainer(cfg)  # marks OUTPUT_DIR as trusted
+    trainer = RestTrainer(cfg)
     if resume_file:
         trainer.checkpointer.load(resume_file)  # model, optimizer, iteration
         trainer.start_iter = trainer.iter + 1
@@ -183,7 +183,6 @@ def _main_lazy(args: argparse.Namespace) -> Dict[str, Any]:
     default_setup(cfg, args)
     resume_file = _resume_file(args)
     if args.eval_only:
-        trust(cfg.train.output_dir)
         model = lazy_build_model(cfg)
         checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.train.output_dir)
         if resume_file:
@@ -201,8 +200,8 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         args: the namespace of :func:`build_parser` (or of ``rest-dense train`` /
             ``rest-dense test``): ``config_file``, ``opts``, ``resume`` (bool, or a
             checkpoint file to continue from), ``eval_only``, ``lazy``, ``toy_root``,
-            ``cpu_threads``, ``trust_checkpoint``, and optionally ``output_dir``,
-            ``weights`` (checkpoint to evaluate) and ``weights_only``.
+            ``cpu_threads``, ``trust_checkpoint``, and optionally ``output_dir`` and
+            ``weights`` (checkpoint to evaluate).
 
     Returns:
         The evaluation results (``None`` if no evaluation ran).

@@ -6,9 +6,16 @@ failing that, from the registry that knows ``model.type``); ``rest_dense.mm`` is
 before anything is built, so configs need no ``custom_imports``.
 
 Checkpoints are read under :mod:`rest_dense.trust`'s policy: ``weights_only=True`` with an
-allow-list that covers mmengine's training checkpoints; full unpickling only for the run's
-``work_dir``, the ``resume`` file, the ``trust`` paths and the checkpoint given to
-:func:`test` (unless ``weights_only``).
+allow-list that covers mmengine's training checkpoints; full unpickling only for the paths
+passed as ``trust`` (``--trust-checkpoint``), never implicitly.
+
+Training survives being killed: checkpoints are written atomically and the oldest one of
+``max_keep_ckpts`` is removed only after the new one is complete
+(:class:`rest_dense.mm.checkpointing.AtomicCheckpointHook`), and ``resume=True`` continues from
+the most recent checkpoint of the work dir that loads
+(:func:`rest_dense.mm.checkpointing.find_resume_checkpoint`). Configs that set
+``scale_schedule_with_max_iters = True`` (the toy configs) stretch their schedule with an
+overridden ``train_cfg.max_iters`` (:func:`rest_dense.mm.checkpointing.scale_schedule`).
 
 Example::
 
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import logging
 import os
 import os.path as osp
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
@@ -34,6 +42,8 @@ from mmengine.runner import Runner
 from torch import nn
 
 from ..configs import get_config_path
+from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
+                            make_checkpoint_hooks_atomic, scale_schedule)
 from ..distributed import setup_mm_distributed
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 from .utils import (amp_unavailable_fallback, default_work_dir, detect_framework, load_config,
@@ -90,17 +100,27 @@ def resolve_config(config: ConfigLike) -> Union[str, Config]:
 
 
 def _load(config: ConfigLike, cfg_options: CfgOptions) -> Config:
+    options = parse_cfg_options(cfg_options)
+    max_iters = options.pop("train_cfg.max_iters", None)
     resolved = resolve_config(config)
     if isinstance(resolved, Config):
         import rest_dense.mm  # noqa: F401  (registers the backbones)
 
         cfg = copy.deepcopy(resolved)
-        options = parse_cfg_options(cfg_options)
         if options:
             cfg.merge_from_dict(options)
         cfg.default_scope = detect_framework(cfg)
-        return cfg
-    return load_config(resolved, parse_cfg_options(cfg_options))
+    else:
+        cfg = load_config(resolved, options)
+    if max_iters is not None:
+        if cfg.get(SCALE_SCHEDULE_KEY):
+            changes = scale_schedule(cfg, max_iters, explicit=options)
+            print_log("rest_dense: schedule scaled to train_cfg.max_iters=%s (%s): %s" % (
+                max_iters, SCALE_SCHEDULE_KEY, ", ".join(
+                    f"{k} {a}->{b}" for k, (a, b) in changes.items())), logger="current")
+        else:
+            cfg.merge_from_dict({"train_cfg.max_iters": max_iters})
+    return cfg
 
 
 def _set_work_dir(cfg: Config, config: ConfigLike, work_dir: Optional[PathLike]) -> None:
@@ -131,13 +151,17 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: b
             ``./work_dirs/<config name>``).
         amp: switch the optimizer wrapper to ``AmpOptimWrapper`` (dynamic loss scale).
             Without an accelerator, AMP configs fall back to fp32 with a warning.
-        resume: ``True`` / ``'auto'``: continue from the latest checkpoint in ``work_dir``;
-            a path: continue from that checkpoint; ``None`` / ``False``: start afresh.
+        resume: ``True`` / ``'auto'``: continue from the most recent checkpoint in
+            ``work_dir`` that loads (:func:`~rest_dense.mm.checkpointing.
+            find_resume_checkpoint`; with none there, a warning says so and training starts
+            afresh); a path: continue from that checkpoint; ``None`` / ``False``: start
+            afresh.
         cfg_options: overrides, see :func:`parse_cfg_options`.
         launcher: ``'none'``, ``'pytorch'``, ``'slurm'`` or ``'mpi'``.
         auto_scale_lr: scale the lr by total batch size / ``auto_scale_lr.base_batch_size``.
-        trust: further checkpoints (or folders) of the user's own that may be unpickled in
-            full, e.g. a ``load_from`` file of an earlier run.
+        trust: checkpoints (or folders) of the user's own that may be unpickled in full if
+            ``weights_only=True`` and the allow-list refuse them (``--trust-checkpoint``).
+            Nothing else is: not the work dir, not the ``resume`` file.
 
     Returns:
         The config (``work_dir``, ``resume`` / ``load_from``, optimizer wrapper set).
@@ -146,6 +170,9 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: b
         ValueError: unknown launcher.
         FileNotFoundError: the config or the ``resume`` file does not exist.
         KeyError: ``auto_scale_lr`` without ``auto_scale_lr.base_batch_size`` in the config.
+        ResumeError: ``resume=True`` and the work dir holds checkpoints, none of them readable.
+        UntrustedCheckpointError: ``resume=True`` and the newest checkpoint of the work dir
+            needs full unpickling but is not among ``trust``.
     """
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
@@ -171,13 +198,20 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: b
                            "in the config")
         cfg.auto_scale_lr.enable = True
 
+    # only the paths the user named as their own may be unpickled in full
+    trust_checkpoints(*trust)
     if resume_file is not None:
         cfg.resume, cfg.load_from = True, resume_file
     elif resume in (True, "auto"):
-        cfg.resume, cfg.load_from = True, None
-
-    # the user's own checkpoints: this run's work dir, the resume file and `trust`
-    trust_checkpoints(cfg.work_dir, resume_file, *trust)
+        found = find_resume_checkpoint(cfg.work_dir)
+        if found is None:
+            print_log(f"rest_dense: --resume: no checkpoint in {osp.abspath(cfg.work_dir)} to "
+                      "resume from; starting from scratch", logger="current",
+                      level=logging.WARNING)
+            cfg.resume = False
+        else:
+            print_log(f"rest_dense: resuming from {found}", logger="current")
+            cfg.resume, cfg.load_from = True, found
     return cfg
 
 
@@ -216,11 +250,11 @@ def enable_visualization(cfg: Config, show_dir: Optional[PathLike] = None, show:
 
 
 def test_config(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] = None,
-                weights_only: bool = False, tta: bool = False,
+                trust: Iterable[PathLike] = (), tta: bool = False,
                 show_dir: Optional[PathLike] = None, show: bool = False, wait_time: float = 2.0,
                 cfg_options: CfgOptions = None, launcher: str = "none") -> Config:
-    """The test config as :func:`test` runs it (``load_from`` set, ``checkpoint`` trusted
-    unless ``weights_only``). Arguments as in :func:`test`."""
+    """The test config as :func:`test` runs it (``load_from`` set, the ``trust`` paths
+    registered). Arguments as in :func:`test`."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     checkpoint = os.fspath(checkpoint)
@@ -229,9 +263,7 @@ def test_config(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[Pat
     cfg.launcher = launcher
     _set_work_dir(cfg, config, work_dir)
     cfg.load_from = checkpoint
-    install_checkpoint_loader()
-    if not weights_only:
-        trust_checkpoints(checkpoint)
+    trust_checkpoints(*trust)
     if show or show_dir:
         enable_visualization(cfg, show_dir, show, wait_time)
     if tta:
@@ -240,7 +272,9 @@ def test_config(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[Pat
 
 
 def build_runner(cfg: Config) -> Runner:
-    """The config's runner (``runner_type`` if given, else mmengine's ``Runner``).
+    """The config's runner (``runner_type`` if given, else mmengine's ``Runner``), its
+    ``CheckpointHook`` made crash-safe (:class:`~rest_dense.mm.checkpointing.
+    AtomicCheckpointHook`).
 
     The visualizer is named after the run (mmengine's default) rather than the shipped
     configs' fixed ``'visualizer'``: mmengine keeps one visualizer per name and process, so
@@ -256,7 +290,9 @@ def build_runner(cfg: Config) -> Runner:
     vis = cfg.get("visualizer")
     if isinstance(vis, dict) and vis.get("name") == "visualizer":
         vis.pop("name")
-    return Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    make_checkpoint_hooks_atomic(runner)  # crash-safe saves, see rest_dense.mm.checkpointing
+    return runner
 
 
 def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: bool = False,
@@ -277,7 +313,7 @@ def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: bool = F
 
 
 def test(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] = None,
-         weights_only: bool = False, tta: bool = False, show_dir: Optional[PathLike] = None,
+         trust: Iterable[PathLike] = (), tta: bool = False, show_dir: Optional[PathLike] = None,
          show: bool = False, wait_time: float = 2.0, cfg_options: CfgOptions = None,
          launcher: str = "none") -> Dict[str, Any]:
     """Evaluate a checkpoint on the config's test set.
@@ -286,8 +322,9 @@ def test(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] 
         config: config file, shipped config name or ``Config``.
         checkpoint: checkpoint file (or URL) to evaluate.
         work_dir: where logs (and mmdet's ``show_dir``) go (default as in :func:`train`).
-        weights_only: do not trust ``checkpoint``: read it with ``weights_only=True`` and
-            the allow-list only (for files of unknown origin).
+        trust: checkpoints (or folders) of the user's own that may be unpickled in full if
+            ``weights_only=True`` and the allow-list refuse them (``--trust-checkpoint``);
+            ``checkpoint`` itself is not trusted unless listed.
         tta: test-time augmentation from the config's ``tta_model`` / ``tta_pipeline``.
         show_dir: save painted predictions, see :func:`enable_visualization`.
         show: display painted predictions.
@@ -298,7 +335,7 @@ def test(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] 
     Returns:
         The metrics (e.g. ``{'coco/bbox_mAP': ..., ...}`` or ``{'mIoU': ..., ...}``).
     """
-    cfg = test_config(config, checkpoint, work_dir=work_dir, weights_only=weights_only, tta=tta,
+    cfg = test_config(config, checkpoint, work_dir=work_dir, trust=trust, tta=tta,
                       show_dir=show_dir, show=show, wait_time=wait_time, cfg_options=cfg_options,
                       launcher=launcher)
     return build_runner(cfg).test()

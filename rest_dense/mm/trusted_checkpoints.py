@@ -13,7 +13,9 @@ This module
 * with :func:`install_checkpoint_loader` (called by :func:`trust_checkpoints` and by
   :mod:`rest_dense.mm.runner`), replaces mmengine's loader for local files by
   :func:`load_from_local`, which reads every file with the allow-list and unpickles in full
-  only files the user marked as their own (:func:`rest_dense.trust.trust`).
+  only files the user marked as their own (:func:`rest_dense.trust.trust`, which the
+  command line calls for ``--trust-checkpoint`` paths only: never implicitly for a work dir,
+  a ``--resume`` file or the checkpoint under test).
 
 URLs keep mmengine's own loader (torch's default ``weights_only=True``), and the backbones'
 ``Pretrained`` weights are read by :func:`rest_dense.models.load_checkpoint` with an
@@ -62,8 +64,8 @@ def trust_checkpoints(*paths: Optional[PathLike]) -> List[str]:
     Only call this for files you produced: unpickling runs code stored in the file.
 
     Args:
-        *paths: checkpoint files or directories (e.g. a ``work_dir``); ``None`` and
-            URLs are ignored.
+        *paths: checkpoint files or directories the user named explicitly
+            (``--trust-checkpoint``); ``None`` and URLs are ignored.
 
     Returns:
         All trusted paths.

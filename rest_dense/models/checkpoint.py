@@ -234,7 +234,15 @@ def _load_file(path: str, weights_only: bool, map_location) -> object:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except Exception as e:
         if type(e).__name__ == "UnpicklingError" and "eights only" in str(e):
-            raise  # torch's own refusal under weights_only=True: its message says what to do
+            # torch's refusal under weights_only=True (nothing of the file ran): name the
+            # file, what was refused and how to load a file of one's own anyway
+            lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+            refused = [ln for ln in lines if "GLOBAL" in ln or "Unsupported" in ln]
+            raise type(e)(
+                f"Weights only load failed for {path!r}: {(refused or lines[-1:] or [''])[0]} "
+                "Nothing of the file was run. If you produced it yourself, load it with "
+                "weights_only=False (mmdet/mmseg init_cfg: weights_only=False; rest-dense "
+                "convert: --unsafe-load); never for files of unknown origin.") from e
         raise CheckpointFormatError(
             f"{_describe_file(path, kind)} that torch.load cannot read (damaged or truncated?): "
             f"{type(e).__name__}: {e}") from e

@@ -79,7 +79,7 @@ def test_cli_train_resume_and_test(toy_root, tmp_path, capsys):
     assert cli(["train", config, *common, *small, "SOLVER.MAX_ITER", "2"]) == 0
     final = out / "model_final.pth"
     assert final.is_file() and (out / "last_checkpoint").is_file()
-    assert trust.is_trusted(final)  # the run's own output folder
+    assert not trust.is_trusted(final)  # nothing is trusted implicitly, not even OUTPUT_DIR
     # what training wrote loads without full unpickling, optimizer state included
     ckpt = trust.load_checkpoint_file(final, trusted=False)
     assert ckpt["iteration"] == 1 and ckpt["trainer"]["_trainer"]["optimizer"]["state"]

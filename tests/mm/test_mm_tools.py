@@ -91,7 +91,8 @@ def test_parse_cfg_options():
 
 
 def test_train_config_from_shipped_name(tmp_path):
-    """A shipped config by name: work dir, resume, AMP fallback and trust set as documented."""
+    """A shipped config by name: work dir, resume, AMP fallback and trust set as documented:
+    only the `trust` paths are trusted, not the work dir, not the resume file."""
     name = "mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"
     ckpt = tmp_path / "mine.pth"
     torch.save({"state_dict": {}}, ckpt)
@@ -102,13 +103,14 @@ def test_train_config_from_shipped_name(tmp_path):
     assert cfg.resume is True and cfg.load_from == str(ckpt)
     assert cfg.train_dataloader.batch_size == 1
     assert cfg.optim_wrapper.type == ("AmpOptimWrapper" if amp_supported() else "OptimWrapper")
-    assert trust.is_trusted(tmp_path / "w" / "iter_5.pth") and trust.is_trusted(ckpt)
+    assert not trust.is_trusted(tmp_path / "w" / "iter_5.pth") and not trust.is_trusted(ckpt)
     assert trust.is_trusted(tmp_path / "earlier" / "x.pth")
     assert not trust.is_trusted(tmp_path / "other.pth")
 
-    auto = mm_runner.train_config(name, resume=True)
-    assert auto.resume is True and auto.load_from is None
-    assert auto.work_dir.endswith("mask-rcnn_restv2-t_fpn_amp-ms-1x_coco")
+    auto = mm_runner.train_config(name, resume=True, work_dir=tmp_path / "empty")
+    assert auto.resume is False and auto.load_from is None  # nothing to resume: fresh start
+    named = mm_runner.train_config(name)
+    assert named.work_dir.endswith("mask-rcnn_restv2-t_fpn_amp-ms-1x_coco")
     with pytest.raises(FileNotFoundError, match="resume checkpoint"):
         mm_runner.train_config(name, resume=tmp_path / "missing.pth")
     with pytest.raises(FileNotFoundError, match="did you mean"):
@@ -225,17 +227,21 @@ def test_seg_train_resume_and_test(tmp_path, one_thread, capsys):
     assert list((tmp_path / "vis").rglob("*.png")), "--show-dir painted nothing"
 
     # a checkpoint that holds more than the allow-list admits: refused unless trusted
+    # explicitly (being rest-dense test's CHECKPOINT is not enough)
     odd = elsewhere / "odd.pth"
     torch.save({**loaded, "extra": Note("mine")}, odd)
     with pytest.raises(trust.UntrustedCheckpointError, match="--trust-checkpoint"):
         trusted_checkpoints.load_from_local(str(odd), "cpu")
     capsys.readouterr()
-    assert cli(["test", cfg, str(odd), "--weights-only", "--work-dir", str(tmp_path / "t3"),
+    assert cli(["test", cfg, str(odd), "--work-dir", str(tmp_path / "t3"),
                 "experiment_name=seg_e"]) == 2
     err = capsys.readouterr().err
-    assert "rest-dense test: error:" in err and str(odd) in err and "--weights-only" in err
+    assert "rest-dense test: error:" in err and str(odd) in err and "--trust-checkpoint" in err
+    assert cli(["test", cfg, str(odd), "--weights-only", "--trust-checkpoint", str(odd)]) == 2
+    assert "contradicts" in capsys.readouterr().err
+    mm_runner.test_config(cfg, odd)
     assert not trust.is_trusted(odd)
-    mm_runner.test_config(cfg, odd)                     # test's CHECKPOINT: trusted
+    mm_runner.test_config(cfg, odd, trust=[odd])        # --trust-checkpoint
     assert trusted_checkpoints.load_from_local(str(odd), "cpu")["extra"].text == "mine"
 
 

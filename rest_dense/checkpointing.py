@@ -1,0 +1,317 @@
+"""Crash-safe checkpoint files and picking the checkpoint to resume from (PyTorch only).
+
+Shared by the MMDetection / MMSegmentation adapter (:mod:`rest_dense.mm.checkpointing`) and
+the detectron2 one (:class:`rest_dense.d2.checkpoint.RestDetectionCheckpointer`), so that a
+training run killed at any moment -- also while it writes a checkpoint -- resumes from the
+last complete checkpoint:
+
+* :func:`atomic_save` / :func:`atomic_write_text` write to a hidden temporary file in the
+  destination folder, ``fsync`` it, and only then ``os.replace`` it onto the final name
+  (atomic on POSIX and Windows within one file system), then ``fsync`` the folder. A
+  reader sees the old file or the new one, never half of one.
+* :func:`resume_candidates` lists a run folder's checkpoints, newest first, from the
+  ``last_checkpoint`` pointer and the files that follow the run's naming scheme; a
+  pointer whose recorded path is missing or lies outside the folder (a moved or copied
+  work dir) is resolved to the file of that name inside the folder.
+* :func:`select_resume_checkpoint` returns the newest candidate that loads, with a warning
+  naming every file it skipped; :class:`ResumeError` when there are checkpoints but none
+  loads.
+* :func:`remove_stale_temporaries` deletes the temporary files of killed writers.
+
+For tests only: when the environment variable ``RESTDENSE_TEST_SAVE_PAUSE`` holds a number
+of seconds, :func:`atomic_save` sleeps that long between writing the temporary file and
+renaming it, so that a test can kill the process in the middle of a save.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import os.path as osp
+import re
+import secrets
+import time
+from typing import Any, Callable, Iterable, List, Optional, Pattern, Sequence, Union
+
+import torch
+
+__all__ = ["SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
+           "temporary_name", "remove_stale_temporaries", "read_pointer", "resume_candidates",
+           "select_resume_checkpoint", "scale_count"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+logger = logging.getLogger("rest_dense.checkpointing")
+
+#: test hook: seconds to sleep between writing a checkpoint's temporary file and renaming it
+SAVE_PAUSE_ENV = "RESTDENSE_TEST_SAVE_PAUSE"
+
+#: the file naming the latest checkpoint of a run (mmengine and detectron2 use this name)
+POINTER_NAME = "last_checkpoint"
+
+# .<final name>.tmp-<pid>-<random>: hidden, never ends in .pth, tells its writer's pid
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+
+
+class ResumeError(RuntimeError):
+    """A run folder holds checkpoints, but none of them can be read."""
+
+
+# ----------------------------------------------------------------------------- writing
+def temporary_name(path: PathLike) -> str:
+    """A fresh hidden temporary file name next to ``path`` (same folder, same file system)."""
+    path = os.fspath(path)
+    folder, base = osp.split(osp.abspath(path))
+    return osp.join(folder, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _fsync_folder(folder: str) -> None:
+    """Make a rename in ``folder`` durable (best effort: not every OS / file system can)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _pause_for_tests() -> None:
+    value = os.environ.get(SAVE_PAUSE_ENV)
+    if value:
+        time.sleep(float(value))
+
+
+def _commit(tmp: str, path: str, write: Callable[[Any], None], binary: bool) -> str:
+    try:
+        with open(tmp, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        _pause_for_tests()
+        os.replace(tmp, path)
+    except BaseException:
+        if osp.exists(tmp):
+            os.remove(tmp)
+        raise
+    _fsync_folder(osp.dirname(path))
+    return path
+
+
+def atomic_save(obj: Any, path: PathLike) -> str:
+    """``torch.save(obj, path)`` such that ``path`` is never left half-written.
+
+    The data go to a hidden temporary file in ``path``'s folder, which is flushed to disk and
+    then renamed onto ``path``; an existing ``path`` is replaced only by a complete file. If
+    the process dies before the rename, ``path`` is untouched and the temporary file stays
+    behind (:func:`remove_stale_temporaries` removes it).
+
+    Args:
+        obj: what to save.
+        path: the destination file; its folder is created if missing.
+
+    Returns:
+        ``path`` (absolute).
+    """
+    path = osp.abspath(os.fspath(path))
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    return _commit(temporary_name(path), path, lambda f: torch.save(obj, f), binary=True)
+
+
+def atomic_write_text(path: PathLike, text: str) -> str:
+    """Write a small text file (e.g. a ``last_checkpoint`` pointer) atomically, like
+    :func:`atomic_save`. Returns ``path`` (absolute)."""
+    path = osp.abspath(os.fspath(path))
+    os.makedirs(osp.dirname(path), exist_ok=True)
+    return _commit(temporary_name(path), path, lambda f: f.write(text), binary=False)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's) or cannot tell: leave its files alone
+    return True
+
+
+def remove_stale_temporaries(folder: PathLike, log: Optional[logging.Logger] = None) -> List[str]:
+    """Delete the temporary files that killed writers of :func:`atomic_save` /
+    :func:`atomic_write_text` left in ``folder`` (only files whose writer process is gone).
+
+    Args:
+        folder: a run's work / output folder (missing: nothing to do).
+        log: where to report removals (default: this module's logger).
+
+    Returns:
+        The removed paths.
+    """
+    folder = os.fspath(folder)
+    if not osp.isdir(folder):
+        return []
+    removed = []
+    for name in sorted(os.listdir(folder)):
+        match = _TEMP.match(name)
+        if not match or _pid_alive(int(match["pid"])):
+            continue
+        path = osp.join(folder, name)
+        try:
+            os.remove(path)
+        except FileNotFoundError:  # another process of the job was quicker
+            continue
+        removed.append(path)
+    if removed:
+        (log or logger).info("removed %d incomplete checkpoint file(s) of an interrupted save: %s",
+                             len(removed), ", ".join(osp.basename(p) for p in removed))
+    return removed
+
+
+# ----------------------------------------------------------------------------- resuming
+def _inside(path: str, folder: str) -> bool:
+    path, folder = osp.realpath(path), osp.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
+def read_pointer(folder: PathLike, pointer: str = POINTER_NAME) -> Optional[str]:
+    """The checkpoint a run folder's pointer file names, resolved for moved folders.
+
+    mmengine records an absolute path, detectron2 a file name. A recorded path that exists
+    and lies inside ``folder`` is returned as is; otherwise (the folder was moved or copied,
+    or the name is relative) the file of that name inside ``folder`` if it exists, else the
+    recorded path unchanged if it exists (a checkpoint folder of its own, e.g. mmengine's
+    ``CheckpointHook(out_dir=...)``).
+
+    Args:
+        folder: the run's work / output folder.
+        pointer: the pointer file's name in ``folder``.
+
+    Returns:
+        The checkpoint path, or ``None`` without a pointer or when it names no existing file.
+    """
+    folder = os.fspath(folder)
+    try:
+        with open(osp.join(folder, pointer)) as f:
+            recorded = f.read().strip()
+    except OSError:
+        return None
+    if not recorded:
+        return None
+    if not osp.isabs(recorded):
+        local = osp.join(folder, recorded)
+        return local if osp.isfile(local) else None
+    if osp.isfile(recorded) and _inside(recorded, folder):
+        return recorded
+    local = osp.join(folder, osp.basename(recorded))  # the folder was moved or copied
+    if osp.isfile(local):
+        return local
+    return recorded if osp.isfile(recorded) else None
+
+
+def resume_candidates(folder: PathLike, pattern: Union[str, Pattern[str]],
+                      pointer: str = POINTER_NAME, final_names: Iterable[str] = ()) -> List[str]:
+    """A run folder's checkpoints, the one to resume from first.
+
+    Order: by the step number in the file name (the first group of ``pattern``), highest
+    first; files named in ``final_names`` (written at the end of training, e.g.
+    detectron2's ``model_final.pth``) before all others; ties broken by modification time.
+    The pointer's file (:func:`read_pointer`) is always a candidate, also when its name does
+    not follow ``pattern`` (then it comes first). A pointer that lags behind -- the process
+    died after renaming a new checkpoint into place but before updating the pointer -- does
+    not hide the newer file.
+
+    Args:
+        folder: the run's work / output folder.
+        pattern: regular expression a checkpoint's file name must match in full; its first
+            group is the step (iteration or epoch).
+        pointer: the pointer file's name.
+        final_names: file names that rank above every numbered checkpoint.
+
+    Returns:
+        Absolute paths, most recent first (empty when there is nothing to resume from).
+    """
+    folder = osp.abspath(os.fspath(folder))
+    regex = re.compile(pattern) if isinstance(pattern, str) else pattern
+    finals = set(final_names)
+    ranked = {}
+    if osp.isdir(folder):
+        for name in os.listdir(folder):
+            path = osp.join(folder, name)
+            if not osp.isfile(path):
+                continue
+            match = regex.fullmatch(name)
+            if name in finals:
+                ranked[path] = (math.inf, osp.getmtime(path))
+            elif match:
+                ranked[path] = (int(match.group(1)), osp.getmtime(path))
+    pointed = read_pointer(folder, pointer)
+    if pointed is not None:
+        pointed = osp.abspath(pointed)
+        if pointed not in ranked:
+            ranked[pointed] = (math.inf, math.inf)
+    return sorted(ranked, key=lambda p: ranked[p], reverse=True)
+
+
+def _default_reader(path: str) -> Any:
+    from .trust import load_checkpoint_file
+
+    return load_checkpoint_file(path, map_location="cpu")
+
+
+def select_resume_checkpoint(candidates: Sequence[str], read: Optional[Callable[[str], Any]] = None,
+                             log: Optional[logging.Logger] = None) -> Optional[str]:
+    """The first of ``candidates`` that can be read; warns about each file it skips.
+
+    A file that needs full unpickling and is not trusted is not skipped: that
+    :class:`rest_dense.trust.UntrustedCheckpointError` is raised, since resuming from an
+    older file instead would silently throw work away.
+
+    Args:
+        candidates: checkpoints, most recent first (:func:`resume_candidates`).
+        read: reads a file, raising on failure (default:
+            :func:`rest_dense.trust.load_checkpoint_file` to the CPU).
+        log: where the warnings go (default: this module's logger).
+
+    Returns:
+        The chosen path, or ``None`` for an empty ``candidates``.
+
+    Raises:
+        ResumeError: no candidate can be read (each file and its error are listed).
+        UntrustedCheckpointError: a candidate needs full unpickling.
+    """
+    from .trust import UntrustedCheckpointError
+
+    read = read or _default_reader
+    log = log or logger
+    failures = []
+    for path in candidates:
+        try:
+            read(path)
+        except UntrustedCheckpointError:
+            raise
+        except Exception as err:  # truncated, damaged, not a checkpoint at all
+            lines = str(err).strip().splitlines()
+            reason = type(err).__name__ + (f": {lines[0]}" if lines else "")
+            failures.append(f"{path} ({reason})")
+            log.warning("rest_dense: skipping checkpoint %s, which cannot be read (%s); trying "
+                        "the next most recent one", path, reason)
+            continue
+        if failures:
+            log.warning("rest_dense: resuming from %s, the most recent checkpoint that loads",
+                        path)
+        return path
+    if failures:
+        raise ResumeError("no checkpoint to resume from can be read: " + "; ".join(failures))
+    return None
+
+
+# ----------------------------------------------------------------------------- schedules
+def scale_count(value: Union[int, float], ratio: float, minimum: int = 1) -> int:
+    """``value * ratio`` rounded, at least ``minimum``: an iteration count (interval,
+    warm-up length, milestone) of a schedule stretched or shrunk by ``ratio``."""
+    return max(int(minimum), int(round(float(value) * ratio)))

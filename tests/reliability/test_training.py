@@ -1,0 +1,359 @@
+"""Training survives being killed (MMDetection, MMSegmentation, detectron2).
+
+Real ``rest-dense train`` processes on the toy configs (tiny backbone, 8 toy images,
+8 iterations, a checkpoint every 2) are SIGKILLed at chosen points and resumed with
+``--resume``:
+
+1. killed while the second checkpoint is being written (``RESTDENSE_TEST_SAVE_PAUSE``
+   holds the save between the complete temporary file and its rename): the first
+   checkpoint and the ``last_checkpoint`` pointer stay intact, the second never appears
+   under its name;
+2. resumed from there and killed after a few more iterations (the log is polled): the
+   interrupted save's temporary file is gone;
+3. the work dir is copied elsewhere (its ``last_checkpoint`` names files of the original
+   folder) and a damaged "newer" checkpoint is planted in the copy; ``--resume`` there
+   skips the damaged file with a warning naming it, resumes from the copy's own newest
+   good checkpoint and trains to the end: the final checkpoint holds ``max_iters`` and
+   loads without trust, and the original folder is left alone.
+
+Plus, in-process: the schedule of the toy configs scales with an overridden
+``max_iters``, and ``--resume`` with nothing to resume from says so.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import pytest
+
+from rest_dense import trust
+from rest_dense.checkpointing import SAVE_PAUSE_ENV, resume_candidates
+from rest_dense.data.toy import generate_toy_dataset
+
+from conftest import TINY_ARCH
+
+MAX_ITERS = 6
+DIMS = list(TINY_ARCH["embed_dims"])
+TINY_MM = [f"model.backbone.arch.embed_dims={tuple(DIMS)}",
+           f"model.backbone.arch.depths={tuple(TINY_ARCH['depths'])}"]
+COMMON_MM = ["default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1",
+             "train_dataloader.batch_size=1", "val_cfg=None", "val_dataloader=None",
+             "val_evaluator=None"]
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy")
+    generate_toy_dataset(root, num_train=8, num_val=4)
+    return root
+
+
+# ----------------------------------------------------------------------------- the jobs
+class Framework:
+    """How to start, watch and check a training job of one framework."""
+
+    name = ""
+    #: when to kill the job that has written the second checkpoint
+    iterations_after_second_save = 0
+
+    def checkpoint(self, n: int) -> str:
+        """The file of the n-th save (one every 2 iterations)."""
+        raise NotImplementedError
+
+    def command(self, work: Path, toy_root: Path, resume: bool) -> List[str]:
+        raise NotImplementedError
+
+    def iterations_done(self, log: str) -> int:
+        raise NotImplementedError
+
+    def resumed_at(self, log: str) -> Optional[int]:
+        """The iteration the job continued from, read from its log."""
+        raise NotImplementedError
+
+    def final_iteration(self, work: Path) -> int:
+        raise NotImplementedError
+
+
+class MM(Framework):
+    iterations_after_second_save = 5
+
+    def __init__(self, name: str, config: str, extra: List[str]):
+        self.name, self.config, self.extra = name, config, extra
+
+    def checkpoint(self, n: int) -> str:
+        return f"iter_{2 * n}.pth"
+
+    def command(self, work, toy_root, resume):
+        root = f"{toy_root}/"
+        return [sys.executable, "-m", "rest_dense.cli", "train", self.config, "--work-dir",
+                str(work), "--threads", "1", *(["--resume"] if resume else []),
+                "--cfg-options", f"train_cfg.max_iters={MAX_ITERS}", *TINY_MM, *COMMON_MM,
+                f"train_dataloader.dataset.data_root={root}", *self.extra]
+
+    def iterations_done(self, log):
+        done = re.findall(r"Iter\(train\) \[\s*(\d+)/", log)
+        return int(done[-1]) if done else 0
+
+    def resumed_at(self, log):
+        found = re.search(r"resumed epoch: \d+, iter: (\d+)", log)
+        return int(found.group(1)) if found else None
+
+    def final_iteration(self, work):
+        ckpt = trust.load_checkpoint_file(work / f"iter_{MAX_ITERS}.pth", trusted=False)
+        assert ckpt["state_dict"] and ckpt["optimizer"]["state"]
+        return int(ckpt["meta"]["iter"])
+
+
+class D2(Framework):
+    name = "detectron2"
+    iterations_after_second_save = 4  # its log tells iterations at saves only
+
+    def checkpoint(self, n: int) -> str:
+        return f"model_{2 * n - 1:07d}.pth"
+
+    def command(self, work, toy_root, resume):
+        return [sys.executable, "-m", "rest_dense.cli", "train",
+                "detectron2/toy/mask_rcnn_restv2_toy.yaml", "--work-dir", str(work),
+                "--threads", "1", "--toy-root", str(toy_root), *(["--resume"] if resume else []),
+                "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", str(MAX_ITERS),
+                "SOLVER.CHECKPOINT_PERIOD", "2", "SOLVER.IMS_PER_BATCH", "1",
+                "DATALOADER.NUM_WORKERS", "0", "DATASETS.TEST", "()",
+                "MODEL.RESTV2.ARCH.EMBED_DIMS", str(DIMS),
+                "MODEL.RESTV2.ARCH.DEPTHS", str(list(TINY_ARCH["depths"]))]
+
+    def iterations_done(self, log):
+        # detectron2 logs every 20 iterations: count the checkpoints saved instead
+        saved = re.findall(r"Saving checkpoint to .*model_(\d+)\.pth", log)
+        return int(saved[-1]) + 1 if saved else 0
+
+    def resumed_at(self, log):
+        found = re.findall(r"Starting training from iteration (\d+)", log)
+        return int(found[-1]) if found else None
+
+    def final_iteration(self, work):
+        ckpt = trust.load_checkpoint_file(work / "model_final.pth", trusted=False)
+        assert ckpt["model"] and ckpt["trainer"]["_trainer"]["optimizer"]["state"]
+        return int(ckpt["iteration"]) + 1  # detectron2 counts from 0
+
+
+FRAMEWORKS = {
+    "mmdet": MM("mmdet", "toy/mask_rcnn_restv2_toy.py",
+                [f"model.neck.in_channels={DIMS}"]),
+    "mmseg": MM("mmseg", "toy/upernet_restv2_toy.py",
+                [f"model.decode_head.in_channels={DIMS}",
+                 f"model.auxiliary_head.in_channels={DIMS[2]}",
+                 "train_dataloader.batch_size=2"]),  # BatchNorm after 1x1 pooling
+    "detectron2": D2(),
+}
+
+
+class Job:
+    """A training process whose output goes to a file."""
+
+    def __init__(self, cmd: List[str], log: Path, env: dict, cwd: Path):
+        self.log = log
+        self._out = open(log, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._out, stderr=subprocess.STDOUT, env=env,
+                                     cwd=cwd)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def tail(self) -> str:
+        return "\n".join(self.text().splitlines()[-40:])
+
+    def wait_for(self, what: str, condition: Callable[[], bool], timeout: float = 240) -> None:
+        end = time.monotonic() + timeout
+        while not condition():
+            if self.proc.poll() is not None:
+                pytest.fail(f"the job ended (rc {self.proc.returncode}) before {what}:\n"
+                            f"{self.tail()}")
+            if time.monotonic() > end:
+                self.kill()
+                pytest.fail(f"timed out waiting for {what}:\n{self.tail()}")
+            time.sleep(0.05)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=60)
+        self._out.close()
+
+    def finish(self, timeout: float = 300) -> int:
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"the job did not finish in {timeout} s:\n{self.tail()}")
+        self._out.close()
+        return rc
+
+
+def _temporaries(folder: Path, name: str) -> List[Path]:
+    return sorted(folder.glob(f".{name}.tmp-*"))
+
+
+def kill_and_resume(fw: Framework, toy_root: Path, tmp_path: Path, subprocess_env: dict,
+                    kill_between_saves: bool = True) -> None:
+    """The runs of the module docstring for one framework (step 2 only with
+    ``kill_between_saves``); fails the test with the job's log on any deviation."""
+    work = tmp_path / "run"
+    first, second = fw.checkpoint(1), fw.checkpoint(2)
+
+    # 1. killed in the middle of writing the second checkpoint
+    tmp_path.mkdir()
+    job = Job(fw.command(work, toy_root, resume=False), tmp_path / "1.log",
+              {**subprocess_env, SAVE_PAUSE_ENV: "1.5"}, tmp_path)
+    job.wait_for(f"the save of {second}", lambda: bool(_temporaries(work, second)))
+    job.kill()
+    partial = _temporaries(work, second)
+    assert partial and not (work / second).exists(), sorted(os.listdir(work))
+    assert (work / first).is_file()
+    assert (work / "last_checkpoint").read_text().strip().endswith(first)
+    assert resume_candidates(work, r"(?:iter|model)_(\d+)\.pth") == [str(work / first)]
+    good = 1  # the newest complete checkpoint (number of saves)
+
+    # 2. resumed (from the first checkpoint), killed between two saves
+    if kill_between_saves:
+        job = Job(fw.command(work, toy_root, resume=True), tmp_path / "2.log", subprocess_env,
+                  tmp_path)
+        job.wait_for("the second checkpoint and one more iteration",
+                     lambda: (work / second).is_file()
+                     and fw.iterations_done(job.text()) >= fw.iterations_after_second_save)
+        job.kill()
+        log = job.text()
+        assert fw.resumed_at(log) == 2, log[-3000:]
+        assert not any(p.exists() for p in partial), "the interrupted save's temporary file is left"
+        good = 2
+
+    # 3. a copy of the work dir with a damaged newer checkpoint resumes to the end
+    copy = tmp_path / "copy"
+    shutil.copytree(work, copy)
+    damaged = copy / fw.checkpoint(good + 1)
+    data = (copy / fw.checkpoint(good)).read_bytes()
+    damaged.write_bytes(data[: len(data) // 2])  # truncated
+    before = sorted(os.listdir(work))
+    job = Job(fw.command(copy, toy_root, resume=True), tmp_path / "3.log", subprocess_env,
+              tmp_path)
+    assert job.finish() == 0, job.tail()
+    log = job.text()
+    assert re.search(rf"skipping checkpoint {re.escape(str(damaged))}", log), log[-3000:]
+    assert fw.resumed_at(log) == 2 * good, log[-3000:]
+    assert fw.final_iteration(copy) == MAX_ITERS
+    assert sorted(os.listdir(work)) == before, "resuming the copy wrote into the original"
+    assert not list(copy.glob(".*.tmp-*"))
+
+
+@pytest.mark.slow
+def test_killed_training_resumes_to_the_end(toy_root, tmp_path, subprocess_env):
+    """mmdet, mmseg and detectron2 side by side (their jobs are mostly start-up time)."""
+    import rest_dense.mm  # noqa: F401  (HistoryBuffer on the allow-list, to read the results)
+
+    with ThreadPoolExecutor(len(FRAMEWORKS)) as pool:
+        # mmseg shares mmdet's checkpoint code (mmengine): it skips the second kill
+        futures = {name: pool.submit(kill_and_resume, fw, toy_root, tmp_path / name,
+                                     subprocess_env, kill_between_saves=name != "mmseg")
+                   for name, fw in FRAMEWORKS.items()}
+    failures = []
+    for name, future in futures.items():
+        try:
+            future.result()
+        except BaseException as err:  # pytest.fail raises a BaseException
+            failures.append(f"[{name}] {type(err).__name__}: {err}")
+    if failures:
+        pytest.fail("\n\n".join(failures), pytrace=False)
+
+
+# ----------------------------------------------------------------------------- in-process
+def test_toy_schedules_scale_with_max_iters():
+    from rest_dense.mm.runner import train_config
+
+    cfg = train_config("toy/mask_rcnn_restv2_toy.py", work_dir="/nonexistent/w",
+                       cfg_options=["train_cfg.max_iters=60", "default_hooks.logger.interval=3"])
+    assert cfg.train_cfg.max_iters == 60 and cfg.train_cfg.val_interval == 60
+    assert cfg.default_hooks.checkpoint.interval == 15            # 150 of 600
+    assert cfg.default_hooks.logger.interval == 3                 # set explicitly: kept
+    warmup, cosine = cfg.param_scheduler
+    assert (warmup.begin, warmup.end) == (0, 10)                  # 100 of 600
+    assert (cosine.begin, cosine.end, cosine.T_max) == (10, 60, 50)
+    full = train_config("toy/upernet_restv2_toy.py", work_dir="/nonexistent/w")
+    assert full.default_hooks.checkpoint.interval == 150 and full.param_scheduler[0].end == 50
+    other = train_config("upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py",
+                         work_dir="/nonexistent/w", cfg_options=["train_cfg.max_iters=100"])
+    assert other.train_cfg.max_iters == 100                       # not opted in: only that
+    assert other.default_hooks.checkpoint.interval == 16000
+
+    from rest_dense.d2.engine import setup_yaml_config
+
+    d2 = setup_yaml_config(str(Path(__file__).parents[2] / "configs/detectron2/toy/"
+                               "mask_rcnn_restv2_toy.yaml"),
+                           ["SOLVER.MAX_ITER", "30", "SOLVER.WARMUP_ITERS", "7"])
+    assert d2.SOLVER.MAX_ITER == 30 and d2.SOLVER.STEPS == (25,)
+    assert d2.SOLVER.CHECKPOINT_PERIOD == 10 and d2.SOLVER.WARMUP_ITERS == 7
+
+
+def test_lr_reaches_its_peak_in_a_scaled_run():
+    """A warm-up of 100 of 600 iterations scaled to 8 iterations still reaches the lr (a
+    1-iteration LinearLR would stay at its start_factor)."""
+    import torch
+    from mmengine.optim.scheduler import CosineAnnealingLR, LinearLR
+
+    from rest_dense.mm.runner import train_config
+
+    cfg = train_config("toy/upernet_restv2_toy.py", work_dir="/nonexistent/w",
+                       cfg_options=["train_cfg.max_iters=8"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    scheds = []
+    for s in cfg.param_scheduler:
+        kw = {k: v for k, v in s.items() if k != "type"}
+        scheds.append({"LinearLR": LinearLR, "CosineAnnealingLR": CosineAnnealingLR}[s.type](
+            opt, **kw))
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        for s in scheds:
+            s.step()
+    assert lrs[0] == pytest.approx(1e-5)
+    assert lrs[1] == pytest.approx(1e-3) and max(lrs) == pytest.approx(1e-3)
+    assert lrs[-1] < 2e-4
+
+
+def test_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
+    from mmengine.logging import MMLogger
+
+    from rest_dense.mm.runner import train_config
+
+    messages = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = MMLogger.get_current_instance()
+    logger.addHandler(handler)
+    try:
+        cfg = train_config("toy/upernet_restv2_toy.py", work_dir=tmp_path / "empty",
+                           resume=True)
+    finally:
+        logger.removeHandler(handler)
+    assert cfg.resume is False and not cfg.get("load_from")
+    assert any("no checkpoint in" in m and "starting from scratch" in m for m in messages), messages
+
+
+def test_d2_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
+    from torch import nn
+
+    from rest_dense.d2.checkpoint import RestDetectionCheckpointer
+
+    ckpt = RestDetectionCheckpointer(nn.Linear(2, 2), save_dir=str(tmp_path))
+    with caplog.at_level(logging.WARNING):
+        assert ckpt.resume_or_load("", resume=True) == {}
+    assert "no checkpoint in" in caplog.text and "starting from scratch" in caplog.text
+    assert not ckpt.has_checkpoint()
