@@ -157,7 +157,7 @@ def _det_batch(step: int):
     from mmdet.testing import demo_mm_inputs
 
     _seed(step)
-    shapes = [(3, 128, 160), (3, 112, 144)]
+    shapes = [(3, 96, 128), (3, 80, 112)]
     packed = demo_mm_inputs(2, shapes, num_items=[3, 2], num_classes=3, with_mask=True)
     # demo_mm_inputs draws from a fixed seed: make each rank's images its own
     packed["inputs"] = [torch.randint(0, 256, s, dtype=torch.uint8) for s in shapes]

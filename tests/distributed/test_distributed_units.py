@@ -187,3 +187,36 @@ def test_launcher_scripts_refuse_bad_arguments(script, args, env, message):
     proc = subprocess.run(["bash", str(REPO / "tools" / script), *args], env=full_env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("script,args,env", [
+    ("dist_train.sh", ["cfg.py", "2", "--work-dir", "w", "a.b=1"], {}),
+    ("dist_test.sh", ["cfg.py", "ck.pth", "2", "--tta"], {}),
+    ("dist_test.sh", ["cfg.py", "ck.pth", "8"],
+     {"NNODES": "2", "NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "PORT": "29511"}),
+])
+def test_launcher_scripts_command_line(tmp_path, script, args, env):
+    """What the scripts run: torchrun (as ``$PYTHON -m torch.distributed.run``) with a free
+    127.0.0.1 port on one machine, ``rest-dense train|test ... --launcher pytorch``."""
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\nif [ "$1" = "-c" ]; then exec python3 "$@"; fi\n'
+                    'echo "$@"\n')
+    fake.chmod(0o755)
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("PORT", "NNODES", "NODE_RANK", "MASTER_ADDR")}
+    full_env.update(env, PYTHON=str(fake))
+    proc = subprocess.run(["bash", str(REPO / "tools" / script), *args], env=full_env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    words = proc.stdout.split()
+    assert words[:2] == ["-m", "torch.distributed.run"]
+    opts = dict(w.split("=", 1) for w in words[2:7])
+    assert opts["--nnodes"] == env.get("NNODES", "1")
+    assert opts["--node_rank"] == env.get("NODE_RANK", "0")
+    assert opts["--master_addr"] == env.get("MASTER_ADDR", "127.0.0.1")
+    assert int(opts["--master_port"]) > 0 and opts["--master_port"] == env.get("PORT", opts["--master_port"])
+    command = "train" if script == "dist_train.sh" else "test"
+    n_files = 1 if command == "train" else 2
+    assert opts["--nproc_per_node"] == args[n_files]
+    assert words[7:] == ["-m", "rest_dense.cli", command, *args[:n_files], "--launcher", "pytorch",
+                         *args[n_files + 1:]]
