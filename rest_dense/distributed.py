@@ -126,7 +126,8 @@ def init_from_env(backend: Optional[str] = None, timeout: Any = None) -> bool:
         raise RuntimeError("this PyTorch build has no torch.distributed")
     if dist.is_initialized():
         return False
-    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+               if k not in os.environ]
     if missing:
         raise RuntimeError(f"distributed launch needs {', '.join(missing)} in the environment; "
                            "start the job with torchrun (e.g. bash tools/dist_train.sh)")

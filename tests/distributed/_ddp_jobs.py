@@ -69,7 +69,8 @@ def _flat(module: torch.nn.Module, trainable: bool) -> torch.Tensor:
     return torch.cat(ps) if ps else torch.zeros(0, dtype=torch.float64)
 
 
-def _train_and_check(name: str, ddp: torch.nn.Module, step: Callable[[int], float]) -> Dict[str, Any]:
+def _train_and_check(name: str, ddp: torch.nn.Module,
+                     step: Callable[[int], float]) -> Dict[str, Any]:
     """Run :data:`STEPS` steps of ``step(i)`` (returns the loss) and check the replicas."""
     module = ddp.module
     rank = distributed.get_rank()

@@ -9,7 +9,6 @@ The jobs themselves live in ``_ddp_jobs.py`` (spawned workers import them by nam
 """
 import json
 import math
-import os
 import re
 import subprocess
 import sys
@@ -180,7 +179,8 @@ def test_detectron2_num_gpus_2_on_cpu(toy_root, tmp_path, subprocess_env):
     assert (out / "model_final.pth").is_file()
     assert (out / "log.txt.rank1").is_file()  # the second worker ran
     assert "on 2 devices" in log  # inference split over both workers
-    results = json.loads((out / "inference" / "toy_val" / "coco_instances_results.json").read_text())
+    results = json.loads((out / "inference" / "toy_val" / "coco_instances_results.json")
+                         .read_text())
     assert results, "no predictions"
     ap = re.findall(r"copypaste: ([-0-9.nan]+),", log)
     assert ap and all(math.isfinite(float(v)) for v in ap), log[-3000:]
