@@ -14,6 +14,8 @@ import torch
 import torch.utils.checkpoint as cp
 from torch import Tensor, nn
 
+from . import functional as _fast
+
 ArchType = Union[str, Mapping]
 
 #: output stride of each of the four stages
@@ -369,7 +371,7 @@ class ResTBase(nn.Module):
             return block(x)
         if level == "block":
             if x.requires_grad:
-                return cp.checkpoint(block, x, use_reentrant=False)
+                return cp.checkpoint(_BlockRecompute(block), x, use_reentrant=False)
             return block(x)
         return block(x, recompute=level)
 
@@ -444,6 +446,19 @@ def _tracing() -> bool:
     compiler = getattr(torch, "compiler", None)
     return bool(compiler is not None and hasattr(compiler, "is_compiling")
                 and compiler.is_compiling())
+
+
+class _BlockRecompute:
+    """Calls ``block`` with the fast-path switch of :mod:`.functional` as it was when the
+    forward ran, so that the recomputation in backward saves the same tensors."""
+
+    def __init__(self, block: nn.Module):
+        self.block = block
+        self.fast = _fast.fast_paths_enabled()
+
+    def __call__(self, x: Tensor) -> Tensor:
+        with _fast.fast_paths(self.fast):
+            return self.block(x)
 
 
 def to_channels_first(x: Tensor) -> Tensor:

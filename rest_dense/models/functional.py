@@ -55,6 +55,7 @@ __all__ = [
     "up_proj",
     "upsample_values",
     "pa_norm",
+    "conv3x3_s2",
 ]
 
 _ENABLED = [True]
@@ -492,6 +493,76 @@ def up_proj(out: Tensor, v: Tensor, up_conv: nn.Conv2d, up_norm: nn.LayerNorm, p
         s = _up_norm_sum(*args[:6], sr, tuple(hw), up_norm.eps)[0]
         return F.linear(s, proj.weight, proj.bias)
     return _UpProj.apply(*args)
+
+
+# ------------------------------------------------------ strided 3x3 convs as GEMMs
+def _im2col_3x3s2(x: Tensor) -> Tensor:
+    """``(B, H, W, C)`` -> ``(B * Ho * Wo, 9 * C)`` patches of a 3x3 / stride 2 / pad 1 conv,
+    in ``(ky, kx, c)`` order (``Ho, Wo = ceil(H / 2), ceil(W / 2)``)."""
+    b, h, w, c = x.shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    xp = F.pad(x, (0, 0, 1, 2 * wo - w, 1, 2 * ho - h))
+    s0, s1, s2, s3 = xp.stride()
+    cols = xp.as_strided((b, ho, wo, 3, 3, c), (s0, 2 * s1, 2 * s2, s1, s2, s3))
+    return cols.reshape(b * ho * wo, 9 * c)
+
+
+def _col2im_3x3s2(cols: Tensor, shape: Sequence[int]) -> Tensor:
+    """Adjoint of :func:`_im2col_3x3s2`: sum ``(B * Ho * Wo, 9 * C)`` patch gradients back
+    onto a ``(B, H, W, C)`` map."""
+    b, h, w, c = shape
+    ho, wo = (h + 1) // 2, (w + 1) // 2
+    out = cols.new_zeros(b, 2 * ho + 1, 2 * wo + 1, c)
+    cols = cols.view(b, ho, wo, 3, 3, c)
+    for ky in range(3):
+        for kx in range(3):
+            out[:, ky:ky + 2 * ho:2, kx:kx + 2 * wo:2].add_(cols[:, :, :, ky, kx])
+    return out[:, 1:h + 1, 1:w + 1]
+
+
+class _Conv3x3S2(torch.autograd.Function):
+    """``F.conv2d(x, weight, bias, stride=2, padding=1)`` on channels-last tokens; the
+    backward runs as two GEMMs over recomputed patches (faster than the library's
+    channels-last convolution backward on CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=2, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        cout, cin = weight.shape[:2]
+        g = _rows(grad.permute(0, 2, 3, 1))
+        dx = dw = db = None
+        if need[1]:
+            dw = g.t().mm(_im2col_3x3s2(x)).view(cout, 3, 3, cin).permute(0, 3, 1, 2).contiguous()
+        if need[2] and ctx.has_bias:
+            db = g.sum(0)
+        if need[0]:
+            wm = weight.permute(0, 2, 3, 1).reshape(cout, 9 * cin)
+            dx = _col2im_3x3s2(g.mm(wm), x.shape)
+        return dx, dw, db
+
+
+def conv3x3_s2(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A 3x3, stride 2, padding 1 ``conv`` (groups 1) applied to channels-last tokens.
+
+    Args:
+        x: ``(B, H, W, C)`` tokens.
+        conv: the ``nn.Conv2d`` (its weight and bias are used).
+
+    Returns:
+        ``(B, C', ceil(H/2), ceil(W/2))`` NCHW map (channels-last memory).
+    """
+    if not needs_grad(x, conv):
+        return F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, stride=2, padding=1)
+    if not x.is_contiguous():
+        x = x.contiguous()
+    return _Conv3x3S2.apply(x, conv.weight, conv.bias)
 
 
 # -------------------------------------------------------------- PA position encoding

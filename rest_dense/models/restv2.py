@@ -126,10 +126,11 @@ class PatchEmbedV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> channels-last ``(B, H', W', C')``."""
-        x = self.proj(x)
         if self.fused and fast.use_fast_path(x):
-            return fast.pa_norm(x, self.pos, self.norm)
-        return self.norm(self.pos(x).permute(0, 2, 3, 1))
+            # x is the channels-last view of the previous stage's tokens
+            return fast.pa_norm(fast.conv3x3_s2(x.permute(0, 2, 3, 1), self.proj),
+                                self.pos, self.norm)
+        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
 
 
 class ConvStemV2(nn.Module):
@@ -153,10 +154,13 @@ class ConvStemV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` images -> channels-last ``(B, H/4, W/4, C')`` tokens."""
-        x = self.proj(x)
         if self.fused and fast.use_fast_path(x):
+            # channels-last throughout; the second conv's backward as GEMMs
+            p = self.proj
+            x = p[2](p[1](p[0](x.contiguous(memory_format=torch.channels_last))))
+            x = p[6](p[5](p[4](fast.conv3x3_s2(x.permute(0, 2, 3, 1), p[3]))))
             return fast.pa_norm(x, self.pos, self.norm)
-        return self.norm(self.pos(x).permute(0, 2, 3, 1))
+        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
 
 
 def _window_sizes(value, attn_mode: str, sr_ratios: Sequence[int]) -> Tuple[int, ...]:

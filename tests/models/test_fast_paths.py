@@ -1,0 +1,317 @@
+"""The memory-lean fast paths (rest_dense.models.functional) against the plain modules
+and the released computation: outputs AND gradients, every attention mode, train and
+eval, odd input sizes, stochastic depth; the with_cp memory levels."""
+import pytest
+import torch
+from torch import nn
+
+from rest_dense.models import ResTv1, ResTv2
+from rest_dense.models import functional as fast
+from rest_dense.models.base import CP_LEVELS, check_cp_level
+from rest_dense.models.layers import Block, Mlp, PixelAttention
+from rest_dense.models.restv2 import EMSAv2
+from rest_dense.reference import ReleasedLayoutResTv2
+
+from conftest import TINY_ARCH
+
+# two blocks in stages 2-3 so that window modes have windowed and global blocks (hwin)
+ARCH = dict(TINY_ARCH, depths=(1, 2, 2, 1))
+ARCH_V1 = dict(ARCH, qkv_bias=True, apply_transform=True)
+
+
+def _weights(outs):
+    """A fixed, non-uniform cotangent per output (a plain sum would hide layout bugs)."""
+    return [torch.linspace(-1, 1, o.numel(), dtype=o.dtype).view_as(o).flip(-1) for o in outs]
+
+
+def _run(model, x, fast_on, seed=0, backward=True):
+    """Outputs, input grad and parameter grads of one pass with fast paths on/off."""
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(backward)
+    torch.manual_seed(seed)  # same stochastic-depth masks on both paths
+    with fast.fast_paths(fast_on):
+        outs = model(xi)
+    if not backward:
+        return outs, None, None
+    loss = sum((o * w).sum() for o, w in zip(outs, _weights(outs)))
+    loss.backward()
+    grads = {n.removeprefix("model."): (None if p.grad is None else p.grad.clone())
+             for n, p in model.named_parameters()}
+    return outs, xi.grad, grads
+
+
+def _close(a, b, atol, rtol, msg=None):
+    """assert_close with ``atol`` relative to the tensor's scale (gradients of the stem
+    reach ~1e3, where float32 rounding alone exceeds a fixed atol)."""
+    scale = max(1.0, float(b.detach().abs().max()))
+    torch.testing.assert_close(a, b, atol=atol * scale, rtol=rtol, msg=msg)
+
+
+def _assert_same(a, b, atol, rtol):
+    outs_a, dx_a, g_a = a
+    outs_b, dx_b, g_b = b
+    assert len(outs_a) == len(outs_b) > 0
+    for oa, ob in zip(outs_a, outs_b):
+        assert torch.isfinite(oa).all()
+        _close(oa, ob, atol, rtol)
+    if dx_a is None:
+        return
+    assert torch.isfinite(dx_a).all() and dx_a.abs().sum() > 0
+    _close(dx_a, dx_b, atol, rtol)
+    assert g_a.keys() == g_b.keys()
+    n_grads = 0
+    for name in g_a:
+        assert (g_a[name] is None) == (g_b[name] is None), name
+        if g_a[name] is not None:
+            n_grads += 1
+            _close(g_a[name], g_b[name], atol, rtol, msg=name)
+    assert n_grads > 0
+
+
+def _randomise_cwin(model):
+    """The cross-window convs start at zero; give them weights so that they matter."""
+    if getattr(model, "attn_mode", None) == "cwin":
+        torch.manual_seed(1)
+        for conv in model.cwin_convs:
+            nn.init.normal_(conv.weight, std=0.2)
+            nn.init.normal_(conv.bias, std=0.2)
+
+
+# ------------------------------------------------------------------ whole-model parity
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("attn_mode", ["global", "win", "cwin", "hwin"])
+def test_restv2_fast_equals_plain(attn_mode, train):
+    """float64, odd size 112x137 (every stage's map is cropped somewhere), windows that
+    split the maps, stochastic depth on: outputs and all gradients agree."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH, attn_mode=attn_mode, window_size=8,
+                   drop_path_rate=0.3).double().train(train)
+    _randomise_cwin(model)
+    x = torch.randn(2, 3, 112, 137, dtype=torch.float64)
+    _assert_same(_run(model, x, True), _run(model, x, False), atol=1e-9, rtol=1e-7)
+
+
+def test_restv2_fast_equals_plain_float32_and_attention_dropout():
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH, drop_path_rate=0.2, attn_drop_rate=0.1).train()
+    x = torch.randn(1, 3, 97, 75)
+    _assert_same(_run(model, x, True, seed=3), _run(model, x, False, seed=3), atol=2e-5, rtol=1e-4)
+
+
+def test_restv2_fast_matches_math_reference_and_released():
+    """fused_attn=False is the plain explicit-math path; the released layout wraps it."""
+    torch.manual_seed(0)
+    fused = ResTv2(arch=ARCH).train()
+    math = ResTv2(arch=ARCH, fused_attn=False).train()
+    math.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 3, 96, 128)
+    ours = _run(fused, x, True)
+    ref = _run(math, x, True)  # fast paths on, but fused_attn=False keeps the plain path
+    _assert_same(ours, ref, atol=2e-5, rtol=1e-4)
+    released = ReleasedLayoutResTv2(math)
+    _assert_same(ours, _run(released, x, True), atol=2e-5, rtol=1e-4)
+
+
+def test_restv1_fast_mlp_equals_plain():
+    torch.manual_seed(0)
+    model = ResTv1(arch=ARCH_V1, drop_path_rate=0.2).double().train()
+    x = torch.randn(2, 3, 75, 61, dtype=torch.float64)
+    _assert_same(_run(model, x, True), _run(model, x, False), atol=1e-9, rtol=1e-7)
+
+
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_inference_fast_equals_plain(grad_mode):
+    """Without autograd the blocks sum residuals in place; the results must not change."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH, attn_mode="hwin", window_size=8).eval()
+    x = torch.randn(2, 3, 85, 133)
+    ctx = torch.no_grad if grad_mode == "no_grad" else torch.inference_mode
+    with ctx():
+        with fast.fast_paths(True):
+            a = model(x)
+        with fast.fast_paths(False):
+            b = model(x)
+    for oa, ob in zip(a, b):
+        torch.testing.assert_close(oa, ob, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_stages_fast_equals_plain():
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH, frozen_stages=2).double().train()
+    x = torch.randn(1, 3, 64, 80, dtype=torch.float64)
+    a, b = _run(model, x, True), _run(model, x, False)
+    _assert_same(a, b, atol=1e-9, rtol=1e-7)
+    assert a[2]["stage1.0.mlp.fc1.weight"] is None and a[2]["patch_2.proj.weight"] is None
+    assert a[2]["stage3.0.mlp.fc1.weight"] is not None
+
+
+def test_autocast_runs_plain_path():
+    x = torch.randn(1, 3, 8, 8)
+    assert fast.use_fast_path(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not fast.use_fast_path(x)
+    with fast.fast_paths(False):
+        assert not fast.use_fast_path(x)
+    assert fast.fast_paths_enabled()
+
+
+def test_fast_paths_switch_restores_and_checks_type():
+    assert fast.fast_paths_enabled()
+    with pytest.raises(RuntimeError):
+        with fast.fast_paths(False):
+            assert not fast.fast_paths_enabled()
+            raise RuntimeError
+    assert fast.fast_paths_enabled()
+    with pytest.raises(TypeError, match="bool"):
+        fast.set_fast_paths("no")
+
+
+# ------------------------------------------------------------------ the pieces
+def _tiny_block_modules(c=8, hidden=16, bias=True):
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(c, eps=1e-6).double()
+    nn.init.normal_(norm.weight, 1.0, 0.3)
+    nn.init.normal_(norm.bias, 0.0, 0.3)
+    return norm, Mlp(c, hidden).double()
+
+
+@pytest.mark.parametrize("recompute_hidden", [False, True])
+def test_mlp_branch_gradcheck(recompute_hidden):
+    norm, mlp = _tiny_block_modules()
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True)
+    expected = mlp(norm(x))
+    got = fast.mlp_branch(x, norm, mlp, recompute_hidden=recompute_hidden)
+    torch.testing.assert_close(got, expected)
+    params = [norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
+    assert torch.autograd.gradcheck(
+        lambda x, *p: fast.mlp_branch(x, norm, mlp, recompute_hidden=recompute_hidden), (x, *params))
+
+
+@pytest.mark.parametrize("sr", [1, 2, 3, 4, 8])
+def test_upsample_values_matches_conv_pixelshuffle(sr):
+    torch.manual_seed(sr)
+    c, h, w = 6, 3, 5
+    up = nn.Sequential(nn.Conv2d(c, sr * sr * c, 3, padding=1, groups=c), nn.PixelShuffle(sr)).double()
+    v = torch.randn(2, h, w, c, dtype=torch.float64, requires_grad=True)
+    expected = up(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+    got = fast.upsample_values(v, up[0].weight, up[0].bias, sr)
+    assert got.shape == (2, h * sr, w * sr, c) and got.is_contiguous()
+    torch.testing.assert_close(got, expected)
+    cot = torch.randn_like(got)
+    g_exp = torch.autograd.grad(expected, [v, up[0].weight, up[0].bias], cot)
+    du, dw, db = fast._upsample_values_backward(cot, v.detach(), up[0].weight.detach(), True, sr,
+                                                (True, True, True))
+    for a, b in zip((du, dw, db), g_exp):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("sr,hw", [(1, (5, 4)), (2, (5, 7)), (4, (6, 9)), (8, (9, 17))])
+def test_attention_fast_equals_module(sr, hw):
+    """EMSAv2.forward_fast (norm_q_sr / norm_qkv, attention, up_proj) against
+    attn(norm(x)): output and the gradients of the input and of every parameter."""
+    torch.manual_seed(0)
+    c, nh = 8, 2
+    attn = EMSAv2(c, nh, sr_ratio=sr).double()
+    norm, _ = _tiny_block_modules(c)
+    for p in attn.parameters():
+        nn.init.normal_(p, 0.0, 0.3)
+    x = torch.randn(2, *hw, c, dtype=torch.float64, requires_grad=True)
+    params = [x] + list(attn.parameters()) + list(norm.parameters())
+    got, expected = attn.forward_fast(x, norm), attn(norm(x))
+    torch.testing.assert_close(got, expected)
+    cot = torch.randn_like(got)
+    for g_got, g_exp in zip(torch.autograd.grad(got, params, cot),
+                            torch.autograd.grad(expected, params, cot)):
+        assert g_exp.abs().sum() > 0
+        torch.testing.assert_close(g_got, g_exp)
+
+
+def test_attention_fast_gradcheck():
+    """Numerical gradients of the custom functions (sr=2: norm_q_sr; sr=1: norm_qkv)."""
+    norm, _ = _tiny_block_modules(4)
+    for sr, hw in ((2, (3, 5)), (1, (2, 3))):
+        torch.manual_seed(sr)
+        attn = EMSAv2(4, 2, sr_ratio=sr).double()
+        x = torch.randn(1, *hw, 4, dtype=torch.float64, requires_grad=True)
+        params = [attn.q.weight, attn.up[0].weight, attn.proj.bias, norm.weight]
+        assert torch.autograd.gradcheck(lambda x, *p: attn.forward_fast(x, norm), (x, *params))
+
+
+@pytest.mark.parametrize("hw", [(6, 8), (7, 5)])
+def test_conv3x3_s2_gradcheck(hw):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
+    x = torch.randn(2, *hw, 3, dtype=torch.float64, requires_grad=True)
+    torch.testing.assert_close(fast.conv3x3_s2(x, conv), conv(x.permute(0, 3, 1, 2)))
+    assert torch.autograd.gradcheck(lambda x, w, b: fast.conv3x3_s2(x, conv), (x, conv.weight, conv.bias))
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_pa_norm_gradcheck(channels_last):
+    torch.manual_seed(0)
+    c = 4
+    pa = PixelAttention(c).double()
+    norm, _ = _tiny_block_modules(c)
+    x = torch.randn(2, c, 5, 6, dtype=torch.float64)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_()
+    torch.testing.assert_close(fast.pa_norm(x, pa, norm), norm(pa(x).permute(0, 2, 3, 1)))
+    params = [pa.pa_conv.weight, pa.pa_conv.bias, norm.weight, norm.bias]
+    assert torch.autograd.gradcheck(lambda x, *p: fast.pa_norm(x, pa, norm), (x, *params))
+
+
+# ------------------------------------------------------------------ the memory dial
+@pytest.mark.parametrize("kind", ["v2", "v1"])
+@pytest.mark.parametrize("fast_on", [True, False], ids=["fast", "plain"])
+def test_with_cp_levels_same_outputs_and_grads(kind, fast_on):
+    torch.manual_seed(0)
+    cls, arch = (ResTv2, ARCH) if kind == "v2" else (ResTv1, ARCH_V1)
+    base = cls(arch=arch, drop_path_rate=0.2).double().train()
+    x = torch.randn(1, 3, 70, 90, dtype=torch.float64)
+    ref = _run(base, x, fast_on)
+    for level in ("mlp", "block", True):
+        model = cls(arch=arch, drop_path_rate=0.2, with_cp=level).double().train()
+        model.load_state_dict(base.state_dict())
+        _assert_same(_run(model, x, fast_on), ref, atol=1e-9, rtol=1e-7)
+
+
+def test_with_cp_level_names_and_errors():
+    assert CP_LEVELS == ("none", "mlp", "block")
+    assert check_cp_level(False) == (False, "none")
+    assert check_cp_level(True) == (True, "block")
+    assert check_cp_level("MLP") == ("mlp", "mlp")
+    assert check_cp_level("none") == (False, "none")
+    assert check_cp_level("block") == (True, "block")
+    model = ResTv2(arch=ARCH, with_cp="mlp")
+    assert model.with_cp == "mlp" and model.cp_level == "mlp"
+    model.with_cp = True  # may be switched after construction
+    assert model.cp_level == "block"
+    with pytest.raises(ValueError, match="with_cp must be True, False or one of"):
+        ResTv2(arch=ARCH, with_cp="attn")
+    with pytest.raises(TypeError, match="with_cp"):
+        ResTv1(arch=ARCH_V1, with_cp=1.5)
+    with pytest.raises(ValueError, match="recompute"):
+        Block(8, nn.Identity())(torch.randn(1, 2, 2, 8), recompute="all")
+
+
+def test_d2_config_memory_level_reaches_the_backbone():
+    from detectron2.config import get_cfg
+    from detectron2.layers import ShapeSpec
+
+    from rest_dense.d2 import add_restv2_config
+    from rest_dense.d2.backbone import build_restv2_backbone
+
+    cfg = get_cfg()
+    add_restv2_config(cfg)
+    assert cfg.MODEL.RESTV2.CP_LEVEL == ""
+    cfg.MODEL.RESTV2.ARCH.EMBED_DIMS = list(TINY_ARCH["embed_dims"])
+    cfg.MODEL.RESTV2.ARCH.DEPTHS = [1, 1, 1, 1]
+    cfg.merge_from_list(["MODEL.RESTV2.CP_LEVEL", "mlp"])
+    backbone = build_restv2_backbone(cfg, ShapeSpec(channels=3))
+    core = next(m for m in backbone.modules() if isinstance(m, ResTv2))
+    assert core.cp_level == "mlp"
+    cfg.merge_from_list(["MODEL.RESTV2.CP_LEVEL", "", "MODEL.RESTV2.WITH_CP", True])
+    core = next(m for m in build_restv2_backbone(cfg, ShapeSpec(channels=3)).modules()
+                if isinstance(m, ResTv2))
+    assert core.cp_level == "block"
