@@ -22,13 +22,24 @@ ResTv1 exports, but its multi-head interaction runs in float64, for which onnxru
 provider has no Conv / InstanceNormalization kernels, so only ResTv2 can be checked.
 
 Dynamic shapes with ``torch.compile`` and ``torch.export`` (:func:`compile_model`,
-:func:`export_program`): in the window modes (``win``, ``cwin``, ``hwin`` with windowed
-blocks) symbolic height and width never finish compiling -- PyTorch's shape solver spends
-minutes per operator on the nested floor-divisions of window padding and partitioning -- so
-``dynamic=True`` is refused up front there (:class:`DynamicShapeError`, which names the
-alternatives: static shapes, one compile per input size; global attention; or
-:func:`export_onnx`, whose graph has dynamic height and width in every mode). Global mode
-compiles with symbolic sizes.
+:func:`export_program`). What works:
+
+* global attention: ``torch.compile(dynamic=True)`` compiles symbolic height and width
+  (PyTorch may recompile once more when a size crosses a threshold of its CPU convolution
+  backend). ``torch.export`` with dynamic height and width is traced, then the program's
+  shape guards are probed: where the model's Python code branches on the input size (the
+  upsample branch of EMSAv2 is cropped only when the map is not a multiple of ``sr_ratio``),
+  the program would refuse ordinary sizes such as multiples of 32, and
+  :class:`DynamicShapeError` is raised instead of returning it (a model that crops
+  unconditionally exports for every H, W >= :func:`min_program_side`);
+* window modes (``win``, ``cwin``, ``hwin`` with windowed blocks): static shapes only, one
+  compile per input size. With symbolic sizes PyTorch's shape solver spends tens of seconds
+  to minutes on each operator of the window padding and partitioning (a 4-stage 16-channel
+  model had not finished its first compile after 8 minutes), so ``dynamic=True`` and a
+  dynamic ``torch.export`` are refused up front (:class:`DynamicShapeError`, naming the
+  alternatives), and ``compile_model``'s default turns PyTorch's automatic-dynamic recompile
+  at the second size (the one that never finishes) into per-size static compiles;
+* ONNX (:func:`export_onnx`): dynamic batch, height and width in every mode.
 
 Example::
 
@@ -226,7 +237,8 @@ def dynamic_shape_problem(model: nn.Module) -> Optional[str]:
     low = min_valid_side(model)
     return (f"dynamic height/width is not supported in attn_mode {mode!r} (stages "
             f"{', '.join(map(str, stages))} run in windows): PyTorch's symbolic shape solver "
-            "does not finish on the window padding and partitioning (minutes per operator). "
+            "does not finish on the window padding and partitioning (tens of seconds to "
+            "minutes per operator). "
             "Use dynamic=False (static shapes: one compile per input size, seconds to a minute "
             "each; `rest-dense export --compile` without --dynamic), attn_mode='global', or "
             "the ONNX export (export_onnx / `rest-dense export`), whose graph has dynamic "

@@ -17,10 +17,12 @@ in float64, which onnxruntime's CPU provider does not support.
 --compile checks torch.compile against eager at the check sizes: one static compile per size
 by default in the window modes, symbolic sizes after the first in global mode; --dynamic
 compiles with symbolic height/width from the start. --program FILE.pt2 writes a torch.export
-program (dynamic height/width; --static: the one --shape). Dynamic height/width with
-torch.compile / torch.export works in global mode only: in the window modes PyTorch's shape
-solver does not finish (minutes per operator), so --dynamic and a dynamic --program are refused
-there before anything runs; the ONNX graph is dynamic in every mode.
+program (dynamic height/width; with --static the one --batch x --shape) and checks it; a
+dynamic program whose shape guards would refuse ordinary sizes (the model branches on the
+input size) is refused rather than written. Dynamic height/width with torch.compile /
+torch.export works in global mode only: in the window modes PyTorch's shape solver does not
+finish (tens of seconds to minutes per operator), so --dynamic and a dynamic --program are
+refused there before anything runs; the ONNX graph is dynamic in every mode.
 
 Examples::
 
@@ -30,7 +32,7 @@ Examples::
     rest-dense export restv2_tiny --static --shape 800x1216 --out restv2_tiny_800.onnx
     rest-dense export restv2_tiny --no-onnx --compile inductor --check-shapes 800x1216
     rest-dense export restv2_tiny --no-onnx --compile aot_eager --dynamic
-    rest-dense export restv2_tiny --no-onnx --program restv2_tiny.pt2
+    rest-dense export restv2_tiny --attn-mode win --static --shape 800x1216 --program win.pt2
 """
 from __future__ import annotations
 
