@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..deploy.benchmark import benchmark, format_table
+    from ..deploy.benchmark import format_table, measure_latency
     from ..deploy.onnx_export import load_deployment
     from ..deploy.predictions import Tolerances
     from ..utils import format_size
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
                         on_result=lambda r: print(f"onnxruntime vs pytorch: {r.describe()}", flush=True))
     failed = [r for r in results if not r.ok]
     if args.benchmark:
-        lat = benchmark(dep, exp.path, sizes, args.check_images, runs=args.runs,
+        lat = measure_latency(dep, exp.path, sizes, args.check_images, runs=args.runs,
                         threads=args.threads)
         label = os.path.basename(exp.path)
         print(format_table([(label, r) for r in lat]))

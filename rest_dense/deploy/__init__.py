@@ -8,7 +8,7 @@ ONNX Runtime, and latency of both runtimes.
 * :mod:`~rest_dense.deploy.onnx_export` -- :func:`load_deployment`: export with MMDeploy
   (OpenMMLab) or detectron2's ``TracingAdapter`` and compare ONNX Runtime with PyTorch.
   ``rest-dense export-model``.
-* :mod:`~rest_dense.deploy.benchmark` -- :func:`benchmark`: ONNX Runtime vs PyTorch latency
+* :mod:`~rest_dense.deploy.benchmark` -- :func:`measure_latency`: ONNX Runtime vs PyTorch latency
   on the same inputs and threads (``rest-dense export-model --benchmark``).
 * :mod:`~rest_dense.deploy.shapes` -- which input sizes a traced graph is valid for.
 
@@ -19,14 +19,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["run_inference", "build_predictor", "load_deployment", "benchmark",
+__all__ = ["run_inference", "build_predictor", "load_deployment", "measure_latency",
            "Detections", "SegMap", "Tolerances", "compare_predictions", "collect_images",
            "read_image", "ImageReadError"]
 
 _LAZY = {
     "run_inference": "infer", "build_predictor": "infer",
     "load_deployment": "onnx_export",
-    "benchmark": "benchmark",
+    "measure_latency": "benchmark",
     "Detections": "predictions", "SegMap": "predictions", "Tolerances": "predictions",
     "compare_predictions": "predictions",
     "collect_images": "inputs", "read_image": "inputs", "ImageReadError": "inputs",

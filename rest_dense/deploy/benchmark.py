@@ -7,9 +7,9 @@ the median is reported.
 
 Example::
 
-    from rest_dense.deploy import benchmark, load_deployment
+    from rest_dense.deploy import load_deployment, measure_latency
     dep = load_deployment("toy/mask_rcnn_restv2_toy.py", "iter_600.pth")
-    for r in benchmark(dep, "mask_rcnn.onnx", sizes=[(120, 152)], threads=1):
+    for r in measure_latency(dep, "mask_rcnn.onnx", sizes=[(120, 152)], threads=1):
         print(r.describe())
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
-__all__ = ["Latency", "benchmark", "format_table"]
+__all__ = ["Latency", "measure_latency", "format_table"]
 
 Size = Tuple[int, int]
 
@@ -58,7 +58,7 @@ class Latency:
                 f"{'s' if self.threads != 1 else ''})")
 
 
-def benchmark(deployment, onnx_path: str, sizes: Sequence[Size] = (), images: Sequence[str] = (),
+def measure_latency(deployment, onnx_path: str, sizes: Sequence[Size] = (), images: Sequence[str] = (),
               runs: int = 10, warmup: int = 2, threads: int = 1, progress: bool = False) -> List[Latency]:
     """Time PyTorch and ONNX Runtime on synthetic images of ``sizes`` and on ``images``.
 

@@ -175,7 +175,7 @@ class Deployment:
     Subclasses implement :meth:`prepare` (image -> the framework's input),
     :meth:`input_size`, :meth:`run_torch`, :meth:`export_traced`, :meth:`load_onnx` and
     :meth:`run_onnx`; :meth:`export`, :meth:`check` and
-    :func:`rest_dense.deploy.benchmark.benchmark` build on them.
+    :func:`rest_dense.deploy.benchmark.measure_latency` build on them.
     """
 
     framework = ""

@@ -32,10 +32,6 @@ def retina_options() -> Dict[str, object]:
         "test_dataloader.dataset.pipeline.1.scale": (256, 160),
     }
 
-#: sizes of the synthetic check images: not multiples of 32
-CHECK_SIZES = [(120, 152), (136, 200)]
-
-
 def toy_data(root: Path) -> Path:
     """A small toy-shapes dataset (COCO and ADE layouts, 3 validation images)."""
     from rest_dense.data.toy import generate_toy_dataset
