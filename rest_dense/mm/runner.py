@@ -43,7 +43,8 @@ from torch import nn
 
 from ..configs import get_config_path
 from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
-                            make_checkpoint_hooks_atomic, scale_schedule)
+                            install_config_format_cache, make_checkpoint_hooks_atomic,
+                            scale_schedule)
 from ..distributed import setup_mm_distributed
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 from .utils import (amp_unavailable_fallback, default_work_dir, detect_framework, load_config,
@@ -274,7 +275,8 @@ def test_config(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[Pat
 def build_runner(cfg: Config) -> Runner:
     """The config's runner (``runner_type`` if given, else mmengine's ``Runner``), its
     ``CheckpointHook`` made crash-safe (:class:`~rest_dense.mm.checkpointing.
-    AtomicCheckpointHook`).
+    AtomicCheckpointHook`) and the config's yapf formatting done once
+    (:func:`~rest_dense.mm.checkpointing.install_config_format_cache`).
 
     The visualizer is named after the run (mmengine's default) rather than the shipped
     configs' fixed ``'visualizer'``: mmengine keeps one visualizer per name and process, so
@@ -285,6 +287,7 @@ def build_runner(cfg: Config) -> Runner:
     (:func:`rest_dense.distributed.setup_mm_distributed`); on GPUs nothing changes.
     """
     install_checkpoint_loader()
+    install_config_format_cache()  # mmengine formats the config anew for every checkpoint
     for change in setup_mm_distributed(cfg):
         print_log(f"rest_dense: {change}", logger="current")
     vis = cfg.get("visualizer")

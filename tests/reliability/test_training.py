@@ -1,14 +1,15 @@
 """Training survives being killed (MMDetection, MMSegmentation, detectron2).
 
 Real ``rest-dense train`` processes on the toy configs (tiny backbone, 8 toy images,
-8 iterations, a checkpoint every 2) are SIGKILLed at chosen points and resumed with
+6 iterations, a checkpoint every 2) are SIGKILLed at chosen points and resumed with
 ``--resume``:
 
 1. killed while the second checkpoint is being written (``RESTDENSE_TEST_SAVE_PAUSE``
    holds the save between the complete temporary file and its rename): the first
    checkpoint and the ``last_checkpoint`` pointer stay intact, the second never appears
    under its name;
-2. resumed from there and killed after a few more iterations (the log is polled): the
+2. resumed from there and killed between two saves, after the log shows the iterations
+   (mmdet, detectron2; mmseg runs mmdet's checkpoint code and skips this step): the
    interrupted save's temporary file is gone;
 3. the work dir is copied elsewhere (its ``last_checkpoint`` names files of the original
    folder) and a damaged "newer" checkpoint is planted in the copy; ``--resume`` there
@@ -16,8 +17,10 @@ Real ``rest-dense train`` processes on the toy configs (tiny backbone, 8 toy ima
    good checkpoint and trains to the end: the final checkpoint holds ``max_iters`` and
    loads without trust, and the original folder is left alone.
 
-Plus, in-process: the schedule of the toy configs scales with an overridden
-``max_iters``, and ``--resume`` with nothing to resume from says so.
+Plus, in-process: the toy configs' schedules scale with an overridden ``max_iters``,
+``--resume`` with nothing to resume from says so, and the building blocks (atomic writes,
+stale temporaries, resume candidates of moved folders, fallback past damaged files, the
+order of work of the atomic mmengine checkpoint hook).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 import pytest
+import torch
 
 from rest_dense import trust
 from rest_dense.checkpointing import SAVE_PAUSE_ENV, resume_candidates
@@ -357,3 +361,138 @@ def test_d2_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
         assert ckpt.resume_or_load("", resume=True) == {}
     assert "no checkpoint in" in caplog.text and "starting from scratch" in caplog.text
     assert not ckpt.has_checkpoint()
+
+
+# ----------------------------------------------------------------------------- building blocks
+def test_atomic_save_leaves_old_file_or_new_one(tmp_path, monkeypatch):
+    from rest_dense import checkpointing
+
+    path = tmp_path / "ckpt.pth"
+    checkpointing.atomic_save({"v": 1}, path)
+    assert checkpointing.atomic_save({"v": 2}, path) == str(path)
+    assert trust.load_checkpoint_file(path)["v"] == 2
+
+    def broken(obj, f):  # dies half-way through writing
+        f.write(b"PK\x03\x04 half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.torch, "save", broken)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointing.atomic_save({"v": 3}, path)
+    assert trust.load_checkpoint_file(path)["v"] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]  # no temporary left
+    checkpointing.atomic_write_text(tmp_path / "last_checkpoint", "ckpt.pth")
+    assert (tmp_path / "last_checkpoint").read_text() == "ckpt.pth"
+
+
+def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
+    from rest_dense import checkpointing
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    stale = tmp_path / f".iter_4.pth.tmp-{dead}-ab12cd34"
+    alive = tmp_path / f".iter_6.pth.tmp-{os.getpid()}-ab12cd34"
+    other = tmp_path / ".hidden.tmp-x"
+    for p in (stale, alive, other):
+        p.write_bytes(b"x")
+    assert checkpointing.remove_stale_temporaries(tmp_path) == [str(stale)]
+    assert alive.exists() and other.exists()
+    assert checkpointing.remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_resume_candidates_and_pointer_of_a_moved_folder(tmp_path):
+    from rest_dense import checkpointing
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    for n in (2, 4, 10):
+        checkpointing.atomic_save({"meta": {"iter": n}}, old / f"iter_{n}.pth")
+    (old / "best_mIoU_iter_4.pth").write_bytes(b"not a candidate")
+    checkpointing.atomic_write_text(old / "last_checkpoint", str(old / "iter_4.pth"))  # lags
+    pattern = r"(?:iter|epoch)_(\d+)\.pth"
+    assert checkpointing.resume_candidates(old, pattern) == [
+        str(old / "iter_10.pth"), str(old / "iter_4.pth"), str(old / "iter_2.pth")]
+    shutil.copytree(old, new)  # the pointer still names old/iter_4.pth, which exists
+    assert checkpointing.read_pointer(new) == str(new / "iter_4.pth")
+    shutil.rmtree(old)
+    assert checkpointing.read_pointer(new) == str(new / "iter_4.pth")
+    (new / "last_checkpoint").write_text("/elsewhere/custom_name.pth")
+    assert checkpointing.read_pointer(new) is None
+    (new / "custom_name.pth").write_bytes(b"x")
+    assert checkpointing.resume_candidates(new, pattern)[0] == str(new / "custom_name.pth")
+    assert checkpointing.resume_candidates(tmp_path / "missing", pattern) == []
+    # detectron2's layout: a file name, model_final above the numbered ones
+    d2 = tmp_path / "d2"
+    for name in ("model_0000009.pth", "model_final.pth", "model_0000019.pth"):
+        checkpointing.atomic_save({}, d2 / name)
+    (d2 / "last_checkpoint").write_text("model_final.pth")
+    assert [Path(p).name for p in checkpointing.resume_candidates(
+        d2, r"model_(\d+)\.pth", final_names=["model_final.pth"])] == [
+        "model_final.pth", "model_0000019.pth", "model_0000009.pth"]
+
+
+def test_select_resume_checkpoint(tmp_path, caplog):
+    from rest_dense import checkpointing
+
+    good = tmp_path / "iter_2.pth"
+    checkpointing.atomic_save({"meta": {"iter": 2}}, good)
+    bad = tmp_path / "iter_4.pth"
+    bad.write_bytes(good.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="rest_dense.checkpointing"):
+        assert checkpointing.select_resume_checkpoint([str(bad), str(good)]) == str(good)
+    assert f"skipping checkpoint {bad}" in caplog.text and f"resuming from {good}" in caplog.text
+    assert checkpointing.select_resume_checkpoint([]) is None
+    with pytest.raises(checkpointing.ResumeError, match="iter_4.pth"):
+        checkpointing.select_resume_checkpoint([str(bad)])
+    foreign = tmp_path / "iter_6.pth"  # complete, but needs full unpickling: not skipped
+    torch.save({"x": logging.Handler}, foreign)
+    with pytest.raises(trust.UntrustedCheckpointError, match="--trust-checkpoint"):
+        checkpointing.select_resume_checkpoint([str(foreign), str(good)])
+
+
+def test_atomic_checkpoint_hook_removes_the_old_checkpoint_last(tmp_path, monkeypatch):
+    """mmengine deletes the oldest of max_keep_ckpts before writing the new checkpoint; the
+    atomic hook only once the new one and the pointer are in place."""
+    from mmengine.hooks import CheckpointHook
+    from mmengine.model import BaseModel
+    from mmengine.runner import Runner
+
+    from rest_dense.mm.checkpointing import AtomicCheckpointHook, make_checkpoint_hooks_atomic
+
+    class Tiny(BaseModel):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x, mode="loss"):
+            return {"loss": (self.w * x.float()[:, None]).sum()}
+
+    runner = Runner(
+        model=Tiny(), work_dir=str(tmp_path / "w"), experiment_name="atomic_hook",
+        train_dataloader=dict(dataset=[dict(x=float(i)) for i in range(4)], batch_size=2, num_workers=0,
+                              sampler=dict(type="InfiniteSampler"),
+                              collate_fn=dict(type="default_collate")),
+        train_cfg=dict(by_epoch=False, max_iters=3),
+        optim_wrapper=dict(optimizer=dict(type="SGD", lr=0.1)),
+        default_hooks=dict(checkpoint=dict(type="CheckpointHook", interval=1, by_epoch=False,
+                                           max_keep_ckpts=1), logger=None),
+        default_scope="mmengine")
+    assert make_checkpoint_hooks_atomic(runner) == 1
+    hook = next(h for h in runner.hooks if isinstance(h, CheckpointHook))
+    assert type(hook) is AtomicCheckpointHook
+    removed = []
+    real_remove = os.remove
+
+    def remove(path):
+        if str(path).endswith(".pth"):
+            step = int(re.search(r"iter_(\d+)", str(path)).group(1))
+            newer = tmp_path / "w" / f"iter_{step + 1}.pth"
+            assert newer.is_file(), "removed before the new checkpoint was complete"
+            assert (tmp_path / "w" / "last_checkpoint").read_text().endswith(newer.name)
+            removed.append(step)
+        real_remove(path)
+
+    monkeypatch.setattr(os, "remove", remove)
+    runner.train()
+    assert removed == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "w").glob("*.pth")) == ["iter_3.pth"]
