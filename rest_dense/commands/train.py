@@ -37,9 +37,9 @@ skipped with a warning naming it; a moved or copied work dir resumes from its ow
 with nothing to resume from, a warning says so and training starts from scratch.
 
 Short runs: the toy configs (scale_schedule_with_max_iters = True, detectron2:
-SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER: True) stretch warm-up, lr steps, checkpoint, evaluation
-and logging intervals with an overridden train_cfg.max_iters / SOLVER.MAX_ITER, unless you
-set those too. Without a GPU, configs that train with mixed precision fall back to fp32.
+SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER: True) stretch warm-up, lr steps, checkpoint and
+evaluation intervals (OpenMMLab: also logging) with an overridden train_cfg.max_iters /
+SOLVER.MAX_ITER, unless you set those too. Without a GPU, configs that train with mixed precision fall back to fp32.
 """
 from __future__ import annotations
 

@@ -332,7 +332,7 @@ def test_lr_reaches_its_peak_in_a_scaled_run():
     assert lrs[-1] < 2e-4
 
 
-def test_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
+def test_resume_with_nothing_to_resume_says_so(tmp_path):
     from mmengine.logging import MMLogger
 
     from rest_dense.mm.runner import train_config
@@ -496,3 +496,29 @@ def test_atomic_checkpoint_hook_removes_the_old_checkpoint_last(tmp_path, monkey
     runner.train()
     assert removed == [1, 2]
     assert sorted(p.name for p in (tmp_path / "w").glob("*.pth")) == ["iter_3.pth"]
+
+
+def test_config_formatting_is_memoized(monkeypatch):
+    """mmengine formats the config with yapf for every checkpoint; the cache keeps the text
+    identical and formats it once."""
+    import mmengine.config.config as mm_config
+
+    from rest_dense.mm.checkpointing import install_config_format_cache
+    from rest_dense.mm.runner import train_config
+
+    cfg = train_config("toy/upernet_restv2_toy.py", work_dir="/nonexistent/w")
+    calls = []
+    original = mm_config.FormatCode
+    reference = cfg.pretty_text
+
+    def counting(text, *args, **kwargs):
+        calls.append(text)
+        return original(text, *args, **kwargs)
+
+    monkeypatch.setattr(mm_config, "FormatCode", counting)
+    install_config_format_cache()
+    assert cfg.pretty_text == reference and cfg.pretty_text == reference
+    assert len(calls) == 1
+    install_config_format_cache()  # idempotent
+    cfg.train_cfg.max_iters = 7
+    assert "max_iters=7" in cfg.pretty_text and len(calls) == 2
