@@ -13,7 +13,7 @@ from rest_dense.mm.utils import build_model, is_tta_model
 
 from conftest import CONFIG_DIR, REPO, TINY_ARCH  # noqa: F401
 # configs owned by other parts of the project
-FOREIGN_CONFIG_DIRS = ("toy", "detectron2", "_base_")
+FOREIGN_CONFIG_DIRS = ("toy", "detectron2", "_base_", "deploy")
 
 
 
