@@ -78,8 +78,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--runs", type=int, default=10, help="timed runs per image (default: 10)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads of both runtimes for checks and timing (default: 1)")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="never unpickle the checkpoint in full")
+    from .train import add_trust_argument
+
+    add_trust_argument(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -90,6 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.benchmark import format_table, measure_latency
     from ..deploy.onnx_export import load_deployment
     from ..deploy.predictions import Tolerances
+    from ..trust import trust
     from ..utils import format_size
     from .infer import parse_options
 
@@ -103,10 +105,10 @@ def run(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
+    trust(*args.trust_checkpoint)
     try:
         dep = load_deployment(args.config, args.checkpoint, device=args.device,
-                              cfg_options=parse_options(args.cfg_options),
-                              trusted=not args.weights_only, opset=args.opset)
+                              cfg_options=parse_options(args.cfg_options), opset=args.opset)
         exp = dep.export(args.out, shape=args.shape, check_sizes=sizes,
                          check_images=args.check_images)
     except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError) as e:

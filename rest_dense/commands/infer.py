@@ -65,9 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="config overrides (OpenMMLab: model.test_cfg.rcnn.score_thr=0.1; "
                              "detectron2: MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.1)")
     parser.add_argument("--no-vis", action="store_true", help="write no pictures")
-    parser.add_argument("--weights-only", action="store_true",
-                        help="never unpickle the checkpoint in full (default: a checkpoint you "
-                             "name here may be, if the restricted loader refuses it)")
+    from .train import add_trust_argument
+
+    add_trust_argument(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -75,13 +75,14 @@ def run(args: argparse.Namespace) -> int:
     import pickle
 
     from ..deploy.infer import run_inference
+    from ..trust import trust
 
+    trust(*args.trust_checkpoint)
     try:
         summary = run_inference(args.config, args.checkpoint, args.inputs, args.out,
                                 device=args.device, score_thr=args.score_thr,
                                 cfg_options=parse_options(args.cfg_options),
-                                draw=not args.no_vis, progress=not args.quiet,
-                                trusted=not args.weights_only)
+                                draw=not args.no_vis, progress=not args.quiet)
     except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
