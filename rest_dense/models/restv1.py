@@ -131,8 +131,11 @@ class ResTv1(ResTBase):
         drop_path_rate (float): stochastic depth, linearly increasing over blocks. Default: 0.
         frozen_stages (int): freeze the stem (0) and stages ``1..frozen_stages``. Default: -1.
         norm_eval (bool): keep BatchNorm layers in eval mode while training. Default: False.
-        with_cp (bool): gradient checkpointing per block. Default: False.
-        fused_attn (bool): fused attention where the math allows it. Default: True.
+        with_cp (bool | str): memory level: ``False`` / ``'none'``, ``'mlp'`` (recompute
+            each block's MLP hidden map in backward) or ``True`` / ``'block'`` (gradient
+            checkpointing per block); see :class:`ResTv2`. Default: False.
+        fused_attn (bool): fused attention where the math allows it, and the memory-lean
+            MLP of :mod:`rest_dense.models.functional`. Default: True.
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path to load. Default: None.
 

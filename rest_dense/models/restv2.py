@@ -206,10 +206,19 @@ class ResTv2(ResTBase):
         frozen_stages (int): freeze the stem (0) and stages ``1..frozen_stages``, keeping
             them in eval mode; -1 freezes nothing. Default: -1.
         norm_eval (bool): keep BatchNorm layers in eval mode while training. Default: False.
-        with_cp (bool): gradient checkpointing per block (only when gradients flow).
+        with_cp (bool | str): the memory level of training (recomputation in backward,
+            only while gradients are recorded; outputs and gradients do not change):
+            ``False`` / ``'none'`` keeps what the memory-lean blocks save (about 8C floats
+            per token and block); ``'mlp'`` also recomputes each block's 4C-wide MLP
+            hidden map (one more ``fc1`` GEMM per block; about 4C); ``True`` /
+            ``'block'`` recomputes whole blocks (gradient checkpointing; 1C).
             Default: False.
-        fused_attn (bool): attention through ``F.scaled_dot_product_attention``; ``False``
-            selects the explicit math path of the released code. Default: True.
+        fused_attn (bool): attention through ``F.scaled_dot_product_attention`` and the
+            memory-lean fast paths of :mod:`rest_dense.models.functional` (LayerNorms,
+            GELU, the PA gate and the upsample branch recomputed in backward instead of
+            kept; switch them off with :func:`~rest_dense.models.functional.fast_paths`);
+            ``False`` selects the plain module-by-module computation with the explicit
+            attention math of the released code (the exact reference). Default: True.
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path loaded with
             :func:`rest_dense.models.load_checkpoint`. Default: None.
