@@ -207,8 +207,8 @@ PAPER_BACKBONE: Dict[Tuple[str, int, int], Tuple[float, float, str]] = {
     ("restv1_small", 224, 224): (13.66, 1.9, "ImageNet classifier, ResTv1"),
     ("restv1_base", 224, 224): (30.28, 4.3, "ImageNet classifier, ResTv1"),
     ("restv1_large", 224, 224): (51.63, 7.9, "ImageNet classifier, ResTv1"),
-    # the authors' dense backbone measured with fvcore (shared/ENV.md)
-    ("restv2_tiny", 800, 1280): (29.667, 127.6, "authors' code, fvcore (ENV.md)"),
+    # the authors' released dense backbone code measured with fvcore
+    ("restv2_tiny", 800, 1280): (29.667, 127.6, "authors' code, fvcore"),
 }
 #: Mask R-CNN at 800x1280 (detectron2; ResTv2 paper Tab. 4 main results, Tab. 4a ablation):
 #: ``(family, arch, attn_mode) -> (params M, GFLOPs text)``
@@ -1012,6 +1012,6 @@ def markdown_document(results: Sequence[AnalysisResult], command: str) -> str:
         "(matmul = attention products, explicit or fused). \"paper\" columns: the ResTv2 / ResTv1 "
         "papers (detection: detectron2 Mask R-CNN, \"1280×800\"; segmentation: UperNet, "
         "\"2048×512\"; backbones at 224: the ImageNet classifiers) and, for the dense "
-        "ResTv2-T backbone at 800×1280, the authors' code measured with fvcore (shared/ENV.md).\n\n"
+        "ResTv2-T backbone at 800×1280, the authors' released code measured with fvcore.\n\n"
         "Conventions:\n\n" + CONVENTIONS + "\n\n" + format_markdown(results) + "\n\n"
         + PAPER_NOTES)
