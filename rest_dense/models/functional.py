@@ -308,16 +308,17 @@ class _NormQKV(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, ln_w, ln_b, wq, bq, wkv, bkv, eps):
         y, mean, rstd = _ln(x, ln_w, ln_b, eps)
-        out = F.linear(y, torch.cat([wq, wkv]), _cat_bias(wq, bq, wkv, bkv))
-        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, wq, wkv)
+        w = torch.cat([wq, wkv])
+        out = F.linear(y, w, _cat_bias(wq, bq, wkv, bkv))
+        ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, w)
         ctx.eps, ctx.has_bq, ctx.has_bkv = eps, bq is not None, bkv is not None
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        x, mean, rstd, ln_w, ln_b, wq, wkv = ctx.saved_tensors
+        x, mean, rstd, ln_w, ln_b, w = ctx.saved_tensors
         need = ctx.needs_input_grad
-        c = wq.shape[0]
+        c = w.shape[0] // 3
         d = _rows(dout)
         dwq = dbq = dwkv = dbkv = None
         if need[3] or need[5]:
@@ -330,7 +331,7 @@ class _NormQKV(torch.autograd.Function):
             dbkv = db[c:] if need[6] and ctx.has_bkv else None
         dx = dlw = dlb = None
         if need[0] or need[1] or need[2]:
-            dy = d.mm(torch.cat([wq, wkv])).view(x.shape)
+            dy = d.mm(w).view(x.shape)
             dx, dlw, dlb = _ln_backward(dy, x, mean, rstd, ln_w, ln_b, need[:3])
         return dx, dlw, dlb, dwq, dbq, dwkv, dbkv, None
 
