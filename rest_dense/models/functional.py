@@ -42,6 +42,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "fast_paths",
@@ -177,6 +178,7 @@ class _MlpBranch(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x2, mean, rstd, ln_w, ln_b, w1, b1, w2, h = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -245,6 +247,7 @@ class _NormQSr(torch.autograd.Function):
         return q, s
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dq, ds):
         x, mean, rstd, ln_w, ln_b, wq, wsr = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -315,6 +318,7 @@ class _NormQKV(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dout):
         x, mean, rstd, ln_w, ln_b, w = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -447,6 +451,7 @@ class _UpProj(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         out, v, mean, rstd, wu, bu, wn, bn, wp = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -533,6 +538,7 @@ class _Conv3x3S2(torch.autograd.Function):
         return F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=2, padding=1)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -584,6 +590,7 @@ class _PaNorm(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, mean, rstd, wpa, bpa, ln_w, ln_b = ctx.saved_tensors
         need = ctx.needs_input_grad
