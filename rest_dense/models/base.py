@@ -128,8 +128,8 @@ def check_cp_level(value, name: str = "with_cp") -> Tuple[Union[bool, str], str]
     if _is_bool(value):
         return (True, "block") if value else (False, "none")
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be True, False or one of {CP_LEVELS}, got {value!r} "
-                        f"({type(value).__name__})")
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__}); "
+                        f"a memory level name {CP_LEVELS} is also accepted")
     level = value.strip().lower()
     if level not in CP_LEVELS:
         raise ValueError(f"{name} must be True, False or one of {CP_LEVELS}, got {value!r}")
