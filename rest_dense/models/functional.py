@@ -19,6 +19,9 @@ fewer activations alive for the backward pass and avoids layout copies:
   the pixel shuffle moves whole channel vectors (faster than a channel-multiplier conv).
 * :func:`pa_norm` -- PA position encoding ``x * sigmoid(dwconv3x3(x))`` followed by the
   token LayerNorm, saving only ``x``.
+* :func:`conv3x3_s2` -- the patch embeddings' strided 3x3 convs on channels-last tokens,
+  forward by the library convolution, backward as two GEMMs over recomputed patches
+  (the library's channels-last convolution backward is several times slower on CPU).
 
 Per transformer block the activations kept for backward drop from about 16C to 8C
 floats per token (4C with ``recompute_hidden``).
@@ -37,7 +40,7 @@ plain computation::
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +71,7 @@ def fast_paths_enabled() -> bool:
 
 
 def set_fast_paths(enabled: bool) -> bool:
-    """Switch the fast paths on or off for the whole process.
+    """Switch the fast paths on or off for the whole process (all threads).
 
     Args:
         enabled: True to use them (the default), False to run the plain modules.
@@ -205,7 +208,8 @@ class _MlpBranch(torch.autograd.Function):
         return dx, dlw, dlb, dw1, db1, dw2, db2, None, None
 
 
-def mlp_branch(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module, recompute_hidden: bool = False) -> Tensor:
+def mlp_branch(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module,
+               recompute_hidden: bool = False) -> Tensor:
     """The MLP half of a pre-norm block, ``mlp(norm(x))``, without the residual.
 
     Args:
@@ -263,8 +267,8 @@ class _NormQSr(torch.autograd.Function):
                 dy = d.mm(wq).view(y.shape)
         if ds is not None:
             dys, dwsr, dbsr = _dw_conv_backward(
-                ds.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), wsr, ctx.has_bsr, ctx.sr, ctx.sr // 2,
-                (need_y, need[5], need[6]))
+                ds.permute(0, 3, 1, 2), y.permute(0, 3, 1, 2), wsr, ctx.has_bsr, ctx.sr,
+                ctx.sr // 2, (need_y, need[5], need[6]))
             if dys is not None:
                 dys = dys.permute(0, 2, 3, 1)
                 dy = dys if dy is None else dy.add_(dys)
@@ -297,7 +301,8 @@ def norm_q_sr(x: Tensor, norm: nn.LayerNorm, q: nn.Linear, sr: nn.Conv2d,
                           norm.eps, sr_ratio)
 
 
-def _cat_bias(wq: Tensor, bq: Optional[Tensor], wkv: Tensor, bkv: Optional[Tensor]) -> Optional[Tensor]:
+def _cat_bias(wq: Tensor, bq: Optional[Tensor], wkv: Tensor,
+              bkv: Optional[Tensor]) -> Optional[Tensor]:
     """The bias of the fused ``[q | kv]`` projection (zeros stand in for a missing one)."""
     if bq is None and bkv is None:
         return None

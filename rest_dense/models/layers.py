@@ -133,7 +133,10 @@ class Block(nn.Module):
             raise ValueError(f"Block recompute must be one of {BLOCK_RECOMPUTE}, got {recompute!r}")
         if getattr(self.attn, "fused_attn", False) and fast.use_fast_path(x):
             forward_fast = getattr(self.attn, "forward_fast", None)
-            a = forward_fast(x, self.norm1) if forward_fast is not None else self.attn(self.norm1(x))
+            if forward_fast is not None:
+                a = forward_fast(x, self.norm1)
+            else:
+                a = self.attn(self.norm1(x))
             if not torch.is_grad_enabled():  # inference: residual sums in place
                 x = self.drop_path(a).add_(x)
                 return self.drop_path(fast.mlp_branch(x, self.norm2, self.mlp)).add_(x)

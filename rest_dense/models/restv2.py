@@ -258,7 +258,8 @@ class ResTv2(ResTBase):
         cur = 0
         for i in range(4):
             if i > 0:
-                setattr(self, f"patch_{i + 1}", PatchEmbedV2(dims[i - 1], dims[i], fused=fused_attn))
+                setattr(self, f"patch_{i + 1}",
+                        PatchEmbedV2(dims[i - 1], dims[i], fused=fused_attn))
             blocks = nn.ModuleList([
                 Block(dims[i],
                       EMSAv2(dims[i], spec["num_heads"][i], self.sr_ratios[i],

@@ -184,14 +184,16 @@ def test_mlp_branch_gradcheck(recompute_hidden):
     torch.testing.assert_close(got, expected)
     params = [norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias, mlp.fc2.weight, mlp.fc2.bias]
     assert torch.autograd.gradcheck(
-        lambda x, *p: fast.mlp_branch(x, norm, mlp, recompute_hidden=recompute_hidden), (x, *params))
+        lambda x, *p: fast.mlp_branch(x, norm, mlp, recompute_hidden=recompute_hidden),
+        (x, *params))
 
 
 @pytest.mark.parametrize("sr", [1, 2, 3, 4, 8])
 def test_upsample_values_matches_conv_pixelshuffle(sr):
     torch.manual_seed(sr)
     c, h, w = 6, 3, 5
-    up = nn.Sequential(nn.Conv2d(c, sr * sr * c, 3, padding=1, groups=c), nn.PixelShuffle(sr)).double()
+    up = nn.Sequential(nn.Conv2d(c, sr * sr * c, 3, padding=1, groups=c),
+                       nn.PixelShuffle(sr)).double()
     v = torch.randn(2, h, w, c, dtype=torch.float64, requires_grad=True)
     expected = up(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     got = fast.upsample_values(v, up[0].weight, up[0].bias, sr)
@@ -243,7 +245,8 @@ def test_conv3x3_s2_gradcheck(hw):
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1).double()
     x = torch.randn(2, *hw, 3, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(fast.conv3x3_s2(x, conv), conv(x.permute(0, 3, 1, 2)))
-    assert torch.autograd.gradcheck(lambda x, w, b: fast.conv3x3_s2(x, conv), (x, conv.weight, conv.bias))
+    assert torch.autograd.gradcheck(lambda x, w, b: fast.conv3x3_s2(x, conv),
+                                    (x, conv.weight, conv.bias))
 
 
 @pytest.mark.parametrize("channels_last", [True, False])
