@@ -75,7 +75,7 @@ BAD_ARGS = {
     "out_indices-set": ("v2", dict(out_indices={0, 1}),
         TypeError, r"out_indices must be a sequence .*order"),
     "norm_eval-string": ("v2", dict(norm_eval="False"), TypeError, r"norm_eval must be True or False"),
-    "with_cp-int": ("v1", dict(with_cp=1), TypeError, r"with_cp must be True or False, got 1"),
+    "with_cp-int": ("v1", dict(with_cp=1), TypeError, r"with_cp must be True, False or one of .*got 1 \(int\)"),
     "fused_attn-none": ("v2", dict(fused_attn=None), TypeError, r"fused_attn must be True or False"),
     "attn_mode-unknown": ("v2", dict(attn_mode="swin"),
         ValueError, r"unknown attn_mode 'swin'; choose one of"),
