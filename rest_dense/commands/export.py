@@ -243,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     if args.compile:
         compile_sizes = sizes or ([args.shape] if args.shape else list(DEFAULT_CHECK_SIZES))
         dynamic = False if args.static else (True if args.dynamic else None)
-        if dynamic is None and ex.windowed_stages(model):
+        if dynamic is None and ex.dynamic_shape_problem(model) is not None:
             print(f"note: {args.attn_mode} mode compiles each size separately (dynamic=False); "
                   "symbolic sizes do not finish compiling in the window modes")
         results = ex.check_compile(model, compile_sizes, backend=args.compile,

@@ -274,6 +274,12 @@ def test_compile_model_settings(monkeypatch):
                                      (glob, False, False)]:
         assert ex.compile_model(model, backend="aot_eager", dynamic=dynamic) is model
         assert calls.pop() == {"backend": "aot_eager", "dynamic": expected}
+    # a model whose window code handles symbolic sizes declares it, and is not refused
+    hooked = ResTv2(TINY, attn_mode="win", window_size=(16, 8, 4, 2)).eval()
+    hooked.symbolic_window_shapes = True
+    assert ex.dynamic_shape_problem(hooked) is None
+    assert ex.compile_model(hooked, backend="aot_eager", dynamic=True) is hooked
+    assert calls.pop() == {"backend": "aot_eager", "dynamic": True}
     with pytest.raises(ValueError, match="unknown torch.compile backend 'tensorrtx'"):
         ex.compile_model(glob, backend="tensorrtx")
     with pytest.raises(ValueError, match="dynamic must be None, True or False"):
