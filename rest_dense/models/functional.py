@@ -60,6 +60,7 @@ __all__ = [
     "upsample_values",
     "pa_norm",
     "conv3x3_s2",
+    "stem_tail",
 ]
 
 _ENABLED = [True]
@@ -575,6 +576,117 @@ def conv3x3_s2(x: Tensor, conv: nn.Conv2d) -> Tensor:
     if not x.is_contiguous():
         x = x.contiguous()
     return _Conv3x3S2.apply(x, conv.weight, conv.bias)
+
+
+# ------------------------------------------------------------------- the conv stem
+def _bn_mode(bn: nn.modules.batchnorm._BatchNorm):
+    """What ``nn.BatchNorm2d.forward`` passes to the kernel (and its ``num_batches_tracked``
+    update): ``(use_batch_stats, momentum, running_mean, running_var)``."""
+    momentum = 0.0 if bn.momentum is None else bn.momentum
+    if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        momentum = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+    use_batch = bn.training or (bn.running_mean is None and bn.running_var is None)
+    keep = not bn.training or bn.track_running_stats
+    return (use_batch, momentum, bn.running_mean if keep else None,
+            bn.running_var if keep else None)
+
+
+def _bn_relu(x: Tensor, w, b, use_batch: bool, rm, rv, eps: float) -> Tensor:
+    """``relu(batch_norm(x))`` as the forward computed it, without updating running stats."""
+    if use_batch:
+        rm = rv = None
+    return torch.native_batch_norm(x, w, b, rm, rv, use_batch, 0.0, eps)[0].relu_()
+
+
+class _StemTail(torch.autograd.Function):
+    """``conv3(relu(bn2(conv2(relu(bn1(c1))))))`` of the conv stem (conv2 3x3/s2, conv3
+    1x1), channels-last, saving only ``c1`` and ``conv2``'s output; the BatchNorm/ReLU
+    outputs are recomputed in backward."""
+
+    @staticmethod
+    def forward(ctx, c1, w1, b1, w2, w3, b3, wn2, bn2_b, cfg1, cfg2):
+        use1, mom1, rm1, rv1, eps1 = cfg1
+        use2, mom2, rm2, rv2, eps2 = cfg2
+        r1, mean1, invstd1 = torch.native_batch_norm(c1, w1, b1, rm1, rv1, use1, mom1, eps1)
+        r1 = r1.relu_()
+        c2 = F.conv2d(r1, w2, None, stride=2, padding=1)
+        r2, mean2, invstd2 = torch.native_batch_norm(c2, wn2, bn2_b, rm2, rv2, use2, mom2, eps2)
+        r2 = r2.relu_().permute(0, 2, 3, 1)
+        out = F.linear(r2 if r2.is_contiguous() else r2.contiguous(),
+                       w3.view(w3.shape[0], w3.shape[1]), b3).permute(0, 3, 1, 2)
+        ctx.save_for_backward(c1, c2, w1, b1, w2, w3, wn2, bn2_b, mean1, invstd1, mean2, invstd2)
+        ctx.cfg = (cfg1, cfg2)
+        ctx.has_b3 = b3 is not None
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        c1, c2, w1, b1, w2, w3, wn2, bn2_b, mean1, invstd1, mean2, invstd2 = ctx.saved_tensors
+        (use1, _, rm1, rv1, eps1), (use2, _, rm2, rv2, eps2) = ctx.cfg
+        need = ctx.needs_input_grad
+        cout, cmid = w3.shape[:2]
+        # 1x1 conv: a GEMM over channels-last rows
+        r2 = _bn_relu(c2, wn2, bn2_b, use2, rm2, rv2, eps2)
+        g = _rows(grad.permute(0, 2, 3, 1))
+        r2_rows = _rows(r2.permute(0, 2, 3, 1))
+        dw3 = g.t().mm(r2_rows).view(w3.shape) if need[4] else None
+        db3 = g.sum(0) if need[5] and ctx.has_b3 else None
+        dw2 = dwn2 = dbn2 = dc1 = dw1 = db1 = None
+        if any(need[:4]) or need[6] or need[7]:
+            dr2 = g.mm(w3.view(cout, cmid)).view(r2_rows.shape)
+            dr2 = torch.ops.aten.threshold_backward(dr2, r2_rows, 0)
+            dr2 = dr2.view(r2.shape[0], r2.shape[2], r2.shape[3], cmid).permute(0, 3, 1, 2)
+            del r2, r2_rows
+            dc2, dwn2, dbn2 = torch.ops.aten.native_batch_norm_backward(
+                dr2, c2, wn2, rm2, rv2, mean2, invstd2, use2, eps2,
+                [any(need[:4]), need[6], need[7]])
+            if any(need[:4]):
+                # 3x3 / stride 2 conv: two GEMMs over recomputed patches
+                r1 = _bn_relu(c1, w1, b1, use1, rm1, rv1, eps1)
+                r1_t = r1.permute(0, 2, 3, 1)
+                r1_t = r1_t if r1_t.is_contiguous() else r1_t.contiguous()
+                gc2 = _rows(dc2.permute(0, 2, 3, 1))
+                c_in = w2.shape[1]
+                if need[3]:
+                    dw2 = gc2.t().mm(_im2col_3x3s2(r1_t)).view(w2.shape[0], 3, 3, c_in)
+                    dw2 = dw2.permute(0, 3, 1, 2).contiguous()
+                if need[0] or need[1] or need[2]:
+                    wm = w2.permute(0, 2, 3, 1).reshape(w2.shape[0], 9 * c_in)
+                    dr1 = _col2im_3x3s2(gc2.mm(wm), r1_t.shape)
+                    dr1 = torch.ops.aten.threshold_backward(dr1, r1_t, 0).permute(0, 3, 1, 2)
+                    del r1, r1_t
+                    dc1, dw1, db1 = torch.ops.aten.native_batch_norm_backward(
+                        dr1, c1, w1, rm1, rv1, mean1, invstd1, use1, eps1,
+                        [need[0], need[1], need[2]])
+        return dc1, dw1, db1, dw2, dw3, db3, dwn2, dbn2, None, None
+
+
+def stem_tail(c1: Tensor, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNorm2d,
+              conv3: nn.Conv2d) -> Tensor:
+    """The conv stem after its first conv: ``conv3(relu(bn2(conv2(relu(bn1(c1))))))``.
+
+    ``conv2`` is a 3x3 / stride 2 / padding 1 conv without bias, ``conv3`` a 1x1 conv.
+    Keeps only ``c1`` and ``conv2``'s output for backward (not the four BatchNorm / ReLU
+    maps). BatchNorm behaves exactly as the modules do (batch statistics and running
+    averages in training mode, running statistics in eval mode).
+
+    Args:
+        c1: ``(B, C/2, H, W)`` output of the first conv (channels-last preferred).
+        bn1, conv2, bn2, conv3: the stem's modules.
+
+    Returns:
+        ``(B, C, ceil(H/2), ceil(W/2))`` map, channels-last memory.
+    """
+    if not needs_grad(c1, bn1, conv2, bn2, conv3):
+        x = F.relu(bn1(c1), inplace=True)
+        return conv3(F.relu(bn2(conv2(x)), inplace=True))
+    use1, mom1, rm1, rv1 = _bn_mode(bn1)
+    use2, mom2, rm2, rv2 = _bn_mode(bn2)
+    return _StemTail.apply(c1, bn1.weight, bn1.bias, conv2.weight, conv3.weight, conv3.bias,
+                           bn2.weight, bn2.bias, (use1, mom1, rm1, rv1, bn1.eps),
+                           (use2, mom2, rm2, rv2, bn2.eps))
 
 
 # -------------------------------------------------------------- PA position encoding

@@ -155,11 +155,10 @@ class ConvStemV2(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` images -> channels-last ``(B, H/4, W/4, C')`` tokens."""
         if self.fused and fast.use_fast_path(x):
-            # channels-last throughout; the second conv's backward as GEMMs
+            # channels-last throughout; BatchNorm/ReLU maps recomputed in backward
             p = self.proj
-            x = p[2](p[1](p[0](x.contiguous(memory_format=torch.channels_last))))
-            x = p[6](p[5](p[4](fast.conv3x3_s2(x.permute(0, 2, 3, 1), p[3]))))
-            return fast.pa_norm(x, self.pos, self.norm)
+            x = p[0](x.contiguous(memory_format=torch.channels_last))
+            return fast.pa_norm(fast.stem_tail(x, p[1], p[3], p[4], p[6]), self.pos, self.norm)
         return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
 
 

@@ -264,6 +264,47 @@ def test_pa_norm_gradcheck(channels_last):
     assert torch.autograd.gradcheck(lambda x, *p: fast.pa_norm(x, pa, norm), (x, *params))
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("norm_eval", [False, True])
+def test_stem_tail_matches_modules_and_batchnorm_state(norm_eval, momentum):
+    """stem_tail: output, gradients, running statistics and num_batches_tracked as the
+    modules give them (training: batch statistics; norm_eval: running statistics)."""
+    torch.manual_seed(0)
+    ref = ResTv2(arch=ARCH, norm_eval=norm_eval).double()
+    for m in ref.stem.proj:
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.3)
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    p = ref.stem.proj
+    states = {}
+    for fast_on in (True, False):
+        torch.manual_seed(0)
+        model = ResTv2(arch=ARCH, norm_eval=norm_eval).double().train()
+        model.load_state_dict(ref.state_dict())
+        for m in model.stem.proj:
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = momentum
+        x = torch.randn(2, 3, 45, 38, dtype=torch.float64)
+        states[fast_on] = _run(model, x, fast_on) + (
+            {k: v.clone() for k, v in model.stem.state_dict().items() if "running" in k
+             or "num_batches" in k},)
+    _assert_same(states[True][:3], states[False][:3], atol=1e-9, rtol=1e-7)
+    for k, v in states[False][3].items():
+        torch.testing.assert_close(states[True][3][k], v, msg=k)
+        if not norm_eval and "running" in k:
+            assert not torch.equal(v, ref.stem.state_dict()[k]), k  # stats were updated
+    # numerical gradients of the custom function itself
+    c1 = torch.randn(2, p[1].num_features, 7, 6, dtype=torch.float64).contiguous(
+        memory_format=torch.channels_last).requires_grad_()
+    params = [p[1].weight, p[3].weight, p[4].bias, p[6].weight, p[6].bias]
+    ref.train(not norm_eval)
+    assert torch.autograd.gradcheck(lambda c, *w: fast.stem_tail(c, p[1], p[3], p[4], p[6]),
+                                    (c1, *params))
+
+
 # ------------------------------------------------------------------ the memory dial
 @pytest.mark.parametrize("kind", ["v2", "v1"])
 @pytest.mark.parametrize("fast_on", [True, False], ids=["fast", "plain"])
