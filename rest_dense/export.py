@@ -386,8 +386,14 @@ def export_program(model: nn.Module, shape: Optional[Size] = None, dynamic: bool
         if not dynamic:
             return export(model, (x,))
         side = Dim.DYNAMIC(min=min_program_side(model))
-        # size-oblivious reasoning: no guards on sizes the graph does not depend on
-        with torch.fx.experimental._config.patch(backed_size_oblivious=True):
+        # size-oblivious reasoning: no guards on sizes the graph does not depend on (e.g.
+        # whether a slice happens to be contiguous); an older PyTorch without it gets more
+        # guards, which the probe below reports
+        from torch.fx.experimental import _config as fx_config
+
+        oblivious = (fx_config.patch(backed_size_oblivious=True)
+                     if hasattr(fx_config, "backed_size_oblivious") else contextlib.nullcontext())
+        with oblivious:
             program = export(model, (x,), dynamic_shapes={"x": {2: side, 3: side}})
     low = min_program_side(model)
     sides = sorted({low, low + 1, 64, 256, 800, 1216, shape[0], shape[1]})
