@@ -198,7 +198,7 @@ def default_trace_shape(model: nn.Module, start: Size = (256, 384)) -> Size:
     return first(start[0]), first(start[1])
 
 
-# ------------------------------------------------------------------ dynamic shapes (torch.compile / torch.export)
+# ------------------------------------------------------------------ dynamic shapes
 class DynamicShapeError(NotImplementedError, ValueError):
     """Dynamic height/width was asked of ``torch.compile`` / ``torch.export`` for a model or
     setting where it does not work in bounded time; the message names what to use instead.

@@ -94,7 +94,8 @@ def files(tmp_path_factory) -> Dict[str, Path]:
 # --------------------------------------------------------------------------- convert
 # (id, argv with {name} placeholders for files / {out}, texts the error must contain)
 CONVERT_CASES = [
-    ("missing-source", ["{d}/nowhere.pth", "{out}", "--to", "core"], ["nowhere.pth", "does not exist"]),
+    ("missing-source", ["{d}/nowhere.pth", "{out}", "--to", "core"],
+     ["nowhere.pth", "does not exist"]),
     ("source-is-folder", ["{folder}", "{out}", "--to", "core"], ["is a directory"]),
     ("empty-file", ["{empty.pth}", "{out}", "--to", "mmdet"], ["empty.pth", "empty file"]),
     ("text-file", ["{text.pth}", "{out}", "--to", "mmdet"], ["text file", "restv1_lite weights"]),
@@ -108,7 +109,8 @@ CONVERT_CASES = [
      ["no registered variant", "restv1_lite"]),
     ("pickled-objects", ["{pickled.pth}", "{out}", "--to", "core"],
      ["argparse.Namespace", "--unsafe-load"]),
-    ("unknown-layout", ["{good.pth}", "{out}", "--to", "caffe2"], ["--to", "invalid choice", "caffe2"]),
+    ("unknown-layout", ["{good.pth}", "{out}", "--to", "caffe2"],
+     ["--to", "invalid choice", "caffe2"]),
     ("unknown-model-name", ["{good.pth}", "{out}", "--to", "core", "--model", "restv3_tiny"],
      ["unknown model", "restv3_tiny"]),
     ("another-variant-named", ["{good.pth}", "{out}", "--to", "core", "--model", "restv1_base"],
@@ -121,7 +123,8 @@ CONVERT_CASES = [
     ("destination-is-source", ["{good.pth}", "{good.pth}", "--to", "core"], ["same file"]),
     ("destination-is-source-other-path", ["{good.pth}", "{d}/../{dname}/good.pth", "--to", "core"],
      ["same file"]),
-    ("destination-is-link-to-source", ["{good.pth}", "{d}/link.pth", "--to", "core"], ["same file"]),
+    ("destination-is-link-to-source", ["{good.pth}", "{d}/link.pth", "--to", "core"],
+     ["same file"]),
     ("nan-in-checkpoint", ["{nan.pth}", "{out}", "--to", "mmseg"],
      ["NaN", "stage2.1.attn.q.weight", "not written"]),
 ]
@@ -223,5 +226,6 @@ def test_export_bad_checkpoint_names_both_variants(files):
     from rest_dense.export import build_model
     from rest_dense.models import CheckpointMismatchError
 
-    with pytest.raises(CheckpointMismatchError, match="restv1_lite.*restv1_small|restv1_small.*restv1_lite"):
+    with pytest.raises(CheckpointMismatchError,
+                       match="restv1_lite.*restv1_small|restv1_small.*restv1_lite"):
         build_model("restv1_small", checkpoint=str(files["good.pth"]))
