@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
             print_metrics(results, args.save_metrics)
         return 0
 
-    from ..mm.runner import build_runner, test_config
+    from ..mm.runner import build_runner, check_test_checkpoint, test_config
 
     try:
         cfg = test_config(args.config_path, args.checkpoint, work_dir=args.work_dir,
@@ -101,7 +101,9 @@ def run(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError, KeyError) as err:
         return fail("test", str(err).strip('"'))
     try:
-        metrics = build_runner(cfg).test()
+        runner = build_runner(cfg)
+        check_test_checkpoint(runner.model, cfg.load_from)
+        metrics = runner.test()
     except CHECKPOINT_ERRORS as err:
         return fail("test", str(err))
     print_metrics(metrics, args.save_metrics)

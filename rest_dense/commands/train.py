@@ -51,6 +51,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..checkpointing import ResumeError  # light: torch only
+from ..models.checkpoint import CheckpointError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -67,7 +68,7 @@ _D2_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 #: checkpoint errors reported as a one-line error: a file refused by the trust policy or by
 #: torch.load(weights_only=True) (rest_dense.trust.UntrustedCheckpointError is one), and
 #: checkpoints to resume from that cannot be read (rest_dense.checkpointing.ResumeError)
-CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError)
+CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError, CheckpointError)
 
 
 class UsageError(Exception):

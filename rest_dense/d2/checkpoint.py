@@ -39,7 +39,8 @@ from torch import nn
 
 from .. import checkpointing as _ckpt
 from .. import trust as _trust
-from ..models import load_checkpoint, matching_keys, normalize_state_dict, rename_d2_norm_keys
+from ..models import (CheckpointMismatchError, check_model_checkpoint, find_backbone, load_checkpoint, matching_keys,
+                      normalize_state_dict, rename_d2_norm_keys)
 from ..models.base import ResTBase
 
 __all__ = ["RestDetectionCheckpointer", "find_rest_backbone", "classify_checkpoint",
@@ -57,11 +58,7 @@ _BACKBONE_ONLY = "__rest_backbone_only__"
 def find_rest_backbone(model: nn.Module) -> Optional[Tuple[str, ResTBase]]:
     """The first ResT backbone inside ``model`` (DDP unwrapped) as ``(prefix, module)``,
     prefix with a trailing dot (``"backbone.bottom_up."``), or ``None``."""
-    model = getattr(model, "module", model)
-    for name, module in model.named_modules():
-        if isinstance(module, ResTBase):
-            return (name + "." if name else ""), module
-    return None
+    return find_backbone(model)
 
 
 def classify_checkpoint(model: nn.Module, state_dict: Mapping[str, Any]) -> str:
@@ -189,7 +186,14 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
                 loaded = {"model": loaded}
         return loaded
 
+    #: raise when a whole-model checkpoint leaves entries of the model uninitialised
+    #: (set for evaluation: ``rest-dense test``); heads of another shape are otherwise
+    #: skipped with detectron2's warning, as fine-tuning on another dataset needs
+    require_complete: bool = False
+    _loading: str = "checkpoint"
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
+        self._loading = filename
         loaded = self._read_native(filename)
         sd = loaded["model"]
         if not isinstance(sd, Mapping):
@@ -211,8 +215,18 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
     # ------------------------------------------------------------------ loading
     def _load_model(self, checkpoint: Any) -> Optional[_IncompatibleKeys]:
         if not checkpoint.pop(_BACKBONE_ONLY, False):
+            if not checkpoint.get("matching_heuristics", False):
+                # fvcore skips entries of another shape with a warning: a checkpoint of
+                # another backbone variant would load nothing into the backbone, quietly
+                check_model_checkpoint(self.model, checkpoint["model"],
+                                       source=f"checkpoint {self._loading!r}",
+                                       complete=self.require_complete)
             return super()._load_model(checkpoint)
         prefix, backbone = find_rest_backbone(self.model)
+        if self.require_complete:
+            raise CheckpointMismatchError(
+                f"checkpoint {self._loading!r} holds the ResT backbone only; evaluating it would "
+                "score randomly initialised heads (pass a checkpoint of the whole model)")
         report = load_checkpoint(backbone, checkpoint.pop("model"), strict=False,
                                  log=self.logger)
         self.logger.info("Modules outside %s keep their initialisation.", prefix[:-1] or "the model")

@@ -154,6 +154,17 @@ def _trust_from_args(args: argparse.Namespace) -> None:
     trust(*(getattr(args, "trust_checkpoint", None) or []))
 
 
+def _check_eval_weights(checkpointer: RestDetectionCheckpointer, weights: str,
+                        resume_file: Optional[str], args: argparse.Namespace) -> None:
+    """``--eval-only`` scores the weights it loads; with none, it would score a randomly
+    initialised model."""
+    if resume_file or weights or (args.resume and checkpointer.has_checkpoint()):
+        return
+    raise ValueError("--eval-only needs weights to evaluate: set MODEL.WEIGHTS (yacs) or "
+                     "train.init_checkpoint (LazyConfig), or pass --resume with checkpoints in "
+                     "the output folder")
+
+
 def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     cfg = setup_yaml_config(args.config_file, job_overrides(args, lazy=False))
     default_setup(cfg, args)
@@ -161,6 +172,8 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if args.eval_only:
         model = RestTrainer.build_model(cfg)
         checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
+        checkpointer.require_complete = True
+        _check_eval_weights(checkpointer, cfg.MODEL.WEIGHTS, resume_file, args)
         if resume_file:
             checkpointer.load(resume_file, checkpointables=[])
         else:
@@ -185,6 +198,8 @@ def _main_lazy(args: argparse.Namespace) -> Dict[str, Any]:
     if args.eval_only:
         model = lazy_build_model(cfg)
         checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.train.output_dir)
+        checkpointer.require_complete = True
+        _check_eval_weights(checkpointer, cfg.train.init_checkpoint, resume_file, args)
         if resume_file:
             checkpointer.load(resume_file, checkpointables=[])
         else:

@@ -39,9 +39,11 @@ from mmengine.config import Config, DictAction
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
+from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
 from ..configs import get_config_path
+from ..models import check_model_checkpoint
 from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
                             install_config_format_cache, make_checkpoint_hooks_atomic,
                             scale_schedule)
@@ -51,7 +53,7 @@ from .utils import (amp_unavailable_fallback, default_work_dir, detect_framework
                     wrap_for_tta)
 
 __all__ = ["LAUNCHERS", "parse_cfg_options", "resolve_config", "train_config", "test_config",
-           "enable_visualization", "build_runner", "train", "test"]
+           "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ConfigLike = Union[PathLike, Config]
@@ -341,9 +343,31 @@ def test(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] 
     cfg = test_config(config, checkpoint, work_dir=work_dir, trust=trust, tta=tta,
                       show_dir=show_dir, show=show, wait_time=wait_time, cfg_options=cfg_options,
                       launcher=launcher)
-    return build_runner(cfg).test()
+    runner = build_runner(cfg)
+    check_test_checkpoint(runner.model, cfg.load_from)
+    return runner.test()
+
+
+def check_test_checkpoint(model: nn.Module, checkpoint: str) -> None:
+    """Refuse to evaluate ``checkpoint`` unless it covers the whole ``model``.
+
+    mmengine loads test checkpoints non-strictly and only logs what did not fit, so a
+    checkpoint of another model (or another backbone variant) would be scored with
+    randomly initialised layers. The file is read the way the runner reads it (trust
+    policy included).
+
+    Raises:
+        CheckpointMismatchError: the checkpoint matches no entry of the model, holds another
+            backbone, or leaves entries of the model missing (names them).
+    """
+    install_checkpoint_loader()
+    data = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
+    state_dict = data.get("state_dict", data) if isinstance(data, Mapping) else data
+    check_model_checkpoint(model, state_dict, source=f"checkpoint {checkpoint!r}",
+                           complete=True)
 
 
 # not pytest tests when imported into a test module
 test.__test__ = False  # type: ignore[attr-defined]
 test_config.__test__ = False  # type: ignore[attr-defined]
+check_test_checkpoint.__test__ = False  # type: ignore[attr-defined]

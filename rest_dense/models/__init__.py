@@ -1,7 +1,8 @@
 """Pure-PyTorch ResT backbones: importing this imports no detection/segmentation framework."""
 from .base import STAGE_STRIDES, FeatureInfo
 from .checkpoint import (CheckpointError, CheckpointFormatError, CheckpointMismatchError,
-                         CheckpointValueError, LoadReport, load_checkpoint, matching_keys,
+                         CheckpointValueError, LoadReport, ModelCheckReport,
+                         check_model_checkpoint, find_backbone, load_checkpoint, matching_keys,
                          normalize_state_dict, read_state_dict, rename_d2_norm_keys)
 from .layers import window_partition, window_unpartition
 from .registry import ModelEntry, canonical_name, create_model, get_model_entry, list_models
@@ -14,5 +15,6 @@ __all__ = [
     "get_model_entry", "ModelEntry", "load_checkpoint", "read_state_dict", "normalize_state_dict",
     "rename_d2_norm_keys", "matching_keys", "LoadReport", "CheckpointError",
     "CheckpointFormatError", "CheckpointMismatchError", "CheckpointValueError",
+    "check_model_checkpoint", "ModelCheckReport", "find_backbone",
     "window_partition", "window_unpartition",
 ]

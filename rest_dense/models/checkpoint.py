@@ -30,7 +30,7 @@ from torch import Tensor, nn
 __all__ = ["load_checkpoint", "read_state_dict", "normalize_state_dict", "rename_d2_norm_keys",
            "matching_keys", "checkpoint_file_kind", "infer_arch", "describe_model", "LoadReport",
            "ArchGuess", "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError",
-           "CheckpointValueError"]
+           "CheckpointValueError", "check_model_checkpoint", "ModelCheckReport", "find_backbone"]
 
 logger = logging.getLogger("rest_dense")
 
@@ -502,7 +502,8 @@ def _value_problems(sd: Mapping[str, Tensor], own: Mapping[str, Tensor],
 def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
                     strict: bool = False, weights_only: bool = True, map_location="cpu",
                     allow_partial: bool = False,
-                    log: Optional[logging.Logger] = logger) -> LoadReport:
+                    log: Optional[logging.Logger] = logger, dry_run: bool = False,
+                    source: Optional[str] = None) -> LoadReport:
     """Load a released or converted ResT checkpoint into ``model``.
 
     Only what a released checkpoint legitimately lacks or carries in addition is
@@ -524,6 +525,8 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
             use (e.g. a deeper variant's). Shape mismatches are never allowed.
         log: logger for the report (default: ``logging.getLogger("rest_dense")``);
             ``None`` loads silently (the caller reports from the returned value).
+        dry_run: run every check and return the report, but leave the model unchanged.
+        source: how messages name the checkpoint (default: its path, or "checkpoint").
 
     Returns:
         :class:`LoadReport` with missing, unexpected, dropped and loaded keys.
@@ -538,8 +541,12 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
         CheckpointValueError: NaN/inf, negative BatchNorm variances or integer tensors for
             floating-point entries, among the tensors to load.
     """
-    src = (f"checkpoint {os.fspath(checkpoint)!r}" if isinstance(checkpoint, (str, os.PathLike))
-           else "checkpoint")
+    if source is not None:
+        src = source
+    elif isinstance(checkpoint, (str, os.PathLike)):
+        src = f"checkpoint {os.fspath(checkpoint)!r}"
+    else:
+        src = "checkpoint"
     sd, dropped = normalize_state_dict(read_state_dict(checkpoint, weights_only, map_location))
     own = model.state_dict()
 
@@ -595,6 +602,8 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
                                    f"{'; '.join(bad_values)}")
 
     report = LoadReport(missing, unexpected, dropped, matched, str(ckpt_arch))
+    if dry_run:
+        return report
     model.load_state_dict({k: sd[k] for k in matched}, strict=False)
     if log is None:
         return report
@@ -602,4 +611,109 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
     if missing:
         log.warning("rest_dense: keys not in the checkpoint keep their initialisation: %s",
                     _short(missing))
+    return report
+
+
+def find_backbone(model: nn.Module) -> Optional[Tuple[str, nn.Module]]:
+    """The first ResT backbone inside ``model`` (wrappers' ``.module`` unwrapped) as
+    ``(prefix, module)`` with a trailing dot in the prefix (``"backbone."``), or ``None``."""
+    from .base import ResTBase  # base does not import this module; keep it that way
+
+    model = getattr(model, "module", model)
+    for name, module in model.named_modules():
+        if isinstance(module, ResTBase):
+            return (name + "." if name else ""), module
+    return None
+
+
+@dataclass
+class ModelCheckReport:
+    """What :func:`check_model_checkpoint` found (keys of the whole model)."""
+
+    matched: List[str] = field(default_factory=list)
+    missing: List[str] = field(default_factory=list)
+    unexpected: List[str] = field(default_factory=list)
+    #: ``"key: checkpoint (shape) vs model (shape)"`` outside the backbone
+    mismatched: List[str] = field(default_factory=list)
+
+
+def check_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor], *,
+                           source: str = "checkpoint", complete: bool = False,
+                           allow_partial_backbone: bool = False) -> ModelCheckReport:
+    """Check a whole-model checkpoint (detector or segmenter with a ResT backbone) before
+    a framework loads it, without changing the model.
+
+    Frameworks' own loaders skip keys of the wrong shape with a log line, so a checkpoint
+    of another backbone variant would leave the backbone at its initialisation. Here the
+    backbone's part of ``state_dict`` goes through every check of :func:`load_checkpoint`
+    (the wrong variant raises, naming both), and a checkpoint that matches no entry of the
+    model raises.
+
+    Args:
+        model: the whole model (a DDP wrapper is unwrapped).
+        state_dict: the checkpoint's model state dict, keys as the model names them
+            (detectron2's released ``norm_i.0.`` spelling is accepted).
+        source: how messages name the checkpoint.
+        complete: also raise when any entry of the model is missing from the checkpoint
+            or has another shape there (for evaluation: a model with randomly initialised
+            parts must not be scored). Default False.
+        allow_partial_backbone: load the matching part of the backbone only
+            (see ``allow_partial`` of :func:`load_checkpoint`). Default False.
+
+    Returns:
+        :class:`ModelCheckReport`.
+
+    Raises:
+        CheckpointMismatchError: the checkpoint matches no entry of the model, holds no
+            weights of its ResT backbone, holds another backbone (variant, attention mode),
+            or (``complete``) lacks entries of the model.
+        CheckpointValueError: non-finite or integer values among the backbone's weights.
+    """
+    if not isinstance(state_dict, Mapping):
+        raise CheckpointFormatError(f"{source}: expected a state dict, got "
+                                    f"{type(state_dict).__name__}")
+    sd = rename_d2_norm_keys({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
+    if sd and all(k.startswith("module.") for k in sd):
+        sd = {k[len("module."):]: v for k, v in sd.items()}
+    own = getattr(model, "module", model).state_dict()
+    report = ModelCheckReport(
+        matched=[k for k, v in own.items() if k in sd and tuple(sd[k].shape) == tuple(v.shape)],
+        missing=[k for k in own if k not in sd],
+        unexpected=[k for k in sd if k not in own],
+        mismatched=[f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+                    for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)])
+    found = find_backbone(model)
+    if own and not report.matched:
+        if found is not None:
+            bb_own = found[1].state_dict()
+            hits = matching_keys(bb_own, normalize_state_dict(sd)[0])
+            if len(hits) >= MIN_MATCHED_FRACTION * len(bb_own):
+                raise CheckpointMismatchError(
+                    f"{source} holds weights of the ResT backbone only (as ImageNet weights "
+                    f"do), not of the whole model: use it as the backbone's pretrained weights, "
+                    f"not as a checkpoint of the model")
+        raise CheckpointMismatchError(
+            f"{source} matches none of the model's {len(own)} entries (model keys such as "
+            f"{_short(list(own), 3)}; checkpoint keys such as {_short(list(sd), 3)}): it is "
+            "not a checkpoint of this model")
+    if found is not None:
+        prefix, backbone = found
+        part = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        if not part:
+            raise CheckpointMismatchError(
+                f"{source} holds no weights of the model's ResT backbone (no key starts with "
+                f"{prefix!r}); it is a checkpoint of another model")
+        load_checkpoint(backbone, part, allow_partial=allow_partial_backbone, log=None,
+                        dry_run=True, source=f"{source} (its {prefix[:-1] or 'model'} part)")
+        report.mismatched = [m for m in report.mismatched if not m.startswith(prefix)]
+    if complete and (report.missing or report.mismatched):
+        problems = []
+        if report.missing:
+            problems.append(f"{len(report.missing)} entries missing: {_short(report.missing, 8)}")
+        if report.mismatched:
+            problems.append(f"{len(report.mismatched)} of another shape: "
+                            f"{'; '.join(report.mismatched[:5])}")
+        raise CheckpointMismatchError(
+            f"{source} does not cover the whole model ({'; '.join(problems)}); evaluating it "
+            "would score randomly initialised layers")
     return report

@@ -18,7 +18,7 @@ from rest_dense.trust import UntrustedCheckpointError  # noqa: E402
 from rest_dense.d2 import (RestDetectionCheckpointer, add_rest_config, add_restv2_config,  # noqa: E402
                            classify_checkpoint)
 from rest_dense.d2.engine import setup_yaml_config  # noqa: E402
-from rest_dense.models import ResTv1, ResTv2  # noqa: E402
+from rest_dense.models import CheckpointMismatchError, ResTv1, ResTv2  # noqa: E402
 
 FIXTURE_KEYS = os.path.join(os.path.dirname(REPO), "shared", "fixtures",
                             "official_imagenet_checkpoint_keys.json")
@@ -252,3 +252,75 @@ def test_yaml_keys_and_arch_override():
     # depths/dims from ARCH, heads and sr ratios from the named variant
     assert bb.depths == tuple(TINY_ARCH["depths"]) and bb.embed_dims == tuple(TINY_ARCH["embed_dims"])
     assert bb.sr_ratios == (8, 4, 2, 1)
+
+
+# ------------------------------------------------------------- whole-model files that do not fit
+def _whole_model_file(tmp_path, name, arch=None, drop=(), seed=5):
+    """A complete detectron2 checkpoint of the small model (optionally another backbone
+    width), its keys in the released spelling, with entries starting with ``drop`` removed."""
+    opts = []
+    if arch is not None:
+        opts = ["MODEL.RESTV2.ARCH.EMBED_DIMS", str(arch["embed_dims"]),
+                "MODEL.RESTV2.ARCH.DEPTHS", str(arch["depths"])]
+    torch.manual_seed(seed)
+    donor = build_model(small_cfg(name, opts))
+    sd = {k: v for k, v in donor.state_dict().items() if not k.startswith(tuple(drop))}
+    path = tmp_path / "model_final.pth"
+    # the released spelling of the output norms (norm_i.0.) must not hide the mismatch
+    sd = {re.sub(r"(bottom_up\.norm_\d)\.", r"\1.0.", k): v for k, v in sd.items()}
+    torch.save({"model": sd}, path)
+    return str(path)
+
+
+def test_whole_model_of_another_width_raises(tmp_path):
+    """Today's fvcore path would skip all 192 backbone tensors with a warning."""
+    wide = {"embed_dims": [d * 2 for d in TINY_ARCH["embed_dims"]], "depths": TINY_ARCH["depths"]}
+    path = _whole_model_file(tmp_path, "mask_rcnn_restv2_tiny_1x.yaml", arch=wide)
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointMismatchError, match=r"wrong variant.*|does not fit") as err:
+        RestDetectionCheckpointer(model).load(path)
+    assert "backbone.bottom_up" in str(err.value) and "shape mismatches" in str(err.value)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_whole_model_of_another_depth_raises(tmp_path):
+    """Every key of the model is there, but the checkpoint's backbone is deeper."""
+    deeper = {"embed_dims": TINY_ARCH["embed_dims"],
+              "depths": [d + 1 for d in TINY_ARCH["depths"]]}
+    path = _whole_model_file(tmp_path, "mask_rcnn_restv2_tiny_1x.yaml", arch=deeper)
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
+    with pytest.raises(CheckpointMismatchError, match="not used by the model"):
+        RestDetectionCheckpointer(model).load(path)
+
+
+def test_foreign_whole_model_raises(tmp_path):
+    """A checkpoint of another detector (no ResT backbone keys) is not loaded in part."""
+    path = tmp_path / "r50.pth"
+    torch.save({"model": {"backbone.bottom_up.res2.0.conv1.weight": torch.zeros(64, 64, 1, 1),
+                          "roi_heads.box_predictor.cls_score.bias": torch.zeros(4)}}, path)
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
+    with pytest.raises(CheckpointMismatchError, match="matches none|no weights of the model.s ResT|holds no ResT backbone"):
+        RestDetectionCheckpointer(model).load(str(path))
+
+
+def test_head_of_another_shape_is_skipped_for_fine_tuning(tmp_path):
+    """Fine-tuning on another dataset: only the class-dependent heads differ."""
+    path = _whole_model_file(tmp_path, "mask_rcnn_restv2_tiny_1x.yaml")
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml",
+                                  ["MODEL.ROI_HEADS.NUM_CLASSES", "5"]))
+    RestDetectionCheckpointer(model).load(path)  # detectron2's warning, no error
+    ckpt = torch.load(path, weights_only=True)["model"]
+    keys = [k for k in ckpt if k.startswith("backbone.bottom_up.stage")]
+    assert keys and all(torch.equal(model.state_dict()[k], ckpt[k]) for k in keys)
+
+
+def test_evaluation_refuses_incomplete_checkpoints(tmp_path):
+    path = _whole_model_file(tmp_path, "mask_rcnn_restv2_tiny_1x.yaml",
+                             drop=("roi_heads.mask_head.",))
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
+    checkpointer = RestDetectionCheckpointer(model)
+    checkpointer.require_complete = True
+    with pytest.raises(CheckpointMismatchError, match="roi_heads.mask_head"):
+        checkpointer.load(path)
+    checkpointer.load(_whole_model_file(tmp_path, "mask_rcnn_restv2_tiny_1x.yaml"))

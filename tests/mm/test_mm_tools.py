@@ -20,9 +20,9 @@ from rest_dense.cli import main as cli
 from rest_dense.mm import runner as mm_runner
 from rest_dense.mm import trusted_checkpoints
 from rest_dense.mm.utils import amp_unavailable_fallback, detect_framework, wrap_for_tta
-from rest_dense.models import ResTv2
+from rest_dense.models import CheckpointMismatchError, ResTv2
 
-from _mm_utils import CONFIG_DIR, TINY_ARCH, load
+from _mm_utils import CONFIG_DIR, TINY_ARCH, build, load, shrink
 
 TINY = repr(dict(TINY_ARCH))
 
@@ -243,6 +243,51 @@ def test_seg_train_resume_and_test(tmp_path, one_thread, capsys):
     assert not trust.is_trusted(odd)
     mm_runner.test_config(cfg, odd, trust=[odd])        # --trust-checkpoint
     assert trusted_checkpoints.load_from_local(str(odd), "cpu")["extra"].text == "mine"
+
+
+UPERNET_T = "upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py"
+
+
+def _upernet(arch=TINY_ARCH, seed=0):
+    torch.manual_seed(seed)
+    return build(shrink(load(UPERNET_T), arch=arch))
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("foreign", "matches none of the model's"),
+    ("wider", "wrong variant"),
+    ("no_decode_head", "decode_head.conv_seg"),
+    ("backbone_only", "weights of the ResT backbone only"),
+])
+def test_test_checkpoint_must_cover_the_model(case, expect, tmp_path):
+    """mmengine would evaluate these with randomly initialised layers and a log line."""
+    model = _upernet()
+    if case == "foreign":
+        sd = {"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.bias": torch.zeros(1000)}
+    elif case == "wider":
+        wide = dict(TINY_ARCH, embed_dims=[d * 2 for d in TINY_ARCH["embed_dims"]])
+        sd = _upernet(arch=wide).state_dict()
+    elif case == "no_decode_head":
+        sd = {k: v for k, v in model.state_dict().items() if not k.startswith("decode_head.")}
+    else:
+        sd = {k[len("backbone."):]: v for k, v in model.state_dict().items()
+              if k.startswith("backbone.")}
+    path = tmp_path / f"{case}.pth"
+    torch.save({"state_dict": sd, "meta": {}}, path)
+    with pytest.raises(CheckpointMismatchError, match=expect):
+        mm_runner.check_test_checkpoint(model, str(path))
+    # the model's own weights pass, also as a bare state dict
+    torch.save(_upernet(seed=1).state_dict(), tmp_path / "own.pth")
+    mm_runner.check_test_checkpoint(model, str(tmp_path / "own.pth"))
+
+
+def test_cli_test_refuses_a_checkpoint_of_another_model(tmp_path, capsys, one_thread):
+    path = tmp_path / "resnet.pth"
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(64, 3, 7, 7)}}, path)
+    assert cli(["test", UPERNET_T, str(path), "--work-dir", str(tmp_path / "w"),
+                "experiment_name=refuse_foreign"]) == 2
+    err = capsys.readouterr().err
+    assert "rest-dense test: error:" in err and "resnet.pth" in err and "matches none" in err
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
