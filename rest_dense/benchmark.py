@@ -55,7 +55,7 @@ import torch
 from torch import nn
 
 __all__ = [
-    "DTYPES", "ATTN_IMPLS", "ATTN_MODES", "RUN_MODES", "SWIN_MODELS", "SCALING_SIZES",
+    "DTYPES", "ATTN_IMPLS", "ATTN_MODES", "RUN_MODES", "SWIN_MODELS", "SCALING_SIZES", "CP_LEVELS",
     "BenchCase", "BenchRow", "ConfigModel", "build_bench_model", "make_inputs", "time_model",
     "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "benchmark_case", "benchmark_backbone",
     "plan_cases", "run_benchmark", "describe_device", "format_markdown", "markdown_document",
@@ -71,6 +71,8 @@ ATTN_IMPLS: Tuple[str, ...] = ("sdpa", "math", "released")
 ATTN_MODES: Tuple[str, ...] = ("global", "win", "cwin", "hwin")
 #: what a timed pass does
 RUN_MODES: Tuple[str, ...] = ("infer", "train")
+#: ``with_cp`` memory levels a training row can use (:data:`rest_dense.models.base.CP_LEVELS`)
+CP_LEVELS: Tuple[str, ...] = ("none", "mlp", "block")
 #: the Swin Transformer models available for comparison: name -> MMDetection config
 SWIN_MODELS: Dict[str, str] = {"swin_tiny": "mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py"}
 #: input sizes (H, W) of the scaling table
@@ -92,6 +94,9 @@ class BenchCase:
         attn_impl (str): one of :data:`ATTN_IMPLS`, or ``'-'`` for non-ResT models.
         mode (str): ``'infer'`` or ``'train'``.
         dtype (str): a key of :data:`DTYPES`.
+        with_cp (str): memory level of a training row, one of :data:`CP_LEVELS`
+            (``'none'``: nothing recomputed; ``'mlp'``: ResT's MLP hidden maps recomputed;
+            ``'block'``: whole blocks recomputed, also for Swin-T). Default: ``'none'``.
         arch (dict, optional): a custom arch for a registry family (the ``model`` name
             picks the family), e.g. a tiny one for tests.
     """
@@ -103,6 +108,7 @@ class BenchCase:
     attn_impl: str = "sdpa"
     mode: str = "infer"
     dtype: str = "fp32"
+    with_cp: str = "none"
     arch: Optional[Dict[str, Any]] = None
 
     @property
@@ -179,7 +185,17 @@ def _check_case(case: BenchCase, device: Optional[str] = None) -> None:
         raise ValueError(f"dtype {case.dtype!r}: choose one of {tuple(DTYPES)}")
     if case.batch < 1 or min(case.size) < 1:
         raise ValueError(f"batch {case.batch} and size {case.size} must be positive")
+    if case.with_cp not in CP_LEVELS:
+        raise ValueError(f"with_cp {case.with_cp!r}: choose one of {CP_LEVELS}")
     kind = case.kind
+    if case.with_cp != "none":
+        if case.mode != "train":
+            raise ValueError(f"with_cp={case.with_cp} only changes training (nothing is "
+                             "recomputed in inference)")
+        if kind == "config" or case.attn_impl == "released":
+            raise ValueError(f"with_cp={case.with_cp} applies to our backbones and Swin-T only")
+        if kind == "swin" and case.with_cp != "block":
+            raise ValueError(f"Swin-T has with_cp=block only, not {case.with_cp!r}")
     if kind == "backbone":
         entry = get_model_entry(case.model)
         if case.attn_mode not in entry.attn_modes:
@@ -282,7 +298,7 @@ def _config_has_rest_backbone(config: str) -> bool:
     return str(model.get("backbone", {}).get("type", "")).split(".")[-1] in ("ResTv2", "ResTv1")
 
 
-def _build_swin(name: str) -> nn.Module:
+def _build_swin(name: str, with_cp: bool = False) -> nn.Module:
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
@@ -290,6 +306,7 @@ def _build_swin(name: str) -> nn.Module:
     backbone = cfg.model.backbone
     backbone.pop("init_cfg", None)
     backbone["drop_path_rate"] = 0.0  # as our backbones here: stochastic depth off
+    backbone["with_cp"] = with_cp
     init_default_scope("mmdet")
     from mmdet.registry import MODELS
 
@@ -313,11 +330,13 @@ def build_bench_model(case: BenchCase) -> nn.Module:
     _check_case(case)
     kind = case.kind
     if kind == "swin":
-        return _build_swin(case.model)
+        return _build_swin(case.model, with_cp=case.with_cp == "block")
     if kind == "config":
         return ConfigModel(case.model, case.attn_mode, case.attn_impl)
     entry = get_model_entry(case.model)
     kwargs: Dict[str, Any] = dict(fused_attn=case.attn_impl == "sdpa")
+    if case.with_cp != "none":
+        kwargs["with_cp"] = case.with_cp
     if case.attn_mode != "global":
         kwargs["attn_mode"] = case.attn_mode
     if case.arch is not None:
@@ -575,11 +594,12 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
                batches: Sequence[int] = (1,), attn_modes: Sequence[str] = ("global",),
                attn_impls: Sequence[str] = ("sdpa",), modes: Sequence[str] = ("infer",),
                dtypes: Sequence[str] = ("fp32",), configs: Sequence[str] = (),
-               arch: Optional[Dict[str, Any]] = None, device: str = "cpu"
-               ) -> Tuple[List[BenchCase], List[str]]:
+               arch: Optional[Dict[str, Any]] = None, device: str = "cpu",
+               cp_levels: Sequence[str] = ("none",)) -> Tuple[List[BenchCase], List[str]]:
     """Expand option lists into cases, leaving out the combinations that do not apply.
 
-    Order: model, then size, dtype, run mode, attention mode, attention implementation.
+    Order: model, then size, dtype, run mode, attention mode, attention implementation,
+    memory level.
     Swin-T, and configs whose backbone is not a ResT, get one row per size / dtype / run
     mode (attention ``'-'``); configs run in inference only (and in fp32 on the CPU);
     ``released`` runs for ResTv2 with global attention only; ResTv1 has global attention.
@@ -595,6 +615,8 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
         configs: MMDetection / MMSegmentation configs (whole models).
         arch: custom arch dict for the registry models.
         device: where the cases will run (whole models run in fp32 only on the CPU).
+        cp_levels: ``with_cp`` memory levels (:data:`CP_LEVELS`) of the training rows;
+            inference rows run once, at ``'none'``.
 
     Returns:
         The cases, and a note for each left-out combination.
@@ -611,7 +633,8 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
                          f"for {len(sizes)} sizes")
     for name, values, allowed in (("attention mode", attn_modes, ATTN_MODES),
                                   ("attention implementation", attn_impls, ATTN_IMPLS),
-                                  ("mode", modes, RUN_MODES), ("dtype", dtypes, tuple(DTYPES))):
+                                  ("mode", modes, RUN_MODES), ("dtype", dtypes, tuple(DTYPES)),
+                                  ("with_cp level", cp_levels, CP_LEVELS)):
         bad = [v for v in values if v not in allowed]
         if bad or not values:
             raise ValueError(f"{name} {bad or '(none)'}: choose from {', '.join(allowed)}")
@@ -624,11 +647,13 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
     for model in [*models, *configs]:
         kind = "config" if model in configs else _model_kind(model)
         fixed_attention = kind == "swin" or (kind == "config" and not _config_has_rest_backbone(model))
-        for (size, batch), dtype, mode, attn_mode, impl in itertools.product(
-                zip(sizes, batches), dtypes, modes, attn_modes, attn_impls):
+        for (size, batch), dtype, mode, attn_mode, impl, cp_level in itertools.product(
+                zip(sizes, batches), dtypes, modes, attn_modes, attn_impls, cp_levels):
             if fixed_attention:  # not a ResT: the attention options do not apply
                 attn_mode, impl = "global", "-"
-            case = BenchCase(model, size, batch, attn_mode, impl, mode, dtype,
+            if mode == "infer":
+                cp_level = "none"
+            case = BenchCase(model, size, batch, attn_mode, impl, mode, dtype, cp_level,
                              arch if kind == "backbone" else None)
             key = case.to_json()
             if key in seen:
@@ -638,7 +663,7 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
                 _check_case(case, device)
             except ValueError as e:
                 skipped.append(f"skipped {case.label} {attn_mode}/{impl} {size[0]}x{size[1]} "
-                               f"{mode} {dtype}: {e}")
+                               f"{mode} {dtype} with_cp={cp_level}: {e}")
                 continue
             cases.append(case)
     return cases, skipped
@@ -652,14 +677,15 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
                   device: str = "cpu", threads: Optional[int] = None, warmup: int = 2,
                   iters: int = 5, min_time: float = 0.0, memory: bool = True,
                   progress: bool = True, arch: Optional[Dict[str, Any]] = None,
-                  log: Optional[Callable[[str], None]] = None) -> List[BenchRow]:
+                  log: Optional[Callable[[str], None]] = None,
+                  cp_levels: Sequence[str] = ("none",)) -> List[BenchRow]:
     """Benchmark every applicable combination of the options (see :func:`plan_cases`).
 
     Every row of one model uses the same weights (those of its first row).
 
     Args:
-        models, sizes, batches, attn_modes, attn_impls, modes, dtypes, configs, arch:
-            see :func:`plan_cases`.
+        models, sizes, batches, attn_modes, attn_impls, modes, dtypes, configs, arch,
+        cp_levels: see :func:`plan_cases`.
         device: ``'cpu'`` or ``'cuda[:i]'``.
         threads: torch CPU threads (here and in the memory-measuring children).
         warmup: untimed passes per row.
@@ -680,7 +706,7 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
     if threads:
         torch.set_num_threads(threads)
     cases, skipped = plan_cases(models, sizes, batches, attn_modes, attn_impls, modes, dtypes,
-                                configs, arch, device)
+                                configs, arch, device, cp_levels)
     if not cases:
         raise ValueError("no combination of the options applies:\n" + "\n".join(skipped))
     bar = tqdm(cases, desc="bench", unit="row", file=sys.stderr, disable=not progress)
@@ -694,7 +720,8 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
     rows = []
     for case in bar:
         bar.set_postfix_str(f"{case.label} {case.attn_mode}/{case.attn_impl} "
-                            f"{case.size[0]}x{case.size[1]} {case.mode} {case.dtype}")
+                            f"{case.size[0]}x{case.size[1]} {case.mode} {case.dtype} "
+                            f"cp={case.with_cp}")
         model = build_bench_model(case)
         key = (case.model, json.dumps(case.arch, sort_keys=True))
         if key not in weights:
@@ -705,7 +732,8 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
         rows.append(row)
         peak = f"{row.peak_mb:7.0f} MiB" if row.peak_mb is not None else "      - MiB"
         log(f"  {case.label} {case.attn_mode:6s} {case.attn_impl:8s} {case.batch}x"
-            f"{case.size[0]}x{case.size[1]} {case.mode:5s} {case.dtype}: {row.ms:9.1f} ms  "
+            f"{case.size[0]}x{case.size[1]} {case.mode:5s} {case.dtype} cp={case.with_cp:5s}: "
+            f"{row.ms:9.1f} ms  "
             f"peak {peak}")
     return rows
 
@@ -729,9 +757,12 @@ def format_markdown(rows: Sequence[BenchRow]) -> str:
     Returns:
         The table, without a trailing newline.
     """
-    head = ("| model | attn_mode | attention | input (HxW) | batch | mode | dtype | ms/iter | "
-            "img/s | peak mem (MiB) | speed-up |")
-    lines = [head, "|---|---|---|---|---:|---|---|---:|---:|---:|---:|"]
+    with_cp = any(r.case.with_cp != "none" for r in rows)
+    head = ("| model | attn_mode | attention | input (HxW) | batch | mode | dtype | "
+            + ("with_cp | " if with_cp else "")
+            + "ms/iter | img/s | peak mem (MiB) | speed-up |")
+    lines = [head, "|---|---|---|---|---:|---|---|" + ("---|" if with_cp else "")
+             + "---:|---:|---:|---:|"]
     baseline: Dict[Tuple, float] = {}
     for r in rows:
         c = r.case
@@ -740,7 +771,9 @@ def format_markdown(rows: Sequence[BenchRow]) -> str:
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
         attn_mode = c.attn_mode if c.attn_impl != "-" else "-"
         lines.append(f"| {c.label} | {attn_mode} | {c.attn_impl} | {c.size[0]}x{c.size[1]} | "
-                     f"{c.batch} | {c.mode} | {c.dtype} | {r.ms:.1f} | {r.imgs_per_s:.2f} | "
+                     f"{c.batch} | {c.mode} | {c.dtype} | "
+                     + (f"{c.with_cp} | " if with_cp else "")
+                     + f"{r.ms:.1f} | {r.imgs_per_s:.2f} | "
                      f"{peak} | {base / r.ms:.2f}x |")
     return "\n".join(lines)
 
@@ -793,6 +826,7 @@ def plot_rows(rows: Sequence[BenchRow], path: str, device: str = "cpu",
         if c.attn_impl != "-":
             name += f" {c.attn_mode}" + ("" if c.attn_impl == "sdpa" else f" ({c.attn_impl})")
         name += f" {c.mode}" + ("" if c.dtype == "fp32" else f" {c.dtype}")
+        name += "" if c.with_cp == "none" else f" with_cp={c.with_cp}"
         series.setdefault(name, []).append(r)
     fig, axes = plt.subplots(1, 2, figsize=(13, 5))
     for name, rs in series.items():

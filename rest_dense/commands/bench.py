@@ -21,6 +21,8 @@ Examples:
         mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py
     rest-dense bench restv2_tiny swin_tiny --shape 512x512 800x1216 1024x2048 2048x2048 \\
         --attn-modes global win cwin hwin --mode infer train --plot scaling.png
+    rest-dense bench restv2_tiny --shape 512x512 --batch 2 --mode train \\
+        --attn-impls sdpa released --with-cp none mlp block
     rest-dense bench restv2_tiny --device cuda --dtypes fp32 bf16 fp16
 """
 from __future__ import annotations
@@ -36,7 +38,7 @@ HELP = "latency, throughput and peak memory of backbones and whole models (CPU o
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     # rest_dense.benchmark imports torch only (frameworks are imported when a row needs them)
-    from ..benchmark import ATTN_IMPLS, ATTN_MODES, DTYPES, RUN_MODES, SWIN_MODELS
+    from ..benchmark import ATTN_IMPLS, ATTN_MODES, CP_LEVELS, DTYPES, RUN_MODES, SWIN_MODELS
     from ..models import list_models
 
     parser.add_argument("models", nargs="*", metavar="MODEL",
@@ -58,6 +60,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "train mode (backbones; loss = sum of the outputs' means)")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=tuple(DTYPES),
                         help="fp32, or bf16 / fp16 under torch.autocast (default: fp32)")
+    parser.add_argument("--with-cp", nargs="+", default=["none"], choices=CP_LEVELS,
+                        dest="with_cp",
+                        help="memory levels of training rows: none (keep activations), mlp "
+                             "(recompute ResT's MLP hidden maps), block (recompute whole "
+                             "blocks) (default: none)")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda[:i] (default: cuda when available, else cpu)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -90,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                 args.mode, args.dtypes, args.configs, device=device,
                                 threads=args.threads, warmup=args.warmup, iters=args.iters,
                                 min_time=args.min_time, memory=not args.no_memory,
-                                progress=not args.no_progress)
+                                progress=not args.no_progress, cp_levels=args.with_cp)
     except (ValueError, FileNotFoundError) as e:
         print(f"rest-dense bench: {e}", file=sys.stderr)
         return 2
@@ -113,7 +120,7 @@ def _command_line(args: argparse.Namespace) -> str:
     if args.configs:
         parts += ["--configs", *args.configs]
     parts += ["--shape", *args.shape, "--batch", *map(str, args.batch)]
-    for opt in ("attn_modes", "attn_impls", "mode", "dtypes"):
+    for opt in ("attn_modes", "attn_impls", "mode", "dtypes", "with_cp"):
         parts += ["--" + opt.replace("_", "-"), *getattr(args, opt)]
     for opt in ("device", "threads"):
         if getattr(args, opt):

@@ -69,6 +69,34 @@ def test_plan_leaves_out_combinations_that_do_not_apply():
     assert skipped and all(s.startswith("skipped ") for s in skipped)
 
 
+def test_plan_memory_levels_only_for_training_rows_that_have_them():
+    cases, skipped = bm.plan_cases(["restv2_tiny", "swin_tiny"], sizes=[(512, 512)],
+                                   attn_impls=["sdpa", "released"], modes=["infer", "train"],
+                                   cp_levels=["none", "mlp", "block"])
+    rows = {(c.model, c.mode, c.attn_impl, c.with_cp) for c in cases}
+    assert rows == {("restv2_tiny", "infer", "sdpa", "none"),
+                    ("restv2_tiny", "infer", "released", "none"),
+                    ("restv2_tiny", "train", "sdpa", "none"), ("restv2_tiny", "train", "sdpa", "mlp"),
+                    ("restv2_tiny", "train", "sdpa", "block"),
+                    ("restv2_tiny", "train", "released", "none"),
+                    ("swin_tiny", "infer", "-", "none"), ("swin_tiny", "train", "-", "none"),
+                    ("swin_tiny", "train", "-", "block")}
+    assert any("Swin-T has with_cp=block only" in s for s in skipped)
+    assert any("released" in s and "with_cp=mlp" in s for s in skipped)
+    with pytest.raises(ValueError, match="with_cp level"):
+        bm.plan_cases(cp_levels=["all"])
+
+
+def test_memory_levels_run_and_the_table_names_them(one_thread):
+    rows = bm.run_benchmark(["restv2_tiny"], sizes=[(64, 96)], modes=["train"], arch=TINY,
+                            cp_levels=["none", "mlp", "block"], warmup=0, iters=1,
+                            memory=False, progress=False, log=lambda text: None)
+    assert [r.case.with_cp for r in rows] == ["none", "mlp", "block"]
+    _check_rows(rows, memory=False)
+    lines = bm.format_markdown(rows).splitlines()
+    assert "| with_cp |" in lines[0] and "| train | fp32 | mlp |" in lines[3]
+
+
 def test_plan_rejects_bad_options():
     with pytest.raises(ValueError, match="one batch for all sizes or one per size"):
         bm.plan_cases(sizes=[(64, 64), (96, 96), (128, 128)], batches=[1, 2])
