@@ -40,6 +40,7 @@ Example, the scaling table (every attention mode and Swin-T, inference and train
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
 import json
 import os
@@ -56,6 +57,7 @@ from torch import nn
 
 __all__ = [
     "DTYPES", "ATTN_IMPLS", "ATTN_MODES", "RUN_MODES", "SWIN_MODELS", "SCALING_SIZES", "CP_LEVELS",
+    "autocast_difference", "autocast_notes",
     "BenchCase", "BenchRow", "ConfigModel", "build_bench_model", "make_inputs", "time_model",
     "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "benchmark_case", "benchmark_backbone",
     "plan_cases", "run_benchmark", "describe_device", "format_markdown", "markdown_document",
@@ -478,7 +480,7 @@ def _reset_peak_rss() -> bool:
 
 
 def cpu_peak_memory(case: BenchCase) -> Optional[float]:
-    """Peak RSS growth (MiB) of one pass of a case, in **this** process.
+    """Peak RSS growth (MiB) of one pass of a case, after a first pass, in **this** process.
 
     Meant for a fresh interpreter (see :func:`cpu_peak_memory_in_subprocess`): it changes
     the process's allocator settings, and earlier allocations would blur the figure.
@@ -493,6 +495,10 @@ def cpu_peak_memory(case: BenchCase) -> Optional[float]:
     model = build_bench_model(case)
     x = make_inputs(case)
     step = _step_fn(model, x, case.mode, case.dtype, "cpu")
+    # one untimed pass first: one-off allocations (gradient buffers, the math libraries'
+    # caches and thread pools) are not part of a step's peak in a running job
+    step()
+    gc.collect()
     if not _reset_peak_rss():
         return None
     base = _rss_kb("VmRSS:")
@@ -738,6 +744,85 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
     return rows
 
 
+def _flat_outputs(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, Mapping):
+        return [t for v in out.values() for t in _flat_outputs(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flat_outputs(v)]
+    return []
+
+
+def autocast_difference(model: str, size: Tuple[int, int] = (224, 224), dtype: str = "bf16",
+                        device: str = "cpu", batch: int = 1, attn_mode: str = "global",
+                        arch: Optional[Dict[str, Any]] = None, seed: int = 0) -> Dict[str, float]:
+    """How far a backbone's outputs under ``torch.autocast(dtype)`` are from fp32.
+
+    Same weights and input (random, seeded) for both passes, in eval mode.
+
+    Args:
+        model: a registry name or a :data:`SWIN_MODELS` key.
+        size: input (H, W).
+        dtype: a key of :data:`DTYPES` other than ``'fp32'``.
+        device: where to run.
+        batch: images per pass.
+        attn_mode: attention mode of ResT models.
+        arch: custom arch for registry models.
+        seed: seed of the weights and the input.
+
+    Returns:
+        ``{"max_rel_l2": ..., "max_abs": ..., "max_abs_ref": ...}``: the largest relative
+        L2 error over the outputs (``||y_dtype - y_fp32|| / ||y_fp32||``), the largest
+        absolute difference and the largest absolute fp32 value.
+
+    Raises:
+        ValueError: an unknown dtype, ``'fp32'``, a config, or non-finite outputs.
+    """
+    if dtype not in DTYPES or dtype == "fp32":
+        raise ValueError(f"dtype {dtype!r}: choose one of {[d for d in DTYPES if d != 'fp32']}")
+    case = BenchCase(model, tuple(size), batch, attn_mode if _model_kind(model) == "backbone"
+                     else "global", "sdpa" if _model_kind(model) == "backbone" else "-",
+                     arch=arch)
+    if case.kind == "config":
+        raise ValueError("autocast_difference compares backbones, not whole configs")
+    torch.manual_seed(seed)
+    net = build_bench_model(case).to(device).eval()
+    x = make_inputs(case, device)
+    with torch.inference_mode():
+        ref = [t.float() for t in _flat_outputs(net(x))]
+        with torch.autocast(device_type=device.split(":")[0], dtype=DTYPES[dtype]):
+            low = [t.float() for t in _flat_outputs(net(x))]
+    if not ref or len(ref) != len(low):
+        raise ValueError(f"{model}: no comparable outputs")
+    for t in (*ref, *low):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{model}: non-finite outputs under {dtype}")
+    rel = [((a - b).norm() / a.norm().clamp_min(1e-12)).item() for a, b in zip(ref, low)]
+    return {"max_rel_l2": max(rel), "max_abs": max((a - b).abs().max().item()
+                                                    for a, b in zip(ref, low)),
+            "max_abs_ref": max(a.abs().max().item() for a in ref)}
+
+
+def autocast_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
+    """A line per backbone, size and reduced dtype of ``rows``: its outputs' difference
+    from fp32 (:func:`autocast_difference`, batch 1)."""
+    notes, seen = [], set()
+    for r in rows:
+        c = r.case
+        key = (c.model, c.size, c.dtype, c.attn_mode, json.dumps(c.arch, sort_keys=True))
+        if c.dtype == "fp32" or c.kind == "config" or key in seen:
+            continue
+        seen.add(key)
+        d = autocast_difference(c.model, c.size, c.dtype, device, 1, c.attn_mode, c.arch)
+        mode = f" {c.attn_mode}" if c.kind == "backbone" else ""
+        notes.append(f"{c.label}{mode} {c.size[0]}x{c.size[1]}: {c.dtype} autocast vs fp32 "
+                     f"outputs: relative L2 error {d['max_rel_l2']:.2e} (largest over the "
+                     f"outputs), max |diff| {d['max_abs']:.3g} (max |fp32 output| "
+                     f"{d['max_abs_ref']:.3g})")
+    return notes
+
+
 # ------------------------------------------------------------------ output
 def describe_device(device: str = "cpu") -> str:
     """``'NVIDIA H100 ...'`` or ``'CPU, 2 threads'``."""
@@ -779,13 +864,14 @@ def format_markdown(rows: Sequence[BenchRow]) -> str:
 
 
 def markdown_document(rows: Sequence[BenchRow], device: str = "cpu",
-                      command: Optional[str] = None) -> str:
+                      command: Optional[str] = None, notes: Sequence[str] = ()) -> str:
     """The text ``rest-dense bench --markdown`` writes: a line on the setup, then the table.
 
     Args:
         rows: from :func:`run_benchmark`.
         device: the device they ran on.
         command: the command line (quoted when given).
+        notes: lines listed under the table (e.g. :func:`autocast_notes`).
 
     Returns:
         The document, ending with a newline.
@@ -794,10 +880,13 @@ def markdown_document(rows: Sequence[BenchRow], device: str = "cpu",
     text = (f"On {describe_device(device)}, torch {torch.__version__}, median of >= {iters} "
             "timed passes; peak memory: "
             + ("torch.cuda.max_memory_allocated growth" if device.startswith("cuda")
-               else "peak-RSS growth over one pass in a fresh process") + ".\n")
+               else "peak-RSS growth over the second pass in a fresh process") + ".\n")
     if command:
         text += f"Generated by `{command}`.\n"
-    return text + "\n" + format_markdown(rows) + "\n"
+    text += "\n" + format_markdown(rows) + "\n"
+    if notes:
+        text += "\n" + "".join(f"- {n}\n" for n in notes)
+    return text
 
 
 def plot_rows(rows: Sequence[BenchRow], path: str, device: str = "cpu",

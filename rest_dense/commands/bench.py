@@ -3,7 +3,7 @@ throughput and peak memory, in inference or training, on the CPU or a GPU.
 
 Every combination of the options is one row, all from one run, with the same weights in
 every row of a model; speed-ups are relative to the first row of the same size, batch,
-mode and dtype. Peak memory: on the CPU the peak-RSS growth of one pass in a fresh
+mode and dtype. Peak memory: on the CPU the peak-RSS growth of a second pass in a fresh
 process per row, on CUDA torch.cuda.max_memory_allocated. Attention implementations:
 sdpa (fused, our default), math (explicit attention matrix), released (the same weights
 in the released code's layout, rest_dense.reference; ResTv2 global only). swin_tiny is
@@ -101,7 +101,11 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"rest-dense bench: {e}", file=sys.stderr)
         return 2
-    text = bm.markdown_document(rows, device, "rest-dense " + _command_line(args))
+    try:
+        notes = bm.autocast_notes(rows, device)
+    except ValueError as e:  # non-finite reduced-precision outputs: say so, keep the table
+        notes = [f"autocast check failed: {e}"]
+    text = bm.markdown_document(rows, device, "rest-dense " + _command_line(args), notes)
     print(text, end="")
     if args.markdown:
         os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)

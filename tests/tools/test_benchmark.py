@@ -97,6 +97,21 @@ def test_memory_levels_run_and_the_table_names_them(one_thread):
     assert "| with_cp |" in lines[0] and "| train | fp32 | mlp |" in lines[3]
 
 
+def test_autocast_difference_is_small_but_not_zero(one_thread):
+    d = bm.autocast_difference("restv2_tiny", (64, 96), "bf16", arch=TINY)
+    assert all(math.isfinite(v) for v in d.values())
+    # bf16 keeps 8 bits of mantissa: the outputs move, by about a percent
+    assert 0 < d["max_rel_l2"] < 0.05 and 0 < d["max_abs"] < d["max_abs_ref"]
+    with pytest.raises(ValueError, match="dtype"):
+        bm.autocast_difference("restv2_tiny", (64, 96), "fp32", arch=TINY)
+    rows = bm.run_benchmark(["restv2_tiny"], sizes=[(64, 96)], dtypes=["fp32", "bf16"],
+                            arch=TINY, warmup=0, iters=1, memory=False, progress=False,
+                            log=lambda text: None)
+    notes = bm.autocast_notes(rows)
+    assert len(notes) == 1 and "bf16 autocast vs fp32" in notes[0]
+    assert notes[0] in bm.markdown_document(rows, notes=notes)
+
+
 def test_plan_rejects_bad_options():
     with pytest.raises(ValueError, match="one batch for all sizes or one per size"):
         bm.plan_cases(sizes=[(64, 64), (96, 96), (128, 128)], batches=[1, 2])
