@@ -1,9 +1,15 @@
 """Whether mixed-precision training can run, for both framework adapters (PyTorch only).
 
-The released COCO recipes train with AMP. mmengine's ``AmpOptimWrapper`` refuses to start
-without an accelerator (CUDA, NPU, MLU or MUSA) and detectron2's ``AMPTrainer`` needs CUDA;
-on a CPU-only machine both adapters fall back to fp32 training through :func:`resolve_amp`,
-with a warning, instead of failing.
+Two precisions:
+
+* ``float16`` (the released COCO recipes): autocast plus a grad scaler. mmengine's
+  ``AmpOptimWrapper`` refuses to start without an accelerator (CUDA, NPU, MLU or MUSA) and
+  detectron2's ``AMPTrainer`` needs CUDA; on a CPU-only machine both adapters fall back to
+  fp32 training through :func:`resolve_amp`, with a warning, instead of failing.
+* ``bfloat16``: autocast only (bf16 has fp32's exponent range, so no loss scaling). It runs
+  wherever ``torch.autocast`` has bf16 kernels: any CPU (fast with AVX-512 BF16 / AMX) and
+  CUDA GPUs that support it (:func:`bf16_supported`). The adapters run it through
+  :class:`rest_dense.mm.optim.BF16OptimWrapper` and :class:`rest_dense.d2.engine.BF16Trainer`.
 """
 from __future__ import annotations
 
@@ -12,12 +18,50 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-__all__ = ["ACCELERATORS", "accelerator_available", "amp_supported", "resolve_amp"]
+__all__ = ["ACCELERATORS", "PRECISIONS", "accelerator_available", "amp_supported",
+           "bf16_supported", "parse_precision", "resolve_amp"]
 
 logger = logging.getLogger("rest_dense.amp")
 
 #: device types on which mixed-precision training can run (mmengine's list)
 ACCELERATORS = ("cuda", "npu", "mlu", "musa")
+
+#: mixed-precision dtypes by their canonical names (detectron2's later ``SOLVER.AMP.PRECISION``
+#: and mmengine's ``AmpOptimWrapper(dtype=...)`` spell them so)
+PRECISIONS = ("float16", "bfloat16")
+
+_PRECISION_ALIASES = {"float16": "float16", "fp16": "float16", "half": "float16",
+                      "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def parse_precision(value: Union[str, torch.dtype, None]) -> str:
+    """The canonical name (``'float16'`` or ``'bfloat16'``) of a mixed-precision dtype.
+
+    Args:
+        value: ``'float16'`` / ``'fp16'`` / ``'half'`` / ``torch.float16``,
+            ``'bfloat16'`` / ``'bf16'`` / ``torch.bfloat16`` (case-insensitive), or
+            ``None`` / ``''`` for the default, ``'float16'``.
+
+    Returns:
+        One of :data:`PRECISIONS`.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if value is None or value == "":
+        return "float16"
+    if isinstance(value, torch.dtype):
+        value = str(value).replace("torch.", "")
+    name = _PRECISION_ALIASES.get(str(value).strip().lower())
+    if name is None:
+        raise ValueError(f"unknown mixed-precision dtype {value!r}; use one of "
+                         f"{', '.join(sorted(_PRECISION_ALIASES))}")
+    return name
+
+
+def _device_type(device: Union[str, torch.device]) -> str:
+    # the type from the string: torch.device('npu') fails unless the NPU plug-in is loaded
+    return device.type if isinstance(device, torch.device) else str(device).split(":")[0]
 
 
 def accelerator_available(device_type: str) -> bool:
@@ -47,31 +91,69 @@ def amp_supported(device: Union[str, torch.device, None] = None,
     """
     if device is None:
         return any(accelerator_available(b) for b in backends)
-    # the type from the string: torch.device('npu') fails unless the NPU plug-in is loaded
-    device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+    device_type = _device_type(device)
     return device_type in backends and accelerator_available(device_type)
+
+
+def bf16_supported(device: Union[str, torch.device, None] = None) -> bool:
+    """Whether bf16 autocast (no grad scaler) can run on ``device``.
+
+    Args:
+        device: the training device; ``None`` means the CPU, where bf16 autocast always
+            runs (with native kernels on CPUs with AVX-512 BF16 or AMX, emulated and slower
+            elsewhere).
+
+    Returns:
+        ``True`` for the CPU, for a CUDA GPU that supports bf16, and for another present
+        accelerator type that ``torch.autocast`` supports.
+    """
+    device_type = "cpu" if device is None else _device_type(device)
+    if device_type == "cpu":
+        return True
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        autocast_ok = torch.amp.is_autocast_available(device_type)
+    except (AttributeError, RuntimeError):  # older torch, unknown device type
+        return False
+    return autocast_ok and accelerator_available(device_type)
 
 
 def resolve_amp(requested: bool, device: Union[str, torch.device, None] = None,
                 backends: Sequence[str] = ACCELERATORS,
-                log: Optional[logging.Logger] = None) -> bool:
+                log: Optional[logging.Logger] = None,
+                precision: Union[str, torch.dtype, None] = "float16") -> bool:
     """The AMP setting to train with: ``requested`` unless the device cannot run it, in
     which case a warning is logged and ``False`` returned (fp32 training).
 
     Args:
         requested: whether the config / command line asks for mixed precision.
-        device: the training device, see :func:`amp_supported`.
-        backends: the device types the caller's AMP implementation supports.
+        device: the training device, see :func:`amp_supported` (fp16) and
+            :func:`bf16_supported` (bf16).
+        backends: the device types the caller's fp16 AMP implementation supports (bf16
+            runs through ``torch.autocast`` and ignores them).
         log: logger for the warning (default: ``rest_dense.amp``).
+        precision: ``'float16'`` (autocast + grad scaler) or ``'bfloat16'`` (autocast
+            only), see :func:`parse_precision`.
 
     Returns:
         Whether to train with mixed precision.
+
+    Raises:
+        ValueError: an unknown ``precision``.
     """
+    precision = parse_precision(precision)
     if not requested:
         return False
-    if amp_supported(device, backends):
+    if precision == "bfloat16":
+        if bf16_supported(device):
+            return True
+        where = f"device {device} has no bf16 autocast"
+    elif amp_supported(device, backends):
         return True
-    where = f"device {device}" if device is not None else "no " + "/".join(backends).upper() + " device"
-    (log or logger).warning("mixed precision (AMP) was requested but cannot run here (%s): "
-                            "training in fp32 instead", where)
+    else:
+        where = (f"device {device}" if device is not None
+                 else "no " + "/".join(backends).upper() + " device")
+    (log or logger).warning("mixed precision (AMP, %s) was requested but cannot run here (%s): "
+                            "training in fp32 instead", precision, where)
     return False

@@ -1,20 +1,35 @@
-"""Stage-wise learning-rate decay for models with a ResT (or any ``stage_id``-aware) backbone.
+"""Optimizer pieces for mmengine: stage-wise learning-rate decay and bf16 mixed precision.
 
-The backbone says which stage each of its parameters belongs to through its own
-``stage_id(name)`` (0 = stem, 1..4 = stages, ``num_stages + 1`` = not in the backbone);
-nothing here depends on class or module names.
+* :class:`ResTLayerDecayOptimizerConstructor`: stage-wise lr decay for models with a ResT (or
+  any ``stage_id``-aware) backbone. The backbone says which stage each of its parameters
+  belongs to through its own ``stage_id(name)`` (0 = stem, 1..4 = stages,
+  ``num_stages + 1`` = not in the backbone); nothing here depends on class or module names.
+* :class:`BF16OptimWrapper` (registered in mmengine's ``OPTIM_WRAPPERS`` as
+  ``'BF16OptimWrapper'`` when this module is imported): bf16 autocast without loss scaling,
+  on the CPU as well as on GPUs; :func:`set_mixed_precision` switches a config to it (or to
+  mmengine's fp16 ``AmpOptimWrapper``).
 """
 from __future__ import annotations
 
+import functools
 import logging
-from typing import Dict, List
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
+import torch
+from mmengine.config import Config
 from mmengine.dist import get_rank
-from mmengine.logging import print_log
-from mmengine.optim import DefaultOptimWrapperConstructor
+from mmengine.logging import MMLogger, print_log
+from mmengine.model import is_model_wrapper
+from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
+from mmengine.registry import OPTIM_WRAPPERS
 from torch import nn
 
-__all__ = ["ResTLayerDecayOptimizerConstructor", "stage_lr_scales"]
+from ..amp import parse_precision, resolve_amp
+from .utils import detect_framework
+
+__all__ = ["ResTLayerDecayOptimizerConstructor", "stage_lr_scales", "BF16OptimWrapper",
+           "set_mixed_precision"]
 
 
 def stage_lr_scales(decay_rate: float, num_layers: int) -> Dict[int, float]:
@@ -126,3 +141,225 @@ class ResTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             for key, n in names.items():
                 print_log(f"{key}: {', '.join(n)}", logger="current", level=logging.DEBUG)
         params.extend(groups.values())
+
+
+# ----------------------------------------------------------------------------- bf16
+def _module_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter or buffer (the CPU for an empty model)."""
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return torch.device("cpu")
+
+
+def _to_float(value: Any) -> Any:
+    """``value`` with its bf16 / fp16 tensors (also inside tuples, lists, dicts) cast to fp32."""
+    if isinstance(value, torch.Tensor):
+        return value.float() if value.dtype in (torch.bfloat16, torch.float16) else value
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # namedtuple
+        return type(value)(*(_to_float(v) for v in value))
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float(v) for v in value)
+    if isinstance(value, dict):
+        return type(value)((k, _to_float(v)) for k, v in value.items())
+    return value
+
+
+class BF16OptimWrapper(OptimWrapper):
+    """``OptimWrapper`` that runs the forward pass under
+    ``torch.autocast(<the model's device type>, dtype=torch.bfloat16)``.
+
+    bf16 keeps fp32's exponent range, so there is no loss scaling: backward, gradient
+    clipping (``clip_grad``), gradient accumulation and the optimizer step are the plain
+    ``OptimWrapper``'s, and parameters, gradients and optimizer state stay fp32. Unlike
+    mmengine's ``AmpOptimWrapper`` (which needs a CUDA / NPU / MLU / MUSA device) it runs on
+    the CPU too. On a device without bf16 autocast (an old GPU) it warns once and trains in
+    fp32 (:func:`rest_dense.amp.resolve_amp`).
+
+    What runs in bf16 (``autocast_modules``):
+
+    - ``None`` (default): the whole forward pass (data preprocessor, model, losses), as
+      ``AmpOptimWrapper`` does. Right for MMSegmentation models, whose ops all have bf16
+      kernels.
+    - submodule names, e.g. ``('backbone', 'neck')``: only these submodules' forward; their
+      outputs are cast back to fp32, so the rest (heads, losses) trains in fp32. Needed for
+      MMDetection's two-stage detectors: mmcv's ``nms`` and ``RoIAlign`` have no bf16
+      kernels (CPU or CUDA). :func:`set_mixed_precision` picks this for MMDetection configs.
+
+    The optimizer, ``paramwise_cfg`` and ``constructor`` (e.g.
+    ``'ResTLayerDecayOptimizerConstructor'``) of the config apply as for any optimizer
+    wrapper. ``loss_scale`` and ``dtype`` are accepted so that an ``AmpOptimWrapper`` config
+    can switch by its ``type`` alone; ``loss_scale`` is ignored.
+
+    Example::
+
+        optim_wrapper = dict(
+            type='BF16OptimWrapper',
+            autocast_modules=['backbone', 'neck'],  # MMDetection; leave out for MMSegmentation
+            optimizer=dict(type='AdamW', lr=1e-4, weight_decay=0.05),
+            constructor='ResTLayerDecayOptimizerConstructor',
+            paramwise_cfg=dict(num_layers=4, decay_rate=0.9, decay_type='stage_wise'),
+            clip_grad=dict(max_norm=1.0))
+
+    Args:
+        optimizer: the optimizer (built by the wrapper constructor).
+        autocast_modules: names of the submodules (``model.get_submodule`` paths) whose
+            forward runs in bf16; ``None``: the whole forward pass.
+        dtype: must be bf16 (``'bfloat16'``, ``'bf16'`` or ``torch.bfloat16``).
+        loss_scale: ignored (an ``AmpOptimWrapper`` setting; bf16 needs no scaling).
+        cache_enabled: ``torch.autocast``'s weight-cast cache (default: torch's setting).
+        **kwargs: ``accumulative_counts``, ``clip_grad``, as for ``OptimWrapper``.
+
+    Raises:
+        ValueError: ``dtype`` is not bf16.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer,
+                 autocast_modules: Optional[Sequence[str]] = None,
+                 dtype: Union[str, torch.dtype] = "bfloat16", loss_scale: Any = None,
+                 cache_enabled: Optional[bool] = None, **kwargs: Any) -> None:
+        if parse_precision(dtype) != "bfloat16":
+            raise ValueError(f"BF16OptimWrapper runs bf16 only, got dtype={dtype!r}; fp16 needs "
+                             "a loss scaler: use AmpOptimWrapper")
+        super().__init__(optimizer, **kwargs)
+        self.cast_dtype = torch.bfloat16
+        if isinstance(autocast_modules, str):
+            autocast_modules = [autocast_modules]
+        self.autocast_modules = None if autocast_modules is None else tuple(autocast_modules)
+        self.cache_enabled = cache_enabled
+        if loss_scale is not None:
+            print_log(f"BF16OptimWrapper: loss_scale={loss_scale!r} ignored (bf16 needs no loss "
+                      "scaling)", logger="current")
+        self._enabled_on: Dict[str, bool] = {}  # device type -> bf16 autocast runs there
+
+    def autocast_enabled(self, device_type: str) -> bool:
+        """Whether the forward on ``device_type`` runs in bf16 (decided, and if not warned
+        about, once per device type)."""
+        if device_type not in self._enabled_on:
+            self._enabled_on[device_type] = resolve_amp(
+                True, device_type, precision="bfloat16", log=MMLogger.get_current_instance())
+        return self._enabled_on[device_type]
+
+    def _autocast(self, device_type: str) -> torch.autocast:
+        cache = (torch.is_autocast_cache_enabled() if self.cache_enabled is None
+                 else self.cache_enabled)
+        return torch.autocast(device_type, dtype=self.cast_dtype,
+                              enabled=self.autocast_enabled(device_type), cache_enabled=cache)
+
+    @contextmanager
+    def optim_context(self, model: nn.Module) -> Iterator[None]:
+        """Gradient-accumulation context of ``OptimWrapper`` plus bf16 autocast on the
+        model's device, for the whole forward or for the ``autocast_modules``.
+
+        Args:
+            model: the training model (possibly wrapped for distributed training).
+
+        Raises:
+            AttributeError: an ``autocast_modules`` name that the model does not have.
+        """
+        device_type = _module_device(model).type
+        if self.autocast_modules is None:
+            with super().optim_context(model), self._autocast(device_type):
+                yield
+            return
+        core = model.module if is_model_wrapper(model) else model
+        patched = []
+        try:
+            for name in self.autocast_modules:
+                sub = core.get_submodule(name)
+                patched.append(sub)
+                sub.forward = self._bf16_forward(sub.forward, device_type)
+            with super().optim_context(model):
+                yield
+        finally:
+            for sub in patched:
+                del sub.forward  # the class's forward again
+
+    def _bf16_forward(self, forward: Callable, device_type: str) -> Callable:
+        """``forward`` run under bf16 autocast, its outputs cast back to fp32."""
+        @functools.wraps(forward)
+        def bf16_forward(*args: Any, **kwargs: Any) -> Any:
+            with self._autocast(device_type):
+                out = forward(*args, **kwargs)
+            return _to_float(out)
+        return bf16_forward
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load the optimizer state; a grad scaler's state (a checkpoint of an fp16
+        ``AmpOptimWrapper`` run) is dropped, so such runs can resume in bf16."""
+        state_dict = dict(state_dict)
+        state_dict.pop("loss_scaler", None)
+        super().load_state_dict(state_dict)
+
+
+def _register_wrapper(name: str, cls: type) -> None:
+    """Register ``cls`` in mmengine's ``OPTIM_WRAPPERS`` (mmdet's and mmseg's registries
+    find it there through their parent) unless it is there already (re-imports, reloads);
+    never replace another package's entry."""
+    present = OPTIM_WRAPPERS.module_dict.get(name)
+    if present is not None:
+        if present.__module__ == cls.__module__ and present.__qualname__ == cls.__qualname__:
+            if present is not cls:  # this module was reloaded: keep the registry current
+                OPTIM_WRAPPERS.register_module(name=name, module=cls, force=True)
+            return
+        raise KeyError(f"mmengine's OPTIM_WRAPPERS already holds {name!r} from "
+                       f"{present.__module__}; rest_dense will not replace it")
+    OPTIM_WRAPPERS.register_module(name=name, module=cls)
+
+
+_register_wrapper("BF16OptimWrapper", BF16OptimWrapper)
+
+
+def _is_mmdet(cfg: Config) -> bool:
+    """Whether ``cfg`` is an MMDetection config (``rest_dense.mm.utils.detect_framework``)."""
+    try:
+        return detect_framework(cfg) == "mmdet"
+    except ValueError:
+        return False
+
+
+def set_mixed_precision(cfg: Config, amp: Union[bool, str, torch.dtype] = True) -> Config:
+    """Switch a config's optimizer wrapper to mixed precision, keeping its optimizer,
+    ``constructor``, ``paramwise_cfg``, ``clip_grad`` and ``accumulative_counts``.
+
+    Args:
+        cfg: a loaded config with an ``optim_wrapper``; modified in place.
+        amp: ``True``: mixed precision in the config's precision: a
+            :class:`BF16OptimWrapper` stays, anything else becomes mmengine's
+            ``AmpOptimWrapper`` (dynamic loss scale unless the config sets one);
+            ``'float16'`` / ``'fp16'``: ``AmpOptimWrapper`` with fp16 (needs an
+            accelerator: without one the runner falls back to fp32); ``'bfloat16'`` /
+            ``'bf16'``: :class:`BF16OptimWrapper` (any device, no loss scaling; for
+            MMDetection configs with ``autocast_modules=['backbone', 'neck']`` unless the
+            config sets it); ``False`` / ``None``: leave the config as it is.
+
+    Returns:
+        ``cfg``.
+
+    Raises:
+        ValueError: an unknown precision name.
+        KeyError: the config has no ``optim_wrapper``.
+    """
+    if amp is False or amp is None:
+        return cfg
+    precision = None if amp is True else parse_precision(amp)
+    if not cfg.get("optim_wrapper"):
+        raise KeyError("mixed precision needs an `optim_wrapper` in the config")
+    optim = cfg.optim_wrapper
+    if precision is None and optim.get("type") == "BF16OptimWrapper":
+        return cfg
+    if precision == "bfloat16":
+        optim.type = "BF16OptimWrapper"
+        for key in ("loss_scale", "dtype", "use_fsdp"):  # AmpOptimWrapper's settings
+            optim.pop(key, None)
+        if "autocast_modules" not in optim and _is_mmdet(cfg):
+            # mmcv's nms / RoIAlign in the heads have no bf16 kernels
+            model = cfg.get("model") or {}
+            optim.autocast_modules = [m for m in ("backbone", "neck") if model.get(m)]
+        return cfg
+    optim.type = "AmpOptimWrapper"
+    optim.setdefault("loss_scale", "dynamic")
+    if precision == "float16" and optim.get("dtype") is not None:
+        optim.dtype = "float16"
+    return cfg

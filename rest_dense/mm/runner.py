@@ -48,6 +48,7 @@ from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
                             install_config_format_cache, make_checkpoint_hooks_atomic,
                             scale_schedule)
 from ..distributed import setup_mm_distributed
+from .optim import set_mixed_precision
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 from .utils import (amp_unavailable_fallback, default_work_dir, detect_framework, load_config,
                     wrap_for_tta)
@@ -142,7 +143,8 @@ def _check_local_file(path: Optional[PathLike], what: str) -> None:
         raise FileNotFoundError(f"{what} {path} does not exist")
 
 
-def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: bool = False,
+def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,
+                 amp: Union[bool, str] = False,
                  resume: Union[bool, str, PathLike, None] = None, cfg_options: CfgOptions = None,
                  launcher: str = "none", auto_scale_lr: bool = False,
                  trust: Iterable[PathLike] = ()) -> Config:
@@ -152,8 +154,10 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: b
         config: config file, shipped config name (``rest-dense configs``) or ``Config``.
         work_dir: where logs and checkpoints go (default: the config's ``work_dir``, else
             ``./work_dirs/<config name>``).
-        amp: switch the optimizer wrapper to ``AmpOptimWrapper`` (dynamic loss scale).
-            Without an accelerator, AMP configs fall back to fp32 with a warning.
+        amp: mixed precision (:func:`rest_dense.mm.optim.set_mixed_precision`): ``True``
+            or ``'float16'``: ``AmpOptimWrapper`` (dynamic loss scale; without an
+            accelerator, AMP configs fall back to fp32 with a warning); ``'bfloat16'``:
+            ``BF16OptimWrapper`` (bf16 autocast, no loss scaling, CPU and GPU).
         resume: ``True`` / ``'auto'``: continue from the most recent checkpoint in
             ``work_dir`` that loads (:func:`~rest_dense.mm.checkpointing.
             find_resume_checkpoint`; with none there, a warning says so and training starts
@@ -188,8 +192,7 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: b
     _set_work_dir(cfg, config, work_dir)
 
     if amp:
-        cfg.optim_wrapper.type = "AmpOptimWrapper"
-        cfg.optim_wrapper.setdefault("loss_scale", "dynamic")
+        set_mixed_precision(cfg, amp)
     if amp_unavailable_fallback(cfg):
         print_log("rest_dense: no GPU found; mixed precision (AmpOptimWrapper) needs one, "
                   "training in fp32 with OptimWrapper instead", logger="current")
@@ -300,7 +303,7 @@ def build_runner(cfg: Config) -> Runner:
     return runner
 
 
-def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: bool = False,
+def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: Union[bool, str] = False,
           resume: Union[bool, str, PathLike, None] = None, cfg_options: CfgOptions = None,
           launcher: str = "none", auto_scale_lr: bool = False,
           trust: Iterable[PathLike] = ()) -> nn.Module:
