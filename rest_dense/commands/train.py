@@ -40,6 +40,14 @@ Short runs: the toy configs (scale_schedule_with_max_iters = True, detectron2:
 SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER: True) stretch warm-up, lr steps, checkpoint and
 evaluation intervals (OpenMMLab: also logging) with an overridden train_cfg.max_iters /
 SOLVER.MAX_ITER, unless you set those too. Without a GPU, configs that train with mixed precision fall back to fp32.
+
+Mixed precision: --amp turns it on in the config's precision (fp16 unless the config says
+bf16), --amp-dtype bf16 in bf16: autocast without a grad scaler, on the CPU as well as on GPUs
+(docs/mixed_precision.md). fp16 needs a GPU (an accelerator for OpenMMLab, CUDA for
+detectron2) and falls back to fp32 without one.
+
+  rest-dense train toy/mask_rcnn_restv2_toy.py --amp-dtype bf16
+  rest-dense train detectron2/toy/mask_rcnn_restv2_toy.yaml --amp-dtype bf16 MODEL.DEVICE cpu
 """
 from __future__ import annotations
 
@@ -149,7 +157,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "there: a warning, and training starts from scratch)")
     add_trust_argument(parser)
     parser.add_argument("--amp", action="store_true",
-                        help="mixed-precision training (fp32 fallback without a GPU)")
+                        help="mixed-precision training in the config's precision (fp16 unless "
+                        "the config says bf16; fp16 falls back to fp32 without a GPU)")
+    parser.add_argument("--amp-dtype", type=parse_amp_dtype, default=None,
+                        metavar="{fp16,bf16}",
+                        help="mixed precision in this dtype (implies --amp): fp16 (float16; "
+                        "autocast + grad scaler, GPU only) or bf16 (bfloat16; autocast without "
+                        "grad scaler, CPU and GPU). OpenMMLab: AmpOptimWrapper / "
+                        "BF16OptimWrapper; detectron2: SOLVER.AMP.PRECISION / "
+                        "train.amp.precision")
     add_common_arguments(parser)
     parser.add_argument("--auto-scale-lr", action="store_true", default=None,
                         help="OpenMMLab: scale the lr by total batch size / "
@@ -157,6 +173,33 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-only", action="store_true", default=None,
                         help="detectron2: evaluate MODEL.WEIGHTS instead of training (see also "
                         "`rest-dense test`)")
+
+
+def parse_amp_dtype(value: str) -> str:
+    """``--amp-dtype``: ``'float16'`` or ``'bfloat16'`` (also ``fp16``, ``bf16``, ...)."""
+    from ..amp import parse_precision
+
+    try:
+        return parse_precision(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+def amp_setting(args: argparse.Namespace):
+    """What ``--amp`` / ``--amp-dtype`` ask for: ``False`` (the config's setting), ``True``
+    (mixed precision in the config's precision), ``'float16'`` or ``'bfloat16'``."""
+    dtype = getattr(args, "amp_dtype", None)
+    return dtype if dtype else bool(getattr(args, "amp", False))
+
+
+def d2_amp_overrides(args: argparse.Namespace, lazy: bool) -> List[str]:
+    """detectron2 overrides for ``--amp`` / ``--amp-dtype`` (before the user's own)."""
+    amp = amp_setting(args)
+    if amp is False:
+        return []
+    if lazy:
+        return ["train.amp.enabled=True"] + ([] if amp is True else [f"train.amp.precision={amp}"])
+    return ["SOLVER.AMP.ENABLED", "True"] + ([] if amp is True else ["SOLVER.AMP.PRECISION", amp])
 
 
 # ----------------------------------------------------------------------------- preparation
@@ -271,10 +314,7 @@ def run(args: argparse.Namespace) -> int:
     if args.family == "detectron2":
         from ..d2.launch import check_args, launch_main
 
-        amp = []
-        if args.amp:
-            lazy = bool(args.lazy) or args.config_path.endswith(".py")
-            amp = ["train.amp.enabled=True"] if lazy else ["SOLVER.AMP.ENABLED", "True"]
+        amp = d2_amp_overrides(args, lazy=bool(args.lazy) or args.config_path.endswith(".py"))
         ns = d2_namespace(args, resume=args.resume if args.resume not in (None, "auto")
                           else args.resume == "auto", eval_only=args.eval_only)
         ns.opts = amp + ns.opts
@@ -293,7 +333,7 @@ def run(args: argparse.Namespace) -> int:
     from ..mm.runner import build_runner, train_config
 
     try:
-        cfg = train_config(args.config_path, work_dir=args.work_dir, amp=args.amp,
+        cfg = train_config(args.config_path, work_dir=args.work_dir, amp=amp_setting(args),
                            resume=args.resume, cfg_options=overrides(args),
                            launcher=args.launcher or "none",
                            auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)

@@ -3,7 +3,9 @@
 ``add_restv2_config(cfg)`` adds ``MODEL.RESTV2``; ``add_rest_config(cfg)`` adds
 ``MODEL.REST`` (ResTv1). Both also add the solver keys the papers' recipe needs and
 detectron2 0.5 lacks (``SOLVER.OPTIMIZER``, ``SOLVER.BETAS``; ``SOLVER.CLIP_GRADIENTS``
-additionally accepts ``CLIP_TYPE: "full_model"``). Calling them twice is harmless.
+additionally accepts ``CLIP_TYPE: "full_model"``) and ``SOLVER.AMP.PRECISION``
+(``"float16"`` | ``"bfloat16"``, as later detectron2 / d2go releases spell it). Calling
+them twice is harmless.
 
 Pretrained weights always come through detectron2's ``MODEL.WEIGHTS`` (see
 :class:`rest_dense.d2.RestDetectionCheckpointer`); there is no backbone-specific key.
@@ -35,8 +37,16 @@ def _arch_node() -> CN:
 
 def add_rest_solver_config(cfg: CN) -> None:
     """Add ``SOLVER.OPTIMIZER`` (``"SGD"`` | ``"ADAMW"``, default SGD as in detectron2),
-    ``SOLVER.BETAS`` (AdamW betas) and ``SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER`` (default
-    False; see :func:`rest_dense.d2.engine.scale_yaml_schedule`) if absent."""
+    ``SOLVER.BETAS`` (AdamW betas), ``SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER`` (default
+    False; see :func:`rest_dense.d2.engine.scale_yaml_schedule`) and
+    ``SOLVER.AMP.PRECISION`` if absent.
+
+    ``SOLVER.AMP.PRECISION`` is the dtype of ``SOLVER.AMP.ENABLED`` training:
+    ``"float16"`` (default; detectron2's ``AMPTrainer``: autocast + grad scaler, CUDA
+    only) or ``"bfloat16"`` (:class:`rest_dense.d2.engine.BF16Trainer`: autocast without
+    grad scaler, on the CPU and on GPUs with bf16)."""
+    if "PRECISION" not in cfg.SOLVER.AMP:
+        cfg.SOLVER.AMP.PRECISION = "float16"
     if "OPTIMIZER" not in cfg.SOLVER:
         cfg.SOLVER.OPTIMIZER = "SGD"
     if "BETAS" not in cfg.SOLVER:

@@ -8,6 +8,11 @@
   command-line overrides; yaml configs with ``SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER: True`` (the
   toy config) keep their schedule proportionate to an overridden ``SOLVER.MAX_ITER``
   (:func:`scale_yaml_schedule`).
+* :class:`BF16Trainer`: bf16 mixed precision, which detectron2 0.5 lacks: the forward runs
+  under ``torch.autocast(<device>, dtype=torch.bfloat16)``, without a grad scaler, on the CPU
+  too. Chosen by ``SOLVER.AMP.ENABLED: True`` with ``SOLVER.AMP.PRECISION: "bfloat16"``
+  (LazyConfig: ``train.amp.enabled=True``, ``train.amp.precision="bfloat16"``); fp16
+  (the default precision) keeps detectron2's CUDA-only ``AMPTrainer``.
 
 Nothing is trusted implicitly: checkpoints that need full unpickling load only from paths
 given to ``--trust-checkpoint`` (:mod:`rest_dense.trust`), also in the run's own output folder.
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import time
 import weakref
 from typing import Any, Collection, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -29,14 +35,15 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from ..amp import resolve_amp
+from ..amp import parse_precision, resolve_amp
 from ..checkpointing import scale_count
 from .checkpoint import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
 from .solver import build_optimizer
 
-__all__ = ["RestTrainer", "setup_yaml_config", "setup_lazy_config", "lazy_train", "lazy_test",
-           "lazy_build_model", "is_lazy_config", "default_setup", "scale_yaml_schedule"]
+__all__ = ["RestTrainer", "BF16Trainer", "setup_yaml_config", "setup_lazy_config", "lazy_train",
+           "lazy_test", "lazy_build_model", "is_lazy_config", "default_setup",
+           "scale_yaml_schedule"]
 
 logger = logging.getLogger("rest_dense.d2")
 
@@ -46,10 +53,72 @@ def is_lazy_config(path: str) -> bool:
     return path.endswith(".py")
 
 
-def _amp_guard(device: str, enabled: bool) -> bool:
-    """detectron2 0.5's ``AMPTrainer`` needs CUDA: elsewhere the recipe's AMP is switched
-    off with a warning (:func:`rest_dense.amp.resolve_amp`, shared with the mm adapter)."""
-    return resolve_amp(bool(enabled), device, backends=("cuda",), log=logger)
+def _amp_guard(device: str, enabled: bool, precision: str = "float16") -> bool:
+    """Whether AMP stays on: detectron2 0.5's fp16 ``AMPTrainer`` needs CUDA, bf16
+    (:class:`BF16Trainer`) a device with bf16 autocast (the CPU, most GPUs); elsewhere the
+    recipe's AMP is switched off with a warning (:func:`rest_dense.amp.resolve_amp`, shared
+    with the mm adapter)."""
+    return resolve_amp(bool(enabled), device, backends=("cuda",), log=logger, precision=precision)
+
+
+def _model_device_type(model: torch.nn.Module) -> str:
+    """``'cpu'``, ``'cuda'``, ...: where the (possibly DDP-wrapped) model's parameters are."""
+    for p in model.parameters():
+        return p.device.type
+    return "cpu"
+
+
+class BF16Trainer(SimpleTrainer):
+    """``SimpleTrainer`` whose forward pass (model and losses) runs under
+    ``torch.autocast(<the model's device type>, dtype=torch.bfloat16)``.
+
+    bf16 has fp32's exponent range, so unlike detectron2's fp16 ``AMPTrainer`` there is no
+    grad scaler: backward, the optimizer step (with the gradient clipping that
+    :func:`rest_dense.d2.solver.build_optimizer` adds) and the checkpointed state are
+    ``SimpleTrainer``'s, and parameters, gradients and optimizer state stay fp32. Runs on the
+    CPU and on GPUs with bf16 support.
+
+    Args:
+        model, data_loader, optimizer: as for ``SimpleTrainer``.
+        device_type: autocast device type (default: that of the model's parameters).
+    """
+
+    def __init__(self, model: torch.nn.Module, data_loader: Any,
+                 optimizer: torch.optim.Optimizer, device_type: Optional[str] = None):
+        super().__init__(model, data_loader, optimizer)
+        self.precision = torch.bfloat16
+        self.device_type = device_type or _model_device_type(model)
+
+    def run_step(self) -> None:
+        """One iteration: data, bf16 forward, fp32 backward and optimizer step."""
+        assert self.model.training, "[BF16Trainer] model was changed to eval mode!"
+        start = time.perf_counter()
+        data = next(self._data_loader_iter)
+        data_time = time.perf_counter() - start
+
+        with torch.autocast(self.device_type, dtype=self.precision):
+            loss_dict = self.model(data)
+            if isinstance(loss_dict, torch.Tensor):
+                losses = loss_dict
+                loss_dict = {"total_loss": loss_dict}
+            else:
+                losses = sum(loss_dict.values())
+
+        self.optimizer.zero_grad()
+        losses.backward()  # outside autocast: gradients come back in the parameters' fp32
+        self._write_metrics(loss_dict, data_time)
+        self.optimizer.step()
+
+
+def _inner_trainer(model: torch.nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer,
+                   amp: bool, precision: str) -> SimpleTrainer:
+    """The loop for the AMP setting: ``SimpleTrainer`` (fp32), ``AMPTrainer`` (fp16) or
+    :class:`BF16Trainer`."""
+    if not amp:
+        return SimpleTrainer(model, data_loader, optimizer)
+    if parse_precision(precision) == "bfloat16":
+        return BF16Trainer(model, data_loader, optimizer)
+    return AMPTrainer(model, data_loader, optimizer)
 
 
 def default_setup(cfg: Union[CfgNode, DictConfig], args: argparse.Namespace) -> None:
@@ -155,16 +224,22 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
                                                          for k, (a, b) in changes.items()))
         else:
             cfg.merge_from_list(["SOLVER.MAX_ITER", max_iter])
-    cfg.SOLVER.AMP.ENABLED = _amp_guard(cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED)
+    cfg.SOLVER.AMP.PRECISION = parse_precision(cfg.SOLVER.AMP.PRECISION)  # 'bf16' -> 'bfloat16'
+    cfg.SOLVER.AMP.ENABLED = _amp_guard(cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED,
+                                        cfg.SOLVER.AMP.PRECISION)
     cfg.freeze()
     return cfg
 
 
 def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
-    """Load a LazyConfig file and apply ``key=value`` overrides."""
+    """Load a LazyConfig file and apply ``key=value`` overrides. ``train.amp.precision``
+    (``"float16"``, the default, or ``"bfloat16"``) is set, and ``train.amp.enabled`` turned
+    off with a warning where the device cannot run that precision."""
     cfg = LazyConfig.load(config_file)
     cfg = LazyConfig.apply_overrides(cfg, list(opts))
-    cfg.train.amp.enabled = _amp_guard(cfg.train.get("device", "cuda"), cfg.train.amp.enabled)
+    cfg.train.amp.precision = parse_precision(cfg.train.amp.get("precision", None))
+    cfg.train.amp.enabled = _amp_guard(cfg.train.get("device", "cuda"), cfg.train.amp.enabled,
+                                       cfg.train.amp.precision)
     return cfg
 
 
@@ -186,18 +261,21 @@ class RestTrainer(DefaultTrainer):
     checkpoints alike) and saved atomically, evaluation uses ``COCOEvaluator``,
     ``OUTPUT_DIR`` is created if missing (detectron2's writers need it), and checkpoints
     carry the optimizer (and AMP grad scaler) state, so ``--resume`` continues where training
-    stopped, from the most recent checkpoint that loads.
+    stopped, from the most recent checkpoint that loads. ``SOLVER.AMP.PRECISION:
+    "bfloat16"`` trains AMP with :class:`BF16Trainer` instead of detectron2's ``AMPTrainer``.
     """
 
     def __init__(self, cfg: CfgNode):
         if cfg.OUTPUT_DIR and comm.is_main_process():
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
-        wrap = _d2_defaults.create_ddp_model
+        wrap, amp_trainer = _d2_defaults.create_ddp_model, _d2_defaults.AMPTrainer
         _d2_defaults.create_ddp_model = _create_ddp_model  # CPU (gloo) jobs: no device_ids
+        if parse_precision(cfg.SOLVER.AMP.get("PRECISION", None)) == "bfloat16":
+            _d2_defaults.AMPTrainer = BF16Trainer  # what DefaultTrainer builds for AMP.ENABLED
         try:
             super().__init__(cfg)
         finally:
-            _d2_defaults.create_ddp_model = wrap
+            _d2_defaults.create_ddp_model, _d2_defaults.AMPTrainer = wrap, amp_trainer
 
     def state_dict(self) -> Dict[str, Any]:
         """Hooks' state plus the inner trainer's (optimizer, AMP grad scaler)."""
@@ -209,8 +287,14 @@ class RestTrainer(DefaultTrainer):
         """Restore :meth:`state_dict`; checkpoints without the inner trainer's state (older
         ones) restore the iteration and hooks only."""
         super().load_state_dict(state_dict)
-        if "_trainer" in state_dict:
-            self._trainer.load_state_dict(state_dict["_trainer"])
+        inner = state_dict.get("_trainer")
+        if inner is None:
+            return
+        if isinstance(self._trainer, AMPTrainer) and "grad_scaler" not in inner:
+            # saved by an fp32 or bf16 run: the optimizer state only, the scaler starts afresh
+            SimpleTrainer.load_state_dict(self._trainer, inner)
+        else:
+            self._trainer.load_state_dict(inner)
 
     def train(self) -> Optional[Dict[str, Any]]:
         """Run training; returns the last evaluation results (``None`` if none ran)."""
@@ -276,7 +360,8 @@ def lazy_train(cfg: DictConfig, resume: bool = False,
     train_loader = instantiate(cfg.dataloader.train)
 
     model = _create_ddp_model(model, **cfg.train.ddp)
-    trainer = (AMPTrainer if cfg.train.amp.enabled else SimpleTrainer)(model, train_loader, optim)
+    trainer = _inner_trainer(model, train_loader, optim, bool(cfg.train.amp.enabled),
+                             cfg.train.amp.get("precision", "float16"))
     checkpointer = RestDetectionCheckpointer(model, cfg.train.output_dir, trainer=trainer)
     results: Dict[str, Any] = {}
 
