@@ -88,6 +88,8 @@ class BF16Trainer(SimpleTrainer):
         super().__init__(model, data_loader, optimizer)
         self.precision = torch.bfloat16
         self.device_type = device_type or _model_device_type(model)
+        logger.info("BF16Trainer: forward passes in bf16 autocast on %s, no grad scaler",
+                    self.device_type)
 
     def run_step(self) -> None:
         """One iteration: data, bf16 forward, fp32 backward and optimizer step."""
@@ -110,15 +112,26 @@ class BF16Trainer(SimpleTrainer):
         self.optimizer.step()
 
 
+class _FP16Trainer(AMPTrainer):
+    """detectron2's ``AMPTrainer`` that also resumes from a checkpoint without grad-scaler
+    state (one of an fp32 or bf16 run): the scaler then starts afresh."""
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if "grad_scaler" in state_dict:
+            super().load_state_dict(state_dict)
+        else:
+            SimpleTrainer.load_state_dict(self, state_dict)
+
+
 def _inner_trainer(model: torch.nn.Module, data_loader: Any, optimizer: torch.optim.Optimizer,
                    amp: bool, precision: str) -> SimpleTrainer:
-    """The loop for the AMP setting: ``SimpleTrainer`` (fp32), ``AMPTrainer`` (fp16) or
-    :class:`BF16Trainer`."""
+    """The loop for the AMP setting: ``SimpleTrainer`` (fp32), detectron2's ``AMPTrainer``
+    (fp16) or :class:`BF16Trainer`."""
     if not amp:
         return SimpleTrainer(model, data_loader, optimizer)
     if parse_precision(precision) == "bfloat16":
         return BF16Trainer(model, data_loader, optimizer)
-    return AMPTrainer(model, data_loader, optimizer)
+    return _FP16Trainer(model, data_loader, optimizer)
 
 
 def default_setup(cfg: Union[CfgNode, DictConfig], args: argparse.Namespace) -> None:
@@ -270,8 +283,9 @@ class RestTrainer(DefaultTrainer):
             os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
         wrap, amp_trainer = _d2_defaults.create_ddp_model, _d2_defaults.AMPTrainer
         _d2_defaults.create_ddp_model = _create_ddp_model  # CPU (gloo) jobs: no device_ids
-        if parse_precision(cfg.SOLVER.AMP.get("PRECISION", None)) == "bfloat16":
-            _d2_defaults.AMPTrainer = BF16Trainer  # what DefaultTrainer builds for AMP.ENABLED
+        # what DefaultTrainer builds for SOLVER.AMP.ENABLED
+        bf16 = parse_precision(cfg.SOLVER.AMP.get("PRECISION", None)) == "bfloat16"
+        _d2_defaults.AMPTrainer = BF16Trainer if bf16 else _FP16Trainer
         try:
             super().__init__(cfg)
         finally:
@@ -287,14 +301,8 @@ class RestTrainer(DefaultTrainer):
         """Restore :meth:`state_dict`; checkpoints without the inner trainer's state (older
         ones) restore the iteration and hooks only."""
         super().load_state_dict(state_dict)
-        inner = state_dict.get("_trainer")
-        if inner is None:
-            return
-        if isinstance(self._trainer, AMPTrainer) and "grad_scaler" not in inner:
-            # saved by an fp32 or bf16 run: the optimizer state only, the scaler starts afresh
-            SimpleTrainer.load_state_dict(self._trainer, inner)
-        else:
-            self._trainer.load_state_dict(inner)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
 
     def train(self) -> Optional[Dict[str, Any]]:
         """Run training; returns the last evaluation results (``None`` if none ran)."""

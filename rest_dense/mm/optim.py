@@ -259,6 +259,10 @@ class BF16OptimWrapper(OptimWrapper):
             AttributeError: an ``autocast_modules`` name that the model does not have.
         """
         device_type = _module_device(model).type
+        if device_type not in self._enabled_on and self.autocast_enabled(device_type):
+            print_log(f"BF16OptimWrapper: bf16 autocast on {device_type} for "
+                      f"{', '.join(self.autocast_modules or ['the whole forward pass'])}, "
+                      "no loss scaling", logger="current")
         if self.autocast_modules is None:
             with super().optim_context(model), self._autocast(device_type):
                 yield

@@ -79,7 +79,7 @@ def test_train_command_amp_flags():
 def test_bf16_trainer_step():
     torch.manual_seed(0)
     model = _LossNet()
-    optim = torch.optim.SGD(model.parameters(), lr=0.1)
+    optim = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     trainer = _inner_trainer(model, [torch.randn(4, 8)] * 3, optim, True, "bfloat16")
     assert isinstance(trainer, BF16Trainer) and trainer.device_type == "cpu"
     assert not hasattr(trainer, "grad_scaler")
@@ -92,7 +92,14 @@ def test_bf16_trainer_step():
     for p, b in zip(model.parameters(), before):
         assert p.dtype == torch.float32 and not torch.equal(p.detach(), b)
     assert type(_inner_trainer(model, [0], optim, False, "bfloat16")) is SimpleTrainer
-    assert type(_inner_trainer(model, [0], optim, True, "float16")) is AMPTrainer
+    # fp16 (detectron2's AMPTrainer) resumes from the bf16 run's state, scaler afresh
+    state = trainer.state_dict()
+    assert "grad_scaler" not in state and state["optimizer"]["state"]
+    optim16 = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    fp16 = _inner_trainer(model, [0], optim16, True, "float16")
+    assert isinstance(fp16, AMPTrainer)
+    fp16.load_state_dict(state)
+    assert fp16.optimizer.state_dict()["state"].keys() == state["optimizer"]["state"].keys()
 
 
 # ----------------------------------------------------------------------------- training
