@@ -18,8 +18,8 @@ from rest_dense import trust  # noqa: E402
 from rest_dense.cli import build_parser  # noqa: E402
 from rest_dense.commands import train as train_cmd  # noqa: E402
 from rest_dense.d2 import register_toy_datasets  # noqa: E402
-from rest_dense.d2.engine import (BF16Trainer, RestTrainer, _amp_guard, _inner_trainer,  # noqa: E402
-                                  setup_lazy_config, setup_yaml_config)
+from rest_dense.d2.engine import (BF16Trainer, RestTrainer, _amp_guard,  # noqa: E402
+                                  _inner_trainer, setup_lazy_config, setup_yaml_config)
 from rest_dense.data.toy import generate_toy_dataset  # noqa: E402
 
 TOY = "toy/mask_rcnn_restv2_toy.yaml"
@@ -131,7 +131,7 @@ def test_toy_mask_rcnn_trains_in_bf16_on_cpu(tmp_path, one_thread):
         for m in linears:
             m.register_forward_hook(lambda mod, inp, o, found=found: found.append(o.dtype))
     model.register_forward_hook(lambda mod, inp, o: losses.append(
-        {k: float(v) for k, v in o.items()}))
+        {k: float(v.detach()) for k, v in o.items()}))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
     trainer.train()

@@ -119,7 +119,8 @@ def test_set_mixed_precision_keeps_the_optimizer_settings():
     assert cfg.optim_wrapper.autocast_modules == ["backbone", "neck"]
     seg = load("toy/upernet_restv2_toy.py")
     set_mixed_precision(seg, "bf16")
-    assert seg.optim_wrapper.type == "BF16OptimWrapper" and "autocast_modules" not in seg.optim_wrapper
+    assert seg.optim_wrapper.type == "BF16OptimWrapper"
+    assert "autocast_modules" not in seg.optim_wrapper
     set_mixed_precision(cfg, True)  # --amp: the config's precision
     assert cfg.optim_wrapper.type == "BF16OptimWrapper"
     set_mixed_precision(cfg, "float16")
@@ -216,4 +217,5 @@ def test_toy_config_trains_in_bf16_on_cpu(framework, tmp_path, one_thread):
     assert changed > len(before) // 2, (changed, len(before))
     ckpt = trust.load_checkpoint_file(work / "iter_3.pth", trusted=False)
     assert ckpt["meta"]["iter"] == 3 and "loss_scaler" not in ckpt["optimizer"]
-    assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values() if t.is_floating_point())
+    assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values()
+               if t.is_floating_point())
