@@ -5,6 +5,8 @@ Importing this package registers
 - ``'ResTv2'`` and ``'ResTv1'`` in ``MODELS`` of MMDetection and of MMSegmentation,
 - ``'ResTLayerDecayOptimizerConstructor'`` in ``OPTIM_WRAPPER_CONSTRUCTORS`` of mmengine,
   MMDetection and MMSegmentation,
+- ``'BF16OptimWrapper'`` (bf16 mixed precision without loss scaling, CPU too) in
+  mmengine's ``OPTIM_WRAPPERS``, which both frameworks' registries search,
 
 for whichever of the two frameworks is installed, so configs can use
 ``custom_imports=dict(imports=['rest_dense.mm'], allow_failed_imports=False)``.

@@ -137,7 +137,9 @@ def wrap_for_tta(cfg: Config) -> Config:
 def amp_unavailable_fallback(cfg: Config) -> bool:
     """Switch an ``AmpOptimWrapper`` to the fp32 ``OptimWrapper`` when no accelerator is
     present (mmengine's AMP wrapper refuses to run on CPU); the decision is
-    :func:`rest_dense.amp.resolve_amp`'s, shared with the detectron2 adapter.
+    :func:`rest_dense.amp.resolve_amp`'s, shared with the detectron2 adapter. An
+    ``AmpOptimWrapper`` with ``dtype='bfloat16'`` becomes
+    :class:`~rest_dense.mm.optim.BF16OptimWrapper` instead, which runs bf16 on the CPU.
 
     Args:
         cfg: a loaded config; modified in place.
@@ -154,6 +156,12 @@ def amp_unavailable_fallback(cfg: Config) -> bool:
         return False
     if resolve_amp(True, device=None, log=MMLogger.get_current_instance()):
         return False
+    if str(optim.get("dtype", "")).replace("torch.", "").lower() in ("bfloat16", "bf16"):
+        # bf16 autocast runs on the CPU: keep it, through the wrapper that allows that
+        from .optim import set_mixed_precision
+
+        set_mixed_precision(cfg, "bf16")
+        return True
     optim.type = "OptimWrapper"
     for key in ("loss_scale", "dtype", "use_fsdp"):
         optim.pop(key, None)

@@ -129,6 +129,12 @@ def test_amp_fallback_uses_shared_helper(monkeypatch):
     monkeypatch.setattr(amp, "accelerator_available", lambda device_type: False)
     assert amp_unavailable_fallback(cfg)
     assert cfg.optim_wrapper.type == "OptimWrapper" and "loss_scale" not in cfg.optim_wrapper
+    # a bf16 AmpOptimWrapper keeps bf16 on the CPU, through BF16OptimWrapper
+    cfg = load("mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py")
+    cfg.optim_wrapper.dtype = "bfloat16"
+    assert amp_unavailable_fallback(cfg)
+    assert cfg.optim_wrapper.type == "BF16OptimWrapper" and "dtype" not in cfg.optim_wrapper
+    assert cfg.optim_wrapper.autocast_modules == ["backbone", "neck"]
 
 
 # ------------------------------------------------------------- MMSegmentation end to end
