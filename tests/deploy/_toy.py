@@ -1,13 +1,21 @@
-"""Toy data and non-trivial toy-model checkpoints for the deployment tests.
+"""Toy data and briefly trained toy models for the deployment tests.
 
-The checkpoints are randomly initialised models with every weight perturbed (seeded), so
-that detections, masks and label maps are non-trivial without a training run; for RetinaNet
-the classification prior is raised so that boxes score above the threshold.
+The models are the shipped toy configs (and the shipped RetinaNet config made small),
+trained for a few iterations on the toy dataset through the project's own training entry
+points (``rest_dense.mm.runner.train``, ``rest-dense train`` for detectron2); the tests use
+the checkpoint files those runs write (mmengine ``iter_N.pth``, detectron2
+``model_final.pth``). Each model is trained at most once per test session, on first use
+(:func:`trained`), whichever test module asks first.
+
+Window attention: ``global``, ``win`` and ``hwin`` have the same weights, so the
+global-trained checkpoints serve those modes (``window_options``); ``cwin`` adds a
+depth-wise conv per stage (initialised to zero, so that only training gives it a part in
+the result): its models are trained in ``cwin`` mode.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import pytest
 import torch
@@ -19,32 +27,210 @@ MM_SEG = REPO / "configs/toy/upernet_restv2_toy.py"
 MM_RETINA = REPO / "configs/retinanet/retinanet_restv2-t_fpn_amp-ms-1x_coco.py"
 D2_DET = REPO / "configs/detectron2/toy/mask_rcnn_restv2_toy.yaml"
 
+#: windows (tokens per stage) small enough that the toy maps (32x32 .. 4x4 at 128x128) are
+#: split into several windows, with padding at the test sizes
+WINDOWS = [8, 4, 4, 2]
+#: training iterations of each toy model (2 images a batch): about the fewest that give
+#: detections / label maps that are not all background on the toy images
+ITERS = {"mrcnn": 12, "upernet": 24, "retinanet": 8, "d2": 12}
+TRAIN_IMAGES = 8  # toy training images (the validation split has 3)
+#: test-time overrides of the toy Mask R-CNN (MMDetection): after a few iterations the box
+#: head's class scores are still low (~0.02-0.06), so the 0.05 threshold would keep almost
+#: nothing; with 0.01 every image keeps its 20 best detections (masks non-empty)
+DET_OPTIONS: Dict[str, object] = {"model.test_cfg.rcnn.score_thr": 0.01}
+#: the same for the detectron2 toy Mask R-CNN (scores ~0.015-0.04 after 12 iterations)
+D2_OPTIONS: Dict[str, object] = {"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.01}
+
+
+def window_options(mode: str, framework: str = "mm") -> Dict[str, object]:
+    """Config overrides for attention mode ``mode`` with :data:`WINDOWS`.
+
+    Args:
+        mode: ``'global'``, ``'win'``, ``'cwin'`` or ``'hwin'``.
+        framework: ``'mm'`` (OpenMMLab keys) or ``'d2'`` (detectron2 yaml keys).
+    """
+    if framework == "d2":
+        return {"MODEL.RESTV2.ATTN_MODE": mode, "MODEL.RESTV2.WINDOW_SIZE": list(WINDOWS)}
+    return {"model.backbone.attn_mode": mode, "model.backbone.window_size": list(WINDOWS)}
 
 
 def retina_options() -> Dict[str, object]:
-    """The shipped RetinaNet config made small: tiny backbone, images resized to <= 256x160."""
+    """The shipped RetinaNet config made small: tiny backbone, 3 classes, images resized to
+    <= 256x160; scores kept from 0.02 (after a few iterations of focal-loss training the
+    scores are still near the 0.01 prior of the classifier: the shipped 0.05 keeps none)."""
     return {
         "model.backbone.arch": dict(TINY_ARCH, _delete_=True),
         "model.backbone.init_cfg": None,
         "model.neck.in_channels": list(TINY_ARCH["embed_dims"])[1:],
         "model.bbox_head.num_classes": 3,
         "model.bbox_head.feat_channels": 64,
+        "model.test_cfg.score_thr": 0.02,
         "test_dataloader.dataset.pipeline.1.scale": (256, 160),
     }
 
+
+def constant_lr(iters: int) -> list:
+    """The optimizer's lr throughout, no warm-up or decay. For UperNet: a few-iteration run
+    of the toy config's own schedule (scaled with ``train_cfg.max_iters``) is mostly warm-up
+    and decay and still labels every pixel background after 20 iterations. (Mask R-CNN keeps
+    its schedule: without the warm-up its box head drops all scores below 0.01.)"""
+    return [dict(type="ConstantLR", factor=1.0, by_epoch=False, begin=0, end=iters)]
+
+
+def _retina_train_options(root: str, iters: int) -> Dict[str, object]:
+    """What it takes to train the shipped (epoch-based, COCO) RetinaNet config on the toy
+    data for ``iters`` iterations: toy COCO files and classes, the small test scale for
+    training too, an iteration loop at the toy configs' lr, no validation."""
+    from rest_dense.data.toy import TOY_CLASSES
+
+    return {
+        **retina_options(),
+        "train_dataloader.batch_size": 2,
+        "train_dataloader.num_workers": 0,
+        "train_dataloader.persistent_workers": False,
+        "train_dataloader.dataset.data_root": root,
+        "train_dataloader.dataset.ann_file": "annotations/instances_train.json",
+        "train_dataloader.dataset.data_prefix": dict(img="train/"),
+        "train_dataloader.dataset.metainfo": dict(classes=tuple(TOY_CLASSES)),
+        "train_dataloader.dataset.filter_cfg.min_size": 4,
+        "train_dataloader.dataset.pipeline.2.scales": [(256, 160)],
+        "train_cfg": dict(type="IterBasedTrainLoop", max_iters=iters, _delete_=True),
+        "param_scheduler": constant_lr(iters),
+        "optim_wrapper.optimizer.lr": 1e-3,
+        "default_hooks.checkpoint.by_epoch": False,
+        "default_hooks.checkpoint.max_keep_ckpts": 1,
+        "default_hooks.logger.log_metric_by_epoch": False,
+        "log_processor.by_epoch": False,
+        "randomness": dict(seed=0),
+    }
+
+
 def toy_data(root: Path) -> Path:
-    """A small toy-shapes dataset (COCO and ADE layouts, 3 validation images)."""
+    """The toy-shapes dataset (COCO and ADE layouts): 8 training and 3 validation images."""
     from rest_dense.data.toy import generate_toy_dataset
 
-    generate_toy_dataset(root, num_train=2, num_val=3, size=128)
+    generate_toy_dataset(root, num_train=TRAIN_IMAGES, num_val=3, size=128)
     return root
 
 
-def _perturb(model: torch.nn.Module, seed: int, scale: float) -> None:
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * scale)
+class _OneThread:
+    """Torch on one CPU thread inside the block (restores the previous setting)."""
+
+    def __enter__(self):
+        self.threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.threads)
+
+
+def train_mm(work: Path, config: Path, data_root: Path, iters: int,
+             options: Optional[Dict[str, object]] = None) -> Path:
+    """Train an OpenMMLab toy config for ``iters`` iterations on ``data_root``.
+
+    Args:
+        work: the work dir.
+        config: a config whose schedule scales with ``train_cfg.max_iters`` (the toy
+            configs), unless ``options`` sets the loop itself.
+        data_root: the toy dataset.
+        iters: training iterations.
+        options: further overrides (attention mode, a whole training recipe).
+
+    Returns:
+        The checkpoint the run wrote at its last iteration (``iter_{iters}.pth``).
+    """
+    from rest_dense.mm.runner import train
+
+    root = str(data_root).rstrip("/") + "/"
+    opts: Dict[str, object] = {
+        "train_cfg.max_iters": iters,
+        "train_dataloader.dataset.data_root": root,
+        "train_dataloader.batch_size": 2,
+        "default_hooks.checkpoint.interval": iters,
+        "default_hooks.logger.interval": 1,
+        "val_cfg": None, "val_dataloader": None, "val_evaluator": None,
+    }
+    opts.update(options or {})
+    with _OneThread():
+        train(str(config), work_dir=work, cfg_options=opts)
+    ckpt = work / f"iter_{iters}.pth"
+    assert ckpt.is_file(), f"training {config.name} wrote no {ckpt.name}"
+    return ckpt
+
+
+def d2_opts(options: Optional[Dict] = None) -> List[str]:
+    """``KEY VALUE`` overrides of the detectron2 toy yaml (on CPU)."""
+    out = ["MODEL.DEVICE", "cpu"]
+    for k, v in (options or {}).items():
+        out += [k, str(v)]
+    return out
+
+
+def train_d2(work: Path, data_root: Path, iters: int,
+             options: Optional[Dict[str, object]] = None) -> Path:
+    """Train the detectron2 toy Mask R-CNN with ``rest-dense train`` (in this process).
+
+    Returns:
+        ``model_final.pth`` of the run.
+    """
+    from rest_dense.cli import main
+
+    opts = d2_opts({"SOLVER.MAX_ITER": iters, "SOLVER.IMS_PER_BATCH": 2,
+                    "SOLVER.CHECKPOINT_PERIOD": 10 ** 6, "DATALOADER.NUM_WORKERS": 0,
+                    "DATASETS.TEST": "()", **(options or {})})
+    with _OneThread():
+        code = main(["train", str(D2_DET), "--work-dir", str(work), "--threads", "1",
+                     "--toy-root", str(data_root), *opts])
+    ckpt = work / "model_final.pth"
+    assert code == 0 and ckpt.is_file(), f"detectron2 training exited {code}, wrote no {ckpt}"
+    return ckpt
+
+
+#: name -> how to train it: (work dir, toy data) -> checkpoint
+RECIPES: Dict[str, Callable[[Path, Path], Path]] = {
+    "mrcnn": lambda w, d: train_mm(w, MM_DET, d, ITERS["mrcnn"]),
+    "upernet": lambda w, d: train_mm(w, MM_SEG, d, ITERS["upernet"],
+                                     {"param_scheduler": constant_lr(ITERS["upernet"])}),
+    "upernet_cwin": lambda w, d: train_mm(w, MM_SEG, d, ITERS["upernet"], dict(
+        window_options("cwin"), param_scheduler=constant_lr(ITERS["upernet"]))),
+    "retinanet": lambda w, d: train_mm(
+        w, MM_RETINA, d, ITERS["retinanet"],
+        _retina_train_options(str(d).rstrip("/") + "/", ITERS["retinanet"])),
+    "d2": lambda w, d: train_d2(w, d, ITERS["d2"]),
+    "d2_cwin": lambda w, d: train_d2(w, d, ITERS["d2"], window_options("cwin", "d2")),
+}
+
+# one per session, shared by the test modules that import the fixtures (pytest makes a
+# separate session fixture for each module that imports it)
+_DONE: Dict[str, Path] = {}
+
+
+def shared_toy_root(factory: pytest.TempPathFactory) -> Path:
+    """The session's toy dataset (made once)."""
+    if "data" not in _DONE:
+        _DONE["data"] = toy_data(factory.mktemp("toy") / "data")
+    return _DONE["data"]
+
+
+def trained(name: str, factory: pytest.TempPathFactory) -> Path:
+    """The checkpoint of toy model ``name`` (a key of :data:`RECIPES`), trained on first use."""
+    if name not in _DONE:
+        data = shared_toy_root(factory)
+        _DONE[name] = RECIPES[name](factory.mktemp(f"train_{name}"), data)
+    return _DONE[name]
+
+
+def untrained_checkpoint(path: Path, config: Path, cfg_options: Optional[Dict] = None) -> Path:
+    """A randomly initialised model of an OpenMMLab config saved like a trained one (for
+    the bad-input tests, where only the tensor names and shapes matter)."""
+    from rest_dense.mm.utils import build_model
+
+    cfg = mm_config(config, cfg_options)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.init_weights()
+    torch.save({"state_dict": model.state_dict(), "meta": {}}, path)
+    return path
 
 
 def mm_config(config: Path, cfg_options: Optional[Dict] = None, data_root: Optional[Path] = None):
@@ -62,72 +248,27 @@ def mm_config(config: Path, cfg_options: Optional[Dict] = None, data_root: Optio
     return cfg
 
 
-def mm_checkpoint(path: Path, config: Path, cfg_options: Optional[Dict] = None, seed: int = 0,
-                  scale: float = 0.02) -> Path:
-    """Save a perturbed randomly initialised model of an OpenMMLab config (mmengine layout)."""
-    from rest_dense.mm.utils import build_model
-
-    cfg = mm_config(config, cfg_options)
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    model.init_weights()
-    _perturb(model, seed, scale)
-    head = getattr(model, "bbox_head", None)
-    if head is not None and hasattr(head, "retina_cls"):
-        gen = torch.Generator().manual_seed(seed + 1)
-        with torch.no_grad():  # spread scores around ~0.1 (prior 0.01): no near-ties at the cuts
-            head.retina_cls.bias.fill_(-2.5)
-            w = head.retina_cls.weight
-            w.copy_(torch.randn(w.shape, generator=gen) * 0.2)
-    meta = {}
-    classes = (cfg.test_dataloader.dataset.get("metainfo") or {}).get("classes")
-    if classes:
-        meta = {"dataset_meta": {"classes": list(classes)}}
-    torch.save({"state_dict": model.state_dict(), "meta": meta}, path)
-    return path
-
-
-def d2_opts(options: Optional[Dict] = None) -> list:
-    out = ["MODEL.DEVICE", "cpu"]
-    for k, v in (options or {}).items():
-        out += [k, str(v)]
-    return out
-
-
-def d2_checkpoint(path: Path, options: Optional[Dict] = None, seed: int = 0,
-                  scale: float = 0.02) -> Path:
-    """Save a perturbed randomly initialised detectron2 toy Mask R-CNN (``{'model': sd}``)."""
-    from detectron2.modeling import build_model
-
-    import rest_dense.d2  # noqa: F401
-    from rest_dense.d2.engine import setup_yaml_config
-
-    cfg = setup_yaml_config(str(D2_DET), d2_opts(options))
-    torch.manual_seed(seed)
-    model = build_model(cfg)
-    _perturb(model, seed, scale)
-    torch.save({"model": model.state_dict()}, path)
-    return path
-
-
 @pytest.fixture(scope="session")
 def toy_root(tmp_path_factory) -> Path:
-    return toy_data(tmp_path_factory.mktemp("toy") / "data")
+    return shared_toy_root(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def det_ckpt(tmp_path_factory) -> Path:
-    return mm_checkpoint(tmp_path_factory.mktemp("ckpt") / "mrcnn.pth", MM_DET)
+    """Mask R-CNN, MMDetection toy config, global attention."""
+    return trained("mrcnn", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def seg_ckpt(tmp_path_factory) -> Path:
-    return mm_checkpoint(tmp_path_factory.mktemp("ckpt") / "upernet.pth", MM_SEG, scale=0.05)
+    """UperNet, MMSegmentation toy config, global attention."""
+    return trained("upernet", tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
 def d2_ckpt(tmp_path_factory) -> Path:
-    return d2_checkpoint(tmp_path_factory.mktemp("ckpt") / "d2_mrcnn.pth")
+    """Mask R-CNN, detectron2 toy yaml, global attention."""
+    return trained("d2", tmp_path_factory)
 
 
 def val_images(root: Path, layout: str = "coco") -> Sequence[Path]:

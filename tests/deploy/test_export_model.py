@@ -1,6 +1,8 @@
 """Whole-model ONNX export (MMDeploy for MMDetection / MMSegmentation, TracingAdapter for
-detectron2) checked with real ONNX Runtime sessions against PyTorch, at image sizes that are
-not multiples of 32, through ``rest-dense export-model``."""
+detectron2) of briefly trained toy models, checked with real ONNX Runtime sessions against
+PyTorch, at image sizes that are not multiples of 32, through ``rest-dense export-model``;
+in every attention mode (UperNet, detectron2 Mask R-CNN) or global plus a window mode
+(MMDetection Mask R-CNN)."""
 import math
 import os
 
@@ -10,17 +12,21 @@ import torch
 
 from rest_dense.cli import main
 from rest_dense.deploy.onnx_export import load_deployment
+from rest_dense.deploy.shapes import stage_branches
 
-from _toy import (D2_DET, MM_DET, MM_RETINA, MM_SEG, d2_checkpoint, retina_options,
-                  d2_ckpt, det_ckpt, mm_checkpoint, seg_ckpt, toy_root, val_images)  # noqa: F401
+from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_RETINA, MM_SEG, mm_config, retina_options,  # noqa: F401
+                  trained, untrained_checkpoint, window_options, d2_ckpt, det_ckpt, seg_ckpt,
+                  toy_root, val_images)
 
 SIZES = ["120x152", "136x200"]
+MODES = ["global", "win", "cwin", "hwin"]
 
 
 def _export(capsys, config, ckpt, out, *extra, sizes=SIZES):
     code = main(["export-model", str(config), str(ckpt), "--out", str(out),
                  "--check-shapes", *sizes, *extra])
     text = capsys.readouterr()
+    print("\n".join(_checked_lines(text.out)))  # shown with -s / on failure
     return code, text.out, text.err
 
 
@@ -35,11 +41,48 @@ def _assert_all_ok(code, out, err, n_images):
     assert f"ok: ONNX Runtime agrees with PyTorch on {n_images} images" in out
 
 
+def _metric(line, name):
+    return float(line.split(f"{name} ")[1].split(",")[0].split()[0])
+
+
+def _mm_options(options):
+    return ["--cfg-options", *[f"{k}={v!r}" for k, v in options.items()]] if options else []
+
+
+def _assert_windows(config, mode, network_inputs):
+    """In the window modes the check images really run windows (with padding) in the
+    stages that have window blocks, so the comparison covers the window code."""
+    if mode == "global":
+        return
+    from rest_dense.models import ResTv2
+
+    options = window_options(mode)
+    arch = dict(mm_config(config).model.backbone.arch)
+    net = ResTv2(arch, attn_mode=mode, window_size=options["model.backbone.window_size"])
+    stages = [b for size in network_inputs for i, b in enumerate(stage_branches(net, size))
+              if net.num_window_blocks[i]]
+    assert stages and all(b.window is not None for b in stages), (config, mode, stages)
+    assert any(b.pad for b in stages), (config, mode, stages)
+
+
+def _network_inputs(text):
+    out = []
+    for line in _checked_lines(text):
+        h, w = line.split("network input ")[1].split(")")[0].split("x")
+        out.append((int(h), int(w)))
+    return out
+
+
 @pytest.mark.slow
-def test_mask_rcnn_mmdeploy_boxes_and_masks(tmp_path, capsys, det_ckpt, toy_root, one_thread):
+@pytest.mark.parametrize("mode", ["global", "win"])
+def test_mask_rcnn_mmdeploy_boxes_and_masks(tmp_path, capsys, mode, det_ckpt, toy_root,
+                                            one_thread):
+    # win: the global-trained weights (global, win and hwin have the same parameters)
+    options = dict(DET_OPTIONS, **(window_options(mode) if mode != "global" else {}))
     out = tmp_path / "mrcnn.onnx"
     image = val_images(toy_root)[0]
-    code, text, err = _export(capsys, MM_DET, det_ckpt, out, "--check-images", str(image))
+    code, text, err = _export(capsys, MM_DET, det_ckpt, out, "--check-images", str(image),
+                              *_mm_options(options))
     _assert_all_ok(code, text, err, 3)
     assert "mmdeploy 1.3.1" in text and "outputs ['dets', 'labels', 'masks']" in text
     graph = onnx.load(str(out))
@@ -49,45 +92,61 @@ def test_mask_rcnn_mmdeploy_boxes_and_masks(tmp_path, capsys, det_ckpt, toy_root
     assert [d.dim_param for d in dims[2:]] == ["height", "width"]
     # the comparisons were about something: detections with masks, matched exactly
     for line in _checked_lines(text):
-        matched = int(line.split("matched ")[1].split(",")[0])
-        assert matched >= 5 and "min_mask_iou 1" in line, line
+        assert _metric(line, "matched") >= 5 and "min_mask_iou 1" in line, line
+    _assert_windows(MM_DET, mode, _network_inputs(text))
 
 
 @pytest.mark.slow
-def test_upernet_mmdeploy_dynamic_sizes(tmp_path, capsys, seg_ckpt, toy_root, one_thread):
+@pytest.mark.parametrize("mode", MODES)
+def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_root,
+                                          tmp_path_factory, one_thread):
+    # cwin has its own (trained) convs; global, win and hwin share the global-trained weights
+    if mode == "cwin":
+        ckpt = trained("upernet_cwin", tmp_path_factory)
+        convs = [v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()
+                 if k.startswith("backbone.cwin_convs.") and k.endswith("weight")]
+        assert len(convs) == 4 and all(c.abs().max() > 1e-3 for c in convs)  # not their zero init
+    else:
+        ckpt = seg_ckpt
+    options = window_options(mode) if mode != "global" else {}
     out = tmp_path / "upernet.onnx"
     image = val_images(toy_root, "ade")[0]
-    code, text, err = _export(capsys, MM_SEG, seg_ckpt, out, "--check-images", str(image),
-                              "--benchmark", "--runs", "2")
+    bench = ["--benchmark", "--runs", "2"] if mode == "global" else []
+    code, text, err = _export(capsys, MM_SEG, ckpt, out, "--check-images", str(image),
+                              *bench, *_mm_options(options))
     _assert_all_ok(code, text, err, 3)
-    assert "pixel_agreement 1" in text
-    classes = [int(ln.split("classes ")[1].split()[0]) for ln in _checked_lines(text)]
-    assert max(classes) >= 2  # the maps are not constant
-    table = [ln for ln in text.splitlines() if ln.startswith("| upernet.onnx")]
-    assert len(table) == 3 and all(float(c) > 0 for ln in table for c in ln.split("|")[4:6])
+    lines = _checked_lines(text)
+    assert all("pixel_agreement 1" in ln for ln in lines), text
+    assert max(_metric(ln, "classes") for ln in lines) >= 2  # the maps are not constant
+    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims[2:])  # dynamic height and width
+    _assert_windows(MM_SEG, mode, _network_inputs(text))
+    if bench:
+        table = [ln for ln in text.splitlines() if ln.startswith("| upernet.onnx")]
+        assert len(table) == 3 and all(float(c) > 0 for ln in table for c in ln.split("|")[4:6])
 
 
 @pytest.mark.slow
-def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, one_thread):
-    ckpt = mm_checkpoint(tmp_path / "retina.pth", MM_RETINA, retina_options(), scale=0.01)
-    opts = [f"{k}={v!r}" for k, v in retina_options().items()]
+def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, tmp_path_factory, one_thread):
+    # the shipped config, shrunk by retina_options() and trained briefly on the toy COCO data
+    ckpt = trained("retinanet", tmp_path_factory)
     out = tmp_path / "retina.onnx"
     code, text, err = _export(capsys, "retinanet/retinanet_restv2-t_fpn_amp-ms-1x_coco.py", ckpt,
-                              out, "--cfg-options", *opts)
+                              out, *_mm_options(retina_options()))
     _assert_all_ok(code, text, err, 2)
     assert "outputs ['dets', 'labels']" in text
     for line in _checked_lines(text):
-        assert int(line.split("matched ")[1].split(",")[0]) >= 10, line
+        assert _metric(line, "matched") >= 10, line
 
 
 @pytest.mark.slow
-# global: the tests below; win: cwin is win plus a conv (and the backbone-level ONNX Runtime
-# test of tests/deploy/test_deploy_units.py runs win)
-@pytest.mark.parametrize("mode", ["cwin", "hwin"])
-def test_detectron2_tracing_adapter_window_attention_modes(tmp_path, capsys, mode, toy_root,
-                                                         one_thread):
-    options = {"MODEL.RESTV2.ATTN_MODE": mode, "MODEL.RESTV2.WINDOW_SIZE": [8, 4, 4, 2]}
-    ckpt = d2_checkpoint(tmp_path / f"d2_{mode}.pth", options)
+# global: the test below
+@pytest.mark.parametrize("mode", ["win", "cwin", "hwin"])
+def test_detectron2_tracing_adapter_window_attention_modes(tmp_path, capsys, mode, d2_ckpt,
+                                                         toy_root, tmp_path_factory, one_thread):
+    # cwin has its own (trained) convs; win and hwin run the global-trained weights
+    ckpt = trained("d2_cwin", tmp_path_factory) if mode == "cwin" else d2_ckpt
+    options = dict(D2_OPTIONS, **window_options(mode, "d2"))
     out = tmp_path / f"d2_{mode}.onnx"
     opts = [f"{k}={v}" for k, v in options.items()]
     code, text, err = _export(capsys, D2_DET, ckpt, out, "--check-images",
@@ -97,17 +156,20 @@ def test_detectron2_tracing_adapter_window_attention_modes(tmp_path, capsys, mod
     assert "TracingAdapter" in text and "outputs ['boxes', 'scores', 'labels', 'masks']" in text
     inputs = {ln.split("network input ")[1].split(")")[0] for ln in _checked_lines(text)}
     assert len(inputs) >= 3  # dynamic height and width really exercised
+    assert sum(_metric(ln, "matched") for ln in _checked_lines(text)) >= 5, text
 
 
 @pytest.mark.slow
 def test_detectron2_global_and_failures(tmp_path, capsys, d2_ckpt, toy_root, one_thread):
     out = tmp_path / "d2.onnx"
+    opts = [f"{k}={v}" for k, v in D2_OPTIONS.items()]
     code, text, err = _export(capsys, D2_DET, d2_ckpt, out, "--check-images",
-                              str(val_images(toy_root)[0]))
+                              str(val_images(toy_root)[0]), "--cfg-options", *opts)
     _assert_all_ok(code, text, err, 3)
+    assert sum(_metric(ln, "matched") for ln in _checked_lines(text)) >= 5, text
 
     # PyTorch changed after the export: ONNX Runtime disagrees
-    dep = load_deployment(D2_DET, d2_ckpt)
+    dep = load_deployment(D2_DET, d2_ckpt, cfg_options=D2_OPTIONS)
     with torch.no_grad():
         dep.model.roi_heads.box_predictor.bbox_pred.bias.add_(3.0)
     results = dep.check(out, [(120, 152)])
@@ -119,23 +181,25 @@ def test_detectron2_global_and_failures(tmp_path, capsys, d2_ckpt, toy_root, one
     sd["model"]["roi_heads.box_predictor.bbox_pred.bias"][:] = math.nan
     torch.save(sd, tmp_path / "nan.pth")
     code, text, err = _export(capsys, D2_DET, tmp_path / "nan.pth", tmp_path / "nan.onnx",
-                              sizes=["120x152"])
+                              "--cfg-options", *opts, sizes=["120x152"])
     assert code == 1 and "nothing was compared" in text and "FAILED" in err
 
 
 @pytest.mark.slow
-def test_graph_not_valid_at_a_check_size_fails(tmp_path, capsys, one_thread):
+def test_graph_not_valid_at_a_check_size_fails(tmp_path, capsys, d2_ckpt, one_thread):
     # traced at 64x64, the 8-token windows of stage 2 cover the whole map: the graph has no
     # windows there, the 120x152 image's network input (128x192) needs them
     options = {"MODEL.RESTV2.ATTN_MODE": "win", "MODEL.RESTV2.WINDOW_SIZE": [8]}
-    ckpt = d2_checkpoint(tmp_path / "win.pth", options)
-    code, text, err = _export(capsys, D2_DET, ckpt, tmp_path / "win.onnx", "--shape", "64x64",
+    code, text, err = _export(capsys, D2_DET, d2_ckpt, tmp_path / "win.onnx", "--shape", "64x64",
                               "--cfg-options", *[f"{k}={v}" for k, v in options.items()],
                               sizes=["120x152"])
     assert code == 1 and "graph not valid here" in text and "FAILED" in err
 
 
-def test_export_bad_inputs(tmp_path, capsys, det_ckpt, seg_ckpt):
+def test_export_bad_inputs(tmp_path, capsys):
+    # only names and shapes of the tensors matter here: untrained checkpoints
+    det_ckpt = untrained_checkpoint(tmp_path / "det.pth", MM_DET)
+    seg_ckpt = untrained_checkpoint(tmp_path / "seg.pth", MM_SEG)
     code, _, err = _export(capsys, MM_DET, tmp_path / "missing.pth", tmp_path / "x.onnx")
     assert code == 2 and "does not exist" in err
     code, _, err = _export(capsys, MM_DET, seg_ckpt, tmp_path / "x.onnx")

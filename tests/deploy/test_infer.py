@@ -1,5 +1,6 @@
-"""``rest-dense infer`` with DetInferencer / MMSegInferencer / DefaultPredictor: its files
-checked against each framework's own test-time output on the same images, and bad input."""
+"""``rest-dense infer`` with DetInferencer / MMSegInferencer / DefaultPredictor on briefly
+trained toy models: its files checked against each framework's own test-time output on the
+same images, and bad input."""
 import json
 import os
 import re
@@ -15,8 +16,8 @@ from rest_dense.deploy.predictions import (Tolerances, compare_predictions, dete
                                            from_d2_instances, from_det_sample, from_seg_sample,
                                            read_label_png, SegMap)
 
-from _toy import (D2_DET, MM_DET, MM_SEG, d2_ckpt, d2_opts, det_ckpt, mm_checkpoint, mm_config,  # noqa: F401
-                  seg_ckpt, toy_root, val_images)
+from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_SEG, d2_ckpt, d2_opts, det_ckpt, mm_config,  # noqa: F401
+                  seg_ckpt, toy_root, untrained_checkpoint, val_images)
 from conftest import REPO
 
 EXACT = Tolerances(box_atol=1e-3, score_atol=1e-5, mask_iou=0.999, seg_agreement=1.0)
@@ -49,16 +50,18 @@ def test_infer_mmdet_matches_test_step(tmp_path, capsys, det_ckpt, toy_root, one
     from mmengine.runner import Runner
 
     out = tmp_path / "out"
-    code, text, err = _infer(capsys, MM_DET, det_ckpt, [toy_root / "val"], out, "--score-thr", "0")
+    options = [f"{k}={v!r}" for k, v in DET_OPTIONS.items()]
+    code, text, err = _infer(capsys, MM_DET, det_ckpt, [toy_root / "val"], out, "--score-thr", "0",
+                             "--cfg-options", *options)
     assert code == 0, err
     summary = _check_files(out, 3, ".json")
     assert summary["framework"] == "mmdet" and summary["classes"] == ["circle", "square", "triangle"]
     by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
 
     # MMDetection's own test step over the config's test dataloader (with annotations)
-    cfg = mm_config(MM_DET, data_root=toy_root)
+    cfg = mm_config(MM_DET, DET_OPTIONS, data_root=toy_root)
     model = init_detector(cfg, str(det_ckpt), device="cpu").eval()
-    compared = 0
+    compared = pixels = 0
     with torch.no_grad():
         for batch in Runner.build_dataloader(cfg.test_dataloader):
             for sample in model.test_step(batch):
@@ -67,7 +70,8 @@ def test_infer_mmdet_matches_test_step(tmp_path, capsys, det_ckpt, toy_root, one
                 res = compare_predictions(ref, got, EXACT)
                 assert res.ok, res.describe()
                 compared += len(ref)
-    assert compared >= 10  # detections with masks were compared, not empty lists
+                pixels += int(ref.masks.sum())
+    assert compared >= 10 and pixels > 0  # detections with masks were compared, not empty lists
 
 
 @pytest.mark.slow
@@ -104,18 +108,19 @@ def test_infer_detectron2_matches_test_loader(tmp_path, capsys, d2_ckpt, toy_roo
     from rest_dense.d2.engine import setup_yaml_config
 
     out = tmp_path / "out"
+    options = [f"{k}={v}" for k, v in D2_OPTIONS.items()]
     code, text, err = _infer(capsys, D2_DET, d2_ckpt, val_images(toy_root), out,
-                             "--score-thr", "0")
+                             "--score-thr", "0", "--cfg-options", *options)
     assert code == 0, err
     summary = _check_files(out, 3, ".json")
     by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
 
     # detectron2's own test loader (DatasetMapper, test-time resize) and model call
     register_toy_datasets(toy_root)
-    cfg = setup_yaml_config(str(D2_DET), d2_opts({"DATALOADER.NUM_WORKERS": 0}))
+    cfg = setup_yaml_config(str(D2_DET), d2_opts({"DATALOADER.NUM_WORKERS": 0, **D2_OPTIONS}))
     model = build_model(cfg).eval()
     RestDetectionCheckpointer(model).load(str(d2_ckpt))
-    compared = 0
+    compared = pixels = 0
     with torch.no_grad():
         for inputs in build_detection_test_loader(cfg, "toy_val"):
             for inp, output in zip(inputs, model(inputs)):
@@ -124,7 +129,8 @@ def test_infer_detectron2_matches_test_loader(tmp_path, capsys, d2_ckpt, toy_roo
                 res = compare_predictions(ref, got, EXACT)
                 assert res.ok, res.describe()
                 compared += len(ref)
-    assert compared >= 10
+                pixels += int(ref.masks.sum())
+    assert compared >= 10 and pixels > 0
 
 
 @pytest.mark.slow
@@ -156,7 +162,7 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thr
         assert code == 2 and re.search(pattern, err), (pattern, err)
 
     # another variant of the same model: the message names both backbones
-    wide = mm_checkpoint(tmp_path / "wide.pth", MM_DET, {
+    wide = untrained_checkpoint(tmp_path / "wide.pth", MM_DET, {
         "model.backbone.arch.embed_dims": (48, 96, 192, 384),
         "model.neck.in_channels": [48, 96, 192, 384]})
     code, text, err = _infer(capsys, MM_DET, wide, [good], tmp_path / "o4")
