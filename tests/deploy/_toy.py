@@ -9,8 +9,9 @@ the checkpoint files those runs write (mmengine ``iter_N.pth``, detectron2
 
 Window attention: ``global``, ``win`` and ``hwin`` have the same weights, so the
 global-trained checkpoints serve those modes (``window_options``); ``cwin`` adds a
-depth-wise conv per stage (initialised to zero, so that only training gives it a part in
-the result): its models are trained in ``cwin`` mode.
+depth-wise conv per stage, initialised to zero (so that only training gives it a part in the
+result): its models are the global-trained ones fine-tuned for a few iterations in ``cwin``
+mode.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ D2_DET = REPO / "configs/detectron2/toy/mask_rcnn_restv2_toy.yaml"
 WINDOWS = [8, 4, 4, 2]
 #: training iterations of each toy model (2 images a batch): about the fewest that give
 #: detections / label maps that are not all background on the toy images
-ITERS = {"mrcnn": 12, "upernet": 24, "retinanet": 8, "d2": 12}
+ITERS = {"mrcnn": 12, "upernet": 24, "retinanet": 8, "d2": 12,
+         "cwin": 6}  # cwin: fine-tuning the global-trained model in cwin mode
 TRAIN_IMAGES = 8  # toy training images (the validation split has 3)
 #: test-time overrides of the toy Mask R-CNN (MMDetection): after a few iterations the box
 #: head's class scores are still low (~0.02-0.06), so the 0.05 threshold would keep almost
@@ -186,18 +188,38 @@ def train_d2(work: Path, data_root: Path, iters: int,
     return ckpt
 
 
-#: name -> how to train it: (work dir, toy data) -> checkpoint
-RECIPES: Dict[str, Callable[[Path, Path], Path]] = {
-    "mrcnn": lambda w, d: train_mm(w, MM_DET, d, ITERS["mrcnn"]),
-    "upernet": lambda w, d: train_mm(w, MM_SEG, d, ITERS["upernet"],
-                                     {"param_scheduler": constant_lr(ITERS["upernet"])}),
-    "upernet_cwin": lambda w, d: train_mm(w, MM_SEG, d, ITERS["upernet"], dict(
-        window_options("cwin"), param_scheduler=constant_lr(ITERS["upernet"]))),
-    "retinanet": lambda w, d: train_mm(
-        w, MM_RETINA, d, ITERS["retinanet"],
-        _retina_train_options(str(d).rstrip("/") + "/", ITERS["retinanet"])),
-    "d2": lambda w, d: train_d2(w, d, ITERS["d2"]),
-    "d2_cwin": lambda w, d: train_d2(w, d, ITERS["d2"], window_options("cwin", "d2")),
+def _upernet(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
+    return train_mm(work, MM_SEG, data, ITERS["upernet"],
+                    {"param_scheduler": constant_lr(ITERS["upernet"])})
+
+
+def _upernet_cwin(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
+    # the global-trained UperNet fine-tuned in cwin mode (its convs start at zero)
+    return train_mm(work, MM_SEG, data, ITERS["cwin"], dict(
+        window_options("cwin"), param_scheduler=constant_lr(ITERS["cwin"]),
+        load_from=str(base("upernet"))))
+
+
+def _retinanet(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
+    root = str(data).rstrip("/") + "/"
+    return train_mm(work, MM_RETINA, data, ITERS["retinanet"],
+                    _retina_train_options(root, ITERS["retinanet"]))
+
+
+def _d2_cwin(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
+    # the global-trained detectron2 model fine-tuned in cwin mode
+    return train_d2(work, data, ITERS["cwin"], dict(window_options("cwin", "d2"),
+                                                    **{"MODEL.WEIGHTS": base("d2")}))
+
+
+#: name -> how to train it: (work dir, toy data, the checkpoint of another name) -> checkpoint
+RECIPES: Dict[str, Callable[[Path, Path, Callable[[str], Path]], Path]] = {
+    "mrcnn": lambda w, d, base: train_mm(w, MM_DET, d, ITERS["mrcnn"]),
+    "upernet": _upernet,
+    "upernet_cwin": _upernet_cwin,
+    "retinanet": _retinanet,
+    "d2": lambda w, d, base: train_d2(w, d, ITERS["d2"]),
+    "d2_cwin": _d2_cwin,
 }
 
 # one per session, shared by the test modules that import the fixtures (pytest makes a
@@ -216,7 +238,8 @@ def trained(name: str, factory: pytest.TempPathFactory) -> Path:
     """The checkpoint of toy model ``name`` (a key of :data:`RECIPES`), trained on first use."""
     if name not in _DONE:
         data = shared_toy_root(factory)
-        _DONE[name] = RECIPES[name](factory.mktemp(f"train_{name}"), data)
+        _DONE[name] = RECIPES[name](factory.mktemp(f"train_{name}"), data,
+                                    lambda other: trained(other, factory))
     return _DONE[name]
 
 

@@ -10,6 +10,7 @@ import onnx
 import pytest
 import torch
 
+from rest_dense import trust
 from rest_dense.cli import main
 from rest_dense.deploy.onnx_export import load_deployment
 from rest_dense.deploy.shapes import stage_branches
@@ -103,7 +104,8 @@ def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_
     # cwin has its own (trained) convs; global, win and hwin share the global-trained weights
     if mode == "cwin":
         ckpt = trained("upernet_cwin", tmp_path_factory)
-        convs = [v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()
+        state = trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"]
+        convs = [v for k, v in state.items()
                  if k.startswith("backbone.cwin_convs.") and k.endswith("weight")]
         assert len(convs) == 4 and all(c.abs().max() > 1e-3 for c in convs)  # not their zero init
     else:
