@@ -15,9 +15,9 @@ from rest_dense.cli import main
 from rest_dense.deploy.onnx_export import load_deployment
 from rest_dense.deploy.shapes import stage_branches
 
-from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_RETINA, MM_SEG, mm_config, retina_options,  # noqa: F401
-                  trained, untrained_checkpoint, window_options, d2_ckpt, det_ckpt, seg_ckpt,
-                  toy_root, val_images)
+from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_SEG, mm_config,  # noqa: F401
+                  random_retina_checkpoint, retina_options, trained, untrained_checkpoint,
+                  window_options, d2_ckpt, det_ckpt, seg_ckpt, toy_root, val_images)
 
 SIZES = ["120x152", "136x200"]
 MODES = ["global", "win", "cwin", "hwin"]
@@ -91,9 +91,11 @@ def test_mask_rcnn_mmdeploy_boxes_and_masks(tmp_path, capsys, mode, det_ckpt, to
     assert {"NonMaxSuppression", "RoiAlign"} <= ops  # NMS and RoIAlign run inside the graph
     dims = graph.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims[2:]] == ["height", "width"]
-    # the comparisons were about something: detections with masks, matched exactly
+    # the comparisons were about something: detections with masks, matched; the briefly
+    # trained mask head has many probabilities near the 0.5 cut, where float rounding may
+    # flip a pixel
     for line in _checked_lines(text):
-        assert _metric(line, "matched") >= 5 and "min_mask_iou 1" in line, line
+        assert _metric(line, "matched") >= 5 and _metric(line, "min_mask_iou") >= 0.99, line
     _assert_windows(MM_DET, mode, _network_inputs(text))
 
 
@@ -129,9 +131,10 @@ def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_
 
 
 @pytest.mark.slow
-def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, tmp_path_factory, one_thread):
-    # the shipped config, shrunk by retina_options() and trained briefly on the toy COCO data
-    ckpt = trained("retinanet", tmp_path_factory)
+def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, one_thread):
+    # the shipped config, shrunk by retina_options(); random weights (no cheap training gives
+    # scores above the focal-loss prior, see random_retina_checkpoint)
+    ckpt = random_retina_checkpoint(tmp_path / "retina.pth")
     out = tmp_path / "retina.onnx"
     code, text, err = _export(capsys, "retinanet/retinanet_restv2-t_fpn_amp-ms-1x_coco.py", ckpt,
                               out, *_mm_options(retina_options()))
