@@ -1,9 +1,9 @@
 """Toy data and briefly trained toy models for the deployment tests.
 
-The models are the shipped toy configs, trained for a few iterations on the toy dataset through the project's own training entry
-points (``rest_dense.mm.runner.train``, ``rest-dense train`` for detectron2); the tests use
-the checkpoint files those runs write (mmengine ``iter_N.pth``, detectron2
-``model_final.pth``). Each model is trained at most once per test session, on first use
+The models are the shipped toy configs, trained for a few iterations on the toy dataset
+through the project's own training entry points (``rest_dense.mm.runner.train``,
+``rest-dense train`` for detectron2); the tests use the checkpoint files those runs write
+(mmengine ``iter_N.pth``, detectron2 ``model_final.pth``). Each model is trained at most once per test session, on first use
 (:func:`trained`), whichever test module asks first. The RetinaNet test (the shipped config
 made small) uses a perturbed random checkpoint instead: see :func:`random_retina_checkpoint`.
 
@@ -129,11 +129,10 @@ def train_mm(work: Path, config: Path, data_root: Path, iters: int,
 
     Args:
         work: the work dir.
-        config: a config whose schedule scales with ``train_cfg.max_iters`` (the toy
-            configs), unless ``options`` sets the loop itself.
+        config: a toy config (its schedule scales with ``train_cfg.max_iters``).
         data_root: the toy dataset.
         iters: training iterations.
-        options: further overrides (attention mode, a whole training recipe).
+        options: further overrides (attention mode, lr schedule, ``load_from``).
 
     Returns:
         The checkpoint the run wrote at its last iteration (``iter_{iters}.pth``).

@@ -66,6 +66,13 @@ def _assert_windows(config, mode, network_inputs):
     assert any(b.pad for b in stages), (config, mode, stages)
 
 
+def _assert_cwin_trained(state):
+    """The cross-window convs of a cwin checkpoint moved away from their zero init (else
+    cwin would compute exactly win)."""
+    convs = [v for k, v in state.items() if "cwin_convs." in k and k.endswith("weight")]
+    assert len(convs) == 4 and all(c.abs().max() > 1e-3 for c in convs), state.keys()
+
+
 def _network_inputs(text):
     out = []
     for line in _checked_lines(text):
@@ -106,10 +113,7 @@ def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_
     # cwin has its own (trained) convs; global, win and hwin share the global-trained weights
     if mode == "cwin":
         ckpt = trained("upernet_cwin", tmp_path_factory)
-        state = trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"]
-        convs = [v for k, v in state.items()
-                 if k.startswith("backbone.cwin_convs.") and k.endswith("weight")]
-        assert len(convs) == 4 and all(c.abs().max() > 1e-3 for c in convs)  # not their zero init
+        _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"])
     else:
         ckpt = seg_ckpt
     options = window_options(mode) if mode != "global" else {}
@@ -151,6 +155,8 @@ def test_detectron2_tracing_adapter_window_attention_modes(tmp_path, capsys, mod
                                                          toy_root, tmp_path_factory, one_thread):
     # cwin has its own (trained) convs; win and hwin run the global-trained weights
     ckpt = trained("d2_cwin", tmp_path_factory) if mode == "cwin" else d2_ckpt
+    if mode == "cwin":
+        _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)["model"])
     options = dict(D2_OPTIONS, **window_options(mode, "d2"))
     out = tmp_path / f"d2_{mode}.onnx"
     opts = [f"{k}={v}" for k, v in options.items()]

@@ -16,8 +16,8 @@ from rest_dense.deploy.predictions import (Tolerances, compare_predictions, dete
                                            from_d2_instances, from_det_sample, from_seg_sample,
                                            read_label_png, SegMap)
 
-from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_SEG, d2_ckpt, d2_opts, det_ckpt, mm_config,  # noqa: F401
-                  seg_ckpt, toy_root, untrained_checkpoint, val_images)
+from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_SEG, d2_ckpt, d2_opts,  # noqa: F401
+                  det_ckpt, mm_config, seg_ckpt, toy_root, untrained_checkpoint, val_images)
 from conftest import REPO
 
 EXACT = Tolerances(box_atol=1e-3, score_atol=1e-5, mask_iou=0.999, seg_agreement=1.0)
