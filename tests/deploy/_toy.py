@@ -3,8 +3,8 @@
 The models are the shipped toy configs, trained for a few iterations on the toy dataset
 through the project's own training entry points (``rest_dense.mm.runner.train``,
 ``rest-dense train`` for detectron2); the tests use the checkpoint files those runs write
-(mmengine ``iter_N.pth``, detectron2 ``model_final.pth``). Each model is trained at most once per test session, on first use
-(:func:`trained`), whichever test module asks first. The RetinaNet test (the shipped config
+(mmengine ``iter_N.pth``, detectron2 ``model_final.pth``). Each model is trained at most
+once per test session, on first use (:func:`trained`), whichever test module asks first. The RetinaNet test (the shipped config
 made small) uses a perturbed random checkpoint instead: see :func:`random_retina_checkpoint`.
 
 Window attention: ``global``, ``win`` and ``hwin`` have the same weights, so the

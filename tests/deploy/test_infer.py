@@ -55,7 +55,8 @@ def test_infer_mmdet_matches_test_step(tmp_path, capsys, det_ckpt, toy_root, one
                              "--cfg-options", *options)
     assert code == 0, err
     summary = _check_files(out, 3, ".json")
-    assert summary["framework"] == "mmdet" and summary["classes"] == ["circle", "square", "triangle"]
+    assert summary["framework"] == "mmdet"
+    assert summary["classes"] == ["circle", "square", "triangle"]
     by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
 
     # MMDetection's own test step over the config's test dataloader (with annotations)
