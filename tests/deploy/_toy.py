@@ -4,8 +4,9 @@ The models are the shipped toy configs, trained for a few iterations on the toy 
 through the project's own training entry points (``rest_dense.mm.runner.train``,
 ``rest-dense train`` for detectron2); the tests use the checkpoint files those runs write
 (mmengine ``iter_N.pth``, detectron2 ``model_final.pth``). Each model is trained at most
-once per test session, on first use (:func:`trained`), whichever test module asks first. The RetinaNet test (the shipped config
-made small) uses a perturbed random checkpoint instead: see :func:`random_retina_checkpoint`.
+once per test session, on first use (:func:`trained`), whichever test module asks first.
+The RetinaNet test (the shipped config made small) uses a perturbed random checkpoint
+instead: see :func:`random_retina_checkpoint`.
 
 Window attention: ``global``, ``win`` and ``hwin`` have the same weights, so the
 global-trained checkpoints serve those modes (``window_options``); ``cwin`` adds a
