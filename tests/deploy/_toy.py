@@ -197,6 +197,13 @@ def _upernet_cwin(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
         load_from=str(base("upernet"))))
 
 
+def _mrcnn_cwin(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
+    # the global-trained Mask R-CNN fine-tuned in cwin mode (its convs start at zero)
+    return train_mm(work, MM_DET, data, ITERS["cwin"], dict(
+        window_options("cwin"), param_scheduler=constant_lr(ITERS["cwin"]),
+        load_from=str(base("mrcnn"))))
+
+
 def _d2_cwin(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
     # the global-trained detectron2 model fine-tuned in cwin mode
     return train_d2(work, data, ITERS["cwin"], dict(window_options("cwin", "d2"),
@@ -206,6 +213,7 @@ def _d2_cwin(work: Path, data: Path, base: Callable[[str], Path]) -> Path:
 #: name -> how to train it: (work dir, toy data, the checkpoint of another name) -> checkpoint
 RECIPES: Dict[str, Callable[[Path, Path, Callable[[str], Path]], Path]] = {
     "mrcnn": lambda w, d, base: train_mm(w, MM_DET, d, ITERS["mrcnn"]),
+    "mrcnn_cwin": _mrcnn_cwin,
     "upernet": _upernet,
     "upernet_cwin": _upernet_cwin,
     "d2": lambda w, d, base: train_d2(w, d, ITERS["d2"]),

@@ -1,8 +1,7 @@
 """Whole-model ONNX export (MMDeploy for MMDetection / MMSegmentation, TracingAdapter for
 detectron2) of briefly trained toy models, checked with real ONNX Runtime sessions against
 PyTorch, at image sizes that are not multiples of 32, through ``rest-dense export-model``;
-in every attention mode (UperNet, detectron2 Mask R-CNN) or global plus a window mode
-(MMDetection Mask R-CNN)."""
+in every attention mode (Mask R-CNN of both frameworks, UperNet; RetinaNet in global)."""
 import math
 import os
 
@@ -82,10 +81,13 @@ def _network_inputs(text):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["global", "win"])
+@pytest.mark.parametrize("mode", MODES)
 def test_mask_rcnn_mmdeploy_boxes_and_masks(tmp_path, capsys, mode, det_ckpt, toy_root,
-                                            one_thread):
-    # win: the global-trained weights (global, win and hwin have the same parameters)
+                                            tmp_path_factory, one_thread):
+    # cwin has its own (trained) convs; global, win and hwin share the global-trained weights
+    if mode == "cwin":
+        det_ckpt = trained("mrcnn_cwin", tmp_path_factory)
+        _assert_cwin_trained(trust.load_checkpoint_file(det_ckpt, trusted=False)["state_dict"])
     options = dict(DET_OPTIONS, **(window_options(mode) if mode != "global" else {}))
     out = tmp_path / "mrcnn.onnx"
     image = val_images(toy_root)[0]
