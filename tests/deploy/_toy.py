@@ -70,7 +70,8 @@ def retina_options() -> Dict[str, object]:
     }
 
 
-def random_retina_checkpoint(path: Path, seed: int = 0) -> Path:
+def random_retina_checkpoint(path: Path, seed: int = 0,
+                             options: Optional[Dict[str, object]] = None) -> Path:
     """The RetinaNet of :func:`retina_options`, randomly initialised with every weight
     perturbed (seeded) and the classification prior raised so that scores spread around 0.1.
 
@@ -82,7 +83,7 @@ def random_retina_checkpoint(path: Path, seed: int = 0) -> Path:
     """
     from rest_dense.mm.utils import build_model
 
-    cfg = mm_config(MM_RETINA, retina_options())
+    cfg = mm_config(MM_RETINA, dict(retina_options(), **(options or {})))
     torch.manual_seed(seed)
     model = build_model(cfg)
     model.init_weights()

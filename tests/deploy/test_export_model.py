@@ -1,7 +1,7 @@
 """Whole-model ONNX export (MMDeploy for MMDetection / MMSegmentation, TracingAdapter for
 detectron2) of briefly trained toy models, checked with real ONNX Runtime sessions against
 PyTorch, at image sizes that are not multiples of 32, through ``rest-dense export-model``;
-in every attention mode (Mask R-CNN of both frameworks, UperNet; RetinaNet in global)."""
+in every attention mode."""
 import math
 import os
 
@@ -137,13 +137,18 @@ def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_
 
 
 @pytest.mark.slow
-def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, one_thread):
+@pytest.mark.parametrize("mode", MODES)
+def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, mode, one_thread):
     # the shipped config, shrunk by retina_options(); random weights (no cheap training gives
-    # scores above the focal-loss prior, see random_retina_checkpoint)
-    ckpt = random_retina_checkpoint(tmp_path / "retina.pth")
+    # scores above the focal-loss prior, see random_retina_checkpoint); a cwin model has its
+    # own (random, non-zero) cross-window convs
+    modes = window_options(mode) if mode != "global" else {}
+    ckpt = random_retina_checkpoint(tmp_path / "retina.pth", options=modes)
+    if mode == "cwin":
+        _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"])
     out = tmp_path / "retina.onnx"
     code, text, err = _export(capsys, "retinanet/retinanet_restv2-t_fpn_amp-ms-1x_coco.py", ckpt,
-                              out, *_mm_options(retina_options()))
+                              out, *_mm_options(dict(retina_options(), **modes)))
     _assert_all_ok(code, text, err, 2)
     assert "outputs ['dets', 'labels']" in text
     for line in _checked_lines(text):
