@@ -96,11 +96,11 @@ class BenchCase:
         attn_impl (str): one of :data:`ATTN_IMPLS`, or ``'-'`` for non-ResT models.
         mode (str): ``'infer'`` or ``'train'``.
         dtype (str): a key of :data:`DTYPES`.
+        arch (dict, optional): a custom arch for a registry family (the ``model`` name
+            picks the family), e.g. a tiny one for tests.
         with_cp (str): memory level of a training row, one of :data:`CP_LEVELS`
             (``'none'``: nothing recomputed; ``'mlp'``: ResT's MLP hidden maps recomputed;
             ``'block'``: whole blocks recomputed, also for Swin-T). Default: ``'none'``.
-        arch (dict, optional): a custom arch for a registry family (the ``model`` name
-            picks the family), e.g. a tiny one for tests.
     """
 
     model: str
@@ -110,8 +110,8 @@ class BenchCase:
     attn_impl: str = "sdpa"
     mode: str = "infer"
     dtype: str = "fp32"
-    with_cp: str = "none"
     arch: Optional[Dict[str, Any]] = None
+    with_cp: str = "none"
 
     @property
     def kind(self) -> str:
@@ -659,8 +659,8 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
                 attn_mode, impl = "global", "-"
             if mode == "infer":
                 cp_level = "none"
-            case = BenchCase(model, size, batch, attn_mode, impl, mode, dtype, cp_level,
-                             arch if kind == "backbone" else None)
+            case = BenchCase(model, size, batch, attn_mode, impl, mode, dtype,
+                             arch if kind == "backbone" else None, with_cp=cp_level)
             key = case.to_json()
             if key in seen:
                 continue
