@@ -22,6 +22,7 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as _ENGINE_CONSTRUCTORS
 
 from .backbones import MMResTv1, MMResTv2, load_pretrained_cfg
 from .optim import ResTLayerDecayOptimizerConstructor, stage_lr_scales
+from .utils import register_once
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 
 __all__ = ["MMResTv2", "MMResTv1", "ResTLayerDecayOptimizerConstructor", "stage_lr_scales",
@@ -37,21 +38,9 @@ UNAVAILABLE: Dict[str, str] = {}
 
 
 
-def _register(registry, name: str, cls) -> None:
-    """Register ``cls`` as ``name`` unless it is there already (re-imports, reloads);
-    refuse to replace another package's module of the same name."""
-    present = registry.module_dict.get(name)
-    if present is not None:
-        if present.__module__ == cls.__module__ and present.__qualname__ == cls.__qualname__:
-            if present is not cls:  # this module was reloaded: keep the registry current
-                registry.register_module(name=name, module=cls, force=True)
-            return
-        raise KeyError(f"{registry.name} registry of {registry.scope!r} already holds {name!r} "
-                       f"from {present.__module__}; rest_dense will not replace it")
-    registry.register_module(name=name, module=cls)
 
 
-_register(_ENGINE_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
+register_once(_ENGINE_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
           ResTLayerDecayOptimizerConstructor)
 
 for _framework in ("mmdet", "mmseg"):
@@ -61,8 +50,8 @@ for _framework in ("mmdet", "mmseg"):
         UNAVAILABLE[_framework] = f"{type(_err).__name__}: {_err}"
         continue
     for _name, _cls in _BACKBONES.items():
-        _register(_registry.MODELS, _name, _cls)
-    _register(_registry.OPTIM_WRAPPER_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
+        register_once(_registry.MODELS, _name, _cls)
+    register_once(_registry.OPTIM_WRAPPER_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
               ResTLayerDecayOptimizerConstructor)
     REGISTERED.append(_framework)
 

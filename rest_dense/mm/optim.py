@@ -26,7 +26,7 @@ from mmengine.registry import OPTIM_WRAPPERS
 from torch import nn
 
 from ..amp import parse_precision, resolve_amp
-from .utils import detect_framework
+from .utils import detect_framework, register_once
 
 __all__ = ["ResTLayerDecayOptimizerConstructor", "stage_lr_scales", "BF16OptimWrapper",
            "set_mixed_precision"]
@@ -297,22 +297,8 @@ class BF16OptimWrapper(OptimWrapper):
         super().load_state_dict(state_dict)
 
 
-def _register_wrapper(name: str, cls: type) -> None:
-    """Register ``cls`` in mmengine's ``OPTIM_WRAPPERS`` (mmdet's and mmseg's registries
-    find it there through their parent) unless it is there already (re-imports, reloads);
-    never replace another package's entry."""
-    present = OPTIM_WRAPPERS.module_dict.get(name)
-    if present is not None:
-        if present.__module__ == cls.__module__ and present.__qualname__ == cls.__qualname__:
-            if present is not cls:  # this module was reloaded: keep the registry current
-                OPTIM_WRAPPERS.register_module(name=name, module=cls, force=True)
-            return
-        raise KeyError(f"mmengine's OPTIM_WRAPPERS already holds {name!r} from "
-                       f"{present.__module__}; rest_dense will not replace it")
-    OPTIM_WRAPPERS.register_module(name=name, module=cls)
-
-
-_register_wrapper("BF16OptimWrapper", BF16OptimWrapper)
+# mmdet's and mmseg's registries find it in mmengine's through their parent
+register_once(OPTIM_WRAPPERS, "BF16OptimWrapper", BF16OptimWrapper)
 
 
 def _is_mmdet(cfg: Config) -> bool:

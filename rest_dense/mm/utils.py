@@ -166,3 +166,21 @@ def amp_unavailable_fallback(cfg: Config) -> bool:
     for key in ("loss_scale", "dtype", "use_fsdp"):
         optim.pop(key, None)
     return True
+
+
+def register_once(registry, name: str, cls: type) -> None:
+    """Register ``cls`` as ``name`` in an mmengine registry unless it is there already
+    (re-imports, reloads); refuse to replace another package's module of the same name.
+
+    Raises:
+        KeyError: ``name`` is registered there by another module.
+    """
+    present = registry.module_dict.get(name)
+    if present is not None:
+        if present.__module__ == cls.__module__ and present.__qualname__ == cls.__qualname__:
+            if present is not cls:  # the module was reloaded: keep the registry current
+                registry.register_module(name=name, module=cls, force=True)
+            return
+        raise KeyError(f"{registry.name} registry of {registry.scope!r} already holds {name!r} "
+                       f"from {present.__module__}; rest_dense will not replace it")
+    registry.register_module(name=name, module=cls)

@@ -72,6 +72,16 @@ def _assert_cwin_trained(state):
     assert len(convs) == 4 and all(c.abs().max() > 1e-3 for c in convs), state.keys()
 
 
+def _mode_checkpoint(mode, default, cwin_name, factory, key="state_dict"):
+    """The checkpoint to export in ``mode``: cwin models have their own (trained) convs;
+    global, win and hwin share the global-trained weights ``default``."""
+    if mode != "cwin":
+        return default
+    ckpt = trained(cwin_name, factory)
+    _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)[key])
+    return ckpt
+
+
 def _network_inputs(text):
     out = []
     for line in _checked_lines(text):
@@ -84,10 +94,7 @@ def _network_inputs(text):
 @pytest.mark.parametrize("mode", MODES)
 def test_mask_rcnn_mmdeploy_boxes_and_masks(tmp_path, capsys, mode, det_ckpt, toy_root,
                                             tmp_path_factory, one_thread):
-    # cwin has its own (trained) convs; global, win and hwin share the global-trained weights
-    if mode == "cwin":
-        det_ckpt = trained("mrcnn_cwin", tmp_path_factory)
-        _assert_cwin_trained(trust.load_checkpoint_file(det_ckpt, trusted=False)["state_dict"])
+    det_ckpt = _mode_checkpoint(mode, det_ckpt, "mrcnn_cwin", tmp_path_factory)
     options = dict(DET_OPTIONS, **(window_options(mode) if mode != "global" else {}))
     out = tmp_path / "mrcnn.onnx"
     image = val_images(toy_root)[0]
@@ -112,12 +119,7 @@ def test_mask_rcnn_mmdeploy_boxes_and_masks(tmp_path, capsys, mode, det_ckpt, to
 @pytest.mark.parametrize("mode", MODES)
 def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_root,
                                           tmp_path_factory, one_thread):
-    # cwin has its own (trained) convs; global, win and hwin share the global-trained weights
-    if mode == "cwin":
-        ckpt = trained("upernet_cwin", tmp_path_factory)
-        _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"])
-    else:
-        ckpt = seg_ckpt
+    ckpt = _mode_checkpoint(mode, seg_ckpt, "upernet_cwin", tmp_path_factory)
     options = window_options(mode) if mode != "global" else {}
     out = tmp_path / "upernet.onnx"
     image = val_images(toy_root, "ade")[0]
@@ -160,10 +162,7 @@ def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, mode, one_thread):
 @pytest.mark.parametrize("mode", ["win", "cwin", "hwin"])
 def test_detectron2_tracing_adapter_window_attention_modes(tmp_path, capsys, mode, d2_ckpt,
                                                          toy_root, tmp_path_factory, one_thread):
-    # cwin has its own (trained) convs; win and hwin run the global-trained weights
-    ckpt = trained("d2_cwin", tmp_path_factory) if mode == "cwin" else d2_ckpt
-    if mode == "cwin":
-        _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)["model"])
+    ckpt = _mode_checkpoint(mode, d2_ckpt, "d2_cwin", tmp_path_factory, key="model")
     options = dict(D2_OPTIONS, **window_options(mode, "d2"))
     out = tmp_path / f"d2_{mode}.onnx"
     opts = [f"{k}={v}" for k, v in options.items()]
