@@ -215,6 +215,7 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
         FileNotFoundError: ``path`` is not a file.
         UntrustedCheckpointError: the file needs full unpickling and is not trusted; the
             message names the file and how to mark it trusted.
+        CheckpointFormatError: torch.load cannot read the file; the message says what it is.
     """
     filename = os.fspath(path)
     if not osp.isfile(filename):
@@ -234,6 +235,12 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
             "%s needs full unpickling (%s); allowed because it is marked as your own checkpoint",
             filename, _first_line(err))
         return torch.load(filename, map_location=map_location, weights_only=False)
+    except Exception as err:  # truncated, damaged or not a torch file: say what it is
+        from .models.checkpoint import CheckpointFormatError, describe_file
+
+        raise CheckpointFormatError(
+            f"{describe_file(filename)} that torch.load cannot read (damaged or truncated?): "
+            f"{type(err).__name__}: {_first_line(err)}") from err
 
 
 class _RestrictedUnpickler(pickle.Unpickler):

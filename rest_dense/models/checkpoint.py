@@ -202,6 +202,11 @@ def _describe_file(path: str, kind: str) -> str:
     return f"{path!r} ({os.path.getsize(path)} bytes) is {detail}"
 
 
+def describe_file(path: str) -> str:
+    """``"'path' (N bytes) is <what its first bytes say>"``, for error messages."""
+    return _describe_file(path, checkpoint_file_kind(path))
+
+
 def _load_file(path: str, weights_only: bool, map_location) -> object:
     if not os.path.exists(path):
         raise FileNotFoundError(2, f"checkpoint file not found: {path!r}", path)
@@ -652,7 +657,8 @@ def check_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor], *
     Args:
         model: the whole model (a DDP wrapper is unwrapped).
         state_dict: the checkpoint's model state dict, keys as the model names them
-            (detectron2's released ``norm_i.0.`` spelling is accepted).
+            (detectron2's released ``norm_i.0.`` spelling is accepted), or a checkpoint
+            holding it under ``state_dict`` / ``model``.
         source: how messages name the checkpoint.
         complete: also raise when any entry of the model is missing from the checkpoint
             or has another shape there (for evaluation: a model with randomly initialised
@@ -672,6 +678,10 @@ def check_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor], *
     if not isinstance(state_dict, Mapping):
         raise CheckpointFormatError(f"{source}: expected a state dict, got "
                                     f"{type(state_dict).__name__}")
+    for wrapper in ("state_dict", "model"):  # mmengine's and detectron2's layouts
+        if isinstance(state_dict.get(wrapper), Mapping):
+            state_dict = state_dict[wrapper]
+            break
     sd = rename_d2_norm_keys({k: v for k, v in state_dict.items() if isinstance(v, Tensor)})
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}

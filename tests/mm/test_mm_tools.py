@@ -264,6 +264,7 @@ def _upernet(arch=TINY_ARCH, seed=0):
     ("wider", "wrong variant"),
     ("no_decode_head", "decode_head.conv_seg"),
     ("backbone_only", "weights of the ResT backbone only"),
+    ("d2_layout", "weights of the ResT backbone only"),
 ])
 def test_test_checkpoint_must_cover_the_model(case, expect, tmp_path):
     """mmengine would evaluate these with randomly initialised layers and a log line."""
@@ -279,7 +280,10 @@ def test_test_checkpoint_must_cover_the_model(case, expect, tmp_path):
         sd = {k[len("backbone."):]: v for k, v in model.state_dict().items()
               if k.startswith("backbone.")}
     path = tmp_path / f"{case}.pth"
-    torch.save({"state_dict": sd, "meta": {}}, path)
+    if case == "d2_layout":  # a detectron2 file of the backbone: {"model": {bottom_up...}}
+        torch.save({"model": {"backbone.bottom_up." + k: v for k, v in sd.items()}}, path)
+    else:
+        torch.save({"state_dict": sd, "meta": {}}, path)
     with pytest.raises(CheckpointMismatchError, match=expect):
         mm_runner.check_test_checkpoint(model, str(path))
     # the model's own weights pass, also as a bare state dict
@@ -294,6 +298,13 @@ def test_cli_test_refuses_a_checkpoint_of_another_model(tmp_path, capsys, one_th
                 "experiment_name=refuse_foreign"]) == 2
     err = capsys.readouterr().err
     assert "rest-dense test: error:" in err and "resnet.pth" in err and "matches none" in err
+    # a truncated file: what it is, not an OSError traceback
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(path.read_bytes()[:300])
+    assert cli(["test", UPERNET_T, str(truncated), "--work-dir", str(tmp_path / "w"),
+                "experiment_name=refuse_truncated"]) == 2
+    err = capsys.readouterr().err
+    assert "truncated.pth" in err and "cannot read" in err and "Traceback" not in err
 
 
 def test_cli_errors_name_the_problem(tmp_path, capsys):
