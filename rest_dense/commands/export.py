@@ -11,8 +11,8 @@ modes, larger than and not a multiple of its window. In the window modes a dynam
 valid only for H, W >= 4 * 2**i * window_size[i] - (4 * 2**i - 1) for every windowed stage i
 (253 for the default windows 64/32/16/8): the eager model shrinks windows larger than the map,
 which a traced graph cannot. Global mode has no limit. With --static the graph is fixed to
---batch x --shape and is exact there. ResTv1 exports but cannot be checked: its head mixing runs
-in float64, which onnxruntime's CPU provider does not support.
+--batch x --shape and is exact there. ResTv1 graphs keep its float64 head mixing in ops that
+onnxruntime's CPU provider runs (MatMul, Softmax, mean/variance).
 
 --compile checks torch.compile against eager at the check sizes: one static compile per size
 by default in the window modes, symbolic sizes after the first in global mode; --dynamic

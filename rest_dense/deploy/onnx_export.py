@@ -212,15 +212,8 @@ class Deployment:
 
     # -- shared
     def _check_backbone(self) -> None:
-        from ..models import ResTv1
-
         if self.backbone is None:
             raise ValueError(f"the model of {self.config} has no ResT backbone")
-        if isinstance(self.backbone, ResTv1):
-            raise ValueError(
-                "ResTv1 backbones run their attention-map mixing (conv + InstanceNorm) in "
-                "float64, for which ONNX Runtime's CPU provider has no kernels: a ResTv1 model "
-                "can be exported but not run or checked in ONNX Runtime; use a ResTv2 config")
 
     def choose_trace_size(self, check_inputs: Sequence[Size], shape: Optional[Size] = None) -> Tuple[Size, List[str]]:
         """The backbone input size to trace at (``shape`` if given) and the check sizes it
@@ -582,8 +575,7 @@ def load_deployment(config: PathLike, checkpoint: PathLike, device: str = "cpu",
     Raises:
         FileNotFoundError: no such config / checkpoint.
         ValueError: a config of an unknown framework, a checkpoint of another model, a model
-            the exporter does not handle (ResTv1 backbones, detectron2 models other than
-            GeneralizedRCNN).
+            the exporter does not handle (detectron2 models other than GeneralizedRCNN).
         ImportError: MMDeploy missing (OpenMMLab configs).
     """
     from .infer import config_framework, resolve_config

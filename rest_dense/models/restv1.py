@@ -30,6 +30,30 @@ _ARCH_DEFAULTS = dict(mlp_ratio=4.0, qkv_bias=True, apply_transform=True)
 _EPS = 1e-5
 
 
+def mix_heads_decomposed(logits: Tensor, weight: Tensor, bias: Tensor, eps: float = _EPS) -> Tensor:
+    """ResTv1's multi-head interaction in elementary ops: a 1x1 conv over the heads, softmax
+    over the keys, then an instance norm (no affine) over each head's attention map.
+
+    Equals ``InstanceNorm2d(softmax(conv2d(logits, weight, bias)))`` (and 0 for a map of
+    one element, where the norm of a single value is 0), without Conv or
+    InstanceNormalization nodes, so a traced graph keeps the wide dtype of ``logits`` in
+    runtimes that have those kernels only for float32.
+
+    Args:
+        logits: ``(B, heads, queries, keys)`` attention logits.
+        weight: ``(heads, heads, 1, 1)`` conv weight.
+        bias: ``(heads,)`` conv bias.
+        eps: the norm's epsilon. Default: 1e-5.
+    """
+    heads = logits.shape[1]
+    flat = logits.flatten(2)
+    attn = torch.matmul(weight.reshape(heads, heads), flat) + bias.reshape(heads, 1)
+    attn = attn.reshape(logits.shape).softmax(dim=-1)
+    centred = attn - attn.mean(dim=(-2, -1), keepdim=True)
+    var = (centred * centred).mean(dim=(-2, -1), keepdim=True)
+    return centred / torch.sqrt(var + eps)
+
+
 class EMSA(ReducedKVAttention):
     """Efficient multi-head self-attention of ResTv1.
 
@@ -67,15 +91,21 @@ class EMSA(ReducedKVAttention):
             # head mixing, softmax and norm run in a wider type (fp64 for fp32 inputs).
             wide = torch.float64 if logits.dtype == torch.float32 else torch.float32
             tc = self.transform_conv
-            attn = F.conv2d(logits.to(wide), tc.weight.to(wide), tc.bias.to(wide))
-            attn = attn.softmax(dim=-1)
-            if attn.shape[-2] * attn.shape[-1] > 1:
-                attn = self.transform_norm(attn)
+            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+                # graph exports: ONNX Runtime's CPU provider has no float64 Conv or
+                # InstanceNormalization, so the same math is written in ops it has
+                attn = mix_heads_decomposed(logits.to(wide), tc.weight.to(wide),
+                                            tc.bias.to(wide), self.transform_norm.eps)
             else:
-                # one query and one key (a 1x1 map, e.g. stage 4 of a 32x32 input): the
-                # instance norm of a single value is exactly 0, which InstanceNorm2d refuses
-                # to compute ("more than 1 spatial element")
-                attn = torch.zeros_like(attn)
+                attn = F.conv2d(logits.to(wide), tc.weight.to(wide), tc.bias.to(wide))
+                attn = attn.softmax(dim=-1)
+                if attn.shape[-2] * attn.shape[-1] > 1:
+                    attn = self.transform_norm(attn)
+                else:
+                    # one query and one key (a 1x1 map, e.g. stage 4 of a 32x32 input): the
+                    # instance norm of a single value is exactly 0, which InstanceNorm2d
+                    # refuses to compute ("more than 1 spatial element")
+                    attn = torch.zeros_like(attn)
             attn = attn.to(v.dtype)
             if drop:
                 attn = F.dropout(attn, p=drop)

@@ -119,6 +119,39 @@ def test_restv1_fast_mlp_equals_plain():
     _assert_same(_run(model, x, True), _run(model, x, False), atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 37, 5), (1, 2, 1, 1), (3, 8, 64, 16)])
+def test_restv1_decomposed_head_mixing_equals_conv_and_instance_norm(shape):
+    """The export form of ResTv1's head mixing (elementary ops) against conv2d + softmax +
+    InstanceNorm2d, including a 1x1 map (where the norm of one value is 0)."""
+    from rest_dense.models.restv1 import mix_heads_decomposed
+
+    gen = torch.Generator().manual_seed(0)
+    heads = shape[1]
+    logits = torch.randn(shape, generator=gen, dtype=torch.float64) * 3
+    weight = torch.randn(heads, heads, 1, 1, generator=gen, dtype=torch.float64)
+    bias = torch.randn(heads, generator=gen, dtype=torch.float64)
+    ref = nn.functional.conv2d(logits, weight, bias).softmax(-1)
+    ref = (nn.functional.instance_norm(ref, eps=1e-5) if shape[2] * shape[3] > 1
+           else torch.zeros_like(ref))
+    out = mix_heads_decomposed(logits, weight, bias, 1e-5)
+    assert out.dtype == torch.float64 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-10)
+
+
+def test_restv1_traced_equals_eager():
+    """Under tracing ResTv1 takes the decomposed head mixing; the traced model must compute
+    what the eager one does (odd size; 32x32: stage 4 is a 1x1 map)."""
+    torch.manual_seed(0)
+    model = ResTv1(arch=ARCH_V1).eval()
+    x = torch.randn(1, 3, 75, 61)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x, check_trace=False)
+        for size in [(75, 61), (32, 32)]:
+            xi = torch.randn(2, 3, *size)
+            for a, b in zip(traced(xi), model(xi)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 def test_inference_fast_equals_plain(grad_mode):
     """Without autograd the blocks sum residuals in place; the results must not change."""

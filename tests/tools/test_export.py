@@ -8,7 +8,7 @@ import torch
 
 import rest_dense.export as ex
 from rest_dense.cli import main
-from rest_dense.models import ResTv2, create_model
+from rest_dense.models import ResTv1, ResTv2, create_model
 
 #: two blocks in stages 2-3 so that ``hwin`` has windowed blocks there
 TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
@@ -54,6 +54,27 @@ def test_onnx_window_mode_dynamic_sizes_match_eager(hwin_export, one_thread):
     results = ex.check_onnx(model, exp.path, SIZES, batch=2)
     assert all(r.ok for r in results), [r.describe() for r in results]
     assert max(r.worst for r in results) < 1e-4
+
+
+def test_onnx_restv1_float64_head_mixing_runs_in_onnxruntime(tmp_path, one_thread):
+    """ResTv1 mixes the heads' attention maps in float64; the graph keeps that in ops
+    onnxruntime's CPU provider has (no float64 Conv / InstanceNormalization nodes)."""
+    import onnx
+
+    torch.manual_seed(0)
+    model = ResTv1(dict(TINY, qkv_bias=True, apply_transform=True)).eval()
+    assert model.stage2[0].attn.apply_transform
+    exp = ex.export_onnx(model, tmp_path / "v1.onnx")
+    graph = onnx.load(str(exp.path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert "InstanceNormalization" not in ops and "MatMul" in ops
+    doubles = [n for n in graph.node if n.op_type == "Cast"
+               and any(a.name == "to" and a.i == onnx.TensorProto.DOUBLE for a in n.attribute)]
+    assert doubles, "the head mixing should run in float64"
+    # 32x32 gives stage 4 a 1x1 map (instance norm of one value: 0)
+    results = ex.check_onnx(model, exp.path, SIZES + [(32, 32)], batch=2)
+    assert all(r.ok for r in results), [r.describe() for r in results]
+    assert all(math.isfinite(r.worst) and r.worst < 1e-4 for r in results)
 
 
 def test_check_onnx_rejects_sizes_below_the_window_limit(hwin_export):
