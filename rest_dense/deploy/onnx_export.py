@@ -16,6 +16,8 @@ Export paths (the ecosystems' own deployment tools):
   exported with ``torch.onnx.export(dynamo=False)``. Inside: normalisation, padding,
   backbone, FPN, RPN, RoI heads with NMS, mask head (28x28 probabilities); outside, for both
   runtimes: the test-time resize and ``detector_postprocess`` (rescale, mask pasting).
+  ``RetinaNet``: the same, with head, anchors, per-level decoding and NMS inside; its
+  decoding is traced in the constant-top-k form of :mod:`rest_dense.deploy.d2_support`.
 
 Dynamic height and width: the graph is traced once, so it keeps the backbone's shape
 branches as taken at the trace size (:mod:`rest_dense.deploy.shapes`). The trace size is
@@ -32,6 +34,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -479,7 +482,8 @@ def _d2_inference(model, inputs):
 
 
 class D2Deployment(Deployment):
-    """A detectron2 ``GeneralizedRCNN`` exported with ``TracingAdapter``."""
+    """A detectron2 ``GeneralizedRCNN`` or ``RetinaNet`` exported with ``TracingAdapter``
+    (RetinaNet with the traceable decoding of :mod:`rest_dense.deploy.d2_support`)."""
 
     framework = "detectron2"
     tool = "detectron2 TracingAdapter + torch.onnx.export(dynamo=False)"
@@ -488,7 +492,7 @@ class D2Deployment(Deployment):
                  cfg_options: Optional[Dict[str, Any]] = None, trusted: bool = False,
                  opset: int = DEFAULT_OPSET):
         super().__init__(config, checkpoint, device)
-        from detectron2.modeling import GeneralizedRCNN
+        from detectron2.modeling import GeneralizedRCNN, RetinaNet
 
         from .infer import D2Predictor
 
@@ -498,19 +502,30 @@ class D2Deployment(Deployment):
         with quiet_logs():
             self.predictor = D2Predictor(config, checkpoint, device, opts, trusted)
         self.model = self.predictor.model.eval()
-        if not isinstance(self.model, GeneralizedRCNN) or self.model.proposal_generator is None:
+        self.retinanet = isinstance(self.model, RetinaNet)
+        if not self.retinanet and (not isinstance(self.model, GeneralizedRCNN)
+                                   or self.model.proposal_generator is None):
             raise ValueError(f"export-model handles detectron2's GeneralizedRCNN (Mask R-CNN / "
-                             f"Faster R-CNN); {config} builds {type(self.model).__name__}")
+                             f"Faster R-CNN) and RetinaNet; {config} builds "
+                             f"{type(self.model).__name__}")
         self.backbone = find_backbone(self.model)
         self._check_backbone()
         self.divisor = int(getattr(self.model.backbone, "size_divisibility", 1) or 1)
-        self.has_masks = bool(getattr(self.model.roi_heads, "mask_on", False))
-        self.inside = ("normalisation, padding, backbone, FPN, RPN + NMS, RoIAlign, box head + NMS"
-                       + (", mask head (28x28 masks pasted outside)" if self.has_masks else ""))
+        if self.retinanet:
+            self.has_masks = False
+            self.inside = ("normalisation, padding, backbone, FPN, head, anchors, per-level top-k "
+                           "decoding, NMS")
+        else:
+            self.has_masks = bool(getattr(self.model.roi_heads, "mask_on", False))
+            self.inside = ("normalisation, padding, backbone, FPN, RPN + NMS, RoIAlign, box head "
+                           "+ NMS" + (", mask head (28x28 masks pasted outside)" if self.has_masks
+                                      else ""))
         self.opset = int(opset)
         self._session = None
 
     def score_thr(self) -> float:
+        if self.retinanet:
+            return float(self.model.test_score_thresh)
         return float(getattr(self.model.roi_heads, "test_score_thresh", 0.0))
 
     def prepare(self, image: np.ndarray) -> Dict[str, Any]:
@@ -535,13 +550,19 @@ class D2Deployment(Deployment):
         if self.predictor.input_format == "RGB":
             image = image[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(image).astype("float32").transpose(2, 0, 1))
-        adapter = TracingAdapter(self.model, [{"image": tensor.to(self.device)}], _d2_inference)
+        from .d2_support import retinanet_inference, traceable_retinanet
+
+        inference = retinanet_inference if self.retinanet else _d2_inference
+        adapter = TracingAdapter(self.model, [{"image": tensor.to(self.device)}], inference)
         adapter.eval()
         outputs = ["boxes", "scores", "labels"] + (["masks"] if self.has_masks else [])
         axes = {"image": {1: "height", 2: "width"}}
         axes.update({n: {0: "num_dets"} for n in outputs})
+        # RetinaNet: detectron2's decoding bakes the trace image's candidate count into the
+        # graph; a decoding with a constant top-k replaces it while tracing (d2_support)
+        patch = traceable_retinanet(self.model) if self.retinanet else contextlib.nullcontext()
         try:
-            with torch.no_grad(), quiet_logs():
+            with patch, torch.no_grad(), quiet_logs():
                 torch.onnx.export(adapter, adapter.flattened_inputs, path, dynamo=False,
                                   opset_version=self.opset, input_names=["image"],
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True)

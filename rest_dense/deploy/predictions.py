@@ -218,7 +218,8 @@ class Comparison:
 
     Attributes:
         metrics: what was measured (``max_box_diff``, ``max_score_diff``, ``min_mask_iou``,
-            ``matched``, ``unmatched``, ``pixel_agreement``, ...).
+            ``matched``, ``unmatched``, ``min_score`` / ``max_score`` of the reference,
+            ``pixel_agreement``, ...).
         problems: what exceeded the tolerances or is invalid (non-finite values).
     """
 
@@ -287,6 +288,8 @@ def _compare_detections(ref: Detections, out: Detections, tol: Tolerances) -> Co
     score_diff = max((abs(float(ref.scores[i]) - float(out.scores[j])) for i, j in pairs), default=0.0)
     res.metrics.update(reference=len(ref), exported=len(out), matched=len(pairs),
                        max_box_diff=box_diff, max_score_diff=score_diff)
+    if len(ref):  # the reference's score range: near-equal scores make a weak comparison
+        res.metrics.update(min_score=float(ref.scores.min()), max_score=float(ref.scores.max()))
     if box_diff > tol.box_atol:
         res.problems.append(f"matched boxes differ by up to {box_diff:.3g} px > {tol.box_atol:g}")
     if score_diff > tol.score_atol:

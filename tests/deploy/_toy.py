@@ -16,6 +16,8 @@ mode.
 """
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -226,20 +228,49 @@ RECIPES: Dict[str, Callable[[Path, Path, Callable[[str], Path]], Path]] = {
 _DONE: Dict[str, Path] = {}
 
 
+def _shared_dir(factory: pytest.TempPathFactory) -> Path:
+    """A folder all pytest-xdist workers of this run share (the run's own temp folder without
+    xdist), so that each toy model is trained once per run, not once per worker."""
+    base = factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the workers' temp folders sit side by side in the run's folder
+    folder = base / "toy_models"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
+def _made_once(key: str, factory: pytest.TempPathFactory, make: Callable[[Path], Path]) -> Path:
+    """``make(folder)`` run by the first worker that asks (under a file lock); the others
+    wait and reuse its result. A failed ``make`` leaves nothing, so the next caller retries."""
+    from filelock import FileLock
+
+    if key not in _DONE:
+        shared = _shared_dir(factory)
+        done = shared / f"{key}.path"
+        with FileLock(str(shared / f"{key}.lock")):
+            if not done.is_file():
+                folder = shared / key
+                shutil.rmtree(folder, ignore_errors=True)  # a failed earlier attempt
+                folder.mkdir()
+                result = make(folder)
+                done.write_text(str(result))
+            _DONE[key] = Path(done.read_text())
+    return _DONE[key]
+
+
 def shared_toy_root(factory: pytest.TempPathFactory) -> Path:
-    """The session's toy dataset (made once)."""
-    if "data" not in _DONE:
-        _DONE["data"] = toy_data(factory.mktemp("toy") / "data")
-    return _DONE["data"]
+    """The run's toy dataset (made once)."""
+    return _made_once("data", factory, lambda folder: toy_data(folder / "data"))
 
 
 def trained(name: str, factory: pytest.TempPathFactory) -> Path:
-    """The checkpoint of toy model ``name`` (a key of :data:`RECIPES`), trained on first use."""
-    if name not in _DONE:
+    """The checkpoint of toy model ``name`` (a key of :data:`RECIPES`), trained on first use
+    (once per test run, whichever worker asks first)."""
+    def make(folder: Path) -> Path:
         data = shared_toy_root(factory)
-        _DONE[name] = RECIPES[name](factory.mktemp(f"train_{name}"), data,
-                                    lambda other: trained(other, factory))
-    return _DONE[name]
+        return RECIPES[name](folder, data, lambda other: trained(other, factory))
+
+    return _made_once(f"train_{name}", factory, make)
 
 
 def untrained_checkpoint(path: Path, config: Path, cfg_options: Optional[Dict] = None) -> Path:

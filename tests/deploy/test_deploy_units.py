@@ -2,6 +2,7 @@
 replacements registered with MMDeploy, and the validity rules of traced graphs (checked
 against ONNX Runtime)."""
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -203,3 +204,117 @@ def test_parse_options():
         {"a.b": 1, "c": [1, 2], "d": "text", "e": 0.5}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         parse_options(["novalue"])
+
+
+def _retina_inputs(seed, level_sizes, num_classes=3, mean=-2.0):
+    """Random per-level RetinaNet outputs (logits, deltas, anchors) for one image."""
+    from detectron2.structures import Boxes
+
+    gen = torch.Generator().manual_seed(seed)
+    logits, deltas, anchors = [], [], []
+    for n in level_sizes:
+        logits.append(torch.randn(n, num_classes, generator=gen) * 2 + mean)
+        deltas.append(torch.randn(n, 4, generator=gen) * 0.2)
+        xy = torch.rand(n, 2, generator=gen) * 200
+        wh = torch.rand(n, 2, generator=gen) * 60 + 4
+        anchors.append(Boxes(torch.cat([xy, xy + wh], 1)))
+    return anchors, logits, deltas
+
+
+def _retina_stub(topk=50, thresh=0.05, num_classes=3):
+    """What RetinaNet.inference_single_image reads of its model."""
+    from types import SimpleNamespace
+
+    from detectron2.modeling.box_regression import Box2BoxTransform
+
+    return SimpleNamespace(test_topk_candidates=topk, test_score_thresh=thresh,
+                           num_classes=num_classes, box2box_transform=Box2BoxTransform((1.0,) * 4),
+                           test_nms_thresh=0.5, max_detections_per_image=100)
+
+
+@pytest.mark.parametrize("seed,sizes,thresh", [
+    (0, [400, 100, 30, 8, 2], 0.05),   # level 0: more candidates above the threshold than topk
+    (1, [12, 6, 3], 0.05),             # every level fewer than topk
+    (2, [500, 40], 0.3),               # a higher threshold: some levels keep none
+    (3, [300, 9], 0.0),                # threshold 0: every candidate passes
+])
+def test_d2_retinanet_traceable_decoding_equals_detectron2(seed, sizes, thresh):
+    from detectron2.modeling.meta_arch.retinanet import RetinaNet
+
+    from rest_dense.deploy.d2_support import traceable_inference_single_image
+
+    model = _retina_stub(thresh=thresh)
+    anchors, logits, deltas = _retina_inputs(seed, sizes)
+    passing = [int((lg.sigmoid() > thresh).sum()) for lg in logits]
+    assert min(passing) < model.test_topk_candidates or thresh == 0.3
+    ref = RetinaNet.inference_single_image(model, anchors, [x.clone() for x in logits], deltas, (256, 256))
+    new = traceable_inference_single_image(model, anchors, [x.clone() for x in logits], deltas, (256, 256))
+    assert len(ref) > 0
+    assert torch.equal(ref.pred_boxes.tensor, new.pred_boxes.tensor)
+    assert torch.equal(ref.scores, new.scores)
+    assert torch.equal(ref.pred_classes, new.pred_classes)
+
+
+def test_d2_retinanet_exported_decoding_serves_other_candidate_counts(tmp_path):
+    """Exported (traced) on an input with fewer candidates above the threshold than
+    ``topk``, detectron2's own decoding no longer applies the top-k cut in ONNX Runtime (the
+    Python ``min()`` took the trace input's branch); the traceable decoding gives, in ONNX
+    Runtime, what the eager model gives on inputs with more candidates than ``topk``."""
+    import onnxruntime as ort
+    from detectron2.modeling.meta_arch.retinanet import RetinaNet
+    from detectron2.structures import Boxes
+
+    from rest_dense.deploy.d2_support import traceable_inference_single_image
+
+    model = _retina_stub(topk=50)
+
+    class Decode(torch.nn.Module):
+        def __init__(self, decode):
+            super().__init__()
+            self.decode = decode
+
+        def forward(self, logits, deltas, anchors):  # (detectron2 applies sigmoid_ in place)
+            r = self.decode(model, [Boxes(anchors)], [logits.clone()], [deltas], (256, 256))
+            return r.pred_boxes.tensor, r.scores, r.pred_classes
+
+    few = _retina_inputs(0, [200], mean=-6.0)   # 45 candidates above 0.05
+    many = _retina_inputs(1, [300], mean=-1.0)  # hundreds above 0.05
+    assert 0 < int((few[1][0].sigmoid() > 0.05).sum()) < 50
+    assert int((many[1][0].sigmoid() > 0.05).sum()) > 100
+
+    def args(x):
+        return x[1][0], x[2][0], x[0][0].tensor
+
+    eager = Decode(RetinaNet.inference_single_image)(*args(many))
+    assert len(eager[1]) == 50  # the top-k cut, before NMS
+    results = {}
+    for name, decode in (("detectron2", RetinaNet.inference_single_image),
+                         ("traceable", traceable_inference_single_image)):
+        path = str(tmp_path / f"{name}.onnx")
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the tracer's warnings about Python values
+            torch.onnx.export(Decode(decode), args(few), path, dynamo=False, opset_version=16,
+                              input_names=["logits", "deltas", "anchors"],
+                              dynamic_axes={n: {0: "n"} for n in ("logits", "deltas", "anchors")})
+        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        results[name] = session.run(None, dict(zip(("logits", "deltas", "anchors"),
+                                                   (t.numpy() for t in args(many)))))
+    assert len(results["detectron2"][1]) != len(eager[1])  # the problem the patch solves
+    boxes, scores, classes = results["traceable"]
+    np.testing.assert_allclose(boxes, eager[0].numpy(), atol=1e-4)
+    np.testing.assert_allclose(scores, eager[1].numpy(), atol=1e-6)
+    np.testing.assert_array_equal(classes, eager[2].numpy())
+
+
+def test_d2_traceable_retinanet_patches_one_model_for_the_block():
+    from rest_dense.deploy.d2_support import traceable_retinanet
+
+    class Model:
+        def inference_single_image(self):
+            return "detectron2"
+
+    model, other = Model(), Model()
+    with traceable_retinanet(model):
+        assert model.inference_single_image.__func__.__name__ == "traceable_inference_single_image"
+        assert other.inference_single_image() == "detectron2"
+    assert model.inference_single_image() == "detectron2" and "inference_single_image" not in vars(model)

@@ -14,7 +14,8 @@ from rest_dense.cli import main
 from rest_dense.deploy.onnx_export import load_deployment
 from rest_dense.deploy.shapes import stage_branches
 
-from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_SEG, mm_config,  # noqa: F401
+from _toy import (D2_DET, D2_OPTIONS, D2_RETINA, DET_OPTIONS, MM_DET, MM_RETINA_TOY,  # noqa: F401
+                  MM_SEG, mm_config,
                   random_retina_checkpoint, retina_options, trained, untrained_checkpoint,
                   window_options, d2_ckpt, det_ckpt, seg_ckpt, toy_root, val_images)
 
@@ -138,23 +139,104 @@ def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_
         assert len(table) == 3 and all(float(c) > 0 for ln in table for c in ln.split("|")[4:6])
 
 
+def _assert_retina_detections(text, n_images, per_image=15, spread=0.01):
+    """Every check image gave at least ``per_image`` matched detections (of the 20 kept),
+    with scores that are not all alike: a trained classifier, not one still at its prior."""
+    lines = _checked_lines(text)
+    assert len(lines) == n_images, text
+    for line in lines:
+        assert _metric(line, "matched") >= per_image, line
+        assert _metric(line, "max_score") - _metric(line, "min_score") >= spread, line
+        assert _metric(line, "max_score") >= 0.05, line
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", MODES)
-def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, mode, one_thread):
-    # the shipped config, shrunk by retina_options(); random weights (no cheap training gives
-    # scores above the focal-loss prior, see random_retina_checkpoint); a cwin model has its
-    # own (random, non-zero) cross-window convs
-    modes = window_options(mode) if mode != "global" else {}
-    ckpt = random_retina_checkpoint(tmp_path / "retina.pth", options=modes)
-    if mode == "cwin":
-        _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"])
+def test_retinanet_trained_mmdeploy(tmp_path, capsys, mode, toy_root, tmp_path_factory,
+                                    one_thread):
+    # the toy RetinaNet trained on the toy data (cwin: fine-tuned in cwin mode), the model's
+    # own test_cfg (score_thr 0.05, 20 detections an image)
+    ckpt = _mode_checkpoint(mode, trained("retina", tmp_path_factory), "retina_cwin",
+                            tmp_path_factory)
+    options = window_options(mode) if mode != "global" else {}
+    out = tmp_path / "retina.onnx"
+    code, text, err = _export(capsys, MM_RETINA_TOY, ckpt, out, "--check-images",
+                              str(val_images(toy_root)[0]), *_mm_options(options))
+    _assert_all_ok(code, text, err, 3)
+    assert "mmdeploy 1.3.1" in text and "outputs ['dets', 'labels']" in text
+    graph = onnx.load(str(out))
+    assert "NonMaxSuppression" in {n.op_type for n in graph.graph.node}
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims[2:]] == ["height", "width"]
+    _assert_retina_detections(text, 3)
+    _assert_windows(MM_RETINA_TOY, mode, _network_inputs(text))
+
+
+@pytest.mark.slow
+def test_retinanet_shipped_config_mmdeploy(tmp_path, capsys, one_thread):
+    # the shipped COCO config as shipped, made small by retina_options(), with perturbed
+    # random weights (see random_retina_checkpoint): it builds and exports
+    ckpt = random_retina_checkpoint(tmp_path / "retina.pth")
     out = tmp_path / "retina.onnx"
     code, text, err = _export(capsys, "retinanet/retinanet_restv2-t_fpn_amp-ms-1x_coco.py", ckpt,
-                              out, *_mm_options(dict(retina_options(), **modes)))
+                              out, *_mm_options(retina_options()))
     _assert_all_ok(code, text, err, 2)
     assert "outputs ['dets', 'labels']" in text
     for line in _checked_lines(text):
         assert _metric(line, "matched") >= 10, line
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", MODES)
+def test_detectron2_retinanet_tracing_adapter(tmp_path, capsys, mode, toy_root,
+                                              tmp_path_factory, one_thread):
+    # the detectron2 toy RetinaNet trained on the toy data, exported with the constant-top-k
+    # decoding (rest_dense.deploy.d2_support) and checked against detectron2's own eager
+    # decoding; 97x301 gives a third network input (and candidate count) in every mode
+    ckpt = _mode_checkpoint(mode, trained("d2_retina", tmp_path_factory), "d2_retina_cwin",
+                            tmp_path_factory, key="model")
+    options = window_options(mode, "d2") if mode != "global" else {}
+    out = tmp_path / f"d2_retina_{mode}.onnx"
+    opts = ["--cfg-options", *[f"{k}={v}" for k, v in options.items()]] if options else []
+    code, text, err = _export(capsys, D2_RETINA, ckpt, out, "--check-images",
+                              str(val_images(toy_root)[0]), *opts, sizes=SIZES + ["97x301"])
+    _assert_all_ok(code, text, err, 4)
+    assert "TracingAdapter" in text and "outputs ['boxes', 'scores', 'labels']" in text
+    graph = onnx.load(str(out))
+    assert {"NonMaxSuppression", "TopK"} <= _op_types(graph.graph)  # NMS: in an If branch
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
+    assert all(d.dim_param for d in dims[1:])  # dynamic height and width
+    inputs = {ln.split("network input ")[1].split(")")[0] for ln in _checked_lines(text)}
+    assert len(inputs) >= 3, text
+    _assert_retina_detections(text, 4)
+    if mode != "global":
+        _assert_d2_windows(mode, _network_inputs(text))
+
+
+def _op_types(graph):
+    """The operator types of an ONNX graph and of its subgraphs (If / Loop branches)."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                ops |= _op_types(sub)
+    return ops
+
+
+def _assert_d2_windows(mode, network_inputs):
+    """The detectron2 toy RetinaNet runs windows (with padding) at the check sizes."""
+    from rest_dense.models import ResTv2
+
+    import yaml
+
+    arch = yaml.safe_load(D2_RETINA.read_text())["MODEL"]["RESTV2"]["ARCH"]
+    arch = {k.lower(): tuple(v) for k, v in arch.items()}
+    net = ResTv2(arch, attn_mode=mode, window_size=window_options(mode)["model.backbone.window_size"])
+    stages = [b for size in network_inputs for i, b in enumerate(stage_branches(net, size))
+              if net.num_window_blocks[i]]
+    assert stages and all(b.window is not None for b in stages), (mode, stages)
+    assert any(b.pad for b in stages), (mode, stages)
 
 
 @pytest.mark.slow
