@@ -2,7 +2,7 @@
 
 MMDetection and MMSegmentation configs are exported with MMDeploy 1.3.1 (deploy configs in
 configs/deploy/, plus the fixes it needs on torch 2.13: rest_dense/deploy/mmdeploy_support.py);
-detectron2 yaml configs (GeneralizedRCNN: Mask R-CNN / Faster R-CNN) with detectron2's
+detectron2 yaml configs (GeneralizedRCNN: Mask R-CNN / Faster R-CNN; RetinaNet) with detectron2's
 TracingAdapter. Inside the graph: backbone, neck and heads including box decoding, NMS and the
 mask head; outside, identical for both runtimes: resize, normalisation, rescaling boxes and
 pasting masks (segmentation: crop, resize, argmax). Height and width are dynamic.
