@@ -2,10 +2,9 @@
 
 ResTv1 mixes its heads' attention maps in float64; the exported graphs keep that in ops that
 ONNX Runtime's CPU provider has (see ``rest_dense.models.restv1.mix_heads_decomposed``).
-Covered: the detectron2 toy Mask R-CNN with a ResTv1 backbone (the shipped
-``Base-RCNN-FPN-ResTv1.yaml`` family), briefly trained on the toy data; the shipped MMDetection
-``retinanet_rest-s`` config made small, randomly initialised (see ``random_retina_checkpoint``
-for why RetinaNet weights are random there).
+Covered: the detectron2 toy Mask R-CNN and the MMDetection toy RetinaNet with a small ResTv1
+backbone, briefly trained on the toy data; the shipped MMDetection ``retinanet_rest-s`` config
+made small, with perturbed random weights (its COCO anchors do not fit the toy objects).
 """
 import onnx
 import pytest
@@ -13,7 +12,8 @@ import pytest
 from rest_dense import trust
 from rest_dense.cli import main
 
-from _toy import D2_DET, D2_OPTIONS, TRAIN_IMAGES, mm_config, toy_data, train_d2, val_images
+from _toy import (D2_DET, D2_OPTIONS, ITERS, MM_RETINA_TOY, TRAIN_IMAGES, constant_lr,
+                  mm_config, toy_data, train_d2, train_mm, val_images)
 
 SIZES = ["120x152", "136x200"]
 
@@ -49,9 +49,23 @@ def _assert_float64_mixing(path):
                                            for a in n.attribute) for n in graph.node)
 
 
+#: the toy RetinaNet (MMDetection) with the same small ResTv1 backbone
+MM_V1 = {
+    "model.backbone": dict(_delete_=True, type="ResTv1",
+                           arch=dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8),
+                                     depths=(1, 1, 2, 1), sr_ratios=(8, 4, 2, 1)),
+                           out_indices=(1, 2, 3)),
+}
+
+
 @pytest.fixture(scope="module")
-def d2_v1_ckpt(tmp_path_factory):
-    data = toy_data(tmp_path_factory.mktemp("toy_v1"))
+def v1_data(tmp_path_factory):
+    return toy_data(tmp_path_factory.mktemp("toy_v1"))
+
+
+@pytest.fixture(scope="module")
+def d2_v1_ckpt(tmp_path_factory, v1_data):
+    data = v1_data
     work = tmp_path_factory.mktemp("train_d2_v1")
     # 20 iterations at lr 0.002: the ResTv2 toy recipe (12 at 0.001) leaves this model's
     # class scores below 1e-4; these give the best detections 0.001-0.02
@@ -75,6 +89,23 @@ def test_detectron2_mask_rcnn_restv1_trained(tmp_path, capsys, d2_v1_ckpt, one_t
     assert len(lines) == 3 and all(ln.endswith("ok") for ln in lines), text
     assert "TracingAdapter" in text
     assert sum(_matched(ln) for ln in lines) >= 5, text
+    _assert_float64_mixing(out)
+
+
+@pytest.mark.slow
+def test_mmdeploy_retinanet_restv1_trained(tmp_path, capsys, v1_data, one_thread):
+    iters = ITERS["retina"]
+    ckpt = train_mm(tmp_path / "train", MM_RETINA_TOY, v1_data, iters,
+                    dict(MM_V1, param_scheduler=constant_lr(iters)))
+    state = trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"]
+    assert any(k.endswith("attn.transform_conv.weight") for k in state)
+    out = tmp_path / "retina_v1.onnx"
+    code, text, lines = _export(capsys, MM_RETINA_TOY, ckpt, out, "--check-images",
+                                str(val_images(v1_data)[0]), "--cfg-options",
+                                *[f"{k}={v!r}" for k, v in MM_V1.items()])
+    assert code == 0, text
+    assert len(lines) == 3 and all(ln.endswith("ok") for ln in lines), text
+    assert sum(_matched(ln) for ln in lines) >= 10, text
     _assert_float64_mixing(out)
 
 
