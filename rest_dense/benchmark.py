@@ -787,7 +787,8 @@ def autocast_difference(model: str, size: Tuple[int, int] = (224, 224), dtype: s
     if case.kind == "config":
         raise ValueError("autocast_difference compares backbones, not whole configs")
     torch.manual_seed(seed)
-    net = build_bench_model(case).to(device).eval()
+    net = build_bench_model(case).to(device)
+    net.eval()  # not chained: mmdet's SwinTransformer.train() returns None
     x = make_inputs(case, device)
     with torch.inference_mode():
         ref = [t.float() for t in _flat_outputs(net(x))]
@@ -814,8 +815,13 @@ def autocast_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
         if c.dtype == "fp32" or c.kind == "config" or key in seen:
             continue
         seen.add(key)
-        d = autocast_difference(c.model, c.size, c.dtype, device, 1, c.attn_mode, c.arch)
         mode = f" {c.attn_mode}" if c.kind == "backbone" else ""
+        try:
+            d = autocast_difference(c.model, c.size, c.dtype, device, 1, c.attn_mode, c.arch)
+        except Exception as err:  # noqa: BLE001 (a note must not discard the measured rows)
+            notes.append(f"{c.label}{mode} {c.size[0]}x{c.size[1]}: {c.dtype} autocast vs fp32 "
+                         f"difference not measured ({type(err).__name__}: {err})")
+            continue
         notes.append(f"{c.label}{mode} {c.size[0]}x{c.size[1]}: {c.dtype} autocast vs fp32 "
                      f"outputs: relative L2 error {d['max_rel_l2']:.2e} (largest over the "
                      f"outputs), max |diff| {d['max_abs']:.3g} (max |fp32 output| "
