@@ -8,6 +8,8 @@ from .layers import window_partition, window_unpartition
 from .registry import ModelEntry, canonical_name, create_model, get_model_entry, list_models
 from .restv2 import ATTN_MODES, DEFAULT_WINDOW_SIZE, RESTV2_ARCHS, ResTv2
 from .restv1 import RESTV1_ARCHS, ResTv1
+from .fpn import FPN
+from .vt_fpn import FilterTokenizer, Projector, RecurrentTokenizer, TokenTransformer, VTFPN
 
 __all__ = [
     "ResTv2", "ResTv1", "RESTV2_ARCHS", "RESTV1_ARCHS", "ATTN_MODES", "DEFAULT_WINDOW_SIZE",
@@ -17,4 +19,5 @@ __all__ = [
     "CheckpointFormatError", "CheckpointMismatchError", "CheckpointValueError",
     "check_model_checkpoint", "ModelCheckReport", "find_backbone",
     "window_partition", "window_unpartition",
+    "FPN", "VTFPN", "FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector",
 ]
