@@ -2,7 +2,8 @@
 
 Importing this package registers
 
-- ``'ResTv2'`` and ``'ResTv1'`` in ``MODELS`` of MMDetection and of MMSegmentation,
+- ``'ResTv2'`` and ``'ResTv1'`` (backbones) and ``'VTFPN'`` (the visual-token FPN neck,
+  :class:`~rest_dense.mm.necks.MMVTFPN`) in ``MODELS`` of MMDetection and of MMSegmentation,
 - ``'ResTLayerDecayOptimizerConstructor'`` in ``OPTIM_WRAPPER_CONSTRUCTORS`` of mmengine,
   MMDetection and MMSegmentation,
 - ``'BF16OptimWrapper'`` (bf16 mixed precision without loss scaling, CPU too) in
@@ -21,15 +22,17 @@ from typing import Dict, List
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as _ENGINE_CONSTRUCTORS
 
 from .backbones import MMResTv1, MMResTv2, load_pretrained_cfg
+from .necks import MMVTFPN
 from .optim import ResTLayerDecayOptimizerConstructor, stage_lr_scales
 from .utils import register_once
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 
-__all__ = ["MMResTv2", "MMResTv1", "ResTLayerDecayOptimizerConstructor", "stage_lr_scales",
+__all__ = ["MMResTv2", "MMResTv1", "MMVTFPN", "ResTLayerDecayOptimizerConstructor", "stage_lr_scales",
            "load_pretrained_cfg", "trust_checkpoints", "install_checkpoint_loader", "train", "test",
            "REGISTERED", "UNAVAILABLE"]
 
 _BACKBONES = {"ResTv2": MMResTv2, "ResTv1": MMResTv1}
+_NECKS = {"VTFPN": MMVTFPN}
 
 #: frameworks the backbones were registered with, e.g. ``['mmdet', 'mmseg']``
 REGISTERED: List[str] = []
@@ -49,7 +52,7 @@ for _framework in ("mmdet", "mmseg"):
     except ImportError as _err:  # framework not installed (or unusable): skip it
         UNAVAILABLE[_framework] = f"{type(_err).__name__}: {_err}"
         continue
-    for _name, _cls in _BACKBONES.items():
+    for _name, _cls in {**_BACKBONES, **_NECKS}.items():
         register_once(_registry.MODELS, _name, _cls)
     register_once(_registry.OPTIM_WRAPPER_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
               ResTLayerDecayOptimizerConstructor)

@@ -56,7 +56,7 @@ def shrink(cfg: Config, arch=TINY_ARCH, keep_init_cfg: bool = False) -> Config:
     outs = list(backbone.get("out_indices", (0, 1, 2, 3)))
     if "neck" in model:
         model.neck.in_channels = [dims[i] for i in outs]
-    if "decode_head" in model:
+    if "decode_head" in model and not model.get("neck"):  # behind a neck: the neck's channels
         model.decode_head.in_channels = [dims[i] for i in outs]
     if "auxiliary_head" in model:
         model.auxiliary_head.in_channels = dims[outs[model.auxiliary_head.in_index]]

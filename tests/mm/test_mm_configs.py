@@ -25,6 +25,8 @@ def test_every_family_is_shipped():
         assert f"upernet_restv2-{v}_8xb2-160k_ade20k-512x512_ms-flip.py" in names
     for mode in ("win", "cwin", "hwin"):
         assert f"mask-rcnn_restv2-t-{mode}_fpn_amp-ms-1x_coco.py" in names
+    for neck in ("fpn", "vt-fpn"):
+        assert f"{neck}_restv2-t_8xb2-160k_ade20k-512x512.py" in names
     for name in ("restv2-t_fpn_amp-ms-1x", "restv2-t_fpn_amp-ms-3x", "rest-s_fpn_amp-ms-1x",
                  "rest-b_fpn_amp-ms-1x"):
         assert f"retinanet_{name}_coco.py" in names
@@ -34,7 +36,7 @@ def test_every_family_is_shipped():
 def test_config_recipe_and_build(path):
     cfg = Config.fromfile(str(path))
     family = path.parent.name
-    framework = "mmseg" if family == "upernet" else "mmdet"
+    framework = "mmseg" if family in ("upernet", "sem_fpn") else "mmdet"
     assert cfg.default_scope == framework == detect_framework(cfg)
     assert cfg.custom_imports == dict(imports=["rest_dense.mm"], allow_failed_imports=False)
 
@@ -81,9 +83,17 @@ def test_config_recipe_and_build(path):
         warmup, poly = cfg.param_scheduler
         assert (warmup.type, warmup.end, poly.type, poly.begin, poly.end) == \
             ("LinearLR", 1500, "PolyLR", 1500, 160000)
-        assert model.decode_head.channels == 512 and model.decode_head.num_classes == 150
-        aux = model.auxiliary_head
-        assert (aux.in_index, aux.channels, aux.num_classes) == (2, 256, 150)
+        if family == "sem_fpn":  # mmseg's semantic FPN head, no auxiliary head
+            assert model.neck.type == ("VTFPN" if path.name.startswith("vt-fpn_") else "FPN")
+            assert model.neck.in_channels == [96, 192, 384, 768] and model.neck.out_channels == 256
+            head = model.decode_head
+            assert (head.type, head.channels, head.num_classes, head.in_channels) == \
+                ("FPNHead", 128, 150, [256] * 4)
+            assert model.get("auxiliary_head") is None
+        else:
+            assert model.decode_head.channels == 512 and model.decode_head.num_classes == 150
+            aux = model.auxiliary_head
+            assert (aux.in_index, aux.channels, aux.num_classes) == (2, 256, 150)
         if path.name.endswith("_ms-flip.py"):
             assert cfg.model.type == "SegTTAModel"
 
