@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import check_flag, check_int
+from .base import _tracing, check_flag, check_int
 
 __all__ = ["VTFPN", "FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector",
            "TokenNorm", "NORM_LAYERS", "TOKENIZERS"]
@@ -458,13 +458,15 @@ class VTFPN(nn.Module):
             if x.dim() != 4:
                 raise ValueError(f"VTFPN input {i} must be 4-D (B, C, H, W), got shape "
                                  f"{tuple(x.shape)}")
+            if not x.is_floating_point():
+                raise TypeError(f"VTFPN input {i} must be floating point, got {x.dtype}")
+            if _tracing():  # sizes are traced values there: no Python checks on them
+                continue
             if x.shape[1] != c:
                 raise ValueError(f"VTFPN input {i} has {x.shape[1]} channels, in_channels[{i}] "
                                  f"is {c}")
             if x.shape[2] == 0 or x.shape[3] == 0:
                 raise ValueError(f"VTFPN input {i} is an empty map, shape {tuple(x.shape)}")
-            if not x.is_floating_point():
-                raise TypeError(f"VTFPN input {i} must be floating point, got {x.dtype}")
             if x.shape[0] != feats[0].shape[0]:
                 raise ValueError(f"VTFPN input {i} has batch size {x.shape[0]}, input 0 has "
                                  f"{feats[0].shape[0]}")
