@@ -22,7 +22,6 @@ a count needs them. The counting conventions are :data:`CONVENTIONS`.
 """
 from __future__ import annotations
 
-import ast
 import json
 import logging
 import math
@@ -291,8 +290,10 @@ class Target:
     """One thing to analyse.
 
     Args:
-        kind (str): ``'backbone'`` (a registry name), ``'mm'`` (MMDetection /
-            MMSegmentation config) or ``'d2'`` (detectron2 yaml or LazyConfig).
+        kind (str): ``'backbone'`` (a registry name) or the config's framework,
+            :func:`rest_dense.configs.config_framework`: ``'mmdet'``, ``'mmseg'``, ``'d2'``
+            (detectron2 yaml) or ``'d2-lazy'`` (LazyConfig); ``'openmmlab'`` for an
+            mmengine config of neither toolbox (one without a model).
         name (str): canonical model name, or the config's absolute path.
         label (str): how tables name it (shipped configs: their name under ``configs/``).
     """
@@ -360,27 +361,13 @@ def _config_label(path: str) -> str:
 
 
 def config_kind(path: str) -> str:
-    """Tell which framework a config file is for.
+    """Deprecated: use :func:`rest_dense.configs.config_framework` (``'mmdet'``, ``'mmseg'``,
+    ``'d2'``, ``'d2-lazy'``). Returns ``'d2'`` for both detectron2 formats, else ``'mm'``."""
+    from .configs import DETECTRON2, config_framework
 
-    Args:
-        path: a config file.
-
-    Returns:
-        ``'d2'`` for detectron2 yaml configs and LazyConfig ``.py`` files (they import
-        detectron2), ``'mm'`` for other ``.py`` files (MMDetection / MMSegmentation).
-
-    Raises:
-        ValueError: neither a ``.py`` nor a ``.yaml`` / ``.yml`` file.
-    """
-    if path.endswith((".yaml", ".yml")):
-        return "d2"
-    if not path.endswith(".py"):
-        raise ValueError(f"{path}: a config must be a .py (MMDetection / MMSegmentation / "
-                         "detectron2 LazyConfig) or .yaml (detectron2) file")
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
-    if re.search(r"^\s*(from|import)\s+detectron2\b", text, re.M):
-        return "d2"
-    return "mm"
+    warnings.warn("rest_dense.analysis.config_kind is deprecated; use "
+                  "rest_dense.configs.config_framework", DeprecationWarning, stacklevel=2)
+    return "d2" if config_framework(path) in DETECTRON2 else "mm"
 
 
 def _configs_under(folder: str) -> List[str]:
@@ -416,7 +403,7 @@ def resolve_targets(items: Iterable[str], all_configs: bool = False) -> List[Tar
     Raises:
         ValueError: an item is neither a model name, nor a config, nor a folder.
     """
-    from .configs import get_config_path, list_configs
+    from .configs import config_framework, get_config_path, list_configs
 
     found: List[Tuple[str, str]] = []  # (kind, model name or config path), in order
     for item in items:
@@ -447,7 +434,11 @@ def resolve_targets(items: Iterable[str], all_configs: bool = False) -> List[Tar
         if kind == "backbone":
             targets.append(Target("backbone", name, name))
         else:
-            targets.append(Target(config_kind(name), name, _config_label(name)))
+            try:
+                kind = config_framework(name)
+            except ValueError:  # an mmengine config without a model, say: analyze_mm_config names it
+                kind = "openmmlab"
+            targets.append(Target(kind, name, _config_label(name)))
     return targets
 
 
@@ -558,22 +549,13 @@ def _attach_paper_figures(res: AnalysisResult, model_type: Any, family: Optional
 
 
 def parse_cfg_options(options: Optional[Sequence[str]]) -> Dict[str, Any]:
-    """``['a.b=1', 'c=x']`` -> ``{'a.b': 1, 'c': 'x'}`` (values read as Python literals
-    where they are ones, else kept as strings).
+    """Deprecated alias of :func:`rest_dense.configs.parse_cfg_options` (mmengine
+    ``DictAction`` semantics: ``a=1,2`` is a list, ``a=false`` is ``False``)."""
+    from .configs import parse_cfg_options as parse
 
-    Raises:
-        ValueError: an item is not ``KEY=VALUE``.
-    """
-    out: Dict[str, Any] = {}
-    for opt in options or ():
-        key, sep, value = opt.partition("=")
-        if not sep or not key:
-            raise ValueError(f"config option {opt!r} is not KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
+    warnings.warn("rest_dense.analysis.parse_cfg_options is deprecated; use "
+                  "rest_dense.configs.parse_cfg_options", DeprecationWarning, stacklevel=2)
+    return parse(options)
 
 
 def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
@@ -594,7 +576,7 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
     Returns:
         The :class:`AnalysisResult`.
     """
-    from .configs import get_config_path
+    from .configs import get_config_path, parse_cfg_options
     from .mm.utils import build_model, is_tta_model, load_config
 
     from mmengine.config import Config
@@ -780,18 +762,16 @@ def analyze_config(path: str, shape: Optional[Tuple[int, int]] = None,
     Returns:
         The :class:`AnalysisResult`.
     """
-    from .configs import get_config_path
+    from .configs import DETECTRON2, config_framework, d2_opts, get_config_path
 
     path = get_config_path(path)
-    if config_kind(path) == "d2":
-        opts: List[str] = []
-        for opt in cfg_options or ():
-            if path.endswith(".py"):
-                opts.append(opt)
-            else:
-                key, _, value = opt.partition("=")
-                opts += [key, value]
-        return analyze_d2_config(path, shape, opts, params_only=params_only, cache=cache)
+    try:
+        framework = config_framework(path)
+    except ValueError:  # e.g. no model: analyze_mm_config says so (NoModelInConfig)
+        framework = "openmmlab"
+    if framework in DETECTRON2:
+        return analyze_d2_config(path, shape, d2_opts(cfg_options, framework),
+                                 params_only=params_only, cache=cache)
     return analyze_mm_config(path, shape, cfg_options, params_only=params_only, cache=cache)
 
 
@@ -823,7 +803,8 @@ def analyze_target(target: Target, shape: Optional[Tuple[int, int]] = None,
 def _framework_available(kind: str) -> bool:
     import importlib
 
-    mods = {"mm": ("mmdet", "mmseg"), "d2": ("detectron2",)}.get(kind, ())
+    mods = {"mmdet": ("mmdet",), "mmseg": ("mmseg",), "openmmlab": ("mmengine",),
+            "d2": ("detectron2",), "d2-lazy": ("detectron2",)}.get(kind, ())
     for mod in mods:
         try:
             importlib.import_module(mod)

@@ -1,26 +1,62 @@
-"""The configs shipped with the package: find, list and load them by name.
+"""Configs: the shipped ones by name, which framework a config is for, and ``--cfg-options``.
 
-In an installed wheel they live in ``rest_dense/.mim/configs``; in a clone (or an editable
-install) they are read from the repository's ``configs/`` folder. Names are paths relative
-to that folder, e.g. ``'mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py'`` or
-``'detectron2/mask_rcnn_restv2_tiny_3x.yaml'``.
+Three rules live here and nowhere else:
+
+* **Where a config is** (:func:`get_config_path`): a file path; a shipped config name, i.e. a
+  path relative to the package's configs folder (in an installed wheel
+  ``rest_dense/.mim/configs``, in a clone the repository's ``configs/``), e.g.
+  ``'mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py'``; or ``'pkg::path'``, a config
+  shipped inside an installed OpenMMLab package (``'mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py'``).
+* **Which framework a config is for** (:func:`config_framework`), in one vocabulary,
+  :data:`FRAMEWORKS`:
+
+  ============  ========================================================
+  ``'mmdet'``   MMDetection (mmengine ``.py`` / ``.yaml`` config)
+  ``'mmseg'``   MMSegmentation (mmengine config)
+  ``'d2'``      detectron2 yacs ``.yaml`` config (``_BASE_``, upper-case sections)
+  ``'d2-lazy'`` detectron2 LazyConfig ``.py`` (``dataloader``, ``lr_multiplier``, ...)
+  ============  ========================================================
+
+  :data:`OPENMMLAB` and :data:`DETECTRON2` group them; :func:`framework_family` names the
+  group (``'openmmlab'`` / ``'detectron2'``, the values of the commands' ``--framework``).
+* **What ``--cfg-options key=value`` means** for OpenMMLab configs
+  (:func:`parse_cfg_options`): mmengine's ``DictAction`` rules, implemented here in plain
+  Python so that detectron2-only installs can use them too. detectron2 yacs configs keep
+  their own ``KEY VALUE`` semantics (:func:`d2_opts`).
 """
 from __future__ import annotations
 
+import ast
 import difflib
 import fnmatch
+import importlib.util
+import math
 import os
+import re
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
 
-__all__ = ["configs_root", "get_config_path", "list_configs", "config_framework"]
+__all__ = ["FRAMEWORKS", "OPENMMLAB", "DETECTRON2", "configs_root", "get_config_path",
+           "list_configs", "config_framework", "framework_family", "parse_cfg_options",
+           "parse_cfg_value", "d2_opts"]
 
 _PACKAGE = Path(__file__).resolve().parent
 _SUFFIXES = (".py", ".yaml")
 #: folders of parts, not runnable configs: ``_base_`` files and the deployment (export) configs
 _NOT_RUNNABLE = ("_base_", "deploy")
 
+#: every value :func:`config_framework` returns
+FRAMEWORKS = ("mmdet", "mmseg", "d2", "d2-lazy")
+#: the OpenMMLab frameworks (mmengine configs; the registry scope is the name)
+OPENMMLAB = ("mmdet", "mmseg")
+#: the detectron2 config formats: yacs yaml and LazyConfig
+DETECTRON2 = ("d2", "d2-lazy")
+_FAMILIES = {"openmmlab": OPENMMLAB, "detectron2": DETECTRON2}
 
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# ------------------------------------------------------------------ where a config is
 def configs_root() -> Path:
     """The folder holding the shipped configs (wheel copy first, then the checkout's)."""
     for root in (_PACKAGE / ".mim" / "configs", _PACKAGE.parent / "configs"):
@@ -37,8 +73,13 @@ def list_configs(pattern: str = "*", framework: Optional[str] = None) -> List[st
 
     Args:
         pattern: shell-style filter on the name, e.g. ``'mask_rcnn/*'`` or ``'*toy*'``.
-        framework: only ``'mmdet'``, ``'mmseg'`` or ``'detectron2'`` configs.
+        framework: only configs of this framework (one of :data:`FRAMEWORKS`) or family
+            (``'openmmlab'``, ``'detectron2'``).
     """
+    if framework is not None and framework not in FRAMEWORKS and framework not in _FAMILIES:
+        raise ValueError(f"framework {framework!r} is not one of "
+                         f"{', '.join(FRAMEWORKS + tuple(_FAMILIES))}")
+    wanted = _FAMILIES.get(framework, (framework,))
     root = configs_root()
     names = []
     for path in sorted(root.rglob("*")):
@@ -51,37 +92,56 @@ def list_configs(pattern: str = "*", framework: Optional[str] = None) -> List[st
             continue
         if not fnmatch.fnmatch(rel, pattern):
             continue
-        if framework is not None and config_framework(rel) != framework:
+        if framework is not None and config_framework(str(path)) not in wanted:
             continue
         names.append(rel)
     return names
 
 
-def config_framework(name: str) -> str:
-    """``'detectron2'``, ``'mmseg'`` or ``'mmdet'`` for a shipped config name (by location)."""
-    rel = Path(name).as_posix()
-    if rel.startswith("detectron2/") or rel.endswith(".yaml"):
-        return "detectron2"
-    if rel.startswith("upernet/") or "upernet" in Path(rel).name:
-        return "mmseg"
-    return "mmdet"
+def _package_config(name: str) -> str:
+    """``'mmdet::swin/x.py'`` -> the file inside the installed package's ``.mim/configs``."""
+    package, rel = name.split("::", 1)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", package) or not rel:
+        raise FileNotFoundError(f"config {name!r}: expected PACKAGE::PATH, e.g. "
+                                "mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"config {name!r}: package {package!r} is not installed")
+    tried = []
+    for folder in spec.submodule_search_locations:
+        for root in (Path(folder) / ".mim" / "configs", Path(folder) / "configs"):
+            path = root / rel
+            tried.append(str(path))
+            if path.is_file():
+                return str(path)
+    raise FileNotFoundError(f"config {name!r}: no such config in {package} (looked for "
+                            f"{' and '.join(tried)})")
 
 
-def get_config_path(name: str) -> str:
-    """Absolute path of a shipped config.
+def get_config_path(name: PathLike) -> str:
+    """Absolute path of a config.
 
     ``mmengine.Config.fromfile`` loads the result with its whole ``_base_`` chain, and
     detectron2's ``merge_from_file`` / ``LazyConfig.load`` follow its ``_BASE_`` files.
 
     Args:
-        name: path relative to the configs folder (see :func:`list_configs`); an existing
-            file path is returned unchanged.
+        name: an existing file; a path relative to the shipped configs folder (see
+            :func:`list_configs`, a leading ``configs/`` is allowed); or ``'pkg::path'``,
+            a config inside an installed package (``'mmdet::swin/...'``).
 
     Raises:
         FileNotFoundError: no such config; the message suggests close names.
     """
+    name = os.fspath(name)
     if os.path.isfile(name):
         return os.path.abspath(name)
+    if "::" in name:
+        return _package_config(name)
+    if os.path.isdir(name):
+        raise FileNotFoundError(f"config {name!r} is a folder, not a config file")
     root = configs_root()
     rel = Path(name).as_posix()
     if rel.startswith("configs/"):
@@ -91,4 +151,457 @@ def get_config_path(name: str) -> str:
         return str(path)
     close = difflib.get_close_matches(rel, list_configs(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `rest-dense configs` lists them"
-    raise FileNotFoundError(f"no shipped config {name!r} under {root}{hint}")
+    raise FileNotFoundError(f"no config file {name!r} and no shipped config of that name under "
+                            f"{root}{hint}")
+
+
+# ------------------------------------------------------------------ which framework
+#: top-level names only a detectron2 LazyConfig defines / only mmengine configs use
+_LAZY_NAMES = frozenset({"dataloader", "lr_multiplier"})
+_MM_NAMES = frozenset({"_base_", "default_scope", "custom_imports", "train_dataloader",
+                       "val_dataloader", "test_dataloader", "train_cfg", "optim_wrapper",
+                       "default_hooks", "param_scheduler", "test_evaluator", "val_evaluator",
+                       # MMDeploy's deployment configs (mmengine configs without a model)
+                       "codebase_config", "backend_config", "onnx_config", "ir_config"})
+_MM_MODULES = frozenset({"mmengine", "mmdet", "mmseg", "mmcv"})
+#: model types of each OpenMMLab framework that decide without importing it (the registries
+#: decide for other types)
+_MMSEG_MODELS = frozenset({"EncoderDecoder", "CascadeEncoderDecoder", "SegTTAModel",
+                           "DepthEstimator", "MultimodalEncoderDecoder"})
+_MMDET_MODELS = frozenset({"MaskRCNN", "FasterRCNN", "RetinaNet", "CascadeRCNN", "DetTTAModel",
+                           "HybridTaskCascade", "FCOS", "ATSS", "DETR", "DINO", "RTMDet",
+                           "YOLOX", "MaskFormer", "Mask2Former", "SOLOv2", "PointRend"})
+
+
+class _Facts:
+    """What one config file says about its framework, read without running it."""
+
+    def __init__(self) -> None:
+        self.family: Optional[str] = None      # 'openmmlab' / 'detectron2' when the file decides
+        self.scope: Optional[str] = None       # default_scope = '...'
+        self.model_type: Optional[str] = None  # model = dict(type='...')
+        self.bases: List[str] = []             # _base_ entries / relatively imported files
+
+
+def _literal_str(node: ast.AST) -> Optional[str]:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _dict_type(node: ast.AST) -> Optional[str]:
+    """``dict(type='X', ...)`` / ``{'type': 'X'}`` -> ``'X'``."""
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict":
+        for kw in node.keywords:
+            if kw.arg == "type":
+                return _literal_str(kw.value)
+    if isinstance(node, ast.Dict):
+        for k, v in zip(node.keys, node.values):
+            if k is not None and _literal_str(k) == "type":
+                return _literal_str(v)
+    return None
+
+
+def _relative_module_file(path: str, level: int, module: Optional[str]) -> List[str]:
+    folder = Path(path).parent
+    for _ in range(level - 1):
+        folder = folder.parent
+    base = folder.joinpath(*(module.split("."))) if module else folder
+    found = [str(p) for p in (base.with_suffix(".py"), base / "__init__.py") if p.is_file()]
+    return found[:1]
+
+
+def _read_py(path: str, text: str) -> _Facts:
+    try:
+        tree = ast.parse(text, filename=path)
+    except SyntaxError as err:
+        raise ValueError(f"config {path} is not valid Python: {err}") from None
+    facts = _Facts()
+    names: Set[str] = set()
+    roots: Set[str] = set()
+    read_base = False
+
+    def imports(node: ast.AST) -> None:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                roots.add(a.name.split(".")[0])
+                names.add((a.asname or a.name).split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                facts.bases += _relative_module_file(path, node.level, node.module)
+            else:
+                roots.add((node.module or "").split(".")[0])
+            names.update(a.asname or a.name for a in node.names if a.name != "*")
+
+    for node in tree.body:
+        imports(node)
+        if isinstance(node, ast.With):  # mmengine's `with read_base(): from .x import *`
+            read_base = read_base or any(
+                isinstance(i.context_expr, ast.Call) and isinstance(i.context_expr.func, ast.Name)
+                and i.context_expr.func.id == "read_base" for i in node.items)
+            for sub in node.body:
+                imports(sub)
+        targets: List[ast.AST] = []
+        value = None
+        if isinstance(node, ast.Assign):
+            targets, value = node.targets, node.value
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+            targets, value = [node.target], node.value
+        for target in targets:
+            for sub in ast.walk(target):
+                if isinstance(sub, ast.Name):
+                    names.add(sub.id)
+            if not isinstance(target, ast.Name) or value is None:
+                continue
+            if target.id == "default_scope":
+                facts.scope = _literal_str(value) or facts.scope
+            elif target.id == "codebase_config" and _dict_type(value) in OPENMMLAB:
+                facts.scope = facts.scope or _dict_type(value)  # MMDeploy: codebase = toolbox
+            elif target.id == "model":
+                facts.model_type = _dict_type(value) or facts.model_type
+            elif target.id == "_base_":
+                items = value.elts if isinstance(value, (ast.List, ast.Tuple)) else [value]
+                for item in items:
+                    s = _literal_str(item)
+                    if s:
+                        facts.bases.append(s if "::" in s else
+                                           os.path.normpath(os.path.join(os.path.dirname(path), s)))
+    if names & _MM_NAMES or roots & _MM_MODULES or read_base:
+        facts.family = "openmmlab"
+    elif names & _LAZY_NAMES or "detectron2" in roots:
+        facts.family = "detectron2"
+    return facts
+
+
+def _read_yaml(path: str, text: str) -> _Facts:
+    facts = _Facts()
+    keys = re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:", text, flags=re.MULTILINE)
+    if not keys or any(k == "_BASE_" or k.isupper() for k in keys):
+        facts.family = "detectron2"
+        return facts
+    facts.family = "openmmlab"
+    try:
+        import yaml
+
+        data = yaml.safe_load(text) or {}
+    except Exception as err:  # noqa: BLE001 -- any parse error: say which file
+        raise ValueError(f"config {path} is not valid YAML: {err}") from None
+    if isinstance(data, dict):
+        if isinstance(data.get("default_scope"), str):
+            facts.scope = data["default_scope"]
+        model = data.get("model")
+        if isinstance(model, dict) and isinstance(model.get("type"), str):
+            facts.model_type = model["type"]
+        bases = data.get("_base_") or []
+        for s in [bases] if isinstance(bases, str) else list(bases):
+            if isinstance(s, str):
+                facts.bases.append(s if "::" in s else
+                                   os.path.normpath(os.path.join(os.path.dirname(path), s)))
+    return facts
+
+
+def _file_facts(path: str) -> _Facts:
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".py", ".yaml", ".yml"):
+        raise ValueError(f"config {path}: a config is a .py (MMDetection / MMSegmentation / "
+                         "detectron2 LazyConfig) or .yaml (detectron2, mmengine) file")
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"config {path} is not a text file") from None
+    return _read_py(path, text) if ext == ".py" else _read_yaml(path, text)
+
+
+def _chain(path: str, seen: Set[str]) -> Iterable[tuple]:
+    """(path, facts) of a config and of the files it builds on, nearest first."""
+    if path in seen:
+        return
+    seen.add(path)
+    facts = _file_facts(path)
+    yield path, facts
+    for base in facts.bases:
+        if "::" in base:
+            package = base.split("::", 1)[0]
+            try:
+                base = _package_config(base)
+            except FileNotFoundError:
+                # an uninstalled package's config: its name is what we learn
+                if package in OPENMMLAB:
+                    fact = _Facts()
+                    fact.family, fact.scope = "openmmlab", package
+                    yield base, fact
+                continue
+        if os.path.isfile(base):
+            yield from _chain(base, seen)
+
+
+def _framework_of_model_type(model_type: Any) -> Optional[str]:
+    if not isinstance(model_type, str):
+        return None
+    prefix, _, short = model_type.rpartition(".")
+    if prefix in OPENMMLAB:
+        return prefix
+    if short in _MMSEG_MODELS:
+        return "mmseg"
+    if short in _MMDET_MODELS:
+        return "mmdet"
+    found = []
+    for framework in OPENMMLAB:  # the registries know the rest (imports the frameworks)
+        try:
+            registry = importlib.import_module(f"{framework}.registry")
+            if registry.MODELS.get(short) is not None:
+                found.append(framework)
+        except Exception:  # noqa: BLE001 -- not installed / broken install: no evidence
+            continue
+    return found[0] if len(found) == 1 else None
+
+
+def _loaded_framework(cfg: Mapping, where: str) -> str:
+    """The framework of a loaded config (``mmengine.Config``, a dict, a yacs ``CfgNode``)."""
+    keys = [k for k in cfg.keys() if isinstance(k, str)]
+    if keys and all(k.isupper() for k in keys):
+        return "d2"  # a yacs CfgNode
+    if "dataloader" in keys and "default_scope" not in keys:
+        return "d2-lazy"
+    scope = cfg.get("default_scope")
+    if scope in OPENMMLAB:
+        return scope
+    model = cfg.get("model") or {}
+    model_type = model.get("type") if hasattr(model, "get") else None
+    if isinstance(model_type, str) and model_type.endswith("TTAModel") and hasattr(model, "get"):
+        inner = model.get("module") or {}
+        model_type = inner.get("type", model_type) if hasattr(inner, "get") else model_type
+    framework = _framework_of_model_type(model_type)
+    if framework:
+        return framework
+    raise ValueError(f"cannot tell whether {where} is for MMDetection or MMSegmentation "
+                     f"(default_scope={scope!r}, model.type={model_type!r}); set "
+                     "default_scope = 'mmdet' or 'mmseg' in the config")
+
+
+def config_framework(config: Union[PathLike, Mapping]) -> str:
+    """Which framework a config is for: one of :data:`FRAMEWORKS`.
+
+    Files are read, not run: a ``.yaml`` with detectron2's upper-case sections or
+    ``_BASE_`` (or empty) is ``'d2'``; a ``.py`` using mmengine's names (``_base_``,
+    ``default_scope``, ``train_dataloader``, ``with read_base()``, ...) or importing an
+    OpenMMLab package is OpenMMLab; one defining ``dataloader`` / ``lr_multiplier`` or
+    importing detectron2 is ``'d2-lazy'``; otherwise the files it imports relatively (a
+    LazyConfig built on another) decide, and a bare ``model = dict(type=...)`` is
+    OpenMMLab. MMDetection vs MMSegmentation: the nearest ``default_scope`` along the
+    ``_base_`` chain, else the model type (``mmseg.`` / ``mmdet.`` prefixes, known types,
+    else the frameworks' registries), else the config is loaded with mmengine and the same
+    rules read the result.
+
+    Args:
+        config: a file, shipped config name, ``'pkg::path'``; or a loaded config
+            (``mmengine.Config``, dict, yacs ``CfgNode``).
+
+    Raises:
+        FileNotFoundError: no such config.
+        ValueError: not a config file, or the file fits no framework (the message names
+            the evidence that is missing).
+    """
+    if isinstance(config, Mapping) or (hasattr(config, "keys") and hasattr(config, "get")
+                                       and not isinstance(config, (str, os.PathLike))):
+        where = getattr(config, "filename", None) or "this config"
+        return _loaded_framework(config, where)
+    path = get_config_path(config)
+    chain = list(_chain(path, set()))
+    family = next((f.family for _, f in chain if f.family), None)
+    if family is None and chain[0][1].model_type:
+        family = "openmmlab"  # a bare mmengine config: model = dict(type=...)
+    if family == "detectron2":
+        return "d2" if path.lower().endswith((".yaml", ".yml")) else "d2-lazy"
+    if family is None:
+        raise ValueError(
+            f"config {path} fits no framework: not a detectron2 config (a yaml with upper-case "
+            "sections or _BASE_; a LazyConfig defining `dataloader` / `lr_multiplier` or "
+            "importing detectron2) nor an MMDetection / MMSegmentation one (`_base_`, "
+            "`default_scope`, `train_dataloader`, `model = dict(type=...)`, ...)")
+    scope = next((f.scope for _, f in chain if f.scope), None)
+    if scope in OPENMMLAB:
+        return scope
+    model_type = next((f.model_type for _, f in chain if f.model_type), None)
+    framework = _framework_of_model_type(model_type)
+    if framework:
+        return framework
+    try:  # written in a way that only running it tells: load it with mmengine
+        from mmengine.config import Config
+    except ImportError:
+        raise ValueError(f"cannot tell whether {path} is for MMDetection or MMSegmentation "
+                         "without mmengine (not installed); set default_scope in it") from None
+    return _loaded_framework(Config.fromfile(path), path)
+
+
+def framework_family(framework: str) -> str:
+    """``'openmmlab'`` for ``'mmdet'`` / ``'mmseg'``, ``'detectron2'`` for ``'d2'`` /
+    ``'d2-lazy'`` (the family names are accepted too)."""
+    for family, members in _FAMILIES.items():
+        if framework in members or framework == family:
+            return family
+    raise ValueError(f"framework {framework!r} is not one of {', '.join(FRAMEWORKS)}")
+
+
+# ------------------------------------------------------------------ --cfg-options
+def _split_top_level(text: str, where: str) -> List[str]:
+    """Split at the commas outside brackets (and outside quotes)."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = ""
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([":
+            depth += 1
+        elif ch in ")]":
+            depth -= 1
+            if depth < 0:
+                raise ValueError(f"{where}: unbalanced brackets")
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth or quote:
+        raise ValueError(f"{where}: unbalanced {'quotes' if quote else 'brackets'}")
+    parts.append(text[start:])
+    return parts
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    if text == "None":
+        return None
+    return text
+
+
+def _quoted(text: str) -> Optional[str]:
+    if len(text) >= 2 and text[0] == text[-1] and text[0] in "'\"" and text[0] not in text[1:-1]:
+        return text[1:-1]
+    return None
+
+
+def _value(text: str, where: str) -> Any:
+    stripped = text.strip()
+    inner = _quoted(stripped)
+    if inner is not None:
+        return inner  # 'quoted': a string, kept as written
+    text = stripped.strip("'\"").replace(" ", "")  # stray quotes go, as in DictAction
+    is_tuple = text.startswith("(") and text.endswith(")")
+    if is_tuple or (text.startswith("[") and text.endswith("]")):
+        body = text[1:-1]
+    elif "," in text:
+        body = text
+    else:
+        if text.count("(") != text.count(")") or text.count("[") != text.count("]"):
+            raise ValueError(f"{where}: unbalanced brackets")
+        return _scalar(text)
+    values = [_value(part, where) for part in _split_top_level(body, where)] if body else []
+    if body.endswith(",") and values and values[-1] == "":
+        values.pop()  # `[1,]`, `(1,)`
+    return tuple(values) if is_tuple else values
+
+
+def parse_cfg_value(text: str) -> Any:
+    """One ``--cfg-options`` value, with mmengine ``DictAction``'s rules.
+
+    * ``1`` -> int, ``0.5`` / ``1e-3`` / ``nan`` / ``inf`` -> float (checked where used);
+    * ``true`` / ``False`` / ``TRUE`` (any case) -> bool; ``None`` -> None (``none`` stays
+      a string);
+    * ``1,2`` and ``[1,2]`` -> list ``[1, 2]``; ``(1,2)`` -> tuple; nesting
+      ``[(1,2),[a,b],c]``; ``[]`` / ``()`` empty;
+    * anything else: the string, spaces removed (as ``DictAction`` does).
+
+    One addition to ``DictAction``: a value (or list element) in matching quotes, ``'1'``
+    or ``"a, b"``, is that string as written (``DictAction`` strips the quotes and parses
+    the rest, so ``'1'`` would be the int 1).
+
+    Raises:
+        ValueError: unbalanced brackets or quotes.
+    """
+    return _value(str(text), f"value {text!r}")
+
+
+def parse_cfg_options(options: Union[Mapping[str, Any], Sequence[str], str, None]) -> Dict[str, Any]:
+    """``--cfg-options`` of an OpenMMLab config as the dict for ``Config.merge_from_dict``.
+
+    Args:
+        options: ``key=value`` strings (``['model.backbone.frozen_stages=1', 'a.b=[1,2]']``,
+            values by :func:`parse_cfg_value`), one such string, or a mapping (returned as a
+            dict, values unchanged).
+
+    Returns:
+        The overrides, later keys winning (empty for ``None``).
+
+    Raises:
+        ValueError: an item without ``=`` or with an empty key, or a malformed value; the
+            message names the item.
+    """
+    if not options:
+        return {}
+    if isinstance(options, Mapping):
+        return dict(options)
+    if isinstance(options, str):
+        options = [options]
+    out: Dict[str, Any] = {}
+    for item in options:
+        item = str(item)
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"config override {item!r} is not KEY=VALUE "
+                             "(e.g. train_cfg.max_iters=100)")
+        if not re.fullmatch(r"[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*", key):
+            raise ValueError(f"config override {item!r}: {key!r} is not a dotted key "
+                             "(e.g. model.backbone.drop_path_rate)")
+        try:
+            out[key] = parse_cfg_value(value)
+        except ValueError as err:
+            raise ValueError(f"config override {item!r}: {err}") from None
+    return out
+
+
+def d2_opts(options: Union[Mapping[str, Any], Sequence[str], None], framework: str) -> List[str]:
+    """Overrides in the form detectron2 reads them (values parsed by detectron2 itself).
+
+    Args:
+        options: ``KEY=VALUE`` strings (a yacs config also takes ``KEY VALUE`` pairs), or a
+            mapping (values turned into text).
+        framework: ``'d2'`` (yacs: ``[KEY, VALUE, ...]``, for ``merge_from_list``) or
+            ``'d2-lazy'`` (``['key=value', ...]``, for ``LazyConfig.apply_overrides``).
+
+    Raises:
+        ValueError: a LazyConfig override without ``=``; a yacs key without a value.
+    """
+    if framework not in DETECTRON2:
+        raise ValueError(f"d2_opts: framework {framework!r} is not one of {', '.join(DETECTRON2)}")
+    if isinstance(options, Mapping):
+        items = [f"{k}={v}" for k, v in options.items()]
+    else:
+        items = [str(o) for o in (options or [])]
+    if framework == "d2-lazy":
+        bad = [o for o in items if "=" not in o]
+        if bad:
+            raise ValueError(f"LazyConfig overrides must be key=value, got {bad}")
+        return items
+    out: List[str] = []
+    pending = None
+    for item in items:
+        if pending is not None:
+            out += [pending, item]
+            pending = None
+        elif "=" in item:
+            key, _, value = item.partition("=")
+            out += [key, value]
+        else:
+            pending = item
+    if pending is not None:
+        raise ValueError(f"detectron2 override {pending!r} has no value (KEY VALUE or KEY=VALUE)")
+    return out

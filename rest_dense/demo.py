@@ -106,16 +106,16 @@ class DemoOptions:
             if value is not None and value < (0 if name == "max_iters" else 1):
                 raise ValueError(f"{name} must be {'>= 0' if name == 'max_iters' else 'positive'}, "
                                  f"got {value}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.lr is not None and not 0 < self.lr < float("inf"):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
         if not 0.0 <= self.class_color_prob <= 1.0:
             raise ValueError(f"class_color_prob must lie in [0, 1], got {self.class_color_prob}")
         if self.num_vis < 0:
             raise ValueError(f"num_vis must be >= 0, got {self.num_vis}")
-        if self.cfg_options and not isinstance(self.cfg_options, dict):
-            bad = [o for o in self.cfg_options if "=" not in str(o)]
-            if bad:
-                raise ValueError(f"config overrides must be key=value, got {bad}")
+        if self.cfg_options:
+            from .configs import parse_cfg_options
+
+            parse_cfg_options(self.cfg_options)  # names a malformed override now, not later
 
     @property
     def tasks(self) -> Tuple[str, ...]:
@@ -162,9 +162,9 @@ def build_config(task: str, options: DemoOptions, work_dir: str):
     Returns:
         An ``mmengine.Config`` ready for ``Runner.from_cfg``.
     """
-    from .mm.runner import parse_cfg_options
+    from .configs import get_config_path, parse_cfg_options
+    from .mm.runner import check_train_loop
     from .mm.utils import load_config
-    from .configs import get_config_path
 
     cfg = load_config(get_config_path(TASKS[task]["config"]))
     root = osp.abspath(options.data_root).rstrip("/") + "/"
@@ -185,6 +185,7 @@ def build_config(task: str, options: DemoOptions, work_dir: str):
     overrides = parse_cfg_options(options.cfg_options)
     if overrides:
         cfg.merge_from_dict(overrides)
+    check_train_loop(cfg, minimum_length=0)  # 0 iterations: evaluate the untrained model only
     cfg.work_dir = work_dir
     if options.quiet:
         cfg.log_level = "WARNING"

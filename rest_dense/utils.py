@@ -4,7 +4,7 @@ from __future__ import annotations
 import re
 from typing import Tuple
 
-__all__ = ["parse_size", "format_size", "guess_config_framework"]
+__all__ = ["parse_size", "format_size", "positive_int", "guess_config_framework"]
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*$")
 
@@ -30,80 +30,32 @@ def format_size(size: Tuple[int, int]) -> str:
     return f"{size[0]}x{size[1]}"
 
 
-# names a detectron2 LazyConfig defines at top level, and names only mmengine configs use
-_LAZY_CONFIG_NAMES = frozenset({"dataloader", "lr_multiplier"})
-_MM_CONFIG_NAMES = frozenset({"_base_", "default_scope", "custom_imports", "train_dataloader",
-                              "val_dataloader", "test_dataloader", "train_cfg", "optim_wrapper",
-                              "default_hooks", "param_scheduler", "test_evaluator"})
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts such as ``--threads``: a whole number >= 1.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (``0``, ``-2``, ``2.5``, ``two``), naming it.
+    """
+    import argparse
+
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (expected 1, 2, ...)") \
+            from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def guess_config_framework(path: str) -> str:
-    """Which family of frameworks a config file is written for, without running it.
+    """Deprecated: use :func:`rest_dense.configs.config_framework` (one vocabulary:
+    ``'mmdet'``, ``'mmseg'``, ``'d2'``, ``'d2-lazy'``). Returns its family,
+    ``'openmmlab'`` or ``'detectron2'``."""
+    import warnings
 
-    * ``.yaml`` / ``.yml``: detectron2 (yacs) when the top-level keys are detectron2's
-      upper-case sections or ``_BASE_``; otherwise an mmengine YAML config.
-    * ``.py``: read with :mod:`ast` (nothing is executed). mmengine names (``_base_``,
-      ``default_scope``, ``train_dataloader``, ...) mean OpenMMLab; a top-level
-      ``dataloader`` or ``lr_multiplier`` (LazyConfig), or an import of detectron2 without
-      mmengine names, means detectron2.
+    from .configs import config_framework, framework_family
 
-    Args:
-        path: the config file.
-
-    Returns:
-        ``'detectron2'`` or ``'openmmlab'`` (MMDetection / MMSegmentation).
-
-    Raises:
-        FileNotFoundError: no such file.
-        ValueError: a file of another type, or one that fits neither family.
-    """
-    import ast
-    import os
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {path} does not exist")
-    ext = os.path.splitext(path)[1].lower()
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if ext in (".yaml", ".yml"):
-        keys = re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:", text, flags=re.MULTILINE)
-        if not keys or any(k == "_BASE_" or k.isupper() for k in keys):
-            return "detectron2"
-        return "openmmlab"
-    if ext != ".py":
-        raise ValueError(f"config {path}: expected a .py or .yaml file")
-    try:
-        tree = ast.parse(text, filename=path)
-    except SyntaxError as err:
-        raise ValueError(f"config {path} is not valid Python: {err}") from err
-    names, modules = set(), set()
-    for node in tree.body:
-        targets = []
-        if isinstance(node, ast.Assign):
-            targets = node.targets
-        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
-            targets = [node.target]
-        elif isinstance(node, ast.With):  # mmengine's `with read_base(): from ... import *`
-            for sub in node.body:
-                if isinstance(sub, ast.ImportFrom):
-                    modules.add(sub.module or "")
-        if isinstance(node, ast.Import):
-            modules.update(a.name for a in node.names)
-            names.update((a.asname or a.name).split(".")[0] for a in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            modules.add(node.module or "")
-            names.update(a.asname or a.name for a in node.names)
-        for target in targets:
-            for sub in ast.walk(target):
-                if isinstance(sub, ast.Name):
-                    names.add(sub.id)
-    roots = {m.split(".")[0] for m in modules}
-    if names & _MM_CONFIG_NAMES or roots & {"mmengine", "mmdet", "mmseg"}:
-        return "openmmlab"
-    if names & _LAZY_CONFIG_NAMES or "detectron2" in roots:
-        return "detectron2"
-    if "model" in names:
-        return "openmmlab"  # a bare mmengine config (model = dict(type=...))
-    raise ValueError(f"config {path} fits neither detectron2 (a LazyConfig defines `dataloader` "
-                     "and `lr_multiplier`) nor MMDetection / MMSegmentation (`_base_`, "
-                     "`default_scope`, `train_dataloader`, ...); pass --framework")
+    warnings.warn("rest_dense.utils.guess_config_framework is deprecated; use "
+                  "rest_dense.configs.config_framework", DeprecationWarning, stacklevel=2)
+    return framework_family(config_framework(path))

@@ -37,6 +37,8 @@ HELP = "latency, throughput and peak memory of backbones and whole models (CPU o
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..utils import positive_int
+
     # rest_dense.benchmark imports torch only (frameworks are imported when a row needs them)
     from ..benchmark import ATTN_IMPLS, ATTN_MODES, CP_LEVELS, DTYPES, RUN_MODES, SWIN_MODELS
     from ..models import list_models
@@ -67,7 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "blocks) (default: none)")
     parser.add_argument("--device", default=None,
                         help="cpu or cuda[:i] (default: cuda when available, else cpu)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per row (default: 2)")
     parser.add_argument("--iters", type=int, default=5, help="timed passes per row (default: 5)")
     parser.add_argument("--min-time", type=float, default=0.0,

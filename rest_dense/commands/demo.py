@@ -23,6 +23,8 @@ import argparse
 import sys
 import time
 
+from ..utils import positive_int
+
 HELP = "train and evaluate a small ResTv2 on synthetic toy data (end-to-end demo)"
 
 
@@ -47,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--class-color-prob", type=float, default=0.75,
                    help="toy data: probability that a shape is coloured from its class's hue range")
     p.add_argument("--seed", type=int, default=0, help="training seed (default: 0)")
-    p.add_argument("--threads", type=int, default=None,
+    p.add_argument("--threads", type=positive_int, default=None,
                    help="torch CPU threads (default: torch's choice, i.e. OMP_NUM_THREADS or all cores)")
     p.add_argument("--no-baseline", action="store_true",
                    help="skip evaluating the randomly initialised model before training")
@@ -85,7 +87,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"rest-dense demo: error: {err}", file=sys.stderr)
         return 2
     t0 = time.time()
-    summaries = run_demo(options)
+    try:
+        summaries = run_demo(options)
+    except ValueError as err:  # a bad override (--cfg-options), named by the check that refused it
+        print(f"rest-dense demo: error: {err}", file=sys.stderr)
+        return 2
     for summary in summaries:
         print("\n" + format_summary(summary))
     print(f"\n[demo] done in {time.time() - t0:.0f} s")

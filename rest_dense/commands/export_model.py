@@ -75,8 +75,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smallest fraction of equal pixels, segmentation (default: 0.999)")
     parser.add_argument("--benchmark", action="store_true",
                         help="also time ONNX Runtime and PyTorch on the check images")
-    parser.add_argument("--runs", type=int, default=10, help="timed runs per image (default: 10)")
-    parser.add_argument("--threads", type=int, default=1,
+    from ..utils import positive_int
+
+    parser.add_argument("--runs", type=positive_int, default=10,
+                        help="timed runs per image (default: 10)")
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="CPU threads of both runtimes for checks and timing (default: 1)")
     from .train import add_trust_argument
 
@@ -93,7 +96,6 @@ def run(args: argparse.Namespace) -> int:
     from ..deploy.predictions import Tolerances
     from ..trust import trust
     from ..utils import format_size
-    from .infer import parse_options
 
     sizes = list(args.check_shapes) if args.check_shapes is not None else \
         [_size(s) for s in _DEFAULT_CHECKS]
@@ -108,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     trust(*args.trust_checkpoint)
     try:
         dep = load_deployment(args.config, args.checkpoint, device=args.device,
-                              cfg_options=parse_options(args.cfg_options), opset=args.opset)
+                              cfg_options=args.cfg_options, opset=args.opset)
         exp = dep.export(args.out, shape=args.shape, check_sizes=sizes,
                          check_images=args.check_images)
     except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError) as e:

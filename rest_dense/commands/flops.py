@@ -3,8 +3,10 @@ MMSegmentation / detectron2 models, with a per-operator breakdown
 (conv / linear / matmul / layer_norm / other) next to the ResT papers' figures.
 
 TARGET is a model name (listed below), a config file, a
-shipped config name (`rest-dense configs` lists them) or a folder of configs. Default input
-sizes: backbones 224x224, detection 800x1280, segmentation 512x2048; --shape sets one size
+shipped config name (`rest-dense configs` lists them), a folder of configs, or a neck alone:
+`neck:fpn` (plain FPN) or `neck:vt_fpn` (VT-FPN), counted on maps at strides 4..32 of the
+input with the channels of --neck-channels. Default input sizes: backbones 224x224,
+detection 800x1280, segmentation 512x2048, necks 800x1216; --shape sets one size
 (HxW) for every target. Attention products are counted (fused SDPA like the explicit
 matmuls); conventions: rest_dense.analysis.CONVENTIONS.
 
@@ -15,6 +17,7 @@ Examples:
     rest-dense flops mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py
     rest-dense flops configs/upernet --params-only           # parameters of every config below
     rest-dense flops --all --markdown docs/flops.md          # every shipped config
+    rest-dense flops neck:fpn neck:vt_fpn --neck-channels resnet50 --shape 473x473
 """
 from __future__ import annotations
 
@@ -50,6 +53,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "unless the totals are equal")
     parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=None,
                         help="config overrides applied to every config")
+    parser.add_argument("--neck-channels", default="resnet50", metavar="CHANNELS",
+                        help="input channels of neck:... targets, finest first: comma-separated "
+                             "integers (256,512,1024,2048), resnet50 / resnet101, or a model "
+                             "name such as restv2_tiny (its stage widths); default resnet50")
     parser.add_argument("--markdown", metavar="FILE",
                         help="also write the table, with the conventions, as markdown here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,8 +73,10 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"rest-dense flops: --shape: {e}", file=sys.stderr)
             return 2
+    from ..configs import parse_cfg_options
+
     try:
-        an.parse_cfg_options(args.cfg_options)
+        parse_cfg_options(args.cfg_options)  # the same rules every command uses
     except ValueError as e:
         print(f"rest-dense flops: --cfg-options: {e} (put TARGETs before --cfg-options)",
               file=sys.stderr)
@@ -76,8 +85,19 @@ def run(args: argparse.Namespace) -> int:
         print("rest-dense flops: nothing to count: give TARGETs or --all "
               "(e.g. `rest-dense flops restv2_tiny`)", file=sys.stderr)
         return 2
+    from .. import neck_analysis as na
+
+    items = [t for t in args.targets if not na.is_neck_target(t)]
     try:
-        targets = an.resolve_targets(args.targets, all_configs=args.all)
+        necks = list(dict.fromkeys(na.neck_name(t) for t in args.targets
+                                   if na.is_neck_target(t)))
+        if necks:
+            na.parse_neck_channels(args.neck_channels)
+    except ValueError as e:
+        print(f"rest-dense flops: {e}", file=sys.stderr)
+        return 2
+    try:
+        targets = an.resolve_targets(items, all_configs=args.all) if items or args.all else []
     except ValueError as e:
         print(f"rest-dense flops: {e}", file=sys.stderr)
         return 2
@@ -88,11 +108,16 @@ def run(args: argparse.Namespace) -> int:
         # tqdm.write keeps the progress bar below the printed results
         tqdm.write(an.format_params(r) if args.params_only else an.format_breakdown(r))
 
+    results = []
+    for name in necks:
+        results.append(na.analyze_neck(name, args.neck_channels, shape,
+                                       params_only=args.params_only))
+        show(results[-1])
     try:
-        results = an.analyze(targets, shape, args.attn_mode, fused_attn=not args.math_attn,
-                             params_only=args.params_only, cfg_options=args.cfg_options,
-                             progress=not args.no_progress, skip_unsupported=args.all,
-                             on_result=show)
+        results += an.analyze(targets, shape, args.attn_mode, fused_attn=not args.math_attn,
+                              params_only=args.params_only, cfg_options=args.cfg_options,
+                              progress=not args.no_progress, skip_unsupported=args.all,
+                              on_result=show)
     except (ValueError, FileNotFoundError) as e:
         print(f"rest-dense flops: {e}", file=sys.stderr)
         return 2
@@ -130,6 +155,8 @@ def _reconstruct(args: argparse.Namespace) -> str:
         parts += ["--shape", args.shape]
     if args.attn_mode != "global":
         parts += ["--attn-mode", args.attn_mode]
+    if any(t.lower().startswith("neck:") for t in args.targets):
+        parts += ["--neck-channels", args.neck_channels]
     for flag in ("params_only", "math_attn", "check_math"):
         if getattr(args, flag):
             parts.append("--" + flag.replace("_", "-"))

@@ -31,25 +31,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
-from typing import Any, Dict, List, Optional
 
 HELP = "run a trained model on images (pictures + JSON / label PNGs)"
-
-
-def parse_options(items: Optional[List[str]]) -> Dict[str, Any]:
-    """``['a.b=1', 'c=[1,2]', 'd=text']`` -> ``{'a.b': 1, 'c': [1, 2], 'd': 'text'}``."""
-    out: Dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"config option {item!r} is not KEY=VALUE")
-        try:
-            out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            out[key] = value
-    return out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,8 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-thr", type=float, default=0.3,
                         help="detections below this score are not drawn or written (default: 0.3)")
     parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
-                        help="config overrides (OpenMMLab: model.test_cfg.rcnn.score_thr=0.1; "
-                             "detectron2: MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.1)")
+                        help="config overrides (OpenMMLab: model.test_cfg.rcnn.score_thr=0.1, "
+                             "values as mmengine's --cfg-options reads them; detectron2: "
+                             "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.1)")
     parser.add_argument("--no-vis", action="store_true", help="write no pictures")
     from .train import add_trust_argument
 
@@ -81,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = run_inference(args.config, args.checkpoint, args.inputs, args.out,
                                 device=args.device, score_thr=args.score_thr,
-                                cfg_options=parse_options(args.cfg_options),
+                                cfg_options=args.cfg_options,
                                 draw=not args.no_vis, progress=not args.quiet)
     except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -59,6 +59,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..checkpointing import ResumeError  # light: torch only
+from ..utils import positive_int
 from ..models.checkpoint import CheckpointError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
@@ -118,7 +119,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--work-dir", metavar="DIR",
                         help="logs, checkpoints, metrics (OpenMMLab default: ./work_dirs/<config "
                         "name>; detectron2: the config's OUTPUT_DIR)")
-    parser.add_argument("--threads", "--cpu-threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", "--cpu-threads", type=positive_int, default=None, metavar="N",
                         help="torch CPU threads (default: torch's choice); 1 is much faster than "
                         "several on a CPU shared with other jobs")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
@@ -204,21 +205,24 @@ def d2_amp_overrides(args: argparse.Namespace, lazy: bool) -> List[str]:
 
 # ----------------------------------------------------------------------------- preparation
 def resolve_config(args: argparse.Namespace) -> None:
-    """Set ``args.config_path`` (file or shipped name) and ``args.family``."""
-    from ..configs import get_config_path
-    from ..utils import guess_config_framework
+    """Set ``args.config_path`` (file, shipped name or ``pkg::path``), ``args.family``
+    (``'openmmlab'`` / ``'detectron2'``) and, when read from the config,
+    ``args.config_framework`` (:func:`rest_dense.configs.config_framework`)."""
+    from ..configs import config_framework, framework_family, get_config_path
 
     try:
         args.config_path = get_config_path(args.config)
     except FileNotFoundError as err:
         raise UsageError(str(err).strip('"')) from None
+    args.config_framework = None
     if args.framework != "auto":
         args.family = args.framework
         return
     try:
-        args.family = guess_config_framework(args.config_path)
+        args.config_framework = config_framework(args.config_path)
     except (ValueError, FileNotFoundError) as err:
-        raise UsageError(str(err)) from None
+        raise UsageError(f"{err}; pass --framework openmmlab or --framework detectron2") from None
+    args.family = framework_family(args.config_framework)
 
 
 def check_family_options(args: argparse.Namespace) -> None:
@@ -314,7 +318,9 @@ def run(args: argparse.Namespace) -> int:
     if args.family == "detectron2":
         from ..d2.launch import check_args, launch_main
 
-        amp = d2_amp_overrides(args, lazy=bool(args.lazy) or args.config_path.endswith(".py"))
+        lazy = bool(args.lazy) or (args.config_framework == "d2-lazy" if args.config_framework
+                                   else args.config_path.endswith(".py"))
+        amp = d2_amp_overrides(args, lazy=lazy)
         ns = d2_namespace(args, resume=args.resume if args.resume not in (None, "auto")
                           else args.resume == "auto", eval_only=args.eval_only)
         ns.opts = amp + ns.opts

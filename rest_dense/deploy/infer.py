@@ -59,32 +59,21 @@ def resolve_config(config: PathLike) -> str:
 
 
 def config_framework(config: PathLike) -> str:
-    """``'mmdet'``, ``'mmseg'`` or ``'detectron2'`` for a config file (or shipped name).
+    """Deprecated: use :func:`rest_dense.configs.config_framework` (``'mmdet'``,
+    ``'mmseg'``, ``'d2'``, ``'d2-lazy'``). Returns the toolbox that runs the config:
+    ``'mmdet'``, ``'mmseg'`` or ``'detectron2'``."""
+    from ..configs import DETECTRON2, config_framework as framework_of
 
-    Raises:
-        FileNotFoundError: no such config.
-        ValueError: a config of another framework (or not a config).
-    """
-    from ..utils import guess_config_framework
-
-    path = resolve_config(config)
-    try:
-        family = guess_config_framework(path)
-    except ValueError as e:
-        raise ValueError(f"config {path} is of an unknown framework (not MMDetection, "
-                         f"MMSegmentation or detectron2): {e}") from None
-    if family == "detectron2":
-        return "detectron2"
-    from ..mm.utils import load_config
-
-    try:
-        cfg = load_config(path)
-    except ValueError as e:
-        raise ValueError(f"config {path} is of an unknown framework: {e}") from None
-    return cfg.default_scope
+    warnings.warn("rest_dense.deploy.infer.config_framework is deprecated; use "
+                  "rest_dense.configs.config_framework", DeprecationWarning, stacklevel=2)
+    framework = framework_of(config)
+    return "detectron2" if framework in DETECTRON2 else framework
 
 
-def _mm_config(path: str, cfg_options: Optional[Dict[str, Any]] = None):
+CfgOptions = Union[Dict[str, Any], Sequence[str], None]
+
+
+def _mm_config(path: str, cfg_options: CfgOptions = None):
     """The mmengine config for inference: ``cfg_options`` merged, ``LoadAnnotations`` dropped
     from the test dataloader's pipeline (images come without annotations), and that pipeline
     copied to ``test_pipeline`` (what MMDeploy reads)."""
@@ -392,16 +381,18 @@ class D2Predictor(Predictor):
 
 
 def build_predictor(config: PathLike, checkpoint: PathLike, device: str = "cpu",
-                    cfg_options: Optional[Dict[str, Any]] = None, trusted: bool = False) -> Predictor:
+                    cfg_options: CfgOptions = None, trusted: bool = False) -> Predictor:
     """The predictor for a config of any of the three frameworks.
 
     Args:
         config: config file or shipped config name.
         checkpoint: whole-model checkpoint (ours, or a released one the loaders understand).
         device: ``'cpu'``, ``'cuda'``, ``'cuda:1'``...
-        cfg_options: config overrides; OpenMMLab: ``{'model.test_cfg.rcnn.score_thr': 0.1}``;
-            detectron2: ``{'MODEL.ROI_HEADS.SCORE_THRESH_TEST': 0.1}`` (yaml) or
-            ``{'model.roi_heads...': v}`` (LazyConfig).
+        cfg_options: config overrides, as ``--cfg-options`` strings or a dict; OpenMMLab:
+            ``['model.test_cfg.rcnn.score_thr=0.1']`` (values by
+            :func:`rest_dense.configs.parse_cfg_options`); detectron2:
+            ``['MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.1']`` (yaml; read by yacs) or
+            ``['model.roi_heads...=v']`` (LazyConfig; :func:`rest_dense.configs.d2_opts`).
         trusted: the checkpoint is the user's own file: allow full unpickling if the
             restricted loader refuses it.
 
@@ -410,22 +401,19 @@ def build_predictor(config: PathLike, checkpoint: PathLike, device: str = "cpu",
         ValueError: a config of an unknown framework; a checkpoint that cannot be read or
             belongs to another model (:class:`~rest_dense.models.CheckpointMismatchError`).
     """
+    from ..configs import DETECTRON2, config_framework, d2_opts, parse_cfg_options
+
     path = resolve_config(config)
     checkpoint = os.fspath(checkpoint)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     framework = config_framework(path)
-    if framework == "detectron2":
-        opts: List[str] = []
-        for k, v in (cfg_options or {}).items():
-            opts += [f"{k}={v}"] if path.endswith(".py") else [k, str(v)]
-        return D2Predictor(path, checkpoint, device, opts, trusted)
+    if framework in DETECTRON2:
+        return D2Predictor(path, checkpoint, device, d2_opts(cfg_options, framework), trusted)
+    options = parse_cfg_options(cfg_options)  # one parser: mmengine DictAction's rules
     if framework == "mmdet":
-        return MMDetPredictor(path, checkpoint, device, cfg_options, trusted)
-    if framework == "mmseg":
-        return MMSegPredictor(path, checkpoint, device, cfg_options, trusted)
-    raise ValueError(f"config {path} is for {framework!r}, which infer does not handle "
-                     f"(one of {', '.join(FRAMEWORKS)})")
+        return MMDetPredictor(path, checkpoint, device, options, trusted)
+    return MMSegPredictor(path, checkpoint, device, options, trusted)
 
 
 # ------------------------------------------------------------------ running
@@ -479,7 +467,7 @@ def _write_outputs(predictor: Predictor, image: np.ndarray, pred: Prediction, pa
 
 def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathLike],
                   out_dir: PathLike, device: str = "cpu", score_thr: float = 0.3,
-                  cfg_options: Optional[Dict[str, Any]] = None, draw: bool = True,
+                  cfg_options: CfgOptions = None, draw: bool = True,
                   progress: bool = True, trusted: bool = False,
                   predictor: Optional[Predictor] = None) -> InferenceSummary:
     """Predict on images and write pictures and results (see the module docstring).

@@ -496,9 +496,9 @@ class D2Deployment(Deployment):
 
         from .infer import D2Predictor
 
-        opts: List[str] = []
-        for k, v in (cfg_options or {}).items():
-            opts += [f"{k}={v}"] if config.endswith(".py") else [k, str(v)]
+        from ..configs import config_framework, d2_opts
+
+        opts = d2_opts(cfg_options, config_framework(config))
         with quiet_logs():
             self.predictor = D2Predictor(config, checkpoint, device, opts, trusted)
         self.model = self.predictor.model.eval()
@@ -599,12 +599,13 @@ def load_deployment(config: PathLike, checkpoint: PathLike, device: str = "cpu",
             the exporter does not handle (detectron2 models other than GeneralizedRCNN).
         ImportError: MMDeploy missing (OpenMMLab configs).
     """
-    from .infer import config_framework, resolve_config
+    from ..configs import DETECTRON2, config_framework
+    from .infer import resolve_config
 
     path = resolve_config(config)
     checkpoint = os.fspath(checkpoint)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     framework = config_framework(path)
-    cls = D2Deployment if framework == "detectron2" else MMDeployment
+    cls = D2Deployment if framework in DETECTRON2 else MMDeployment
     return cls(path, checkpoint, device, cfg_options, trusted, opset)

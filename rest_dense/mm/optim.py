@@ -26,10 +26,49 @@ from mmengine.registry import OPTIM_WRAPPERS
 from torch import nn
 
 from ..amp import parse_precision, resolve_amp
-from .utils import detect_framework, register_once
+from ..configs import config_framework
+from .registration import register_once
 
 __all__ = ["ResTLayerDecayOptimizerConstructor", "stage_lr_scales", "BF16OptimWrapper",
-           "set_mixed_precision"]
+           "set_mixed_precision", "amp_unavailable_fallback", "check_decay_rate",
+           "check_num_layers"]
+
+_PARAMWISE_EXAMPLE = ("paramwise_cfg=dict(decay_rate=0.9, num_layers=4, decay_type='stage_wise')")
+
+
+def check_decay_rate(value: Any, key: str = "paramwise_cfg.decay_rate") -> float:
+    """A per-stage lr decay as given: a real number in (0, 1].
+
+    Raises:
+        ValueError: a bool, a non-number, NaN, inf, or a value outside (0, 1], naming ``key``.
+    """
+    import math
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{key} must be a number in (0, 1], e.g. 0.9; got {value!r} "
+                         f"({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value) or not 0.0 < value <= 1.0:
+        raise ValueError(f"{key} must be in (0, 1] (1 = no decay), got {value!r}: a rate <= 0 "
+                         "or > 1 would give zero, negative or growing learning rates")
+    return value
+
+
+def check_num_layers(value: Any, key: str = "paramwise_cfg.num_layers") -> int:
+    """A stage count as given: a whole number >= 1 (``4.7`` is refused, not truncated).
+
+    Raises:
+        ValueError: a bool, a float, a non-number or a value < 1, naming ``key``.
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{key} must be a whole number of stages (e.g. 4), got {value!r} "
+                         f"({type(value).__name__})")
+    if value < 1:
+        raise ValueError(f"{key} must be at least 1, got {value}")
+    return int(value)
 
 
 def stage_lr_scales(decay_rate: float, num_layers: int) -> Dict[int, float]:
@@ -78,6 +117,31 @@ class ResTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
 
     _KEYS = {"decay_rate", "decay_type", "num_layers"}
 
+    def __init__(self, optim_wrapper_cfg: dict, paramwise_cfg: Optional[dict] = None):
+        super().__init__(optim_wrapper_cfg, paramwise_cfg)
+        self._check_paramwise_cfg()
+
+    def _check_paramwise_cfg(self) -> None:
+        """Refuse settings that would train with a wrong schedule, naming the key."""
+        name = type(self).__name__
+        cfg = self.paramwise_cfg
+        if not cfg:
+            raise ValueError(f"{name} needs a paramwise_cfg in optim_wrapper (without one it "
+                             f"would apply no decay at all): add {_PARAMWISE_EXAMPLE}")
+        unknown = sorted(set(cfg) - self._KEYS)
+        if unknown:
+            raise ValueError(f"{name}: unsupported paramwise_cfg keys {unknown}; "
+                             f"allowed: {sorted(self._KEYS)}")
+        if "decay_rate" not in cfg:
+            raise ValueError(f"{name} needs paramwise_cfg.decay_rate, e.g. {_PARAMWISE_EXAMPLE}")
+        check_decay_rate(cfg["decay_rate"])
+        if cfg.get("num_layers") is not None:
+            check_num_layers(cfg["num_layers"])
+        decay_type = cfg.get("decay_type", "stage_wise")
+        if decay_type != "stage_wise":
+            raise ValueError(f"{name} supports paramwise_cfg.decay_type='stage_wise' only, "
+                             f"got {decay_type!r}")
+
     def add_params(self, params: List[dict], module: nn.Module, **kwargs) -> None:
         """Append one param group per (stage, decay / no-decay) pair to ``params``.
 
@@ -85,18 +149,9 @@ class ResTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
             params: param groups being built; extended in place.
             module: the (unwrapped) model, with a ``backbone`` attribute.
         """
+        self._check_paramwise_cfg()  # paramwise_cfg may have been changed since __init__
         cfg = dict(self.paramwise_cfg)
-        unknown = sorted(set(cfg) - self._KEYS)
-        if unknown:
-            raise ValueError(f"{type(self).__name__}: unsupported paramwise_cfg keys {unknown}; "
-                             f"allowed: {sorted(self._KEYS)}")
-        if "decay_rate" not in cfg:
-            raise ValueError(f"{type(self).__name__} needs paramwise_cfg.decay_rate")
-        decay_rate = float(cfg["decay_rate"])
-        decay_type = cfg.get("decay_type", "stage_wise")
-        if decay_type != "stage_wise":
-            raise ValueError(f"{type(self).__name__} supports decay_type='stage_wise' only, "
-                             f"got {decay_type!r}")
+        decay_rate = check_decay_rate(cfg["decay_rate"])
 
         backbone = getattr(module, "backbone", None)
         if backbone is None or not callable(getattr(backbone, "stage_id", None)):
@@ -104,7 +159,8 @@ class ResTLayerDecayOptimizerConstructor(DefaultOptimWrapperConstructor):
                             f"`stage_id(name)` method; got backbone "
                             f"{type(backbone).__name__ if backbone is not None else None}")
         num_stages = int(backbone.num_stages)
-        num_layers = int(cfg.get("num_layers") or num_stages)
+        num_layers = num_stages if cfg.get("num_layers") is None else \
+            check_num_layers(cfg["num_layers"])
         if num_layers < num_stages:
             raise ValueError(f"paramwise_cfg.num_layers={num_layers} is smaller than the "
                              f"backbone's {num_stages} stages")
@@ -302,11 +358,39 @@ register_once(OPTIM_WRAPPERS, "BF16OptimWrapper", BF16OptimWrapper)
 
 
 def _is_mmdet(cfg: Config) -> bool:
-    """Whether ``cfg`` is an MMDetection config (``rest_dense.mm.utils.detect_framework``)."""
+    """Whether ``cfg`` is an MMDetection config (:func:`rest_dense.configs.config_framework`)."""
     try:
-        return detect_framework(cfg) == "mmdet"
+        return config_framework(cfg) == "mmdet"
     except ValueError:
         return False
+
+
+def amp_unavailable_fallback(cfg: Config) -> bool:
+    """Switch an ``AmpOptimWrapper`` to the fp32 ``OptimWrapper`` when no accelerator is
+    present (mmengine's AMP wrapper refuses to run on CPU); the decision is
+    :func:`rest_dense.amp.resolve_amp`'s, shared with the detectron2 adapter. An
+    ``AmpOptimWrapper`` with ``dtype='bfloat16'`` becomes :class:`BF16OptimWrapper`
+    instead, which runs bf16 on the CPU.
+
+    Args:
+        cfg: a loaded config; modified in place.
+
+    Returns:
+        Whether the config was changed.
+    """
+    optim = cfg.get("optim_wrapper")
+    if not optim or optim.get("type") != "AmpOptimWrapper":
+        return False
+    if resolve_amp(True, device=None, log=MMLogger.get_current_instance()):
+        return False
+    if str(optim.get("dtype", "")).replace("torch.", "").lower() in ("bfloat16", "bf16"):
+        # bf16 autocast runs on the CPU: keep it, through the wrapper that allows that
+        set_mixed_precision(cfg, "bf16")
+        return True
+    optim.type = "OptimWrapper"
+    for key in ("loss_scale", "dtype", "use_fsdp"):
+        optim.pop(key, None)
+    return True
 
 
 def set_mixed_precision(cfg: Config, amp: Union[bool, str, torch.dtype] = True) -> Config:

@@ -35,25 +35,24 @@ import os
 import os.path as osp
 from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.logging import print_log
 from mmengine.registry import RUNNERS
 from mmengine.runner import Runner
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
-from ..configs import get_config_path
+from ..configs import get_config_path, parse_cfg_options
 from ..models import check_model_checkpoint
 from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
                             install_config_format_cache, make_checkpoint_hooks_atomic,
                             scale_schedule)
 from ..distributed import setup_mm_distributed
-from .optim import set_mixed_precision
+from .optim import amp_unavailable_fallback, set_mixed_precision
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
-from .utils import (amp_unavailable_fallback, default_work_dir, detect_framework, load_config,
-                    wrap_for_tta)
+from .utils import default_work_dir, detect_framework, load_config, wrap_for_tta
 
-__all__ = ["LAUNCHERS", "parse_cfg_options", "resolve_config", "train_config", "test_config",
+__all__ = ["LAUNCHERS", "parse_cfg_options", "check_train_loop", "resolve_config", "train_config", "test_config",
            "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -64,32 +63,40 @@ CfgOptions = Union[Mapping[str, Any], Sequence[str], None]
 LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 
 
-def parse_cfg_options(options: CfgOptions) -> Dict[str, Any]:
-    """Config overrides as a dict for ``Config.merge_from_dict``.
+# parse_cfg_options (imported above) is rest_dense.configs.parse_cfg_options: one parser, with
+# mmengine DictAction's rules, for every command
+
+
+def _check_count(value: Any, key: str, minimum: int = 1) -> int:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{key} must be a whole number, got {value!r} "
+                         f"({type(value).__name__}); it is never rounded")
+    if value < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, got {value}")
+    return int(value)
+
+
+def check_train_loop(cfg: Config, minimum_length: int = 1) -> None:
+    """Refuse a ``train_cfg`` whose counts are not whole numbers (``max_iters=2.5`` would
+    train 2 iterations) or are below 1, naming the key.
 
     Args:
-        options: a mapping (``{'train_dataloader.batch_size': 4}``, e.g. the output of
-            ``--cfg-options``), or ``key=value`` strings parsed as ``--cfg-options`` parses
-            them (``'model.backbone.frozen_stages=1'``, ``'a.b=[1,2]'``).
-
-    Returns:
-        The overrides (empty for ``None``).
+        cfg: a loaded config.
+        minimum_length: the smallest ``max_iters`` / ``max_epochs`` accepted.
 
     Raises:
-        ValueError: a string without ``=``.
+        ValueError: ``train_cfg.max_iters``, ``max_epochs``, ``val_interval`` or ``val_begin``
+            that is a float, a bool, text, or too small.
     """
-    if not options:
-        return {}
-    if isinstance(options, Mapping):
-        return dict(options)
-    if isinstance(options, str):
-        options = [options]
-    bad = [o for o in options if "=" not in str(o)]
-    if bad:
-        raise ValueError(f"config overrides must be key=value, got {bad}")
-    ns = argparse.Namespace()
-    DictAction(option_strings=[], dest="opts")(None, ns, [str(o) for o in options])
-    return dict(ns.opts)
+    train_cfg = cfg.get("train_cfg")
+    if not train_cfg or not hasattr(train_cfg, "get"):
+        return
+    for key, minimum in (("max_iters", minimum_length), ("max_epochs", minimum_length),
+                         ("val_interval", 1), ("val_begin", 0)):
+        if train_cfg.get(key) is not None:
+            _check_count(train_cfg[key], f"train_cfg.{key}", minimum)
 
 
 def resolve_config(config: ConfigLike) -> Union[str, Config]:
@@ -106,6 +113,8 @@ def resolve_config(config: ConfigLike) -> Union[str, Config]:
 def _load(config: ConfigLike, cfg_options: CfgOptions) -> Config:
     options = parse_cfg_options(cfg_options)
     max_iters = options.pop("train_cfg.max_iters", None)
+    if max_iters is not None:  # checked before the schedule is scaled to it
+        _check_count(max_iters, "train_cfg.max_iters")
     resolved = resolve_config(config)
     if isinstance(resolved, Config):
         import rest_dense.mm  # noqa: F401  (registers the backbones)
@@ -113,7 +122,7 @@ def _load(config: ConfigLike, cfg_options: CfgOptions) -> Config:
         cfg = copy.deepcopy(resolved)
         if options:
             cfg.merge_from_dict(options)
-        cfg.default_scope = detect_framework(cfg)
+        cfg.default_scope = detect_framework(cfg)  # config_framework, OpenMMLab only
     else:
         cfg = load_config(resolved, options)
     if max_iters is not None:
@@ -188,6 +197,7 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,
         resume_file = os.fspath(resume)
         _check_local_file(resume_file, "resume checkpoint")
     cfg = _load(config, cfg_options)
+    check_train_loop(cfg)
     cfg.launcher = launcher
     _set_work_dir(cfg, config, work_dir)
 

@@ -9,52 +9,28 @@ from mmengine.config import Config, ConfigDict
 from mmengine.registry import init_default_scope
 from torch import nn
 
+from ..configs import OPENMMLAB, config_framework, parse_cfg_options
+from .registration import register_once
+
 __all__ = ["FRAMEWORKS", "detect_framework", "build_model", "count_parameters", "load_config",
-           "default_work_dir", "is_tta_model", "wrap_for_tta", "amp_unavailable_fallback"]
+           "default_work_dir", "is_tta_model", "wrap_for_tta", "register_once"]
 
 #: the OpenMMLab frameworks the tools handle, by their registry scope
-FRAMEWORKS: Tuple[str, ...] = ("mmdet", "mmseg")
+FRAMEWORKS: Tuple[str, ...] = OPENMMLAB
 
 
 def detect_framework(cfg: Config) -> str:
-    """Tell whether a config belongs to MMDetection or MMSegmentation.
-
-    Uses ``cfg.default_scope`` when it names one of them; otherwise looks the model
-    type (``cfg.model.type``) up in both frameworks' ``MODELS`` registries.
-
-    Args:
-        cfg: a loaded config.
-
-    Returns:
-        ``'mmdet'`` or ``'mmseg'``.
+    """``'mmdet'`` or ``'mmseg'`` for a loaded OpenMMLab config: the rule of
+    :func:`rest_dense.configs.config_framework` (kept under this name for callers).
 
     Raises:
-        ValueError: the config names neither framework, or the model type is ambiguous.
+        ValueError: the config names neither framework (or is a detectron2 one).
     """
-    scope = cfg.get("default_scope")
-    if scope in FRAMEWORKS:
-        return scope
-    model = cfg.get("model") or {}
-    model_type = model.get("type") if hasattr(model, "get") else None
-    if isinstance(model_type, str) and "." in model_type:
-        prefix = model_type.split(".", 1)[0]
-        if prefix in FRAMEWORKS:
-            return prefix
-    found = []
-    for framework in FRAMEWORKS:
-        try:
-            registry = importlib.import_module(f"{framework}.registry")
-        except ImportError:
-            continue
-        if isinstance(model_type, str) and registry.MODELS.get(model_type) is not None:
-            found.append(framework)
-    if len(found) == 1:
-        return found[0]
-    raise ValueError(
-        f"cannot tell whether this config is for MMDetection or MMSegmentation "
-        f"(default_scope={scope!r}, model.type={model_type!r}, "
-        f"registered in {found or 'neither'}); "
-        "set default_scope = 'mmdet' or 'mmseg' in the config")
+    framework = config_framework(cfg)
+    if framework not in FRAMEWORKS:
+        raise ValueError(f"{getattr(cfg, 'filename', None) or 'this config'} is a detectron2 "
+                         f"config ({framework}), not an MMDetection / MMSegmentation one")
+    return framework
 
 
 def build_model(cfg: Config) -> nn.Module:
@@ -87,7 +63,8 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
 
     Args:
         path: config file.
-        cfg_options: ``key=value`` overrides (``mmengine.config.DictAction`` output).
+        cfg_options: overrides: ``key=value`` strings (:func:`rest_dense.configs.
+            parse_cfg_options`) or a dict.
 
     Returns:
         The config, with ``default_scope`` set to ``'mmdet'`` or ``'mmseg'``.
@@ -96,7 +73,7 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
 
     cfg = Config.fromfile(path)
     if cfg_options:
-        cfg.merge_from_dict(cfg_options)
+        cfg.merge_from_dict(parse_cfg_options(cfg_options))
     cfg.default_scope = detect_framework(cfg)
     return cfg
 
@@ -132,55 +109,3 @@ def wrap_for_tta(cfg: Config) -> Config:
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     return cfg
-
-
-def amp_unavailable_fallback(cfg: Config) -> bool:
-    """Switch an ``AmpOptimWrapper`` to the fp32 ``OptimWrapper`` when no accelerator is
-    present (mmengine's AMP wrapper refuses to run on CPU); the decision is
-    :func:`rest_dense.amp.resolve_amp`'s, shared with the detectron2 adapter. An
-    ``AmpOptimWrapper`` with ``dtype='bfloat16'`` becomes
-    :class:`~rest_dense.mm.optim.BF16OptimWrapper` instead, which runs bf16 on the CPU.
-
-    Args:
-        cfg: a loaded config; modified in place.
-
-    Returns:
-        Whether the config was changed.
-    """
-    from mmengine.logging import MMLogger
-
-    from ..amp import resolve_amp
-
-    optim = cfg.get("optim_wrapper")
-    if not optim or optim.get("type") != "AmpOptimWrapper":
-        return False
-    if resolve_amp(True, device=None, log=MMLogger.get_current_instance()):
-        return False
-    if str(optim.get("dtype", "")).replace("torch.", "").lower() in ("bfloat16", "bf16"):
-        # bf16 autocast runs on the CPU: keep it, through the wrapper that allows that
-        from .optim import set_mixed_precision
-
-        set_mixed_precision(cfg, "bf16")
-        return True
-    optim.type = "OptimWrapper"
-    for key in ("loss_scale", "dtype", "use_fsdp"):
-        optim.pop(key, None)
-    return True
-
-
-def register_once(registry, name: str, cls: type) -> None:
-    """Register ``cls`` as ``name`` in an mmengine registry unless it is there already
-    (re-imports, reloads); refuse to replace another package's module of the same name.
-
-    Raises:
-        KeyError: ``name`` is registered there by another module.
-    """
-    present = registry.module_dict.get(name)
-    if present is not None:
-        if present.__module__ == cls.__module__ and present.__qualname__ == cls.__qualname__:
-            if present is not cls:  # the module was reloaded: keep the registry current
-                registry.register_module(name=name, module=cls, force=True)
-            return
-        raise KeyError(f"{registry.name} registry of {registry.scope!r} already holds {name!r} "
-                       f"from {present.__module__}; rest_dense will not replace it")
-    registry.register_module(name=name, module=cls)

@@ -197,15 +197,6 @@ def test_graph_rules_predict_onnxruntime(tmp_path, one_thread):
     assert graph_problems(model, trace, (256, 320))  # windows larger than at trace time
 
 
-def test_parse_options():
-    from rest_dense.commands.infer import parse_options
-
-    assert parse_options(["a.b=1", "c=[1, 2]", "d=text", "e=0.5"]) == \
-        {"a.b": 1, "c": [1, 2], "d": "text", "e": 0.5}
-    with pytest.raises(ValueError, match="KEY=VALUE"):
-        parse_options(["novalue"])
-
-
 def _retina_inputs(seed, level_sizes, num_classes=3, mean=-2.0):
     """Random per-level RetinaNet outputs (logits, deltas, anchors) for one image."""
     from detectron2.structures import Boxes

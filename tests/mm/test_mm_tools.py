@@ -19,7 +19,8 @@ from rest_dense.amp import amp_supported
 from rest_dense.cli import main as cli
 from rest_dense.mm import runner as mm_runner
 from rest_dense.mm import trusted_checkpoints
-from rest_dense.mm.utils import amp_unavailable_fallback, detect_framework, wrap_for_tta
+from rest_dense.mm.optim import amp_unavailable_fallback
+from rest_dense.mm.utils import detect_framework, wrap_for_tta
 from rest_dense.models import CheckpointMismatchError, ResTv2
 
 from _mm_utils import CONFIG_DIR, TINY_ARCH, build, load, shrink
@@ -79,15 +80,6 @@ def test_wrap_for_tta():
     assert cfg.model.module.type == "EncoderDecoder"
     with pytest.raises(KeyError, match="tta_model"):
         wrap_for_tta(load("mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"))
-
-
-def test_parse_cfg_options():
-    assert mm_runner.parse_cfg_options(None) == {}
-    assert mm_runner.parse_cfg_options({"a.b": 1}) == {"a.b": 1}
-    parsed = mm_runner.parse_cfg_options(["a.b=3", "c=[1,2]", "d=x"])
-    assert parsed == {"a.b": 3, "c": [1, 2], "d": "x"}
-    with pytest.raises(ValueError, match="key=value"):
-        mm_runner.parse_cfg_options(["MODEL.DEVICE", "cpu"])
 
 
 def test_train_config_from_shipped_name(tmp_path):

@@ -1,4 +1,4 @@
-"""`rest-dense train` / `test` / `demo`: choosing the framework from the config, parsing
+"""`rest-dense train` / `test` / `demo`: parsing
 the shared command line, light command modules, thin tool scripts. (The jobs themselves
 run in tests/mm/test_mm_tools.py, tests/d2/test_d2_toy.py and tests/tools/test_toy.py.)"""
 import subprocess
@@ -8,49 +8,8 @@ import pytest
 
 from rest_dense.cli import build_parser, main as cli
 from rest_dense.commands import train as train_cmd
-from rest_dense.configs import config_framework, get_config_path, list_configs
-from rest_dense.utils import guess_config_framework
 
 from conftest import REPO
-
-
-def test_shipped_configs_are_routed_to_their_framework():
-    names = [n for n in list_configs() if not n.startswith("deploy/")]  # export settings, not jobs
-    assert len(names) > 20
-    for name in names:
-        family = guess_config_framework(get_config_path(name))
-        assert family == ("detectron2" if config_framework(name) == "detectron2" else "openmmlab"), name
-
-
-@pytest.mark.parametrize("name,text,family", [
-    ("d2.yaml", "_BASE_: base.yaml\nSOLVER:\n  BASE_LR: 0.1\n", "detectron2"),
-    ("d2_plain.yml", "MODEL:\n  DEVICE: cpu\n", "detectron2"),
-    ("mm.yaml", "model:\n  type: MaskRCNN\ndefault_scope: mmdet\n", "openmmlab"),
-    ("lazy.py", "from common import dataloader, lr_multiplier, model, train\n", "detectron2"),
-    ("lazy2.py", "import detectron2\nmodel = None\ntrain = dict(max_iter=1)\n", "detectron2"),
-    ("mm.py", "_base_ = ['a.py']\nmodel = dict(type='MaskRCNN')\n", "openmmlab"),
-    ("mm_new.py", "from mmengine.config import read_base\nwith read_base():\n"
-                  "    from .base import *\nmodel.update(x=1)\n", "openmmlab"),
-    ("bare_mm.py", "model = dict(type='EncoderDecoder')\n", "openmmlab"),
-])
-def test_guess_config_framework(tmp_path, name, text, family):
-    path = tmp_path / name
-    path.write_text(text)
-    assert guess_config_framework(str(path)) == family
-
-
-def test_guess_config_framework_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        guess_config_framework(str(tmp_path / "none.py"))
-    (tmp_path / "x.json").write_text("{}")
-    with pytest.raises(ValueError, match=".py or .yaml"):
-        guess_config_framework(str(tmp_path / "x.json"))
-    (tmp_path / "odd.py").write_text("x = 1\n")
-    with pytest.raises(ValueError, match="--framework"):
-        guess_config_framework(str(tmp_path / "odd.py"))
-    (tmp_path / "broken.py").write_text("model = dict(\n")
-    with pytest.raises(ValueError, match="not valid Python"):
-        guess_config_framework(str(tmp_path / "broken.py"))
 
 
 def test_overrides_may_follow_options():

@@ -80,9 +80,9 @@ def test_resolve_targets_names_configs_and_errors():
     targets = an.resolve_targets(["rest_small", "restv2_tiny", MASK_RCNN_T,
                                   "detectron2/mask_rcnn_restv2_tiny_1x.yaml"])
     assert [(t.kind, t.label) for t in targets] == [
-        ("backbone", "restv1_small"), ("backbone", "restv2_tiny"), ("mm", MASK_RCNN_T),
+        ("backbone", "restv1_small"), ("backbone", "restv2_tiny"), ("mmdet", MASK_RCNN_T),
         ("d2", "detectron2/mask_rcnn_restv2_tiny_1x.yaml")]
-    assert an.resolve_targets([], all_configs=True)[0].kind in ("mm", "d2")
+    assert an.resolve_targets([], all_configs=True)[0].kind in ("mmdet", "mmseg", "d2", "d2-lazy")
     with pytest.raises(ValueError, match="restv2_tinny.*neither a model"):
         an.resolve_targets(["restv2_tinny"])
 
