@@ -161,3 +161,40 @@ def test_gradient_step_uses_the_groups():
     # Adam's first step moves every weight by lr (sign of the gradient)
     assert torch.allclose(before["head"] - model.head.weight, torch.full((3, 3), 1e-2))
     assert torch.allclose(before["stem"] - stem_w, torch.full_like(stem_w, 1e-2 * 0.5 ** 5))
+
+
+# ---------------------------------------------------------------- numbers checked where they enter
+_WRAPPER = dict(type="OptimWrapper", optimizer=dict(type="AdamW", lr=1e-4, weight_decay=0.05))
+
+
+@pytest.mark.parametrize("paramwise, match", [
+    (None, "needs a paramwise_cfg"),                      # would silently apply no decay
+    (dict(), "needs a paramwise_cfg"),
+    (dict(decay_rate=-0.9), r"decay_rate must be in \(0, 1\]"),  # negative lrs
+    (dict(decay_rate=0.0), r"decay_rate must be in \(0, 1\]"),
+    (dict(decay_rate=1.5), r"decay_rate must be in \(0, 1\]"),
+    (dict(decay_rate=float("nan")), r"decay_rate must be in \(0, 1\]"),  # NaN checkpoint
+    (dict(decay_rate=float("inf")), r"decay_rate must be in \(0, 1\]"),
+    (dict(decay_rate=True), "decay_rate must be a number"),
+    (dict(decay_rate="0.9"), "decay_rate must be a number"),
+    (dict(decay_rate=None), "decay_rate must be a number"),
+    (dict(decay_rate=[0.9]), "decay_rate must be a number"),
+    (dict(decay_rate=0.9, num_layers=4.7), "num_layers must be a whole number"),  # not 4
+    (dict(decay_rate=0.9, num_layers=4.0), "num_layers must be a whole number"),
+    (dict(decay_rate=0.9, num_layers=True), "num_layers must be a whole number"),
+    (dict(decay_rate=0.9, num_layers="4"), "num_layers must be a whole number"),
+    (dict(decay_rate=0.9, num_layers=0), "num_layers must be at least 1"),
+    (dict(decay_rate=0.9, num_layers=-4), "num_layers must be at least 1"),
+])
+def test_decay_constructor_refuses_when_built(paramwise, match):
+    from rest_dense.mm import ResTLayerDecayOptimizerConstructor
+
+    with pytest.raises(ValueError, match=match):
+        ResTLayerDecayOptimizerConstructor(dict(_WRAPPER), paramwise)
+
+
+@pytest.mark.parametrize("decay_rate", [1, 1.0, 0.5, 1e-6])
+def test_decay_constructor_accepts_rates_in_range(decay_rate):
+    from rest_dense.mm import ResTLayerDecayOptimizerConstructor
+
+    ResTLayerDecayOptimizerConstructor(dict(_WRAPPER), dict(decay_rate=decay_rate, num_layers=4))

@@ -229,3 +229,46 @@ def test_export_bad_checkpoint_names_both_variants(files):
     with pytest.raises(CheckpointMismatchError,
                        match="restv1_lite.*restv1_small|restv1_small.*restv1_lite"):
         build_model("restv1_small", checkpoint=str(files["good.pth"]))
+
+
+# --------------------------------------------------------------------------- numbers (issue 17)
+TOY_DET = "toy/mask_rcnn_restv2_toy.py"
+TOY_D2 = "detectron2/toy/mask_rcnn_restv2_toy.yaml"
+
+# (id, argv, words the error must hold): refused before any model is built
+NUMBER_CASES = [
+    ("train-max-iters-float", ["train", TOY_DET, "train_cfg.max_iters=2.5"],
+     ["train_cfg.max_iters", "whole number", "2.5"]),
+    ("train-max-iters-bool", ["train", TOY_DET, "train_cfg.max_iters=true"],
+     ["train_cfg.max_iters", "whole number"]),
+    ("train-max-iters-zero", ["train", TOY_DET, "train_cfg.max_iters=0"],
+     ["train_cfg.max_iters", "at least 1"]),
+    ("train-max-iters-text", ["train", TOY_DET, "--cfg-options", "train_cfg.max_iters=many"],
+     ["train_cfg.max_iters", "whole number"]),
+    ("train-val-interval-float", ["train", TOY_DET, "train_cfg.val_interval=1.5"],
+     ["train_cfg.val_interval", "whole number"]),
+    ("train-max-epochs-float", ["train", "mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py",
+                                "train_cfg.max_epochs=2.5"], ["train_cfg.max_epochs", "2.5"]),
+    ("train-cfg-option-malformed", ["train", TOY_DET, "--cfg-options", "model.x=[1,2"],
+     ["model.x=[1,2", "unbalanced brackets"]),
+    ("train-threads-zero", ["train", TOY_DET, "--threads", "0"], ["--threads", "at least 1"]),
+    ("train-threads-negative", ["train", TOY_D2, "--threads", "-2"], ["--threads", "at least 1"]),
+    ("test-threads-float", ["test", TOY_DET, "x.pth", "--threads", "1.5"],
+     ["--threads", "not a whole number"]),
+    ("bench-threads-zero", ["bench", "restv2_tiny", "--threads", "0"], ["--threads", "at least 1"]),
+    ("demo-threads-text", ["demo", "--threads", "two"], ["--threads", "not a whole number"]),
+    ("export-model-threads-zero", ["export-model", TOY_DET, "x.pth", "--out", "o.onnx",
+                                   "--threads", "0"], ["--threads", "at least 1"]),
+    ("export-model-runs-zero", ["export-model", TOY_DET, "x.pth", "--out", "o.onnx",
+                                "--runs", "0"], ["--runs", "at least 1"]),
+    ("demo-cfg-option-not-kv", ["demo", "--cfg-options", "novalue"], ["novalue", "KEY=VALUE"]),
+]
+
+
+@pytest.mark.parametrize("argv,expect", [c[1:] for c in NUMBER_CASES],
+                         ids=[c[0] for c in NUMBER_CASES])
+def test_numbers_refused_where_they_enter(argv, expect, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no work_dirs/ in the checkout
+    rc, out, err = _run(argv, capsys)
+    _assert_refused(rc, err, expect, status=2)
+    assert not (tmp_path / "work_dirs").exists()
