@@ -2,8 +2,11 @@
 
 Importing this package registers in detectron2's ``BACKBONE_REGISTRY``:
 ``build_restv2_backbone``, ``build_restv2_fpn_backbone``,
-``build_retinanet_restv2_fpn_backbone`` (ResTv2) and ``build_rest_backbone``,
-``build_rest_fpn_backbone``, ``build_retinanet_rest_fpn_backbone`` (ResTv1).
+``build_retinanet_restv2_fpn_backbone``, ``build_restv2_vt_fpn_backbone`` (ResTv2) and
+``build_rest_backbone``, ``build_rest_fpn_backbone``, ``build_retinanet_rest_fpn_backbone``,
+``build_restv1_vt_fpn_backbone`` (= ``build_rest_vt_fpn_backbone``) (ResTv1). The VT-FPN
+builders (:mod:`rest_dense.d2.vt_fpn`) read ``MODEL.VT_FPN`` and emit ``p2..p5`` for
+``SemanticSegmentor`` + ``SemSegFPNHead``.
 
 Typical use::
 
@@ -24,9 +27,11 @@ from .backbone import (D2ResTv1, D2ResTv2, build_rest_backbone, build_rest_fpn_b
                        build_retinanet_rest_fpn_backbone, build_retinanet_restv2_fpn_backbone,
                        freeze_at_to_frozen_stages)
 from .checkpoint import RestDetectionCheckpointer, classify_checkpoint, find_rest_backbone
-from .config import (add_rest_config, add_rest_solver_config, add_restv2_config, rest_arch_from_cfg,
-                     restv2_arch_from_cfg)
-from .data import register_toy_datasets
+from .config import (add_rest_config, add_rest_solver_config, add_restv2_config, add_vt_fpn_config,
+                     rest_arch_from_cfg, restv2_arch_from_cfg)
+from .data import register_toy_datasets, register_toy_sem_seg_datasets
+from .vt_fpn import (D2VTFPN, build_rest_vt_fpn_backbone, build_restv1_vt_fpn_backbone,
+                     build_restv2_vt_fpn_backbone)
 from .solver import build_adamw, build_optimizer, with_full_model_gradient_clipping
 
 __all__ = [
@@ -35,7 +40,9 @@ __all__ = [
     "build_restv2_fpn_backbone", "build_retinanet_restv2_fpn_backbone", "build_rest_backbone",
     "build_rest_fpn_backbone", "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages",
     "RestDetectionCheckpointer", "classify_checkpoint", "find_rest_backbone",
-    "register_toy_datasets", "build_optimizer", "build_adamw", "with_full_model_gradient_clipping",
+    "register_toy_datasets", "register_toy_sem_seg_datasets", "add_vt_fpn_config", "D2VTFPN",
+    "build_restv2_vt_fpn_backbone", "build_restv1_vt_fpn_backbone", "build_rest_vt_fpn_backbone",
+    "build_optimizer", "build_adamw", "with_full_model_gradient_clipping",
     "RestTrainer", "setup_yaml_config", "setup_lazy_config", "launch_main",
 ]
 

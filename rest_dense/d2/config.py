@@ -1,7 +1,8 @@
 """detectron2 (yacs) config keys for the ResT backbones and the AdamW recipe.
 
 ``add_restv2_config(cfg)`` adds ``MODEL.RESTV2``; ``add_rest_config(cfg)`` adds
-``MODEL.REST`` (ResTv1). Both also add the solver keys the papers' recipe needs and
+``MODEL.REST`` (ResTv1). Both also add ``MODEL.VT_FPN`` (the visual-token FPN neck of the
+``build_*_vt_fpn_backbone`` builders, :func:`add_vt_fpn_config`) and the solver keys the papers' recipe needs and
 detectron2 0.5 lacks (``SOLVER.OPTIMIZER``, ``SOLVER.BETAS``; ``SOLVER.CLIP_GRADIENTS``
 additionally accepts ``CLIP_TYPE: "full_model"``) and ``SOLVER.AMP.PRECISION``
 (``"float16"`` | ``"bfloat16"``, as later detectron2 / d2go releases spell it). Calling
@@ -18,8 +19,8 @@ from detectron2.config import CfgNode as CN
 
 from ..models import DEFAULT_WINDOW_SIZE, STAGE_STRIDES, get_model_entry
 
-__all__ = ["add_restv2_config", "add_rest_config", "add_rest_solver_config", "restv2_arch_from_cfg",
-           "rest_arch_from_cfg"]
+__all__ = ["add_restv2_config", "add_rest_config", "add_rest_solver_config", "add_vt_fpn_config",
+           "restv2_arch_from_cfg", "rest_arch_from_cfg"]
 
 _STAGES = [f"stage{i + 1}" for i in range(len(STAGE_STRIDES))]
 
@@ -39,7 +40,9 @@ def add_rest_solver_config(cfg: CN) -> None:
     """Add ``SOLVER.OPTIMIZER`` (``"SGD"`` | ``"ADAMW"``, default SGD as in detectron2),
     ``SOLVER.BETAS`` (AdamW betas), ``SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER`` (default
     False; see :func:`rest_dense.d2.engine.scale_yaml_schedule`) and
-    ``SOLVER.AMP.PRECISION`` if absent.
+    ``SOLVER.AMP.PRECISION`` if absent, and ``SOLVER.POLY_LR_POWER`` (default 1.0: linear
+    decay to 0) for ``SOLVER.LR_SCHEDULER_NAME: "WarmupPolyLR"`` (mmseg's poly schedule,
+    which :class:`rest_dense.d2.RestTrainer` adds to detectron2's two).
 
     ``SOLVER.AMP.PRECISION`` is the dtype of ``SOLVER.AMP.ENABLED`` training:
     ``"float16"`` (default; detectron2's ``AMPTrainer``: autocast + grad scaler, CUDA
@@ -53,6 +56,47 @@ def add_rest_solver_config(cfg: CN) -> None:
         cfg.SOLVER.BETAS = (0.9, 0.999)
     if "SCALE_SCHEDULE_WITH_MAX_ITER" not in cfg.SOLVER:
         cfg.SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER = False
+    if "POLY_LR_POWER" not in cfg.SOLVER:
+        cfg.SOLVER.POLY_LR_POWER = 1.0
+
+
+def add_vt_fpn_config(cfg: CN) -> None:
+    """Add the ``MODEL.VT_FPN`` keys (the VT-FPN neck of ``build_restv2_vt_fpn_backbone`` /
+    ``build_rest_vt_fpn_backbone``) and ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` if absent.
+
+    Keys (defaults: the VT-FPN paper's settings; see :class:`rest_dense.models.VTFPN`):
+        IN_FEATURES: backbone maps the neck reads (``stage1..stage4``), finest first.
+        OUT_CHANNELS: channels of every output map (256).
+        NUM_OUTS: number of outputs; 0 (default) = one per input (``p2..p5`` for semantic
+            segmentation); one more adds a stride-2 max-pooled ``p6`` (Mask R-CNN).
+        NUM_TOKENS: visual tokens per level (8).
+        TOKEN_CHANNELS: channels of the tokens (1024).
+        TOKENIZER: ``"filter"`` (default) or ``"recurrent"``.
+        DEPTH: transformer layers over the tokens of all levels (1).
+        NUM_HEADS: attention heads of the token transformer (16).
+        POS_ENCODING: the tokenizer's position encoding (False, as in the paper's final model).
+        NORM: normalisation inside the neck (``""``: the core module's default).
+
+    ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` (default 1.0 = off): semantic-segmentation
+    training crops (:class:`RestTrainer` with ``SemanticSegmentor``) are re-drawn up to 10
+    times while one class covers more than this fraction (mmseg's ``cat_max_ratio``).
+    """
+    if "SINGLE_CATEGORY_MAX_AREA" not in cfg.INPUT.CROP:
+        cfg.INPUT.CROP.SINGLE_CATEGORY_MAX_AREA = 1.0
+    if "VT_FPN" in cfg.MODEL:
+        return
+    cfg.MODEL.VT_FPN = CN()
+    c = cfg.MODEL.VT_FPN
+    c.IN_FEATURES = list(_STAGES)
+    c.OUT_CHANNELS = 256
+    c.NUM_OUTS = 0
+    c.NUM_TOKENS = 8
+    c.TOKEN_CHANNELS = 1024
+    c.TOKENIZER = "filter"
+    c.DEPTH = 1
+    c.NUM_HEADS = 16
+    c.POS_ENCODING = False
+    c.NORM = ""
 
 
 def add_restv2_config(cfg: CN) -> None:
@@ -77,6 +121,7 @@ def add_restv2_config(cfg: CN) -> None:
     ``1..FREEZE_AT-1``.
     """
     add_rest_solver_config(cfg)
+    add_vt_fpn_config(cfg)
     if "RESTV2" in cfg.MODEL:
         return
     cfg.MODEL.RESTV2 = CN()
@@ -102,6 +147,7 @@ def add_rest_config(cfg: CN) -> None:
     for :func:`add_restv2_config` (ResTv1 has no attention modes).
     """
     add_rest_solver_config(cfg)
+    add_vt_fpn_config(cfg)
     if "REST" in cfg.MODEL:
         return
     cfg.MODEL.REST = CN()

@@ -1,18 +1,26 @@
-"""Registering the synthetic toy dataset (COCO layout) in detectron2's catalogs."""
+"""Registering the synthetic toy dataset in detectron2's catalogs: the COCO instances
+(``toy_train`` / ``toy_val``) and the same scenes' label maps for semantic segmentation
+(``toy_sem_seg_train`` / ``toy_sem_seg_val``)."""
 from __future__ import annotations
 
 import os
 from typing import Dict, Sequence, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
+from detectron2.data.datasets import load_sem_seg, register_coco_instances
 
-__all__ = ["register_toy_datasets", "TOY_SPLITS"]
+__all__ = ["register_toy_datasets", "register_toy_sem_seg_datasets", "TOY_SPLITS",
+           "TOY_SEM_SEG_SPLITS"]
 
 #: split -> (annotation file relative to the root, image folder relative to the root)
 TOY_SPLITS: Dict[str, tuple] = {
     "train": (os.path.join("annotations", "instances_train.json"), "train"),
     "val": (os.path.join("annotations", "instances_val.json"), "val"),
+}
+#: split -> (label-map folder, image folder), relative to the root (the ADE20K-style layout)
+TOY_SEM_SEG_SPLITS: Dict[str, tuple] = {
+    "train": (os.path.join("annotations", "training"), os.path.join("images", "training")),
+    "val": (os.path.join("annotations", "validation"), os.path.join("images", "validation")),
 }
 
 
@@ -49,4 +57,49 @@ def register_toy_datasets(root: Union[str, os.PathLike] = "data/toy", prefix: st
             MetadataCatalog.remove(name)
         register_coco_instances(name, {}, json_file, image_root)
         out[name] = json_file
+    return out
+
+
+def register_toy_sem_seg_datasets(root: Union[str, os.PathLike] = "data/toy",
+                                  prefix: str = "toy_sem_seg",
+                                  splits: Sequence[str] = ("train", "val")) -> Dict[str, str]:
+    """Register ``<prefix>_train`` / ``<prefix>_val``: the toy scenes' label maps
+    (``annotations/{training,validation}/*.png``: 0 background, 1 circle, 2 square, 3
+    triangle) for detectron2's ``SemanticSegmentor``, evaluated by ``SemSegEvaluator``
+    (``evaluator_type='sem_seg'``, ``ignore_label=255``, 4 ``stuff_classes``).
+
+    Re-registering the same name for the same folders is a no-op; for other folders the
+    old entry is replaced. The files need not exist yet (read when the dataset is used).
+
+    Args:
+        root: dataset root (``rest_dense.data.toy.generate_toy_dataset`` writes it).
+        prefix: dataset name prefix.
+        splits: which splits to register.
+
+    Returns:
+        ``{dataset name: label-map folder}``.
+    """
+    from ..data.toy import TOY_PALETTE, TOY_SEG_CLASSES
+
+    root = os.path.abspath(os.fspath(root))
+    out = {}
+    for split in splits:
+        rel_gt, rel_images = TOY_SEM_SEG_SPLITS[split]
+        name = f"{prefix}_{split}"
+        gt_root, image_root = os.path.join(root, rel_gt), os.path.join(root, rel_images)
+        if name in DatasetCatalog.list():
+            meta = MetadataCatalog.get(name)
+            if getattr(meta, "sem_seg_root", None) == gt_root and \
+                    getattr(meta, "image_root", None) == image_root:
+                out[name] = gt_root
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(name, lambda gt=gt_root, img=image_root: load_sem_seg(
+            gt, img, gt_ext="png", image_ext="png"))
+        MetadataCatalog.get(name).set(
+            stuff_classes=list(TOY_SEG_CLASSES), stuff_colors=[list(c) for c in TOY_PALETTE],
+            image_root=image_root, sem_seg_root=gt_root, evaluator_type="sem_seg",
+            ignore_label=255)
+        out[name] = gt_root
     return out

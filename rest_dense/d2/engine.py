@@ -43,7 +43,7 @@ from .solver import build_optimizer
 
 __all__ = ["RestTrainer", "BF16Trainer", "setup_yaml_config", "setup_lazy_config", "lazy_train",
            "lazy_test", "lazy_build_model", "is_lazy_config", "default_setup",
-           "scale_yaml_schedule"]
+           "scale_yaml_schedule", "is_sem_seg_dataset", "sem_seg_train_augmentations"]
 
 logger = logging.getLogger("rest_dense.d2")
 
@@ -264,6 +264,36 @@ def _create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     return create_ddp_model(model, **kwargs)
 
 
+def is_sem_seg_dataset(dataset_name: str) -> bool:
+    """Whether a registered dataset is evaluated as semantic segmentation
+    (``MetadataCatalog`` ``evaluator_type == 'sem_seg'``)."""
+    from detectron2.data import MetadataCatalog
+
+    return getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None) == "sem_seg"
+
+
+def sem_seg_train_augmentations(cfg: CfgNode) -> List[Any]:
+    """Training augmentations for semantic segmentation, in mmseg's order: resize the short
+    side to one of ``INPUT.MIN_SIZE_TRAIN`` (long side <= ``INPUT.MAX_SIZE_TRAIN``), then, if
+    ``INPUT.CROP.ENABLED``, a random crop of ``INPUT.CROP.SIZE`` that no class covers more
+    than ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` of (mmseg's ``cat_max_ratio``; pixels of
+    ``SEM_SEG_HEAD.IGNORE_VALUE`` not counted), then ``INPUT.RANDOM_FLIP``.
+    (detectron2's default mapper crops *before* resizing, which suits detection.)"""
+    import detectron2.data.transforms as T
+
+    augs: List[Any] = [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN,
+                                            cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING)]
+    if cfg.INPUT.CROP.ENABLED:
+        augs.append(T.RandomCrop_CategoryAreaConstraint(
+            cfg.INPUT.CROP.TYPE, cfg.INPUT.CROP.SIZE,
+            float(cfg.INPUT.CROP.get("SINGLE_CATEGORY_MAX_AREA", 1.0)),
+            cfg.MODEL.SEM_SEG_HEAD.IGNORE_VALUE))
+    if cfg.INPUT.RANDOM_FLIP != "none":
+        augs.append(T.RandomFlip(horizontal=cfg.INPUT.RANDOM_FLIP == "horizontal",
+                                 vertical=cfg.INPUT.RANDOM_FLIP == "vertical"))
+    return augs
+
+
 class RestTrainer(DefaultTrainer):
     """``DefaultTrainer`` for the ResT configs.
 
@@ -316,9 +346,41 @@ class RestTrainer(DefaultTrainer):
     @classmethod
     def build_evaluator(cls, cfg: CfgNode, dataset_name: str,
                         output_folder: Optional[str] = None) -> DatasetEvaluator:
+        """``SemSegEvaluator`` for datasets with ``evaluator_type='sem_seg'`` (ADE20K, the
+        toy label maps), ``COCOEvaluator`` otherwise."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        if is_sem_seg_dataset(dataset_name):
+            from detectron2.evaluation import SemSegEvaluator
+
+            return SemSegEvaluator(dataset_name, distributed=True, output_dir=output_folder)
         return COCOEvaluator(dataset_name, output_dir=output_folder)
+
+    @classmethod
+    def build_lr_scheduler(cls, cfg: CfgNode, optimizer: torch.optim.Optimizer):
+        """detectron2's schedulers plus ``"WarmupPolyLR"``: ``(1 - iter / MAX_ITER) **
+        SOLVER.POLY_LR_POWER`` (mmseg's ``PolyLR`` to 0) after detectron2's warm-up."""
+        if cfg.SOLVER.LR_SCHEDULER_NAME != "WarmupPolyLR":
+            return super().build_lr_scheduler(cfg, optimizer)
+        from detectron2.solver import LRMultiplier, WarmupParamScheduler
+        from fvcore.common.param_scheduler import PolynomialDecayParamScheduler
+
+        sched = WarmupParamScheduler(
+            PolynomialDecayParamScheduler(1.0, float(cfg.SOLVER.get("POLY_LR_POWER", 1.0))),
+            cfg.SOLVER.WARMUP_FACTOR, min(cfg.SOLVER.WARMUP_ITERS / cfg.SOLVER.MAX_ITER, 1.0),
+            cfg.SOLVER.WARMUP_METHOD)
+        return LRMultiplier(optimizer, multiplier=sched, max_iter=cfg.SOLVER.MAX_ITER)
+
+    @classmethod
+    def build_train_loader(cls, cfg: CfgNode):
+        """detectron2's loader; for ``SemanticSegmentor`` with the semantic-segmentation
+        augmentations of :func:`sem_seg_train_augmentations` (resize, then crop)."""
+        if cfg.MODEL.META_ARCHITECTURE != "SemanticSegmentor":
+            return super().build_train_loader(cfg)
+        from detectron2.data import DatasetMapper, build_detection_train_loader
+
+        mapper = DatasetMapper(cfg, is_train=True, augmentations=sem_seg_train_augmentations(cfg))
+        return build_detection_train_loader(cfg, mapper=mapper)
 
     def build_hooks(self):
         # DefaultTrainer.__init__ has just created a plain DetectionCheckpointer; replace it

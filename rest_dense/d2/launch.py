@@ -13,7 +13,8 @@ Example::
 
 Overrides follow the config: ``KEY VALUE`` pairs for yaml configs and ``key=value`` for
 LazyConfigs; either spelling is accepted for both (:func:`normalize_overrides`).
-Datasets named ``toy_train`` / ``toy_val`` are registered from ``--toy-root``.
+Datasets named ``toy_train`` / ``toy_val`` (instances) and ``toy_sem_seg_train`` /
+``toy_sem_seg_val`` (label maps) are registered from ``--toy-root``.
 
 Checkpoints are read under :mod:`rest_dense.trust`'s policy; beyond what the allow-list
 admits (which covers detectron2's and mmengine's training checkpoints), full unpickling is
@@ -39,7 +40,7 @@ from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
 from ..trust import trust
 from .checkpoint import RestDetectionCheckpointer
-from .data import register_toy_datasets
+from .data import register_toy_datasets, register_toy_sem_seg_datasets
 from .engine import (RestTrainer, default_setup, is_lazy_config, lazy_build_model, lazy_test,
                      lazy_train, setup_lazy_config, setup_yaml_config)
 
@@ -71,7 +72,8 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lazy", action="store_true",
                         help="treat the config as a LazyConfig (default: by extension, .py)")
     parser.add_argument("--toy-root", default=os.environ.get("RESTDENSE_TOY_ROOT", "data/toy"),
-                        help="root of the toy COCO dataset registered as toy_train / toy_val "
+                        help="root of the toy dataset, registered as toy_train / toy_val (COCO "
+                        "instances) and toy_sem_seg_train / toy_sem_seg_val (label maps) "
                         "(default: $RESTDENSE_TOY_ROOT or data/toy)")
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice); 1 is much faster than "
@@ -224,6 +226,7 @@ def main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     if getattr(args, "cpu_threads", 0) and args.cpu_threads > 0:
         torch.set_num_threads(args.cpu_threads)
     register_toy_datasets(getattr(args, "toy_root", None) or "data/toy")
+    register_toy_sem_seg_datasets(getattr(args, "toy_root", None) or "data/toy")
     _trust_from_args(args)
     lazy = bool(getattr(args, "lazy", False)) or is_lazy_config(args.config_file)
     return (_main_lazy if lazy else _main_yaml)(args)
