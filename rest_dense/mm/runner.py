@@ -50,7 +50,8 @@ from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
 from ..distributed import setup_mm_distributed
 from .optim import amp_unavailable_fallback, set_mixed_precision
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
-from .utils import default_work_dir, detect_framework, load_config, wrap_for_tta
+from .utils import (check_neck_channels, default_work_dir, detect_framework, load_config,
+                    wrap_for_tta)
 
 __all__ = ["LAUNCHERS", "parse_cfg_options", "check_train_loop", "resolve_config", "train_config", "test_config",
            "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint"]
@@ -309,6 +310,7 @@ def build_runner(cfg: Config) -> Runner:
     if isinstance(vis, dict) and vis.get("name") == "visualizer":
         vis.pop("name")
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    check_neck_channels(runner.model)  # a named error, not a conv shape error mid-run
     make_checkpoint_hooks_atomic(runner)  # crash-safe saves, see rest_dense.mm.checkpointing
     return runner
 

@@ -13,7 +13,8 @@ from ..configs import OPENMMLAB, config_framework, parse_cfg_options
 from .registration import register_once
 
 __all__ = ["FRAMEWORKS", "detect_framework", "build_model", "count_parameters", "load_config",
-           "default_work_dir", "is_tta_model", "wrap_for_tta", "register_once"]
+           "default_work_dir", "is_tta_model", "wrap_for_tta", "register_once",
+           "check_neck_channels"]
 
 #: the OpenMMLab frameworks the tools handle, by their registry scope
 FRAMEWORKS: Tuple[str, ...] = OPENMMLAB
@@ -48,7 +49,52 @@ def build_model(cfg: Config) -> nn.Module:
     framework = detect_framework(cfg)
     init_default_scope(framework)
     registry = importlib.import_module(f"{framework}.registry")
-    return registry.MODELS.build(cfg.model)
+    model = registry.MODELS.build(cfg.model)
+    check_neck_channels(model)
+    return model
+
+
+def check_neck_channels(model: nn.Module) -> None:
+    """Refuse a model whose neck (or, without a neck, MMSegmentation decode head) expects
+    other channels than its backbone emits, naming both, instead of a convolution shape
+    error at the first forward pass. Backbones that do not declare ``out_channels`` (a
+    tuple, as the ResT backbones do) are not checked.
+
+    Raises:
+        ValueError: ``neck.in_channels`` != the backbone's ``out_channels`` (or the decode
+            head's ``in_channels`` != the backbone's channels at its ``in_index``).
+    """
+    model = getattr(model, "module", model)  # TTA / DDP wrappers
+    backbone = getattr(model, "backbone", None)
+    emitted = getattr(backbone, "out_channels", None)
+    if not isinstance(emitted, tuple) or not all(isinstance(c, int) for c in emitted):
+        return
+    emitted = list(emitted)
+    neck = getattr(model, "neck", None)
+    if isinstance(neck, nn.Sequential) and len(neck):
+        neck = neck[0]
+    wanted = getattr(neck, "in_channels", None) if neck is not None else None
+    if isinstance(wanted, (list, tuple)):
+        if [int(c) for c in wanted] != emitted:
+            raise ValueError(
+                f"neck.in_channels={list(wanted)} does not fit the backbone: "
+                f"{type(backbone).__name__} emits out_channels={emitted} (out_indices "
+                f"{list(getattr(backbone, 'out_indices', []))}); set model.neck.in_channels="
+                f"{emitted} or change the backbone's out_indices")
+        return
+    head = getattr(model, "decode_head", None)
+    wanted, index = getattr(head, "in_channels", None), getattr(head, "in_index", None)
+    if neck is None and isinstance(wanted, (list, tuple)) and isinstance(index, (list, tuple)):
+        try:
+            fed = [emitted[i] for i in index]
+        except IndexError:
+            raise ValueError(f"decode_head.in_index={list(index)} points past the "
+                             f"{len(emitted)} maps the backbone emits (out_channels="
+                             f"{emitted})") from None
+        if [int(c) for c in wanted] != fed:
+            raise ValueError(f"decode_head.in_channels={list(wanted)} does not fit the backbone: "
+                             f"{type(backbone).__name__} emits out_channels={emitted}, of which "
+                             f"in_index={list(index)} gives {fed}")
 
 
 def count_parameters(model: nn.Module) -> int:

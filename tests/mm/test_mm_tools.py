@@ -20,6 +20,7 @@ from rest_dense.cli import main as cli
 from rest_dense.mm import runner as mm_runner
 from rest_dense.mm import trusted_checkpoints
 from rest_dense.mm.optim import amp_unavailable_fallback
+from rest_dense.configs import get_config_path
 from rest_dense.mm.utils import detect_framework, wrap_for_tta
 from rest_dense.models import CheckpointMismatchError, ResTv2
 
@@ -390,3 +391,20 @@ default_hooks = dict(logger=dict(interval=1))
     _finite_metrics(metrics, ("coco/bbox_mAP", "coco/segm_mAP"))
     painted = list((tmp_path / "t").rglob("vis/*.jpg"))
     assert len(painted) == 2, painted
+
+
+@pytest.mark.parametrize("name, options, match", [
+    ("toy/mask_rcnn_restv2_toy.py", ["model.neck.in_channels=1,2"],
+     r"neck.in_channels=\[1, 2\] does not fit the backbone: MMResTv2 emits out_channels=\[32, 64, 128, 256\]"),
+    ("toy/mask_rcnn_restv2_toy.py", ["model.backbone.out_indices=1,2,3"],
+     r"neck.in_channels=\[32, 64, 128, 256\] .* out_channels=\[64, 128, 256\]"),
+    ("toy/upernet_restv2_toy.py", ["model.backbone.out_indices=0,1,2"],
+     r"decode_head.in_index=\[0, 1, 2, 3\] points past the 3 maps"),
+    ("toy/upernet_restv2_toy.py", ["model.decode_head.in_channels=[8,64,128,256]"],
+     r"decode_head.in_channels=\[8, 64, 128, 256\] does not fit"),
+])
+def test_neck_channels_checked_when_built(name, options, match):
+    from rest_dense.mm.utils import build_model, load_config
+
+    with pytest.raises(ValueError, match=match):
+        build_model(load_config(get_config_path(name), options))
