@@ -34,9 +34,10 @@ class FPN(nn.Module):
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256,
                  num_outs: Optional[int] = None):
         super().__init__()
-        if isinstance(in_channels, (str, bytes)) or not isinstance(in_channels, Sequence):
+        if isinstance(in_channels, (str, bytes)) or not hasattr(in_channels, "__iter__"):
             raise TypeError(f"FPN in_channels must be a sequence of ints (one per level), "
                             f"got {in_channels!r}")
+        in_channels = list(in_channels)
         if len(in_channels) == 0:
             raise ValueError("FPN in_channels is empty: no levels")
         self.in_channels = tuple(check_int(c, f"in_channels[{i}]", 1)

@@ -90,6 +90,10 @@ class TokenNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "bn":
+            if self.training and not _tracing() and x.shape[0] * x.shape[1] == 1:
+                raise ValueError("norm_layer='bn' needs more than one token per batch in "
+                                 "training (batch 1 x 1 token here); use more images or "
+                                 "tokens, or norm_layer='ln' / None")
             return self.norm(x.transpose(1, 2)).transpose(1, 2)
         return self.norm(x)
 
@@ -272,7 +276,7 @@ class TokenTransformer(nn.Module):
 
     def _heads(self, t: Tensor) -> Tensor:
         b, n, _ = t.shape
-        return t.reshape(b, n, self.num_heads, -1).transpose(1, 2)  # (B, heads, N, d)
+        return t.reshape(b, n, self.num_heads, self.dim // self.num_heads).transpose(1, 2)
 
     def attention_weights(self, t: Tensor) -> Tensor:
         """Args:
@@ -389,9 +393,10 @@ class VTFPN(nn.Module):
                  transformer_depth: int = 1, num_heads: int = 16, pos_encoding: bool = False,
                  norm_layer: Optional[str] = "bn"):
         super().__init__()
-        if isinstance(in_channels, (str, bytes)) or not isinstance(in_channels, Sequence):
+        if isinstance(in_channels, (str, bytes)) or not hasattr(in_channels, "__iter__"):
             raise TypeError(f"VTFPN in_channels must be a sequence of ints (one per level), "
                             f"got {in_channels!r}")
+        in_channels = list(in_channels)
         if len(in_channels) == 0:
             raise ValueError("VTFPN in_channels is empty: no levels")
         self.in_channels = tuple(check_int(c, f"in_channels[{i}]", 1)

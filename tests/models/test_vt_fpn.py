@@ -244,6 +244,8 @@ def test_bad_inputs_are_named():
             neck(xs)
     with pytest.raises(RuntimeError):  # float64 maps into a float32 neck: torch's dtype error
         neck([x.double() for x in good])
+    with pytest.raises(ValueError, match="norm_layer='bn' needs more than one token"):
+        VTFPN([8], num_tokens=1, token_channels=32, num_heads=4).train()([torch.randn(1, 8, 3, 3)])
 
 
 def test_hostile_but_valid_inputs():
@@ -255,6 +257,12 @@ def test_hostile_but_valid_inputs():
             for a, b in zip(neck(other), ref):
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         outs64 = neck.double()([x.double() for x in xs])
+        assert neck([x[:0].double() for x in xs])[0].shape == (0, 16, 25, 33)  # empty batch
+        expanded = neck([x[:1].double().expand(3, -1, -1, -1) for x in xs])  # stride-0 views
+        torch.testing.assert_close(expanded[0][2], outs64[0][0])
+    neck = VTFPN(torch.tensor(CH), num_tokens=torch.tensor(4), out_channels=16,
+                 token_channels=32, num_heads=4)  # integer tensors are integers too
+    assert neck.in_channels == CH and neck.num_tokens == 4
     for a, b in zip(outs64, ref):
         assert a.dtype == torch.float64
         torch.testing.assert_close(a.float(), b, rtol=1e-4, atol=1e-4)
