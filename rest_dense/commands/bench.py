@@ -92,6 +92,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"rest-dense bench: --shape: {e}", file=sys.stderr)
         return 2
+    from ..configs import DETECTRON2, config_framework
+
+    for config in args.configs:  # the same rule (and pkg::path names) as every command
+        try:
+            framework = config_framework(config)
+        except (ValueError, FileNotFoundError) as e:
+            print(f"rest-dense bench: error: --configs: {e}", file=sys.stderr)
+            return 2
+        if framework in DETECTRON2:
+            print(f"rest-dense bench: error: --configs: {config} is a detectron2 config ({framework}); "
+                  "bench times MMDetection / MMSegmentation models only (detectron2 models: "
+                  "`rest-dense flops` counts them, `rest-dense export-model --benchmark` "
+                  "times them)", file=sys.stderr)
+            return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     models = list(args.models) or ([] if args.configs else ["restv2_tiny"])
     try:

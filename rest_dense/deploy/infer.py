@@ -73,6 +73,36 @@ def config_framework(config: PathLike) -> str:
 CfgOptions = Union[Dict[str, Any], Sequence[str], None]
 
 
+def resolve_device(device: str) -> str:
+    """The torch device to run on: ``device``, or ``'cpu'`` with a warning when it names
+    CUDA on a machine without a usable GPU (every framework alike: detectron2 would end in
+    "Found no NVIDIA driver").
+
+    Raises:
+        ValueError: not a torch device (``'gpu'``, ``'cuda:x'``), or a GPU index that does
+            not exist.
+    """
+    import torch
+
+    try:
+        dev = torch.device(str(device))
+    except RuntimeError as e:
+        raise ValueError(f"--device {device!r} is not a torch device (cpu, cuda, cuda:1, ...): "
+                         f"{e}") from None
+    if dev.type != "cuda":
+        return str(dev)
+    if not torch.cuda.is_available():
+        import sys
+
+        print(f"warning: --device {device}: no CUDA GPU is available here; running on the CPU",
+              file=sys.stderr)
+        return "cpu"
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    return str(dev)
+
+
 def _mm_config(path: str, cfg_options: CfgOptions = None):
     """The mmengine config for inference: ``cfg_options`` merged, ``LoadAnnotations`` dropped
     from the test dataloader's pipeline (images come without annotations), and that pipeline
@@ -408,6 +438,7 @@ def build_predictor(config: PathLike, checkpoint: PathLike, device: str = "cpu",
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     framework = config_framework(path)
+    device = resolve_device(device)
     if framework in DETECTRON2:
         return D2Predictor(path, checkpoint, device, d2_opts(cfg_options, framework), trusted)
     options = parse_cfg_options(cfg_options)  # one parser: mmengine DictAction's rules

@@ -600,12 +600,13 @@ def load_deployment(config: PathLike, checkpoint: PathLike, device: str = "cpu",
         ImportError: MMDeploy missing (OpenMMLab configs).
     """
     from ..configs import DETECTRON2, config_framework
-    from .infer import resolve_config
+    from .infer import resolve_config, resolve_device
 
     path = resolve_config(config)
     checkpoint = os.fspath(checkpoint)
     if not os.path.isfile(checkpoint):
         raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
     framework = config_framework(path)
+    device = resolve_device(device)
     cls = D2Deployment if framework in DETECTRON2 else MMDeployment
     return cls(path, checkpoint, device, cfg_options, trusted, opset)

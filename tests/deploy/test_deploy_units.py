@@ -309,3 +309,21 @@ def test_d2_traceable_retinanet_patches_one_model_for_the_block():
         assert model.inference_single_image.__func__.__name__ == "traceable_inference_single_image"
         assert other.inference_single_image() == "detectron2"
     assert model.inference_single_image() == "detectron2" and "inference_single_image" not in vars(model)
+
+
+@pytest.mark.parametrize("device, result, match", [
+    ("cpu", "cpu", None),
+    ("cuda", "cpu" if not torch.cuda.is_available() else "cuda", None),
+    ("gpu", None, "not a torch device"),
+    ("cuda:x", None, "not a torch device"),
+])
+def test_resolve_device(device, result, match, capsys):
+    from rest_dense.deploy.infer import resolve_device
+
+    if match:
+        with pytest.raises(ValueError, match=match):
+            resolve_device(device)
+        return
+    assert resolve_device(device) == result
+    if device == "cuda" and not torch.cuda.is_available():
+        assert "no CUDA GPU" in capsys.readouterr().err

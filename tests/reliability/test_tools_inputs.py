@@ -272,3 +272,13 @@ def test_numbers_refused_where_they_enter(argv, expect, capsys, tmp_path, monkey
     rc, out, err = _run(argv, capsys)
     _assert_refused(rc, err, expect, status=2)
     assert not (tmp_path / "work_dirs").exists()
+
+
+@pytest.mark.parametrize("config, expect", [
+    ("detectron2/toy/mask_rcnn_restv2_toy.yaml", ["detectron2 config (d2)", "MMDetection / MMSegmentation"]),
+    ("detectron2/lazy/mask_rcnn_restv2_tiny_3x.py", ["detectron2 config (d2-lazy)"]),
+    ("mmdet::no/such.py", ["no such config in mmdet"]),
+])
+def test_bench_configs_refuses_what_it_cannot_time(config, expect, capsys):
+    rc, out, err = _run(["bench", "--configs", config, "--no-progress"], capsys)
+    _assert_refused(rc, err, expect, status=2)
