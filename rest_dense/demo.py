@@ -33,7 +33,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-__all__ = ["TASKS", "DemoOptions", "build_config", "run_task", "run_demo", "format_summary",
+__all__ = ["TASKS", "ALL_TASKS", "DemoOptions", "build_config", "run_task", "run_demo", "format_summary",
            "draw_det_comparison", "draw_seg_comparison"]
 
 #: task -> shipped config, output sub-folder and the metrics of the summary
@@ -43,7 +43,14 @@ TASKS: Dict[str, Dict[str, Any]] = {
                           ("coco/bbox_mAP_50", "bbox mAP@50"), ("coco/segm_mAP_50", "segm mAP@50"))),
     "seg": dict(config="toy/upernet_restv2_toy.py", name="upernet",
                 headline=(("mIoU", "mIoU"), ("mAcc", "mAcc"), ("aAcc", "aAcc"))),
+    # the same backbone, data and schedule with semantic FPN / VT-FPN instead of UperNet
+    "sem_fpn": dict(config="toy/sem_fpn_restv2_toy.py", name="sem_fpn",
+                    headline=(("mIoU", "mIoU"), ("mAcc", "mAcc"), ("aAcc", "aAcc"))),
+    "vt_fpn": dict(config="toy/vt_fpn_restv2_toy.py", name="vt_fpn",
+                   headline=(("mIoU", "mIoU"), ("mAcc", "mAcc"), ("aAcc", "aAcc"))),
 }
+#: what ``task='all'`` runs
+ALL_TASKS: Tuple[str, ...] = ("det", "seg")
 
 
 @dataclasses.dataclass
@@ -51,7 +58,8 @@ class DemoOptions:
     """Settings of a demo run (the options of ``rest-dense demo``).
 
     Attributes:
-        task: ``'det'`` (Mask R-CNN), ``'seg'`` (UperNet) or ``'all'`` (both).
+        task: ``'det'`` (Mask R-CNN), ``'seg'`` (UperNet), ``'sem_fpn'`` (semantic FPN),
+            ``'vt_fpn'`` (VT-FPN) or ``'all'`` (det and seg).
         work_dir: output folder (one sub-folder per task).
         data_root: toy dataset root; written if missing or made with other parameters.
         max_iters: training iterations (``None``: the config's); 0 evaluates the untrained
@@ -95,7 +103,7 @@ class DemoOptions:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad setting."""
         if self.task not in (*TASKS, "all"):
-            raise ValueError(f"task {self.task!r} is not one of det, seg, all")
+            raise ValueError(f"task {self.task!r} is not one of {', '.join((*TASKS, 'all'))}")
         for name in ("num_train", "num_val", "size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -119,7 +127,7 @@ class DemoOptions:
 
     @property
     def tasks(self) -> Tuple[str, ...]:
-        return tuple(TASKS) if self.task == "all" else (self.task,)
+        return ALL_TASKS if self.task == "all" else (self.task,)
 
 
 # ----------------------------------------------------------------------------- config
@@ -483,7 +491,7 @@ def _fmt_metrics(task: str, metrics: Optional[Dict[str, float]]) -> str:
     parts = []
     for key, label in TASKS[task]["headline"]:
         if key in metrics:
-            value = metrics[key] / 100.0 if task == "seg" else metrics[key]  # mmseg reports percent
+            value = metrics[key] / 100.0 if task != "det" else metrics[key]  # mmseg: percent
             parts.append(f"{label} {value:.3f}" if math.isfinite(value) else f"{label} n/a")
     return ", ".join(parts)
 

@@ -9,6 +9,7 @@ Examples:
 
   rest-dense demo                        # Mask R-CNN (MMDetection), a few minutes on 2 cores
   rest-dense demo --task seg             # UperNet (MMSegmentation)
+  rest-dense demo --task vt_fpn          # VT-FPN (sem_fpn: semantic FPN), same backbone/data
   rest-dense demo --task all --threads 1 # both, one CPU thread
   rest-dense demo --max-iters 20         # quick smoke run
   rest-dense demo --max-iters 0          # evaluate the untrained model only
@@ -30,8 +31,10 @@ HELP = "train and evaluate a small ResTv2 on synthetic toy data (end-to-end demo
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = parser
-    p.add_argument("--task", choices=("det", "seg", "all"), default="det",
-                   help="det: Mask R-CNN (default); seg: UperNet; all: both")
+    p.add_argument("--task", choices=("det", "seg", "sem_fpn", "vt_fpn", "all"), default="det",
+                   help="det: Mask R-CNN (default); seg: UperNet; sem_fpn: semantic FPN; "
+                   "vt_fpn: VT-FPN (the three segmenters share backbone, data and schedule); "
+                   "all: det and seg")
     p.add_argument("--work-dir", default="work_dirs/toy_demo",
                    help="output folder (default: work_dirs/toy_demo)")
     p.add_argument("--data-root", default="data/toy",
