@@ -17,8 +17,10 @@ HELP = "list the shipped configs (or print one's path)"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*",
                         help="shell-style filter on the config name (default: all)")
-    parser.add_argument("--framework", choices=["mmdet", "mmseg", "detectron2"],
-                        help="only configs of this framework")
+    parser.add_argument("--framework",
+                        choices=["mmdet", "mmseg", "d2", "d2-lazy", "openmmlab", "detectron2"],
+                        help="only configs of this framework (d2: detectron2 yaml, d2-lazy: "
+                        "LazyConfig) or family (openmmlab, detectron2)")
     parser.add_argument("--path", metavar="NAME", help="print the absolute path of one config")
 
 
