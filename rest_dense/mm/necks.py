@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from mmengine.logging import print_log
 from mmengine.model import BaseModule, initialize
 
 from ..models import VTFPN
 
-__all__ = ["MMVTFPN"]
+__all__ = ["MMVTFPN", "check_neck_levels"]
 
 InitCfg = Union[Dict[str, Any], List[Dict[str, Any]], None]
 
@@ -121,3 +121,57 @@ class MMVTFPN(VTFPN, BaseModule):
         if self.init_cfg:
             initialize(self, copy.deepcopy(self.init_cfg))
         self._is_init = True
+
+
+def _levels_read(model) -> List[Tuple[str, int]]:
+    """``(what, number of neck levels it reads)`` for the heads of an mmdet / mmseg model."""
+    found: List[Tuple[str, int]] = []
+    for name in ("rpn_head", "bbox_head"):
+        head = getattr(model, name, None)
+        gen = getattr(head, "prior_generator", None)
+        if gen is not None and hasattr(gen, "strides"):
+            strides = [s[0] if isinstance(s, (tuple, list)) else s for s in gen.strides]
+            found.append((f"{name}'s anchor generator (strides {strides})", len(gen.strides)))
+    roi = getattr(model, "roi_head", None)
+    for name in ("bbox_roi_extractor", "mask_roi_extractor"):
+        ext = getattr(roi, name, None)
+        strides = getattr(ext, "featmap_strides", None)
+        if strides is not None:
+            found.append((f"roi_head.{name} (featmap_strides {list(strides)})", -len(strides)))
+    for name in ("decode_head", "auxiliary_head"):
+        heads = getattr(model, name, None)
+        for head in (heads if isinstance(heads, (list, tuple)) or
+                     type(heads).__name__ == "ModuleList" else [heads]):
+            index = getattr(head, "in_index", None)
+            if index is not None:
+                idx = list(index) if isinstance(index, (list, tuple)) else [index]
+                found.append((f"{name}.in_index {idx}", -(max(idx) + 1)))
+    return found
+
+
+def check_neck_levels(model) -> None:
+    """Refuse a model whose heads read another number of levels than its neck emits
+    (``neck.num_outs``), naming both, instead of mmdet's bare ``AssertionError`` in the
+    anchor head (or an ``IndexError``) at the first training step.
+
+    Heads with an anchor generator (RPN, RetinaNet) need exactly ``num_outs`` levels; RoI
+    extractors and mmseg heads need at least as many as they index.
+
+    Raises:
+        ValueError: the neck's ``num_outs`` does not fit a head.
+    """
+    model = getattr(model, "module", model)  # TTA / DDP wrappers
+    neck = getattr(model, "neck", None)
+    if type(neck).__name__ == "Sequential" and len(neck):
+        neck = neck[-1]
+    num_outs = getattr(neck, "num_outs", None)
+    if not isinstance(num_outs, int):
+        return
+    for what, n in _levels_read(model):
+        if (n > 0 and n != num_outs) or (n < 0 and -n > num_outs):
+            need = n if n > 0 else f"at least {-n}"
+            raise ValueError(
+                f"model.neck ({type(neck).__name__}) emits num_outs={num_outs} levels, but "
+                f"{what} needs {need}; set model.neck.num_outs={abs(n)}"
+                + (" (VT-FPN adds the extra coarser levels by stride-2 max pooling)"
+                   if isinstance(neck, VTFPN) else ""))

@@ -48,6 +48,7 @@ from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
                             install_config_format_cache, make_checkpoint_hooks_atomic,
                             scale_schedule)
 from ..distributed import setup_mm_distributed
+from .necks import check_neck_levels
 from .optim import amp_unavailable_fallback, set_mixed_precision
 from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
 from .utils import (check_neck_channels, default_work_dir, detect_framework, load_config,
@@ -311,6 +312,7 @@ def build_runner(cfg: Config) -> Runner:
         vis.pop("name")
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     check_neck_channels(runner.model)  # a named error, not a conv shape error mid-run
+    check_neck_levels(runner.model)  # neck.num_outs the heads cannot use: named, not asserted
     make_checkpoint_hooks_atomic(runner)  # crash-safe saves, see rest_dense.mm.checkpointing
     return runner
 

@@ -51,6 +51,9 @@ def build_model(cfg: Config) -> nn.Module:
     registry = importlib.import_module(f"{framework}.registry")
     model = registry.MODELS.build(cfg.model)
     check_neck_channels(model)
+    from .necks import check_neck_levels
+
+    check_neck_levels(model)  # num_outs that the heads cannot use
     return model
 
 
