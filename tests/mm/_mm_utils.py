@@ -58,7 +58,7 @@ def shrink(cfg: Config, arch=TINY_ARCH, keep_init_cfg: bool = False) -> Config:
         model.neck.in_channels = [dims[i] for i in outs]
     if "decode_head" in model and not model.get("neck"):  # behind a neck: the neck's channels
         model.decode_head.in_channels = [dims[i] for i in outs]
-    if "auxiliary_head" in model:
+    if model.get("auxiliary_head"):
         model.auxiliary_head.in_channels = dims[outs[model.auxiliary_head.in_index]]
     if "roi_head" in model:
         model.train_cfg.rpn_proposal.max_per_img = 200

@@ -1,0 +1,171 @@
+"""VT-FPN in MMSegmentation / MMDetection: the registered neck, every shipped semantic-FPN and
+VT-FPN config built with a small backbone and run on an odd size, real training steps on the
+toy data (mmseg VT-FPN, mmdet Mask R-CNN with VT-FPN), and the errors of careless configs."""
+import copy
+
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.dataset import pseudo_collate
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import Registry, init_default_scope
+
+import rest_dense.mm  # noqa: F401
+from rest_dense.data.toy import generate_toy_dataset
+from rest_dense.mm import MMVTFPN
+from rest_dense.mm.necks import check_neck_levels
+from rest_dense.mm.utils import register_once
+from rest_dense.models import VTFPN
+
+from _mm_utils import TINY_ARCH, build, load, shrink
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SEG_CONFIGS = ["sem_fpn/fpn_restv2-t_8xb2-160k_ade20k-512x512.py",
+               "sem_fpn/vt-fpn_restv2-t_8xb2-160k_ade20k-512x512.py",
+               "toy/sem_fpn_restv2_toy.py", "toy/vt_fpn_restv2_toy.py"]
+DIMS = list(TINY_ARCH["embed_dims"])
+H, W = 97, 131
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("toy_vt_fpn")
+    generate_toy_dataset(root, num_train=8, num_val=2)
+    return str(root) + "/"
+
+
+def test_registered_in_both_frameworks_and_refuses_foreign_names():
+    from mmdet.registry import MODELS as DET
+    from mmseg.registry import MODELS as SEG
+
+    assert DET.get("VTFPN") is MMVTFPN and SEG.get("VTFPN") is MMVTFPN
+    assert issubclass(MMVTFPN, VTFPN)
+    register_once(SEG, "VTFPN", MMVTFPN)  # re-import: a no-op
+
+    class VTFPNOfAnotherPackage(torch.nn.Module):
+        pass
+
+    with pytest.raises(KeyError, match="will not replace"):
+        register_once(SEG, "VTFPN", VTFPNOfAnotherPackage)
+    other = Registry("models")  # a package that registered the name first
+    other.register_module(name="VTFPN", module=VTFPNOfAnotherPackage)
+    with pytest.raises(KeyError, match="VTFPN"):
+        register_once(other, "VTFPN", MMVTFPN)
+    assert other.get("VTFPN") is VTFPNOfAnotherPackage
+
+
+def test_adapter_arguments_and_init_cfg():
+    from mmseg.registry import MODELS
+
+    neck = MODELS.build(dict(type="VTFPN", in_channels=DIMS, out_channels=16, token_channels=32,
+                             num_heads=4, norm_cfg=dict(type="SyncBN", requires_grad=True),
+                             init_cfg=dict(type="Constant", layer="Conv2d", val=0.5, bias=0.0)))
+    assert neck.norm_layer == "bn" and not neck.is_init
+    neck.init_weights()
+    assert neck.is_init and (neck.lateral_convs[0].weight == 0.5).all()
+    neck.init_weights()  # a second call (a parent's) only warns: the init_cfg result stays
+    assert (neck.lateral_convs[0].weight == 0.5).all()
+    assert MODELS.build(dict(type="VTFPN", in_channels=DIMS, norm_cfg=None)).norm_layer is None
+    with pytest.raises(TypeError, match="add_extra_convs"):
+        MODELS.build(dict(type="VTFPN", in_channels=DIMS, num_outs=5, add_extra_convs="on_input"))
+    with pytest.raises(ValueError, match="norm_cfg"):
+        MODELS.build(dict(type="VTFPN", in_channels=DIMS, norm_cfg=dict(type="GN", num_groups=4)))
+    with pytest.raises(TypeError, match="not both"):
+        MODELS.build(dict(type="VTFPN", in_channels=DIMS, norm_cfg=None, norm_layer="ln"))
+
+
+@pytest.mark.parametrize("rel", SEG_CONFIGS)
+def test_shipped_seg_config_predicts_odd_size(rel):
+    cfg = shrink(load(rel))
+    model_cfg = cfg.model
+    assert model_cfg.neck.type == ("VTFPN" if "vt" in rel.split("/")[1] else "FPN")
+    assert model_cfg.decode_head.type == "FPNHead" and model_cfg.get("auxiliary_head") is None
+    torch.manual_seed(0)
+    model = build(cfg).eval()
+    img = torch.randint(0, 256, (3, H, W), dtype=torch.uint8)
+    from mmseg.structures import SegDataSample
+
+    sample = SegDataSample()
+    sample.set_metainfo(dict(ori_shape=(H, W), img_shape=(H, W), pad_shape=(H, W),
+                             scale_factor=(1.0, 1.0), flip=False))
+    with torch.no_grad():
+        res = model.test_step(dict(inputs=[img], data_samples=[sample]))[0]
+    num_classes = model_cfg.decode_head.num_classes
+    assert res.pred_sem_seg.data.shape == (1, H, W)
+    assert res.seg_logits.data.shape == (num_classes, H, W)
+    assert torch.isfinite(res.seg_logits.data).all()
+
+
+def _toy_batch(cfg, root, n):
+    from mmengine.registry import DATASETS
+
+    ds_cfg = copy.deepcopy(cfg.train_dataloader.dataset)
+    ds_cfg.data_root = root
+    if "ann_file" in ds_cfg:
+        ds_cfg.pop("filter_cfg", None)
+    dataset = DATASETS.build(ds_cfg)
+    return pseudo_collate([dataset[i] for i in range(n)])
+
+
+def _train_steps(cfg, root, steps, n=4):
+    init_default_scope(cfg.default_scope)
+    torch.manual_seed(0)
+    model = build(cfg)
+    model.init_weights()
+    optim = build_optim_wrapper(model, cfg.optim_wrapper)
+    batch = _toy_batch(cfg, root, n)
+    model.train()
+    model.initial_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    losses = []
+    for _ in range(steps):
+        log_vars = model.train_step(batch, optim)
+        losses.append(float(log_vars["loss"].detach()))
+    return model, losses
+
+
+def test_mmseg_vt_fpn_trains_on_toy_data(toy_root):
+    cfg = load("toy/vt_fpn_restv2_toy.py")
+    model, losses = _train_steps(cfg, toy_root, steps=6)
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    assert losses[-1] < losses[0], losses
+    # the optimizer moved every part of the neck (gradients reached it)
+    moved = [k for k, v in model.neck.state_dict().items()
+             if v.is_floating_point() and not torch.equal(v, model.initial_state["neck." + k])]
+    for part in ("lateral_convs.", "tokenizers.", "transformer.", "projectors."):
+        assert any(k.startswith(part) for k in moved), (part, moved)
+
+
+def test_mmdet_mask_rcnn_vt_fpn_trains_on_toy_data(toy_root):
+    cfg = load("toy/mask_rcnn_restv2_vt_fpn_toy.py")
+    assert cfg.model.neck.type == "VTFPN" and cfg.model.neck.num_outs == 5
+    cfg.model.train_cfg.rpn_proposal.max_per_img = 50
+    model, losses = _train_steps(cfg, toy_root, steps=2, n=2)
+    assert model.neck.num_outs == 5
+    assert all(torch.isfinite(torch.tensor(losses))), losses
+    feats = model.extract_feat(torch.rand(1, 3, H, W))
+    assert len(feats) == 5 and [f.shape[-2:] for f in feats][-1] == (2, 3)
+
+
+def test_careless_configs_are_named_errors():
+    # Mask R-CNN reads five levels: a four-level neck is refused at build time
+    cfg = load("toy/mask_rcnn_restv2_vt_fpn_toy.py")
+    cfg.model.neck.num_outs = 4
+    with pytest.raises(ValueError, match=r"num_outs=4 .*anchor generator.*num_outs=5"):
+        build(cfg)
+    # a neck sized for ResTv2-T on the toy backbone: the channels named
+    cfg = load("toy/vt_fpn_restv2_toy.py")
+    cfg.model.neck.in_channels = [96, 192, 384, 768]
+    with pytest.raises(ValueError, match=r"neck.in_channels=\[96, 192, 384, 768\]"):
+        build(cfg)
+    # an FPNHead reading more levels than the neck gives
+    cfg = load("toy/vt_fpn_restv2_toy.py")
+    model = build(cfg)
+    model.decode_head.in_index = [0, 1, 2, 3, 4]
+    with pytest.raises(ValueError, match="decode_head.in_index"):
+        check_neck_levels(model)
+    # token channels not divisible by the heads: the core's error, with the argument
+    cfg = load("toy/vt_fpn_restv2_toy.py")
+    cfg.model.neck.token_channels = 100
+    with pytest.raises(ValueError, match="token_channels"):
+        build(cfg)
