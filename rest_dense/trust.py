@@ -44,7 +44,8 @@ import torch
 
 __all__ = ["trust", "forget_trusted", "trusted_paths", "is_trusted", "register_safe_globals",
            "register_safe_attributes", "safe_globals", "safe_global_names", "load_checkpoint_file",
-           "load_pickle_file", "UntrustedCheckpointError", "TRUST_HINT"]
+           "load_pickle_file", "UntrustedCheckpointError", "TRUST_HINT",
+           "register_framework_classes", "install_global_allow_list"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -187,6 +188,47 @@ def safe_globals() -> Iterator[None]:
         yield
 
 
+def register_framework_classes() -> bool:
+    """Put mmengine's ``HistoryBuffer`` (and its four statistics functions) on the allow-list
+    when mmengine is installed, so that an MMDetection / MMSegmentation training checkpoint
+    is read as what it is in any process (e.g. handed to a detectron2 config) instead of
+    being refused as untrusted. Nothing is imported when mmengine is absent.
+
+    Returns:
+        Whether anything was added.
+    """
+    try:
+        from mmengine.logging.history_buffer import HistoryBuffer
+    except Exception:  # noqa: BLE001  (not installed or unusable)
+        return False
+    if "mean" in _SAFE_ATTRIBUTES.get(HistoryBuffer, ()):
+        return False
+    register_safe_attributes(HistoryBuffer, ("min", "max", "mean", "current"))
+    return True
+
+
+def install_global_allow_list() -> List[str]:
+    """Admit this module's allow-list in *every* ``torch.load(weights_only=True)`` of the
+    process (``torch.serialization.add_safe_globals``), not only inside :func:`safe_globals`.
+
+    This is what lets the toolboxes' own scripts (MMDetection's / MMSegmentation's
+    ``tools/train.py --resume``, ``tools/test.py``), which call ``torch.load`` with torch's
+    default ``weights_only=True``, read the checkpoints that training writes once a config's
+    ``custom_imports`` has imported :mod:`rest_dense.mm`. It runs no code from any file: the
+    list holds numpy's array / scalar / dtype reconstructors, the registered plain data
+    classes (mmengine's ``HistoryBuffer``) and a ``getattr`` stand-in that resolves only
+    the registered attributes (``HistoryBuffer.mean`` etc.) and refuses every other lookup.
+    Calling it again adds what was registered since.
+
+    Returns:
+        The dotted names now admitted (see :func:`safe_global_names`).
+    """
+    add = getattr(torch.serialization, "add_safe_globals", None)
+    if add is not None:
+        add(list(dict.fromkeys(_allow_list())))
+    return safe_global_names()
+
+
 # ----------------------------------------------------------------------------- loading
 def _first_line(err: BaseException) -> str:
     lines = [ln for ln in str(err).splitlines() if ln.strip()]
@@ -221,8 +263,16 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
     if not osp.isfile(filename):
         raise FileNotFoundError(f"checkpoint {filename} does not exist")
     try:
-        with safe_globals():
-            return torch.load(filename, map_location=map_location, weights_only=True)
+        try:
+            with safe_globals():
+                return torch.load(filename, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as first:
+            # an mmengine training checkpoint read where rest_dense.mm was never imported
+            # (e.g. given to a detectron2 config): admit mmengine's HistoryBuffer and retry
+            if "mmengine." not in str(first) or not register_framework_classes():
+                raise
+            with safe_globals():
+                return torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if trusted is None:
             trusted = is_trusted(filename)

@@ -17,6 +17,20 @@ This module
   command line calls for ``--trust-checkpoint`` paths only: never implicitly for a work dir,
   a ``--resume`` file or the checkpoint under test).
 
+Importing :mod:`rest_dense.mm` (a config's ``custom_imports``) does both, so that
+MMDetection's and MMSegmentation's own scripts (``tools/train.py``, ``--resume`` included,
+``tools/test.py``, ``init_cfg=dict(type='Pretrained', checkpoint=<a training checkpoint>)``)
+read the checkpoints our training writes, with nothing of any file run:
+
+* mmengine's loader for local files becomes :func:`load_from_local`: the allow-list, full
+  unpickling only for :func:`trust`-ed paths, and the whole-model checkpoint normalised by
+  :func:`rest_dense.model_checkpoint.read_model_checkpoint` (``{'model': sd}``, DDP
+  ``module.`` prefixes, EMA state dicts, safetensors), so the state dict that our checks see
+  is the one mmengine loads;
+* :func:`rest_dense.trust.install_global_allow_list` admits the same allow-list in every
+  ``torch.load(weights_only=True)`` of the process (``torch.serialization.add_safe_globals``)
+  for code that calls ``torch.load`` itself.
+
 URLs keep mmengine's own loader (torch's default ``weights_only=True``), and the backbones'
 ``Pretrained`` weights are read by :func:`rest_dense.models.load_checkpoint` with an
 explicit ``weights_only=True``.
@@ -76,15 +90,28 @@ def trust_checkpoints(*paths: Optional[PathLike]) -> List[str]:
 
 def load_from_local(filename: str, map_location: Any = None) -> Any:
     """mmengine's local-file loader under :mod:`rest_dense.trust`'s policy:
-    ``weights_only=True`` with the allow-list, full unpickling only for trusted paths.
+    ``weights_only=True`` with the allow-list, full unpickling only for trusted paths; the
+    checkpoint normalised by :func:`rest_dense.model_checkpoint.read_model_checkpoint` and
+    returned in mmengine's layout (``{'state_dict': ..., 'meta': ..., ...}``).
 
     Raises:
         FileNotFoundError: no such file.
         UntrustedCheckpointError: the file needs full unpickling and was not marked trusted.
+        CheckpointFormatError: not a checkpoint, or no tensors in it (says what it is).
     """
+    from ..model_checkpoint import read_model_checkpoint
+
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
         raise FileNotFoundError(f"{filename} can not be found.")
-    return _trust.load_checkpoint_file(filename, map_location=map_location,
-                                       trusted=is_trusted(filename),
-                                       log=MMLogger.get_current_instance())
+    ckpt = read_model_checkpoint(filename, map_location=map_location,
+                                 trusted=is_trusted(filename),
+                                 log=MMLogger.get_current_instance())
+    if ckpt.notes:
+        MMLogger.get_current_instance().info("rest_dense: %s: %s", filename, "; ".join(ckpt.notes))
+    return ckpt.to_mmengine()
+
+
+# importing rest_dense.mm (custom_imports) makes the toolboxes' own tools read our checkpoints
+install_checkpoint_loader()
+_trust.install_global_allow_list()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -236,7 +237,16 @@ def _load_file(path: str, weights_only: bool, map_location) -> object:
     if kind not in ("torch-zip", "torch-legacy"):
         raise CheckpointFormatError(f"{_describe_file(path, kind)}, not a checkpoint")
     try:
-        return torch.load(path, map_location=map_location, weights_only=weights_only)
+        if not weights_only:
+            return torch.load(path, map_location=map_location, weights_only=False)
+        # the allow-list of rest_dense.trust (numpy scalars, mmengine's HistoryBuffer): a
+        # training checkpoint given as `init_cfg=dict(type='Pretrained', ...)` loads
+        from .. import trust as _trust
+
+        if "mmengine" in sys.modules:
+            _trust.register_framework_classes()
+        with _trust.safe_globals():
+            return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         if type(e).__name__ == "UnpicklingError" and "eights only" in str(e):
             # torch's refusal under weights_only=True (nothing of the file ran): name the

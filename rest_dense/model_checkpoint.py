@@ -1,0 +1,242 @@
+"""One reader for whole-model checkpoints: what is checked is what is loaded.
+
+Every path that hands a detector's / segmenter's checkpoint to a framework goes through
+:func:`read_model_checkpoint` (a file) or :func:`normalize_model_checkpoint` (an object
+already read): ``rest-dense test``, ``infer``, ``export-model``, ``train --resume`` and
+``load_from`` (mmengine reads local files through
+:func:`rest_dense.mm.trusted_checkpoints.load_from_local`, which returns
+:meth:`ModelCheckpoint.to_mmengine` of this reader), a whole model's ``init_cfg``
+``Pretrained`` (also through mmengine's loader), and detectron2's
+:class:`~rest_dense.d2.checkpoint.RestDetectionCheckpointer`. The check
+(:func:`rest_dense.models.check_model_checkpoint`) sees exactly the state dict the framework
+then loads.
+
+What the reader accepts (and undoes), in this order:
+
+* files by their content (:func:`rest_dense.models.checkpoint.checkpoint_file_kind`):
+  ``torch.save`` zip / legacy files under :mod:`rest_dense.trust`'s policy, safetensors,
+  plain pickles (detectron2 ``.pkl``) with the restricted unpickler; anything else is refused
+  naming what the file is;
+* the wrappers ``state_dict`` (mmengine, Lightning), ``model`` (detectron2, ImageNet
+  releases), ``model_state`` (pycls), nested once more; a file holding only mmengine's
+  ``ema_state_dict`` uses it (noted);
+* an extracted mmengine EMA state dict (``ExponentialMovingAverage.state_dict()``: ``steps``
+  and ``module.``-prefixed keys): ``steps`` dropped, prefix removed (noted);
+* MMDetection 2.x EMA buffers (``ema_<name>`` keys without dots) dropped (noted);
+* a ``module.`` (DDP) or ``_orig_mod.`` (``torch.compile``) prefix on every key removed;
+* numpy arrays (``.pkl``) become tensors; fp16 / bf16 tensors are kept (the frameworks cast
+  them to the parameters' dtype on loading).
+
+The other top-level entries (``meta``, ``optimizer``, ``message_hub``, ``param_schedulers``,
+``ema_state_dict``, detectron2's ``iteration`` / ``scheduler``) are kept in
+:attr:`ModelCheckpoint.extra`, so ``--resume`` continues from the same file. The layout's
+framework (:attr:`ModelCheckpoint.framework`) names the other toolbox's files in errors.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .models.checkpoint import (CheckpointFormatError, checkpoint_file_kind, describe_file)
+
+__all__ = ["ModelCheckpoint", "read_model_checkpoint", "normalize_model_checkpoint",
+           "read_checkpoint_object", "framework_of", "FRAMEWORK_NAMES"]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: how messages name the layouts' frameworks
+FRAMEWORK_NAMES = {"mmengine": "MMDetection / MMSegmentation (mmengine)",
+                   "detectron2": "detectron2"}
+
+_MM_TOP = ("message_hub", "param_schedulers", "ema_state_dict")
+_D2_TOP = ("iteration", "scheduler", "__author__", "trainer")
+_D2_KEYS = ("backbone.bottom_up.", "proposal_generator.", "roi_heads.", "sem_seg_head.")
+_MM_KEYS = ("rpn_head.", "roi_head.", "bbox_head.", "decode_head.", "auxiliary_head.",
+            "data_preprocessor.")
+
+
+@dataclass
+class ModelCheckpoint:
+    """A whole-model checkpoint as the frameworks will load it.
+
+    Attributes:
+        state_dict: the model's tensors, keys as the model names them (wrappers and
+            prefixes removed).
+        extra: the checkpoint's other top-level entries (``meta``, ``optimizer``, ...).
+        source: how messages name it (``"checkpoint '/path/iter_8.pth'"``).
+        layout: what was found, e.g. ``"mmengine ('state_dict')"``, ``"bare state dict"``.
+        framework: ``'mmengine'``, ``'detectron2'`` or ``None`` (not recognisable).
+        notes: what the reader changed (prefixes removed, EMA entries dropped).
+    """
+
+    state_dict: Dict[str, Tensor]
+    extra: Dict[str, Any] = field(default_factory=dict)
+    source: str = "checkpoint"
+    layout: str = ""
+    framework: Optional[str] = None
+    notes: List[str] = field(default_factory=list)
+
+    def to_mmengine(self) -> Dict[str, Any]:
+        """``{'state_dict': ..., **extra}``: what mmengine's runner loads and resumes from."""
+        out = {k: v for k, v in self.extra.items() if k != "model"}
+        out["state_dict"] = self.state_dict
+        return out
+
+    def to_detectron2(self) -> Dict[str, Any]:
+        """``{'model': ..., **extra}``: what detectron2's checkpointer loads."""
+        out = {k: v for k, v in self.extra.items() if k != "state_dict"}
+        out["model"] = self.state_dict
+        return out
+
+    def describe(self) -> str:
+        """``"<layout>[, <framework> layout][; <notes>]"`` for messages."""
+        text = self.layout
+        if self.framework:
+            text += f", {FRAMEWORK_NAMES[self.framework]} layout"
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
+        return text
+
+
+def framework_of(top: Mapping[str, Any], keys: Any = ()) -> Optional[str]:
+    """``'mmengine'`` / ``'detectron2'`` from a checkpoint's top-level entries and model keys,
+    ``None`` when neither shows."""
+    meta = top.get("meta")
+    if any(k in top for k in _MM_TOP) or (isinstance(meta, Mapping) and any(
+            k in meta for k in ("mmengine_version", "mmdet_version", "mmseg_version",
+                                "dataset_meta", "experiment_name"))):
+        return "mmengine"
+    if any(k in top for k in _D2_TOP):
+        return "detectron2"
+    keys = list(keys)
+    if any(k.startswith(_D2_KEYS) for k in keys):
+        return "detectron2"
+    if any(k.startswith(_MM_KEYS) for k in keys):
+        return "mmengine"
+    return None
+
+
+def read_checkpoint_object(path: PathLike, map_location: Any = "cpu", *,
+                           trusted: Optional[bool] = None, log: Any = None) -> Any:
+    """The object a checkpoint file holds, read by its content under
+    :mod:`rest_dense.trust`'s policy (torch files, safetensors, plain pickles).
+
+    Raises:
+        FileNotFoundError / IsADirectoryError: no such file.
+        CheckpointFormatError: not a checkpoint (says what the file is).
+        UntrustedCheckpointError: needs full unpickling and is not trusted.
+    """
+    from . import trust as _trust
+
+    path = os.path.expanduser(os.fspath(path))
+    if not os.path.exists(path):
+        raise FileNotFoundError(2, f"checkpoint {path!r} does not exist", path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(21, f"checkpoint {path!r} is a directory, not a file", path)
+    kind = checkpoint_file_kind(path)
+    if kind == "safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(path, device=str(map_location or "cpu"))
+        except SafetensorError as e:
+            raise CheckpointFormatError(f"{describe_file(path)} that cannot be read "
+                                        f"(damaged or truncated?): {e}") from e
+    if kind == "pickle":
+        return _trust.load_pickle_file(path, trusted=trusted, log=log)
+    if kind in ("torch-zip", "torch-legacy"):
+        return _trust.load_checkpoint_file(path, map_location=map_location, trusted=trusted,
+                                           log=log)
+    raise CheckpointFormatError(f"{describe_file(path)}, not a checkpoint")
+
+
+def _tensors(mapping: Mapping[str, Any]) -> Dict[str, Tensor]:
+    out: Dict[str, Tensor] = {}
+    for k, v in mapping.items():
+        if not isinstance(k, str):
+            continue
+        if isinstance(v, Tensor):
+            out[k] = v
+        elif isinstance(v, np.ndarray) and v.dtype != object:
+            out[k] = torch.from_numpy(np.ascontiguousarray(v))
+    return out
+
+
+def _short(keys: List[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def normalize_model_checkpoint(obj: Any, source: str = "checkpoint") -> ModelCheckpoint:
+    """Unwrap and clean a loaded checkpoint object (see the module docstring).
+
+    Args:
+        obj: what the file held (a mapping).
+        source: how messages name it.
+
+    Raises:
+        CheckpointFormatError: not a mapping, or no tensors in it (names the entries found).
+    """
+    if not isinstance(obj, Mapping):
+        raise CheckpointFormatError(f"{source} holds a {type(obj).__name__}, not a checkpoint "
+                                    "(a dict of tensors)")
+    top: Dict[str, Any] = dict(obj)
+    notes: List[str] = []
+    extra: Dict[str, Any] = {}
+    layout = "bare state dict"
+    inner: Mapping[str, Any] = top
+    for _ in range(3):  # a wrapper inside a wrapper ({'model': {'state_dict': ...}})
+        if _tensors(inner):
+            break
+        for key, name in (("state_dict", "mmengine ('state_dict')"),
+                          ("model", "detectron2 / ImageNet ('model')"),
+                          ("model_state", "pycls ('model_state')")):
+            if isinstance(inner.get(key), Mapping):
+                if inner is top:
+                    extra = {k: v for k, v in top.items() if k != key}
+                layout = name if inner is top else f"{layout} > {key!r}"
+                inner = inner[key]
+                break
+        else:
+            if inner is top and isinstance(top.get("ema_state_dict"), Mapping):
+                extra = {k: v for k, v in top.items() if k != "ema_state_dict"}
+                inner = top["ema_state_dict"]
+                layout = "mmengine EMA ('ema_state_dict' only)"
+                notes.append("the file holds only 'ema_state_dict': its averaged weights are used")
+                continue
+            break
+    sd = _tensors(inner)
+    if not sd:
+        entries = _short([str(k) for k in inner], 8) or "none"
+        raise CheckpointFormatError(f"{source} holds no tensors (entries: {entries}); it is "
+                                    "not a model checkpoint")
+    if "steps" in sd and len(sd) > 1 and all(k.startswith("module.") for k in sd if k != "steps"):
+        steps = sd.pop("steps")
+        layout = "mmengine EMA state dict" if layout == "bare state dict" else layout
+        notes.append(f"an extracted EMA state dict ('steps'={int(steps.reshape(-1)[0]) if steps.numel() else '?'} "
+                     "dropped)")
+    ema = [k for k in sd if k.startswith("ema_") and "." not in k]
+    if ema and len(ema) < len(sd):
+        for k in ema:
+            del sd[k]
+        notes.append(f"{len(ema)} MMDetection 2.x EMA buffers (ema_*) dropped")
+    for prefix, what in (("module.", "DDP"), ("_orig_mod.", "torch.compile")):
+        if sd and all(k.startswith(prefix) for k in sd):
+            sd = {k[len(prefix):]: v for k, v in sd.items()}
+            notes.append(f"{what} prefix {prefix!r} removed")
+    return ModelCheckpoint(state_dict=sd, extra=extra, source=source, layout=layout,
+                           framework=framework_of(extra, sd), notes=notes)
+
+
+def read_model_checkpoint(path: PathLike, map_location: Any = "cpu", *,
+                          trusted: Optional[bool] = None, log: Any = None) -> ModelCheckpoint:
+    """Read and normalise a whole-model checkpoint file (:func:`read_checkpoint_object`,
+    then :func:`normalize_model_checkpoint`)."""
+    path = os.path.expanduser(os.fspath(path))
+    obj = read_checkpoint_object(path, map_location, trusted=trusted, log=log)
+    return normalize_model_checkpoint(obj, source=f"checkpoint {path!r}")
