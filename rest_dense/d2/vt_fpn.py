@@ -106,6 +106,11 @@ class D2VTFPN(Backbone):
         return dict(zip(self._out_features, outs))
 
 
+#: ``MODEL.VT_FPN.NORM`` (detectron2 spellings) -> the core's ``norm_layer``; SyncBN is the
+#: core's BatchNorm, which detectron2's DDP training does not convert: BN per process
+_D2_NORMS = {"BN": "bn", "SyncBN": "bn", "bn": "bn", "LN": "ln", "ln": "ln", "none": "none"}
+
+
 def vt_fpn_kwargs_from_cfg(cfg: CfgNode) -> Dict[str, Any]:
     """``MODEL.VT_FPN`` as :class:`D2VTFPN` / :class:`~rest_dense.models.VTFPN` arguments
     (everything but ``bottom_up``)."""
@@ -122,7 +127,11 @@ def vt_fpn_kwargs_from_cfg(cfg: CfgNode) -> Dict[str, Any]:
         pos_encoding=bool(c.POS_ENCODING),
     )
     if c.NORM:
-        kwargs["norm_layer"] = str(c.NORM)
+        norm = _D2_NORMS.get(str(c.NORM))
+        if norm is None:
+            raise ValueError(f"MODEL.VT_FPN.NORM must be one of {sorted(_D2_NORMS)} (or empty: "
+                             f"the module's default, BatchNorm), got {c.NORM!r}")
+        kwargs["norm_layer"] = None if norm == "none" else norm
     return kwargs
 
 
