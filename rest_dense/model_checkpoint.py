@@ -240,3 +240,60 @@ def read_model_checkpoint(path: PathLike, map_location: Any = "cpu", *,
     path = os.path.expanduser(os.fspath(path))
     obj = read_checkpoint_object(path, map_location, trusted=trusted, log=log)
     return normalize_model_checkpoint(obj, source=f"checkpoint {path!r}")
+
+
+def _prefix_hint(model_keys: List[str], sd: Mapping[str, Tensor]) -> str:
+    """``"; its keys carry the prefix 'x.' ..."`` when the checkpoint's keys match the model's
+    once a common first component is removed (or added)."""
+    own = set(model_keys)
+    heads = {k.split(".", 1)[0] for k in sd if "." in k}
+    for head in sorted(heads):
+        stripped = {k[len(head) + 1:] for k in sd if k.startswith(head + ".")}
+        hits = len(own & stripped)
+        if hits >= 0.5 * len(own):
+            return (f"; {hits} of the model's entries are in it under the prefix {head + '.'!r} "
+                    "(a wrapper's prefix: remove it from the keys)")
+    return ""
+
+
+def check_checkpoint(model: Any, ckpt: ModelCheckpoint, *, complete: bool,
+                     expect: Optional[str] = None, purpose: str = "") -> Any:
+    """:func:`rest_dense.models.check_model_checkpoint` on the reader's state dict, with the
+    real cause in the message when the layout is the other framework's (``expect``) or the
+    keys carry an unknown prefix.
+
+    Args:
+        model: the whole model (wrappers unwrapped by the check).
+        ckpt: from :func:`read_model_checkpoint` / :func:`normalize_model_checkpoint`.
+        complete: every entry of the model must be there with its shape (evaluation,
+            inference, export, resuming).
+        expect: ``'mmengine'`` or ``'detectron2'``: the framework of the config.
+        purpose: prepended to messages, e.g. ``"--resume"``.
+
+    Returns:
+        The :class:`rest_dense.models.ModelCheckReport`.
+
+    Raises:
+        CheckpointMismatchError: naming the real cause.
+    """
+    from .models.checkpoint import CheckpointMismatchError, check_model_checkpoint
+
+    try:
+        return check_model_checkpoint(model, ckpt.state_dict, source=ckpt.source,
+                                      complete=complete)
+    except CheckpointMismatchError as err:
+        msg = str(err)
+        lead = f"{purpose}: " if purpose else ""
+        if expect and ckpt.framework and ckpt.framework != expect:
+            raise CheckpointMismatchError(
+                f"{lead}{ckpt.source} is a {FRAMEWORK_NAMES[ckpt.framework]} checkpoint "
+                f"({ckpt.layout}), but the config is a {FRAMEWORK_NAMES[expect]} config: the "
+                "other framework's layout and key names (convert its backbone with "
+                "`rest-dense convert`, or use it with a config of its own framework). "
+                f"Details: {msg}") from err
+        own = list(getattr(model, "module", model).state_dict())
+        hint = _prefix_hint(own, ckpt.state_dict)
+        if purpose == "--resume":
+            msg = (f"{msg}. --resume continues the run that wrote the file, with the same "
+                   "model: this file is a checkpoint of another model")
+        raise CheckpointMismatchError(f"{lead}{msg}{hint}") from err

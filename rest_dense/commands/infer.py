@@ -13,7 +13,13 @@ Written under --out:
     preds/<name>.json   detection: bbox [x1, y1, x2, y2], score, label, category and an RLE
                         mask (pycocotools) per instance with score >= --score-thr
     preds/<name>.png    segmentation: class index per pixel (8-bit; 16-bit above 256 classes)
-    summary.json        config, checkpoint, classes, files per image, skipped inputs
+    summary.json        status (complete / interrupted), config, checkpoint, classes, files
+                        per image, skipped inputs, inputs not processed
+
+--out must not hold another run's results (summary.json, preds/, vis/) unless --overwrite is
+given, which removes them first; a folder another live infer is writing into is refused
+(naming that process). SIGINT / SIGTERM stop between images and leave summary.json with
+"status": "interrupted" and the inputs not processed (exit code 130).
 
 Images that cannot be decoded are skipped and listed; the exit code is 1 only when no image
 could be processed (2 for a bad config, checkpoint or argument).
@@ -50,6 +56,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "values as mmengine's --cfg-options reads them; detectron2: "
                              "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.1)")
     parser.add_argument("--no-vis", action="store_true", help="write no pictures")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="--out may hold another run's results: remove them (summary.json, "
+                             "preds/, vis/) first; without it such a folder is refused")
     from .train import add_trust_argument
 
     add_trust_argument(parser)
@@ -59,7 +68,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import pickle
 
-    from ..deploy.infer import run_inference
+    from ..deploy.infer import InferenceInterrupted, run_inference
+    from ..runlock import FolderBusyError
     from ..trust import trust
 
     trust(*args.trust_checkpoint)
@@ -67,8 +77,13 @@ def run(args: argparse.Namespace) -> int:
         summary = run_inference(args.config, args.checkpoint, args.inputs, args.out,
                                 device=args.device, score_thr=args.score_thr,
                                 cfg_options=args.cfg_options,
-                                draw=not args.no_vis, progress=not args.quiet)
-    except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError) as e:
+                                draw=not args.no_vis, progress=not args.quiet,
+                                overwrite=args.overwrite)
+    except InferenceInterrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 130
+    except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError,
+            FolderBusyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for item in summary.skipped:

@@ -52,6 +52,7 @@ detectron2) and falls back to fp32 without one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import pickle
 import re
@@ -328,15 +329,21 @@ def run(args: argparse.Namespace) -> int:
             check_args(ns)
         except (FileNotFoundError, ValueError) as err:
             return fail("train", str(err))
-        try:
-            results = launch_main(ns)
+        from ..runlock import FolderBusyError, hold_folder
+
+        try:  # one live run per output folder (rest_dense.runlock)
+            with (hold_folder(args.work_dir, "training") if args.work_dir and not
+                  args.eval_only else contextlib.nullcontext()):
+                results = launch_main(ns)
+        except FolderBusyError as err:
+            return fail("train", str(err))
         except CHECKPOINT_ERRORS as err:
             return fail("train", str(err))
         if results:
             print_metrics(results)
         return 0
 
-    from ..mm.runner import build_runner, train_config
+    from ..mm.runner import build_runner, check_start_checkpoint, train_config
 
     try:
         cfg = train_config(args.config_path, work_dir=args.work_dir, amp=amp_setting(args),
@@ -345,8 +352,15 @@ def run(args: argparse.Namespace) -> int:
                            auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
     except (FileNotFoundError, ValueError, KeyError) + CHECKPOINT_ERRORS as err:
         return fail("train", str(err).strip('"'))
-    try:
-        build_runner(cfg).train()
+    from ..runlock import FolderBusyError, hold_folder
+
+    try:  # one live run per work dir (rest_dense.runlock): checked before anything is written
+        with hold_folder(cfg.work_dir, "training"):
+            runner = build_runner(cfg)
+            check_start_checkpoint(runner.model, cfg)
+            runner.train()
+    except FolderBusyError as err:
+        return fail("train", str(err))
     except CHECKPOINT_ERRORS as err:
         return fail("train", str(err))
     print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")

@@ -42,6 +42,8 @@ from .. import trust as _trust
 from ..models import (CheckpointMismatchError, check_model_checkpoint, find_backbone, load_checkpoint, matching_keys,
                       normalize_state_dict, rename_d2_norm_keys)
 from ..models.base import ResTBase
+from ..model_checkpoint import (ModelCheckpoint, check_checkpoint, normalize_model_checkpoint,
+                                read_checkpoint_object)
 
 __all__ = ["RestDetectionCheckpointer", "find_rest_backbone", "classify_checkpoint",
            "CHECKPOINT_PATTERN", "FINAL_NAMES"]
@@ -169,22 +171,19 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
             blobs = data.get("blobs", data)
             return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
                     "__author__": "Caffe2", "matching_heuristics": True}
-        loaded = _trust.load_checkpoint_file(filename, map_location="cpu", log=self.logger)
+        loaded = read_checkpoint_object(filename, map_location="cpu", log=self.logger)
         if filename.endswith(".pyth"):  # pycls
             if not isinstance(loaded, Mapping) or "model_state" not in loaded:
                 raise ValueError(f"{filename}: a .pyth (pycls) checkpoint must hold 'model_state'")
             return {"model": {k: v for k, v in loaded["model_state"].items()
                               if not k.endswith("num_batches_tracked")},
                     "__author__": "pycls", "matching_heuristics": True}
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"{filename}: expected a dict checkpoint, got {type(loaded).__name__}")
-        loaded = dict(loaded)
-        if "model" not in loaded:
-            if isinstance(loaded.get("state_dict"), Mapping):  # mmengine / lightning layout
-                loaded = {"model": loaded["state_dict"]}
-            else:
-                loaded = {"model": loaded}
-        return loaded
+        # the one whole-model reader (rest_dense.model_checkpoint): wrappers, DDP 'module.'
+        # and EMA entries undone, the layout's framework kept for the messages
+        self._read = normalize_model_checkpoint(loaded, source=f"checkpoint {filename!r}")
+        if self._read.framework == "mmengine":  # only the weights of another framework's file
+            return {"model": self._read.state_dict}
+        return self._read.to_detectron2()
 
     #: raise when a whole-model checkpoint leaves entries of the model uninitialised
     #: (set for evaluation: ``rest-dense test``); heads of another shape are otherwise
@@ -192,8 +191,11 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
     require_complete: bool = False
     _loading: str = "checkpoint"
 
+    _read: Optional[ModelCheckpoint] = None
+
     def _load_file(self, filename: str) -> Dict[str, Any]:
         self._loading = filename
+        self._read = None
         loaded = self._read_native(filename)
         sd = loaded["model"]
         if not isinstance(sd, Mapping):
@@ -218,12 +220,21 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
             if not checkpoint.get("matching_heuristics", False):
                 # fvcore skips entries of another shape with a warning: a checkpoint of
                 # another backbone variant would load nothing into the backbone, quietly
-                check_model_checkpoint(self.model, checkpoint["model"],
-                                       source=f"checkpoint {self._loading!r}",
-                                       complete=self.require_complete)
+                read = self._read or ModelCheckpoint(state_dict=checkpoint["model"],
+                                                     source=f"checkpoint {self._loading!r}")
+                read.state_dict = checkpoint["model"]
+                check_checkpoint(self.model, read, complete=self.require_complete,
+                                 expect="detectron2")
             return super()._load_model(checkpoint)
         prefix, backbone = find_rest_backbone(self.model)
         if self.require_complete:
+            if self._read is not None and self._read.framework == "mmengine":
+                raise CheckpointMismatchError(
+                    f"checkpoint {self._loading!r} is an MMDetection / MMSegmentation (mmengine) "
+                    f"checkpoint ({self._read.layout}), the other framework's layout: only its "
+                    "ResT backbone fits a detectron2 model, so evaluating it would score "
+                    "randomly initialised heads (use it with its OpenMMLab config, or as "
+                    "MODEL.WEIGHTS for training)")
             raise CheckpointMismatchError(
                 f"checkpoint {self._loading!r} holds the ResT backbone only; evaluating it would "
                 "score randomly initialised heads (pass a checkpoint of the whole model)")

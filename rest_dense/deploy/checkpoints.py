@@ -21,21 +21,24 @@ _IGNORED_SUFFIXES = ("num_batches_tracked",)
 
 
 def read_model_checkpoint(path: Union[str, os.PathLike], trusted: bool = False) -> Dict[str, Any]:
-    """Read a checkpoint file under :mod:`rest_dense.trust`'s policy.
+    """Read a whole-model checkpoint with the one reader of every command
+    (:func:`rest_dense.model_checkpoint.read_model_checkpoint`: :mod:`rest_dense.trust`'s
+    policy, wrappers / DDP / EMA undone, safetensors) in mmengine's layout.
 
     Args:
-        path: ``.pth`` / ``.pt`` / ``.pkl`` checkpoint.
+        path: ``.pth`` / ``.pt`` / ``.pkl`` / ``.safetensors`` checkpoint.
         trusted: also unpickle in full when the restricted loader refuses the file (only for
             the user's own files; :func:`rest_dense.trust.trust` marks it).
 
     Returns:
-        The loaded object (usually a dict).
+        ``{'state_dict': <model keys>, 'meta': ..., ...}``.
 
     Raises:
         FileNotFoundError: no such file.
         ValueError: the file cannot be read as a checkpoint.
     """
     from .. import trust as _trust
+    from ..model_checkpoint import read_model_checkpoint as _read
 
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -43,32 +46,22 @@ def read_model_checkpoint(path: Union[str, os.PathLike], trusted: bool = False) 
     if trusted:
         _trust.trust(path)
     try:
-        if path.endswith(".pkl"):
-            return _trust.load_pickle_file(path)
-        return _trust.load_checkpoint_file(path, map_location="cpu")
-    except (FileNotFoundError, _trust.UntrustedCheckpointError):
+        return _read(path, map_location="cpu").to_mmengine()
+    except (FileNotFoundError, ValueError, _trust.UntrustedCheckpointError):
         raise
     except Exception as e:  # corrupt / foreign files: name the file
         raise ValueError(f"checkpoint {path!r} cannot be read: {type(e).__name__}: {e}") from e
 
 
 def model_state_dict(checkpoint: Any) -> Dict[str, Tensor]:
-    """The model weights inside a checkpoint: ``state_dict`` (mmengine), ``model``
-    (detectron2) or the mapping itself, with a ``module.`` (DDP) prefix removed."""
-    sd = checkpoint
-    if isinstance(sd, Mapping):
-        for key in ("state_dict", "model"):
-            if isinstance(sd.get(key), Mapping):
-                sd = sd[key]
-                break
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"the checkpoint holds a {type(checkpoint).__name__}, not model weights")
-    out = {}
-    for k, v in sd.items():
-        if not isinstance(v, Tensor) and not hasattr(v, "shape"):
-            continue
-        out[k[len("module."):] if k.startswith("module.") else k] = v
-    return out
+    """The model weights inside a checkpoint, as the one reader normalises them
+    (:func:`rest_dense.model_checkpoint.normalize_model_checkpoint`)."""
+    from ..model_checkpoint import normalize_model_checkpoint
+
+    try:
+        return normalize_model_checkpoint(checkpoint).state_dict
+    except ValueError as e:
+        raise ValueError(f"the checkpoint holds no model weights: {e}") from e
 
 
 def _backbone_prefix(model: nn.Module) -> Optional[str]:
@@ -126,6 +119,11 @@ def check_checkpoint_fits(model: nn.Module, state_dict: Mapping[str, Tensor], wh
     unexpected = sorted(k for k in theirs if k not in own)
     shapes = sorted(k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape))
     if not missing and not shapes:
+        # the rules of `rest-dense test` too: the backbone's own checks (weights of another
+        # attention mode such as cwin's convs unused, NaN / integer values) refuse
+        from ..models import check_model_checkpoint
+
+        check_model_checkpoint(model, state_dict, source=f"checkpoint {what}", complete=True)
         return [], unexpected
     n = len(own)
     parts = []

@@ -308,6 +308,7 @@ class D2Predictor(Predictor):
             self._init_yaml(config, device, opts)
         self.model.eval()
         checkpointer = RestDetectionCheckpointer(self.model)
+        checkpointer.require_complete = True  # the completeness rules of `rest-dense test`
         try:
             loaded = checkpointer._load_file(checkpoint)
         except (FileNotFoundError, ValueError):
@@ -496,11 +497,48 @@ def _write_outputs(predictor: Predictor, image: np.ndarray, pred: Prediction, pa
     return entry
 
 
+class OutputFolderInUseError(ValueError):
+    """``--out`` holds the results of another run and ``overwrite`` was not given."""
+
+
+class InferenceInterrupted(KeyboardInterrupt):
+    """SIGINT / SIGTERM during :func:`run_inference`; ``summary.json`` says what was done."""
+
+    def __init__(self, summary_path: str, done: int, left: int, signame: str):
+        super().__init__(f"{signame}: interrupted after {done} image(s), {left} not processed; "
+                         f"see {summary_path}")
+        self.summary_path, self.done, self.left, self.signame = summary_path, done, left, signame
+
+
+#: what a run writes into --out (removed by overwrite=True, nothing else is touched)
+OUTPUT_ENTRIES = ("summary.json", "preds", "vis")
+
+
+def _previous_results(out_dir: str) -> List[str]:
+    """The entries of ``out_dir`` that another run of :func:`run_inference` wrote."""
+    found = []
+    for name in OUTPUT_ENTRIES:
+        path = os.path.join(out_dir, name)
+        if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
+            found.append(name)
+    return found
+
+
+def _write_summary(out_dir: str, doc: Dict[str, Any]) -> str:
+    path = os.path.join(out_dir, "summary.json")
+    tmp = path + f".tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
+    return path
+
+
 def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathLike],
                   out_dir: PathLike, device: str = "cpu", score_thr: float = 0.3,
                   cfg_options: CfgOptions = None, draw: bool = True,
                   progress: bool = True, trusted: bool = False,
-                  predictor: Optional[Predictor] = None) -> InferenceSummary:
+                  predictor: Optional[Predictor] = None,
+                  overwrite: bool = False) -> InferenceSummary:
     """Predict on images and write pictures and results (see the module docstring).
 
     Args:
@@ -516,6 +554,14 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
         trusted: the checkpoint is the user's own (see :func:`build_predictor`).
         predictor: an already built predictor (``config``/``checkpoint`` then only label the
             summary).
+        overwrite: ``out_dir`` may hold another run's results (``summary.json``, ``preds/``,
+            ``vis/``): they are removed first, so results of two runs never mix. Without it
+            such a folder is refused (:class:`OutputFolderInUseError`). A folder a live run is
+            writing into is always refused (:class:`rest_dense.runlock.FolderBusyError`).
+
+    SIGINT / SIGTERM stop the run between images: ``summary.json`` is written with
+    ``"status": "interrupted"``, the images done and the inputs ``not_processed``, and
+    :class:`InferenceInterrupted` is raised. A complete run has ``"status": "complete"``.
 
     Returns:
         :class:`InferenceSummary`; images that cannot be decoded are skipped and listed.
@@ -525,37 +571,84 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
         ValueError: bad config / checkpoint (see :func:`build_predictor`), or a negative
             ``score_thr``.
     """
-    from tqdm import tqdm
-
     if not 0.0 <= float(score_thr) <= 1.0:
         raise ValueError(f"score_thr must lie in [0, 1], got {score_thr}")
     paths = collect_images(inputs)
-    if predictor is None:
-        predictor = build_predictor(config, checkpoint, device, cfg_options, trusted)
     out_dir = os.fspath(out_dir)
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise OutputFolderInUseError(f"--out {out_dir} is a file, not a folder")
+    previous = _previous_results(out_dir) if os.path.isdir(out_dir) else []
+    if previous and not overwrite:
+        raise OutputFolderInUseError(
+            f"--out {out_dir} holds the results of another run ({', '.join(previous)}); pass "
+            "--overwrite to replace them, or choose another folder")
+    from ..runlock import hold_folder
+
+    with hold_folder(out_dir, "infer"):
+        if predictor is None:
+            predictor = build_predictor(config, checkpoint, device, cfg_options, trusted)
+        import shutil
+
+        for name in _previous_results(out_dir):  # overwrite: nothing of the old run is kept
+            target = os.path.join(out_dir, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        return _run_inference(predictor, paths, out_dir, device, score_thr, draw, progress)
+
+
+def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device: str,
+                   score_thr: float, draw: bool, progress: bool) -> InferenceSummary:
+    import signal
+    import threading
+
+    from tqdm import tqdm
+
     os.makedirs(os.path.join(out_dir, "preds"), exist_ok=True)
     if draw:
         os.makedirs(os.path.join(out_dir, "vis"), exist_ok=True)
     summary = InferenceSummary(out_dir, predictor.framework, predictor.task)
     stems = output_names(paths)
     t0 = time.perf_counter()
-    bar = tqdm(paths, desc="infer", unit="img", disable=not progress, dynamic_ncols=True)
-    for path in bar:
-        try:
-            image = read_image(path)
-        except ImageReadError as e:
-            summary.skipped.append({"input": path, "error": str(e)})
-            bar.write(f"skipped: {e}")
-            continue
-        pred = predictor.predict(image)
-        summary.processed.append(_write_outputs(predictor, image, pred, path, stems[path],
-                                                out_dir, score_thr, draw))
-    summary.seconds = time.perf_counter() - t0
-    doc = {"config": str(predictor.config), "checkpoint": str(predictor.checkpoint),
-           "framework": predictor.framework, "task": predictor.task, "device": device,
-           "score_thr": score_thr, "classes": predictor.classes,
-           "images": summary.processed, "skipped": summary.skipped,
-           "seconds": round(summary.seconds, 3)}
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=1)
+    stop: List[str] = []  # the signal's name, set by the handler; checked between images
+
+    def _on_signal(signum, frame):
+        stop.append(signal.Signals(signum).name)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, _on_signal)
+    done_inputs = set()
+    try:
+        bar = tqdm(paths, desc="infer", unit="img", disable=not progress, dynamic_ncols=True)
+        for path in bar:
+            if stop:
+                break
+            try:
+                image = read_image(path)
+            except ImageReadError as e:
+                summary.skipped.append({"input": path, "error": str(e)})
+                bar.write(f"skipped: {e}")
+                done_inputs.add(path)
+                continue
+            pred = predictor.predict(image)
+            summary.processed.append(_write_outputs(predictor, image, pred, path, stems[path],
+                                                    out_dir, score_thr, draw))
+            done_inputs.add(path)
+    finally:
+        for sig, old in handlers.items():
+            signal.signal(sig, old)
+        summary.seconds = time.perf_counter() - t0
+        left = [p for p in paths if p not in done_inputs]
+        interrupted = bool(stop) or bool(left)
+        doc = {"status": "interrupted" if interrupted else "complete",
+               "config": str(predictor.config), "checkpoint": str(predictor.checkpoint),
+               "framework": predictor.framework, "task": predictor.task, "device": device,
+               "score_thr": score_thr, "classes": predictor.classes,
+               "images": summary.processed, "skipped": summary.skipped,
+               "not_processed": left, "seconds": round(summary.seconds, 3)}
+        if interrupted:
+            doc["interrupted_by"] = stop[0] if stop else "an error"
+        summary_path = _write_summary(out_dir, doc)
+    if stop:
+        raise InferenceInterrupted(summary_path, len(done_inputs), len(left), stop[0])
     return summary

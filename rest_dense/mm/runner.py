@@ -55,7 +55,8 @@ from .utils import (check_neck_channels, default_work_dir, detect_framework, loa
                     wrap_for_tta)
 
 __all__ = ["LAUNCHERS", "parse_cfg_options", "check_train_loop", "resolve_config", "train_config", "test_config",
-           "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint"]
+           "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint",
+           "check_start_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ConfigLike = Union[PathLike, Config]
@@ -331,7 +332,9 @@ def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: Union[bo
     cfg = train_config(config, work_dir=work_dir, amp=amp, resume=resume,
                        cfg_options=cfg_options, launcher=launcher, auto_scale_lr=auto_scale_lr,
                        trust=trust)
-    return build_runner(cfg).train()
+    runner = build_runner(cfg)
+    check_start_checkpoint(runner.model, cfg)
+    return runner.train()
 
 
 def test(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] = None,
@@ -377,11 +380,37 @@ def check_test_checkpoint(model: nn.Module, checkpoint: str) -> None:
         CheckpointMismatchError: the checkpoint matches no entry of the model, holds another
             backbone, or leaves entries of the model missing (names them).
     """
+    _check_whole_model(model, checkpoint, complete=True)
+
+
+def _check_whole_model(model: nn.Module, checkpoint: str, complete: bool,
+                       purpose: str = "") -> None:
+    """Read ``checkpoint`` with the loader mmengine then uses (local files:
+    :func:`rest_dense.model_checkpoint.read_model_checkpoint`, the same normalised state
+    dict) and check it against ``model``."""
+    from ..model_checkpoint import check_checkpoint, normalize_model_checkpoint
+
     install_checkpoint_loader()
     data = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
-    state_dict = data.get("state_dict", data) if isinstance(data, Mapping) else data
-    check_model_checkpoint(model, state_dict, source=f"checkpoint {checkpoint!r}",
-                           complete=True)
+    ckpt = normalize_model_checkpoint(data, source=f"checkpoint {checkpoint!r}")
+    check_checkpoint(model, ckpt, complete=complete, expect="mmengine", purpose=purpose)
+
+
+def check_start_checkpoint(model: nn.Module, cfg: Config) -> None:
+    """Before training: the ``--resume`` file must be a checkpoint of this very model (every
+    entry, same shapes; not mmengine's later "different number of parameter groups"), and a
+    ``load_from`` file must hold this model's ResT backbone (another variant is refused).
+
+    Raises:
+        CheckpointMismatchError: naming the real cause (other model, other framework's
+            layout, a wrapper's key prefix).
+    """
+    path = cfg.get("load_from")
+    if not path:
+        return
+    resume = bool(cfg.get("resume"))
+    _check_whole_model(model, os.fspath(path), complete=resume,
+                       purpose="--resume" if resume else "load_from")
 
 
 # not pytest tests when imported into a test module
