@@ -601,7 +601,11 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
     bb = cfg.model.get("backbone", {})
     family = {"ResTv2": "restv2", "ResTv1": "restv1"}.get(str(bb.get("type", "")).split(".")[-1])
     arch = bb.get("arch") if isinstance(bb.get("arch"), str) else None
-    _attach_paper_figures(res, cfg.model.get("type"), family, arch, bb.get("attn_mode", "global"))
+    model_type = cfg.model.get("type")
+    head = (cfg.model.get("decode_head") or {}).get("type") if model_type == "EncoderDecoder" else None
+    if head is not None and str(head).split(".")[-1] != "UPerHead":
+        model_type = f"EncoderDecoder+{head}"  # the paper's segmentation figures are UperNet's
+    _attach_paper_figures(res, model_type, family, arch, bb.get("attn_mode", "global"))
     if params_only:
         return res
 
