@@ -3,13 +3,15 @@
 Dynamic export (batch, height and width free) uses the TorchScript exporter
 (``dynamo=False``), which records the model's shape arithmetic on the traced input but fixes
 Python branches at trace time. The trace size must therefore take every branch that some input
-size can take (:func:`trace_side_problems` says why a side cannot serve,
+size can take (:func:`trace_problems` says why a size cannot serve, from
+:mod:`rest_dense.deploy.shapes`, the one home of these rules;
 :func:`default_trace_shape` picks one; 257x385 for the default windows):
 
-* every stage's map is not a multiple of its ``sr_ratio``, so the crop of the upsample branch
-  is traced (a no-op slice at sizes that need none);
-* window modes: every windowed stage's map is larger than its window and not a multiple of it,
-  so window padding, partitioning and the final crop are traced.
+* every stage's map is not a multiple of its ``sr_ratio`` on at least one side, so the crop
+  of the upsample branch is traced (a no-op slice at sizes that need none);
+* window modes: every windowed stage's map is larger than its window on both sides and not
+  a multiple of it on at least one, so window padding, partitioning and the final crop are
+  traced.
 
 Limit: in the window modes the eager model shrinks a window to the map when the map is smaller
 (then the block equals global attention), which a traced graph cannot do; a dynamic graph is
@@ -54,24 +56,25 @@ Example::
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from .models import (ResTv2, canonical_name, create_model, get_model_entry, load_checkpoint,
-                     read_state_dict)
+from .deploy.runtime import ParityError, ParityResult, compare_outputs, finish, make_session
+from .deploy.shapes import (default_trace_shape, min_valid_side, trace_problems,
+                            trace_side_problems, windowed_stages)
+from .models import canonical_name, create_model, get_model_entry, load_checkpoint, read_state_dict
 
 __all__ = ["DEFAULT_CHECK_SIZES", "DEFAULT_OPSET", "OnnxExport", "ParityResult", "ParityError",
            "DynamicShapeError", "build_model", "export_onnx", "check_onnx", "check_compile",
            "compile_model", "export_program", "check_program", "dynamic_shape_problem",
-           "windowed_stages", "trace_side_problems", "min_valid_side", "default_trace_shape",
-           "min_program_side"]
+           "windowed_stages", "trace_problems", "trace_side_problems", "min_valid_side",
+           "default_trace_shape", "min_program_side"]
 
 #: sizes :func:`check_onnx` is run at by ``rest-dense export`` unless told otherwise
 DEFAULT_CHECK_SIZES: Tuple[Tuple[int, int], ...] = ((320, 480), (257, 391))
@@ -142,64 +145,6 @@ def _output_names(model: nn.Module) -> List[str]:
     return [f"stage{i + 1}" for i in model.out_indices]
 
 
-# ------------------------------------------------------------------ shape rules
-def _stage_sides(n: int) -> List[int]:
-    """Side of each stage's map for an input side ``n`` (stride-2 convs with padding 1)."""
-    return [math.ceil(n / 2 ** (i + 2)) for i in range(4)]
-
-
-def _windows(model: nn.Module) -> List[Optional[int]]:
-    """Window side per stage for the stages that run blocks in windows, else None."""
-    if not isinstance(model, ResTv2):
-        return [None] * 4
-    return [ws if n else None for ws, n in zip(model.window_size, model.num_window_blocks)]
-
-
-def trace_side_problems(model: nn.Module, side: int) -> List[str]:
-    """Why an input side cannot serve for a dynamic trace of ``model``.
-
-    Args:
-        model: a core backbone.
-        side: input height or width in pixels.
-
-    Returns:
-        One message per shape-dependent branch the side would leave untraced; empty when the
-        side is fine.
-    """
-    problems = []
-    last = max(model.out_indices)
-    for i, (s, sr, ws) in enumerate(zip(_stage_sides(side), model.sr_ratios, _windows(model))):
-        if i > last:
-            break
-        if isinstance(model, ResTv2) and sr > 1 and s % sr == 0:
-            problems.append(f"stage {i + 1}: map side {s} is a multiple of sr_ratio {sr}")
-        if ws is not None and (s <= ws or s % ws == 0):
-            problems.append(f"stage {i + 1}: map side {s} must exceed and not be a multiple of "
-                            f"the window {ws}")
-    return problems
-
-
-def min_valid_side(model: nn.Module) -> int:
-    """Smallest input side at which a dynamic graph of ``model`` matches eager.
-
-    Window modes need every windowed stage's map to be at least one window large; other modes
-    have no limit (1 is returned).
-    """
-    need = [ws * 2 ** (i + 2) - (2 ** (i + 2) - 1) for i, ws in enumerate(_windows(model))
-            if ws is not None and i <= max(model.out_indices)]
-    return max(need, default=1)
-
-
-def default_trace_shape(model: nn.Module, start: Size = (256, 384)) -> Size:
-    """The smallest traceable ``(H, W)`` at or above ``start`` (see :func:`trace_side_problems`)."""
-    def first(n: int) -> int:
-        while trace_side_problems(model, n):
-            n += 1
-        return n
-
-    return first(start[0]), first(start[1])
-
-
 # ------------------------------------------------------------------ dynamic shapes
 class DynamicShapeError(NotImplementedError, ValueError):
     """Dynamic height/width was asked of ``torch.compile`` / ``torch.export`` for a model or
@@ -208,13 +153,6 @@ class DynamicShapeError(NotImplementedError, ValueError):
     Raised before any compiling or tracing starts (a ``ValueError`` too, so command-line
     tools report it like other bad input).
     """
-
-
-def windowed_stages(model: nn.Module) -> List[int]:
-    """1-based stages of ``model`` whose blocks (some or all) run in windows, among the
-    stages it computes; empty for global attention and for ResTv1."""
-    last = max(model.out_indices)
-    return [i + 1 for i, ws in enumerate(_windows(model)) if ws is not None and i <= last]
 
 
 def dynamic_shape_problem(model: nn.Module) -> Optional[str]:
@@ -342,7 +280,7 @@ def export_program(model: nn.Module, shape: Optional[Size] = None, dynamic: bool
     """``torch.export.export`` of a backbone (in eval mode), with dynamic height and width.
 
     Dynamic: traced at :func:`default_trace_shape` (a given ``shape`` must pass
-    :func:`trace_side_problems`) with ``H, W >= min_program_side(model)``; the batch size is
+    :func:`trace_side_problems` on each side) with ``H, W >= min_program_side(model)``; the batch size is
     fixed to ``batch``. The program is then checked: if its shape guards refuse sizes such
     as multiples of 32 (a shape-dependent branch of the model was traced),
     :class:`DynamicShapeError` says so rather than returning a program that fails later.
@@ -370,6 +308,8 @@ def export_program(model: nn.Module, shape: Optional[Size] = None, dynamic: bool
         _check_dynamic(model, "torch.export with dynamic height/width")
         if shape is None:
             shape = default_trace_shape(model)
+        # torch.export guards each side's branch condition by itself (``h != ... or w != ...``
+        # short-circuits), so here every side must take every branch, not just one of them
         bad = [f"H={shape[0]}: {p}" for p in trace_side_problems(model, shape[0])]
         bad += [f"W={shape[1]}: {p}" for p in trace_side_problems(model, shape[1])]
         low = min_program_side(model)
@@ -448,11 +388,11 @@ def check_program(model: nn.Module, program, sizes: Sequence[Size], batch: int =
                 t0 = time.perf_counter()
                 out = run(x)
                 dt = time.perf_counter() - t0
-            res = _compare(names, out, ref, (int(h), int(w)), batch, atol, dt, "torch.export")
+            res = compare_outputs(names, out, ref, (int(h), int(w)), batch, atol, dt, "torch.export")
             results.append(res)
             if on_result is not None:
                 on_result(res)
-    return _finish("torch.export program", results, raise_on_failure)
+    return finish("torch.export program", results, raise_on_failure)
 
 
 # ------------------------------------------------------------------ export
@@ -485,7 +425,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
         model: a core backbone.
         path: ONNX file to write; its folder must exist.
         shape: ``(H, W)`` to trace at. Default: :func:`default_trace_shape` (dynamic) -- a
-            given shape must pass :func:`trace_side_problems` when ``dynamic``.
+            given shape must pass :func:`trace_problems` when ``dynamic``.
         dynamic: free batch, height and width; False fixes them to ``batch`` x ``shape``.
         opset: ONNX opset version.
         batch: batch size of a static graph (the trace input of a dynamic one has batch 1).
@@ -508,8 +448,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
         shape = default_trace_shape(model)
     shape = (int(shape[0]), int(shape[1]))
     if dynamic:
-        bad = [f"H={shape[0]}: {p}" for p in trace_side_problems(model, shape[0])]
-        bad += [f"W={shape[1]}: {p}" for p in trace_side_problems(model, shape[1])]
+        bad = trace_problems(model, shape)
         if bad:
             good = default_trace_shape(model)
             raise ValueError(f"a dynamic export traced at {shape[0]}x{shape[1]} would fix a "
@@ -533,94 +472,6 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
                           do_constant_folding=True)
     onnx.checker.check_model(onnx.load(path))
     return OnnxExport(path, shape, dynamic, opset, names, time.perf_counter() - t0)
-
-
-# ------------------------------------------------------------------ parity checks
-@dataclass
-class ParityResult:
-    """One comparison of an exported / compiled model with eager PyTorch at one input size.
-
-    Attributes:
-        size: ``(H, W)`` of the input.
-        batch: batch size of the input.
-        max_abs_diff: per output name, the largest absolute difference (NaN when either side
-            has non-finite values).
-        atol: tolerance the differences were held to.
-        problems: what failed besides the tolerance (non-finite values, shape mismatches).
-        seconds: time of the run under test (for ``torch.compile``, the first call of a size
-            includes compiling).
-    """
-
-    size: Size
-    batch: int
-    max_abs_diff: Dict[str, float]
-    atol: float
-    problems: List[str] = field(default_factory=list)
-    seconds: float = 0.0
-
-    @property
-    def ok(self) -> bool:
-        """No problems, and every difference finite and within ``atol``."""
-        return not self.problems and all(math.isfinite(d) and d <= self.atol
-                                         for d in self.max_abs_diff.values())
-
-    @property
-    def worst(self) -> float:
-        """The largest difference over the outputs; NaN if any is NaN."""
-        values = list(self.max_abs_diff.values())
-        if any(math.isnan(d) for d in values):
-            return math.nan
-        return max(values, default=math.nan)
-
-    def describe(self) -> str:
-        """One line: size, per-output differences, verdict and problems."""
-        diffs = ", ".join(f"{k} {v:.3g}" for k, v in self.max_abs_diff.items())
-        line = (f"{self.batch}x3x{self.size[0]}x{self.size[1]}: max abs diff {diffs} "
-                f"(atol {self.atol:g}) {'ok' if self.ok else 'FAIL'}")
-        return line + (f" -- {'; '.join(self.problems)}" if self.problems else "")
-
-
-class ParityError(AssertionError):
-    """A checked model disagrees with eager PyTorch; ``results`` holds every comparison."""
-
-    def __init__(self, what: str, results: List[ParityResult]):
-        self.results = results
-        failed = [r.describe() for r in results if not r.ok]
-        super().__init__(f"{what} differs from eager PyTorch at {len(failed)} of "
-                         f"{len(results)} sizes: " + " | ".join(failed))
-
-
-def _compare(names: Sequence[str], outs: Sequence, refs: Sequence[Tensor], size: Size,
-             batch: int, atol: float, seconds: float, what: str) -> ParityResult:
-    diffs: Dict[str, float] = {}
-    problems: List[str] = []
-    if len(outs) != len(refs):
-        problems.append(f"{what} gives {len(outs)} outputs, eager {len(refs)}")
-    for name, out, ref in zip(names, outs, refs):
-        out = torch.as_tensor(out).float()
-        ref = ref.float()
-        if tuple(out.shape) != tuple(ref.shape):
-            problems.append(f"{name}: {what} shape {tuple(out.shape)} != eager {tuple(ref.shape)}")
-            diffs[name] = math.nan
-            continue
-        bad = []
-        if not torch.isfinite(ref).all():
-            bad.append("eager")
-        if not torch.isfinite(out).all():
-            bad.append(what)
-        if bad:
-            problems.append(f"{name}: non-finite values in the {' and '.join(bad)} output")
-            diffs[name] = math.nan
-            continue
-        diffs[name] = float((out - ref).abs().max()) if out.numel() else 0.0
-    return ParityResult(size, batch, diffs, atol, problems, seconds)
-
-
-def _finish(what: str, results: List[ParityResult], raise_on_failure: bool
-            ) -> List[ParityResult]:
-    if raise_on_failure and not all(r.ok for r in results):
-        raise ParityError(what, results)
-    return results
 
 
 def _onnx_input_dims(sess) -> List[Union[int, str, None]]:
@@ -657,17 +508,10 @@ def check_onnx(model: nn.Module, path: Union[str, os.PathLike], sizes: Sequence[
         RuntimeError: onnxruntime cannot load the file.
         ParityError: some size failed (with ``raise_on_failure``).
     """
-    import onnxruntime as ort
-
     if not sizes:
         raise ValueError("check_onnx needs at least one size (H, W)")
     sizes = [(int(h), int(w)) for h, w in sizes]
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    try:
-        sess = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
-        raise RuntimeError(f"onnxruntime cannot load {os.fspath(path)}: {e}") from e
+    sess = make_session(path, threads=torch.get_num_threads())
     dims = _onnx_input_dims(sess)
     if all(isinstance(d, int) for d in dims):  # static graph
         wrong = [s for s in sizes if s != tuple(dims[2:])]
@@ -693,12 +537,12 @@ def check_onnx(model: nn.Module, path: Union[str, os.PathLike], sizes: Sequence[
                 ref = model(x)
             t0 = time.perf_counter()
             outs = sess.run(None, {input_name: x.numpy()})
-            res = _compare(names, outs, ref, size, batch, atol, time.perf_counter() - t0,
+            res = compare_outputs(names, outs, ref, size, batch, atol, time.perf_counter() - t0,
                            "onnxruntime")
             results.append(res)
             if on_result is not None:
                 on_result(res)
-    return _finish(f"ONNX model {os.fspath(path)}", results, raise_on_failure)
+    return finish(f"ONNX model {os.fspath(path)}", results, raise_on_failure)
 
 
 def check_compile(model: nn.Module, sizes: Sequence[Size], backend: str = "inductor",
@@ -744,9 +588,9 @@ def check_compile(model: nn.Module, sizes: Sequence[Size], backend: str = "induc
                 t0 = time.perf_counter()
                 out = compiled(x)
                 dt = time.perf_counter() - t0
-            res = _compare(names, out, ref, (int(h), int(w)), batch, atol, dt,
+            res = compare_outputs(names, out, ref, (int(h), int(w)), batch, atol, dt,
                            f"torch.compile({backend})")
             results.append(res)
             if on_result is not None:
                 on_result(res)
-    return _finish(f"torch.compile(backend={backend!r})", results, raise_on_failure)
+    return finish(f"torch.compile(backend={backend!r})", results, raise_on_failure)

@@ -18,9 +18,9 @@ The same scenes are written twice, in the two layouts the configs read:
       <root>/train/toy_00000.png ...
       <root>/val/toy_00000.png ...
 
-  Segmentations are uncompressed RLE (``{"counts": [...], "size": [h, w]}``,
-  column-major, starting with a background run), which pycocotools and
-  MMDetection read directly. Category ids are 1..3.
+  Segmentations are compressed COCO RLE (``{"size": [h, w], "counts": str}``,
+  :func:`rest_dense.data.rle.mask_to_coco_rle`), which pycocotools, MMDetection and
+  detectron2 read directly. Category ids are 1..3.
 
 * ADE20K-style semantic segmentation (MMSegmentation)::
 
@@ -34,7 +34,7 @@ The same scenes are written twice, in the two layouts the configs read:
   a real class here, so the segmentation configs use ``reduce_zero_label=False``
   and the four classes of :data:`TOY_SEG_CLASSES`.
 
-Only numpy and Pillow are used. Each image is drawn from its own random
+Only numpy and Pillow are used (the RLE is written by :mod:`rest_dense.data.rle`). Each image is drawn from its own random
 generator seeded by ``(seed, split, index)``, so a scene does not depend on how
 many other images are generated.
 """
@@ -51,9 +51,11 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .rle import mask_to_coco_rle
+
 __all__ = [
     "TOY_CLASSES", "TOY_SEG_CLASSES", "TOY_PALETTE", "TOY_HUES", "ToyScene", "make_scene", "scene_rng",
-    "mask_to_rle", "rle_to_mask", "mask_to_bbox", "generate_toy_dataset", "toy_dataset_ready",
+    "mask_to_bbox", "generate_toy_dataset", "toy_dataset_ready",
 ]
 
 #: Instance classes (COCO category ids are the 1-based positions).
@@ -67,7 +69,7 @@ TOY_PALETTE: Tuple[Tuple[int, int, int], ...] = ((0, 0, 0), (230, 25, 75), (60, 
 TOY_HUES: Tuple[Tuple[float, float], ...] = ((-0.04, 0.1), (0.22, 0.42), (0.56, 0.76))
 
 _SPLITS = {"train": ("train", "training", 0), "val": ("val", "validation", 1)}
-_FORMAT_VERSION = 2
+_FORMAT_VERSION = 3  # 3: compressed COCO RLE (2: uncompressed)
 _META_FILE = "toy_meta.json"
 
 
@@ -193,26 +195,6 @@ def make_scene(rng: np.random.Generator, size: int = 128, max_objects: int = 4,
     return ToyScene(image=image, masks=mask_arr, labels=np.array([labels[i] for i in keep], dtype=np.int64))
 
 
-def mask_to_rle(mask: np.ndarray) -> Dict[str, list]:
-    """Encode a binary mask as COCO uncompressed RLE (column-major, background run first)."""
-    h, w = mask.shape
-    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0] == 1:
-        counts = [0] + counts
-    return {"counts": [int(c) for c in counts], "size": [int(h), int(w)]}
-
-
-def rle_to_mask(rle: Dict[str, list]) -> np.ndarray:
-    """Decode :func:`mask_to_rle`'s uncompressed RLE back to a bool ``(H, W)`` mask."""
-    h, w = rle["size"]
-    values = np.arange(len(rle["counts"])) % 2
-    flat = np.repeat(values.astype(bool), rle["counts"])
-    return flat.reshape((w, h)).T
-
-
 def mask_to_bbox(mask: np.ndarray) -> List[float]:
     """Tight COCO box ``[x, y, w, h]`` of a non-empty mask (pixel-edge coordinates)."""
     ys, xs = np.nonzero(mask)
@@ -308,7 +290,7 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
             for mask, label in zip(scene.masks, scene.labels):
                 annotations.append({
                     "id": len(annotations) + 1, "image_id": image_id, "category_id": int(label) + 1,
-                    "segmentation": mask_to_rle(mask), "area": int(mask.sum()),
+                    "segmentation": mask_to_coco_rle(mask), "area": int(mask.sum()),
                     "bbox": mask_to_bbox(mask), "iscrowd": 0})
         coco = {"info": {"description": "rest_dense toy shapes", **params},
                 "images": images, "annotations": annotations, "categories": categories}

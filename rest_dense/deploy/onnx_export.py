@@ -46,8 +46,9 @@ import numpy as np
 
 from .inputs import read_image, synthetic_image
 from .logs import quiet_logs
-from .predictions import (Comparison, Detections, Prediction, Tolerances, compare_predictions,
+from .predictions import (Detections, Prediction, Tolerances, compare_predictions,
                           from_d2_instances, from_det_sample, from_seg_sample)
+from .runtime import ParityResult, make_session
 from .shapes import choose_trace_size, find_backbone, graph_problems
 
 __all__ = ["DEFAULT_OPSET", "ExportResult", "CheckResult", "Deployment", "MMDeployment",
@@ -87,74 +88,9 @@ class ExportResult:
     seconds: float = 0.0
 
 
-@dataclass
-class CheckResult:
-    """ONNX Runtime vs PyTorch on one image.
-
-    Attributes:
-        image: the image's name (a path, or ``'synthetic HxW'``).
-        image_size: ``(H, W)`` of the image.
-        input_size: ``(H, W)`` of the backbone input after resize and padding.
-        comparison: the comparison of the predictions.
-        graph_problems: why the traced graph is not valid at this input (then the check fails
-            whatever the outputs).
-    """
-
-    image: str
-    image_size: Size
-    input_size: Size
-    comparison: Comparison
-    graph_problems: List[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return self.comparison.ok and not self.graph_problems
-
-    def describe(self) -> str:
-        head = (f"{self.image} ({self.image_size[0]}x{self.image_size[1]}, network input "
-                f"{self.input_size[0]}x{self.input_size[1]}): ")
-        text = head + self.comparison.describe() + ("  ok" if self.ok else "  FAIL")
-        if self.graph_problems:
-            text += " -- graph not valid here: " + "; ".join(self.graph_problems)
-        return text
-
-
-def make_session(path: PathLike, threads: Optional[int] = None, device: str = "cpu"):
-    """An ONNX Runtime session for ``path``.
-
-    Args:
-        path: ONNX file.
-        threads: intra-op threads (default: ONNX Runtime's choice, all cores).
-        device: ``'cpu'`` or ``'cuda[:i]'`` (CUDA execution provider).
-
-    Returns:
-        ``onnxruntime.InferenceSession``. MMDeploy's custom-operator library is registered
-        only when the graph uses an operator outside the standard ONNX domains.
-    """
-    import onnx
-    import onnxruntime as ort
-
-    path = os.fspath(path)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = int(threads)
-        opts.inter_op_num_threads = 1
-    model = onnx.load(path, load_external_data=False)
-    domains = {n.domain for n in model.graph.node} - {"", "ai.onnx"}
-    if domains:
-        from mmdeploy.backend.onnxruntime.init_plugins import get_ops_path
-
-        ops = get_ops_path()
-        if not os.path.exists(ops):
-            raise RuntimeError(f"{path} uses custom operators ({sorted(domains)}) but MMDeploy's "
-                               "ONNX Runtime operator library is missing")
-        opts.register_custom_ops_library(ops)
-    if device.startswith("cuda"):
-        index = int(device.split(":")[1]) if ":" in device else 0
-        providers: List[Any] = [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
-    else:
-        providers = ["CPUExecutionProvider"]
-    return ort.InferenceSession(path, opts, providers=providers)
+#: a whole-model check result is a :class:`~rest_dense.deploy.runtime.ParityResult` (``image``,
+#: ``image_size``, prediction ``metrics``, ``graph_problems``); the old name stays an alias
+CheckResult = ParityResult
 
 
 def _graph_io(path: str) -> Tuple[List[str], List[str]]:
@@ -263,7 +199,7 @@ class Deployment:
     def check(self, onnx_path: PathLike, check_sizes: Sequence[Size] = (),
               check_images: Sequence[str] = (), trace_size: Optional[Size] = None,
               tolerances: Optional[Tolerances] = None, threads: Optional[int] = None,
-              on_result=None) -> List[CheckResult]:
+              on_result=None) -> List[ParityResult]:
         """Compare ONNX Runtime with PyTorch on synthetic images of ``check_sizes`` and on
         ``check_images``.
 
@@ -275,32 +211,31 @@ class Deployment:
                 says whether the graph is valid at that image's input size.
             tolerances: see :class:`Tolerances` (``score_thr`` defaults to the model's).
             threads: ONNX Runtime intra-op threads.
-            on_result: called with each :class:`CheckResult` as it is made.
+            on_result: called with each result as it is made.
 
         Returns:
-            One :class:`CheckResult` per image.
+            One :class:`~rest_dense.deploy.runtime.ParityResult` per image.
         """
         self.load_onnx(onnx_path, threads)
         tol = tolerances or Tolerances(score_thr=self.score_thr())
-        results = []
+        results, empty = [], []
         for name, image in _check_images(check_sizes, check_images):
             prepared = self.prepare(image)
             size = self.input_size(prepared)
             ref = self.run_torch(prepared)
             out = self.run_onnx(prepared)
-            problems = graph_problems(self.backbone, trace_size, size) if trace_size else []
-            res = CheckResult(name, tuple(image.shape[:2]), size, compare_predictions(ref, out, tol),
-                              problems)
-            if isinstance(ref, Detections) and len(ref) == 0 and len(out) == 0:
-                res.comparison.metrics["empty"] = 1
+            res = compare_predictions(ref, out, tol)
+            res.size, res.image, res.image_size = size, name, tuple(image.shape[:2])
+            if trace_size:
+                res.graph_problems = graph_problems(self.backbone, trace_size, size)
             results.append(res)
-        if results and all(r.comparison.metrics.get("empty") for r in results):
+            empty.append(isinstance(ref, Detections) and len(ref) == 0 and len(out) == 0)
+        if results and all(empty):
             for r in results:  # nothing was compared: a NaN model, or images without objects
-                r.comparison.problems.append(
+                r.problems.append(
                     "no detections on either side for any check image: nothing was compared "
                     "(non-finite outputs, or images without objects: try --check-images)")
         for r in results:
-            r.comparison.metrics.pop("empty", None)
             if on_result is not None:
                 on_result(r)
         return results

@@ -10,13 +10,16 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Dict, Optional, Sequence, Union
 
 import numpy as np
 
+from ..data.rle import coco_rle_to_mask, mask_to_coco_rle
+from .runtime import ParityResult
+
 __all__ = ["Detections", "SegMap", "Prediction", "from_det_sample", "from_seg_sample",
-           "from_d2_instances", "mask_to_rle", "rle_to_mask", "detections_to_json",
+           "from_d2_instances", "mask_to_coco_rle", "coco_rle_to_mask", "detections_to_json",
            "detections_from_json", "write_label_png", "read_label_png", "Tolerances",
            "Comparison", "compare_predictions"]
 
@@ -110,21 +113,6 @@ def from_d2_instances(instances: Any) -> Detections:
 
 
 # ------------------------------------------------------------------ files
-def mask_to_rle(mask: np.ndarray) -> Dict[str, Any]:
-    """COCO run-length encoding (pycocotools) of a boolean ``(H, W)`` mask, JSON-ready."""
-    from pycocotools import mask as mask_util
-
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    return {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")}
-
-
-def rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:
-    """Inverse of :func:`mask_to_rle`."""
-    from pycocotools import mask as mask_util
-
-    return mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode("ascii")}).astype(bool)
-
-
 def detections_to_json(det: Detections, classes: Sequence[str], **extra: Any) -> Dict[str, Any]:
     """The JSON document ``rest-dense infer`` writes for one image.
 
@@ -135,7 +123,8 @@ def detections_to_json(det: Detections, classes: Sequence[str], **extra: Any) ->
 
     Returns:
         ``{**extra, "height", "width", "classes", "instances": [{"bbox": [x1, y1, x2, y2],
-        "score", "label", "category", "segmentation": RLE}]}``.
+        "score", "label", "category", "segmentation": COCO RLE}]}`` (masks:
+        :func:`~rest_dense.data.rle.mask_to_coco_rle`).
     """
     instances = []
     for i in range(len(det)):
@@ -145,7 +134,7 @@ def detections_to_json(det: Detections, classes: Sequence[str], **extra: Any) ->
                 "label": label,
                 "category": classes[label] if 0 <= label < len(classes) else str(label)}
         if det.masks is not None:
-            item["segmentation"] = mask_to_rle(det.masks[i])
+            item["segmentation"] = mask_to_coco_rle(det.masks[i])
         instances.append(item)
     return {**extra, "height": int(det.image_size[0]), "width": int(det.image_size[1]),
             "classes": list(classes), "instances": instances}
@@ -160,7 +149,7 @@ def detections_from_json(doc: Union[str, os.PathLike, Dict[str, Any]]) -> Detect
     h, w = int(doc["height"]), int(doc["width"])
     masks = None
     if inst and "segmentation" in inst[0]:
-        masks = np.stack([rle_to_mask(i["segmentation"]) for i in inst])
+        masks = np.stack([coco_rle_to_mask(i["segmentation"]) for i in inst])
     elif not inst:
         masks = np.zeros((0, h, w), bool)
     return Detections(np.array([i["bbox"] for i in inst], np.float32).reshape(-1, 4),
@@ -212,30 +201,9 @@ class Tolerances:
     score_thr: float = 0.0
 
 
-@dataclass
-class Comparison:
-    """The outcome of :func:`compare_predictions` for one image.
-
-    Attributes:
-        metrics: what was measured (``max_box_diff``, ``max_score_diff``, ``min_mask_iou``,
-            ``matched``, ``unmatched``, ``min_score`` / ``max_score`` of the reference,
-            ``pixel_agreement``, ...).
-        problems: what exceeded the tolerances or is invalid (non-finite values).
-    """
-
-    metrics: Dict[str, float] = field(default_factory=dict)
-    problems: List[str] = field(default_factory=list)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    def describe(self) -> str:
-        parts = []
-        for k, v in self.metrics.items():
-            parts.append(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}")
-        text = ", ".join(parts)
-        return text + (" -- " + "; ".join(self.problems) if self.problems else "")
+#: the outcome of :func:`compare_predictions`: a :class:`~rest_dense.deploy.runtime.ParityResult`
+#: with ``metrics`` and ``problems`` (the old name stays an alias)
+Comparison = ParityResult
 
 
 def _iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -260,8 +228,8 @@ def _mask_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union)
 
 
-def _compare_detections(ref: Detections, out: Detections, tol: Tolerances) -> Comparison:
-    res = Comparison()
+def _compare_detections(ref: Detections, out: Detections, tol: Tolerances) -> ParityResult:
+    res = ParityResult(tuple(ref.image_size))
     for name, det in (("reference", ref), ("exported", out)):
         for what, arr in (("boxes", det.boxes), ("scores", det.scores)):
             if not np.isfinite(arr).all():
@@ -323,8 +291,8 @@ def _compare_detections(ref: Detections, out: Detections, tol: Tolerances) -> Co
     return res
 
 
-def _compare_seg(ref: SegMap, out: SegMap, tol: Tolerances) -> Comparison:
-    res = Comparison()
+def _compare_seg(ref: SegMap, out: SegMap, tol: Tolerances) -> ParityResult:
+    res = ParityResult(tuple(ref.labels.shape))
     if ref.labels.shape != out.labels.shape:
         res.problems.append(f"label map shape {out.labels.shape} != reference {ref.labels.shape}")
         return res
@@ -335,7 +303,8 @@ def _compare_seg(ref: SegMap, out: SegMap, tol: Tolerances) -> Comparison:
     return res
 
 
-def compare_predictions(ref: Prediction, out: Prediction, tol: Optional[Tolerances] = None) -> Comparison:
+def compare_predictions(ref: Prediction, out: Prediction, tol: Optional[Tolerances] = None
+                        ) -> ParityResult:
     """Compare the exported runtime's prediction ``out`` with the reference ``ref``.
 
     Detections are matched greedily, closest pairs first, to a same-label detection with box
@@ -349,7 +318,10 @@ def compare_predictions(ref: Prediction, out: Prediction, tol: Optional[Toleranc
         tol: tolerances (default: :class:`Tolerances()`).
 
     Returns:
-        :class:`Comparison`.
+        A :class:`~rest_dense.deploy.runtime.ParityResult` with ``metrics`` (``max_box_diff``,
+        ``max_score_diff``, ``min_mask_iou``, ``matched``, ``unmatched_borderline``,
+        ``min_score`` / ``max_score`` of the reference, ``pixel_agreement``, ...) and
+        ``problems`` (what exceeded the tolerances or is invalid).
     """
     tol = tol or Tolerances()
     if isinstance(ref, Detections) and isinstance(out, Detections):

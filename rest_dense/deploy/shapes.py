@@ -22,6 +22,13 @@ every stage's map a multiple of the power-of-two ``sr_ratio`` of the released va
 the crop branch never runs for such inputs.
 
 ResTv1 has no shape-dependent branches of this kind (an explicit 1x1-map case aside).
+
+This module is the one home of these rules. :func:`graph_problems` answers "is a graph traced
+at ``T`` valid at ``X``" (``rest-dense export-model``); :func:`trace_problems` answers "does a
+graph traced at ``T`` serve every input of at least :func:`min_valid_side` pixels", i.e. does
+``T`` take every optional branch (``rest-dense export``, :func:`rest_dense.export.export_onnx`).
+Both read the same per-stage decisions, :func:`stage_branches`; a branch taken on one side
+(height or width) is traced for both, since the graph keeps the size arithmetic.
 """
 from __future__ import annotations
 
@@ -32,8 +39,9 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from torch import nn
 
-__all__ = ["StageBranches", "find_backbone", "stage_branches", "graph_problems", "coverage",
-           "choose_trace_size"]
+__all__ = ["StageBranches", "find_backbone", "stage_windows", "windowed_stages", "stage_branches",
+           "graph_problems", "trace_problems", "trace_side_problems", "min_valid_side",
+           "default_trace_shape", "coverage", "choose_trace_size"]
 
 Size = Tuple[int, int]
 
@@ -67,9 +75,24 @@ def find_backbone(model: nn.Module) -> Optional[nn.Module]:
 
 def _side(n: int, stage: int) -> int:
     # stem: two stride-2 3x3 convs with padding 1; each later stage: one more
-    for _ in range(stage + 2):
-        n = (n + 1) // 2
-    return n
+    return -(-n // 2 ** (stage + 2))
+
+
+def stage_windows(backbone: nn.Module) -> List[Optional[int]]:
+    """Window side per stage for the stages that run (some) blocks in windows, else None
+    (every stage of ResTv1 and of global attention)."""
+    from ..models import ResTv2
+
+    if not isinstance(backbone, ResTv2):
+        return [None] * len(backbone.sr_ratios)
+    return [ws if n else None for ws, n in zip(backbone.window_size, backbone.num_window_blocks)]
+
+
+def windowed_stages(backbone: nn.Module) -> List[int]:
+    """1-based stages of ``backbone`` whose blocks (some or all) run in windows, among the
+    stages it computes; empty for global attention and for ResTv1."""
+    last = max(backbone.out_indices)
+    return [i + 1 for i, ws in enumerate(stage_windows(backbone)) if ws is not None and i <= last]
 
 
 def _reduced(n: int, sr: int) -> int:
@@ -92,15 +115,14 @@ def stage_branches(backbone: nn.Module, size: Size) -> List[StageBranches]:
 
     if not isinstance(backbone, ResTv2):
         return []
-    last = max(backbone.out_indices)
+    windows = stage_windows(backbone)
     out = []
-    for i in range(last + 1):
+    for i in range(max(backbone.out_indices) + 1):
         h, w = _side(size[0], i), _side(size[1], i)
-        sr = backbone.sr_ratios[i]
+        sr, ws = backbone.sr_ratios[i], windows[i]
         crop = sr > 1 and (_reduced(h, sr) * sr != h or _reduced(w, sr) * sr != w)
         window, pad = None, False
-        if backbone.num_window_blocks[i]:
-            ws = backbone.window_size[i]
+        if ws is not None:
             win = (min(ws, h), min(ws, w))
             if win != (h, w):
                 window = win
@@ -142,6 +164,74 @@ def graph_problems(backbone: nn.Module, traced: Size, size: Size) -> List[str]:
         elif x.pad and not t.pad:
             problems.append(f"{where}: needs window padding, which the trace did not take")
     return problems
+
+
+def trace_problems(backbone: nn.Module, size: Size) -> List[str]:
+    """Why a dynamic graph traced at ``size`` would not serve every input whose sides are at
+    least :func:`min_valid_side`: each optional branch must be traced.
+
+    That is, at every stage the backbone computes: the crop of the reduced attention
+    (``sr_ratio > 1``: the map is not a multiple of ``sr_ratio`` on at least one side) and,
+    in windowed stages, whole windows (the map exceeds the window on both sides) with window
+    padding (not a multiple of the window on at least one side).
+
+    Args:
+        backbone: a ResT backbone.
+        size: backbone input ``(H, W)`` to trace at.
+
+    Returns:
+        One message per untraced branch; empty when ``size`` serves.
+    """
+    problems = []
+    for i, (b, ws) in enumerate(zip(stage_branches(backbone, size), stage_windows(backbone))):
+        h, w = b.map_size
+        sr = backbone.sr_ratios[i]
+        if sr > 1 and not b.crop:
+            problems.append(f"stage {i + 1}: map {h}x{w} is a multiple of sr_ratio {sr} on both "
+                            "sides (the crop of the reduced attention is not traced)")
+        if ws is None:
+            continue
+        if b.window != (ws, ws):
+            problems.append(f"stage {i + 1}: map {h}x{w} must exceed the window {ws} on both sides")
+        elif not b.pad:
+            problems.append(f"stage {i + 1}: map {h}x{w} is a multiple of the window {ws} on both "
+                            "sides (window padding is not traced)")
+    return problems
+
+
+def trace_side_problems(backbone: nn.Module, side: int) -> List[str]:
+    """:func:`trace_problems` of a square ``side`` x ``side`` trace: a side for which this is
+    empty serves as height or width of a trace whatever the other side is.
+
+    ``torch.export`` (:func:`rest_dense.export.export_program`) needs this of both sides:
+    it guards the branch conditions side by side, where a TorchScript trace (ONNX) records
+    one branch for both.
+    """
+    return trace_problems(backbone, (side, side))
+
+
+def min_valid_side(backbone: nn.Module) -> int:
+    """Smallest input side at which a dynamic graph of ``backbone`` matches eager.
+
+    Window modes need every windowed stage's map to be at least one window large (a smaller
+    map runs in one window of its own size in eager, which a traced graph cannot do); other
+    modes have no limit (1 is returned).
+    """
+    last = max(backbone.out_indices)
+    need = [(ws - 1) * 2 ** (i + 2) + 1 for i, ws in enumerate(stage_windows(backbone))
+            if ws is not None and i <= last]
+    return max(need, default=1)
+
+
+def default_trace_shape(backbone: nn.Module, start: Size = (256, 384)) -> Size:
+    """The smallest ``(H, W)`` at or above ``start`` whose sides each pass
+    :func:`trace_side_problems` (257x385 for the default windows)."""
+    def first(n: int) -> int:
+        while trace_side_problems(backbone, n):
+            n += 1
+        return n
+
+    return first(start[0]), first(start[1])
 
 
 def coverage(backbone: nn.Module, size: Size) -> int:

@@ -10,8 +10,9 @@ import pytest
 from PIL import Image
 
 from rest_dense.cli import main as cli
-from rest_dense.data.toy import (TOY_CLASSES, generate_toy_dataset, make_scene, mask_to_bbox, mask_to_rle,
-                                 rle_to_mask, scene_rng, toy_dataset_ready)
+from rest_dense.data.rle import coco_rle_to_mask, mask_to_coco_rle
+from rest_dense.data.toy import (TOY_CLASSES, generate_toy_dataset, make_scene, mask_to_bbox, scene_rng,
+                                 toy_dataset_ready)
 from rest_dense.demo import DemoOptions
 
 
@@ -37,15 +38,16 @@ def test_scene_is_deterministic_and_consistent():
 
 
 def test_rle_roundtrip():
+    """The annotations' RLE (tested against pycocotools in tests/data/test_rle.py) and boxes."""
     rng = np.random.default_rng(0)
     cases = [rng.random((13, 17)) > 0.5, np.zeros((5, 4), bool), np.ones((5, 4), bool)]
     edge = np.zeros((6, 7), bool)
     edge[0, 0] = edge[-1, -1] = True
     cases.append(edge)
     for mask in cases:
-        rle = mask_to_rle(mask)
-        assert rle["size"] == list(mask.shape) and sum(rle["counts"]) == mask.size
-        np.testing.assert_array_equal(rle_to_mask(rle), mask)
+        rle = mask_to_coco_rle(mask)
+        assert rle["size"] == list(mask.shape) and coco_rle_to_mask(rle).size == mask.size
+        np.testing.assert_array_equal(coco_rle_to_mask(rle), mask)
     assert mask_to_bbox(edge) == [0.0, 0.0, 7.0, 6.0]
 
 
@@ -95,11 +97,11 @@ def test_coco_annotations_valid(toy_root):
             expected = np.zeros_like(label_map)
             for ann in coco.loadAnns(coco.getAnnIds(imgIds=img_id)):
                 mask = coco.annToMask(ann).astype(bool)  # pycocotools decodes our RLE
-                np.testing.assert_array_equal(mask, rle_to_mask(ann["segmentation"]))
+                np.testing.assert_array_equal(mask, coco_rle_to_mask(ann["segmentation"]))
                 assert ann["area"] == mask.sum() > 0 and ann["iscrowd"] == 0
                 assert ann["bbox"] == mask_to_bbox(mask)
-                rle = mask_utils.frPyObjects(ann["segmentation"], info["height"], info["width"])
-                np.testing.assert_allclose(mask_utils.toBbox(rle), ann["bbox"])
+                assert ann["segmentation"]["size"] == [info["height"], info["width"]]
+                np.testing.assert_allclose(mask_utils.toBbox(ann["segmentation"]), ann["bbox"])
                 assert (expected[mask] == 0).all()  # disjoint
                 expected[mask] = ann["category_id"]
             np.testing.assert_array_equal(label_map, expected)
