@@ -274,7 +274,9 @@ def _run_d2(entry: ToyEntry, options: ToyCompareOptions, work_dir: str) -> ToyRo
         from detectron2.utils.env import seed_all_rng
 
         seed_all_rng(options.seed)
-        trainer = RestTrainer(cfg)
+        trainer = RestTrainer(cfg)  # sets detectron2's logger up (DEBUG) if nothing did
+        if options.quiet:
+            d2_logger.setLevel(logging.WARNING)
         trainer.resume_or_load(resume=False)
         untrained = RestTrainer.test(cfg, trainer.model)
         t = time.time()
