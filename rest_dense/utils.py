@@ -1,10 +1,39 @@
 """Small helpers shared by the package's tools (pure Python / PyTorch)."""
 from __future__ import annotations
 
+import os
 import re
-from typing import Tuple
+from typing import Optional, Tuple
 
-__all__ = ["parse_size", "format_size", "positive_int", "guess_config_framework"]
+__all__ = ["ENV_PREFIX", "env_var", "parse_size", "format_size", "positive_int",
+           "guess_config_framework"]
+
+#: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
+ENV_PREFIX = "REST_DENSE_"
+_OLD_PREFIX = "RESTDENSE_"
+
+
+def env_var(name: str, default: Optional[str] = None) -> Optional[str]:
+    """The environment variable ``REST_DENSE_<name>`` (``name`` with or without the prefix).
+
+    The old spelling ``RESTDENSE_<name>`` still works when the new one is unset, with a
+    :class:`DeprecationWarning`.
+
+    Returns:
+        Its value, or ``default`` when neither spelling is set.
+    """
+    import warnings
+
+    name = name[len(ENV_PREFIX):] if name.startswith(ENV_PREFIX) else name
+    value = os.environ.get(ENV_PREFIX + name)
+    if value is not None:
+        return value
+    value = os.environ.get(_OLD_PREFIX + name)
+    if value is None:
+        return default
+    warnings.warn(f"the environment variable {_OLD_PREFIX + name} is deprecated; set "
+                  f"{ENV_PREFIX + name} instead", DeprecationWarning, stacklevel=2)
+    return value
 
 _SIZE = re.compile(r"^\s*(\d+)\s*(?:[xX×]\s*(\d+))?\s*$")
 

@@ -60,7 +60,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..checkpointing import ResumeError  # light: torch only
-from ..utils import positive_int
+from ..utils import env_var, positive_int
 from ..models.checkpoint import CheckpointError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
@@ -140,7 +140,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                     help="CONFIG is a LazyConfig (default: by extension, .py)")
     d2.add_argument("--toy-root", default=None,
                     help="toy dataset registered as toy_train / toy_val "
-                    "(default: $RESTDENSE_TOY_ROOT or data/toy)")
+                    "(default: $REST_DENSE_TOY_ROOT or data/toy)")
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
@@ -260,8 +260,7 @@ def d2_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespace:
         resume=extra.pop("resume", False), eval_only=bool(extra.pop("eval_only", False)),
         num_gpus=args.num_gpus or 1, num_machines=args.num_machines or 1,
         machine_rank=args.machine_rank or 0, dist_url=args.dist_url or default_dist_url(),
-        lazy=bool(args.lazy), toy_root=args.toy_root or os.environ.get("RESTDENSE_TOY_ROOT",
-                                                                       "data/toy"),
+        lazy=bool(args.lazy), toy_root=args.toy_root or env_var("TOY_ROOT", "data/toy"),
         cpu_threads=args.threads or 0, output_dir=args.work_dir,
         trust_checkpoint=list(getattr(args, "trust_checkpoint", None) or []), **extra)
 
