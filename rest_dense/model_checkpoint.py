@@ -153,7 +153,8 @@ def read_checkpoint_object(path: PathLike, map_location: Any = "cpu", *,
     if kind in ("torch-zip", "torch-legacy"):
         return _trust.load_checkpoint_file(path, map_location=map_location, trusted=trusted,
                                            log=log)
-    raise CheckpointFormatError(f"{describe_file(path)}, not a checkpoint")
+    raise CheckpointFormatError(f"{describe_file(path)}: not a checkpoint, rest_dense cannot "
+                                "read it as one")
 
 
 def _tensors(mapping: Mapping[str, Any]) -> Dict[str, Tensor]:
