@@ -39,14 +39,13 @@ from torch import nn
 from .models import canonical_name, create_model, list_models
 
 __all__ = [
-    "GROUPS", "DEFAULT_SHAPES", "SDPA_OPS", "CONVENTIONS", "PAPER_NOTES",
+    "GROUPS", "DEFAULT_SHAPES", "SDPA_OPS", "CONVENTIONS",
     "PAPER_BACKBONE", "PAPER_MASK_RCNN", "PAPER_UPERNET",
     "FlopCount", "AnalysisResult", "Target", "CountCache", "NoModelInConfig",
     "sdpa_flop_jit", "op_group", "count_parameters", "count_flops",
     "resolve_targets", "config_kind", "parse_cfg_options", "analyze_backbone", "analyze_mm_config",
     "analyze_d2_config", "analyze_config", "analyze_target", "analyze",
-    "format_breakdown", "format_table", "format_params", "format_markdown",
-    "markdown_document",
+    "format_breakdown", "format_table", "format_params",
 ]
 
 #: operator groups of the breakdown (the columns of the ResTv2 paper's Table 4b)
@@ -226,36 +225,6 @@ PAPER_UPERNET: Dict[Tuple[str, str], Tuple[float, str]] = {
     ("restv2", "small"): (72.9, "1035"),
     ("restv2", "base"): (87.6, "1095"),
 }
-
-#: how the papers' figures compare with ours (appended to the markdown document)
-PAPER_NOTES = """\
-How the papers' figures compare (checked against the table above):
-
-* UperNet (ResTv2 paper, Tab. 5, 2048×512) counts everything, attention products included:
-  T/S/B agree with our GFLOPs to within 1 G.
-* Mask R-CNN main results (ResTv2 paper, Tab. 4: 253/290/328 G) agree with our
-  "GFLOPs excl. matmul" column to within 0.5 G: the attention products were left out there,
-  as hook-based counters that only see modules (e.g. mmcv 1.x's `get_model_complexity_info`,
-  behind the Swin / ConvNeXt Mask R-CNN figures the table compares with) leave them out.
-* The attention-mode ablation (Tab. 4a/4b: 205.2/212.5/218.9/229.7 G, conv/linear/matmul/others)
-  comes from the authors' detectron2 `analyze_model.py`, which averages fvcore counts over COCO
-  val images (short side 800, long side ≤ 1333, mostly smaller than 800×1280) with a trained
-  model (mask head on the actual detections), so it is lower than a count at 800×1280. The
-  modes compare alike: window attention cuts the matmul FLOPs to a few G (3.69 G in the
-  paper, 3.77 G here) and adds linear FLOPs for the padding to whole windows; hwin lies
-  between. One figure we cannot reproduce: cwin adds 7.2 G of conv over win in Tab. 4b, while
-  its extra layers (0.014 M parameters: one 3×3 depth-wise conv per stage, 49.94 → 49.96 M
-  as in Tab. 4a) cost 0.1 G at 800×1280.
-* The dense ResTv2-T backbone at 800×1280 (`rest-dense flops restv2_tiny --shape 800x1280`):
-  127.65 G here against 127.6 G (linear 69.2, matmul 46.1, conv 11.9, layer_norm 0.4) for the
-  authors' code. The 0.06 G difference is the four output norms `norm_1..4` (reported in the
-  notes): the authors' code builds these channels-first LayerNorms from element-wise ops,
-  which fvcore does not count, so its layer_norm is 0.41 G instead of our 0.47 G; every other
-  operator agrees exactly.
-* Backbones at 224×224 are compared with the ImageNet classifiers, whose counts include the
-  classifier head (and ResTv2's final norm) but not the dense output norms.
-"""
-
 
 # ------------------------------------------------------------------ results and targets
 @dataclass
@@ -938,65 +907,3 @@ def format_params(r: AnalysisResult) -> str:
     if r.paper_params is not None:
         line += f"  [paper {r.paper_params:g}M]"
     return f"{line}  {r.target}"
-
-
-def format_markdown(results: Sequence[AnalysisResult]) -> str:
-    """A markdown table of results: parameters, GFLOPs (total, without the attention
-    products, per group), the papers' figures and notes. Parameters-only results leave
-    the FLOP columns empty.
-
-    Args:
-        results: the results.
-
-    Returns:
-        The table, without a trailing newline.
-    """
-    head = ("| target | framework | input (H×W) | params (M) | backbone params (M) | "
-            "paper params (M) | GFLOPs | GFLOPs excl. matmul | paper GFLOPs | conv | linear | "
-            "matmul | layer_norm | other | notes |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
-    for r in results:
-        pp = "" if r.paper_params is None else f"{r.paper_params:g}"
-        bp = "" if r.backbone_params is None else f"{r.backbone_params / 1e6:.3f}"
-        if r.flops is not None:
-            g = r.flops.groups
-            flops = [_g(r.flops.total), _g(r.flops.total - g["matmul"])]
-            groups = [_g(g[k]) for k in GROUPS]
-        else:
-            flops, groups = ["", ""], [""] * len(GROUPS)
-        lines.append(
-            f"| {r.target} | {r.framework} | {r.shape[0]}×{r.shape[1]} | {r.params / 1e6:.3f} | "
-            f"{bp} | {pp} | {' | '.join(flops)} | {r.paper_flops or ''} | "
-            + " | ".join(groups) + f" | {'; '.join(r.notes)} |")
-    return "\n".join(lines)
-
-
-def _fvcore_version() -> str:
-    from importlib import metadata
-
-    try:
-        return metadata.version("fvcore")
-    except metadata.PackageNotFoundError:
-        return "?"
-
-
-def markdown_document(results: Sequence[AnalysisResult], command: str) -> str:
-    """The markdown document ``rest-dense flops --markdown`` writes (docs/flops.md).
-
-    Args:
-        results: the results.
-        command: the command line that produced them (quoted in the document).
-
-    Returns:
-        The document, ending with a newline.
-    """
-    return (
-        "# Parameters and FLOPs\n\n"
-        f"Generated by `{command}` (fvcore {_fvcore_version()}, torch {torch.__version__}).\n"
-        "GFLOPs are 10^9 multiply-accumulates; the columns conv … other split them by operator "
-        "(matmul = attention products, explicit or fused). \"paper\" columns: the ResTv2 / ResTv1 "
-        "papers (detection: detectron2 Mask R-CNN, \"1280×800\"; segmentation: UperNet, "
-        "\"2048×512\"; backbones at 224: the ImageNet classifiers) and, for the dense "
-        "ResTv2-T backbone at 800×1280, the authors' released code measured with fvcore.\n\n"
-        "Conventions:\n\n" + CONVENTIONS + "\n\n" + format_markdown(results) + "\n\n"
-        + PAPER_NOTES)

@@ -101,6 +101,36 @@ def test_cli_flops_backbone_default_size(tmp_path, capsys, one_thread):
     assert float(cells[6]) == pytest.approx(4.11, abs=0.01)  # GFLOPs
     assert all(math.isfinite(float(c)) for c in cells[9:14])  # conv .. other
 
+    assert "How the papers' figures compare" not in text  # prose of docs/flops.md only
+
+
+def test_flops_doc_tool_appends_the_paper_notes(tmp_path, monkeypatch):
+    """tools/flops_doc.py writes docs/flops.md: ``rest-dense flops --markdown`` on the
+    backbones and every shipped config, then the notes on the papers' figures."""
+    import importlib.util
+
+    from conftest import REPO
+
+    spec = importlib.util.spec_from_file_location("flops_doc", REPO / "tools" / "flops_doc.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    calls = []
+
+    def fake_cli(argv):
+        calls.append(argv)
+        out = argv[argv.index("--markdown") + 1]
+        with open(out, "w", encoding="utf-8") as f:
+            f.write("# Parameters and FLOPs\n")
+        return 0
+
+    monkeypatch.setattr(tool, "cli", fake_cli)
+    out = tmp_path / "flops.md"
+    assert tool.main(["--out", str(out), "--no-progress"]) == 0
+    (argv,) = calls
+    assert argv[:9] == ["flops", *tool.BACKBONES] and "--all" in argv
+    text = out.read_text()
+    assert text.startswith("# Parameters and FLOPs\n\nHow the papers' figures compare")
+    assert "UperNet (ResTv2 paper, Tab. 5" in text
 
 def test_cli_flops_check_math_and_shape(capsys, one_thread):
     assert main(["flops", "restv1_lite", "--shape", "64x96", "--check-math", "--no-progress"]) == 0
