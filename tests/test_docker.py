@@ -11,6 +11,9 @@ import torch
 
 from conftest import REPO
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(300, func_only=True)
+
 
 # --------------------------------------------------------------------------- Dockerfile
 def _dockerfile():

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400, func_only=True)]
 
 
 def _run(cmd, cwd, env, timeout=600):

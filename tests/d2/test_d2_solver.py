@@ -11,6 +11,9 @@ from detectron2.modeling import build_model  # noqa: E402
 
 from rest_dense.d2 import build_optimizer, with_full_model_gradient_clipping  # noqa: E402
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(120, func_only=True)
+
 NORMS = (torch.nn.LayerNorm, torch.nn.modules.batchnorm._BatchNorm, torch.nn.GroupNorm)
 
 

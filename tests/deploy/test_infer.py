@@ -20,6 +20,9 @@ from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_SEG, d2_ckpt, d2_o
                   det_ckpt, mm_config, seg_ckpt, toy_root, untrained_checkpoint, val_images)
 from conftest import REPO
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(600, func_only=True)
+
 EXACT = Tolerances(box_atol=1e-3, score_atol=1e-5, mask_iou=0.999, seg_agreement=1.0)
 
 

@@ -21,7 +21,8 @@ from rest_dense.data import toy
 
 from conftest import REPO
 
-pytestmark = pytest.mark.slow
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200, func_only=True)]
 
 #: (name, setting): backbone options of one DDP run. Independent options share a run, to
 #: keep the time down; together they cover every attention mode, frozen stages, both

@@ -13,6 +13,9 @@ from rest_dense.models import ResTv1, ResTv2
 
 from conftest import REPO, TINY_ARCH
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(120, func_only=True)
+
 
 def _ran(calls):
     def job(x, y):

@@ -16,6 +16,9 @@ from rest_dense.models import ResTv1, ResTv2
 
 from _mm_utils import REPO
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(180, func_only=True)
+
 
 @pytest.mark.parametrize("registry", [mmdet.registry, mmseg.registry], ids=["mmdet", "mmseg"])
 def test_backbones_registered(registry):

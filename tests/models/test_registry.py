@@ -11,6 +11,9 @@ from rest_dense.models import (DEFAULT_WINDOW_SIZE, STAGE_STRIDES, ResTv1, ResTv
 
 from conftest import TINY_ARCH
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(180, func_only=True)
+
 V2 = ["restv2_tiny", "restv2_small", "restv2_base", "restv2_large"]
 V1 = ["restv1_lite", "restv1_small", "restv1_base", "restv1_large"]
 

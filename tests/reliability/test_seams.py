@@ -25,6 +25,9 @@ from rest_dense.models import CheckpointError, CheckpointMismatchError
 
 from conftest import REPO
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(600, func_only=True)
+
 DET = REPO / "configs/toy/mask_rcnn_restv2_toy.py"
 SITE = Path(torch.__file__).resolve().parents[1]
 MMDET_TOOLS = SITE / "mmdet/.mim/tools"
@@ -131,12 +134,13 @@ def _refuse_cases(sd):
                                             if k.startswith("backbone.stem") and v.is_floating_point()
                                             else v) for k, v in sd.items()}}, "NaN"),
         "no-tensors": ({"state_dict": {"a": 1}, "meta": {}}, "holds no tensors"),
+        "cut-off": ({"state_dict": dict(list(sd.items())[:5])}, "partial or cut-off"),
         "not-a-dict": ([1, 2, 3], "not a checkpoint"),
     }
 
 
 @pytest.mark.parametrize("case", ["d2-file-to-mm", "half-prefixed-keys", "backbone-only",
-                                  "nan-weights", "no-tensors", "not-a-dict"])
+                                  "nan-weights", "no-tensors", "not-a-dict", "cut-off"])
 def test_refusals_name_the_real_cause(toy, runner, case, tmp_path):
     from rest_dense.mm.runner import check_test_checkpoint
 

@@ -45,6 +45,9 @@ from rest_dense.data.toy import generate_toy_dataset
 
 from conftest import TINY_ARCH
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(1200, func_only=True)
+
 MAX_ITERS = 6
 DIMS = list(TINY_ARCH["embed_dims"])
 TINY_MM = [f"model.backbone.arch.embed_dims={tuple(DIMS)}",

@@ -11,6 +11,9 @@ from rest_dense.commands import train as train_cmd
 
 from conftest import REPO
 
+# every test here may start a process: a hung one fails after the timeout (pytest-timeout)
+pytestmark = pytest.mark.timeout(600, func_only=True)
+
 
 def test_overrides_may_follow_options():
     parser = build_parser("train")
