@@ -144,19 +144,27 @@ def _check_bottom_up_features(cfg: CfgNode, key: str) -> None:
                          f"MODEL.{key}.OUT_FEATURES {emitted} does not emit")
 
 
+def _build(cfg: CfgNode, bottom_up: Backbone) -> D2VTFPN:
+    kwargs = vt_fpn_kwargs_from_cfg(cfg)
+    try:
+        return D2VTFPN(bottom_up, **kwargs)
+    except (TypeError, ValueError) as err:  # the core names its argument; add the config node
+        raise type(err)(f"MODEL.VT_FPN: {err}") from err
+
+
 @BACKBONE_REGISTRY.register()
 def build_restv2_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
     """ResTv2 (``MODEL.RESTV2``) + VT-FPN (``MODEL.VT_FPN``): ``p2..p5`` (+ ``p6`` with
     ``NUM_OUTS: 5``)."""
     _check_bottom_up_features(cfg, "RESTV2")
-    return D2VTFPN(build_restv2_backbone(cfg, input_shape), **vt_fpn_kwargs_from_cfg(cfg))
+    return _build(cfg, build_restv2_backbone(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()
 def build_rest_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
     """ResTv1 (``MODEL.REST``) + VT-FPN (``MODEL.VT_FPN``)."""
     _check_bottom_up_features(cfg, "REST")
-    return D2VTFPN(build_rest_backbone(cfg, input_shape), **vt_fpn_kwargs_from_cfg(cfg))
+    return _build(cfg, build_rest_backbone(cfg, input_shape))
 
 
 @BACKBONE_REGISTRY.register()

@@ -139,8 +139,10 @@ def test_lazy_config_builds_and_predicts():
 def test_errors_name_the_key():
     with pytest.raises(ValueError, match="MODEL.VT_FPN.IN_FEATURES"):
         build_model(_cfg(extra=["MODEL.RESTV2.OUT_FEATURES", "['stage2', 'stage3', 'stage4']"]))
-    with pytest.raises(ValueError, match="token_channels"):
+    with pytest.raises(ValueError, match="MODEL.VT_FPN: .*token_channels"):
         build_model(_cfg(extra=["MODEL.VT_FPN.TOKEN_CHANNELS", "100"]))
+    with pytest.raises(ValueError, match="MODEL.VT_FPN: num_outs"):
+        build_model(_cfg(extra=["MODEL.VT_FPN.NUM_OUTS", "3"]))
     assert build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "LN"])).backbone.neck.norm_layer == "ln"
     with pytest.raises(ValueError, match="MODEL.VT_FPN.NORM"):
         build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "GN"]))
