@@ -279,6 +279,17 @@ def check_checkpoint(model: Any, ckpt: ModelCheckpoint, *, complete: bool,
     """
     from .models.checkpoint import CheckpointMismatchError, check_model_checkpoint
 
+    own_sd = getattr(model, "module", model).state_dict()
+    sd = ckpt.state_dict
+    missing = [k for k in own_sd if k not in sd]
+    if complete and missing and sd and all(
+            k in own_sd and tuple(own_sd[k].shape) == tuple(v.shape) for k, v in sd.items()):
+        # a part of this very model (every key of it fits): say so, not "another variant"
+        lead = f"{purpose}: " if purpose else ""
+        raise CheckpointMismatchError(
+            f"{lead}{ckpt.source} holds only {len(sd)} of the model's {len(own_sd)} entries "
+            f"(all of them fit; missing e.g. {_short(missing)}): a partial or cut-off "
+            "checkpoint of this model, which would leave the rest randomly initialised")
     try:
         return check_model_checkpoint(model, ckpt.state_dict, source=ckpt.source,
                                       complete=complete)
