@@ -1,7 +1,8 @@
 """MMDeploy 1.3.1 on the pinned stack (torch 2.13): the fixes it needs and our deploy configs.
 
 MMDeploy 1.3.1 (December 2023) predates torch 2.9. Exporting with it as released fails here
-in two places, and one of its rewrites gives wrong (or no) results for UperNet:
+in two places, and several of its rewrites give results that differ from MMDetection /
+MMSegmentation in PyTorch:
 
 1. ``torch.onnx.export`` defaults to ``dynamo=True`` since torch 2.9; MMDeploy calls it
    without ``dynamo=`` and relies on the TorchScript exporter (its rewriters patch
@@ -21,10 +22,23 @@ in two places, and one of its rewrites gives wrong (or no) results for UperNet:
    ONNX Runtime backend, an exact rewrite with dynamic shapes instead
    (:func:`adaptive_avg_pool2d_exact`: adaptive average pooling as two averaging matrices).
 
-Nothing else is patched; MMDeploy's own rewriters do the rest (RPN / RoI heads / NMS in
-ONNX, ``RoiAlign``, mask heads). The ONNX graphs use only standard ONNX operators, so the
-custom-operator library bundled in the MMDeploy wheel (built for ONNX Runtime 1.15) is not
-loaded unless a graph needs it.
+4. ``F.scaled_dot_product_attention``: MMDeploy's rewrite divides the logits by ``scale``
+   where PyTorch multiplies (every ResT attention passes ``scale=``) and applies dropout;
+   :func:`scaled_dot_product_attention_exact` writes it as PyTorch defines it.
+5. RPN proposals (``RPNHead.predict_by_feat``): MMDeploy runs one NMS over all levels and drops
+   scores below 0.05; :func:`rpn_predict_by_feat_exact` runs NMS per level and keeps every
+   score, as MMDetection does.
+6. R-CNN box head (``BBoxHead.predict_by_feat``): MMDeploy gives every class the box of the
+   RoI's best class; :func:`bbox_head_predict_by_feat_exact` decodes each class's own box and
+   runs NMS per class, as MMDetection's ``multiclass_nms``.
+7. Detector forwards (``TwoStageDetector.forward``, ``SingleStageDetector.forward``): the
+   graph takes the unpadded image and pads it to the size divisor itself (:func:`_pad_inside`),
+   so that boxes are clipped to the image rather than to the padding.
+
+:func:`register_rewrites` registers 3-7 for the ONNX Runtime backend. MMDeploy's own rewriters
+do the rest (NMS in ONNX, ``RoiAlign``, mask heads, RetinaNet's head and decoding). The ONNX
+graphs use only standard ONNX operators, so the custom-operator library bundled in the MMDeploy
+wheel (built for ONNX Runtime 1.15) is not loaded unless a graph needs it.
 
 Install: ``pip install --no-deps mmdeploy==1.3.1`` plus its light dependencies
 (``pip install -e .[deploy]``): its metadata pins ``protobuf<=3.20.2``, which would

@@ -1,7 +1,6 @@
 """The toy dataset registered in detectron2: a short CPU training run of the shipped toy config
 (through RestTrainer, with COCO evaluation) clearly improves box AP; ``rest-dense train`` /
 ``rest-dense test`` on a detectron2 config (train, resume, evaluate); the AMP fallback."""
-import importlib
 import json
 import math
 import os
@@ -18,16 +17,12 @@ from rest_dense.cli import main as cli  # noqa: E402
 from rest_dense.d2 import register_toy_datasets  # noqa: E402
 from rest_dense.d2.engine import RestTrainer, _amp_guard, setup_yaml_config  # noqa: E402
 
-toy = importlib.import_module("rest_dense.data.toy")
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    toy.generate_toy_dataset(root, num_train=48, num_val=12)
-    return root
+def toy_root(make_toy_root):
+    return make_toy_root(num_train=48, num_val=12)  # enough to learn something
 
 
 def test_register_toy_datasets(toy_root):

@@ -17,7 +17,6 @@ import pytest
 
 import _ddp_jobs as jobs
 from rest_dense import distributed
-from rest_dense.data import toy
 
 from conftest import REPO
 
@@ -116,13 +115,6 @@ def test_detectron2_mask_rcnn_ddp_replicas_identical(ddp_results):
 
 
 # ------------------------------------------------------------------------ end to end
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    toy.generate_toy_dataset(root, num_train=8, num_val=4)
-    return root
-
-
 def _run(cmd, env, timeout=400):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     log = proc.stdout + proc.stderr

@@ -1,4 +1,6 @@
-"""Helpers for the MMDetection / MMSegmentation tests (tests/test_mm_*.py)."""
+"""Helpers for the MMDetection / MMSegmentation tests (tests/mm/test_mm_*.py): configs shrunk to
+:data:`conftest.TINY_ARCH`, the shipped configs of a family, building models and checking
+which backbone parameters get gradients."""
 from __future__ import annotations
 
 import copy

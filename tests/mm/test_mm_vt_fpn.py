@@ -11,7 +11,6 @@ from mmengine.optim import build_optim_wrapper
 from mmengine.registry import Registry, init_default_scope
 
 import rest_dense.mm  # noqa: F401
-from rest_dense.data.toy import generate_toy_dataset
 from rest_dense.mm import MMVTFPN
 from rest_dense.mm.necks import check_neck_levels
 from rest_dense.mm.utils import register_once
@@ -29,10 +28,8 @@ H, W = 97, 131
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy_vt_fpn")
-    generate_toy_dataset(root, num_train=8, num_val=2)
-    return str(root) + "/"
+def toy_root(make_toy_root):
+    return str(make_toy_root(num_train=8, num_val=2)) + "/"
 
 
 def test_registered_in_both_frameworks_and_refuses_foreign_names():

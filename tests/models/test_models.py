@@ -12,9 +12,9 @@ from rest_dense.models import (ATTN_MODES, CheckpointMismatchError, RESTV1_ARCHS
                                ResTv1, ResTv2, load_checkpoint, window_partition,
                                window_unpartition)
 
-from conftest import FIXTURES, SHARED  # noqa: F401
-TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
-            sr_ratios=(8, 4, 2, 1))
+from conftest import FIXTURES, SHARED, make_tiny_arch  # noqa: F401
+
+TINY = make_tiny_arch(depths=(1, 2, 2, 1))
 TINY_V1 = dict(TINY, qkv_bias=True, apply_transform=True)
 MODELS = {"v2": (ResTv2, TINY), "v1": (ResTv1, TINY_V1)}
 

@@ -41,7 +41,6 @@ import torch
 
 from rest_dense import trust
 from rest_dense.checkpointing import SAVE_PAUSE_ENV, resume_candidates
-from rest_dense.data.toy import generate_toy_dataset
 
 from conftest import TINY_ARCH
 
@@ -55,13 +54,6 @@ TINY_MM = [f"model.backbone.arch.embed_dims={tuple(DIMS)}",
 COMMON_MM = ["default_hooks.checkpoint.interval=2", "default_hooks.logger.interval=1",
              "train_dataloader.batch_size=1", "val_cfg=None", "val_dataloader=None",
              "val_evaluator=None"]
-
-
-@pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    generate_toy_dataset(root, num_train=8, num_val=4)
-    return root
 
 
 # ----------------------------------------------------------------------------- the jobs

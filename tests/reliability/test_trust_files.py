@@ -23,7 +23,6 @@ import torch
 
 from rest_dense import trust
 from rest_dense.cli import main as cli
-from rest_dense.data.toy import generate_toy_dataset
 
 from conftest import TINY_ARCH
 
@@ -51,10 +50,8 @@ def _nothing_trusted():
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("toy")
-    generate_toy_dataset(root, num_train=2, num_val=2)
-    return root
+def toy_root(make_toy_root) -> Path:
+    return make_toy_root(num_train=2, num_val=2)
 
 
 @pytest.fixture

@@ -10,8 +10,9 @@ from rest_dense.cli import main
 from rest_dense.models import ResTv2
 from rest_dense.reference import ReleasedLayoutResTv2
 
-TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 2, 1),
-            sr_ratios=(8, 4, 2, 1))
+from conftest import make_tiny_arch
+
+TINY = make_tiny_arch(depths=(1, 1, 2, 1))
 
 
 # --------------------------------------------------------------------------- reference

@@ -10,9 +10,10 @@ import rest_dense.export as ex
 from rest_dense.cli import main
 from rest_dense.models import ResTv1, ResTv2, create_model
 
+from conftest import make_tiny_arch
+
 #: two blocks in stages 2-3 so that ``hwin`` has windowed blocks there
-TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
-            sr_ratios=(8, 4, 2, 1))
+TINY = make_tiny_arch(depths=(1, 2, 2, 1))
 #: neither side a multiple of 32 (nor of the windows): crops and window padding all run
 SIZES = [(257, 391), (131, 201)]
 

@@ -8,9 +8,10 @@ from rest_dense import analysis as an
 from rest_dense.cli import main
 from rest_dense.models import ResTv2
 
+from conftest import make_tiny_arch
+
 #: two blocks in the middle stages, so that every stage's attention is counted
-TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 2, 2, 1),
-            sr_ratios=(8, 4, 2, 1))
+TINY = make_tiny_arch(depths=(1, 2, 2, 1))
 MASK_RCNN_T = "mask_rcnn/mask-rcnn_restv2-t_fpn_amp-ms-1x_coco.py"
 
 

@@ -52,10 +52,8 @@ def test_rle_roundtrip():
 
 
 @pytest.fixture(scope="module")
-def toy_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("toy")
-    generate_toy_dataset(root, num_train=12, num_val=5, size=80, seed=3)
-    return root
+def toy_root(make_toy_root):
+    return make_toy_root(num_train=12, num_val=5, size=80, seed=3)
 
 
 def test_dataset_files_and_determinism(toy_root, tmp_path):
