@@ -5,7 +5,7 @@ import os
 import re
 from typing import Optional, Tuple
 
-__all__ = ["ENV_PREFIX", "env_var", "parse_size", "format_size", "positive_int",
+__all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
@@ -52,6 +52,16 @@ def parse_size(text: str) -> Tuple[int, int]:
     if h <= 0 or w <= 0:
         raise ValueError(f"image size {text!r} must be positive")
     return h, w
+
+
+def size_arg(text: str) -> Tuple[int, int]:
+    """An argparse ``type`` for image sizes: :func:`parse_size`, its error as argparse's."""
+    import argparse
+
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def format_size(size: Tuple[int, int]) -> str:

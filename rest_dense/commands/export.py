@@ -40,23 +40,16 @@ import argparse
 import math
 import os
 import sys
-from typing import Optional, Tuple
+from typing import Optional
 
 # light: torch and the core models (which the package imports); onnx is imported when used
 from ..export import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
 from ..models import ATTN_MODES
-from ..utils import format_size, parse_size
+from ..utils import format_size, size_arg
 
 HELP = "export a backbone to ONNX and check ONNX / torch.compile against eager PyTorch"
 
 _DEFAULT_CHECKS = " ".join(format_size(s) for s in DEFAULT_CHECK_SIZES)
-
-
-def _size(text: str) -> Tuple[int, int]:
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -70,13 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights for a named MODEL (any released layout); default: random")
     parser.add_argument("--out", metavar="FILE.onnx",
                         help="ONNX file (default: <model>[_<attn-mode>].onnx)")
-    parser.add_argument("--shape", type=_size, metavar="HxW",
+    parser.add_argument("--shape", type=size_arg, metavar="HxW",
                         help="input size to trace at (dynamic: default chosen automatically; "
                              "--static: required)")
     parser.add_argument("--static", action="store_true",
                         help="no dynamic sizes: the ONNX graph is fixed to --batch x --shape and "
                              "checked there; torch.compile(dynamic=False)")
-    parser.add_argument("--check-shapes", type=_size, nargs="*", metavar="HxW",
+    parser.add_argument("--check-shapes", type=size_arg, nargs="*", metavar="HxW",
                         help=f"sizes to compare at (default: {_DEFAULT_CHECKS}; with "
                              "--static: --shape); give none to skip the checks")
     parser.add_argument("--batch", type=int, default=1, help="batch size of the checks (default: 1)")

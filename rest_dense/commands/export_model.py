@@ -33,29 +33,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Tuple
+
+from ..utils import size_arg
 
 HELP = "export a detector / segmenter to ONNX and check it with ONNX Runtime"
 
 _DEFAULT_CHECKS = ("427x640", "375x500")
 
 
-def _size(text: str) -> Tuple[int, int]:
-    from ..utils import parse_size
-
-    try:
-        return parse_size(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", metavar="CONFIG", help="config file or shipped config name")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="whole-model checkpoint")
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="ONNX file to write")
-    parser.add_argument("--shape", type=_size, metavar="HxW",
+    parser.add_argument("--shape", type=size_arg, metavar="HxW",
                         help="network input to trace at (default: chosen for the check images)")
-    parser.add_argument("--check-shapes", type=_size, nargs="*", metavar="HxW",
+    parser.add_argument("--check-shapes", type=size_arg, nargs="*", metavar="HxW",
                         help=f"synthetic check images (default: {' '.join(_DEFAULT_CHECKS)})")
     parser.add_argument("--check-images", nargs="*", default=[], metavar="IMAGE",
                         help="image files to check on as well")
@@ -98,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
     from ..utils import format_size
 
     sizes = list(args.check_shapes) if args.check_shapes is not None else \
-        [_size(s) for s in _DEFAULT_CHECKS]
+        [size_arg(s) for s in _DEFAULT_CHECKS]
     if args.threads < 1 or args.runs < 1:
         print("error: --threads and --runs must be at least 1", file=sys.stderr)
         return 2
