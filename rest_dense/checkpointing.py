@@ -18,9 +18,10 @@ last complete checkpoint:
   loads.
 * :func:`remove_stale_temporaries` deletes the temporary files of killed writers.
 
-For tests only: when the environment variable ``RESTDENSE_TEST_SAVE_PAUSE`` holds a number
+For tests only: when the environment variable ``REST_DENSE_TEST_SAVE_PAUSE`` holds a number
 of seconds, :func:`atomic_save` sleeps that long between writing the temporary file and
-renaming it, so that a test can kill the process in the middle of a save.
+renaming it, so that a test can kill the process in the middle of a save (the old
+spelling ``RESTDENSE_TEST_SAVE_PAUSE`` still works, with a :class:`DeprecationWarning`).
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from typing import Any, Callable, Iterable, List, Optional, Pattern, Sequence, U
 
 import torch
 
+from .utils import env_var
+
 __all__ = ["SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
            "temporary_name", "remove_stale_temporaries", "read_pointer", "resume_candidates",
            "select_resume_checkpoint", "scale_count"]
@@ -44,7 +47,7 @@ PathLike = Union[str, "os.PathLike[str]"]
 logger = logging.getLogger("rest_dense.checkpointing")
 
 #: test hook: seconds to sleep between writing a checkpoint's temporary file and renaming it
-SAVE_PAUSE_ENV = "RESTDENSE_TEST_SAVE_PAUSE"
+SAVE_PAUSE_ENV = "REST_DENSE_TEST_SAVE_PAUSE"
 
 #: the file naming the latest checkpoint of a run (mmengine and detectron2 use this name)
 POINTER_NAME = "last_checkpoint"
@@ -80,7 +83,7 @@ def _fsync_folder(folder: str) -> None:
 
 
 def _pause_for_tests() -> None:
-    value = os.environ.get(SAVE_PAUSE_ENV)
+    value = env_var(SAVE_PAUSE_ENV)
     if value:
         time.sleep(float(value))
 

@@ -39,6 +39,7 @@ from detectron2.utils import comm
 from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
 from ..trust import trust
+from ..utils import env_var
 from .checkpoint import RestDetectionCheckpointer
 from .data import register_toy_datasets, register_toy_sem_seg_datasets
 from .engine import (RestTrainer, default_setup, is_lazy_config, lazy_build_model, lazy_test,
@@ -71,10 +72,10 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     ``--cpu-threads``, ``--trust-checkpoint``."""
     parser.add_argument("--lazy", action="store_true",
                         help="treat the config as a LazyConfig (default: by extension, .py)")
-    parser.add_argument("--toy-root", default=os.environ.get("RESTDENSE_TOY_ROOT", "data/toy"),
+    parser.add_argument("--toy-root", default=env_var("TOY_ROOT", "data/toy"),
                         help="root of the toy dataset, registered as toy_train / toy_val (COCO "
                         "instances) and toy_sem_seg_train / toy_sem_seg_val (label maps) "
-                        "(default: $RESTDENSE_TOY_ROOT or data/toy)")
+                        "(default: $REST_DENSE_TOY_ROOT or data/toy)")
     parser.add_argument("--cpu-threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice); 1 is much faster than "
                         "several on a CPU shared with other jobs")

@@ -4,7 +4,7 @@ Real ``rest-dense train`` processes on the toy configs (tiny backbone, 8 toy ima
 6 iterations, a checkpoint every 2) are SIGKILLed at chosen points and resumed with
 ``--resume``:
 
-1. killed while the second checkpoint is being written (``RESTDENSE_TEST_SAVE_PAUSE``
+1. killed while the second checkpoint is being written (``REST_DENSE_TEST_SAVE_PAUSE``
    holds the save between the complete temporary file and its rename): the first
    checkpoint and the ``last_checkpoint`` pointer stay intact, the second never appears
    under its name;
