@@ -158,7 +158,7 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thr
         ((MM_DET, tmp_path / "missing.pth", [good]), "checkpoint .*missing.pth.* does not exist"),
         ((MM_DET, det_ckpt, [tmp_path / "nope.png"]), "nope.png.* does not exist"),
         ((MM_DET, seg_ckpt, [good]), "is not a checkpoint of the model"),
-        ((tmp_path / "other.py", det_ckpt, [good]), "unknown framework"),
+        ((tmp_path / "other.py", det_ckpt, [good]), "other.py fits no framework"),
     ]
     (tmp_path / "other.py").write_text("answer = 42\n")
     for (config, ckpt, inputs), pattern in cases:

@@ -112,7 +112,7 @@ def test_demo_options_are_checked(capsys):
         DemoOptions(task="detection").validate()
     with pytest.raises(ValueError, match="max_iters"):
         DemoOptions(max_iters=-1).validate()
-    with pytest.raises(ValueError, match="key=value"):
+    with pytest.raises(ValueError, match="'model.decode_head.channels' is not KEY=VALUE"):
         DemoOptions(cfg_options=["model.decode_head.channels"]).validate()
     assert cli(["demo", "--size", "8"]) == 2
     assert "size 8 is too small" in capsys.readouterr().err
