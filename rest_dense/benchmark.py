@@ -55,11 +55,14 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .models.functional import forced_attention
+
 __all__ = [
     "DTYPES", "ATTN_IMPLS", "ATTN_MODES", "RUN_MODES", "SWIN_MODELS", "SCALING_SIZES", "CP_LEVELS",
     "autocast_difference", "autocast_notes",
     "BenchCase", "BenchRow", "ConfigModel", "build_bench_model", "make_inputs", "time_model",
-    "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "benchmark_case", "benchmark_backbone",
+    "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "attention_choices", "attention_notes",
+    "cpu_description", "ForcedAttention", "benchmark_case", "benchmark_backbone",
     "plan_cases", "run_benchmark", "describe_device", "format_markdown", "markdown_document",
     "plot_rows",
 ]
@@ -67,8 +70,14 @@ __all__ = [
 #: dtype names of the ``--dtypes`` option (non-fp32 ones run under ``torch.autocast``)
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}
-#: attention implementations of the ResT backbones
-ATTN_IMPLS: Tuple[str, ...] = ("sdpa", "math", "released")
+#: attention implementations of the ResT backbones: ``auto`` (our default: the kernel
+#: :func:`rest_dense.models.functional.attention_impl` picks per device, dtype and size),
+#: ``sdpa`` / ``explicit`` (that kernel forced, fast paths as by default), ``math`` (the
+#: plain module computation, ``fast_paths=False``-like: explicit attention, no fast paths),
+#: ``released`` (the released code's layout)
+ATTN_IMPLS: Tuple[str, ...] = ("auto", "sdpa", "explicit", "math", "released")
+#: forced attention kernel of each implementation (None: the dispatch decides)
+_FORCED_KERNEL: Dict[str, Optional[str]] = {"auto": None, "sdpa": "sdpa", "explicit": "math"}
 #: attention modes (ResTv2; ResTv1 has global attention only)
 ATTN_MODES: Tuple[str, ...] = ("global", "win", "cwin", "hwin")
 #: what a timed pass does
@@ -107,7 +116,7 @@ class BenchCase:
     size: Tuple[int, int]
     batch: int = 1
     attn_mode: str = "global"
-    attn_impl: str = "sdpa"
+    attn_impl: str = "auto"
     mode: str = "infer"
     dtype: str = "fp32"
     arch: Optional[Dict[str, Any]] = None
@@ -251,10 +260,11 @@ class ConfigModel(nn.Module):
         config (str): config file, shipped config name or ``'mmdet::path'``.
         attn_mode (str): attention mode set on a ResTv2 backbone (``'global'``: the
             config's own).
-        attn_impl (str): ``'sdpa'`` or ``'math'`` for a ResT backbone (``'-'``: as configured).
+        attn_impl (str): one of :data:`ATTN_IMPLS` but ``'released'`` for a ResT backbone
+            (``'-'``: as configured).
     """
 
-    def __init__(self, config: str, attn_mode: str = "global", attn_impl: str = "sdpa"):
+    def __init__(self, config: str, attn_mode: str = "global", attn_impl: str = "auto"):
         super().__init__()
         import warnings
 
@@ -269,11 +279,12 @@ class ConfigModel(nn.Module):
         cfg.model.pop("pretrained", None)
         btype = str(backbone.get("type", "")).split(".")[-1]
         if btype in ("ResTv2", "ResTv1") and attn_impl != "-":
-            backbone["fused_attn"] = attn_impl == "sdpa"
+            backbone["fused_attn"] = attn_impl != "math"
             if attn_mode != "global":
                 if btype != "ResTv2":
                     raise ValueError(f"{config}: ResTv1 has global attention only")
                 backbone["attn_mode"] = attn_mode
+        self.forced_kernel = _FORCED_KERNEL.get(attn_impl)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             self.model = build_model(cfg)
@@ -288,7 +299,22 @@ class ConfigModel(nn.Module):
         meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
                     batch_input_shape=(h, w), scale_factor=(1.0, 1.0))
         samples = [self.sample_cls(metainfo=meta) for _ in range(x.shape[0])]
-        return self.model.predict(x, samples)
+        with forced_attention(self.forced_kernel):
+            return self.model.predict(x, samples)
+
+
+class ForcedAttention(nn.Module):
+    """Runs ``model`` with one attention kernel forced (``'sdpa'`` / ``'math'``; None: the
+    dispatch's choice), see :func:`rest_dense.models.functional.forced_attention`."""
+
+    def __init__(self, model: nn.Module, kernel: Optional[str]):
+        super().__init__()
+        self.model = model
+        self.kernel = kernel
+
+    def forward(self, x: torch.Tensor):
+        with forced_attention(self.kernel):
+            return self.model(x)
 
 
 def _config_has_rest_backbone(config: str) -> bool:
@@ -336,7 +362,7 @@ def build_bench_model(case: BenchCase) -> nn.Module:
     if kind == "config":
         return ConfigModel(case.model, case.attn_mode, case.attn_impl)
     entry = get_model_entry(case.model)
-    kwargs: Dict[str, Any] = dict(fused_attn=case.attn_impl == "sdpa")
+    kwargs: Dict[str, Any] = dict(fused_attn=case.attn_impl not in ("math", "released"))
     if case.with_cp != "none":
         kwargs["with_cp"] = case.with_cp
     if case.attn_mode != "global":
@@ -349,6 +375,8 @@ def build_bench_model(case: BenchCase) -> nn.Module:
         from .reference import ReleasedLayoutResTv2
 
         model = ReleasedLayoutResTv2(model)
+    elif _FORCED_KERNEL.get(case.attn_impl) is not None:
+        model = ForcedAttention(model, _FORCED_KERNEL[case.attn_impl])
     return model
 
 
@@ -570,7 +598,7 @@ def benchmark_case(case: BenchCase, device: str = "cpu", warmup: int = 2, iters:
 
 def benchmark_backbone(model: str = "restv2_tiny", size: Tuple[int, int] = (224, 224),
                        batch: int = 1, mode: str = "infer", dtype: str = "fp32",
-                       attn_mode: str = "global", attn_impl: str = "sdpa",
+                       attn_mode: str = "global", attn_impl: str = "auto",
                        arch: Optional[Dict[str, Any]] = None, **kwargs: Any) -> BenchRow:
     """Time one backbone (registry name or ``swin_tiny``) at one size: a shortcut for
     :func:`benchmark_case`.
@@ -582,7 +610,7 @@ def benchmark_backbone(model: str = "restv2_tiny", size: Tuple[int, int] = (224,
         mode: ``'infer'`` or ``'train'``.
         dtype: ``'fp32'``, ``'bf16'`` or ``'fp16'``.
         attn_mode: attention mode (ResTv2).
-        attn_impl: ``'sdpa'``, ``'math'`` or ``'released'``.
+        attn_impl: one of :data:`ATTN_IMPLS`.
         arch: custom arch dict for the model's family.
         **kwargs: :func:`benchmark_case` options (``device``, ``iters``, ``memory``, ...).
 
@@ -598,7 +626,7 @@ def benchmark_backbone(model: str = "restv2_tiny", size: Tuple[int, int] = (224,
 def plan_cases(models: Sequence[str] = ("restv2_tiny",),
                sizes: Sequence[Tuple[int, int]] = ((800, 1216),),
                batches: Sequence[int] = (1,), attn_modes: Sequence[str] = ("global",),
-               attn_impls: Sequence[str] = ("sdpa",), modes: Sequence[str] = ("infer",),
+               attn_impls: Sequence[str] = ("auto",), modes: Sequence[str] = ("infer",),
                dtypes: Sequence[str] = ("fp32",), configs: Sequence[str] = (),
                arch: Optional[Dict[str, Any]] = None, device: str = "cpu",
                cp_levels: Sequence[str] = ("none",)) -> Tuple[List[BenchCase], List[str]]:
@@ -678,7 +706,7 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
 def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
                   sizes: Sequence[Tuple[int, int]] = ((800, 1216),),
                   batches: Sequence[int] = (1,), attn_modes: Sequence[str] = ("global",),
-                  attn_impls: Sequence[str] = ("sdpa",), modes: Sequence[str] = ("infer",),
+                  attn_impls: Sequence[str] = ("auto",), modes: Sequence[str] = ("infer",),
                   dtypes: Sequence[str] = ("fp32",), configs: Sequence[str] = (),
                   device: str = "cpu", threads: Optional[int] = None, warmup: int = 2,
                   iters: int = 5, min_time: float = 0.0, memory: bool = True,
@@ -782,7 +810,7 @@ def autocast_difference(model: str, size: Tuple[int, int] = (224, 224), dtype: s
     if dtype not in DTYPES or dtype == "fp32":
         raise ValueError(f"dtype {dtype!r}: choose one of {[d for d in DTYPES if d != 'fp32']}")
     case = BenchCase(model, tuple(size), batch, attn_mode if _model_kind(model) == "backbone"
-                     else "global", "sdpa" if _model_kind(model) == "backbone" else "-",
+                     else "global", "auto" if _model_kind(model) == "backbone" else "-",
                      arch=arch)
     if case.kind == "config":
         raise ValueError("autocast_difference compares backbones, not whole configs")
@@ -829,13 +857,71 @@ def autocast_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
     return notes
 
 
+def attention_choices(case: BenchCase, device: str = "cpu") -> Dict[str, int]:
+    """Which attention kernel each call of one pass of ``case`` ran (``auto`` rows show
+    the dispatch's choice): ``{'math': n, 'sdpa': m}``, counts of calls."""
+    from .models.functional import record_attention_choices
+
+    model = build_bench_model(case).to(device)
+    step = _step_fn(model, make_inputs(case, device), case.mode, case.dtype, device)
+    with record_attention_choices() as log:
+        step()
+    counts: Dict[str, int] = {}
+    for impl, *_ in log:
+        counts[impl] = counts.get(impl, 0) + 1
+    return counts
+
+
+def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
+    """A line per ``auto`` ResT row: the attention kernels its pass ran."""
+    notes = []
+    names = {"math": "explicit", "sdpa": "sdpa"}
+    for r in rows:
+        c = r.case
+        if c.kind != "backbone" or c.attn_impl != "auto":
+            continue
+        try:
+            counts = attention_choices(c, device)
+        except Exception as err:  # noqa: BLE001 (a note must not discard the measured rows)
+            notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
+                         f"{c.dtype}: attention choice not recorded ({type(err).__name__}: {err})")
+            continue
+        ran = ", ".join(f"{names[k]} x{n}" for k, n in sorted(counts.items()))
+        notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
+                     f"{c.dtype}: auto ran {ran or 'no attention'}")
+    return notes
+
+
 # ------------------------------------------------------------------ output
+def cpu_description() -> str:
+    """The CPU's model name, the flags that decide bf16 speed and torch's CPU capability,
+    e.g. ``'AMD EPYC (avx512_bf16; torch AVX512)'``."""
+    model, flags = "unknown CPU", set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "model name" and model == "unknown CPU":
+                    model = value.strip()
+                elif key == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except AttributeError:  # older torch
+        capability = "unknown"
+    return f"{model} ({' '.join(wanted) or 'no AVX2'}; torch {capability})"
+
+
 def describe_device(device: str = "cpu") -> str:
-    """``'NVIDIA H100 ...'`` or ``'CPU, 2 threads'``."""
+    """``'NVIDIA H100 ...'`` or ``'CPU <model> (<flags>; torch <capability>), 2 threads'``."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     n = torch.get_num_threads()
-    return f"CPU, {n} thread{'' if n == 1 else 's'}"
+    return f"CPU {cpu_description()}, {n} thread{'' if n == 1 else 's'}"
 
 
 def format_markdown(rows: Sequence[BenchRow]) -> str:
@@ -919,7 +1005,7 @@ def plot_rows(rows: Sequence[BenchRow], path: str, device: str = "cpu",
         c = r.case
         name = c.label
         if c.attn_impl != "-":
-            name += f" {c.attn_mode}" + ("" if c.attn_impl == "sdpa" else f" ({c.attn_impl})")
+            name += f" {c.attn_mode}" + ("" if c.attn_impl == "auto" else f" ({c.attn_impl})")
         name += f" {c.mode}" + ("" if c.dtype == "fp32" else f" {c.dtype}")
         name += "" if c.with_cp == "none" else f" with_cp={c.with_cp}"
         series.setdefault(name, []).append(r)

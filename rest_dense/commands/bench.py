@@ -55,8 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="batch size: one for every size, or one per size (default: 1)")
     parser.add_argument("--attn-modes", nargs="+", default=["global"], choices=ATTN_MODES,
                         help="attention modes of the ResT models (default: global)")
-    parser.add_argument("--attn-impls", nargs="+", default=["sdpa"], choices=ATTN_IMPLS,
-                        help="attention implementations (default: sdpa)")
+    parser.add_argument("--attn-impls", nargs="+", default=["auto"], choices=ATTN_IMPLS,
+                        help="attention implementations: auto (the kernel the model picks per "
+                             "device, dtype and size; a note says which), sdpa / explicit (that "
+                             "kernel forced), math (plain modules, explicit attention), released "
+                             "(the released code's layout) (default: auto)")
     parser.add_argument("--mode", nargs="+", default=["infer"], choices=RUN_MODES,
                         help="infer: forward in inference mode; train: forward + backward in "
                              "train mode (backbones; loss = sum of the outputs' means)")
@@ -121,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
         notes = bm.autocast_notes(rows, device)
     except ValueError as e:  # non-finite reduced-precision outputs: say so, keep the table
         notes = [f"autocast check failed: {e}"]
+    notes += bm.attention_notes(rows, device)
     text = bm.markdown_document(rows, device, "rest-dense " + _command_line(args), notes)
     print(text, end="")
     if args.markdown:

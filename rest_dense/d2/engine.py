@@ -35,7 +35,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from ..amp import parse_precision, resolve_amp
+from ..amp import parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..checkpointing import scale_count
 from .checkpoint import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
@@ -88,6 +88,7 @@ class BF16Trainer(SimpleTrainer):
         super().__init__(model, data_loader, optimizer)
         self.precision = torch.bfloat16
         self.device_type = device_type or _model_device_type(model)
+        warn_if_bf16_emulated(self.device_type, logger)
         logger.info("BF16Trainer: forward passes in bf16 autocast on %s, no grad scaler",
                     self.device_type)
 

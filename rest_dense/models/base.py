@@ -302,11 +302,12 @@ class ResTBase(nn.Module):
         accepted (autocast casts them); float64 still must match the weights.
 
         While ``self.check_finite_inputs`` is True (the default) the input must be free of
-        NaN/inf. Cost: one summation over the input (a few ms for a 2x3x800x1216 batch on one
-        CPU core, well under 1% of a forward pass) and, on a GPU, one device-to-host
-        synchronisation per call. Set ``model.check_finite_inputs = False`` to skip it; it is
-        skipped anyway while tracing or compiling (``torch.jit.trace``, ``torch.compile``,
-        ``torch.export`` / ONNX export).
+        NaN/inf. Cost: one summation over the input. On the CPU the check is made at once
+        (``ValueError`` with the counts); on an accelerator it is an asynchronous device-side
+        assertion (``torch._assert_async``: no device-to-host synchronisation, the error
+        surfaces at the next synchronising call). ``'async'`` forces the device-side form,
+        ``False`` skips the check; it is skipped anyway while tracing or compiling
+        (``torch.jit.trace``, ``torch.compile``, ``torch.export`` / ONNX export).
 
         Raises:
             TypeError: not a Tensor; an integer/bool dtype; a float dtype other than the
@@ -346,9 +347,16 @@ class ResTBase(nn.Module):
                         else "or run under torch.autocast for mixed precision")
                 raise TypeError(f"{name} has {weight.dtype} weights but the input is {x.dtype}; "
                                 f"cast the input (x.to({weight.dtype})) or the model ({hint})")
-        if getattr(self, "check_finite_inputs", True) and not tracing:
+        check = getattr(self, "check_finite_inputs", True)
+        if check and not tracing:
             with torch.no_grad():
                 total = x.sum() if x.dtype == torch.float64 else x.sum(dtype=torch.float32)
+                if check == "async" or (check is True and x.device.type != "cpu"):
+                    # on an accelerator a Python-side check would wait for the device
+                    # (a device-to-host synchronisation every step): assert on the device
+                    torch._assert_async(torch.isfinite(total),
+                                        f"{name} got an input with non-finite values (NaN/inf)")
+                    return
                 if not bool(torch.isfinite(total)):
                     # the sum overflows only for absurd magnitudes; count to be sure
                     n_nan, n_inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
@@ -459,9 +467,10 @@ class _BlockRecompute:
     def __init__(self, block: nn.Module):
         self.block = block
         self.fast = _fast.fast_paths_enabled()
+        self.attention = _fast._FORCED_ATTENTION[0]
 
     def __call__(self, x: Tensor) -> Tensor:
-        with _fast.fast_paths(self.fast):
+        with _fast.fast_paths(self.fast), _fast.forced_attention(self.attention):
             return self.block(x, recompute="mlp")
 
 

@@ -48,6 +48,14 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "attention",
+    "attention_impl",
+    "set_attention_impl",
+    "forced_attention",
+    "record_attention_choices",
+    "compute_dtype",
+    "FAST_PATH_RULE",
+    "MATH_ATTENTION_MAX_ELEMENTS",
     "fast_paths",
     "fast_paths_enabled",
     "set_fast_paths",
@@ -105,18 +113,149 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
 
 
 def use_fast_path(x: Tensor) -> bool:
-    """True when the fast paths may process ``x``: enabled, not under autocast for its
-    device, and not being traced/scripted (exporters see the plain modules)."""
+    """True when the fast paths may process ``x``: enabled, not being traced/scripted
+    (exporters see the plain modules), and on a device and in a compute dtype where they
+    were measured to help (see :data:`FAST_PATH_RULE`)."""
     if not _ENABLED[0]:
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
-    try:
-        if torch.is_autocast_enabled(x.device.type):
-            return False
-    except (TypeError, RuntimeError):  # device types autocast does not know
+    if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return False
-    return x.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+    dtype = compute_dtype(x)
+    if dtype is None:
+        return False
+    return (x.device.type, _dtype_class(dtype)) in FAST_PATH_RULE
+
+
+# ------------------------------------------------------------------------ the dispatch
+#: (device type, precision) pairs on which the memory-lean fast paths run; elsewhere the
+#: plain modules do. Measured on CPUs (AVX2 for fp32; AVX-512 BF16 for bf16, see
+#: docs/bench_peers.md); on CUDA they were never measured, so CUDA runs the plain modules
+#: (whose convolutions and GEMMs are cuDNN/cuBLAS kernels).
+FAST_PATH_RULE = frozenset({("cpu", "fp32"), ("cpu", "reduced")})
+
+#: the largest attention matrix (elements, batch and heads included) that the explicit
+#: attention materialises; larger ones go through ``F.scaled_dot_product_attention``
+MATH_ATTENTION_MAX_ELEMENTS = 1 << 26
+
+ATTENTION_IMPLS = ("sdpa", "math")
+
+
+def _dtype_class(dtype: torch.dtype) -> str:
+    return "reduced" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
+    """The dtype the GEMMs of ``x``'s layer run in: the autocast dtype when autocast is on
+    for ``x``'s device, else ``x.dtype``; None for device types autocast does not know."""
+    device = x.device.type
+    try:
+        if torch.is_autocast_enabled(device):
+            return torch.get_autocast_dtype(device)
+    except (TypeError, RuntimeError):
+        return None
+    return x.dtype
+
+
+_FORCED_ATTENTION: list = [None]
+_CHOICE_LOG: list = [None]
+
+
+def set_attention_impl(impl: Optional[str]) -> Optional[str]:
+    """Force one attention kernel (``'sdpa'`` / ``'math'``) for the whole process, or
+    ``None`` for the rule of :func:`attention_impl`; returns the previous setting."""
+    if impl is not None and impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be None or one of {ATTENTION_IMPLS}, got {impl!r}")
+    previous = _FORCED_ATTENTION[0]
+    _FORCED_ATTENTION[0] = impl
+    return previous
+
+
+@contextlib.contextmanager
+def forced_attention(impl: Optional[str]) -> Iterator[None]:
+    """Context manager form of :func:`set_attention_impl`."""
+    previous = set_attention_impl(impl)
+    try:
+        yield
+    finally:
+        _FORCED_ATTENTION[0] = previous
+
+
+@contextlib.contextmanager
+def record_attention_choices() -> Iterator[list]:
+    """Collect ``(impl, q shape, k shape, dtype)`` of every :func:`attention` call inside."""
+    log: list = []
+    previous = _CHOICE_LOG[0]
+    _CHOICE_LOG[0] = log
+    try:
+        yield log
+    finally:
+        _CHOICE_LOG[0] = previous
+
+
+def attention_impl(q: Tensor, k: Tensor) -> str:
+    """Which attention kernel :func:`attention` runs for these queries and keys.
+
+    The rule (measurements in docs/bench_peers.md):
+
+    * CUDA and other accelerators: ``'sdpa'`` (PyTorch's fused flash / memory-efficient
+      kernels).
+    * CPU, bf16/fp16 (autocast or half tensors): ``'math'`` (explicit ``q @ k^T``, softmax,
+      ``@ v``): PyTorch's CPU flash kernel is several times slower than bf16 GEMMs for the
+      short key sequences of EMSA (keys are spatially reduced).
+    * CPU, fp32: ``'sdpa'`` (as fast or faster than the explicit math in inference and
+      training, and it keeps no attention matrix for backward).
+    * Whatever the above says, an attention matrix larger than
+      :data:`MATH_ATTENTION_MAX_ELEMENTS` goes through ``'sdpa'``.
+
+    Args:
+        q: ``(..., N, d)`` queries.
+        k: ``(..., n, d)`` keys.
+
+    Returns:
+        ``'sdpa'`` or ``'math'``.
+    """
+    if _FORCED_ATTENTION[0] is not None:
+        return _FORCED_ATTENTION[0]
+    if q.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting():
+        return "sdpa"
+    if q.numel() // q.shape[-1] * k.shape[-2] > MATH_ATTENTION_MAX_ELEMENTS:
+        return "sdpa"
+    dtype = compute_dtype(q) or q.dtype
+    return "math" if _dtype_class(dtype) == "reduced" else "sdpa"
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0,
+              impl: Optional[str] = None) -> Tensor:
+    """``softmax(q @ k^T * scale) @ v`` over ``(..., N, d)`` tensors, by the kernel that
+    :func:`attention_impl` picks (or ``impl``: ``'sdpa'`` / ``'math'``)."""
+    impl = attention_impl(q, k) if impl is None else impl
+    if _CHOICE_LOG[0] is not None:
+        _CHOICE_LOG[0].append((impl, tuple(q.shape), tuple(k.shape), compute_dtype(q)))
+    if impl == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if impl != "math":
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    weights = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    if dropout_p > 0:
+        weights = F.dropout(weights, p=dropout_p)
+    return weights @ v
+
+
+def _apply(function, *args, keep: Sequence[int] = ()):
+    """``function.apply(*args)``; under autocast the floating-point tensors among ``args``
+    (but those at the indices in ``keep``) are first cast to the autocast dtype and the
+    function runs with autocast off, so that its forward and backward run in one dtype."""
+    first = next(a for a in args if isinstance(a, Tensor))
+    device = first.device.type
+    dtype = compute_dtype(first)
+    if dtype is None or not torch.is_autocast_enabled(device):
+        return function.apply(*args)
+    cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and i not in keep
+            else a for i, a in enumerate(args)]
+    with torch.autocast(device, enabled=False):
+        return function.apply(*cast)
 
 
 def needs_grad(x: Tensor, *modules: nn.Module) -> bool:
@@ -155,10 +294,19 @@ def _dw_conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, has_bias: b
     """Backward of a depth-wise ``F.conv2d`` (groups = input channels)."""
     if not any(mask):
         return None, None, None
-    return torch.ops.aten.convolution_backward(
+    dtype = inp.dtype
+    # the CPU's bf16/fp16 strided depth-wise convolution backward is an order of magnitude
+    # slower than its fp32 one (docs/bench_peers.md): run it in fp32
+    upcast = stride > 1 and dtype in (torch.bfloat16, torch.float16) and inp.device.type == "cpu"
+    if upcast:
+        grad_out, inp, weight = grad_out.float(), inp.float(), weight.float()
+    grads = torch.ops.aten.convolution_backward(
         grad_out, inp, weight, [weight.shape[0]] if has_bias else None, [stride, stride],
         [padding, padding], [1, 1], False, [0, 0], inp.shape[1],
         [bool(mask[0]), bool(mask[1]), bool(mask[2]) and has_bias])
+    if upcast:
+        grads = tuple(None if g is None else g.to(dtype) for g in grads)
+    return grads
 
 
 def _param(module: nn.Module, name: str) -> Optional[Tensor]:
@@ -229,8 +377,8 @@ def mlp_branch(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module,
         return F.linear(torch.ops.aten.gelu_(h), mlp.fc2.weight, mlp.fc2.bias)
     if not x.is_contiguous():
         x = x.contiguous()
-    return _MlpBranch.apply(x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
-                            mlp.fc2.weight, mlp.fc2.bias, norm.eps, bool(recompute_hidden))
+    return _apply(_MlpBranch, x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
+                  mlp.fc2.weight, mlp.fc2.bias, norm.eps, bool(recompute_hidden))
 
 
 # ------------------------------------------------------------------ attention: inputs
@@ -298,8 +446,8 @@ def norm_q_sr(x: Tensor, norm: nn.LayerNorm, q: nn.Linear, sr: nn.Conv2d,
         s = F.conv2d(y.permute(0, 3, 1, 2), sr.weight, sr.bias, stride=sr_ratio,
                      padding=sr_ratio // 2, groups=x.shape[-1])
         return F.linear(y, q.weight, q.bias), s.permute(0, 2, 3, 1)
-    return _NormQSr.apply(x, norm.weight, norm.bias, q.weight, q.bias, sr.weight, sr.bias,
-                          norm.eps, sr_ratio)
+    return _apply(_NormQSr, x, norm.weight, norm.bias, q.weight, q.bias, sr.weight, sr.bias,
+                  norm.eps, sr_ratio)
 
 
 def _cat_bias(wq: Tensor, bq: Optional[Tensor], wkv: Tensor,
@@ -362,7 +510,7 @@ def norm_qkv(x: Tensor, norm: nn.LayerNorm, q: nn.Linear, kv: nn.Linear) -> Tens
         y = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         return F.linear(y, torch.cat([q.weight, kv.weight]),
                         _cat_bias(q.weight, q.bias, kv.weight, kv.bias))
-    return _NormQKV.apply(x, norm.weight, norm.bias, q.weight, q.bias, kv.weight, kv.bias, norm.eps)
+    return _apply(_NormQKV, x, norm.weight, norm.bias, q.weight, q.bias, kv.weight, kv.bias, norm.eps)
 
 
 # ------------------------------------------------------------- attention: upsample branch
@@ -504,7 +652,7 @@ def up_proj(out: Tensor, v: Tensor, up_conv: nn.Conv2d, up_norm: nn.LayerNorm, p
     if not needs_grad(out, up_conv, up_norm, proj) and not v.requires_grad:
         s = _up_norm_sum(*args[:6], sr, tuple(hw), up_norm.eps)[0]
         return F.linear(s, proj.weight, proj.bias)
-    return _UpProj.apply(*args)
+    return _apply(_UpProj, *args)
 
 
 # ------------------------------------------------------ strided 3x3 convs as GEMMs
@@ -575,7 +723,7 @@ def conv3x3_s2(x: Tensor, conv: nn.Conv2d) -> Tensor:
         return F.conv2d(x.permute(0, 3, 1, 2), conv.weight, conv.bias, stride=2, padding=1)
     if not x.is_contiguous():
         x = x.contiguous()
-    return _Conv3x3S2.apply(x, conv.weight, conv.bias)
+    return _apply(_Conv3x3S2, x, conv.weight, conv.bias)
 
 
 # ------------------------------------------------------------------- the conv stem
@@ -684,9 +832,10 @@ def stem_tail(c1: Tensor, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNo
         return conv3(F.relu(bn2(conv2(x)), inplace=True))
     use1, mom1, rm1, rv1 = _bn_mode(bn1)
     use2, mom2, rm2, rv2 = _bn_mode(bn2)
-    return _StemTail.apply(c1, bn1.weight, bn1.bias, conv2.weight, conv3.weight, conv3.bias,
-                           bn2.weight, bn2.bias, (use1, mom1, rm1, rv1, bn1.eps),
-                           (use2, mom2, rm2, rv2, bn2.eps))
+    # the BatchNorm parameters stay fp32 under autocast (as in the plain modules)
+    return _apply(_StemTail, c1, bn1.weight, bn1.bias, conv2.weight, conv3.weight, conv3.bias,
+                  bn2.weight, bn2.bias, (use1, mom1, rm1, rv1, bn1.eps),
+                  (use2, mom2, rm2, rv2, bn2.eps), keep=(1, 2, 6, 7))
 
 
 # -------------------------------------------------------------- PA position encoding
@@ -744,4 +893,4 @@ def pa_norm(x: Tensor, pa: nn.Module, norm: nn.LayerNorm) -> Tensor:
         z = x * F.conv2d(x, conv.weight, conv.bias, padding=1, groups=x.shape[1]).sigmoid_()
         return F.layer_norm(z.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
                             norm.eps)
-    return _PaNorm.apply(x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)
+    return _apply(_PaNorm, x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)

@@ -218,7 +218,7 @@ def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
     explicit math of the released code, kept as an exact reference.
     """
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        return fast.attention(q, k, v, scale, dropout_p=dropout_p)
     attn = (q @ k.transpose(-2, -1)) * scale
     attn = attn.softmax(dim=-1)
     if dropout_p > 0:

@@ -103,9 +103,8 @@ class EMSAv2(ReducedKVAttention):
             hk, wk = s.shape[1], s.shape[2]
             k, v = self.kv(self.sr_norm(s)).view(b, hk * wk, 2, nh, hd).unbind(2)
             q = q.view(b, h * w, nh, hd)
-        out = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            dropout_p=self.attn_drop if self.training else 0.0, scale=self.scale)
+        out = fast.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                             self.scale, dropout_p=self.attn_drop if self.training else 0.0)
         return fast.up_proj(out, v.reshape(b, hk, wk, c), self.up[0], self.up_norm, self.proj,
                             self.sr_ratio, (h, w))
 

@@ -178,14 +178,160 @@ def test_frozen_stages_fast_equals_plain():
     assert a[2]["stage3.0.mlp.fc1.weight"] is not None
 
 
-def test_autocast_runs_plain_path():
+def test_fast_path_rule_per_device_and_dtype():
     x = torch.randn(1, 3, 8, 8)
     assert fast.use_fast_path(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not fast.use_fast_path(x)
+        assert fast.use_fast_path(x)  # measured faster and leaner in CPU bf16 too
+    assert ("cpu", "reduced") in fast.FAST_PATH_RULE
+    assert not any(dev == "cuda" for dev, _ in fast.FAST_PATH_RULE)  # never measured on CUDA
+    assert not fast.use_fast_path(x.to(torch.int64))
     with fast.fast_paths(False):
         assert not fast.use_fast_path(x)
     assert fast.fast_paths_enabled()
+
+
+def test_attention_dispatch_rule():
+    q = torch.randn(2, 1, 64, 8)
+    k = torch.randn(2, 1, 16, 8)
+    assert fast.attention_impl(q, k) == "sdpa"  # CPU fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fast.attention_impl(q, k) == "math"
+    assert fast.attention_impl(q.bfloat16(), k.bfloat16()) == "math"
+    # an attention matrix over the limit goes through the fused kernel, in any dtype
+    big_q = torch.empty(1, 1, fast.MATH_ATTENTION_MAX_ELEMENTS // 16 + 1, 8, dtype=torch.bfloat16)
+    assert fast.attention_impl(big_q, k.bfloat16()) == "sdpa"
+    with fast.forced_attention("math"):
+        assert fast.attention_impl(q, k) == "math"
+        with fast.forced_attention(None):
+            assert fast.attention_impl(q, k) == "sdpa"
+    assert fast.attention_impl(q, k) == "sdpa"
+    with pytest.raises(ValueError, match="attention impl"):
+        fast.set_attention_impl("flash")
+    with fast.record_attention_choices() as log:
+        fast.attention(q, k, k, 0.5)
+    assert [entry[0] for entry in log] == ["sdpa"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_attention_kernels_agree(dtype):
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 8, dtype=dtype, requires_grad=True) for n in (37, 11, 11))
+    cot = torch.randn(2, 3, 37, 8, dtype=dtype)
+    outs = {impl: fast.attention(q, k, v, 0.3, impl=impl) for impl in fast.ATTENTION_IMPLS}
+    grads = {impl: torch.autograd.grad(o, (q, k, v), cot) for impl, o in outs.items()}
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(outs["math"], outs["sdpa"], **tol)
+    for a, b in zip(grads["math"], grads["sdpa"]):
+        assert torch.isfinite(a).all() and a.abs().sum() > 0
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize("stride,k", [(2, 3), (4, 5), (8, 9), (1, 3)])
+def test_dw_conv_backward_bf16_matches_fp32(stride, k):
+    """The strided depth-wise backward runs in fp32 for bf16 tensors on the CPU: its
+    result is the fp32 result rounded to bf16 (the stride-1 one stays a bf16 kernel)."""
+    torch.manual_seed(0)
+    c = 6
+    x = torch.randn(2, c, 19, 23).bfloat16()
+    w = torch.randn(c, 1, k, k).bfloat16()
+    y = torch.nn.functional.conv2d(x, w, None, stride, k // 2, 1, c)
+    g = torch.randn_like(y)
+    got = fast._dw_conv_backward(g, x, w, True, stride, k // 2, (True, True, True))
+    ref = fast._dw_conv_backward(g.float(), x.float(), w.float(), True, stride, k // 2,
+                                 (True, True, True))
+    for a, b in zip(got, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a.float(), b, atol=0.05 * float(b.abs().max()), rtol=2e-2)
+
+
+def _rel(a, b):
+    a, b = a.detach().float(), b.detach().float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("attn_mode", ["global", "win", "cwin", "hwin"])
+@pytest.mark.parametrize("train", [True, False])
+def test_fast_paths_under_bf16_autocast(attn_mode, train):
+    """Under CPU bf16 autocast the fast paths (and the explicit attention) run: outputs
+    and gradients match the plain modules' within bf16 tolerance, and neither is further
+    from the fp32 computation than the plain path's own bf16 error allows."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH, attn_mode=attn_mode, window_size=(8, 4, 2, 2)).train(train)
+    if attn_mode == "cwin":
+        for conv in model.cwin_convs:
+            nn.init.normal_(conv.weight, 0, 0.1)
+    x = torch.randn(2, 3, 61, 79)
+
+    def run(fast_on, amp):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+            return _run(model, x, fast_on, backward=train)
+
+    fast_bf16, plain_bf16, ref = run(True, True), run(False, True), run(False, False)
+    for of, op, o32 in zip(fast_bf16[0], plain_bf16[0], ref[0]):
+        assert of.dtype == op.dtype and torch.isfinite(of).all()
+        assert _rel(of, op) < 0.05
+        assert _rel(of, o32) < 2 * _rel(op, o32) + 1e-2
+    if not train:
+        return
+    assert _rel(fast_bf16[1], plain_bf16[1]) < 0.05
+    for name, g32 in ref[2].items():
+        gf, gp = fast_bf16[2][name], plain_bf16[2][name]
+        assert (gf is None) == (g32 is None), name
+        if g32 is None or float(g32.norm()) == 0:
+            continue
+        assert torch.isfinite(gf).all(), name
+        assert _rel(gf, g32) < 2 * _rel(gp, g32) + 0.05, name
+
+
+@pytest.mark.parametrize("level", ["mlp", "block"])
+def test_with_cp_levels_under_bf16_autocast(level):
+    """The memory dial works the same under autocast: same outputs and gradients."""
+    torch.manual_seed(0)
+    base = ResTv2(arch=ARCH).train()
+    other = ResTv2(arch=ARCH, with_cp=level).train()
+    other.load_state_dict(base.state_dict())
+    x = torch.randn(1, 3, 45, 67)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = _run(base, x, True), _run(other, x, True)
+    for oa, ob in zip(a[0], b[0]):
+        torch.testing.assert_close(oa, ob, atol=1e-2, rtol=1e-2)
+    for name, ga in a[2].items():
+        assert ga is not None and torch.isfinite(b[2][name]).all()
+        torch.testing.assert_close(b[2][name], ga, atol=2e-2 * float(ga.abs().max()) + 1e-6,
+                                   rtol=2e-2)
+
+
+class _NoHostSync(torch.overrides.TorchFunctionMode):
+    """Fails on the calls that copy a device value to the host."""
+
+    SYNCING = {torch.Tensor.item, torch.Tensor.__bool__, torch.Tensor.tolist,
+               torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.cpu,
+               torch.Tensor.numpy, torch.is_nonzero}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.SYNCING:
+            raise AssertionError(f"host synchronisation: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_has_no_host_sync_with_async_input_check(train):
+    """With the input check in its accelerator form ('async', the default off the CPU) the
+    forward pass makes no device-to-host copy; the CPU form does (and says so)."""
+    model = ResTv2(arch=ARCH).train(train)
+    x = torch.randn(1, 3, 45, 67)
+    model.check_finite_inputs = "async"
+    with _NoHostSync():
+        outs = model(x)
+    assert all(torch.isfinite(o).all() for o in outs)
+    model.check_finite_inputs = True
+    with pytest.raises(AssertionError, match="host synchronisation"):
+        with _NoHostSync():
+            model(x)
+    model.check_finite_inputs = "async"
+    with pytest.raises(RuntimeError):  # the device-side assertion still catches NaN
+        model(torch.full((1, 3, 16, 16), float("nan")))
 
 
 def test_fast_paths_switch_restores_and_checks_type():
