@@ -2,16 +2,17 @@
 
 MMDetection and MMSegmentation configs are exported with MMDeploy 1.3.1 (deploy configs in
 configs/deploy/, plus the fixes it needs on torch 2.13: rest_dense/deploy/mmdeploy_support.py);
-detectron2 yaml configs (GeneralizedRCNN: Mask R-CNN / Faster R-CNN; RetinaNet) with detectron2's
-TracingAdapter. Inside the graph: backbone, neck and heads including box decoding, NMS and the
-mask head; outside, identical for both runtimes: resize, normalisation, rescaling boxes and
-pasting masks (segmentation: crop, resize, argmax). Height and width are dynamic.
+detectron2 yaml configs (GeneralizedRCNN: Mask R-CNN / Faster R-CNN; RetinaNet;
+SemanticSegmentor, e.g. semantic FPN / VT-FPN) with detectron2's TracingAdapter. Inside the
+graph: backbone, neck and heads including box decoding, NMS and the mask head; outside,
+identical for both runtimes: resize, normalisation, rescaling boxes and pasting masks
+(segmentation: crop, resize, argmax). Height and width are dynamic.
 
 After the export, ONNX Runtime (CPU) and PyTorch run on the same inputs: synthetic pictures of
 --check-shapes and the files of --check-images. The command exits non-zero when they disagree
 beyond the tolerances (matched boxes --box-atol px, scores --score-atol, mask IoU --mask-iou,
-pixels --seg-agreement), on NaN/inf, or when an image's network input is a size the traced
-graph is not valid for.
+pixels --seg-agreement, segmentation logits --logit-atol if given), on NaN/inf, or when an
+image's network input is a size the traced graph is not valid for.
 
 --shape HxW is the network input the graph is traced at (after resize; a multiple of the
 model's padding divisor); by default it is chosen so that the graph is valid at every check
@@ -65,6 +66,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="smallest IoU of matched masks (default: 0.9)")
     parser.add_argument("--seg-agreement", type=float, default=0.999,
                         help="smallest fraction of equal pixels, segmentation (default: 0.999)")
+    parser.add_argument("--logit-atol", type=float, default=None,
+                        help="largest difference of segmentation logits (default: measured as "
+                             "max_logit_diff, not held to a bound)")
     parser.add_argument("--benchmark", action="store_true",
                         help="also time ONNX Runtime and PyTorch on the check images")
     from ..utils import positive_int
@@ -118,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
     if args.no_check:
         return 0
     tol = Tolerances(args.box_atol, args.score_atol, args.mask_iou, args.seg_agreement,
-                     score_thr=dep.score_thr())
+                     score_thr=dep.score_thr(), logit_atol=args.logit_atol)
     results = dep.check(exp.path, sizes, args.check_images, trace_size=exp.trace_size,
                         tolerances=tol, threads=args.threads,
                         on_result=lambda r: print(f"onnxruntime vs pytorch: {r.describe()}", flush=True))

@@ -1,4 +1,6 @@
-"""detectron2 RetinaNet in a form ``TracingAdapter`` can export with dynamic image sizes.
+"""detectron2 models in a form ``TracingAdapter`` can export with dynamic image sizes:
+RetinaNet's decoding (below) and ``SemanticSegmentor``'s inference without its
+post-processing (:func:`semantic_inference`).
 
 detectron2's ``RetinaNet.inference_single_image`` (0.5) decodes each pyramid level in two
 steps: it drops the candidates scoring at most ``test_score_thresh`` (a boolean index), then
@@ -26,7 +28,8 @@ from typing import Iterator, List, Tuple
 
 import torch
 
-__all__ = ["traceable_inference_single_image", "traceable_retinanet", "retinanet_inference"]
+__all__ = ["traceable_inference_single_image", "traceable_retinanet", "retinanet_inference",
+           "semantic_inference", "semantic_postprocess"]
 
 
 def traceable_inference_single_image(self, anchors, box_cls: List[torch.Tensor],
@@ -94,3 +97,29 @@ def retinanet_inference(model, inputs):
     deltas = [permute_to_N_HWA_K(x, 4) for x in deltas]
     result = model.inference(anchors, logits, deltas, images.image_sizes)[0]
     return result.pred_boxes.tensor, result.scores, result.pred_classes
+
+
+def semantic_inference(model, inputs):
+    """``SemanticSegmentor`` inference without post-processing (for ``TracingAdapter``): the
+    ``(1, C, H', W')`` logits of the padded network input, as ``SemanticSegmentor.forward``
+    computes them before ``sem_seg_postprocess`` (normalisation, padding to the backbone's
+    ``size_divisibility``, backbone + neck, e.g. ``D2VTFPN``, and the head -- ``SemSegFPNHead``
+    upsamples its stride-4 logits to the padded input)."""
+    from detectron2.structures import ImageList
+
+    images = [x["image"].to(model.device) for x in inputs]
+    images = [(x - model.pixel_mean) / model.pixel_std for x in images]
+    images = ImageList.from_tensors(images, model.backbone.size_divisibility)
+    features = model.backbone(images.tensor)
+    logits, _ = model.sem_seg_head(features, None)
+    return logits
+
+
+def semantic_postprocess(logits: torch.Tensor, image_size: Tuple[int, int], height: int,
+                         width: int) -> torch.Tensor:
+    """What ``SemanticSegmentor.forward`` does after :func:`semantic_inference`, for one image:
+    the padding cropped off (``image_size``: the network input before padding) and the logits
+    resized to the original ``height x width`` (``(C, height, width)``)."""
+    from detectron2.modeling.postprocessing import sem_seg_postprocess
+
+    return sem_seg_postprocess(logits[0], image_size, height, width)

@@ -34,8 +34,15 @@ MMSegmentation in PyTorch:
 7. Detector forwards (``TwoStageDetector.forward``, ``SingleStageDetector.forward``): the
    graph takes the unpadded image and pads it to the size divisor itself (:func:`_pad_inside`),
    so that boxes are clipped to the image rather than to the padding.
+8. MMSegmentation's ``Upsample`` (the scale heads of the semantic FPN ``FPNHead``) computes its
+   output size as ``int(size * scale_factor)`` in Python: a trace records the sizes of the
+   trace image, so at any other size the lower-resolution levels were upsampled to the
+   trace image's sizes and then resized to the right ones (logits off by ~0.1 on a toy model,
+   while the maps still mostly agree). :func:`mmseg_upsample_dynamic` upsamples by the scale
+   factor itself where that is exact (integer factors: ``t * s`` is the size, and the
+   sampling grid is the same), so the sizes stay dynamic.
 
-:func:`register_rewrites` registers 3-7 for the ONNX Runtime backend. MMDeploy's own rewriters
+:func:`register_rewrites` registers 3-8 for the ONNX Runtime backend. MMDeploy's own rewriters
 do the rest (NMS in ONNX, ``RoiAlign``, mask heads, RetinaNet's head and decoding). The ONNX
 graphs use only standard ONNX operators, so the custom-operator library bundled in the MMDeploy
 wheel (built for ONNX Runtime 1.15) is not loaded unless a graph needs it.
@@ -57,6 +64,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["DEPLOY_CONFIGS", "mmdeploy_available", "mmdeploy_compat", "adaptive_avg_pool2d_exact",
+           "mmseg_upsample_dynamic",
            "deploy_config_path", "deploy_config", "register_rewrites"]
 
 #: task -> shipped deploy config (under ``configs/deploy/``)
@@ -115,6 +123,22 @@ def adaptive_avg_pool2d_exact(x: Tensor, output_size: Any) -> Tensor:
     return torch.matmul(torch.matmul(ph, x), pw.transpose(0, 1))
 
 
+def mmseg_upsample_dynamic(self, x: Tensor) -> Tensor:
+    """``mmseg.models.utils.Upsample.forward`` with dynamic sizes (fix 8 of the module
+    docstring): with an integer ``scale_factor`` and no fixed ``size``, ``F.interpolate`` by
+    the factor (the same output size and sampling as mmseg's ``int(t * scale_factor)``
+    sizes); otherwise mmseg's own code."""
+    import torch.nn.functional as F
+
+    factor = self.scale_factor
+    if not self.size and isinstance(factor, float) and factor.is_integer() and factor >= 1:
+        return F.interpolate(x, scale_factor=factor, mode=self.mode,
+                             align_corners=self.align_corners)
+    from mmdeploy.core import FUNCTION_REWRITER
+
+    return FUNCTION_REWRITER.get_context().origin_func(self, x)
+
+
 def register_rewrites() -> None:
     """Register our rewrites in MMDeploy's ``FUNCTION_REWRITER`` (once)."""
     global _REGISTERED
@@ -142,6 +166,9 @@ def register_rewrites() -> None:
     FUNCTION_REWRITER.register_rewriter(
         func_name="mmdet.models.detectors.single_stage.SingleStageDetector.forward",
         backend="onnxruntime")(single_stage_forward_padding_inside)
+    FUNCTION_REWRITER.register_rewriter(
+        func_name="mmseg.models.utils.wrappers.Upsample.forward",
+        backend="onnxruntime")(mmseg_upsample_dynamic)
     _REGISTERED = True
 
 

@@ -18,6 +18,9 @@ Export paths (the ecosystems' own deployment tools):
   runtimes: the test-time resize and ``detector_postprocess`` (rescale, mask pasting).
   ``RetinaNet``: the same, with head, anchors, per-level decoding and NMS inside; its
   decoding is traced in the constant-top-k form of :mod:`rest_dense.deploy.d2_support`.
+  ``SemanticSegmentor`` (e.g. ResT + VT-FPN or FPN + ``SemSegFPNHead``): normalisation,
+  padding, backbone, neck and head inside (logits of the padded input); outside, for both
+  runtimes: ``sem_seg_postprocess`` (crop of the padding, resize to the image) and argmax.
 
 Dynamic height and width: the graph is traced once, so it keeps the backbone's shape
 branches as taken at the trace size (:mod:`rest_dense.deploy.shapes`). The trace size is
@@ -47,7 +50,7 @@ import numpy as np
 from .inputs import read_image, synthetic_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, Tolerances, compare_predictions,
-                          from_d2_instances, from_det_sample, from_seg_sample)
+                          from_d2_instances, from_d2_sem_seg, from_det_sample, from_seg_sample)
 from .runtime import ParityResult, make_session
 from .shapes import choose_trace_size, find_backbone, graph_problems
 
@@ -332,7 +335,9 @@ class MMDeployment(Deployment):
 
         with torch.no_grad():
             sample = self.model.test_step(copy.deepcopy(prepared))[0]
-        return from_seg_sample(sample) if self.framework == "mmseg" else from_det_sample(sample)
+        if self.framework == "mmseg":
+            return from_seg_sample(sample, with_logits=True)
+        return from_det_sample(sample)
 
     def export_traced(self, path: str, trace_size: Size) -> None:
         from mmdeploy.apis import torch2onnx
@@ -382,7 +387,7 @@ class MMDeployment(Deployment):
             logits = self._session.run(None, {"input": data["inputs"].cpu().numpy()})[0]
             with torch.no_grad():
                 sample = self.model.postprocess_result(torch.from_numpy(logits), data["data_samples"])[0]
-            return from_seg_sample(sample)
+            return from_seg_sample(sample, with_logits=True)
         with torch.no_grad():
             sample = self._backend.test_step(copy.deepcopy(prepared))[0]
         det = from_det_sample(sample)
@@ -417,8 +422,9 @@ def _d2_inference(model, inputs):
 
 
 class D2Deployment(Deployment):
-    """A detectron2 ``GeneralizedRCNN`` or ``RetinaNet`` exported with ``TracingAdapter``
-    (RetinaNet with the traceable decoding of :mod:`rest_dense.deploy.d2_support`)."""
+    """A detectron2 ``GeneralizedRCNN``, ``RetinaNet`` or ``SemanticSegmentor`` exported with
+    ``TracingAdapter`` (RetinaNet with the traceable decoding, SemanticSegmentor with the
+    inference without post-processing of :mod:`rest_dense.deploy.d2_support`)."""
 
     framework = "detectron2"
     tool = "detectron2 TracingAdapter + torch.onnx.export(dynamo=False)"
@@ -427,7 +433,7 @@ class D2Deployment(Deployment):
                  cfg_options: Optional[Dict[str, Any]] = None, trusted: bool = False,
                  opset: int = DEFAULT_OPSET):
         super().__init__(config, checkpoint, device)
-        from detectron2.modeling import GeneralizedRCNN, RetinaNet
+        from detectron2.modeling import GeneralizedRCNN, RetinaNet, SemanticSegmentor
 
         from .infer import D2Predictor
 
@@ -438,15 +444,22 @@ class D2Deployment(Deployment):
             self.predictor = D2Predictor(config, checkpoint, device, opts, trusted)
         self.model = self.predictor.model.eval()
         self.retinanet = isinstance(self.model, RetinaNet)
-        if not self.retinanet and (not isinstance(self.model, GeneralizedRCNN)
-                                   or self.model.proposal_generator is None):
+        self.semantic = isinstance(self.model, SemanticSegmentor)
+        if not (self.retinanet or self.semantic) and (
+                not isinstance(self.model, GeneralizedRCNN) or self.model.proposal_generator is None):
             raise ValueError(f"export-model handles detectron2's GeneralizedRCNN (Mask R-CNN / "
-                             f"Faster R-CNN) and RetinaNet; {config} builds "
+                             f"Faster R-CNN), RetinaNet and SemanticSegmentor; {config} builds "
                              f"{type(self.model).__name__}")
         self.backbone = find_backbone(self.model)
         self._check_backbone()
         self.divisor = int(getattr(self.model.backbone, "size_divisibility", 1) or 1)
-        if self.retinanet:
+        if self.semantic:
+            self.has_masks = False
+            self.inside = (f"normalisation, padding, backbone, "
+                           f"{type(self.model.backbone).__name__} neck, "
+                           f"{type(self.model.sem_seg_head).__name__} (logits of the padded input; "
+                           "crop, resize to the image and argmax outside)")
+        elif self.retinanet:
             self.has_masks = False
             self.inside = ("normalisation, padding, backbone, FPN, head, anchors, per-level top-k "
                            "decoding, NMS")
@@ -459,6 +472,8 @@ class D2Deployment(Deployment):
         self._session = None
 
     def score_thr(self) -> float:
+        if self.semantic:
+            return 0.0
         if self.retinanet:
             return float(self.model.test_score_thresh)
         return float(getattr(self.model.roi_heads, "test_score_thresh", 0.0))
@@ -475,7 +490,10 @@ class D2Deployment(Deployment):
         import torch
 
         with torch.no_grad():
-            return from_d2_instances(self.model([prepared])[0]["instances"].to("cpu"))
+            out = self.model([prepared])[0]
+        if self.semantic:
+            return from_d2_sem_seg(out["sem_seg"])
+        return from_d2_instances(out["instances"].to("cpu"))
 
     def export_traced(self, path: str, trace_size: Size) -> None:
         import torch
@@ -485,14 +503,19 @@ class D2Deployment(Deployment):
         if self.predictor.input_format == "RGB":
             image = image[:, :, ::-1]
         tensor = torch.as_tensor(np.ascontiguousarray(image).astype("float32").transpose(2, 0, 1))
-        from .d2_support import retinanet_inference, traceable_retinanet
+        from .d2_support import retinanet_inference, semantic_inference, traceable_retinanet
 
-        inference = retinanet_inference if self.retinanet else _d2_inference
+        inference = (semantic_inference if self.semantic else
+                     retinanet_inference if self.retinanet else _d2_inference)
         adapter = TracingAdapter(self.model, [{"image": tensor.to(self.device)}], inference)
         adapter.eval()
-        outputs = ["boxes", "scores", "labels"] + (["masks"] if self.has_masks else [])
         axes = {"image": {1: "height", 2: "width"}}
-        axes.update({n: {0: "num_dets"} for n in outputs})
+        if self.semantic:
+            outputs = ["logits"]
+            axes["logits"] = {2: "padded_height", 3: "padded_width"}
+        else:
+            outputs = ["boxes", "scores", "labels"] + (["masks"] if self.has_masks else [])
+            axes.update({n: {0: "num_dets"} for n in outputs})
         # RetinaNet: detectron2's decoding bakes the trace image's candidate count into the
         # graph; a decoding with a constant top-k replaces it while tracing (d2_support)
         patch = traceable_retinanet(self.model) if self.retinanet else contextlib.nullcontext()
@@ -514,6 +537,14 @@ class D2Deployment(Deployment):
 
         image = prepared["image"]
         outs = self._session.run(None, {"image": image.cpu().numpy()})
+        if self.semantic:
+            from .d2_support import semantic_postprocess
+
+            with torch.no_grad():
+                logits = semantic_postprocess(torch.from_numpy(outs[0]),
+                                              tuple(int(s) for s in image.shape[-2:]),
+                                              prepared["height"], prepared["width"])
+            return from_d2_sem_seg(logits)
         inst = Instances(tuple(int(s) for s in image.shape[-2:]))
         inst.pred_boxes = Boxes(torch.from_numpy(outs[0]))
         inst.scores = torch.from_numpy(outs[1])
@@ -531,7 +562,8 @@ def load_deployment(config: PathLike, checkpoint: PathLike, device: str = "cpu",
     Raises:
         FileNotFoundError: no such config / checkpoint.
         ValueError: a config of an unknown framework, a checkpoint of another model, a model
-            the exporter does not handle (detectron2 models other than GeneralizedRCNN).
+            the exporter does not handle (detectron2 models other than GeneralizedRCNN,
+            RetinaNet and SemanticSegmentor).
         ImportError: MMDeploy missing (OpenMMLab configs).
     """
     from ..configs import DETECTRON2, config_framework

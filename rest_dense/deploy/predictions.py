@@ -19,7 +19,8 @@ from ..data.rle import coco_rle_to_mask, mask_to_coco_rle
 from .runtime import ParityResult
 
 __all__ = ["Detections", "SegMap", "Prediction", "from_det_sample", "from_seg_sample",
-           "from_d2_instances", "mask_to_coco_rle", "coco_rle_to_mask", "detections_to_json",
+           "from_d2_instances", "from_d2_sem_seg", "mask_to_coco_rle", "coco_rle_to_mask",
+           "detections_to_json",
            "detections_from_json", "write_label_png", "read_label_png", "Tolerances",
            "Comparison", "compare_predictions"]
 
@@ -58,9 +59,12 @@ class Detections:
 
 @dataclass
 class SegMap:
-    """A semantic segmentation: ``labels`` is an ``(H, W)`` int64 map of class indices."""
+    """A semantic segmentation: ``labels`` is an ``(H, W)`` int64 map of class indices;
+    ``logits``, when kept, the ``(C, H, W)`` float scores it is the argmax of (compared by
+    :func:`compare_predictions` as ``max_logit_diff``)."""
 
     labels: np.ndarray
+    logits: Optional[np.ndarray] = None
 
     @property
     def image_size(self) -> tuple:
@@ -92,10 +96,21 @@ def from_det_sample(sample: Any) -> Detections:
                       _np(pred.labels).astype(np.int64).reshape(-1), masks, (int(h), int(w)))
 
 
-def from_seg_sample(sample: Any) -> SegMap:
-    """Convert an MMSegmentation ``SegDataSample`` (``pred_sem_seg``) to :class:`SegMap`."""
+def from_seg_sample(sample: Any, with_logits: bool = False) -> SegMap:
+    """Convert an MMSegmentation ``SegDataSample`` (``pred_sem_seg``) to :class:`SegMap`;
+    ``with_logits``: keep its ``seg_logits`` (image size) too."""
     labels = _np(sample.pred_sem_seg.data)
-    return SegMap(labels.reshape(labels.shape[-2:]).astype(np.int64))
+    logits = None
+    if with_logits and "seg_logits" in sample:
+        logits = _np(sample.seg_logits.data).astype(np.float32)
+    return SegMap(labels.reshape(labels.shape[-2:]).astype(np.int64), logits)
+
+
+def from_d2_sem_seg(logits: Any) -> SegMap:
+    """Convert detectron2 ``SemanticSegmentor`` output (``"sem_seg"``: ``(C, H, W)`` logits at
+    the original image size) to :class:`SegMap` (labels: argmax over the classes)."""
+    logits = _np(logits).astype(np.float32)
+    return SegMap(logits.argmax(0).astype(np.int64), logits)
 
 
 def from_d2_instances(instances: Any) -> Detections:
@@ -192,6 +207,8 @@ class Tolerances:
         mask_iou: smallest IoU of matched masks (masks empty on both sides count as equal).
         seg_agreement: smallest fraction of pixels with the same class.
         score_thr: the score threshold both sides applied.
+        logit_atol: largest difference of segmentation logits where both sides kept them
+            (``None``: measured as ``max_logit_diff``, not held to a bound).
     """
 
     box_atol: float = 0.5
@@ -199,6 +216,7 @@ class Tolerances:
     mask_iou: float = 0.9
     seg_agreement: float = 0.999
     score_thr: float = 0.0
+    logit_atol: Optional[float] = None
 
 
 #: the outcome of :func:`compare_predictions`: a :class:`~rest_dense.deploy.runtime.ParityResult`
@@ -300,6 +318,18 @@ def _compare_seg(ref: SegMap, out: SegMap, tol: Tolerances) -> ParityResult:
     res.metrics.update(pixel_agreement=agree, classes=int(len(np.unique(ref.labels))))
     if agree < tol.seg_agreement or math.isnan(agree):
         res.problems.append(f"only {agree:.4%} of the pixels agree (< {tol.seg_agreement:.2%})")
+    if ref.logits is not None and out.logits is not None:
+        if ref.logits.shape != out.logits.shape:
+            res.problems.append(f"logits shape {out.logits.shape} != reference {ref.logits.shape}")
+            return res
+        finite = bool(np.isfinite(ref.logits).all() and np.isfinite(out.logits).all())
+        diff = float(np.abs(ref.logits - out.logits).max()) if finite and ref.logits.size else \
+            (0.0 if finite else math.nan)
+        res.metrics["max_logit_diff"] = diff
+        if not finite:
+            res.problems.append("non-finite logits")
+        elif tol.logit_atol is not None and diff > tol.logit_atol:
+            res.problems.append(f"logits differ by up to {diff:.3g} > {tol.logit_atol:g}")
     return res
 
 
@@ -320,7 +350,8 @@ def compare_predictions(ref: Prediction, out: Prediction, tol: Optional[Toleranc
     Returns:
         A :class:`~rest_dense.deploy.runtime.ParityResult` with ``metrics`` (``max_box_diff``,
         ``max_score_diff``, ``min_mask_iou``, ``matched``, ``unmatched_borderline``,
-        ``min_score`` / ``max_score`` of the reference, ``pixel_agreement``, ...) and
+        ``min_score`` / ``max_score`` of the reference, ``pixel_agreement``, ``max_logit_diff``
+        where both segmentations kept logits, ...) and
         ``problems`` (what exceeded the tolerances or is invalid).
     """
     tol = tol or Tolerances()

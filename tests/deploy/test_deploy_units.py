@@ -125,6 +125,31 @@ def test_compare_segmentation():
     assert not res.ok and res.metrics["pixel_agreement"] == pytest.approx(0.99)
 
 
+def test_compare_segmentation_logits():
+    logits = np.random.default_rng(0).normal(size=(3, 10, 12)).astype(np.float32)
+    a = SegMap(logits.argmax(0), logits)
+    b = SegMap(logits.argmax(0), logits + 1e-4)
+    res = compare_predictions(a, b)  # measured, not held to a bound by default
+    assert res.ok and res.metrics["max_logit_diff"] == pytest.approx(1e-4, rel=1e-2)
+    assert compare_predictions(a, b, Tolerances(logit_atol=1e-3)).ok
+    res = compare_predictions(a, b, Tolerances(logit_atol=1e-5))
+    assert not res.ok and "logits differ" in res.describe()
+    b.logits[0, 0, 0] = np.nan
+    assert "non-finite logits" in compare_predictions(a, b).describe()
+    assert "max_logit_diff" not in compare_predictions(a, SegMap(a.labels)).metrics
+
+
+def test_mmseg_upsample_rewrite_matches_mmseg():
+    Upsample = pytest.importorskip("mmseg.models.utils").Upsample
+
+    from rest_dense.deploy.mmdeploy_support import mmseg_upsample_dynamic
+
+    x = torch.randn(1, 2, 5, 7)
+    for up in (Upsample(scale_factor=2, mode="bilinear", align_corners=False),
+               Upsample(scale_factor=4, mode="nearest")):
+        assert torch.equal(mmseg_upsample_dynamic(up, x), up(x))
+
+
 # ------------------------------------------------------------------ exact replacements
 @pytest.mark.parametrize("size", [(4, 4), (5, 7), (16, 16), (25, 38), (1, 1), (13, 6)])
 def test_adaptive_avg_pool2d_exact_matches_torch(size):
