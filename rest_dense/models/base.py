@@ -434,9 +434,48 @@ class ResTBase(nn.Module):
 
     def load_pretrained(self, checkpoint, strict: bool = False, weights_only: bool = True):
         """Load weights with :func:`rest_dense.models.load_checkpoint`; returns its report."""
-        from .checkpoint import load_checkpoint
+        if _CHECKPOINT_LOADER[0] is None:  # only when this module is imported on its own
+            import importlib
 
-        return load_checkpoint(self, checkpoint, strict=strict, weights_only=weights_only)
+            importlib.import_module(__package__ + ".checkpoint")
+        return _CHECKPOINT_LOADER[0](self, checkpoint, strict=strict, weights_only=weights_only)
+
+    # ----------------------------------------------------------------- forward
+    def patch_embed(self, i: int) -> nn.Module:
+        """The patch embedding in front of stage ``i`` (0-based, ``i >= 1``)."""
+        raise NotImplementedError
+
+    def _forward_stage(self, i: int, x: Tensor) -> Tensor:
+        """Stage ``i``'s blocks (and what the family adds after them) on channels-last tokens."""
+        raise NotImplementedError
+
+    def _stage_output(self, i: int, x: Tensor) -> Tensor:
+        """The emitted map of stage ``i`` from its tokens (before the NCHW conversion)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
+        """Args: x: ``(N, C, H, W)`` images. Returns: tuple of NCHW maps for ``out_indices``."""
+        self._check_input(x)
+        feats = {}
+        x = self.stem(x)  # channels-last tokens (N, H/4, W/4, C) from here on
+        for i in range(max(self.out_indices) + 1):
+            if i > 0:
+                x = self.patch_embed(i)(x.permute(0, 3, 1, 2))
+            x = self._forward_stage(i, x)
+            if i in self.out_indices:
+                feats[i] = to_channels_first(self._stage_output(i, x))
+        return tuple(feats[i] for i in self.out_indices)
+
+
+#: the weight loader (:func:`rest_dense.models.checkpoint.load_checkpoint`); that module
+#: registers it when imported, so that this one does not import it (layering: the
+#: checkpoint code depends on the models, not the reverse)
+_CHECKPOINT_LOADER: list = [None]
+
+
+def set_checkpoint_loader(loader) -> None:
+    """Register the function :meth:`ResTBase.load_pretrained` calls."""
+    _CHECKPOINT_LOADER[0] = loader
 
 
 def _autocast_enabled(device_type: str) -> bool:

@@ -28,6 +28,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
+from .base import ResTBase, set_checkpoint_loader
+
 __all__ = ["load_checkpoint", "read_state_dict", "normalize_state_dict", "rename_d2_norm_keys",
            "matching_keys", "checkpoint_file_kind", "infer_arch", "describe_model", "LoadReport",
            "ArchGuess", "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError",
@@ -632,8 +634,6 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
 def find_backbone(model: nn.Module) -> Optional[Tuple[str, nn.Module]]:
     """The first ResT backbone inside ``model`` (wrappers' ``.module`` unwrapped) as
     ``(prefix, module)`` with a trailing dot in the prefix (``"backbone."``), or ``None``."""
-    from .base import ResTBase  # base does not import this module; keep it that way
-
     model = getattr(model, "module", model)
     for name, module in model.named_modules():
         if isinstance(module, ResTBase):
@@ -737,3 +737,6 @@ def check_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor], *
             f"{source} does not cover the whole model ({'; '.join(problems)}); evaluating it "
             "would score randomly initialised layers")
     return report
+
+
+set_checkpoint_loader(load_checkpoint)

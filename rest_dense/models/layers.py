@@ -132,23 +132,28 @@ class Block(nn.Module):
         if recompute not in BLOCK_RECOMPUTE:
             raise ValueError(f"Block recompute must be one of {BLOCK_RECOMPUTE}, got {recompute!r}")
         if getattr(self.attn, "fused_attn", False) and fast.use_fast_path(x):
-            forward_fast = getattr(self.attn, "forward_fast", None)
-            if forward_fast is not None:
-                a = forward_fast(x, self.norm1)
-            else:
-                a = self.attn(self.norm1(x))
-            if not torch.is_grad_enabled():  # inference: residual sums in place
-                x = self.drop_path(a).add_(x)
-                return self.drop_path(fast.mlp_branch(x, self.norm2, self.mlp)).add_(x)
-            x = x + self.drop_path(a)
-            m = fast.mlp_branch(x, self.norm2, self.mlp, recompute_hidden=recompute == "mlp")
-            return x + self.drop_path(m)
+            return self.forward_fast(x, recompute)
         x = x + self.drop_path(self.attn(self.norm1(x)))
-        if recompute == "mlp" and fast.needs_grad(x, self.norm2, self.mlp.fc1, self.mlp.fc2):
-            return x + self.drop_path(cp.checkpoint(self._mlp_half, x, use_reentrant=False))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        return x + self.drop_path(self._mlp_half(x, recompute))
 
-    def _mlp_half(self, x: Tensor) -> Tensor:
+    def forward_fast(self, x: Tensor, recompute: str = "none") -> Tensor:
+        """:meth:`forward` through :mod:`~rest_dense.models.functional` (same math): the
+        attention's ``forward_fast`` when it has one, the memory-lean MLP half, and in
+        inference the residual sums in place."""
+        forward_fast = getattr(self.attn, "forward_fast", None)
+        a = forward_fast(x, self.norm1) if forward_fast is not None else self.attn(self.norm1(x))
+        if not torch.is_grad_enabled():
+            x = self.drop_path(a).add_(x)
+            return self.drop_path(fast.mlp_branch(x, self.norm2, self.mlp)).add_(x)
+        x = x + self.drop_path(a)
+        m = fast.mlp_branch(x, self.norm2, self.mlp, recompute_hidden=recompute == "mlp")
+        return x + self.drop_path(m)
+
+    def _mlp_half(self, x: Tensor, recompute: str = "none") -> Tensor:
+        """``mlp(norm2(x))``; with ``recompute='mlp'`` (while gradients are recorded) its
+        activations are recomputed in backward."""
+        if recompute == "mlp" and fast.needs_grad(x, self.norm2, self.mlp.fc1, self.mlp.fc2):
+            return cp.checkpoint(self._mlp_half, x, use_reentrant=False)
         return self.mlp(self.norm2(x))
 
 
@@ -213,9 +218,10 @@ def multi_head_attention(q: Tensor, k: Tensor, v: Tensor, scale: float,
                          fused: bool = True, dropout_p: float = 0.0) -> Tensor:
     """``softmax(q @ k^T * scale) @ v`` over ``(..., N, d)`` tensors.
 
-    ``fused=True`` uses ``F.scaled_dot_product_attention`` (flash / memory-efficient
-    kernels, the attention matrix is never materialised); ``fused=False`` is the
-    explicit math of the released code, kept as an exact reference.
+    ``fused=True`` runs the kernel that :func:`rest_dense.models.functional.attention_impl`
+    picks for the device, dtype and size (``F.scaled_dot_product_attention``, or the
+    explicit math where that is faster); ``fused=False`` is always the explicit math of
+    the released code, kept as an exact reference.
     """
     if fused:
         return fast.attention(q, k, v, scale, dropout_p=dropout_p)

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ArchType, ResTBase, check_flag, check_rate, resolve_arch, to_channels_first
+from .base import ArchType, ResTBase, check_flag, check_rate, resolve_arch
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init)
@@ -230,20 +230,16 @@ class ResTv1(ResTBase):
             mods.append(getattr(self, f"patch_embed_{i}"))
         return mods
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Args: x: ``(N, C, H, W)`` images. Returns: tuple of NCHW maps for ``out_indices``."""
-        self._check_input(x)
-        feats = {}
-        x = self.stem(x)
-        for i in range(max(self.out_indices) + 1):
-            if i > 0:
-                x = getattr(self, f"patch_embed_{i + 1}")(x.permute(0, 3, 1, 2))
-            for blk in getattr(self, f"stage{i + 1}"):
-                x = self._run_block(blk, x)
-            x = self._stage_norm(i)(x)
-            if i in self.out_indices:
-                feats[i] = to_channels_first(x)
-        return tuple(feats[i] for i in self.out_indices)
+    def patch_embed(self, i: int) -> nn.Module:
+        return getattr(self, f"patch_embed_{i + 1}")
+
+    def _forward_stage(self, i: int, x: Tensor) -> Tensor:
+        for blk in getattr(self, f"stage{i + 1}"):
+            x = self._run_block(blk, x)
+        return self._stage_norm(i)(x)  # ResTv1 normalises in the stream
+
+    def _stage_output(self, i: int, x: Tensor) -> Tensor:
+        return x
 
 
 for _arch in RESTV1_ARCHS:

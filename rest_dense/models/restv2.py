@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (ArchType, ResTBase, check_flag, check_int, check_per_stage, check_rate,
-                   resolve_arch, to_channels_first)
+                   resolve_arch)
 from . import functional as fast
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
@@ -329,18 +329,11 @@ class ResTv2(ResTBase):
             x = x + self.cwin_convs[i](x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
         return x
 
-    def forward(self, x: Tensor) -> Tuple[Tensor, ...]:
-        """Args: x: ``(N, C, H, W)`` images. Returns: tuple of NCHW maps for ``out_indices``."""
-        self._check_input(x)
-        feats = {}
-        x = self.stem(x)
-        for i in range(max(self.out_indices) + 1):
-            if i > 0:
-                x = getattr(self, f"patch_{i + 1}")(x.permute(0, 3, 1, 2))
-            x = self._forward_stage(i, x)
-            if i in self.out_indices:
-                feats[i] = to_channels_first(getattr(self, f"norm_{i + 1}")(x))
-        return tuple(feats[i] for i in self.out_indices)
+    def patch_embed(self, i: int) -> nn.Module:
+        return getattr(self, f"patch_{i + 1}")
+
+    def _stage_output(self, i: int, x: Tensor) -> Tensor:
+        return getattr(self, f"norm_{i + 1}")(x)
 
 
 for _arch in RESTV2_ARCHS:
