@@ -1,7 +1,7 @@
 """bf16 mixed precision for detectron2 (which 0.5 lacks): ``SOLVER.AMP.PRECISION`` /
 ``train.amp.precision``, :class:`BF16Trainer` (bf16 autocast without grad scaler, on the CPU
-too), ``rest-dense train --amp-dtype``, and a short real training run of the toy Mask R-CNN
-config in bf16 on the CPU."""
+too), ``rest-dense train --amp-dtype``, and short real training runs of the toy Mask R-CNN
+and the toy VT-FPN semantic segmentor in bf16 on the CPU."""
 import math
 import os
 
@@ -17,7 +17,8 @@ from detectron2.utils.events import EventStorage  # noqa: E402
 from rest_dense import trust  # noqa: E402
 from rest_dense.cli import build_parser  # noqa: E402
 from rest_dense.commands import train as train_cmd  # noqa: E402
-from rest_dense.d2 import register_toy_datasets  # noqa: E402
+from rest_dense.d2 import (register_toy_datasets,  # noqa: E402
+                           register_toy_sem_seg_datasets)
 from rest_dense.d2.engine import (BF16Trainer, RestTrainer, _amp_guard,  # noqa: E402
                                   _inner_trainer, setup_lazy_config, setup_yaml_config)
 from rest_dense.data.toy import generate_toy_dataset  # noqa: E402
@@ -103,32 +104,50 @@ def test_bf16_trainer_step():
 
 
 # ----------------------------------------------------------------------------- training
+#: model -> (toy yaml, dataset registration, the head checked for bf16, its layer type, extra
+#: options): the toy Mask R-CNN, and the toy VT-FPN SemanticSegmentor (issue 18: the
+#: visual-token neck and SemSegFPNHead's convs in bf16 too)
+TOY_RUNS = {
+    "mask_rcnn": (TOY, register_toy_datasets, "roi_heads", nn.Linear, []),
+    "vt_fpn": ("toy/sem_seg_restv2_vt_fpn_toy.yaml", register_toy_sem_seg_datasets,
+               "sem_seg_head", nn.Conv2d, ["MODEL.VT_FPN.TOKEN_CHANNELS", "64"]),
+}
+
+
 @pytest.mark.slow
-def test_toy_mask_rcnn_trains_in_bf16_on_cpu(tmp_path, one_thread):
-    """Three iterations of the toy Mask R-CNN (tiny backbone) through ``RestTrainer`` with
-    ``SOLVER.AMP.PRECISION bfloat16``: the Linear layers of the backbone and of the ROI heads
-    compute in bf16 (torchvision's nms / roi_align cast for themselves), losses stay finite,
-    fp32 parameters change and the final checkpoint is written."""
+@pytest.mark.parametrize("name", sorted(TOY_RUNS))
+def test_toy_model_trains_in_bf16_on_cpu(name, tmp_path, one_thread):
+    """Three iterations of a toy model (tiny backbone) through ``RestTrainer`` with
+    ``SOLVER.AMP.PRECISION bfloat16``: the Linear layers of the backbone and the layers of
+    the head (Mask R-CNN: the ROI heads' Linears; VT-FPN: SemSegFPNHead's convs, and every
+    layer of the neck) compute in bf16 (torchvision's nms / roi_align cast for themselves),
+    losses stay finite, fp32 parameters change and the final checkpoint is written."""
+    config, register, head_name, head_layer, extra = TOY_RUNS[name]
     root = tmp_path / "toy"
     generate_toy_dataset(root, num_train=4, num_val=2)
-    register_toy_datasets(root, prefix="d2bf16_toy")
+    prefix = f"d2bf16_{name}"
+    register(root, prefix=prefix)
     out = tmp_path / "out"
-    cfg = setup_yaml_config(config_path(TOY), [
+    cfg = setup_yaml_config(config_path(config), [
         "MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "True", "SOLVER.AMP.PRECISION", "bfloat16",
         "MODEL.RESTV2.ARCH.EMBED_DIMS", str(TINY_ARCH["embed_dims"]),
         "MODEL.RESTV2.ARCH.DEPTHS", str(TINY_ARCH["depths"]),
-        "DATASETS.TRAIN", "('d2bf16_toy_train',)", "DATASETS.TEST", "()",
+        "DATASETS.TRAIN", f"('{prefix}_train',)", "DATASETS.TEST", "()",
         "SOLVER.MAX_ITER", "3", "SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0",
-        "OUTPUT_DIR", str(out)])
+        "OUTPUT_DIR", str(out), *extra])
     trainer = RestTrainer(cfg)
     trainer.resume_or_load(resume=False)
     assert isinstance(trainer._trainer, BF16Trainer)
     model = trainer.model
-    seen, head_seen, losses = [], [], []
-    for module, found in ((model.backbone, seen), (model.roi_heads, head_seen)):
-        linears = [m for m in module.modules() if isinstance(m, nn.Linear)]
-        assert linears
-        for m in linears:
+    seen, head_seen, neck_seen, losses = [], [], [], []
+    parts = [(getattr(model.backbone, "bottom_up", model.backbone), nn.Linear, seen),
+             (getattr(model, head_name), head_layer, head_seen)]
+    if name == "vt_fpn":
+        parts.append((model.backbone.neck, (nn.Linear, nn.Conv2d), neck_seen))
+    for module, layer, found in parts:
+        layers = [m for m in module.modules() if isinstance(m, layer)]
+        assert layers
+        for m in layers:
             m.register_forward_hook(lambda mod, inp, o, found=found: found.append(o.dtype))
     model.register_forward_hook(lambda mod, inp, o: losses.append(
         {k: float(v.detach()) for k, v in o.items()}))
@@ -138,12 +157,14 @@ def test_toy_mask_rcnn_trains_in_bf16_on_cpu(tmp_path, one_thread):
 
     assert seen and set(seen) == {torch.bfloat16}
     assert head_seen and set(head_seen) == {torch.bfloat16}  # the whole forward, heads too
+    if name == "vt_fpn":
+        assert len(neck_seen) >= 3 * 4 and set(neck_seen) == {torch.bfloat16}
     assert not torch.is_autocast_enabled("cpu")
     assert len(losses) == 3 and all(math.isfinite(v) for d in losses for v in d.values()), losses
     changed = 0
-    for name, p in model.named_parameters():
-        assert p.dtype == torch.float32, name
-        changed += name in before and not torch.equal(p.detach(), before[name])
+    for pname, p in model.named_parameters():
+        assert p.dtype == torch.float32, pname
+        changed += pname in before and not torch.equal(p.detach(), before[pname])
     assert changed > len(before) // 2, (changed, len(before))
     final = out / "model_final.pth"
     assert os.path.isfile(final)

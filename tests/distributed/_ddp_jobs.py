@@ -28,6 +28,13 @@ REPO = Path(__file__).resolve().parents[2]
 TOY_DET = REPO / "configs" / "toy" / "mask_rcnn_restv2_toy.py"
 TOY_SEG = REPO / "configs" / "toy" / "upernet_restv2_toy.py"
 TOY_D2 = REPO / "configs" / "detectron2" / "toy" / "mask_rcnn_restv2_toy.yaml"
+#: the VT-FPN toy models (the visual-token neck, rest_dense.models.VTFPN): semantic FPN head
+#: (MMSegmentation), Mask R-CNN (MMDetection), SemanticSegmentor + SemSegFPNHead (detectron2)
+TOY_SEG_VT_FPN = REPO / "configs" / "toy" / "vt_fpn_restv2_toy.py"
+TOY_DET_VT_FPN = REPO / "configs" / "toy" / "mask_rcnn_restv2_vt_fpn_toy.py"
+TOY_D2_VT_FPN = REPO / "configs" / "detectron2" / "toy" / "sem_seg_restv2_vt_fpn_toy.yaml"
+#: the VT-FPN neck made small as the rest (32 channels, 64 token channels, 16 heads)
+VT_FPN_NECK = dict(out_channels=32, token_channels=64)
 
 TINY = dict(embed_dims=(16, 32, 64, 128), num_heads=(1, 2, 4, 8), depths=(1, 1, 1, 1),
             sr_ratios=(8, 4, 2, 1))
@@ -141,6 +148,8 @@ def _det_config(cfg, setting: Dict[str, Any]):
     model.roi_head.bbox_roi_extractor.featmap_strides = strides[:4]
     model.roi_head.mask_roi_extractor.featmap_strides = strides[:4]
     model.neck.out_channels = 32
+    if model.neck.type == "VTFPN":
+        model.neck.token_channels = VT_FPN_NECK["token_channels"]
     for key in ("rpn_head",):
         model[key].in_channels = model[key].feat_channels = 32
     for key in ("bbox_roi_extractor", "mask_roi_extractor"):
@@ -183,6 +192,23 @@ def _seg_config(cfg, setting: Dict[str, Any]):
     return cfg
 
 
+def _seg_vt_fpn_config(cfg, setting: Dict[str, Any]):
+    """The toy VT-FPN segmentor (FPNHead on the neck) with the tiny backbone."""
+    model = cfg.model
+    outs = _backbone_cfg(model.backbone, setting)
+    dims = TINY["embed_dims"]
+    model.neck.in_channels = [dims[i] for i in outs]
+    model.neck.update(VT_FPN_NECK)
+    channels = VT_FPN_NECK["out_channels"]
+    head = model.decode_head
+    head.in_channels = [channels] * len(outs)
+    head.in_index = list(range(len(outs)))
+    head.feature_strides = [4 * 2 ** i for i in outs]
+    head.channels = channels
+    model.data_preprocessor.size = (96, 128)
+    return cfg
+
+
 def _seg_batch(step: int):
     from mmengine.structures import PixelData
     from mmseg.structures import SegDataSample
@@ -203,17 +229,22 @@ def _seg_batch(step: int):
 
 
 def mm_records(framework: str, settings: Sequence[Setting]) -> List[Dict[str, Any]]:
-    """DDP training of the toy Mask R-CNN (``framework='mmdet'``) or UperNet (``'mmseg'``)
-    through mmengine's ``MMDistributedDataParallel.train_step``, once per setting."""
+    """DDP training of the toy Mask R-CNN (``framework='mmdet'``), UperNet (``'mmseg'``) or
+    their VT-FPN versions (``'mmdet_vt_fpn'``, ``'mmseg_vt_fpn'``) through mmengine's
+    ``MMDistributedDataParallel.train_step``, once per setting."""
     from mmengine.config import Config
     from mmengine.model import MMDistributedDataParallel
     from mmengine.optim import build_optim_wrapper
 
     from rest_dense.mm.utils import build_model
 
-    base = Config.fromfile(str(TOY_DET if framework == "mmdet" else TOY_SEG))
-    make_cfg, make_batch = ((_det_config, _det_batch) if framework == "mmdet"
-                            else (_seg_config, _seg_batch))
+    config, make_cfg, make_batch = {
+        "mmdet": (TOY_DET, _det_config, _det_batch),
+        "mmseg": (TOY_SEG, _seg_config, _seg_batch),
+        "mmdet_vt_fpn": (TOY_DET_VT_FPN, _det_config, _det_batch),
+        "mmseg_vt_fpn": (TOY_SEG_VT_FPN, _seg_vt_fpn_config, _seg_batch),
+    }[framework]
+    base = Config.fromfile(str(config))
 
     def one(name: str, setting: Dict[str, Any]) -> Dict[str, Any]:
         cfg = make_cfg(copy.deepcopy(base), setting)
@@ -294,8 +325,40 @@ def _d2_opts(setting: Dict[str, Any]) -> List[str]:
     return opts
 
 
-def d2_records(settings: Sequence[Setting]) -> List[Dict[str, Any]]:
-    """DDP training of detectron2's Mask R-CNN (toy yaml config, tiny backbone) with
+def _d2_sem_seg_inputs(step: int) -> List[dict]:
+    _seed(step)
+    return [{"image": torch.randint(0, 256, (3, h, w)).float(), "height": h, "width": w,
+             "sem_seg": torch.randint(0, 4, (h, w))} for h, w in [(128, 160), (112, 144)]]
+
+
+def _d2_vt_fpn_opts(setting: Dict[str, Any]) -> List[str]:
+    """The detectron2 toy VT-FPN SemanticSegmentor with the tiny backbone."""
+    outs = list(setting.get("out_indices", (0, 1, 2, 3)))
+    features = [f"stage{i + 1}" for i in outs]
+    opts = ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "",
+            "MODEL.RESTV2.ARCH.EMBED_DIMS", str(list(TINY["embed_dims"])),
+            "MODEL.RESTV2.ARCH.NUM_HEADS", str(list(TINY["num_heads"])),
+            "MODEL.RESTV2.ARCH.DEPTHS", str(list(setting.get("depths", TINY["depths"]))),
+            "MODEL.RESTV2.ARCH.SR_RATIOS", str(list(TINY["sr_ratios"])),
+            "MODEL.RESTV2.OUT_FEATURES", str(features),
+            "MODEL.RESTV2.DROP_PATH_RATE", str(setting.get("drop_path_rate", 0.0)),
+            "MODEL.RESTV2.WITH_CP", str(setting.get("with_cp", False)),
+            "MODEL.VT_FPN.IN_FEATURES", str(features),
+            "MODEL.VT_FPN.OUT_CHANNELS", str(VT_FPN_NECK["out_channels"]),
+            "MODEL.VT_FPN.TOKEN_CHANNELS", str(VT_FPN_NECK["token_channels"]),
+            "MODEL.SEM_SEG_HEAD.IN_FEATURES", str([f"p{i + 2}" for i in outs]),
+            "MODEL.SEM_SEG_HEAD.CONVS_DIM", "32",
+            "MODEL.BACKBONE.FREEZE_AT", str(setting.get("frozen_stages", -1) + 1)]
+    mode = setting.get("attn_mode", "global")
+    opts += ["MODEL.RESTV2.ATTN_MODE", mode]
+    if mode != "global":
+        opts += ["MODEL.RESTV2.WINDOW_SIZE", str(list(WINDOW))]
+    return opts
+
+
+def d2_records(settings: Sequence[Setting], vt_fpn: bool = False) -> List[Dict[str, Any]]:
+    """DDP training of detectron2's Mask R-CNN (toy yaml config, tiny backbone; ``vt_fpn``:
+    the toy VT-FPN SemanticSegmentor instead) with
     ``torch.nn.parallel.DistributedDataParallel``, once per setting."""
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
@@ -304,7 +367,9 @@ def d2_records(settings: Sequence[Setting]) -> List[Dict[str, Any]]:
     from rest_dense.d2.solver import build_optimizer
 
     def one(name: str, setting: Dict[str, Any]) -> Dict[str, Any]:
-        cfg = setup_yaml_config(str(TOY_D2), _d2_opts(setting))
+        cfg = (setup_yaml_config(str(TOY_D2_VT_FPN), _d2_vt_fpn_opts(setting)) if vt_fpn
+               else setup_yaml_config(str(TOY_D2), _d2_opts(setting)))
+        make_inputs = _d2_sem_seg_inputs if vt_fpn else _d2_inputs
         torch.manual_seed(distributed.get_rank())
         model = build_model(cfg)
         model.train()
@@ -315,14 +380,14 @@ def d2_records(settings: Sequence[Setting]) -> List[Dict[str, Any]]:
         def step(i: int) -> float:
             with EventStorage(i) as storage:
                 storage.iter = i
-                losses = ddp(_d2_inputs(i))
+                losses = ddp(make_inputs(i))
                 loss = sum(losses.values())
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
             return float(loss.detach())
 
-        return _train_and_check(f"d2:{name}", ddp, step)
+        return _train_and_check(f"{'d2_vt_fpn' if vt_fpn else 'd2'}:{name}", ddp, step)
 
     return [one(name, setting) for name, setting in settings]
 
@@ -345,13 +410,17 @@ def sanity_check() -> Dict[str, Any]:
 
 
 def job(plan: Sequence[Tuple[str, Sequence[Setting]]], out_path: str) -> None:
-    """Every group of settings of ``plan`` (``'mmdet'``, ``'mmseg'``, ``'d2'``) in one
+    """Every group of settings of ``plan`` (``'mmdet'``, ``'mmseg'``, ``'d2'`` and their
+    ``'*_vt_fpn'`` versions) in one
     process group (one start-up for all); rank 0 writes ``{group: [records]}``."""
     torch.set_num_threads(1)
     results: Dict[str, Any] = {"sanity": sanity_check()}
     for group, settings in plan:
         start = time.perf_counter()
-        records = d2_records(settings) if group == "d2" else mm_records(group, settings)
+        if group in ("d2", "d2_vt_fpn"):
+            records = d2_records(settings, vt_fpn=group == "d2_vt_fpn")
+        else:
+            records = mm_records(group, settings)
         results[group] = dict(records=records, seconds=round(time.perf_counter() - start, 1))
     if distributed.get_rank() == 0:
         Path(out_path).write_text(json.dumps(results, indent=1))

@@ -1,6 +1,7 @@
 """Multi-process training on this machine (2 processes, gloo on CPU): DDP without
 ``find_unused_parameters`` keeps the replicas bit-identical for the mmdet Mask R-CNN, the
-mmseg UperNet and the detectron2 Mask R-CNN around the ResT backbones, over the attention
+mmseg UperNet and the detectron2 Mask R-CNN around the ResT backbones (and for the VT-FPN
+toy models of the three frameworks), over the attention
 modes, frozen stages, gradient checkpointing, stochastic depth and the ``out_indices`` a
 neck may use; ``tools/dist_train.sh`` and detectron2's ``--num-gpus 2`` train, save and
 evaluate end to end; SyncBN configs train in a single process.
@@ -59,7 +60,19 @@ D2_SETTINGS = [
     ("out(0,1,2)", {"out_indices": (0, 1, 2)}),
     ("v1:out(0,1,2)+with_cp", {"v1": True, "out_indices": (0, 1, 2), "with_cp": True}),
 ]
-PLAN = [("mmdet", MMDET_SETTINGS), ("mmseg", MMSEG_SETTINGS), ("d2", D2_SETTINGS)]
+#: the VT-FPN toy models (issue 18): the visual-token neck in place of the FPN, in each
+#: framework; a windowed attention mode with checkpointing and drop path besides global
+VT_FPN_SETTINGS = {
+    "mmseg_vt_fpn": [("global", {}),
+                     ("hwin+with_cp+drop_path", {"attn_mode": "hwin", "with_cp": True,
+                                                 "drop_path_rate": 0.3})],
+    "mmdet_vt_fpn": [("global", {})],
+    "d2_vt_fpn": [("global", {}),
+                  ("cwin+with_cp+drop_path", {"attn_mode": "cwin", "with_cp": True,
+                                              "drop_path_rate": 0.3})],
+}
+PLAN = [("mmdet", MMDET_SETTINGS), ("mmseg", MMSEG_SETTINGS), ("d2", D2_SETTINGS),
+        *VT_FPN_SETTINGS.items()]
 
 TINY_MM_OPTIONS = ["model.backbone.arch.embed_dims=[16,32,64,128]",
                    "model.backbone.arch.depths=[1,1,1,1]"]
@@ -112,6 +125,14 @@ def test_mmseg_upernet_ddp_replicas_identical(ddp_results):
 
 def test_detectron2_mask_rcnn_ddp_replicas_identical(ddp_results):
     _check_records(ddp_results["d2"]["records"], D2_SETTINGS, "d2")
+
+
+@pytest.mark.parametrize("group", sorted(VT_FPN_SETTINGS))
+def test_vt_fpn_ddp_replicas_identical(ddp_results, group):
+    """The VT-FPN toy models (MMSegmentation semantic FPN head, MMDetection Mask R-CNN,
+    detectron2 SemanticSegmentor) keep bit-identical replicas; every neck parameter gets a
+    gradient in every step (no ``find_unused_parameters`` needed)."""
+    _check_records(ddp_results[group]["records"], VT_FPN_SETTINGS[group], group)
 
 
 # ------------------------------------------------------------------------ end to end

@@ -15,6 +15,7 @@ from rest_dense.commands import train as train_cmd
 from rest_dense.data.toy import generate_toy_dataset
 from rest_dense.mm import runner as mm_runner
 from rest_dense.mm.optim import BF16OptimWrapper, set_mixed_precision
+from rest_dense.models import VTFPN
 
 from _mm_utils import TINY_ARCH, load
 
@@ -161,6 +162,14 @@ TOY_RUNS = {
     "mmseg": ("toy/upernet_restv2_toy.py", [f"model.decode_head.in_channels={DIMS}",
                                             f"model.auxiliary_head.in_channels={DIMS[2]}",
                                             "train_dataloader.batch_size=2"]),
+    # the VT-FPN toy models (issue 18): the visual-token neck in bf16 (its softmaxes
+    # normalise in fp32 and return bf16), as the FPN it replaces
+    "mmseg_vt_fpn": ("toy/vt_fpn_restv2_toy.py", [f"model.neck.in_channels={DIMS}",
+                                                  "model.neck.token_channels=64",
+                                                  "train_dataloader.batch_size=2"]),
+    "mmdet_vt_fpn": ("toy/mask_rcnn_restv2_vt_fpn_toy.py", [f"model.neck.in_channels={DIMS}",
+                                                            "model.neck.token_channels=64",
+                                                            "train_dataloader.batch_size=1"]),
 }
 
 
@@ -186,9 +195,11 @@ def test_toy_config_trains_in_bf16_on_cpu(framework, tmp_path, one_thread):
     cfg.optim_wrapper.paramwise_cfg = dict(decay_rate=0.9)
     runner = mm_runner.build_runner(cfg)
     model = runner.model
-    seen = {"backbone": [], "head": []}
+    seen = {"backbone": [], "head": [], "neck": []}
+    vt_fpn = framework.endswith("_vt_fpn")
     for part, module in (("backbone", model.backbone),
-                         ("head", getattr(model, "decode_head", None) or model.rpn_head)):
+                         ("head", getattr(model, "decode_head", None) or model.rpn_head),
+                         ("neck", model.neck if vt_fpn else nn.Identity())):
         for m in module.modules():
             if isinstance(m, (nn.Linear, nn.Conv2d)):
                 m.register_forward_hook(lambda mod, inp, out, part=part:
@@ -203,8 +214,11 @@ def test_toy_config_trains_in_bf16_on_cpu(framework, tmp_path, one_thread):
     scales = {g["lr_scale"] for g in wrapper.optimizer.param_groups if "lr_scale" in g}
     assert len(scales) > 2  # the stage-wise lr decay groups are there
     assert seen["backbone"] and set(seen["backbone"]) == {torch.bfloat16}
-    head_dtype = torch.float32 if framework == "mmdet" else torch.bfloat16
+    head_dtype = torch.float32 if framework.startswith("mmdet") else torch.bfloat16
     assert seen["head"] and set(seen["head"]) == {head_dtype}
+    if vt_fpn:  # lateral convs, tokenizers, token transformer, projectors
+        assert isinstance(model.neck, VTFPN)
+        assert len(seen["neck"]) >= 4 * 3 and set(seen["neck"]) == {torch.bfloat16}
     assert not torch.is_autocast_enabled("cpu")
     losses = runner.message_hub.get_scalar("train/loss").data[0]
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses), losses
