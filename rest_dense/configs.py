@@ -442,8 +442,8 @@ def framework_family(framework: str) -> str:
 
 
 # ------------------------------------------------------------------ --cfg-options
-def _split_top_level(text: str, where: str) -> List[str]:
-    """Split at the commas outside brackets (and outside quotes)."""
+def _split_top_level(text: str, where: str, sep: str = ",") -> List[str]:
+    """Split at the ``sep`` characters outside brackets and braces (and outside quotes)."""
     parts, depth, quote, start = [], 0, "", 0
     for i, ch in enumerate(text):
         if quote:
@@ -451,13 +451,13 @@ def _split_top_level(text: str, where: str) -> List[str]:
                 quote = ""
         elif ch in "'\"":
             quote = ch
-        elif ch in "([":
+        elif ch in "([{":
             depth += 1
-        elif ch in ")]":
+        elif ch in ")]}":
             depth -= 1
             if depth < 0:
                 raise ValueError(f"{where}: unbalanced brackets")
-        elif ch == "," and depth == 0:
+        elif ch == sep and depth == 0:
             parts.append(text[start:i])
             start = i + 1
     if depth or quote:
@@ -488,11 +488,30 @@ def _quoted(text: str) -> Optional[str]:
     return None
 
 
+def _dict_value(body: str, where: str) -> Dict[Any, Any]:
+    """``{key: value, ...}`` (the braces removed): keys and values by :func:`_value`."""
+    out: Dict[Any, Any] = {}
+    for item in _split_top_level(body, where):
+        if not item.strip():
+            continue  # `{}`, `{'a': 1,}`
+        key_value = _split_top_level(item, where, sep=":")
+        if len(key_value) != 2 or not key_value[0].strip():
+            raise ValueError(f"{where}: {item.strip()!r} in braces is not key: value")
+        key = _value(key_value[0], where)
+        if isinstance(key, (list, dict)):
+            raise ValueError(f"{where}: {key_value[0].strip()!r} cannot be a key")
+        out[key] = _value(key_value[1], where)
+    return out
+
+
 def _value(text: str, where: str) -> Any:
     stripped = text.strip()
     inner = _quoted(stripped)
     if inner is not None:
         return inner  # 'quoted': a string, kept as written
+    if stripped.startswith("{") and stripped.endswith("}"):
+        _split_top_level(stripped, where)  # balanced brackets, braces and quotes
+        return _dict_value(stripped[1:-1], where)
     text = stripped.strip("'\"").replace(" ", "")  # stray quotes go, as in DictAction
     is_tuple = text.startswith("(") and text.endswith(")")
     if is_tuple or (text.startswith("[") and text.endswith("]")):
@@ -500,10 +519,14 @@ def _value(text: str, where: str) -> Any:
     elif "," in text:
         body = text
     else:
-        if text.count("(") != text.count(")") or text.count("[") != text.count("]"):
+        if text.count("(") != text.count(")") or text.count("[") != text.count("]") or \
+                text.count("{") != text.count("}"):
             raise ValueError(f"{where}: unbalanced brackets")
         return _scalar(text)
-    values = [_value(part, where) for part in _split_top_level(body, where)] if body else []
+    parts = _split_top_level(body, where) if body else []
+    if not is_tuple and len(parts) == 1 and parts[0] == text:
+        return text  # commas only inside brackets, e.g. `f(1,2)`: a string, not a list
+    values = [_value(part, where) for part in parts]
     if body.endswith(",") and values and values[-1] == "":
         values.pop()  # `[1,]`, `(1,)`
     return tuple(values) if is_tuple else values
@@ -517,11 +540,14 @@ def parse_cfg_value(text: str) -> Any:
       a string);
     * ``1,2`` and ``[1,2]`` -> list ``[1, 2]``; ``(1,2)`` -> tuple; nesting
       ``[(1,2),[a,b],c]``; ``[]`` / ``()`` empty;
-    * anything else: the string, spaces removed (as ``DictAction`` does).
+    * anything else: the string, spaces removed (as ``DictAction`` does); commas only
+      inside brackets (``f(1,2)``) leave it a string (``DictAction`` recurses forever).
 
-    One addition to ``DictAction``: a value (or list element) in matching quotes, ``'1'``
+    Two additions to ``DictAction``: a value (or list element) in matching quotes, ``'1'``
     or ``"a, b"``, is that string as written (``DictAction`` strips the quotes and parses
-    the rest, so ``'1'`` would be the int 1).
+    the rest, so ``'1'`` would be the int 1); a Python dict literal (what ``repr`` of a
+    dict writes), ``{'embed_dims': (32, 64), '_delete_': True}``, is that dict, keys and
+    values by these same rules (``DictAction`` has no dicts).
 
     Raises:
         ValueError: unbalanced brackets or quotes.

@@ -206,6 +206,35 @@ def test_cfg_option_values(text, value):
         assert repr(theirs) == repr(got)
 
 
+@pytest.mark.parametrize("value", [
+    # a dict as `repr` writes it (what tests and users pass for a whole sub-config):
+    # DictAction has no dicts (it recurses forever on them); here they are dicts
+    {"embed_dims": (16, 32, 64, 128), "depths": (1, 1, 2, 1), "_delete_": True},
+    {"_delete_": True, "type": "ResTv1", "arch": {"embed_dims": (32, 64), "sr_ratios": (8, 4)},
+     "out_indices": (1, 2, 3), "init_cfg": None, "name": "a b, c", 1: [1.5, {"x": "y"}]},
+    {}, [{"a": 1}, {"b": (2,)}],
+])
+def test_cfg_option_dict_values(value):
+    assert parse_cfg_value(repr(value)) == value
+    assert parse_cfg_options([f"model.backbone={value!r}"]) == {"model.backbone": value}
+
+
+@pytest.mark.parametrize("text, value", [
+    ("f(1,2)", "f(1,2)"), ("a{1,2}", "a{1,2}"),  # commas only inside brackets: a string
+])
+def test_cfg_option_values_never_recurse_forever(text, value):
+    assert parse_cfg_value(text) == value
+
+
+@pytest.mark.parametrize("text, match", [
+    ("{'a'}", "'a'.* is not key: value"), ("{'a': 1", "unbalanced"), ("{'a': (1, 2}", "unbalanced"),
+    ("{[1]: 2}", "cannot be a key"),
+])
+def test_cfg_option_dict_errors(text, match):
+    with pytest.raises(ValueError, match=match):
+        parse_cfg_value(text)
+
+
 @pytest.mark.parametrize("options, result", [
     (None, {}), ([], {}), ({"a.b": 1}, {"a.b": 1}), ("a=1", {"a": 1}),
     (["a.b=3", "c=[1,2]", "d=x", "a.b=4"], {"a.b": 4, "c": [1, 2], "d": "x"}),
