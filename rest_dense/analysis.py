@@ -434,7 +434,7 @@ def analyze_backbone(name: str, shape: Tuple[int, int] = DEFAULT_SHAPES["backbon
         The :class:`AnalysisResult` (``framework='backbone'``) with the papers' figures
         where they report this model at this size.
     """
-    model = create_model(name, attn_mode=attn_mode, fused_attn=fused_attn).eval()
+    model = create_model(name, attn_mode=attn_mode, fast_paths=fused_attn).eval()
     key = canonical_name(name)
     label = key if attn_mode == "global" else f"{key} ({attn_mode})"
     params = count_parameters(model)

@@ -279,7 +279,7 @@ class ConfigModel(nn.Module):
         cfg.model.pop("pretrained", None)
         btype = str(backbone.get("type", "")).split(".")[-1]
         if btype in ("ResTv2", "ResTv1") and attn_impl != "-":
-            backbone["fused_attn"] = attn_impl != "math"
+            backbone["fast_paths"] = attn_impl != "math"
             if attn_mode != "global":
                 if btype != "ResTv2":
                     raise ValueError(f"{config}: ResTv1 has global attention only")
@@ -362,7 +362,7 @@ def build_bench_model(case: BenchCase) -> nn.Module:
     if kind == "config":
         return ConfigModel(case.model, case.attn_mode, case.attn_impl)
     entry = get_model_entry(case.model)
-    kwargs: Dict[str, Any] = dict(fused_attn=case.attn_impl not in ("math", "released"))
+    kwargs: Dict[str, Any] = dict(fast_paths=case.attn_impl not in ("math", "released"))
     if case.with_cp != "none":
         kwargs["with_cp"] = case.with_cp
     if case.attn_mode != "global":

@@ -6,6 +6,8 @@ checkpoints: ``backbone.bottom_up.stem.proj.0.weight``, ``backbone.bottom_up.sta
 """
 from __future__ import annotations
 
+import warnings
+
 from typing import Dict, List, Mapping, Sequence, Union
 
 from detectron2.config import CfgNode
@@ -129,7 +131,7 @@ def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
         frozen_stages=freeze_at_to_frozen_stages(cfg.MODEL.BACKBONE.FREEZE_AT),
         norm_eval=c.NORM_EVAL,
         with_cp=c.CP_LEVEL or c.WITH_CP,
-        fused_attn=c.FUSED_ATTN,
+        fast_paths=_fast_paths(c),
     )
 
 
@@ -145,8 +147,17 @@ def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
         frozen_stages=freeze_at_to_frozen_stages(cfg.MODEL.BACKBONE.FREEZE_AT),
         norm_eval=c.NORM_EVAL,
         with_cp=c.CP_LEVEL or c.WITH_CP,
-        fused_attn=c.FUSED_ATTN,
+        fast_paths=_fast_paths(c),
     )
+
+
+def _fast_paths(node: CfgNode) -> bool:
+    """``FAST_PATHS``, switched off by the deprecated ``FUSED_ATTN: False`` too."""
+    if not node.FUSED_ATTN:
+        warnings.warn("MODEL.*.FUSED_ATTN is deprecated; use FAST_PATHS", DeprecationWarning,
+                      stacklevel=2)
+        return False
+    return bool(node.FAST_PATHS)
 
 
 def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:

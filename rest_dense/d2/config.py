@@ -116,7 +116,10 @@ def add_restv2_config(cfg: CN) -> None:
         CP_LEVEL: memory level, ``none | mlp | block`` (see ``with_cp`` of
             :class:`rest_dense.models.ResTv2`); empty (default) follows ``WITH_CP``.
         NORM_EVAL: keep the stem's BatchNorms in eval mode while training.
-        FUSED_ATTN: use ``F.scaled_dot_product_attention``.
+        FAST_PATHS: the fast dispatch (attention kernel per device and dtype, memory-lean
+            fast paths); False: the plain reference computation (``fast_paths`` of
+            :class:`rest_dense.models.ResTv2`).
+        FUSED_ATTN: deprecated former name of ``FAST_PATHS`` (False still switches it off).
 
     ``MODEL.BACKBONE.FREEZE_AT`` (0..5) freezes nothing / the stem / stem and stages
     ``1..FREEZE_AT-1``.
@@ -136,7 +139,8 @@ def add_restv2_config(cfg: CN) -> None:
     c.WITH_CP = False
     c.CP_LEVEL = ""
     c.NORM_EVAL = False
-    c.FUSED_ATTN = True
+    c.FAST_PATHS = True
+    c.FUSED_ATTN = True  # deprecated: FAST_PATHS
 
 
 def add_rest_config(cfg: CN) -> None:
@@ -144,7 +148,7 @@ def add_rest_config(cfg: CN) -> None:
 
     Keys: ``NAME`` (a ResTv1 name of :func:`rest_dense.models.list_models`, or its released
     spelling ``rest_small`` ...), ``ARCH``,
-    ``OUT_FEATURES``, ``DROP_PATH_RATE``, ``WITH_CP``, ``CP_LEVEL``, ``NORM_EVAL``, ``FUSED_ATTN``, as
+    ``OUT_FEATURES``, ``DROP_PATH_RATE``, ``WITH_CP``, ``CP_LEVEL``, ``NORM_EVAL``, ``FAST_PATHS``, as
     for :func:`add_restv2_config` (ResTv1 has no attention modes).
     """
     add_rest_solver_config(cfg)
@@ -160,7 +164,8 @@ def add_rest_config(cfg: CN) -> None:
     c.WITH_CP = False
     c.CP_LEVEL = ""
     c.NORM_EVAL = False
-    c.FUSED_ATTN = True
+    c.FAST_PATHS = True
+    c.FUSED_ATTN = True  # deprecated: FAST_PATHS
 
 
 def _arch(node: CN, family: str, key: str) -> Dict:

@@ -6,6 +6,7 @@ import math
 import numbers
 import operator
 import re
+import warnings
 
 from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -92,6 +93,22 @@ def check_rate(value, name: str) -> float:
     if not 0.0 <= v < 1.0:  # NaN fails too
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return v
+
+
+#: the default of a deprecated argument: "not given"
+UNSET = type("Unset", (), {"__repr__": lambda self: "<unset>"})()
+
+
+def deprecated_alias(value, old_value, name: str, old_name: str):
+    """``value``, or ``old_value`` given under the deprecated name ``old_name`` (with a
+    ``DeprecationWarning``); giving both with different values is an error."""
+    if old_value is UNSET:
+        return value
+    warnings.warn(f"{old_name} is deprecated; use {name}", DeprecationWarning, stacklevel=3)
+    if value is not True and value != old_value:
+        raise ValueError(f"{name}={value!r} and the deprecated {old_name}={old_value!r} disagree; "
+                         f"give {name} only")
+    return old_value
 
 
 def check_flag(value, name: str) -> bool:

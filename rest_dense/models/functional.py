@@ -26,11 +26,17 @@ fewer activations alive for the backward pass and avoids layout copies:
 Per transformer block the activations kept for backward drop from about 16C to 8C
 floats per token (4C with ``recompute_hidden``).
 
-The fast paths are used by the models in training and inference when the attention is
-fused (``fused_attn=True``, the default) and no ``torch.autocast`` region is active for
-the input's device (under autocast the plain modules run, so autocast's per-op casting
-rules apply unchanged). :func:`fast_paths` switches them off, e.g. to compare with the
-plain computation::
+The one door: the models call these functions when built with ``fast_paths=True`` (the
+default) and :func:`use_fast_path` allows it for the input, by :data:`FAST_PATH_RULE`
+(device type and precision: the CPU in fp32 and in bf16/fp16; not CUDA, where they were
+never measured). Under ``torch.autocast`` each function casts its inputs to the autocast
+dtype once and runs forward and backward in it (as autocast would run the GEMMs),
+except the strided depth-wise convolution backward, which the CPU runs an order of
+magnitude faster in fp32. The attention kernel is chosen by :func:`attention_impl`
+(explicit math in CPU bf16/fp16, PyTorch's fused ``scaled_dot_product_attention``
+elsewhere and for large attention matrices); docs/bench_peers.md has the measurements
+behind both rules. :func:`fast_paths` switches the fast paths off, e.g. to compare with
+the plain computation::
 
     from rest_dense.models.functional import fast_paths
 

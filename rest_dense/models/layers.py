@@ -96,7 +96,7 @@ BLOCK_RECOMPUTE = ("none", "mlp")
 class Block(nn.Module):
     """Pre-norm transformer block over a channels-last map ``(B, H, W, C)``.
 
-    When the attention is fused (``attn.fused_attn``) and
+    When the attention allows it (``attn.fast_paths``) and
     :func:`~rest_dense.models.functional.use_fast_path` allows it, the block runs the
     memory-lean functions of :mod:`rest_dense.models.functional` (same math, about half
     the saved activations); otherwise the plain module-by-module computation.
@@ -131,7 +131,7 @@ class Block(nn.Module):
         """
         if recompute not in BLOCK_RECOMPUTE:
             raise ValueError(f"Block recompute must be one of {BLOCK_RECOMPUTE}, got {recompute!r}")
-        if getattr(self.attn, "fused_attn", False) and fast.use_fast_path(x):
+        if getattr(self.attn, "fast_paths", False) and fast.use_fast_path(x):
             return self.forward_fast(x, recompute)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self._mlp_half(x, recompute))
@@ -168,18 +168,20 @@ class ReducedKVAttention(nn.Module):
         qkv_bias (bool): bias in ``q`` and ``kv``. Default: True.
         norm_eps (float): epsilon of ``sr_norm``. Default: 1e-6.
         attn_drop (float): dropout on attention weights. Default: 0.
-        fused_attn (bool): use ``F.scaled_dot_product_attention``. Default: True.
+        fast_paths (bool): the attention kernel of the dispatch
+            (:func:`~rest_dense.models.functional.attention_impl`) and the memory-lean fast
+            paths; False: the plain modules with the explicit attention math. Default: True.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
-                 norm_eps: float = 1e-6, attn_drop: float = 0.0, fused_attn: bool = True):
+                 norm_eps: float = 1e-6, attn_drop: float = 0.0, fast_paths: bool = True):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.scale = self.head_dim ** -0.5
         self.sr_ratio = sr_ratio
         self.attn_drop = attn_drop
-        self.fused_attn = fused_attn
+        self.fast_paths = fast_paths
         self.q = nn.Linear(dim, dim, bias=qkv_bias)
         self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
         if sr_ratio > 1:

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import ArchType, ResTBase, check_flag, check_rate, resolve_arch
+from .base import UNSET, ArchType, ResTBase, check_flag, check_rate, deprecated_alias, resolve_arch
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init)
@@ -69,12 +69,13 @@ class EMSA(ReducedKVAttention):
         qkv_bias (bool): bias in ``q`` and ``kv``. Default: True.
         apply_transform (bool): multi-head interaction (ignored for one head). Default: True.
         attn_drop (float): dropout on attention weights. Default: 0.
-        fused_attn (bool): allow ``F.scaled_dot_product_attention``. Default: True.
+        fast_paths (bool): the dispatch's attention kernel where the math allows it, and
+            the fast paths; False: plain modules, explicit attention. Default: True.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
-                 apply_transform: bool = True, attn_drop: float = 0.0, fused_attn: bool = True):
-        super().__init__(dim, num_heads, sr_ratio, qkv_bias, _EPS, attn_drop, fused_attn)
+                 apply_transform: bool = True, attn_drop: float = 0.0, fast_paths: bool = True):
+        super().__init__(dim, num_heads, sr_ratio, qkv_bias, _EPS, attn_drop, fast_paths)
         self.apply_transform = bool(apply_transform) and num_heads > 1
         if self.apply_transform:
             self.transform_conv = nn.Conv2d(num_heads, num_heads, kernel_size=1)
@@ -111,7 +112,7 @@ class EMSA(ReducedKVAttention):
                 attn = F.dropout(attn, p=drop)
             out = attn @ v
         else:
-            out = multi_head_attention(q, k, v, self.scale, fused=self.fused_attn, dropout_p=drop)
+            out = multi_head_attention(q, k, v, self.scale, fused=self.fast_paths, dropout_p=drop)
         return self.proj(self.merge_heads(out, h, w))
 
 
@@ -164,8 +165,10 @@ class ResTv1(ResTBase):
         with_cp (bool | str): memory level: ``False`` / ``'none'``, ``'mlp'`` (recompute
             each block's MLP hidden map in backward) or ``True`` / ``'block'`` (gradient
             checkpointing per block); see :class:`ResTv2`. Default: False.
-        fused_attn (bool): fused attention where the math allows it, and the memory-lean
-            MLP of :mod:`rest_dense.models.functional`. Default: True.
+        fast_paths (bool): the dispatch's attention kernel where the math allows it, and
+            the memory-lean MLP of :mod:`rest_dense.models.functional`; False: the plain
+            modules with the explicit attention math (the exact reference). Default: True.
+        fused_attn (bool, deprecated): the former name of ``fast_paths``.
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path to load. Default: None.
 
@@ -178,14 +181,15 @@ class ResTv1(ResTBase):
     def __init__(self, arch: ArchType = "small", in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
-                 fused_attn: bool = True, attn_drop_rate: float = 0.0,
-                 pretrained: Optional[str] = None):
+                 fast_paths: bool = True, attn_drop_rate: float = 0.0,
+                 pretrained: Optional[str] = None, fused_attn: Optional[bool] = UNSET):
         super().__init__()
         spec = resolve_arch(arch, RESTV1_ARCHS, _ARCH_DEFAULTS, "ResTv1")
         self._setup_common(spec, in_channels, out_indices, frozen_stages, norm_eval, with_cp)
         drop_path_rate = check_rate(drop_path_rate, "drop_path_rate")
         attn_drop_rate = check_rate(attn_drop_rate, "attn_drop_rate")
-        fused_attn = check_flag(fused_attn, "fused_attn")
+        fast_paths = deprecated_alias(fast_paths, fused_attn, "fast_paths", "fused_attn")
+        fast_paths = check_flag(fast_paths, "fast_paths")
 
         dims = self.embed_dims
         self.stem = BasicStemV1(self.in_channels, dims[0])
@@ -198,7 +202,7 @@ class ResTv1(ResTBase):
                 Block(dims[i],
                       EMSA(dims[i], spec["num_heads"][i], self.sr_ratios[i], qkv_bias=spec["qkv_bias"],
                            apply_transform=spec["apply_transform"], attn_drop=attn_drop_rate,
-                           fused_attn=fused_attn),
+                           fast_paths=fast_paths),
                       mlp_ratio=spec["mlp_ratio"], drop_path=dpr[cur + j], norm_eps=_EPS)
                 for j in range(self.depths[i])])
             setattr(self, f"stage{i + 1}", blocks)

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import (ArchType, ResTBase, check_flag, check_int, check_per_stage, check_rate,
-                   resolve_arch)
+from .base import (UNSET, ArchType, ResTBase, check_flag, check_int, check_per_stage,
+                   check_rate, deprecated_alias, resolve_arch)
 from . import functional as fast
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
@@ -50,13 +50,13 @@ class EMSAv2(ReducedKVAttention):
         sr_ratio (int): spatial reduction of keys/values. Default: 1.
         qkv_bias (bool): bias in ``q`` and ``kv``. Default: True.
         attn_drop (float): dropout on attention weights. Default: 0.
-        fused_attn (bool): use ``F.scaled_dot_product_attention``; ``False`` runs the
-            explicit math path. Default: True.
+        fast_paths (bool): the dispatch's attention kernel and the fast paths; ``False``
+            runs the plain modules with the explicit attention math. Default: True.
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int = 1, qkv_bias: bool = True,
-                 attn_drop: float = 0.0, fused_attn: bool = True):
-        super().__init__(dim, num_heads, sr_ratio, qkv_bias, _EPS, attn_drop, fused_attn)
+                 attn_drop: float = 0.0, fast_paths: bool = True):
+        super().__init__(dim, num_heads, sr_ratio, qkv_bias, _EPS, attn_drop, fast_paths)
         self.up = nn.Sequential(
             nn.Conv2d(dim, sr_ratio * sr_ratio * dim, kernel_size=3, padding=1, groups=dim),
             nn.PixelShuffle(sr_ratio),
@@ -67,7 +67,7 @@ class EMSAv2(ReducedKVAttention):
         b, h, w, c = x.shape
         q, k, v_tokens, (hk, wk) = self.project_qkv(x)
         out = multi_head_attention(q, k, self.split_heads(v_tokens), self.scale,
-                                   fused=self.fused_attn,
+                                   fused=self.fast_paths,
                                    dropout_p=self.attn_drop if self.training else 0.0)
         out = self.merge_heads(out, h, w)
 
@@ -84,7 +84,7 @@ class EMSAv2(ReducedKVAttention):
         """``self(norm(x))`` through :mod:`~rest_dense.models.functional`: the LayerNorm is
         fused with the input projections, the upsample branch with ``up_norm`` and ``proj``;
         a fused ``q``+``kv`` GEMM when ``sr_ratio == 1``. Same math as :meth:`forward`
-        with ``fused_attn=True``, about half the activations kept for backward.
+        with ``fast_paths=True``, about half the activations kept for backward.
 
         Args:
             x: ``(B, H, W, C)`` block input (before ``norm``).
@@ -112,20 +112,20 @@ class EMSAv2(ReducedKVAttention):
 class PatchEmbedV2(nn.Module):
     """Stride-2 3x3 conv, PA position encoding and LayerNorm (``patch_{2,3,4}``).
 
-    ``fused=True`` lets the PA and the LayerNorm run as one memory-lean function
+    ``fast_paths=True`` lets the PA and the LayerNorm run as one memory-lean function
     (:func:`~rest_dense.models.functional.pa_norm`) where the fast paths apply.
     """
 
-    def __init__(self, in_dim: int, out_dim: int, fused: bool = True):
+    def __init__(self, in_dim: int, out_dim: int, fast_paths: bool = True):
         super().__init__()
         self.proj = nn.Conv2d(in_dim, out_dim, kernel_size=3, stride=2, padding=1)
         self.pos = PixelAttention(out_dim)
         self.norm = nn.LayerNorm(out_dim, eps=_EPS)
-        self.fused = fused
+        self.fast_paths = fast_paths
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> channels-last ``(B, H', W', C')``."""
-        if self.fused and fast.use_fast_path(x):
+        if self.fast_paths and fast.use_fast_path(x):
             # x is the channels-last view of the previous stage's tokens
             return fast.pa_norm(fast.conv3x3_s2(x.permute(0, 2, 3, 1), self.proj),
                                 self.pos, self.norm)
@@ -135,9 +135,9 @@ class PatchEmbedV2(nn.Module):
 class ConvStemV2(nn.Module):
     """Stride-4 convolutional stem (``stem``): two conv-BN-ReLU, a 1x1 conv, PA, LayerNorm."""
 
-    def __init__(self, in_channels: int, dim: int, fused: bool = True):
+    def __init__(self, in_channels: int, dim: int, fast_paths: bool = True):
         super().__init__()
-        self.fused = fused
+        self.fast_paths = fast_paths
         hidden = dim // 2
         self.proj = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, stride=2, padding=1, bias=False),
@@ -153,7 +153,7 @@ class ConvStemV2(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` images -> channels-last ``(B, H/4, W/4, C')`` tokens."""
-        if self.fused and fast.use_fast_path(x):
+        if self.fast_paths and fast.use_fast_path(x):
             # channels-last throughout; BatchNorm/ReLU maps recomputed in backward
             p = self.proj
             x = p[0](x.contiguous(memory_format=torch.channels_last))
@@ -211,12 +211,16 @@ class ResTv2(ResTBase):
             hidden map (one more ``fc1`` GEMM per block; about 4C); ``True`` /
             ``'block'`` recomputes whole blocks (gradient checkpointing; 1C).
             Default: False.
-        fused_attn (bool): attention through ``F.scaled_dot_product_attention`` and the
-            memory-lean fast paths of :mod:`rest_dense.models.functional` (LayerNorms,
-            GELU, the PA gate and the upsample branch recomputed in backward instead of
-            kept; switch them off with :func:`~rest_dense.models.functional.fast_paths`);
-            ``False`` selects the plain module-by-module computation with the explicit
-            attention math of the released code (the exact reference). Default: True.
+        fast_paths (bool): compute by the fast dispatch: the attention kernel that
+            :func:`~rest_dense.models.functional.attention_impl` picks per device, dtype and
+            size, and the memory-lean fast paths of :mod:`rest_dense.models.functional`
+            where :data:`~rest_dense.models.functional.FAST_PATH_RULE` allows them
+            (LayerNorms, GELU, the PA gate and the upsample branch recomputed in backward
+            instead of kept; switch them off process-wide with
+            :func:`~rest_dense.models.functional.fast_paths`). ``False`` selects the plain
+            module-by-module computation with the explicit attention math of the released
+            code (the exact reference). Default: True.
+        fused_attn (bool, deprecated): the former name of ``fast_paths``.
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path loaded with
             :func:`rest_dense.models.load_checkpoint`. Default: None.
@@ -233,8 +237,8 @@ class ResTv2(ResTBase):
                  out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
                  attn_mode: str = "global", window_size: Union[int, Sequence[int]] = DEFAULT_WINDOW_SIZE,
                  frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
-                 fused_attn: bool = True, attn_drop_rate: float = 0.0,
-                 pretrained: Optional[str] = None):
+                 fast_paths: bool = True, attn_drop_rate: float = 0.0,
+                 pretrained: Optional[str] = None, fused_attn: Optional[bool] = UNSET):
         super().__init__()
         spec = resolve_arch(arch, RESTV2_ARCHS, _ARCH_DEFAULTS, "ResTv2")
         self._setup_common(spec, in_channels, out_indices, frozen_stages, norm_eval, with_cp)
@@ -248,20 +252,21 @@ class ResTv2(ResTBase):
         self.window_size = _window_sizes(window_size, attn_mode, self.sr_ratios)
         drop_path_rate = check_rate(drop_path_rate, "drop_path_rate")
         attn_drop_rate = check_rate(attn_drop_rate, "attn_drop_rate")
-        fused_attn = check_flag(fused_attn, "fused_attn")
+        fast_paths = deprecated_alias(fast_paths, fused_attn, "fast_paths", "fused_attn")
+        fast_paths = check_flag(fast_paths, "fast_paths")
 
         dims = self.embed_dims
-        self.stem = ConvStemV2(self.in_channels, dims[0], fused=fused_attn)
+        self.stem = ConvStemV2(self.in_channels, dims[0], fast_paths=fast_paths)
         dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
         cur = 0
         for i in range(4):
             if i > 0:
                 setattr(self, f"patch_{i + 1}",
-                        PatchEmbedV2(dims[i - 1], dims[i], fused=fused_attn))
+                        PatchEmbedV2(dims[i - 1], dims[i], fast_paths=fast_paths))
             blocks = nn.ModuleList([
                 Block(dims[i],
                       EMSAv2(dims[i], spec["num_heads"][i], self.sr_ratios[i],
-                             attn_drop=attn_drop_rate, fused_attn=fused_attn),
+                             attn_drop=attn_drop_rate, fast_paths=fast_paths),
                       mlp_ratio=spec["mlp_ratio"], drop_path=dpr[cur + j], norm_eps=_EPS)
                 for j in range(self.depths[i])])
             setattr(self, f"stage{i + 1}", blocks)

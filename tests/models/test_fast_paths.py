@@ -99,14 +99,14 @@ def test_restv2_fast_equals_plain_float32_and_attention_dropout():
 
 
 def test_restv2_fast_matches_math_reference_and_released():
-    """fused_attn=False is the plain explicit-math path; the released layout wraps it."""
+    """fast_paths=False is the plain explicit-math path; the released layout wraps it."""
     torch.manual_seed(0)
     fused = ResTv2(arch=ARCH).train()
-    math = ResTv2(arch=ARCH, fused_attn=False).train()
+    math = ResTv2(arch=ARCH, fast_paths=False).train()
     math.load_state_dict(fused.state_dict())
     x = torch.randn(2, 3, 96, 128)
     ours = _run(fused, x, True)
-    ref = _run(math, x, True)  # fast paths on, but fused_attn=False keeps the plain path
+    ref = _run(math, x, True)  # fast paths on, but fast_paths=False keeps the plain path
     _assert_same(ours, ref, atol=2e-5, rtol=1e-4)
     released = ReleasedLayoutResTv2(math)
     _assert_same(ours, _run(released, x, True), atol=2e-5, rtol=1e-4)

@@ -32,11 +32,11 @@ def _expected_hw(h, w):
 
 # --------------------------------------------------------------------------- golden parity
 @pytest.mark.parametrize("attn_mode", ATTN_MODES)
-@pytest.mark.parametrize("fused_attn", [True, False])
-def test_restv2_golden(attn_mode, fused_attn):
+@pytest.mark.parametrize("fast_paths", [True, False])
+def test_restv2_golden(attn_mode, fast_paths):
     g = _golden("restv2")
     model = ResTv2(arch=g["arch"], out_indices=(0, 1, 2, 3), attn_mode=attn_mode,
-                   fused_attn=fused_attn).eval()
+                   fast_paths=fast_paths).eval()
     if attn_mode == "cwin":
         # the cross-window convs are the only extra parameters; they start at zero
         result = model.load_state_dict(g["state_dict"], strict=False)
@@ -54,10 +54,10 @@ def test_restv2_golden(attn_mode, fused_attn):
         torch.testing.assert_close(out, ref, atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("fused_attn", [True, False])
-def test_restv1_golden(fused_attn):
+@pytest.mark.parametrize("fast_paths", [True, False])
+def test_restv1_golden(fast_paths):
     g = _golden("restv1")
-    model = ResTv1(arch=g["arch"], out_indices=(0, 1, 2, 3), fused_attn=fused_attn).eval()
+    model = ResTv1(arch=g["arch"], out_indices=(0, 1, 2, 3), fast_paths=fast_paths).eval()
     model.load_state_dict(g["state_dict"], strict=True)
     with torch.no_grad():
         outs = model(g["input"])
@@ -253,7 +253,7 @@ def test_window_partition_roundtrip():
 def test_fused_matches_math():
     torch.manual_seed(0)
     a = ResTv2(arch=TINY).eval()
-    b = ResTv2(arch=TINY, fused_attn=False).eval()
+    b = ResTv2(arch=TINY, fast_paths=False).eval()
     b.load_state_dict(a.state_dict())
     x = torch.randn(1, 3, 97, 131)
     with torch.no_grad():
@@ -380,3 +380,12 @@ def test_bad_input_errors():
         ResTv2(arch=dict(TINY, embed_dims=(16, 32, 66, 128)))
     with pytest.raises(ValueError, match="frozen_stages"):
         ResTv2(arch=TINY, frozen_stages=5)
+
+
+@pytest.mark.parametrize("cls", [ResTv2, ResTv1])
+def test_fused_attn_is_a_deprecated_alias_of_fast_paths(cls):
+    arch = TINY_V1 if cls is ResTv1 else TINY
+    with pytest.warns(DeprecationWarning, match="fused_attn is deprecated; use fast_paths"):
+        model = cls(arch=arch, fused_attn=False)
+    assert not model.stage1[0].attn.fast_paths
+    assert cls(arch=arch).stage1[0].attn.fast_paths

@@ -29,7 +29,7 @@ def _attention_flops(model: ResTv2, h: int, w: int) -> int:
 def test_fused_attention_counted_like_math_path(one_thread):
     torch.manual_seed(0)
     fused = ResTv2(TINY).eval()
-    math_path = ResTv2(TINY, fused_attn=False).eval()
+    math_path = ResTv2(TINY, fast_paths=False).eval()
     x = torch.randn(1, 3, 64, 96)
     a = an.count_flops(fused, (x,))
     b = an.count_flops(math_path, (x,))
