@@ -201,3 +201,28 @@ def test_cli_bench_bad_input_is_named(capsys):
     assert "one batch for all sizes or one per size" in capsys.readouterr().err
     assert main(["bench", "restv2_tiny", "--shape", "64xx64"]) == 2
     assert "64xx64" in capsys.readouterr().err
+
+
+def test_cli_bench_auto_rows_say_which_attention_ran(tmp_path, one_thread):
+    md = tmp_path / "bench.md"
+    assert main(["bench", "restv2_tiny", "--shape", "64x64", "--attn-impls", "auto", "explicit",
+                 "--dtypes", "fp32", "bf16", "--iters", "1", "--warmup", "0", "--no-memory",
+                 "--no-progress", "--threads", "1", "--markdown", str(md)]) == 0
+    text = md.read_text()
+    assert "64x64 infer fp32: auto ran sdpa x11" in text
+    assert "64x64 infer bf16: auto ran explicit x11" in text
+    assert "avx2" in text or "no AVX2" in text  # the CPU's flags are stated
+
+
+def test_cli_bench_necks_alone(tmp_path, capsys, one_thread):
+    md = tmp_path / "necks.md"
+    assert main(["bench", "neck:fpn", "neck:vt_fpn", "--shape", "64x96", "--mode", "infer",
+                 "train", "--iters", "1", "--warmup", "0", "--no-memory", "--no-progress",
+                 "--threads", "1", "--markdown", str(md)]) == 0
+    rows = [line for line in md.read_text().splitlines() if line.startswith("| 64x96")]
+    assert [r.split("|")[2].strip() for r in rows] == ["infer", "train"]
+    for r in rows:
+        cells = r.split("|")
+        assert float(cells[4]) > 0 and float(cells[7]) > 0  # fpn ms, vt_fpn ms
+    assert main(["bench", "neck:vt_fpn", "restv2_tiny", "--shape", "64x64"]) == 2
+    assert "timed on their own" in capsys.readouterr().err
