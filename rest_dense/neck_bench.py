@@ -339,7 +339,8 @@ def format_neck_table(rows: Sequence[NeckBenchRow]) -> str:
     groups: dict = {}
     necks: List[str] = []
     for r in rows:
-        groups.setdefault((r.case.size, r.case.mode, r.case.dtype, r.case.batch), {})[r.case.neck] = r
+        key = (r.case.size, r.case.mode, r.case.dtype, r.case.batch)
+        groups.setdefault(key, {})[r.case.neck] = r
         if r.case.neck not in necks:
             necks.append(r.case.neck)
     head = ["input", "mode"]
