@@ -62,7 +62,7 @@ __all__ = [
     "autocast_difference", "autocast_notes",
     "BenchCase", "BenchRow", "ConfigModel", "build_bench_model", "make_inputs", "time_model",
     "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "attention_choices", "attention_notes",
-    "cpu_description", "ForcedAttention", "benchmark_case", "benchmark_backbone",
+    "cpu_description", "ForcedAttention", "KernelRow", "kernel_benchmark", "benchmark_case", "benchmark_backbone",
     "plan_cases", "run_benchmark", "describe_device", "format_markdown", "markdown_document",
     "plot_rows",
 ]
@@ -890,6 +890,124 @@ def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
         notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
                      f"{c.dtype}: auto ran {ran or 'no attention'}")
     return notes
+
+
+# ------------------------------------------------------------------ kernel choices
+@dataclass
+class KernelRow:
+    """One measurement behind the dispatch rules of :mod:`rest_dense.models.functional`.
+
+    Args:
+        op (str): ``'attention'`` or ``'dw_conv_backward'``.
+        stage (int): the ResT stage (1..4) whose shape it is.
+        shape (str): the shapes, as text.
+        dtype (str): ``'fp32'`` or ``'bf16'``.
+        mode (str): ``'infer'`` (forward) or ``'train'`` (forward and backward).
+        times (dict): ms per candidate (``'sdpa'`` / ``'explicit'``; ``'native'`` /
+            ``'fp32'``), best of the timed passes.
+    """
+
+    op: str
+    stage: int
+    shape: str
+    dtype: str
+    mode: str
+    times: Dict[str, float]
+
+    @property
+    def winner(self) -> str:
+        return min(self.times, key=self.times.get)
+
+
+def _best_ms(fn: Callable[[], Any], warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, (time.perf_counter() - t0) * 1e3)
+    return best
+
+
+def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 512),
+                     batch: int = 2, dtypes: Sequence[str] = ("fp32", "bf16"),
+                     warmup: int = 1, iters: int = 5) -> List[KernelRow]:
+    """Time the candidates of each dispatch rule on one model's stage shapes (CPU): the
+    attention kernels (``sdpa`` vs ``explicit``) and the strided depth-wise convolution
+    backward of the key/value reduction (``native`` in the dtype vs ``fp32``).
+
+    Args:
+        model: a ResTv2 registry name (its widths, heads and ``sr_ratios``).
+        size: the image (H, W); stage ``i`` maps are ``ceil(H / 2**(i+2))`` on each side.
+        batch: images.
+        dtypes: ``'fp32'`` and / or ``'bf16'``.
+        warmup, iters: untimed and timed passes per candidate (the best is kept).
+
+    Returns:
+        One :class:`KernelRow` per op, stage, dtype and mode.
+    """
+    import math as _math
+
+    import torch.nn.functional as F
+
+    from .models import get_model_entry
+    from .models.functional import _dw_conv_backward, attention
+
+    entry = get_model_entry(model)
+    spec = entry.cls.ARCHS[entry.arch]
+    rows: List[KernelRow] = []
+    gen = torch.Generator().manual_seed(0)
+    for i, (dim, heads, sr) in enumerate(zip(spec["embed_dims"], spec["num_heads"],
+                                             spec["sr_ratios"])):
+        h, w = (_math.ceil(s / 2 ** (i + 2)) for s in size)
+        hk, wk = (_math.ceil(h / sr), _math.ceil(w / sr)) if sr > 1 else (h, w)
+        d = dim // heads
+        for dtype in dtypes:
+            dt = DTYPES[dtype]
+            q = torch.randn(batch, heads, h * w, d, generator=gen).to(dt)
+            k = torch.randn(batch, heads, hk * wk, d, generator=gen).to(dt)
+            v = torch.randn(batch, heads, hk * wk, d, generator=gen).to(dt)
+            cot = torch.randn(batch, heads, h * w, d, generator=gen).to(dt)
+            shape = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}"
+            for mode in RUN_MODES:
+                times = {}
+                for name, impl in (("sdpa", "sdpa"), ("explicit", "math")):
+                    if mode == "infer":
+                        def fn(impl=impl):
+                            with torch.inference_mode():
+                                attention(q, k, v, d ** -0.5, impl=impl)
+                    else:
+                        qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+
+                        def fn(impl=impl, qg=qg, kg=kg, vg=vg):
+                            out = attention(qg, kg, vg, d ** -0.5, impl=impl)
+                            torch.autograd.grad(out, (qg, kg, vg), cot)
+                    times[name] = _best_ms(fn, warmup, iters)
+                rows.append(KernelRow("attention", i + 1, shape, dtype, mode, times))
+            if sr > 1:
+                x = torch.randn(batch, dim, h, w, generator=gen).to(dt)
+                x = x.contiguous(memory_format=torch.channels_last)
+                weight = torch.randn(dim, 1, sr + 1, sr + 1, generator=gen).to(dt)
+                g = F.conv2d(x, weight, None, sr, sr // 2, 1, dim)
+                g = torch.randn(g.shape, generator=gen).to(dt).contiguous(
+                    memory_format=torch.channels_last)
+                mask = (True, True, True)
+                args = (weight.shape[0],), [sr, sr], [sr // 2, sr // 2], [1, 1], False, [0, 0], dim
+
+                def native(x=x, g=g, weight=weight):
+                    torch.ops.aten.convolution_backward(g, x, weight, *args, list(mask))
+
+                def upcast(x=x, g=g, weight=weight):
+                    _dw_conv_backward(g, x, weight, True, sr, sr // 2, mask)
+
+                times = {"native": _best_ms(native, warmup, iters)}
+                if dtype != "fp32":
+                    times["fp32"] = _best_ms(upcast, warmup, iters)
+                rows.append(KernelRow("dw_conv_backward", i + 1,
+                                      f"x {tuple(x.shape)}, kernel {sr + 1}, stride {sr}",
+                                      dtype, "train", times))
+    return rows
 
 
 # ------------------------------------------------------------------ output

@@ -226,3 +226,17 @@ def test_cli_bench_necks_alone(tmp_path, capsys, one_thread):
         assert float(cells[4]) > 0 and float(cells[7]) > 0  # fpn ms, vt_fpn ms
     assert main(["bench", "neck:vt_fpn", "restv2_tiny", "--shape", "64x64"]) == 2
     assert "timed on their own" in capsys.readouterr().err
+
+
+def test_kernel_benchmark_measures_every_candidate(one_thread):
+    rows = bm.kernel_benchmark("restv2_tiny", (64, 96), batch=1, iters=1)
+    ops = {(r.op, r.stage, r.dtype, r.mode) for r in rows}
+    assert ("attention", 1, "bf16", "train") in ops and ("attention", 4, "fp32", "infer") in ops
+    assert ("dw_conv_backward", 3, "bf16", "train") in ops
+    assert not any(r.op == "dw_conv_backward" and r.stage == 4 for r in rows)  # sr 1: no conv
+    for r in rows:
+        assert r.times and all(math.isfinite(t) and t > 0 for t in r.times.values())
+        assert r.winner in r.times
+        expected = {"sdpa", "explicit"} if r.op == "attention" else (
+            {"native"} if r.dtype == "fp32" else {"native", "fp32"})
+        assert set(r.times) == expected
