@@ -12,11 +12,20 @@ command-line front end. Library use::
     from rest_dense.neck_analysis import analyze_neck
     r = analyze_neck("vt_fpn", "resnet50", (800, 1216))
     r.flops.total / 1e9        # 8.29; the paper (VT, Wu et al. 2020): 8.5
+
+Whole models with and without the neck (ResTv2-T + UperNet, + semantic FPN, + VT-FPN; the
+shipped ADE20K configs), split into backbone / neck / head, with the neck counted alone beside
+it::
+
+    from rest_dense.neck_analysis import analyze_whole_models
+    for row in analyze_whole_models([(512, 512)]):
+        print(row.label, row.total / 1e9, row.neck / 1e9, row.neck_alone / 1e9)
 """
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -26,7 +35,8 @@ from .analysis import AnalysisResult, count_flops, count_parameters
 
 __all__ = ["NECKS", "NECK_PREFIX", "NECK_PRESETS", "NECK_DEFAULT_SHAPE", "PAPER_NECK",
            "is_neck_target", "neck_name", "parse_neck_channels", "neck_feature_shapes",
-           "build_neck", "analyze_neck"]
+           "build_neck", "analyze_neck", "WHOLE_MODELS", "WHOLE_MODEL_SHAPES",
+           "WholeModelFlops", "analyze_whole_model", "analyze_whole_models"]
 
 #: the necks that can be counted alone (``neck:<name>`` on the command line)
 NECKS: Tuple[str, ...] = ("fpn", "vt_fpn")
@@ -181,3 +191,143 @@ def analyze_neck(name: str, channels: Union[str, Sequence[int]] = "resnet50",
     res.notes.append("maps " + ", ".join(f"{h}x{w}" for _, h, w in
                                          (f.shape[1:] for f in feats)))
     return res
+
+
+# ------------------------------------------------------------------ whole models
+#: the whole models of the VT-FPN comparison, ``(label, shipped config)``: the same ResTv2-T
+#: backbone under UperNet, a semantic FPN (FPN neck + mmseg ``FPNHead``) and VT-FPN (the FPN
+#: neck replaced, the same ``FPNHead``)
+WHOLE_MODELS: Tuple[Tuple[str, str], ...] = (
+    ("ResTv2-T + UperNet", "upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py"),
+    ("ResTv2-T + semantic FPN", "sem_fpn/fpn_restv2-t_8xb2-160k_ade20k-512x512.py"),
+    ("ResTv2-T + VT-FPN", "sem_fpn/vt-fpn_restv2-t_8xb2-160k_ade20k-512x512.py"),
+)
+#: the sizes of the whole-model comparison: an ADE20K crop, and mmseg's "2048x512"
+#: (the size of the ResTv2 paper's UperNet figures)
+WHOLE_MODEL_SHAPES: Tuple[Tuple[int, int], ...] = ((512, 512), (512, 2048))
+#: mmseg / mmdet neck types -> :data:`NECKS`
+_MM_NECKS = {"FPN": "fpn", "VTFPN": "vt_fpn"}
+
+
+@dataclass
+class WholeModelFlops:
+    """One whole model at one size, split into its parts (FLOPs are fvcore multiply-adds).
+
+    Attributes:
+        label: e.g. ``'ResTv2-T + VT-FPN'``.
+        config: the shipped config name.
+        shape: input (H, W).
+        params: parameters of the model (without the auxiliary head's, as counted).
+        backbone_params: parameters of the backbone.
+        total: FLOPs of the whole model (inference, one image, no auxiliary head, logits at
+            stride 4: mmseg's ``_forward``, as ``rest-dense flops`` counts it).
+        backbone: FLOPs of the backbone module.
+        neck: FLOPs of the neck module inside the model; None for a model without one
+            (UperNet).
+        head: FLOPs of the rest: the decode head, with the resizes mmseg calls as functions
+            (fvcore attributes those to no module), so that backbone + neck + head = total.
+        neck_name: ``'fpn'`` / ``'vt_fpn'``; None without a neck.
+        neck_alone: FLOPs of the same neck counted alone
+            (:func:`analyze_neck` with the config's input channels at ``shape``); None without.
+        result: the full :class:`~rest_dense.analysis.AnalysisResult` of the model.
+    """
+
+    label: str
+    config: str
+    shape: Tuple[int, int]
+    params: int
+    backbone_params: int
+    total: int
+    backbone: int
+    neck: Optional[int]
+    head: int
+    neck_name: Optional[str]
+    neck_alone: Optional[int]
+    result: AnalysisResult
+
+    @property
+    def decoder(self) -> int:
+        """FLOPs of everything after the backbone (neck and head)."""
+        return self.total - self.backbone
+
+
+def _neck_defaults(key: str, levels: int) -> Dict[str, object]:
+    """The keyword defaults of a neck class (``num_outs`` None read as ``levels``)."""
+    import inspect
+
+    from .models import FPN, VTFPN
+
+    cls = {"fpn": FPN, "vt_fpn": VTFPN}[key]
+    out = {name: p.default for name, p in inspect.signature(cls).parameters.items()
+           if p.default is not inspect.Parameter.empty}
+    if out.get("num_outs") is None:
+        out["num_outs"] = levels
+    return out
+
+
+def analyze_whole_model(config: str, shape: Tuple[int, int], label: Optional[str] = None,
+                        cache=None) -> WholeModelFlops:
+    """Count an MMSegmentation encoder-decoder config and split it into backbone / neck / head.
+
+    Args:
+        config: config file or shipped config name.
+        shape: input (H, W).
+        label: name for tables (default: the config's name).
+        cache: a :class:`~rest_dense.analysis.CountCache` shared between calls.
+
+    Returns:
+        The :class:`WholeModelFlops`, with the neck also counted alone (default settings of
+        :func:`build_neck`, the config's ``in_channels``) when the model has an FPN or VT-FPN
+        neck.
+
+    Raises:
+        ValueError: the config's neck is another type, or sets options the neck-alone count
+            does not (its count would not be comparable).
+    """
+    from mmengine.config import Config
+
+    from .analysis import analyze_config
+    from .configs import get_config_path
+
+    path = get_config_path(config)
+    res = analyze_config(path, tuple(shape), cache=cache)
+    mods = res.flops.by_module
+    neck_cfg = Config.fromfile(path).model.get("neck")
+    neck = mods.get("model.neck") if neck_cfg is not None else None
+    backbone = mods["model.backbone"]
+    key = alone = None
+    if neck_cfg is not None:
+        kind = str(neck_cfg.get("type", "")).split(".")[-1]
+        if kind not in _MM_NECKS:
+            raise ValueError(f"{res.target}: neck type {kind!r} has no neck-alone count "
+                             f"(one of {', '.join(_MM_NECKS)})")
+        key = _MM_NECKS[kind]
+        chans = list(neck_cfg["in_channels"])
+        for opt, value in _neck_defaults(key, len(chans)).items():
+            if opt in neck_cfg and neck_cfg[opt] != value:
+                raise ValueError(f"{res.target}: neck {opt}={neck_cfg[opt]!r} differs from the "
+                                 f"neck-alone default {value!r}")
+        alone = analyze_neck(key, chans, tuple(shape)).flops.total
+    total = res.flops.total
+    return WholeModelFlops(label or res.target, res.target, tuple(shape), res.params,
+                           res.backbone_params, total, backbone, neck,
+                           total - backbone - (neck or 0), key, alone, res)
+
+
+def analyze_whole_models(shapes: Sequence[Tuple[int, int]] = WHOLE_MODEL_SHAPES,
+                         models: Sequence[Tuple[str, str]] = WHOLE_MODELS
+                         ) -> List[WholeModelFlops]:
+    """:func:`analyze_whole_model` for every model at every size (size-major order).
+
+    Args:
+        shapes: input sizes (default :data:`WHOLE_MODEL_SHAPES`: 512x512, 512x2048).
+        models: ``(label, config)`` pairs (default :data:`WHOLE_MODELS`).
+
+    Returns:
+        One :class:`WholeModelFlops` per size and model.
+    """
+    from .analysis import CountCache
+
+    cache = CountCache()
+    return [analyze_whole_model(cfg, shape, label, cache=cache)
+            for shape in shapes for label, cfg in models]

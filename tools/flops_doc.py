@@ -1,6 +1,9 @@
 #!/usr/bin/env python
 """Write docs/flops.md: ``rest-dense flops`` on the released backbones and every shipped
-config (``--markdown``), followed by notes on how the ResT papers' figures compare with ours.
+config (``--markdown``), followed by notes on how the ResT papers' figures compare with ours
+and by the VT-FPN whole-model table (ResTv2-T + UperNet / + semantic FPN / + VT-FPN at 512x512
+and 512x2048, split into backbone / neck / head: tools/vt_fpn_tables.py, also in
+docs/vt_fpn.md).
 
     python tools/flops_doc.py                  # docs/flops.md (fvcore, mmdet, mmseg, detectron2)
     python tools/flops_doc.py --out /tmp/f.md  # elsewhere
@@ -9,9 +12,13 @@ The paper figures themselves are data of the library (``rest_dense.analysis.PAPE
 ``rest-dense flops``); this prose exists only for the document.
 """
 import argparse
+import os
 import sys
 
 from rest_dense.cli import main as cli
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from vt_fpn_tables import whole_models_section as _whole_models_section  # noqa: E402
 
 #: the backbones at the top of the document (then every shipped config, ``--all``)
 BACKBONES = ["restv2_tiny", "restv2_small", "restv2_base", "restv2_large",
@@ -47,6 +54,20 @@ How the papers' figures compare (checked against the table above):
 """
 
 
+#: heading of the whole-model section appended to the document
+WHOLE_MODELS_HEADING = """\
+## VT-FPN, semantic FPN and UperNet: whole models
+
+The same ResTv2-T backbone under three decoders (see docs/vt_fpn.md), split into backbone,
+neck and head:
+"""
+
+
+def whole_models_section() -> str:
+    """The whole-model table (counts three models at two sizes, about a minute)."""
+    return _whole_models_section(command="python tools/flops_doc.py")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="docs/flops.md", help="document to write (docs/flops.md)")
@@ -56,7 +77,8 @@ def main(argv=None) -> int:
              + (["--no-progress"] if args.no_progress else []))
     if rc == 0:
         with open(args.out, "a", encoding="utf-8") as f:
-            f.write("\n" + PAPER_NOTES)
+            f.write("\n" + PAPER_NOTES + "\n" + WHOLE_MODELS_HEADING + "\n"
+                    + whole_models_section() + "\n")
     return rc
 
 

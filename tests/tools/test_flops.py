@@ -125,6 +125,8 @@ def test_flops_doc_tool_appends_the_paper_notes(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(tool, "cli", fake_cli)
+    # the VT-FPN whole-model section (tests/mm/test_vt_fpn_whole_flops.py counts it for real)
+    monkeypatch.setattr(tool, "whole_models_section", lambda: "WHOLE-MODEL TABLE")
     out = tmp_path / "flops.md"
     assert tool.main(["--out", str(out), "--no-progress"]) == 0
     (argv,) = calls
@@ -132,6 +134,7 @@ def test_flops_doc_tool_appends_the_paper_notes(tmp_path, monkeypatch):
     text = out.read_text()
     assert text.startswith("# Parameters and FLOPs\n\nHow the papers' figures compare")
     assert "UperNet (ResTv2 paper, Tab. 5" in text
+    assert text.index("## VT-FPN, semantic FPN and UperNet") < text.index("WHOLE-MODEL TABLE")
 
 def test_cli_flops_check_math_and_shape(capsys, one_thread):
     assert main(["flops", "restv1_lite", "--shape", "64x96", "--check-math", "--no-progress"]) == 0
