@@ -39,7 +39,7 @@ import numpy as np
 from .inputs import ImageReadError, collect_images, output_names, read_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, SegMap, detections_to_json, from_d2_instances,
-                          from_det_sample, from_seg_sample, write_label_png)
+                          from_d2_sem_seg, from_det_sample, from_seg_sample, write_label_png)
 
 __all__ = ["FRAMEWORKS", "config_framework", "Predictor", "MMDetPredictor", "MMSegPredictor",
            "D2Predictor", "build_predictor", "InferenceSummary", "run_inference"]
@@ -283,7 +283,11 @@ class MMSegPredictor(_MMPredictor):
 
 
 class D2Predictor(Predictor):
-    """detectron2: ``DefaultPredictor`` (yaml configs) or the same steps for a LazyConfig."""
+    """detectron2: ``DefaultPredictor`` (yaml configs) or the same steps for a LazyConfig.
+
+    Detection models (``task='det'``) give :class:`Detections`; a ``SemanticSegmentor``
+    (e.g. the VT-FPN and semantic-FPN configs, ``task='seg'``) gives a :class:`SegMap`.
+    """
 
     framework = "detectron2"
     task = "det"
@@ -335,8 +339,13 @@ class D2Predictor(Predictor):
         self.input_format = self.predictor.input_format
         name = cfg.DATASETS.TEST[0] if len(cfg.DATASETS.TEST) else "__unused"
         self.metadata = MetadataCatalog.get(name)
-        n = cfg.MODEL.ROI_HEADS.NUM_CLASSES if cfg.MODEL.META_ARCHITECTURE != "RetinaNet" \
-            else cfg.MODEL.RETINANET.NUM_CLASSES
+        arch = cfg.MODEL.META_ARCHITECTURE
+        if arch == "SemanticSegmentor":
+            self.task = "seg"
+            n = cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES
+        else:
+            n = cfg.MODEL.ROI_HEADS.NUM_CLASSES if arch != "RetinaNet" \
+                else cfg.MODEL.RETINANET.NUM_CLASSES
         self._set_classes(n)
 
     def _init_lazy(self, config: str, device: str, opts: Sequence[str]) -> None:
@@ -356,12 +365,19 @@ class D2Predictor(Predictor):
         names = cfg.dataloader.test.dataset.get("names", "__unused")
         self.metadata = MetadataCatalog.get(names if isinstance(names, str) else names[0])
         heads = getattr(self.model, "roi_heads", None)
-        n = getattr(getattr(heads, "box_predictor", None), "num_classes", None) or \
-            getattr(self.model, "num_classes", 0)
+        seg_head = getattr(self.model, "sem_seg_head", None)
+        if heads is None and seg_head is not None:
+            self.task = "seg"
+            n = getattr(seg_head, "num_classes", None) or \
+                seg_head.predictor.out_channels
+        else:
+            n = getattr(getattr(heads, "box_predictor", None), "num_classes", None) or \
+                getattr(self.model, "num_classes", 0)
         self._set_classes(int(n))
 
     def _set_classes(self, n: int) -> None:
-        names = list(getattr(self.metadata, "thing_classes", None) or [])
+        key = "stuff_classes" if self.task == "seg" else "thing_classes"
+        names = list(getattr(self.metadata, key, None) or [])
         self.classes = names if len(names) == n else [f"class_{i}" for i in range(n)]
 
     def model_inputs(self, image: np.ndarray) -> Dict[str, Any]:
@@ -387,14 +403,32 @@ class D2Predictor(Predictor):
                 return self.predictor(image)["instances"].to("cpu")
             return self.model([self.model_inputs(image)])[0]["instances"].to("cpu")
 
-    def predict(self, image: np.ndarray) -> Detections:
+    def predict_sem_seg(self, image: np.ndarray):
+        """``SemanticSegmentor`` logits ``(C, H, W)`` at the original size for one BGR image."""
+        with self._torch.no_grad():
+            if self.predictor is not None:
+                return self.predictor(image)["sem_seg"].to("cpu")
+            return self.model([self.model_inputs(image)])[0]["sem_seg"].to("cpu")
+
+    def predict(self, image: np.ndarray) -> Prediction:
+        if self.task == "seg":
+            return from_d2_sem_seg(self.predict_sem_seg(image))
         return from_d2_instances(self.predict_instances(image))
 
-    def draw(self, image: np.ndarray, pred: Detections, score_thr: float) -> np.ndarray:
+    def draw(self, image: np.ndarray, pred: Prediction, score_thr: float) -> np.ndarray:
         from detectron2.structures import Boxes, Instances
         from detectron2.utils.visualizer import Visualizer
 
         torch = self._torch
+        if isinstance(pred, SegMap):
+            meta = self.metadata
+            if not getattr(meta, "stuff_classes", None):
+                from types import SimpleNamespace
+
+                meta = SimpleNamespace(stuff_classes=self.classes, get=lambda k, d=None: d)
+            vis = Visualizer(image[:, :, ::-1], meta)
+            out = vis.draw_sem_seg(torch.from_numpy(pred.labels), alpha=0.5)
+            return np.ascontiguousarray(out.get_image()[:, :, ::-1])
         det = pred.above(score_thr)
         inst = Instances(det.image_size)
         inst.pred_boxes = Boxes(torch.from_numpy(det.boxes))
