@@ -222,8 +222,9 @@ def _check_case(case: BenchCase, device: Optional[str] = None) -> None:
                 raise ValueError(f"the released-layout baseline needs sides divisible by 32, "
                                  f"got {case.size[0]}x{case.size[1]}")
     elif kind == "config":
-        if case.mode != "infer":
-            raise ValueError(f"{case.label}: whole models are timed in inference only")
+        if case.mode != "infer" and not _config_is_segmenter(case.model):
+            raise ValueError(f"{case.label}: whole detectors are timed in inference only "
+                             "(segmenters also in training, on random label maps)")
         if case.attn_impl == "released":
             raise ValueError(f"{case.label}: the released-layout baseline is for backbones only")
         if device is not None and case.dtype != "fp32" and not device.startswith("cuda"):
@@ -295,12 +296,23 @@ class ConfigModel(nn.Module):
         self.sample_cls = Sample
 
     def forward(self, x: torch.Tensor):
+        """``predict`` in eval mode; in train mode (segmenters) the losses against random
+        label maps, a dict that the training step sums."""
         h, w = x.shape[-2:]
         meta = dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
                     batch_input_shape=(h, w), scale_factor=(1.0, 1.0))
         samples = [self.sample_cls(metainfo=meta) for _ in range(x.shape[0])]
         with forced_attention(self.forced_kernel):
-            return self.model.predict(x, samples)
+            if not self.training:
+                return self.model.predict(x, samples)
+            from mmengine.structures import PixelData
+
+            gen = torch.Generator().manual_seed(0)
+            classes = int(getattr(self.model.decode_head, "num_classes", 2))
+            for sample in samples:
+                labels = torch.randint(0, classes, (1, h, w), generator=gen).to(x.device)
+                sample.gt_sem_seg = PixelData(data=labels)
+            return self.model.loss(x, samples)
 
 
 class ForcedAttention(nn.Module):
@@ -315,6 +327,16 @@ class ForcedAttention(nn.Module):
     def forward(self, x: torch.Tensor):
         with forced_attention(self.kernel):
             return self.model(x)
+
+
+def _config_is_segmenter(config: str) -> bool:
+    """Whether a config builds an MMSegmentation model (timed in training too)."""
+    from .configs import config_framework
+
+    try:
+        return config_framework(_resolve_config(config)) == "mmseg"
+    except (ValueError, FileNotFoundError):
+        return False
 
 
 def _config_has_rest_backbone(config: str) -> bool:

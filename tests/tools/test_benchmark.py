@@ -224,8 +224,27 @@ def test_cli_bench_necks_alone(tmp_path, capsys, one_thread):
     for r in rows:
         cells = r.split("|")
         assert float(cells[4]) > 0 and float(cells[7]) > 0  # fpn ms, vt_fpn ms
-    assert main(["bench", "neck:vt_fpn", "restv2_tiny", "--shape", "64x64"]) == 2
-    assert "timed on their own" in capsys.readouterr().err
+    assert main(["bench", "neck:vt_fpn", "--shape", "64x64", "--batch", "1", "2"]) == 2
+    assert "one --batch" in capsys.readouterr().err
+
+
+def test_cli_bench_whole_segmenters_and_necks_in_one_run(tmp_path, one_thread):
+    """Whole models (semantic FPN vs VT-FPN, inference and training) and the necks alone,
+    one command, one document."""
+    md = tmp_path / "one_run.md"
+    assert main(["bench", "neck:fpn", "neck:vt_fpn", "--configs", "toy/sem_fpn_restv2_toy.py",
+                 "toy/vt_fpn_restv2_toy.py", "--shape", "64x96", "--mode", "infer", "train",
+                 "--iters", "1", "--warmup", "0", "--no-memory", "--no-progress", "--threads",
+                 "1", "--markdown", str(md)]) == 0
+    text = md.read_text()
+    whole = [line for line in text.splitlines() if line.startswith("| sem_fpn") or
+             line.startswith("| vt_fpn")]
+    assert {(r.split("|")[1].strip(), r.split("|")[6].strip()) for r in whole} == {
+        (m, mode) for m in ("sem_fpn_restv2_toy", "vt_fpn_restv2_toy") for mode in ("infer", "train")}
+    assert all(float(r.split("|")[8]) > 0 for r in whole)
+    assert "## Necks alone" in text
+    necks = [line for line in text.split("## Necks alone")[1].splitlines() if line.startswith("| 64x96")]
+    assert len(necks) == 2
 
 
 def test_kernel_benchmark_measures_every_candidate(one_thread):
