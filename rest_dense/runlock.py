@@ -10,7 +10,11 @@ another host (shared file systems) is honoured as long as it is younger than
 :data:`FOREIGN_HOST_MAX_AGE_S`, since its process cannot be checked from here.
 
 In distributed runs only the process of global rank 0 takes the lock (the others write no
-logs or checkpoints of their own).
+logs or checkpoints of their own). Launchers that start the workers themselves (detectron2's
+``--num-machines``) hold the lock in the launching process of machine 0 only
+(``primary=machine_rank == 0``): the other machines' launchers join the same run, and with a
+work dir on a shared file system (or two launches on one host standing in for two machines)
+they would otherwise find machine 0's lock and refuse.
 """
 from __future__ import annotations
 
@@ -103,21 +107,26 @@ def _is_rank_zero() -> bool:
 
 
 @contextlib.contextmanager
-def hold_folder(folder: PathLike, what: str = "run") -> Iterator[Optional[str]]:
+def hold_folder(folder: PathLike, what: str = "run",
+                primary: Optional[bool] = None) -> Iterator[Optional[str]]:
     """Hold ``folder``'s lock for the block (created with the folder if needed).
 
     Args:
         folder: the work dir / output folder.
         what: how messages name the run (``"training"``, ``"infer"``).
+        primary: whether this process is the run's first (the one that takes the lock);
+            default: global rank 0 (``RANK`` unset or 0). A launcher of several machines
+            passes ``machine_rank == 0``.
 
     Yields:
-        The lock file's path (``None`` on ranks other than 0, which take no lock).
+        The lock file's path (``None`` where this process is not the primary one, which
+        takes no lock).
 
     Raises:
         FolderBusyError: another live process holds the folder; names its pid, host, start
             and command line, and the lock file to delete if that is wrong.
     """
-    if not _is_rank_zero():
+    if not (_is_rank_zero() if primary is None else primary):
         yield None
         return
     folder = os.path.abspath(os.fspath(folder))

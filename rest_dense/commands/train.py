@@ -251,15 +251,24 @@ def overrides(args: argparse.Namespace) -> List[str]:
     return list(args.cfg_options or []) + list(args.overrides or [])
 
 
+def _given(value: Optional[int], default: int) -> int:
+    return default if value is None else value
+
+
 def d2_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespace:
     """The namespace :func:`rest_dense.d2.launch.main` expects."""
     from ..d2.launch import default_dist_url
 
+    machines = _given(args.num_machines, 1)
+    # several machines: no default URL (a per-user port on 127.0.0.1 reaches no other
+    # machine); check_args then asks for --dist-url
+    url = args.dist_url or (default_dist_url() if machines == 1 else None)
     return argparse.Namespace(
         config_file=args.config_path, opts=overrides(args),
         resume=extra.pop("resume", False), eval_only=bool(extra.pop("eval_only", False)),
-        num_gpus=args.num_gpus or 1, num_machines=args.num_machines or 1,
-        machine_rank=args.machine_rank or 0, dist_url=args.dist_url or default_dist_url(),
+        # None: not given; 0 is a value (refused by check_args), never "the default"
+        num_gpus=_given(args.num_gpus, 1), num_machines=machines,
+        machine_rank=_given(args.machine_rank, 0), dist_url=url,
         lazy=bool(args.lazy), toy_root=args.toy_root or env_var("TOY_ROOT", "data/toy"),
         cpu_threads=args.threads or 0, output_dir=args.work_dir,
         trust_checkpoint=list(getattr(args, "trust_checkpoint", None) or []), **extra)
@@ -330,9 +339,9 @@ def run(args: argparse.Namespace) -> int:
             return fail("train", str(err))
         from ..runlock import FolderBusyError, hold_folder
 
-        try:  # one live run per output folder (rest_dense.runlock)
-            with (hold_folder(args.work_dir, "training") if args.work_dir and not
-                  args.eval_only else contextlib.nullcontext()):
+        try:  # one live run per output folder (rest_dense.runlock), held by machine 0
+            with (hold_folder(args.work_dir, "training", primary=ns.machine_rank == 0)
+                  if args.work_dir and not args.eval_only else contextlib.nullcontext()):
                 results = launch_main(ns)
         except FolderBusyError as err:
             return fail("train", str(err))
@@ -342,7 +351,8 @@ def run(args: argparse.Namespace) -> int:
             print_metrics(results)
         return 0
 
-    from ..mm.runner import build_runner, check_start_checkpoint, train_config
+    from ..mm.runner import (build_runner, check_resume_optimizer, check_start_checkpoint,
+                             train_config)
 
     try:
         cfg = train_config(args.config_path, work_dir=args.work_dir, amp=amp_setting(args),
@@ -357,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         with hold_folder(cfg.work_dir, "training"):
             runner = build_runner(cfg)
             check_start_checkpoint(runner.model, cfg)
+            check_resume_optimizer(runner, cfg)
             runner.train()
     except FolderBusyError as err:
         return fail("train", str(err))

@@ -46,7 +46,7 @@ from .engine import (RestTrainer, default_setup, is_lazy_config, lazy_build_mode
                      lazy_train, setup_lazy_config, setup_yaml_config)
 
 __all__ = ["add_launch_arguments", "add_job_arguments", "build_parser", "normalize_overrides",
-           "job_overrides", "check_args", "main", "launch_main", "cli_main", "default_dist_url"]
+           "job_overrides", "check_args", "check_machines", "main", "launch_main", "cli_main", "default_dist_url"]
 
 logger = logging.getLogger("rest_dense.d2.launch")
 
@@ -239,7 +239,8 @@ def check_args(args: argparse.Namespace) -> None:
 
     Raises:
         FileNotFoundError: the config file, ``resume`` file or ``weights`` is missing.
-        ValueError: no config file, malformed overrides, fewer than one process.
+        ValueError: no config file, malformed overrides, fewer than one process, a machine
+            rank or ``dist_url`` that cannot work (:func:`check_machines`).
     """
     if not args.config_file:
         raise ValueError("a config file is required (--config-file)")
@@ -252,8 +253,36 @@ def check_args(args: argparse.Namespace) -> None:
     if args.num_gpus < 1 or args.num_machines < 1:
         raise ValueError(f"--num-gpus ({args.num_gpus}) and --num-machines ({args.num_machines}) "
                          "must be at least 1")
+    check_machines(args.num_machines, getattr(args, "machine_rank", 0),
+                   getattr(args, "dist_url", None))
     lazy = bool(getattr(args, "lazy", False)) or is_lazy_config(args.config_file)
     normalize_overrides(getattr(args, "opts", None) or [], lazy)
+
+
+def check_machines(num_machines: int, machine_rank: int, dist_url: Optional[str]) -> None:
+    """A job of several machines needs this machine's rank in ``0..num_machines-1`` and the
+    address of machine 0 (``tcp://HOST:PORT``, the same on every machine): with a wrong
+    value each machine would wait for the others until the process group's timeout.
+
+    Raises:
+        ValueError: naming the option and what it must be.
+    """
+    if not 0 <= machine_rank < num_machines:
+        raise ValueError(f"--machine-rank {machine_rank} is not in 0..{num_machines - 1} "
+                         f"(--num-machines {num_machines}): give each machine its own rank, 0 "
+                         "on the machine whose address --dist-url names")
+    if num_machines == 1:
+        return
+    url = str(dist_url or "")
+    if url in ("", "auto"):
+        raise ValueError(f"--num-machines {num_machines} needs --dist-url tcp://HOST:PORT with "
+                         "machine 0's address and a free port, the same on every machine "
+                         "('auto' picks a port on one machine only)")
+    if url.startswith("tcp://"):
+        host, _, port = url[len("tcp://"):].rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--dist-url {url!r} is not tcp://HOST:PORT (machine 0's address "
+                             "and a port number, the same on every machine)")
 
 
 def launch_main(args: argparse.Namespace) -> Optional[Dict[str, Any]]:

@@ -33,7 +33,7 @@ import copy
 import logging
 import os
 import os.path as osp
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 from mmengine.config import Config
 from mmengine.logging import print_log
@@ -43,7 +43,7 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
 from ..configs import get_config_path, parse_cfg_options
-from ..models import check_model_checkpoint
+from ..models import CheckpointMismatchError, check_model_checkpoint
 from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
                             install_config_format_cache, make_checkpoint_hooks_atomic,
                             scale_schedule)
@@ -56,7 +56,7 @@ from .utils import (check_neck_channels, default_work_dir, detect_framework, loa
 
 __all__ = ["LAUNCHERS", "parse_cfg_options", "check_train_loop", "resolve_config", "train_config", "test_config",
            "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint",
-           "check_start_checkpoint"]
+           "check_start_checkpoint", "check_resume_optimizer"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ConfigLike = Union[PathLike, Config]
@@ -334,6 +334,7 @@ def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: Union[bo
                        trust=trust)
     runner = build_runner(cfg)
     check_start_checkpoint(runner.model, cfg)
+    check_resume_optimizer(runner, cfg)
     return runner.train()
 
 
@@ -411,6 +412,61 @@ def check_start_checkpoint(model: nn.Module, cfg: Config) -> None:
     resume = bool(cfg.get("resume"))
     _check_whole_model(model, os.fspath(path), complete=resume,
                        purpose="--resume" if resume else "load_from")
+
+
+def _group_sizes(state: Any) -> Optional[List[int]]:
+    """The sizes of an optimizer state dict's parameter groups (``None``: no such entry)."""
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, (list, tuple)):
+        return None
+    return [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in groups]
+
+
+def check_resume_optimizer(runner: Runner, cfg: Config) -> None:
+    """Before ``--resume``: the optimizer this run builds must have the parameter groups
+    that the checkpoint's optimizer state holds (their number and sizes), else mmengine
+    stops in the middle of resuming with torch's bare "different number of parameter
+    groups". The same model with another ``paramwise_cfg`` (the lr-decay constructor on or
+    off, other ``num_layers`` / ``custom_keys`` / decay multipliers) groups the parameters
+    differently.
+
+    Builds the optimizer wrapper the way :meth:`mmengine.runner.Runner.train` does and
+    leaves it on the runner (``train`` takes a built one as it is).
+
+    Raises:
+        CheckpointMismatchError: naming both counts, ``paramwise_cfg`` and ``load_from``.
+    """
+    from ..model_checkpoint import normalize_model_checkpoint
+
+    path = cfg.get("load_from")
+    if not (path and cfg.get("resume")):
+        return
+    data = CheckpointLoader.load_checkpoint(os.fspath(path), map_location="cpu")
+    saved = _group_sizes(normalize_model_checkpoint(
+        data, source=f"checkpoint {path!r}").extra.get("optimizer"))
+    if saved is None:
+        return  # no optimizer state (mmengine resumes without one) or several wrappers
+    from mmengine.optim import OptimWrapper
+
+    if not isinstance(runner.optim_wrapper, OptimWrapper):
+        runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+    optimizer = getattr(runner.optim_wrapper, "optimizer", None)
+    own = _group_sizes(optimizer.state_dict()) if optimizer is not None else None
+    if own is None or own == saved:
+        return
+    how = (f"{len(own)} vs {len(saved)}" if len(own) != len(saved) else
+           f"the same number ({len(own)}), but of other sizes")
+    constructor = (cfg.get("optim_wrapper") or {}).get("constructor") or \
+        "DefaultOptimWrapperConstructor"
+    raise CheckpointMismatchError(
+        f"--resume: the optimizer's parameter groups differ from the checkpoint's: {how} "
+        f"(this run: {len(own)} groups of {sum(own)} tensors, built by {constructor} with "
+        f"optim_wrapper.paramwise_cfg={dict((cfg.get('optim_wrapper') or {}).get('paramwise_cfg') or {})}; "
+        f"checkpoint {path!r}: {len(saved)} groups of {sum(saved)} tensors). The model fits, "
+        "but the optimizer is set up differently from the run that wrote the file (the lr-"
+        "decay constructor on or off, another paramwise_cfg: num_layers, decay_rate, "
+        "custom_keys, decay multipliers): resume with that run's optim_wrapper, or start a new "
+        "schedule from these weights with load_from=FILE instead of --resume")
 
 
 # not pytest tests when imported into a test module
