@@ -88,7 +88,8 @@ def _expected_framework(name):
     if name.startswith("detectron2/"):
         return "d2-lazy" if name.endswith(".py") else "d2"
     seg = name.split("/")[0] in ("upernet", "sem_fpn") or re.search(r"(upernet|sem_fpn|vt_fpn)_", name)
-    return "mmseg" if seg and "mask_rcnn" not in name else "mmdet"
+    detector = re.search(r"(mask_rcnn|retinanet)_", name)  # detectors with a VT-FPN neck
+    return "mmseg" if seg and not detector else "mmdet"
 
 
 def test_every_shipped_config_has_its_framework():
