@@ -9,8 +9,8 @@ from typing import Dict, Sequence, Union
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg, register_coco_instances
 
-__all__ = ["register_toy_datasets", "register_toy_sem_seg_datasets", "TOY_SPLITS",
-           "TOY_SEM_SEG_SPLITS"]
+__all__ = ["register_toy_datasets", "register_toy_sem_seg_datasets",
+           "set_toy_sem_seg_metadata", "TOY_SPLITS", "TOY_SEM_SEG_SPLITS"]
 
 #: split -> (annotation file relative to the root, image folder relative to the root)
 TOY_SPLITS: Dict[str, tuple] = {
@@ -79,8 +79,6 @@ def register_toy_sem_seg_datasets(root: Union[str, os.PathLike] = "data/toy",
     Returns:
         ``{dataset name: label-map folder}``.
     """
-    from ..data.toy import TOY_PALETTE, TOY_SEG_CLASSES
-
     root = os.path.abspath(os.fspath(root))
     out = {}
     for split in splits:
@@ -97,9 +95,29 @@ def register_toy_sem_seg_datasets(root: Union[str, os.PathLike] = "data/toy",
             MetadataCatalog.remove(name)
         DatasetCatalog.register(name, lambda gt=gt_root, img=image_root: load_sem_seg(
             gt, img, gt_ext="png", image_ext="png"))
-        MetadataCatalog.get(name).set(
-            stuff_classes=list(TOY_SEG_CLASSES), stuff_colors=[list(c) for c in TOY_PALETTE],
-            image_root=image_root, sem_seg_root=gt_root, evaluator_type="sem_seg",
-            ignore_label=255)
+        set_toy_sem_seg_metadata(prefix, (split,))
+        MetadataCatalog.get(name).set(image_root=image_root, sem_seg_root=gt_root)
         out[name] = gt_root
     return out
+
+
+def set_toy_sem_seg_metadata(prefix: str = "toy_sem_seg",
+                             splits: Sequence[str] = ("train", "val")) -> None:
+    """The toy label maps' class names and colours (``stuff_classes`` background / circle /
+    square / triangle, ``stuff_colors``, ``ignore_label=255``, ``evaluator_type='sem_seg'``)
+    in ``MetadataCatalog`` for ``<prefix>_<split>``, without registering any data.
+
+    Run for the default names when :mod:`rest_dense.d2` is imported (as detectron2 does for
+    its builtin datasets), so that ``rest-dense infer`` / ``demo`` of the toy semantic
+    segmentation configs name the classes without a dataset on disk.
+    :func:`register_toy_sem_seg_datasets` sets the same values (and the folders).
+    """
+    from ..data.toy import TOY_PALETTE, TOY_SEG_CLASSES
+
+    for split in splits:
+        MetadataCatalog.get(f"{prefix}_{split}").set(
+            stuff_classes=list(TOY_SEG_CLASSES), stuff_colors=[list(c) for c in TOY_PALETTE],
+            evaluator_type="sem_seg", ignore_label=255)
+
+
+set_toy_sem_seg_metadata()

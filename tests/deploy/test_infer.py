@@ -16,8 +16,9 @@ from rest_dense.deploy.predictions import (Tolerances, compare_predictions, dete
                                            from_d2_instances, from_det_sample, from_seg_sample,
                                            read_label_png, SegMap)
 
-from _toy import (D2_DET, D2_OPTIONS, DET_OPTIONS, MM_DET, MM_SEG, d2_ckpt, d2_opts,  # noqa: F401
-                  det_ckpt, mm_config, seg_ckpt, toy_root, untrained_checkpoint, val_images)
+from _toy import (D2_DET, D2_OPTIONS, D2_VT_FPN, DET_OPTIONS, MM_DET, MM_SEG,  # noqa: F401
+                  d2_ckpt, d2_opts, det_ckpt, mm_config, seg_ckpt, toy_root, trained,
+                  untrained_checkpoint, val_images)
 from conftest import REPO
 
 # every test here may start a process: a hung one fails after the timeout (pytest-timeout)
@@ -135,6 +136,56 @@ def test_infer_detectron2_matches_test_loader(tmp_path, capsys, d2_ckpt, toy_roo
                 compared += len(ref)
                 pixels += int(ref.masks.sum())
     assert compared >= 10 and pixels > 0
+
+
+@pytest.mark.slow
+def test_infer_detectron2_sem_seg_writes_label_maps(tmp_path, tmp_path_factory, toy_root,
+                                                    subprocess_env, one_thread):
+    """The detectron2 SemanticSegmentor configs (here the toy VT-FPN) give label maps at each
+    image's own size, the toy class names, and the same labels as the model's own output.
+
+    ``rest-dense infer`` runs in a fresh interpreter, as a user runs it: no toy dataset is
+    registered there (this process registered them to train), so the class names must come
+    from the metadata :mod:`rest_dense.d2` sets on import."""
+    import cv2
+    from detectron2.engine import DefaultPredictor
+
+    from rest_dense.d2 import RestDetectionCheckpointer
+    from rest_dense.d2.engine import setup_yaml_config
+
+    ckpt = trained("d2_vt_fpn", tmp_path_factory)
+    square = val_images(toy_root)[0]
+    odd = tmp_path / "odd.png"  # an odd size, not a multiple of 32 (padded, then cropped back)
+    cv2.imwrite(str(odd), cv2.resize(cv2.imread(str(val_images(toy_root)[1])), (131, 97)))
+    inputs = [square, odd]
+    out = tmp_path / "out"
+    res = subprocess.run(
+        [sys.executable, "-c", "import sys; from rest_dense.cli import main; "
+         "sys.exit(main(sys.argv[1:]))", "infer", str(D2_VT_FPN), str(ckpt),
+         *map(str, inputs), "--out", str(out), "--quiet"],
+        capture_output=True, text=True, cwd=tmp_path, env=subprocess_env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = _check_files(out, 2, ".png")
+    assert (summary["framework"], summary["task"]) == ("detectron2", "seg")
+    # the toy label maps' names (rest_dense.d2.data metadata), not class_0 .. class_3
+    assert summary["classes"] == ["background", "circle", "square", "triangle"]
+    assert sorted(i["input"] for i in summary["images"]) == sorted(map(str, inputs))
+
+    cfg = setup_yaml_config(str(D2_VT_FPN), d2_opts({"MODEL.WEIGHTS": ""}))
+    predictor = DefaultPredictor(cfg)
+    RestDetectionCheckpointer(predictor.model).load(str(ckpt))
+    seen = set()
+    for item in summary["images"]:
+        image = cv2.imread(item["input"])
+        labels = read_label_png(item["pred"])
+        assert labels.shape == image.shape[:2], (item["input"], labels.shape, image.shape)
+        with torch.no_grad():
+            ref = predictor(image)["sem_seg"].argmax(0).numpy()
+        assert np.array_equal(labels, ref), item["input"]
+        assert item["classes_present"] == sorted(np.unique(labels).tolist())
+        assert labels.min() >= 0 and labels.max() <= 3
+        seen |= set(item["classes_present"])
+    assert len(seen) >= 2  # not one constant map
 
 
 @pytest.mark.slow
