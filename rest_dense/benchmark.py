@@ -62,7 +62,8 @@ __all__ = [
     "autocast_difference", "autocast_notes",
     "BenchCase", "BenchRow", "ConfigModel", "build_bench_model", "make_inputs", "time_model",
     "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "attention_choices", "attention_notes",
-    "cpu_description", "ForcedAttention", "KernelRow", "kernel_benchmark", "benchmark_case", "benchmark_backbone",
+    "cpu_description", "ForcedAttention", "KernelRow", "kernel_benchmark", "time_step",
+    "step_peak_rss", "peak_in_subprocess", "benchmark_case", "benchmark_backbone",
     "plan_cases", "run_benchmark", "describe_device", "format_markdown", "markdown_document",
     "plot_rows",
 ]
@@ -477,17 +478,37 @@ def time_model(model: nn.Module, x: torch.Tensor, mode: str = "infer", dtype: st
         The time of every timed pass in ms, and on CUDA the peak memory growth in MiB
         over the timed passes (None on the CPU).
     """
+    step = _step_fn(model, x, mode, dtype, device)
+    return time_step(step, device, warmup, iters, min_time, list(model.parameters()))
+
+
+def time_step(step: Callable[[], None], device: str = "cpu", warmup: int = 2, iters: int = 5,
+              min_time: float = 0.0, leaves: Sequence[torch.Tensor] = ()
+              ) -> Tuple[List[float], Optional[float]]:
+    """Time ``step()`` (any pass: a backbone's, a neck's, a whole model's).
+
+    Args:
+        step: the pass.
+        device: ``'cpu'`` or ``'cuda[:i]'`` (CUDA is synchronised around every pass).
+        warmup: untimed passes first.
+        iters: timed passes (at least).
+        min_time: keep timing until this many seconds have passed.
+        leaves: tensors whose ``.grad`` is dropped before the CUDA memory baseline.
+
+    Returns:
+        The time of every timed pass in ms, and on CUDA the peak memory growth in MiB
+        over the timed passes (None on the CPU).
+    """
     if iters < 1 or warmup < 0:
         raise ValueError(f"iters must be >= 1 and warmup >= 0, got {iters} and {warmup}")
     cuda = device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step = _step_fn(model, x, mode, dtype, device)
     for _ in range(warmup):
         step()
     sync()
     if cuda:
-        for p in model.parameters():
-            p.grad = None
+        for t in leaves:
+            t.grad = None
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     times: List[float] = []
@@ -544,7 +565,16 @@ def cpu_peak_memory(case: BenchCase) -> Optional[float]:
     _return_freed_memory_to_os()
     model = build_bench_model(case)
     x = make_inputs(case)
-    step = _step_fn(model, x, case.mode, case.dtype, "cpu")
+    return step_peak_rss(_step_fn(model, x, case.mode, case.dtype, "cpu"))
+
+
+def step_peak_rss(step: Callable[[], None]) -> Optional[float]:
+    """Peak RSS growth (MiB) of ``step()`` after a first, unmeasured call, in this process
+    (call :func:`_return_freed_memory_to_os` first, in a fresh interpreter).
+
+    Returns:
+        MiB, or None where the peak RSS cannot be reset (no ``/proc/self/clear_refs``).
+    """
     # one untimed pass first: one-off allocations (gradient buffers, the math libraries'
     # caches and thread pools) are not part of a step's peak in a running job
     step()
@@ -571,7 +601,20 @@ def cpu_peak_memory_in_subprocess(case: BenchCase, threads: Optional[int] = None
     Raises:
         RuntimeError: the child failed (its stderr is in the message).
     """
-    cmd = [sys.executable, "-m", "rest_dense.benchmark", case.to_json()]
+    return peak_in_subprocess("rest_dense.benchmark", [case.to_json()], case.label, threads,
+                              timeout)
+
+
+def peak_in_subprocess(module: str, args: Sequence[str], label: str,
+                       threads: Optional[int] = None, timeout: Optional[float] = None
+                       ) -> Optional[float]:
+    """Run ``python -m module *args [--threads N]`` in a fresh interpreter and read the
+    ``{"peak_mb": ...}`` JSON line it prints last.
+
+    Raises:
+        RuntimeError: the child failed (its stderr is in the message).
+    """
+    cmd = [sys.executable, "-m", module, *args]
     if threads:
         cmd += ["--threads", str(threads)]
     env = dict(os.environ)
@@ -579,7 +622,7 @@ def cpu_peak_memory_in_subprocess(case: BenchCase, threads: Optional[int] = None
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
     if res.returncode != 0:
-        raise RuntimeError(f"measuring the CPU memory of {case.label} failed:\n{res.stderr[-2000:]}")
+        raise RuntimeError(f"measuring the CPU memory of {label} failed:\n{res.stderr[-2000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
 
 

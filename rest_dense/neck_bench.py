@@ -35,15 +35,10 @@ table from the command line.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -183,28 +178,10 @@ def time_neck(model: nn.Module, feats: List[torch.Tensor], mode: str = "infer",
         The time of every timed pass in ms, and on CUDA the peak memory growth in MiB over
         the timed passes (None on the CPU).
     """
-    if iters < 1 or warmup < 0:
-        raise ValueError(f"iters must be >= 1 and warmup >= 0, got {iters} and {warmup}")
-    cuda = device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    from .benchmark import time_step
+
     step = _step_fn(model, feats, mode, dtype, device)
-    for _ in range(warmup):
-        step()
-    sync()
-    if cuda:
-        for t in list(model.parameters()) + list(feats):
-            t.grad = None
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times: List[float] = []
-    start = time.perf_counter()
-    while len(times) < iters or time.perf_counter() - start < min_time:
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if cuda else None
-    return times, peak
+    return time_step(step, device, warmup, iters, min_time, [*model.parameters(), *feats])
 
 
 def neck_peak_memory(case: NeckCase) -> Optional[float]:
@@ -214,19 +191,11 @@ def neck_peak_memory(case: NeckCase) -> Optional[float]:
     Returns:
         MiB, or None where the peak RSS cannot be reset (no ``/proc/self/clear_refs``).
     """
-    from .benchmark import _reset_peak_rss, _return_freed_memory_to_os, _rss_kb
+    from .benchmark import _return_freed_memory_to_os, step_peak_rss
 
     _return_freed_memory_to_os()
     model = build_case_neck(case)
-    feats = neck_inputs(case)
-    step = _step_fn(model, feats, case.mode, case.dtype, "cpu")
-    step()  # one-off allocations (gradient buffers, library caches) are not a step's peak
-    gc.collect()
-    if not _reset_peak_rss():
-        return None
-    base = _rss_kb("VmRSS:")
-    step()
-    return (_rss_kb("VmHWM:") - base) / 1024
+    return step_peak_rss(_step_fn(model, neck_inputs(case), case.mode, case.dtype, "cpu"))
 
 
 def neck_peak_memory_in_subprocess(case: NeckCase, threads: Optional[int] = None,
@@ -236,17 +205,10 @@ def neck_peak_memory_in_subprocess(case: NeckCase, threads: Optional[int] = None
     Raises:
         RuntimeError: the child failed (its stderr is in the message).
     """
-    cmd = [sys.executable, "-m", "rest_dense.neck_bench", "--peak", case.to_json()]
-    if threads:
-        cmd += ["--threads", str(threads)]
-    env = dict(os.environ)
-    root = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    if res.returncode != 0:
-        raise RuntimeError(f"measuring the CPU memory of neck {case.neck} failed:\n"
-                           f"{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["peak_mb"]
+    from .benchmark import peak_in_subprocess
+
+    return peak_in_subprocess("rest_dense.neck_bench", ["--peak", case.to_json()],
+                              f"neck {case.neck}", threads, timeout)
 
 
 def benchmark_neck(case: NeckCase, device: str = "cpu", warmup: int = 2, iters: int = 5,
