@@ -351,8 +351,8 @@ def run(args: argparse.Namespace) -> int:
             print_metrics(results)
         return 0
 
-    from ..mm.runner import (build_runner, check_resume_optimizer, check_start_checkpoint,
-                             train_config)
+    from ..mm.runner import (build_runner, check_resume_optimizer, check_same_start,
+                             check_start_checkpoint, train_config)
 
     try:
         cfg = train_config(args.config_path, work_dir=args.work_dir, amp=amp_setting(args),
@@ -366,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
     try:  # one live run per work dir (rest_dense.runlock): checked before anything is written
         with hold_folder(cfg.work_dir, "training"):
             runner = build_runner(cfg)
+            check_same_start(cfg)  # every machine resumes from the same file
             check_start_checkpoint(runner.model, cfg)
             check_resume_optimizer(runner, cfg)
             runner.train()

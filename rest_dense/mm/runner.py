@@ -56,7 +56,7 @@ from .utils import (check_neck_channels, default_work_dir, detect_framework, loa
 
 __all__ = ["LAUNCHERS", "parse_cfg_options", "check_train_loop", "resolve_config", "train_config", "test_config",
            "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint",
-           "check_start_checkpoint", "check_resume_optimizer"]
+           "check_start_checkpoint", "check_resume_optimizer", "check_same_start"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 ConfigLike = Union[PathLike, Config]
@@ -333,6 +333,7 @@ def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: Union[bo
                        cfg_options=cfg_options, launcher=launcher, auto_scale_lr=auto_scale_lr,
                        trust=trust)
     runner = build_runner(cfg)
+    check_same_start(cfg)
     check_start_checkpoint(runner.model, cfg)
     check_resume_optimizer(runner, cfg)
     return runner.train()
@@ -412,6 +413,45 @@ def check_start_checkpoint(model: nn.Module, cfg: Config) -> None:
     resume = bool(cfg.get("resume"))
     _check_whole_model(model, os.fspath(path), complete=resume,
                        purpose="--resume" if resume else "load_from")
+
+
+def check_same_start(cfg: Config) -> None:
+    """In a distributed run (after the runner joined the process group): every process must
+    start from the same checkpoint. ``--resume`` without a file looks in each machine's own
+    work dir; where it is not on a file system every machine sees, machine 0 would resume
+    while the others start from scratch (their weights never synchronised again: DDP
+    broadcasts them once, before resuming) and the run dies later with a peer's "connection
+    closed". A collective: every process calls it.
+
+    Raises:
+        CheckpointMismatchError: naming what each rank would start from.
+    """
+    from mmengine.dist import all_gather_object, get_rank, get_world_size
+
+    if get_world_size() < 2:
+        return
+    path = cfg.get("load_from")
+    mine = None
+    if path:
+        path = os.fspath(path)
+        size = osp.getsize(path) if osp.isfile(path) else None
+        mine = (bool(cfg.get("resume")), osp.basename(path), size)
+    starts = all_gather_object(mine)
+    if all(s == starts[0] for s in starts):
+        return
+    work = osp.abspath(cfg.work_dir)
+
+    def _what(s: Any) -> str:
+        if s is None:
+            return f"nothing (no checkpoint in its {work})"
+        return f"{'resume' if s[0] else 'load_from'} {s[1]} ({s[2]} bytes)"
+
+    listing = "; ".join(f"rank {r}: {_what(s)}" for r, s in enumerate(starts))
+    raise CheckpointMismatchError(
+        f"rank {get_rank()}: the processes of this run would start from different "
+        f"checkpoints ({listing}): --resume without a file looks in each machine's own work "
+        "dir, so put the work dir on a file system that every machine sees, or give every "
+        "machine the same checkpoint file (--resume FILE)")
 
 
 def _group_sizes(state: Any) -> Optional[List[int]]:

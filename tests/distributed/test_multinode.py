@@ -183,6 +183,21 @@ def test_dist_train_sh_two_nodes_train_checkpoint_resume(make_toy_root, tmp_path
         assert "Iter(train) [3/4]" in logs[0] and "Iter(train) [1/4]" not in logs[0]
     _check_replicas(probe, tmp_path / "iter_2.pth", work / "iter_4.pth")
 
+    # a work dir that machine 1 does not see (no shared file system): machine 0 would resume
+    # while machine 1 starts from scratch; refused on every node before training
+    port = str(find_free_port())
+    procs = [_start(_dist_train_cmd(config, work if rank == 0 else tmp_path / "local1",
+                                    _mm_options(root) + ["train_cfg.max_iters=6"], resume=True),
+                    _env(subprocess_env, NNODES="2", NODE_RANK=str(rank),
+                         MASTER_ADDR="127.0.0.1", PORT=port), tmp_path / f"unshared{rank}.log")
+             for rank in (0, 1)]
+    logs = _finish(procs, 150)
+    for rank, (p, log) in enumerate(zip(procs, logs)):
+        assert p.returncode not in (0, None, -9), (rank, p.returncode, log[-3000:])
+        assert "would start from different checkpoints" in log, (rank, log[-3000:])
+        assert "rank 0: resume iter_4.pth" in log and "rank 1: nothing" in log, log[-3000:]
+    assert not (work / "iter_6.pth").exists()
+
 
 # --------------------------------------------------------------------- detectron2 launcher
 def _d2_cmd(rank: int, work: Path, root: Path, port: str, iters: int, resume: bool,
