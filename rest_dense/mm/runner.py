@@ -436,17 +436,17 @@ def check_same_start(cfg: Config) -> None:
         path = os.fspath(path)
         size = osp.getsize(path) if osp.isfile(path) else None
         mine = (bool(cfg.get("resume")), osp.basename(path), size)
-    starts = all_gather_object(mine)
+    gathered = all_gather_object((mine, osp.abspath(cfg.work_dir)))
+    starts = [g[0] for g in gathered]
     if all(s == starts[0] for s in starts):
         return
-    work = osp.abspath(cfg.work_dir)
 
-    def _what(s: Any) -> str:
+    def _what(s: Any, work: str) -> str:
         if s is None:
-            return f"nothing (no checkpoint in its {work})"
+            return f"nothing (no checkpoint in its work dir {work})"
         return f"{'resume' if s[0] else 'load_from'} {s[1]} ({s[2]} bytes)"
 
-    listing = "; ".join(f"rank {r}: {_what(s)}" for r, s in enumerate(starts))
+    listing = "; ".join(f"rank {r}: {_what(s, w)}" for r, (s, w) in enumerate(gathered))
     raise CheckpointMismatchError(
         f"rank {get_rank()}: the processes of this run would start from different "
         f"checkpoints ({listing}): --resume without a file looks in each machine's own work "
