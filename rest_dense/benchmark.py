@@ -777,6 +777,7 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
                   iters: int = 5, min_time: float = 0.0, memory: bool = True,
                   progress: bool = True, arch: Optional[Dict[str, Any]] = None,
                   log: Optional[Callable[[str], None]] = None,
+                  interleave: bool = False,
                   cp_levels: Sequence[str] = ("none",)) -> List[BenchRow]:
     """Benchmark every applicable combination of the options (see :func:`plan_cases`).
 
@@ -794,6 +795,9 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
         progress: progress bar over the rows (stderr).
         log: called with a line per finished row and per skipped combination
             (default: print to stderr).
+        interleave: time the rows of one size, batch, mode and dtype in turn, one pass
+            each per round (``iters`` rounds), so that a machine whose speed drifts moves
+            every row alike; each row's figure is then its fastest pass.
 
     Returns:
         One :class:`BenchRow` per case, in :func:`plan_cases` order.
@@ -816,6 +820,8 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
         log(note)
     torch.manual_seed(0)
     weights: Dict[Tuple[str, str], Dict[str, torch.Tensor]] = {}
+    if interleave:
+        return _run_interleaved(cases, weights, device, warmup, iters, memory, threads, log)
     rows = []
     for case in bar:
         bar.set_postfix_str(f"{case.label} {case.attn_mode}/{case.attn_impl} "
@@ -834,6 +840,43 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
             f"{case.size[0]}x{case.size[1]} {case.mode:5s} {case.dtype} cp={case.with_cp:5s}: "
             f"{row.ms:9.1f} ms  "
             f"peak {peak}")
+    return rows
+
+
+def _run_interleaved(cases: Sequence[BenchCase], weights: Dict, device: str, warmup: int,
+                     iters: int, memory: bool, threads: Optional[int],
+                     log: Callable[[str], None]) -> List[BenchRow]:
+    """:func:`run_benchmark` with ``interleave``: the rows of a group take turns."""
+    groups: Dict[Tuple, List[int]] = {}
+    for i, c in enumerate(cases):
+        groups.setdefault((c.size, c.batch, c.mode, c.dtype), []).append(i)
+    times: Dict[int, List[float]] = {i: [] for i in range(len(cases))}
+    for members in groups.values():
+        steps = {}
+        for i in members:
+            case = cases[i]
+            model = build_bench_model(case)
+            key = (case.model, json.dumps(case.arch, sort_keys=True))
+            if key not in weights:
+                weights[key] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            _load_same_weights(model, weights[key])
+            model.to(device)
+            step = _step_fn(model, make_inputs(case, device), case.mode, case.dtype, device)
+            time_step(step, device, warmup, 1)
+            steps[i] = step
+        for _ in range(iters):
+            for i in members:
+                times[i] += time_step(steps[i], device, 0, 1)[0]
+        del steps
+    rows = []
+    for i, case in enumerate(cases):
+        peak = cpu_peak_memory_in_subprocess(case, threads) if memory and \
+            not device.startswith("cuda") else None
+        ms = min(times[i])
+        rows.append(BenchRow(case, ms, case.batch / (ms / 1e3), peak, len(times[i]), times[i]))
+        log(f"  {case.label} {case.attn_mode:6s} {case.attn_impl:8s} {case.batch}x"
+            f"{case.size[0]}x{case.size[1]} {case.mode:5s} {case.dtype}: {ms:9.1f} ms (best of "
+            f"{len(times[i])}, interleaved)")
     return rows
 
 
@@ -1152,8 +1195,9 @@ def markdown_document(rows: Sequence[BenchRow], device: str = "cpu",
         The document, ending with a newline.
     """
     iters = min((r.iters for r in rows), default=0)
-    text = (f"On {describe_device(device)}, torch {torch.__version__}, median of >= {iters} "
-            "timed passes; peak memory: "
+    how = (f"fastest of {iters} interleaved passes" if command and "--interleave" in command
+           else f"median of >= {iters} timed passes")
+    text = (f"On {describe_device(device)}, torch {torch.__version__}, {how}; peak memory: "
             + ("torch.cuda.max_memory_allocated growth" if device.startswith("cuda")
                else "peak-RSS growth over the second pass in a fresh process") + ".\n")
     if command:

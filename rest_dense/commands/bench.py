@@ -80,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     parser.add_argument("--warmup", type=int, default=2, help="untimed passes per row (default: 2)")
     parser.add_argument("--iters", type=int, default=5, help="timed passes per row (default: 5)")
+    parser.add_argument("--interleave", action="store_true",
+                        help="time the rows of each size / batch / mode / dtype in turn, one "
+                             "pass each per round (--iters rounds), and report each row's "
+                             "fastest pass: ratios that a drifting machine cannot skew")
     parser.add_argument("--min-time", type=float, default=0.0,
                         help="time each row for at least this many seconds")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
@@ -125,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
                                 args.mode, args.dtypes, args.configs, device=device,
                                 threads=args.threads, warmup=args.warmup, iters=args.iters,
                                 min_time=args.min_time, memory=not args.no_memory,
-                                progress=not args.no_progress, cp_levels=args.with_cp)
+                                progress=not args.no_progress, cp_levels=args.with_cp,
+                                interleave=args.interleave)
     except (ValueError, FileNotFoundError) as e:
         print(f"rest-dense bench: {e}", file=sys.stderr)
         return 2
@@ -167,6 +172,8 @@ def _command_line(args: argparse.Namespace) -> str:
     parts += ["--warmup", str(args.warmup), "--iters", str(args.iters)]
     if args.min_time:
         parts += ["--min-time", str(args.min_time)]
+    if getattr(args, "interleave", False):
+        parts.append("--interleave")
     if args.no_memory:
         parts.append("--no-memory")
     return shlex.join(parts)

@@ -259,3 +259,16 @@ def test_kernel_benchmark_measures_every_candidate(one_thread):
         expected = {"sdpa", "explicit"} if r.op == "attention" else (
             {"native"} if r.dtype == "fp32" else {"native", "fp32"})
         assert set(r.times) == expected
+
+
+def test_cli_bench_interleaved_rows(tmp_path, one_thread):
+    md = tmp_path / "inter.md"
+    assert main(["bench", "restv2_tiny", "--shape", "64x64", "--attn-impls", "released", "auto",
+                 "--mode", "infer", "train", "--iters", "2", "--warmup", "0", "--interleave",
+                 "--no-memory", "--no-progress", "--threads", "1", "--markdown", str(md)]) == 0
+    rows = [line.split("|") for line in md.read_text().splitlines()
+            if line.startswith("| restv2_tiny")]
+    assert [(r[3].strip(), r[6].strip()) for r in rows] == [
+        ("released", "infer"), ("auto", "infer"), ("released", "train"), ("auto", "train")]
+    assert all(float(r[8]) > 0 for r in rows)
+    assert "--interleave" in md.read_text()
