@@ -35,7 +35,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from ..amp import parse_precision, resolve_amp, warn_if_bf16_emulated
+from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..checkpointing import scale_count
 from .checkpoint import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
@@ -212,6 +212,18 @@ def _pop_override(opts: List[str], key: str) -> Tuple[Optional[str], List[str]]:
     return value, rest
 
 
+def available_device(device: str, key: str = "MODEL.DEVICE") -> str:
+    """``device``, or ``'cpu'`` with a warning when it names an accelerator this machine
+    does not have (as the MMDetection / MMSegmentation path does), instead of torch's
+    "Found no NVIDIA driver" at the first ``.to()``."""
+    kind = str(device).split(":")[0]
+    if kind != "cpu" and not accelerator_available(kind):
+        logger.warning("%s=%s: no %s device on this machine; running on the CPU instead "
+                       "(set %s cpu to silence this)", key, device, kind.upper(), key)
+        return "cpu"
+    return str(device)
+
+
 def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """detectron2 defaults + ResT keys + ``config_file`` + ``opts``; AMP is disabled with a
     warning when the device is not CUDA. An overridden ``SOLVER.MAX_ITER`` rescales the
@@ -238,6 +250,7 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
                                                          for k, (a, b) in changes.items()))
         else:
             cfg.merge_from_list(["SOLVER.MAX_ITER", max_iter])
+    cfg.MODEL.DEVICE = available_device(cfg.MODEL.DEVICE, "MODEL.DEVICE")
     cfg.SOLVER.AMP.PRECISION = parse_precision(cfg.SOLVER.AMP.PRECISION)  # 'bf16' -> 'bfloat16'
     cfg.SOLVER.AMP.ENABLED = _amp_guard(cfg.MODEL.DEVICE, cfg.SOLVER.AMP.ENABLED,
                                         cfg.SOLVER.AMP.PRECISION)
@@ -251,6 +264,7 @@ def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
     off with a warning where the device cannot run that precision."""
     cfg = LazyConfig.load(config_file)
     cfg = LazyConfig.apply_overrides(cfg, list(opts))
+    cfg.train.device = available_device(cfg.train.get("device", "cuda"), "train.device")
     cfg.train.amp.precision = parse_precision(cfg.train.amp.get("precision", None))
     cfg.train.amp.enabled = _amp_guard(cfg.train.get("device", "cuda"), cfg.train.amp.enabled,
                                        cfg.train.amp.precision)

@@ -51,3 +51,25 @@ def test_train_net_command_line(tmp_path):
                                     "weights": str(tmp_path / "nope.pth")})
     with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pth does not exist"):
         check_args(weights)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the no-GPU fallback")
+@pytest.mark.parametrize("lazy", [False, True])
+def test_cuda_device_without_a_gpu_falls_back_to_cpu_with_a_warning(lazy, caplog):
+    """MODEL.DEVICE cuda (train.device=cuda) on a machine without a GPU runs on the CPU with
+    a warning naming the key, not torch's "Found no NVIDIA driver" at the first .to()."""
+    import logging
+
+    from rest_dense.d2.engine import setup_lazy_config, setup_yaml_config
+
+    with caplog.at_level(logging.WARNING):
+        if lazy:
+            cfg = setup_lazy_config(LAZY_CONFIG, ["train.device=cuda"])
+            assert cfg.train.device == "cpu"
+        else:
+            cfg = setup_yaml_config(config_path("mask_rcnn_restv2_tiny_1x.yaml"),
+                                    ["MODEL.DEVICE", "cuda:0"])
+            assert cfg.MODEL.DEVICE == "cpu"
+    key = "train.device" if lazy else "MODEL.DEVICE"
+    assert any(key in r.getMessage() and "running on the CPU" in r.getMessage()
+               for r in caplog.records)
