@@ -226,6 +226,9 @@ def _check_case(case: BenchCase, device: Optional[str] = None) -> None:
         if case.mode != "infer" and not _config_is_segmenter(case.model):
             raise ValueError(f"{case.label}: whole detectors are timed in inference only "
                              "(segmenters also in training, on random label maps)")
+        if case.mode == "train" and case.batch < 2:
+            raise ValueError(f"{case.label}: a whole segmenter trains with --batch 2 or more "
+                             "(its BatchNorm layers need more than one value per channel)")
         if case.attn_impl == "released":
             raise ValueError(f"{case.label}: the released-layout baseline is for backbones only")
         if device is not None and case.dtype != "fp32" and not device.startswith("cuda"):

@@ -349,6 +349,26 @@ def test_shipped_mmdet_tools_read_our_checkpoints(toy, tmp_path, tool):
     assert "HistoryBuffer" not in r.stderr
 
 
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("task", ["dataset", "dataloader"])
+def test_shipped_mmdet_benchmark_tool_runs_on_our_config(toy, tmp_path, task):
+    """MMDetection's analysis_tools/benchmark.py (its psutil need is in our mm extra). Its
+    inference task moves the model to CUDA unconditionally (upstream), so on a CPU-only
+    machine the data tasks are what it can run."""
+    root = toy[0]
+    opts = [f"{k}={v}" for k, v in _opts(root).items()]
+    r = _tool([MMDET_TOOLS / "analysis_tools/benchmark.py", DET, "--task", task,
+               "--max-iter", "3", "--num-warmup", "1", "--log-interval", "1",
+               # the train loader samples without end (2 toy images would run out)
+               "--dataset-type", "train" if task == "dataloader" else "val",
+               "--work-dir", tmp_path / "b", "--cfg-options", *opts,
+               "train_dataloader.num_workers=0", "train_dataloader.persistent_workers=False"],
+              tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "Overall fps" in out or "fps" in out.lower(), out[-2000:]
+
+
 def test_global_allow_list_runs_no_foreign_code(tmp_path):
     """After `import rest_dense.mm`, a plain torch.load (as the tools call it) reads our
     checkpoints and still refuses a file whose unpickling would run a command."""
