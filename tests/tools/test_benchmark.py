@@ -233,7 +233,8 @@ def test_cli_bench_whole_segmenters_and_necks_in_one_run(tmp_path, one_thread):
     one command, one document."""
     md = tmp_path / "one_run.md"
     assert main(["bench", "neck:fpn", "neck:vt_fpn", "--configs", "toy/sem_fpn_restv2_toy.py",
-                 "toy/vt_fpn_restv2_toy.py", "--shape", "64x96", "--mode", "infer", "train",
+                 "toy/vt_fpn_restv2_toy.py", "--shape", "64x96", "--batch", "2", "--mode", "infer",
+                 "train",
                  "--iters", "1", "--warmup", "0", "--no-memory", "--no-progress", "--threads",
                  "1", "--markdown", str(md)]) == 0
     text = md.read_text()
@@ -245,6 +246,9 @@ def test_cli_bench_whole_segmenters_and_necks_in_one_run(tmp_path, one_thread):
     assert "## Necks alone" in text
     necks = [line for line in text.split("## Necks alone")[1].splitlines() if line.startswith("| 64x96")]
     assert len(necks) == 2
+    # a whole segmenter's BatchNorms cannot train on one image: said before anything runs
+    assert main(["bench", "--configs", "toy/sem_fpn_restv2_toy.py", "--shape", "64x96",
+                 "--mode", "train", "--no-memory", "--no-progress"]) == 2
 
 
 def test_kernel_benchmark_measures_every_candidate(one_thread):
