@@ -53,8 +53,15 @@ def test_registered_in_both_frameworks_and_refuses_foreign_names():
     assert other.get("VTFPN") is VTFPNOfAnotherPackage
 
 
-def test_adapter_arguments_and_init_cfg():
+def test_adapter_arguments_and_init_cfg(request):
+    from mmengine.registry import DefaultScope
     from mmseg.registry import MODELS
+
+    # an earlier test of this worker may leave another default scope (e.g. mmengine's),
+    # which Registry.build would follow instead of mmseg's registry
+    scope = DefaultScope.overwrite_default_scope("mmseg")
+    scope.__enter__()
+    request.addfinalizer(lambda: scope.__exit__(None, None, None))
 
     neck = MODELS.build(dict(type="VTFPN", in_channels=DIMS, out_channels=16, token_channels=32,
                              num_heads=4, norm_cfg=dict(type="SyncBN", requires_grad=True),
