@@ -5,7 +5,10 @@ when imported: ``import rest_dense.mm`` (MMDetection / MMSegmentation; configs s
 ``custom_imports=dict(imports=['rest_dense.mm'], allow_failed_imports=False)``) and
 ``import rest_dense.d2`` (detectron2).
 """
+from . import _moved
 from .models import ResTv1, ResTv2, create_model, list_models, load_checkpoint
 from .version import __version__
+
+_moved.install()
 
 __all__ = ["ResTv2", "ResTv1", "create_model", "list_models", "load_checkpoint", "__version__"]

@@ -3,9 +3,9 @@
 One *case* (:class:`BenchCase`) is a model at an input size and batch, with an attention
 mode, an attention implementation, a run mode and a dtype; :func:`run_benchmark` expands
 lists of those into cases, times each and returns one :class:`BenchRow` per case, all
-from one run (the same weights in every row of a model). :func:`format_markdown` and
-:func:`plot_rows` turn the rows into a table and a PNG. The command-line front end is
-``rest-dense bench`` (:mod:`rest_dense.commands.bench`).
+from one run (the same weights in every row of a model). The command-line front end
+``rest-dense bench`` (:mod:`rest_dense.commands.bench`) turns the rows into a markdown table
+and a plot.
 
 What is measured:
 
@@ -31,11 +31,11 @@ attention matrix) and ``released`` (the same weights run in the released code's 
 
 Example, the scaling table (every attention mode and Swin-T, inference and training)::
 
-    from rest_dense.benchmark import SCALING_SIZES, format_markdown, plot_rows, run_benchmark
+    from rest_dense.benchmark import SCALING_SIZES, run_benchmark
     rows = run_benchmark(["restv2_tiny", "swin_tiny"], sizes=SCALING_SIZES,
                          attn_modes=("global", "win", "cwin", "hwin"), modes=("infer", "train"))
-    print(format_markdown(rows))
-    plot_rows(rows, "scaling.png")
+    for row in rows:
+        print(row.case.label, row.case.size, row.case.mode, f"{row.ms:.1f} ms", row.peak_mb)
 """
 from __future__ import annotations
 
@@ -55,6 +55,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .configs import get_config_path
 from .models.functional import forced_attention
 
 __all__ = [
@@ -64,8 +65,7 @@ __all__ = [
     "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "attention_choices", "attention_notes",
     "cpu_description", "ForcedAttention", "KernelRow", "kernel_benchmark", "time_step",
     "step_peak_rss", "peak_in_subprocess", "benchmark_case", "benchmark_backbone",
-    "plan_cases", "run_benchmark", "describe_device", "format_markdown", "markdown_document",
-    "plot_rows",
+    "plan_cases", "run_benchmark", "describe_device",
 ]
 
 #: dtype names of the ``--dtypes`` option (non-fp32 ones run under ``torch.autocast``)
@@ -237,26 +237,6 @@ def _check_case(case: BenchCase, device: Optional[str] = None) -> None:
 
 
 # ------------------------------------------------------------------ models
-def _resolve_config(name: str) -> str:
-    """A config file for ``name``: ``'mmdet::swin/x.py'`` (a package's own configs),
-    a shipped config name or a file."""
-    if "::" in name:
-        import importlib
-
-        package, rel = name.split("::", 1)
-        try:
-            module = importlib.import_module(package)
-        except ImportError as e:
-            raise FileNotFoundError(f"{name}: package {package!r} is not installed ({e})") from None
-        path = Path(module.__file__).parent / ".mim" / "configs" / rel
-        if not path.is_file():
-            raise FileNotFoundError(f"{name}: no such config in {package} ({path})")
-        return str(path)
-    from .configs import get_config_path
-
-    return get_config_path(name)
-
-
 class ConfigModel(nn.Module):
     """Whole-model inference (``predict``) of an MMDetection / MMSegmentation config on a
     fixed-size batch, randomly initialised (``init_cfg`` dropped: nothing is downloaded).
@@ -275,7 +255,7 @@ class ConfigModel(nn.Module):
 
         from .mm.utils import build_model, is_tta_model, load_config
 
-        cfg = load_config(_resolve_config(config))
+        cfg = load_config(get_config_path(config))
         if is_tta_model(cfg.model):
             cfg.model = cfg.model.module
         backbone = cfg.model.backbone
@@ -338,7 +318,7 @@ def _config_is_segmenter(config: str) -> bool:
     from .configs import config_framework
 
     try:
-        return config_framework(_resolve_config(config)) == "mmseg"
+        return config_framework(get_config_path(config)) == "mmseg"
     except (ValueError, FileNotFoundError):
         return False
 
@@ -347,7 +327,7 @@ def _config_has_rest_backbone(config: str) -> bool:
     """Whether a config's backbone is a ResT (so attention options apply to it)."""
     from mmengine.config import Config
 
-    cfg = Config.fromfile(_resolve_config(config))
+    cfg = Config.fromfile(get_config_path(config))
     model = cfg.model.module if "module" in cfg.model else cfg.model  # TTA wrappers
     return str(model.get("backbone", {}).get("type", "")).split(".")[-1] in ("ResTv2", "ResTv1")
 
@@ -356,7 +336,7 @@ def _build_swin(name: str, with_cp: bool = False) -> nn.Module:
     from mmengine.config import Config
     from mmengine.registry import init_default_scope
 
-    cfg = Config.fromfile(_resolve_config(SWIN_MODELS[name]))
+    cfg = Config.fromfile(get_config_path(SWIN_MODELS[name]))
     backbone = cfg.model.backbone
     backbone.pop("init_cfg", None)
     backbone["drop_path_rate"] = 0.0  # as our backbones here: stochastic depth off
@@ -1151,116 +1131,6 @@ def describe_device(device: str = "cpu") -> str:
         return torch.cuda.get_device_name(torch.device(device))
     n = torch.get_num_threads()
     return f"CPU {cpu_description()}, {n} thread{'' if n == 1 else 's'}"
-
-
-def format_markdown(rows: Sequence[BenchRow]) -> str:
-    """A markdown table of rows; the speed-up is relative to the first row with the same
-    input size, batch, run mode and dtype.
-
-    Args:
-        rows: from :func:`run_benchmark`.
-
-    Returns:
-        The table, without a trailing newline.
-    """
-    with_cp = any(r.case.with_cp != "none" for r in rows)
-    head = ("| model | attn_mode | attention | input (HxW) | batch | mode | dtype | "
-            + ("with_cp | " if with_cp else "")
-            + "ms/iter | img/s | peak mem (MiB) | speed-up |")
-    lines = [head, "|---|---|---|---|---:|---|---|" + ("---|" if with_cp else "")
-             + "---:|---:|---:|---:|"]
-    baseline: Dict[Tuple, float] = {}
-    for r in rows:
-        c = r.case
-        key = (c.size, c.batch, c.mode, c.dtype)
-        base = baseline.setdefault(key, r.ms)
-        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
-        attn_mode = c.attn_mode if c.attn_impl != "-" else "-"
-        lines.append(f"| {c.label} | {attn_mode} | {c.attn_impl} | {c.size[0]}x{c.size[1]} | "
-                     f"{c.batch} | {c.mode} | {c.dtype} | "
-                     + (f"{c.with_cp} | " if with_cp else "")
-                     + f"{r.ms:.1f} | {r.imgs_per_s:.2f} | "
-                     f"{peak} | {base / r.ms:.2f}x |")
-    return "\n".join(lines)
-
-
-def markdown_document(rows: Sequence[BenchRow], device: str = "cpu",
-                      command: Optional[str] = None, notes: Sequence[str] = ()) -> str:
-    """The text ``rest-dense bench --markdown`` writes: a line on the setup, then the table.
-
-    Args:
-        rows: from :func:`run_benchmark`.
-        device: the device they ran on.
-        command: the command line (quoted when given).
-        notes: lines listed under the table (e.g. :func:`autocast_notes`).
-
-    Returns:
-        The document, ending with a newline.
-    """
-    iters = min((r.iters for r in rows), default=0)
-    how = (f"fastest of {iters} interleaved passes" if command and "--interleave" in command
-           else f"median of >= {iters} timed passes")
-    text = (f"On {describe_device(device)}, torch {torch.__version__}, {how}; peak memory: "
-            + ("torch.cuda.max_memory_allocated growth" if device.startswith("cuda")
-               else "peak-RSS growth over the second pass in a fresh process") + ".\n")
-    if command:
-        text += f"Generated by `{command}`.\n"
-    text += "\n" + format_markdown(rows) + "\n"
-    if notes:
-        text += "\n" + "".join(f"- {n}\n" for n in notes)
-    return text
-
-
-def plot_rows(rows: Sequence[BenchRow], path: str, device: str = "cpu",
-              title: Optional[str] = None) -> str:
-    """Plot time and peak memory against input pixels, one line per model / attention
-    mode / implementation / run mode / dtype (matplotlib, log-log axes).
-
-    Args:
-        rows: from :func:`run_benchmark` (several sizes make lines; one size, points).
-        path: the PNG to write.
-        device: the device they ran on (for the default title).
-        title: figure title (default: the device and torch version).
-
-    Returns:
-        ``path``.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    series: Dict[str, List[BenchRow]] = {}
-    for r in rows:
-        c = r.case
-        name = c.label
-        if c.attn_impl != "-":
-            name += f" {c.attn_mode}" + ("" if c.attn_impl == "auto" else f" ({c.attn_impl})")
-        name += f" {c.mode}" + ("" if c.dtype == "fp32" else f" {c.dtype}")
-        name += "" if c.with_cp == "none" else f" with_cp={c.with_cp}"
-        series.setdefault(name, []).append(r)
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
-    for name, rs in series.items():
-        rs = sorted(rs, key=lambda r: r.case.batch * r.case.size[0] * r.case.size[1])
-        px = [r.case.batch * r.case.size[0] * r.case.size[1] / 1e6 for r in rs]
-        style = "--" if rs[0].case.mode == "train" else "-"
-        axes[0].plot(px, [r.ms for r in rs], style, marker="o", label=name)
-        mem = [(p, r.peak_mb) for p, r in zip(px, rs) if r.peak_mb is not None]
-        if mem:
-            axes[1].plot(*zip(*mem), style, marker="o", label=name)
-    for ax, ylabel in zip(axes, ("ms per pass", "peak memory (MiB)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("input megapixels (batch x H x W)")
-        ax.set_ylabel(ylabel)
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.suptitle(title or f"{describe_device(device)}, torch {torch.__version__}")
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 # ------------------------------------------------------------------ memory child

@@ -30,7 +30,6 @@ import ast
 import difflib
 import fnmatch
 import importlib.util
-import math
 import os
 import re
 from pathlib import Path

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .models import (CheckpointMismatchError, create_model, get_model_entry, list_models,
                      load_checkpoint, normalize_state_dict, read_state_dict, rename_d2_norm_keys)
-from .models.checkpoint import infer_arch
+from .models.pretrained import infer_arch
 
 __all__ = ["LAYOUTS", "LAYOUT_PREFIXES", "ConversionResult", "convert_checkpoint",
            "infer_model_name", "to_layout", "save_state_dict", "file_sha256",
@@ -82,7 +82,7 @@ def infer_model_name(state_dict: PathOrStateDict) -> str:
     """The registered variant whose architecture fits a checkpoint's tensors.
 
     The family, stage widths, depths and reduction ratios are read off the tensor shapes
-    (:func:`rest_dense.models.checkpoint.infer_arch`) and compared with
+    (:func:`rest_dense.models.pretrained.infer_arch`) and compared with
     ``get_model_entry(name).arch_spec`` of the names in :func:`rest_dense.models.list_models`.
 
     Args:

@@ -26,7 +26,7 @@ import copy
 import datetime
 import os
 import socket
-from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Mapping, MutableMapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist

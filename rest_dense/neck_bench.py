@@ -24,13 +24,11 @@ What is measured (as :mod:`rest_dense.benchmark` measures backbones):
 
 Example::
 
-    from rest_dense.neck_bench import format_neck_table, run_neck_benchmark
+    from rest_dense.neck_bench import run_neck_benchmark
     rows = run_neck_benchmark(("fpn", "vt_fpn"), "restv2_tiny",
                               sizes=((512, 512), (800, 1216)), modes=("infer", "train"))
-    print(format_neck_table(rows))
 
-``rest-dense bench`` wires it in; ``python -m rest_dense.neck_bench --table`` runs the default
-table from the command line.
+``rest-dense bench neck:fpn neck:vt_fpn`` runs it from the command line and prints the table.
 """
 from __future__ import annotations
 
@@ -46,7 +44,7 @@ from torch import nn
 
 __all__ = ["NECK_BENCH_SIZES", "NECK_BENCH_MODES", "NeckCase", "NeckBenchRow", "neck_inputs",
            "time_neck", "neck_peak_memory", "neck_peak_memory_in_subprocess",
-           "benchmark_neck", "run_neck_benchmark", "format_neck_table"]
+           "benchmark_neck", "run_neck_benchmark"]
 
 #: the sizes of the issue's table: ADE20K crops and the VT paper's COCO-stuff size
 NECK_BENCH_SIZES: Tuple[Tuple[int, int], ...] = ((512, 512), (800, 1216))
@@ -295,77 +293,18 @@ def _line(row: NeckBenchRow) -> str:
             f"batch {c.batch}: {row.ms:.1f} ms, peak {peak}{flops}")
 
 
-def format_neck_table(rows: Sequence[NeckBenchRow]) -> str:
-    """A markdown table: one line per size and mode with each neck's time, peak memory and
-    GFLOPs, and VT-FPN's time relative to the FPN's where both were measured."""
-    groups: dict = {}
-    necks: List[str] = []
-    for r in rows:
-        key = (r.case.size, r.case.mode, r.case.dtype, r.case.batch)
-        groups.setdefault(key, {})[r.case.neck] = r
-        if r.case.neck not in necks:
-            necks.append(r.case.neck)
-    head = ["input", "mode"]
-    for n in necks:
-        head += [f"{n} GFLOPs", f"{n} ms", f"{n} peak MiB"]
-    both = {"fpn", "vt_fpn"} <= set(necks)
-    if both:
-        head += ["vt_fpn / fpn time", "vt_fpn / fpn FLOPs"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for (size, mode, dtype, batch), by in groups.items():
-        cells = [f"{size[0]}x{size[1]}" + (f" x{batch}" if batch > 1 else ""),
-                 mode + ("" if dtype == "fp32" else f" {dtype}")]
-        for n in necks:
-            r = by.get(n)
-            cells += ["-" if r is None or r.gflops is None else f"{r.gflops:.1f}",
-                      "-" if r is None else f"{r.ms:.1f}",
-                      "-" if r is None or r.peak_mb is None else f"{r.peak_mb:.0f}"]
-        if both:
-            f, v = by.get("fpn"), by.get("vt_fpn")
-            cells.append(f"{v.ms / f.ms:.2f}" if f and v else "-")
-            cells.append(f"{v.gflops / f.gflops:.2f}" if f and v and f.gflops and v.gflops
-                         else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _parse_size(text: str) -> Tuple[int, int]:
-    h, w = text.lower().split("x")
-    return int(h), int(w)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m rest_dense.neck_bench --peak CASE_JSON``: the memory child;
-    ``python -m rest_dense.neck_bench --table [...]``: the table."""
-    p = argparse.ArgumentParser(prog="python -m rest_dense.neck_bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--peak", metavar="CASE_JSON", help="measure one case's CPU peak memory")
-    p.add_argument("--table", action="store_true", help="run and print the table")
-    p.add_argument("--necks", nargs="+", default=["fpn", "vt_fpn"])
-    p.add_argument("--channels", default="restv2_tiny")
-    p.add_argument("--sizes", nargs="+", type=_parse_size,
-                   default=[tuple(s) for s in NECK_BENCH_SIZES])
-    p.add_argument("--modes", nargs="+", default=list(NECK_BENCH_MODES))
-    p.add_argument("--dtype", default="fp32")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--iters", type=int, default=5)
-    p.add_argument("--no-memory", action="store_true")
+    """``python -m rest_dense.neck_bench --peak CASE_JSON``: the memory child of
+    :func:`neck_peak_memory_in_subprocess`."""
+    p = argparse.ArgumentParser(prog="python -m rest_dense.neck_bench",
+                                description="CPU peak memory of one neck case (internal)")
+    p.add_argument("--peak", metavar="CASE_JSON", required=True,
+                   help="measure one case's CPU peak memory")
     p.add_argument("--threads", type=int)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.peak:
-        print(json.dumps({"peak_mb": neck_peak_memory(NeckCase.from_json(args.peak))}))
-        return 0
-    if not args.table:
-        p.error("give --table or --peak")
-    rows = run_neck_benchmark(args.necks, args.channels, args.sizes, args.modes, args.dtype,
-                              args.batch, args.device, args.warmup, args.iters,
-                              memory=not args.no_memory, threads=args.threads,
-                              log=lambda s: print(s, file=sys.stderr, flush=True))
-    print(format_neck_table(rows))
+    print(json.dumps({"peak_mb": neck_peak_memory(NeckCase.from_json(args.peak))}))
     return 0
 
 

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
-           "guess_config_framework"]
+           "guess_config_framework", "scale_count"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
@@ -98,3 +98,9 @@ def guess_config_framework(path: str) -> str:
     warnings.warn("rest_dense.utils.guess_config_framework is deprecated; use "
                   "rest_dense.configs.config_framework", DeprecationWarning, stacklevel=2)
     return framework_family(config_framework(path))
+
+
+def scale_count(value: Union[int, float], ratio: float, minimum: int = 1) -> int:
+    """``value * ratio`` rounded, at least ``minimum``: an iteration count (interval,
+    warm-up length, milestone) of a schedule stretched or shrunk by ``ratio``."""
+    return max(int(minimum), int(round(float(value) * ratio)))

@@ -10,7 +10,43 @@ import argparse
 import sys
 import time
 
-from rest_dense.toy_compare import ToyCompareOptions, format_markdown, run_toy_comparison
+from typing import Optional, Sequence
+
+from rest_dense.toy_compare import ToyCompareOptions, ToyRow, run_toy_comparison
+
+
+def _g(n: Optional[int]) -> str:
+    return "–" if n is None else f"{n / 1e9:.3f}"
+
+
+def _m(n: Optional[int]) -> str:
+    return "–" if n is None else f"{n / 1e6:.3f}"
+
+
+def format_markdown(rows: Sequence[ToyRow], options: Optional[ToyCompareOptions] = None,
+                    seconds: Optional[float] = None) -> str:
+    """The table (and a line on how it was made) as markdown."""
+    options = options or ToyCompareOptions()
+    h, w = options.flops_shape
+    lines = [
+        f"| toolbox | model | config | mIoU untrained | mIoU trained | train s/iter | "
+        f"params (M) | neck params (M) | neck GFLOPs | decoder GFLOPs | whole GFLOPs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        e = r.entry
+        lines.append(
+            f"| {e.toolbox} | {e.model} | `{e.config}` | {r.miou_untrained:.3f} | "
+            f"**{r.miou:.3f}** | {r.sec_per_iter:.3f} | {_m(r.params)} | {_m(r.neck_params)} | "
+            f"{_g(r.neck_flops)} | {_g(r.decoder_flops)} | {_g(r.flops)} |")
+    its = sorted({r.max_iters for r in rows})
+    note = (f"\n{', '.join(map(str, its))} iterations of batch 4 per model, seed {options.seed}, "
+            f"{options.threads or 'default'} CPU thread(s); FLOPs: fvcore multiply-adds at "
+            f"{h}x{w}, one image (decoder = all but the backbone; whole = without the UperNet "
+            f"auxiliary head, logits at stride 4).")
+    if seconds is not None:
+        note += f" The whole run took {seconds / 60:.1f} min."
+    return "\n".join(lines) + "\n" + note + "\n"
 
 
 def main(argv=None) -> int:

@@ -1,6 +1,6 @@
 # MMDeploy deploy config: an MMDetection instance segmenter (Mask R-CNN with a ResT backbone)
 # to ONNX for ONNX Runtime, batch / height / width dynamic.
-# Used by `rest-dense export-model` (rest_dense/deploy/onnx_export.py), which also applies the
+# Used by `rest-dense export-model` (rest_dense/deploy/model_onnx.py), which also applies the
 # fixes MMDeploy 1.3.1 needs on torch 2.13 (rest_dense/deploy/mmdeploy_support.py).
 #
 # Inside the graph: backbone, FPN, RPN (decoding, NMS), RoIAlign, box head (decoding, per-class

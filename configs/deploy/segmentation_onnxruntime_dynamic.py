@@ -1,6 +1,6 @@
 # MMDeploy deploy config: an MMSegmentation EncoderDecoder (UperNet with a ResT backbone) to
 # ONNX for ONNX Runtime, batch / height / width dynamic ("whole" inference mode).
-# Used by `rest-dense export-model` (rest_dense/deploy/onnx_export.py), which also applies the
+# Used by `rest-dense export-model` (rest_dense/deploy/model_onnx.py), which also applies the
 # fixes MMDeploy 1.3.1 needs on torch 2.13 (rest_dense/deploy/mmdeploy_support.py), among them
 # an exact, dynamic-shape rewrite of UperNet's adaptive average pooling.
 #

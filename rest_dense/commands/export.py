@@ -43,7 +43,7 @@ import sys
 from typing import Optional
 
 # light: torch and the core models (which the package imports); onnx is imported when used
-from ..export import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
+from ..deploy.backbone_onnx import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
 from ..models import ATTN_MODES
 from ..utils import format_size, size_arg
 
@@ -125,7 +125,7 @@ def _check_arguments(args: argparse.Namespace) -> Optional[str]:
 def run(args: argparse.Namespace) -> int:
     import pickle
 
-    from .. import export as ex
+    from ..deploy import backbone_onnx as ex
     from ..convert import check_destination
 
     problem = _check_arguments(args)

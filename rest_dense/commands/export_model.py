@@ -87,10 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..deploy.benchmark import format_table, measure_latency
-    from ..deploy.onnx_export import load_deployment
+    from ..deploy.latency import format_table, measure_latency
+    from ..deploy.model_onnx import load_deployment
     from ..deploy.predictions import Tolerances
-    from ..trust import trust
+    from ..safe_load import trust
     from ..utils import format_size
 
     sizes = list(args.check_shapes) if args.check_shapes is not None else \

@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..deploy.infer import InferenceInterrupted, run_inference
     from ..runlock import FolderBusyError
-    from ..trust import trust
+    from ..safe_load import trust
 
     trust(*args.trust_checkpoint)
     try:

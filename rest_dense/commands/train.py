@@ -24,7 +24,7 @@ Examples:
   rest-dense train detectron2/lazy/mask_rcnn_restv2_tiny_3x.py --num-gpus 8 train.max_iter=1000
 
 Checkpoints: files are read with torch.load(weights_only=True) and an allow-list that
-covers mmengine's and detectron2's training checkpoints (rest_dense/trust.py), wherever
+covers mmengine's and detectron2's training checkpoints (rest_dense/safe_load.py), wherever
 they lie. A file that needs more is unpickled in full only if you name it (or its folder)
 with --trust-checkpoint; nothing is trusted implicitly, not the work dir and not the
 --resume file. Never trust files you did not produce: unpickling runs code.
@@ -59,9 +59,9 @@ import re
 import sys
 from typing import Any, Dict, List, Optional
 
-from ..checkpointing import ResumeError  # light: torch only
+from ..run_files import ResumeError  # light: torch only
 from ..utils import env_var, positive_int
-from ..models.checkpoint import CheckpointError
+from ..models.pretrained import CheckpointError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -76,8 +76,8 @@ _D2_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 
 #: checkpoint errors reported as a one-line error: a file refused by the trust policy or by
-#: torch.load(weights_only=True) (rest_dense.trust.UntrustedCheckpointError is one), and
-#: checkpoints to resume from that cannot be read (rest_dense.checkpointing.ResumeError)
+#: torch.load(weights_only=True) (rest_dense.safe_load.UntrustedCheckpointError is one), and
+#: checkpoints to resume from that cannot be read (rest_dense.run_files.ResumeError)
 CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError, CheckpointError)
 
 

@@ -26,7 +26,7 @@ from .backbone import (D2ResTv1, D2ResTv2, build_rest_backbone, build_rest_fpn_b
                        build_restv2_backbone, build_restv2_fpn_backbone,
                        build_retinanet_rest_fpn_backbone, build_retinanet_restv2_fpn_backbone,
                        freeze_at_to_frozen_stages)
-from .checkpoint import RestDetectionCheckpointer, classify_checkpoint, find_rest_backbone
+from .checkpointer import RestDetectionCheckpointer, classify_checkpoint, find_rest_backbone
 from .config import (add_rest_config, add_rest_solver_config, add_restv2_config, add_vt_fpn_config,
                      rest_arch_from_cfg, restv2_arch_from_cfg)
 from .data import register_toy_datasets, register_toy_sem_seg_datasets

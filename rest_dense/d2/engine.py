@@ -15,7 +15,7 @@
   (the default precision) keeps detectron2's CUDA-only ``AMPTrainer``.
 
 Nothing is trusted implicitly: checkpoints that need full unpickling load only from paths
-given to ``--trust-checkpoint`` (:mod:`rest_dense.trust`), also in the run's own output folder.
+given to ``--trust-checkpoint`` (:mod:`rest_dense.safe_load`), also in the run's own output folder.
 """
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ from detectron2.utils import comm
 from omegaconf import DictConfig
 
 from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
-from ..checkpointing import scale_count
-from .checkpoint import RestDetectionCheckpointer
+from ..utils import scale_count
+from .checkpointer import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
 from .solver import build_optimizer
 
@@ -49,8 +49,11 @@ logger = logging.getLogger("rest_dense.d2")
 
 
 def is_lazy_config(path: str) -> bool:
-    """LazyConfig files are python; yacs ones are yaml."""
-    return path.endswith(".py")
+    """Whether ``path`` is a detectron2 LazyConfig (the rule of
+    :func:`rest_dense.configs.config_framework`)."""
+    from ..configs import config_framework
+
+    return config_framework(path) == "d2-lazy"
 
 
 def _amp_guard(device: str, enabled: bool, precision: str = "float16") -> bool:

@@ -16,13 +16,13 @@ LazyConfigs; either spelling is accepted for both (:func:`normalize_overrides`).
 Datasets named ``toy_train`` / ``toy_val`` (instances) and ``toy_sem_seg_train`` /
 ``toy_sem_seg_val`` (label maps) are registered from ``--toy-root``.
 
-Checkpoints are read under :mod:`rest_dense.trust`'s policy; beyond what the allow-list
+Checkpoints are read under :mod:`rest_dense.safe_load`'s policy; beyond what the allow-list
 admits (which covers detectron2's and mmengine's training checkpoints), full unpickling is
 allowed only for ``--trust-checkpoint`` paths -- not for the run's ``OUTPUT_DIR``, a
 ``--resume FILE`` or the checkpoint under test. Trust is registered in each worker process.
 ``--resume`` without a file continues from the most recent checkpoint of the output folder
 that loads, and says so when there is none
-(:meth:`rest_dense.d2.checkpoint.RestDetectionCheckpointer.resume_or_load`).
+(:meth:`rest_dense.d2.checkpointer.RestDetectionCheckpointer.resume_or_load`).
 """
 from __future__ import annotations
 
@@ -38,9 +38,9 @@ from detectron2.utils import comm
 
 from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
-from ..trust import trust
+from ..safe_load import trust
 from ..utils import env_var
-from .checkpoint import RestDetectionCheckpointer
+from .checkpointer import RestDetectionCheckpointer
 from .data import register_toy_datasets, register_toy_sem_seg_datasets
 from .engine import (RestTrainer, default_setup, is_lazy_config, lazy_build_model, lazy_test,
                      lazy_train, setup_lazy_config, setup_yaml_config)

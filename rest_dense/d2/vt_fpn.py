@@ -18,7 +18,7 @@ Builders (``MODEL.BACKBONE.NAME``): ``build_restv2_vt_fpn_backbone`` (``MODEL.RE
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 from detectron2.config import CfgNode
 from detectron2.layers import ShapeSpec

@@ -5,10 +5,10 @@ ONNX Runtime, and latency of both runtimes.
   MMDetection (``DetInferencer``), MMSegmentation (``MMSegInferencer``) and detectron2
   (``DefaultPredictor``) on image files, folders and globs; pictures plus JSON (boxes, scores,
   labels, RLE masks) or label PNGs. ``rest-dense infer``.
-* :mod:`~rest_dense.deploy.onnx_export` -- :func:`load_deployment`: export with MMDeploy
+* :mod:`~rest_dense.deploy.model_onnx` -- :func:`load_deployment`: export with MMDeploy
   (OpenMMLab) or detectron2's ``TracingAdapter`` and compare ONNX Runtime with PyTorch.
   ``rest-dense export-model``.
-* :mod:`~rest_dense.deploy.benchmark` -- :func:`measure_latency`: ONNX Runtime vs PyTorch latency
+* :mod:`~rest_dense.deploy.latency` -- :func:`measure_latency`: ONNX Runtime vs PyTorch latency
   on the same inputs and threads (``rest-dense export-model --benchmark``).
 * :mod:`~rest_dense.deploy.shapes` -- which input sizes a traced graph is valid for.
 

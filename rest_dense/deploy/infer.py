@@ -6,8 +6,8 @@ inference API, writing pictures and machine-readable results.
   :func:`rest_dense.d2.engine.setup_yaml_config`; LazyConfig (``.py``) configs run the model
   with the config's test-time resize the same way.
 
-Weights are read under :mod:`rest_dense.trust`'s policy and must fit the model: a checkpoint
-of another model is an error (:func:`rest_dense.deploy.checkpoints.check_checkpoint_fits`),
+Weights are read under :mod:`rest_dense.safe_load`'s policy and must fit the model: a checkpoint
+of another model is an error (:func:`rest_dense.checkpoint_reader.check_checkpoint_fits`),
 not a partly random network.
 
 Output layout under ``out_dir``::
@@ -156,7 +156,7 @@ class Predictor:
 def _check_fit(model, checkpoint: Any, path: str, config: str,
                rename_d2: bool = False) -> List[str]:
     from ..models import rename_d2_norm_keys
-    from .checkpoints import check_checkpoint_fits, model_state_dict
+    from ..checkpoint_reader import check_checkpoint_fits, model_state_dict
 
     sd = model_state_dict(checkpoint)
     if rename_d2:
@@ -173,11 +173,11 @@ class _MMPredictor(Predictor):
 
     def _prepare(self, config: str, checkpoint: str, cfg_options, trusted: bool):
         import rest_dense.mm  # noqa: F401  (backbones, checkpoint allow-list)
-        from ..mm.trusted_checkpoints import install_checkpoint_loader
-        from .checkpoints import read_model_checkpoint
+        from ..mm.safe_load import install_checkpoint_loader
+        from ..checkpoint_reader import read_for_deployment
 
         install_checkpoint_loader()
-        ckpt = read_model_checkpoint(checkpoint, trusted=trusted)
+        ckpt = read_for_deployment(checkpoint, trusted=trusted)
         cfg = _mm_config(config, cfg_options)
         return cfg, ckpt
 
@@ -298,12 +298,12 @@ class D2Predictor(Predictor):
         import torch
 
         import rest_dense.d2  # noqa: F401  (backbones)
-        from ..d2.checkpoint import RestDetectionCheckpointer
+        from ..d2.checkpointer import RestDetectionCheckpointer
 
         if trusted:
-            from .. import trust as _trust
+            from .. import safe_load
 
-            _trust.trust(checkpoint)
+            safe_load.trust(checkpoint)
         if not os.path.isfile(checkpoint):
             raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
         if config.endswith(".py"):

@@ -151,24 +151,19 @@ def register_rewrites() -> None:
     def adaptive_avg_pool2d__onnxruntime(input, output_size):  # noqa: A002 (MMDeploy's names)
         return adaptive_avg_pool2d_exact(input, output_size)
 
-    FUNCTION_REWRITER.register_rewriter(
-        func_name="mmdet.models.dense_heads.rpn_head.RPNHead.predict_by_feat",
-        backend="onnxruntime")(rpn_predict_by_feat_exact)
-    FUNCTION_REWRITER.register_rewriter(
-        func_name="torch.nn.functional.scaled_dot_product_attention",
-        backend="onnxruntime")(scaled_dot_product_attention_exact)
-    FUNCTION_REWRITER.register_rewriter(
-        func_name="mmdet.models.roi_heads.bbox_heads.bbox_head.BBoxHead.predict_by_feat",
-        backend="onnxruntime")(bbox_head_predict_by_feat_exact)
-    FUNCTION_REWRITER.register_rewriter(
-        func_name="mmdet.models.detectors.two_stage.TwoStageDetector.forward",
-        backend="onnxruntime")(two_stage_forward_padding_inside)
-    FUNCTION_REWRITER.register_rewriter(
-        func_name="mmdet.models.detectors.single_stage.SingleStageDetector.forward",
-        backend="onnxruntime")(single_stage_forward_padding_inside)
-    FUNCTION_REWRITER.register_rewriter(
-        func_name="mmseg.models.utils.wrappers.Upsample.forward",
-        backend="onnxruntime")(mmseg_upsample_dynamic)
+    for func_name, rewrite in (
+            ("mmdet.models.dense_heads.rpn_head.RPNHead.predict_by_feat",
+             rpn_predict_by_feat_exact),
+            ("torch.nn.functional.scaled_dot_product_attention",
+             scaled_dot_product_attention_exact),
+            ("mmdet.models.roi_heads.bbox_heads.bbox_head.BBoxHead.predict_by_feat",
+             bbox_head_predict_by_feat_exact),
+            ("mmdet.models.detectors.two_stage.TwoStageDetector.forward",
+             two_stage_forward_padding_inside),
+            ("mmdet.models.detectors.single_stage.SingleStageDetector.forward",
+             single_stage_forward_padding_inside),
+            ("mmseg.models.utils.wrappers.Upsample.forward", mmseg_upsample_dynamic)):
+        FUNCTION_REWRITER.register_rewriter(func_name=func_name, backend="onnxruntime")(rewrite)
     _REGISTERED = True
 
 

@@ -2,12 +2,12 @@
 
 * :func:`make_session` -- the one way this package opens an ONNX file in ONNX Runtime
   (providers, threads, session options, MMDeploy's custom operators when the graph uses
-  them): ``rest-dense export`` (:func:`rest_dense.export.check_onnx`), ``rest-dense
+  them): ``rest-dense export`` (:func:`rest_dense.deploy.backbone_onnx.check_onnx`), ``rest-dense
   export-model`` and its latency benchmark.
 * :class:`ParityResult` -- one comparison of an exported / compiled model with eager PyTorch
   on one input: per-output tensor differences for backbones (:func:`compare_outputs`),
   prediction metrics for whole models (:func:`rest_dense.deploy.predictions.compare_predictions`,
-  :meth:`rest_dense.deploy.onnx_export.Deployment.check`). :class:`ParityError` carries the
+  :meth:`rest_dense.deploy.model_onnx.Deployment.check`). :class:`ParityError` carries the
   results that failed.
 
 Importing this module imports neither torch nor onnxruntime.

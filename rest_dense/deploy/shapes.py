@@ -26,7 +26,7 @@ ResTv1 has no shape-dependent branches of this kind (an explicit 1x1-map case as
 This module is the one home of these rules. :func:`graph_problems` answers "is a graph traced
 at ``T`` valid at ``X``" (``rest-dense export-model``); :func:`trace_problems` answers "does a
 graph traced at ``T`` serve every input of at least :func:`min_valid_side` pixels", i.e. does
-``T`` take every optional branch (``rest-dense export``, :func:`rest_dense.export.export_onnx`).
+``T`` take every optional branch (``rest-dense export``, :func:`rest_dense.deploy.backbone_onnx.export_onnx`).
 Both read the same per-stage decisions, :func:`stage_branches`; a branch taken on one side
 (height or width) is traced for both, since the graph keeps the size arithmetic.
 """
@@ -203,7 +203,7 @@ def trace_side_problems(backbone: nn.Module, side: int) -> List[str]:
     """:func:`trace_problems` of a square ``side`` x ``side`` trace: a side for which this is
     empty serves as height or width of a trace whatever the other side is.
 
-    ``torch.export`` (:func:`rest_dense.export.export_program`) needs this of both sides:
+    ``torch.export`` (:func:`rest_dense.deploy.backbone_onnx.export_program`) needs this of both sides:
     it guards the branch conditions side by side, where a TorchScript trace (ONNX) records
     one branch for both.
     """

@@ -25,7 +25,7 @@ from .backbones import MMResTv1, MMResTv2, load_pretrained_cfg
 from .necks import MMVTFPN
 from .optim import ResTLayerDecayOptimizerConstructor, stage_lr_scales
 from .utils import register_once
-from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
+from .safe_load import install_checkpoint_loader, trust_checkpoints
 
 __all__ = ["MMResTv2", "MMResTv1", "MMVTFPN", "ResTLayerDecayOptimizerConstructor", "stage_lr_scales",
            "load_pretrained_cfg", "trust_checkpoints", "install_checkpoint_loader", "train", "test",

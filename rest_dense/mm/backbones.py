@@ -17,7 +17,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule, initialize
 
 from ..models import CheckpointError, LoadReport, ResTv1, ResTv2, load_checkpoint
-from ..models.checkpoint import read_state_dict
+from ..models.pretrained import read_state_dict
 
 __all__ = ["MMResTv2", "MMResTv1", "load_pretrained_cfg"]
 

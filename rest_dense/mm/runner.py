@@ -5,17 +5,17 @@ run for OpenMMLab configs. The framework is taken from the config's ``default_sc
 failing that, from the registry that knows ``model.type``); ``rest_dense.mm`` is imported
 before anything is built, so configs need no ``custom_imports``.
 
-Checkpoints are read under :mod:`rest_dense.trust`'s policy: ``weights_only=True`` with an
+Checkpoints are read under :mod:`rest_dense.safe_load`'s policy: ``weights_only=True`` with an
 allow-list that covers mmengine's training checkpoints; full unpickling only for the paths
 passed as ``trust`` (``--trust-checkpoint``), never implicitly.
 
 Training survives being killed: checkpoints are written atomically and the oldest one of
 ``max_keep_ckpts`` is removed only after the new one is complete
-(:class:`rest_dense.mm.checkpointing.AtomicCheckpointHook`), and ``resume=True`` continues from
+(:class:`rest_dense.mm.run_files.AtomicCheckpointHook`), and ``resume=True`` continues from
 the most recent checkpoint of the work dir that loads
-(:func:`rest_dense.mm.checkpointing.find_resume_checkpoint`). Configs that set
+(:func:`rest_dense.mm.run_files.find_resume_checkpoint`). Configs that set
 ``scale_schedule_with_max_iters = True`` (the toy configs) stretch their schedule with an
-overridden ``train_cfg.max_iters`` (:func:`rest_dense.mm.checkpointing.scale_schedule`).
+overridden ``train_cfg.max_iters`` (:func:`rest_dense.mm.schedule.scale_schedule`).
 
 Example::
 
@@ -28,7 +28,6 @@ Example::
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import os
@@ -43,16 +42,15 @@ from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
 from ..configs import get_config_path, parse_cfg_options
-from ..models import CheckpointMismatchError, check_model_checkpoint
-from .checkpointing import (SCALE_SCHEDULE_KEY, find_resume_checkpoint,
-                            install_config_format_cache, make_checkpoint_hooks_atomic,
-                            scale_schedule)
+from ..models import CheckpointMismatchError
+from .run_files import find_resume_checkpoint, make_checkpoint_hooks_atomic
+from .schedule import SCALE_SCHEDULE_KEY, scale_schedule
 from ..distributed import setup_mm_distributed
 from .necks import check_neck_levels
 from .optim import amp_unavailable_fallback, set_mixed_precision
-from .trusted_checkpoints import install_checkpoint_loader, trust_checkpoints
-from .utils import (check_neck_channels, default_work_dir, detect_framework, load_config,
-                    wrap_for_tta)
+from .safe_load import install_checkpoint_loader, trust_checkpoints
+from .utils import (check_neck_channels, default_work_dir, detect_framework,
+                    install_config_format_cache, load_config, wrap_for_tta)
 
 __all__ = ["LAUNCHERS", "parse_cfg_options", "check_train_loop", "resolve_config", "train_config", "test_config",
            "enable_visualization", "build_runner", "train", "test", "check_test_checkpoint",
@@ -171,7 +169,7 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,
             accelerator, AMP configs fall back to fp32 with a warning); ``'bfloat16'``:
             ``BF16OptimWrapper`` (bf16 autocast, no loss scaling, CPU and GPU).
         resume: ``True`` / ``'auto'``: continue from the most recent checkpoint in
-            ``work_dir`` that loads (:func:`~rest_dense.mm.checkpointing.
+            ``work_dir`` that loads (:func:`~rest_dense.mm.run_files.
             find_resume_checkpoint`; with none there, a warning says so and training starts
             afresh); a path: continue from that checkpoint; ``None`` / ``False``: start
             afresh.
@@ -292,9 +290,9 @@ def test_config(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[Pat
 
 def build_runner(cfg: Config) -> Runner:
     """The config's runner (``runner_type`` if given, else mmengine's ``Runner``), its
-    ``CheckpointHook`` made crash-safe (:class:`~rest_dense.mm.checkpointing.
+    ``CheckpointHook`` made crash-safe (:class:`~rest_dense.mm.run_files.
     AtomicCheckpointHook`) and the config's yapf formatting done once
-    (:func:`~rest_dense.mm.checkpointing.install_config_format_cache`).
+    (:func:`~rest_dense.mm.utils.install_config_format_cache`).
 
     The visualizer is named after the run (mmengine's default) rather than the shipped
     configs' fixed ``'visualizer'``: mmengine keeps one visualizer per name and process, so
@@ -314,7 +312,7 @@ def build_runner(cfg: Config) -> Runner:
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     check_neck_channels(runner.model)  # a named error, not a conv shape error mid-run
     check_neck_levels(runner.model)  # neck.num_outs the heads cannot use: named, not asserted
-    make_checkpoint_hooks_atomic(runner)  # crash-safe saves, see rest_dense.mm.checkpointing
+    make_checkpoint_hooks_atomic(runner)  # crash-safe saves, see rest_dense.mm.run_files
     return runner
 
 
@@ -388,9 +386,9 @@ def check_test_checkpoint(model: nn.Module, checkpoint: str) -> None:
 def _check_whole_model(model: nn.Module, checkpoint: str, complete: bool,
                        purpose: str = "") -> None:
     """Read ``checkpoint`` with the loader mmengine then uses (local files:
-    :func:`rest_dense.model_checkpoint.read_model_checkpoint`, the same normalised state
+    :func:`rest_dense.checkpoint_reader.read_model_checkpoint`, the same normalised state
     dict) and check it against ``model``."""
-    from ..model_checkpoint import check_checkpoint, normalize_model_checkpoint
+    from ..checkpoint_reader import check_checkpoint, normalize_model_checkpoint
 
     install_checkpoint_loader()
     data = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
@@ -476,7 +474,7 @@ def check_resume_optimizer(runner: Runner, cfg: Config) -> None:
     Raises:
         CheckpointMismatchError: naming both counts, ``paramwise_cfg`` and ``load_from``.
     """
-    from ..model_checkpoint import normalize_model_checkpoint
+    from ..checkpoint_reader import normalize_model_checkpoint
 
     path = cfg.get("load_from")
     if not (path and cfg.get("resume")):

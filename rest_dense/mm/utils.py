@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import importlib
 import os
-from typing import Mapping, Optional, Tuple
+from collections import OrderedDict
+from typing import Any, Mapping, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
 from mmengine.registry import init_default_scope
@@ -14,7 +15,7 @@ from .registration import register_once
 
 __all__ = ["FRAMEWORKS", "detect_framework", "build_model", "count_parameters", "load_config",
            "default_work_dir", "is_tta_model", "wrap_for_tta", "register_once",
-           "check_neck_channels"]
+           "check_neck_channels", "install_config_format_cache"]
 
 #: the OpenMMLab frameworks the tools handle, by their registry scope
 FRAMEWORKS: Tuple[str, ...] = OPENMMLAB
@@ -158,3 +159,36 @@ def wrap_for_tta(cfg: Config) -> Config:
     cfg.model = ConfigDict(**cfg.tta_model, module=cfg.model)
     cfg.test_dataloader.dataset.pipeline = cfg.tta_pipeline
     return cfg
+
+
+def install_config_format_cache(max_entries: int = 8) -> None:
+    """Format each config text with yapf once per process (idempotent).
+
+    mmengine's ``Config.pretty_text`` runs yapf over the whole config for the log, for the
+    dumped config and again for the meta data of *every* checkpoint it saves -- seconds per
+    save on a small CPU, for the same text each time. This memoizes mmengine's
+    ``FormatCode`` on its arguments (a pure function), so the output is unchanged.
+
+    Args:
+        max_entries: how many distinct texts to remember.
+    """
+    import mmengine.config.config as mm_config
+
+    original = mm_config.FormatCode
+    if getattr(original, "rest_dense_memoized", False):
+        return
+    cache: "OrderedDict[Tuple[str, str], Any]" = OrderedDict()
+
+    def format_code(text: str, *args: Any, **kwargs: Any) -> Any:
+        key = (text, repr((args, sorted(kwargs.items()))))
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        result = original(text, *args, **kwargs)
+        cache[key] = result
+        while len(cache) > max_entries:
+            cache.popitem(last=False)
+        return result
+
+    format_code.rest_dense_memoized = True  # type: ignore[attr-defined]
+    mm_config.FormatCode = format_code

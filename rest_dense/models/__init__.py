@@ -1,6 +1,6 @@
 """Pure-PyTorch ResT backbones: importing this imports no detection/segmentation framework."""
 from .base import STAGE_STRIDES, FeatureInfo
-from .checkpoint import (CheckpointError, CheckpointFormatError, CheckpointMismatchError,
+from .pretrained import (CheckpointError, CheckpointFormatError, CheckpointMismatchError,
                          CheckpointValueError, LoadReport, ModelCheckReport,
                          check_model_checkpoint, find_backbone, load_checkpoint, matching_keys,
                          normalize_state_dict, read_state_dict, rename_d2_norm_keys)

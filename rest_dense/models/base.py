@@ -484,7 +484,7 @@ class ResTBase(nn.Module):
         return tuple(feats[i] for i in self.out_indices)
 
 
-#: the weight loader (:func:`rest_dense.models.checkpoint.load_checkpoint`); that module
+#: the weight loader (:func:`rest_dense.models.pretrained.load_checkpoint`); that module
 #: registers it when imported, so that this one does not import it (layering: the
 #: checkpoint code depends on the models, not the reverse)
 _CHECKPOINT_LOADER: list = [None]

@@ -6,7 +6,7 @@ convolutions see a permuted (channels-last strided) NCHW view.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F

@@ -5,10 +5,9 @@ mmseg weights load without renaming (Zhang & Yang, ResT V2, NeurIPS 2022).
 """
 from __future__ import annotations
 
-from typing import List, Mapping, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import (UNSET, ArchType, ResTBase, check_flag, check_int, check_per_stage,

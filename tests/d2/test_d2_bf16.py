@@ -14,7 +14,7 @@ from _d2_utils import LAZY_CONFIG, TINY_ARCH, config_path  # noqa: F401,I100
 from detectron2.engine import AMPTrainer, SimpleTrainer  # noqa: E402
 from detectron2.utils.events import EventStorage  # noqa: E402
 
-from rest_dense import trust  # noqa: E402
+from rest_dense import safe_load  # noqa: E402
 from rest_dense.cli import build_parser  # noqa: E402
 from rest_dense.commands import train as train_cmd  # noqa: E402
 from rest_dense.d2 import (register_toy_datasets,  # noqa: E402
@@ -168,7 +168,7 @@ def test_toy_model_trains_in_bf16_on_cpu(name, tmp_path, one_thread):
     assert changed > len(before) // 2, (changed, len(before))
     final = out / "model_final.pth"
     assert os.path.isfile(final)
-    ckpt = trust.load_checkpoint_file(final, trusted=False)
+    ckpt = safe_load.load_checkpoint_file(final, trusted=False)
     assert ckpt["iteration"] == 2 and "grad_scaler" not in ckpt["trainer"]["_trainer"]
     assert ckpt["trainer"]["_trainer"]["optimizer"]["state"]
     assert all(t.dtype == torch.float32 for t in ckpt["model"].values()

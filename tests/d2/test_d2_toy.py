@@ -12,7 +12,7 @@ from _d2_utils import config_path  # noqa: F401,I100
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
-from rest_dense import amp, trust  # noqa: E402
+from rest_dense import amp, safe_load  # noqa: E402
 from rest_dense.cli import main as cli  # noqa: E402
 from rest_dense.d2 import register_toy_datasets  # noqa: E402
 from rest_dense.d2.engine import RestTrainer, _amp_guard, setup_yaml_config  # noqa: E402
@@ -65,7 +65,7 @@ def _metrics_lines(path):
 def test_cli_train_resume_and_test(toy_root, tmp_path, capsys):
     """`rest-dense train` on the shipped toy yaml (by name), `--resume` from the output
     folder, then `rest-dense test` of the final checkpoint."""
-    trust.forget_trusted()
+    safe_load.forget_trusted()
     config = "detectron2/toy/mask_rcnn_restv2_toy.yaml"
     out = tmp_path / "out"
     common = ["--threads", "1", "--toy-root", str(toy_root), "--work-dir", str(out)]
@@ -74,9 +74,9 @@ def test_cli_train_resume_and_test(toy_root, tmp_path, capsys):
     assert cli(["train", config, *common, *small, "SOLVER.MAX_ITER", "2"]) == 0
     final = out / "model_final.pth"
     assert final.is_file() and (out / "last_checkpoint").is_file()
-    assert not trust.is_trusted(final)  # nothing is trusted implicitly, not even OUTPUT_DIR
+    assert not safe_load.is_trusted(final)  # nothing is trusted implicitly, not even OUTPUT_DIR
     # what training wrote loads without full unpickling, optimizer state included
-    ckpt = trust.load_checkpoint_file(final, trusted=False)
+    ckpt = safe_load.load_checkpoint_file(final, trusted=False)
     assert ckpt["iteration"] == 1 and ckpt["trainer"]["_trainer"]["optimizer"]["state"]
     losses = [m for m in _metrics_lines(out / "metrics.json") if "total_loss" in m]
     assert losses and all(math.isfinite(m["total_loss"]) for m in losses)
@@ -96,7 +96,7 @@ def test_cli_train_resume_and_test(toy_root, tmp_path, capsys):
     assert {"bbox/AP", "segm/AP"} <= set(metrics), metrics
     assert all(math.isfinite(metrics[k]) for k in ("bbox/AP", "segm/AP", "bbox/AP50"))
     assert "bbox/AP" in capsys.readouterr().out
-    trust.forget_trusted()
+    safe_load.forget_trusted()
 
 
 def test_cli_rejects_options_of_the_other_framework(capsys):

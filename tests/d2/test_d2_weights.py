@@ -13,8 +13,8 @@ from _d2_utils import REPO, TINY_ARCH, config_path, small_cfg  # noqa: F401,I100
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.modeling import build_model  # noqa: E402
 
-from rest_dense import trust  # noqa: E402
-from rest_dense.trust import UntrustedCheckpointError  # noqa: E402
+from rest_dense import safe_load  # noqa: E402
+from rest_dense.safe_load import UntrustedCheckpointError  # noqa: E402
 from rest_dense.d2 import (RestDetectionCheckpointer, add_rest_config, add_restv2_config,  # noqa: E402
                            classify_checkpoint)
 from rest_dense.d2.engine import setup_yaml_config  # noqa: E402
@@ -164,7 +164,7 @@ def test_own_training_checkpoint_resumes(tmp_path):
     dir; it needs no trust: torch.load(weights_only=True) with rest_dense's allow-list reads it."""
     from rest_dense.d2 import build_optimizer
 
-    trust.forget_trusted()
+    safe_load.forget_trusted()
     cfg = small_cfg("mask_rcnn_restv2_tiny_1x.yaml")
     model = build_model(cfg)
     opt = build_optimizer(cfg, model)
@@ -187,21 +187,21 @@ class Note:
 
 
 def test_checkpoint_needing_full_unpickling_is_trusted_only_when_marked(tmp_path):
-    trust.forget_trusted()
+    safe_load.forget_trusted()
     core = _tiny_core()
     path = tmp_path / "foreign" / "weights.pth"
     path.parent.mkdir()
     torch.save({"model": core.state_dict(), "note": Note("mine"), "numpy": np.float64(1.5)}, path)
     model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
-    # the checkpointer's own save_dir does not make a file trusted: only rest_dense.trust does
+    # the checkpointer's own save_dir does not make a file trusted: only rest_dense.safe_load does
     with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint") as info:
         RestDetectionCheckpointer(model, save_dir=str(path.parent)).load(str(path))
     assert str(path) in str(info.value) and "Note" in str(info.value)
-    trust.trust(path.parent)
+    safe_load.trust(path.parent)
     try:
         RestDetectionCheckpointer(model).load(str(path))
     finally:
-        trust.forget_trusted()
+        safe_load.forget_trusted()
     own = model.backbone.bottom_up.state_dict()
     assert all(torch.equal(own[k], v) for k, v in core.state_dict().items())
 
@@ -209,7 +209,7 @@ def test_checkpoint_needing_full_unpickling_is_trusted_only_when_marked(tmp_path
 def test_pkl_weights_read_with_the_allow_list(tmp_path):
     """detectron2 model-zoo / Caffe2 ``.pkl`` files (numpy arrays) load through the restricted
     unpickler; a pickle that would run code is refused before anything runs."""
-    trust.forget_trusted()
+    safe_load.forget_trusted()
     core = _tiny_core()
     blobs = {"backbone.bottom_up." + k: v.numpy() for k, v in core.state_dict().items()}
     blobs["backbone.bottom_up.stem.proj.0.weight_momentum"] = np.zeros(1)  # left out

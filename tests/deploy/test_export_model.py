@@ -9,9 +9,9 @@ import onnx
 import pytest
 import torch
 
-from rest_dense import trust
+from rest_dense import safe_load
 from rest_dense.cli import main
-from rest_dense.deploy.onnx_export import load_deployment
+from rest_dense.deploy.model_onnx import load_deployment
 from rest_dense.deploy.shapes import stage_branches
 
 from _toy import (D2_DET, D2_OPTIONS, D2_RETINA, DET_OPTIONS, MM_DET, MM_RETINA_TOY,  # noqa: F401
@@ -79,7 +79,7 @@ def _mode_checkpoint(mode, default, cwin_name, factory, key="state_dict"):
     if mode != "cwin":
         return default
     ckpt = trained(cwin_name, factory)
-    _assert_cwin_trained(trust.load_checkpoint_file(ckpt, trusted=False)[key])
+    _assert_cwin_trained(safe_load.load_checkpoint_file(ckpt, trusted=False)[key])
     return ckpt
 
 

@@ -9,7 +9,7 @@ made small, with perturbed random weights (its COCO anchors do not fit the toy o
 import onnx
 import pytest
 
-from rest_dense import trust
+from rest_dense import safe_load
 from rest_dense.cli import main
 
 from _toy import (D2_DET, D2_OPTIONS, ITERS, MM_RETINA_TOY, TRAIN_IMAGES, constant_lr,
@@ -70,7 +70,7 @@ def d2_v1_ckpt(tmp_path_factory, v1_data):
     # 20 iterations at lr 0.002: the ResTv2 toy recipe (12 at 0.001) leaves this model's
     # class scores below 1e-4; these give the best detections 0.001-0.02
     ckpt = train_d2(work, data, 20, options=dict(D2_V1, **{"SOLVER.BASE_LR": 0.002}))
-    state = trust.load_checkpoint_file(ckpt, trusted=False)["model"]
+    state = safe_load.load_checkpoint_file(ckpt, trusted=False)["model"]
     assert any(k.endswith("attn.transform_conv.weight") for k in state), sorted(state)[:20]
     return ckpt, data
 
@@ -97,7 +97,7 @@ def test_mmdeploy_retinanet_restv1_trained(tmp_path, capsys, v1_data, one_thread
     iters = ITERS["retina"]
     ckpt = train_mm(tmp_path / "train", MM_RETINA_TOY, v1_data, iters,
                     dict(MM_V1, param_scheduler=constant_lr(iters)))
-    state = trust.load_checkpoint_file(ckpt, trusted=False)["state_dict"]
+    state = safe_load.load_checkpoint_file(ckpt, trusted=False)["state_dict"]
     assert any(k.endswith("attn.transform_conv.weight") for k in state)
     out = tmp_path / "retina_v1.onnx"
     code, text, lines = _export(capsys, MM_RETINA_TOY, ckpt, out, "--check-images",

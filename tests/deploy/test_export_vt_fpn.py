@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rest_dense.cli import main
-from rest_dense.deploy.onnx_export import load_deployment
+from rest_dense.deploy.model_onnx import load_deployment
 from rest_dense.deploy.predictions import Tolerances
 
 from _toy import D2_VT_FPN, MM_VT_FPN, trained, toy_root, val_images  # noqa: F401

@@ -1,7 +1,7 @@
 """Traced-graph shape rules (rest_dense.deploy.shapes): the one home of the rules that
-``rest-dense export`` (rest_dense.export) and ``rest-dense export-model`` both use.
+``rest-dense export`` (rest_dense.deploy.backbone_onnx) and ``rest-dense export-model`` both use.
 
-Before, rest_dense.export judged a trace size side by side (each of H and W had to take every
+Before, rest_dense.deploy.backbone_onnx judged a trace size side by side (each of H and W had to take every
 branch by itself) while the whole-model rules judged the stage maps in 2-D (a branch taken on
 one side is traced for both). The cases where the two differed are checked here against ONNX
 Runtime."""
@@ -11,13 +11,13 @@ import random
 import pytest
 import torch
 
-import rest_dense.export as ex
+import rest_dense.deploy.backbone_onnx as ex
 from rest_dense.deploy import shapes
 from rest_dense.models import ResTv1, ResTv2, create_model
 
 
 def _old_side_problems(model, side):
-    """The per-side rule rest_dense.export had (kept here to show where it differed)."""
+    """The per-side rule rest_dense.deploy.backbone_onnx had (kept here to show where it differed)."""
     out = []
     wins = shapes.stage_windows(model)
     for i in range(max(model.out_indices) + 1):

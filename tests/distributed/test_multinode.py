@@ -100,7 +100,7 @@ def _params(path: Path) -> Dict[str, torch.Tensor]:
 
 
 def _checkpoint_params(path: Path, names) -> Dict[str, torch.Tensor]:
-    from rest_dense.model_checkpoint import read_model_checkpoint
+    from rest_dense.checkpoint_reader import read_model_checkpoint
 
     sd = read_model_checkpoint(path).state_dict
     return {n: sd[n] for n in names}

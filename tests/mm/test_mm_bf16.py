@@ -9,7 +9,7 @@ import torch
 from mmengine.registry import OPTIM_WRAPPERS
 from torch import nn
 
-from rest_dense import amp, trust
+from rest_dense import amp, safe_load
 from rest_dense.cli import build_parser
 from rest_dense.commands import train as train_cmd
 from rest_dense.data.toy import generate_toy_dataset
@@ -229,7 +229,7 @@ def test_toy_config_trains_in_bf16_on_cpu(framework, tmp_path, one_thread):
         assert p.dtype == torch.float32, name
         changed += not torch.equal(p.detach(), before[name])
     assert changed > len(before) // 2, (changed, len(before))
-    ckpt = trust.load_checkpoint_file(work / "iter_3.pth", trusted=False)
+    ckpt = safe_load.load_checkpoint_file(work / "iter_3.pth", trusted=False)
     assert ckpt["meta"]["iter"] == 3 and "loss_scaler" not in ckpt["optimizer"]
     assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values()
                if t.is_floating_point())

@@ -2,7 +2,7 @@
 datasets, through ``rest-dense train`` / ``rest-dense test`` (:func:`rest_dense.cli.main`)
 and :mod:`rest_dense.mm.runner`: ``--resume``, test-time augmentation, ``--show-dir``, and
 reading trained checkpoints under torch>=2.6 (mmengine issue #1655) with
-:mod:`rest_dense.trust`'s policy; plus the helpers behind them."""
+:mod:`rest_dense.safe_load`'s policy; plus the helpers behind them."""
 import json
 import math
 import pickle
@@ -14,11 +14,11 @@ import pytest
 import torch
 from mmengine.config import Config
 
-from rest_dense import trust
+from rest_dense import safe_load
 from rest_dense.amp import amp_supported
 from rest_dense.cli import main as cli
 from rest_dense.mm import runner as mm_runner
-from rest_dense.mm import trusted_checkpoints
+from rest_dense.mm import safe_load as mm_safe_load
 from rest_dense.mm.optim import amp_unavailable_fallback
 from rest_dense.configs import get_config_path
 from rest_dense.mm.utils import detect_framework, wrap_for_tta
@@ -39,9 +39,9 @@ class Note:
 @pytest.fixture(autouse=True)
 def _fresh_trust():
     """Each test starts and ends with nothing marked trusted."""
-    trust.forget_trusted()
+    safe_load.forget_trusted()
     yield
-    trust.forget_trusted()
+    safe_load.forget_trusted()
 
 
 def _last_log(work_dir):
@@ -96,9 +96,9 @@ def test_train_config_from_shipped_name(tmp_path):
     assert cfg.resume is True and cfg.load_from == str(ckpt)
     assert cfg.train_dataloader.batch_size == 1
     assert cfg.optim_wrapper.type == ("AmpOptimWrapper" if amp_supported() else "OptimWrapper")
-    assert not trust.is_trusted(tmp_path / "w" / "iter_5.pth") and not trust.is_trusted(ckpt)
-    assert trust.is_trusted(tmp_path / "earlier" / "x.pth")
-    assert not trust.is_trusted(tmp_path / "other.pth")
+    assert not safe_load.is_trusted(tmp_path / "w" / "iter_5.pth") and not safe_load.is_trusted(ckpt)
+    assert safe_load.is_trusted(tmp_path / "earlier" / "x.pth")
+    assert not safe_load.is_trusted(tmp_path / "other.pth")
 
     auto = mm_runner.train_config(name, resume=True, work_dir=tmp_path / "empty")
     assert auto.resume is False and auto.load_from is None  # nothing to resume: fresh start
@@ -200,8 +200,8 @@ def test_seg_train_resume_and_test(tmp_path, one_thread, capsys):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     shutil.copy(ckpt, elsewhere / "copy.pth")
-    assert not trust.is_trusted(elsewhere / "copy.pth")
-    loaded = trusted_checkpoints.load_from_local(str(elsewhere / "copy.pth"), "cpu")
+    assert not safe_load.is_trusted(elsewhere / "copy.pth")
+    loaded = mm_safe_load.load_from_local(str(elsewhere / "copy.pth"), "cpu")
     assert loaded["meta"]["iter"] == 2
     buffers = loaded["message_hub"]["log_scalars"]
     assert math.isfinite(float(buffers["train/loss"].mean()))
@@ -229,8 +229,8 @@ def test_seg_train_resume_and_test(tmp_path, one_thread, capsys):
     # explicitly (being rest-dense test's CHECKPOINT is not enough)
     odd = elsewhere / "odd.pth"
     torch.save({**loaded, "extra": Note("mine")}, odd)
-    with pytest.raises(trust.UntrustedCheckpointError, match="--trust-checkpoint"):
-        trusted_checkpoints.load_from_local(str(odd), "cpu")
+    with pytest.raises(safe_load.UntrustedCheckpointError, match="--trust-checkpoint"):
+        mm_safe_load.load_from_local(str(odd), "cpu")
     capsys.readouterr()
     assert cli(["test", cfg, str(odd), "--work-dir", str(tmp_path / "t3"),
                 "experiment_name=seg_e"]) == 2
@@ -239,9 +239,9 @@ def test_seg_train_resume_and_test(tmp_path, one_thread, capsys):
     assert cli(["test", cfg, str(odd), "--weights-only", "--trust-checkpoint", str(odd)]) == 2
     assert "contradicts" in capsys.readouterr().err
     mm_runner.test_config(cfg, odd)
-    assert not trust.is_trusted(odd)
+    assert not safe_load.is_trusted(odd)
     mm_runner.test_config(cfg, odd, trust=[odd])        # --trust-checkpoint
-    assert trusted_checkpoints.load_from_local(str(odd), "cpu")["extra"].text == "mine"
+    assert mm_safe_load.load_from_local(str(odd), "cpu")["extra"].text == "mine"
 
 
 UPERNET_T = "upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py"

@@ -2,7 +2,8 @@
 memory, FLOPs) that `rest-dense bench` builds on; tiny sizes."""
 import pytest
 
-from rest_dense.neck_bench import (NeckCase, benchmark_neck, format_neck_table, neck_inputs,
+from rest_dense.commands.bench import format_neck_table
+from rest_dense.neck_bench import (NeckCase, benchmark_neck, neck_inputs,
                                    run_neck_benchmark)
 
 

@@ -19,7 +19,7 @@ import torch
 from rest_dense.models import (CheckpointFormatError, CheckpointMismatchError,
                                CheckpointValueError, ResTv1, ResTv2, create_model,
                                list_models, load_checkpoint, read_state_dict)
-from rest_dense.models.checkpoint import checkpoint_file_kind, infer_arch
+from rest_dense.models.pretrained import checkpoint_file_kind, infer_arch
 
 from conftest import TINY_ARCH, fixture_path
 

@@ -20,7 +20,7 @@ import torch
 
 from rest_dense.cli import main as cli
 from rest_dense.data.toy import generate_toy_dataset
-from rest_dense.model_checkpoint import normalize_model_checkpoint, read_model_checkpoint
+from rest_dense.checkpoint_reader import normalize_model_checkpoint, read_model_checkpoint
 from rest_dense.models import CheckpointError, CheckpointMismatchError
 
 from conftest import REPO
@@ -153,7 +153,7 @@ def test_refusals_name_the_real_cause(toy, runner, case, tmp_path):
 
 def test_reader_is_the_loader(toy):
     """mmengine's local loader returns exactly the reader's state dict."""
-    from rest_dense.mm.trusted_checkpoints import load_from_local
+    from rest_dense.mm.safe_load import load_from_local
 
     _, _, ckpt, _ = toy
     a = read_model_checkpoint(ckpt).state_dict

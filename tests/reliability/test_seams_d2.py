@@ -95,7 +95,7 @@ def d2(toy):
 
 
 def _checkpointer(model, complete=True):
-    from rest_dense.d2.checkpoint import RestDetectionCheckpointer
+    from rest_dense.d2.checkpointer import RestDetectionCheckpointer
 
     ck = RestDetectionCheckpointer(model, save_dir="")
     ck.require_complete = complete

@@ -223,7 +223,7 @@ def test_export_refuses(files, argv, expect, status, capsys, tmp_path, one_threa
 
 def test_export_bad_checkpoint_names_both_variants(files):
     """The library path of the 'checkpoint of another variant' case."""
-    from rest_dense.export import build_model
+    from rest_dense.deploy.backbone_onnx import build_model
     from rest_dense.models import CheckpointMismatchError
 
     with pytest.raises(CheckpointMismatchError,

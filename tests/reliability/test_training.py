@@ -39,8 +39,8 @@ from typing import Callable, List, Optional
 import pytest
 import torch
 
-from rest_dense import trust
-from rest_dense.checkpointing import SAVE_PAUSE_ENV, resume_candidates
+from rest_dense import safe_load
+from rest_dense.run_files import SAVE_PAUSE_ENV, resume_candidates
 
 from conftest import TINY_ARCH
 
@@ -107,7 +107,7 @@ class MM(Framework):
         return int(found.group(1)) if found else None
 
     def final_iteration(self, work):
-        ckpt = trust.load_checkpoint_file(work / f"iter_{MAX_ITERS}.pth", trusted=False)
+        ckpt = safe_load.load_checkpoint_file(work / f"iter_{MAX_ITERS}.pth", trusted=False)
         assert ckpt["state_dict"] and ckpt["optimizer"]["state"]
         return int(ckpt["meta"]["iter"])
 
@@ -139,7 +139,7 @@ class D2(Framework):
         return int(found[-1]) if found else None
 
     def final_iteration(self, work):
-        ckpt = trust.load_checkpoint_file(work / "model_final.pth", trusted=False)
+        ckpt = safe_load.load_checkpoint_file(work / "model_final.pth", trusted=False)
         assert ckpt["model"] and ckpt["trainer"]["_trainer"]["optimizer"]["state"]
         return int(ckpt["iteration"]) + 1  # detectron2 counts from 0
 
@@ -349,7 +349,7 @@ def test_resume_with_nothing_to_resume_says_so(tmp_path):
 def test_d2_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
     from torch import nn
 
-    from rest_dense.d2.checkpoint import RestDetectionCheckpointer
+    from rest_dense.d2.checkpointer import RestDetectionCheckpointer
 
     ckpt = RestDetectionCheckpointer(nn.Linear(2, 2), save_dir=str(tmp_path))
     with caplog.at_level(logging.WARNING):
@@ -360,28 +360,28 @@ def test_d2_resume_with_nothing_to_resume_says_so(tmp_path, caplog):
 
 # ----------------------------------------------------------------------------- building blocks
 def test_atomic_save_leaves_old_file_or_new_one(tmp_path, monkeypatch):
-    from rest_dense import checkpointing
+    from rest_dense import run_files
 
     path = tmp_path / "ckpt.pth"
-    checkpointing.atomic_save({"v": 1}, path)
-    assert checkpointing.atomic_save({"v": 2}, path) == str(path)
-    assert trust.load_checkpoint_file(path)["v"] == 2
+    run_files.atomic_save({"v": 1}, path)
+    assert run_files.atomic_save({"v": 2}, path) == str(path)
+    assert safe_load.load_checkpoint_file(path)["v"] == 2
 
     def broken(obj, f):  # dies half-way through writing
         f.write(b"PK\x03\x04 half a file")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(checkpointing.torch, "save", broken)
+    monkeypatch.setattr(run_files.torch, "save", broken)
     with pytest.raises(KeyboardInterrupt):
-        checkpointing.atomic_save({"v": 3}, path)
-    assert trust.load_checkpoint_file(path)["v"] == 2
+        run_files.atomic_save({"v": 3}, path)
+    assert safe_load.load_checkpoint_file(path)["v"] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.pth"]  # no temporary left
-    checkpointing.atomic_write_text(tmp_path / "last_checkpoint", "ckpt.pth")
+    run_files.atomic_write_text(tmp_path / "last_checkpoint", "ckpt.pth")
     assert (tmp_path / "last_checkpoint").read_text() == "ckpt.pth"
 
 
 def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
-    from rest_dense import checkpointing
+    from rest_dense import run_files
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
@@ -390,59 +390,59 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     other = tmp_path / ".hidden.tmp-x"
     for p in (stale, alive, other):
         p.write_bytes(b"x")
-    assert checkpointing.remove_stale_temporaries(tmp_path) == [str(stale)]
+    assert run_files.remove_stale_temporaries(tmp_path) == [str(stale)]
     assert alive.exists() and other.exists()
-    assert checkpointing.remove_stale_temporaries(tmp_path / "missing") == []
+    assert run_files.remove_stale_temporaries(tmp_path / "missing") == []
 
 
 def test_resume_candidates_and_pointer_of_a_moved_folder(tmp_path):
-    from rest_dense import checkpointing
+    from rest_dense import run_files
 
     old, new = tmp_path / "old", tmp_path / "new"
     old.mkdir()
     for n in (2, 4, 10):
-        checkpointing.atomic_save({"meta": {"iter": n}}, old / f"iter_{n}.pth")
+        run_files.atomic_save({"meta": {"iter": n}}, old / f"iter_{n}.pth")
     (old / "best_mIoU_iter_4.pth").write_bytes(b"not a candidate")
-    checkpointing.atomic_write_text(old / "last_checkpoint", str(old / "iter_4.pth"))  # lags
+    run_files.atomic_write_text(old / "last_checkpoint", str(old / "iter_4.pth"))  # lags
     pattern = r"(?:iter|epoch)_(\d+)\.pth"
-    assert checkpointing.resume_candidates(old, pattern) == [
+    assert run_files.resume_candidates(old, pattern) == [
         str(old / "iter_10.pth"), str(old / "iter_4.pth"), str(old / "iter_2.pth")]
     shutil.copytree(old, new)  # the pointer still names old/iter_4.pth, which exists
-    assert checkpointing.read_pointer(new) == str(new / "iter_4.pth")
+    assert run_files.read_pointer(new) == str(new / "iter_4.pth")
     shutil.rmtree(old)
-    assert checkpointing.read_pointer(new) == str(new / "iter_4.pth")
+    assert run_files.read_pointer(new) == str(new / "iter_4.pth")
     (new / "last_checkpoint").write_text("/elsewhere/custom_name.pth")
-    assert checkpointing.read_pointer(new) is None
+    assert run_files.read_pointer(new) is None
     (new / "custom_name.pth").write_bytes(b"x")
-    assert checkpointing.resume_candidates(new, pattern)[0] == str(new / "custom_name.pth")
-    assert checkpointing.resume_candidates(tmp_path / "missing", pattern) == []
+    assert run_files.resume_candidates(new, pattern)[0] == str(new / "custom_name.pth")
+    assert run_files.resume_candidates(tmp_path / "missing", pattern) == []
     # detectron2's layout: a file name, model_final above the numbered ones
     d2 = tmp_path / "d2"
     for name in ("model_0000009.pth", "model_final.pth", "model_0000019.pth"):
-        checkpointing.atomic_save({}, d2 / name)
+        run_files.atomic_save({}, d2 / name)
     (d2 / "last_checkpoint").write_text("model_final.pth")
-    assert [Path(p).name for p in checkpointing.resume_candidates(
+    assert [Path(p).name for p in run_files.resume_candidates(
         d2, r"model_(\d+)\.pth", final_names=["model_final.pth"])] == [
         "model_final.pth", "model_0000019.pth", "model_0000009.pth"]
 
 
 def test_select_resume_checkpoint(tmp_path, caplog):
-    from rest_dense import checkpointing
+    from rest_dense import run_files
 
     good = tmp_path / "iter_2.pth"
-    checkpointing.atomic_save({"meta": {"iter": 2}}, good)
+    run_files.atomic_save({"meta": {"iter": 2}}, good)
     bad = tmp_path / "iter_4.pth"
     bad.write_bytes(good.read_bytes()[:100])
-    with caplog.at_level(logging.WARNING, logger="rest_dense.checkpointing"):
-        assert checkpointing.select_resume_checkpoint([str(bad), str(good)]) == str(good)
+    with caplog.at_level(logging.WARNING, logger="rest_dense.run_files"):
+        assert run_files.select_resume_checkpoint([str(bad), str(good)]) == str(good)
     assert f"skipping checkpoint {bad}" in caplog.text and f"resuming from {good}" in caplog.text
-    assert checkpointing.select_resume_checkpoint([]) is None
-    with pytest.raises(checkpointing.ResumeError, match="iter_4.pth"):
-        checkpointing.select_resume_checkpoint([str(bad)])
+    assert run_files.select_resume_checkpoint([]) is None
+    with pytest.raises(run_files.ResumeError, match="iter_4.pth"):
+        run_files.select_resume_checkpoint([str(bad)])
     foreign = tmp_path / "iter_6.pth"  # complete, but needs full unpickling: not skipped
     torch.save({"x": logging.Handler}, foreign)
-    with pytest.raises(trust.UntrustedCheckpointError, match="--trust-checkpoint"):
-        checkpointing.select_resume_checkpoint([str(foreign), str(good)])
+    with pytest.raises(safe_load.UntrustedCheckpointError, match="--trust-checkpoint"):
+        run_files.select_resume_checkpoint([str(foreign), str(good)])
 
 
 def test_atomic_checkpoint_hook_removes_the_old_checkpoint_last(tmp_path, monkeypatch):
@@ -452,7 +452,7 @@ def test_atomic_checkpoint_hook_removes_the_old_checkpoint_last(tmp_path, monkey
     from mmengine.model import BaseModel
     from mmengine.runner import Runner
 
-    from rest_dense.mm.checkpointing import AtomicCheckpointHook, make_checkpoint_hooks_atomic
+    from rest_dense.mm.run_files import AtomicCheckpointHook, make_checkpoint_hooks_atomic
 
     class Tiny(BaseModel):
         def __init__(self):
@@ -498,7 +498,7 @@ def test_config_formatting_is_memoized(monkeypatch):
     identical and formats it once."""
     import mmengine.config.config as mm_config
 
-    from rest_dense.mm.checkpointing import install_config_format_cache
+    from rest_dense.mm.utils import install_config_format_cache
     from rest_dense.mm.runner import train_config
 
     cfg = train_config("toy/upernet_restv2_toy.py", work_dir="/nonexistent/w")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from rest_dense import benchmark as bm
+from rest_dense.commands.bench import format_markdown, markdown_document
 from rest_dense.cli import main
 from rest_dense.models import ResTv2
 from rest_dense.reference import ReleasedLayoutResTv2
@@ -94,7 +95,7 @@ def test_memory_levels_run_and_the_table_names_them(one_thread):
                             memory=False, progress=False, log=lambda text: None)
     assert [r.case.with_cp for r in rows] == ["none", "mlp", "block"]
     _check_rows(rows, memory=False)
-    lines = bm.format_markdown(rows).splitlines()
+    lines = format_markdown(rows).splitlines()
     assert "| with_cp |" in lines[0] and "| train | fp32 | mlp |" in lines[3]
 
 
@@ -110,7 +111,7 @@ def test_autocast_difference_is_small_but_not_zero(one_thread):
                             log=lambda text: None)
     notes = bm.autocast_notes(rows)
     assert len(notes) == 1 and "bf16 autocast vs fp32" in notes[0]
-    assert notes[0] in bm.markdown_document(rows, notes=notes)
+    assert notes[0] in markdown_document(rows, notes=notes)
 
 
 def test_autocast_difference_of_swin(one_thread):
@@ -152,7 +153,7 @@ def test_benchmark_tiny_arch_every_impl_both_modes(one_thread):
         (d, m, i) for d in ("fp32", "bf16") for m in ("infer", "train")
         for i in ("sdpa", "math", "released")]
     _check_rows(rows, memory=False)
-    table = bm.format_markdown(rows)
+    table = format_markdown(rows)
     lines = table.splitlines()
     assert len(lines) == 2 + len(rows)
     assert lines[2].startswith("| restv2_tiny (custom arch) | global | sdpa | 64x96 | 2 | infer | fp32 |")

@@ -54,7 +54,7 @@ def test_command_modules_import_no_framework(subprocess_env):
             "        main([cmd, '--help'])\n"
             "    except SystemExit as e:\n"
             "        assert e.code == 0, e.code\n"
-            "import rest_dense.demo, rest_dense.trust, rest_dense.amp\n"
+            "import rest_dense.demo, rest_dense.safe_load, rest_dense.amp\n"
             "heavy = sorted(m for m in sys.modules if m.split('.')[0] in\n"
             "               ('mmengine', 'mmcv', 'mmdet', 'mmseg', 'detectron2', 'fvcore'))\n"
             "print('HEAVY', heavy)\n")

@@ -1,4 +1,4 @@
-"""ONNX export and torch.compile parity of the backbones (rest_dense.export, ``rest-dense export``)."""
+"""ONNX export and torch.compile parity of the backbones (rest_dense.deploy.backbone_onnx, ``rest-dense export``)."""
 import math
 import time
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import rest_dense.export as ex
+import rest_dense.deploy.backbone_onnx as ex
 from rest_dense.cli import main
 from rest_dense.models import ResTv1, ResTv2, create_model
 

@@ -117,7 +117,7 @@ class Deployment:
     Subclasses implement :meth:`prepare` (image -> the framework's input),
     :meth:`input_size`, :meth:`run_torch`, :meth:`export_traced`, :meth:`load_onnx` and
     :meth:`run_onnx`; :meth:`export`, :meth:`check` and
-    :func:`rest_dense.deploy.benchmark.measure_latency` build on them.
+    :func:`rest_dense.deploy.latency.measure_latency` build on them.
     """
 
     framework = ""
@@ -266,13 +266,13 @@ class MMDeployment(Deployment):
         import rest_dense.mm  # noqa: F401  (backbones, checkpoint allow-list)
         from mmdeploy.apis.utils import build_task_processor
 
-        from ..mm.trusted_checkpoints import install_checkpoint_loader
-        from .checkpoints import check_checkpoint_fits, model_state_dict, read_model_checkpoint
+        from ..mm.safe_load import install_checkpoint_loader
+        from ..checkpoint_reader import check_checkpoint_fits, model_state_dict, read_for_deployment
         from .infer import _mm_config
         from .mmdeploy_support import deploy_config
 
         install_checkpoint_loader()
-        ckpt = read_model_checkpoint(checkpoint, trusted=trusted)
+        ckpt = read_for_deployment(checkpoint, trusted=trusted)
         self.cfg = _mm_config(config, cfg_options)
         self.framework = self.cfg.default_scope
         if self.framework == "mmseg":

@@ -21,7 +21,7 @@ from typing import List
 import pytest
 import torch
 
-from rest_dense import trust
+from rest_dense import safe_load
 from rest_dense.cli import main as cli
 
 from conftest import TINY_ARCH
@@ -44,9 +44,9 @@ class Payload:
 
 @pytest.fixture(autouse=True)
 def _nothing_trusted():
-    trust.forget_trusted()
+    safe_load.forget_trusted()
     yield
-    trust.forget_trusted()
+    safe_load.forget_trusted()
 
 
 @pytest.fixture(scope="module")
@@ -113,10 +113,11 @@ def test_mm_test_checkpoint(toy_root, tmp_path, marker, capsys, one_thread):
     assert not marker.exists()
 
     # --trust-checkpoint (trust=...) is what lets it run: the file is live
-    from rest_dense.mm import runner, trusted_checkpoints
+    from rest_dense.mm import runner
+    from rest_dense.mm import safe_load as mm_safe_load
 
     runner.test_config(SEG, evil, work_dir=tmp_path / "t2", trust=[evil])
-    trusted_checkpoints.load_from_local(str(evil), "cpu")
+    mm_safe_load.load_from_local(str(evil), "cpu")
     assert marker.read_text().strip() == "pwned"
     marker.unlink()
 

@@ -1,4 +1,4 @@
-"""rest_dense.trust (one checkpoint-reading policy for both adapters) and rest_dense.amp
+"""rest_dense.safe_load (one checkpoint-reading policy for both adapters) and rest_dense.amp
 (one AMP-availability decision), framework-free."""
 import logging
 import os
@@ -9,15 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from rest_dense import amp, trust
-from rest_dense.trust import UntrustedCheckpointError
+from rest_dense import amp, safe_load
+from rest_dense.safe_load import UntrustedCheckpointError
 
 
 @pytest.fixture(autouse=True)
 def _fresh_trust():
-    trust.forget_trusted()
+    safe_load.forget_trusted()
     yield
-    trust.forget_trusted()
+    safe_load.forget_trusted()
 
 
 class Stats:
@@ -35,7 +35,7 @@ class Stats:
         return "no"
 
 
-trust.register_safe_attributes(Stats, ["mean"])
+safe_load.register_safe_attributes(Stats, ["mean"])
 
 
 class Note:
@@ -71,16 +71,16 @@ def test_training_like_checkpoint_loads_without_trust(tmp_path):
     path = _save(tmp_path / "ckpt.pth", {
         "state_dict": {"w": torch.ones(2)}, "seed": np.int64(3), "eta": np.float64(0.5),
         "hist": Stats([1.0, 2.0, 4.0]), "arr": np.arange(4, dtype=np.int32)})
-    if "rest_dense.mm.trusted_checkpoints" not in sys.modules:
+    if "rest_dense.mm.safe_load" not in sys.modules:
         # (importing rest_dense.mm admits the allow-list process-wide: install_global_allow_list)
         with pytest.raises(pickle.UnpicklingError):
             torch.load(path, weights_only=True)  # torch's own allow-list is not enough
-    ckpt = trust.load_checkpoint_file(path)
+    ckpt = safe_load.load_checkpoint_file(path)
     assert torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
     assert ckpt["seed"] == 3 and ckpt["eta"] == 0.5 and ckpt["arr"].tolist() == [0, 1, 2, 3]
     assert ckpt["hist"].methods["mean"] is Stats.mean and ckpt["hist"].mean() == pytest.approx(7 / 3)
-    assert "builtins.getattr" in trust.safe_global_names()
-    assert "numpy.ndarray" in trust.safe_global_names()
+    assert "builtins.getattr" in safe_load.safe_global_names()
+    assert "numpy.ndarray" in safe_load.safe_global_names()
 
 
 def test_code_in_an_untrusted_file_is_refused_and_never_runs(tmp_path):
@@ -91,7 +91,7 @@ def test_code_in_an_untrusted_file_is_refused_and_never_runs(tmp_path):
                            ("objects.pth", np.array([Note("x")], dtype=object), "")):
         path = _save(tmp_path / name, {"x": obj})
         with pytest.raises(UntrustedCheckpointError, match="--trust-checkpoint") as info:
-            trust.load_checkpoint_file(path)
+            safe_load.load_checkpoint_file(path)
         assert str(path) in str(info.value) and why in str(info.value)
     assert not marker.exists()
 
@@ -101,35 +101,35 @@ def test_trusted_paths_are_unpickled_in_full(tmp_path, caplog):
     own.mkdir()
     path = _save(own / "epoch_1.pth", {"note": Note("mine")})
     sibling = _save(tmp_path / "work2.pth", {"note": Note("other")})
-    assert trust.trust(own, None, "", "https://example.com/w.pth") == [os.path.realpath(own)]
-    assert trust.is_trusted(path) and not trust.is_trusted(sibling)
-    assert not trust.is_trusted(tmp_path / "workshop" / "x.pth")  # a prefix is not a parent
-    with caplog.at_level(logging.WARNING, logger="rest_dense.trust"):
-        assert trust.load_checkpoint_file(path)["note"].text == "mine"
+    assert safe_load.trust(own, None, "", "https://example.com/w.pth") == [os.path.realpath(own)]
+    assert safe_load.is_trusted(path) and not safe_load.is_trusted(sibling)
+    assert not safe_load.is_trusted(tmp_path / "workshop" / "x.pth")  # a prefix is not a parent
+    with caplog.at_level(logging.WARNING, logger="rest_dense.safe_load"):
+        assert safe_load.load_checkpoint_file(path)["note"].text == "mine"
     assert "full unpickling" in caplog.text
     with pytest.raises(UntrustedCheckpointError):
-        trust.load_checkpoint_file(sibling)
-    assert trust.load_checkpoint_file(sibling, trusted=True)["note"].text == "other"
+        safe_load.load_checkpoint_file(sibling)
+    assert safe_load.load_checkpoint_file(sibling, trusted=True)["note"].text == "other"
     with pytest.raises(UntrustedCheckpointError):
-        trust.load_checkpoint_file(path, trusted=False)  # an explicit no wins
-    trust.forget_trusted(own)
-    assert trust.trusted_paths() == []
+        safe_load.load_checkpoint_file(path, trusted=False)  # an explicit no wins
+    safe_load.forget_trusted(own)
+    assert safe_load.trusted_paths() == []
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        trust.load_checkpoint_file(tmp_path / "missing.pth")
+        safe_load.load_checkpoint_file(tmp_path / "missing.pth")
 
 
 def test_plain_pickles_use_the_same_allow_list(tmp_path):
     good = tmp_path / "weights.pkl"
     with open(good, "wb") as f:
         pickle.dump({"blobs": {"conv.w": np.ones((2, 2), np.float32)}, "it": np.int64(5)}, f)
-    data = trust.load_pickle_file(good)
+    data = safe_load.load_pickle_file(good)
     assert data["blobs"]["conv.w"].sum() == 4 and data["it"] == 5
     marker = tmp_path / "ran"
     bad = tmp_path / "bad.pkl"
     with open(bad, "wb") as f:
         pickle.dump({"x": RunsCode(str(marker))}, f)
     with pytest.raises(UntrustedCheckpointError, match="allow-list"):
-        trust.load_pickle_file(bad)
+        safe_load.load_pickle_file(bad)
     assert not marker.exists()
 
 

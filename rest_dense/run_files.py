@@ -1,7 +1,7 @@
 """Crash-safe checkpoint files and picking the checkpoint to resume from (PyTorch only).
 
-Shared by the MMDetection / MMSegmentation adapter (:mod:`rest_dense.mm.checkpointing`) and
-the detectron2 one (:class:`rest_dense.d2.checkpoint.RestDetectionCheckpointer`), so that a
+Shared by the MMDetection / MMSegmentation adapter (:mod:`rest_dense.mm.run_files`) and
+the detectron2 one (:class:`rest_dense.d2.checkpointer.RestDetectionCheckpointer`), so that a
 training run killed at any moment -- also while it writes a checkpoint -- resumes from the
 last complete checkpoint:
 
@@ -40,11 +40,11 @@ from .utils import env_var
 
 __all__ = ["SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
            "temporary_name", "remove_stale_temporaries", "read_pointer", "resume_candidates",
-           "select_resume_checkpoint", "scale_count"]
+           "select_resume_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
-logger = logging.getLogger("rest_dense.checkpointing")
+logger = logging.getLogger("rest_dense.run_files")
 
 #: test hook: seconds to sleep between writing a checkpoint's temporary file and renaming it
 SAVE_PAUSE_ENV = "REST_DENSE_TEST_SAVE_PAUSE"
@@ -261,7 +261,7 @@ def resume_candidates(folder: PathLike, pattern: Union[str, Pattern[str]],
 
 
 def _default_reader(path: str) -> Any:
-    from .trust import load_checkpoint_file
+    from .safe_load import load_checkpoint_file
 
     return load_checkpoint_file(path, map_location="cpu")
 
@@ -271,13 +271,13 @@ def select_resume_checkpoint(candidates: Sequence[str], read: Optional[Callable[
     """The first of ``candidates`` that can be read; warns about each file it skips.
 
     A file that needs full unpickling and is not trusted is not skipped: that
-    :class:`rest_dense.trust.UntrustedCheckpointError` is raised, since resuming from an
+    :class:`rest_dense.safe_load.UntrustedCheckpointError` is raised, since resuming from an
     older file instead would silently throw work away.
 
     Args:
         candidates: checkpoints, most recent first (:func:`resume_candidates`).
         read: reads a file, raising on failure (default:
-            :func:`rest_dense.trust.load_checkpoint_file` to the CPU).
+            :func:`rest_dense.safe_load.load_checkpoint_file` to the CPU).
         log: where the warnings go (default: this module's logger).
 
     Returns:
@@ -287,7 +287,7 @@ def select_resume_checkpoint(candidates: Sequence[str], read: Optional[Callable[
         ResumeError: no candidate can be read (each file and its error are listed).
         UntrustedCheckpointError: a candidate needs full unpickling.
     """
-    from .trust import UntrustedCheckpointError
+    from .safe_load import UntrustedCheckpointError
 
     read = read or _default_reader
     log = log or logger
@@ -314,7 +314,3 @@ def select_resume_checkpoint(candidates: Sequence[str], read: Optional[Callable[
 
 
 # ----------------------------------------------------------------------------- schedules
-def scale_count(value: Union[int, float], ratio: float, minimum: int = 1) -> int:
-    """``value * ratio`` rounded, at least ``minimum``: an iteration count (interval,
-    warm-up length, milestone) of a schedule stretched or shrunk by ``ratio``."""
-    return max(int(minimum), int(round(float(value) * ratio)))

@@ -21,19 +21,21 @@ import logging
 import os
 import re
 import sys
-import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
+from .. import safe_load
+from ..safe_load import (CheckpointError, CheckpointFormatError, _describe_file,
+                         checkpoint_file_kind, describe_file)
 from .base import ResTBase, set_checkpoint_loader
 
 __all__ = ["load_checkpoint", "read_state_dict", "normalize_state_dict", "rename_d2_norm_keys",
            "matching_keys", "checkpoint_file_kind", "infer_arch", "describe_model", "LoadReport",
            "ArchGuess", "CheckpointError", "CheckpointFormatError", "CheckpointMismatchError",
-           "CheckpointValueError", "check_model_checkpoint", "ModelCheckReport", "find_backbone"]
+           "CheckpointValueError", "check_model_checkpoint", "ModelCheckReport", "find_backbone", "describe_file"]
 
 logger = logging.getLogger("rest_dense")
 
@@ -47,14 +49,6 @@ _BLOCK_KEY = re.compile(r"^stage([1-4])\.(\d+)\.")
 MIN_MATCHED_FRACTION = 0.5
 
 PathOrStateDict = Union[str, os.PathLike, Mapping]
-
-
-class CheckpointError(ValueError):
-    """Base class: a checkpoint cannot be loaded into a model."""
-
-
-class CheckpointFormatError(CheckpointError):
-    """The file (or object) is not a readable checkpoint; the message says what it is."""
 
 
 class CheckpointMismatchError(CheckpointError):
@@ -107,109 +101,6 @@ def _short(keys: Sequence[str], n: int = 12) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
-# ------------------------------------------------------------------ reading files
-_ZIP_MAGIC = b"PK\x03\x04"
-_EMPTY_ZIP_MAGIC = b"PK\x05\x06"
-_ZIP_END = b"PK\x05\x06"
-# torch.save's legacy (non-zip) format: pickle protocol 2, then this magic number as a long
-_LEGACY_TORCH_MAGIC = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
-_SNIFF_BYTES = 4096
-
-_KIND_TEXT = {
-    "torch-zip": "a torch.save checkpoint (zip archive)",
-    "torch-legacy": "a torch.save checkpoint (legacy, non-zip format)",
-    "pickle": "a plain Python pickle (not written by torch.save)",
-    "safetensors": "a safetensors file",
-    "empty": "an empty file (0 bytes)",
-    "truncated-zip": "a truncated or damaged zip archive (no end-of-archive record)",
-    "zip": "a zip archive that is not a torch.save checkpoint (e.g. a numpy .npz)",
-    "truncated-safetensors": "a truncated safetensors file (shorter than its own header)",
-    "json": "a JSON file",
-    "html": "an HTML page (a failed download?)",
-    "git-lfs-pointer": "a Git LFS pointer file (the weights themselves were never downloaded; "
-                       "run `git lfs pull`)",
-    "text": "a text file",
-    "gzip": "a gzip-compressed file (decompress it first)",
-    "unknown": "not a checkpoint format rest_dense knows",
-}
-
-
-def checkpoint_file_kind(path: Union[str, os.PathLike]) -> str:
-    """What a file is, judged from its first bytes (its name plays no part).
-
-    Args:
-        path: an existing file.
-
-    Returns:
-        One of ``'torch-zip'``, ``'torch-legacy'``, ``'pickle'``, ``'safetensors'`` (the
-        readable kinds) or ``'empty'``, ``'truncated-zip'``, ``'zip'``,
-        ``'truncated-safetensors'``, ``'json'``, ``'html'``, ``'git-lfs-pointer'``,
-        ``'text'``, ``'gzip'``, ``'unknown'``.
-    """
-    path = os.fspath(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(_SNIFF_BYTES)
-        if size == 0:
-            return "empty"
-        # safetensors: 8-byte little-endian header length, then a JSON object
-        if len(head) >= 9 and head[8:9] == b"{":
-            n = int.from_bytes(head[:8], "little")
-            if 2 <= n < 1 << 40:
-                return "safetensors" if 8 + n <= size else "truncated-safetensors"
-        if head.startswith((_ZIP_MAGIC, _EMPTY_ZIP_MAGIC)):
-            f.seek(max(0, size - (1 << 16) - 22))
-            if _ZIP_END not in f.read():
-                return "truncated-zip"
-            try:
-                with zipfile.ZipFile(path) as z:
-                    names = z.namelist()
-            except (zipfile.BadZipFile, OSError):
-                return "truncated-zip"
-            return "torch-zip" if any(n.endswith("data.pkl") for n in names) else "zip"
-    if head.startswith(_LEGACY_TORCH_MAGIC):
-        return "torch-legacy"
-    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
-        return "pickle"
-    if head.startswith(b"\x1f\x8b"):
-        return "gzip"
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        # a multi-byte character cut by the sniff window is still text
-        if e.start < len(head) - 4:
-            return "unknown"
-        text = head[:e.start].decode("utf-8")
-    if any(c in text for c in "\x00\x01\x02\x03\x04\x05\x06\x07\x0e\x0f"):
-        return "unknown"
-    stripped = text.lstrip("\ufeff \t\r\n")
-    if stripped.startswith("version https://git-lfs"):
-        return "git-lfs-pointer"
-    low = stripped[:512].lower()
-    if low.startswith(("<!doctype html", "<html")) or "<html" in low:
-        return "html"
-    if stripped[:1] in ("{", "["):
-        return "json"
-    return "text"
-
-
-def _describe_file(path: str, kind: str) -> str:
-    detail = _KIND_TEXT[kind]
-    if kind in ("text", "json", "html"):
-        with open(path, "rb") as f:
-            start = f.read(60).decode("utf-8", "replace").strip().replace("\n", " ")
-        detail += f" starting {start!r}"
-    elif kind == "unknown":
-        with open(path, "rb") as f:
-            detail += f" (first bytes {f.read(8).hex(' ')})"
-    return f"{path!r} ({os.path.getsize(path)} bytes) is {detail}"
-
-
-def describe_file(path: str) -> str:
-    """``"'path' (N bytes) is <what its first bytes say>"``, for error messages."""
-    return _describe_file(path, checkpoint_file_kind(path))
-
-
 def _load_file(path: str, weights_only: bool, map_location) -> object:
     if not os.path.exists(path):
         raise FileNotFoundError(2, f"checkpoint file not found: {path!r}", path)
@@ -241,13 +132,12 @@ def _load_file(path: str, weights_only: bool, map_location) -> object:
     try:
         if not weights_only:
             return torch.load(path, map_location=map_location, weights_only=False)
-        # the allow-list of rest_dense.trust (numpy scalars, mmengine's HistoryBuffer): a
+        # the allow-list of rest_dense.safe_load (numpy scalars, mmengine's HistoryBuffer): a
         # training checkpoint given as `init_cfg=dict(type='Pretrained', ...)` loads
-        from .. import trust as _trust
 
         if "mmengine" in sys.modules:
-            _trust.register_framework_classes()
-        with _trust.safe_globals():
+            safe_load.register_framework_classes()
+        with safe_load.safe_globals():
             return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:
         if type(e).__name__ == "UnpicklingError" and "eights only" in str(e):

@@ -1,4 +1,4 @@
-"""mmengine's local checkpoint loading under :mod:`rest_dense.trust`'s policy.
+"""mmengine's local checkpoint loading under :mod:`rest_dense.safe_load`'s policy.
 
 mmengine 0.10.7 calls ``torch.load`` without ``weights_only``; since torch 2.6 that means
 ``weights_only=True``, which refuses mmengine's own training checkpoints (the message hub's
@@ -8,12 +8,12 @@ testing a trained checkpoint fail with ``UnpicklingError: Weights only load fail
 This module
 
 * puts ``HistoryBuffer`` and its four statistics functions (``min``, ``max``, ``mean``,
-  ``current``, pickled as ``getattr(HistoryBuffer, name)``) on :mod:`rest_dense.trust`'s
+  ``current``, pickled as ``getattr(HistoryBuffer, name)``) on :mod:`rest_dense.safe_load`'s
   allow-list, so mmengine training checkpoints load with ``weights_only=True``;
 * with :func:`install_checkpoint_loader` (called by :func:`trust_checkpoints` and by
   :mod:`rest_dense.mm.runner`), replaces mmengine's loader for local files by
   :func:`load_from_local`, which reads every file with the allow-list and unpickles in full
-  only files the user marked as their own (:func:`rest_dense.trust.trust`, which the
+  only files the user marked as their own (:func:`rest_dense.safe_load.trust`, which the
   command line calls for ``--trust-checkpoint`` paths only: never implicitly for a work dir,
   a ``--resume`` file or the checkpoint under test).
 
@@ -24,10 +24,10 @@ read the checkpoints our training writes, with nothing of any file run:
 
 * mmengine's loader for local files becomes :func:`load_from_local`: the allow-list, full
   unpickling only for :func:`trust`-ed paths, and the whole-model checkpoint normalised by
-  :func:`rest_dense.model_checkpoint.read_model_checkpoint` (``{'model': sd}``, DDP
+  :func:`rest_dense.checkpoint_reader.read_model_checkpoint` (``{'model': sd}``, DDP
   ``module.`` prefixes, EMA state dicts, safetensors), so the state dict that our checks see
   is the one mmengine loads;
-* :func:`rest_dense.trust.install_global_allow_list` admits the same allow-list in every
+* :func:`rest_dense.safe_load.install_global_allow_list` admits the same allow-list in every
   ``torch.load(weights_only=True)`` of the process (``torch.serialization.add_safe_globals``)
   for code that calls ``torch.load`` itself.
 
@@ -45,8 +45,8 @@ from mmengine.logging import MMLogger
 from mmengine.logging.history_buffer import HistoryBuffer
 from mmengine.runner.checkpoint import CheckpointLoader
 
-from .. import trust as _trust
-from ..trust import UntrustedCheckpointError, is_trusted, trusted_paths
+from .. import safe_load
+from ..safe_load import UntrustedCheckpointError, is_trusted, trusted_paths
 
 __all__ = ["trust_checkpoints", "trusted_paths", "is_trusted", "install_checkpoint_loader",
            "load_from_local", "UntrustedCheckpointError", "HISTORY_BUFFER_STATISTICS"]
@@ -56,7 +56,7 @@ PathLike = Union[str, os.PathLike]
 #: the statistics functions every HistoryBuffer pickles (mmengine registers these four)
 HISTORY_BUFFER_STATISTICS = ("min", "max", "mean", "current")
 
-_trust.register_safe_attributes(HistoryBuffer, HISTORY_BUFFER_STATISTICS)
+safe_load.register_safe_attributes(HistoryBuffer, HISTORY_BUFFER_STATISTICS)
 
 _INSTALLED = False
 
@@ -73,7 +73,7 @@ def install_checkpoint_loader() -> None:
 
 def trust_checkpoints(*paths: Optional[PathLike]) -> List[str]:
     """Mark files or directories as the user's own checkpoints
-    (:func:`rest_dense.trust.trust`) and install :func:`load_from_local` for mmengine.
+    (:func:`rest_dense.safe_load.trust`) and install :func:`load_from_local` for mmengine.
 
     Only call this for files you produced: unpickling runs code stored in the file.
 
@@ -85,13 +85,13 @@ def trust_checkpoints(*paths: Optional[PathLike]) -> List[str]:
         All trusted paths.
     """
     install_checkpoint_loader()
-    return _trust.trust(*paths)
+    return safe_load.trust(*paths)
 
 
 def load_from_local(filename: str, map_location: Any = None) -> Any:
-    """mmengine's local-file loader under :mod:`rest_dense.trust`'s policy:
+    """mmengine's local-file loader under :mod:`rest_dense.safe_load`'s policy:
     ``weights_only=True`` with the allow-list, full unpickling only for trusted paths; the
-    checkpoint normalised by :func:`rest_dense.model_checkpoint.read_model_checkpoint` and
+    checkpoint normalised by :func:`rest_dense.checkpoint_reader.read_model_checkpoint` and
     returned in mmengine's layout (``{'state_dict': ..., 'meta': ..., ...}``).
 
     Raises:
@@ -99,7 +99,7 @@ def load_from_local(filename: str, map_location: Any = None) -> Any:
         UntrustedCheckpointError: the file needs full unpickling and was not marked trusted.
         CheckpointFormatError: not a checkpoint, or no tensors in it (says what it is).
     """
-    from ..model_checkpoint import read_model_checkpoint
+    from ..checkpoint_reader import read_model_checkpoint
 
     filename = osp.expanduser(filename)
     if not osp.isfile(filename):
@@ -114,4 +114,4 @@ def load_from_local(filename: str, map_location: Any = None) -> Any:
 
 # importing rest_dense.mm (custom_imports) makes the toolboxes' own tools read our checkpoints
 install_checkpoint_loader()
-_trust.install_global_allow_list()
+safe_load.install_global_allow_list()

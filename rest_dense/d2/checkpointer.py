@@ -12,14 +12,14 @@ checkpoints survive the training process being killed.
   ``backbone.bottom_up.norm_i.0.*``; converted or our own ones ``norm_i.*``): the norm
   keys are renamed and the whole model is loaded the usual way.
 
-Files are read under :mod:`rest_dense.trust`'s policy, the same as the MMDetection /
+Files are read under :mod:`rest_dense.safe_load`'s policy, the same as the MMDetection /
 MMSegmentation adapter's: ``torch.load(weights_only=True)`` with an allow-list that covers
 what detectron2 training writes (``.pkl`` model-zoo files through a restricted unpickler);
-full unpickling only for paths marked with :func:`rest_dense.trust.trust`, which the
+full unpickling only for paths marked with :func:`rest_dense.safe_load.trust`, which the
 command line does for ``--trust-checkpoint`` paths and nothing else.
 
 Saving (:meth:`RestDetectionCheckpointer.save`) writes each checkpoint and the
-``last_checkpoint`` pointer atomically (:mod:`rest_dense.checkpointing`: temporary file in
+``last_checkpoint`` pointer atomically (:mod:`rest_dense.run_files`: temporary file in
 the output folder, ``fsync``, ``os.replace``), so a file under a checkpoint's name is always
 complete and ``PeriodicCheckpointer(max_to_keep=...)`` deletes an old checkpoint only after
 the new one is in place. Resuming (:meth:`RestDetectionCheckpointer.resume_or_load` with
@@ -37,12 +37,12 @@ from detectron2.checkpoint import DetectionCheckpointer
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
-from .. import checkpointing as _ckpt
-from .. import trust as _trust
-from ..models import (CheckpointMismatchError, check_model_checkpoint, find_backbone, load_checkpoint, matching_keys,
+from .. import run_files
+from .. import safe_load
+from ..models import (CheckpointMismatchError, find_backbone, load_checkpoint, matching_keys,
                       normalize_state_dict, rename_d2_norm_keys)
 from ..models.base import ResTBase
-from ..model_checkpoint import (ModelCheckpoint, check_checkpoint, normalize_model_checkpoint,
+from ..checkpoint_reader import (ModelCheckpoint, check_checkpoint, normalize_model_checkpoint,
                                 read_checkpoint_object)
 
 __all__ = ["RestDetectionCheckpointer", "find_rest_backbone", "classify_checkpoint",
@@ -106,21 +106,21 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
         if os.path.basename(save_file) != basename:
             raise ValueError(f"checkpoint name {name!r} must be a plain file name")
         self.logger.info("Saving checkpoint to %s", save_file)
-        _ckpt.atomic_save(data, save_file)
+        run_files.atomic_save(data, save_file)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:
         """Point ``last_checkpoint`` at ``last_filename_basename``, atomically."""
-        _ckpt.atomic_write_text(os.path.join(self.save_dir, _ckpt.POINTER_NAME),
+        run_files.atomic_write_text(os.path.join(self.save_dir, run_files.POINTER_NAME),
                                 last_filename_basename)
 
     # ------------------------------------------------------------------ resuming
     def resume_candidates(self) -> List[str]:
         """The output folder's checkpoints, the one to resume from first
-        (:func:`rest_dense.checkpointing.resume_candidates`)."""
+        (:func:`rest_dense.run_files.resume_candidates`)."""
         if not self.save_dir:
             return []
-        return _ckpt.resume_candidates(self.save_dir, CHECKPOINT_PATTERN,
+        return run_files.resume_candidates(self.save_dir, CHECKPOINT_PATTERN,
                                        final_names=FINAL_NAMES)
 
     def has_checkpoint(self) -> bool:
@@ -137,10 +137,10 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
             UntrustedCheckpointError: the newest needs full unpickling and is not trusted.
         """
         if self.save_dir and self.save_to_disk:
-            _ckpt.remove_stale_temporaries(self.save_dir, log=self.logger)
-        return _ckpt.select_resume_checkpoint(
+            run_files.remove_stale_temporaries(self.save_dir, log=self.logger)
+        return run_files.select_resume_checkpoint(
             self.resume_candidates(),
-            read=lambda p: _trust.load_checkpoint_file(p, map_location="cpu"), log=self.logger)
+            read=lambda p: safe_load.load_checkpoint_file(p, map_location="cpu"), log=self.logger)
 
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         """With ``resume``: load model and checkpointables from
@@ -160,7 +160,7 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
         """A file in one of detectron2's formats, read under the trust policy, as
         ``{"model": state dict, ...}``."""
         if filename.endswith(".pkl"):
-            data = _trust.load_pickle_file(filename, log=self.logger)
+            data = safe_load.load_pickle_file(filename, log=self.logger)
             if not isinstance(data, Mapping):
                 raise ValueError(f"{filename}: expected a dict, got {type(data).__name__}")
             if "model" in data and "__author__" in data:  # detectron2 model-zoo layout
@@ -178,7 +178,7 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
             return {"model": {k: v for k, v in loaded["model_state"].items()
                               if not k.endswith("num_batches_tracked")},
                     "__author__": "pycls", "matching_heuristics": True}
-        # the one whole-model reader (rest_dense.model_checkpoint): wrappers, DDP 'module.'
+        # the one whole-model reader (rest_dense.checkpoint_reader): wrappers, DDP 'module.'
         # and EMA entries undone, the layout's framework kept for the messages
         self._read = normalize_model_checkpoint(loaded, source=f"checkpoint {filename!r}")
         if self._read.framework == "mmengine":  # only the weights of another framework's file

@@ -4,17 +4,17 @@ Every path that hands a detector's / segmenter's checkpoint to a framework goes 
 :func:`read_model_checkpoint` (a file) or :func:`normalize_model_checkpoint` (an object
 already read): ``rest-dense test``, ``infer``, ``export-model``, ``train --resume`` and
 ``load_from`` (mmengine reads local files through
-:func:`rest_dense.mm.trusted_checkpoints.load_from_local`, which returns
+:func:`rest_dense.mm.safe_load.load_from_local`, which returns
 :meth:`ModelCheckpoint.to_mmengine` of this reader), a whole model's ``init_cfg``
 ``Pretrained`` (also through mmengine's loader), and detectron2's
-:class:`~rest_dense.d2.checkpoint.RestDetectionCheckpointer`. The check
+:class:`~rest_dense.d2.checkpointer.RestDetectionCheckpointer`. The check
 (:func:`rest_dense.models.check_model_checkpoint`) sees exactly the state dict the framework
 then loads.
 
 What the reader accepts (and undoes), in this order:
 
-* files by their content (:func:`rest_dense.models.checkpoint.checkpoint_file_kind`):
-  ``torch.save`` zip / legacy files under :mod:`rest_dense.trust`'s policy, safetensors,
+* files by their content (:func:`rest_dense.models.pretrained.checkpoint_file_kind`):
+  ``torch.save`` zip / legacy files under :mod:`rest_dense.safe_load`'s policy, safetensors,
   plain pickles (detectron2 ``.pkl``) with the restricted unpickler; anything else is refused
   naming what the file is;
 * the wrappers ``state_dict`` (mmengine, Lightning), ``model`` (detectron2, ImageNet
@@ -36,16 +36,20 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .models.checkpoint import (CheckpointFormatError, checkpoint_file_kind, describe_file)
+from torch import nn
+
+from .models.pretrained import (CheckpointFormatError, CheckpointMismatchError,
+                                checkpoint_file_kind, describe_file, find_backbone)
 
 __all__ = ["ModelCheckpoint", "read_model_checkpoint", "normalize_model_checkpoint",
-           "read_checkpoint_object", "framework_of", "FRAMEWORK_NAMES"]
+           "read_checkpoint_object", "framework_of", "FRAMEWORK_NAMES", "check_checkpoint",
+           "read_for_deployment", "model_state_dict", "check_checkpoint_fits"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -124,14 +128,14 @@ def framework_of(top: Mapping[str, Any], keys: Any = ()) -> Optional[str]:
 def read_checkpoint_object(path: PathLike, map_location: Any = "cpu", *,
                            trusted: Optional[bool] = None, log: Any = None) -> Any:
     """The object a checkpoint file holds, read by its content under
-    :mod:`rest_dense.trust`'s policy (torch files, safetensors, plain pickles).
+    :mod:`rest_dense.safe_load`'s policy (torch files, safetensors, plain pickles).
 
     Raises:
         FileNotFoundError / IsADirectoryError: no such file.
         CheckpointFormatError: not a checkpoint (says what the file is).
         UntrustedCheckpointError: needs full unpickling and is not trusted.
     """
-    from . import trust as _trust
+    from . import safe_load
 
     path = os.path.expanduser(os.fspath(path))
     if not os.path.exists(path):
@@ -149,9 +153,9 @@ def read_checkpoint_object(path: PathLike, map_location: Any = "cpu", *,
             raise CheckpointFormatError(f"{describe_file(path)} that cannot be read "
                                         f"(damaged or truncated?): {e}") from e
     if kind == "pickle":
-        return _trust.load_pickle_file(path, trusted=trusted, log=log)
+        return safe_load.load_pickle_file(path, trusted=trusted, log=log)
     if kind in ("torch-zip", "torch-legacy"):
-        return _trust.load_checkpoint_file(path, map_location=map_location, trusted=trusted,
+        return safe_load.load_checkpoint_file(path, map_location=map_location, trusted=trusted,
                                            log=log)
     raise CheckpointFormatError(f"{describe_file(path)}: not a checkpoint, rest_dense cannot "
                                 "read it as one")
@@ -277,7 +281,7 @@ def check_checkpoint(model: Any, ckpt: ModelCheckpoint, *, complete: bool,
     Raises:
         CheckpointMismatchError: naming the real cause.
     """
-    from .models.checkpoint import CheckpointMismatchError, check_model_checkpoint
+    from .models.pretrained import check_model_checkpoint
 
     own_sd = getattr(model, "module", model).state_dict()
     sd = ckpt.state_dict
@@ -309,3 +313,121 @@ def check_checkpoint(model: Any, ckpt: ModelCheckpoint, *, complete: bool,
             msg = (f"{msg}. --resume continues the run that wrote the file, with the same "
                    "model: this file is a checkpoint of another model")
         raise CheckpointMismatchError(f"{lead}{msg}{hint}") from err
+
+
+# ----------------------------------------------------------------- deployment (infer / export-model)
+_IGNORED_SUFFIXES = ("num_batches_tracked",)
+
+
+def read_for_deployment(path: Union[str, os.PathLike], trusted: bool = False) -> Dict[str, Any]:
+    """:func:`read_model_checkpoint` for ``infer`` / ``export-model``, in mmengine's layout; with
+    ``trusted`` the file is marked trusted first (:func:`rest_dense.safe_load.trust`), so that
+    the framework's own loader reads it later too.
+
+    Args:
+        path: ``.pth`` / ``.pt`` / ``.pkl`` / ``.safetensors`` checkpoint.
+        trusted: also unpickle in full when the restricted loader refuses the file (only for
+            the user's own files; :func:`rest_dense.safe_load.trust` marks it).
+
+    Returns:
+        ``{'state_dict': <model keys>, 'meta': ..., ...}``.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the file cannot be read as a checkpoint.
+    """
+    from . import safe_load
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    if trusted:
+        safe_load.trust(path)
+    try:
+        return read_model_checkpoint(path, map_location="cpu").to_mmengine()
+    except (FileNotFoundError, ValueError, safe_load.UntrustedCheckpointError):
+        raise
+    except Exception as e:  # corrupt / foreign files: name the file
+        raise ValueError(f"checkpoint {path!r} cannot be read: {type(e).__name__}: {e}") from e
+
+
+def model_state_dict(checkpoint: Any) -> Dict[str, Tensor]:
+    """The model weights inside a checkpoint, as the one reader normalises them
+    (:func:`rest_dense.checkpoint_reader.normalize_model_checkpoint`)."""
+    try:
+        return normalize_model_checkpoint(checkpoint).state_dict
+    except ValueError as e:
+        raise ValueError(f"the checkpoint holds no model weights: {e}") from e
+
+
+def _backbone_prefix(model: nn.Module) -> Optional[str]:
+    found = find_backbone(model)
+    return None if found is None else found[0]
+
+
+def _variant_note(model: nn.Module, state_dict: Mapping[str, Tensor]) -> str:
+    """``'; the checkpoint's backbone is X, the model's Y'`` when both are ResT and differ."""
+    from .models.pretrained import describe_model, infer_arch, rename_d2_norm_keys
+
+    prefix = _backbone_prefix(model)
+    if prefix is None:
+        return ""
+    backbone = dict(model.named_modules())[prefix[:-1]] if prefix else model
+    part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    part = rename_d2_norm_keys(part)
+    guess = infer_arch(part)
+    theirs = str(guess) if guess.family else "absent"
+    ours = describe_model(backbone)
+    if theirs == ours:
+        return ""
+    return f"; its backbone is {theirs}, the config's {ours}"
+
+
+def check_checkpoint_fits(model: nn.Module, state_dict: Mapping[str, Tensor], what: str,
+                          for_config: str = "the config") -> Tuple[List[str], List[str]]:
+    """Check that a whole-model checkpoint covers ``model`` with the right shapes.
+
+    Args:
+        model: the model built from the config.
+        state_dict: the checkpoint's weights in the model's key names
+            (:func:`model_state_dict`; detectron2's ``norm_i.0`` renamed).
+        what: how to name the checkpoint in messages (its path).
+        for_config: how to name the config in messages.
+
+    Returns:
+        ``(missing, unexpected)`` key lists (``missing`` is always empty on return).
+
+    Raises:
+        CheckpointMismatchError: tensors of the model are missing from the checkpoint, or
+            have other shapes there; the message names a few and the backbone variants.
+    """
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith(_IGNORED_SUFFIXES)}
+    theirs = {k: v for k, v in state_dict.items() if not k.endswith(_IGNORED_SUFFIXES)}
+    missing = sorted(k for k in own if k not in theirs)
+    unexpected = sorted(k for k in theirs if k not in own)
+    shapes = sorted(k for k in own if k in theirs and tuple(own[k].shape) != tuple(theirs[k].shape))
+    if not missing and not shapes:
+        # the rules of `rest-dense test` too: the backbone's own checks (weights of another
+        # attention mode such as cwin's convs unused, NaN / integer values) refuse
+        from .models.pretrained import check_model_checkpoint
+
+        check_model_checkpoint(model, state_dict, source=f"checkpoint {what}", complete=True)
+        return [], unexpected
+    n = len(own)
+    parts = []
+    if missing and len(missing) == n:
+        parts.append(f"none of the model's {n} tensors is in it (e.g. {_short(missing, 3)})")
+    elif missing:
+        parts.append(f"{len(missing)} of the model's {n} tensors are missing ({_short(missing)})")
+    if shapes:
+        shown = [f"{k} {tuple(theirs[k].shape)} vs {tuple(own[k].shape)}" for k in shapes[:3]]
+        parts.append(f"{len(shapes)} tensors have other shapes (checkpoint vs model: "
+                     f"{'; '.join(shown)}{', ...' if len(shapes) > 3 else ''})")
+    prefix = _backbone_prefix(model)
+    if prefix is not None and missing and all(not k.startswith(prefix) for k in missing) and \
+            len(theirs) and all(k.startswith(prefix) for k in theirs):
+        parts.append("it holds backbone weights only; inference needs a trained detector / "
+                     "segmenter checkpoint")
+    raise CheckpointMismatchError(
+        f"checkpoint {what} is not a checkpoint of the model in {for_config}: "
+        + "; ".join(parts) + _variant_note(model, theirs))

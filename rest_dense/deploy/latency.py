@@ -63,7 +63,7 @@ def measure_latency(deployment, onnx_path: str, sizes: Sequence[Size] = (), imag
     """Time PyTorch and ONNX Runtime on synthetic images of ``sizes`` and on ``images``.
 
     Args:
-        deployment: a :class:`~rest_dense.deploy.onnx_export.Deployment`.
+        deployment: a :class:`~rest_dense.deploy.model_onnx.Deployment`.
         onnx_path: the exported model.
         sizes: ``(H, W)`` of synthetic test pictures.
         images: image files.
@@ -78,7 +78,7 @@ def measure_latency(deployment, onnx_path: str, sizes: Sequence[Size] = (), imag
     import torch
     from tqdm import tqdm
 
-    from .onnx_export import _check_images
+    from .model_onnx import _check_images
 
     if runs < 1:
         raise ValueError(f"runs must be at least 1, got {runs}")

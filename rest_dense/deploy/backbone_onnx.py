@@ -47,7 +47,7 @@ Dynamic shapes with ``torch.compile`` and ``torch.export`` (:func:`compile_model
 
 Example::
 
-    from rest_dense.export import build_model, export_onnx, check_onnx
+    from rest_dense.deploy.backbone_onnx import build_model, export_onnx, check_onnx
     model = build_model("restv2_tiny", attn_mode="hwin", checkpoint="restv2_tiny_224.pth")
     export_onnx(model, "restv2_tiny_hwin.onnx")
     for r in check_onnx(model, "restv2_tiny_hwin.onnx", [(320, 480), (257, 391)]):
@@ -65,10 +65,10 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
-from .deploy.runtime import ParityError, ParityResult, compare_outputs, finish, make_session
-from .deploy.shapes import (default_trace_shape, min_valid_side, trace_problems,
+from .runtime import ParityError, ParityResult, compare_outputs, finish, make_session
+from .shapes import (default_trace_shape, min_valid_side, trace_problems,
                             trace_side_problems, windowed_stages)
-from .models import canonical_name, create_model, get_model_entry, load_checkpoint, read_state_dict
+from ..models import canonical_name, create_model, get_model_entry, load_checkpoint, read_state_dict
 
 __all__ = ["DEFAULT_CHECK_SIZES", "DEFAULT_OPSET", "OnnxExport", "ParityResult", "ParityError",
            "DynamicShapeError", "build_model", "export_onnx", "check_onnx", "check_compile",
@@ -119,7 +119,7 @@ def build_model(model: str, attn_mode: str = "global", checkpoint: Optional[str]
                              "see `rest-dense export --help` for the model names")
         if checkpoint is not None:
             raise ValueError(f"{model!r} is a checkpoint file; do not pass another checkpoint")
-        from .convert import infer_model_name
+        from ..convert import infer_model_name
 
         checkpoint = read_state_dict(model, weights_only=weights_only)
         name = infer_model_name(checkpoint)
@@ -460,7 +460,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
         axes = {"input": {0: "batch", 2: "height", 3: "width"}}
         axes.update({n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names})
     x = torch.randn(1 if dynamic else batch, model.in_channels, *shape)
-    from .convert import check_destination
+    from ..convert import check_destination
 
     check_destination(path)
     t0 = time.perf_counter()
