@@ -246,7 +246,7 @@ class ResTBase(nn.Module):
     num_stages = 4
 
     def _setup_common(self, spec: Dict, in_channels: int, out_indices: Sequence[int],
-                      frozen_stages: int, norm_eval: bool, with_cp: bool) -> None:
+                      frozen_stages: int, norm_eval: bool, with_cp: Union[bool, str]) -> None:
         """Check and store the constructor arguments both families share.
 
         Raises:

@@ -6,7 +6,7 @@ Stages 1-3 are followed by token LayerNorms ``norm1..norm3`` applied *in the str
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -180,7 +180,7 @@ class ResTv1(ResTBase):
 
     def __init__(self, arch: ArchType = "small", in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
-                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: Union[bool, str] = False,
                  fast_paths: bool = True, attn_drop_rate: float = 0.0,
                  pretrained: Optional[str] = None, fused_attn: Optional[bool] = UNSET):
         super().__init__()

@@ -235,7 +235,7 @@ class ResTv2(ResTBase):
     def __init__(self, arch: ArchType = "tiny", in_channels: int = 3,
                  out_indices: Sequence[int] = (0, 1, 2, 3), drop_path_rate: float = 0.0,
                  attn_mode: str = "global", window_size: Union[int, Sequence[int]] = DEFAULT_WINDOW_SIZE,
-                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: bool = False,
+                 frozen_stages: int = -1, norm_eval: bool = False, with_cp: Union[bool, str] = False,
                  fast_paths: bool = True, attn_drop_rate: float = 0.0,
                  pretrained: Optional[str] = None, fused_attn: Optional[bool] = UNSET):
         super().__init__()

@@ -1,4 +1,5 @@
-"""Reliability of the checkpoint loader: it never loads the wrong weights silently.
+"""rest_dense.models.pretrained, the backbone weight loader: it never loads the wrong
+weights silently.
 
 One parametrised case per row. Every error case checks the exception type and that the
 message names the problem (the variants, the key, or what the file is); every good case
