@@ -989,13 +989,14 @@ class KernelRow:
     """One measurement behind the dispatch rules of :mod:`rest_dense.models.functional`.
 
     Args:
-        op (str): ``'attention'`` or ``'dw_conv_backward'``.
+        op (str): ``'attention'``, ``'dw_conv_backward'`` or ``'mlp_fc1'`` (the MLP's first
+            projection and its GELU, inference).
         stage (int): the ResT stage (1..4) whose shape it is.
         shape (str): the shapes, as text.
         dtype (str): ``'fp32'`` or ``'bf16'``.
         mode (str): ``'infer'`` (forward) or ``'train'`` (forward and backward).
         times (dict): ms per candidate (``'sdpa'`` / ``'explicit'``; ``'native'`` /
-            ``'fp32'``), best of the timed passes.
+            ``'fp32'``; ``'F.linear'`` / ``'fused'``), best of the timed passes.
     """
 
     op: str
@@ -1025,8 +1026,10 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
                      batch: int = 2, dtypes: Sequence[str] = ("fp32", "bf16"),
                      warmup: int = 1, iters: int = 5) -> List[KernelRow]:
     """Time the candidates of each dispatch rule on one model's stage shapes (CPU): the
-    attention kernels (``sdpa`` vs ``explicit``) and the strided depth-wise convolution
-    backward of the key/value reduction (``native`` in the dtype vs ``fp32``).
+    attention kernels (``sdpa`` vs ``explicit``), the strided depth-wise convolution
+    backward of the key/value reduction (``native`` in the dtype vs ``fp32``) and the MLP's
+    first projection with its GELU (``F.linear`` then ``F.gelu`` vs the oneDNN call with
+    both fused, :func:`rest_dense.models.functional.linear`).
 
     Args:
         model: a ResTv2 registry name (its widths, heads and ``sr_ratios``).
@@ -1043,7 +1046,8 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
     import torch.nn.functional as F
 
     from .models import get_model_entry
-    from .models.functional import _dw_conv_backward, attention
+    from .models.functional import _dw_conv_backward, _onednn_linear_available, attention
+    from .models.functional import linear as fused_linear
 
     entry = get_model_entry(model)
     spec = entry.cls.ARCHS[entry.arch]
@@ -1098,6 +1102,24 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
                 rows.append(KernelRow("dw_conv_backward", i + 1,
                                       f"x {tuple(x.shape)}, kernel {sr + 1}, stride {sr}",
                                       dtype, "train", times))
+            if _onednn_linear_available(dt):
+                tokens = torch.randn(batch * h * w, dim, generator=gen).to(dt)
+                w1 = torch.randn(int(spec.get("mlp_ratio", 4) * dim), dim, generator=gen).to(dt)
+                b1 = torch.randn(w1.shape[0], generator=gen).to(dt)
+
+                def unfused(tokens=tokens, w1=w1, b1=b1):
+                    with torch.inference_mode():
+                        F.gelu(F.linear(tokens, w1, b1))
+
+                def fused(tokens=tokens, w1=w1, b1=b1):
+                    with torch.inference_mode():
+                        fused_linear(tokens, w1, b1, gelu=True)
+
+                times = {"F.linear": _best_ms(unfused, warmup, iters),
+                         "fused": _best_ms(fused, warmup, iters)}
+                rows.append(KernelRow("mlp_fc1", i + 1,
+                                      f"x {tuple(tokens.shape)}, weight {tuple(w1.shape)}",
+                                      dtype, "infer", times))
     return rows
 
 

@@ -55,6 +55,7 @@ from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention",
+    "linear",
     "attention_impl",
     "set_attention_impl",
     "forced_attention",
@@ -273,6 +274,48 @@ def needs_grad(x: Tensor, *modules: nn.Module) -> bool:
     return any(p.requires_grad for m in modules for p in m.parameters(recurse=False))
 
 
+# ------------------------------------------------------------------------ projections
+def _onednn_linear_available(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
+           gelu: bool = False) -> Tensor:
+    """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu``.
+
+    On the CPU, in fp32 and (with native bf16 units) bf16, where autograd does not record
+    (inference, or the forward of the custom functions below), this is one oneDNN call
+    with the bias and the GELU fused into the GEMM: ``F.linear`` first writes the broadcast
+    bias into the whole output, and the GELU is a second pass over it (see
+    docs/kernels.md for the measurements). Under autocast the operands are cast to the
+    autocast dtype, as ``F.linear`` would. Elsewhere (CUDA, fp16, float64, tracing,
+    recorded autograd) it is ``F.linear`` (and ``F.gelu``).
+    """
+    if x.device.type == "cpu" and x.dim() >= 2 and not (
+            torch.jit.is_scripting() or torch.jit.is_tracing()
+            or torch.compiler.is_compiling()):
+        dtype = compute_dtype(x)
+        if not torch.is_autocast_enabled("cpu") and weight.dtype != x.dtype:
+            dtype = None  # F.linear names the mismatch
+        recorded = torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad
+            or (bias is not None and bias.requires_grad))
+        if not recorded and dtype is not None and _onednn_linear_available(dtype):
+            rows = x.reshape(-1, x.shape[-1]).to(dtype)
+            out = torch.ops.mkldnn._linear_pointwise(
+                rows if rows.is_contiguous() else rows.contiguous(), weight.to(dtype),
+                None if bias is None else bias.to(dtype), "gelu" if gelu else "none", [],
+                "none" if gelu else "")
+            return out.view(*x.shape[:-1], out.shape[-1])
+    out = F.linear(x, weight, bias)
+    return F.gelu(out) if gelu else out
+
+
 # ----------------------------------------------------------------------------- helpers
 def _ln(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float):
     """``torch.native_layer_norm`` over the last dim: (y, mean, rstd)."""
@@ -327,8 +370,8 @@ class _MlpBranch(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, w1, b1, w2, b2, eps, recompute_hidden):
         x2 = _rows(x)
         y, mean, rstd = _ln(x2, ln_w, ln_b, eps)
-        h = F.linear(y, w1, b1)
-        out = F.linear(F.gelu(h), w2, b2)
+        h = linear(y, w1, b1)
+        out = linear(F.gelu(h), w2, b2)
         ctx.save_for_backward(x2, mean, rstd, ln_w, ln_b, w1, b1, w2,
                               None if recompute_hidden else h)
         ctx.eps = eps
@@ -343,7 +386,7 @@ class _MlpBranch(torch.autograd.Function):
         d = _rows(dout)
         y = _ln(x2, ln_w, ln_b, ctx.eps)[0]
         if h is None:
-            h = F.linear(y, w1, b1)
+            h = linear(y, w1, b1)
         g = F.gelu(h)
         dw2 = d.t().mm(g) if need[5] else None
         db2 = d.sum(0) if need[6] else None
@@ -378,9 +421,9 @@ def mlp_branch(x: Tensor, norm: nn.LayerNorm, mlp: nn.Module,
         ``(..., C)`` tensor, ``mlp(norm(x))``.
     """
     if not needs_grad(x, norm, mlp.fc1, mlp.fc2):
-        h = F.linear(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps),
-                     mlp.fc1.weight, mlp.fc1.bias)
-        return F.linear(torch.ops.aten.gelu_(h), mlp.fc2.weight, mlp.fc2.bias)
+        y = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+        return linear(linear(y, mlp.fc1.weight, mlp.fc1.bias, gelu=True),
+                      mlp.fc2.weight, mlp.fc2.bias)
     if not x.is_contiguous():
         x = x.contiguous()
     return _apply(_MlpBranch, x, norm.weight, norm.bias, mlp.fc1.weight, mlp.fc1.bias,
@@ -396,7 +439,7 @@ class _NormQSr(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, wq, bq, wsr, bsr, eps, sr):
         c = x.shape[-1]
         y, mean, rstd = _ln(x, ln_w, ln_b, eps)
-        q = F.linear(y, wq, bq)
+        q = linear(y, wq, bq)
         s = F.conv2d(y.permute(0, 3, 1, 2), wsr, bsr, stride=sr, padding=sr // 2, groups=c)
         s = s.permute(0, 2, 3, 1)
         if not s.is_contiguous():
@@ -451,7 +494,7 @@ def norm_q_sr(x: Tensor, norm: nn.LayerNorm, q: nn.Linear, sr: nn.Conv2d,
         y = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
         s = F.conv2d(y.permute(0, 3, 1, 2), sr.weight, sr.bias, stride=sr_ratio,
                      padding=sr_ratio // 2, groups=x.shape[-1])
-        return F.linear(y, q.weight, q.bias), s.permute(0, 2, 3, 1)
+        return linear(y, q.weight, q.bias), s.permute(0, 2, 3, 1)
     return _apply(_NormQSr, x, norm.weight, norm.bias, q.weight, q.bias, sr.weight, sr.bias,
                   norm.eps, sr_ratio)
 
@@ -472,7 +515,7 @@ class _NormQKV(torch.autograd.Function):
     def forward(ctx, x, ln_w, ln_b, wq, bq, wkv, bkv, eps):
         y, mean, rstd = _ln(x, ln_w, ln_b, eps)
         w = torch.cat([wq, wkv])
-        out = F.linear(y, w, _cat_bias(wq, bq, wkv, bkv))
+        out = linear(y, w, _cat_bias(wq, bq, wkv, bkv))
         ctx.save_for_backward(x, mean, rstd, ln_w, ln_b, w)
         ctx.eps, ctx.has_bq, ctx.has_bkv = eps, bq is not None, bkv is not None
         return out
@@ -514,8 +557,8 @@ def norm_qkv(x: Tensor, norm: nn.LayerNorm, q: nn.Linear, kv: nn.Linear) -> Tens
         x = x.contiguous()
     if not needs_grad(x, norm, q, kv):
         y = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
-        return F.linear(y, torch.cat([q.weight, kv.weight]),
-                        _cat_bias(q.weight, q.bias, kv.weight, kv.bias))
+        return linear(y, torch.cat([q.weight, kv.weight]),
+                      _cat_bias(q.weight, q.bias, kv.weight, kv.bias))
     return _apply(_NormQKV, x, norm.weight, norm.bias, q.weight, q.bias, kv.weight, kv.bias, norm.eps)
 
 
@@ -605,7 +648,7 @@ class _UpProj(torch.autograd.Function):
     @staticmethod
     def forward(ctx, out, v, wu, bu, wn, bn, wp, bp, sr, hw, eps):
         s, _, mean, rstd = _up_norm_sum(out, v, wu, bu, wn, bn, sr, hw, eps)
-        y = F.linear(s, wp, bp)
+        y = linear(s, wp, bp)
         ctx.save_for_backward(out, v, mean, rstd, wu, bu, wn, bn, wp)
         ctx.sr, ctx.hw, ctx.eps, ctx.has_bp = sr, hw, eps, bp is not None
         return y
@@ -657,7 +700,7 @@ def up_proj(out: Tensor, v: Tensor, up_conv: nn.Conv2d, up_norm: nn.LayerNorm, p
             proj.bias, sr, tuple(hw), up_norm.eps)
     if not needs_grad(out, up_conv, up_norm, proj) and not v.requires_grad:
         s = _up_norm_sum(*args[:6], sr, tuple(hw), up_norm.eps)[0]
-        return F.linear(s, proj.weight, proj.bias)
+        return linear(s, proj.weight, proj.bias)
     return _apply(_UpProj, *args)
 
 
@@ -767,8 +810,8 @@ class _StemTail(torch.autograd.Function):
         c2 = F.conv2d(r1, w2, None, stride=2, padding=1)
         r2, mean2, invstd2 = torch.native_batch_norm(c2, wn2, bn2_b, rm2, rv2, use2, mom2, eps2)
         r2 = r2.relu_().permute(0, 2, 3, 1)
-        out = F.linear(r2 if r2.is_contiguous() else r2.contiguous(),
-                       w3.view(w3.shape[0], w3.shape[1]), b3).permute(0, 3, 1, 2)
+        out = linear(r2 if r2.is_contiguous() else r2.contiguous(),
+                     w3.view(w3.shape[0], w3.shape[1]), b3).permute(0, 3, 1, 2)
         ctx.save_for_backward(c1, c2, w1, b1, w2, w3, wn2, bn2_b, mean1, invstd1, mean2, invstd2)
         ctx.cfg = (cfg1, cfg2)
         ctx.has_b3 = b3 is not None

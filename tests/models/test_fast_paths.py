@@ -227,6 +227,64 @@ def test_attention_kernels_agree(dtype):
         torch.testing.assert_close(a, b, **tol)
 
 
+def _onednn_linear_used(fn):
+    """Whether ``fn()`` went through oneDNN's fused linear (the fast projection)."""
+    with torch.profiler.profile() as prof:
+        fn()
+    return any("_linear_pointwise" in e.name for e in prof.events())
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("shape", [(97, 131, 24), (1, 1, 24), (5, 24)])
+def test_fused_linear_equals_f_linear(shape, gelu):
+    """The projection fast path (bias and GELU fused into the GEMM) against F.linear
+    (+ F.gelu): fp32 to GEMM rounding, bf16 to bf16 rounding, under autocast too."""
+    torch.manual_seed(0)
+    x, w, b = torch.randn(*shape), torch.randn(40, 24), torch.randn(40)
+
+    def plain(x, w, b):
+        out = torch.nn.functional.linear(x, w, b)
+        return torch.nn.functional.gelu(out) if gelu else out
+
+    with torch.no_grad():
+        out = fast.linear(x, w, b, gelu=gelu)
+        assert out.shape == (*shape[:-1], 40) and out.dtype == torch.float32
+        torch.testing.assert_close(out, plain(x, w, b), atol=1e-5, rtol=1e-5)
+        assert torch.isfinite(out).all()
+        if fast._onednn_linear_available(torch.bfloat16):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                auto = fast.linear(x, w, b, gelu=gelu)
+                ref = plain(x, w, b)
+            assert auto.dtype == torch.bfloat16
+            torch.testing.assert_close(auto.float(), ref.float(), atol=0.1, rtol=2e-2)
+        torch.testing.assert_close(fast.linear(x, w, None, gelu=gelu), plain(x, w, None),
+                                   atol=1e-5, rtol=1e-5)
+    if fast._onednn_linear_available(torch.float32):
+        with torch.no_grad():
+            assert _onednn_linear_used(lambda: fast.linear(x, w, b, gelu=gelu))
+
+
+def test_fused_linear_falls_back_where_it_must():
+    """Recorded autograd, float64, fp16, tracing and mixed dtypes run F.linear: gradients
+    flow, exporters see aten::linear, and a dtype mismatch is F.linear's own error."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad=True)
+    w, b = torch.randn(4, 8, requires_grad=True), torch.randn(4, requires_grad=True)
+    assert not _onednn_linear_used(lambda: fast.linear(x, w, b))
+    fast.linear(x, w, b, gelu=True).sum().backward()
+    assert x.grad is not None and w.grad is not None and b.grad is not None
+    with torch.no_grad():
+        for dtype in (torch.float64, torch.float16):
+            xd, wd = x.detach().to(dtype), w.detach().to(dtype)
+            assert not _onednn_linear_used(lambda: fast.linear(xd, wd))
+            torch.testing.assert_close(fast.linear(xd, wd), xd @ wd.t())
+        with pytest.raises(RuntimeError, match="dtype"):
+            fast.linear(x.detach().bfloat16(), w.detach())
+    wc, bc = w.detach().clone(), b.detach().clone()
+    traced = torch.jit.trace(lambda t: fast.linear(t, wc, bc), x.detach())
+    assert "aten::linear" in str(traced.graph) and "_linear_pointwise" not in str(traced.graph)
+
+
 @pytest.mark.parametrize("stride,k", [(2, 3), (4, 5), (8, 9), (1, 3)])
 def test_dw_conv_backward_bf16_matches_fp32(stride, k):
     """The strided depth-wise backward runs in fp32 for bf16 tensors on the CPU: its

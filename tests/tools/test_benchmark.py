@@ -261,9 +261,13 @@ def test_kernel_benchmark_measures_every_candidate(one_thread):
     for r in rows:
         assert r.times and all(math.isfinite(t) and t > 0 for t in r.times.values())
         assert r.winner in r.times
-        expected = {"sdpa", "explicit"} if r.op == "attention" else (
-            {"native"} if r.dtype == "fp32" else {"native", "fp32"})
-        assert set(r.times) == expected
+        expected = {"attention": {"sdpa", "explicit"}, "mlp_fc1": {"F.linear", "fused"},
+                    "dw_conv_backward": {"native"} if r.dtype == "fp32" else {"native", "fp32"}}
+        assert set(r.times) == expected[r.op]
+    from rest_dense.models.functional import _onednn_linear_available
+    if _onednn_linear_available(torch.float32):  # every stage's MLP projection is timed
+        assert {(r.stage, r.mode) for r in rows if r.op == "mlp_fc1" and r.dtype == "fp32"} == {
+            (i, "infer") for i in (1, 2, 3, 4)}
 
 
 def test_cli_bench_interleaved_rows(tmp_path, one_thread):
