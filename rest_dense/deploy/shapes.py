@@ -64,13 +64,12 @@ class StageBranches:
 
 
 def find_backbone(model: nn.Module) -> Optional[nn.Module]:
-    """The first ResT backbone (core class or an adapter subclass) inside ``model``."""
-    from ..models.base import ResTBase
+    """The first ResT backbone (core class or an adapter subclass) inside ``model``: the
+    module of :func:`rest_dense.models.find_backbone`."""
+    from ..models.pretrained import find_backbone as find_prefix_and_backbone
 
-    for module in model.modules():
-        if isinstance(module, ResTBase):
-            return module
-    return None
+    found = find_prefix_and_backbone(model)
+    return None if found is None else found[1]
 
 
 def _side(n: int, stage: int) -> int:

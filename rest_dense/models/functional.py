@@ -26,6 +26,10 @@ fewer activations alive for the backward pass and avoids layout copies:
 Per transformer block the activations kept for backward drop from about 16C to 8C
 floats per token (4C with ``recompute_hidden``).
 
+Their projections go through :func:`linear`: on the CPU (fp32, and bf16 with native bf16
+units) one oneDNN GEMM with the bias (and, in inference, the MLP's GELU) fused, instead
+of ``F.linear``'s broadcast copy of the bias into the output and a second pass for GELU.
+
 The one door: the models call these functions when built with ``fast_paths=True`` (the
 default) and :func:`use_fast_path` allows it for the input, by :data:`FAST_PATH_RULE`
 (device type and precision: the CPU in fp32 and in bf16/fp16; not CUDA, where they were
