@@ -32,7 +32,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -101,6 +101,21 @@ def resolve_device(device: str) -> str:
         raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} "
                          "CUDA device(s)")
     return str(dev)
+
+
+def resolve_inputs(config: PathLike, checkpoint: PathLike,
+                   device: str) -> Tuple[str, str, str, str]:
+    """``(config file, checkpoint file, framework, device)`` of an inference / export run:
+    the config resolved (:func:`resolve_config`), the checkpoint checked to exist, the
+    framework by :func:`rest_dense.configs.config_framework` and the device by
+    :func:`resolve_device`."""
+    from ..configs import config_framework
+
+    path = resolve_config(config)
+    checkpoint = os.fspath(checkpoint)
+    if not os.path.isfile(checkpoint):
+        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    return path, checkpoint, config_framework(path), resolve_device(device)
 
 
 def _mm_config(path: str, cfg_options: CfgOptions = None):
@@ -466,14 +481,9 @@ def build_predictor(config: PathLike, checkpoint: PathLike, device: str = "cpu",
         ValueError: a config of an unknown framework; a checkpoint that cannot be read or
             belongs to another model (:class:`~rest_dense.models.CheckpointMismatchError`).
     """
-    from ..configs import DETECTRON2, config_framework, d2_opts, parse_cfg_options
+    from ..configs import DETECTRON2, d2_opts, parse_cfg_options
 
-    path = resolve_config(config)
-    checkpoint = os.fspath(checkpoint)
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    framework = config_framework(path)
-    device = resolve_device(device)
+    path, checkpoint, framework, device = resolve_inputs(config, checkpoint, device)
     if framework in DETECTRON2:
         return D2Predictor(path, checkpoint, device, d2_opts(cfg_options, framework), trusted)
     options = parse_cfg_options(cfg_options)  # one parser: mmengine DictAction's rules

@@ -566,14 +566,9 @@ def load_deployment(config: PathLike, checkpoint: PathLike, device: str = "cpu",
             RetinaNet and SemanticSegmentor).
         ImportError: MMDeploy missing (OpenMMLab configs).
     """
-    from ..configs import DETECTRON2, config_framework
-    from .infer import resolve_config, resolve_device
+    from ..configs import DETECTRON2
+    from .infer import resolve_inputs
 
-    path = resolve_config(config)
-    checkpoint = os.fspath(checkpoint)
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
-    framework = config_framework(path)
-    device = resolve_device(device)
+    path, checkpoint, framework, device = resolve_inputs(config, checkpoint, device)
     cls = D2Deployment if framework in DETECTRON2 else MMDeployment
     return cls(path, checkpoint, device, cfg_options, trusted, opset)
