@@ -351,6 +351,21 @@ def _first_line(err: BaseException) -> str:
     return (useful or lines or [type(err).__name__])[0].strip()
 
 
+def _allow_full_unpickling(filename: str, err: BaseException, trusted: Optional[bool],
+                           log: Optional[logging.Logger], refused_by: str) -> None:
+    """Raise :class:`UntrustedCheckpointError` unless ``filename`` is trusted (``trusted``,
+    or marked with :func:`trust` when ``None``); when it is, log that it is unpickled in full."""
+    if trusted is None:
+        trusted = is_trusted(filename)
+    if not trusted:
+        raise UntrustedCheckpointError(
+            f"{filename} holds objects that {refused_by} ({_first_line(err)}); nothing of it "
+            f"was run. {TRUST_HINT.format(path=filename)}.") from err
+    (log or logger).warning(
+        "%s needs full unpickling (%s); allowed because it is marked as your own checkpoint",
+        filename, _first_line(err))
+
+
 def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
                          trusted: Optional[bool] = None,
                          log: Optional[logging.Logger] = None) -> Any:
@@ -387,16 +402,8 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
             with safe_globals():
                 return torch.load(filename, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if trusted is None:
-            trusted = is_trusted(filename)
-        if not trusted:
-            raise UntrustedCheckpointError(
-                f"{filename} holds objects that torch.load(weights_only=True) and rest_dense's "
-                f"allow-list refuse ({_first_line(err)}); nothing of it was run. "
-                f"{TRUST_HINT.format(path=filename)}.") from err
-        (log or logger).warning(
-            "%s needs full unpickling (%s); allowed because it is marked as your own checkpoint",
-            filename, _first_line(err))
+        _allow_full_unpickling(filename, err, trusted, log,
+                               "torch.load(weights_only=True) and rest_dense's allow-list refuse")
         return torch.load(filename, map_location=map_location, weights_only=False)
     except Exception as err:  # truncated, damaged or not a torch file: say what it is
 
@@ -429,13 +436,6 @@ def load_pickle_file(path: PathLike, *, trusted: Optional[bool] = None,
         with open(filename, "rb") as f:
             return _RestrictedUnpickler(f, encoding=encoding).load()
     except pickle.UnpicklingError as err:
-        if trusted is None:
-            trusted = is_trusted(filename)
-        if not trusted:
-            raise UntrustedCheckpointError(
-                f"{filename} holds objects outside rest_dense's allow-list ({_first_line(err)}); "
-                f"nothing of it was run. {TRUST_HINT.format(path=filename)}.") from err
-        (log or logger).warning("%s needs full unpickling; allowed because it is marked as your "
-                                "own checkpoint", filename)
+        _allow_full_unpickling(filename, err, trusted, log, "are outside rest_dense's allow-list")
         with open(filename, "rb") as f:
             return pickle.load(f, encoding=encoding)
