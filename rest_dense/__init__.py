@@ -10,5 +10,6 @@ from .models import ResTv1, ResTv2, create_model, list_models, load_checkpoint
 from .version import __version__
 
 _moved.install()
+__getattr__ = _moved.module_getattr(__name__)  # old submodule names
 
 __all__ = ["ResTv2", "ResTv1", "create_model", "list_models", "load_checkpoint", "__version__"]

@@ -55,6 +55,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from . import _moved
 from .configs import get_config_path
 from .models.functional import forced_attention
 
@@ -1168,6 +1169,9 @@ def _child_main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     print(json.dumps({"peak_mb": cpu_peak_memory(BenchCase.from_json(args.case))}))
     return 0
+
+
+__getattr__ = _moved.module_getattr(__name__)  # the markdown / plot writers moved
 
 
 if __name__ == "__main__":

@@ -42,6 +42,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from . import _moved
+
 __all__ = ["NECK_BENCH_SIZES", "NECK_BENCH_MODES", "NeckCase", "NeckBenchRow", "neck_inputs",
            "time_neck", "neck_peak_memory", "neck_peak_memory_in_subprocess",
            "benchmark_neck", "run_neck_benchmark"]
@@ -306,6 +308,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch.set_num_threads(args.threads)
     print(json.dumps({"peak_mb": neck_peak_memory(NeckCase.from_json(args.peak))}))
     return 0
+
+
+__getattr__ = _moved.module_getattr(__name__)  # the table writer moved to the command
 
 
 if __name__ == "__main__":

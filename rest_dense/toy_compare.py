@@ -338,3 +338,10 @@ def run_toy_comparison(options: Optional[ToyCompareOptions] = None,
                 f"mIoU {row.miou_untrained:.3f} -> {row.miou:.3f}, "
                 f"{row.sec_per_iter * 1000:.0f} ms/iteration, {time.time() - t:.0f} s")
     return rows
+
+
+def __getattr__(name: str):
+    if name == "format_markdown":
+        raise AttributeError("rest_dense.toy_compare.format_markdown moved to the tool that writes "
+                             "the docs table, tools/vt_fpn_toy_table.py (the library returns rows)")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -56,4 +56,6 @@ def __getattr__(name: str):
         import importlib
 
         return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .._moved import old_attribute
+
+    return old_attribute(__name__, name)

@@ -25,8 +25,8 @@ __all__ = ["run_inference", "build_predictor", "load_deployment", "measure_laten
 
 _LAZY = {
     "run_inference": "infer", "build_predictor": "infer",
-    "load_deployment": "onnx_export",
-    "measure_latency": "benchmark",
+    "load_deployment": "model_onnx",
+    "measure_latency": "latency",
     "Detections": "predictions", "SegMap": "predictions", "Tolerances": "predictions",
     "compare_predictions": "predictions",
     "collect_images": "inputs", "read_image": "inputs", "ImageReadError": "inputs",
@@ -36,4 +36,6 @@ _LAZY = {
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .._moved import old_attribute
+
+    return old_attribute(__name__, name)

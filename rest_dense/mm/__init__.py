@@ -59,3 +59,6 @@ for _framework in ("mmdet", "mmseg"):
     REGISTERED.append(_framework)
 
 from .runner import test, train  # noqa: E402  (after registration: the runner builds models)
+from .._moved import module_getattr as _module_getattr  # noqa: E402
+
+__getattr__ = _module_getattr(__name__)  # old submodule names (rest_dense._moved)

@@ -10,6 +10,9 @@ from .restv2 import ATTN_MODES, DEFAULT_WINDOW_SIZE, RESTV2_ARCHS, ResTv2
 from .restv1 import RESTV1_ARCHS, ResTv1
 from .fpn import FPN
 from .vt_fpn import FilterTokenizer, Projector, RecurrentTokenizer, TokenTransformer, VTFPN
+from .._moved import module_getattr as _module_getattr
+
+__getattr__ = _module_getattr(__name__)  # old submodule names (rest_dense._moved)
 
 __all__ = [
     "ResTv2", "ResTv1", "RESTV2_ARCHS", "RESTV1_ARCHS", "ATTN_MODES", "DEFAULT_WINDOW_SIZE",

@@ -454,7 +454,7 @@ class ResTBase(nn.Module):
         if _CHECKPOINT_LOADER[0] is None:  # only when this module is imported on its own
             import importlib
 
-            importlib.import_module(__package__ + ".checkpoint")
+            importlib.import_module(__package__ + ".pretrained")
         return _CHECKPOINT_LOADER[0](self, checkpoint, strict=strict, weights_only=weights_only)
 
     # ----------------------------------------------------------------- forward

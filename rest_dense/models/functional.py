@@ -288,6 +288,29 @@ def _onednn_linear_available(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def _fused_linear_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[torch.dtype]:
+    """The dtype :func:`linear` runs oneDNN in, or None where ``F.linear`` must run."""
+    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return None
+    if (x.device.type != "cpu" or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] == 0
+            or x.shape[-1] != weight.shape[1] or (bias is not None and (
+                bias.dim() != 1 or bias.shape[0] != weight.shape[0]))):
+        return None  # F.linear handles these, or names the mistake
+    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad
+            or (bias is not None and bias.requires_grad)):
+        return None  # autograd (also forward-mode) must see F.linear
+    auto = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None
+    if auto is not None and all(t is None or t.dtype in (torch.float32, auto)
+                                for t in (x, weight, bias)):
+        dtype = auto  # autocast casts the fp32 operands (never float64)
+    elif weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+        dtype = x.dtype
+    else:
+        return None  # F.linear names the mismatch (or autocast handles a reduced input)
+    return dtype if _onednn_linear_available(dtype) else None
+
+
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
            gelu: bool = False) -> Tensor:
     """``F.linear(x, weight, bias)``, followed by the exact GELU when ``gelu``.
@@ -296,26 +319,18 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     (inference, or the forward of the custom functions below), this is one oneDNN call
     with the bias and the GELU fused into the GEMM: ``F.linear`` first writes the broadcast
     bias into the whole output, and the GELU is a second pass over it (see
-    docs/kernels.md for the measurements). Under autocast the operands are cast to the
+    docs/kernels.md for the measurements). Under autocast fp32 operands are cast to the
     autocast dtype, as ``F.linear`` would. Elsewhere (CUDA, fp16, float64, tracing,
-    recorded autograd) it is ``F.linear`` (and ``F.gelu``).
+    recorded or forward-mode autograd, mismatched shapes or dtypes) it is ``F.linear``
+    (and ``F.gelu``).
     """
-    if x.device.type == "cpu" and x.dim() >= 2 and not (
-            torch.jit.is_scripting() or torch.jit.is_tracing()
-            or torch.compiler.is_compiling()):
-        dtype = compute_dtype(x)
-        if not torch.is_autocast_enabled("cpu") and weight.dtype != x.dtype:
-            dtype = None  # F.linear names the mismatch
-        recorded = torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad
-            or (bias is not None and bias.requires_grad))
-        if not recorded and dtype is not None and _onednn_linear_available(dtype):
-            rows = x.reshape(-1, x.shape[-1]).to(dtype)
-            out = torch.ops.mkldnn._linear_pointwise(
-                rows if rows.is_contiguous() else rows.contiguous(), weight.to(dtype),
-                None if bias is None else bias.to(dtype), "gelu" if gelu else "none", [],
-                "none" if gelu else "")
-            return out.view(*x.shape[:-1], out.shape[-1])
+    dtype = _fused_linear_dtype(x, weight, bias)
+    if dtype is not None:
+        rows = x.reshape(-1, x.shape[-1]).to(dtype).contiguous()
+        out = torch.ops.mkldnn._linear_pointwise(
+            rows, weight.to(dtype), None if bias is None else bias.to(dtype).contiguous(),
+            "gelu" if gelu else "none", [], "none" if gelu else "")
+        return out.view(*x.shape[:-1], out.shape[-1])
     out = F.linear(x, weight, bias)
     return F.gelu(out) if gelu else out
 

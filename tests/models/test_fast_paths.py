@@ -285,6 +285,49 @@ def test_fused_linear_falls_back_where_it_must():
     assert "aten::linear" in str(traced.graph) and "_linear_pointwise" not in str(traced.graph)
 
 
+def test_fused_linear_odd_operands():
+    """Strided / expanded biases, float64 under autocast, forward-mode AD, zero features and
+    wrong shapes: the same results or the same errors as F.linear."""
+    F = torch.nn.functional
+    torch.manual_seed(0)
+    x, w = torch.randn(3, 5), torch.randn(8, 5)
+    with torch.no_grad():
+        for bias in (torch.randn(16)[::2], torch.randn(1).expand(8), torch.randn(8, 2)[:, 1]):
+            torch.testing.assert_close(fast.linear(x, w, bias), F.linear(x, w, bias))
+        wt = torch.randn(5, 8).t()  # a transposed weight
+        torch.testing.assert_close(fast.linear(x, wt, None, gelu=True), F.gelu(F.linear(x, wt)))
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast never casts float64
+            out = fast.linear(x.double(), w.double(), None)
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, F.linear(x.double(), w.double()))
+        torch.testing.assert_close(fast.linear(torch.randn(3, 0), torch.randn(8, 0), torch.ones(8)),
+                                   torch.ones(3, 8))
+        for args in ((torch.randn(3, 6), w, None), (x, w, torch.randn(2, 4)),
+                     (x, w, torch.randn(8).bfloat16())):
+            with pytest.raises(RuntimeError) as ours:
+                fast.linear(*args)
+            with pytest.raises(RuntimeError) as theirs:
+                F.linear(*args)
+            assert str(ours.value) == str(theirs.value)
+    v = torch.randn(3, 5)
+    tangent = torch.func.jvp(lambda a: fast.linear(a, w, None, gelu=True), (x,), (v,))[1]
+    expected = torch.func.jvp(lambda a: F.gelu(F.linear(a, w)), (x,), (v,))[1]
+    torch.testing.assert_close(tangent, expected)
+    assert tangent.abs().sum() > 0
+
+
+def test_float64_model_under_bf16_autocast_stays_float64():
+    model = ResTv2(arch=ARCH).eval().double()
+    x = torch.randn(1, 3, 37, 45, dtype=torch.float64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        outs = model(x)
+        with fast.fast_paths(False):
+            plain = model(x)
+    for o, p in zip(outs, plain):
+        assert o.dtype == torch.float64
+        torch.testing.assert_close(o, p)
+
+
 @pytest.mark.parametrize("stride,k", [(2, 3), (4, 5), (8, 9), (1, 3)])
 def test_dw_conv_backward_bf16_matches_fp32(stride, k):
     """The strided depth-wise backward runs in fp32 for bf16 tensors on the CPU: its

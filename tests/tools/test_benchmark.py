@@ -225,8 +225,13 @@ def test_cli_bench_necks_alone(tmp_path, capsys, one_thread):
     for r in rows:
         cells = r.split("|")
         assert float(cells[4]) > 0 and float(cells[7]) > 0  # fpn ms, vt_fpn ms
+    assert md.read_text().endswith("\n")
     assert main(["bench", "neck:vt_fpn", "--shape", "64x64", "--batch", "1", "2"]) == 2
     assert "one --batch" in capsys.readouterr().err
+    png = tmp_path / "necks.png"
+    assert main(["bench", "neck:fpn", "--shape", "64x64", "--batch", "1", "--no-memory",
+                 "--plot", str(png)]) == 2
+    assert "--plot" in capsys.readouterr().err and not png.exists()
 
 
 def test_cli_bench_whole_segmenters_and_necks_in_one_run(tmp_path, one_thread):
