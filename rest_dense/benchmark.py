@@ -951,21 +951,31 @@ def autocast_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
 
 def attention_choices(case: BenchCase, device: str = "cpu") -> Dict[str, int]:
     """Which attention kernel each call of one pass of ``case`` ran (``auto`` rows show
-    the dispatch's choice): ``{'math': n, 'sdpa': m}``, counts of calls."""
+    the dispatch's choice), and which kernel ran its projections: ``{'math': n,
+    'sdpa': m, 'fused_linear': p, 'linear': q}``, counts of calls (``fused_linear``: the
+    oneDNN call of :func:`rest_dense.models.functional.linear`; ``linear``: ``F.linear``)."""
+    from torch.profiler import ProfilerActivity, profile
+
     from .models.functional import record_attention_choices
 
     model = build_bench_model(case).to(device)
     step = _step_fn(model, make_inputs(case, device), case.mode, case.dtype, device)
-    with record_attention_choices() as log:
+    with record_attention_choices() as log, profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     counts: Dict[str, int] = {}
     for impl, *_ in log:
         counts[impl] = counts.get(impl, 0) + 1
+    for event in prof.events():
+        kind = {"mkldnn::_linear_pointwise": "fused_linear",
+                "aten::linear": "linear"}.get(event.name)
+        if kind is not None:
+            counts[kind] = counts.get(kind, 0) + 1
     return counts
 
 
 def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
-    """A line per ``auto`` ResT row: the attention kernels its pass ran."""
+    """A line per ``auto`` ResT row: the attention kernels its pass ran, and its
+    projections' kernel."""
     notes = []
     names = {"math": "explicit", "sdpa": "sdpa"}
     for r in rows:
@@ -978,9 +988,12 @@ def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
             notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
                          f"{c.dtype}: attention choice not recorded ({type(err).__name__}: {err})")
             continue
-        ran = ", ".join(f"{names[k]} x{n}" for k, n in sorted(counts.items()))
+        ran = ", ".join(f"{names[k]} x{n}" for k, n in sorted(counts.items()) if k in names)
+        projections = ", ".join(f"{label} x{counts[k]}" for k, label in (
+            ("fused_linear", "fused oneDNN"), ("linear", "F.linear")) if counts.get(k))
         notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
-                     f"{c.dtype}: auto ran {ran or 'no attention'}")
+                     f"{c.dtype}: auto ran {ran or 'no attention'}"
+                     + (f"; projections: {projections}" if projections else ""))
     return notes
 
 

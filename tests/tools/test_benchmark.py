@@ -212,6 +212,10 @@ def test_cli_bench_auto_rows_say_which_attention_ran(tmp_path, one_thread):
     text = md.read_text()
     assert "64x64 infer fp32: auto ran sdpa x11" in text
     assert "64x64 infer bf16: auto ran explicit x11" in text
+    from rest_dense.models.functional import _onednn_linear_available
+    fp32_note = next(line for line in text.splitlines() if "64x64 infer fp32: auto ran" in line)
+    if _onednn_linear_available(torch.float32):  # the projections' kernel is stated too
+        assert "projections: fused oneDNN x" in fp32_note
     assert "avx2" in text or "no AVX2" in text  # the CPU's flags are stated
 
 
