@@ -419,8 +419,11 @@ def _loss(out: Any) -> torch.Tensor:
     return None
 
 
-def _step_fn(model: nn.Module, x: torch.Tensor, mode: str, dtype: str,
+def _step_fn(model: nn.Module, x: Any, mode: str, dtype: str,
              device: str) -> Callable[[], None]:
+    """One pass of ``model(x)`` (``x`` a tensor or a list of maps): inference, or forward
+    and backward of :func:`_loss`, clearing the gradients of the parameters and of the
+    inputs that require them."""
     autocast = dict(device_type=device.split(":")[0], dtype=DTYPES[dtype],
                     enabled=dtype != "fp32")
     if mode == "infer":
@@ -431,11 +434,12 @@ def _step_fn(model: nn.Module, x: torch.Tensor, mode: str, dtype: str,
                 model(x)
     else:
         model.train()
-        params = [p for p in model.parameters() if p.requires_grad]
+        inputs = x if isinstance(x, (list, tuple)) else [x]
+        leaves = [t for t in (*model.parameters(), *inputs) if t.requires_grad]
 
         def step():
-            for p in params:
-                p.grad = None
+            for t in leaves:
+                t.grad = None
             with torch.autocast(**autocast):
                 loss = _loss(model(x))
             loss.backward()

@@ -43,6 +43,9 @@ import torch
 from torch import nn
 
 from . import _moved
+from .benchmark import DTYPES as _DTYPES
+from .benchmark import (_return_freed_memory_to_os, _step_fn, peak_in_subprocess,
+                        step_peak_rss, time_step)
 
 __all__ = ["NECK_BENCH_SIZES", "NECK_BENCH_MODES", "NeckCase", "NeckBenchRow", "neck_inputs",
            "time_neck", "neck_peak_memory", "neck_peak_memory_in_subprocess",
@@ -51,7 +54,6 @@ __all__ = ["NECK_BENCH_SIZES", "NECK_BENCH_MODES", "NeckCase", "NeckBenchRow", "
 #: the sizes of the issue's table: ADE20K crops and the VT paper's COCO-stuff size
 NECK_BENCH_SIZES: Tuple[Tuple[int, int], ...] = ((512, 512), (800, 1216))
 NECK_BENCH_MODES: Tuple[str, ...] = ("infer", "train")
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -141,34 +143,6 @@ def neck_inputs(case: NeckCase, device: str = "cpu") -> List[torch.Tensor]:
     return feats
 
 
-def _loss(out) -> torch.Tensor:
-    outs = list(out.values()) if isinstance(out, dict) else list(out)
-    return sum((o.float().mean() for o in outs[1:]), outs[0].float().mean())
-
-
-def _step_fn(model: nn.Module, feats: List[torch.Tensor], mode: str, dtype: str,
-             device: str) -> Callable[[], None]:
-    autocast = dict(device_type=device.split(":")[0], dtype=_DTYPES[dtype],
-                    enabled=dtype != "fp32")
-    if mode == "infer":
-        model.eval()
-
-        def step():
-            with torch.inference_mode(), torch.autocast(**autocast):
-                model(feats)
-        return step
-    model.train()
-    leaves = [p for p in model.parameters() if p.requires_grad] + list(feats)
-
-    def step():
-        for t in leaves:
-            t.grad = None
-        with torch.autocast(**autocast):
-            loss = _loss(model(feats))
-        loss.backward()
-    return step
-
-
 def time_neck(model: nn.Module, feats: List[torch.Tensor], mode: str = "infer",
               dtype: str = "fp32", device: str = "cpu", warmup: int = 2, iters: int = 5,
               min_time: float = 0.0) -> Tuple[List[float], Optional[float]]:
@@ -178,8 +152,6 @@ def time_neck(model: nn.Module, feats: List[torch.Tensor], mode: str = "infer",
         The time of every timed pass in ms, and on CUDA the peak memory growth in MiB over
         the timed passes (None on the CPU).
     """
-    from .benchmark import time_step
-
     step = _step_fn(model, feats, mode, dtype, device)
     return time_step(step, device, warmup, iters, min_time, [*model.parameters(), *feats])
 
@@ -191,8 +163,6 @@ def neck_peak_memory(case: NeckCase) -> Optional[float]:
     Returns:
         MiB, or None where the peak RSS cannot be reset (no ``/proc/self/clear_refs``).
     """
-    from .benchmark import _return_freed_memory_to_os, step_peak_rss
-
     _return_freed_memory_to_os()
     model = build_case_neck(case)
     return step_peak_rss(_step_fn(model, neck_inputs(case), case.mode, case.dtype, "cpu"))
@@ -205,8 +175,6 @@ def neck_peak_memory_in_subprocess(case: NeckCase, threads: Optional[int] = None
     Raises:
         RuntimeError: the child failed (its stderr is in the message).
     """
-    from .benchmark import peak_in_subprocess
-
     return peak_in_subprocess("rest_dense.neck_bench", ["--peak", case.to_json()],
                               f"neck {case.neck}", threads, timeout)
 

@@ -38,7 +38,7 @@ dtype once and runs forward and backward in it (as autocast would run the GEMMs)
 except the strided depth-wise convolution backward, which the CPU runs an order of
 magnitude faster in fp32. The attention kernel is chosen by :func:`attention_impl`
 (explicit math in CPU bf16/fp16, PyTorch's fused ``scaled_dot_product_attention``
-elsewhere and for large attention matrices); docs/bench_peers.md has the measurements
+elsewhere and for large attention matrices); docs/kernels.md has the measurements
 behind both rules. :func:`fast_paths` switches the fast paths off, e.g. to compare with
 the plain computation::
 
@@ -50,6 +50,7 @@ the plain computation::
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Iterator, Optional, Sequence, Tuple
 
 import torch
@@ -142,7 +143,7 @@ def use_fast_path(x: Tensor) -> bool:
 # ------------------------------------------------------------------------ the dispatch
 #: (device type, precision) pairs on which the memory-lean fast paths run; elsewhere the
 #: plain modules do. Measured on CPUs (AVX2 for fp32; AVX-512 BF16 for bf16, see
-#: docs/bench_peers.md); on CUDA they were never measured, so CUDA runs the plain modules
+#: docs/kernels.md); on CUDA they were never measured, so CUDA runs the plain modules
 #: (whose convolutions and GEMMs are cuDNN/cuBLAS kernels).
 FAST_PATH_RULE = frozenset({("cpu", "fp32"), ("cpu", "reduced")})
 
@@ -208,7 +209,7 @@ def record_attention_choices() -> Iterator[list]:
 def attention_impl(q: Tensor, k: Tensor) -> str:
     """Which attention kernel :func:`attention` runs for these queries and keys.
 
-    The rule (measurements in docs/bench_peers.md):
+    The rule (measurements in docs/kernels.md):
 
     * CUDA and other accelerators: ``'sdpa'`` (PyTorch's fused flash / memory-efficient
       kernels).
@@ -279,6 +280,7 @@ def needs_grad(x: Tensor, *modules: nn.Module) -> bool:
 
 
 # ------------------------------------------------------------------------ projections
+@functools.lru_cache(maxsize=None)
 def _onednn_linear_available(dtype: torch.dtype) -> bool:
     if not (torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
@@ -364,7 +366,7 @@ def _dw_conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, has_bias: b
         return None, None, None
     dtype = inp.dtype
     # the CPU's bf16/fp16 strided depth-wise convolution backward is an order of magnitude
-    # slower than its fp32 one (docs/bench_peers.md): run it in fp32
+    # slower than its fp32 one (docs/kernels.md): run it in fp32
     upcast = stride > 1 and dtype in (torch.bfloat16, torch.float16) and inp.device.type == "cpu"
     if upcast:
         grad_out, inp, weight = grad_out.float(), inp.float(), weight.float()
