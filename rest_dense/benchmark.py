@@ -1045,7 +1045,9 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
                      warmup: int = 1, iters: int = 5) -> List[KernelRow]:
     """Time the candidates of each dispatch rule on one model's stage shapes (CPU): the
     attention kernels (``sdpa`` vs ``explicit``), the strided depth-wise convolution
-    backward of the key/value reduction (``native`` in the dtype vs ``fp32``) and the MLP's
+    backward of the key/value reduction (``native`` in the dtype vs ``fp32``), the strided
+    3x3 convolutions' backward (the stem's second conv and the patch embeddings: ``gemm``
+    vs ``library``, :func:`rest_dense.models.functional.conv3x3_s2_backward`) and the MLP's
     first projection with its GELU (``F.linear`` then ``F.gelu`` vs the oneDNN call with
     both fused, :func:`rest_dense.models.functional.linear`).
 
@@ -1064,7 +1066,8 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
     import torch.nn.functional as F
 
     from .models import get_model_entry
-    from .models.functional import _dw_conv_backward, _onednn_linear_available, attention
+    from .models.functional import (_dw_conv_backward, _onednn_linear_available, attention,
+                                    conv3x3_s2_backward, forced_conv_backward)
     from .models.functional import linear as fused_linear
 
     entry = get_model_entry(model)
@@ -1120,6 +1123,22 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
                 rows.append(KernelRow("dw_conv_backward", i + 1,
                                       f"x {tuple(x.shape)}, kernel {sr + 1}, stride {sr}",
                                       dtype, "train", times))
+            # the strided 3x3 conv that makes this stage: the stem's second conv (input
+            # twice the stage's size, half its width) or the patch embedding
+            cin = dim // 2 if i == 0 else spec["embed_dims"][i - 1]
+            hi, wi = (_math.ceil(s / 2 ** (i + 1)) for s in size)
+            tokens_in = torch.randn(batch, hi, wi, cin, generator=gen).to(dt)
+            weight3 = (torch.randn(dim, cin, 3, 3, generator=gen) * 0.05).to(dt)
+            grad3 = torch.randn(batch, h, w, dim, generator=gen).to(dt).permute(0, 3, 1, 2)
+            times = {}
+            for impl in ("gemm", "library"):
+                def conv_bwd(impl=impl, x=tokens_in, wt=weight3, g=grad3):
+                    with forced_conv_backward(impl):
+                        conv3x3_s2_backward(g, x, wt, True, True)
+                times[impl] = _best_ms(conv_bwd, warmup, iters)
+            rows.append(KernelRow("conv3x3_s2_backward", i + 1,
+                                  f"x {tuple(tokens_in.shape)} (tokens), weight {tuple(weight3.shape)}",
+                                  dtype, "train", times))
             if _onednn_linear_available(dt):
                 tokens = torch.randn(batch * h * w, dim, generator=gen).to(dt)
                 w1 = torch.randn(int(spec.get("mlp_ratio", 4) * dim), dim, generator=gen).to(dt)

@@ -1,5 +1,5 @@
 """Measure the candidates behind the kernel rules of rest_dense.models.functional and write
-them as markdown (the "Kernel choices" section of docs/bench_peers.md).
+them as markdown (the measurements of docs/kernels.md).
 
     python tools/bench_kernels.py --threads 2 [--size 512x512 --batch 2] [--out FILE]
 """

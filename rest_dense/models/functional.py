@@ -80,6 +80,10 @@ __all__ = [
     "upsample_values",
     "pa_norm",
     "conv3x3_s2",
+    "conv3x3_s2_backward",
+    "strided_conv_backward_impl",
+    "forced_conv_backward",
+    "STRIDED_CONV_BACKWARD_RULE",
     "stem_tail",
 ]
 
@@ -249,7 +253,12 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     if impl != "math":
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
-    weights = ((q * scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+    scores = (q * scale) @ k.transpose(-2, -1)
+    if dropout_p == 0 and not scores.requires_grad:
+        # nothing records: normalise the scores in place instead of allocating a second
+        # matrix as large (the softmax kernel reads each row before writing it)
+        return torch.ops.aten._softmax.out(scores, -1, False, out=scores) @ v
+    weights = scores.softmax(dim=-1)
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
@@ -750,10 +759,104 @@ def _col2im_3x3s2(cols: Tensor, shape: Sequence[int]) -> Tensor:
     return out[:, 1:h + 1, 1:w + 1]
 
 
+#: the strided 3x3 convolutions' backward on the CPU: ``'gemm'`` (two GEMMs over
+#: recomputed patches) or ``'library'`` (``aten.convolution_backward``, oneDNN), by CPU
+#: class and precision; for reduced precision on AVX-512 the value is the widest input
+#: (channels) that goes to the library. Measured with ``tools/bench_kernels.py``
+#: (docs/kernels.md): on AVX2 the GEMMs win in fp32; on AVX-512 the library wins in fp32
+#: at every stage and in bf16 on the wide early maps (the stem and ``patch_2``), the
+#: GEMMs on the narrow late ones.
+STRIDED_CONV_BACKWARD_RULE = {
+    ("avx512", "fp32"): "library",
+    ("avx512", "reduced"): 96,
+    ("other", "fp32"): "gemm",
+    ("other", "reduced"): "gemm",
+}
+STRIDED_CONV_BACKWARD_IMPLS = ("gemm", "library")
+_FORCED_CONV_BACKWARD: list = [None]
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_class() -> str:
+    """``'avx512'`` where torch dispatches its CPU kernels for AVX-512 (or AMX), else
+    ``'other'``."""
+    try:
+        capability = str(torch.backends.cpu.get_cpu_capability()).upper()
+    except AttributeError:  # older torch
+        return "other"
+    return "avx512" if capability.startswith(("AVX512", "AMX")) else "other"
+
+
+@contextlib.contextmanager
+def forced_conv_backward(impl: Optional[str]) -> Iterator[None]:
+    """Run the strided 3x3 convolutions' backward by one implementation (``'gemm'`` /
+    ``'library'``) inside the block, or by :data:`STRIDED_CONV_BACKWARD_RULE` (``None``)."""
+    if impl is not None and impl not in STRIDED_CONV_BACKWARD_IMPLS:
+        raise ValueError(f"conv backward impl must be None or one of "
+                         f"{STRIDED_CONV_BACKWARD_IMPLS}, got {impl!r}")
+    previous = _FORCED_CONV_BACKWARD[0]
+    _FORCED_CONV_BACKWARD[0] = impl
+    try:
+        yield
+    finally:
+        _FORCED_CONV_BACKWARD[0] = previous
+
+
+def strided_conv_backward_impl(x: Tensor) -> str:
+    """Which implementation :func:`conv3x3_s2_backward` runs for the input ``x``
+    (``(B, H, W, C)`` tokens): ``'gemm'`` or ``'library'`` (see
+    :data:`STRIDED_CONV_BACKWARD_RULE`; the library everywhere but the CPU). A
+    reduced-precision CPU map with a side of 1 or 2 always takes the GEMMs: there the
+    library kernel returns unset values for the weight taps that see only padding."""
+    if (x.device.type == "cpu" and _dtype_class(x.dtype) == "reduced"
+            and min(x.shape[1], x.shape[2]) <= 2):
+        # oneDNN's bf16 weight gradient leaves the taps that see only padding (a side of
+        # 1 or 2 at stride 2) unset: garbage or NaN (oneDNN 3.12, torch 2.13); forced too
+        return "gemm"
+    if _FORCED_CONV_BACKWARD[0] is not None:
+        return _FORCED_CONV_BACKWARD[0]
+    if x.device.type != "cpu":
+        return "library"
+    rule = STRIDED_CONV_BACKWARD_RULE[(_cpu_class(), _dtype_class(x.dtype))]
+    if isinstance(rule, int):
+        return "library" if x.shape[-1] <= rule else "gemm"
+    return rule
+
+
+def conv3x3_s2_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: bool,
+                        need_weight: bool) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """Gradients of ``F.conv2d(x.permute(0, 3, 1, 2), weight, stride=2, padding=1)``
+    with respect to the tokens ``x`` and the weight (the bias gradient is the caller's sum).
+
+    Args:
+        grad: ``(B, C', Ho, Wo)`` output gradient (any memory format).
+        x: ``(B, H, W, C)`` contiguous tokens.
+        weight: ``(C', C, 3, 3)``.
+        need_input, need_weight: which gradients to compute.
+
+    Returns:
+        ``(dx (B, H, W, C) or None, dweight or None)``.
+    """
+    cout, cin = weight.shape[:2]
+    if strided_conv_backward_impl(x) == "library":
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            grad, x.permute(0, 3, 1, 2), weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0],
+            1, [need_input, need_weight, False])
+        return (None if dx is None else dx.permute(0, 2, 3, 1),
+                None if dw is None else dw.contiguous())
+    g = _rows(grad.permute(0, 2, 3, 1))
+    dx = dw = None
+    if need_weight:
+        dw = g.t().mm(_im2col_3x3s2(x)).view(cout, 3, 3, cin).permute(0, 3, 1, 2).contiguous()
+    if need_input:
+        dx = _col2im_3x3s2(g.mm(weight.permute(0, 2, 3, 1).reshape(cout, 9 * cin)), x.shape)
+    return dx, dw
+
+
 class _Conv3x3S2(torch.autograd.Function):
     """``F.conv2d(x, weight, bias, stride=2, padding=1)`` on channels-last tokens; the
-    backward runs as two GEMMs over recomputed patches (faster than the library's
-    channels-last convolution backward on CPU)."""
+    backward by :func:`conv3x3_s2_backward` (GEMMs over recomputed patches where they beat
+    the library kernel)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
@@ -766,16 +869,8 @@ class _Conv3x3S2(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
-        cout, cin = weight.shape[:2]
-        g = _rows(grad.permute(0, 2, 3, 1))
-        dx = dw = db = None
-        if need[1]:
-            dw = g.t().mm(_im2col_3x3s2(x)).view(cout, 3, 3, cin).permute(0, 3, 1, 2).contiguous()
-        if need[2] and ctx.has_bias:
-            db = g.sum(0)
-        if need[0]:
-            wm = weight.permute(0, 2, 3, 1).reshape(cout, 9 * cin)
-            dx = _col2im_3x3s2(g.mm(wm), x.shape)
+        dx, dw = conv3x3_s2_backward(grad, x, weight, need[0], need[1])
+        db = grad.sum((0, 2, 3)) if need[2] and ctx.has_bias else None
         return dx, dw, db
 
 
@@ -865,14 +960,9 @@ class _StemTail(torch.autograd.Function):
                 r1 = _bn_relu(c1, w1, b1, use1, rm1, rv1, eps1)
                 r1_t = r1.permute(0, 2, 3, 1)
                 r1_t = r1_t if r1_t.is_contiguous() else r1_t.contiguous()
-                gc2 = _rows(dc2.permute(0, 2, 3, 1))
-                c_in = w2.shape[1]
-                if need[3]:
-                    dw2 = gc2.t().mm(_im2col_3x3s2(r1_t)).view(w2.shape[0], 3, 3, c_in)
-                    dw2 = dw2.permute(0, 3, 1, 2).contiguous()
-                if need[0] or need[1] or need[2]:
-                    wm = w2.permute(0, 2, 3, 1).reshape(w2.shape[0], 9 * c_in)
-                    dr1 = _col2im_3x3s2(gc2.mm(wm), r1_t.shape)
+                need_r1 = need[0] or need[1] or need[2]
+                dr1, dw2 = conv3x3_s2_backward(dc2, r1_t, w2, need_r1, need[3])
+                if need_r1:
                     dr1 = torch.ops.aten.threshold_backward(dr1, r1_t, 0).permute(0, 3, 1, 2)
                     del r1, r1_t
                     dc1, dw1, db1 = torch.ops.aten.native_batch_norm_backward(
