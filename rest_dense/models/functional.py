@@ -20,8 +20,9 @@ fewer activations alive for the backward pass and avoids layout copies:
 * :func:`pa_norm` -- PA position encoding ``x * sigmoid(dwconv3x3(x))`` followed by the
   token LayerNorm, saving only ``x``.
 * :func:`conv3x3_s2` -- the patch embeddings' strided 3x3 convs on channels-last tokens,
-  forward by the library convolution, backward as two GEMMs over recomputed patches
-  (the library's channels-last convolution backward is several times slower on CPU).
+  forward by the library convolution, backward by :func:`conv3x3_s2_backward`: two GEMMs
+  over recomputed patches or the library kernel, whichever
+  :func:`strided_conv_backward_impl` finds faster for the CPU class, dtype and width.
 
 Per transformer block the activations kept for backward drop from about 16C to 8C
 floats per token (4C with ``recompute_hidden``).
