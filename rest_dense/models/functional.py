@@ -86,6 +86,8 @@ __all__ = [
     "forced_conv_backward",
     "STRIDED_CONV_BACKWARD_RULE",
     "stem_tail",
+    "conv_stem",
+    "conv_bn_relu",
 ]
 
 _ENABLED = [True]
@@ -997,6 +999,84 @@ def stem_tail(c1: Tensor, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNo
     return _apply(_StemTail, c1, bn1.weight, bn1.bias, conv2.weight, conv3.weight, conv3.bias,
                   bn2.weight, bn2.bias, (use1, mom1, rm1, rv1, bn1.eps),
                   (use2, mom2, rm2, rv2, bn2.eps), keep=(1, 2, 6, 7))
+
+
+def _folds(bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises by its running statistics (so it can fold into a conv)."""
+    return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
+            and bn.running_mean is not None and bn.running_var is not None)
+
+
+@functools.lru_cache(maxsize=None)
+def _onednn_conv_available(dtype: torch.dtype) -> bool:
+    if not (torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
+        return False
+    if dtype == torch.bfloat16:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return dtype == torch.float32
+
+
+def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
+    """``relu(bn(conv(x)))`` for inference with ``bn`` in eval mode: the BatchNorm folded into
+    the convolution's weight and bias, and on the CPU (fp32, and bf16 with native units)
+    the ReLU fused into one oneDNN call. Under autocast it runs in the autocast dtype.
+
+    Args:
+        x: ``(B, C, H, W)`` input (channels-last memory preferred).
+        conv: a ``nn.Conv2d`` with numeric padding.
+        bn: a BatchNorm with running statistics, in eval mode.
+
+    Returns:
+        ``(B, C', H', W')``.
+    """
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if conv.bias is not None:
+        shift = shift + conv.bias * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    weight = conv.weight * scale.view(-1, 1, 1, 1)
+    dtype = compute_dtype(x) or x.dtype
+    if (x.device.type == "cpu" and not isinstance(conv.padding, str)
+            and x.dtype in (torch.float32, dtype) and weight.dtype in (torch.float32, dtype)
+            and _onednn_conv_available(dtype) and not (
+                torch.jit.is_scripting() or torch.jit.is_tracing()
+                or torch.compiler.is_compiling())):
+        return torch.ops.mkldnn._convolution_pointwise(
+            x.to(dtype), weight.to(dtype).contiguous(memory_format=torch.channels_last),
+            shift.to(dtype), list(conv.padding), list(conv.stride), list(conv.dilation),
+            conv.groups, "relu", [], "")
+    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation,
+                    conv.groups).relu_()
+
+
+def conv_stem(x: Tensor, proj: nn.Sequential) -> Tensor:
+    """The conv stem's layers ``proj`` = (conv 3x3/s2, BN, ReLU, conv 3x3/s2, BN, ReLU,
+    conv 1x1) on NCHW images, channels-last.
+
+    In inference with both BatchNorms in eval mode each conv-BN-ReLU is one call
+    (:func:`conv_bn_relu`); otherwise the first conv and :func:`stem_tail`, which keeps
+    only two maps for backward.
+
+    Args:
+        x: ``(B, C, H, W)`` images.
+        proj: the stem's ``nn.Sequential``.
+
+    Returns:
+        ``(B, C', ceil(H/4), ceil(W/4))`` map, channels-last memory.
+    """
+    conv1, bn1, _, conv2, bn2, _, conv3 = proj
+    x = x.contiguous(memory_format=torch.channels_last)
+    if _folds(bn1) and _folds(bn2) and not needs_grad(x, *proj):
+        r2 = conv_bn_relu(conv_bn_relu(x, conv1, bn1), conv2, bn2).permute(0, 2, 3, 1)
+        w3 = conv3.weight
+        out = linear(r2 if r2.is_contiguous() else r2.contiguous(),
+                     w3.view(w3.shape[0], w3.shape[1]), conv3.bias)
+        return out.permute(0, 3, 1, 2)
+    return stem_tail(conv1(x), bn1, conv2, bn2, conv3)
 
 
 # -------------------------------------------------------------- PA position encoding

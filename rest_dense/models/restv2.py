@@ -153,10 +153,9 @@ class ConvStemV2(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` images -> channels-last ``(B, H/4, W/4, C')`` tokens."""
         if self.fast_paths and fast.use_fast_path(x):
-            # channels-last throughout; BatchNorm/ReLU maps recomputed in backward
-            p = self.proj
-            x = p[0](x.contiguous(memory_format=torch.channels_last))
-            return fast.pa_norm(fast.stem_tail(x, p[1], p[3], p[4], p[6]), self.pos, self.norm)
+            # channels-last throughout; BatchNorm/ReLU maps recomputed in backward, folded
+            # into the convolutions in inference
+            return fast.pa_norm(fast.conv_stem(x, self.proj), self.pos, self.norm)
         return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
 
 

@@ -680,6 +680,67 @@ def test_stem_tail_matches_modules_and_batchnorm_state(norm_eval, momentum):
                 lambda c, *w: fast.stem_tail(c, p[1], p[3], p[4], p[6]), (c1, *params))
 
 
+def _stem_with_stats(seed=0):
+    torch.manual_seed(seed)
+    stem = ResTv2(arch=ARCH).stem
+    for m in stem.proj:
+        if isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.3)
+            nn.init.normal_(m.bias, 0.0, 0.3)
+            m.running_mean.normal_()
+            m.running_var.uniform_(0.5, 2.0)
+    return stem
+
+
+@pytest.mark.parametrize("hw", [(97, 131), (5, 7), (1, 1)])
+def test_conv_stem_inference_folds_batchnorm(hw):
+    """In inference with eval BatchNorms the stem's conv-BN-ReLU pairs run folded: the
+    modules' result (fp32 to rounding, bf16 within its precision), channels-last."""
+    stem = _stem_with_stats().eval()
+    x = torch.randn(2, 3, *hw)
+    with torch.no_grad():
+        ref = stem.proj(x)
+        out = fast.conv_stem(x, stem.proj)
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = fast.conv_stem(x, stem.proj)
+        assert low.dtype == torch.bfloat16 and torch.isfinite(low).all()
+        assert _rel(low, ref) < 2e-2
+        with torch.inference_mode():
+            torch.testing.assert_close(fast.conv_stem(x, stem.proj), ref, atol=1e-5, rtol=1e-5)
+    # a batchnorm without affine parameters or conv bias still folds exactly
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=True)
+    bn = nn.BatchNorm2d(4, affine=False).eval()
+    bn.running_mean.normal_()
+    with torch.no_grad():
+        torch.testing.assert_close(fast.conv_bn_relu(x, conv, bn), torch.relu(bn(conv(x))),
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_conv_stem_keeps_batchnorm_semantics_where_it_cannot_fold():
+    """Training-mode BatchNorm (batch statistics, running-average updates), BatchNorm
+    without running statistics, and recorded autograd do not fold."""
+    x = torch.randn(2, 3, 33, 29)
+    for prepare in ("train", "no_running_stats", "grad"):
+        a, b = _stem_with_stats(), _stem_with_stats()
+        a.train(prepare == "train"), b.train(prepare == "train")
+        if prepare == "no_running_stats":
+            for stem in (a, b):
+                for m in stem.proj:
+                    if isinstance(m, nn.BatchNorm2d):
+                        m.track_running_stats = False
+                        m.running_mean = m.running_var = None
+        with torch.set_grad_enabled(prepare == "grad"):
+            out = fast.conv_stem(x, a.proj)
+            ref = b.proj(x)
+        torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5, msg=prepare)
+        assert out.requires_grad == (prepare == "grad")
+        for ma, mb in zip(a.proj, b.proj):
+            if isinstance(ma, nn.BatchNorm2d) and ma.running_mean is not None:
+                torch.testing.assert_close(ma.running_mean, mb.running_mean)
+
+
 # ------------------------------------------------------------------ the memory dial
 @pytest.mark.parametrize("kind", ["v2", "v1"])
 @pytest.mark.parametrize("fast_on", [True, False], ids=["fast", "plain"])
