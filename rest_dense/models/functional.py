@@ -1039,18 +1039,27 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm
     if bn.bias is not None:
         shift = shift + bn.bias
     weight = conv.weight * scale.view(-1, 1, 1, 1)
+    return _conv_activation(x, weight, shift, conv.stride, conv.padding, conv.dilation,
+                            conv.groups, "relu")
+
+
+def _conv_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
+                     dilation, groups: int, activation: str) -> Tensor:
+    """``activation(F.conv2d(x, weight, bias, ...))`` (``'relu'`` / ``'sigmoid'``) where
+    nothing records: on the CPU (fp32, and bf16 with native units) one oneDNN call with the
+    activation fused, in the autocast dtype under autocast; elsewhere the two ops."""
     dtype = compute_dtype(x) or x.dtype
-    if (x.device.type == "cpu" and not isinstance(conv.padding, str)
-            and x.dtype in (torch.float32, dtype) and weight.dtype in (torch.float32, dtype)
+    if (x.device.type == "cpu" and not isinstance(padding, str)
+            and all(t is None or t.dtype in (torch.float32, dtype) for t in (x, weight, bias))
             and _onednn_conv_available(dtype) and not (
                 torch.jit.is_scripting() or torch.jit.is_tracing()
                 or torch.compiler.is_compiling())):
         return torch.ops.mkldnn._convolution_pointwise(
             x.to(dtype), weight.to(dtype).contiguous(memory_format=torch.channels_last),
-            shift.to(dtype), list(conv.padding), list(conv.stride), list(conv.dilation),
-            conv.groups, "relu", [], "")
-    return F.conv2d(x, weight, shift, conv.stride, conv.padding, conv.dilation,
-                    conv.groups).relu_()
+            None if bias is None else bias.to(dtype), list(padding), list(stride),
+            list(dilation), groups, activation, [], "")
+    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    return out.relu_() if activation == "relu" else out.sigmoid_()
 
 
 def conv_stem(x: Tensor, proj: nn.Sequential) -> Tensor:
@@ -1069,14 +1078,19 @@ def conv_stem(x: Tensor, proj: nn.Sequential) -> Tensor:
         ``(B, C', ceil(H/4), ceil(W/4))`` map, channels-last memory.
     """
     conv1, bn1, _, conv2, bn2, _, conv3 = proj
-    x = x.contiguous(memory_format=torch.channels_last)
     if _folds(bn1) and _folds(bn2) and not needs_grad(x, *proj):
+        dtype = compute_dtype(x)
+        if x.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
+            x = x.to(dtype, memory_format=torch.channels_last)  # cast and layout in one copy
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
         r2 = conv_bn_relu(conv_bn_relu(x, conv1, bn1), conv2, bn2).permute(0, 2, 3, 1)
         w3 = conv3.weight
         out = linear(r2 if r2.is_contiguous() else r2.contiguous(),
                      w3.view(w3.shape[0], w3.shape[1]), conv3.bias)
         return out.permute(0, 3, 1, 2)
-    return stem_tail(conv1(x), bn1, conv2, bn2, conv3)
+    return stem_tail(conv1(x.contiguous(memory_format=torch.channels_last)), bn1, conv2, bn2,
+                     conv3)
 
 
 # -------------------------------------------------------------- PA position encoding
@@ -1131,7 +1145,9 @@ def pa_norm(x: Tensor, pa: nn.Module, norm: nn.LayerNorm) -> Tensor:
     """
     conv = pa.pa_conv
     if not needs_grad(x, conv, norm):
-        z = x * F.conv2d(x, conv.weight, conv.bias, padding=1, groups=x.shape[1]).sigmoid_()
+        gate = _conv_activation(x, conv.weight, conv.bias, (1, 1), (1, 1), (1, 1), x.shape[1],
+                                "sigmoid")
+        z = gate.mul_(x) if gate.dtype == torch.result_type(gate, x) else x * gate
         return F.layer_norm(z.permute(0, 2, 3, 1), norm.normalized_shape, norm.weight, norm.bias,
                             norm.eps)
     return _apply(_PaNorm, x, conv.weight, conv.bias, norm.weight, norm.bias, norm.eps)

@@ -632,7 +632,19 @@ def test_pa_norm_gradcheck(channels_last):
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     x.requires_grad_()
-    torch.testing.assert_close(fast.pa_norm(x, pa, norm), norm(pa(x).permute(0, 2, 3, 1)))
+    ref = norm(pa(x).permute(0, 2, 3, 1))
+    torch.testing.assert_close(fast.pa_norm(x, pa, norm), ref)
+    # inference: the gate's conv and sigmoid are one call, the product in place
+    for dtype in (torch.float32, torch.bfloat16):
+        x_in = x.detach().float().to(dtype)
+        pa_d, norm_d = PixelAttention(c).to(dtype), nn.LayerNorm(c).to(dtype)
+        pa_d.load_state_dict(pa.state_dict()), norm_d.load_state_dict(norm.state_dict())
+        before = x_in.clone()
+        with torch.no_grad():
+            out, ref_d = fast.pa_norm(x_in, pa_d, norm_d), norm_d(pa_d(x_in).permute(0, 2, 3, 1))
+        assert torch.equal(x_in, before) and out.dtype == ref_d.dtype == dtype
+        tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=5e-2, rtol=5e-2)
+        torch.testing.assert_close(out, ref_d, **tol)
     params = [pa.pa_conv.weight, pa.pa_conv.bias, norm.weight, norm.bias]
     assert torch.autograd.gradcheck(lambda x, *p: fast.pa_norm(x, pa, norm), (x, *params))
 
