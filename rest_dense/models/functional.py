@@ -423,15 +423,16 @@ class _MlpBranch(torch.autograd.Function):
         g = F.gelu(h)
         dw2 = d.t().mm(g) if need[5] else None
         db2 = d.sum(0) if need[6] else None
-        del g
-        dh = d.mm(w2)
+        # the 4C-wide GELU output is done with: dh takes its memory (a fresh map that
+        # large costs page faults on the CPU), as dy takes y's below
+        dh = torch.mm(d, w2, out=g) if g.dtype == torch.result_type(d, w2) else d.mm(w2)
         torch.ops.aten.gelu_backward.grad_input(dh, h, grad_input=dh)
-        del h
+        del h, g
         dw1 = dh.t().mm(y) if need[3] else None
         db1 = dh.sum(0) if need[4] and b1 is not None else None
         dx = dlw = dlb = None
         if need[0] or need[1] or need[2]:
-            dy = dh.mm(w1)
+            dy = torch.mm(dh, w1, out=y) if y.dtype == torch.result_type(dh, w1) else dh.mm(w1)
             del dh
             dx, dlw, dlb = _ln_backward(dy, x2, mean, rstd, ln_w, ln_b, need[:3])
             if dx is not None:
