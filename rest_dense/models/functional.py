@@ -672,7 +672,7 @@ def _up_norm_sum(out: Tensor, v: Tensor, wu, bu, wn, bn, sr: int, hw: Tuple[int,
     if u.shape[1] != h or u.shape[2] != w:
         u = u[:, :h, :w].contiguous()
     s, mean, rstd = _ln(u, wn, bn, eps)
-    s.add_(out.transpose(1, 2).reshape(bsz, h, w, nh * hd))
+    s.view(bsz, h * w, nh, hd).add_(out.transpose(1, 2))  # heads merged without a copy
     return s, u, mean, rstd
 
 
