@@ -13,14 +13,15 @@ Two precisions:
 """
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
 __all__ = ["ACCELERATORS", "PRECISIONS", "accelerator_available", "amp_supported",
            "bf16_supported", "cpu_has_native_bf16", "warn_if_bf16_emulated", "parse_precision",
-           "resolve_amp"]
+           "resolve_amp", "autocast_off"]
 
 logger = logging.getLogger("rest_dense.amp")
 
@@ -213,3 +214,13 @@ def warn_if_bf16_emulated(device: Union[str, torch.device, None] = "cpu",
             "Train in fp32 here, or in bf16 on a GPU or a CPU with AVX-512 BF16 / AMX.",
             capability)
     return True
+
+
+@contextlib.contextmanager
+def autocast_off() -> Iterator[None]:
+    """Autocast switched off on the CPU and CUDA inside the block (graph exports trace the
+    model in its own dtype: a caller's autocast would mix casts into the trace)."""
+    with contextlib.ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            stack.enter_context(torch.autocast(device, enabled=False))
+        yield

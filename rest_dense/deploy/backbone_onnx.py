@@ -65,6 +65,7 @@ from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from ..amp import autocast_off
 from .runtime import ParityError, ParityResult, compare_outputs, finish, make_session
 from .shapes import (default_trace_shape, min_valid_side, trace_problems,
                             trace_side_problems, windowed_stages)
@@ -133,10 +134,14 @@ def build_model(model: str, attn_mode: str = "global", checkpoint: Optional[str]
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """The model in eval mode, with autocast off: a graph is exported or traced in the
+    model's own dtype (under a caller's autocast the trace would mix in casts that the
+    exporters cannot type)."""
     was_training = model.training
     model.eval()
     try:
-        yield model
+        with autocast_off():
+            yield model
     finally:
         model.train(was_training)
 

@@ -47,6 +47,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..amp import autocast_off
 from .inputs import read_image, synthetic_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, Tolerances, compare_predictions,
@@ -520,7 +521,7 @@ class D2Deployment(Deployment):
         # graph; a decoding with a constant top-k replaces it while tracing (d2_support)
         patch = traceable_retinanet(self.model) if self.retinanet else contextlib.nullcontext()
         try:
-            with patch, torch.no_grad(), quiet_logs():
+            with patch, torch.no_grad(), autocast_off(), quiet_logs():
                 torch.onnx.export(adapter, adapter.flattened_inputs, path, dynamo=False,
                                   opset_version=self.opset, input_names=["image"],
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True)

@@ -328,7 +328,8 @@ class ResTBase(nn.Module):
 
         Raises:
             TypeError: not a Tensor; an integer/bool dtype; a float dtype other than the
-                weights' (outside autocast).
+                weights' (outside autocast); float16 / bfloat16 weights under autocast to the
+                other reduced dtype.
             ValueError: not 4-D, wrong channel count, empty batch or image, another device
                 than the weights', NaN/inf values.
         """
@@ -357,8 +358,17 @@ class ResTBase(nn.Module):
         if x.device != weight.device:
             raise ValueError(f"{name} has its weights on {weight.device} but the input is on "
                             f"{x.device}; move one of them (x.to({str(weight.device)!r}))")
+        autocast = _autocast_enabled(x.device.type)
+        if autocast and weight.dtype in (torch.float16, torch.bfloat16):
+            try:
+                autocast_dtype = torch.get_autocast_dtype(x.device.type)
+            except (AttributeError, TypeError, RuntimeError):  # older torch
+                autocast_dtype = weight.dtype
+            if autocast_dtype != weight.dtype:
+                raise TypeError(f"{name} has {weight.dtype} weights but runs under {autocast_dtype} "
+                                f"autocast, which cannot mix them; keep the weights in float32 "
+                                f"(model.float()) or use {weight.dtype} autocast")
         if x.dtype != weight.dtype:
-            autocast = _autocast_enabled(x.device.type)
             if not (autocast and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
                 hint = ("autocast does not cast float64 inputs" if autocast
                         else "or run under torch.autocast for mixed precision")

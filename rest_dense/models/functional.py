@@ -47,6 +47,10 @@ the plain computation::
 
     with fast_paths(False):
         reference = model(x)       # the plain module-by-module computation
+
+The switch leaves the attention kernel to :func:`attention_impl`; a model built with
+``fast_paths=False`` runs the plain modules and the released code's explicit attention
+math (the exact reference).
 """
 from __future__ import annotations
 
@@ -86,6 +90,7 @@ __all__ = [
     "forced_conv_backward",
     "STRIDED_CONV_BACKWARD_RULE",
     "stem_tail",
+    "dw_conv",
     "conv_stem",
     "conv_bn_relu",
 ]
@@ -139,12 +144,24 @@ def use_fast_path(x: Tensor) -> bool:
         return False
     if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
+    if _in_functorch_transform(x):
+        return False  # the custom autograd functions do not support torch.func transforms
     if x.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
         return False
     dtype = compute_dtype(x)
     if dtype is None:
         return False
     return (x.device.type, _dtype_class(dtype)) in FAST_PATH_RULE
+
+
+def _in_functorch_transform(x: Tensor) -> bool:
+    """Inside ``torch.func.grad`` / ``vmap`` / ``jvp`` (parameters may be wrapped even when
+    ``x`` is not)."""
+    functorch = torch._C._functorch
+    if functorch.is_functorch_wrapped_tensor(x):
+        return True
+    peek = getattr(functorch, "peek_interpreter_stack", None)
+    return peek is not None and peek() is not None
 
 
 # ------------------------------------------------------------------------ the dispatch
@@ -167,11 +184,12 @@ def _dtype_class(dtype: torch.dtype) -> str:
 
 def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype the GEMMs of ``x``'s layer run in: the autocast dtype when autocast is on
-    for ``x``'s device, else ``x.dtype``; None for device types autocast does not know."""
+    for ``x``'s device (float64 excepted: autocast leaves it alone), else ``x.dtype``; None
+    for device types autocast does not know."""
     device = x.device.type
     try:
-        if torch.is_autocast_enabled(device):
-            return torch.get_autocast_dtype(device)
+        if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+            return torch.get_autocast_dtype(device)  # autocast never lowers float64
     except (TypeError, RuntimeError):
         return None
     return x.dtype
@@ -269,15 +287,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
 
 def _apply(function, *args, keep: Sequence[int] = ()):
     """``function.apply(*args)``; under autocast the floating-point tensors among ``args``
-    (but those at the indices in ``keep``) are first cast to the autocast dtype and the
-    function runs with autocast off, so that its forward and backward run in one dtype."""
+    (but those at the indices in ``keep``, and float64 ones, which autocast leaves alone)
+    are first cast to the autocast dtype and the function runs with autocast off, so that
+    its forward and backward run in one dtype. A float64 first tensor runs as is."""
     first = next(a for a in args if isinstance(a, Tensor))
     device = first.device.type
     dtype = compute_dtype(first)
-    if dtype is None or not torch.is_autocast_enabled(device):
+    if dtype is None or dtype == torch.float64 or not torch.is_autocast_enabled(device):
         return function.apply(*args)
-    cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point() and i not in keep
-            else a for i, a in enumerate(args)]
+    cast = [a.to(dtype) if isinstance(a, Tensor) and a.is_floating_point()
+            and a.dtype != torch.float64 and i not in keep else a for i, a in enumerate(args)]
     with torch.autocast(device, enabled=False):
         return function.apply(*cast)
 
@@ -310,7 +329,7 @@ def _fused_linear_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Op
             or x.shape[-1] != weight.shape[1] or (bias is not None and (
                 bias.dim() != 1 or bias.shape[0] != weight.shape[0]))):
         return None  # F.linear handles these, or names the mistake
-    if torch._C._functorch.is_functorch_wrapped_tensor(x) or torch.is_grad_enabled() and (
+    if _in_functorch_transform(x) or torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad
             or (bias is not None and bias.requires_grad)):
         return None  # autograd (also forward-mode) must see F.linear
@@ -389,6 +408,37 @@ def _dw_conv_backward(grad_out: Tensor, inp: Tensor, weight: Tensor, has_bias: b
     if upcast:
         grads = tuple(None if g is None else g.to(dtype) for g in grads)
     return grads
+
+
+class _DwConv(torch.autograd.Function):
+    """A depth-wise ``F.conv2d`` whose backward is :func:`_dw_conv_backward` (fp32 for
+    strided reduced-precision convs on the CPU)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding):
+        ctx.save_for_backward(x, weight)
+        ctx.cfg = (bias is not None, stride, padding)
+        return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        has_bias, stride, padding = ctx.cfg
+        dx, dw, db = _dw_conv_backward(grad, x, weight, has_bias, stride, padding,
+                                       ctx.needs_input_grad[:3])
+        return dx, dw, db, None, None
+
+
+def dw_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
+    """``conv(x)`` for a depth-wise conv with square kernel, stride and padding (the
+    key/value reduction ``sr``); while autograd records, its backward runs by
+    :func:`_dw_conv_backward`: in fp32 for strided bf16/fp16 convs on the CPU, whose
+    library kernel is an order of magnitude slower and, on maps where a kernel tap sees
+    only padding, leaves that tap's weight gradient unset (docs/kernels.md)."""
+    if not needs_grad(x, conv):
+        return conv(x)
+    return _apply(_DwConv, x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
 
 
 def _param(module: nn.Module, name: str) -> Optional[Tensor]:
@@ -994,6 +1044,13 @@ def stem_tail(c1: Tensor, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNo
     if not needs_grad(c1, bn1, conv2, bn2, conv3):
         x = F.relu(bn1(c1), inplace=True)
         return conv3(F.relu(bn2(conv2(x)), inplace=True))
+    n, _, h, w = c1.shape
+    for bn, size in ((bn1, (n, bn1.num_features, h, w)),
+                     (bn2, (n, bn2.num_features, (h + 1) // 2, (w + 1) // 2))):
+        if (bn.training or bn.running_mean is None) and n * size[2] * size[3] == 1:
+            raise ValueError("Expected more than 1 value per channel when training, got input "
+                             f"size {torch.Size(size)} (the stem's BatchNorm needs a larger "
+                             "image or batch)")
     use1, mom1, rm1, rv1 = _bn_mode(bn1)
     use2, mom2, rm2, rv2 = _bn_mode(bn2)
     # the BatchNorm parameters stay fp32 under autocast (as in the plain modules)
@@ -1020,8 +1077,8 @@ def _onednn_conv_available(dtype: torch.dtype) -> bool:
 
 def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
     """``relu(bn(conv(x)))`` for inference with ``bn`` in eval mode: the BatchNorm folded into
-    the convolution's weight and bias, and on the CPU (fp32, and bf16 with native units)
-    the ReLU fused into one oneDNN call. Under autocast it runs in the autocast dtype.
+    the convolution's weight and bias (one oneDNN convolution on the CPU, fp32 and bf16
+    with native units), then an in-place ReLU. Under autocast it runs in the autocast dtype.
 
     Args:
         x: ``(B, C, H, W)`` input (channels-last memory preferred).
@@ -1047,18 +1104,21 @@ def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm
 def _conv_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, padding,
                      dilation, groups: int, activation: str) -> Tensor:
     """``activation(F.conv2d(x, weight, bias, ...))`` (``'relu'`` / ``'sigmoid'``) where
-    nothing records: on the CPU (fp32, and bf16 with native units) one oneDNN call with the
-    activation fused, in the autocast dtype under autocast; elsewhere the two ops."""
+    nothing records: on the CPU (fp32, and bf16 with native units) one oneDNN call (the
+    sigmoid fused; the ReLU in place after it, since the fused one turns NaN into 0), in
+    the autocast dtype under autocast; elsewhere the two ops."""
     dtype = compute_dtype(x) or x.dtype
     if (x.device.type == "cpu" and not isinstance(padding, str)
             and all(t is None or t.dtype in (torch.float32, dtype) for t in (x, weight, bias))
             and _onednn_conv_available(dtype) and not (
                 torch.jit.is_scripting() or torch.jit.is_tracing()
                 or torch.compiler.is_compiling())):
-        return torch.ops.mkldnn._convolution_pointwise(
+        # oneDNN's fused ReLU maps NaN to 0; ATen's relu_ keeps it (as the modules do)
+        out = torch.ops.mkldnn._convolution_pointwise(
             x.to(dtype), weight.to(dtype).contiguous(memory_format=torch.channels_last),
             None if bias is None else bias.to(dtype), list(padding), list(stride),
-            list(dilation), groups, activation, [], "")
+            list(dilation), groups, "none" if activation == "relu" else activation, [], "")
+        return out.relu_() if activation == "relu" else out
     out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
     return out.relu_() if activation == "relu" else out.sigmoid_()
 

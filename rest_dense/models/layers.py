@@ -197,7 +197,9 @@ class ReducedKVAttention(nn.Module):
         nh, hd = self.num_heads, self.head_dim
         q = self.q(x).reshape(b, h * w, nh, hd).transpose(1, 2)
         if self.sr_ratio > 1:
-            kv_map = self.sr(x.permute(0, 3, 1, 2))
+            xc = x.permute(0, 3, 1, 2)
+            kv_map = fast.dw_conv(xc, self.sr) if self.fast_paths and fast.use_fast_path(x) \
+                else self.sr(xc)
             hk, wk = kv_map.shape[-2:]
             kv_in = self.sr_norm(kv_map.flatten(2).transpose(1, 2))
         else:

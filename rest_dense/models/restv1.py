@@ -89,24 +89,12 @@ class EMSA(ReducedKVAttention):
         if self.apply_transform:
             logits = (q @ k.transpose(-2, -1)) * self.scale
             # InstanceNorm over a near-uniform softmax amplifies rounding errors ~20x, so the
-            # head mixing, softmax and norm run in a wider type (fp64 for fp32 inputs).
-            wide = torch.float64 if logits.dtype == torch.float32 else torch.float32
-            tc = self.transform_conv
-            if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-                # graph exports: ONNX Runtime's CPU provider has no float64 Conv or
-                # InstanceNormalization, so the same math is written in ops it has
-                attn = mix_heads_decomposed(logits.to(wide), tc.weight.to(wide),
-                                            tc.bias.to(wide), self.transform_norm.eps)
-            else:
-                attn = F.conv2d(logits.to(wide), tc.weight.to(wide), tc.bias.to(wide))
-                attn = attn.softmax(dim=-1)
-                if attn.shape[-2] * attn.shape[-1] > 1:
-                    attn = self.transform_norm(attn)
-                else:
-                    # one query and one key (a 1x1 map, e.g. stage 4 of a 32x32 input): the
-                    # instance norm of a single value is exactly 0, which InstanceNorm2d
-                    # refuses to compute ("more than 1 spatial element")
-                    attn = torch.zeros_like(attn)
+            # head mixing, softmax and norm run in a wider type (fp64 for fp32 and fp64
+            # logits, fp32 for reduced ones), with autocast off (it would cast back down)
+            wide = torch.float64 if logits.dtype in (torch.float32, torch.float64) \
+                else torch.float32
+            with torch.autocast(logits.device.type, enabled=False):
+                attn = self._mix_heads(logits.to(wide))
             attn = attn.to(v.dtype)
             if drop:
                 attn = F.dropout(attn, p=drop)
@@ -114,6 +102,22 @@ class EMSA(ReducedKVAttention):
         else:
             out = multi_head_attention(q, k, v, self.scale, fused=self.fast_paths, dropout_p=drop)
         return self.proj(self.merge_heads(out, h, w))
+
+    def _mix_heads(self, logits: Tensor) -> Tensor:
+        """1x1 conv over the heads, softmax over the keys, instance norm, in ``logits``'s dtype."""
+        tc = self.transform_conv
+        weight, bias = tc.weight.to(logits.dtype), tc.bias.to(logits.dtype)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+            # graph exports: ONNX Runtime's CPU provider has no float64 Conv or
+            # InstanceNormalization, so the same math is written in ops it has
+            return mix_heads_decomposed(logits, weight, bias, self.transform_norm.eps)
+        attn = F.conv2d(logits, weight, bias).softmax(dim=-1)
+        if attn.shape[-2] * attn.shape[-1] > 1:
+            return self.transform_norm(attn)
+        # one query and one key (a 1x1 map, e.g. stage 4 of a 32x32 input): the instance
+        # norm of a single value is exactly 0, which InstanceNorm2d refuses to compute
+        # ("more than 1 spatial element")
+        return torch.zeros_like(attn)
 
 
 class PatchEmbedV1(nn.Module):

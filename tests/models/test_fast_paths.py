@@ -316,16 +316,79 @@ def test_fused_linear_odd_operands():
     assert tangent.abs().sum() > 0
 
 
-def test_float64_model_under_bf16_autocast_stays_float64():
-    model = ResTv2(arch=ARCH).eval().double()
+@pytest.mark.parametrize("kind", ["v2", "v1"])
+@pytest.mark.parametrize("train", [False, True])
+def test_float64_model_under_autocast_stays_float64(kind, train):
+    """Autocast leaves float64 alone: a float64 model computes exactly as without autocast,
+    through the fast paths too (none of them may cast it down), in training as well."""
+    torch.manual_seed(0)
+    cls, arch = (ResTv2, ARCH) if kind == "v2" else (ResTv1, ARCH_V1)
+    model = cls(arch=arch).double().train(train)
     x = torch.randn(1, 3, 37, 45, dtype=torch.float64)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        outs = model(x)
-        with fast.fast_paths(False):
-            plain = model(x)
-    for o, p in zip(outs, plain):
-        assert o.dtype == torch.float64
-        torch.testing.assert_close(o, p)
+    ref = _run(model, x, True, backward=train)
+    for dtype in (torch.bfloat16, torch.float16):
+        with torch.autocast("cpu", dtype=dtype):
+            got = _run(model, x, True, backward=train)
+        for o, r in zip(got[0], ref[0]):
+            assert o.dtype == torch.float64
+            torch.testing.assert_close(o, r, atol=1e-12, rtol=1e-10)
+        if train:
+            for name, g in ref[2].items():
+                torch.testing.assert_close(got[2][name], g, atol=1e-12, rtol=1e-10, msg=name)
+
+
+def test_restv1_head_mixing_stays_wide_under_autocast():
+    """ResTv1's head mixing, softmax and instance norm run outside autocast in fp32 for
+    bf16 logits, so its error under bf16 autocast stays that of bf16 weights."""
+    torch.manual_seed(0)
+    model = ResTv1(arch=ARCH_V1).eval()
+    low = ResTv1(arch=ARCH_V1).eval().bfloat16()
+    low.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        pure = low(x.bfloat16())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed = model(x)
+    for m, p, r in zip(mixed, pure, ref):
+        assert _rel(m, r) < max(2 * _rel(p, r), 0.02)
+
+
+def test_fast_paths_step_aside_for_torch_func():
+    """torch.func transforms (grad over functional_call) see the plain computation: the
+    custom autograd functions do not support them."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).eval()
+    params = dict(model.named_parameters())
+    x = torch.randn(1, 3, 33, 29)
+
+    def loss(p):
+        return functional_call(model, p, (x,))[0].sum()
+
+    got = grad(loss)(params)
+    with fast.fast_paths(False):
+        ref = grad(loss)(params)
+    for name, g in ref.items():
+        assert torch.isfinite(got[name]).all()
+        torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_restv1_sr_conv_gradients_right_on_tiny_maps_in_bf16():
+    """The key/value reduction's strided depth-wise backward runs in fp32 under bf16
+    autocast (the library's bf16 kernel leaves pad-only weight taps unset on small maps)."""
+    torch.manual_seed(0)
+    model = ResTv1(arch=ARCH_V1).train()
+    x = torch.randn(2, 3, 36, 20)
+    for _ in range(3):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs = model(x)
+        sum(o.float().sum() for o in outs).backward()
+        for name, p in model.named_parameters():
+            if ".sr." in name:
+                assert torch.isfinite(p.grad).all() and p.grad.abs().max() < 1e4, name
 
 
 @pytest.mark.parametrize("stride,k", [(2, 3), (4, 5), (8, 9), (1, 3)])
@@ -728,6 +791,33 @@ def test_conv_stem_inference_folds_batchnorm(hw):
     with torch.no_grad():
         torch.testing.assert_close(fast.conv_bn_relu(x, conv, bn), torch.relu(bn(conv(x))),
                                    atol=1e-5, rtol=1e-5)
+
+
+def test_conv_stem_inference_keeps_nan():
+    """The fused convolution's ReLU would turn NaN into 0; the stem keeps NaN as the
+    modules do."""
+    stem = _stem_with_stats().eval()
+    x = torch.randn(1, 3, 21, 19)
+    x[0, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        for amp in (False, True):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+                got, ref = fast.conv_stem(x, stem.proj), stem.proj(x)
+            assert torch.isnan(ref).any()
+            assert torch.equal(torch.isnan(got), torch.isnan(ref))
+
+
+def test_conv_stem_training_refuses_one_value_per_channel():
+    """Like nn.BatchNorm2d in training: a 1x1 map of one image is refused, and the running
+    statistics are left untouched."""
+    stem = _stem_with_stats().train()
+    before = {k: v.clone() for k, v in stem.state_dict().items()}
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        fast.conv_stem(torch.randn(1, 3, 2, 2), stem.proj)
+    for k, v in stem.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        stem.proj(torch.randn(1, 3, 2, 2))
 
 
 def test_conv_stem_keeps_batchnorm_semantics_where_it_cannot_fold():

@@ -245,6 +245,15 @@ def test_mixed_precision_under_autocast(models, family, dtype):
     assert all(o.dtype == torch.bfloat16 and torch.isfinite(o.float()).all() for o in outs)
 
 
+@pytest.mark.parametrize("weights,autocast", [(torch.bfloat16, torch.float16),
+                                              (torch.float16, torch.bfloat16)])
+def test_reduced_weights_under_the_other_autocast_are_refused(weights, autocast):
+    model = _build("v2").to(weights).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=autocast):
+        with pytest.raises(TypeError, match=f"{weights} weights but runs under {autocast}"):
+            model(torch.randn(1, 3, 32, 32))
+
+
 def test_float64_model_takes_float64_input():
     torch.manual_seed(0)
     model = _build("v2").double().eval()

@@ -376,3 +376,14 @@ def test_static_program_in_window_mode(tmp_path, capsys, tiny_cli_model, one_thr
     model = ResTv2(TINY, attn_mode="win").eval()
     (res,) = ex.check_program(model, program, [(65, 97)])
     assert res.ok and res.worst < 1e-5, res.describe()
+
+
+def test_onnx_export_under_a_callers_autocast_is_the_fp32_graph(tmp_path, one_thread):
+    """Export runs with autocast off: a caller's bf16 autocast neither breaks the export
+    nor puts casts into the graph."""
+    torch.manual_seed(0)
+    model = ResTv1(dict(TINY, qkv_bias=True, apply_transform=True)).eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exp = ex.export_onnx(model, tmp_path / "amp.onnx", shape=(64, 96), dynamic=False)
+    results = ex.check_onnx(model, exp.path, [(64, 96)], batch=1)
+    assert all(r.ok and r.worst < 1e-4 for r in results), [r.describe() for r in results]
