@@ -1139,7 +1139,8 @@ def conv_stem(x: Tensor, proj: nn.Sequential) -> Tensor:
         ``(B, C', ceil(H/4), ceil(W/4))`` map, channels-last memory.
     """
     conv1, bn1, _, conv2, bn2, _, conv3 = proj
-    if _folds(bn1) and _folds(bn2) and not needs_grad(x, *proj):
+    if (_folds(bn1) and _folds(bn2) and conv1.padding_mode == conv2.padding_mode == "zeros"
+            and not needs_grad(x, *proj)):
         dtype = compute_dtype(x)
         if x.dtype == torch.float32 and dtype in (torch.bfloat16, torch.float16):
             x = x.to(dtype, memory_format=torch.channels_last)  # cast and layout in one copy
