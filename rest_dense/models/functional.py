@@ -156,9 +156,12 @@ def use_fast_path(x: Tensor) -> bool:
 
 def _in_functorch_transform(x: Tensor) -> bool:
     """Inside ``torch.func.grad`` / ``vmap`` / ``jvp`` (parameters may be wrapped even when
-    ``x`` is not)."""
+    ``x`` is not) or a forward-mode AD level (``torch.autograd.forward_ad.dual_level``):
+    places where only ATen ops with their own derivative formulas may run."""
     functorch = torch._C._functorch
     if functorch.is_functorch_wrapped_tensor(x):
+        return True
+    if getattr(torch.autograd.forward_ad, "_current_level", -1) >= 0:
         return True
     peek = getattr(functorch, "peek_interpreter_stack", None)
     return peek is not None and peek() is not None
@@ -245,6 +248,8 @@ def attention_impl(q: Tensor, k: Tensor) -> str:
       training, and it keeps no attention matrix for backward).
     * Whatever the above says, an attention matrix larger than
       :data:`MATH_ATTENTION_MAX_ELEMENTS` goes through ``'sdpa'``.
+    * Inside ``torch.func`` transforms and forward-mode AD: ``'math'`` (PyTorch's SDPA
+      kernels have no forward-mode derivative).
 
     Args:
         q: ``(..., N, d)`` queries.
@@ -255,6 +260,8 @@ def attention_impl(q: Tensor, k: Tensor) -> str:
     """
     if _FORCED_ATTENTION[0] is not None:
         return _FORCED_ATTENTION[0]
+    if _in_functorch_transform(q):
+        return "math"  # ATen ops with every derivative formula (SDPA has no forward AD)
     if q.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting():
         return "sdpa"
     if q.numel() // q.shape[-1] * k.shape[-2] > MATH_ATTENTION_MAX_ELEMENTS:
@@ -275,7 +282,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
     if impl != "math":
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     scores = (q * scale) @ k.transpose(-2, -1)
-    if dropout_p == 0 and not scores.requires_grad:
+    if dropout_p == 0 and not scores.requires_grad and not _in_functorch_transform(q):
         # nothing records: normalise the scores in place instead of allocating a second
         # matrix as large (the softmax kernel reads each row before writing it)
         return torch.ops.aten._softmax.out(scores, -1, False, out=scores) @ v
