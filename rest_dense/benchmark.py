@@ -64,6 +64,7 @@ __all__ = [
     "autocast_difference", "autocast_notes",
     "BenchCase", "BenchRow", "ConfigModel", "build_bench_model", "make_inputs", "time_model",
     "cpu_peak_memory", "cpu_peak_memory_in_subprocess", "attention_choices", "attention_notes",
+    "round_ratios",
     "cpu_description", "ForcedAttention", "KernelRow", "kernel_benchmark", "time_step",
     "step_peak_rss", "peak_in_subprocess", "benchmark_case", "benchmark_backbone",
     "plan_cases", "run_benchmark", "describe_device",
@@ -975,6 +976,31 @@ def attention_choices(case: BenchCase, device: str = "cpu") -> Dict[str, int]:
         if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
     return counts
+
+
+def round_ratios(rows: Sequence[BenchRow]) -> List[Tuple[BenchRow, BenchRow, List[float]]]:
+    """Per-round speed-ups of interleaved rows (``run_benchmark(interleave=True)``): in each
+    group of one size, batch, mode and dtype, pass ``j`` of every row ran in round ``j``, so
+    ``baseline.times_ms[j] / row.times_ms[j]`` compares passes made under the same machine
+    conditions (drift between rounds cancels).
+
+    Args:
+        rows: interleaved rows, in :func:`plan_cases` order.
+
+    Returns:
+        ``(row, baseline, ratios)`` for every row after the first of its group (the
+        baseline, as for the speed-up column), ratios in round order.
+    """
+    out = []
+    baselines: Dict[Tuple, BenchRow] = {}
+    for r in rows:
+        c = r.case
+        base = baselines.setdefault((c.size, c.batch, c.mode, c.dtype), r)
+        if base is r:
+            continue
+        rounds = min(len(base.times_ms), len(r.times_ms))
+        out.append((r, base, [base.times_ms[j] / r.times_ms[j] for j in range(rounds)]))
+    return out
 
 
 def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:

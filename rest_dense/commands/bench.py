@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import statistics
 import sys
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
@@ -148,6 +149,8 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:  # non-finite reduced-precision outputs: say so, keep the table
         notes = [f"autocast check failed: {e}"]
     notes += bm.attention_notes(rows, device)
+    if args.interleave:
+        notes += round_ratio_notes(rows)
     text = markdown_document(rows, device, "rest-dense " + _command_line(args), notes)
     print(text, end="")
     if necks:  # the necks alone, in the same run, as a second table
@@ -260,6 +263,24 @@ def format_markdown(rows: Sequence["BenchRow"]) -> str:
                      + f"{r.ms:.1f} | {r.imgs_per_s:.2f} | "
                      f"{peak} | {base / r.ms:.2f}x |")
     return "\n".join(lines)
+
+
+def round_ratio_notes(rows: Sequence["BenchRow"]) -> List[str]:
+    """A line per interleaved row after its group's first: the median and range of its
+    per-round speed-ups (:func:`rest_dense.benchmark.round_ratios`)."""
+    from .. import benchmark as bm
+
+    notes = []
+    for row, base, ratios in bm.round_ratios(rows):
+        if not ratios:
+            continue
+        c, b = row.case, base.case
+        name = f"{c.label} {c.attn_impl}" if c.attn_impl != "-" else c.label
+        base_name = f"{b.label} {b.attn_impl}" if b.attn_impl != "-" else b.label
+        notes.append(f"{name} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} {c.dtype}: per-round "
+                     f"speed-up against {base_name} median {statistics.median(ratios):.2f}x "
+                     f"(range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds)")
+    return notes
 
 
 def markdown_document(rows: Sequence["BenchRow"], device: str = "cpu",

@@ -267,11 +267,15 @@ def test_kernel_benchmark_measures_every_candidate(one_thread):
     assert ("attention", 1, "bf16", "train") in ops and ("attention", 4, "fp32", "infer") in ops
     assert ("dw_conv_backward", 3, "bf16", "train") in ops
     assert not any(r.op == "dw_conv_backward" and r.stage == 4 for r in rows)  # sr 1: no conv
+    # the strided 3x3 conv making every stage (stem, then the patch embeddings)
+    assert {(r.stage, r.dtype) for r in rows if r.op == "conv3x3_s2_backward"} == {
+        (i, d) for i in (1, 2, 3, 4) for d in ("fp32", "bf16")}
     for r in rows:
         assert r.times and all(math.isfinite(t) and t > 0 for t in r.times.values())
         assert r.winner in r.times
         expected = {"attention": {"sdpa", "explicit"}, "mlp_fc1": {"F.linear", "fused"},
-                    "dw_conv_backward": {"native"} if r.dtype == "fp32" else {"native", "fp32"}}
+                    "dw_conv_backward": {"native"} if r.dtype == "fp32" else {"native", "fp32"},
+                    "conv3x3_s2_backward": {"gemm", "library"}}
         assert set(r.times) == expected[r.op]
     from rest_dense.models.functional import _onednn_linear_available
     if _onednn_linear_available(torch.float32):  # every stage's MLP projection is timed
@@ -290,3 +294,21 @@ def test_cli_bench_interleaved_rows(tmp_path, one_thread):
         ("released", "infer"), ("auto", "infer"), ("released", "train"), ("auto", "train")]
     assert all(float(r[8]) > 0 for r in rows)
     assert "--interleave" in md.read_text()
+    # per-round speed-ups of the auto rows against the released rows, one note each
+    notes = [line for line in md.read_text().splitlines() if "per-round speed-up" in line]
+    assert len(notes) == 2 and all("against restv2_tiny released" in n and "over 2 rounds" in n
+                                   for n in notes)
+
+
+def test_round_ratios_pair_passes_of_one_round():
+    from rest_dense import benchmark as bm
+
+    def row(impl, mode, times):
+        case = bm.BenchCase("restv2_tiny", (64, 64), 1, attn_impl=impl, mode=mode)
+        return bm.BenchRow(case, min(times), 1.0, None, len(times), list(times))
+
+    rows = [row("released", "infer", [10, 40, 12]), row("auto", "infer", [5, 20, 12]),
+            row("released", "train", [30]), row("auto", "train", [15, 99])]
+    out = bm.round_ratios(rows)
+    assert [(r.case.mode, b.case.attn_impl, ratios) for r, b, ratios in out] == [
+        ("infer", "released", [2.0, 2.0, 1.0]), ("train", "released", [2.0])]
