@@ -319,13 +319,18 @@ def needs_grad(x: Tensor, *modules: nn.Module) -> bool:
 
 # ------------------------------------------------------------------------ projections
 @functools.lru_cache(maxsize=None)
-def _onednn_linear_available(dtype: torch.dtype) -> bool:
-    if not (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+def _onednn_available(op: str, dtype: torch.dtype) -> bool:
+    """Whether ``torch.ops.mkldnn.<op>`` exists and runs ``dtype`` natively here (fp32, and
+    bf16 where oneDNN has native bf16 units)."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, op)):
         return False
     if dtype == torch.bfloat16:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     return dtype == torch.float32
+
+
+def _onednn_linear_available(dtype: torch.dtype) -> bool:
+    return _onednn_available("_linear_pointwise", dtype)
 
 
 def _fused_linear_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[torch.dtype]:
@@ -1072,14 +1077,6 @@ def _folds(bn: nn.Module) -> bool:
             and bn.running_mean is not None and bn.running_var is not None)
 
 
-@functools.lru_cache(maxsize=None)
-def _onednn_conv_available(dtype: torch.dtype) -> bool:
-    if not (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")):
-        return False
-    if dtype == torch.bfloat16:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return dtype == torch.float32
 
 
 def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
@@ -1117,7 +1114,7 @@ def _conv_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     dtype = compute_dtype(x) or x.dtype
     if (x.device.type == "cpu" and not isinstance(padding, str)
             and all(t is None or t.dtype in (torch.float32, dtype) for t in (x, weight, bias))
-            and _onednn_conv_available(dtype) and not (
+            and _onednn_available("_convolution_pointwise", dtype) and not (
                 torch.jit.is_scripting() or torch.jit.is_tracing()
                 or torch.compiler.is_compiling())):
         # oneDNN's fused ReLU maps NaN to 0; ATen's relu_ keeps it (as the modules do)
