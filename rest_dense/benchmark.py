@@ -956,20 +956,24 @@ def autocast_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
 
 def attention_choices(case: BenchCase, device: str = "cpu") -> Dict[str, int]:
     """Which attention kernel each call of one pass of ``case`` ran (``auto`` rows show
-    the dispatch's choice), and which kernel ran its projections: ``{'math': n,
-    'sdpa': m, 'fused_linear': p, 'linear': q}``, counts of calls (``fused_linear``: the
-    oneDNN call of :func:`rest_dense.models.functional.linear`; ``linear``: ``F.linear``)."""
+    the dispatch's choice), which kernel ran its projections and, in training, the strided
+    3x3 convolutions' backward: ``{'math': n, 'sdpa': m, 'fused_linear': p, 'linear': q,
+    'conv_gemm': r, 'conv_library': s}``, counts of calls (``fused_linear``: the oneDNN call
+    of :func:`rest_dense.models.functional.linear`; ``linear``: ``F.linear``)."""
     from torch.profiler import ProfilerActivity, profile
 
-    from .models.functional import record_attention_choices
+    from .models.functional import record_attention_choices, record_conv_backward_choices
 
     model = build_bench_model(case).to(device)
     step = _step_fn(model, make_inputs(case, device), case.mode, case.dtype, device)
-    with record_attention_choices() as log, profile(activities=[ProfilerActivity.CPU]) as prof:
+    with record_attention_choices() as log, record_conv_backward_choices() as conv_log, \
+            profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     counts: Dict[str, int] = {}
     for impl, *_ in log:
         counts[impl] = counts.get(impl, 0) + 1
+    for impl, *_ in conv_log:
+        counts[f"conv_{impl}"] = counts.get(f"conv_{impl}", 0) + 1
     for event in prof.events():
         kind = {"mkldnn::_linear_pointwise": "fused_linear",
                 "aten::linear": "linear"}.get(event.name)
@@ -1004,8 +1008,8 @@ def round_ratios(rows: Sequence[BenchRow]) -> List[Tuple[BenchRow, BenchRow, Lis
 
 
 def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
-    """A line per ``auto`` ResT row: the attention kernels its pass ran, and its
-    projections' kernel."""
+    """A line per ``auto`` ResT row: the attention kernels its pass ran, its projections'
+    kernel and (training rows) its strided convolutions' backward."""
     notes = []
     names = {"math": "explicit", "sdpa": "sdpa"}
     for r in rows:
@@ -1021,9 +1025,12 @@ def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
         ran = ", ".join(f"{names[k]} x{n}" for k, n in sorted(counts.items()) if k in names)
         projections = ", ".join(f"{label} x{counts[k]}" for k, label in (
             ("fused_linear", "fused oneDNN"), ("linear", "F.linear")) if counts.get(k))
+        convs = ", ".join(f"{impl} x{counts[f'conv_{impl}']}" for impl in ("library", "gemm")
+                          if counts.get(f"conv_{impl}"))
         notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
                      f"{c.dtype}: auto ran {ran or 'no attention'}"
-                     + (f"; projections: {projections}" if projections else ""))
+                     + (f"; projections: {projections}" if projections else "")
+                     + (f"; strided conv backward: {convs}" if convs else ""))
     return notes
 
 

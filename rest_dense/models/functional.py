@@ -88,6 +88,7 @@ __all__ = [
     "conv3x3_s2_backward",
     "strided_conv_backward_impl",
     "forced_conv_backward",
+    "record_conv_backward_choices",
     "STRIDED_CONV_BACKWARD_RULE",
     "stem_tail",
     "dw_conv",
@@ -840,6 +841,19 @@ STRIDED_CONV_BACKWARD_RULE = {
 }
 STRIDED_CONV_BACKWARD_IMPLS = ("gemm", "library")
 _FORCED_CONV_BACKWARD: list = [None]
+_CONV_CHOICE_LOG: list = [None]
+
+
+@contextlib.contextmanager
+def record_conv_backward_choices() -> Iterator[list]:
+    """Collect ``(impl, input shape, dtype)`` of every :func:`conv3x3_s2_backward` call inside."""
+    log: list = []
+    previous = _CONV_CHOICE_LOG[0]
+    _CONV_CHOICE_LOG[0] = log
+    try:
+        yield log
+    finally:
+        _CONV_CHOICE_LOG[0] = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -904,7 +918,10 @@ def conv3x3_s2_backward(grad: Tensor, x: Tensor, weight: Tensor, need_input: boo
         ``(dx (B, H, W, C) or None, dweight or None)``.
     """
     cout, cin = weight.shape[:2]
-    if strided_conv_backward_impl(x) == "library":
+    impl = strided_conv_backward_impl(x)
+    if _CONV_CHOICE_LOG[0] is not None:
+        _CONV_CHOICE_LOG[0].append((impl, tuple(x.shape), x.dtype))
+    if impl == "library":
         dx, dw, _ = torch.ops.aten.convolution_backward(
             grad, x.permute(0, 3, 1, 2), weight, None, [2, 2], [1, 1], [1, 1], False, [0, 0],
             1, [need_input, need_weight, False])

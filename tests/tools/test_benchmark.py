@@ -216,7 +216,22 @@ def test_cli_bench_auto_rows_say_which_attention_ran(tmp_path, one_thread):
     fp32_note = next(line for line in text.splitlines() if "64x64 infer fp32: auto ran" in line)
     if _onednn_linear_available(torch.float32):  # the projections' kernel is stated too
         assert "projections: fused oneDNN x" in fp32_note
+    assert "strided conv backward" not in fp32_note  # inference: no backward
     assert "avx2" in text or "no AVX2" in text  # the CPU's flags are stated
+
+
+def test_attention_choices_count_the_strided_conv_backward(one_thread):
+    """A training row's note says which backward each strided 3x3 conv ran (the stem's
+    second conv and three patch embeddings: four calls, as the rule decides)."""
+    from rest_dense.models import functional as fast
+
+    case = bm.BenchCase("restv2_tiny", (64, 64), 1, mode="train", dtype="bf16")
+    counts = bm.attention_choices(case)
+    assert counts.get("conv_gemm", 0) + counts.get("conv_library", 0) == 4
+    with fast.forced_conv_backward("gemm"):
+        assert bm.attention_choices(case).get("conv_gemm") == 4
+    note = bm.attention_notes([bm.BenchRow(case, 1.0, 1.0, None, 1, [1.0])])[0]
+    assert "strided conv backward: " in note
 
 
 def test_cli_bench_necks_alone(tmp_path, capsys, one_thread):
