@@ -191,7 +191,8 @@ class Deployment:
         inputs = [self.input_size(self.prepare(img)) for _, img in _check_images(check_sizes, check_images)]
         trace, problems = self.choose_trace_size(inputs, shape)
         t0 = time.perf_counter()
-        self.export_traced(path, trace)
+        with autocast_off():  # the graph of the model's own dtype, whatever the caller runs in
+            self.export_traced(path, trace)
         seconds = time.perf_counter() - t0
         import onnx
 
@@ -521,7 +522,7 @@ class D2Deployment(Deployment):
         # graph; a decoding with a constant top-k replaces it while tracing (d2_support)
         patch = traceable_retinanet(self.model) if self.retinanet else contextlib.nullcontext()
         try:
-            with patch, torch.no_grad(), autocast_off(), quiet_logs():
+            with patch, torch.no_grad(), quiet_logs():
                 torch.onnx.export(adapter, adapter.flattened_inputs, path, dynamo=False,
                                   opset_version=self.opset, input_names=["image"],
                                   output_names=outputs, dynamic_axes=axes, do_constant_folding=True)

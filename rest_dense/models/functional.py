@@ -448,10 +448,22 @@ def dw_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     key/value reduction ``sr``); while autograd records, its backward runs by
     :func:`_dw_conv_backward`: in fp32 for strided bf16/fp16 convs on the CPU, whose
     library kernel is an order of magnitude slower and, on maps where a kernel tap sees
-    only padding, leaves that tap's weight gradient unset (docs/kernels.md)."""
-    if not needs_grad(x, conv):
+    only padding, leaves that tap's weight gradient unset (docs/kernels.md). A module with
+    hooks (pruning, fake quantisation), a subclass or another padding mode runs as called."""
+    if not needs_grad(x, conv) or not _plain_module(conv) or conv.padding_mode != "zeros":
         return conv(x)
     return _apply(_DwConv, x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
+
+
+def _plain_module(module: nn.Module) -> bool:
+    """Exactly its class's computation: no forward hooks or pre-hooks (pruning, fake
+    quantisation, user hooks), on it or global, and not a subclass of ``nn.Conv2d``."""
+    from torch.nn.modules import module as module_mod
+
+    return (type(module) is nn.Conv2d and not module._forward_hooks
+            and not module._forward_pre_hooks
+            and not getattr(module_mod, "_global_forward_hooks", None)
+            and not getattr(module_mod, "_global_forward_pre_hooks", None))
 
 
 def _param(module: nn.Module, name: str) -> Optional[Tensor]:
@@ -1140,7 +1152,9 @@ def _conv_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
             None if bias is None else bias.to(dtype), list(padding), list(stride),
             list(dilation), groups, "none" if activation == "relu" else activation, [], "")
         return out.relu_() if activation == "relu" else out
-    out = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    # one dtype for all three (a folded BatchNorm may have left fp32 weights for an fp16 conv)
+    out = F.conv2d(x.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype),
+                   stride, padding, dilation, groups)
     return out.relu_() if activation == "relu" else out.sigmoid_()
 
 

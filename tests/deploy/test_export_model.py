@@ -307,3 +307,19 @@ def test_export_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-model", str(MM_DET), str(det_ckpt), "--out", "y.onnx", "--shape", "12xx"])
     assert "HxW" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_export_under_a_callers_autocast_is_the_fp32_graph(tmp_path, one_thread):
+    """A caller's bf16 autocast is off while the graph is traced: the UperNet graph is the
+    fp32 one (ONNX Runtime runs it, parity holds)."""
+    ckpt = untrained_checkpoint(tmp_path / "seg.pth", MM_SEG)
+    deployment = load_deployment(MM_SEG, ckpt)
+    out = tmp_path / "amp" / "upernet.onnx"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        deployment.export(out, check_sizes=[(120, 152)])
+    results = deployment.check(out, check_sizes=[(120, 152)])
+    assert results and all(r.ok for r in results), [r.describe() for r in results]
+    graph = onnx.load(str(out)).graph
+    assert not any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
+                   for i in list(graph.input) + list(graph.output))

@@ -375,6 +375,28 @@ def test_fast_paths_step_aside_for_torch_func():
         torch.testing.assert_close(got[name], g, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def test_restv1_sr_module_hooks_and_pruning_still_apply_in_training():
+    """The key/value reduction runs as its module call when the module has hooks (pruning,
+    user hooks): they fire, and pruned training steps run."""
+    from torch.nn.utils import prune
+
+    torch.manual_seed(0)
+    model = ResTv1(arch=ARCH_V1).train()
+    prune.l1_unstructured(model.get_submodule("stage1.0.attn.sr"), "weight", amount=0.5)
+    calls = []
+    model.get_submodule("stage2.0.attn.sr").register_forward_hook(lambda *a: calls.append(1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(1, 3, 64, 64)
+    for _ in range(2):
+        loss = sum(o.square().mean() for o in model(x))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert len(calls) == 2
+    sr = model.get_submodule("stage1.0.attn.sr")
+    assert (sr.weight == 0).float().mean() >= 0.5  # the mask still applies
+
+
 def test_forward_mode_ad_runs_the_plain_computation():
     """Under torch.autograd.forward_ad the model runs ATen ops with forward derivatives
     (no custom functions, no SDPA, no in-place softmax): the tangent matches finite
@@ -838,6 +860,25 @@ def test_conv_stem_training_refuses_one_value_per_channel():
         assert torch.equal(v, before[k]), k
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         stem.proj(torch.randn(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reduced_model_with_fp32_batchnorms_runs_inference(dtype):
+    """A half model whose BatchNorms stay fp32 (apex O2, mmcv's wrap_fp16_model): the
+    folded stem computes in the model's dtype, as the modules do."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).eval().to(dtype)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.float()
+    x = torch.randn(1, 3, 45, 37).to(dtype)
+    with torch.no_grad():
+        got = model(x)
+        with fast.fast_paths(False):
+            ref = model(x)
+    for g, r in zip(got, ref):
+        assert g.dtype == r.dtype == dtype and torch.isfinite(g).all()
+        assert _rel(g, r) < 3e-2
 
 
 def test_conv_stem_keeps_batchnorm_semantics_where_it_cannot_fold():
