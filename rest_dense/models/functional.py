@@ -159,6 +159,8 @@ def _in_functorch_transform(x: Tensor) -> bool:
     """Inside ``torch.func.grad`` / ``vmap`` / ``jvp`` (parameters may be wrapped even when
     ``x`` is not) or a forward-mode AD level (``torch.autograd.forward_ad.dual_level``):
     places where only ATen ops with their own derivative formulas may run."""
+    if torch.compiler.is_compiling():
+        return False  # the compiler traces through transforms itself (and would break here)
     functorch = torch._C._functorch
     if functorch.is_functorch_wrapped_tensor(x):
         return True
@@ -283,7 +285,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
     if impl != "math":
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     scores = (q * scale) @ k.transpose(-2, -1)
-    if dropout_p == 0 and not scores.requires_grad and not _in_functorch_transform(q):
+    if (dropout_p == 0 and not scores.requires_grad and not torch.compiler.is_compiling()
+            and not _in_functorch_transform(q)):
         # nothing records: normalise the scores in place instead of allocating a second
         # matrix as large (the softmax kernel reads each row before writing it)
         return torch.ops.aten._softmax.out(scores, -1, False, out=scores) @ v
