@@ -24,6 +24,12 @@ fewer activations alive for the backward pass and avoids layout copies:
   over recomputed patches or the library kernel, whichever
   :func:`strided_conv_backward_impl` finds faster for the CPU class, dtype and width.
 
+* :func:`conv_stem` -- the conv stem; in inference with eval BatchNorms each
+  conv-BatchNorm-ReLU is one convolution with the BatchNorm folded in
+  (:func:`conv_bn_relu`), in training :func:`stem_tail` keeps two maps for backward.
+* :func:`dw_conv` -- the key/value reduction's strided depth-wise conv with its backward
+  in fp32 under reduced precision (ResTv1, and ResTv2's module-level attention).
+
 Per transformer block the activations kept for backward drop from about 16C to 8C
 floats per token (4C with ``recompute_hidden``).
 
