@@ -558,6 +558,26 @@ def test_forward_has_no_host_sync_with_async_input_check(train):
         model(torch.full((1, 3, 16, 16), float("nan")))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (issue 19's GPU check)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_training_step_has_no_host_sync(dtype):
+    """On a GPU, under torch.cuda.set_sync_debug_mode('error'), a training step (forward and
+    backward, autocast for fp16 / bf16) makes no device-to-host synchronisation."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).cuda().train()
+    x = torch.randn(2, 3, 61, 79, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            outs = model(x)
+        sum(o.float().mean() for o in outs).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert all(torch.isfinite(o).all() for o in outs)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
 def test_fast_paths_switch_restores_and_checks_type():
     assert fast.fast_paths_enabled()
     with pytest.raises(RuntimeError):
