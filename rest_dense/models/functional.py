@@ -130,6 +130,17 @@ def set_fast_paths(enabled: bool) -> bool:
 
 
 @contextlib.contextmanager
+def _holding(slot: list, value):
+    """Put ``value`` in a one-element process-wide ``slot`` for the block, then restore it."""
+    previous = slot[0]
+    slot[0] = value
+    try:
+        yield value
+    finally:
+        slot[0] = previous
+
+
+@contextlib.contextmanager
 def fast_paths(enabled: bool = True) -> Iterator[None]:
     """Context manager form of :func:`set_fast_paths`; restores the previous setting.
 
@@ -234,13 +245,8 @@ def forced_attention(impl: Optional[str]) -> Iterator[None]:
 @contextlib.contextmanager
 def record_attention_choices() -> Iterator[list]:
     """Collect ``(impl, q shape, k shape, dtype)`` of every :func:`attention` call inside."""
-    log: list = []
-    previous = _CHOICE_LOG[0]
-    _CHOICE_LOG[0] = log
-    try:
+    with _holding(_CHOICE_LOG, []) as log:
         yield log
-    finally:
-        _CHOICE_LOG[0] = previous
 
 
 def attention_impl(q: Tensor, k: Tensor) -> str:
@@ -868,13 +874,8 @@ _CONV_CHOICE_LOG: list = [None]
 @contextlib.contextmanager
 def record_conv_backward_choices() -> Iterator[list]:
     """Collect ``(impl, input shape, dtype)`` of every :func:`conv3x3_s2_backward` call inside."""
-    log: list = []
-    previous = _CONV_CHOICE_LOG[0]
-    _CONV_CHOICE_LOG[0] = log
-    try:
+    with _holding(_CONV_CHOICE_LOG, []) as log:
         yield log
-    finally:
-        _CONV_CHOICE_LOG[0] = previous
 
 
 @functools.lru_cache(maxsize=None)
@@ -895,12 +896,8 @@ def forced_conv_backward(impl: Optional[str]) -> Iterator[None]:
     if impl is not None and impl not in STRIDED_CONV_BACKWARD_IMPLS:
         raise ValueError(f"conv backward impl must be None or one of "
                          f"{STRIDED_CONV_BACKWARD_IMPLS}, got {impl!r}")
-    previous = _FORCED_CONV_BACKWARD[0]
-    _FORCED_CONV_BACKWARD[0] = impl
-    try:
+    with _holding(_FORCED_CONV_BACKWARD, impl):
         yield
-    finally:
-        _FORCED_CONV_BACKWARD[0] = previous
 
 
 def strided_conv_backward_impl(x: Tensor) -> str:
