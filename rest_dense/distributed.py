@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 __all__ = ["LOCALHOST", "DEFAULT_TIMEOUT", "cuda_usable", "default_backend", "find_free_port",
+           "close_process_group",
            "local_dist_url", "get_rank", "get_world_size", "init_from_env", "launch",
            "local_process_group", "ddp_device_ids", "wrap_ddp", "params_without_grad",
            "assert_replicas_in_sync", "prepare_mm_config", "setup_mm_distributed"]
@@ -138,6 +139,15 @@ def init_from_env(backend: Optional[str] = None, timeout: Any = None) -> bool:
     dist.init_process_group(backend=backend, init_method="env://", rank=rank,
                             world_size=world_size, timeout=_timeout(timeout))
     return True
+
+
+def close_process_group() -> None:
+    """End a finished job's process group (one that an OpenMMLab runner or torchrun set up):
+    wait for every rank, then destroy it. Leaving it to interpreter exit lets the gloo
+    threads die unjoined, which can abort a rank (SIGABRT) after the job has succeeded."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def local_process_group() -> Optional[Any]:

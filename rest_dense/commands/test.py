@@ -100,10 +100,13 @@ def run(args: argparse.Namespace) -> int:
                           cfg_options=overrides(args), launcher=args.launcher or "none")
     except (FileNotFoundError, ValueError, KeyError) as err:
         return fail("test", str(err).strip('"'))
+    from ..distributed import close_process_group
+
     try:
         runner = build_runner(cfg)
         check_test_checkpoint(runner.model, cfg.load_from)
         metrics = runner.test()
+        close_process_group()
     except CHECKPOINT_ERRORS as err:
         return fail("test", str(err))
     print_metrics(metrics, args.save_metrics)

@@ -361,6 +361,7 @@ def run(args: argparse.Namespace) -> int:
                            auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
     except (FileNotFoundError, ValueError, KeyError) + CHECKPOINT_ERRORS as err:
         return fail("train", str(err).strip('"'))
+    from ..distributed import close_process_group
     from ..runlock import FolderBusyError, hold_folder
 
     try:  # one live run per work dir (rest_dense.runlock): checked before anything is written
@@ -370,6 +371,7 @@ def run(args: argparse.Namespace) -> int:
             check_start_checkpoint(runner.model, cfg)
             check_resume_optimizer(runner, cfg)
             runner.train()
+            close_process_group()
     except FolderBusyError as err:
         return fail("train", str(err))
     except CHECKPOINT_ERRORS as err:
