@@ -75,12 +75,14 @@ DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}
 #: attention implementations of the ResT backbones: ``auto`` (our default: the kernel
 #: :func:`rest_dense.models.functional.attention_impl` picks per device, dtype and size),
-#: ``sdpa`` / ``explicit`` (that kernel forced, fast paths as by default), ``math`` (the
+#: ``sdpa`` / ``explicit`` / ``chunked`` (that kernel forced: fused SDPA, the explicit
+#: attention on the whole matrix, or over query chunks; fast paths as by default), ``math`` (the
 #: plain module computation, ``fast_paths=False``-like: explicit attention, no fast paths),
 #: ``released`` (the released code's layout)
-ATTN_IMPLS: Tuple[str, ...] = ("auto", "sdpa", "explicit", "math", "released")
+ATTN_IMPLS: Tuple[str, ...] = ("auto", "sdpa", "explicit", "chunked", "math", "released")
 #: forced attention kernel of each implementation (None: the dispatch decides)
-_FORCED_KERNEL: Dict[str, Optional[str]] = {"auto": None, "sdpa": "sdpa", "explicit": "math"}
+_FORCED_KERNEL: Dict[str, Optional[str]] = {"auto": None, "sdpa": "sdpa", "explicit": "math",
+                                             "chunked": "chunked"}
 #: attention modes (ResTv2; ResTv1 has global attention only)
 ATTN_MODES: Tuple[str, ...] = ("global", "win", "cwin", "hwin")
 #: what a timed pass does
@@ -1011,7 +1013,7 @@ def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
     """A line per ``auto`` ResT row: the attention kernels its pass ran, its projections'
     kernel and (training rows) its strided convolutions' backward."""
     notes = []
-    names = {"math": "explicit", "sdpa": "sdpa"}
+    names = {"math": "explicit", "sdpa": "sdpa", "chunked": "chunked explicit"}
     for r in rows:
         c = r.case
         if c.kind != "backbone" or c.attn_impl != "auto":
@@ -1046,7 +1048,7 @@ class KernelRow:
         shape (str): the shapes, as text.
         dtype (str): ``'fp32'`` or ``'bf16'``.
         mode (str): ``'infer'`` (forward) or ``'train'`` (forward and backward).
-        times (dict): ms per candidate (``'sdpa'`` / ``'explicit'``; ``'native'`` /
+        times (dict): ms per candidate (``'sdpa'`` / ``'explicit'`` / ``'chunked'``; ``'native'`` /
             ``'fp32'``; ``'F.linear'`` / ``'fused'``), best of the timed passes.
     """
 
@@ -1077,7 +1079,7 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
                      batch: int = 2, dtypes: Sequence[str] = ("fp32", "bf16"),
                      warmup: int = 1, iters: int = 5) -> List[KernelRow]:
     """Time the candidates of each dispatch rule on one model's stage shapes (CPU): the
-    attention kernels (``sdpa`` vs ``explicit``), the strided depth-wise convolution
+    attention kernels (``sdpa`` vs ``explicit`` vs ``chunked``), the strided depth-wise convolution
     backward of the key/value reduction (``native`` in the dtype vs ``fp32``), the strided
     3x3 convolutions' backward (the stem's second conv and the patch embeddings: ``gemm``
     vs ``library``, :func:`rest_dense.models.functional.conv3x3_s2_backward`) and the MLP's
@@ -1121,7 +1123,8 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
             shape = f"q {tuple(q.shape)}, k/v {tuple(k.shape)}"
             for mode in RUN_MODES:
                 times = {}
-                for name, impl in (("sdpa", "sdpa"), ("explicit", "math")):
+                for name, impl in (("sdpa", "sdpa"), ("explicit", "math"),
+                                   ("chunked", "chunked")):
                     if mode == "infer":
                         def fn(impl=impl):
                             with torch.inference_mode():

@@ -5,7 +5,9 @@ Every combination of the options is one row, all from one run, with the same wei
 every row of a model; speed-ups are relative to the first row of the same size, batch,
 mode and dtype. Peak memory: on the CPU the peak-RSS growth of a second pass in a fresh
 process per row, on CUDA torch.cuda.max_memory_allocated. Attention implementations:
-sdpa (fused, our default), math (explicit attention matrix), released (the same weights
+auto (our default: the kernel the dispatch picks), sdpa (fused), explicit (the whole
+attention matrix), chunked (explicit, by blocks of queries), math (plain modules, explicit
+attention matrix), released (the same weights
 in the released code's layout, rest_dense.reference; ResTv2 global only). swin_tiny is
 MMDetection's SwinTransformer from its Mask R-CNN Swin-T config (window 7); configs
 (--configs) time the whole model's predict. Combinations that do not apply (e.g.
@@ -68,8 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="attention modes of the ResT models (default: global)")
     parser.add_argument("--attn-impls", nargs="+", default=["auto"], choices=ATTN_IMPLS,
                         help="attention implementations: auto (the kernel the model picks per "
-                             "device, dtype and size; a note says which), sdpa / explicit (that "
-                             "kernel forced), math (plain modules, explicit attention), released "
+                             "device, dtype and size; a note says which), sdpa / explicit / "
+                             "chunked (that kernel forced), math (plain modules, explicit attention), released "
                              "(the released code's layout) (default: auto)")
     parser.add_argument("--mode", nargs="+", default=["infer"], choices=RUN_MODES,
                         help="infer: forward in inference mode; train: forward + backward in "

@@ -44,9 +44,9 @@ never measured). Under ``torch.autocast`` each function casts its inputs to the 
 dtype once and runs forward and backward in it (as autocast would run the GEMMs),
 except the strided depth-wise convolution backward, which the CPU runs an order of
 magnitude faster in fp32. The attention kernel is chosen by :func:`attention_impl`
-(explicit math in CPU bf16/fp16, PyTorch's fused ``scaled_dot_product_attention``
-elsewhere and for large attention matrices); docs/kernels.md has the measurements
-behind both rules. :func:`fast_paths` switches the fast paths off, e.g. to compare with
+(explicit math in CPU bf16/fp16, over blocks of queries for large attention matrices;
+PyTorch's fused ``scaled_dot_product_attention`` elsewhere); docs/kernels.md has the
+measurements behind both rules. :func:`fast_paths` switches the fast paths off, e.g. to compare with
 the plain computation::
 
     from rest_dense.models.functional import fast_paths
@@ -79,6 +79,8 @@ __all__ = [
     "compute_dtype",
     "FAST_PATH_RULE",
     "MATH_ATTENTION_MAX_ELEMENTS",
+    "CHUNKED_ATTENTION_MIN_ELEMENTS",
+    "ATTENTION_CHUNK_ELEMENTS",
     "fast_paths",
     "fast_paths_enabled",
     "set_fast_paths",
@@ -195,10 +197,19 @@ def _in_functorch_transform(x: Tensor) -> bool:
 FAST_PATH_RULE = frozenset({("cpu", "fp32"), ("cpu", "reduced")})
 
 #: the largest attention matrix (elements, batch and heads included) that the explicit
-#: attention materialises; larger ones go through ``F.scaled_dot_product_attention``
+#: attention materialises whole; larger ones go through ``'chunked'`` where it applies,
+#: else through ``F.scaled_dot_product_attention``
 MATH_ATTENTION_MAX_ELEMENTS = 1 << 26
 
-ATTENTION_IMPLS = ("sdpa", "math")
+#: CPU, bf16/fp16: attention matrices (elements, batch and heads included) larger than
+#: this run by query chunks (``'chunked'``), by mode: ``'infer'`` (nothing records) and
+#: ``'train'`` (autograd records; the chunks are recomputed in backward instead of the
+#: whole matrix kept)
+CHUNKED_ATTENTION_MIN_ELEMENTS = {"infer": 16 << 20, "train": 16 << 20}
+#: the size (elements, batch and heads included) of one chunk's attention matrix
+ATTENTION_CHUNK_ELEMENTS = 1 << 20
+
+ATTENTION_IMPLS = ("sdpa", "math", "chunked")
 
 
 def _dtype_class(dtype: torch.dtype) -> str:
@@ -223,7 +234,7 @@ _CHOICE_LOG: list = [None]
 
 
 def set_attention_impl(impl: Optional[str]) -> Optional[str]:
-    """Force one attention kernel (``'sdpa'`` / ``'math'``) for the whole process, or
+    """Force one attention kernel (``'sdpa'`` / ``'math'`` / ``'chunked'``) for the whole process, or
     ``None`` for the rule of :func:`attention_impl`; returns the previous setting."""
     if impl is not None and impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be None or one of {ATTENTION_IMPLS}, got {impl!r}")
@@ -249,29 +260,35 @@ def record_attention_choices() -> Iterator[list]:
         yield log
 
 
-def attention_impl(q: Tensor, k: Tensor) -> str:
+def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
     """Which attention kernel :func:`attention` runs for these queries and keys.
 
     The rule (measurements in docs/kernels.md):
 
     * CUDA and other accelerators: ``'sdpa'`` (PyTorch's fused flash / memory-efficient
       kernels).
-    * CPU, bf16/fp16 (autocast or half tensors): ``'math'`` (explicit ``q @ k^T``, softmax,
-      ``@ v``): PyTorch's CPU flash kernel is several times slower than bf16 GEMMs for the
-      short key sequences of EMSA (keys are spatially reduced).
     * CPU, fp32: ``'sdpa'`` (as fast or faster than the explicit math in inference and
       training, and it keeps no attention matrix for backward).
-    * Whatever the above says, an attention matrix larger than
-      :data:`MATH_ATTENTION_MAX_ELEMENTS` goes through ``'sdpa'``.
+    * CPU, bf16/fp16 (autocast or half tensors): the explicit ``q @ k^T``, softmax, ``@ v``
+      (PyTorch's CPU flash kernel is several times slower than bf16 GEMMs for the short
+      key sequences of EMSA, whose keys are spatially reduced): ``'math'`` on the whole
+      attention matrix while it is small, ``'chunked'`` (the same products over blocks of
+      queries, each block's matrix kept in cache and recomputed in backward) once it is
+      larger than :data:`CHUNKED_ATTENTION_MIN_ELEMENTS` for the mode (``'train'`` when
+      autograd records ``q``, ``k`` or ``v``, else ``'infer'``).
+    * A matrix larger than :data:`MATH_ATTENTION_MAX_ELEMENTS` that ``'chunked'`` cannot
+      take goes through ``'sdpa'``.
     * Inside ``torch.func`` transforms and forward-mode AD: ``'math'`` (PyTorch's SDPA
-      kernels have no forward-mode derivative).
+      kernels and the chunked function have no forward-mode derivative); while compiling:
+      never ``'chunked'``.
 
     Args:
         q: ``(..., N, d)`` queries.
         k: ``(..., n, d)`` keys.
+        v: ``(..., n, d_v)`` values (only whether autograd records them matters).
 
     Returns:
-        ``'sdpa'`` or ``'math'``.
+        ``'sdpa'``, ``'math'`` or ``'chunked'``.
     """
     if _FORCED_ATTENTION[0] is not None:
         return _FORCED_ATTENTION[0]
@@ -279,21 +296,39 @@ def attention_impl(q: Tensor, k: Tensor) -> str:
         return "math"  # ATen ops with every derivative formula (SDPA has no forward AD)
     if q.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting():
         return "sdpa"
-    if q.numel() // q.shape[-1] * k.shape[-2] > MATH_ATTENTION_MAX_ELEMENTS:
-        return "sdpa"
     dtype = compute_dtype(q) or q.dtype
-    return "math" if _dtype_class(dtype) == "reduced" else "sdpa"
+    if _dtype_class(dtype) != "reduced":
+        return "sdpa"
+    elements = q.numel() // max(q.shape[-1], 1) * k.shape[-2]
+    records = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (q, k, v))
+    if (elements > CHUNKED_ATTENTION_MIN_ELEMENTS["train" if records else "infer"]
+            and _chunkable(q, k)):
+        return "chunked"
+    return "sdpa" if elements > MATH_ATTENTION_MAX_ELEMENTS else "math"
+
+
+def _chunkable(q: Tensor, k: Tensor) -> bool:
+    """Whether the chunked attention takes these shapes (same leading dims) here."""
+    return (q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1]
+            and not torch.compiler.is_compiling())
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0,
               impl: Optional[str] = None) -> Tensor:
     """``softmax(q @ k^T * scale) @ v`` over ``(..., N, d)`` tensors, by the kernel that
-    :func:`attention_impl` picks (or ``impl``: ``'sdpa'`` / ``'math'``)."""
-    impl = attention_impl(q, k) if impl is None else impl
+    :func:`attention_impl` picks (or ``impl``: ``'sdpa'`` / ``'math'`` / ``'chunked'``).
+    ``'chunked'`` has no dropout: with ``dropout_p > 0``, or leading dims of ``q`` and
+    ``k`` that differ, it runs ``'math'``."""
+    impl = attention_impl(q, k, v) if impl is None else impl
+    if impl == "chunked" and (dropout_p > 0 or not _chunkable(q, k)):
+        impl = "math"
     if _CHOICE_LOG[0] is not None:
         _CHOICE_LOG[0].append((impl, tuple(q.shape), tuple(k.shape), compute_dtype(q)))
     if impl == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+    if impl == "chunked":
+        return _apply(_ChunkedAttention, q, k, v, float(scale), _chunk_rows(q, k))
     if impl != "math":
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     scores = (q * scale) @ k.transpose(-2, -1)
@@ -306,6 +341,71 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
     if dropout_p > 0:
         weights = F.dropout(weights, p=dropout_p)
     return weights @ v
+
+
+def _chunk_rows(q: Tensor, k: Tensor) -> int:
+    """Queries per chunk: about :data:`ATTENTION_CHUNK_ELEMENTS` scores per chunk."""
+    lead = q.numel() // max(q.shape[-1] * q.shape[-2], 1)
+    return max(16, ATTENTION_CHUNK_ELEMENTS // max(lead * k.shape[-2], 1))
+
+
+def _softmax_rows(q_rows: Tensor, kt: Tensor) -> Tensor:
+    """``softmax(q_rows @ kt)`` (the scale already in ``q_rows``), normalised in place."""
+    p = q_rows @ kt
+    return torch.ops.aten._softmax.out(p, -1, False, out=p)
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    """Explicit attention over blocks of ``rows`` queries: each block's scores are formed,
+    normalised and multiplied by ``v`` while they are in cache; backward recomputes them
+    block by block from ``q``, ``k`` and ``v`` (the only tensors kept) and accumulates the
+    key and value gradients in fp32 under reduced precision.
+
+    Every operand is laid out once per call so that no block product copies it; the key
+    and value gradients are accumulated transposed (``q^T ds``, ``dout^T p``), so that
+    the block-sized matrices are never the transposed operand of a product.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, rows):
+        qs = q * scale  # contiguous, like the explicit path's scaled queries
+        kt, vc = k.transpose(-2, -1).contiguous(), v.contiguous()
+        out = qs.new_empty(qs.shape[:-1] + v.shape[-1:])
+        for i in range(0, qs.shape[-2], rows):
+            p = _softmax_rows(qs[..., i:i + rows, :], kt)
+            torch.matmul(p, vc, out=out[..., i:i + rows, :])
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.rows = scale, rows
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dout):
+        q, k, v = ctx.saved_tensors
+        need_q, need_k, need_v = ctx.needs_input_grad[:3]
+        scale, rows = ctx.scale, ctx.rows
+        acc = torch.float32 if _dtype_class(q.dtype) == "reduced" else q.dtype
+        qs, dout = q * scale, dout.contiguous()
+        kc, kt, vt = k.contiguous(), k.transpose(-2, -1).contiguous(), v.transpose(-2, -1).contiguous()
+        dq = torch.empty_like(qs) if need_q else None
+        dkt = qs.new_zeros(k.shape[:-2] + (k.shape[-1], k.shape[-2]), dtype=acc) if need_k else None
+        dvt = qs.new_zeros(v.shape[:-2] + (v.shape[-1], v.shape[-2]), dtype=acc) if need_v else None
+        for i in range(0, qs.shape[-2], rows):
+            qc = qs[..., i:i + rows, :]
+            p = _softmax_rows(qc, kt)
+            do = dout[..., i:i + rows, :]
+            if need_v:
+                dvt += do.transpose(-2, -1) @ p
+            if need_q or need_k:
+                ds = torch.ops.aten._softmax_backward_data(do @ vt, p, -1, p.dtype)
+                if need_q:
+                    torch.matmul(ds, kc, out=dq[..., i:i + rows, :])
+                if need_k:
+                    dkt += qc.transpose(-2, -1) @ ds
+        if need_q:
+            dq.mul_(scale)
+        return (dq, None if dkt is None else dkt.transpose(-2, -1).to(k.dtype),
+                None if dvt is None else dvt.transpose(-2, -1).to(v.dtype), None, None)
 
 
 def _apply(function, *args, keep: Sequence[int] = ()):

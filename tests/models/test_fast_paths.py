@@ -198,9 +198,22 @@ def test_attention_dispatch_rule():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast.attention_impl(q, k) == "math"
     assert fast.attention_impl(q.bfloat16(), k.bfloat16()) == "math"
-    # an attention matrix over the limit goes through the fused kernel, in any dtype
+    # bf16: large matrices by query chunks (the limit per mode); over the explicit limit
+    # the fused kernel only where the chunks cannot run
+    kb = torch.empty(1, 1, 16, 8, dtype=torch.bfloat16)
+    for mode, limit in fast.CHUNKED_ATTENTION_MIN_ELEMENTS.items():
+        at, over = (torch.empty(1, 1, limit // 16 + extra, 8, dtype=torch.bfloat16,
+                                requires_grad=mode == "train") for extra in (0, 1))
+        assert fast.attention_impl(at, kb) == "math", mode
+        assert fast.attention_impl(over, kb) == "chunked", mode
+        with torch.no_grad():  # nothing records: the inference limit
+            expected = "chunked" if limit // 16 + 1 > \
+                fast.CHUNKED_ATTENTION_MIN_ELEMENTS["infer"] // 16 else "math"
+            assert fast.attention_impl(over, kb) == expected, mode
     big_q = torch.empty(1, 1, fast.MATH_ATTENTION_MAX_ELEMENTS // 16 + 1, 8, dtype=torch.bfloat16)
-    assert fast.attention_impl(big_q, k.bfloat16()) == "sdpa"
+    assert fast.attention_impl(big_q, kb) == "chunked"
+    assert fast.attention_impl(big_q, kb.expand(2, 1, 16, 8)) == "sdpa"  # not chunkable
+    assert fast.attention_impl(big_q.float(), kb.float()) == "sdpa"  # fp32: always fused
     with fast.forced_attention("math"):
         assert fast.attention_impl(q, k) == "math"
         with fast.forced_attention(None):
@@ -225,6 +238,115 @@ def test_attention_kernels_agree(dtype):
     for a, b in zip(grads["math"], grads["sdpa"]):
         assert torch.isfinite(a).all() and a.abs().sum() > 0
         torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks of a few hundred scores, so that small tensors take several (and a partial
+    last) chunk."""
+    monkeypatch.setattr(fast, "ATTENTION_CHUNK_ELEMENTS", 200)
+    return 200
+
+
+def _heads_view(b, n, heads, d, dtype, gen):
+    """A ``(B, heads, n, d)`` view of a ``(B, n, heads, d)`` tensor (the models' layout)."""
+    return torch.randn(b, n, heads, d, dtype=dtype, generator=gen).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 3, 37, 11, 8), (1, 1, 1, 1, 4), (1, 2, 97, 13, 16)])
+def test_chunked_attention_equals_explicit(shape, dtype, small_chunks):
+    """Chunked attention (several chunks, a partial last one, the models' transposed head
+    layout) gives the explicit attention's output and gradients; no_grad gives the same
+    output; inputs are left untouched."""
+    b, heads, n, nk, d = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_heads_view(b, m, heads, d, dtype, gen) for m in (n, nk, nk))
+    cot = torch.randn(b, heads, n, d, dtype=dtype, generator=gen)
+    copies = [t.clone() for t in (q, k, v)]
+    outs, grads = {}, {}
+    for impl in ("math", "chunked"):
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        outs[impl] = fast.attention(*leaves, 0.3, impl=impl)
+        grads[impl] = torch.autograd.grad(outs[impl], leaves, cot)
+    assert fast._chunk_rows(q, k) < n or n == 1
+    tol = dict(atol=2e-2, rtol=2e-2) if dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(outs["chunked"], outs["math"], **tol)
+    for a, ref in zip(grads["chunked"], grads["math"]):
+        assert a.dtype == ref.dtype and a.shape == ref.shape and torch.isfinite(a).all()
+        torch.testing.assert_close(a, ref, **tol)
+    with torch.no_grad():
+        torch.testing.assert_close(fast.attention(q, k, v, 0.3, impl="chunked"),
+                                   outs["chunked"].detach(), rtol=0, atol=0)
+    assert all(torch.equal(a, c) for a, c in zip((q, k, v), copies))
+
+
+def test_chunked_attention_gradcheck(small_chunks):
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_heads_view(2, m, 2, 4, torch.float64, gen).requires_grad_()
+               for m in (23, 7, 7))
+    assert torch.autograd.gradcheck(lambda a, b, c: fast.attention(a, b, c, 0.7, impl="chunked"),
+                                    (q, k, v))
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False),
+                                   (False, False, True), (False, True, True)])
+def test_chunked_attention_grads_of_some_inputs(needs, small_chunks):
+    gen = torch.Generator().manual_seed(1)
+    base = [_heads_view(1, m, 2, 8, torch.float32, gen) for m in (40, 9, 9)]
+    cot = torch.randn(1, 2, 40, 8, generator=gen)
+    got = [t.detach().requires_grad_(need) for t, need in zip(base, needs)]
+    ref = [t.detach().requires_grad_(need) for t, need in zip(base, needs)]
+    wanted = [t for t in got if t.requires_grad]
+    ga = torch.autograd.grad(fast.attention(*got, 0.5, impl="chunked"), wanted, cot)
+    gb = torch.autograd.grad(fast.attention(*ref, 0.5, impl="math"),
+                             [t for t in ref if t.requires_grad], cot)
+    for a, b in zip(ga, gb):
+        torch.testing.assert_close(a, b)
+
+
+def test_chunked_attention_under_autocast_and_with_dropout(small_chunks):
+    """fp32 inputs under bf16 autocast run chunked in bf16; dropout (which the chunks do
+    not apply) runs the explicit math instead, and the log says so."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 1, m, 8, generator=gen) for m in (50, 10, 10))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fast.attention(q, k, v, 0.4, impl="chunked")
+        ref = fast.attention(q, k, v, 0.4, impl="math")
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, atol=2e-2, rtol=2e-2)
+    with fast.record_attention_choices() as log:
+        fast.attention(q, k, v, 0.4, dropout_p=0.5, impl="chunked")
+        fast.attention(q, k, v, 0.4, impl="chunked")
+    assert [entry[0] for entry in log] == ["math", "chunked"]
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_model_with_chunked_attention_matches_explicit(train, monkeypatch):
+    """A bf16 ResTv2 with every attention chunked (the limits lowered) matches the same
+    model with the explicit attention forced: outputs and gradients."""
+    monkeypatch.setattr(fast, "ATTENTION_CHUNK_ELEMENTS", 512)
+    monkeypatch.setitem(fast.CHUNKED_ATTENTION_MIN_ELEMENTS, "infer", 0)
+    monkeypatch.setitem(fast.CHUNKED_ATTENTION_MIN_ELEMENTS, "train", 0)
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).train(train)
+    x = torch.randn(2, 3, 61, 79)
+
+    def run(impl):
+        with torch.autocast("cpu", dtype=torch.bfloat16), fast.forced_attention(impl), \
+                fast.record_attention_choices() as log:
+            result = _run(model, x, True, backward=train)
+        assert {entry[0] for entry in log} == {impl}
+        return result
+
+    chunked, explicit = run("chunked"), run("math")
+    for a, b in zip(chunked[0], explicit[0]):
+        assert torch.isfinite(a).all() and _rel(a, b) < 0.02
+    if train:
+        assert _rel(chunked[1], explicit[1]) < 0.02
+        for name, g in explicit[2].items():
+            if g is not None and float(g.norm()) > 0:
+                assert _rel(chunked[2][name], g) < 0.05, name
 
 
 def _onednn_linear_used(fn):
