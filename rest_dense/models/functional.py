@@ -67,7 +67,6 @@ from typing import Iterator, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
 __all__ = [
     "attention",
@@ -103,6 +102,27 @@ __all__ = [
     "conv_stem",
     "conv_bn_relu",
 ]
+
+def first_order_only(backward):
+    """Decorator for the ``backward`` of the custom functions here, which have no second
+    derivative: it runs without recording, and refuses ``create_graph=True`` with an error
+    naming the way out. (``torch.autograd.function.once_differentiable`` lets it through
+    silently whenever the incoming gradient does not itself require grad, e.g. the first
+    backward of ``loss.sum()``, leaving the second derivatives silently wrong.)"""
+    @functools.wraps(backward)
+    def wrapper(ctx, *grads):
+        if torch.is_grad_enabled() and any(ctx.needs_input_grad):
+            name = type(ctx).__name__.removesuffix("Backward").lstrip("_")
+            raise RuntimeError(
+                f"{name}: rest_dense's fast paths have no second derivative "
+                "(backward with create_graph=True); run the plain computation for it: "
+                "build the model with fast_paths=False, or wrap the forward in "
+                "`with rest_dense.models.functional.fast_paths(False), "
+                "rest_dense.models.functional.forced_attention('math'):`")
+        with torch.no_grad():
+            return backward(ctx, *grads)
+    return wrapper
+
 
 _ENABLED = [True]
 
@@ -303,26 +323,43 @@ def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
     records = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v))
     if (elements > CHUNKED_ATTENTION_MIN_ELEMENTS["train" if records else "infer"]
-            and _chunkable(q, k)):
+            and _chunkable(q, k, v)):
         return "chunked"
     return "sdpa" if elements > MATH_ATTENTION_MAX_ELEMENTS else "math"
 
 
-def _chunkable(q: Tensor, k: Tensor) -> bool:
-    """Whether the chunked attention takes these shapes (same leading dims) here."""
+def _chunkable(q: Tensor, k: Tensor, v: Optional[Tensor] = None, scale=1.0,
+               dropout_p: float = 0.0) -> bool:
+    """Whether the chunked attention can run these operands here: ``q``, ``k`` (and ``v``)
+    with the same leading dims, a plain number as scale, no dropout, and neither tracing,
+    scripting, compiling nor a ``torch.func`` transform / forward-mode AD (for which the
+    custom function has no rule)."""
+    if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
+            or _in_functorch_transform(q)):
+        return False
     return (q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1]
-            and not torch.compiler.is_compiling())
+            and (v is None or v.shape[:-1] == k.shape[:-1])
+            and not isinstance(scale, Tensor) and dropout_p == 0)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 0.0,
               impl: Optional[str] = None) -> Tensor:
     """``softmax(q @ k^T * scale) @ v`` over ``(..., N, d)`` tensors, by the kernel that
     :func:`attention_impl` picks (or ``impl``: ``'sdpa'`` / ``'math'`` / ``'chunked'``).
-    ``'chunked'`` has no dropout: with ``dropout_p > 0``, or leading dims of ``q`` and
-    ``k`` that differ, it runs ``'math'``."""
+
+    Where ``'chunked'`` cannot run (see ``_chunkable``: dropout, operands whose leading
+    dims differ or broadcast, a tensor scale, compiling, ``torch.func``) the whole-matrix
+    math runs instead, or SDPA for a matrix over :data:`MATH_ATTENTION_MAX_ELEMENTS`;
+    while tracing (ONNX export) SDPA, as the rule has it."""
     impl = attention_impl(q, k, v) if impl is None else impl
-    if impl == "chunked" and (dropout_p > 0 or not _chunkable(q, k)):
-        impl = "math"
+    if impl == "chunked" and not _chunkable(q, k, v, scale, dropout_p):
+        if torch.jit.is_tracing() or torch.jit.is_scripting():
+            impl = "sdpa"  # what the rule runs while tracing (ONNX export)
+        elif _in_functorch_transform(q):
+            impl = "math"
+        else:
+            too_large = q.numel() // max(q.shape[-1], 1) * k.shape[-2] > MATH_ATTENTION_MAX_ELEMENTS
+            impl = "sdpa" if too_large else "math"
     if _CHOICE_LOG[0] is not None:
         _CHOICE_LOG[0].append((impl, tuple(q.shape), tuple(k.shape), compute_dtype(q)))
     if impl == "sdpa":
@@ -331,6 +368,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
         return _apply(_ChunkedAttention, q, k, v, float(scale), _chunk_rows(q, k))
     if impl != "math":
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    return _explicit_attention(q, k, v, scale, dropout_p)
+
+
+def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale, dropout_p: float = 0.0) -> Tensor:
+    """The released code's explicit attention on the whole matrix."""
     scores = (q * scale) @ k.transpose(-2, -1)
     if (dropout_p == 0 and not scores.requires_grad and not torch.compiler.is_compiling()
             and not _in_functorch_transform(q)):
@@ -379,8 +421,9 @@ class _ChunkedAttention(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dout):
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the whole-matrix math
+            return _ChunkedAttention._differentiable_backward(ctx, dout)
         q, k, v = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         scale, rows = ctx.scale, ctx.rows
@@ -406,6 +449,18 @@ class _ChunkedAttention(torch.autograd.Function):
             dq.mul_(scale)
         return (dq, None if dkt is None else dkt.transpose(-2, -1).to(k.dtype),
                 None if dvt is None else dvt.transpose(-2, -1).to(v.dtype), None, None)
+
+    @staticmethod
+    def _differentiable_backward(ctx, dout):
+        """The gradients as a recorded graph (for second derivatives): the explicit
+        attention recomputed on the saved operands and differentiated with
+        ``create_graph=True``."""
+        q, k, v = ctx.saved_tensors
+        need = ctx.needs_input_grad[:3]
+        inputs = [t for t, n in zip((q, k, v), need) if n]
+        grads = iter(torch.autograd.grad(_explicit_attention(q, k, v, ctx.scale), inputs, dout,
+                                         create_graph=True, allow_unused=True))
+        return tuple(next(grads) if n else None for n in need) + (None, None)
 
 
 def _apply(function, *args, keep: Sequence[int] = ()):
@@ -549,7 +604,7 @@ class _DwConv(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         has_bias, stride, padding = ctx.cfg
@@ -602,7 +657,7 @@ class _MlpBranch(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dout):
         x2, mean, rstd, ln_w, ln_b, w1, b1, w2, h = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -673,7 +728,7 @@ class _NormQSr(torch.autograd.Function):
         return q, s
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dq, ds):
         x, mean, rstd, ln_w, ln_b, wq, wsr = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -745,7 +800,7 @@ class _NormQKV(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dout):
         x, mean, rstd, ln_w, ln_b, w = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -878,7 +933,7 @@ class _UpProj(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         out, v, mean, rstd, wu, bu, wn, bn, wp = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -1066,7 +1121,7 @@ class _Conv3x3S2(torch.autograd.Function):
         return F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=2, padding=1)
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -1135,7 +1190,7 @@ class _StemTail(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, grad):
         c1, c2, w1, b1, w2, w3, wn2, bn2_b, mean1, invstd1, mean2, invstd2 = ctx.saved_tensors
         (use1, _, rm1, rv1, eps1), (use2, _, rm2, rv2, eps2) = ctx.cfg
@@ -1314,7 +1369,7 @@ class _PaNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    @once_differentiable
+    @first_order_only
     def backward(ctx, dy):
         x, mean, rstd, wpa, bpa, ln_w, ln_b = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -321,6 +321,69 @@ def test_chunked_attention_under_autocast_and_with_dropout(small_chunks):
     assert [entry[0] for entry in log] == ["math", "chunked"]
 
 
+def test_chunked_attention_second_derivatives(small_chunks):
+    """create_graph=True gets a recorded backward (the whole-matrix math differentiated):
+    gradgradcheck, and a Hessian-vector product equal to the explicit attention's."""
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (_heads_view(1, m, 2, 4, torch.float64, gen).requires_grad_() for m in (30, 7, 7))
+    chunked = lambda a, b, c: fast.attention(a, b, c, 0.7, impl="chunked")  # noqa: E731
+    assert torch.autograd.gradgradcheck(chunked, (q, k, v))
+    tangent = torch.ones_like(q)
+    hvps = [torch.autograd.functional.hvp(lambda a: fn(a, k, v).square().sum(), q, tangent)[1]
+            for fn in (chunked, lambda a, b, c: fast.attention(a, b, c, 0.7, impl="math"))]
+    assert hvps[1].abs().sum() > 0
+    torch.testing.assert_close(hvps[0], hvps[1])
+
+
+def test_chunked_attention_steps_aside_where_it_cannot_run(small_chunks):
+    """Forced or picked, the chunks give way to the whole-matrix math for operands they do
+    not take (values with other leading dims, broadcast values, a tensor scale, dropout,
+    tracing, torch.func): same results as the explicit attention, gradients included."""
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(2, 50, 8, generator=gen), torch.randn(2, 7, 8, generator=gen)
+    cases = {"more value dims": torch.randn(3, 2, 7, 8, generator=gen),
+             "broadcast values": torch.randn(1, 7, 8, generator=gen)}
+    for name, v in cases.items():
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        with fast.record_attention_choices() as log:
+            out = fast.attention(*leaves, 0.3, impl="chunked")
+        ref_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        ref = torch.softmax(ref_leaves[0] * 0.3 @ ref_leaves[1].transpose(-2, -1), -1) @ ref_leaves[2]
+        assert [e[0] for e in log] == ["math"] and out.shape == ref.shape, name
+        torch.testing.assert_close(out, ref)
+        for a, b in zip(torch.autograd.grad(out.sum(), leaves),
+                        torch.autograd.grad(ref.sum(), ref_leaves)):
+            torch.testing.assert_close(a, b)
+    v = torch.randn(2, 7, 8, generator=gen)
+    scale = torch.tensor(0.3, requires_grad=True)
+    fast.attention(q, k, v, scale, impl="chunked").sum().backward()
+    assert scale.grad is not None and scale.grad != 0
+    with fast.forced_attention("chunked"):
+        with fast.record_attention_choices() as log:
+            traced = torch.jit.trace(lambda a, b, c: fast.attention(a, b, c, 0.3), (q, k, v),
+                                     check_trace=False)
+        grad = torch.func.grad(lambda a: fast.attention(a, k, v, 0.3).square().sum())(q)
+    assert [e[0] for e in log] == ["sdpa"]  # as the rule while tracing (ONNX export)
+    q2 = torch.randn(2, 33, 8, generator=gen)  # the trace holds no constant result
+    torch.testing.assert_close(traced(q2, k, v), fast.attention(q2, k, v, 0.3, impl="math"))
+    qg = q.clone().requires_grad_()
+    ref_grad, = torch.autograd.grad(fast.attention(qg, k, v, 0.3, impl="math").square().sum(), qg)
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_fast_paths_refuse_second_derivatives_clearly():
+    """The memory-lean functions have no second derivative: create_graph=True fails with
+    an error naming the way out (not a silently disconnected graph), and that way works."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).double()
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64, requires_grad=True)
+    with pytest.raises(RuntimeError, match="no second derivative.*fast_paths=False"):
+        torch.autograd.grad(sum(o.sum() for o in model(x)), x, create_graph=True)
+    with fast.fast_paths(False), fast.forced_attention("math"):
+        g, = torch.autograd.grad(sum(o.square().sum() for o in model(x)), x, create_graph=True)
+        assert torch.autograd.grad(g.sum(), x)[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_model_with_chunked_attention_matches_explicit(train, monkeypatch):
     """A bf16 ResTv2 with every attention chunked (the limits lowered) matches the same
