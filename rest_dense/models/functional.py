@@ -103,7 +103,7 @@ __all__ = [
     "conv_bn_relu",
 ]
 
-def first_order_only(backward):
+def _first_order_only(backward):
     """Decorator for the ``backward`` of the custom functions here, which have no second
     derivative: it runs without recording, and refuses ``create_graph=True`` with an error
     naming the way out. (``torch.autograd.function.once_differentiable`` lets it through
@@ -604,7 +604,7 @@ class _DwConv(torch.autograd.Function):
         return F.conv2d(x, weight, bias, stride, padding, 1, x.shape[1])
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         has_bias, stride, padding = ctx.cfg
@@ -657,7 +657,7 @@ class _MlpBranch(torch.autograd.Function):
         return out.view(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, dout):
         x2, mean, rstd, ln_w, ln_b, w1, b1, w2, h = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -728,7 +728,7 @@ class _NormQSr(torch.autograd.Function):
         return q, s
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, dq, ds):
         x, mean, rstd, ln_w, ln_b, wq, wsr = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -800,7 +800,7 @@ class _NormQKV(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, dout):
         x, mean, rstd, ln_w, ln_b, w = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -933,7 +933,7 @@ class _UpProj(torch.autograd.Function):
         return y
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, dy):
         out, v, mean, rstd, wu, bu, wn, bn, wp = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -1121,7 +1121,7 @@ class _Conv3x3S2(torch.autograd.Function):
         return F.conv2d(x.permute(0, 3, 1, 2), weight, bias, stride=2, padding=1)
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         need = ctx.needs_input_grad
@@ -1190,7 +1190,7 @@ class _StemTail(torch.autograd.Function):
         return out
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, grad):
         c1, c2, w1, b1, w2, w3, wn2, bn2_b, mean1, invstd1, mean2, invstd2 = ctx.saved_tensors
         (use1, _, rm1, rv1, eps1), (use2, _, rm2, rv2, eps2) = ctx.cfg
@@ -1369,7 +1369,7 @@ class _PaNorm(torch.autograd.Function):
         return y
 
     @staticmethod
-    @first_order_only
+    @_first_order_only
     def backward(ctx, dy):
         x, mean, rstd, wpa, bpa, ln_w, ln_b = ctx.saved_tensors
         need = ctx.needs_input_grad
