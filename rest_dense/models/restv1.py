@@ -171,7 +171,8 @@ class ResTv1(ResTBase):
             checkpointing per block); see :class:`ResTv2`. Default: False.
         fast_paths (bool): the dispatch's attention kernel where the math allows it, and
             the memory-lean MLP of :mod:`rest_dense.models.functional`; False: the plain
-            modules with the explicit attention math (the exact reference). Default: True.
+            modules with the explicit attention math (the exact reference; the one with
+            second derivatives, for ``create_graph=True``). Default: True.
         fused_attn (bool, deprecated): the former name of ``fast_paths``.
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path to load. Default: None.

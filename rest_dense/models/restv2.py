@@ -217,7 +217,8 @@ class ResTv2(ResTBase):
             instead of kept; switch them off process-wide with
             :func:`~rest_dense.models.functional.fast_paths`). ``False`` selects the plain
             module-by-module computation with the explicit attention math of the released
-            code (the exact reference). Default: True.
+            code (the exact reference; the one with second derivatives, for
+            ``create_graph=True``). Default: True.
         fused_attn (bool, deprecated): the former name of ``fast_paths``.
         attn_drop_rate (float): dropout on attention weights. Default: 0.
         pretrained (str, optional): checkpoint path loaded with
