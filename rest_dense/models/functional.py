@@ -103,6 +103,7 @@ __all__ = [
     "conv_bn_relu",
 ]
 
+
 def _first_order_only(backward):
     """Decorator for the ``backward`` of the custom functions here, which have no second
     derivative: it runs without recording, and refuses ``create_graph=True`` with an error
@@ -403,14 +404,15 @@ class _ChunkedAttention(torch.autograd.Function):
     block by block from ``q``, ``k`` and ``v`` (the only tensors kept) and accumulates the
     key and value gradients in fp32 under reduced precision.
 
-    Every operand is laid out once per call so that no block product copies it; the key
-    and value gradients are accumulated transposed (``q^T ds``, ``dout^T p``), so that
-    the block-sized matrices are never the transposed operand of a product.
+    The keys, values and incoming gradient are laid out once per call, not per block; the
+    key and value gradients are accumulated transposed (``q^T ds``, ``dout^T p``), so
+    that the block-sized matrices are never the transposed operand of a product (which
+    the batched GEMM would copy).
     """
 
     @staticmethod
     def forward(ctx, q, k, v, scale, rows):
-        qs = q * scale  # contiguous, like the explicit path's scaled queries
+        qs = q * scale  # scaled once, as the explicit path does
         kt, vc = k.transpose(-2, -1).contiguous(), v.contiguous()
         out = qs.new_empty(qs.shape[:-1] + v.shape[-1:])
         for i in range(0, qs.shape[-2], rows):
