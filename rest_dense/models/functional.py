@@ -888,6 +888,11 @@ def upsample_values(v: Tensor, weight: Tensor, bias: Optional[Tensor], sr: int) 
     return out.permute(0, 1, 3, 2, 4, 5).reshape(b, h * sr, w * sr, c)
 
 
+#: reduced maps with a side up to this many pixels run the upsample branch's backward as
+#: the modules' channel-multiplier convolution instead of the replicated depth-wise one
+UPSAMPLE_BACKWARD_TINY_SIDE = 2
+
+
 def _upsample_values_backward(du: Tensor, v: Tensor, weight: Tensor, has_bias: bool, sr: int,
                               mask: Sequence[bool]):
     """Gradients of :func:`upsample_values` w.r.t. (v, weight, bias); ``du`` full size."""
@@ -898,6 +903,13 @@ def _upsample_values_backward(du: Tensor, v: Tensor, weight: Tensor, has_bias: b
                                        has_bias, 1, 1, mask)
         return (None if gi is None else gi.permute(0, 2, 3, 1)), gw, gb
     s2 = sr * sr
+    if min(h, w) <= UPSAMPLE_BACKWARD_TINY_SIDE:
+        # oneDNN's depth-wise backward over the replicated channels takes ~100x longer on
+        # maps this small (docs/kernels.md); the modules' channel-multiplier form does not.
+        # Its output gradient is PixelUnshuffle(du): channel c * sr**2 + i * sr + j
+        gout = du.reshape(b, h, sr, w, sr, c).permute(0, 5, 2, 4, 1, 3).reshape(b, c * s2, h, w)
+        gi, gw, gb = _dw_conv_backward(gout, v.permute(0, 3, 1, 2), weight, has_bias, 1, 1, mask)
+        return (None if gi is None else gi.permute(0, 2, 3, 1)), gw, gb
     wr, _ = _replicated_weights(weight, None, sr)
     dur = du.view(b, h, sr, w, sr, c).permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, s2 * c)
     gi, gw, gb = _dw_conv_backward(dur.permute(0, 3, 1, 2), _replicate(v, sr).permute(0, 3, 1, 2),

@@ -796,10 +796,11 @@ def test_mlp_branch_gradcheck(recompute_hidden):
         (x, *params))
 
 
+@pytest.mark.parametrize("hw", [(3, 5), (1, 1), (2, 7), (9, 2)])  # side <= 2: the tiny-map backward
 @pytest.mark.parametrize("sr", [1, 2, 3, 4, 8])
-def test_upsample_values_matches_conv_pixelshuffle(sr):
+def test_upsample_values_matches_conv_pixelshuffle(sr, hw):
     torch.manual_seed(sr)
-    c, h, w = 6, 3, 5
+    c, (h, w) = 6, hw
     up = nn.Sequential(nn.Conv2d(c, sr * sr * c, 3, padding=1, groups=c),
                        nn.PixelShuffle(sr)).double()
     v = torch.randn(2, h, w, c, dtype=torch.float64, requires_grad=True)
