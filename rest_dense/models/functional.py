@@ -39,15 +39,15 @@ of ``F.linear``'s broadcast copy of the bias into the output and a second pass f
 
 The one door: the models call these functions when built with ``fast_paths=True`` (the
 default) and :func:`use_fast_path` allows it for the input, by :data:`FAST_PATH_RULE`
-(device type and precision: the CPU in fp32 and in bf16/fp16; not CUDA, where they were
-never measured). Under ``torch.autocast`` each function casts its inputs to the autocast
+(device type and precision: the CPU in fp32 and in bf16; not CPU fp16, measured slower
+there; not CUDA, where they were never measured). Under ``torch.autocast`` each function casts its inputs to the autocast
 dtype once and runs forward and backward in it (as autocast would run the GEMMs),
 except the strided depth-wise convolution backward, which the CPU runs an order of
 magnitude faster in fp32. The attention kernel is chosen by :func:`attention_impl`
-(explicit math in CPU bf16/fp16, over blocks of queries for large attention matrices;
+(explicit math in CPU bf16, over blocks of queries for large attention matrices;
 PyTorch's fused ``scaled_dot_product_attention`` elsewhere); docs/kernels.md has the
-measurements behind both rules. :func:`fast_paths` switches the fast paths off, e.g. to compare with
-the plain computation::
+measurements behind both rules. :func:`fast_paths` switches the fast paths off, e.g. to
+compare with the plain computation::
 
     from rest_dense.models.functional import fast_paths
 
@@ -192,7 +192,7 @@ def use_fast_path(x: Tensor) -> bool:
     dtype = compute_dtype(x)
     if dtype is None:
         return False
-    return (x.device.type, _dtype_class(dtype)) in FAST_PATH_RULE
+    return (x.device.type, _precision(dtype)) in FAST_PATH_RULE
 
 
 def _in_functorch_transform(x: Tensor) -> bool:
@@ -213,16 +213,17 @@ def _in_functorch_transform(x: Tensor) -> bool:
 # ------------------------------------------------------------------------ the dispatch
 #: (device type, precision) pairs on which the memory-lean fast paths run; elsewhere the
 #: plain modules do. Measured on CPUs (AVX2 for fp32; AVX-512 BF16 for bf16, see
-#: docs/kernels.md); on CUDA they were never measured, so CUDA runs the plain modules
+#: docs/kernels.md); CPU fp16 is slower with them (its depth-wise convolutions fall back to
+#: a per-group kernel); on CUDA they were never measured, so CUDA runs the plain modules
 #: (whose convolutions and GEMMs are cuDNN/cuBLAS kernels).
-FAST_PATH_RULE = frozenset({("cpu", "fp32"), ("cpu", "reduced")})
+FAST_PATH_RULE = frozenset({("cpu", "fp32"), ("cpu", "bf16")})
 
 #: the largest attention matrix (elements, batch and heads included) that the explicit
 #: attention materialises whole; larger ones go through ``'chunked'`` where it applies,
 #: else through ``F.scaled_dot_product_attention``
 MATH_ATTENTION_MAX_ELEMENTS = 1 << 26
 
-#: CPU, bf16/fp16: attention matrices (elements, batch and heads included) larger than
+#: CPU, bf16: attention matrices (elements, batch and heads included) larger than
 #: this run by query chunks (``'chunked'``), by mode: ``'infer'`` (nothing records) and
 #: ``'train'`` (autograd records; the chunks are recomputed in backward instead of the
 #: whole matrix kept)
@@ -235,6 +236,12 @@ ATTENTION_IMPLS = ("sdpa", "math", "chunked")
 
 def _dtype_class(dtype: torch.dtype) -> str:
     return "reduced" if dtype in (torch.bfloat16, torch.float16) else "fp32"
+
+
+def _precision(dtype: torch.dtype) -> str:
+    """The precision class of the rules: ``'bf16'``, ``'fp16'`` or ``'fp32'`` (float32 and
+    float64)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
 def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
@@ -290,7 +297,9 @@ def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
       kernels).
     * CPU, fp32: ``'sdpa'`` (as fast or faster than the explicit math in inference and
       training, and it keeps no attention matrix for backward).
-    * CPU, bf16/fp16 (autocast or half tensors): the explicit ``q @ k^T``, softmax, ``@ v``
+    * CPU, fp16: ``'sdpa'`` (on a CPU without fp16 units the explicit fp16 products run
+      about ten times slower than the fused kernel).
+    * CPU, bf16 (autocast or bf16 tensors): the explicit ``q @ k^T``, softmax, ``@ v``
       (PyTorch's CPU flash kernel is several times slower than bf16 GEMMs for the short
       key sequences of EMSA, whose keys are spatially reduced): ``'math'`` on the whole
       attention matrix while it is small, ``'chunked'`` (the same products over blocks of
@@ -318,7 +327,7 @@ def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
     if q.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting():
         return "sdpa"
     dtype = compute_dtype(q) or q.dtype
-    if _dtype_class(dtype) != "reduced":
+    if _precision(dtype) != "bf16":
         return "sdpa"
     elements = q.numel() // max(q.shape[-1], 1) * k.shape[-2]
     records = torch.is_grad_enabled() and any(

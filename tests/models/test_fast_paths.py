@@ -183,7 +183,10 @@ def test_fast_path_rule_per_device_and_dtype():
     assert fast.use_fast_path(x)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast.use_fast_path(x)  # measured faster and leaner in CPU bf16 too
-    assert ("cpu", "reduced") in fast.FAST_PATH_RULE
+    assert ("cpu", "bf16") in fast.FAST_PATH_RULE
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert not fast.use_fast_path(x)  # CPU fp16: measured slower with them
+    assert not fast.use_fast_path(x.half())
     assert not any(dev == "cuda" for dev, _ in fast.FAST_PATH_RULE)  # never measured on CUDA
     assert not fast.use_fast_path(x.to(torch.int64))
     with fast.fast_paths(False):
@@ -198,6 +201,9 @@ def test_attention_dispatch_rule():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fast.attention_impl(q, k) == "math"
     assert fast.attention_impl(q.bfloat16(), k.bfloat16()) == "math"
+    assert fast.attention_impl(q.half(), k.half()) == "sdpa"  # CPU fp16: the fused kernel
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert fast.attention_impl(q, k) == "sdpa"
     # bf16: large matrices by query chunks (the limit per mode); over the explicit limit
     # the fused kernel only where the chunks cannot run
     kb = torch.empty(1, 1, 16, 8, dtype=torch.bfloat16)
