@@ -174,11 +174,12 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     return h.hexdigest()
 
 
-def check_destination(dst: Union[str, os.PathLike]) -> str:
+def check_destination(dst: Union[str, os.PathLike], example: str = "converted.pth") -> str:
     """Check that an output file can be created at ``dst``, before any work is done.
 
     Args:
         dst: the output file.
+        example: a file name for the message when ``dst`` is a folder.
 
     Returns:
         Its folder (absolute).
@@ -193,7 +194,7 @@ def check_destination(dst: Union[str, os.PathLike]) -> str:
     dst = os.fspath(dst)
     if os.path.isdir(dst):
         raise IsADirectoryError(21, f"destination {dst!r} is a folder; give a file name "
-                                    f"(e.g. {os.path.join(dst, 'converted.pth')!r})", dst)
+                                    f"(e.g. {os.path.join(dst, example)!r})", dst)
     folder = os.path.dirname(os.path.abspath(dst))
     if not os.path.exists(folder):
         raise FileNotFoundError(2, f"the folder of destination {dst!r} does not exist: "
