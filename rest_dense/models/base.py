@@ -324,7 +324,9 @@ class ResTBase(nn.Module):
         assertion (``torch._assert_async``: no device-to-host synchronisation, the error
         surfaces at the next synchronising call). ``'async'`` forces the device-side form,
         ``False`` skips the check; it is skipped anyway while tracing or compiling
-        (``torch.jit.trace``, ``torch.compile``, ``torch.export`` / ONNX export).
+        (``torch.jit.trace``, ``torch.compile``, ``torch.export`` / ONNX export) and inside
+        ``torch.func`` transforms (``vmap``, ``grad``, ``jvp``: no data-dependent check can
+        run there).
 
         Raises:
             TypeError: not a Tensor; an integer/bool dtype; a float dtype other than the
@@ -375,7 +377,8 @@ class ResTBase(nn.Module):
                 raise TypeError(f"{name} has {weight.dtype} weights but the input is {x.dtype}; "
                                 f"cast the input (x.to({weight.dtype})) or the model ({hint})")
         check = getattr(self, "check_finite_inputs", True)
-        if check and not tracing:
+        # under torch.func transforms (vmap, grad, jvp) a data-dependent check cannot run
+        if check and not tracing and not _fast._in_functorch_transform(x):
             with torch.no_grad():
                 total = x.sum() if x.dtype == torch.float64 else x.sum(dtype=torch.float32)
                 if check == "async" or (check is True and x.device.type != "cpu"):

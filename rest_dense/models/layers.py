@@ -67,8 +67,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        if hidden.requires_grad:
-            hidden = self.act(hidden)
+        if hidden.requires_grad or fast._in_functorch_transform(hidden):
+            hidden = self.act(hidden)  # (torch.func has no batching rule for in-place GELU)
         else:  # inference: the 4C-wide hidden map is the largest tensor; activate it in place
             hidden = torch.ops.aten.gelu_(hidden)
         return self.fc2(hidden)

@@ -377,6 +377,19 @@ def test_chunked_attention_steps_aside_where_it_cannot_run(small_chunks):
     torch.testing.assert_close(grad, ref_grad)
 
 
+@pytest.mark.parametrize("fast_on", [True, False], ids=["fast", "plain"])
+def test_vmap_over_the_model_equals_the_loop(fast_on):
+    """torch.func.vmap over single images (the input check steps aside: no data-dependent
+    check runs under transforms) gives the per-image outputs."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH, fast_paths=fast_on).eval()
+    x = torch.randn(3, 1, 3, 29, 35)
+    outs = torch.func.vmap(lambda xi: model(xi))(x)
+    for i in range(3):
+        for got, ref in zip(outs, model(x[i])):
+            torch.testing.assert_close(got[i], ref)
+
+
 def test_fast_paths_refuse_second_derivatives_clearly():
     """The memory-lean functions have no second derivative: create_graph=True fails with
     an error naming the way out (not a silently disconnected graph), and that way works."""
