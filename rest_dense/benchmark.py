@@ -139,6 +139,18 @@ class BenchCase:
             return Path(self.model.split("::")[-1]).stem
         return self.model + (" (custom arch)" if self.arch else "")
 
+    @property
+    def note_name(self) -> str:
+        """How notes name the row: model, attention mode and implementation (where they
+        apply), memory level (when not ``'none'``), batch x size, mode and dtype."""
+        parts = [self.label]
+        if self.attn_impl != "-":
+            parts += [self.attn_mode, self.attn_impl]
+        if self.with_cp != "none":
+            parts.append(f"with_cp={self.with_cp}")
+        parts += [f"{self.batch}x{self.size[0]}x{self.size[1]}", self.mode, self.dtype]
+        return " ".join(parts)
+
     def to_json(self) -> str:
         """The case as JSON (for the memory-measuring child process)."""
         return json.dumps(asdict(self))
@@ -1021,16 +1033,15 @@ def attention_notes(rows: Sequence[BenchRow], device: str = "cpu") -> List[str]:
         try:
             counts = attention_choices(c, device)
         except Exception as err:  # noqa: BLE001 (a note must not discard the measured rows)
-            notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
-                         f"{c.dtype}: attention choice not recorded ({type(err).__name__}: {err})")
+            notes.append(f"{c.note_name}: attention choice not recorded "
+                         f"({type(err).__name__}: {err})")
             continue
         ran = ", ".join(f"{names[k]} x{n}" for k, n in sorted(counts.items()) if k in names)
         projections = ", ".join(f"{label} x{counts[k]}" for k, label in (
             ("fused_linear", "fused oneDNN"), ("linear", "F.linear")) if counts.get(k))
         convs = ", ".join(f"{impl} x{counts[f'conv_{impl}']}" for impl in ("library", "gemm")
                           if counts.get(f"conv_{impl}"))
-        notes.append(f"{c.label} {c.attn_mode} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} "
-                     f"{c.dtype}: auto ran {ran or 'no attention'}"
+        notes.append(f"{c.note_name}: auto ran {ran or 'no attention'}"
                      + (f"; projections: {projections}" if projections else "")
                      + (f"; strided conv backward: {convs}" if convs else ""))
     return notes

@@ -317,11 +317,8 @@ def round_ratio_notes(rows: Sequence["BenchRow"]) -> List[str]:
     for row, base, ratios in bm.round_ratios(rows):
         if not ratios:
             continue
-        c, b = row.case, base.case
-        name = f"{c.label} {c.attn_impl}" if c.attn_impl != "-" else c.label
-        base_name = f"{b.label} {b.attn_impl}" if b.attn_impl != "-" else b.label
-        notes.append(f"{name} {c.batch}x{c.size[0]}x{c.size[1]} {c.mode} {c.dtype}: per-round "
-                     f"speed-up against {base_name} median {statistics.median(ratios):.2f}x "
+        notes.append(f"{row.case.note_name}: per-round speed-up against "
+                     f"{base.case.note_name} median {statistics.median(ratios):.2f}x "
                      f"(range {min(ratios):.2f}-{max(ratios):.2f} over {len(ratios)} rounds)")
     return notes
 

@@ -337,8 +337,21 @@ def test_cli_bench_interleaved_rows(tmp_path, one_thread):
     assert "--interleave" in md.read_text()
     # per-round speed-ups of the auto rows against the released rows, one note each
     notes = [line for line in md.read_text().splitlines() if "per-round speed-up" in line]
-    assert len(notes) == 2 and all("against restv2_tiny released" in n and "over 2 rounds" in n
-                                   for n in notes)
+    assert len(notes) == 2 and all("against restv2_tiny global released 1x64x64" in n
+                                   and "over 2 rounds" in n for n in notes)
+
+
+def test_notes_name_rows_fully():
+    """Rows that differ only in their memory level or attention are told apart in notes."""
+    base = dict(model="restv2_tiny", size=(17, 9), batch=3, attn_mode="cwin", mode="train",
+                dtype="bf16")
+    names = {bm.BenchCase(**base, attn_impl=impl, with_cp=cp).note_name
+             for impl in ("auto", "chunked") for cp in ("none", "block")}
+    assert len(names) == 4
+    assert bm.BenchCase(**base, attn_impl="auto", with_cp="block").note_name == \
+        "restv2_tiny cwin auto with_cp=block 3x17x9 train bf16"
+    assert bm.BenchCase("swin_tiny", (32, 32), attn_impl="-", attn_mode="-").note_name == \
+        "swin_tiny 1x32x32 infer fp32"
 
 
 def test_round_ratios_pair_passes_of_one_round():
