@@ -980,6 +980,9 @@ def attention_choices(case: BenchCase, device: str = "cpu") -> Dict[str, int]:
 
     model = build_bench_model(case).to(device)
     step = _step_fn(model, make_inputs(case, device), case.mode, case.dtype, device)
+    # the profiler's tracing library logs to stderr (e.g. an alarming "ERROR ...
+    # gpuGetDeviceCount failed" on CUDA builds without a GPU) unless told otherwise
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
     with record_attention_choices() as log, record_conv_backward_choices() as conv_log, \
             profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
