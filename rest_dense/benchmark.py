@@ -140,12 +140,21 @@ class BenchCase:
         return self.model + (" (custom arch)" if self.arch else "")
 
     @property
+    def mode_label(self) -> str:
+        """The attention mode as tables show it: ``'-'`` where none applies, ``'configured'``
+        for a whole model left in its config's own mode (``attn_mode='global'``)."""
+        if self.attn_impl == "-":
+            return "-"
+        return "configured" if self.kind == "config" and self.attn_mode == "global" \
+            else self.attn_mode
+
+    @property
     def note_name(self) -> str:
         """How notes name the row: model, attention mode and implementation (where they
         apply), memory level (when not ``'none'``), batch x size, mode and dtype."""
         parts = [self.label]
         if self.attn_impl != "-":
-            parts += [self.attn_mode, self.attn_impl]
+            parts += [self.mode_label, self.attn_impl]
         if self.with_cp != "none":
             parts.append(f"with_cp={self.with_cp}")
         parts += [f"{self.batch}x{self.size[0]}x{self.size[1]}", self.mode, self.dtype]

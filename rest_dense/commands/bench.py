@@ -299,8 +299,7 @@ def format_markdown(rows: Sequence["BenchRow"]) -> str:
         key = (c.size, c.batch, c.mode, c.dtype)
         base = baseline.setdefault(key, r.ms)
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
-        attn_mode = c.attn_mode if c.attn_impl != "-" else "-"
-        lines.append(f"| {c.label} | {attn_mode} | {c.attn_impl} | {c.size[0]}x{c.size[1]} | "
+        lines.append(f"| {c.label} | {c.mode_label} | {c.attn_impl} | {c.size[0]}x{c.size[1]} | "
                      f"{c.batch} | {c.mode} | {c.dtype} | "
                      + (f"{c.with_cp} | " if with_cp else "")
                      + f"{r.ms:.1f} | {r.imgs_per_s:.2f} | "
@@ -386,7 +385,7 @@ def plot_rows(rows: Sequence["BenchRow"], path: str, device: str = "cpu",
         c = r.case
         name = c.label
         if c.attn_impl != "-":
-            name += f" {c.attn_mode}" + ("" if c.attn_impl == "auto" else f" ({c.attn_impl})")
+            name += f" {c.mode_label}" + ("" if c.attn_impl == "auto" else f" ({c.attn_impl})")
         name += f" {c.mode}" + ("" if c.dtype == "fp32" else f" {c.dtype}")
         name += "" if c.with_cp == "none" else f" with_cp={c.with_cp}"
         series.setdefault(name, []).append(r)

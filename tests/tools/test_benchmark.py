@@ -294,6 +294,7 @@ def test_cli_bench_whole_segmenters_and_necks_in_one_run(tmp_path, one_thread):
     assert {(r.split("|")[1].strip(), r.split("|")[6].strip()) for r in whole} == {
         (m, mode) for m in ("sem_fpn_restv2_toy", "vt_fpn_restv2_toy") for mode in ("infer", "train")}
     assert all(float(r.split("|")[8]) > 0 for r in whole)
+    assert {r.split("|")[2].strip() for r in whole} == {"configured"}  # the config's own mode
     assert "## Necks alone" in text
     necks = [line for line in text.split("## Necks alone")[1].splitlines() if line.startswith("| 64x96")]
     assert len(necks) == 2
