@@ -1171,6 +1171,16 @@ def conv3x3_s2(x: Tensor, conv: nn.Conv2d) -> Tensor:
 
 
 # ------------------------------------------------------------------- the conv stem
+def _check_batch_statistics(bn: nn.Module, shape: Sequence[int], owner: str) -> None:
+    """Refuse, naming the layer, a BatchNorm that would normalise by batch statistics over
+    one value per channel (batch 1 and a 1x1 map in training)."""
+    if (bn.training or getattr(bn, "running_mean", None) is None) and \
+            shape[0] * shape[2] * shape[3] == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got input "
+                         f"size {torch.Size(shape)} ({owner} BatchNorm needs a larger image "
+                         "or batch)")
+
+
 def _bn_mode(bn: nn.modules.batchnorm._BatchNorm):
     """What ``nn.BatchNorm2d.forward`` passes to the kernel (and its ``num_batches_tracked``
     update): ``(use_batch_stats, momentum, running_mean, running_var)``."""
@@ -1270,12 +1280,8 @@ def stem_tail(c1: Tensor, bn1: nn.BatchNorm2d, conv2: nn.Conv2d, bn2: nn.BatchNo
         x = F.relu(bn1(c1), inplace=True)
         return conv3(F.relu(bn2(conv2(x)), inplace=True))
     n, _, h, w = c1.shape
-    for bn, size in ((bn1, (n, bn1.num_features, h, w)),
-                     (bn2, (n, bn2.num_features, (h + 1) // 2, (w + 1) // 2))):
-        if (bn.training or bn.running_mean is None) and n * size[2] * size[3] == 1:
-            raise ValueError("Expected more than 1 value per channel when training, got input "
-                             f"size {torch.Size(size)} (the stem's BatchNorm needs a larger "
-                             "image or batch)")
+    _check_batch_statistics(bn1, (n, bn1.num_features, h, w), "the stem's")
+    _check_batch_statistics(bn2, (n, bn2.num_features, (h + 1) // 2, (w + 1) // 2), "the stem's")
     use1, mom1, rm1, rv1 = _bn_mode(bn1)
     use2, mom2, rm2, rv2 = _bn_mode(bn2)
     # the BatchNorm parameters stay fp32 under autocast (as in the plain modules)

@@ -1087,6 +1087,19 @@ def test_conv_stem_training_refuses_one_value_per_channel():
         stem.proj(torch.randn(1, 3, 2, 2))
 
 
+def test_restv1_training_names_the_batchnorm_that_needs_a_larger_input():
+    """ResTv1's patch embeddings and stem normalise by batch statistics in training: a
+    1x1 map of one image is refused naming the layer; with two images it trains."""
+    model = ResTv1(arch=ARCH_V1).train()
+    with pytest.raises(ValueError, match="patch embedding's BatchNorm needs a larger image"):
+        model(torch.randn(1, 3, 17, 9))  # stage 4 is 1x1
+    assert all(torch.isfinite(o).all() for o in model(torch.randn(2, 3, 17, 9)))
+    with pytest.raises(ValueError, match="stem's BatchNorm needs a larger image"):
+        model(torch.randn(1, 3, 1, 1))
+    model.eval()
+    assert len(model(torch.randn(1, 3, 17, 9))) == 4  # running statistics: any size
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_reduced_model_with_fp32_batchnorms_runs_inference(dtype):
     """A half model whose BatchNorms stay fp32 (apex O2, mmcv's wrap_fp16_model): the
