@@ -21,6 +21,7 @@ the toy Mask R-CNN of detectron2 (all three with the same toy ResTv2 backbone).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -180,6 +181,10 @@ def test_d2_work_dir_lock(toy, tmp_path, second, capsys, subprocess_env):
         while not (work / ".rest-dense.lock").exists():
             assert first.poll() is None and time.monotonic() < deadline
             time.sleep(0.2)
+        # the holder stays alive but stopped, so that every file that appears from here on
+        # comes from the refused run (a running holder writes its log and checkpoints)
+        os.killpg(first.pid, signal.SIGSTOP)
+        time.sleep(0.5)
         before = sorted(p.name for p in work.iterdir())
         code = cli(["train", str(D2), "--work-dir", str(work), *_d2_opts(root),
                     *(["--resume"] if second.endswith("resume") else [])])
