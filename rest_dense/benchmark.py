@@ -140,6 +140,12 @@ class BenchCase:
         return self.model + (" (custom arch)" if self.arch else "")
 
     @property
+    def group_key(self) -> Tuple:
+        """Rows with the same key compare with each other (speed-ups against the group's
+        first row): input size, batch, mode and dtype."""
+        return (self.size, self.batch, self.mode, self.dtype)
+
+    @property
     def mode_label(self) -> str:
         """The attention mode as tables show it: ``'-'`` where none applies, ``'configured'``
         for a whole model left in its config's own mode (``attn_mode='global'``)."""
@@ -861,7 +867,7 @@ def _run_interleaved(cases: Sequence[BenchCase], weights: Dict, device: str, war
     """:func:`run_benchmark` with ``interleave``: the rows of a group take turns."""
     groups: Dict[Tuple, List[int]] = {}
     for i, c in enumerate(cases):
-        groups.setdefault((c.size, c.batch, c.mode, c.dtype), []).append(i)
+        groups.setdefault(c.group_key, []).append(i)
     times: Dict[int, List[float]] = {i: [] for i in range(len(cases))}
     for members in groups.values():
         steps = {}
@@ -1025,7 +1031,7 @@ def round_ratios(rows: Sequence[BenchRow]) -> List[Tuple[BenchRow, BenchRow, Lis
     baselines: Dict[Tuple, BenchRow] = {}
     for r in rows:
         c = r.case
-        base = baselines.setdefault((c.size, c.batch, c.mode, c.dtype), r)
+        base = baselines.setdefault(c.group_key, r)
         if base is r:
             continue
         rounds = min(len(base.times_ms), len(r.times_ms))

@@ -248,10 +248,7 @@ def _neck_table(args: argparse.Namespace, necks, sizes, device: str):
     from .. import benchmark as bm
     from ..neck_bench import run_neck_benchmark
 
-    if len(set(args.batch)) != 1 or len(args.dtypes) != 1:
-        print(_NECK_OPTIONS_ERROR, file=sys.stderr)
-        return None
-    try:
+    try:  # one --batch and one --dtypes value: run() checked that before any timing
         rows = run_neck_benchmark(necks, args.neck_channels, sizes, args.mode, args.dtypes[0],
                                   args.batch[0], device=device, warmup=args.warmup,
                                   iters=args.iters, min_time=args.min_time,
@@ -296,8 +293,7 @@ def format_markdown(rows: Sequence["BenchRow"]) -> str:
     baseline: Dict[Tuple, float] = {}
     for r in rows:
         c = r.case
-        key = (c.size, c.batch, c.mode, c.dtype)
-        base = baseline.setdefault(key, r.ms)
+        base = baseline.setdefault(c.group_key, r.ms)
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "-"
         lines.append(f"| {c.label} | {c.mode_label} | {c.attn_impl} | {c.size[0]}x{c.size[1]} | "
                      f"{c.batch} | {c.mode} | {c.dtype} | "

@@ -329,13 +329,18 @@ def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
     dtype = compute_dtype(q) or q.dtype
     if _precision(dtype) != "bf16":
         return "sdpa"
-    elements = q.numel() // max(q.shape[-1], 1) * k.shape[-2]
+    elements = _score_count(q, k)
     records = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v))
     if (elements > CHUNKED_ATTENTION_MIN_ELEMENTS["train" if records else "infer"]
             and _chunkable(q, k, v)):
         return "chunked"
     return "sdpa" if elements > MATH_ATTENTION_MAX_ELEMENTS else "math"
+
+
+def _score_count(q: Tensor, k: Tensor) -> int:
+    """Elements of the attention matrix of ``q`` and ``k`` (batch and heads included)."""
+    return q.numel() // max(q.shape[-1], 1) * k.shape[-2]
 
 
 def _chunkable(q: Tensor, k: Tensor, v: Optional[Tensor] = None, scale=1.0,
@@ -368,8 +373,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
         elif _in_functorch_transform(q):
             impl = "math"
         else:
-            too_large = q.numel() // max(q.shape[-1], 1) * k.shape[-2] > MATH_ATTENTION_MAX_ELEMENTS
-            impl = "sdpa" if too_large else "math"
+            impl = "sdpa" if _score_count(q, k) > MATH_ATTENTION_MAX_ELEMENTS else "math"
     if _CHOICE_LOG[0] is not None:
         _CHOICE_LOG[0].append((impl, tuple(q.shape), tuple(k.shape), compute_dtype(q)))
     if impl == "sdpa":
@@ -1294,8 +1298,6 @@ def _folds(bn: nn.Module) -> bool:
     """Whether ``bn`` normalises by its running statistics (so it can fold into a conv)."""
     return (isinstance(bn, nn.modules.batchnorm._BatchNorm) and not bn.training
             and bn.running_mean is not None and bn.running_var is not None)
-
-
 
 
 def conv_bn_relu(x: Tensor, conv: nn.Conv2d, bn: nn.modules.batchnorm._BatchNorm) -> Tensor:
