@@ -234,10 +234,6 @@ ATTENTION_CHUNK_ELEMENTS = 1 << 20
 ATTENTION_IMPLS = ("sdpa", "math", "chunked")
 
 
-def _dtype_class(dtype: torch.dtype) -> str:
-    return "reduced" if dtype in (torch.bfloat16, torch.float16) else "fp32"
-
-
 def _precision(dtype: torch.dtype) -> str:
     """The precision class of the rules: ``'bf16'``, ``'fp16'`` or ``'fp32'`` (float32 and
     float64)."""
@@ -442,7 +438,7 @@ class _ChunkedAttention(torch.autograd.Function):
         q, k, v = ctx.saved_tensors
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
         scale, rows = ctx.scale, ctx.rows
-        acc = torch.float32 if _dtype_class(q.dtype) == "reduced" else q.dtype
+        acc = q.dtype if _precision(q.dtype) == "fp32" else torch.float32
         qs, dout = q * scale, dout.contiguous()
         kc, kt, vt = k.contiguous(), k.transpose(-2, -1).contiguous(), v.transpose(-2, -1).contiguous()
         dq = torch.empty_like(qs) if need_q else None
@@ -1037,16 +1033,18 @@ def _col2im_3x3s2(cols: Tensor, shape: Sequence[int]) -> Tensor:
 
 #: the strided 3x3 convolutions' backward on the CPU: ``'gemm'`` (two GEMMs over
 #: recomputed patches) or ``'library'`` (``aten.convolution_backward``, oneDNN), by CPU
-#: class and precision; for reduced precision on AVX-512 the value is the widest input
+#: class and precision (:func:`_precision`); for bf16 on AVX-512 the value is the widest input
 #: (channels) that goes to the library. Measured with ``tools/bench_kernels.py``
 #: (docs/kernels.md): on AVX2 the GEMMs win in fp32; on AVX-512 the library wins in fp32
 #: at every stage and in bf16 on the wide early maps (the stem and ``patch_2``), the
 #: GEMMs on the narrow late ones.
 STRIDED_CONV_BACKWARD_RULE = {
     ("avx512", "fp32"): "library",
-    ("avx512", "reduced"): 96,
+    ("avx512", "bf16"): 96,
+    ("avx512", "fp16"): 96,  # as bf16, not measured: CPU fp16 runs the plain modules
     ("other", "fp32"): "gemm",
-    ("other", "reduced"): "gemm",
+    ("other", "bf16"): "gemm",
+    ("other", "fp16"): "gemm",
 }
 STRIDED_CONV_BACKWARD_IMPLS = ("gemm", "library")
 _FORCED_CONV_BACKWARD: list = [None]
@@ -1088,7 +1086,7 @@ def strided_conv_backward_impl(x: Tensor) -> str:
     :data:`STRIDED_CONV_BACKWARD_RULE`; the library everywhere but the CPU). A
     reduced-precision CPU map with a side of 1 or 2 always takes the GEMMs: there the
     library kernel returns unset values for the weight taps that see only padding."""
-    if (x.device.type == "cpu" and _dtype_class(x.dtype) == "reduced"
+    if (x.device.type == "cpu" and _precision(x.dtype) != "fp32"
             and min(x.shape[1], x.shape[2]) <= 2):
         # oneDNN's bf16 weight gradient leaves the taps that see only padding (a side of
         # 1 or 2 at stride 2) unset: garbage or NaN (oneDNN 3.12, torch 2.13); forced too
@@ -1097,7 +1095,7 @@ def strided_conv_backward_impl(x: Tensor) -> str:
         return _FORCED_CONV_BACKWARD[0]
     if x.device.type != "cpu":
         return "library"
-    rule = STRIDED_CONV_BACKWARD_RULE[(_cpu_class(), _dtype_class(x.dtype))]
+    rule = STRIDED_CONV_BACKWARD_RULE[(_cpu_class(), _precision(x.dtype))]
     if isinstance(rule, int):
         return "library" if x.shape[-1] <= rule else "gemm"
     return rule

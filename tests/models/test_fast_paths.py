@@ -913,12 +913,13 @@ def test_strided_conv_backward_rule():
     rule = fast.STRIDED_CONV_BACKWARD_RULE
     cpu = fast._cpu_class()
     assert cpu in ("avx512", "other")
-    for dtype in (torch.float32, torch.bfloat16):
-        choice = rule[(cpu, "fp32" if dtype == torch.float32 else "reduced")]
+    for dtype, precision in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"),
+                             (torch.float16, "fp16")):
+        choice = rule[(cpu, precision)]
         expected = ("library" if 48 <= choice else "gemm") if isinstance(choice, int) else choice
         assert fast.strided_conv_backward_impl(tokens.to(dtype)) == expected
     # bf16 on AVX-512: the library for the wide early maps, GEMMs for the narrow late ones
-    assert rule[("avx512", "reduced")] == 96 and rule[("other", "fp32")] == "gemm"
+    assert rule[("avx512", "bf16")] == 96 and rule[("other", "fp32")] == "gemm"
     assert fast.strided_conv_backward_impl(torch.empty(1, 4, 4, 48, device="meta")) == "library"
     # reduced precision with a side of 1 or 2: the library's weight gradient is wrong there
     for hw in ((1, 9), (9, 2), (2, 2)):
