@@ -357,6 +357,17 @@ class BF16OptimWrapper(OptimWrapper):
 register_once(OPTIM_WRAPPERS, "BF16OptimWrapper", BF16OptimWrapper)
 
 
+#: optimizer-wrapper keys only mmengine's ``AmpOptimWrapper`` takes, and keys only
+#: :class:`BF16OptimWrapper` takes: dropped when a config switches to the other wrapper
+_AMP_ONLY_KEYS = ("loss_scale", "dtype", "use_fsdp")
+_BF16_ONLY_KEYS = ("autocast_modules", "cache_enabled")
+
+
+def _drop(optim: Any, keys: Sequence[str]) -> None:
+    for key in keys:
+        optim.pop(key, None)
+
+
 def _is_mmdet(cfg: Config) -> bool:
     """Whether ``cfg`` is an MMDetection config (:func:`rest_dense.configs.config_framework`)."""
     try:
@@ -388,8 +399,7 @@ def amp_unavailable_fallback(cfg: Config) -> bool:
         set_mixed_precision(cfg, "bf16")
         return True
     optim.type = "OptimWrapper"
-    for key in ("loss_scale", "dtype", "use_fsdp"):
-        optim.pop(key, None)
+    _drop(optim, _AMP_ONLY_KEYS + _BF16_ONLY_KEYS)
     return True
 
 
@@ -425,14 +435,14 @@ def set_mixed_precision(cfg: Config, amp: Union[bool, str, torch.dtype] = True) 
         return cfg
     if precision == "bfloat16":
         optim.type = "BF16OptimWrapper"
-        for key in ("loss_scale", "dtype", "use_fsdp"):  # AmpOptimWrapper's settings
-            optim.pop(key, None)
+        _drop(optim, _AMP_ONLY_KEYS)
         if "autocast_modules" not in optim and _is_mmdet(cfg):
             # mmcv's nms / RoIAlign in the heads have no bf16 kernels
             model = cfg.get("model") or {}
             optim.autocast_modules = [m for m in ("backbone", "neck") if model.get(m)]
         return cfg
     optim.type = "AmpOptimWrapper"
+    _drop(optim, _BF16_ONLY_KEYS)  # fp16 autocasts the whole forward
     optim.setdefault("loss_scale", "dynamic")
     if precision == "float16" and optim.get("dtype") is not None:
         optim.dtype = "float16"

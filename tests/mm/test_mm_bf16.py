@@ -124,10 +124,14 @@ def test_set_mixed_precision_keeps_the_optimizer_settings():
     assert "autocast_modules" not in seg.optim_wrapper
     set_mixed_precision(cfg, True)  # --amp: the config's precision
     assert cfg.optim_wrapper.type == "BF16OptimWrapper"
+    cfg.optim_wrapper.cache_enabled = False
     set_mixed_precision(cfg, "float16")
     assert cfg.optim_wrapper.type == "AmpOptimWrapper"
     assert cfg.optim_wrapper.loss_scale == "dynamic"
     assert {k: cfg.optim_wrapper[k] for k in kept} == kept
+    # BF16OptimWrapper's own keys would stop mmengine's AmpOptimWrapper from building
+    assert "autocast_modules" not in cfg.optim_wrapper
+    assert "cache_enabled" not in cfg.optim_wrapper
     with pytest.raises(ValueError, match="mixed-precision dtype"):
         set_mixed_precision(cfg, "int8")
 
@@ -139,6 +143,25 @@ def test_train_config_amp_bf16_stays_on_cpu():
     if not amp.amp_supported():
         fp16 = mm_runner.train_config(AMP_CONFIG, work_dir="/nonexistent/w", amp=True)
         assert fp16.optim_wrapper.type == "OptimWrapper"
+
+
+def test_fp16_over_a_bf16_config_builds_its_optimizer(tmp_path):
+    """``--amp-dtype fp16`` on a config written for BF16OptimWrapper (autocast_modules):
+    the wrapper that results (AmpOptimWrapper, or fp32 OptimWrapper without an
+    accelerator) gets none of BF16OptimWrapper's keys and builds."""
+    from mmengine.optim import build_optim_wrapper
+
+    base = mm_runner.get_config_path("toy/mask_rcnn_restv2_toy.py")
+    path = tmp_path / "det_bf16.py"
+    path.write_text(f"_base_ = [{str(base)!r}]\noptim_wrapper = dict(type='BF16OptimWrapper', "
+                    "autocast_modules=['backbone', 'neck'], cache_enabled=True)\n")
+    cfg = mm_runner.train_config(str(path), work_dir=str(tmp_path / "w"), amp="float16")
+    optim = cfg.optim_wrapper
+    assert optim.type == ("AmpOptimWrapper" if amp.amp_supported() else "OptimWrapper")
+    assert "autocast_modules" not in optim and "cache_enabled" not in optim
+    if optim.type == "OptimWrapper":
+        wrapper = build_optim_wrapper(nn.Linear(2, 2), optim)
+        assert type(wrapper).__name__ == "OptimWrapper"
 
 
 def test_train_command_amp_flags():
