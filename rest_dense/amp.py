@@ -149,7 +149,6 @@ def resolve_amp(requested: bool, device: Union[str, torch.device, None] = None,
         return False
     if precision == "bfloat16":
         if bf16_supported(device):
-            warn_if_bf16_emulated(device or "cpu", log)
             return True
         where = f"device {device} has no bf16 autocast"
     elif amp_supported(device, backends):
@@ -162,15 +161,18 @@ def resolve_amp(requested: bool, device: Union[str, torch.device, None] = None,
     return False
 
 
-#: CPU flags of native bf16 arithmetic (AVX-512 BF16 dot products, AMX tiles)
+#: CPU flags of native bf16 arithmetic: x86 ``flags`` (AVX-512 BF16 dot products, AMX
+#: tiles) and Arm ``Features`` (the BF16 extension), as ``/proc/cpuinfo`` spells them
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
+NATIVE_BF16_FEATURES = ("bf16",)
 _WARNED_BF16: list = []
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
-    """Whether this CPU computes bf16 in hardware (AVX-512 BF16 or AMX), from the CPU's
-    flags; torch's ``get_cpu_capability()`` (``'AMX'``) is a second witness. None when
-    neither can tell (no ``/proc/cpuinfo`` and an unknown capability)."""
+    """Whether this CPU computes bf16 in hardware, from ``/proc/cpuinfo``: an x86 ``flags``
+    line with AVX-512 BF16 or AMX, an Arm ``Features`` line with BF16; torch's
+    ``get_cpu_capability()`` (``'AMX'``) is a second witness. None when neither tells (no
+    such file or line, e.g. another architecture, and a capability that says nothing)."""
     try:
         if str(torch.backends.cpu.get_cpu_capability()).upper().startswith("AMX"):
             return True
@@ -179,9 +181,11 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
     try:
         with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.partition(":")[2].split())
-                    return any(flag in flags for flag in NATIVE_BF16_FLAGS)
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("flags", "Features"):
+                    wanted = NATIVE_BF16_FLAGS if key == "flags" else NATIVE_BF16_FEATURES
+                    return any(flag in value.split() for flag in wanted)
     except OSError:
         return None
     return None
@@ -190,7 +194,10 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
 def warn_if_bf16_emulated(device: Union[str, torch.device, None] = "cpu",
                           log: Optional[logging.Logger] = None) -> bool:
     """Warn (once per process) when bf16 autocast is asked for on a CPU without native
-    bf16: there every bf16 matrix product is emulated.
+    bf16: there every bf16 matrix product is emulated. Called where bf16 training starts
+    (:class:`~rest_dense.mm.optim.BF16OptimWrapper`'s first forward,
+    :class:`~rest_dense.d2.engine.BF16Trainer`), not where a config is read: evaluation
+    runs in fp32.
 
     Args:
         device: the training device; only the CPU is checked.
@@ -208,8 +215,8 @@ def warn_if_bf16_emulated(device: Union[str, torch.device, None] = "cpu",
         except AttributeError:
             capability = "unknown"
         (log or logger).warning(
-            "bf16 autocast on a CPU without native bf16 (no avx512_bf16 / amx_bf16 flag; "
-            "torch CPU capability %s): bf16 matrix products are emulated, measured 6-18x "
+            "bf16 autocast on a CPU without native bf16 (no avx512_bf16 / amx_bf16 flag, "
+            "or Arm bf16 feature; torch CPU capability %s): bf16 matrix products are emulated, measured 6-18x "
             "slower than fp32 for ResTv2-T and Swin-T on an AVX2 CPU (docs/bench_peers.md). "
             "Train in fp32 here, or in bf16 on a GPU or a CPU with AVX-512 BF16 / AMX.",
             capability)

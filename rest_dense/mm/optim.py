@@ -25,7 +25,7 @@ from mmengine.optim import DefaultOptimWrapperConstructor, OptimWrapper
 from mmengine.registry import OPTIM_WRAPPERS
 from torch import nn
 
-from ..amp import parse_precision, resolve_amp
+from ..amp import parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..configs import config_framework
 from .registration import register_once
 
@@ -293,8 +293,11 @@ class BF16OptimWrapper(OptimWrapper):
         """Whether the forward on ``device_type`` runs in bf16 (decided, and if not warned
         about, once per device type)."""
         if device_type not in self._enabled_on:
-            self._enabled_on[device_type] = resolve_amp(
-                True, device_type, precision="bfloat16", log=MMLogger.get_current_instance())
+            log = MMLogger.get_current_instance()
+            enabled = resolve_amp(True, device_type, precision="bfloat16", log=log)
+            if enabled:
+                warn_if_bf16_emulated(device_type, log)
+            self._enabled_on[device_type] = enabled
         return self._enabled_on[device_type]
 
     def _autocast(self, device_type: str) -> torch.autocast:

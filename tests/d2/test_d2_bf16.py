@@ -57,6 +57,23 @@ def test_precision_keys_and_guard():
         setup_yaml_config(config_path(TOY), ["SOLVER.AMP.PRECISION", "int8"])
 
 
+def test_emulated_bf16_warns_when_training_starts_not_for_evaluation(monkeypatch):
+    """On a CPU without native bf16: reading a bf16 config (also done by --eval-only and
+    `rest-dense test`) does not warn; the BF16Trainer does, once."""
+    from rest_dense import amp
+
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda *a, **k: False)
+    monkeypatch.setattr(amp, "_WARNED_BF16", [])
+    cfg = setup_yaml_config(config_path(TOY), ["MODEL.DEVICE", "cpu", "SOLVER.AMP.ENABLED", "True",
+                                               "SOLVER.AMP.PRECISION", "bf16"])
+    assert cfg.SOLVER.AMP.ENABLED is True and not amp._WARNED_BF16
+    setup_lazy_config(LAZY_CONFIG, ["train.device=cpu", "train.amp.precision=bf16"])
+    assert not amp._WARNED_BF16
+    model = _LossNet()
+    BF16Trainer(model, iter([torch.randn(2, 8)]), torch.optim.SGD(model.parameters(), lr=0.1))
+    assert amp._WARNED_BF16 == [True]
+
+
 def test_lazy_config_precision():
     cfg = setup_lazy_config(LAZY_CONFIG, ["train.device=cpu", "train.amp.precision=bf16"])
     assert cfg.train.amp.enabled is True and cfg.train.amp.precision == "bfloat16"

@@ -256,3 +256,17 @@ def test_toy_config_trains_in_bf16_on_cpu(framework, tmp_path, one_thread):
     assert ckpt["meta"]["iter"] == 3 and "loss_scaler" not in ckpt["optimizer"]
     assert all(t.dtype == torch.float32 for t in ckpt["state_dict"].values()
                if t.is_floating_point())
+
+
+def test_bf16_wrapper_warns_on_emulated_bf16_when_training_starts(monkeypatch):
+    """On a CPU without native bf16 the wrapper warns once, at its first forward; reading a
+    bf16 config (train_config, also used by evaluation) does not."""
+    monkeypatch.setattr(amp, "cpu_has_native_bf16", lambda *a, **k: False)
+    monkeypatch.setattr(amp, "_WARNED_BF16", [])
+    mm_runner.train_config(AMP_CONFIG, work_dir="/nonexistent/w", amp="bfloat16")
+    assert not amp._WARNED_BF16
+    model = nn.Linear(4, 4)
+    wrapper = BF16OptimWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    with wrapper.optim_context(model):
+        y = model(torch.randn(2, 4))
+    assert y.dtype == torch.bfloat16 and amp._WARNED_BF16 == [True]
