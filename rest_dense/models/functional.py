@@ -99,6 +99,7 @@ __all__ = [
     "STRIDED_CONV_BACKWARD_RULE",
     "stem_tail",
     "dw_conv",
+    "library_safe_conv",
     "conv_stem",
     "conv_bn_relu",
 ]
@@ -634,6 +635,45 @@ def dw_conv(x: Tensor, conv: nn.Conv2d) -> Tensor:
     if not needs_grad(x, conv) or not _plain_module(conv) or conv.padding_mode != "zeros":
         return conv(x)
     return _apply(_DwConv, x, conv.weight, conv.bias, conv.stride[0], conv.padding[0])
+
+
+#: the plain modules' CPU convolutions in reduced precision whose output has a side this
+#: small or smaller run in fp32 while autograd records (see :func:`library_safe_conv`)
+LIBRARY_CONV_BUG_MAX_SIDE = 2
+
+
+def _conv_output_sides(conv: nn.Conv2d, x: Tensor) -> Optional[Tuple[int, int]]:
+    if isinstance(conv.padding, str) or x.dim() != 4:
+        return None
+    return tuple((n + 2 * p - d * (k - 1) - 1) // s + 1 for n, p, d, k, s in zip(
+        x.shape[-2:], conv.padding, conv.dilation, conv.kernel_size, conv.stride))
+
+
+def library_safe_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
+    """``conv(x)`` for the plain modules, stepping around a bug of the CPU library.
+
+    oneDNN's bf16 weight gradient (oneDNN 3.12, torch 2.13; fp16 treated alike) leaves the
+    kernel taps that see only padding unset: garbage up to inf, intermittently, on outputs
+    with a side of 1 (docs/kernels.md). While autograd records such a convolution on the
+    CPU (output side at most :data:`LIBRARY_CONV_BUG_MAX_SIDE`, padded, kernel wider than
+    1), it runs in fp32 and its output is cast back to the compute dtype: differentiable
+    casts, so second derivatives are kept, and the maps are tiny. Elsewhere, and for a
+    module with hooks, a subclass or another padding mode, it is ``conv(x)``.
+    """
+    if (x.device.type != "cpu" or not needs_grad(x, conv) or not _plain_module(conv)
+            or conv.padding_mode != "zeros" or not any(conv.padding)
+            or max(conv.kernel_size) == 1):
+        return conv(x)
+    dtype = compute_dtype(x)
+    sides = _conv_output_sides(conv, x)
+    if (dtype is None or _precision(dtype) == "fp32" or sides is None
+            or min(sides) > LIBRARY_CONV_BUG_MAX_SIDE):
+        return conv(x)
+    bias = None if conv.bias is None else conv.bias.float()
+    with torch.autocast("cpu", enabled=False):
+        out = F.conv2d(x.float(), conv.weight.float(), bias, conv.stride, conv.padding,
+                       conv.dilation, conv.groups)
+    return out.to(dtype)
 
 
 def _plain_module(module: nn.Module) -> bool:

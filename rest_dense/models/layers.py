@@ -199,7 +199,7 @@ class ReducedKVAttention(nn.Module):
         if self.sr_ratio > 1:
             xc = x.permute(0, 3, 1, 2)
             kv_map = fast.dw_conv(xc, self.sr) if self.fast_paths and fast.use_fast_path(x) \
-                else self.sr(xc)
+                else fast.library_safe_conv(self.sr, xc)
             hk, wk = kv_map.shape[-2:]
             kv_in = self.sr_norm(kv_map.flatten(2).transpose(1, 2))
         else:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import UNSET, ArchType, ResTBase, check_flag, check_rate, deprecated_alias, resolve_arch
-from .functional import _check_batch_statistics
+from .functional import _check_batch_statistics, library_safe_conv
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init)
@@ -131,7 +131,7 @@ class PatchEmbedV1(nn.Module):
         self.pos = PixelAttention(out_dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv(x)
+        x = library_safe_conv(self.conv, x)
         _check_batch_statistics(self.norm, x.shape, "the patch embedding's")
         return self.pos(self.norm(x)).permute(0, 2, 3, 1)
 
@@ -151,11 +151,11 @@ class BasicStemV1(nn.Module):
         self.pos = PixelAttention(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.conv1(x)
+        x = library_safe_conv(self.conv1, x)
         _check_batch_statistics(self.norm1, x.shape, "the stem's")
         x = self.act(self.norm1(x))
-        x = self.act(self.norm2(self.conv2(x)))
-        return self.pos(self.conv3(x)).permute(0, 2, 3, 1)
+        x = self.act(self.norm2(library_safe_conv(self.conv2, x)))
+        return self.pos(library_safe_conv(self.conv3, x)).permute(0, 2, 3, 1)
 
 
 class ResTv1(ResTBase):

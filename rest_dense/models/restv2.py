@@ -128,7 +128,7 @@ class PatchEmbedV2(nn.Module):
             # x is the channels-last view of the previous stage's tokens
             return fast.pa_norm(fast.conv3x3_s2(x.permute(0, 2, 3, 1), self.proj),
                                 self.pos, self.norm)
-        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
+        return self.norm(self.pos(fast.library_safe_conv(self.proj, x)).permute(0, 2, 3, 1))
 
 
 class ConvStemV2(nn.Module):

@@ -1197,3 +1197,88 @@ def test_d2_config_memory_level_reaches_the_backbone():
     core = next(m for m in build_restv2_backbone(cfg, ShapeSpec(channels=3)).modules()
                 if isinstance(m, ResTv2))
     assert core.cp_level == "block"
+
+
+# ------------------------------------------------- the library's bf16 weight-gradient bug
+@pytest.mark.parametrize("family,fast_paths,size", [
+    ("v1", True, (16, 16)), ("v1", False, (16, 16)), ("v1", True, (33, 17)),
+    ("v2", False, (16, 16)), ("v2", False, (33, 17)), ("v2", True, (33, 17)),
+])
+def test_bf16_conv_weight_gradients_on_tiny_maps(one_thread, family, fast_paths, size):
+    """CPU bf16 training where a convolution's output has a side of 1 (patch embeddings,
+    key/value reductions): oneDNN's weight gradient would come back as garbage or inf,
+    intermittently, for the plain modules (and ResTv1's patch embeddings on every path).
+    Every conv weight gradient must stay finite and within 100x the fp32 gradient's largest
+    value, pass after pass (bf16 rounding through a random tiny net moves the early layers'
+    gradients by up to a few times; the garbage is 1e30 or inf)."""
+    torch.manual_seed(0)
+    cls = ResTv1 if family == "v1" else ResTv2
+    model = cls(arch=dict(TINY_ARCH), fast_paths=fast_paths).train()
+    x = torch.randn(2, 3, *size)
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+
+    def conv_grads(autocast):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+            outs = model(x)
+        sum((o.float() * torch.linspace(-1, 1, o.numel()).view_as(o)).sum()
+            for o in outs).backward()
+        return {n: m.weight.grad.clone() for n, m in convs.items() if m.weight.grad is not None}
+
+    ref = conv_grads(False)
+    assert ref
+    for _ in range(4):
+        got = conv_grads(True)
+        assert got.keys() == ref.keys()
+        for name, g in got.items():
+            assert torch.isfinite(g).all(), name
+            assert g.abs().max().item() <= 100 * ref[name].abs().max().item() + 1e-3, name
+
+
+@pytest.mark.parametrize("cin,groups,kernel,stride,side", [
+    (16, 1, 3, 2, 1),   # a patch embedding on a 1-pixel map
+    (32, 32, 5, 4, 2),  # a key/value reduction (sr=4) of a 2-pixel map
+    (32, 32, 5, 4, 3),
+    (32, 32, 9, 8, 5),
+])
+def test_library_safe_conv_weight_gradient_equals_fp32(one_thread, cin, groups, kernel, stride,
+                                                       side):
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cin, kernel, stride=stride, padding=kernel // 2, groups=groups)
+    for _ in range(10):
+        x = torch.randn(2, cin, side, side + 1).to(memory_format=torch.channels_last)
+        conv.zero_grad()
+        with torch.autocast("cpu", torch.bfloat16):
+            y = fast.library_safe_conv(conv, x)
+        g = torch.randn(y.shape).to(y.dtype)
+        y.backward(g)
+        got = conv.weight.grad.clone()
+        conv.zero_grad()
+        # the reference: the same convolution in fp32 (the detour skips autocast's rounding)
+        ref_conv = nn.Conv2d(cin, cin, kernel, stride=stride, padding=kernel // 2, groups=groups)
+        ref_conv.load_state_dict(conv.state_dict())
+        ref_conv(x).backward(g.float())
+        torch.testing.assert_close(got, ref_conv.weight.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_library_safe_conv_keeps_second_derivatives_and_steps_aside():
+    conv = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+    x = torch.randn(2, 4, 1, 3, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        y = fast.library_safe_conv(conv, x)
+    assert y.dtype == torch.bfloat16 and y.shape == (2, 4, 1, 2)
+    g, = torch.autograd.grad((y.float() ** 2).sum(), x, create_graph=True)
+    (g ** 2).sum().backward()  # a second derivative through the fp32 detour
+    assert torch.isfinite(conv.weight.grad).all() and conv.weight.grad.abs().sum() > 0
+    # larger outputs, fp32, no autograd, hooked modules: conv(x) as called
+    big = torch.randn(2, 4, 9, 9)
+    with torch.autocast("cpu", torch.bfloat16):
+        assert torch.equal(fast.library_safe_conv(conv, big), conv(big))
+        with torch.no_grad():
+            assert torch.equal(fast.library_safe_conv(conv, x), conv(x))
+    calls = []
+    handle = conv.register_forward_hook(lambda *a: calls.append(1))
+    with torch.autocast("cpu", torch.bfloat16):
+        fast.library_safe_conv(conv, x)
+    handle.remove()
+    assert calls == [1]
