@@ -27,9 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import secrets
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Tuple, Union
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +36,7 @@ from torch import Tensor, nn
 from .models import (CheckpointMismatchError, create_model, get_model_entry, list_models,
                      load_checkpoint, normalize_state_dict, read_state_dict, rename_d2_norm_keys)
 from .models.pretrained import infer_arch
+from .run_files import StagedFile
 
 __all__ = ["LAYOUTS", "LAYOUT_PREFIXES", "ConversionResult", "convert_checkpoint",
            "infer_model_name", "to_layout", "save_state_dict", "file_sha256",
@@ -162,7 +162,10 @@ def save_state_dict(state_dict: Mapping[str, Tensor], path: Union[str, os.PathLi
         save_file({k: v.contiguous() for k, v in state_dict.items()}, path,
                   metadata={"format": "pt", **(metadata or {})})
     else:
-        torch.save(dict(state_dict), path)
+        # through a file object: the archive's folder is then 'archive', not the file's
+        # name, so equal tensors give equal bytes whatever (temporary) name is written
+        with open(path, "wb") as f:
+            torch.save(dict(state_dict), f)
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:
@@ -174,17 +177,30 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     return h.hexdigest()
 
 
-def check_destination(dst: Union[str, os.PathLike], example: str = "converted.pth") -> str:
+def _same_file(a: str, b: str) -> bool:
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_destination(dst: Union[str, os.PathLike], example: str = "converted.pth",
+                      sources: Iterable[Union[str, os.PathLike, None]] = ()) -> str:
     """Check that an output file can be created at ``dst``, before any work is done.
 
     Args:
         dst: the output file.
         example: a file name for the message when ``dst`` is a folder.
+        sources: the files the command reads (checkpoint, config, ...; None entries are
+            skipped): ``dst`` must be none of them, also through another path or a link.
 
     Returns:
         Its folder (absolute).
 
     Raises:
+        ValueError: ``dst`` is one of ``sources``.
         IsADirectoryError: ``dst`` is an existing folder.
         FileNotFoundError: ``dst``'s folder does not exist (folders are not created: a
             mistyped folder would otherwise go unnoticed).
@@ -192,6 +208,10 @@ def check_destination(dst: Union[str, os.PathLike], example: str = "converted.pt
         PermissionError: the folder is not writable.
     """
     dst = os.fspath(dst)
+    for src in sources:
+        if src is not None and _same_file(os.fspath(src), dst):
+            raise ValueError(f"the output {dst!r} is the same file as the input "
+                             f"{os.fspath(src)!r}; write to another file")
     if os.path.isdir(dst):
         raise IsADirectoryError(21, f"destination {dst!r} is a folder; give a file name "
                                     f"(e.g. {os.path.join(dst, example)!r})", dst)
@@ -294,11 +314,7 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
             raise IsADirectoryError(21, f"checkpoint {src!r} is a directory, not a file", src)
         if not os.path.isfile(src):
             raise FileNotFoundError(2, f"checkpoint {src!r} does not exist", src)
-        if os.path.abspath(src) == os.path.abspath(dst) or (
-                os.path.exists(dst) and os.path.samefile(src, dst)):
-            raise ValueError(f"source and destination are the same file: {dst!r}; write the "
-                             "converted checkpoint to another file")
-    folder = check_destination(dst)
+    check_destination(dst, sources=[src] if isinstance(src, str) else ())
     if model is not None:
         model = get_model_entry(model).name  # unknown names fail before the file is read
     backbone, dropped = normalize_state_dict(read_state_dict(src, weights_only=weights_only))
@@ -310,27 +326,18 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
     dropped = sorted(dropped + [k for k in backbone if k not in own])
     if not kept:
         raise CheckpointMismatchError(f"no tensor of the checkpoint belongs to a {name} backbone")
-    try:  # the source itself must load (shapes, values) before anything is written
-        load_checkpoint(net, kept, strict=False, log=None)
+    try:  # the source itself must load (shapes, values, no backbone weight left over)
+        load_checkpoint(net, backbone, strict=False, log=None)
     except ValueError as e:  # the core's checkpoint errors (mismatch, bad values)
         raise type(e)(f"{label} cannot be converted for {name}, {dst!r} not written: {e}") from e
 
-    suffix = ".safetensors" if dst.endswith(".safetensors") else ".pth"
-    # a hidden name in the destination folder (same file system: os.replace is atomic);
-    # created by the writer itself, so the file gets the usual permissions
-    tmp = os.path.join(folder, f".{os.path.basename(dst)}.{os.getpid()}-{secrets.token_hex(4)}"
-                               f".tmp{suffix}")
-    try:
-        save_state_dict(to_layout(kept, to), tmp, {"model": name, "layout": to})
+    with StagedFile(dst, ".safetensors" if dst.endswith(".safetensors") else "") as staged:
+        save_state_dict(to_layout(kept, to), staged.path, {"model": name, "layout": to})
         try:
-            missing = _verify(tmp, net, kept)
+            missing = _verify(staged.path, net, kept)
         except ValueError as e:  # the core's checkpoint errors (mismatch, bad values)
             raise type(e)(f"verification of the {to} checkpoint for {name} failed, {dst!r} "
                           f"not written: {e}") from e
-        digest = file_sha256(tmp)
-        os.replace(tmp, dst)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+        digest = file_sha256(staged.path)
+        staged.commit()
     return ConversionResult(name, attn_mode, to, dst, digest, len(kept), dropped, missing)

@@ -16,6 +16,8 @@ last complete checkpoint:
 * :func:`select_resume_checkpoint` returns the newest candidate that loads, with a warning
   naming every file it skipped; :class:`ResumeError` when there are checkpoints but none
   loads.
+* :class:`StagedFile`: an output (converted checkpoint, ONNX graph) written under a
+  temporary name and renamed only after the command has checked it.
 * :func:`remove_stale_temporaries` deletes the temporary files of killed writers.
 
 For tests only: when the environment variable ``REST_DENSE_TEST_SAVE_PAUSE`` holds a number
@@ -39,7 +41,7 @@ import torch
 from .utils import env_var
 
 __all__ = ["SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
-           "temporary_name", "remove_stale_temporaries", "read_pointer", "resume_candidates",
+           "StagedFile", "temporary_name", "remove_stale_temporaries", "read_pointer", "resume_candidates",
            "select_resume_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -102,6 +104,46 @@ def _commit(tmp: str, path: str, write: Callable[[Any], None], binary: bool) -> 
         raise
     _fsync_folder(osp.dirname(path))
     return path
+
+
+class StagedFile:
+    """An output written under a hidden temporary name beside ``dst`` and given its name
+    only by :meth:`commit`, once it has been checked: an interrupted or failed command
+    leaves no file that looks finished, and an existing ``dst`` is replaced only by a
+    checked one. Leaving the ``with`` block without a commit removes the temporary file.
+
+    Args:
+        dst: the final path (its folder must exist:
+            :func:`rest_dense.convert.check_destination`).
+        suffix: appended to the temporary name (:func:`temporary_name`), for writers that
+            pick a format by the file's ending (``'.onnx'``, ``'.safetensors'``).
+
+    Example::
+
+        with StagedFile("model.onnx") as staged:
+            export(staged.path)
+            check(staged.path)
+            staged.commit()
+    """
+
+    def __init__(self, dst: PathLike, suffix: str = ""):
+        self.dst = os.fspath(dst)
+        self.path = temporary_name(self.dst) + suffix
+        self.committed = False
+
+    def commit(self) -> str:
+        """Give the checked file its final name (atomically); returns it."""
+        os.replace(self.path, self.dst)
+        self.committed = True
+        _fsync_folder(osp.dirname(osp.abspath(self.dst)))
+        return self.dst
+
+    def __enter__(self) -> "StagedFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self.committed and osp.exists(self.path):
+            os.remove(self.path)
 
 
 def atomic_save(obj: Any, path: PathLike) -> str:

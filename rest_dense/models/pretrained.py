@@ -500,7 +500,8 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
             head = f"{src} does not fit the model, although both look like {model_desc}"
         else:
             head = f"{src} holds {ckpt_arch}, but the model is {model_desc} (wrong variant?)"
-        tail = "" if problems else "; pass allow_partial=True to load the matching part anyway"
+        tail = "" if problems else ("; from Python, load_checkpoint(..., allow_partial=True) "
+                                    "loads the matching part anyway")
         raise CheckpointMismatchError(f"{head}: {'; '.join(problems + partial)}{tail}")
 
     bad_values = _value_problems(sd, own, matched)

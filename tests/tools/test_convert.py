@@ -109,6 +109,23 @@ def test_wrong_arch_refused_and_nothing_written(imagenet_ckpt, tmp_path, capsys)
     assert (tmp_path / "old.pth").read_bytes() == b"previous" and not _leftovers(tmp_path)
 
 
+def test_deeper_checkpoint_is_not_cut_down_to_a_shallower_variant(tmp_path, capsys):
+    """ResTv2-S has ResTv2-T's widths and six more stage-3 blocks: converting it with
+    --model restv2_tiny would silently drop real backbone blocks (and then load cleanly)."""
+    torch.manual_seed(0)
+    src = tmp_path / "small.pth"
+    torch.save(create_model("restv2_small").state_dict(), src)
+    with pytest.raises(CheckpointMismatchError, match="wrong variant"):
+        convert_checkpoint(src, tmp_path / "x.pth", to="core", model="restv2_tiny")
+    rc, _, err = _cli([src, tmp_path / "x.pth", "--to", "d2", "--model", "restv2_tiny"], capsys)
+    assert rc == 1 and "stage3.6" in err and "not written" in err
+    assert sorted(os.listdir(tmp_path)) == ["small.pth"]
+    # its own variant converts, and twice the same bytes (no temporary name inside the file)
+    a = convert_checkpoint(src, tmp_path / "a.pth", to="mmdet")
+    b = convert_checkpoint(src, tmp_path / "b.pth", to="mmdet")
+    assert a.model == "restv2_small" and a.sha256 == b.sha256
+
+
 def test_failed_bit_check_leaves_no_file(imagenet_ckpt, tmp_path, monkeypatch):
     """A writer that corrupts one tensor: the read-back comparison fails, no file remains."""
     import rest_dense.convert as conv
