@@ -37,6 +37,7 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
@@ -125,8 +126,9 @@ def _check_arguments(args: argparse.Namespace) -> Optional[str]:
 def run(args: argparse.Namespace) -> int:
     import pickle
 
-    from ..deploy import backbone_onnx as ex
     from ..convert import check_destination
+    from ..deploy import backbone_onnx as ex
+    from ..run_files import StagedFile
 
     problem = _check_arguments(args)
     if problem:
@@ -149,9 +151,13 @@ def run(args: argparse.Namespace) -> int:
                 os.path.splitext(os.path.basename(args.model))[0]
             out = stem + ("" if args.attn_mode == "global" else f"_{args.attn_mode}") + ".onnx"
     try:
-        for path in (out, args.program):
+        sources = [args.model if os.path.isfile(args.model) else None, args.checkpoint]
+        for path, example in ((out, "backbone.onnx"), (args.program, "backbone.pt2")):
             if path is not None:
-                check_destination(path)
+                check_destination(path, example=example, sources=sources)
+        if out is not None and args.program is not None and \
+                os.path.abspath(out) == os.path.abspath(args.program):
+            raise ValueError(f"--out and --program name the same file {out!r}")
         model = ex.build_model(args.model, attn_mode=args.attn_mode, checkpoint=args.checkpoint,
                                window_size=window)
     except (ValueError, TypeError, OSError, pickle.UnpicklingError) as e:
@@ -191,48 +197,60 @@ def run(args: argparse.Namespace) -> int:
             print(f"{prefix} {res.describe()}", flush=True)
         return show
 
-    if out is not None:
-        try:
-            exp = ex.export_onnx(model, out, shape=args.shape, dynamic=not args.static,
-                                 opset=args.opset, batch=args.batch)
-        except ValueError as e:
-            return _fail(str(e), 1)
-        kind = ("dynamic batch/height/width" if exp.dynamic
-                else f"static {args.batch}x3x{format_size(exp.shape)}")
-        print(f"exported {exp.path} (traced at {format_size(exp.shape)}, opset {exp.opset}, "
-              f"{kind}) in {exp.seconds:.1f} s")
-        if exp.dynamic and low > 1:
-            print(f"note: the {args.attn_mode} graph is valid for H, W >= {low}")
-        if sizes:
+    # the files get their names only once every check passed (StagedFile)
+    with contextlib.ExitStack() as stack:
+        staged = [stack.enter_context(StagedFile(path, suffix))
+                  for path, suffix in ((out, ".onnx"), (args.program, ".pt2")) if path]
+        if out is not None:
+            onnx_file = staged[0]
             try:
-                results = ex.check_onnx(model, exp.path, sizes, batch=args.batch, atol=args.atol,
-                                        raise_on_failure=False,
-                                        on_result=report("onnxruntime vs eager"))
-            except (ValueError, RuntimeError) as e:
+                exp = ex.export_onnx(model, onnx_file.path, shape=args.shape,
+                                     dynamic=not args.static, opset=args.opset, batch=args.batch)
+            except ValueError as e:
                 return _fail(str(e), 1)
-            failed |= not all(r.ok for r in results)
-    if args.program:
-        import time
+            kind = ("dynamic batch/height/width" if exp.dynamic
+                    else f"static {args.batch}x3x{format_size(exp.shape)}")
+            print(f"exported {out} (traced at {format_size(exp.shape)}, opset {exp.opset}, "
+                  f"{kind}) in {exp.seconds:.1f} s")
+            if exp.dynamic and low > 1:
+                print(f"note: the {args.attn_mode} graph is valid for H, W >= {low}")
+            if sizes:
+                try:
+                    results = ex.check_onnx(model, onnx_file.path, sizes, batch=args.batch,
+                                            atol=args.atol, raise_on_failure=False,
+                                            on_result=report("onnxruntime vs eager"))
+                except (ValueError, RuntimeError) as e:
+                    return _fail(f"{e}; {out} not written", 1)
+                failed |= not all(r.ok for r in results)
+        if args.program:
+            import time
 
-        import torch
+            import torch
 
-        t0 = time.perf_counter()
-        try:
-            program = ex.export_program(model, shape=args.shape, dynamic=not args.static,
-                                        batch=args.batch)
-        except ValueError as e:  # includes DynamicShapeError
-            return _fail(str(e), 1)
-        torch.export.save(program, args.program)
-        kind = ("dynamic height/width" if not args.static
-                else f"static {args.batch}x3x{format_size(args.shape)}")
-        print(f"exported {args.program} (torch.export, {kind}, batch {args.batch}) in "
-              f"{time.perf_counter() - t0:.1f} s")
-        program_sizes = [args.shape] if args.static else sizes
-        if program_sizes:
-            results = ex.check_program(model, program, program_sizes, batch=args.batch,
-                                       atol=args.atol, raise_on_failure=False,
-                                       on_result=report("torch.export vs eager"))
-            failed |= not all(r.ok for r in results)
+            t0 = time.perf_counter()
+            try:
+                program = ex.export_program(model, shape=args.shape, dynamic=not args.static,
+                                            batch=args.batch)
+            except ValueError as e:  # includes DynamicShapeError
+                return _fail(str(e), 1)
+            torch.export.save(program, staged[-1].path)
+            kind = ("dynamic height/width" if not args.static
+                    else f"static {args.batch}x3x{format_size(args.shape)}")
+            print(f"exported {args.program} (torch.export, {kind}, batch {args.batch}) in "
+                  f"{time.perf_counter() - t0:.1f} s")
+            program_sizes = [args.shape] if args.static else sizes
+            if program_sizes:
+                results = ex.check_program(model, program, program_sizes, batch=args.batch,
+                                           atol=args.atol, raise_on_failure=False,
+                                           on_result=report("torch.export vs eager"))
+                failed |= not all(r.ok for r in results)
+        if failed:
+            names = " and ".join(f.dst for f in staged)
+            print(f"FAILED: some outputs differ from eager PyTorch (see above); {names} not "
+                  "written", file=sys.stderr)
+            return 1
+        for f in staged:
+            f.commit()
     if args.compile:
         compile_sizes = sizes or ([args.shape] if args.shape else list(DEFAULT_CHECK_SIZES))
         dynamic = False if args.static else (True if args.dynamic else None)
@@ -245,5 +263,6 @@ def run(args: argparse.Namespace) -> int:
                                    on_result=report(f"torch.compile({args.compile}) vs eager"))
         failed |= not all(r.ok for r in results)
     if failed:
-        print("FAILED: some outputs differ from eager PyTorch (see above)", file=sys.stderr)
+        print("FAILED: torch.compile's outputs differ from eager PyTorch (see above)",
+              file=sys.stderr)
     return 1 if failed else 0

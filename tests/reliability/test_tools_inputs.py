@@ -196,6 +196,13 @@ EXPORT_CASES = [
     ("static-without-shape", ["restv2_tiny", "--static"], ["--static needs --shape"], 2),
     ("out-in-missing-folder", ["restv2_tiny", "--out", "{d}/no/such/m.onnx"],
      ["does not exist", "create it first"], 1),
+    # the output must not overwrite what the command reads
+    ("out-is-the-checkpoint", ["restv2_tiny", "--checkpoint", "{good.pth}", "--out",
+                               "{good.pth}"], ["same file", "good.pth"], 1),
+    ("out-is-the-model-file", ["{good.pth}", "--out", "{good.pth}"], ["same file"], 1),
+    ("program-is-the-checkpoint", ["restv2_tiny", "--checkpoint", "{good.pth}", "--static",
+                                   "--shape", "64x64", "--program", "{good.pth}"],
+     ["same file"], 1),
     ("unknown-compile-backend", ["restv2_tiny", "--no-onnx", "--compile", "tensorrtx"],
      ["unknown torch.compile backend", "tensorrtx", "inductor"], 2),
     ("dynamic-compile-window-mode", ["restv2_tiny", "--attn-mode", "hwin", "--no-onnx",

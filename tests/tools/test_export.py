@@ -220,11 +220,28 @@ def test_cli_exits_nonzero_when_a_check_fails(tiny_cli_model, tmp_path, capsys, 
     real_run = ort.InferenceSession.run
     monkeypatch.setattr(ort.InferenceSession, "run", lambda self, *a, **k: [
         np.full_like(o, np.nan) for o in real_run(self, *a, **k)])
+    (tmp_path / "s.onnx").write_bytes(b"previous")
     rc = main(["export", "restv2_tiny", "--static", "--shape", "97x130",
                "--out", str(tmp_path / "s.onnx")])
     out = capsys.readouterr()
     assert rc == 1 and "1x3x97x130" in out.out and "FAIL" in out.out
-    assert "non-finite" in out.out and "FAILED" in out.err
+    assert "non-finite" in out.out and "FAILED" in out.err and "not written" in out.err
+    # the failed graph never took the name; nothing half-done is left beside it
+    assert (tmp_path / "s.onnx").read_bytes() == b"previous"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.onnx"]
+
+
+def test_cli_interrupted_check_leaves_no_file(tiny_cli_model, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    def interrupt(self, *a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ort.InferenceSession, "run", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(["export", "restv2_tiny", "--static", "--shape", "97x130",
+              "--out", str(tmp_path / "s.onnx")])
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cli_rejects_bad_input(tiny_cli_model, tmp_path, capsys):
