@@ -87,9 +87,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..convert import check_destination
     from ..deploy.latency import format_table, measure_latency
     from ..deploy.model_onnx import load_deployment
     from ..deploy.predictions import Tolerances
+    from ..run_files import StagedFile
     from ..safe_load import trust
     from ..utils import format_size
 
@@ -105,36 +107,50 @@ def run(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     trust(*args.trust_checkpoint)
     try:
-        dep = load_deployment(args.config, args.checkpoint, device=args.device,
-                              cfg_options=args.cfg_options, opset=args.opset)
-        exp = dep.export(args.out, shape=args.shape, check_sizes=sizes,
-                         check_images=args.check_images)
-    except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError) as e:
+        if not os.path.isdir(args.out):  # a missing folder is created, as by the library
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        check_destination(args.out, example="model.onnx", sources=[args.checkpoint, args.config])
+    except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    size_mb = os.path.getsize(exp.path) / 2 ** 20
-    print(f"exported {exp.path} ({size_mb:.1f} MiB) with {exp.tool}, opset {exp.opset}, traced at "
-          f"network input {format_size(exp.trace_size)}, dynamic height/width, {exp.seconds:.1f} s")
-    print(f"  inputs {exp.inputs}, outputs {exp.outputs}")
-    print(f"  inside the graph: {exp.inside}")
-    for p in exp.problems:
-        print(f"  warning: the graph is not valid for a check image: {p}", file=sys.stderr)
-    if args.no_check:
-        return 0
-    tol = Tolerances(args.box_atol, args.score_atol, args.mask_iou, args.seg_agreement,
-                     score_thr=dep.score_thr(), logit_atol=args.logit_atol)
-    results = dep.check(exp.path, sizes, args.check_images, trace_size=exp.trace_size,
-                        tolerances=tol, threads=args.threads,
-                        on_result=lambda r: print(f"onnxruntime vs pytorch: {r.describe()}", flush=True))
-    failed = [r for r in results if not r.ok]
-    if args.benchmark:
-        lat = measure_latency(dep, exp.path, sizes, args.check_images, runs=args.runs,
-                        threads=args.threads)
-        label = os.path.basename(exp.path)
-        print(format_table([(label, r) for r in lat]))
-    if failed:
-        print(f"FAILED: ONNX Runtime disagrees with PyTorch on {len(failed)} of {len(results)} "
-              "images (see above)", file=sys.stderr)
-        return 1
+    # the graph gets its name only once it passed the checks (StagedFile); the temporary
+    # name ends in .onnx, the one ending MMDeploy writes
+    with StagedFile(args.out, ".onnx") as staged:
+        try:
+            dep = load_deployment(args.config, args.checkpoint, device=args.device,
+                                  cfg_options=args.cfg_options, opset=args.opset)
+            exp = dep.export(staged.path, shape=args.shape, check_sizes=sizes,
+                             check_images=args.check_images)
+        except (FileNotFoundError, ValueError, ImportError, OSError,
+                pickle.UnpicklingError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        size_mb = os.path.getsize(exp.path) / 2 ** 20
+        print(f"exported {args.out} ({size_mb:.1f} MiB) with {exp.tool}, opset {exp.opset}, "
+              f"traced at network input {format_size(exp.trace_size)}, dynamic height/width, "
+              f"{exp.seconds:.1f} s")
+        print(f"  inputs {exp.inputs}, outputs {exp.outputs}")
+        print(f"  inside the graph: {exp.inside}")
+        for p in exp.problems:
+            print(f"  warning: the graph is not valid for a check image: {p}", file=sys.stderr)
+        if args.no_check:
+            staged.commit()
+            return 0
+        tol = Tolerances(args.box_atol, args.score_atol, args.mask_iou, args.seg_agreement,
+                         score_thr=dep.score_thr(), logit_atol=args.logit_atol)
+        results = dep.check(exp.path, sizes, args.check_images, trace_size=exp.trace_size,
+                            tolerances=tol, threads=args.threads,
+                            on_result=lambda r: print(f"onnxruntime vs pytorch: {r.describe()}",
+                                                      flush=True))
+        failed = [r for r in results if not r.ok]
+        if failed:
+            print(f"FAILED: ONNX Runtime disagrees with PyTorch on {len(failed)} of "
+                  f"{len(results)} images (see above); {args.out} not written", file=sys.stderr)
+            return 1
+        staged.commit()
     print(f"ok: ONNX Runtime agrees with PyTorch on {len(results)} images")
+    if args.benchmark:
+        lat = measure_latency(dep, args.out, sizes, args.check_images, runs=args.runs,
+                              threads=args.threads)
+        print(format_table([(os.path.basename(args.out), r) for r in lat]))
     return 0

@@ -44,6 +44,7 @@ import io
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -229,6 +230,10 @@ def toy_dataset_ready(out_dir: Union[str, os.PathLike], num_train: int = 300, nu
     return recorded.get("params") == _params(num_train, num_val, size, seed, max_objects, class_color_prob)
 
 
+#: the file name of a scene, ``toy_<index>.png``
+_SCENE_NAME = re.compile(r"toy_(\d{5})\.png")
+
+
 def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_train: int = 300,
                          num_val: int = 50, size: int = 128, seed: int = 0, max_objects: int = 4,
                          class_color_prob: float = 0.75, overwrite: bool = False,
@@ -276,6 +281,12 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         coco_dir, ade_dir, _ = _SPLITS[split]
         for d in (root / coco_dir, root / "images" / ade_dir, root / "annotations" / ade_dir):
             d.mkdir(parents=True, exist_ok=True)
+            # scenes of an earlier, larger dataset here would be read as part of this one
+            # (mmseg lists the image folder); only this generator's own names are removed
+            for old in d.iterdir():
+                match = _SCENE_NAME.fullmatch(old.name)
+                if match and int(match.group(1)) >= counts[split] and old.is_file():
+                    old.unlink()
         images, annotations = [], []
         for idx in range(counts[split]):
             scene = make_scene(scene_rng(seed, split, idx), size=size, max_objects=max_objects,

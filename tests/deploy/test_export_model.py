@@ -282,6 +282,9 @@ def test_detectron2_global_and_failures(tmp_path, capsys, d2_ckpt, toy_root, one
     code, text, err = _export(capsys, D2_DET, tmp_path / "nan.pth", tmp_path / "nan.onnx",
                               "--cfg-options", *opts, sizes=["120x152"])
     assert code == 1 and "nothing was compared" in text and "FAILED" in err
+    # the graph that failed its check never took the name, and left nothing beside it
+    assert "not written" in err and not (tmp_path / "nan.onnx").exists()
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
 @pytest.mark.slow
@@ -307,6 +310,25 @@ def test_export_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-model", str(MM_DET), str(det_ckpt), "--out", "y.onnx", "--shape", "12xx"])
     assert "HxW" in capsys.readouterr().err
+    # outputs that would overwrite an input, or are folders, are refused before exporting
+    before = det_ckpt.read_bytes()
+    code, _, err = _export(capsys, MM_DET, det_ckpt, det_ckpt)
+    assert code == 2 and "same file" in err and det_ckpt.read_bytes() == before
+    code, _, err = _export(capsys, MM_DET, det_ckpt, tmp_path)
+    assert code == 2 and "is a folder" in err and "model.onnx" in err
+
+
+@pytest.mark.slow
+def test_export_to_a_name_without_onnx_ending(tmp_path, capsys, one_thread):
+    """MMDeploy writes <stem>.onnx whatever it is asked: the graph goes to a temporary .onnx
+    name and then to --out exactly, and a file that happens to be called <stem>.onnx stays."""
+    ckpt = untrained_checkpoint(tmp_path / "seg.pth", MM_SEG)
+    (tmp_path / "graph.onnx").write_text("mine")
+    code, text, err = _export(capsys, MM_SEG, ckpt, tmp_path / "graph.bin", sizes=["120x152"])
+    assert code == 0, err
+    assert (tmp_path / "graph.onnx").read_text() == "mine"
+    onnx.checker.check_model(str(tmp_path / "graph.bin"))
+    assert sorted(os.listdir(tmp_path)) == ["graph.bin", "graph.onnx", "seg.pth"]
 
 
 @pytest.mark.slow

@@ -75,6 +75,23 @@ def test_dataset_files_and_determinism(toy_root, tmp_path):
         assert (toy_root / rel).read_bytes() == (other / rel).read_bytes(), rel
 
 
+def test_smaller_dataset_over_a_larger_one_leaves_no_stale_scenes(tmp_path):
+    """Regenerating with fewer scenes (or another size) into the same root: the folders
+    hold exactly the new scenes (mmseg lists the image folder: stale, larger images would
+    join the validation set or break batching); files of other names are the user's."""
+    root = tmp_path / "toy"
+    generate_toy_dataset(root, num_train=6, num_val=4, size=48)
+    (root / "images/validation/notes.txt").write_text("mine")
+    generate_toy_dataset(root, num_train=3, num_val=2, size=32)
+    for split, ade, n in (("train", "training", 3), ("val", "validation", 2)):
+        for d in (f"{split}", f"images/{ade}", f"annotations/{ade}"):
+            scenes = sorted(p for p in os.listdir(root / d) if p.endswith(".png"))
+            assert scenes == [f"toy_{i:05d}.png" for i in range(n)], d
+            assert all(Image.open(root / d / p).size == (32, 32) for p in scenes)
+    assert (root / "images/validation/notes.txt").read_text() == "mine"
+    assert toy_dataset_ready(root, num_train=3, num_val=2, size=32)
+
+
 def test_coco_annotations_valid(toy_root):
     from pycocotools import mask as mask_utils
     from pycocotools.coco import COCO
