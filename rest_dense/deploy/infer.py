@@ -290,11 +290,16 @@ class MMSegPredictor(_MMPredictor):
         from mmengine.structures import PixelData
         from mmseg.structures import SegDataSample
 
-        sample = SegDataSample(pred_sem_seg=PixelData(data=torch.from_numpy(pred.labels)[None]))
+        labels = pred.labels
+        if labels.size == 1:
+            # mmseg indexes the picture with the class mask, a one-element tensor, which
+            # numpy reads as the index 1: draw two rows and keep the first
+            image, labels = np.concatenate([image, image]), np.concatenate([labels, labels])
+        sample = SegDataSample(pred_sem_seg=PixelData(data=torch.from_numpy(labels)[None]))
         vis = self.inferencer.visualizer
         vis.add_datasample("image", image[..., ::-1].copy(), sample, draw_gt=False, draw_pred=True,
                            show=False, with_labels=False)
-        return np.ascontiguousarray(vis.get_image()[..., ::-1])
+        return np.ascontiguousarray(vis.get_image()[..., ::-1][:pred.labels.shape[0]])
 
 
 class D2Predictor(Predictor):
@@ -605,7 +610,8 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
 
     SIGINT / SIGTERM stop the run between images: ``summary.json`` is written with
     ``"status": "interrupted"``, the images done and the inputs ``not_processed``, and
-    :class:`InferenceInterrupted` is raised. A complete run has ``"status": "complete"``.
+    :class:`InferenceInterrupted` is raised. A complete run has ``"status": "complete"``;
+    one where no input could be read, ``"nothing processed"``.
 
     Returns:
         :class:`InferenceSummary`; images that cannot be decoded are skipped and listed.
@@ -684,7 +690,9 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
         summary.seconds = time.perf_counter() - t0
         left = [p for p in paths if p not in done_inputs]
         interrupted = bool(stop) or bool(left)
-        doc = {"status": "interrupted" if interrupted else "complete",
+        status = ("interrupted" if interrupted
+                  else "complete" if summary.processed or not paths else "nothing processed")
+        doc = {"status": status,
                "config": str(predictor.config), "checkpoint": str(predictor.checkpoint),
                "framework": predictor.framework, "task": predictor.task, "device": device,
                "score_thr": score_thr, "classes": predictor.classes,

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from rest_dense.cli import main
 from rest_dense.deploy.predictions import (Tolerances, compare_predictions, detections_from_json,
@@ -201,9 +202,24 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thr
     assert code == 0 and "skipped" in err and "broken.jpg" in err
     summary = _summary(tmp_path / "o1")
     assert len(summary["images"]) == 1 and summary["skipped"][0]["input"].endswith("broken.jpg")
-    # nothing could be processed: exit 1
+    # nothing could be processed: exit 1, and the summary does not call the run complete
     code, text, err = _infer(capsys, MM_DET, det_ckpt, [broken], tmp_path / "o2")
     assert code == 1 and "no image could be processed" in err
+    assert _summary(tmp_path / "o2")["status"] == "nothing processed"
+
+    # a 1x1 and a 1x50 picture: segmented and drawn (mmseg's drawing of a one-pixel map
+    # indexed out of range, which ended the whole run)
+    tiny = tmp_path / "tiny"
+    tiny.mkdir()
+    for name, shape in (("one.png", (1, 1, 3)), ("row.png", (1, 50, 3))):
+        Image.fromarray(np.full(shape, 120, np.uint8)).save(tiny / name)
+    code, text, err = _infer(capsys, MM_SEG, seg_ckpt, [tiny], tmp_path / "o5")
+    assert code == 0, err
+    summary = _summary(tmp_path / "o5")
+    assert summary["status"] == "complete" and len(summary["images"]) == 2
+    for item in summary["images"]:
+        size = Image.open(item["input"]).size
+        assert Image.open(item["pred"]).size == size and Image.open(item["vis"]).size == size
 
     cases = [
         ((MM_DET, tmp_path / "missing.pth", [good]), "checkpoint .*missing.pth.* does not exist"),
