@@ -17,7 +17,9 @@ Limit: in the window modes the eager model shrinks a window to the map when the 
 (then the block equals global attention), which a traced graph cannot do; a dynamic graph is
 therefore valid only for inputs whose windowed stages are at least one window large
 (:func:`min_valid_side`: H and W >= 253 for the default windows 64/32/16/8); :func:`check_onnx`
-rejects smaller sizes. Global mode has no such limit. A static export (``dynamic=False``) is
+rejects smaller sizes, and the graph itself answers them with NaN maps instead of wrong
+numbers (:class:`_MinSideGuard`; the limit is also in the file's metadata,
+``rest_dense.min_side``). Global mode has no such limit. A static export (``dynamic=False``) is
 valid at its one size, whatever it is.
 
 ResTv1's multi-head interaction runs in float64 (fp32 inputs). ONNX Runtime's CPU provider
@@ -422,6 +424,28 @@ class OnnxExport:
     seconds: float
 
 
+#: the ONNX metadata key holding a dynamic graph's smallest valid input side
+MIN_SIDE_METADATA = "rest_dense.min_side"
+
+
+class _MinSideGuard(nn.Module):
+    """The backbone, with every output multiplied by 1, or by NaN when the input's shorter
+    side is below ``min_side``: traced into a dynamic graph, the size test stays in the
+    graph (``Shape`` ops), so an input the graph cannot serve gives NaN maps, not silently
+    wrong ones (ONNX has no assertion operator)."""
+
+    def __init__(self, model: nn.Module, min_side: int):
+        super().__init__()
+        self.model, self.min_side = model, int(min_side)
+
+    def forward(self, x: torch.Tensor):
+        sides = torch._shape_as_tensor(x)[2:]
+        valid = torch.min(sides) >= self.min_side
+        factor = torch.where(valid, torch.ones((), dtype=x.dtype),
+                             torch.full((), float("nan"), dtype=x.dtype))
+        return tuple(out * factor for out in self.model(x))
+
+
 def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional[Size] = None,
                 dynamic: bool = True, opset: int = DEFAULT_OPSET, batch: int = 1) -> OnnxExport:
     """Export ``model`` to ONNX (run in eval mode) and validate the file with ``onnx.checker``.
@@ -469,13 +493,20 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
 
     check_destination(path)
     t0 = time.perf_counter()
+    low = min_valid_side(model) if dynamic else 1
+    traced = _MinSideGuard(model, low) if low > 1 else model
     with _eval_mode(model), torch.no_grad(), warnings.catch_warnings():
         # TracerWarnings about Python ints are expected: the trace shape covers the branches
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (x,), path, dynamo=False, input_names=["input"],
+        torch.onnx.export(traced, (x,), path, dynamo=False, input_names=["input"],
                           output_names=names, dynamic_axes=axes, opset_version=opset,
                           do_constant_folding=True)
-    onnx.checker.check_model(onnx.load(path))
+    graph = onnx.load(path)
+    if low > 1:
+        entry = graph.metadata_props.add()
+        entry.key, entry.value = MIN_SIDE_METADATA, str(low)
+        onnx.save(graph, path)
+    onnx.checker.check_model(graph)
     return OnnxExport(path, shape, dynamic, opset, names, time.perf_counter() - t0)
 
 

@@ -88,6 +88,35 @@ def test_check_onnx_rejects_sizes_below_the_window_limit(hwin_export):
         ex.check_onnx(model, exp.path, [])
 
 
+def test_window_graph_answers_sizes_below_its_limit_with_nan(hwin_export, global_export,
+                                                              one_thread):
+    """Run directly (not through check_onnx), a dynamic window-mode graph at a size below
+    its limit returns NaN maps rather than silently wrong ones; from the limit up it
+    matches eager, and the file records the limit."""
+    import onnx
+    import onnxruntime as ort
+
+    model, exp = hwin_export
+    meta = {p.key: p.value for p in onnx.load(str(exp.path)).metadata_props}
+    assert meta[ex.MIN_SIDE_METADATA] == "57"
+    sess = ort.InferenceSession(str(exp.path), providers=["CPUExecutionProvider"])
+    for size, valid in (((56, 320), False), ((320, 33), False), ((57, 61), True)):
+        x = torch.randn(1, 3, *size)
+        outs = sess.run(None, {"input": x.numpy()})
+        if valid:
+            with torch.no_grad():
+                ref = model(x)
+            assert all(np.allclose(o, r.numpy(), atol=1e-4) for o, r in zip(outs, ref))
+        else:
+            assert all(np.isnan(o).all() for o in outs), size
+    # global mode has no limit: no guard, no metadata, small inputs are exact
+    model, exp = global_export
+    assert ex.MIN_SIDE_METADATA not in {p.key for p in onnx.load(str(exp.path)).metadata_props}
+    outs = ort.InferenceSession(str(exp.path), providers=["CPUExecutionProvider"]).run(
+        None, {"input": np.ones((1, 3, 9, 17), np.float32)})
+    assert all(np.isfinite(o).all() for o in outs)
+
+
 def test_check_onnx_fails_on_nan_output(global_export, monkeypatch):
     """onnxruntime returning NaN must fail, although a NaN difference compares as not > atol."""
     import onnxruntime as ort
