@@ -386,10 +386,15 @@ def resolve_targets(items: Iterable[str], all_configs: bool = False) -> List[Tar
             found += [("config", p) for p in paths]
         else:
             try:
-                found.append(("config", get_config_path(item)))
+                path = get_config_path(item)
             except FileNotFoundError as e:
                 raise ValueError(f"{item!r} is neither a model ({', '.join(list_models())}) "
                                  f"nor a config file, shipped config name or folder: {e}") from None
+            if not path.endswith((".py", ".yaml", ".yml")):
+                raise ValueError(f"{item!r} is not a config (.py / .yaml); a target is a model "
+                                 f"name ({', '.join(list_models())}), a config or a folder of "
+                                 "configs (checkpoints are not counted: name their model)")
+            found.append(("config", path))
     if all_configs:
         found += [("config", get_config_path(n)) for n in list_configs()]
     targets: List[Target] = []

@@ -64,7 +64,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(_command_module(args.command).run(args) or 0)
+    try:
+        return int(_command_module(args.command).run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT
+        print(f"rest-dense {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

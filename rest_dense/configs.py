@@ -27,17 +27,18 @@ Three rules live here and nowhere else:
 from __future__ import annotations
 
 import ast
+import contextlib
 import difflib
 import fnmatch
 import importlib.util
 import os
 import re
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Set, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Set, Union
 
 __all__ = ["FRAMEWORKS", "OPENMMLAB", "DETECTRON2", "configs_root", "get_config_path",
            "list_configs", "config_framework", "framework_family", "parse_cfg_options",
-           "parse_cfg_value", "d2_opts"]
+           "parse_cfg_value", "d2_opts", "ConfigBuildError", "building_from_config"]
 
 _PACKAGE = Path(__file__).resolve().parent
 _SUFFIXES = (".py", ".yaml")
@@ -56,6 +57,38 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 # ------------------------------------------------------------------ where a config is
+class ConfigBuildError(ValueError):
+    """A config from which its model, runner or trainer cannot be built: a value the model
+    refuses, an unknown type, a key of the wrong type. The message is the refusal's own;
+    the commands print it as one line (it is the user's config, not the code, that is
+    wrong)."""
+
+
+@contextlib.contextmanager
+def building_from_config(assertions: bool = False) -> Iterator[None]:
+    """Turn what building from a config raises for a bad value in it (``ValueError``,
+    ``TypeError``, ``KeyError``: the backbones' argument checks, the registries' and yacs'
+    refusals) into :class:`ConfigBuildError`; the checkpoint errors of
+    :mod:`rest_dense.safe_load` pass unchanged (the commands report them as such).
+
+    Args:
+        assertions: also ``AssertionError``, for reading a yacs config (yacs reports an
+            unknown key by assertion); off elsewhere, where an assertion is the code's.
+    """
+    errors = (ValueError, TypeError, KeyError) + ((AssertionError,) if assertions else ())
+    try:
+        yield
+    except ConfigBuildError:
+        raise
+    except errors as e:
+        from .safe_load import CheckpointError
+
+        if isinstance(e, CheckpointError):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise ConfigBuildError(f"the config does not build: {message}") from e
+
+
 def configs_root() -> Path:
     """The folder holding the shipped configs (wheel copy first, then the checkout's)."""
     for root in (_PACKAGE / ".mim" / "configs", _PACKAGE.parent / "configs"):

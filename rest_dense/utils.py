@@ -87,6 +87,49 @@ def positive_int(text: str) -> int:
     return value
 
 
+def _finite_float(text: str):
+    import argparse
+    import math
+
+    try:
+        value = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """An argparse ``type`` for tolerances and durations (``--box-atol``, ``--min-time``): a
+    finite number >= 0.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (``-5``, ``nan``, ``inf``, ``abc``), naming it.
+    """
+    import argparse
+
+    value = _finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type`` for a share or an IoU (``--seg-agreement``, ``--mask-iou``): a
+    number in [0, 1].
+
+    Raises:
+        argparse.ArgumentTypeError: anything else (``2``, ``-0.1``, ``nan``), naming it.
+    """
+    import argparse
+
+    value = _finite_float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must lie in [0, 1]")
+    return value
+
+
 def guess_config_framework(path: str) -> str:
     """Deprecated: use :func:`rest_dense.configs.config_framework` (one vocabulary:
     ``'mmdet'``, ``'mmseg'``, ``'d2'``, ``'d2-lazy'``). Returns its family,

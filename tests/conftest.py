@@ -6,6 +6,7 @@ folder on ``sys.path``); fixtures are found by name.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,13 @@ def make_tiny_arch(depths=(1, 1, 1, 1), **overrides) -> dict:
     """:data:`TINY_ARCH` with other ``depths`` (or fields) where a test depends on them, e.g.
     ``(1, 2, 2, 1)``: two blocks in stages 2-3, so that ``hwin`` has windowed blocks there."""
     return {**{k: tuple(v) for k, v in TINY_ARCH.items()}, "depths": tuple(depths), **overrides}
+
+
+def without_logging_errors(text: str) -> str:
+    """``text`` (captured stderr) without the "--- Logging error ---" blocks that a logger
+    left by an earlier test in the process prints, traceback included, when it writes to
+    that test's closed capture stream: they are not the command's output."""
+    return re.sub(r"--- Logging error ---.*?\nArguments: [^\n]*\n?", "", text, flags=re.S)
 
 
 def fixture_path(name: str) -> Path:

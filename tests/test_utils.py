@@ -19,3 +19,32 @@ def test_env_var_one_prefix_and_the_deprecated_spelling(monkeypatch):
         warnings.simplefilter("error")  # the new spelling wins, silently
         assert env_var("TOY_ROOT") == "/new" and env_var("REST_DENSE_TOY_ROOT") == "/new"
 
+
+
+def test_number_argument_types_name_the_bad_value():
+    import argparse
+
+    from rest_dense.utils import fraction, non_negative_float, positive_int
+
+    assert positive_int("3") == 3 and non_negative_float("0") == 0.0 and fraction("1") == 1.0
+    assert fraction("0.999") == 0.999 and non_negative_float(" 2.5 ") == 2.5
+    for parse, text in ((positive_int, "0"), (positive_int, "2.5"), (non_negative_float, "-5"),
+                        (non_negative_float, "nan"), (non_negative_float, "inf"),
+                        (fraction, "2"), (fraction, "-0.1"), (fraction, "abc")):
+        with pytest.raises(argparse.ArgumentTypeError, match=repr(text)):
+            parse(text)
+
+
+@pytest.mark.parametrize("argv,named", [
+    (["bench", "restv2_tiny", "--min-time", "-5"], "--min-time"),
+    (["export-model", "c.py", "k.pth", "--out", "m.onnx", "--seg-agreement", "2"],
+     "--seg-agreement"),
+    (["export-model", "c.py", "k.pth", "--out", "m.onnx", "--box-atol", "-1"], "--box-atol"),
+    (["export-model", "c.py", "k.pth", "--out", "m.onnx", "--mask-iou", "1.5"], "--mask-iou"),
+])
+def test_cli_refuses_out_of_range_numbers(capsys, argv, named):
+    from rest_dense.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and named in capsys.readouterr().err

@@ -35,7 +35,7 @@ import argparse
 import os
 import sys
 
-from ..utils import size_arg
+from ..utils import fraction, non_negative_float, size_arg
 
 HELP = "export a detector / segmenter to ONNX and check it with ONNX Runtime"
 
@@ -58,15 +58,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
                         help="config overrides, e.g. model.backbone.attn_mode=win")
     parser.add_argument("--no-check", action="store_true", help="export only")
-    parser.add_argument("--box-atol", type=float, default=0.5,
+    parser.add_argument("--box-atol", type=non_negative_float, default=0.5,
                         help="largest difference of matched box coordinates, px (default: 0.5)")
-    parser.add_argument("--score-atol", type=float, default=0.005,
+    parser.add_argument("--score-atol", type=non_negative_float, default=0.005,
                         help="largest score difference of matched detections (default: 0.005)")
-    parser.add_argument("--mask-iou", type=float, default=0.9,
+    parser.add_argument("--mask-iou", type=fraction, default=0.9,
                         help="smallest IoU of matched masks (default: 0.9)")
-    parser.add_argument("--seg-agreement", type=float, default=0.999,
+    parser.add_argument("--seg-agreement", type=fraction, default=0.999,
                         help="smallest fraction of equal pixels, segmentation (default: 0.999)")
-    parser.add_argument("--logit-atol", type=float, default=None,
+    parser.add_argument("--logit-atol", type=non_negative_float, default=None,
                         help="largest difference of segmentation logits (default: measured as "
                              "max_logit_diff, not held to a bound)")
     parser.add_argument("--benchmark", action="store_true",

@@ -24,7 +24,6 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 
@@ -83,6 +82,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"rest-dense flops: --cfg-options: {e} (put TARGETs before --cfg-options)",
               file=sys.stderr)
         return 2
+    from .outputs import output_problem, write_document
+
+    problem = output_problem(args.markdown, example="flops.md")
+    if problem:  # before counting, which can take minutes
+        print(f"rest-dense flops: error: --markdown: {problem}", file=sys.stderr)
+        return 2
     if not args.targets and not args.all:
         print("rest-dense flops: nothing to count: give TARGETs or --all "
               "(e.g. `rest-dense flops restv2_tiny`)", file=sys.stderr)
@@ -139,12 +144,9 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(an.format_table(results))
     if args.markdown:
-        command = "rest-dense " + _reconstruct(args)
-        folder = os.path.dirname(os.path.abspath(args.markdown))
-        os.makedirs(folder, exist_ok=True)
-        with open(args.markdown, "w", encoding="utf-8") as f:
-            f.write(markdown_document(results, command))
-        print(f"\nwrote {args.markdown}")
+        print()
+        return write_document("flops", args.markdown,
+                              markdown_document(results, "rest-dense " + _reconstruct(args)))
     return 0
 
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import os
 
+from ..configs import ConfigBuildError
 from .train import (CHECKPOINT_ERRORS, add_common_arguments, add_overrides_argument,
                     add_trust_argument, allow_intermixed, check_family_options, d2_namespace,
                     fail, fix_resume, overrides, print_metrics, resolve_config, UsageError)
@@ -84,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             return fail("test", str(err))
         try:
             results = launch_main(ns)
-        except CHECKPOINT_ERRORS as err:
+        except CHECKPOINT_ERRORS + (ConfigBuildError,) as err:
             return fail("test", str(err))
         if results is not None:
             print_metrics(results, args.save_metrics)
@@ -108,6 +109,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = runner.test()
         close_process_group()
     except CHECKPOINT_ERRORS as err:
+        return fail("test", str(err))
+    except (ConfigBuildError, FileNotFoundError) as err:  # also the dataset's files
         return fail("test", str(err))
     print_metrics(metrics, args.save_metrics)
     return 0

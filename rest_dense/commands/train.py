@@ -61,6 +61,7 @@ from typing import Any, Dict, List, Optional
 
 from ..run_files import ResumeError  # light: torch only
 from ..utils import env_var, positive_int
+from ..configs import ConfigBuildError
 from ..models.pretrained import CheckpointError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
@@ -343,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
             with (hold_folder(args.work_dir, "training", primary=ns.machine_rank == 0)
                   if args.work_dir and not args.eval_only else contextlib.nullcontext()):
                 results = launch_main(ns)
-        except FolderBusyError as err:
+        except (FolderBusyError, ConfigBuildError) as err:
             return fail("train", str(err))
         except CHECKPOINT_ERRORS as err:
             return fail("train", str(err))
@@ -376,5 +377,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("train", str(err))
     except CHECKPOINT_ERRORS as err:
         return fail("train", str(err))
+    except (ConfigBuildError, FileNotFoundError) as err:  # also the dataset, when the loaders
+        return fail("train", str(err))                  # are built
     print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
     return 0

@@ -36,6 +36,7 @@ from detectron2.utils import comm
 from omegaconf import DictConfig
 
 from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
+from ..configs import building_from_config
 from ..utils import scale_count
 from .checkpointer import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
@@ -441,7 +442,8 @@ def lazy_train(cfg: DictConfig, resume: bool = False,
     Returns:
         The last evaluation results.
     """
-    model = lazy_build_model(cfg)
+    with building_from_config():  # a bad value in the config: ConfigBuildError
+        model = lazy_build_model(cfg)
     logger.info("Model:\n%s", model)
     cfg.optimizer.params.model = model
     optim = instantiate(cfg.optimizer)

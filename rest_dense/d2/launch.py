@@ -36,6 +36,7 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
+from ..configs import building_from_config
 from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
 from ..safe_load import trust
@@ -169,11 +170,13 @@ def _check_eval_weights(checkpointer: RestDetectionCheckpointer, weights: str,
 
 
 def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
-    cfg = setup_yaml_config(args.config_file, job_overrides(args, lazy=False))
+    with building_from_config(assertions=True):  # a bad value or key: ConfigBuildError
+        cfg = setup_yaml_config(args.config_file, job_overrides(args, lazy=False))
     default_setup(cfg, args)
     resume_file = _resume_file(args)
     if args.eval_only:
-        model = RestTrainer.build_model(cfg)
+        with building_from_config():
+            model = RestTrainer.build_model(cfg)
         checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR)
         checkpointer.require_complete = True
         _check_eval_weights(checkpointer, cfg.MODEL.WEIGHTS, resume_file, args)
@@ -185,7 +188,8 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    trainer = RestTrainer(cfg)
+    with building_from_config():
+        trainer = RestTrainer(cfg)
     if resume_file:
         trainer.checkpointer.load(resume_file)  # model, optimizer, iteration
         trainer.start_iter = trainer.iter + 1
@@ -195,11 +199,13 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 
 
 def _main_lazy(args: argparse.Namespace) -> Dict[str, Any]:
-    cfg = setup_lazy_config(args.config_file, job_overrides(args, lazy=True))
+    with building_from_config():
+        cfg = setup_lazy_config(args.config_file, job_overrides(args, lazy=True))
     default_setup(cfg, args)
     resume_file = _resume_file(args)
     if args.eval_only:
-        model = lazy_build_model(cfg)
+        with building_from_config():
+            model = lazy_build_model(cfg)
         checkpointer = RestDetectionCheckpointer(model, save_dir=cfg.train.output_dir)
         checkpointer.require_complete = True
         _check_eval_weights(checkpointer, cfg.train.init_checkpoint, resume_file, args)

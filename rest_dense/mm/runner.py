@@ -41,7 +41,7 @@ from mmengine.runner import Runner
 from mmengine.runner.checkpoint import CheckpointLoader
 from torch import nn
 
-from ..configs import get_config_path, parse_cfg_options
+from ..configs import building_from_config, get_config_path, parse_cfg_options
 from ..models import CheckpointMismatchError
 from .run_files import find_resume_checkpoint, make_checkpoint_hooks_atomic
 from .schedule import SCALE_SCHEDULE_KEY, scale_schedule
@@ -301,6 +301,10 @@ def build_runner(cfg: Config) -> Runner:
 
     Distributed runs without CUDA use gloo, DDP without device ids and BN for SyncBN
     (:func:`rest_dense.distributed.setup_mm_distributed`); on GPUs nothing changes.
+
+    Raises:
+        rest_dense.configs.ConfigBuildError: a value of the config that the model or the
+            runner refuses.
     """
     install_checkpoint_loader()
     install_config_format_cache()  # mmengine formats the config anew for every checkpoint
@@ -309,9 +313,10 @@ def build_runner(cfg: Config) -> Runner:
     vis = cfg.get("visualizer")
     if isinstance(vis, dict) and vis.get("name") == "visualizer":
         vis.pop("name")
-    runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
-    check_neck_channels(runner.model)  # a named error, not a conv shape error mid-run
-    check_neck_levels(runner.model)  # neck.num_outs the heads cannot use: named, not asserted
+    with building_from_config():  # a bad value in the config: ConfigBuildError
+        runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+        check_neck_channels(runner.model)  # a named error, not a conv shape error mid-run
+        check_neck_levels(runner.model)  # neck.num_outs the heads cannot use: named
     make_checkpoint_hooks_atomic(runner)  # crash-safe saves, see rest_dense.mm.run_files
     return runner
 

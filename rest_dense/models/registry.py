@@ -48,10 +48,28 @@ _ALIASES: Dict[str, str] = {}
 
 
 def register_model(entry: ModelEntry) -> ModelEntry:
-    """Add a variant to the table (names and aliases must be new)."""
+    """Add a variant to the table.
+
+    Names and aliases are looked up case-insensitively (:func:`canonical_name`), so they
+    must be lower case, stripped, non-empty and new; ``entry.arch`` must be a key of
+    ``entry.cls.ARCHS``.
+
+    Raises:
+        ValueError: a name or alias breaks these rules, or the arch is unknown.
+    """
     for key in (entry.name, *entry.aliases):
+        if not isinstance(key, str) or not key or key != key.strip().lower():
+            raise ValueError(f"model name {key!r}: names and aliases are looked up in lower "
+                             f"case; register {str(key).strip().lower()!r}")
         if key in _ENTRIES or key in _ALIASES:
             raise ValueError(f"model name {key!r} is already registered")
+    if len({entry.name, *entry.aliases}) != 1 + len(entry.aliases):
+        raise ValueError(f"model {entry.name!r}: an alias repeats a name")
+    archs = getattr(entry.cls, "ARCHS", None)
+    if archs is not None and entry.arch not in archs:
+        raise ValueError(f"model {entry.name!r}: unknown arch {entry.arch!r} of "
+                         f"{getattr(entry.cls, '__name__', entry.cls)}; choose one of "
+                         f"{', '.join(archs)}")
     _ENTRIES[entry.name] = entry
     for alias in entry.aliases:
         _ALIASES[alias] = entry.name

@@ -8,7 +8,8 @@ import os
 import pytest
 import torch
 
-from _d2_utils import config_path  # noqa: F401,I100
+from _d2_utils import LAZY_CONFIG, config_path  # noqa: F401,I100
+from conftest import without_logging_errors  # noqa: I100
 
 from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 
@@ -124,3 +125,29 @@ def test_amp_fallback_uses_shared_helper(monkeypatch, caplog):
     assert "training in fp32" in caplog.text
     cfg = setup_yaml_config(config_path("mask_rcnn_restv2_tiny_3x.yaml"), ["MODEL.DEVICE", "cpu"])
     assert cfg.SOLVER.AMP.ENABLED is False
+
+
+@pytest.mark.parametrize("command", ["train", "test"])
+@pytest.mark.parametrize("opts,named", [
+    (["MODEL.RESTV2.ATTN_MODE", "winn"], "winn"),  # refused by the backbone
+    (["MODEL.RESTV2.DROP_PATH_RATE", "-1"], "DROP_PATH_RATE"),  # by yacs' type check
+    (["MODEL.NOPE", "3"], "MODEL.NOPE"),  # by yacs' key check (an assertion)
+])
+def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, opts, named):
+    ckpt = tmp_path / "any.pth"
+    torch.save({"model": {}}, ckpt)
+    argv = [command, config_path("toy/mask_rcnn_restv2_toy.yaml"), *([str(ckpt)] if command == "test" else []),
+            "--work-dir", str(tmp_path / "w"), "MODEL.DEVICE", "cpu", *opts]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert f"rest-dense {command}: error: the config does not build" in err and named in err
+    assert "Traceback" not in without_logging_errors(err)
+
+
+def test_cli_bad_lazy_config_value_is_one_line(tmp_path, capsys):
+    argv = ["train", LAZY_CONFIG, "--work-dir", str(tmp_path / "w"), "train.device=cpu",
+            "model.backbone.bottom_up.attn_mode=winn"]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert "the config does not build" in err and "winn" in err
+    assert "Traceback" not in without_logging_errors(err)

@@ -231,6 +231,7 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thr
     for (config, ckpt, inputs), pattern in cases:
         code, text, err = _infer(capsys, config, ckpt, inputs, tmp_path / "o3")
         assert code == 2 and re.search(pattern, err), (pattern, err)
+        assert not (tmp_path / "o3").exists()  # no empty results folder left behind
 
     # another variant of the same model: the message names both backbones
     wide = untrained_checkpoint(tmp_path / "wide.pth", MM_DET, {

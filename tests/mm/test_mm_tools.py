@@ -25,6 +25,7 @@ from rest_dense.mm.utils import detect_framework, wrap_for_tta
 from rest_dense.models import CheckpointMismatchError, ResTv2
 
 from _mm_utils import CONFIG_DIR, TINY_ARCH, build, load, shrink
+from conftest import without_logging_errors
 
 TINY = repr(dict(TINY_ARCH))
 
@@ -408,3 +409,22 @@ def test_neck_channels_checked_when_built(name, options, match):
 
     with pytest.raises(ValueError, match=match):
         build_model(load_config(get_config_path(name), options))
+
+
+@pytest.mark.parametrize("command", ["train", "test"])
+@pytest.mark.parametrize("option,named", [
+    ("model.backbone.attn_mode=winn", "winn"),
+    ("model.backbone.drop_path_rate=-1", "drop_path_rate"),
+    ("model.backbone.type=ResTv9", "ResTv9"),
+])
+def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, option, named):
+    """A bad value in the config (here through --cfg-options) fails while the runner is
+    built: one line naming it, exit 2, not the runner's traceback."""
+    ckpt = tmp_path / "any.pth"
+    torch.save({"state_dict": {}}, ckpt)
+    argv = [command, UPERNET_T, *([str(ckpt)] if command == "test" else []),
+            "--work-dir", str(tmp_path / "w"), "--cfg-options", option]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert f"rest-dense {command}: error: the config does not build" in err and named in err
+    assert "Traceback" not in without_logging_errors(err)

@@ -118,3 +118,21 @@ def test_adapters_register_on_their_own_import(subprocess_env):
 def test_tiny_arch_constant_is_consistent():
     model = ResTv2(TINY_ARCH)
     assert model.out_channels == TINY_ARCH["embed_dims"]
+
+
+def test_register_model_refuses_names_that_could_never_be_looked_up():
+    """Lookups are case-insensitive: a mixed-case name would be listed but unusable."""
+    from rest_dense.models.registry import _ENTRIES, ModelEntry, register_model
+
+    before = dict(_ENTRIES)
+    for entry, match in (
+            (ModelEntry("MyTiny", "restv2", "tiny", ResTv2), "lower case.*'mytiny'"),
+            (ModelEntry(" mine", "restv2", "tiny", ResTv2), "lower case"),
+            (ModelEntry("mine", "restv2", "tiny", ResTv2, aliases=("Restv2_Mine",)), "lower case"),
+            (ModelEntry("mine", "restv2", "tiny", ResTv2, aliases=("restv2_tiny",)),
+             "already registered"),
+            (ModelEntry("mine", "restv2", "tiny", ResTv2, aliases=("mine",)), "repeats"),
+            (ModelEntry("mine", "restv2", "huge", ResTv2), "unknown arch 'huge'")):
+        with pytest.raises(ValueError, match=match):
+            register_model(entry)
+    assert _ENTRIES == before  # nothing half-registered

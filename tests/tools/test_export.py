@@ -267,9 +267,8 @@ def test_cli_interrupted_check_leaves_no_file(tiny_cli_model, tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(ort.InferenceSession, "run", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        main(["export", "restv2_tiny", "--static", "--shape", "97x130",
-              "--out", str(tmp_path / "s.onnx")])
+    assert main(["export", "restv2_tiny", "--static", "--shape", "97x130",
+                 "--out", str(tmp_path / "s.onnx")]) == 130  # one line, not a traceback
     assert list(tmp_path.iterdir()) == []
 
 

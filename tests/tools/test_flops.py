@@ -151,6 +151,18 @@ def test_cli_flops_bad_input_is_named(capsys):
     assert "nothing to count" in capsys.readouterr().err
 
 
+def test_cli_flops_refuses_checkpoints_and_unwritable_markdown_up_front(tmp_path, capsys):
+    ckpt = tmp_path / "weights.pth"
+    ckpt.write_text("not a config")
+    assert main(["flops", str(ckpt)]) == 2
+    err = capsys.readouterr().err
+    assert "is not a config" in err and "Traceback" not in err
+    # a folder as --markdown: refused before anything is counted
+    assert main(["flops", "restv2_tiny", "--no-progress", "--markdown", str(tmp_path)]) == 2
+    out = capsys.readouterr()
+    assert "is a folder" in out.err and "flops.md" in out.err and "GFLOPs" not in out.out
+
+
 def test_config_without_model_is_named(tmp_path, capsys):
     cfg = tmp_path / "deploy_like.py"
     cfg.write_text("backend_config = dict(type='onnxruntime')\n")
