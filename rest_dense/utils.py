@@ -87,6 +87,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def error_text(e: BaseException) -> str:
+    """An error's message for a one-line report: an ``OSError(errno, text, path)`` shows its
+    text (which names the path already) without ``[Errno N]`` and the repeated path; a
+    ``KeyError`` its message without the quotes ``str()`` adds."""
+    if isinstance(e, OSError) and e.strerror:
+        if e.filename is None or str(e.filename) in e.strerror:
+            return e.strerror
+        return f"{e.strerror}: {e.filename}"
+    if isinstance(e, KeyError) and len(e.args) == 1:
+        return str(e.args[0])
+    return str(e)
+
+
 def _finite_float(text: str):
     import argparse
     import math

@@ -48,3 +48,13 @@ def test_cli_refuses_out_of_range_numbers(capsys, argv, named):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_error_text_says_a_path_once():
+    from rest_dense.utils import error_text
+
+    missing = FileNotFoundError(2, "checkpoint '/x.pth' does not exist", "/x.pth")
+    assert error_text(missing) == "checkpoint '/x.pth' does not exist"
+    assert error_text(PermissionError(13, "Permission denied", "/y")) == "Permission denied: /y"
+    assert error_text(KeyError("no key 'a'")) == "no key 'a'"
+    assert error_text(ValueError("plain")) == "plain"

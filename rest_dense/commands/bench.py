@@ -36,6 +36,7 @@ import statistics
 import sys
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
+from ..utils import error_text
 from .outputs import output_problem, write_document
 
 if TYPE_CHECKING:
@@ -120,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             framework = config_framework(config)
         except (ValueError, FileNotFoundError) as e:
-            print(f"rest-dense bench: error: --configs: {e}", file=sys.stderr)
+            print(f"rest-dense bench: error: --configs: {error_text(e)}", file=sys.stderr)
             return 2
         if framework in DETECTRON2:
             print(f"rest-dense bench: error: --configs: {config} is a detectron2 config ({framework}); "
@@ -156,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress, cp_levels=args.with_cp,
                                 interleave=args.interleave)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rest-dense bench: {e}", file=sys.stderr)
+        print(f"rest-dense bench: {error_text(e)}", file=sys.stderr)
         return 2
     try:
         notes = bm.autocast_notes(rows, device)
@@ -224,7 +225,7 @@ def _neck_table(args: argparse.Namespace, necks, sizes, device: str):
                                   memory=not args.no_memory, threads=args.threads,
                                   log=None if args.no_progress else print)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rest-dense bench: {e}", file=sys.stderr)
+        print(f"rest-dense bench: {error_text(e)}", file=sys.stderr)
         return None
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -46,7 +46,7 @@ from typing import Optional
 # light: torch and the core models (which the package imports); onnx is imported when used
 from ..deploy.backbone_onnx import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
 from ..models import ATTN_MODES
-from ..utils import format_size, size_arg
+from ..utils import error_text, format_size, size_arg
 
 HELP = "export a backbone to ONNX and check ONNX / torch.compile against eager PyTorch"
 
@@ -92,13 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _fail(message: str, code: int = 2) -> int:
     print(f"error: {message}", file=sys.stderr)
     return code
-
-
-def _message(e: Exception) -> str:
-    """The text of an error; an ``OSError(errno, text, path)`` shows as its text only."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return str(e)
 
 
 def _check_arguments(args: argparse.Namespace) -> Optional[str]:
@@ -162,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
                                window_size=window)
     except (ValueError, TypeError, OSError, pickle.UnpicklingError) as e:
         # includes the checkpoint errors (wrong variant, not a checkpoint, bad values)
-        return _fail(_message(e), 1)
+        return _fail(error_text(e), 1)
 
     # everything that can be refused is refused before exporting or compiling
     if args.compile:

@@ -35,7 +35,7 @@ import argparse
 import os
 import sys
 
-from ..utils import fraction, non_negative_float, size_arg
+from ..utils import error_text, fraction, non_negative_float, size_arg
 
 HELP = "export a detector / segmenter to ONNX and check it with ONNX Runtime"
 
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         check_destination(args.out, example="model.onnx", sources=[args.checkpoint, args.config])
     except (ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 2
     # the graph gets its name only once it passed the checks (StagedFile); the temporary
     # name ends in .onnx, the one ending MMDeploy writes
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                              check_images=args.check_images)
         except (FileNotFoundError, ValueError, ImportError, OSError,
                 pickle.UnpicklingError) as e:
-            print(f"error: {e}", file=sys.stderr)
+            print(f"error: {error_text(e)}", file=sys.stderr)
             return 2
         size_mb = os.path.getsize(exp.path) / 2 ** 20
         print(f"exported {args.out} ({size_mb:.1f} MiB) with {exp.tool}, opset {exp.opset}, "

@@ -65,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from .. import analysis as an
-    from ..utils import format_size, parse_size
+    from ..utils import error_text, format_size, parse_size
 
     shape = None
     if args.shape:
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
                               progress=not args.no_progress, skip_unsupported=args.all,
                               on_result=show)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rest-dense flops: {e}", file=sys.stderr)
+        print(f"rest-dense flops: {error_text(e)}", file=sys.stderr)
         return 2
     if args.check_math and not args.params_only:
         for target, r in zip([t for t in targets if t.kind == "backbone"],

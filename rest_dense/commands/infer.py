@@ -39,6 +39,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..utils import error_text
+
 HELP = "run a trained model on images (pictures + JSON / label PNGs)"
 
 
@@ -80,11 +82,11 @@ def run(args: argparse.Namespace) -> int:
                                 draw=not args.no_vis, progress=not args.quiet,
                                 overwrite=args.overwrite)
     except InferenceInterrupted as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 130
     except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError,
             FolderBusyError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {error_text(e)}", file=sys.stderr)
         return 2
     for item in summary.skipped:
         print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)

@@ -30,6 +30,7 @@ import argparse
 import os
 
 from ..configs import ConfigBuildError
+from ..utils import error_text
 from .train import (CHECKPOINT_ERRORS, add_common_arguments, add_overrides_argument,
                     add_trust_argument, allow_intermixed, check_family_options, d2_namespace,
                     fail, fix_resume, overrides, print_metrics, resolve_config, UsageError)
@@ -69,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
         if args.weights_only and args.trust_checkpoint:
             raise UsageError("--weights-only (trust nothing) contradicts --trust-checkpoint")
     except UsageError as err:
-        return fail("test", str(err))
+        return fail("test", error_text(err))
     if args.threads:
         import torch
 
@@ -82,11 +83,11 @@ def run(args: argparse.Namespace) -> int:
         try:
             check_args(ns)
         except (FileNotFoundError, ValueError) as err:
-            return fail("test", str(err))
+            return fail("test", error_text(err))
         try:
             results = launch_main(ns)
         except CHECKPOINT_ERRORS + (ConfigBuildError,) as err:
-            return fail("test", str(err))
+            return fail("test", error_text(err))
         if results is not None:
             print_metrics(results, args.save_metrics)
         return 0
@@ -100,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                           wait_time=2.0 if args.wait_time is None else args.wait_time,
                           cfg_options=overrides(args), launcher=args.launcher or "none")
     except (FileNotFoundError, ValueError, KeyError) as err:
-        return fail("test", str(err).strip('"'))
+        return fail("test", error_text(err))
     from ..distributed import close_process_group
 
     try:
@@ -109,8 +110,8 @@ def run(args: argparse.Namespace) -> int:
         metrics = runner.test()
         close_process_group()
     except CHECKPOINT_ERRORS as err:
-        return fail("test", str(err))
+        return fail("test", error_text(err))
     except (ConfigBuildError, FileNotFoundError) as err:  # also the dataset's files
-        return fail("test", str(err))
+        return fail("test", error_text(err))
     print_metrics(metrics, args.save_metrics)
     return 0

@@ -60,7 +60,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..run_files import ResumeError  # light: torch only
-from ..utils import env_var, positive_int
+from ..utils import env_var, error_text, positive_int
 from ..configs import ConfigBuildError
 from ..models.pretrained import CheckpointError
 
@@ -319,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
         check_family_options(args)
         fix_resume(args)
     except UsageError as err:
-        return fail("train", str(err))
+        return fail("train", error_text(err))
     if args.threads:
         import torch
 
@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             check_args(ns)
         except (FileNotFoundError, ValueError) as err:
-            return fail("train", str(err))
+            return fail("train", error_text(err))
         from ..runlock import FolderBusyError, hold_folder
 
         try:  # one live run per output folder (rest_dense.runlock), held by machine 0
@@ -345,9 +345,9 @@ def run(args: argparse.Namespace) -> int:
                   if args.work_dir and not args.eval_only else contextlib.nullcontext()):
                 results = launch_main(ns)
         except (FolderBusyError, ConfigBuildError) as err:
-            return fail("train", str(err))
+            return fail("train", error_text(err))
         except CHECKPOINT_ERRORS as err:
-            return fail("train", str(err))
+            return fail("train", error_text(err))
         if results:
             print_metrics(results)
         return 0
@@ -361,7 +361,7 @@ def run(args: argparse.Namespace) -> int:
                            launcher=args.launcher or "none",
                            auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
     except (FileNotFoundError, ValueError, KeyError) + CHECKPOINT_ERRORS as err:
-        return fail("train", str(err).strip('"'))
+        return fail("train", error_text(err))
     from ..distributed import close_process_group
     from ..runlock import FolderBusyError, hold_folder
 
@@ -374,10 +374,10 @@ def run(args: argparse.Namespace) -> int:
             runner.train()
             close_process_group()
     except FolderBusyError as err:
-        return fail("train", str(err))
+        return fail("train", error_text(err))
     except CHECKPOINT_ERRORS as err:
-        return fail("train", str(err))
+        return fail("train", error_text(err))
     except (ConfigBuildError, FileNotFoundError) as err:  # also the dataset, when the loaders
-        return fail("train", str(err))                  # are built
+        return fail("train", error_text(err))                  # are built
     print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
     return 0
