@@ -41,8 +41,8 @@ import torch
 from .utils import env_var
 
 __all__ = ["SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
-           "StagedFile", "temporary_name", "remove_stale_temporaries", "read_pointer", "resume_candidates",
-           "select_resume_checkpoint"]
+           "StagedFile", "temporary_name", "remove_stale_temporaries", "read_pointer",
+           "resume_candidates", "select_resume_checkpoint"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
