@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import warnings
 from typing import Iterator
@@ -11,7 +12,9 @@ __all__ = ["quiet_logs"]
 
 @contextlib.contextmanager
 def quiet_logs(level: int = logging.ERROR) -> Iterator[None]:
-    """Silence mmengine / MMDeploy / detectron2 loggers and Python warnings for a while."""
+    """Silence mmengine / MMDeploy / detectron2 loggers, Python warnings and what the
+    frameworks print to stdout (mmengine prints a checkpoint's whole key mismatch there,
+    before our own one-line check names the problem) for a while."""
     names = ["mmengine", "mmdeploy", "detectron2", "fvcore", "d2"]
     loggers = [logging.getLogger(n) for n in names]
     try:
@@ -24,7 +27,7 @@ def quiet_logs(level: int = logging.ERROR) -> Iterator[None]:
     for lg in loggers:
         lg.setLevel(level)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:

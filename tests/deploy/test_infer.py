@@ -232,6 +232,7 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thr
         code, text, err = _infer(capsys, config, ckpt, inputs, tmp_path / "o3")
         assert code == 2 and re.search(pattern, err), (pattern, err)
         assert not (tmp_path / "o3").exists()  # no empty results folder left behind
+        assert "unexpected key" not in text  # mmengine's key dump is not shown first
 
     # another variant of the same model: the message names both backbones
     wide = untrained_checkpoint(tmp_path / "wide.pth", MM_DET, {
