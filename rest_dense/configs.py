@@ -72,8 +72,9 @@ def building_from_config(assertions: bool = False) -> Iterator[None]:
     :mod:`rest_dense.safe_load` pass unchanged (the commands report them as such).
 
     Args:
-        assertions: also ``AssertionError``, for reading a yacs config (yacs reports an
-            unknown key by assertion); off elsewhere, where an assertion is the code's.
+        assertions: also ``AssertionError``: yacs reports an unknown key by assertion, and
+            the OpenMMLab models check their config arguments by assertion; off where an
+            assertion is the code's own. A bare assertion is shown by its source line.
     """
     errors = (ValueError, TypeError, KeyError) + ((AssertionError,) if assertions else ())
     try:
@@ -85,7 +86,12 @@ def building_from_config(assertions: bool = False) -> Iterator[None]:
 
         if isinstance(e, CheckpointError):
             raise
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        if isinstance(e, AssertionError) and not message:  # a bare assert: show it
+            import traceback
+
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            message = f"assertion failed at {frame.filename}:{frame.lineno}: {frame.line}"
         raise ConfigBuildError(f"the config does not build: {message}") from e
 
 

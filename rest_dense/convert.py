@@ -161,11 +161,29 @@ def save_state_dict(state_dict: Mapping[str, Tensor], path: Union[str, os.PathLi
 
         save_file({k: v.contiguous() for k, v in state_dict.items()}, path,
                   metadata={"format": "pt", **(metadata or {})})
+        _sort_safetensors_header(path)
     else:
         # through a file object: the archive's folder is then 'archive', not the file's
         # name, so equal tensors give equal bytes whatever (temporary) name is written
         with open(path, "wb") as f:
             torch.save(dict(state_dict), f)
+
+
+def _sort_safetensors_header(path: str) -> None:
+    """Rewrite a safetensors file's JSON header with sorted keys (same length, same
+    offsets): the library writes the metadata in hash order, which changes run to run, and
+    so would the file's bytes and SHA-256."""
+    import json
+    import struct
+
+    with open(path, "r+b") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) > size:  # cannot happen for a reordering; leave the file as written
+            return
+        f.seek(8)
+        f.write(text.ljust(size))
 
 
 def file_sha256(path: Union[str, os.PathLike]) -> str:

@@ -33,6 +33,8 @@ import os
 import os.path as osp
 import re
 import secrets
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, List, Optional, Pattern, Sequence, Union
 
@@ -54,8 +56,9 @@ SAVE_PAUSE_ENV = "REST_DENSE_TEST_SAVE_PAUSE"
 #: the file naming the latest checkpoint of a run (mmengine and detectron2 use this name)
 POINTER_NAME = "last_checkpoint"
 
-# .<final name>.tmp-<pid>-<random>: hidden, never ends in .pth, tells its writer's pid
-_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+$")
+# .<final name>.tmp-<pid>-<random>[<suffix>]: hidden, never ends in .pth, tells its writer's
+# pid (a StagedFile may add a format suffix such as .onnx or .safetensors)
+_TEMP = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<pid>\d+)-[0-9a-f]+(\.(onnx|safetensors|pt2))?$")
 
 
 class ResumeError(RuntimeError):
@@ -110,7 +113,10 @@ class StagedFile:
     """An output written under a hidden temporary name beside ``dst`` and given its name
     only by :meth:`commit`, once it has been checked: an interrupted or failed command
     leaves no file that looks finished, and an existing ``dst`` is replaced only by a
-    checked one. Leaving the ``with`` block without a commit removes the temporary file.
+    checked one. Leaving the ``with`` block without a commit removes the temporary file;
+    inside it (main thread) SIGTERM raises ``SystemExit(143)`` so that it is removed then
+    too, and the file of a process killed otherwise is one
+    :func:`remove_stale_temporaries` recognises.
 
     Args:
         dst: the final path (its folder must exist:
@@ -130,6 +136,7 @@ class StagedFile:
         self.dst = os.fspath(dst)
         self.path = temporary_name(self.dst) + suffix
         self.committed = False
+        self._previous_handler: Optional[list] = None  # [handler] while ours is installed
 
     def commit(self) -> str:
         """Give the checked file its final name (atomically); returns it."""
@@ -139,11 +146,23 @@ class StagedFile:
         return self.dst
 
     def __enter__(self) -> "StagedFile":
+        # SIGTERM (a job scheduler, `kill`) would end the process without unwinding, leaving
+        # the temporary file: it raises SystemExit(143) here instead, so that __exit__ runs
+        if threading.current_thread() is threading.main_thread():
+            self._previous_handler = [signal.signal(signal.SIGTERM, _exit_on_sigterm)]
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._previous_handler is not None:
+            previous = self._previous_handler[0]
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            self._previous_handler = None
         if not self.committed and osp.exists(self.path):
             os.remove(self.path)
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def atomic_save(obj: Any, path: PathLike) -> str:

@@ -1,9 +1,10 @@
 """Small helpers shared by the package's tools (pure Python / PyTorch)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count"]
@@ -85,6 +86,29 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
     return value
+
+
+@contextlib.contextmanager
+def removed_if_left_empty(folder: Union[str, "os.PathLike[str]"]) -> Iterator[list]:
+    """For a command's output folder that the block may create: when the block fails (an
+    exception, or a nonzero exit status appended to the yielded list) and the folder did
+    not exist before it and is still empty, the folder is removed (a refused command leaves
+    nothing behind)."""
+    folder = os.path.abspath(os.fspath(folder))
+    created = not os.path.exists(folder)
+    status: list = []
+
+    def remove() -> None:
+        if created and os.path.isdir(folder) and not os.listdir(folder):
+            os.rmdir(folder)
+
+    try:
+        yield status
+    except BaseException:
+        remove()
+        raise
+    if any(status):
+        remove()
 
 
 def error_text(e: BaseException) -> str:

@@ -83,17 +83,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import pickle
-
     import torch
 
-    from ..convert import check_destination
-    from ..deploy.latency import format_table, measure_latency
-    from ..deploy.model_onnx import load_deployment
-    from ..deploy.predictions import Tolerances
-    from ..run_files import StagedFile
     from ..safe_load import trust
-    from ..utils import format_size
+    from ..utils import removed_if_left_empty
 
     sizes = list(args.check_shapes) if args.check_shapes is not None else \
         [size_arg(s) for s in _DEFAULT_CHECKS]
@@ -106,6 +99,23 @@ def run(args: argparse.Namespace) -> int:
         return 2
     torch.set_num_threads(args.threads)
     trust(*args.trust_checkpoint)
+    # a --out folder this command creates is removed again if it fails
+    with removed_if_left_empty(os.path.dirname(os.path.abspath(args.out))) as outcome:
+        status = _export_and_check(args, sizes)
+        outcome.append(status)
+    return status
+
+
+def _export_and_check(args: argparse.Namespace, sizes) -> int:
+    import pickle
+
+    from ..convert import check_destination
+    from ..deploy.latency import format_table, measure_latency
+    from ..deploy.model_onnx import load_deployment
+    from ..deploy.predictions import Tolerances
+    from ..run_files import StagedFile
+    from ..utils import format_size
+
     try:
         if not os.path.isdir(args.out):  # a missing folder is created, as by the library
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)

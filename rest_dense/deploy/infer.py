@@ -634,23 +634,19 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
             "--overwrite to replace them, or choose another folder")
     from ..runlock import hold_folder
 
-    created = not os.path.exists(out_dir)
-    try:
-        with hold_folder(out_dir, "infer"):
-            if predictor is None:
-                predictor = build_predictor(config, checkpoint, device, cfg_options, trusted)
-            import shutil
+    from ..utils import removed_if_left_empty
 
-            for name in _previous_results(out_dir):  # overwrite: nothing of the old run is kept
-                target = os.path.join(out_dir, name)
-                shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
-            return _run_inference(predictor, paths, out_dir, device, score_thr, draw, progress)
-    except BaseException:
-        # refused before anything was written (bad config, checkpoint, device): the folder
-        # this call made for the run is not left behind empty
-        if created and os.path.isdir(out_dir) and not os.listdir(out_dir):
-            os.rmdir(out_dir)
-        raise
+    # refused before anything is written (bad config, checkpoint, device): the folder this
+    # call made for the run is not left behind empty
+    with removed_if_left_empty(out_dir), hold_folder(out_dir, "infer"):
+        if predictor is None:
+            predictor = build_predictor(config, checkpoint, device, cfg_options, trusted)
+        import shutil
+
+        for name in _previous_results(out_dir):  # overwrite: nothing of the old run is kept
+            target = os.path.join(out_dir, name)
+            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        return _run_inference(predictor, paths, out_dir, device, score_thr, draw, progress)
 
 
 def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device: str,

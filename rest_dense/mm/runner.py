@@ -313,7 +313,7 @@ def build_runner(cfg: Config) -> Runner:
     vis = cfg.get("visualizer")
     if isinstance(vis, dict) and vis.get("name") == "visualizer":
         vis.pop("name")
-    with building_from_config():  # a bad value in the config: ConfigBuildError
+    with building_from_config(assertions=True):  # a bad value in it: ConfigBuildError
         runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
         check_neck_channels(runner.model)  # a named error, not a conv shape error mid-run
         check_neck_levels(runner.model)  # neck.num_outs the heads cannot use: named

@@ -156,7 +156,12 @@ class ConvStemV2(nn.Module):
             # channels-last throughout; BatchNorm/ReLU maps recomputed in backward, folded
             # into the convolutions in inference
             return fast.pa_norm(fast.conv_stem(x, self.proj), self.pos, self.norm)
-        return self.norm(self.pos(self.proj(x)).permute(0, 2, 3, 1))
+        if self.proj._forward_hooks or self.proj._forward_pre_hooks:
+            x = self.proj(x)  # the Sequential as called, for its hooks
+        else:
+            for layer in self.proj:  # the convolutions past the library's tiny-map bug
+                x = fast.library_safe_conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
+        return self.norm(self.pos(x).permute(0, 2, 3, 1))
 
 
 def _window_sizes(value, attn_mode: str, sr_ratios: Sequence[int]) -> Tuple[int, ...]:

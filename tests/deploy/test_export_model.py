@@ -302,8 +302,9 @@ def test_export_bad_inputs(tmp_path, capsys):
     # only names and shapes of the tensors matter here: untrained checkpoints
     det_ckpt = untrained_checkpoint(tmp_path / "det.pth", MM_DET)
     seg_ckpt = untrained_checkpoint(tmp_path / "seg.pth", MM_SEG)
-    code, _, err = _export(capsys, MM_DET, tmp_path / "missing.pth", tmp_path / "x.onnx")
+    code, _, err = _export(capsys, MM_DET, tmp_path / "missing.pth", tmp_path / "new" / "x.onnx")
     assert code == 2 and "does not exist" in err
+    assert not (tmp_path / "new").exists()  # the folder made for --out is not left empty
     code, _, err = _export(capsys, MM_DET, seg_ckpt, tmp_path / "x.onnx")
     assert code == 2 and "is not a checkpoint of the model" in err
     assert not os.path.exists(tmp_path / "x.onnx")

@@ -416,6 +416,7 @@ def test_neck_channels_checked_when_built(name, options, match):
     ("model.backbone.attn_mode=winn", "winn"),
     ("model.backbone.drop_path_rate=-1", "drop_path_rate"),
     ("model.backbone.type=ResTv9", "ResTv9"),
+    ("model.decode_head.in_channels=[1,2]", "assertion failed at"),  # mmseg's bare assert
 ])
 def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, option, named):
     """A bad value in the config (here through --cfg-options) fails while the runner is

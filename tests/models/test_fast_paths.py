@@ -1203,6 +1203,7 @@ def test_d2_config_memory_level_reaches_the_backbone():
 @pytest.mark.parametrize("family,fast_paths,size", [
     ("v1", True, (16, 16)), ("v1", False, (16, 16)), ("v1", True, (33, 17)),
     ("v2", False, (16, 16)), ("v2", False, (33, 17)), ("v2", True, (33, 17)),
+    ("v2", False, (2, 2)), ("v2", True, (2, 2)), ("v1", False, (2, 2)),  # the stems' convs
 ])
 def test_bf16_conv_weight_gradients_on_tiny_maps(one_thread, family, fast_paths, size):
     """CPU bf16 training where a convolution's output has a side of 1 (patch embeddings,

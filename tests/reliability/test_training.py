@@ -386,13 +386,36 @@ def test_stale_temporaries_of_dead_writers_are_removed(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()
     stale = tmp_path / f".iter_4.pth.tmp-{dead}-ab12cd34"
+    staged = tmp_path / f".m.onnx.tmp-{dead}-ab12cd34.onnx"  # a StagedFile's, format suffix
     alive = tmp_path / f".iter_6.pth.tmp-{os.getpid()}-ab12cd34"
     other = tmp_path / ".hidden.tmp-x"
-    for p in (stale, alive, other):
+    for p in (stale, staged, alive, other):
         p.write_bytes(b"x")
-    assert run_files.remove_stale_temporaries(tmp_path) == [str(stale)]
+    assert sorted(run_files.remove_stale_temporaries(tmp_path)) == sorted([str(stale),
+                                                                          str(staged)])
     assert alive.exists() and other.exists()
     assert run_files.remove_stale_temporaries(tmp_path / "missing") == []
+
+
+def test_staged_file_is_removed_on_sigterm(tmp_path):
+    """A command killed by SIGTERM while its output is staged (a scheduler's cancel,
+    `kill`) leaves neither the temporary file nor a file under the final name."""
+    import signal
+
+    script = (
+        "import sys, time\n"
+        "from rest_dense.run_files import StagedFile\n"
+        f"with StagedFile({str(tmp_path / 'out.onnx')!r}, '.onnx') as s:\n"
+        "    open(s.path, 'wb').write(b'x' * 1000)\n"
+        "    print('staged', flush=True)\n"
+        "    time.sleep(60)\n"
+        "    s.commit()\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "staged"
+    assert len(list(tmp_path.iterdir())) == 1
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_candidates_and_pointer_of_a_moved_folder(tmp_path):

@@ -124,6 +124,16 @@ def test_deeper_checkpoint_is_not_cut_down_to_a_shallower_variant(tmp_path, caps
     a = convert_checkpoint(src, tmp_path / "a.pth", to="mmdet")
     b = convert_checkpoint(src, tmp_path / "b.pth", to="mmdet")
     assert a.model == "restv2_small" and a.sha256 == b.sha256
+    # safetensors too (the library writes its metadata in hash order; the header is sorted)
+    c = convert_checkpoint(src, tmp_path / "c.safetensors", to="core")
+    d = convert_checkpoint(src, tmp_path / "d.safetensors", to="core")
+    assert c.sha256 == d.sha256
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "c.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "layout": "core", "model": "restv2_small"}
+    assert read_state_dict(tmp_path / "c.safetensors").keys() == create_model(
+        "restv2_small").state_dict().keys()
 
 
 def test_failed_bit_check_leaves_no_file(imagenet_ckpt, tmp_path, monkeypatch):
