@@ -87,6 +87,8 @@ def building_from_config(assertions: bool = False) -> Iterator[None]:
         if isinstance(e, CheckpointError):
             raise
         message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
+        if isinstance(e, KeyError) and message and " " not in message:
+            message = f"no {message!r} where the config asks for it (KeyError)"
         if isinstance(e, AssertionError) and not message:  # a bare assert: show it
             import traceback
 

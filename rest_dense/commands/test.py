@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
             return fail("test", error_text(err))
         try:
             results = launch_main(ns)
-        except CHECKPOINT_ERRORS + (ConfigBuildError,) as err:
+        except CHECKPOINT_ERRORS + (ConfigBuildError, FileNotFoundError) as err:
             return fail("test", error_text(err))
         if results is not None:
             print_metrics(results, args.save_metrics)

@@ -344,8 +344,8 @@ def run(args: argparse.Namespace) -> int:
             with (hold_folder(args.work_dir, "training", primary=ns.machine_rank == 0)
                   if args.work_dir and not args.eval_only else contextlib.nullcontext()):
                 results = launch_main(ns)
-        except (FolderBusyError, ConfigBuildError) as err:
-            return fail("train", error_text(err))
+        except (FolderBusyError, ConfigBuildError, FileNotFoundError) as err:
+            return fail("train", error_text(err))  # also the dataset's files
         except CHECKPOINT_ERRORS as err:
             return fail("train", error_text(err))
         if results:

@@ -442,12 +442,12 @@ def lazy_train(cfg: DictConfig, resume: bool = False,
     Returns:
         The last evaluation results.
     """
-    with building_from_config():  # a bad value in the config: ConfigBuildError
+    with building_from_config(assertions=True):  # a bad value in it: ConfigBuildError
         model = lazy_build_model(cfg)
-    logger.info("Model:\n%s", model)
-    cfg.optimizer.params.model = model
-    optim = instantiate(cfg.optimizer)
-    train_loader = instantiate(cfg.dataloader.train)
+        logger.info("Model:\n%s", model)
+        cfg.optimizer.params.model = model
+        optim = instantiate(cfg.optimizer)
+        train_loader = instantiate(cfg.dataloader.train)
 
     model = _create_ddp_model(model, **cfg.train.ddp)
     trainer = _inner_trainer(model, train_loader, optim, bool(cfg.train.amp.enabled),

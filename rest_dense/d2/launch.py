@@ -188,7 +188,7 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         if comm.is_main_process():
             verify_results(cfg, res)
         return res
-    with building_from_config():
+    with building_from_config(assertions=True):  # detectron2 checks its config by assertion
         trainer = RestTrainer(cfg)
     if resume_file:
         trainer.checkpointer.load(resume_file)  # model, optimizer, iteration

@@ -58,6 +58,11 @@ def build_model(cfg: Config) -> nn.Module:
     return model
 
 
+#: necks whose ``in_channels`` list the backbone's maps deepest first (MMDetection's YOLOv3
+#: neck); every other neck lists them in the order the backbone emits them
+DEEPEST_FIRST_NECKS = ("YOLOV3Neck",)
+
+
 def check_neck_channels(model: nn.Module) -> None:
     """Refuse a model whose neck (or, without a neck, MMSegmentation decode head) expects
     other channels than its backbone emits, naming both, instead of a convolution shape
@@ -79,12 +84,14 @@ def check_neck_channels(model: nn.Module) -> None:
         neck = neck[0]
     wanted = getattr(neck, "in_channels", None) if neck is not None else None
     if isinstance(wanted, (list, tuple)):
-        if [int(c) for c in wanted] != emitted:
+        expected = emitted[::-1] if type(neck).__name__ in DEEPEST_FIRST_NECKS else emitted
+        if [int(c) for c in wanted] != expected:
+            order = ", deepest first for this neck" if expected is not emitted else ""
             raise ValueError(
                 f"neck.in_channels={list(wanted)} does not fit the backbone: "
                 f"{type(backbone).__name__} emits out_channels={emitted} (out_indices "
                 f"{list(getattr(backbone, 'out_indices', []))}); set model.neck.in_channels="
-                f"{emitted} or change the backbone's out_indices")
+                f"{expected}{order} or change the backbone's out_indices")
         return
     head = getattr(model, "decode_head", None)
     wanted, index = getattr(head, "in_channels", None), getattr(head, "in_index", None)

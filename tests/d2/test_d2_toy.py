@@ -151,3 +151,18 @@ def test_cli_bad_lazy_config_value_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "the config does not build" in err and "winn" in err
     assert "Traceback" not in without_logging_errors(err)
+
+
+def test_cli_bad_solver_value_and_missing_data_are_one_line(tmp_path, capsys, toy_root):
+    """Checked by detectron2's assertions when the trainer builds its loader; and a dataset
+    folder without the data."""
+    argv = ["train", config_path("toy/mask_rcnn_restv2_toy.yaml"), "--work-dir",
+            str(tmp_path / "w"), "MODEL.DEVICE", "cpu"]
+    assert cli([*argv, "--toy-root", str(toy_root), "SOLVER.IMS_PER_BATCH", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "the config does not build: Total batch size (0)" in err
+    assert "Traceback" not in without_logging_errors(err)
+    assert cli([*argv, "--toy-root", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "rest-dense train: error:" in err and "nowhere" in err
+    assert "Traceback" not in without_logging_errors(err)

@@ -411,6 +411,30 @@ def test_neck_channels_checked_when_built(name, options, match):
         build_model(load_config(get_config_path(name), options))
 
 
+def test_neck_channels_deepest_first_neck(tmp_path):
+    """mmdet's YOLOv3 neck lists its in_channels deepest first: the right order builds, the
+    backbone's order is refused naming the order that neck wants."""
+    from rest_dense.mm.utils import build_model, load_config
+
+    base = get_config_path("toy/mask_rcnn_restv2_toy.py")
+    path = tmp_path / "yolo.py"
+    path.write_text(f"""_base_ = {str(base)!r}
+model = dict(_delete_=True, type='YOLOV3',
+    data_preprocessor=dict(type='DetDataPreprocessor', mean=[0, 0, 0], std=[255., 255., 255.],
+                           bgr_to_rgb=True, pad_size_divisor=32),
+    backbone=dict(type='ResTv2', arch=dict(embed_dims=(32, 64, 128, 256), num_heads=(1, 2, 4, 8),
+                  depths=(1, 1, 2, 1), sr_ratios=(8, 4, 2, 1)), out_indices=(1, 2, 3)),
+    neck=dict(type='YOLOV3Neck', num_scales=3, in_channels=[256, 128, 64],
+              out_channels=[128, 64, 32]),
+    bbox_head=dict(type='YOLOV3Head', num_classes=3, in_channels=[128, 64, 32],
+                   out_channels=[256, 128, 64]))
+""")
+    model = build_model(load_config(str(path)))
+    assert type(model.neck).__name__ == "YOLOV3Neck"
+    with pytest.raises(ValueError, match=r"in_channels=\[256, 128, 64\], deepest first"):
+        build_model(load_config(str(path), ["model.neck.in_channels=[64,128,256]"]))
+
+
 @pytest.mark.parametrize("command", ["train", "test"])
 @pytest.mark.parametrize("option,named", [
     ("model.backbone.attn_mode=winn", "winn"),
