@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             print_metrics(results, args.save_metrics)
         return 0
 
-    from ..mm.runner import build_runner, check_test_checkpoint, test_config
+    from ..mm.runner import build_loops, build_runner, check_test_checkpoint, test_config
 
     try:
         cfg = test_config(args.config_path, args.checkpoint, work_dir=args.work_dir,
@@ -107,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         runner = build_runner(cfg)
         check_test_checkpoint(runner.model, cfg.load_from)
+        build_loops(runner, "test")  # a bad loader / evaluator value: one line
         metrics = runner.test()
         close_process_group()
     except CHECKPOINT_ERRORS as err:

@@ -352,8 +352,8 @@ def run(args: argparse.Namespace) -> int:
             print_metrics(results)
         return 0
 
-    from ..mm.runner import (build_runner, check_resume_optimizer, check_same_start,
-                             check_start_checkpoint, train_config)
+    from ..mm.runner import (build_loops, build_runner, check_resume_optimizer,
+                             check_same_start, check_start_checkpoint, train_config)
 
     try:
         cfg = train_config(args.config_path, work_dir=args.work_dir, amp=amp_setting(args),
@@ -370,6 +370,7 @@ def run(args: argparse.Namespace) -> int:
             runner = build_runner(cfg)
             check_same_start(cfg)  # every machine resumes from the same file
             check_start_checkpoint(runner.model, cfg)
+            build_loops(runner, "train")  # a bad loader / optimizer value: one line
             check_resume_optimizer(runner, cfg)
             runner.train()
             close_process_group()

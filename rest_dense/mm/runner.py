@@ -321,6 +321,34 @@ def build_runner(cfg: Config) -> Runner:
     return runner
 
 
+def build_loops(runner: Runner, mode: str) -> None:
+    """Build now what :meth:`Runner.train` / :meth:`Runner.test` would build first from the
+    config, under the one-line rule (:class:`~rest_dense.configs.ConfigBuildError`): a bad
+    value there (``lr=-1``, ``batch_size=0``, an unknown optimizer, dataset, metric or
+    evaluator type) stops the command before anything runs, not as a traceback from inside
+    the loop. The runner takes them as built.
+
+    ``'train'``: the training loop with its dataloader, the optimizer wrapper and the
+    validation loop (the parameter schedulers stay to ``train()``: they must be built after
+    ``auto_scale_lr`` has set the learning rate). ``'test'``: the test loop.
+    """
+    from mmengine.optim import OptimWrapper
+
+    with building_from_config(assertions=True):
+        if mode == "train":
+            if runner._train_loop is not None:
+                runner._train_loop = runner.build_train_loop(runner._train_loop)
+            if not isinstance(runner.optim_wrapper, OptimWrapper) and runner.optim_wrapper:
+                runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+            if runner._val_loop is not None:
+                runner._val_loop = runner.build_val_loop(runner._val_loop)
+        elif mode == "test":
+            if runner._test_loop is not None:
+                runner._test_loop = runner.build_test_loop(runner._test_loop)
+        else:
+            raise ValueError(f"mode must be 'train' or 'test', got {mode!r}")
+
+
 def train(config: ConfigLike, work_dir: Optional[PathLike] = None, amp: Union[bool, str] = False,
           resume: Union[bool, str, PathLike, None] = None, cfg_options: CfgOptions = None,
           launcher: str = "none", auto_scale_lr: bool = False,

@@ -453,3 +453,27 @@ def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, option, nam
     err = capsys.readouterr().err
     assert f"rest-dense {command}: error: the config does not build" in err and named in err
     assert "Traceback" not in without_logging_errors(err)
+
+
+@pytest.mark.parametrize("command,option,named", [
+    ("train", "optim_wrapper.optimizer.lr=-1.0", "Invalid learning rate"),
+    ("train", "train_dataloader.batch_size=0", "batch_size"),
+    ("train", "optim_wrapper.type=FooWrapper", "FooWrapper"),
+    ("test", "test_evaluator.type=FooMetric", "FooMetric"),
+])
+def test_cli_bad_loop_value_is_one_line(tmp_path, capsys, toy_root, command, option, named):
+    """Values mmengine builds only inside train() / test() (loaders, optimizer, evaluator)
+    are built before the run starts (mm.runner.build_loops): one line, nothing trained."""
+    config = "toy/upernet_restv2_toy.py"
+    ckpt = tmp_path / "any.pth"
+    torch.save({"state_dict": build(load(config)).state_dict()}, ckpt)
+    roots = [f"{split}_dataloader.dataset.data_root={toy_root}/"
+             for split in ("train", "val", "test")]
+    argv = [command, config, *([str(ckpt)] if command == "test" else []),
+            "--work-dir", str(tmp_path / "w"), "--cfg-options", *roots,
+            "train_cfg.max_iters=1", option]
+    assert cli(argv) == 2
+    err = capsys.readouterr().err
+    assert f"rest-dense {command}: error: the config does not build" in err and named in err
+    assert "Traceback" not in without_logging_errors(err)
+    assert not list((tmp_path / "w").rglob("*.pth"))
