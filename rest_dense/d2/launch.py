@@ -169,9 +169,33 @@ def _check_eval_weights(checkpointer: RestDetectionCheckpointer, weights: str,
                      "the output folder")
 
 
+def _check_run_settings(cfg) -> None:
+    """What detectron2 reads only after training started: the test datasets (used at the
+    first evaluation and at the end, when a bad name would throw away a finished run) and
+    the periods (0 divides by zero at the first step)."""
+    import difflib
+
+    from detectron2.data import DatasetCatalog
+
+    known = DatasetCatalog.list()
+    for name in cfg.DATASETS.TEST:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=3)
+            hint = f"; close: {', '.join(close)}" if close else ""
+            raise ValueError(f"DATASETS.TEST names {name!r}, which is not a registered dataset "
+                             f"(detectron2's DatasetCatalog){hint}")
+    if cfg.SOLVER.CHECKPOINT_PERIOD <= 0:
+        raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be >= 1, got "
+                         f"{cfg.SOLVER.CHECKPOINT_PERIOD}")
+    if cfg.TEST.EVAL_PERIOD < 0:
+        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: at the end only), got "
+                         f"{cfg.TEST.EVAL_PERIOD}")
+
+
 def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
     with building_from_config(assertions=True):  # a bad value or key: ConfigBuildError
         cfg = setup_yaml_config(args.config_file, job_overrides(args, lazy=False))
+        _check_run_settings(cfg)
     default_setup(cfg, args)
     resume_file = _resume_file(args)
     if args.eval_only:

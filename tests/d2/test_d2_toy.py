@@ -162,6 +162,14 @@ def test_cli_bad_solver_value_and_missing_data_are_one_line(tmp_path, capsys, to
     err = capsys.readouterr().err
     assert "the config does not build: Total batch size (0)" in err
     assert "Traceback" not in without_logging_errors(err)
+    # read by detectron2 only after training started: refused before it starts
+    for opts, named in ((["DATASETS.TEST", '("toy_vall",)'], "close: toy_val"),
+                        (["SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER",
+                          "False"], "SOLVER.CHECKPOINT_PERIOD must be >= 1")):
+        assert cli([*argv, "--toy-root", str(toy_root), *opts]) == 2
+        err = capsys.readouterr().err
+        assert "the config does not build" in err and named in err
+        assert not (tmp_path / "w" / "model_final.pth").exists()
     assert cli([*argv, "--toy-root", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert "rest-dense train: error:" in err and "nowhere" in err
