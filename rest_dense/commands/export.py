@@ -192,10 +192,11 @@ def run(args: argparse.Namespace) -> int:
 
     # the files get their names only once every check passed (StagedFile)
     with contextlib.ExitStack() as stack:
-        staged = [stack.enter_context(StagedFile(path, suffix))
-                  for path, suffix in ((out, ".onnx"), (args.program, ".pt2")) if path]
-        if out is not None:
-            onnx_file = staged[0]
+        onnx_file = stack.enter_context(StagedFile(out, ".onnx")) if out else None
+        program_file = stack.enter_context(StagedFile(args.program, ".pt2")) \
+            if args.program else None
+        staged = [f for f in (onnx_file, program_file) if f is not None]
+        if onnx_file is not None:
             try:
                 exp = ex.export_onnx(model, onnx_file.path, shape=args.shape,
                                      dynamic=not args.static, opset=args.opset, batch=args.batch)
@@ -226,7 +227,7 @@ def run(args: argparse.Namespace) -> int:
                                             batch=args.batch)
             except ValueError as e:  # includes DynamicShapeError
                 return _fail(str(e), 1)
-            torch.export.save(program, staged[-1].path)
+            torch.export.save(program, program_file.path)
             kind = ("dynamic height/width" if not args.static
                     else f"static {args.batch}x3x{format_size(args.shape)}")
             print(f"exported {args.program} (torch.export, {kind}, batch {args.batch}) in "

@@ -36,6 +36,7 @@ import os
 import sys
 
 from ..utils import error_text, fraction, non_negative_float, size_arg
+from .outputs import output_problem
 
 HELP = "export a detector / segmenter to ONNX and check it with ONNX Runtime"
 
@@ -109,19 +110,16 @@ def run(args: argparse.Namespace) -> int:
 def _export_and_check(args: argparse.Namespace, sizes) -> int:
     import pickle
 
-    from ..convert import check_destination
     from ..deploy.latency import format_table, measure_latency
     from ..deploy.model_onnx import load_deployment
     from ..deploy.predictions import Tolerances
     from ..run_files import StagedFile
     from ..utils import format_size
 
-    try:
-        if not os.path.isdir(args.out):  # a missing folder is created, as by the library
-            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        check_destination(args.out, example="model.onnx", sources=[args.checkpoint, args.config])
-    except (ValueError, OSError) as e:
-        print(f"error: {error_text(e)}", file=sys.stderr)
+    # a missing folder is created, as by the library
+    problem = output_problem(args.out, "model.onnx", sources=[args.checkpoint, args.config])
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     # the graph gets its name only once it passed the checks (StagedFile); the temporary
     # name ends in .onnx, the one ending MMDeploy writes

@@ -5,25 +5,31 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from typing import Optional
+from typing import Optional, Sequence
 
 
-def output_problem(path: Optional[str], example: str) -> Optional[str]:
+def output_problem(path: Optional[str], example: str,
+                   sources: Sequence[Optional[str]] = ()) -> Optional[str]:
     """Why ``path`` cannot take an output file (its missing folders are created), or None.
 
     Args:
         path: the file the command will write (None: nothing to check).
         example: a file name for the message when ``path`` is a folder.
+        sources: files the command reads, which ``path`` must not be
+            (:func:`rest_dense.convert.check_destination`).
     """
     if not path:
         return None
     from ..convert import check_destination
 
     try:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        folder = check_destination(path, example=example)
+        if not os.path.isdir(path):
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        folder = check_destination(path, example=example, sources=sources)
         with tempfile.TemporaryFile(dir=folder):
             pass  # permissions alone do not tell (root, read-only or virtual file systems)
+    except ValueError as e:
+        return str(e)
     except OSError as e:
         return f"cannot write {path!r}: {e.strerror or e}"
     return None
