@@ -19,6 +19,8 @@ from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
+from . import hardware
+
 __all__ = ["ACCELERATORS", "PRECISIONS", "accelerator_available", "amp_supported",
            "bf16_supported", "cpu_has_native_bf16", "warn_if_bf16_emulated", "parse_precision",
            "resolve_amp", "autocast_off"]
@@ -173,22 +175,13 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> Optional[bool]:
     line with AVX-512 BF16 or AMX, an Arm ``Features`` line with BF16; torch's
     ``get_cpu_capability()`` (``'AMX'``) is a second witness. None when neither tells (no
     such file or line, e.g. another architecture, and a capability that says nothing)."""
-    try:
-        if str(torch.backends.cpu.get_cpu_capability()).upper().startswith("AMX"):
-            return True
-    except AttributeError:
-        pass
-    try:
-        with open(cpuinfo) as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key in ("flags", "Features"):
-                    wanted = NATIVE_BF16_FLAGS if key == "flags" else NATIVE_BF16_FEATURES
-                    return any(flag in value.split() for flag in wanted)
-    except OSError:
+    if hardware.cpu_capability().upper().startswith("AMX"):
+        return True
+    info = hardware.read_cpuinfo(cpuinfo)
+    if info.flags_key is None:
         return None
-    return None
+    wanted = NATIVE_BF16_FLAGS if info.flags_key == "flags" else NATIVE_BF16_FEATURES
+    return any(flag in info.flags for flag in wanted)
 
 
 def warn_if_bf16_emulated(device: Union[str, torch.device, None] = "cpu",
@@ -210,10 +203,7 @@ def warn_if_bf16_emulated(device: Union[str, torch.device, None] = "cpu",
         return False
     if not _WARNED_BF16:
         _WARNED_BF16.append(True)
-        try:
-            capability = torch.backends.cpu.get_cpu_capability()
-        except AttributeError:
-            capability = "unknown"
+        capability = hardware.cpu_capability()
         (log or logger).warning(
             "bf16 autocast on a CPU without native bf16 (no avx512_bf16 / amx_bf16 flag, "
             "or Arm bf16 feature; torch CPU capability %s): bf16 matrix products are "

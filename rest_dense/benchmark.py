@@ -56,7 +56,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from . import _moved
+from . import _moved, hardware
 from .configs import get_config_path
 from .models.functional import forced_attention
 
@@ -1245,26 +1245,12 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
 
 # ------------------------------------------------------------------ output
 def cpu_description() -> str:
-    """The CPU's model name, the flags that decide bf16 speed and torch's CPU capability,
-    e.g. ``'AMD EPYC (avx512_bf16; torch AVX512)'``."""
-    model, flags = "unknown CPU", set()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip()
-                if key == "model name" and model == "unknown CPU":
-                    model = value.strip()
-                elif key == "flags" and not flags:
-                    flags = set(value.split())
-    except OSError:
-        pass
-    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
-    try:
-        capability = torch.backends.cpu.get_cpu_capability()
-    except AttributeError:  # older torch
-        capability = "unknown"
-    return f"{model} ({' '.join(wanted) or 'no AVX2'}; torch {capability})"
+    """The CPU's model name, the flags that decide bf16 speed, torch's CPU capability and
+    the kernel rules' CPU class, e.g. ``'AMD EPYC (avx512_bf16; torch AVX512; class avx512)'``."""
+    info = hardware.read_cpuinfo()
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in info.flags]
+    return (f"{info.model} ({' '.join(wanted) or 'no AVX2'}; torch {hardware.cpu_capability()}; "
+            f"kernel rules for {hardware.cpu_class()})")
 
 
 def describe_device(device: str = "cpu") -> str:

@@ -68,6 +68,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import hardware
+
 __all__ = [
     "attention",
     "linear",
@@ -78,7 +80,8 @@ __all__ = [
     "compute_dtype",
     "FAST_PATH_RULE",
     "MATH_ATTENTION_MAX_ELEMENTS",
-    "CHUNKED_ATTENTION_MIN_ELEMENTS",
+    "LARGE_ATTENTION_MIN_ELEMENTS",
+    "BF16_ATTENTION_RULE",
     "ATTENTION_CHUNK_ELEMENTS",
     "fast_paths",
     "fast_paths_enabled",
@@ -224,11 +227,25 @@ FAST_PATH_RULE = frozenset({("cpu", "fp32"), ("cpu", "bf16")})
 #: else through ``F.scaled_dot_product_attention``
 MATH_ATTENTION_MAX_ELEMENTS = 1 << 26
 
-#: CPU, bf16: attention matrices (elements, batch and heads included) larger than
-#: this run by query chunks (``'chunked'``), by mode: ``'infer'`` (nothing records) and
-#: ``'train'`` (autograd records; the chunks are recomputed in backward instead of the
-#: whole matrix kept)
-CHUNKED_ATTENTION_MIN_ELEMENTS = {"infer": 16 << 20, "train": 16 << 20}
+#: CPU, bf16: attention matrices (elements, batch and heads included) up to this size are
+#: "small" in :data:`BF16_ATTENTION_RULE`, larger ones "large"
+LARGE_ATTENTION_MIN_ELEMENTS = 16 << 20
+#: CPU, bf16: the attention kernel by (CPU class, mode) as (small matrices, large matrices);
+#: mode ``'train'`` when autograd records q, k or v, else ``'infer'``; CPU classes are
+#: :func:`rest_dense.hardware.cpu_class`'s. In training the explicit math, by query chunks
+#: when large. In inference the same on AVX-512 BF16 without AMX (measured on AMD Zen 4);
+#: with AMX (measured on a Sapphire Rapids class Xeon) PyTorch's fused kernel runs its
+#: GEMMs on the tiles and wins at every size. Other CPUs emulate bf16 (not measured for
+#: speed) and take the AVX-512 rule. docs/kernels.md has the measurements.
+BF16_ATTENTION_RULE = {
+    ("amx", "infer"): ("sdpa", "sdpa"),
+    ("amx", "train"): ("math", "chunked"),
+    ("avx512", "infer"): ("math", "chunked"),
+    ("avx512", "train"): ("math", "chunked"),
+    ("other", "infer"): ("math", "chunked"),
+    ("other", "train"): ("math", "chunked"),
+}
+
 #: the size (elements, batch and heads included) of one chunk's attention matrix
 ATTENTION_CHUNK_ELEMENTS = 1 << 20
 
@@ -296,13 +313,14 @@ def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
       training, and it keeps no attention matrix for backward).
     * CPU, fp16: ``'sdpa'`` (on a CPU without fp16 units the explicit fp16 products run
       about ten times slower than the fused kernel).
-    * CPU, bf16 (autocast or bf16 tensors): the explicit ``q @ k^T``, softmax, ``@ v``
-      (PyTorch's CPU flash kernel is several times slower than bf16 GEMMs for the short
-      key sequences of EMSA, whose keys are spatially reduced): ``'math'`` on the whole
-      attention matrix while it is small, ``'chunked'`` (the same products over blocks of
-      queries, each block's matrix kept in cache and recomputed in backward) once it is
-      larger than :data:`CHUNKED_ATTENTION_MIN_ELEMENTS` for the mode (``'train'`` when
-      autograd records ``q``, ``k`` or ``v``, else ``'infer'``).
+    * CPU, bf16 (autocast or bf16 tensors): :data:`BF16_ATTENTION_RULE`, by the CPU class,
+      the mode (``'train'`` when autograd records ``q``, ``k`` or ``v``, else ``'infer'``)
+      and whether the matrix is larger than :data:`LARGE_ATTENTION_MIN_ELEMENTS`: the
+      explicit ``q @ k^T``, softmax, ``@ v`` (``'math'``) where PyTorch's CPU flash kernel
+      is slower than the bf16 GEMMs (EMSA's keys are short, spatially reduced), the same
+      products over blocks of queries (``'chunked'``: each block's matrix kept in cache
+      and recomputed in backward) for large ones, the fused kernel where it wins (AMX,
+      inference).
     * A matrix larger than :data:`MATH_ATTENTION_MAX_ELEMENTS` that ``'chunked'`` cannot
       take goes through ``'sdpa'``.
     * Inside ``torch.func`` transforms and forward-mode AD: ``'math'`` (PyTorch's SDPA
@@ -329,10 +347,11 @@ def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
     elements = _score_count(q, k)
     records = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (q, k, v))
-    if (elements > CHUNKED_ATTENTION_MIN_ELEMENTS["train" if records else "infer"]
-            and _chunkable(q, k, v)):
-        return "chunked"
-    return "sdpa" if elements > MATH_ATTENTION_MAX_ELEMENTS else "math"
+    small, large = BF16_ATTENTION_RULE[(hardware.cpu_class(), "train" if records else "infer")]
+    impl = large if elements > LARGE_ATTENTION_MIN_ELEMENTS else small
+    if impl == "chunked" and not _chunkable(q, k, v):
+        impl = "math"
+    return "sdpa" if impl == "math" and elements > MATH_ATTENTION_MAX_ELEMENTS else impl
 
 
 def _score_count(q: Tensor, k: Tensor) -> int:
@@ -1072,16 +1091,20 @@ def _col2im_3x3s2(cols: Tensor, shape: Sequence[int]) -> Tensor:
 
 
 #: the strided 3x3 convolutions' backward on the CPU: ``'gemm'`` (two GEMMs over
-#: recomputed patches) or ``'library'`` (``aten.convolution_backward``, oneDNN), by CPU
-#: class and precision (:func:`_precision`); for bf16 on AVX-512 the value is the widest input
-#: (channels) that goes to the library. Measured with ``tools/bench_kernels.py``
-#: (docs/kernels.md): on AVX2 the GEMMs win in fp32; on AVX-512 the library wins in fp32
-#: at every stage and in bf16 on the wide early maps (the stem and ``patch_2``), the
-#: GEMMs on the narrow late ones.
+#: recomputed patches), ``'library'`` (``aten.convolution_backward``, oneDNN), or the widest
+#: input (channels) that goes to the library (the GEMMs above it), by CPU class
+#: (:func:`rest_dense.hardware.cpu_class`) and precision (:func:`_precision`). Measured
+#: with ``tools/bench_kernels.py`` (docs/kernels.md): on AVX2 the GEMMs win in fp32; on
+#: AVX-512 without AMX the library wins in fp32 at every stage and in bf16 on the wide
+#: early maps (the stem and ``patch_2``); on AMX the library wins up to 96 channels in
+#: fp32 and up to 192 in bf16, the GEMMs on the narrower late maps.
 STRIDED_CONV_BACKWARD_RULE = {
+    ("amx", "fp32"): 96,
+    ("amx", "bf16"): 192,
+    ("amx", "fp16"): 192,  # as bf16, not measured: CPU fp16 runs the plain modules
     ("avx512", "fp32"): "library",
     ("avx512", "bf16"): 96,
-    ("avx512", "fp16"): 96,  # as bf16, not measured: CPU fp16 runs the plain modules
+    ("avx512", "fp16"): 96,  # as bf16, not measured
     ("other", "fp32"): "gemm",
     ("other", "bf16"): "gemm",
     ("other", "fp16"): "gemm",
@@ -1096,17 +1119,6 @@ def record_conv_backward_choices() -> Iterator[list]:
     """Collect ``(impl, input shape, dtype)`` of every :func:`conv3x3_s2_backward` call inside."""
     with _holding(_CONV_CHOICE_LOG, []) as log:
         yield log
-
-
-@functools.lru_cache(maxsize=None)
-def _cpu_class() -> str:
-    """``'avx512'`` where torch dispatches its CPU kernels for AVX-512 (or AMX), else
-    ``'other'``."""
-    try:
-        capability = str(torch.backends.cpu.get_cpu_capability()).upper()
-    except AttributeError:  # older torch
-        return "other"
-    return "avx512" if capability.startswith(("AVX512", "AMX")) else "other"
 
 
 @contextlib.contextmanager
@@ -1135,7 +1147,7 @@ def strided_conv_backward_impl(x: Tensor) -> str:
         return _FORCED_CONV_BACKWARD[0]
     if x.device.type != "cpu":
         return "library"
-    rule = STRIDED_CONV_BACKWARD_RULE[(_cpu_class(), _precision(x.dtype))]
+    rule = STRIDED_CONV_BACKWARD_RULE[(hardware.cpu_class(), _precision(x.dtype))]
     if isinstance(rule, int):
         return "library" if x.shape[-1] <= rule else "gemm"
     return rule

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from rest_dense.models import ResTv1, ResTv2
+from rest_dense import hardware
 from rest_dense.models import functional as fast
 from rest_dense.models.base import CP_LEVELS, check_cp_level
 from rest_dense.models.layers import Block, Mlp, PixelAttention
@@ -194,32 +195,43 @@ def test_fast_path_rule_per_device_and_dtype():
     assert fast.fast_paths_enabled()
 
 
-def test_attention_dispatch_rule():
+@pytest.mark.parametrize("cpu", ["amx", "avx512", "other"])
+def test_attention_dispatch_rule(cpu, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_class", lambda: cpu)
     q = torch.randn(2, 1, 64, 8)
     k = torch.randn(2, 1, 16, 8)
+    small_infer = fast.BF16_ATTENTION_RULE[(cpu, "infer")][0]
+    assert small_infer == ("sdpa" if cpu == "amx" else "math")
     assert fast.attention_impl(q, k) == "sdpa"  # CPU fp32
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert fast.attention_impl(q, k) == "math"
-    assert fast.attention_impl(q.bfloat16(), k.bfloat16()) == "math"
+        assert fast.attention_impl(q, k) == small_infer
+    assert fast.attention_impl(q.bfloat16(), k.bfloat16()) == small_infer
     assert fast.attention_impl(q.half(), k.half()) == "sdpa"  # CPU fp16: the fused kernel
     with torch.autocast("cpu", dtype=torch.float16):
         assert fast.attention_impl(q, k) == "sdpa"
-    # bf16: large matrices by query chunks (the limit per mode); over the explicit limit
-    # the fused kernel only where the chunks cannot run
+    # bf16: small and large matrices by the rule of the CPU class and mode
     kb = torch.empty(1, 1, 16, 8, dtype=torch.bfloat16)
-    for mode, limit in fast.CHUNKED_ATTENTION_MIN_ELEMENTS.items():
+    limit = fast.LARGE_ATTENTION_MIN_ELEMENTS
+    for mode in ("infer", "train"):
+        small, large = fast.BF16_ATTENTION_RULE[(cpu, mode)]
         at, over = (torch.empty(1, 1, limit // 16 + extra, 8, dtype=torch.bfloat16,
                                 requires_grad=mode == "train") for extra in (0, 1))
-        assert fast.attention_impl(at, kb) == "math", mode
-        assert fast.attention_impl(over, kb) == "chunked", mode
-        with torch.no_grad():  # nothing records: the inference limit
-            expected = "chunked" if limit // 16 + 1 > \
-                fast.CHUNKED_ATTENTION_MIN_ELEMENTS["infer"] // 16 else "math"
-            assert fast.attention_impl(over, kb) == expected, mode
+        assert fast.attention_impl(at, kb) == small, mode
+        assert fast.attention_impl(over, kb) == large, mode
+        with torch.no_grad():  # nothing records: the inference rule
+            assert fast.attention_impl(over, kb) == fast.BF16_ATTENTION_RULE[(cpu, "infer")][1]
+    # training always chunks large matrices (memory: no matrix kept for backward)
+    assert fast.BF16_ATTENTION_RULE[(cpu, "train")] == ("math", "chunked")
     big_q = torch.empty(1, 1, fast.MATH_ATTENTION_MAX_ELEMENTS // 16 + 1, 8, dtype=torch.bfloat16)
-    assert fast.attention_impl(big_q, kb) == "chunked"
+    large_infer = fast.BF16_ATTENTION_RULE[(cpu, "infer")][1]
+    assert fast.attention_impl(big_q, kb) == large_infer
     assert fast.attention_impl(big_q, kb.expand(2, 1, 16, 8)) == "sdpa"  # not chunkable
     assert fast.attention_impl(big_q.float(), kb.float()) == "sdpa"  # fp32: always fused
+    # a large matrix that cannot be chunked falls back to the whole-matrix math below the
+    # explicit limit
+    mid_q = torch.empty(1, 1, limit // 16 + 1, 8, dtype=torch.bfloat16)
+    expected = "sdpa" if large_infer == "sdpa" else "math"
+    assert fast.attention_impl(mid_q, kb.expand(2, 1, 16, 8)) == expected
     with fast.forced_attention("math"):
         assert fast.attention_impl(q, k) == "math"
         with fast.forced_attention(None):
@@ -408,8 +420,8 @@ def test_model_with_chunked_attention_matches_explicit(train, monkeypatch):
     """A bf16 ResTv2 with every attention chunked (the limits lowered) matches the same
     model with the explicit attention forced: outputs and gradients."""
     monkeypatch.setattr(fast, "ATTENTION_CHUNK_ELEMENTS", 512)
-    monkeypatch.setitem(fast.CHUNKED_ATTENTION_MIN_ELEMENTS, "infer", 0)
-    monkeypatch.setitem(fast.CHUNKED_ATTENTION_MIN_ELEMENTS, "train", 0)
+    monkeypatch.setattr(fast, "LARGE_ATTENTION_MIN_ELEMENTS", 0)
+    monkeypatch.setattr(hardware, "cpu_class", lambda: "avx512")
     torch.manual_seed(0)
     model = ResTv2(arch=ARCH).train(train)
     x = torch.randn(2, 3, 61, 79)
@@ -908,18 +920,25 @@ def test_conv3x3_s2_backward_impls_agree(shape, dtype):
     assert none is None and torch.equal(dx_only, dx_l)
 
 
-def test_strided_conv_backward_rule():
+@pytest.mark.parametrize("cpu", ["amx", "avx512", "other"])
+def test_strided_conv_backward_rule(cpu, monkeypatch):
+    monkeypatch.setattr(hardware, "cpu_class", lambda: cpu)
     tokens = torch.empty(1, 4, 4, 48)
     rule = fast.STRIDED_CONV_BACKWARD_RULE
-    cpu = fast._cpu_class()
-    assert cpu in ("avx512", "other")
     for dtype, precision in ((torch.float32, "fp32"), (torch.bfloat16, "bf16"),
                              (torch.float16, "fp16")):
         choice = rule[(cpu, precision)]
         expected = ("library" if 48 <= choice else "gemm") if isinstance(choice, int) else choice
         assert fast.strided_conv_backward_impl(tokens.to(dtype)) == expected
-    # bf16 on AVX-512: the library for the wide early maps, GEMMs for the narrow late ones
+    # bf16 on AVX-512 and AMX: the library for the wide early maps, GEMMs for the narrow
+    # late ones (the stages' inputs have 48, 96, 192 and 384 channels)
     assert rule[("avx512", "bf16")] == 96 and rule[("other", "fp32")] == "gemm"
+    assert rule[("amx", "bf16")] == 192 and rule[("amx", "fp32")] == 96
+    if cpu == "amx":
+        for width, expected in ((96, "library"), (192, "library"), (384, "gemm")):
+            assert fast.strided_conv_backward_impl(
+                torch.empty(1, 4, 4, width).bfloat16()) == expected
+        assert fast.strided_conv_backward_impl(torch.empty(1, 4, 4, 192)) == "gemm"
     assert fast.strided_conv_backward_impl(torch.empty(1, 4, 4, 48, device="meta")) == "library"
     # reduced precision with a side of 1 or 2: the library's weight gradient is wrong there
     for hw in ((1, 9), (9, 2), (2, 2)):
