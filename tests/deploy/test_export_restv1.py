@@ -68,7 +68,7 @@ def d2_v1_ckpt(tmp_path_factory, v1_data):
     data = v1_data
     work = tmp_path_factory.mktemp("train_d2_v1")
     # 20 iterations at lr 0.002: the ResTv2 toy recipe (12 at 0.001) leaves this model's
-    # class scores below 1e-4; these give the best detections 0.001-0.02
+    # class scores below 1e-4; these give the best detections 1e-4 to 0.02 (by CPU)
     ckpt = train_d2(work, data, 20, options=dict(D2_V1, **{"SOLVER.BASE_LR": 0.002}))
     state = safe_load.load_checkpoint_file(ckpt, trusted=False)["model"]
     assert any(k.endswith("attn.transform_conv.weight") for k in state), sorted(state)[:20]
@@ -79,9 +79,10 @@ def d2_v1_ckpt(tmp_path_factory, v1_data):
 def test_detectron2_mask_rcnn_restv1_trained(tmp_path, capsys, d2_v1_ckpt, one_thread):
     ckpt, data = d2_v1_ckpt
     assert len(list((data / "train").glob("*.png"))) == TRAIN_IMAGES
-    # scores are still low (see d2_v1_ckpt): a lower test-time threshold keeps the best ones
-    opts = [f"{k}={v}" for k, v in dict(D2_OPTIONS, **D2_V1,
-                                        **{"MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.001}).items()]
+    # scores are still low (see d2_v1_ckpt) and differ by CPU (1e-4 to 2e-2): no test-time
+    # threshold, the 20 best detections per image are compared
+    opts = [f"{k}={v}" for k, v in dict(D2_OPTIONS, **D2_V1, **{
+        "MODEL.ROI_HEADS.SCORE_THRESH_TEST": 0.0, "TEST.DETECTIONS_PER_IMAGE": 20}).items()]
     out = tmp_path / "d2_v1.onnx"
     code, text, lines = _export(capsys, D2_DET, ckpt, out, "--check-images",
                                 str(val_images(data)[0]), "--cfg-options", *opts)
