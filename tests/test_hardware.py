@@ -49,3 +49,18 @@ def test_cpu_class_of_this_machine_is_known():
     flags = hardware.read_cpuinfo().flags
     if "amx_bf16" in flags:
         assert hardware.cpu_class() == "amx"
+
+
+def test_every_cpu_class_has_a_rule():
+    """The kernel rules name every CPU class, for every mode / precision they key on."""
+    from rest_dense.models import functional as fast
+
+    for cpu in hardware.CPU_CLASSES:
+        for mode in ("infer", "train"):
+            small, large = fast.BF16_ATTENTION_RULE[(cpu, mode)]
+            assert {small, large} <= set(fast.ATTENTION_IMPLS)
+        for precision in ("fp32", "bf16", "fp16"):
+            rule = fast.STRIDED_CONV_BACKWARD_RULE[(cpu, precision)]
+            assert rule in fast.STRIDED_CONV_BACKWARD_IMPLS or isinstance(rule, int)
+    assert {k[0] for k in fast.BF16_ATTENTION_RULE} == set(hardware.CPU_CLASSES)
+    assert {k[0] for k in fast.STRIDED_CONV_BACKWARD_RULE} == set(hardware.CPU_CLASSES)
