@@ -44,9 +44,11 @@ there; not CUDA, where they were never measured). Under ``torch.autocast`` each 
 dtype once and runs forward and backward in it (as autocast would run the GEMMs),
 except the strided depth-wise convolution backward, which the CPU runs an order of
 magnitude faster in fp32. The attention kernel is chosen by :func:`attention_impl`
-(explicit math in CPU bf16, over blocks of queries for large attention matrices;
-PyTorch's fused ``scaled_dot_product_attention`` elsewhere); docs/kernels.md has the
-measurements behind both rules. :func:`fast_paths` switches the fast paths off, e.g. to
+(in CPU bf16 by :data:`BF16_ATTENTION_RULE`, per CPU class from
+:func:`rest_dense.hardware.cpu_class` and mode: explicit math, over blocks of queries
+for large attention matrices, or the fused kernel where AMX makes it faster; PyTorch's
+fused ``scaled_dot_product_attention`` elsewhere); docs/kernels.md has the measurements
+behind the rules. :func:`fast_paths` switches the fast paths off, e.g. to
 compare with the plain computation::
 
     from rest_dense.models.functional import fast_paths
