@@ -1246,7 +1246,8 @@ def kernel_benchmark(model: str = "restv2_tiny", size: Tuple[int, int] = (512, 5
 # ------------------------------------------------------------------ output
 def cpu_description() -> str:
     """The CPU's model name, the flags that decide bf16 speed, torch's CPU capability and
-    the kernel rules' CPU class, e.g. ``'AMD EPYC (avx512_bf16; torch AVX512; class avx512)'``."""
+    the kernel rules' CPU class, e.g.
+    ``'AMD EPYC (avx2 avx512f avx512_bf16; torch AVX512; kernel rules for avx512)'``."""
     info = hardware.read_cpuinfo()
     wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in info.flags]
     return (f"{info.model} ({' '.join(wanted) or 'no AVX2'}; torch {hardware.cpu_capability()}; "
@@ -1254,7 +1255,8 @@ def cpu_description() -> str:
 
 
 def describe_device(device: str = "cpu") -> str:
-    """``'NVIDIA H100 ...'`` or ``'CPU <model> (<flags>; torch <capability>), 2 threads'``."""
+    """``'NVIDIA H100 ...'`` or ``'CPU <model> (<flags>; torch <capability>; kernel rules for
+    <class>), 2 threads'``."""
     if device.startswith("cuda"):
         return torch.cuda.get_device_name(torch.device(device))
     n = torch.get_num_threads()

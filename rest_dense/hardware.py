@@ -7,7 +7,8 @@ Pure Python and PyTorch (the model core uses it). Three CPU classes key the kern
   the tiles, several times faster than the AVX-512 BF16 dot products.
 * ``'avx512'``: torch dispatches its CPU kernels for AVX-512 (e.g. AMD Zen 4, with
   AVX-512 BF16 but no AMX).
-* ``'other'``: AVX2 and everything else.
+* ``'other'``: AVX2 and everything else (bf16 emulated on x86; Arm CPUs, also those with
+  the BF16 extension, were not measured and land here).
 """
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from typing import FrozenSet, Optional
 
 import torch
 
-__all__ = ["CpuInfo", "read_cpuinfo", "cpu_capability", "cpu_class", "CPU_CLASSES"]
+__all__ = ["CpuInfo", "read_cpuinfo", "cpu_capability", "detect_cpu_class", "cpu_class",
+           "CPU_CLASSES"]
 
 CPU_CLASSES = ("amx", "avx512", "other")
 
@@ -43,7 +45,7 @@ def read_cpuinfo(path: str = "/proc/cpuinfo") -> CpuInfo:
     """Read the model name and the flags of the first processor in ``path`` (cached)."""
     model, flags, key_found = None, None, None
     try:
-        with open(path) as f:
+        with open(path, errors="replace") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
@@ -67,12 +69,26 @@ def cpu_capability() -> str:
         return "unknown"
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_class() -> str:
-    """The CPU class of the kernel rules: ``'amx'``, ``'avx512'`` or ``'other'`` (see the
-    module docstring). torch reports AVX512 on AMX machines too, so AMX comes from the
-    CPU's flags (``amx_bf16``) or a capability that names it."""
-    capability = cpu_capability().upper()
-    if capability.startswith("AMX") or "amx_bf16" in read_cpuinfo().flags:
+def detect_cpu_class(info: Optional[CpuInfo] = None, capability: Optional[str] = None) -> str:
+    """The CPU class of ``info`` (default: this machine's ``/proc/cpuinfo``) with torch's
+    kernel ``capability`` (default: this process's): ``'amx'`` needs both the ``amx_bf16``
+    flag and AVX-512 kernels (torch reports AVX512 on AMX CPUs; a process capped below
+    that, e.g. ``ATEN_CPU_CAPABILITY=avx2``, has kernels that cannot use the tiles), or a
+    capability that names AMX; ``'avx512'`` any other AVX-512 capability; else ``'other'``."""
+    info = read_cpuinfo() if info is None else info
+    capability = (cpu_capability() if capability is None else capability).upper()
+    if capability.startswith("AMX") or (capability.startswith("AVX512")
+                                        and "amx_bf16" in info.flags):
         return "amx"
     return "avx512" if capability.startswith("AVX512") else "other"
+
+
+# computed once, at import: the rules read it inside traced and compiled code, where a
+# call into torch.backends or a file read would break the graph
+_CPU_CLASS = detect_cpu_class()
+
+
+def cpu_class() -> str:
+    """This machine's CPU class for the kernel rules: ``'amx'``, ``'avx512'`` or
+    ``'other'`` (see :func:`detect_cpu_class`; decided once per process)."""
+    return _CPU_CLASS

@@ -920,6 +920,26 @@ def test_conv3x3_s2_backward_impls_agree(shape, dtype):
     assert none is None and torch.equal(dx_only, dx_l)
 
 
+@pytest.mark.parametrize("train", [False, True])
+def test_bf16_forward_traces_as_one_graph(train):
+    """The kernel rules are constants to torch.compile: a bf16 forward is one graph (a
+    rule that asked torch.backends or /proc/cpuinfo at trace time broke it at every
+    attention call). This machine's real CPU class, not a patched one."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).train(train)
+    x = torch.randn(1, 3, 64, 64)
+
+    def forward(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(x)[-1]
+
+    torch._dynamo.reset()
+    with torch.set_grad_enabled(train):
+        explained = torch._dynamo.explain(forward)(x)
+    assert explained.graph_count == 1 and explained.graph_break_count == 0, \
+        [str(b.reason)[:200] for b in explained.break_reasons]
+
+
 @pytest.mark.parametrize("cpu", ["amx", "avx512", "other"])
 def test_strided_conv_backward_rule(cpu, monkeypatch):
     monkeypatch.setattr(hardware, "cpu_class", lambda: cpu)
