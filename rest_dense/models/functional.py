@@ -237,7 +237,8 @@ LARGE_ATTENTION_MIN_ELEMENTS = 16 << 20
 #: :func:`rest_dense.hardware.cpu_class`'s. In training the explicit math, by query chunks
 #: when large. In inference the same on AVX-512 BF16 without AMX (measured on AMD Zen 4);
 #: with AMX (measured on a Sapphire Rapids class Xeon) PyTorch's fused kernel runs its
-#: GEMMs on the tiles and wins at every size. Other CPUs emulate bf16 (not measured for
+#: GEMMs on the tiles and wins from global attention down to the default windows (with
+#: tiny windows of 1-16 keys it loses per call, but whole models were within 3 %). Other CPUs emulate bf16 (not measured for
 #: speed) and take the AVX-512 rule. docs/kernels.md has the measurements.
 BF16_ATTENTION_RULE = {
     ("amx", "infer"): ("sdpa", "sdpa"),
