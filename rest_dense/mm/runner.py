@@ -32,7 +32,7 @@ import copy
 import logging
 import os
 import os.path as osp
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Union
 
 from mmengine.config import Config
 from mmengine.logging import print_log
@@ -321,6 +321,35 @@ def build_runner(cfg: Config) -> Runner:
     return runner
 
 
+def _scheduler_configs(cfg: Any) -> Iterator[Mapping]:
+    """The scheduler dicts of a ``param_scheduler`` value: one dict, a list of them, or a
+    dict of those per optimizer (mmengine's three forms)."""
+    if isinstance(cfg, Mapping) and "type" not in cfg:
+        for value in cfg.values():
+            yield from _scheduler_configs(value)
+    elif isinstance(cfg, (list, tuple)):
+        for value in cfg:
+            yield from _scheduler_configs(value)
+    elif isinstance(cfg, Mapping):
+        yield cfg
+
+
+def _check_scheduler_types(cfg: Any) -> None:
+    """Refuse an unknown parameter scheduler type now; the schedulers themselves are built
+    inside ``train()`` (after ``auto_scale_lr`` sets the learning rate), too late for the
+    one-line rule."""
+    from mmengine.registry import PARAM_SCHEDULERS
+
+    for scheduler in _scheduler_configs(cfg):
+        name = scheduler.get("type")
+        if not isinstance(name, str):
+            continue
+        with PARAM_SCHEDULERS.switch_scope_and_registry(None) as registry:
+            if registry.get(name) is None:
+                raise KeyError(f"param_scheduler type {name!r} is not in the {registry.scope} "
+                               f"parameter scheduler registry")
+
+
 def build_loops(runner: Runner, mode: str) -> None:
     """Build now what :meth:`Runner.train` / :meth:`Runner.test` would build first from the
     config, under the one-line rule (:class:`~rest_dense.configs.ConfigBuildError`): a bad
@@ -330,12 +359,13 @@ def build_loops(runner: Runner, mode: str) -> None:
 
     ``'train'``: the training loop with its dataloader, the optimizer wrapper and the
     validation loop (the parameter schedulers stay to ``train()``: they must be built after
-    ``auto_scale_lr`` has set the learning rate). ``'test'``: the test loop.
+    ``auto_scale_lr`` has set the learning rate; their types are checked now). ``'test'``: the test loop.
     """
     from mmengine.optim import OptimWrapper
 
     with building_from_config(assertions=True):
         if mode == "train":
+            _check_scheduler_types(runner.param_schedulers)
             if runner._train_loop is not None:
                 runner._train_loop = runner.build_train_loop(runner._train_loop)
             if not isinstance(runner.optim_wrapper, OptimWrapper) and runner.optim_wrapper:

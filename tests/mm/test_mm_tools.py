@@ -459,6 +459,7 @@ def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, option, nam
     ("train", "optim_wrapper.optimizer.lr=-1.0", "Invalid learning rate"),
     ("train", "train_dataloader.batch_size=0", "batch_size"),
     ("train", "optim_wrapper.type=FooWrapper", "FooWrapper"),
+    ("train", "param_scheduler.1.type=FooLR", "FooLR"),
     ("test", "test_evaluator.type=FooMetric", "FooMetric"),
 ])
 def test_cli_bad_loop_value_is_one_line(tmp_path, capsys, toy_root, command, option, named):
