@@ -36,11 +36,11 @@ from detectron2.engine import default_argument_parser, launch
 from detectron2.evaluation import verify_results
 from detectron2.utils import comm
 
-from ..configs import building_from_config
+from ..configs import ConfigBuildError, building_from_config
 from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
 from ..safe_load import trust
-from ..utils import env_var
+from ..utils import env_var, error_text
 from .checkpointer import RestDetectionCheckpointer
 from .data import register_toy_datasets, register_toy_sem_seg_datasets
 from .engine import (RestTrainer, default_setup, is_lazy_config, lazy_build_model, lazy_test,
@@ -169,27 +169,67 @@ def _check_eval_weights(checkpointer: RestDetectionCheckpointer, weights: str,
                      "the output folder")
 
 
-def _check_run_settings(cfg) -> None:
-    """What detectron2 reads only after training started: the test datasets (used at the
-    first evaluation and at the end, when a bad name would throw away a finished run) and
-    the periods (0 divides by zero at the first step)."""
+def _check_test_datasets(names: Sequence[str], key: str) -> None:
     import difflib
 
     from detectron2.data import DatasetCatalog
 
     known = DatasetCatalog.list()
-    for name in cfg.DATASETS.TEST:
+    for name in names:
         if name not in known:
             close = difflib.get_close_matches(name, known, n=3)
             hint = f"; close: {', '.join(close)}" if close else ""
-            raise ValueError(f"DATASETS.TEST names {name!r}, which is not a registered dataset "
+            raise ValueError(f"{key}: {name!r} is not a registered dataset "
                              f"(detectron2's DatasetCatalog){hint}")
-    if cfg.SOLVER.CHECKPOINT_PERIOD <= 0:
-        raise ValueError(f"SOLVER.CHECKPOINT_PERIOD must be >= 1, got "
-                         f"{cfg.SOLVER.CHECKPOINT_PERIOD}")
-    if cfg.TEST.EVAL_PERIOD < 0:
-        raise ValueError(f"TEST.EVAL_PERIOD must be >= 0 (0: at the end only), got "
-                         f"{cfg.TEST.EVAL_PERIOD}")
+
+
+def _check_pixel_stats(mean: Sequence[float], std: Sequence[float], keys: Sequence[str]) -> None:
+    mean, std = list(mean), list(std)
+    if len(mean) != len(std):
+        raise ValueError(f"{keys[0]} and {keys[1]} need one value per input channel each, "
+                         f"got {len(mean)} and {len(std)} values")
+    if not all(s > 0 for s in std):  # NaN too
+        raise ValueError(f"{keys[1]} values must be > 0 (the images are divided by them), "
+                         f"got {std}")
+
+
+def _check_periods(checkpoint_period: int, eval_period: int, keys: Sequence[str]) -> None:
+    if checkpoint_period <= 0:
+        raise ValueError(f"{keys[0]} must be >= 1, got {checkpoint_period}")
+    if eval_period < 0:
+        raise ValueError(f"{keys[1]} must be >= 0 (0: at the end only), got {eval_period}")
+
+
+def _check_run_settings(cfg) -> None:
+    """What detectron2 reads only after training started, or reads without a clear error,
+    in a yacs config: the test datasets (used at the first evaluation and at the end, when
+    a bad name would throw away a finished run), the pixel mean / std (mismatched lengths
+    gave a tensor shape error; a std of 0 made every input inf) and the periods (0 divides
+    by zero at the first step)."""
+    _check_test_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
+    _check_pixel_stats(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD,
+                       ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"))
+    _check_periods(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD,
+                   ("SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD"))
+
+
+def _check_lazy_run_settings(cfg) -> None:
+    """:func:`_check_run_settings` for a LazyConfig (the same values under their lazy
+    names, where the config has them)."""
+    test_set = cfg.get("dataloader", {}).get("test", {}).get("dataset", {})
+    names = test_set.get("names") if hasattr(test_set, "get") else None
+    if names is not None:
+        _check_test_datasets([names] if isinstance(names, str) else list(names),
+                             "dataloader.test.dataset.names")
+    model = cfg.get("model", {})
+    if hasattr(model, "get") and model.get("pixel_mean") is not None \
+            and model.get("pixel_std") is not None:
+        _check_pixel_stats(model.pixel_mean, model.pixel_std,
+                           ("model.pixel_mean", "model.pixel_std"))
+    train = cfg.get("train", {})
+    period = train.get("checkpointer", {}).get("period", 1)
+    _check_periods(period, train.get("eval_period", 0),
+                   ("train.checkpointer.period", "train.eval_period"))
 
 
 def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
@@ -225,6 +265,7 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
 def _main_lazy(args: argparse.Namespace) -> Dict[str, Any]:
     with building_from_config():
         cfg = setup_lazy_config(args.config_file, job_overrides(args, lazy=True))
+        _check_lazy_run_settings(cfg)
     default_setup(cfg, args)
     resume_file = _resume_file(args)
     if args.eval_only:
@@ -358,5 +399,10 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         check_args(args)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    launch_main(args)
+    from ..commands.train import CHECKPOINT_ERRORS
+
+    try:
+        launch_main(args)
+    except (ConfigBuildError, FileNotFoundError) + CHECKPOINT_ERRORS as err:
+        parser.exit(2, f"{parser.prog}: error: {error_text(err)}\n")  # as `rest-dense train`
     return 0

@@ -144,12 +144,34 @@ def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, opts, named
     assert "Traceback" not in without_logging_errors(err)
 
 
-def test_cli_bad_lazy_config_value_is_one_line(tmp_path, capsys):
-    argv = ["train", LAZY_CONFIG, "--work-dir", str(tmp_path / "w"), "train.device=cpu",
-            "model.backbone.bottom_up.attn_mode=winn"]
+@pytest.mark.parametrize("option,named", [
+    ("model.backbone.bottom_up.attn_mode=winn", "winn"),
+    # read by detectron2 only after training started (the yacs checks, lazy names)
+    ("train.checkpointer.period=0", "train.checkpointer.period must be >= 1"),
+    ("train.eval_period=-1", "train.eval_period must be >= 0"),
+    ("dataloader.test.dataset.names=coco_2017_vall", "close: coco_2017_val"),
+    ("model.pixel_std=[1.0,0.0,1.0]", "model.pixel_std values must be > 0"),
+])
+def test_cli_bad_lazy_config_value_is_one_line(tmp_path, capsys, option, named):
+    argv = ["train", LAZY_CONFIG, "--work-dir", str(tmp_path / "w"), "train.device=cpu", option]
     assert cli(argv) == 2
     err = capsys.readouterr().err
-    assert "the config does not build" in err and "winn" in err
+    assert "the config does not build" in err and named in err
+    assert "Traceback" not in without_logging_errors(err)
+
+
+def test_train_net_bad_config_value_is_one_line(tmp_path, capsys):
+    """tools/train_net.py (detectron2's command line) reports a config that does not build
+    as `rest-dense train` does: one line, exit 2."""
+    from rest_dense.d2.launch import cli_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["--config-file", config_path("toy/mask_rcnn_restv2_toy.yaml"),
+                  "MODEL.DEVICE", "cpu", "OUTPUT_DIR", str(tmp_path / "w"),
+                  "MODEL.RESTV2.ATTN_MODE", "winn"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: the config does not build" in err and "winn" in err
     assert "Traceback" not in without_logging_errors(err)
 
 
@@ -165,7 +187,10 @@ def test_cli_bad_solver_value_and_missing_data_are_one_line(tmp_path, capsys, to
     # read by detectron2 only after training started: refused before it starts
     for opts, named in ((["DATASETS.TEST", '("toy_vall",)'], "close: toy_val"),
                         (["SOLVER.CHECKPOINT_PERIOD", "0", "SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER",
-                          "False"], "SOLVER.CHECKPOINT_PERIOD must be >= 1")):
+                          "False"], "SOLVER.CHECKPOINT_PERIOD must be >= 1"),
+                        # a std of 0 made every input inf; a short mean, a tensor shape error
+                        (["MODEL.PIXEL_STD", "[1.0, 2.0, 0.0]"], "MODEL.PIXEL_STD values must be > 0"),
+                        (["MODEL.PIXEL_MEAN", "[1.0, 2.0]"], "one value per input channel")):
         assert cli([*argv, "--toy-root", str(toy_root), *opts]) == 2
         err = capsys.readouterr().err
         assert "the config does not build" in err and named in err
