@@ -59,3 +59,5 @@ def test_every_cpu_class_has_a_rule():
             assert rule in fast.STRIDED_CONV_BACKWARD_IMPLS or isinstance(rule, int)
     assert {k[0] for k in fast.BF16_ATTENTION_RULE} == set(hardware.CPU_CLASSES)
     assert {k[0] for k in fast.STRIDED_CONV_BACKWARD_RULE} == set(hardware.CPU_CLASSES)
+    assert set(fast.ATTENTION_CHUNK_ELEMENTS) == set(hardware.CPU_CLASSES)
+    assert all(n >= 1 for n in fast.ATTENTION_CHUNK_ELEMENTS.values())

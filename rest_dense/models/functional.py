@@ -249,8 +249,10 @@ BF16_ATTENTION_RULE = {
     ("other", "train"): ("math", "chunked"),
 }
 
-#: the size (elements, batch and heads included) of one chunk's attention matrix
-ATTENTION_CHUNK_ELEMENTS = 1 << 20
+#: the size (elements, batch and heads included) of one chunk's attention matrix, by CPU
+#: class: 2**22 on AMX (a whole 1x3x800x1216 training step 8 % faster than with 2**20,
+#: 2**21 and 2**23 in between), 2**20 elsewhere (the EPYC's 1 MiB L2 per core)
+ATTENTION_CHUNK_ELEMENTS = {"amx": 1 << 22, "avx512": 1 << 20, "other": 1 << 20}
 
 ATTENTION_IMPLS = ("sdpa", "math", "chunked")
 
@@ -419,9 +421,11 @@ def _explicit_attention(q: Tensor, k: Tensor, v: Tensor, scale, dropout_p: float
 
 
 def _chunk_rows(q: Tensor, k: Tensor) -> int:
-    """Queries per chunk: about :data:`ATTENTION_CHUNK_ELEMENTS` scores per chunk."""
+    """Queries per chunk: about :data:`ATTENTION_CHUNK_ELEMENTS` (this CPU class's) scores
+    per chunk."""
     lead = q.numel() // max(q.shape[-1] * q.shape[-2], 1)
-    return max(16, ATTENTION_CHUNK_ELEMENTS // max(lead * k.shape[-2], 1))
+    elements = ATTENTION_CHUNK_ELEMENTS[hardware.cpu_class()]
+    return max(16, elements // max(lead * k.shape[-2], 1))
 
 
 def _softmax_rows(q_rows: Tensor, kt: Tensor) -> Tensor:

@@ -262,7 +262,8 @@ def test_attention_kernels_agree(dtype):
 def small_chunks(monkeypatch):
     """Chunks of a few hundred scores, so that small tensors take several (and a partial
     last) chunk."""
-    monkeypatch.setattr(fast, "ATTENTION_CHUNK_ELEMENTS", 200)
+    for cpu in hardware.CPU_CLASSES:
+        monkeypatch.setitem(fast.ATTENTION_CHUNK_ELEMENTS, cpu, 200)
     return 200
 
 
@@ -419,7 +420,7 @@ def test_fast_paths_refuse_second_derivatives_clearly():
 def test_model_with_chunked_attention_matches_explicit(train, monkeypatch):
     """A bf16 ResTv2 with every attention chunked (the limits lowered) matches the same
     model with the explicit attention forced: outputs and gradients."""
-    monkeypatch.setattr(fast, "ATTENTION_CHUNK_ELEMENTS", 512)
+    monkeypatch.setitem(fast.ATTENTION_CHUNK_ELEMENTS, "avx512", 512)
     monkeypatch.setattr(fast, "LARGE_ATTENTION_MIN_ELEMENTS", 0)
     monkeypatch.setattr(hardware, "cpu_class", lambda: "avx512")
     torch.manual_seed(0)
