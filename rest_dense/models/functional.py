@@ -237,9 +237,9 @@ LARGE_ATTENTION_MIN_ELEMENTS = 16 << 20
 #: :func:`rest_dense.hardware.cpu_class`'s. In training the explicit math, by query chunks
 #: when large. In inference the same on AVX-512 BF16 without AMX (measured on AMD Zen 4);
 #: with AMX (measured on a Sapphire Rapids class Xeon) PyTorch's fused kernel runs its
-#: GEMMs on the tiles and wins from global attention down to the default windows (with
-#: tiny windows of 1-16 keys it loses per call, but whole models were within 3 %). Other CPUs emulate bf16 (not measured for
-#: speed) and take the AVX-512 rule. docs/kernels.md has the measurements.
+#: GEMMs on the tiles and wins from global attention down to the default windows (on tiny
+#: windows of a few keys it loses per call, not in whole models). Other CPUs emulate bf16
+#: (not measured for speed) and take the AVX-512 rule. docs/kernels.md has the measurements.
 BF16_ATTENTION_RULE = {
     ("amx", "infer"): ("sdpa", "sdpa"),
     ("amx", "train"): ("math", "chunked"),
@@ -250,8 +250,7 @@ BF16_ATTENTION_RULE = {
 }
 
 #: the size (elements, batch and heads included) of one chunk's attention matrix, by CPU
-#: class: 2**22 on AMX (a whole 1x3x800x1216 training step 8 % faster than with 2**20,
-#: 2**21 and 2**23 in between), 2**20 elsewhere (the EPYC's 1 MiB L2 per core)
+#: class, as measured on each (docs/kernels.md, "Chunk size on AMX")
 ATTENTION_CHUNK_ELEMENTS = {"amx": 1 << 22, "avx512": 1 << 20, "other": 1 << 20}
 
 ATTENTION_IMPLS = ("sdpa", "math", "chunked")
@@ -1103,8 +1102,8 @@ def _col2im_3x3s2(cols: Tensor, shape: Sequence[int]) -> Tensor:
 #: (:func:`rest_dense.hardware.cpu_class`) and precision (:func:`_precision`). Measured
 #: with ``tools/bench_kernels.py`` (docs/kernels.md): on AVX2 the GEMMs win in fp32; on
 #: AVX-512 without AMX the library wins in fp32 at every stage and in bf16 on the wide
-#: early maps (the stem and ``patch_2``); on AMX the library wins up to 96 channels in
-#: fp32 and up to 192 in bf16, the GEMMs on the narrower late maps.
+#: early maps (the stem and ``patch_2``); on AMX the library wins up to 96 input channels
+#: in fp32 and up to 192 in bf16, the GEMMs on the later maps with more channels.
 STRIDED_CONV_BACKWARD_RULE = {
     ("amx", "fp32"): 96,
     ("amx", "bf16"): 192,
