@@ -359,7 +359,8 @@ def build_loops(runner: Runner, mode: str) -> None:
 
     ``'train'``: the training loop with its dataloader, the optimizer wrapper and the
     validation loop (the parameter schedulers stay to ``train()``: they must be built after
-    ``auto_scale_lr`` has set the learning rate; their types are checked now). ``'test'``: the test loop.
+    ``auto_scale_lr`` has set the learning rate; their types are checked now).
+    ``'test'``: the test loop.
     """
     from mmengine.optim import OptimWrapper
 

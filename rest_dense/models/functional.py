@@ -353,9 +353,15 @@ def attention_impl(q: Tensor, k: Tensor, v: Optional[Tensor] = None) -> str:
         t is not None and t.requires_grad for t in (q, k, v))
     small, large = BF16_ATTENTION_RULE[(hardware.cpu_class(), "train" if records else "infer")]
     impl = large if elements > LARGE_ATTENTION_MIN_ELEMENTS else small
-    if impl == "chunked" and not _chunkable(q, k, v):
-        impl = "math"
-    return "sdpa" if impl == "math" and elements > MATH_ATTENTION_MAX_ELEMENTS else impl
+    if impl == "math" or (impl == "chunked" and not _chunkable(q, k, v)):
+        return _whole_matrix_impl(elements)
+    return impl
+
+
+def _whole_matrix_impl(elements: int) -> str:
+    """The kernel for an attention matrix of ``elements`` scores that is not chunked: the
+    explicit math up to :data:`MATH_ATTENTION_MAX_ELEMENTS`, the fused kernel above."""
+    return "sdpa" if elements > MATH_ATTENTION_MAX_ELEMENTS else "math"
 
 
 def _score_count(q: Tensor, k: Tensor) -> int:
@@ -393,7 +399,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
         elif _in_functorch_transform(q):
             impl = "math"
         else:
-            impl = "sdpa" if _score_count(q, k) > MATH_ATTENTION_MAX_ELEMENTS else "math"
+            impl = _whole_matrix_impl(_score_count(q, k))
     if _CHOICE_LOG[0] is not None:
         _CHOICE_LOG[0].append((impl, tuple(q.shape), tuple(k.shape), compute_dtype(q)))
     if impl == "sdpa":
