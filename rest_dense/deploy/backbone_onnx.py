@@ -568,7 +568,7 @@ def check_onnx(model: nn.Module, path: Union[str, os.PathLike], sizes: Sequence[
     results = []
     with _eval_mode(model):
         for size in sizes:
-            x = torch.randn(batch, 3, *size, generator=gen)
+            x = torch.randn(batch, model.in_channels, *size, generator=gen)
             with torch.no_grad():
                 ref = model(x)
             t0 = time.perf_counter()
@@ -618,7 +618,7 @@ def check_compile(model: nn.Module, sizes: Sequence[Size], backend: str = "induc
     results = []
     with _eval_mode(model):
         for h, w in sizes:
-            x = torch.randn(batch, 3, int(h), int(w), generator=gen)
+            x = torch.randn(batch, model.in_channels, int(h), int(w), generator=gen)
             with torch.no_grad():
                 ref = model(x)
                 t0 = time.perf_counter()

@@ -9,7 +9,7 @@ import re
 import warnings
 
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import AbstractSet, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.utils.checkpoint as cp
@@ -45,7 +45,9 @@ _STAGE_ID_RE = re.compile(
 
 
 def _is_bool(value) -> bool:
-    return isinstance(value, bool) or type(value).__name__ == "bool_"  # numpy.bool_ too
+    """A Python or numpy bool (numpy 1 names its type ``bool_``, numpy 2 ``bool``)."""
+    kind = type(value)
+    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
 
 
 def check_int(value, name: str, low: Optional[int] = None, high: Optional[int] = None) -> int:
@@ -172,6 +174,56 @@ def check_per_stage(value, name: str, low: int = 1, n: int = 4) -> Tuple[int, ..
     return tuple(check_int(v, f"{name}[{i}]", low=low) for i, v in enumerate(values))
 
 
+def check_channel_list(in_channels, owner: str) -> Tuple[int, ...]:
+    """A neck's ``in_channels``: an ordered sequence of positive ints, one per level.
+
+    Raises:
+        TypeError: a string, a non-iterable, or an unordered collection (a set or a dict,
+            whose order would silently decide which map goes to which level).
+        ValueError: empty, or a value below 1.
+    """
+    if isinstance(in_channels, (str, bytes)) or not hasattr(in_channels, "__iter__"):
+        raise TypeError(f"{owner} in_channels must be a sequence of ints (one per level), "
+                        f"got {in_channels!r}")
+    if isinstance(in_channels, (AbstractSet, Mapping)):
+        raise TypeError(f"{owner} in_channels must be ordered (a list or tuple, finest level "
+                        f"first), got a {type(in_channels).__name__}: {in_channels!r}")
+    values = list(in_channels)
+    if not values:
+        raise ValueError(f"{owner} in_channels is empty: no levels")
+    return tuple(check_int(c, f"in_channels[{i}]", 1) for i, c in enumerate(values))
+
+
+def check_input_matches(owner: str, x: Tensor, weight: Tensor) -> None:
+    """Refuse, naming the fix, an input on another device than ``weight`` or of another
+    dtype (inside ``torch.autocast`` float16 / bfloat16 / float32 inputs pass, and reduced
+    weights must match the autocast dtype).
+
+    Raises:
+        ValueError: another device.
+        TypeError: another dtype, or reduced weights under the other reduced autocast dtype.
+    """
+    if x.device != weight.device:
+        raise ValueError(f"{owner} has its weights on {weight.device} but the input is on "
+                         f"{x.device}; move one of them (x.to({str(weight.device)!r}))")
+    autocast = _autocast_enabled(x.device.type)
+    if autocast and weight.dtype in (torch.float16, torch.bfloat16):
+        try:
+            autocast_dtype = torch.get_autocast_dtype(x.device.type)
+        except (AttributeError, TypeError, RuntimeError):  # older torch
+            autocast_dtype = weight.dtype
+        if autocast_dtype != weight.dtype:
+            raise TypeError(f"{owner} has {weight.dtype} weights but runs under {autocast_dtype} "
+                            f"autocast, which cannot mix them; keep the weights in float32 "
+                            f"(model.float()) or use {weight.dtype} autocast")
+    if x.dtype != weight.dtype:
+        if not (autocast and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            hint = ("autocast does not cast float64 inputs" if autocast
+                    else "or run under torch.autocast for mixed precision")
+            raise TypeError(f"{owner} has {weight.dtype} weights but the input is {x.dtype}; "
+                            f"cast the input (x.to({weight.dtype})) or the model ({hint})")
+
+
 def resolve_arch(arch: ArchType, zoo: Mapping[str, Mapping], defaults: Mapping,
                  model_name: str) -> Dict:
     """Turn a variant name or an arch dict into a complete, validated arch dict.
@@ -192,8 +244,9 @@ def resolve_arch(arch: ArchType, zoo: Mapping[str, Mapping], defaults: Mapping,
         TypeError: ``arch`` is neither a name nor a dict, or a field has the wrong type
             (floats or bools where integers are needed are never truncated).
         ValueError: unknown name or field, missing field, a value out of range
-            (``depths``, ``num_heads``, ``sr_ratios`` >= 1, ``embed_dims[0]`` >= 2), or
-            ``embed_dims`` not divisible by ``num_heads``.
+            (``depths``, ``num_heads``, ``sr_ratios`` >= 1, ``embed_dims[0]`` >= 2, an
+            ``mlp_ratio`` that leaves an MLP without hidden channels), or ``embed_dims``
+            not divisible by ``num_heads``.
     """
     if isinstance(arch, str):
         key = arch.lower()
@@ -233,6 +286,13 @@ def resolve_arch(arch: ArchType, zoo: Mapping[str, Mapping], defaults: Mapping,
     for i, (c, h) in enumerate(zip(spec["embed_dims"], spec["num_heads"])):
         if c % h:
             raise ValueError(f"stage {i + 1}: embed_dims {c} is not divisible by num_heads {h}")
+    if "mlp_ratio" in spec:
+        narrow = [(i, c) for i, c in enumerate(spec["embed_dims"]) if int(c * spec["mlp_ratio"]) < 1]
+        if narrow:
+            i, c = narrow[0]
+            raise ValueError(f"{model_name} arch field 'mlp_ratio' {spec['mlp_ratio']!r} leaves stage "
+                             f"{i + 1}'s MLP (embed_dims {c}) without hidden channels: "
+                             f"int({c} * mlp_ratio) must be at least 1")
     return spec
 
 
@@ -357,25 +417,7 @@ class ResTBase(nn.Module):
         weight = next(self.parameters(), None)
         if weight is None:
             return
-        if x.device != weight.device:
-            raise ValueError(f"{name} has its weights on {weight.device} but the input is on "
-                            f"{x.device}; move one of them (x.to({str(weight.device)!r}))")
-        autocast = _autocast_enabled(x.device.type)
-        if autocast and weight.dtype in (torch.float16, torch.bfloat16):
-            try:
-                autocast_dtype = torch.get_autocast_dtype(x.device.type)
-            except (AttributeError, TypeError, RuntimeError):  # older torch
-                autocast_dtype = weight.dtype
-            if autocast_dtype != weight.dtype:
-                raise TypeError(f"{name} has {weight.dtype} weights but runs under {autocast_dtype} "
-                                f"autocast, which cannot mix them; keep the weights in float32 "
-                                f"(model.float()) or use {weight.dtype} autocast")
-        if x.dtype != weight.dtype:
-            if not (autocast and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-                hint = ("autocast does not cast float64 inputs" if autocast
-                        else "or run under torch.autocast for mixed precision")
-                raise TypeError(f"{name} has {weight.dtype} weights but the input is {x.dtype}; "
-                                f"cast the input (x.to({weight.dtype})) or the model ({hint})")
+        check_input_matches(name, x, weight)
         check = getattr(self, "check_finite_inputs", True)
         # under torch.func transforms (vmap, grad, jvp) a data-dependent check cannot run
         if check and not tracing and not _fast._in_functorch_transform(x):

@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import check_int
+from .base import check_channel_list, check_int
 
 __all__ = ["FPN"]
 
@@ -34,14 +34,7 @@ class FPN(nn.Module):
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256,
                  num_outs: Optional[int] = None):
         super().__init__()
-        if isinstance(in_channels, (str, bytes)) or not hasattr(in_channels, "__iter__"):
-            raise TypeError(f"FPN in_channels must be a sequence of ints (one per level), "
-                            f"got {in_channels!r}")
-        in_channels = list(in_channels)
-        if len(in_channels) == 0:
-            raise ValueError("FPN in_channels is empty: no levels")
-        self.in_channels = tuple(check_int(c, f"in_channels[{i}]", 1)
-                                 for i, c in enumerate(in_channels))
+        self.in_channels = check_channel_list(in_channels, "FPN")
         self.out_channels = check_int(out_channels, "out_channels", 1)
         n = len(self.in_channels)
         self.num_outs = n if num_outs is None else check_int(num_outs, "num_outs")

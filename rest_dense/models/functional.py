@@ -89,6 +89,9 @@ __all__ = [
     "fast_paths_enabled",
     "set_fast_paths",
     "use_fast_path",
+    "record_built",
+    "as_built",
+    "hook_free",
     "needs_grad",
     "mlp_branch",
     "norm_q_sr",
@@ -708,14 +711,56 @@ def library_safe_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
 
 
 def _plain_module(module: nn.Module) -> bool:
-    """Exactly its class's computation: no forward hooks or pre-hooks (pruning, fake
-    quantisation, user hooks), on it or global, and not a subclass of ``nn.Conv2d``."""
+    """Exactly its class's computation: no hooks (pruning, fake quantisation, user hooks),
+    on it or global, and not a subclass of ``nn.Conv2d``."""
+    return type(module) is nn.Conv2d and hook_free(module)
+
+
+def _global_hooks() -> bool:
     from torch.nn.modules import module as module_mod
 
-    return (type(module) is nn.Conv2d and not module._forward_hooks
-            and not module._forward_pre_hooks
-            and not getattr(module_mod, "_global_forward_hooks", None)
-            and not getattr(module_mod, "_global_forward_pre_hooks", None))
+    return any(getattr(module_mod, name, None) for name in (
+        "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+        "_global_backward_pre_hooks"))
+
+
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or getattr(module, "_backward_pre_hooks", None))
+
+
+def hook_free(*modules: nn.Module) -> bool:
+    """True when none of ``modules`` carries a forward / backward hook or pre-hook and no
+    global module hook is registered: a computation that skips calling them changes
+    nothing anyone observes."""
+    return not _global_hooks() and not any(_hooked(m) for m in modules)
+
+
+#: the attribute :func:`record_built` keeps a module's classes in
+_BUILT_TYPES = "_rest_dense_built_types"
+
+
+def record_built(module: nn.Module) -> None:
+    """Remember the classes of ``module`` and its submodules, in order, as its constructor
+    built them (for :func:`as_built`)."""
+    module.__dict__[_BUILT_TYPES] = tuple(type(m) for m in module.modules())
+
+
+def as_built(module: nn.Module) -> bool:
+    """Whether the fast paths may compute ``module`` from its parameters instead of calling
+    its submodules: every submodule still has the class its constructor gave it
+    (:func:`record_built`; a replaced activation or norm, a parametrization, SyncBatchNorm
+    make it differ) and nothing is hooked (:func:`hook_free`, on it or below it). Otherwise
+    the plain modules run, called as usual, so that hooks fire and replacements count."""
+    built = module.__dict__.get(_BUILT_TYPES)
+    if built is None or _global_hooks():
+        return False
+    n = 0
+    for m in module.modules():
+        if n >= len(built) or type(m) is not built[n] or _hooked(m):
+            return False
+        n += 1
+    return n == len(built)
 
 
 def _param(module: nn.Module, name: str) -> Optional[Tensor]:

@@ -67,11 +67,21 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         hidden = self.fc1(x)
-        if hidden.requires_grad or fast._in_functorch_transform(hidden):
-            hidden = self.act(hidden)  # (torch.func has no batching rule for in-place GELU)
-        else:  # inference: the 4C-wide hidden map is the largest tensor; activate it in place
+        if self._activate_in_place(hidden):
+            # inference: the 4C-wide hidden map is the largest tensor; activate it in place
             hidden = torch.ops.aten.gelu_(hidden)
+        else:
+            hidden = self.act(hidden)
         return self.fc2(hidden)
+
+    def _activate_in_place(self, hidden: Tensor) -> bool:
+        """In place only where it is the same computation and nobody sees the difference:
+        nothing records, the activation is the exact GELU it was built with, no hook could
+        hold ``fc1``'s output, and neither tracing (one graph whatever the grad mode) nor
+        ``torch.func`` (no batching rule for in-place GELU) is under way."""
+        return (not hidden.requires_grad and type(self.act) is nn.GELU
+                and self.act.approximate == "none" and not torch.jit.is_tracing()
+                and not fast._in_functorch_transform(hidden) and fast.hook_free(self.fc1, self.act))
 
 
 class PixelAttention(nn.Module):
@@ -96,10 +106,12 @@ BLOCK_RECOMPUTE = ("none", "mlp")
 class Block(nn.Module):
     """Pre-norm transformer block over a channels-last map ``(B, H, W, C)``.
 
-    When the attention allows it (``attn.fast_paths``) and
-    :func:`~rest_dense.models.functional.use_fast_path` allows it, the block runs the
-    memory-lean functions of :mod:`rest_dense.models.functional` (same math, about half
-    the saved activations); otherwise the plain module-by-module computation.
+    When the attention allows it (``attn.fast_paths``),
+    :func:`~rest_dense.models.functional.use_fast_path` allows it and the block is as built
+    (:func:`~rest_dense.models.functional.as_built`: no submodule replaced, nothing hooked),
+    the block runs the memory-lean functions of :mod:`rest_dense.models.functional` (same
+    math, about half the saved activations); otherwise the plain module-by-module
+    computation.
 
     Args:
         dim (int): channels.
@@ -118,6 +130,7 @@ class Block(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        fast.record_built(self)
 
     def forward(self, x: Tensor, recompute: str = "none") -> Tensor:
         """Args:
@@ -131,7 +144,8 @@ class Block(nn.Module):
         """
         if recompute not in BLOCK_RECOMPUTE:
             raise ValueError(f"Block recompute must be one of {BLOCK_RECOMPUTE}, got {recompute!r}")
-        if getattr(self.attn, "fast_paths", False) and fast.use_fast_path(x):
+        if (getattr(self.attn, "fast_paths", False) and fast.use_fast_path(x)
+                and getattr(self.mlp.act, "approximate", None) == "none" and fast.as_built(self)):
             return self.forward_fast(x, recompute)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self._mlp_half(x, recompute))

@@ -395,8 +395,9 @@ def _value_problems(sd: Mapping[str, Tensor], own: Mapping[str, Tensor],
     if no_data:
         out.append(f"{len(no_data)} tensor(s) have no data (meta device): {_short(no_data, 8)}")
     if bad_dtype:
-        out.append(f"{len(bad_dtype)} tensor(s) have an integer/bool dtype where the model has "
-                   f"floating point: {_short(bad_dtype, 8)}")
+        out.append(f"{len(bad_dtype)} tensor(s) have a dtype that is not floating point "
+                   f"(integer, bool, complex) where the model has floating point: "
+                   f"{_short(bad_dtype, 8)}")
     if nonfinite:
         out.append(f"{len(nonfinite)} tensor(s) hold non-finite values (NaN/inf): "
                    f"{_short(nonfinite, 8)}")

@@ -112,7 +112,8 @@ class PatchEmbedV2(nn.Module):
     """Stride-2 3x3 conv, PA position encoding and LayerNorm (``patch_{2,3,4}``).
 
     ``fast_paths=True`` lets the PA and the LayerNorm run as one memory-lean function
-    (:func:`~rest_dense.models.functional.pa_norm`) where the fast paths apply.
+    (:func:`~rest_dense.models.functional.pa_norm`) where the fast paths apply and the
+    module is as built (:func:`~rest_dense.models.functional.as_built`).
     """
 
     def __init__(self, in_dim: int, out_dim: int, fast_paths: bool = True):
@@ -121,10 +122,11 @@ class PatchEmbedV2(nn.Module):
         self.pos = PixelAttention(out_dim)
         self.norm = nn.LayerNorm(out_dim, eps=_EPS)
         self.fast_paths = fast_paths
+        fast.record_built(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` -> channels-last ``(B, H', W', C')``."""
-        if self.fast_paths and fast.use_fast_path(x):
+        if self.fast_paths and fast.use_fast_path(x) and fast.as_built(self):
             # x is the channels-last view of the previous stage's tokens
             return fast.pa_norm(fast.conv3x3_s2(x.permute(0, 2, 3, 1), self.proj),
                                 self.pos, self.norm)
@@ -149,10 +151,11 @@ class ConvStemV2(nn.Module):
         )
         self.pos = PixelAttention(dim)
         self.norm = nn.LayerNorm(dim, eps=_EPS)
+        fast.record_built(self)
 
     def forward(self, x: Tensor) -> Tensor:
         """``(B, C, H, W)`` images -> channels-last ``(B, H/4, W/4, C')`` tokens."""
-        if self.fast_paths and fast.use_fast_path(x):
+        if self.fast_paths and fast.use_fast_path(x) and fast.as_built(self):
             # channels-last throughout; BatchNorm/ReLU maps recomputed in backward, folded
             # into the convolutions in inference
             return fast.pa_norm(fast.conv_stem(x, self.proj), self.pos, self.norm)
@@ -172,7 +175,8 @@ def _window_sizes(value, attn_mode: str, sr_ratios: Sequence[int]) -> Tuple[int,
     """
     if value is None:
         return tuple(DEFAULT_WINDOW_SIZE)
-    if isinstance(value, (Sequence, Tensor)) and not isinstance(value, (str, bytes)) \
+    if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) \
+            or isinstance(value, Tensor) and value.dim() > 0 \
             or hasattr(value, "__array__") and getattr(value, "ndim", 0) > 0:
         sizes = check_per_stage(value, "window_size", low=1)
     else:
@@ -193,8 +197,8 @@ class ResTv2(ResTBase):
 
     Args:
         arch (str | dict): ``'tiny' | 'small' | 'base' | 'large'`` or a dict with
-            ``embed_dims``, ``num_heads``, ``depths``, ``sr_ratios`` (and optionally
-            ``mlp_ratio``). Default: ``'tiny'``.
+            ``embed_dims``, ``num_heads``, ``depths``, ``sr_ratios`` (each ratio 1 or
+            even; and optionally ``mlp_ratio``). Default: ``'tiny'``.
         in_channels (int): input channels. Default: 3.
         out_indices (Sequence[int]): stages to emit (0..3). Default: (0, 1, 2, 3).
         drop_path_rate (float): stochastic depth, linearly increasing over blocks. Default: 0.
@@ -245,6 +249,12 @@ class ResTv2(ResTBase):
                  pretrained: Optional[str] = None, fused_attn: Optional[bool] = UNSET):
         super().__init__()
         spec = resolve_arch(arch, RESTV2_ARCHS, _ARCH_DEFAULTS, "ResTv2")
+        for i, sr in enumerate(spec["sr_ratios"]):
+            if sr > 1 and sr % 2:
+                # kernel sr + 1, padding sr // 2: an odd ratio reduces H to (H - 2) // sr + 1,
+                # which the upsample branch (x sr) does not bring back to H for most sizes
+                raise ValueError(f"ResTv2 arch field 'sr_ratios'[{i}] is {sr}: EMSAv2's upsample "
+                                 "branch needs 1 or an even ratio to cover the stage's map")
         self._setup_common(spec, in_channels, out_indices, frozen_stages, norm_eval, with_cp)
 
         if not isinstance(attn_mode, str):

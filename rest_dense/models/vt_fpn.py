@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import _tracing, check_flag, check_int
+from .base import _tracing, check_channel_list, check_flag, check_input_matches, check_int
 
 __all__ = ["VTFPN", "FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector",
            "TokenNorm", "NORM_LAYERS", "TOKENIZERS"]
@@ -393,14 +393,7 @@ class VTFPN(nn.Module):
                  transformer_depth: int = 1, num_heads: int = 16, pos_encoding: bool = False,
                  norm_layer: Optional[str] = "bn"):
         super().__init__()
-        if isinstance(in_channels, (str, bytes)) or not hasattr(in_channels, "__iter__"):
-            raise TypeError(f"VTFPN in_channels must be a sequence of ints (one per level), "
-                            f"got {in_channels!r}")
-        in_channels = list(in_channels)
-        if len(in_channels) == 0:
-            raise ValueError("VTFPN in_channels is empty: no levels")
-        self.in_channels = tuple(check_int(c, f"in_channels[{i}]", 1)
-                                 for i, c in enumerate(in_channels))
+        self.in_channels = check_channel_list(in_channels, "VTFPN")
         self.out_channels = check_int(out_channels, "out_channels", 1)
         self.num_tokens = check_int(num_tokens, "num_tokens", 1)
         self.token_channels = check_int(token_channels, "token_channels", 1)
@@ -457,6 +450,7 @@ class VTFPN(nn.Module):
         if len(feats) != len(self.in_channels):
             raise ValueError(f"VTFPN got {len(feats)} feature maps, expected "
                              f"{len(self.in_channels)} (one per in_channels entry)")
+        weight = next(self.parameters(), None)
         for i, (x, c) in enumerate(zip(feats, self.in_channels)):
             if not isinstance(x, Tensor):
                 raise TypeError(f"VTFPN input {i} is a {type(x).__name__}, not a tensor")
@@ -465,6 +459,8 @@ class VTFPN(nn.Module):
                                  f"{tuple(x.shape)}")
             if not x.is_floating_point():
                 raise TypeError(f"VTFPN input {i} must be floating point, got {x.dtype}")
+            if weight is not None:
+                check_input_matches(f"VTFPN (input {i})", x, weight)
             if _tracing():  # sizes are traced values there: no Python checks on them
                 continue
             if x.shape[1] != c:

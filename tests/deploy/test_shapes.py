@@ -95,3 +95,13 @@ def test_a_trace_missing_a_branch_is_refused(tmp_path, tiny_arch):
     with pytest.raises(ValueError, match="shape-dependent branch"):
         ex.export_onnx(model, tmp_path / "x.onnx", shape=(256, 512))
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_checks_build_inputs_with_the_models_channels(tmp_path, tiny_arch, one_thread):
+    """A one-channel backbone (depth maps, grey scans) exports and passes the ONNX Runtime
+    check: the check images have the model's input channels, not three."""
+    torch.manual_seed(0)
+    model = ResTv2(dict(tiny_arch), in_channels=1).eval()
+    exp = ex.export_onnx(model, tmp_path / "c1.onnx", shape=(257, 384))
+    results = ex.check_onnx(model, exp.path, [(257, 391), (97, 131)])
+    assert len(results) == 2 and all(r.ok for r in results), [r.describe() for r in results]

@@ -1323,3 +1323,90 @@ def test_library_safe_conv_keeps_second_derivatives_and_steps_aside():
         fast.library_safe_conv(conv, x)
     handle.remove()
     assert calls == [1]
+
+
+# ------------------------------------------------- hooks and replaced modules: plain path
+HOOKED = ["stem.proj.1", "patch_2.norm", "stage2.0.norm1", "stage2.0.attn", "stage2.0.attn.q",
+          "stage2.0.mlp", "stage2.0.mlp.fc1", "stage2.0.mlp.act"]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_hooks_on_submodules_fire(grad):
+    """A hooked submodule (feature extraction, observers) makes its block / stem / patch
+    embedding run the plain modules, so that the hook sees the call; outputs unchanged."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).train(grad)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.set_grad_enabled(grad):
+        ref = model(x)
+    seen = []
+    handles = [model.get_submodule(name).register_forward_hook(
+        lambda mod, inp, out, name=name: seen.append(name)) for name in HOOKED]
+    with torch.set_grad_enabled(grad):
+        outs = model(x)
+    assert sorted(set(seen)) == sorted(HOOKED)
+    for a, b in zip(outs, ref):
+        _close(a, b, 1e-5, 1e-4)
+    for h in handles:
+        h.remove()
+    assert fast.as_built(model.stage2[0]) and fast.as_built(model.stem)
+
+
+def test_hooked_hidden_map_is_not_overwritten():
+    """In inference the MLP activates its hidden map in place, but not under a hook on
+    ``fc1``: the hook keeps ``fc1``'s output, not GELU of it."""
+    model = ResTv2(arch=ARCH, fast_paths=False).eval()
+    kept = {}
+    model.stage1[0].mlp.fc1.register_forward_hook(
+        lambda mod, inp, out: kept.update(out=out, copy=out.clone()))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert (kept["copy"] < 0).any()  # pre-activation values, not GELU outputs
+    torch.testing.assert_close(kept["out"], kept["copy"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("fast_on", [True, False], ids=["fast_paths", "plain"])
+def test_replaced_submodules_count_in_every_grad_mode(fast_on):
+    """A replaced activation or norm is used, whatever the grad mode and fast_paths say:
+    same outputs with and without autograd, equal to the plain computation."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH, fast_paths=fast_on).eval()
+    plain = ResTv2(arch=ARCH, fast_paths=False).eval()
+    state = model.state_dict()
+    plain.load_state_dict(state)
+    for m in (model, plain):
+        for blk in [*m.stage1, *m.stage2, *m.stage3, *m.stage4]:
+            blk.mlp.act = nn.ReLU()
+        m.stage2[0].norm1 = nn.Identity()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        no_grad, ref = model(x), plain(x)
+    with_grad = model(x)
+    original = ResTv2(arch=ARCH).eval()
+    original.load_state_dict(state)
+    with torch.no_grad():
+        assert (original(x)[3] - ref[3]).abs().max() > 1e-2  # the replacement matters
+    for a, b, r in zip(no_grad, with_grad, ref):
+        _close(a, b.detach(), 1e-5, 1e-4)
+        _close(a, r, 1e-5, 1e-4)
+
+
+def test_sync_batchnorm_and_parametrizations_leave_the_fast_path():
+    """Converting the stem's BatchNorms (SyncBatchNorm under DDP) or parametrizing a weight
+    changes a submodule's class: those modules then run as called."""
+    model = ResTv2(arch=ARCH)
+    assert fast.as_built(model.stem) and fast.as_built(model.stage1[0])
+    model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    assert not fast.as_built(model.stem) and fast.as_built(model.stage1[0])
+    torch.nn.utils.parametrizations.weight_norm(model.stage1[0].mlp.fc1)
+    assert not fast.as_built(model.stage1[0])
+    # a GELU switched to its tanh approximation keeps its class: the block checks it
+    model = ResTv2(arch=ARCH).eval()
+    ref = ResTv2(arch=ARCH, fast_paths=False).eval()
+    ref.load_state_dict(model.state_dict())
+    for m in (model, ref):
+        m.stage3[0].mlp.act.approximate = "tanh"
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        for a, b in zip(model(x), ref(x)):
+            _close(a, b, 1e-5, 1e-4)

@@ -242,8 +242,14 @@ def test_bad_inputs_are_named():
     for xs, error, match in cases:
         with pytest.raises(error, match=match):
             neck(xs)
-    with pytest.raises(RuntimeError):  # float64 maps into a float32 neck: torch's dtype error
+    with pytest.raises(TypeError, match=r"input 0\) has torch.float32 weights but the input is "
+                                         r"torch.float64"):
         neck([x.double() for x in good])
+    with torch.autocast("cpu", torch.bfloat16):  # autocast casts reduced and fp32 maps
+        assert all(torch.isfinite(o).all() for o in neck([x.bfloat16() for x in good]))
+    for unordered in ({8, 12, 16, 24}, {8: 0, 12: 1}):
+        with pytest.raises(TypeError, match="in_channels must be ordered"):
+            VTFPN(unordered)
     with pytest.raises(ValueError, match="norm_layer='bn' needs more than one token"):
         VTFPN([8], num_tokens=1, token_channels=32, num_heads=4).train()([torch.randn(1, 8, 3, 3)])
 

@@ -114,6 +114,11 @@ BAD_ARGS = {
         ValueError, r"'sr_ratios'\[3\] must be >= 1"),
     "arch-mlp_ratio-zero": ("v2", dict(arch=_arch(mlp_ratio=0)),
         ValueError, r"'mlp_ratio' must be a positive number"),
+    "arch-mlp_ratio-no-hidden": ("v2", dict(arch=_arch(mlp_ratio=0.01)), ValueError,
+                                 r"'mlp_ratio' 0\.01 leaves stage 1's MLP \(embed_dims 16\) without "
+                                 r"hidden channels"),
+    "arch-v2-odd-sr": ("v2", dict(arch=_arch(sr_ratios=(8, 3, 2, 1))), ValueError,
+                       r"'sr_ratios'\[1\] is 3: .*1 or an even ratio"),
     "arch-unknown-field": ("v2", dict(arch=_arch(qkv_bias=False)),
         ValueError, r"unknown fields \['qkv_bias'\]"),
     "arch-missing-field": ("v1", dict(arch={"embed_dims": (16, 32, 64, 128)}),
@@ -174,6 +179,24 @@ def test_numpy_integers_accepted_in_arch_and_window():
                    window_size=np.int64(16), in_channels=np.int32(3))
     assert model.depths == (1, 1, 2, 1) and model.window_size == (16,) * 4
     assert model.in_channels == 3 and type(model.in_channels) is int
+
+
+@pytest.mark.parametrize("family", ["v1", "v2"])
+def test_numpy_bools_accepted_as_flags(family):
+    model = _build(family, norm_eval=np.True_, fast_paths=np.False_, with_cp=np.bool_(True))
+    assert model.norm_eval is True and model.cp_level == "block"
+    assert model.stage1[0].attn.fast_paths is False
+
+
+def test_zero_d_tensor_window_size():
+    assert _build("v2", attn_mode="win", window_size=torch.tensor(16)).window_size == (16,) * 4
+
+
+def test_restv1_takes_odd_sr_ratios():  # EMSA has no upsample branch: any ratio covers the map
+    model = _build("v1", arch=_arch(sr_ratios=(3, 3, 3, 1))).eval()
+    with torch.no_grad():
+        assert [tuple(o.shape[-2:]) for o in model(torch.randn(1, 3, 64, 64))] == \
+            [(16, 16), (8, 8), (4, 4), (2, 2)]
 
 
 def test_window_size_none_means_default():
