@@ -37,6 +37,7 @@ from .models import (CheckpointMismatchError, create_model, get_model_entry, lis
                      load_checkpoint, normalize_state_dict, read_state_dict, rename_d2_norm_keys)
 from .models.pretrained import infer_arch
 from .run_files import StagedFile
+from .utils import same_file
 
 __all__ = ["LAYOUTS", "LAYOUT_PREFIXES", "ConversionResult", "convert_checkpoint",
            "infer_model_name", "to_layout", "save_state_dict", "file_sha256",
@@ -195,15 +196,6 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     return h.hexdigest()
 
 
-def _same_file(a: str, b: str) -> bool:
-    if os.path.abspath(a) == os.path.abspath(b):
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:  # one of them does not exist
-        return False
-
-
 def check_destination(dst: Union[str, os.PathLike], example: str = "converted.pth",
                       sources: Iterable[Union[str, os.PathLike, None]] = ()) -> str:
     """Check that an output file can be created at ``dst``, before any work is done.
@@ -227,7 +219,7 @@ def check_destination(dst: Union[str, os.PathLike], example: str = "converted.pt
     """
     dst = os.fspath(dst)
     for src in sources:
-        if src is not None and _same_file(os.fspath(src), dst):
+        if src is not None and same_file(src, dst):
             raise ValueError(f"the output {dst!r} is the same file as the input "
                              f"{os.fspath(src)!r}; write to another file")
     if os.path.isdir(dst):

@@ -4,10 +4,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Iterator, Optional, Tuple, Union
+from typing import Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
-           "guess_config_framework", "scale_count"]
+           "guess_config_framework", "scale_count", "same_file", "check_output_path"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
@@ -184,3 +184,53 @@ def scale_count(value: Union[int, float], ratio: float, minimum: int = 1) -> int
     """``value * ratio`` rounded, at least ``minimum``: an iteration count (interval,
     warm-up length, milestone) of a schedule stretched or shrunk by ``ratio``."""
     return max(int(minimum), int(round(float(value) * ratio)))
+
+
+def same_file(a: Union[str, "os.PathLike[str]"], b: Union[str, "os.PathLike[str]"]) -> bool:
+    """Whether two paths name one file: the same absolute path, or the same inode (a link,
+    another spelling)."""
+    a, b = os.fspath(a), os.fspath(b)
+    if os.path.abspath(a) == os.path.abspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist
+        return False
+
+
+def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
+                      inputs: Iterable[Optional[Union[str, "os.PathLike[str]"]]] = (),
+                      folder: bool = False) -> str:
+    """Refuse, before any work, an output path that cannot be created or would destroy an
+    input: one of ``inputs`` (also through a link or another spelling), a folder where a
+    file is meant (or a file where a folder is meant), or a path below an existing file.
+    Missing folders are fine (the command creates them).
+
+    Args:
+        path: the output file (or folder, with ``folder=True``).
+        what: the option's name, for the message (``'--save-metrics'``).
+        inputs: the files the command reads (None entries are skipped).
+        folder: ``path`` is a folder.
+
+    Returns:
+        ``path`` as a string.
+
+    Raises:
+        ValueError: any of the above, naming the path and the option.
+    """
+    path = os.fspath(path)
+    for src in inputs:
+        if src is not None and same_file(src, path):
+            raise ValueError(f"{what} {path!r} is the same file as the input {os.fspath(src)!r}; "
+                             "it would be overwritten: give another path")
+    if folder and os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a file, not a folder")
+    if not folder and os.path.isdir(path):
+        raise ValueError(f"{what} {path!r} is a folder; give a file name inside it")
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"{what} {path!r} lies below {parent!r}, which is a file")
+    return path
+

@@ -32,8 +32,9 @@ import os
 from ..configs import ConfigBuildError
 from ..utils import error_text
 from .train import (CHECKPOINT_ERRORS, add_common_arguments, add_overrides_argument,
-                    add_trust_argument, allow_intermixed, check_family_options, d2_namespace,
-                    fail, fix_resume, overrides, print_metrics, resolve_config, UsageError)
+                    add_trust_argument, allow_intermixed, check_family_options,
+                    check_output_options, d2_namespace, fail, fix_resume, overrides,
+                    print_metrics, resolve_config, UsageError)
 
 HELP = "evaluate a checkpoint (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -67,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_config(args)
         check_family_options(args)
         fix_resume(args)
+        check_output_options(args)
         if args.weights_only and args.trust_checkpoint:
             raise UsageError("--weights-only (trust nothing) contradicts --trust-checkpoint")
     except UsageError as err:

@@ -60,7 +60,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..run_files import ResumeError  # light: torch only
-from ..utils import env_var, error_text, positive_int
+from ..utils import check_output_path, env_var, error_text, positive_int
 from ..configs import ConfigBuildError
 from ..models.pretrained import CheckpointError
 
@@ -236,6 +236,23 @@ def check_family_options(args: argparse.Namespace) -> None:
                          f"{_FAMILY_NAMES[args.family]} config ({args.config_path})")
 
 
+def check_output_options(args: argparse.Namespace) -> None:
+    """Refuse, before anything runs, output paths that cannot be written or would overwrite
+    an input: ``--work-dir`` / ``--show-dir`` that are files or lie below one,
+    ``--save-metrics`` naming the config or the checkpoint, or a folder."""
+    inputs = [getattr(args, "config_path", None), getattr(args, "checkpoint", None),
+              getattr(args, "resume", None) if isinstance(getattr(args, "resume", None), str)
+              else None]
+    try:
+        for dest, flag in (("work_dir", "--work-dir"), ("show_dir", "--show-dir")):
+            if getattr(args, dest, None):
+                check_output_path(getattr(args, dest), flag, folder=True)
+        if getattr(args, "save_metrics", None):
+            check_output_path(args.save_metrics, "--save-metrics", inputs)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+
+
 def fix_resume(args: argparse.Namespace) -> None:
     """``--resume`` takes an optional value, so ``--resume KEY=V`` / ``--resume KEY V``
     would swallow an override: a value that is no file but looks like an override goes
@@ -318,6 +335,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_config(args)
         check_family_options(args)
         fix_resume(args)
+        check_output_options(args)
     except UsageError as err:
         return fail("train", error_text(err))
     if args.threads:

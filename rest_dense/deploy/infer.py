@@ -36,6 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..utils import error_text
 from .inputs import ImageReadError, collect_images, output_names, read_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, SegMap, detections_to_json, from_d2_instances,
@@ -564,12 +565,21 @@ OUTPUT_ENTRIES = ("summary.json", "preds", "vis")
 
 
 def _previous_results(out_dir: str) -> List[str]:
-    """The entries of ``out_dir`` that another run of :func:`run_inference` wrote."""
+    """The entries of ``out_dir`` that another run of :func:`run_inference` wrote.
+
+    A run writes ``summary.json`` before its first result, so ``preds/`` or ``vis/``
+    without it are someone else's folders: refused (:class:`OutputFolderInUseError`),
+    ``overwrite`` or not, since removing them would delete files no run wrote."""
     found = []
     for name in OUTPUT_ENTRIES:
         path = os.path.join(out_dir, name)
         if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
             found.append(name)
+    if found and "summary.json" not in found:
+        raise OutputFolderInUseError(
+            f"--out {out_dir} holds {', '.join(n + '/' for n in found)} but no summary.json: "
+            "not the results of a rest-dense infer run, so they are neither mixed with nor "
+            "replaced by this run's; choose another folder")
     return found
 
 
@@ -623,8 +633,17 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
     """
     if not 0.0 <= float(score_thr) <= 1.0:
         raise ValueError(f"score_thr must lie in [0, 1], got {score_thr}")
-    paths = collect_images(inputs)
     out_dir = os.fspath(out_dir)
+    paths = collect_images(inputs)
+    # a re-run with --out inside an input folder must not read its own results as images
+    # (files named one by one are kept: the user chose them)
+    named = {os.path.abspath(os.fspath(i)) for i in inputs if os.path.isfile(os.fspath(i))}
+    kept = [p for p in paths if os.path.abspath(p) in named
+            or not _inside(os.path.abspath(p), os.path.abspath(out_dir))]
+    if paths and not kept:
+        raise FileNotFoundError(f"every input image lies in --out {out_dir}; give the images "
+                                "or an output folder outside them")
+    paths = kept
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise OutputFolderInUseError(f"--out {out_dir} is a file, not a folder")
     previous = _previous_results(out_dir) if os.path.isdir(out_dir) else []
@@ -661,6 +680,9 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
         os.makedirs(os.path.join(out_dir, "vis"), exist_ok=True)
     summary = InferenceSummary(out_dir, predictor.framework, predictor.task)
     stems = output_names(paths)
+    # written first, so that preds/ and vis/ always come with the summary of their run
+    _write_summary(out_dir, {"status": "running", "config": str(predictor.config),
+                             "checkpoint": str(predictor.checkpoint), "inputs": len(paths)})
     t0 = time.perf_counter()
     stop: List[str] = []  # the signal's name, set by the handler; checked between images
 
@@ -684,7 +706,14 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                 bar.write(f"skipped: {e}")
                 done_inputs.add(path)
                 continue
-            pred = predictor.predict(image)
+            try:
+                pred = predictor.predict(image)
+            except Exception as e:  # one image (extreme aspect ratio, ...) stops no run
+                error = f"prediction failed: {type(e).__name__}: {' '.join(error_text(e).split())}"
+                summary.skipped.append({"input": path, "error": error})
+                bar.write(f"skipped {path}: {error}")
+                done_inputs.add(path)
+                continue
             summary.processed.append(_write_outputs(predictor, image, pred, path, stems[path],
                                                     out_dir, score_thr, draw))
             done_inputs.add(path)
@@ -708,3 +737,9 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
     if stop:
         raise InferenceInterrupted(summary_path, len(done_inputs), len(left), stop[0])
     return summary
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether absolute ``path`` lies in absolute ``folder`` (or is it)."""
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+

@@ -319,6 +319,51 @@ def test_cli_infer_out_reuse_and_interruption(toy, tmp_path, capsys):
     assert len(doc["images"]) + len(doc["not_processed"]) == 40
 
 
+@pytest.mark.timeout(240)
+def test_cli_infer_keeps_user_files_and_skips_bad_images(toy, tmp_path, capsys):
+    """--overwrite removes only what an infer run wrote (its summary.json comes first); a
+    re-run with --out inside the input folder does not read its own results; an image the
+    model cannot take (1 px high) is skipped and listed, the others are processed."""
+    from PIL import Image
+
+    root, work, ckpt, _ = toy
+    img = (sorted(root.rglob("*.png")) or sorted(root.rglob("*.jpg")))[0]
+    mine = tmp_path / "mine"
+    (mine / "preds").mkdir(parents=True)
+    (mine / "preds" / "my_photo.png").write_bytes(img.read_bytes())
+    code, text = _cli(["infer", str(DET), str(ckpt), str(img), "--out", str(mine), "--quiet",
+                       "--no-vis", "--overwrite"], capsys)
+    assert code == 2 and "no summary.json" in text, text
+    assert (mine / "preds" / "my_photo.png").is_file()
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(img.read_bytes())
+    Image.new("RGB", (300, 1), (90, 90, 90)).save(folder / "thin.png")
+    out = folder / "out"
+    for extra in ([], ["--overwrite"]):
+        code, text = _cli(["infer", str(DET), str(ckpt), str(folder), "--out", str(out),
+                           "--quiet", "--no-vis", *extra], capsys)
+        doc = json.loads((out / "summary.json").read_text())
+        assert code == 0 and doc["status"] == "complete", text
+        assert [os.path.basename(i["input"]) for i in doc["images"]] == ["a.png"]
+        assert [os.path.basename(i["input"]) for i in doc["skipped"]] == ["thin.png"]
+        assert doc["skipped"][0]["error"].startswith("prediction failed")
+
+
+def test_cli_test_refuses_outputs_that_would_destroy_inputs(toy, tmp_path, capsys):
+    root, work, ckpt, _ = toy
+    size = ckpt.stat().st_size
+    opts = [f"{k}={v}" for k, v in _opts(root).items()]
+    code, text = _cli(["test", str(DET), str(ckpt), "--work-dir", str(tmp_path / "t"),
+                       "--save-metrics", str(ckpt), *opts], capsys)
+    assert code == 2 and "same file as the input" in text and ckpt.stat().st_size == size
+    (tmp_path / "afile").write_text("x")
+    for flags, message in ((["--work-dir", str(tmp_path / "afile")], "is a file, not a folder"),
+                           (["--show-dir", str(tmp_path / "afile" / "v")], "which is a file")):
+        code, text = _cli(["test", str(DET), str(ckpt), *flags, *opts], capsys)
+        assert code == 2 and message in text, text
+
+
 # ------------------------------------------------------------------ 3. the toolboxes' tools
 def _tool(args, cwd, timeout=240):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
