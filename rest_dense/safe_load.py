@@ -46,8 +46,8 @@ import torch
 __all__ = ["trust", "forget_trusted", "trusted_paths", "is_trusted", "register_safe_globals",
            "register_safe_attributes", "safe_globals", "safe_global_names", "load_checkpoint_file",
            "load_pickle_file", "UntrustedCheckpointError", "TRUST_HINT",
-           "register_framework_classes", "install_global_allow_list", "CheckpointError",
-           "CheckpointFormatError", "checkpoint_file_kind", "describe_file"]
+           "register_framework_classes", "install_global_allow_list", "load_allow_listed",
+           "CheckpointError", "CheckpointFormatError", "checkpoint_file_kind", "describe_file"]
 
 
 class CheckpointError(ValueError):
@@ -366,6 +366,25 @@ def _allow_full_unpickling(filename: str, err: BaseException, trusted: Optional[
         filename, _first_line(err))
 
 
+def load_allow_listed(path: PathLike, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with this module's allow-list; an mmengine
+    training checkpoint read where :mod:`rest_dense.mm` was never imported (``convert``,
+    ``export``, a detectron2 config) gets mmengine's ``HistoryBuffer`` admitted and is read
+    again. Nothing of the file runs.
+
+    Raises:
+        pickle.UnpicklingError: the file needs more than the allow-list.
+    """
+    try:
+        with safe_globals():
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as first:
+        if "mmengine." not in str(first) or not register_framework_classes():
+            raise
+    with safe_globals():
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
                          trusted: Optional[bool] = None,
                          log: Optional[logging.Logger] = None) -> Any:
@@ -391,16 +410,7 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
     if not osp.isfile(filename):
         raise FileNotFoundError(f"checkpoint {filename} does not exist")
     try:
-        try:
-            with safe_globals():
-                return torch.load(filename, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as first:
-            # an mmengine training checkpoint read where rest_dense.mm was never imported
-            # (e.g. given to a detectron2 config): admit mmengine's HistoryBuffer and retry
-            if "mmengine." not in str(first) or not register_framework_classes():
-                raise
-            with safe_globals():
-                return torch.load(filename, map_location=map_location, weights_only=True)
+        return load_allow_listed(filename, map_location)
     except pickle.UnpicklingError as err:
         _allow_full_unpickling(filename, err, trusted, log,
                                "torch.load(weights_only=True) and rest_dense's allow-list refuse")

@@ -156,3 +156,29 @@ def test_amp_follows_the_device(monkeypatch):
 def test_accelerator_available_matches_torch():
     assert amp.accelerator_available("cuda") == torch.cuda.is_available()
     assert amp.accelerator_available("no_such_device") is False
+
+
+def test_mmengine_training_checkpoint_converts_in_a_fresh_process(tmp_path, subprocess_env):
+    """A training checkpoint written by mmengine (HistoryBuffer statistics in its message
+    hub) reaches load_checkpoint / `rest-dense convert` in a process that never imported
+    rest_dense.mm or mmengine: read with the allow-list, nothing of it run."""
+    import subprocess
+
+    pytest.importorskip("mmengine")
+    make = (
+        "import torch; from mmengine.logging.history_buffer import HistoryBuffer\n"
+        "from rest_dense.models import create_model\n"
+        "h = HistoryBuffer(); h.update(1.0)\n"
+        "sd = {'backbone.' + k: v for k, v in create_model('restv2_tiny').state_dict().items()}\n"
+        f"torch.save({{'meta': {{'hub': {{'loss': h}}}}, 'state_dict': sd}}, {str(tmp_path / 'mm.pth')!r})\n")
+    subprocess.run([sys.executable, "-c", make], check=True, env=subprocess_env, timeout=120)
+    check = (
+        "import sys; from rest_dense.models import create_model, load_checkpoint\n"
+        f"load_checkpoint(create_model('restv2_tiny'), {str(tmp_path / 'mm.pth')!r})\n"
+        "assert 'rest_dense.mm' not in sys.modules\n"
+        "from rest_dense.cli import main\n"
+        f"sys.exit(main(['convert', {str(tmp_path / 'mm.pth')!r}, {str(tmp_path / 'core.pth')!r}, '--to', 'core']))\n")
+    r = subprocess.run([sys.executable, "-c", check], env=subprocess_env, timeout=180,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "core.pth").is_file()

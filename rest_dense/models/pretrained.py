@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -133,12 +132,9 @@ def _load_file(path: str, weights_only: bool, map_location) -> object:
         if not weights_only:
             return torch.load(path, map_location=map_location, weights_only=False)
         # the allow-list of rest_dense.safe_load (numpy scalars, mmengine's HistoryBuffer): a
-        # training checkpoint given as `init_cfg=dict(type='Pretrained', ...)` loads
-
-        if "mmengine" in sys.modules:
-            safe_load.register_framework_classes()
-        with safe_load.safe_globals():
-            return torch.load(path, map_location=map_location, weights_only=True)
+        # training checkpoint given as `init_cfg=dict(type='Pretrained', ...)`, to `convert`
+        # or to `export` loads
+        return safe_load.load_allow_listed(path, map_location)
     except Exception as e:
         if type(e).__name__ == "UnpicklingError" and "eights only" in str(e):
             # torch's refusal under weights_only=True (nothing of the file ran): name the
