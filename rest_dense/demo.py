@@ -322,29 +322,42 @@ def run_demo(options: Optional[DemoOptions] = None) -> List[Dict[str, Any]]:
         One summary per task.
 
     Raises:
-        ValueError: a bad setting.
+        ValueError: a bad setting, a work dir or data folder that is a file, or a data
+            folder holding files that are no toy dataset.
+        rest_dense.runlock.FolderBusyError: another live demo (or run) uses the work dir
+            or the data folder.
     """
     options = options or DemoOptions()
     options.validate()
+    from .data.toy import generate_toy_dataset, toy_dataset_ready, toy_root_problem
+    from .runlock import hold_folder
+    from .utils import check_output_path
+
+    check_output_path(options.work_dir, "--work-dir", folder=True)
+    check_output_path(options.data_root, "--data-root", folder=True)
+    problem = toy_root_problem(options.data_root)
+    if problem:
+        raise ValueError(f"--data-root: {problem}")
     if options.threads:
         import torch
 
         torch.set_num_threads(options.threads)
-    from .data.toy import generate_toy_dataset, toy_dataset_ready
-
     data = dict(num_train=options.num_train, num_val=options.num_val, size=options.size,
                 class_color_prob=options.class_color_prob)
-    if not toy_dataset_ready(options.data_root, **data):
-        t = time.time()
-        print(f"[demo] writing the toy dataset ({options.num_train} + {options.num_val} images) "
-              f"to {osp.abspath(options.data_root)} ...", flush=True)
-        generate_toy_dataset(options.data_root, **data)
-        print(f"[demo] toy dataset ready ({time.time() - t:.1f} s)", flush=True)
-    summaries = []
-    for i, task in enumerate(options.tasks):
-        print(f"[demo] task {i + 1}/{len(options.tasks)}: {task} ({TASKS[task]['config']})",
-              flush=True)
-        summaries.append(run_task(task, options))
+    # one demo per work dir and per data folder at a time: another one would rewrite the
+    # images this one trains on
+    with hold_folder(options.work_dir, "demo"), hold_folder(options.data_root, "demo (toy data)"):
+        if not toy_dataset_ready(options.data_root, **data):
+            t = time.time()
+            print(f"[demo] writing the toy dataset ({options.num_train} + {options.num_val} "
+                  f"images) to {osp.abspath(options.data_root)} ...", flush=True)
+            generate_toy_dataset(options.data_root, **data)
+            print(f"[demo] toy dataset ready ({time.time() - t:.1f} s)", flush=True)
+        summaries = []
+        for i, task in enumerate(options.tasks):
+            print(f"[demo] task {i + 1}/{len(options.tasks)}: {task} ({TASKS[task]['config']})",
+                  flush=True)
+            summaries.append(run_task(task, options))
     return summaries
 
 

@@ -90,9 +90,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"rest-dense demo: error: {err}", file=sys.stderr)
         return 2
     t0 = time.time()
+    from ..runlock import FolderBusyError
+
     try:
         summaries = run_demo(options)
-    except ValueError as err:  # a bad override (--cfg-options), named by the check that refused it
+    except (ValueError, FolderBusyError) as err:  # a bad override, path, or a busy folder
         print(f"rest-dense demo: error: {err}", file=sys.stderr)
         return 2
     for summary in summaries:

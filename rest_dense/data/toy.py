@@ -230,6 +230,30 @@ def toy_dataset_ready(out_dir: Union[str, os.PathLike], num_train: int = 300, nu
     return recorded.get("params") == _params(num_train, num_val, size, seed, max_objects, class_color_prob)
 
 
+#: written first by :func:`generate_toy_dataset` and removed with its last file: a folder
+#: holding it is an interrupted generation of ours, safe to write again
+_GENERATING_FILE = ".toy-generating"
+
+
+def toy_root_problem(out_dir: Union[str, os.PathLike]) -> Optional[str]:
+    """Why :func:`generate_toy_dataset` must not write into ``out_dir``, or None: a file, or
+    a folder holding files that are no toy dataset of this generator (neither its
+    ``toy_meta.json`` nor the mark of an interrupted generation), whose annotations or
+    images it would overwrite."""
+    root = Path(out_dir)
+    if root.exists() and not root.is_dir():
+        return f"the toy data folder {os.fspath(out_dir)!r} is a file"
+    if not root.is_dir():
+        return None
+    entries = [p.name for p in root.iterdir() if not p.name.startswith(".rest-dense.lock")]
+    if not entries or _META_FILE in entries or _GENERATING_FILE in entries:
+        return None
+    return (f"the toy data folder {os.fspath(out_dir)!r} holds files that are not a toy dataset "
+            f"({', '.join(sorted(entries)[:4])}{', ...' if len(entries) > 4 else ''}; no "
+            f"{_META_FILE}): writing the dataset would overwrite them; choose an empty or new "
+            "folder")
+
+
 #: the file name of a scene, ``toy_<index>.png``
 _SCENE_NAME = re.compile(r"toy_(\d{5})\.png")
 
@@ -256,6 +280,10 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
 
     Returns:
         Paths of the written artefacts (``root``, ``train_json``, ``val_json``, ...).
+
+    Raises:
+        ValueError: ``out_dir`` is a file, or holds files that are no toy dataset
+            (:func:`toy_root_problem`).
     """
     root = Path(out_dir)
     splits = tuple(splits or ("train", "val"))
@@ -271,7 +299,13 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
     if not overwrite and set(splits) == {"train", "val"} and toy_dataset_ready(
             root, num_train, num_val, size, seed, max_objects, class_color_prob):
         return paths
+    problem = toy_root_problem(root)
+    if problem:
+        raise ValueError(problem)
     meta_path = root / _META_FILE
+    root.mkdir(parents=True, exist_ok=True)
+    marker = root / _GENERATING_FILE
+    marker.touch()
     if meta_path.exists():
         meta_path.unlink()  # invalid until this run completes
 
@@ -311,4 +345,5 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         stats[split] = {"images": len(images), "instances": len(annotations)}
     if set(splits) == {"train", "val"}:
         meta_path.write_text(json.dumps({"params": params, "stats": stats}, indent=2))
+        marker.unlink()
     return paths

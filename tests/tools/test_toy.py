@@ -187,3 +187,38 @@ def test_toy_detection_training_learns(tmp_path, one_thread):
         assert trained[key] > max(untrained[key] + 0.15, 0.2), (key, untrained[key], trained[key])
     assert Path(summary["picture"]).is_file()
     assert Path(summary["checkpoint"]).is_file()
+
+
+def test_generator_writes_only_into_its_own_folders(tmp_path):
+    """A folder holding someone else's files is refused (its annotations would be
+    overwritten); an empty one, a finished toy dataset and an interrupted generation (its
+    mark left behind) are written."""
+    from rest_dense.data.toy import generate_toy_dataset, toy_root_problem
+
+    theirs = tmp_path / "theirs"
+    (theirs / "annotations").mkdir(parents=True)
+    (theirs / "annotations" / "instances_train.json").write_text("{}")
+    with pytest.raises(ValueError, match="not a toy dataset"):
+        generate_toy_dataset(theirs, num_train=2, num_val=1, size=32)
+    assert (theirs / "annotations" / "instances_train.json").read_text() == "{}"
+    (tmp_path / "afile").write_text("x")
+    assert "is a file" in toy_root_problem(tmp_path / "afile")
+    ours = tmp_path / "ours"
+    generate_toy_dataset(ours, num_train=2, num_val=1, size=32)
+    assert toy_root_problem(ours) is None and not (ours / ".toy-generating").exists()
+    (ours / "toy_meta.json").unlink()  # as if killed mid-way: the mark says whose it is
+    (ours / ".toy-generating").touch()
+    generate_toy_dataset(ours, num_train=3, num_val=1, size=32)
+    assert (ours / "toy_meta.json").is_file() and not (ours / ".toy-generating").exists()
+
+
+def test_demo_refuses_a_foreign_data_folder(tmp_path, capsys):
+    from rest_dense.cli import main
+
+    data = tmp_path / "mydata"
+    (data / "train").mkdir(parents=True)
+    (data / "train" / "holiday.png").write_bytes(b"not ours")
+    code = main(["demo", "--data-root", str(data), "--work-dir", str(tmp_path / "w"),
+                 "--max-iters", "0", "--num-train", "4", "--num-val", "2", "--no-baseline"])
+    assert code == 2 and "not a toy dataset" in capsys.readouterr().err
+    assert (data / "train" / "holiday.png").read_bytes() == b"not ours"
