@@ -130,6 +130,12 @@ def run(args: argparse.Namespace) -> int:
                   "times them)", file=sys.stderr)
             return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        print(f"rest-dense bench: error: --device {device!r}: {' '.join(str(err).split())}",
+              file=sys.stderr)
+        return 2
     necks = [m for m in args.models if m.startswith("neck:")]
     models = [m for m in args.models if not m.startswith("neck:")]
     # what can be refused is refused before any timing: a long run must not end in an error

@@ -10,6 +10,9 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import sys
+
+from ..utils import error_text
 
 HELP = "list the shipped configs (or print one's path)"
 
@@ -28,7 +31,11 @@ def run(args: argparse.Namespace) -> int:
     from ..configs import config_framework, configs_root, get_config_path, list_configs
 
     if args.path:
-        print(get_config_path(args.path))
+        try:
+            print(get_config_path(args.path))
+        except FileNotFoundError as err:
+            print(f"rest-dense configs: error: {error_text(err)}", file=sys.stderr)
+            return 2
         return 0
     names = list_configs(args.pattern, args.framework)
     if not names:

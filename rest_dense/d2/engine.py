@@ -228,6 +228,41 @@ def available_device(device: str, key: str = "MODEL.DEVICE") -> str:
     return str(device)
 
 
+def check_weights_file(weights, key: str) -> None:
+    """A local weights file that does not exist, named in one line (detectron2 asserts it
+    with a traceback when it loads; URLs and catalog names pass).
+
+    Raises:
+        FileNotFoundError: naming ``key`` and the path.
+    """
+    if weights and isinstance(weights, str) and "://" not in weights \
+            and not os.path.exists(weights):
+        raise FileNotFoundError(f"{key} {weights!r} does not exist")
+
+
+def _check_yaml_file(config_file: str) -> None:
+    """A yacs config must be a YAML mapping: name a file that is not (a Python config given
+    as yaml, broken syntax, an empty file) instead of yaml's or yacs' traceback.
+
+    Raises:
+        ValueError: naming the file and the problem.
+    """
+    import yaml
+
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{config_file} is not a valid YAML config: "
+                         f"{' '.join(str(e).split())}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{config_file} is not a text (YAML) file") from None
+    if not isinstance(doc, dict):
+        what = "empty" if doc is None else f"a YAML {type(doc).__name__}, not a mapping of keys"
+        raise ValueError(f"{config_file} is {what}: a detectron2 yaml config holds keys such "
+                         "as MODEL: and SOLVER:")
+
+
 def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     """detectron2 defaults + ResT keys + ``config_file`` + ``opts``; AMP is disabled with a
     warning when the device is not CUDA. An overridden ``SOLVER.MAX_ITER`` rescales the
@@ -236,6 +271,7 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     cfg = get_cfg()
     add_restv2_config(cfg)
     add_rest_config(cfg)
+    _check_yaml_file(config_file)
     cfg.merge_from_file(config_file)
     opts = list(opts)
     max_iter, others = (None, opts)  # an odd list: merge_from_list reports it
@@ -262,12 +298,71 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     return cfg
 
 
+#: LazyConfig keys this package reads that detectron2's defaults do not hold (overrides of
+#: them are allowed where the config leaves them out)
+OPTIONAL_LAZY_KEYS = ("train.amp.precision", "train.device")
+
+
+def check_lazy_overrides(cfg: DictConfig, opts: Sequence[str]) -> None:
+    """Refuse a ``key=value`` override whose key the LazyConfig does not have (detectron2
+    would add it, and a misspelt ``train.max_iters=1`` would train the config's own length),
+    naming close keys. Keys starting with ``+`` (hydra's "add") are left alone.
+
+    Raises:
+        KeyError: the first unknown key.
+    """
+    import difflib
+
+    from omegaconf import DictConfig as _Dict, OmegaConf
+
+    for item in opts:
+        key = str(item).split("=", 1)[0].strip()
+        if not key or key.startswith(("+", "~")) or "=" not in str(item) \
+                or key in OPTIONAL_LAZY_KEYS:
+            continue
+        parent, _, last = key.rpartition(".")
+        node = OmegaConf.select(cfg, parent, default=None) if parent else cfg
+        if isinstance(node, _Dict) and last in node:
+            continue
+        if node is not None and not isinstance(node, _Dict):
+            continue  # a list index or a leaf's attribute: detectron2 reports those
+        siblings = list(node.keys()) if isinstance(node, _Dict) else []
+        close = difflib.get_close_matches(last, [str(k) for k in siblings], n=3)
+        where = f"under {parent!r}" if parent else "at the top level"
+        prefix = parent + "." if parent else ""
+        hint = f"; did you mean {', '.join(prefix + c for c in close)}?" if close else ""
+        raise KeyError(f"the LazyConfig has no key {key!r} (nothing {where} of that name){hint} "
+                       "(prefix it with '+' to add a new key)")
+
+
+def _lazy_yaml(config_file: str) -> bool:
+    """Whether a yaml file is a saved LazyConfig (lower-case ``train`` / ``model`` sections),
+    not a yacs config (``MODEL:``, ``SOLVER:``)."""
+    import yaml
+
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            doc = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return True  # LazyConfig.load names the problem
+    return isinstance(doc, dict) and "MODEL" not in doc and ("train" in doc or "model" in doc)
+
+
 def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
     """Load a LazyConfig file and apply ``key=value`` overrides. ``train.amp.precision``
     (``"float16"``, the default, or ``"bfloat16"``) is set, and ``train.amp.enabled`` turned
     off with a warning where the device cannot run that precision."""
+    if str(config_file).endswith((".yaml", ".yml")) and not _lazy_yaml(config_file):
+        raise ValueError(f"{config_file} is a yacs (yaml) config, not a LazyConfig (a .py file, "
+                         "or the config.yaml a LazyConfig run saves); drop --lazy")
     cfg = LazyConfig.load(config_file)
-    cfg = LazyConfig.apply_overrides(cfg, list(opts))
+    check_lazy_overrides(cfg, opts)
+    try:
+        cfg = LazyConfig.apply_overrides(cfg, list(opts))
+    except Exception as e:  # noqa: BLE001  hydra's parser: unbalanced brackets, bad syntax
+        if type(e).__name__ != "OverrideParseException":
+            raise
+        raise ValueError(f"cannot parse the override: {' '.join(str(e).split())}") from None
     cfg.train.device = available_device(cfg.train.get("device", "cuda"), "train.device")
     cfg.train.amp.precision = parse_precision(cfg.train.amp.get("precision", None))
     cfg.train.amp.enabled = _amp_guard(cfg.train.get("device", "cuda"), cfg.train.amp.enabled,
@@ -473,6 +568,8 @@ def lazy_train(cfg: DictConfig, resume: bool = False,
         checkpointer.load(resume_from)
         start_iter = trainer.iter + 1
     else:
+        if not (resume and checkpointer.has_checkpoint()):
+            check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
         start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

@@ -43,8 +43,9 @@ from ..safe_load import trust
 from ..utils import env_var, error_text
 from .checkpointer import RestDetectionCheckpointer
 from .data import register_toy_datasets, register_toy_sem_seg_datasets
-from .engine import (RestTrainer, default_setup, is_lazy_config, lazy_build_model, lazy_test,
-                     lazy_train, setup_lazy_config, setup_yaml_config)
+from .engine import (RestTrainer, check_weights_file, default_setup, is_lazy_config,
+                     lazy_build_model, lazy_test, lazy_train, setup_lazy_config,
+                     setup_yaml_config)
 
 __all__ = ["add_launch_arguments", "add_job_arguments", "build_parser", "normalize_overrides",
            "job_overrides", "check_args", "check_machines", "main", "launch_main", "cli_main", "default_dist_url"]
@@ -207,6 +208,10 @@ def _check_run_settings(cfg) -> None:
     gave a tensor shape error; a std of 0 made every input inf) and the periods (0 divides
     by zero at the first step)."""
     _check_test_datasets(cfg.DATASETS.TEST, "DATASETS.TEST")
+    for key in ("ROI_HEADS", "RETINANET", "SEM_SEG_HEAD"):
+        n = cfg.MODEL.get(key, {}).get("NUM_CLASSES", 1)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"MODEL.{key}.NUM_CLASSES must be a positive integer, got {n!r}")
     _check_pixel_stats(cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD,
                        ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"))
     _check_periods(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD,
@@ -227,6 +232,9 @@ def _check_lazy_run_settings(cfg) -> None:
         _check_pixel_stats(model.pixel_mean, model.pixel_std,
                            ("model.pixel_mean", "model.pixel_std"))
     train = cfg.get("train", {})
+    max_iter = train.get("max_iter", 1)
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"train.max_iter must be a positive integer, got {max_iter!r}")
     period = train.get("checkpointer", {}).get("period", 1)
     _check_periods(period, train.get("eval_period", 0),
                    ("train.checkpointer.period", "train.eval_period"))
@@ -258,6 +266,8 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         trainer.checkpointer.load(resume_file)  # model, optimizer, iteration
         trainer.start_iter = trainer.iter + 1
     else:
+        if not (args.resume and trainer.checkpointer.has_checkpoint()):
+            check_weights_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
         trainer.resume_or_load(resume=bool(args.resume))
     return trainer.train()
 

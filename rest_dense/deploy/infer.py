@@ -491,11 +491,13 @@ def build_predictor(config: PathLike, checkpoint: PathLike, device: str = "cpu",
 
     path, checkpoint, framework, device = resolve_inputs(config, checkpoint, device)
     if framework in DETECTRON2:
-        return D2Predictor(path, checkpoint, device, d2_opts(cfg_options, framework), trusted)
-    options = parse_cfg_options(cfg_options)  # one parser: mmengine DictAction's rules
-    if framework == "mmdet":
-        return MMDetPredictor(path, checkpoint, device, options, trusted)
-    return MMSegPredictor(path, checkpoint, device, options, trusted)
+        predictor = D2Predictor(path, checkpoint, device, d2_opts(cfg_options, framework), trusted)
+    else:
+        options = parse_cfg_options(cfg_options)  # one parser: mmengine DictAction's rules
+        cls = MMDetPredictor if framework == "mmdet" else MMSegPredictor
+        predictor = cls(path, checkpoint, device, options, trusted)
+    predictor.device = device  # where it runs (after any fallback, e.g. cuda -> cpu)
+    return predictor
 
 
 # ------------------------------------------------------------------ running
@@ -727,7 +729,8 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                   else "complete" if summary.processed or not paths else "nothing processed")
         doc = {"status": status,
                "config": str(predictor.config), "checkpoint": str(predictor.checkpoint),
-               "framework": predictor.framework, "task": predictor.task, "device": device,
+               "framework": predictor.framework, "task": predictor.task,
+               "device": getattr(predictor, "device", device),
                "score_thr": score_thr, "classes": predictor.classes,
                "images": summary.processed, "skipped": summary.skipped,
                "not_processed": left, "seconds": round(summary.seconds, 3)}

@@ -151,6 +151,12 @@ def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, opts, named
     ("train.eval_period=-1", "train.eval_period must be >= 0"),
     ("dataloader.test.dataset.names=coco_2017_vall", "close: coco_2017_val"),
     ("model.pixel_std=[1.0,0.0,1.0]", "model.pixel_std values must be > 0"),
+    # a misspelt key would be added (and the config's own 270k iterations trained)
+    ("train.max_iters=1", "no key 'train.max_iters' (nothing under 'train' of that name); "
+                          "did you mean train.max_iter?"),
+    ("train.max_iter=abc", "train.max_iter must be a positive integer, got 'abc'"),
+    ("train.max_iter=2.5", "train.max_iter must be a positive integer, got 2.5"),
+    ("train.max_iter=[1,2", "cannot parse the override"),
 ])
 def test_cli_bad_lazy_config_value_is_one_line(tmp_path, capsys, option, named):
     argv = ["train", LAZY_CONFIG, "--work-dir", str(tmp_path / "w"), "train.device=cpu", option]
