@@ -303,10 +303,39 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
 OPTIONAL_LAZY_KEYS = ("train.amp.precision", "train.device")
 
 
+def _lazy_call_parameters(node: Any) -> Optional[set]:
+    """The argument names a LazyCall node's target takes (``None``: any, through
+    ``**kwargs`` or a target that cannot be inspected); an empty set for a plain dict."""
+    import inspect
+
+    from omegaconf import DictConfig as _Dict
+
+    if not isinstance(node, _Dict) or "_target_" not in node:
+        return set()
+    target = node._target_
+    if isinstance(target, str):
+        try:
+            from detectron2.config.instantiate import locate
+
+            target = locate(target)
+        except Exception:  # noqa: BLE001  (unresolvable: let detectron2 report it)
+            return None
+    try:
+        params = inspect.signature(target).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                 inspect.Parameter.KEYWORD_ONLY)}
+
+
 def check_lazy_overrides(cfg: DictConfig, opts: Sequence[str]) -> None:
     """Refuse a ``key=value`` override whose key the LazyConfig does not have (detectron2
     would add it, and a misspelt ``train.max_iters=1`` would train the config's own length),
-    naming close keys. Keys starting with ``+`` (hydra's "add") are left alone.
+    naming close keys. An argument of a ``LazyCall`` target that the config leaves at its
+    default is a key (``model.backbone.bottom_up.drop_path_rate=0.2``); keys starting with
+    ``+`` (hydra's "add") are left alone.
 
     Raises:
         KeyError: the first unknown key.
@@ -326,7 +355,10 @@ def check_lazy_overrides(cfg: DictConfig, opts: Sequence[str]) -> None:
             continue
         if node is not None and not isinstance(node, _Dict):
             continue  # a list index or a leaf's attribute: detectron2 reports those
-        siblings = list(node.keys()) if isinstance(node, _Dict) else []
+        accepted = _lazy_call_parameters(node)
+        if accepted is None or last in accepted:
+            continue  # an argument the config leaves at its default (or **kwargs)
+        siblings = list(node.keys()) + sorted(accepted) if isinstance(node, _Dict) else []
         close = difflib.get_close_matches(last, [str(k) for k in siblings], n=3)
         where = f"under {parent!r}" if parent else "at the top level"
         prefix = parent + "." if parent else ""

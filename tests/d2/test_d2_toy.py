@@ -205,3 +205,20 @@ def test_cli_bad_solver_value_and_missing_data_are_one_line(tmp_path, capsys, to
     err = capsys.readouterr().err
     assert "rest-dense train: error:" in err and "nowhere" in err
     assert "Traceback" not in without_logging_errors(err)
+
+
+def test_lazy_overrides_of_call_arguments_left_at_their_defaults():
+    """An argument a LazyCall target takes is a key even when the config leaves it out;
+    a name the target does not take is refused with the close ones."""
+    from detectron2.config import LazyCall as L
+    from omegaconf import OmegaConf
+
+    from rest_dense.d2.engine import check_lazy_overrides
+
+    cfg = OmegaConf.create({"m": L(torch.nn.Linear)(in_features=2, out_features=3),
+                            "train": {"max_iter": 5}})
+    check_lazy_overrides(cfg, ["m.bias=False", "train.max_iter=2", "+train.extra=1"])
+    with pytest.raises(KeyError, match=r"no key 'm.biass'.*did you mean .*m\.bias"):
+        check_lazy_overrides(cfg, ["m.biass=False"])
+    with pytest.raises(KeyError, match=r"no key 'train.max_iters'.*train\.max_iter\?"):
+        check_lazy_overrides(cfg, ["train.max_iters=1"])
