@@ -335,7 +335,7 @@ def run_demo(options: Optional[DemoOptions] = None) -> List[Dict[str, Any]]:
 
     check_output_path(options.work_dir, "--work-dir", folder=True)
     check_output_path(options.data_root, "--data-root", folder=True)
-    problem = toy_root_problem(options.data_root)
+    problem = toy_root_problem(options.data_root, besides=[options.work_dir])
     if problem:
         raise ValueError(f"--data-root: {problem}")
     if options.threads:
@@ -351,7 +351,7 @@ def run_demo(options: Optional[DemoOptions] = None) -> List[Dict[str, Any]]:
             t = time.time()
             print(f"[demo] writing the toy dataset ({options.num_train} + {options.num_val} "
                   f"images) to {osp.abspath(options.data_root)} ...", flush=True)
-            generate_toy_dataset(options.data_root, **data)
+            generate_toy_dataset(options.data_root, besides=[options.work_dir], **data)
             print(f"[demo] toy dataset ready ({time.time() - t:.1f} s)", flush=True)
         summaries = []
         for i, task in enumerate(options.tasks):

@@ -219,15 +219,16 @@ def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
         ValueError: any of the above, naming the path and the option.
     """
     path = os.fspath(path)
+    full = os.path.abspath(path)  # (no trailing separator: "afile/" is checked as "afile")
     for src in inputs:
         if src is not None and same_file(src, path):
             raise ValueError(f"{what} {path!r} is the same file as the input {os.fspath(src)!r}; "
                              "it would be overwritten: give another path")
-    if folder and os.path.exists(path) and not os.path.isdir(path):
+    if folder and os.path.exists(full) and not os.path.isdir(full):
         raise ValueError(f"{what} {path!r} is a file, not a folder")
-    if not folder and os.path.isdir(path):
+    if not folder and (os.path.isdir(full) or path.endswith(("/", os.sep))):
         raise ValueError(f"{what} {path!r} is a folder; give a file name inside it")
-    parent = os.path.dirname(os.path.abspath(path))
+    parent = os.path.dirname(full)
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
     if parent and not os.path.isdir(parent):

@@ -58,3 +58,23 @@ def test_error_text_says_a_path_once():
     assert error_text(PermissionError(13, "Permission denied", "/y")) == "Permission denied: /y"
     assert error_text(KeyError("no key 'a'")) == "no key 'a'"
     assert error_text(ValueError("plain")) == "plain"
+
+
+def test_check_output_path(tmp_path):
+    from rest_dense.utils import check_output_path
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "ckpt.pth").write_text("weights")
+    check_output_path(tmp_path / "new" / "m.json", "--save-metrics")  # missing folders: fine
+    check_output_path(tmp_path / "new" / "sub", "--work-dir", folder=True)
+    cases = [
+        (dict(path=str(tmp_path / "afile") + "/", what="--work-dir", folder=True), "is a file"),
+        (dict(path=tmp_path / "afile" / "x", what="--work-dir", folder=True), "which is a file"),
+        (dict(path=str(tmp_path / "newdir") + "/", what="--save-metrics"), "is a folder"),
+        (dict(path=tmp_path, what="--save-metrics"), "is a folder"),
+        (dict(path=tmp_path / "." / "ckpt.pth", what="--save-metrics",
+              inputs=[tmp_path / "ckpt.pth"]), "same file as the input"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            check_output_path(**kwargs)

@@ -13,16 +13,19 @@ Written under --out:
     preds/<name>.json   detection: bbox [x1, y1, x2, y2], score, label, category and an RLE
                         mask (pycocotools) per instance with score >= --score-thr
     preds/<name>.png    segmentation: class index per pixel (8-bit; 16-bit above 256 classes)
-    summary.json        status (complete / interrupted), config, checkpoint, classes, files
-                        per image, skipped inputs, inputs not processed
+    summary.json        status (complete / errors / interrupted), config, checkpoint,
+                        classes, files per image, skipped inputs, images the model failed
+                        on, inputs not processed
 
 --out must not hold another run's results (summary.json, preds/, vis/) unless --overwrite is
 given, which removes them first; a folder another live infer is writing into is refused
 (naming that process). SIGINT / SIGTERM stop between images and leave summary.json with
 "status": "interrupted" and the inputs not processed (exit code 130).
 
-Images that cannot be decoded are skipped and listed; the exit code is 1 only when no image
-could be processed (2 for a bad config, checkpoint or argument).
+Images that cannot be decoded are skipped and listed; images the model fails on (a 1-pixel
+strip) are listed as failed while the others are processed. Exit code 1 when no image could
+be processed or the model failed on some; 2 for a bad config, checkpoint or argument, also
+when the model fails on every image with one error.
 
 Examples::
 
@@ -90,10 +93,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for item in summary.skipped:
         print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)
+    for item in summary.failed:
+        print(f"failed {item['input']}: {item['error']}", file=sys.stderr)
     n = len(summary.processed)
     what = ("detections" if summary.task == "det" else "label maps")
     print(f"{n} image{'s' if n != 1 else ''} processed ({summary.framework}, {what}), "
-          f"{len(summary.skipped)} skipped, {summary.seconds:.1f} s; results in {summary.out_dir}")
+          f"{len(summary.skipped)} skipped, {len(summary.failed)} failed, "
+          f"{summary.seconds:.1f} s; results in {summary.out_dir}")
+    errors = {item["error"] for item in summary.failed}
+    if summary.failed and n == 0 and len(errors) == 1:
+        print(f"error: the model failed on every image with the same error, a problem of the "
+              f"config or checkpoint rather than of the images: {errors.pop()}", file=sys.stderr)
+        return 2
+    if summary.failed:
+        print(f"error: the model failed on {len(summary.failed)} image(s); the others' results "
+              "are written (summary.json lists both)", file=sys.stderr)
+        return 1
     if n == 0:
         print("error: no image could be processed", file=sys.stderr)
         return 1

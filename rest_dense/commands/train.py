@@ -60,7 +60,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..run_files import ResumeError  # light: torch only
-from ..utils import check_output_path, env_var, error_text, positive_int
+from ..utils import check_output_path, env_var, error_text, positive_int, same_file
 from ..configs import ConfigBuildError
 from ..models.pretrained import CheckpointError
 
@@ -238,16 +238,21 @@ def check_family_options(args: argparse.Namespace) -> None:
 
 def check_output_options(args: argparse.Namespace) -> None:
     """Refuse, before anything runs, output paths that cannot be written or would overwrite
-    an input: ``--work-dir`` / ``--show-dir`` that are files or lie below one,
-    ``--save-metrics`` naming the config or the checkpoint, or a folder."""
+    an input: ``--work-dir`` / an absolute ``--show-dir`` that are files or lie below one,
+    ``--save-metrics`` naming the config, the checkpoint, the work dir or a folder."""
     inputs = [getattr(args, "config_path", None), getattr(args, "checkpoint", None),
               getattr(args, "resume", None) if isinstance(getattr(args, "resume", None), str)
               else None]
     try:
-        for dest, flag in (("work_dir", "--work-dir"), ("show_dir", "--show-dir")):
-            if getattr(args, dest, None):
-                check_output_path(getattr(args, dest), flag, folder=True)
+        if getattr(args, "work_dir", None):
+            check_output_path(args.work_dir, "--work-dir", folder=True)
+        # MMEngine puts a relative --show-dir under <work dir>/<timestamp>/: a new folder
+        if getattr(args, "show_dir", None) and os.path.isabs(args.show_dir):
+            check_output_path(args.show_dir, "--show-dir", folder=True)
         if getattr(args, "save_metrics", None):
+            if getattr(args, "work_dir", None) and same_file(args.save_metrics, args.work_dir):
+                raise ValueError(f"--save-metrics {args.save_metrics!r} is the --work-dir; "
+                                 "give a file name (e.g. inside it)")
             check_output_path(args.save_metrics, "--save-metrics", inputs)
     except ValueError as err:
         raise UsageError(str(err)) from None

@@ -252,6 +252,8 @@ def _check_yaml_file(config_file: str) -> None:
     try:
         with open(config_file, encoding="utf-8") as f:
             doc = yaml.safe_load(f)
+    except yaml.constructor.ConstructorError:
+        return  # python tags (!!python/tuple): valid for detectron2's loader, which reads them
     except yaml.YAMLError as e:
         raise ValueError(f"{config_file} is not a valid YAML config: "
                          f"{' '.join(str(e).split())}") from None

@@ -235,18 +235,28 @@ def toy_dataset_ready(out_dir: Union[str, os.PathLike], num_train: int = 300, nu
 _GENERATING_FILE = ".toy-generating"
 
 
-def toy_root_problem(out_dir: Union[str, os.PathLike]) -> Optional[str]:
+def toy_root_problem(out_dir: Union[str, os.PathLike],
+                     besides: Sequence[Union[str, os.PathLike]] = ()) -> Optional[str]:
     """Why :func:`generate_toy_dataset` must not write into ``out_dir``, or None: a file, or
     a folder holding files that are no toy dataset of this generator (neither its
     ``toy_meta.json`` nor the mark of an interrupted generation), whose annotations or
-    images it would overwrite."""
+    images it would overwrite. Hidden entries (``.gitkeep``, locks) and the folders in
+    ``besides`` (a work dir placed inside the data folder) do not count."""
     root = Path(out_dir)
     if root.exists() and not root.is_dir():
         return f"the toy data folder {os.fspath(out_dir)!r} is a file"
     if not root.is_dir():
         return None
-    entries = [p.name for p in root.iterdir() if not p.name.startswith(".rest-dense.lock")]
-    if not entries or _META_FILE in entries or _GENERATING_FILE in entries:
+    names = [p.name for p in root.iterdir()]
+    if _META_FILE in names or _GENERATING_FILE in names:
+        return None
+    skip = set()
+    for other in besides:
+        rel = os.path.relpath(os.path.abspath(other), os.path.abspath(root))
+        if rel != "." and not rel.startswith(".."):
+            skip.add(rel.split(os.sep)[0])
+    entries = [n for n in names if not n.startswith(".") and n not in skip]
+    if not entries:
         return None
     return (f"the toy data folder {os.fspath(out_dir)!r} holds files that are not a toy dataset "
             f"({', '.join(sorted(entries)[:4])}{', ...' if len(entries) > 4 else ''}; no "
@@ -261,7 +271,8 @@ _SCENE_NAME = re.compile(r"toy_(\d{5})\.png")
 def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_train: int = 300,
                          num_val: int = 50, size: int = 128, seed: int = 0, max_objects: int = 4,
                          class_color_prob: float = 0.75, overwrite: bool = False,
-                         splits: Optional[Sequence[str]] = None) -> Dict[str, str]:
+                         splits: Optional[Sequence[str]] = None,
+                         besides: Sequence[Union[str, os.PathLike]] = ()) -> Dict[str, str]:
     """Write the toy dataset (both layouts) under ``out_dir``.
 
     Skips the work when ``out_dir`` already holds a dataset generated with the same
@@ -277,6 +288,8 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         class_color_prob: probability that a shape is coloured from its class's hue range.
         overwrite: regenerate even if a matching dataset exists.
         splits: subset of ``('train', 'val')`` to write (default both).
+        besides: folders inside ``out_dir`` that are not part of the dataset (a work dir;
+            see :func:`toy_root_problem`).
 
     Returns:
         Paths of the written artefacts (``root``, ``train_json``, ``val_json``, ...).
@@ -299,7 +312,7 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
     if not overwrite and set(splits) == {"train", "val"} and toy_dataset_ready(
             root, num_train, num_val, size, seed, max_objects, class_color_prob):
         return paths
-    problem = toy_root_problem(root)
+    problem = toy_root_problem(root, besides=besides)
     if problem:
         raise ValueError(problem)
     meta_path = root / _META_FILE

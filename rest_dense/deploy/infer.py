@@ -511,7 +511,9 @@ class InferenceSummary:
         task: ``'det'`` or ``'seg'``.
         processed: per processed image: ``input``, ``vis``, ``pred`` paths and ``instances``
             (detections >= score_thr) or ``classes_present`` (segmentation).
-        skipped: per input that could not be processed: ``input`` and ``error``.
+        skipped: per input that could not be read as an image: ``input`` and ``error``.
+        failed: per image the model failed on (an extreme aspect ratio; or, when it is every
+            image with one error, a bad config): ``input`` and ``error``.
         seconds: wall time of the predictions (model set-up excluded).
     """
 
@@ -520,6 +522,7 @@ class InferenceSummary:
     task: str
     processed: List[Dict[str, Any]] = field(default_factory=list)
     skipped: List[Dict[str, str]] = field(default_factory=list)
+    failed: List[Dict[str, str]] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -653,6 +656,12 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
         raise OutputFolderInUseError(
             f"--out {out_dir} holds the results of another run ({', '.join(previous)}); pass "
             "--overwrite to replace them, or choose another folder")
+    doomed = [os.path.abspath(os.path.join(out_dir, name)) for name in previous]
+    inside = [p for p in paths if any(_inside(os.path.abspath(p), d) for d in doomed)]
+    if inside:
+        raise OutputFolderInUseError(
+            f"input {inside[0]!r} is among the previous results in --out {out_dir} that "
+            "--overwrite would remove first; copy it elsewhere or choose another --out")
     from ..runlock import hold_folder
 
     from ..utils import removed_if_left_empty
@@ -712,8 +721,8 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                 pred = predictor.predict(image)
             except Exception as e:  # one image (extreme aspect ratio, ...) stops no run
                 error = f"prediction failed: {type(e).__name__}: {' '.join(error_text(e).split())}"
-                summary.skipped.append({"input": path, "error": error})
-                bar.write(f"skipped {path}: {error}")
+                summary.failed.append({"input": path, "error": error})
+                bar.write(f"failed {path}: {error}")
                 done_inputs.add(path)
                 continue
             summary.processed.append(_write_outputs(predictor, image, pred, path, stems[path],
@@ -726,6 +735,7 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
         left = [p for p in paths if p not in done_inputs]
         interrupted = bool(stop) or bool(left)
         status = ("interrupted" if interrupted
+                  else "errors" if summary.failed
                   else "complete" if summary.processed or not paths else "nothing processed")
         doc = {"status": status,
                "config": str(predictor.config), "checkpoint": str(predictor.checkpoint),
@@ -733,6 +743,7 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                "device": getattr(predictor, "device", device),
                "score_thr": score_thr, "classes": predictor.classes,
                "images": summary.processed, "skipped": summary.skipped,
+               "failed": summary.failed,
                "not_processed": left, "seconds": round(summary.seconds, 3)}
         if interrupted:
             doc["interrupted_by"] = stop[0] if stop else "an error"

@@ -45,9 +45,11 @@ _STAGE_ID_RE = re.compile(
 
 
 def _is_bool(value) -> bool:
-    """A Python or numpy bool (numpy 1 names its type ``bool_``, numpy 2 ``bool``)."""
+    """A Python, numpy or 0-d tensor bool (numpy 1 names its type ``bool_``, numpy 2
+    ``bool``)."""
     kind = type(value)
-    return isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+    return (isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+            or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
 
 
 def check_int(value, name: str, low: Optional[int] = None, high: Optional[int] = None) -> int:
@@ -185,6 +187,9 @@ def check_channel_list(in_channels, owner: str) -> Tuple[int, ...]:
     if isinstance(in_channels, (str, bytes)) or not hasattr(in_channels, "__iter__"):
         raise TypeError(f"{owner} in_channels must be a sequence of ints (one per level), "
                         f"got {in_channels!r}")
+    if getattr(in_channels, "ndim", 1) == 0:  # a 0-d array or tensor: one number
+        raise TypeError(f"{owner} in_channels must be a sequence of ints (one per level), "
+                        f"got the single value {in_channels!r}")
     if isinstance(in_channels, (AbstractSet, Mapping)):
         raise TypeError(f"{owner} in_channels must be ordered (a list or tuple, finest level "
                         f"first), got a {type(in_channels).__name__}: {in_channels!r}")

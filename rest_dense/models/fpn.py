@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Tuple
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import check_channel_list, check_int
+from .base import check_channel_list, check_input_matches, check_int
 
 __all__ = ["FPN"]
 
@@ -63,10 +63,12 @@ class FPN(nn.Module):
         if isinstance(feats, Tensor) or len(feats) != len(self.in_channels):
             got = "a tensor" if isinstance(feats, Tensor) else f"{len(feats)} maps"
             raise ValueError(f"FPN expects {len(self.in_channels)} feature maps, got {got}")
+        weight = next(self.parameters())
         for i, (x, c) in enumerate(zip(feats, self.in_channels)):
             if x.dim() != 4 or x.shape[1] != c:
                 raise ValueError(f"FPN input {i} has shape {tuple(x.shape)}, expected "
                                  f"(B, {c}, H, W)")
+            check_input_matches(f"FPN (input {i})", x, weight)
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, feats)]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(

@@ -740,24 +740,36 @@ def hook_free(*modules: nn.Module) -> bool:
 _BUILT_TYPES = "_rest_dense_built_types"
 
 
+def _built_signature(module: nn.Module):
+    """What the fast paths assume of a layer: its class, and for a convolution or a pixel
+    shuffle the geometry they read from the constructor (a conv set to another padding
+    mode, dilation or stride computes another function from the same weights)."""
+    if isinstance(module, nn.Conv2d):
+        return (type(module), module.kernel_size, module.stride, module.padding,
+                module.dilation, module.groups, module.padding_mode)
+    if isinstance(module, nn.PixelShuffle):
+        return type(module), module.upscale_factor
+    return type(module)
+
+
 def record_built(module: nn.Module) -> None:
-    """Remember the classes of ``module`` and its submodules, in order, as its constructor
-    built them (for :func:`as_built`)."""
-    module.__dict__[_BUILT_TYPES] = tuple(type(m) for m in module.modules())
+    """Remember the classes (and convolution geometry) of ``module`` and its submodules, in
+    order, as its constructor built them (for :func:`as_built`)."""
+    module.__dict__[_BUILT_TYPES] = tuple(_built_signature(m) for m in module.modules())
 
 
 def as_built(module: nn.Module) -> bool:
     """Whether the fast paths may compute ``module`` from its parameters instead of calling
-    its submodules: every submodule still has the class its constructor gave it
-    (:func:`record_built`; a replaced activation or norm, a parametrization, SyncBatchNorm
-    make it differ) and nothing is hooked (:func:`hook_free`, on it or below it). Otherwise
+    its submodules: every submodule still has the class (and a convolution the geometry)
+    its constructor gave it (:func:`record_built`; a replaced activation, norm or conv, a
+    parametrization, SyncBatchNorm, another padding mode make it differ) and nothing is hooked (:func:`hook_free`, on it or below it). Otherwise
     the plain modules run, called as usual, so that hooks fire and replacements count."""
     built = module.__dict__.get(_BUILT_TYPES)
     if built is None or _global_hooks():
         return False
     n = 0
     for m in module.modules():
-        if n >= len(built) or type(m) is not built[n] or _hooked(m):
+        if n >= len(built) or _hooked(m) or _built_signature(m) != built[n]:
             return False
         n += 1
     return n == len(built)

@@ -222,3 +222,19 @@ def test_lazy_overrides_of_call_arguments_left_at_their_defaults():
         check_lazy_overrides(cfg, ["m.biass=False"])
     with pytest.raises(KeyError, match=r"no key 'train.max_iters'.*train\.max_iter\?"):
         check_lazy_overrides(cfg, ["train.max_iters=1"])
+
+
+def test_yaml_checks_keep_python_tags_and_name_broken_files(tmp_path):
+    from rest_dense.d2.engine import setup_yaml_config
+
+    base = config_path("toy/mask_rcnn_restv2_toy.yaml")
+    tagged = tmp_path / "tuple.yaml"
+    tagged.write_text(f'_BASE_: "{base}"\nINPUT:\n  MIN_SIZE_TRAIN: !!python/tuple [64, 96]\n')
+    assert tuple(setup_yaml_config(str(tagged), ["MODEL.DEVICE", "cpu"]).INPUT.MIN_SIZE_TRAIN) \
+        == (64, 96)
+    for text, message in (("MODEL:\n  WEIGHTS: [\n", "not a valid YAML config"),
+                          ("", "is empty"), ("- 1\n- 2\n", "not a mapping")):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=message):
+            setup_yaml_config(str(bad))

@@ -1410,3 +1410,27 @@ def test_sync_batchnorm_and_parametrizations_leave_the_fast_path():
     with torch.no_grad():
         for a, b in zip(model(x), ref(x)):
             _close(a, b, 1e-5, 1e-4)
+
+
+def test_conv_geometry_changes_leave_the_fast_path():
+    """A conv of the same class with another padding mode, dilation or kernel (set on the
+    layer or swapped in) computes another function: the module runs its layers as called,
+    and the result equals the plain computation."""
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 64, 64)
+    changes = [
+        lambda m: setattr(m.patch_2.proj, "padding_mode", "reflect"),
+        lambda m: setattr(m.stage1[0].attn.sr, "padding_mode", "reflect"),
+        lambda m: setattr(m.patch_2, "proj", nn.Conv2d(m.patch_2.proj.in_channels,
+                                                       m.patch_2.proj.out_channels, 2, 2)),
+        lambda m: setattr(m.stem.proj[6], "padding_mode", "reflect"),
+    ]
+    for change in changes:
+        model = ResTv2(arch=ARCH).eval()
+        change(model)
+        with torch.no_grad():
+            fast_out = model(x)
+            with fast.fast_paths(False):
+                plain_out = model(x)
+        for a, b in zip(fast_out, plain_out):
+            _close(a, b, 1e-5, 1e-4)

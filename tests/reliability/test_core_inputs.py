@@ -338,3 +338,22 @@ def test_restv1_single_token_attention_is_the_exact_instance_norm_value():
     out = attn(x)
     expected = attn.proj(torch.zeros(2, 1, 1, 32))  # zero attention weights -> proj of zeros
     torch.testing.assert_close(out, expected)
+
+
+def test_bool_tensor_is_not_a_window_size():
+    with pytest.raises(TypeError, match="window_size must be an integer, got the bool"):
+        _build("v2", attn_mode="win", window_size=torch.tensor(True))
+
+
+@pytest.mark.parametrize("neck", ["fpn", "vt_fpn"])
+def test_neck_inputs_named(neck):
+    from rest_dense.models.fpn import FPN
+    from rest_dense.models.vt_fpn import VTFPN
+
+    cls = FPN if neck == "fpn" else VTFPN
+    with pytest.raises(TypeError, match="in_channels must be a sequence .*single value"):
+        cls(np.array(16))
+    model = cls([8, 16])
+    with pytest.raises(TypeError, match=r"input 0\) has torch.float32 weights but the input is "
+                                        r"torch.float64"):
+        model([torch.randn(1, 8, 8, 8).double(), torch.randn(1, 16, 4, 4).double()])

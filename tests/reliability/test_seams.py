@@ -344,10 +344,19 @@ def test_cli_infer_keeps_user_files_and_skips_bad_images(toy, tmp_path, capsys):
         code, text = _cli(["infer", str(DET), str(ckpt), str(folder), "--out", str(out),
                            "--quiet", "--no-vis", *extra], capsys)
         doc = json.loads((out / "summary.json").read_text())
-        assert code == 0 and doc["status"] == "complete", text
+        assert code == 1 and doc["status"] == "errors", text
         assert [os.path.basename(i["input"]) for i in doc["images"]] == ["a.png"]
-        assert [os.path.basename(i["input"]) for i in doc["skipped"]] == ["thin.png"]
-        assert doc["skipped"][0]["error"].startswith("prediction failed")
+        assert [os.path.basename(i["input"]) for i in doc["failed"]] == ["thin.png"]
+        assert doc["failed"][0]["error"].startswith("prediction failed") and not doc["skipped"]
+    # a config error fails every image alike: reported as such (exit 2), not as success
+    code, text = _cli(["infer", str(DET), str(ckpt), str(folder / "a.png"), "--out",
+                       str(tmp_path / "o3"), "--quiet", "--no-vis", "--cfg-options",
+                       "model.test_cfg.rcnn.nms.type=NoSuchNMS"], capsys)
+    assert code == 2 and "failed on every image with the same error" in text, text
+    # inputs among the results --overwrite would remove: refused before anything is removed
+    code, text = _cli(["infer", str(DET), str(ckpt), *map(str, sorted((out / "preds").iterdir())),
+                       "--out", str(out), "--quiet", "--no-vis", "--overwrite"], capsys)
+    assert code == 2 and "--overwrite would remove" in text and any((out / "preds").iterdir())
 
 
 def test_cli_test_refuses_outputs_that_would_destroy_inputs(toy, tmp_path, capsys):

@@ -222,3 +222,13 @@ def test_demo_refuses_a_foreign_data_folder(tmp_path, capsys):
                  "--max-iters", "0", "--num-train", "4", "--num-val", "2", "--no-baseline"])
     assert code == 2 and "not a toy dataset" in capsys.readouterr().err
     assert (data / "train" / "holiday.png").read_bytes() == b"not ours"
+
+
+def test_work_dir_and_hidden_files_inside_the_data_folder_are_not_foreign(tmp_path):
+    from rest_dense.data.toy import toy_root_problem
+
+    root = tmp_path / "toy"
+    (root / "runs" / "demo").mkdir(parents=True)
+    (root / ".gitkeep").write_text("")
+    assert toy_root_problem(root, besides=[root / "runs" / "demo"]) is None
+    assert "runs" in toy_root_problem(root)
