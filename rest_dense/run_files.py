@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterable, List, Optional, Pattern, Sequence, U
 
 import torch
 
-from .utils import env_var
+from .utils import env_var, path_inside
 
 __all__ = ["SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
            "StagedFile", "temporary_name", "remove_stale_temporaries", "read_pointer",
@@ -237,11 +237,6 @@ def remove_stale_temporaries(folder: PathLike, log: Optional[logging.Logger] = N
 
 
 # ----------------------------------------------------------------------------- resuming
-def _inside(path: str, folder: str) -> bool:
-    path, folder = osp.realpath(path), osp.realpath(folder)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
-
-
 def read_pointer(folder: PathLike, pointer: str = POINTER_NAME) -> Optional[str]:
     """The checkpoint a run folder's pointer file names, resolved for moved folders.
 
@@ -269,7 +264,7 @@ def read_pointer(folder: PathLike, pointer: str = POINTER_NAME) -> Optional[str]
     if not osp.isabs(recorded):
         local = osp.join(folder, recorded)
         return local if osp.isfile(local) else None
-    if osp.isfile(recorded) and _inside(recorded, folder):
+    if osp.isfile(recorded) and path_inside(recorded, folder):
         return recorded
     local = osp.join(folder, osp.basename(recorded))  # the folder was moved or copied
     if osp.isfile(local):

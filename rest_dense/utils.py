@@ -7,7 +7,8 @@ import re
 from typing import Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
-           "guess_config_framework", "scale_count", "same_file", "check_output_path"]
+           "guess_config_framework", "scale_count", "path_inside", "same_file",
+           "check_output_path"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
@@ -184,6 +185,12 @@ def scale_count(value: Union[int, float], ratio: float, minimum: int = 1) -> int
     """``value * ratio`` rounded, at least ``minimum``: an iteration count (interval,
     warm-up length, milestone) of a schedule stretched or shrunk by ``ratio``."""
     return max(int(minimum), int(round(float(value) * ratio)))
+
+
+def path_inside(path: Union[str, "os.PathLike[str]"], folder: Union[str, "os.PathLike[str]"]) -> bool:
+    """Whether ``path`` is ``folder`` or lies below it (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def same_file(a: Union[str, "os.PathLike[str]"], b: Union[str, "os.PathLike[str]"]) -> bool:

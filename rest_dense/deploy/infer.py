@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..utils import error_text
+from ..utils import error_text, path_inside
 from .inputs import ImageReadError, collect_images, output_names, read_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, SegMap, detections_to_json, from_d2_instances,
@@ -643,8 +643,7 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
     # a re-run with --out inside an input folder must not read its own results as images
     # (files named one by one are kept: the user chose them)
     named = {os.path.abspath(os.fspath(i)) for i in inputs if os.path.isfile(os.fspath(i))}
-    kept = [p for p in paths if os.path.abspath(p) in named
-            or not _inside(os.path.abspath(p), os.path.abspath(out_dir))]
+    kept = [p for p in paths if os.path.abspath(p) in named or not path_inside(p, out_dir)]
     if paths and not kept:
         raise FileNotFoundError(f"every input image lies in --out {out_dir}; give the images "
                                 "or an output folder outside them")
@@ -656,8 +655,8 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
         raise OutputFolderInUseError(
             f"--out {out_dir} holds the results of another run ({', '.join(previous)}); pass "
             "--overwrite to replace them, or choose another folder")
-    doomed = [os.path.abspath(os.path.join(out_dir, name)) for name in previous]
-    inside = [p for p in paths if any(_inside(os.path.abspath(p), d) for d in doomed)]
+    doomed = [os.path.join(out_dir, name) for name in previous]
+    inside = [p for p in paths if any(path_inside(p, d) for d in doomed)]
     if inside:
         raise OutputFolderInUseError(
             f"input {inside[0]!r} is among the previous results in --out {out_dir} that "
@@ -751,9 +750,4 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
     if stop:
         raise InferenceInterrupted(summary_path, len(done_inputs), len(left), stop[0])
     return summary
-
-
-def _inside(path: str, folder: str) -> bool:
-    """Whether absolute ``path`` lies in absolute ``folder`` (or is it)."""
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 

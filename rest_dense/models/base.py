@@ -48,7 +48,8 @@ def _is_bool(value) -> bool:
     """A Python, numpy or 0-d tensor bool (numpy 1 names its type ``bool_``, numpy 2
     ``bool``)."""
     kind = type(value)
-    return (isinstance(value, bool) or (kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool"))
+    return (isinstance(value, bool)
+            or kind.__module__ == "numpy" and kind.__name__ in ("bool_", "bool")
             or isinstance(value, torch.Tensor) and value.dtype == torch.bool)
 
 
@@ -292,12 +293,13 @@ def resolve_arch(arch: ArchType, zoo: Mapping[str, Mapping], defaults: Mapping,
         if c % h:
             raise ValueError(f"stage {i + 1}: embed_dims {c} is not divisible by num_heads {h}")
     if "mlp_ratio" in spec:
-        narrow = [(i, c) for i, c in enumerate(spec["embed_dims"]) if int(c * spec["mlp_ratio"]) < 1]
+        ratio = spec["mlp_ratio"]
+        narrow = [(i, c) for i, c in enumerate(spec["embed_dims"]) if int(c * ratio) < 1]
         if narrow:
             i, c = narrow[0]
-            raise ValueError(f"{model_name} arch field 'mlp_ratio' {spec['mlp_ratio']!r} leaves stage "
-                             f"{i + 1}'s MLP (embed_dims {c}) without hidden channels: "
-                             f"int({c} * mlp_ratio) must be at least 1")
+            raise ValueError(f"{model_name} arch field 'mlp_ratio' {ratio!r} leaves stage {i + 1}'s "
+                             f"MLP (embed_dims {c}) without hidden channels: int({c} * mlp_ratio) "
+                             "must be at least 1")
     return spec
 
 

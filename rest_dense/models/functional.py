@@ -741,14 +741,17 @@ _BUILT_TYPES = "_rest_dense_built_types"
 
 
 def _built_signature(module: nn.Module):
-    """What the fast paths assume of a layer: its class, and for a convolution or a pixel
+    """What the fast paths assume of a layer: its class, for a convolution or a pixel
     shuffle the geometry they read from the constructor (a conv set to another padding
-    mode, dilation or stride computes another function from the same weights)."""
+    mode, dilation or stride computes another function from the same weights), for a GELU
+    its approximation."""
     if isinstance(module, nn.Conv2d):
         return (type(module), module.kernel_size, module.stride, module.padding,
                 module.dilation, module.groups, module.padding_mode)
     if isinstance(module, nn.PixelShuffle):
         return type(module), module.upscale_factor
+    if isinstance(module, nn.GELU):  # the fast paths run the exact GELU
+        return type(module), module.approximate
     return type(module)
 
 
@@ -762,8 +765,9 @@ def as_built(module: nn.Module) -> bool:
     """Whether the fast paths may compute ``module`` from its parameters instead of calling
     its submodules: every submodule still has the class (and a convolution the geometry)
     its constructor gave it (:func:`record_built`; a replaced activation, norm or conv, a
-    parametrization, SyncBatchNorm, another padding mode make it differ) and nothing is hooked (:func:`hook_free`, on it or below it). Otherwise
-    the plain modules run, called as usual, so that hooks fire and replacements count."""
+    parametrization, SyncBatchNorm, another padding mode or GELU approximation make it
+    differ) and nothing is hooked (:func:`hook_free`, on it or below it). Otherwise the
+    plain modules run, called as usual, so that hooks fire and replacements count."""
     built = module.__dict__.get(_BUILT_TYPES)
     if built is None or _global_hooks():
         return False

@@ -144,8 +144,7 @@ class Block(nn.Module):
         """
         if recompute not in BLOCK_RECOMPUTE:
             raise ValueError(f"Block recompute must be one of {BLOCK_RECOMPUTE}, got {recompute!r}")
-        if (getattr(self.attn, "fast_paths", False) and fast.use_fast_path(x)
-                and getattr(self.mlp.act, "approximate", None) == "none" and fast.as_built(self)):
+        if getattr(self.attn, "fast_paths", False) and fast.use_fast_path(x) and fast.as_built(self):
             return self.forward_fast(x, recompute)
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self._mlp_half(x, recompute))
