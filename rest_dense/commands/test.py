@@ -27,14 +27,12 @@ default and cannot be combined with --trust-checkpoint.
 from __future__ import annotations
 
 import argparse
-import os
 
 from ..configs import ConfigBuildError
 from ..utils import error_text
 from .train import (CHECKPOINT_ERRORS, add_common_arguments, add_overrides_argument,
-                    add_trust_argument, allow_intermixed, check_family_options,
-                    check_output_options, d2_namespace, fail, fix_resume, overrides,
-                    print_metrics, resolve_config, UsageError)
+                    add_trust_argument, allow_intermixed, d2_namespace, fail, overrides,
+                    prepare_run, print_metrics, UsageError)
 
 HELP = "evaluate a checkpoint (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -63,20 +61,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     try:
-        resolve_config(args)
-        check_family_options(args)
-        fix_resume(args)
-        check_output_options(args)
-        if args.weights_only and args.trust_checkpoint:
-            raise UsageError("--weights-only (trust nothing) contradicts --trust-checkpoint")
+        prepare_run(args)
     except UsageError as err:
         return fail("test", error_text(err))
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
 
     if args.family == "detectron2":
         from ..d2.launch import check_args, launch_main

@@ -334,19 +334,31 @@ def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None)
 
 
 # ----------------------------------------------------------------------------- running
-def run(args: argparse.Namespace) -> int:
+def prepare_run(args: argparse.Namespace) -> None:
+    """What ``train`` and ``test`` do before running: the config resolved, the options
+    checked against its framework and against each other, the thread count set.
+
+    Raises:
+        UsageError: options that contradict each other, the config or the file system.
+    """
     os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    try:
-        resolve_config(args)
-        check_family_options(args)
-        fix_resume(args)
-        check_output_options(args)
-    except UsageError as err:
-        return fail("train", error_text(err))
+    resolve_config(args)
+    check_family_options(args)
+    fix_resume(args)
+    check_output_options(args)
+    if getattr(args, "weights_only", False) and getattr(args, "trust_checkpoint", False):
+        raise UsageError("--weights-only (trust nothing) contradicts --trust-checkpoint")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        prepare_run(args)
+    except UsageError as err:
+        return fail("train", error_text(err))
 
     if args.family == "detectron2":
         from ..d2.launch import check_args, launch_main

@@ -9,7 +9,7 @@ from typing import Dict, Sequence, Union
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg, register_coco_instances
 
-__all__ = ["register_toy_datasets", "register_toy_sem_seg_datasets",
+__all__ = ["register_toy_datasets", "register_toy_sem_seg_datasets", "set_toy_metadata",
            "set_toy_sem_seg_metadata", "TOY_SPLITS", "TOY_SEM_SEG_SPLITS"]
 
 #: split -> (annotation file relative to the root, image folder relative to the root)
@@ -55,9 +55,29 @@ def register_toy_datasets(root: Union[str, os.PathLike] = "data/toy", prefix: st
                 continue
             DatasetCatalog.remove(name)
             MetadataCatalog.remove(name)
-        register_coco_instances(name, {}, json_file, image_root)
+        # the class names before the json is read (infer, demo), as reading it sets them
+        register_coco_instances(name, _toy_thing_metadata(), json_file, image_root)
         out[name] = json_file
     return out
+
+
+def set_toy_metadata(prefix: str = "toy", splits: Sequence[str] = ("train", "val")) -> None:
+    """The toy scenes' instance class names and colours (``thing_classes`` circle / square /
+    triangle, ``thing_colors``) in ``MetadataCatalog`` for ``<prefix>_<split>``, without
+    registering any data: the values the generated COCO json gives when it is read.
+
+    Run for the default names when :mod:`rest_dense.d2` is imported, so that
+    ``rest-dense infer`` / ``demo`` of the toy detection configs name the classes without
+    a dataset on disk (as :func:`set_toy_sem_seg_metadata` does for the label maps).
+    """
+    for split in splits:
+        MetadataCatalog.get(f"{prefix}_{split}").set(**_toy_thing_metadata())
+
+
+def _toy_thing_metadata() -> Dict[str, list]:
+    from ..data.toy import TOY_CLASSES, TOY_PALETTE
+
+    return dict(thing_classes=list(TOY_CLASSES), thing_colors=[list(c) for c in TOY_PALETTE[1:]])
 
 
 def register_toy_sem_seg_datasets(root: Union[str, os.PathLike] = "data/toy",
@@ -120,4 +140,5 @@ def set_toy_sem_seg_metadata(prefix: str = "toy_sem_seg",
             evaluator_type="sem_seg", ignore_label=255)
 
 
+set_toy_metadata()
 set_toy_sem_seg_metadata()

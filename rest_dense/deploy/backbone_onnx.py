@@ -383,7 +383,17 @@ def check_program(model: nn.Module, program, sizes: Sequence[Size], batch: int =
     """
     if not sizes:
         raise ValueError("check_program needs at least one size (H, W)")
-    run = program.module()
+    results = _compare_with_eager(model, program.module(), sizes, batch, atol, seed,
+                                  "torch.export", on_result)
+    return finish("torch.export program", results, raise_on_failure)
+
+
+def _compare_with_eager(model: nn.Module, run: Callable, sizes: Sequence[Size], batch: int,
+                        atol: float, seed: int, label: str,
+                        on_result: Optional[Callable[[ParityResult], None]]
+                        ) -> List[ParityResult]:
+    """``run(x)`` against ``model(x)`` (eval mode, no grad) on seeded random inputs of each
+    size; ``seconds`` of each result is ``run``'s call."""
     names = _output_names(model)
     gen = torch.Generator().manual_seed(seed)
     results = []
@@ -395,11 +405,11 @@ def check_program(model: nn.Module, program, sizes: Sequence[Size], batch: int =
                 t0 = time.perf_counter()
                 out = run(x)
                 dt = time.perf_counter() - t0
-            res = compare_outputs(names, out, ref, (int(h), int(w)), batch, atol, dt, "torch.export")
+            res = compare_outputs(names, out, ref, (int(h), int(w)), batch, atol, dt, label)
             results.append(res)
             if on_result is not None:
                 on_result(res)
-    return finish("torch.export program", results, raise_on_failure)
+    return results
 
 
 # ------------------------------------------------------------------ export
@@ -613,20 +623,6 @@ def check_compile(model: nn.Module, sizes: Sequence[Size], backend: str = "induc
     if not sizes:
         raise ValueError("check_compile needs at least one size (H, W)")
     compiled = compile_model(model, backend=backend, dynamic=dynamic)
-    names = _output_names(model)
-    gen = torch.Generator().manual_seed(seed)
-    results = []
-    with _eval_mode(model):
-        for h, w in sizes:
-            x = torch.randn(batch, model.in_channels, int(h), int(w), generator=gen)
-            with torch.no_grad():
-                ref = model(x)
-                t0 = time.perf_counter()
-                out = compiled(x)
-                dt = time.perf_counter() - t0
-            res = compare_outputs(names, out, ref, (int(h), int(w)), batch, atol, dt,
-                           f"torch.compile({backend})")
-            results.append(res)
-            if on_result is not None:
-                on_result(res)
+    results = _compare_with_eager(model, compiled, sizes, batch, atol, seed,
+                                  f"torch.compile({backend})", on_result)
     return finish(f"torch.compile(backend={backend!r})", results, raise_on_failure)

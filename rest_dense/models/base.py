@@ -408,7 +408,7 @@ class ResTBase(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"{name} expects a 4-D (N, C, H, W) input, got shape {tuple(x.shape)}")
         # while tracing, sizes are tensors: comparing them would bake the branch into the trace
-        tracing = _tracing()
+        tracing = _fast.tracing()
         if not tracing:
             if x.shape[1] != self.in_channels:
                 raise ValueError(f"{name} was built for {self.in_channels} input channels, got an "
@@ -563,15 +563,6 @@ def _autocast_enabled(device_type: str) -> bool:
     except TypeError:  # torch < 2.4 takes no device type
         return bool(torch.is_autocast_enabled()) if device_type == "cuda" else \
             bool(torch.is_autocast_cpu_enabled()) if device_type == "cpu" else False
-
-
-def _tracing() -> bool:
-    """Whether the forward pass is being traced or compiled (data checks must not run)."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting():
-        return True
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and hasattr(compiler, "is_compiling")
-                and compiler.is_compiling())
 
 
 class _BlockRecompute:

@@ -186,13 +186,23 @@ def fast_paths(enabled: bool = True) -> Iterator[None]:
         _ENABLED[0] = previous
 
 
+def tracing() -> bool:
+    """Whether the forward is being traced, scripted or compiled: sizes may be symbolic,
+    data-dependent checks must not run, and exporters must see the plain modules."""
+    if torch.jit.is_tracing() or torch.jit.is_scripting():
+        return True
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and hasattr(compiler, "is_compiling")
+                and compiler.is_compiling())
+
+
 def use_fast_path(x: Tensor) -> bool:
     """True when the fast paths may process ``x``: enabled, not being traced/scripted
     (exporters see the plain modules), and on a device and in a compute dtype where they
     were measured to help (see :data:`FAST_PATH_RULE`)."""
     if not _ENABLED[0]:
         return False
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if tracing():
         return False
     if _in_functorch_transform(x):
         return False  # the custom autograd functions do not support torch.func transforms
@@ -378,8 +388,7 @@ def _chunkable(q: Tensor, k: Tensor, v: Optional[Tensor] = None, scale=1.0,
     with the same leading dims, a plain number as scale, no dropout, and neither tracing,
     scripting, compiling nor a ``torch.func`` transform / forward-mode AD (for which the
     custom function has no rule)."""
-    if (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling()
-            or _in_functorch_transform(q)):
+    if tracing() or _in_functorch_transform(q):
         return False
     return (q.dim() >= 2 and q.shape[:-2] == k.shape[:-2] and q.shape[-1] == k.shape[-1]
             and (v is None or v.shape[:-1] == k.shape[:-1])
@@ -552,7 +561,7 @@ def _onednn_linear_available(dtype: torch.dtype) -> bool:
 
 def _fused_linear_dtype(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Optional[torch.dtype]:
     """The dtype :func:`linear` runs oneDNN in, or None where ``F.linear`` must run."""
-    if torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if tracing():
         return None
     if (x.device.type != "cpu" or x.dim() < 2 or weight.dim() != 2 or x.shape[-1] == 0
             or x.shape[-1] != weight.shape[1] or (bias is not None and (
@@ -692,9 +701,11 @@ def library_safe_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     CPU (output side at most :data:`LIBRARY_CONV_BUG_MAX_SIDE`, padded, kernel wider than
     1), it runs in fp32 and its output is cast back to the compute dtype: differentiable
     casts, so second derivatives are kept, and the maps are tiny. Elsewhere, and for a
-    module with hooks, a subclass or another padding mode, it is ``conv(x)``.
+    module with hooks, a subclass or another padding mode, it is ``conv(x)``; so is a traced
+    call (a graph for inference or export; the checks here also upset the tracer's own
+    comparison of two traces with grad enabled).
     """
-    if (x.device.type != "cpu" or not needs_grad(x, conv) or not _plain_module(conv)
+    if (x.device.type != "cpu" or tracing() or not needs_grad(x, conv) or not _plain_module(conv)
             or conv.padding_mode != "zeros" or not any(conv.padding)
             or max(conv.kernel_size) == 1):
         return conv(x)
@@ -1458,9 +1469,7 @@ def _conv_activation(x: Tensor, weight: Tensor, bias: Optional[Tensor], stride, 
     dtype = compute_dtype(x) or x.dtype
     if (x.device.type == "cpu" and not isinstance(padding, str)
             and all(t is None or t.dtype in (torch.float32, dtype) for t in (x, weight, bias))
-            and _onednn_available("_convolution_pointwise", dtype) and not (
-                torch.jit.is_scripting() or torch.jit.is_tracing()
-                or torch.compiler.is_compiling())):
+            and _onednn_available("_convolution_pointwise", dtype) and not tracing()):
         # oneDNN's fused ReLU maps NaN to 0; ATen's relu_ keeps it (as the modules do)
         out = torch.ops.mkldnn._convolution_pointwise(
             x.to(dtype), weight.to(dtype).contiguous(memory_format=torch.channels_last),

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import _tracing, check_channel_list, check_flag, check_input_matches, check_int
+from .base import check_channel_list, check_flag, check_input_matches, check_int
+from .functional import tracing
 
 __all__ = ["VTFPN", "FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector",
            "TokenNorm", "NORM_LAYERS", "TOKENIZERS"]
@@ -90,7 +91,7 @@ class TokenNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.kind == "bn":
-            if self.training and not _tracing() and x.shape[0] * x.shape[1] == 1:
+            if self.training and not tracing() and x.shape[0] * x.shape[1] == 1:
                 raise ValueError("norm_layer='bn' needs more than one token per batch in "
                                  "training (batch 1 x 1 token here); use more images or "
                                  "tokens, or norm_layer='ln' / None")
@@ -461,7 +462,7 @@ class VTFPN(nn.Module):
                 raise TypeError(f"VTFPN input {i} must be floating point, got {x.dtype}")
             if weight is not None:
                 check_input_matches(f"VTFPN (input {i})", x, weight)
-            if _tracing():  # sizes are traced values there: no Python checks on them
+            if tracing():  # sizes are traced values there: no Python checks on them
                 continue
             if x.shape[1] != c:
                 raise ValueError(f"VTFPN input {i} has {x.shape[1]} channels, in_channels[{i}] "

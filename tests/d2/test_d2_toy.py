@@ -16,6 +16,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from rest_dense import amp, safe_load  # noqa: E402
 from rest_dense.cli import main as cli  # noqa: E402
 from rest_dense.d2 import register_toy_datasets  # noqa: E402
+from rest_dense.d2.data import set_toy_metadata  # noqa: E402
 from rest_dense.d2.engine import RestTrainer, _amp_guard, setup_yaml_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,6 +34,19 @@ def test_register_toy_datasets(toy_root):
     dicts = DatasetCatalog.get("d2test_toy_val")
     assert len(dicts) == 12 and all(d["annotations"] for d in dicts)
     assert MetadataCatalog.get("d2test_toy_val").thing_classes == ["circle", "square", "triangle"]
+
+
+def test_toy_class_names_without_data(toy_root):
+    """Importing rest_dense.d2 names the toy classes (for infer / demo without a dataset),
+    and registering data under such names afterwards still reads the json's own."""
+    assert MetadataCatalog.get("toy_val").thing_classes == ["circle", "square", "triangle"]
+    assert len(MetadataCatalog.get("toy_val").thing_colors) == 3
+    set_toy_metadata(prefix="d2test_named")
+    register_toy_datasets(toy_root, prefix="d2test_named")
+    assert len(DatasetCatalog.get("d2test_named_val")) == 12
+    meta = MetadataCatalog.get("d2test_named_val")
+    assert meta.thing_classes == ["circle", "square", "triangle"]
+    assert meta.json_file.endswith("instances_val.json")
 
 
 @pytest.mark.slow

@@ -120,6 +120,7 @@ def test_infer_detectron2_matches_test_loader(tmp_path, capsys, d2_ckpt, toy_roo
     assert code == 0, err
     summary = _check_files(out, 3, ".json")
     by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
+    assert summary["classes"] == ["circle", "square", "triangle"]  # not class_0 .. class_2
 
     # detectron2's own test loader (DatasetMapper, test-time resize) and model call
     register_toy_datasets(toy_root)

@@ -153,6 +153,17 @@ def test_restv1_traced_equals_eager():
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+def test_trace_with_grad_passes_the_tracers_own_check():
+    """``torch.jit.trace(model, x)`` as users write it: grad enabled and the tracer's check
+    (two traces compared) on; the traced model computes the eager one's outputs."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH).eval()
+    x = torch.randn(1, 3, 61, 45)
+    traced = torch.jit.trace(model, x)
+    for a, b in zip(traced(x), model(x)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
 def test_inference_fast_equals_plain(grad_mode):
     """Without autograd the blocks sum residuals in place; the results must not change."""
