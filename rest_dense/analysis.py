@@ -550,7 +550,7 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
     Returns:
         The :class:`AnalysisResult`.
     """
-    from .configs import get_config_path, parse_cfg_options
+    from .configs import building_from_config, get_config_path, parse_cfg_options
     from .mm.utils import build_model, is_tta_model, load_config
 
     from mmengine.config import Config
@@ -566,7 +566,7 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
         notes.append("TTA config: one single-scale pass")
     cfg.model.backbone.pop("init_cfg", None)
     shape = tuple(shape or DEFAULT_SHAPES[framework])
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), building_from_config(assertions=True):
         warnings.simplefilter("ignore")  # the frameworks' deprecation notices
         model = build_model(cfg).eval()
     label = _config_label(path)
@@ -611,11 +611,14 @@ class _D2Wrapper(nn.Module):
         inputs = [{"image": x[0], "height": h, "width": w}]
         if hasattr(self.model, "roi_heads"):
             results = self.model.inference(inputs, do_postprocess=False)
-        else:
-            results = [r["instances"] for r in self.model(inputs)]
+        else:  # RetinaNet: {"instances": ...}; SemanticSegmentor: {"sem_seg": (K, H, W)}
+            results = [r.get("instances", r.get("sem_seg")) for r in self.model(inputs)]
         out = []
-        for inst in results:
-            for v in inst.get_fields().values():
+        for result in results:
+            if isinstance(result, torch.Tensor):
+                out.append(result)
+                continue
+            for v in result.get_fields().values():
                 out.append(v.tensor if hasattr(v, "tensor") else v)
         return tuple(out)
 
@@ -632,16 +635,14 @@ def _set_if_present(node: Any, dotted: str, value: Any) -> None:
 
 def _build_d2_model(path: str, opts: Sequence[str]) -> Tuple[nn.Module, str, Any, Tuple]:
     """(model, serialised model config, meta-architecture, (family, arch, attn_mode))."""
-    from .d2.engine import is_lazy_config, setup_lazy_config, setup_yaml_config
+    from .d2.engine import instantiate_model, is_lazy_config, setup_lazy_config, setup_yaml_config
 
     if is_lazy_config(path):
-        from detectron2.config import instantiate
-
         cfg = setup_lazy_config(path, list(opts))
         # random weights: let every detection through (see CONVENTIONS)
         _set_if_present(cfg.model, "roi_heads.box_predictor.test_score_thresh", 0.0)
         _set_if_present(cfg.model, "test_score_thresh", 0.0)
-        model = instantiate(cfg.model).to("cpu").eval()
+        model = instantiate_model(cfg).eval()
         bottom = getattr(getattr(model, "backbone", None), "bottom_up", None)
         ident = (None, None, "global")
         bu_cfg = cfg.model.get("backbone", {}).get("bottom_up", {})
@@ -690,7 +691,7 @@ def analyze_d2_config(path: str, shape: Optional[Tuple[int, int]] = None,
     Returns:
         The :class:`AnalysisResult` (``framework='d2'``).
     """
-    from .configs import get_config_path
+    from .configs import building_from_config, get_config_path
 
     path = get_config_path(path)
     shape = tuple(shape or DEFAULT_SHAPES["d2"])
@@ -698,7 +699,8 @@ def analyze_d2_config(path: str, shape: Optional[Tuple[int, int]] = None,
     level = d2_logger.level
     d2_logger.setLevel(logging.ERROR)  # "AMP requested but not running on CUDA": irrelevant here
     try:
-        model, model_cfg, meta_arch, ident = _build_d2_model(path, opts)
+        with building_from_config(assertions=True):  # a bad value: one line, as in train
+            model, model_cfg, meta_arch, ident = _build_d2_model(path, opts)
     finally:
         d2_logger.setLevel(level)
     label = _config_label(path)

@@ -68,7 +68,7 @@ __all__ = [
     "round_ratios",
     "cpu_description", "ForcedAttention", "KernelRow", "kernel_benchmark", "time_step",
     "step_peak_rss", "peak_in_subprocess", "benchmark_case", "benchmark_backbone",
-    "plan_cases", "run_benchmark", "describe_device",
+    "plan_cases", "check_device", "run_benchmark", "describe_device",
 ]
 
 #: dtype names of the ``--dtypes`` option (non-fp32 ones run under ``torch.autocast``)
@@ -804,6 +804,24 @@ def plan_cases(models: Sequence[str] = ("restv2_tiny",),
     return cases, skipped
 
 
+def check_device(device: str) -> None:
+    """Refuse a device the benchmarks cannot time: one that is not ``cpu`` or ``cuda[:i]``
+    (timing, synchronisation and peak memory are measured for those two), or CUDA on a
+    machine without it.
+
+    Raises:
+        ValueError: naming the device and why.
+    """
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"device {device!r}: {' '.join(str(err).split())}") from None
+    if kind not in ("cpu", "cuda"):
+        raise ValueError(f"device {device!r}: the benchmarks time 'cpu' and 'cuda[:i]' devices")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} requested but CUDA is not available")
+
+
 def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
                   sizes: Sequence[Tuple[int, int]] = ((800, 1216),),
                   batches: Sequence[int] = (1,), attn_modes: Sequence[str] = ("global",),
@@ -840,8 +858,7 @@ def run_benchmark(models: Sequence[str] = ("restv2_tiny",),
     """
     from tqdm import tqdm
 
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
+    check_device(device)
     if threads:
         torch.set_num_threads(threads)
     cases, skipped = plan_cases(models, sizes, batches, attn_modes, attn_impls, modes, dtypes,
@@ -1027,6 +1044,9 @@ def attention_choices(case: BenchCase, device: str = "cpu") -> Dict[str, int]:
     for event in prof.events():
         kind = {"mkldnn::_linear_pointwise": "fused_linear",
                 "aten::linear": "linear"}.get(event.name)
+        parent = getattr(event, "cpu_parent", None)
+        if kind == "linear" and parent is not None and parent.name == "aten::linear":
+            continue  # autocast's aten::linear calls the inner one: one call, two events
         if kind is not None:
             counts[kind] = counts.get(kind, 0) + 1
     return counts

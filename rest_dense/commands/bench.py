@@ -131,10 +131,9 @@ def run(args: argparse.Namespace) -> int:
             return 2
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        print(f"rest-dense bench: error: --device {device!r}: {' '.join(str(err).split())}",
-              file=sys.stderr)
+        bm.check_device(device)
+    except ValueError as err:
+        print(f"rest-dense bench: error: --device: {err}", file=sys.stderr)
         return 2
     necks = [m for m in args.models if m.startswith("neck:")]
     models = [m for m in args.models if not m.startswith("neck:")]

@@ -53,7 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="models given by name: count both attention paths and fail "
                              "unless the totals are equal")
     parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE", default=None,
-                        help="config overrides applied to every config")
+                        help="config overrides applied to every config; with neck:... "
+                             "targets, the neck's arguments (e.g. num_tokens=4)")
     parser.add_argument("--neck-channels", default="resnet50", metavar="CHANNELS",
                         help="input channels of neck:... targets, finest first: comma-separated "
                              "integers (256,512,1024,2048), resnet50 / resnet101, or a model "
@@ -108,6 +109,20 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"rest-dense flops: {e}", file=sys.stderr)
         return 2
+    neck_kwargs = {}
+    if args.cfg_options:
+        # configs take them as overrides, neck:... targets as the neck's arguments; model
+        # names have no config to override (a count that ignored them would mislead)
+        by_name = [t.label for t in targets if t.kind == "backbone"]
+        if by_name or (necks and targets):
+            print("rest-dense flops: --cfg-options overrides configs, or gives neck:... "
+                  "targets their arguments (e.g. num_tokens=4), one kind per run; "
+                  + (f"model names ({', '.join(by_name)}) take --attn-mode only: count a "
+                     "modified backbone through a config" if by_name else
+                     "count the necks and the configs in two runs"), file=sys.stderr)
+            return 2
+        if necks:
+            neck_kwargs = parse_cfg_options(args.cfg_options)
 
     from tqdm import tqdm
 
@@ -117,8 +132,12 @@ def run(args: argparse.Namespace) -> int:
 
     results = []
     for name in necks:
-        results.append(na.analyze_neck(name, args.neck_channels, shape,
-                                       params_only=args.params_only))
+        try:
+            results.append(na.analyze_neck(name, args.neck_channels, shape,
+                                           params_only=args.params_only, **neck_kwargs))
+        except (TypeError, ValueError) as e:  # a neck argument it does not take, or refuses
+            print(f"rest-dense flops: neck:{name}: {error_text(e)}", file=sys.stderr)
+            return 2
         show(results[-1])
     try:
         results += an.analyze(targets, shape, args.attn_mode, fused_attn=not args.math_attn,

@@ -22,7 +22,8 @@ from .config import rest_arch_from_cfg, restv2_arch_from_cfg
 __all__ = [
     "D2ResTv2", "D2ResTv1", "build_restv2_backbone", "build_restv2_fpn_backbone",
     "build_retinanet_restv2_fpn_backbone", "build_rest_backbone", "build_rest_fpn_backbone",
-    "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages",
+    "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages", "check_head_features",
+    "HEAD_FEATURE_NODES",
 ]
 
 _STAGE_NAMES = tuple(f"stage{i + 1}" for i in range(len(STAGE_STRIDES)))
@@ -115,13 +116,69 @@ def freeze_at_to_frozen_stages(freeze_at: int) -> int:
     return freeze_at - 1
 
 
+# ------------------------------------------------------------------ the maps the heads read
+#: META_ARCHITECTURE -> the config nodes whose ``IN_FEATURES`` name backbone maps
+HEAD_FEATURE_NODES: Dict[str, tuple] = {
+    "GeneralizedRCNN": ("RPN", "ROI_HEADS"),
+    "ProposalNetwork": ("RPN",),
+    "RetinaNet": ("RETINANET",),
+    "SemanticSegmentor": ("SEM_SEG_HEAD",),
+    "PanopticFPN": ("RPN", "ROI_HEADS", "SEM_SEG_HEAD"),
+}
+#: attributes of a built model that hold the names of the maps its heads read
+_MODEL_HEAD_READS = ("proposal_generator.in_features", "roi_heads.in_features",
+                     "sem_seg_head.in_features", "head_in_features")
+
+
+def _cfg_head_reads(cfg: CfgNode) -> Dict[str, List[str]]:
+    nodes = HEAD_FEATURE_NODES.get(cfg.MODEL.META_ARCHITECTURE, ())
+    return {f"MODEL.{n}.IN_FEATURES": list(cfg.MODEL[n].IN_FEATURES)
+            for n in nodes if n in cfg.MODEL and "IN_FEATURES" in cfg.MODEL[n]}
+
+
+def _model_head_reads(model) -> Dict[str, List[str]]:
+    reads = {}
+    for path in _MODEL_HEAD_READS:
+        value = model
+        for part in path.split("."):
+            value = getattr(value, part, None)
+        if isinstance(value, (list, tuple)):
+            reads[f"model.{path}"] = list(value)
+    return reads
+
+
+def check_head_features(backbone: Backbone, reads, hint: str = "") -> None:
+    """Refuse, when the model is built, heads that read maps the backbone does not give
+    (detectron2 would fail at the first forward with a bare ``KeyError: 'p6'``).
+
+    Args:
+        backbone: the built backbone (its ``output_shape()`` names what it gives).
+        reads: a yacs ``CfgNode`` (the heads' ``IN_FEATURES`` of its ``META_ARCHITECTURE``),
+            a built model (its heads' ``in_features``), or ``{owner: [names]}``.
+        hint: the setting that changes what the backbone gives, added to the message.
+
+    Raises:
+        ValueError: naming the head's setting, the missing maps and those given.
+    """
+    if isinstance(reads, CfgNode):
+        reads = _cfg_head_reads(reads)
+    elif not isinstance(reads, Mapping):
+        reads = _model_head_reads(reads)
+    given = list(backbone.output_shape())
+    for owner, names in reads.items():
+        missing = [n for n in names if n not in given]
+        if missing:
+            raise ValueError(f"{owner} {list(names)} reads {missing}, which the backbone does "
+                             f"not give (it gives {given})" + (f"; {hint}" if hint else ""))
+
+
 # --------------------------------------------------------------------------------- builders
 @BACKBONE_REGISTRY.register()
 def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
     """ResTv2 from ``MODEL.RESTV2`` and ``MODEL.BACKBONE.FREEZE_AT``."""
     c = cfg.MODEL.RESTV2
     window = list(c.WINDOW_SIZE)
-    return D2ResTv2(
+    backbone = D2ResTv2(
         arch=restv2_arch_from_cfg(cfg),
         in_channels=input_shape.channels,
         out_features=c.OUT_FEATURES,
@@ -133,13 +190,20 @@ def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
         with_cp=c.CP_LEVEL or c.WITH_CP,
         fast_paths=_fast_paths(c),
     )
+    return _checked_bottom_up(cfg, backbone, "RESTV2")
+
+
+def _checked_bottom_up(cfg: CfgNode, backbone: Backbone, node: str) -> Backbone:
+    if cfg.MODEL.BACKBONE.NAME in ("build_restv2_backbone", "build_rest_backbone"):
+        check_head_features(backbone, cfg, f"MODEL.{node}.OUT_FEATURES picks the stages")
+    return backbone
 
 
 @BACKBONE_REGISTRY.register()
 def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
     """ResTv1 from ``MODEL.REST`` and ``MODEL.BACKBONE.FREEZE_AT``."""
     c = cfg.MODEL.REST
-    return D2ResTv1(
+    backbone = D2ResTv1(
         arch=rest_arch_from_cfg(cfg),
         in_channels=input_shape.channels,
         out_features=c.OUT_FEATURES,
@@ -149,6 +213,7 @@ def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
         with_cp=c.CP_LEVEL or c.WITH_CP,
         fast_paths=_fast_paths(c),
     )
+    return _checked_bottom_up(cfg, backbone, "REST")
 
 
 def _fast_paths(node: CfgNode) -> bool:
@@ -161,7 +226,7 @@ def _fast_paths(node: CfgNode) -> bool:
 
 
 def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
-    return FPN(
+    fpn = FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
@@ -169,6 +234,10 @@ def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
         top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
+    check_head_features(fpn, cfg, "MODEL.FPN.IN_FEATURES picks the levels; the "
+                                  "build_*_fpn_backbone builders add p6 by max-pooling, the "
+                                  "build_retinanet_*_fpn_backbone builders p6 and p7")
+    return fpn
 
 
 def _max_pool(cfg: CfgNode, bottom_up: Backbone) -> LastLevelMaxPool:

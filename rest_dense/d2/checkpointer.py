@@ -205,8 +205,17 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
         kind = classify_checkpoint(self.model, {k: v for k, v in sd.items()
                                                 if isinstance(v, torch.Tensor)})
         if kind == "backbone":
-            self.logger.info("%s is a backbone-only checkpoint; loading it into the ResT backbone",
-                             filename)
+            rest = sorted({k.split(".", 1)[0] for k in sd if not k.startswith("backbone.")}
+                          ) if any(k.startswith("backbone.") for k in sd) else []
+            if rest:  # a whole MMDetection / MMSegmentation model
+                self.logger.warning(
+                    "%s is a whole model of another framework (%s besides backbone.*): only "
+                    "its ResT backbone is loaded; the rest of this model keeps its "
+                    "initialisation (other frameworks' necks and heads are not converted)",
+                    filename, ", ".join(f"{p}.*" for p in rest))
+            else:
+                self.logger.info("%s is a backbone-only checkpoint; loading it into the ResT "
+                                 "backbone", filename)
             # nothing else of such a file (e.g. an ImageNet optimizer) belongs to this model
             return {"model": sd, _BACKBONE_ONLY: True}
         loaded["model"] = rename_d2_norm_keys(sd)

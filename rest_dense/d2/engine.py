@@ -38,12 +38,13 @@ from omegaconf import DictConfig
 from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..configs import building_from_config
 from ..utils import scale_count
+from .backbone import check_head_features
 from .checkpointer import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
 from .solver import build_optimizer
 
 __all__ = ["RestTrainer", "BF16Trainer", "setup_yaml_config", "setup_lazy_config", "lazy_train",
-           "lazy_test", "lazy_build_model", "is_lazy_config", "default_setup",
+           "lazy_test", "lazy_build_model", "instantiate_model", "is_lazy_config", "default_setup",
            "scale_yaml_schedule", "is_sem_seg_dataset", "sem_seg_train_augmentations"]
 
 logger = logging.getLogger("rest_dense.d2")
@@ -550,10 +551,20 @@ def lazy_test(cfg: DictConfig, model: torch.nn.Module) -> Dict[str, Any]:
     return ret
 
 
-def lazy_build_model(cfg: DictConfig) -> torch.nn.Module:
-    """Instantiate ``cfg.model`` on ``cfg.train.device``."""
+def instantiate_model(cfg: DictConfig) -> torch.nn.Module:
+    """Instantiate a LazyConfig's ``cfg.model`` (on the CPU), refusing heads that read maps
+    its backbone does not give (:func:`~rest_dense.d2.backbone.check_head_features`)."""
     model = instantiate(cfg.model)
-    return model.to(cfg.train.get("device", "cuda"))
+    backbone = getattr(model, "backbone", None)
+    if backbone is not None and hasattr(backbone, "output_shape"):
+        check_head_features(backbone, model, "the backbone's in_features (and a VT-FPN's "
+                                             "num_outs, an FPN's top_block) set what it gives")
+    return model
+
+
+def lazy_build_model(cfg: DictConfig) -> torch.nn.Module:
+    """Instantiate ``cfg.model`` (:func:`instantiate_model`) on ``cfg.train.device``."""
+    return instantiate_model(cfg).to(cfg.train.get("device", "cuda"))
 
 
 def lazy_train(cfg: DictConfig, resume: bool = False,

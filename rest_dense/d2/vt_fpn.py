@@ -26,7 +26,7 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from torch import Tensor
 
 from ..models import VTFPN
-from .backbone import build_rest_backbone, build_restv2_backbone
+from .backbone import build_rest_backbone, build_restv2_backbone, check_head_features
 
 __all__ = ["D2VTFPN", "vt_fpn_kwargs_from_cfg", "build_restv2_vt_fpn_backbone",
            "build_rest_vt_fpn_backbone", "build_restv1_vt_fpn_backbone"]
@@ -147,9 +147,12 @@ def _check_bottom_up_features(cfg: CfgNode, key: str) -> None:
 def _build(cfg: CfgNode, bottom_up: Backbone) -> D2VTFPN:
     kwargs = vt_fpn_kwargs_from_cfg(cfg)
     try:
-        return D2VTFPN(bottom_up, **kwargs)
+        neck = D2VTFPN(bottom_up, **kwargs)
     except (TypeError, ValueError) as err:  # the core names its argument; add the config node
         raise type(err)(f"MODEL.VT_FPN: {err}") from err
+    check_head_features(neck, cfg, "MODEL.VT_FPN.IN_FEATURES picks the levels, and "
+                                   "MODEL.VT_FPN.NUM_OUTS 5 adds p6")
+    return neck
 
 
 @BACKBONE_REGISTRY.register()

@@ -374,10 +374,10 @@ class D2Predictor(Predictor):
         from detectron2.config import instantiate
         from detectron2.data import MetadataCatalog
 
-        from ..d2.engine import setup_lazy_config
+        from ..d2.engine import instantiate_model, setup_lazy_config
 
         cfg = setup_lazy_config(config, list(opts))
-        self.model = instantiate(cfg.model).to(device)
+        self.model = instantiate_model(cfg).to(device)
         mapper = cfg.dataloader.test.mapper
         augs = instantiate(mapper.augmentations) if "augmentations" in mapper else []
         self.aug = T.AugmentationList(list(augs))

@@ -223,8 +223,10 @@ def check_input_matches(owner: str, x: Tensor, weight: Tensor) -> None:
                             f"autocast, which cannot mix them; keep the weights in float32 "
                             f"(model.float()) or use {weight.dtype} autocast")
     if x.dtype != weight.dtype:
-        if not (autocast and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
-            hint = ("autocast does not cast float64 inputs" if autocast
+        # autocast casts float32 / reduced tensors, never float64 ones (inputs or weights)
+        if not (autocast and weight.dtype != torch.float64
+                and x.dtype in (torch.float16, torch.bfloat16, torch.float32)):
+            hint = ("autocast does not cast float64 inputs or weights" if autocast
                     else "or run under torch.autocast for mixed precision")
             raise TypeError(f"{owner} has {weight.dtype} weights but the input is {x.dtype}; "
                             f"cast the input (x.to({weight.dtype})) or the model ({hint})")

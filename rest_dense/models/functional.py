@@ -123,15 +123,27 @@ def _first_order_only(backward):
     def wrapper(ctx, *grads):
         if torch.is_grad_enabled() and any(ctx.needs_input_grad):
             name = type(ctx).__name__.removesuffix("Backward").lstrip("_")
-            raise RuntimeError(
-                f"{name}: rest_dense's fast paths have no second derivative "
-                "(backward with create_graph=True); run the plain computation for it: "
-                "build the model with fast_paths=False, or wrap the forward in "
-                "`with rest_dense.models.functional.fast_paths(False), "
-                "rest_dense.models.functional.forced_attention('math'):`")
+            raise RuntimeError(f"{name}: rest_dense's fast paths have no second derivative "
+                               f"(backward with create_graph=True); {_PLAIN_COMPUTATION}")
         with torch.no_grad():
             return backward(ctx, *grads)
     return wrapper
+
+
+_PLAIN_COMPUTATION = (
+    "run the plain computation for it: build the model with fast_paths=False, or wrap the "
+    "forward in `with rest_dense.models.functional.fast_paths(False), "
+    "rest_dense.models.functional.forced_attention('math'):`")
+
+
+def _refuse_second_derivative(grad: Tensor) -> None:
+    """Tensor hook on the output of PyTorch's fused CPU attention kernel, whose backward has
+    no derivative: a ``create_graph=True`` backward stops here with the way out named,
+    before PyTorch's own error about its kernel."""
+    if torch.is_grad_enabled():
+        raise RuntimeError("attention: PyTorch's fused CPU attention kernel "
+                           "(F.scaled_dot_product_attention) has no second derivative "
+                           f"(backward with create_graph=True); {_PLAIN_COMPUTATION}")
 
 
 _ENABLED = [True]
@@ -415,7 +427,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
     if _CHOICE_LOG[0] is not None:
         _CHOICE_LOG[0].append((impl, tuple(q.shape), tuple(k.shape), compute_dtype(q)))
     if impl == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
+        if (out.requires_grad and out.device.type == "cpu" and out.dtype != torch.float64
+                and not tracing()):
+            out.register_hook(_refuse_second_derivative)  # float64 runs the math kernel
+        return out
     if impl == "chunked":
         return _apply(_ChunkedAttention, q, k, v, float(scale), _chunk_rows(q, k))
     if impl != "math":

@@ -99,6 +99,29 @@ class TokenNorm(nn.Module):
         return self.norm(x)
 
 
+def _check_map_and_tokens(owner: str, x: Tensor, channels: int,
+                          tokens: Optional[Tensor] = None, token_channels: int = 0) -> None:
+    """A ``(B, C, H, W)`` map with ``channels`` and, if given, ``(B, L, token_channels)``
+    tokens of the same images: named errors instead of a broadcast that mixes images."""
+    if not isinstance(x, Tensor) or x.dim() != 4:
+        raise ValueError(f"{owner} takes a (B, C, H, W) map, got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if tokens is not None and (not isinstance(tokens, Tensor) or tokens.dim() != 3):
+        raise ValueError(f"{owner} takes (B, L, C) tokens, got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+    if tracing():  # sizes are traced values there
+        return
+    if x.shape[1] != channels:
+        raise ValueError(f"{owner} was built for {channels} map channels, got {x.shape[1]}")
+    if tokens is not None:
+        if tokens.shape[0] != x.shape[0]:
+            raise ValueError(f"{owner} got tokens of {tokens.shape[0]} images for a map of "
+                             f"{x.shape[0]}; each image has its own tokens")
+        if tokens.shape[2] != token_channels:
+            raise ValueError(f"{owner} was built for tokens of {token_channels} channels, got "
+                             f"{tokens.shape[2]}")
+
+
 class _Tokenizer(nn.Module):
     """What both tokenizers share: ``T = A^T X`` from weights ``A``, the optional position
     encoding, and the projection of the tokens to ``token_channels``."""
@@ -181,6 +204,7 @@ class FilterTokenizer(_Tokenizer):
         Returns:
             Tokens ``(B, L, C_T)`` (and the weights).
         """
+        _check_map_and_tokens(type(self).__name__, x, self.in_channels)
         weights = self.token_weights(x)
         tokens = self._tokens(x, weights)
         return (tokens, weights) if return_weights else tokens
@@ -238,6 +262,8 @@ class RecurrentTokenizer(_Tokenizer):
         Returns:
             Tokens ``(B, L, C_T)`` (and the weights).
         """
+        _check_map_and_tokens(type(self).__name__, x, self.in_channels, tokens_in,
+                              self.in_token_channels)
         weights = self.token_weights(x, tokens_in)
         tokens = self._tokens(x, weights)
         return (tokens, weights) if return_weights else tokens
@@ -350,6 +376,7 @@ class Projector(nn.Module):
         Returns:
             ``(B, C, H, W)`` map (and the weights).
         """
+        _check_map_and_tokens(type(self).__name__, x, self.channels, tokens, self.token_channels)
         weights = self.projection_weights(x, tokens)
         out = self.v(tokens).transpose(1, 2) @ weights  # (B, C, HW)
         out = x + out.reshape(x.shape)

@@ -63,7 +63,8 @@ def test_builders_registered_and_output_shapes():
     assert _strides(p6)["p6"] == (64, 32) and tuple(p6(x)["p6"].shape) == (1, 32, 2, 3)
     cfg = _cfg(extra=["MODEL.REST.ARCH.EMBED_DIMS", "[16, 32, 64, 128]",
                       "MODEL.REST.ARCH.DEPTHS", "[1, 1, 1, 1]",
-                      "MODEL.VT_FPN.IN_FEATURES", "['stage2', 'stage3', 'stage4']"])
+                      "MODEL.VT_FPN.IN_FEATURES", "['stage2', 'stage3', 'stage4']",
+                      "MODEL.SEM_SEG_HEAD.IN_FEATURES", "['p3', 'p4', 'p5']"])
     v1 = BACKBONE_REGISTRY.get("build_restv1_vt_fpn_backbone")(cfg, ShapeSpec(channels=3))
     assert type(v1.bottom_up).__name__ == "D2ResTv1"
     assert _strides(v1) == {"p3": (8, 32), "p4": (16, 32), "p5": (32, 32)}
@@ -146,3 +147,29 @@ def test_errors_name_the_key():
     assert build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "LN"])).backbone.neck.norm_layer == "ln"
     with pytest.raises(ValueError, match="MODEL.VT_FPN.NORM"):
         build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "GN"]))
+
+
+def test_heads_reading_maps_the_neck_lacks_are_refused_when_built():
+    """A Mask R-CNN on a 4-level VT-FPN (its RPN reads p6), a semantic-segmentation head
+    on levels the LazyConfig's neck does not give: refused at build time with the setting
+    to change, not a KeyError at the first forward."""
+    from rest_dense.d2.engine import instantiate_model
+
+    mask_rcnn = ["MODEL.BACKBONE.NAME", "build_restv2_vt_fpn_backbone",
+                 "MODEL.VT_FPN.OUT_CHANNELS", "32", "MODEL.VT_FPN.TOKEN_CHANNELS", "64", *ARCH]
+    cfg = setup_yaml_config(config_path("toy/mask_rcnn_restv2_toy.yaml"),
+                            ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *mask_rcnn])
+    with pytest.raises(ValueError, match=r"MODEL.RPN.IN_FEATURES .* reads \['p6'\].*"
+                                         r"MODEL.VT_FPN.NUM_OUTS 5"):
+        build_model(cfg)
+    cfg = setup_yaml_config(config_path("toy/mask_rcnn_restv2_toy.yaml"),
+                            ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", *mask_rcnn,
+                             "MODEL.VT_FPN.NUM_OUTS", "5"])
+    assert "p6" in build_model(cfg).backbone.output_shape()
+
+    lazy = LazyConfig.load(config_path("lazy/sem_seg_restv2_tiny_vt_fpn_ade20k.py"))
+    lazy.model.backbone.bottom_up.arch = {k: list(v) for k, v in TINY_ARCH.items()}
+    lazy.model.backbone.token_channels = 64
+    lazy.model.backbone.in_features = ["stage2", "stage3", "stage4"]
+    with pytest.raises(ValueError, match=r"sem_seg_head.in_features .* reads \['p2'\]"):
+        instantiate_model(lazy)

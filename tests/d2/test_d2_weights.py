@@ -1,5 +1,6 @@
 """Parameter counts of the authors' detectron2 models and MODEL.WEIGHTS in every released layout."""
 import json
+import logging
 import os
 import pickle
 import re
@@ -124,14 +125,18 @@ def test_imagenet_checkpoint_loads_into_backbone(tmp_path):
         assert torch.equal(model.state_dict()[k], v), k
 
 
-def test_mm_style_checkpoint_loads_into_backbone(tmp_path):
+def test_mm_style_checkpoint_loads_into_backbone(tmp_path, caplog):
     core = _tiny_core()
     sd = {"backbone." + k: v for k, v in core.state_dict().items()}
     sd["decode_head.conv_seg.weight"] = torch.randn(150, 8, 1, 1)
     path = tmp_path / "upernet.pth"
     torch.save({"state_dict": sd, "meta": {"epoch": 1}}, path)
     model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
-    RestDetectionCheckpointer(model).load(str(path))
+    with caplog.at_level(logging.WARNING):
+        RestDetectionCheckpointer(model).load(str(path))
+    # a whole model of another framework: said, with what is left at its initialisation
+    assert any("whole model of another framework (decode_head.*" in r.getMessage()
+               and r.levelno == logging.WARNING for r in caplog.records), caplog.text
     x = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         expected = core(x)

@@ -427,6 +427,27 @@ def test_fast_paths_refuse_second_derivatives_clearly():
         assert torch.autograd.grad(g.sum(), x)[0].abs().sum() > 0
 
 
+@pytest.mark.parametrize("setting", ["fp16 autocast", "fp32, fast paths off only"])
+def test_fused_attention_refuses_second_derivatives_clearly(setting):
+    """Where only PyTorch's fused CPU attention stands between the user and a second
+    derivative (fp16 autocast, where the fast paths step aside; the fast paths switched off
+    without forcing the math attention), create_graph=True names the way out too."""
+    torch.manual_seed(0)
+    model = ResTv2(arch=ARCH)
+    x = torch.randn(1, 3, 32, 32, requires_grad=True)
+    fp16 = setting.startswith("fp16")
+    with torch.autocast("cpu", torch.float16, enabled=fp16), fast.fast_paths(fp16):
+        loss = sum(o.float().square().sum() for o in model(x))
+    with pytest.raises(RuntimeError, match="fused CPU attention.*no second derivative.*math"):
+        torch.autograd.grad(loss, x, create_graph=True)
+    # the way out, in fp32 (fp16 second derivatives of this model overflow to NaN, in the
+    # plain computation too)
+    with fast.fast_paths(False), fast.forced_attention("math"):
+        loss = sum(o.square().mean() for o in model(x))
+    g, = torch.autograd.grad(loss, x, create_graph=True)
+    assert torch.isfinite(g).all() and torch.autograd.grad(g.sum(), x)[0].abs().sum() > 0
+
+
 @pytest.mark.parametrize("train", [True, False])
 def test_model_with_chunked_attention_matches_explicit(train, monkeypatch):
     """A bf16 ResTv2 with every attention chunked (the limits lowered) matches the same

@@ -254,6 +254,24 @@ def test_bad_inputs_are_named():
         VTFPN([8], num_tokens=1, token_channels=32, num_heads=4).train()([torch.randn(1, 8, 3, 3)])
 
 
+def test_submodules_refuse_maps_and_tokens_that_do_not_belong_together():
+    """The public token modules name a mismatch instead of broadcasting one image's tokens
+    over a batch or failing in a matmul."""
+    x = torch.randn(2, 32, 8, 8)
+    cases = [
+        (lambda: Projector(32, 64)(x, torch.randn(1, 4, 64)), "tokens of 1 images for a map of 2"),
+        (lambda: Projector(32, 64)(x[:, :16], torch.randn(2, 4, 64)), "built for 32 map channels"),
+        (lambda: Projector(32, 64)(x, torch.randn(2, 4, 16)), "tokens of 64 channels, got 16"),
+        (lambda: FilterTokenizer(32, 4, 64)(x[0]), r"\(B, C, H, W\) map, got \(32, 8, 8\)"),
+        (lambda: RecurrentTokenizer(32, 64)(x, torch.randn(3, 4, 64)), "tokens of 3 images"),
+        (lambda: RecurrentTokenizer(32, 64)(x, torch.randn(4, 64)), r"\(B, L, C\) tokens"),
+    ]
+    for call, named in cases:
+        with pytest.raises(ValueError, match=named):
+            call()
+    assert Projector(32, 64)(x, torch.randn(2, 4, 64)).shape == x.shape
+
+
 def test_hostile_but_valid_inputs():
     neck = VTFPN(CH, **KW).eval()
     xs = feats(2, sizes=ODD_SIZES[:4])

@@ -6,6 +6,7 @@ the argument / the problem, or checks the correct result.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 
@@ -256,6 +257,12 @@ def test_float64_under_autocast_is_refused(models):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         with pytest.raises(TypeError, match="autocast does not cast float64"):
             models["v2"](torch.randn(1, 3, 32, 32, dtype=torch.float64))
+        # float64 weights stay float64 under autocast: only float64 inputs fit them
+        model64 = copy.deepcopy(models["v2"]).double()
+        for dtype in (torch.float32, torch.bfloat16):
+            with pytest.raises(TypeError, match="float64 weights but the input is"):
+                model64(torch.randn(1, 3, 32, 32, dtype=dtype))
+        assert model64(torch.randn(1, 3, 32, 32, dtype=torch.float64))[0].dtype == torch.float64
 
 
 @pytest.mark.parametrize("family", list(CLASSES))

@@ -224,6 +224,14 @@ def test_cli_bench_bad_input_is_named(capsys):
     assert "one batch for all sizes or one per size" in capsys.readouterr().err
     assert main(["bench", "restv2_tiny", "--shape", "64xx64"]) == 2
     assert "64xx64" in capsys.readouterr().err
+    for device, named in (("meta", "time 'cpu' and 'cuda"), ("mps", "time 'cpu' and 'cuda"),
+                          ("cdua", "cdua"), ("neck:fpn", "neck:fpn")):
+        assert main(["bench", "restv2_tiny", "--shape", "32x32", "--device", device]) == 2
+        err = capsys.readouterr().err
+        assert named in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    if not torch.cuda.is_available():
+        assert main(["bench", "neck:fpn", "--shape", "32x32", "--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_cli_bench_refuses_unwritable_outputs_and_neck_options_before_timing(
@@ -282,6 +290,20 @@ def test_attention_choices_count_the_strided_conv_backward(one_thread):
         assert bm.attention_choices(case).get("conv_gemm") == 4
     note = bm.attention_notes([bm.BenchRow(case, 1.0, 1.0, None, 1, [1.0])])[0]
     assert "strided conv backward: " in note
+
+
+def test_attention_choices_count_each_projection_once(one_thread):
+    """Autocast's aten::linear calls an inner one: a projection is one call in every dtype.
+    fp16 runs the plain modules (each nn.Linear once); fp32 and bf16 the same fast paths."""
+    from torch import nn
+
+    totals = {}
+    for dtype in ("fp32", "bf16", "fp16"):
+        counts = bm.attention_choices(bm.BenchCase("restv2_tiny", (64, 64), 1, dtype=dtype))
+        totals[dtype] = counts.get("fused_linear", 0) + counts.get("linear", 0)
+    linears = sum(isinstance(m, nn.Linear) for m in bm.build_bench_model(
+        bm.BenchCase("restv2_tiny", (64, 64), 1)).modules())
+    assert totals["fp16"] == linears and totals["fp32"] == totals["bf16"] > 0, (totals, linears)
 
 
 def test_cli_bench_necks_alone(tmp_path, capsys, one_thread):

@@ -1,5 +1,6 @@
 """FLOP and parameter counting: rest_dense.analysis and ``rest-dense flops``."""
 import math
+import re
 
 import pytest
 import torch
@@ -184,6 +185,39 @@ def test_mmdet_config_counted(one_thread):
     assert res.flops.groups["matmul"] == backbone.groups["matmul"] > 0
     assert res.flops.total > backbone.total
     assert "RoIs: box 50, mask 50" in res.notes
+
+
+def test_cli_flops_cfg_options_reach_necks_or_are_refused(capsys, one_thread):
+    """--cfg-options are a neck target's arguments (applied, labelled, typos named); with
+    model names, which have no config, or necks and configs together: refused."""
+    assert main(["flops", "neck:vt_fpn", "--shape", "64x64", "--no-progress"]) == 0
+    default = capsys.readouterr().out
+    assert main(["flops", "neck:vt_fpn", "--shape", "64x64", "--no-progress",
+                 "--cfg-options", "num_tokens=4"]) == 0
+    fewer = capsys.readouterr().out
+    assert "num_tokens=4" in fewer and "num_tokens" not in default
+    row = re.compile(r"neck:vt_fpn .*\bneck\s+64x64\s+[\d.]+\s+([\d.]+)")
+    gflops = [float(row.search(out).group(1)) for out in (default, fewer)]
+    assert 0 < gflops[1] < gflops[0]  # fewer tokens, fewer FLOPs
+    for argv, named in ((["neck:vt_fpn", "--cfg-options", "num_tokenz=4"], "num_tokenz"),
+                        (["restv2_tiny", "--cfg-options", "typo=3"], r"model names \(restv2_tiny\)"),
+                        (["neck:fpn", "toy/vt_fpn_restv2_toy.py", "--cfg-options", "a=1"],
+                         "two runs"),
+                        (["toy/vt_fpn_restv2_toy.py", "--shape", "64x64", "--cfg-options",
+                          "model.neck.num_tokenz=3"], "does not build: .*num_tokenz")):
+        assert main(["flops", *argv, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(named, err) and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("config", ["detectron2/toy/sem_seg_restv2_vt_fpn_toy.yaml",
+                                    "detectron2/lazy/sem_seg_restv2_tiny_vt_fpn_ade20k.py"])
+def test_detectron2_semantic_segmentation_counted(config, one_thread):
+    """SemanticSegmentor answers with sem_seg maps, not instances: counted all the same."""
+    res = an.analyze_d2_config(config, shape=(64, 96))
+    assert res.framework == "d2" and res.flops.total > 0
+    assert res.flops.by_module["model.backbone"] > 0
+    assert res.flops.total > res.flops.by_module["model.backbone"]  # the head counted too
 
 
 def test_cli_params_only_shipped_configs(capsys):
