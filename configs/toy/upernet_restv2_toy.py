@@ -30,7 +30,10 @@ model = dict(
         std=[58.395, 57.12, 57.375],
         bgr_to_rgb=True,
         pad_val=0,
-        seg_pad_val=255,
+        # padding (images below img_size) is background, not the ignore label 255: with
+        # class_weight, MMSegmentation 1.2's cross_entropy indexes the class weights by
+        # every label and fails on 255
+        seg_pad_val=0,
         size=(img_size, img_size)),
     pretrained=None,
     backbone=dict(

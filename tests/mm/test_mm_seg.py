@@ -1,5 +1,6 @@
 """MMSegmentation UperNet built from the shipped configs (backbone shrunk): a training
 step, single-scale inference and the multi-scale + flip (SegTTAModel) config."""
+import pytest
 import torch
 from mmengine.structures import PixelData
 from mmseg.structures import SegDataSample
@@ -91,3 +92,26 @@ def test_multiscale_flip_config_predicts():
         probs = a.seg_logits.data.softmax(0) + b.seg_logits.data.softmax(0)
         assert torch.equal(res.pred_sem_seg.data[0], probs.argmax(0))
         assert not torch.equal(a.seg_logits.data, b.seg_logits.data)
+
+
+@pytest.mark.parametrize("config", ["toy/upernet_restv2_toy.py", "toy/sem_fpn_restv2_toy.py",
+                                    "toy/vt_fpn_restv2_toy.py"])
+def test_toy_configs_train_on_images_below_their_size(config):
+    """The toy configs weight the classes; images smaller than the configured size are
+    padded, and the padding must not reach the weighted loss as the ignore label (which
+    MMSegmentation 1.2's cross_entropy cannot index its class weights with)."""
+    cfg = load(config)
+    torch.manual_seed(0)
+    model = build(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    inputs, samples = [], []
+    for i, (h, w) in enumerate([(96, 112), (128, 128)]):
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8, generator=g))
+        seg = torch.randint(0, 4, (1, h, w), generator=g)
+        sample = SegDataSample(gt_sem_seg=PixelData(data=seg))
+        sample.set_metainfo(dict(img_path=f"img{i}.png", ori_shape=(h, w), img_shape=(h, w)))
+        samples.append(sample)
+    data = model.data_preprocessor(dict(inputs=inputs, data_samples=samples), True)
+    assert data["inputs"].shape[-2:] == (128, 128)  # the first image was padded
+    loss, _ = model.parse_losses(model(**data, mode="loss"))
+    assert torch.isfinite(loss) and loss.item() > 0
