@@ -255,9 +255,9 @@ def read_pointer(folder: PathLike, pointer: str = POINTER_NAME) -> Optional[str]
     """
     folder = os.fspath(folder)
     try:
-        with open(osp.join(folder, pointer)) as f:
+        with open(osp.join(folder, pointer), encoding="utf-8") as f:
             recorded = f.read().strip()
-    except OSError:
+    except (OSError, ValueError):  # unreadable, or not text (UnicodeDecodeError)
         return None
     if not recorded:
         return None
@@ -270,6 +270,19 @@ def read_pointer(folder: PathLike, pointer: str = POINTER_NAME) -> Optional[str]
     if osp.isfile(local):
         return local
     return recorded if osp.isfile(recorded) else None
+
+
+def earlier_run_warning(candidates: Sequence[str], folder: PathLike) -> Optional[str]:
+    """The warning for a run started anew (no ``--resume``) in a folder that holds an
+    earlier run's checkpoints (``candidates``, from :func:`resume_candidates`), which its
+    own checkpoints may overwrite or, past ``max_keep_ckpts``, delete; None if there are
+    none."""
+    if not candidates:
+        return None
+    return (f"{os.fspath(folder)} holds checkpoints of an earlier run (newest: "
+            f"{osp.basename(candidates[0])}); this run starts anew (no --resume), and its own "
+            "checkpoints may overwrite or delete them: pass --resume to continue that run, "
+            "or another --work-dir to keep it")
 
 
 def resume_candidates(folder: PathLike, pattern: Union[str, Pattern[str]],

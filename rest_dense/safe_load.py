@@ -38,6 +38,7 @@ import os
 import os.path as osp
 import pickle
 import zipfile
+import zlib
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple, Union
 
 import numpy as np
@@ -366,15 +367,45 @@ def _allow_full_unpickling(filename: str, err: BaseException, trusted: Optional[
         filename, _first_line(err))
 
 
+def check_archive_crc(path: PathLike) -> None:
+    """Check the CRC-32 that ``torch.save`` stores for every entry of its zip archive
+    against the data: ``torch.load`` does not, so a bit flipped on disk or in transfer
+    would load as a silently different tensor. Entries stored without a checksum (0) and
+    files that are not zip archives are left alone.
+
+    Raises:
+        zipfile.BadZipFile: an entry whose data does not match its checksum, named.
+    """
+    if not isinstance(path, (str, os.PathLike)) or not zipfile.is_zipfile(path):
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            if info.CRC == 0:
+                continue
+            crc = 0
+            with archive.open(info) as entry:  # zipfile compares the checksum at the end
+                while True:
+                    chunk = entry.read(1 << 22)
+                    if not chunk:
+                        break
+                    crc = zlib.crc32(chunk, crc)
+            if crc != info.CRC:
+                raise zipfile.BadZipFile(f"entry {info.filename!r} does not match its CRC-32 "
+                                         "(the file was altered after it was written)")
+
+
 def load_allow_listed(path: PathLike, map_location: Any = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` with this module's allow-list; an mmengine
     training checkpoint read where :mod:`rest_dense.mm` was never imported (``convert``,
     ``export``, a detectron2 config) gets mmengine's ``HistoryBuffer`` admitted and is read
-    again. Nothing of the file runs.
+    again. Nothing of the file runs. The archive's checksums are checked first
+    (:func:`check_archive_crc`).
 
     Raises:
         pickle.UnpicklingError: the file needs more than the allow-list.
+        zipfile.BadZipFile: the data does not match the archive's checksums.
     """
+    check_archive_crc(path)
     try:
         with safe_globals():
             return torch.load(path, map_location=map_location, weights_only=True)

@@ -182,3 +182,34 @@ def test_mmengine_training_checkpoint_converts_in_a_fresh_process(tmp_path, subp
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     assert (tmp_path / "core.pth").is_file()
+
+
+def test_flipped_bytes_are_caught_by_the_archive_checksums(tmp_path):
+    """torch.load does not check the CRC-32 of torch.save's archive entries: a block of
+    bytes overwritten inside a tensor would load as other numbers. Every reader here
+    refuses it, naming the entry; a file saved without checksums still loads."""
+    from rest_dense.models import CheckpointFormatError
+
+    sd = {"w": torch.randn(256, 256), "b": torch.arange(10.0)}
+    good = tmp_path / "good.pth"
+    torch.save({"state_dict": sd}, good)
+    data = bytearray(good.read_bytes())
+    start = data.index(sd["w"][100].numpy().tobytes())  # inside the tensor's bytes
+    data[start:start + 64] = b"\xff" * 64
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(bytes(data))
+    assert torch.equal(safe_load.load_checkpoint_file(good)["state_dict"]["w"], sd["w"])
+    with pytest.raises(CheckpointFormatError, match="CRC-32"):
+        safe_load.load_checkpoint_file(bad)
+    try:
+        from torch.utils.serialization import config
+    except ImportError:  # older torch: always writes the checksums
+        config = None
+    if config is not None and hasattr(config.save, "compute_crc32"):
+        previous = config.save.compute_crc32
+        config.save.compute_crc32 = False
+        try:
+            torch.save(sd, tmp_path / "no_crc.pth")
+        finally:
+            config.save.compute_crc32 = previous
+        assert torch.equal(safe_load.load_checkpoint_file(tmp_path / "no_crc.pth")["b"], sd["b"])

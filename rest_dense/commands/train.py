@@ -402,6 +402,14 @@ def run(args: argparse.Namespace) -> int:
 
     try:  # one live run per work dir (rest_dense.runlock): checked before anything is written
         with hold_folder(cfg.work_dir, "training"):
+            if not args.resume:
+                from ..mm.run_files import CHECKPOINT_PATTERN
+                from ..run_files import earlier_run_warning, resume_candidates
+
+                warning = earlier_run_warning(
+                    resume_candidates(cfg.work_dir, CHECKPOINT_PATTERN), cfg.work_dir)
+                if warning:
+                    print(f"rest-dense train: warning: {warning}", file=sys.stderr)
             runner = build_runner(cfg)
             check_same_start(cfg)  # every machine resumes from the same file
             check_start_checkpoint(runner.model, cfg)

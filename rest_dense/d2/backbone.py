@@ -132,8 +132,10 @@ _MODEL_HEAD_READS = ("proposal_generator.in_features", "roi_heads.in_features",
 
 def _cfg_head_reads(cfg: CfgNode) -> Dict[str, List[str]]:
     nodes = HEAD_FEATURE_NODES.get(cfg.MODEL.META_ARCHITECTURE, ())
+    proposals = cfg.MODEL.get("PROPOSAL_GENERATOR", {}).get("NAME", "RPN")
     return {f"MODEL.{n}.IN_FEATURES": list(cfg.MODEL[n].IN_FEATURES)
-            for n in nodes if n in cfg.MODEL and "IN_FEATURES" in cfg.MODEL[n]}
+            for n in nodes if n in cfg.MODEL and "IN_FEATURES" in cfg.MODEL[n]
+            and (n != "RPN" or proposals in ("RPN", "RRPN"))}  # precomputed: reads nothing
 
 
 def _model_head_reads(model) -> Dict[str, List[str]]:
@@ -142,7 +144,7 @@ def _model_head_reads(model) -> Dict[str, List[str]]:
         value = model
         for part in path.split("."):
             value = getattr(value, part, None)
-        if isinstance(value, (list, tuple)):
+        if isinstance(value, Sequence) and not isinstance(value, str):  # also ListConfig
             reads[f"model.{path}"] = list(value)
     return reads
 
@@ -194,9 +196,16 @@ def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
 
 
 def _checked_bottom_up(cfg: CfgNode, backbone: Backbone, node: str) -> Backbone:
-    if cfg.MODEL.BACKBONE.NAME in ("build_restv2_backbone", "build_rest_backbone"):
+    if _is_models_backbone(cfg, "build_restv2_backbone", "build_rest_backbone"):
         check_head_features(backbone, cfg, f"MODEL.{node}.OUT_FEATURES picks the stages")
     return backbone
+
+
+def _is_models_backbone(cfg: CfgNode, *builders: str) -> bool:
+    """Whether one of ``builders`` is the model's own (``MODEL.BACKBONE.NAME``), not a
+    part of another builder (which may add maps of its own): only then do the heads read
+    what it gives."""
+    return cfg.MODEL.BACKBONE.NAME in builders
 
 
 @BACKBONE_REGISTRY.register()
@@ -234,10 +243,15 @@ def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
         top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-    check_head_features(fpn, cfg, "MODEL.FPN.IN_FEATURES picks the levels; the "
-                                  "build_*_fpn_backbone builders add p6 by max-pooling, the "
-                                  "build_retinanet_*_fpn_backbone builders p6 and p7")
+    if _is_models_backbone(cfg, *_FPN_BUILDERS):
+        check_head_features(fpn, cfg, "MODEL.FPN.IN_FEATURES picks the levels; the "
+                                      "build_*_fpn_backbone builders add p6 by max-pooling, "
+                                      "the build_retinanet_*_fpn_backbone builders p6 and p7")
     return fpn
+
+
+_FPN_BUILDERS = ("build_restv2_fpn_backbone", "build_retinanet_restv2_fpn_backbone",
+                 "build_rest_fpn_backbone", "build_retinanet_rest_fpn_backbone")
 
 
 def _max_pool(cfg: CfgNode, bottom_up: Backbone) -> LastLevelMaxPool:

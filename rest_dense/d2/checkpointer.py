@@ -155,6 +155,25 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
                 self.save_dir, f"the weights {path}" if path else "scratch")
         return self.load(path, checkpointables=[])
 
+    def load_to_resume(self, path: str) -> Dict[str, Any]:
+        """Continue a run from ``path`` (``--resume FILE``): model, optimizer, scheduler and
+        iteration. Only a detectron2 training checkpoint can do that; another file (a whole
+        model of another framework, backbone weights, an exported model) is refused before
+        anything is loaded, since it would silently restart at iteration 0.
+
+        Raises:
+            ResumeError: ``path`` holds no detectron2 training state.
+        """
+        loaded = self._load_file(path)
+        if loaded.get(_BACKBONE_ONLY) or "iteration" not in loaded:
+            what = ("weights of another framework or of the backbone only"
+                    if loaded.get(_BACKBONE_ONLY) else "no iteration count")
+            raise run_files.ResumeError(
+                f"--resume {path}: not a detectron2 training checkpoint ({what}); resuming "
+                "needs one written by detectron2 training (model_*.pth). To start from its "
+                "weights, set MODEL.WEIGHTS (LazyConfig: train.init_checkpoint) instead")
+        return self.load(path)
+
     # ------------------------------------------------------------------ reading
     def _read_native(self, filename: str) -> Dict[str, Any]:
         """A file in one of detectron2's formats, read under the trust policy, as
@@ -205,7 +224,9 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
         kind = classify_checkpoint(self.model, {k: v for k, v in sd.items()
                                                 if isinstance(v, torch.Tensor)})
         if kind == "backbone":
+            # an MM detector / segmentor (not a classifier's head, as mmpretrain writes)
             rest = sorted({k.split(".", 1)[0] for k in sd if not k.startswith("backbone.")}
+                          - {"head", "data_preprocessor"}
                           ) if any(k.startswith("backbone.") for k in sd) else []
             if rest:  # a whole MMDetection / MMSegmentation model
                 self.logger.warning(

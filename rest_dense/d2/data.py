@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import os
-from typing import Dict, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_sem_seg, register_coco_instances
 
-__all__ = ["register_toy_datasets", "register_toy_sem_seg_datasets", "set_toy_metadata",
+__all__ = ["register_toy_datasets", "register_toy_sem_seg_datasets", "toy_class_names",
            "set_toy_sem_seg_metadata", "TOY_SPLITS", "TOY_SEM_SEG_SPLITS"]
 
 #: split -> (annotation file relative to the root, image folder relative to the root)
@@ -61,17 +61,16 @@ def register_toy_datasets(root: Union[str, os.PathLike] = "data/toy", prefix: st
     return out
 
 
-def set_toy_metadata(prefix: str = "toy", splits: Sequence[str] = ("train", "val")) -> None:
-    """The toy scenes' instance class names and colours (``thing_classes`` circle / square /
-    triangle, ``thing_colors``) in ``MetadataCatalog`` for ``<prefix>_<split>``, without
-    registering any data: the values the generated COCO json gives when it is read.
+def toy_class_names(dataset_name: str) -> Optional[List[str]]:
+    """The toy classes for the default toy dataset names (``toy_train`` / ``toy_val``:
+    circle / square / triangle), else None: what ``rest-dense infer`` names the classes of
+    a toy detection config by when nothing was registered under that name. Nothing is set
+    in ``MetadataCatalog`` (a dataset of your own may use those names)."""
+    if dataset_name in (f"toy_{split}" for split in TOY_SPLITS):
+        from ..data.toy import TOY_CLASSES
 
-    Run for the default names when :mod:`rest_dense.d2` is imported, so that
-    ``rest-dense infer`` / ``demo`` of the toy detection configs name the classes without
-    a dataset on disk (as :func:`set_toy_sem_seg_metadata` does for the label maps).
-    """
-    for split in splits:
-        MetadataCatalog.get(f"{prefix}_{split}").set(**_toy_thing_metadata())
+        return list(TOY_CLASSES)
+    return None
 
 
 def _toy_thing_metadata() -> Dict[str, list]:
@@ -140,5 +139,4 @@ def set_toy_sem_seg_metadata(prefix: str = "toy_sem_seg",
             evaluator_type="sem_seg", ignore_label=255)
 
 
-set_toy_metadata()
 set_toy_sem_seg_metadata()

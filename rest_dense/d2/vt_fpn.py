@@ -150,9 +150,14 @@ def _build(cfg: CfgNode, bottom_up: Backbone) -> D2VTFPN:
         neck = D2VTFPN(bottom_up, **kwargs)
     except (TypeError, ValueError) as err:  # the core names its argument; add the config node
         raise type(err)(f"MODEL.VT_FPN: {err}") from err
-    check_head_features(neck, cfg, "MODEL.VT_FPN.IN_FEATURES picks the levels, and "
-                                   "MODEL.VT_FPN.NUM_OUTS 5 adds p6")
+    if cfg.MODEL.BACKBONE.NAME in _VT_FPN_BUILDERS:  # not a part of another builder
+        check_head_features(neck, cfg, "MODEL.VT_FPN.IN_FEATURES picks the levels, and "
+                                       "MODEL.VT_FPN.NUM_OUTS 5 adds p6")
     return neck
+
+
+_VT_FPN_BUILDERS = ("build_restv2_vt_fpn_backbone", "build_rest_vt_fpn_backbone",
+                    "build_restv1_vt_fpn_backbone")
 
 
 @BACKBONE_REGISTRY.register()

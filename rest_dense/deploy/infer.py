@@ -397,8 +397,12 @@ class D2Predictor(Predictor):
         self._set_classes(int(n))
 
     def _set_classes(self, n: int) -> None:
+        from ..d2.data import toy_class_names
+
         key = "stuff_classes" if self.task == "seg" else "thing_classes"
         names = list(getattr(self.metadata, key, None) or [])
+        if not names and self.task != "seg":  # a toy config before its data is registered
+            names = toy_class_names(getattr(self.metadata, "name", "")) or []
         self.classes = names if len(names) == n else [f"class_{i}" for i in range(n)]
 
     def model_inputs(self, image: np.ndarray) -> Dict[str, Any]:

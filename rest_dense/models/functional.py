@@ -136,14 +136,38 @@ _PLAIN_COMPUTATION = (
     "rest_dense.models.functional.forced_attention('math'):`")
 
 
-def _refuse_second_derivative(grad: Tensor) -> None:
-    """Tensor hook on the output of PyTorch's fused CPU attention kernel, whose backward has
-    no derivative: a ``create_graph=True`` backward stops here with the way out named,
-    before PyTorch's own error about its kernel."""
-    if torch.is_grad_enabled():
+class _SecondDerivativeStop(torch.autograd.Function):
+    """Identity on a first derivative computed by a kernel without a second one: a second
+    derivative that reaches it stops with the way out named."""
+
+    @staticmethod
+    def forward(ctx, grad):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, _):
         raise RuntimeError("attention: PyTorch's fused CPU attention kernel "
                            "(F.scaled_dot_product_attention) has no second derivative "
                            f"(backward with create_graph=True); {_PLAIN_COMPUTATION}")
+
+
+class _FusedAttentionInputs(torch.autograd.Function):
+    """Identity on the inputs of PyTorch's fused CPU attention. In a ``create_graph=True``
+    backward it hands on their gradients through :class:`_SecondDerivativeStop`, so that a
+    second derivative through the attention names the plain computation (it would meet
+    PyTorch's bare "derivative ... not implemented" first), while one that does not pass
+    through it (a penalty on the heads' gradients) is left alone."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        return q.view_as(q), k.view_as(k), v.view_as(v)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        if not torch.is_grad_enabled():
+            return grads
+        return tuple(g if g is None or not g.requires_grad else _SecondDerivativeStop.apply(g)
+                     for g in grads)
 
 
 _ENABLED = [True]
@@ -427,11 +451,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, scale: float, dropout_p: float = 
     if _CHOICE_LOG[0] is not None:
         _CHOICE_LOG[0].append((impl, tuple(q.shape), tuple(k.shape), compute_dtype(q)))
     if impl == "sdpa":
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
-        if (out.requires_grad and out.device.type == "cpu" and out.dtype != torch.float64
-                and not tracing()):
-            out.register_hook(_refuse_second_derivative)  # float64 runs the math kernel
-        return out
+        if (q.device.type == "cpu" and q.dtype != torch.float64  # float64: the math kernel
+                and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+                and not tracing() and not _in_functorch_transform(q)):
+            q, k, v = _FusedAttentionInputs.apply(q, k, v)
+        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=scale)
     if impl == "chunked":
         return _apply(_ChunkedAttention, q, k, v, float(scale), _chunk_rows(q, k))
     if impl != "math":
@@ -717,11 +741,13 @@ def library_safe_conv(conv: nn.Conv2d, x: Tensor) -> Tensor:
     CPU (output side at most :data:`LIBRARY_CONV_BUG_MAX_SIDE`, padded, kernel wider than
     1), it runs in fp32 and its output is cast back to the compute dtype: differentiable
     casts, so second derivatives are kept, and the maps are tiny. Elsewhere, and for a
-    module with hooks, a subclass or another padding mode, it is ``conv(x)``; so is a traced
-    call (a graph for inference or export; the checks here also upset the tracer's own
-    comparison of two traces with grad enabled).
+    module with hooks, a subclass or another padding mode, it is ``conv(x)``; so is a call
+    traced by ``torch.jit`` (a graph for inference or export; the checks here also upset
+    the tracer's own comparison of two traces with grad enabled). ``torch.compile`` keeps
+    the workaround.
     """
-    if (x.device.type != "cpu" or tracing() or not needs_grad(x, conv) or not _plain_module(conv)
+    if (x.device.type != "cpu" or torch.jit.is_tracing() or torch.jit.is_scripting()
+            or not needs_grad(x, conv) or not _plain_module(conv)
             or conv.padding_mode != "zeros" or not any(conv.padding)
             or max(conv.kernel_size) == 1):
         return conv(x)

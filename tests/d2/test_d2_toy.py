@@ -2,8 +2,11 @@
 (through RestTrainer, with COCO evaluation) clearly improves box AP; ``rest-dense train`` /
 ``rest-dense test`` on a detectron2 config (train, resume, evaluate); the AMP fallback."""
 import json
+import logging
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -16,7 +19,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog  # noqa: E402
 from rest_dense import amp, safe_load  # noqa: E402
 from rest_dense.cli import main as cli  # noqa: E402
 from rest_dense.d2 import register_toy_datasets  # noqa: E402
-from rest_dense.d2.data import set_toy_metadata  # noqa: E402
+from rest_dense.d2.data import toy_class_names  # noqa: E402
 from rest_dense.d2.engine import RestTrainer, _amp_guard, setup_yaml_config  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,17 +39,25 @@ def test_register_toy_datasets(toy_root):
     assert MetadataCatalog.get("d2test_toy_val").thing_classes == ["circle", "square", "triangle"]
 
 
-def test_toy_class_names_without_data(toy_root):
-    """Importing rest_dense.d2 names the toy classes (for infer / demo without a dataset),
-    and registering data under such names afterwards still reads the json's own."""
-    assert MetadataCatalog.get("toy_val").thing_classes == ["circle", "square", "triangle"]
-    assert len(MetadataCatalog.get("toy_val").thing_colors) == 3
-    set_toy_metadata(prefix="d2test_named")
-    register_toy_datasets(toy_root, prefix="d2test_named")
-    assert len(DatasetCatalog.get("d2test_named_val")) == 12
-    meta = MetadataCatalog.get("d2test_named_val")
-    assert meta.thing_classes == ["circle", "square", "triangle"]
-    assert meta.json_file.endswith("instances_val.json")
+def test_toy_class_names_without_data(tmp_path, subprocess_env):
+    """infer names the toy classes of the default toy dataset names without data, and
+    importing rest_dense.d2 claims no such name: a dataset of your own called toy_train,
+    with other classes, registers and loads (in a fresh process: nothing registered)."""
+    assert toy_class_names("toy_val") == ["circle", "square", "triangle"]
+    assert toy_class_names("coco_2017_val") is None
+    own = tmp_path / "own.json"
+    own.write_text(json.dumps({"images": [], "annotations": [],
+                               "categories": [{"id": 1, "name": "cat"}]}))
+    code = ("import sys, rest_dense.d2\n"
+            "from detectron2.data import DatasetCatalog, MetadataCatalog\n"
+            "from detectron2.data.datasets import register_coco_instances\n"
+            "register_coco_instances('toy_train', {}, sys.argv[1], sys.argv[2])\n"
+            "assert DatasetCatalog.get('toy_train') == []\n"
+            "print(MetadataCatalog.get('toy_train').thing_classes)\n")
+    res = subprocess.run([sys.executable, "-c", code, str(own), str(tmp_path)],
+                         capture_output=True, text=True, env=subprocess_env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.strip().splitlines()[-1] == "['cat']"
 
 
 @pytest.mark.slow
@@ -112,6 +123,22 @@ def test_cli_train_resume_and_test(toy_root, tmp_path, capsys):
     assert all(math.isfinite(metrics[k]) for k in ("bbox/AP", "segm/AP", "bbox/AP50"))
     assert "bbox/AP" in capsys.readouterr().out
     safe_load.forget_trusted()
+
+
+def test_fresh_run_into_an_earlier_runs_folder_warns(toy_root, tmp_path, capsys, caplog):
+    """Without --resume, an output folder with an earlier run's checkpoints is named
+    before anything else happens (here: a missing MODEL.WEIGHTS stops the run next)."""
+    out = tmp_path / "out"
+    out.mkdir()
+    torch.save({"model": {}, "iteration": 9}, out / "model_0000009.pth")
+    with caplog.at_level(logging.WARNING):
+        code = cli(["train", "detectron2/toy/mask_rcnn_restv2_toy.yaml", "--threads", "1",
+                    "--toy-root", str(toy_root), "--work-dir", str(out), "MODEL.DEVICE", "cpu",
+                    "MODEL.WEIGHTS", str(tmp_path / "missing.pth")])
+    captured = capsys.readouterr()
+    assert code == 2 and "missing.pth" in captured.err
+    said = caplog.text + captured.out + captured.err
+    assert "holds checkpoints of an earlier run (newest: model_0000009.pth)" in said
 
 
 def test_cli_rejects_options_of_the_other_framework(capsys):

@@ -329,3 +329,34 @@ def test_evaluation_refuses_incomplete_checkpoints(tmp_path):
     with pytest.raises(CheckpointMismatchError, match="roi_heads.mask_head"):
         checkpointer.load(path)
     checkpointer.load(_whole_model_file(tmp_path, "mask_rcnn_restv2_tiny_1x.yaml"))
+
+
+def test_resume_from_a_file_needs_detectron2_training_state(tmp_path, caplog):
+    """--resume FILE with a whole MM model, backbone weights or a bare state dict would
+    restart at iteration 0 over the run's own checkpoints: refused before loading; the
+    file a detectron2 run wrote resumes. A classifier's backbone.* + head.* file is
+    ordinary pretraining: no "other framework" warning."""
+    from rest_dense.run_files import ResumeError
+
+    core = _tiny_core()
+    model = build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"))
+    mm = {"backbone." + k: v for k, v in core.state_dict().items()}
+    mm["neck.lateral_convs.0.conv.weight"] = torch.randn(8, 8, 1, 1)
+    torch.save({"state_dict": mm, "meta": {"iter": 20}}, tmp_path / "mm.pth")
+    torch.save({"model": model.state_dict()}, tmp_path / "bare.pth")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for name, what in (("mm.pth", "another framework"), ("bare.pth", "no iteration")):
+        with pytest.raises(ResumeError, match=f"not a detectron2 training checkpoint.*{what}"):
+            RestDetectionCheckpointer(model).load_to_resume(str(tmp_path / name))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    saver = RestDetectionCheckpointer(model, save_dir=str(tmp_path / "run"))
+    saver.save("model_0000009", iteration=9)
+    assert saver.load_to_resume(str(tmp_path / "run" / "model_0000009.pth"))["iteration"] == 9
+
+    pretrain = {"backbone." + k: v for k, v in core.state_dict().items()}
+    pretrain["head.fc.weight"] = torch.randn(1000, 8)
+    torch.save({"state_dict": pretrain}, tmp_path / "mmpretrain.pth")
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        RestDetectionCheckpointer(model).load(str(tmp_path / "mmpretrain.pth"))
+    assert "another framework" not in caplog.text and "backbone-only" in caplog.text

@@ -478,3 +478,22 @@ def test_cli_bad_loop_value_is_one_line(tmp_path, capsys, toy_root, command, opt
     assert f"rest-dense {command}: error: the config does not build" in err and named in err
     assert "Traceback" not in without_logging_errors(err)
     assert not list((tmp_path / "w").rglob("*.pth"))
+
+
+def test_fresh_run_into_a_folder_of_an_earlier_run_warns(tmp_path, capsys):
+    """Without --resume a run starts anew; where the work dir holds an earlier run's
+    checkpoints (which the new ones may overwrite or delete), it says so first."""
+    work = tmp_path / "work"
+    work.mkdir()
+    torch.save({"meta": {"iter": 120}}, work / "iter_120.pth")
+    code = cli(["train", "toy/mask_rcnn_restv2_toy.py", "--work-dir", str(work),
+                "--cfg-options", "model.backbone.typo_key=1"])  # stops once the model builds
+    err = capsys.readouterr().err
+    assert code == 2 and "typo_key" in err
+    assert "holds checkpoints of an earlier run (newest: iter_120.pth)" in err
+    assert (work / "iter_120.pth").is_file()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cli(["train", "toy/mask_rcnn_restv2_toy.py", "--work-dir", str(empty),
+         "--cfg-options", "model.backbone.typo_key=1"])
+    assert "earlier run" not in capsys.readouterr().err

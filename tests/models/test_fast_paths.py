@@ -438,8 +438,20 @@ def test_fused_attention_refuses_second_derivatives_clearly(setting):
     fp16 = setting.startswith("fp16")
     with torch.autocast("cpu", torch.float16, enabled=fp16), fast.fast_paths(fp16):
         loss = sum(o.float().square().sum() for o in model(x))
+    g, = torch.autograd.grad(loss, x, create_graph=True)  # the first derivative is fine
     with pytest.raises(RuntimeError, match="fused CPU attention.*no second derivative.*math"):
-        torch.autograd.grad(loss, x, create_graph=True)
+        torch.autograd.grad(g.square().sum(), x)
+    # a second derivative that does not pass through the attention is left alone, and
+    # torch.func's first derivative (create_graph inside) too
+    with torch.autocast("cpu", torch.float16, enabled=fp16), fast.fast_paths(fp16):
+        feat = model(x)[-1].float().mean((2, 3))
+    head = nn.Linear(feat.shape[1], 1)
+    dw, = torch.autograd.grad(head(feat).sum(), head.weight, create_graph=True)
+    assert torch.autograd.grad((dw * head.weight).sum(), head.weight)[0].abs().sum() > 0
+    with fast.forced_attention("sdpa"):
+        gx = torch.func.grad(lambda t: model.eval()(t)[-1].square().sum())(x.detach())
+    assert torch.isfinite(gx).all() and gx.abs().sum() > 0
+    model.train()
     # the way out, in fp32 (fp16 second derivatives of this model overflow to NaN, in the
     # plain computation too)
     with fast.fast_paths(False), fast.forced_attention("math"):

@@ -439,6 +439,9 @@ def test_resume_candidates_and_pointer_of_a_moved_folder(tmp_path):
     (new / "custom_name.pth").write_bytes(b"x")
     assert run_files.resume_candidates(new, pattern)[0] == str(new / "custom_name.pth")
     assert run_files.resume_candidates(tmp_path / "missing", pattern) == []
+    (new / "last_checkpoint").write_bytes(b"\x00\xff garbage")  # not text: no pointer
+    assert run_files.read_pointer(new) is None
+    assert run_files.resume_candidates(new, pattern)[0] == str(new / "iter_10.pth")
     # detectron2's layout: a file name, model_final above the numbered ones
     d2 = tmp_path / "d2"
     for name in ("model_0000009.pth", "model_final.pth", "model_0000019.pth"):
