@@ -18,7 +18,8 @@ Written under --out:
                         on, inputs not processed
 
 --out must not hold another run's results (summary.json, preds/, vis/) unless --overwrite is
-given, which removes them first; a folder another live infer is writing into is refused
+given, which removes them first (only the files that run's summary.json lists; files it
+does not list are never removed: the run is refused); a folder another live infer is writing into is refused
 (naming that process). SIGINT / SIGTERM stop between images and leave summary.json with
 "status": "interrupted" and the inputs not processed (exit code 130).
 
@@ -62,8 +63,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "MODEL.ROI_HEADS.SCORE_THRESH_TEST=0.1)")
     parser.add_argument("--no-vis", action="store_true", help="write no pictures")
     parser.add_argument("--overwrite", action="store_true",
-                        help="--out may hold another run's results: remove them (summary.json, "
-                             "preds/, vis/) first; without it such a folder is refused")
+                        help="--out may hold another run's results: remove them (the files "
+                             "its summary.json lists, and the summary) first; without it such "
+                             "a folder is refused")
     from .train import add_trust_argument
 
     add_trust_argument(parser)

@@ -36,7 +36,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..utils import error_text, path_inside
+from ..utils import error_text, path_inside, same_file
 from .inputs import ImageReadError, collect_images, output_names, read_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, SegMap, detections_to_json, from_d2_instances,
@@ -573,23 +573,65 @@ class InferenceInterrupted(KeyboardInterrupt):
 OUTPUT_ENTRIES = ("summary.json", "preds", "vis")
 
 
-def _previous_results(out_dir: str) -> List[str]:
-    """The entries of ``out_dir`` that another run of :func:`run_inference` wrote.
+_SUMMARY_KEYS = {"status", "config", "checkpoint"}
 
-    A run writes ``summary.json`` before its first result, so ``preds/`` or ``vis/``
-    without it are someone else's folders: refused (:class:`OutputFolderInUseError`),
-    ``overwrite`` or not, since removing them would delete files no run wrote."""
-    found = []
-    for name in OUTPUT_ENTRIES:
-        path = os.path.join(out_dir, name)
-        if os.path.isfile(path) or (os.path.isdir(path) and os.listdir(path)):
-            found.append(name)
-    if found and "summary.json" not in found:
+
+def _read_summary(path: str) -> Optional[Dict[str, Any]]:
+    """A run's ``summary.json`` (a JSON object with its status, config and checkpoint), or
+    None for any other file of that name."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and _SUMMARY_KEYS <= set(doc) else None
+
+
+def _previous_results(out_dir: str) -> List[str]:
+    """The files of ``out_dir`` that another run of :func:`run_inference` wrote (what
+    ``overwrite`` removes), ``summary.json`` last.
+
+    A run writes ``summary.json`` before its first result and lists every file it wrote
+    in it; a run killed before its end (``"status": "running"``) wrote all of its
+    ``preds/`` and ``vis/``. Anything else is someone else's: ``preds/`` or ``vis/``
+    without a run's summary, a ``summary.json`` that is not a run's, links, or files the
+    summary does not list are refused (:class:`OutputFolderInUseError`), ``overwrite`` or
+    not, since removing them would delete files no run wrote."""
+    folders = [n for n in OUTPUT_ENTRIES[1:] if os.path.lexists(os.path.join(out_dir, n))]
+    summary_path = os.path.join(out_dir, OUTPUT_ENTRIES[0])
+    if not os.path.lexists(summary_path):
+        found = [n for n in folders if not os.path.isdir(os.path.join(out_dir, n))
+                 or os.listdir(os.path.join(out_dir, n))]
+        if found:
+            raise OutputFolderInUseError(
+                f"--out {out_dir} holds {', '.join(n + '/' for n in found)} but no "
+                "summary.json: not the results of a rest-dense infer run, so they are neither "
+                "mixed with nor replaced by this run's; choose another folder")
+        return []
+    doc = _read_summary(summary_path) if not os.path.islink(summary_path) else None
+    if doc is None:
         raise OutputFolderInUseError(
-            f"--out {out_dir} holds {', '.join(n + '/' for n in found)} but no summary.json: "
-            "not the results of a rest-dense infer run, so they are neither mixed with nor "
-            "replaced by this run's; choose another folder")
-    return found
+            f"--out {out_dir} holds a summary.json that no rest-dense infer run wrote; "
+            "choose another folder")
+    listed = {os.path.basename(str(entry.get(key, ""))) for entry in doc.get("images") or []
+              if isinstance(entry, dict) for key in ("pred", "vis")}
+    files, foreign = [], []
+    for name in folders:
+        folder = os.path.join(out_dir, name)
+        if os.path.islink(folder) or not os.path.isdir(folder):
+            raise OutputFolderInUseError(f"--out {out_dir}: {name} is not a folder this tool "
+                                         "wrote (a link or a file); choose another folder")
+        for entry in sorted(os.listdir(folder)):
+            path = os.path.join(folder, entry)
+            ours = doc.get("status") == "running" or entry in listed
+            (files if ours and os.path.isfile(path) and not os.path.islink(path)
+             else foreign).append(path)
+    if foreign:
+        raise OutputFolderInUseError(
+            f"--out {out_dir} holds files its previous run did not write ({foreign[0]}"
+            f"{f' and {len(foreign) - 1} more' if len(foreign) > 1 else ''}); move them, or "
+            "choose another folder")
+    return files + [summary_path]
 
 
 def _write_summary(out_dir: str, doc: Dict[str, Any]) -> str:
@@ -657,10 +699,9 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
     previous = _previous_results(out_dir) if os.path.isdir(out_dir) else []
     if previous and not overwrite:
         raise OutputFolderInUseError(
-            f"--out {out_dir} holds the results of another run ({', '.join(previous)}); pass "
-            "--overwrite to replace them, or choose another folder")
-    doomed = [os.path.join(out_dir, name) for name in previous]
-    inside = [p for p in paths if any(path_inside(p, d) for d in doomed)]
+            f"--out {out_dir} holds the results of another run ({len(previous) - 1} files "
+            "and summary.json); pass --overwrite to replace them, or choose another folder")
+    inside = [p for p in paths if any(same_file(p, d) for d in previous)]
     if inside:
         raise OutputFolderInUseError(
             f"input {inside[0]!r} is among the previous results in --out {out_dir} that "
@@ -674,11 +715,8 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
     with removed_if_left_empty(out_dir), hold_folder(out_dir, "infer"):
         if predictor is None:
             predictor = build_predictor(config, checkpoint, device, cfg_options, trusted)
-        import shutil
-
-        for name in _previous_results(out_dir):  # overwrite: nothing of the old run is kept
-            target = os.path.join(out_dir, name)
-            shutil.rmtree(target) if os.path.isdir(target) else os.remove(target)
+        for path in _previous_results(out_dir):  # overwrite: the old run's files, no others
+            os.remove(path)
         return _run_inference(predictor, paths, out_dir, device, score_thr, draw, progress)
 
 

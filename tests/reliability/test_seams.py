@@ -289,11 +289,27 @@ def test_cli_infer_out_reuse_and_interruption(toy, tmp_path, capsys):
     code, text = _cli(["infer", str(DET), str(ckpt), str(imgs[0]), "--out", str(out),
                        "--quiet", "--no-vis"], capsys)
     assert code == 2 and "--overwrite" in text and "results of another run" in text
+    # a file the run's summary does not list is not the run's: kept, and the run refused
     (out / "preds" / "stale-other-image.json").write_text("{}")
     code, text = _cli(["infer", str(DET), str(ckpt), str(imgs[0]), "--out", str(out),
                        "--quiet", "--no-vis", "--overwrite"], capsys)
-    assert code == 0 and not (out / "preds" / "stale-other-image.json").exists()
+    assert code == 2 and "did not write" in text and "stale-other-image.json" in text, text
+    assert (out / "preds" / "stale-other-image.json").exists()
+    (out / "preds" / "stale-other-image.json").unlink()
+    code, text = _cli(["infer", str(DET), str(ckpt), str(imgs[0]), "--out", str(out),
+                       "--quiet", "--no-vis", "--overwrite"], capsys)
+    assert code == 0, text
     assert len(json.loads((out / "summary.json").read_text())["images"]) == 1
+    assert len(list((out / "preds").iterdir())) == 1  # the old run's two files replaced
+    # a summary.json of someone else's: the folder is not a run's, --overwrite or not
+    other = tmp_path / "proj"
+    (other / "vis").mkdir(parents=True)
+    (other / "vis" / "my_precious.png").write_bytes(b"mine")
+    (other / "summary.json").write_text('{"accuracy": 0.9}')
+    code, text = _cli(["infer", str(DET), str(ckpt), str(imgs[0]), "--out", str(other),
+                       "--quiet", "--no-vis", "--overwrite"], capsys)
+    assert code == 2 and "no rest-dense infer run wrote" in text, text
+    assert (other / "vis" / "my_precious.png").read_bytes() == b"mine"
     # SIGINT in the middle of a run: a summary says what was done and what was not
     many = tmp_path / "many"
     many.mkdir()
