@@ -102,9 +102,13 @@ def _check_arguments(args: argparse.Namespace) -> Optional[str]:
         return f"--batch must be at least 1, got {args.batch}"
     if not (math.isfinite(args.atol) and args.atol >= 0):
         return f"--atol must be a finite number >= 0, got {args.atol}"
-    low, high = _constants.ONNX_MIN_OPSET, _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    from ..deploy.backbone_onnx import MIN_OPSET
+
+    low = max(_constants.ONNX_MIN_OPSET, MIN_OPSET)
+    high = _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
     if not args.no_onnx and not low <= args.opset <= high:
-        return f"--opset {args.opset} is not supported; choose {low}..{high}"
+        return (f"--opset {args.opset} is not supported; choose {low}..{high} (the attention "
+                f"exports from opset {MIN_OPSET})")
     if args.static and args.dynamic:
         return "--static and --dynamic contradict each other"
     if args.dynamic and not args.compile:

@@ -44,6 +44,8 @@ _DEFAULT_CHECKS = ("427x640", "375x500")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..deploy.model_onnx import DEFAULT_OPSET, SUPPORTED_OPSETS
+
     parser.add_argument("config", metavar="CONFIG", help="config file or shipped config name")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="whole-model checkpoint")
     parser.add_argument("--out", required=True, metavar="FILE.onnx", help="ONNX file to write")
@@ -55,7 +57,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image files to check on as well")
     parser.add_argument("--device", default="cpu",
                         help="device for PyTorch and ONNX Runtime (default: cpu)")
-    parser.add_argument("--opset", type=int, default=16, help="ONNX opset (default: 16)")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET,
+                        help=f"ONNX opset: {' or '.join(map(str, SUPPORTED_OPSETS))} "
+                             f"(default: {DEFAULT_OPSET})")
     parser.add_argument("--cfg-options", nargs="+", metavar="KEY=VALUE",
                         help="config overrides, e.g. model.backbone.attn_mode=win")
     parser.add_argument("--no-check", action="store_true", help="export only")

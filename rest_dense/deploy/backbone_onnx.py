@@ -82,6 +82,8 @@ __all__ = ["DEFAULT_CHECK_SIZES", "DEFAULT_OPSET", "OnnxExport", "ParityResult",
 #: sizes :func:`check_onnx` is run at by ``rest-dense export`` unless told otherwise
 DEFAULT_CHECK_SIZES: Tuple[Tuple[int, int], ...] = ((320, 480), (257, 391))
 DEFAULT_OPSET = 17
+#: opsets a backbone exports at: the attention (scaled_dot_product_attention) needs 14
+MIN_OPSET = 14
 
 Size = Tuple[int, int]
 
@@ -473,14 +475,17 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
         :class:`OnnxExport`.
 
     Raises:
-        ValueError: no ``shape`` for a static export, or a dynamic trace at a shape that would
-            fix a shape-dependent branch.
+        ValueError: no ``shape`` for a static export, a dynamic trace at a shape that would
+            fix a shape-dependent branch, an opset below :data:`MIN_OPSET`.
         OSError: ``path`` is a folder or its folder does not exist (checked before tracing;
             see :func:`rest_dense.convert.check_destination`).
     """
     import onnx
 
     path = os.fspath(path)
+    if isinstance(opset, bool) or int(opset) != opset or opset < MIN_OPSET:
+        raise ValueError(f"opset {opset}: the attention (scaled_dot_product_attention) "
+                         f"exports from opset {MIN_OPSET}")
     if shape is None:
         if not dynamic:
             raise ValueError("a static ONNX export needs a shape (H, W)")

@@ -55,10 +55,26 @@ from .predictions import (Detections, Prediction, Tolerances, compare_prediction
 from .runtime import ParityResult, make_session
 from .shapes import choose_trace_size, find_backbone, graph_problems
 
-__all__ = ["DEFAULT_OPSET", "ExportResult", "CheckResult", "Deployment", "MMDeployment",
+__all__ = ["DEFAULT_OPSET", "SUPPORTED_OPSETS", "check_opset", "ExportResult", "CheckResult", "Deployment", "MMDeployment",
            "D2Deployment", "load_deployment", "make_session", "quiet_logs"]
 
 DEFAULT_OPSET = 16
+#: opsets whole models export at and were checked at: RoIAlign's half-pixel mode needs 16
+#: (below, detectron2's boxes come out shifted); MMDeploy's graphs fail to validate from 18
+SUPPORTED_OPSETS = (16, 17)
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` as an int if whole models export at it.
+
+    Raises:
+        ValueError: another opset, naming the supported ones.
+    """
+    if isinstance(opset, bool) or int(opset) != opset or int(opset) not in SUPPORTED_OPSETS:
+        raise ValueError(f"--opset {opset} is not supported for whole models; choose "
+                         f"{' or '.join(map(str, SUPPORTED_OPSETS))} (RoIAlign's half-pixel "
+                         "mode needs 16; MMDeploy's graphs do not validate from 18)")
+    return int(opset)
 Size = Tuple[int, int]
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -227,12 +243,18 @@ class Deployment:
         for name, image in _check_images(check_sizes, check_images):
             prepared = self.prepare(image)
             size = self.input_size(prepared)
+            invalid = graph_problems(self.backbone, trace_size, size) if trace_size else []
+            if invalid:  # ONNX Runtime may not even run the graph there: nothing to compare
+                res = ParityResult(size, problems=["not run: the graph is not valid at this "
+                                                   "input size"], graph_problems=invalid)
+                res.image, res.image_size = name, tuple(image.shape[:2])
+                results.append(res)
+                empty.append(False)
+                continue
             ref = self.run_torch(prepared)
             out = self.run_onnx(prepared)
             res = compare_predictions(ref, out, tol)
             res.size, res.image, res.image_size = size, name, tuple(image.shape[:2])
-            if trace_size:
-                res.graph_problems = graph_problems(self.backbone, trace_size, size)
             results.append(res)
             empty.append(isinstance(ref, Detections) and len(ref) == 0 and len(out) == 0)
         if results and all(empty):
@@ -565,12 +587,13 @@ def load_deployment(config: PathLike, checkpoint: PathLike, device: str = "cpu",
         FileNotFoundError: no such config / checkpoint.
         ValueError: a config of an unknown framework, a checkpoint of another model, a model
             the exporter does not handle (detectron2 models other than GeneralizedRCNN,
-            RetinaNet and SemanticSegmentor).
+            RetinaNet and SemanticSegmentor), an opset outside :data:`SUPPORTED_OPSETS`.
         ImportError: MMDeploy missing (OpenMMLab configs).
     """
     from ..configs import DETECTRON2
     from .infer import resolve_inputs
 
+    opset = check_opset(opset)
     path, checkpoint, framework, device = resolve_inputs(config, checkpoint, device)
     cls = D2Deployment if framework in DETECTRON2 else MMDeployment
     return cls(path, checkpoint, device, cfg_options, trusted, opset)

@@ -571,7 +571,8 @@ def check_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor], *
         CheckpointMismatchError: the checkpoint matches no entry of the model, holds no
             weights of its ResT backbone, holds another backbone (variant, attention mode),
             or (``complete``) lacks entries of the model.
-        CheckpointValueError: non-finite or integer values among the backbone's weights.
+        CheckpointValueError: non-finite or integer values among the model's weights (the
+            backbone's, and the neck's and heads' too), negative BatchNorm variances.
     """
     if not isinstance(state_dict, Mapping):
         raise CheckpointFormatError(f"{source}: expected a state dict, got "
@@ -614,6 +615,11 @@ def check_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor], *
         load_checkpoint(backbone, part, allow_partial=allow_partial_backbone, log=None,
                         dry_run=True, source=f"{source} (its {prefix[:-1] or 'model'} part)")
         report.mismatched = [m for m in report.mismatched if not m.startswith(prefix)]
+    # the rest of the model (neck, heads) gets the value checks the backbone's part got
+    rest = [k for k in report.matched if found is None or not k.startswith(found[0])]
+    problems = _value_problems(sd, own, rest)
+    if problems:
+        raise CheckpointValueError(f"{source}, outside the backbone: {'; '.join(problems)}")
     if complete and (report.missing or report.mismatched):
         problems = []
         if report.missing:

@@ -298,6 +298,19 @@ def test_graph_not_valid_at_a_check_size_fails(tmp_path, capsys, d2_ckpt, one_th
     assert code == 1 and "graph not valid here" in text and "FAILED" in err
 
 
+@pytest.mark.slow
+def test_graph_that_runtime_cannot_run_at_a_check_size_fails_by_name(tmp_path, capsys, seg_ckpt,
+                                                                     one_thread):
+    """Traced at 32x32 (no crop of the reduced attention), the 97x131 image's input needs
+    the crop: ONNX Runtime cannot even run the graph there. The check names why, without
+    ONNX Runtime's traceback."""
+    code, text, err = _export(capsys, MM_SEG, seg_ckpt, tmp_path / "u.onnx", "--shape", "32x32",
+                              sizes=["97x131"])
+    assert code == 1 and "graph not valid here" in text and "needs the crop" in text, err
+    assert "Traceback" not in err and "onnxruntime" not in err.lower()
+    assert not (tmp_path / "u.onnx").exists()
+
+
 def test_export_bad_inputs(tmp_path, capsys):
     # only names and shapes of the tensors matter here: untrained checkpoints
     det_ckpt = untrained_checkpoint(tmp_path / "det.pth", MM_DET)
@@ -311,6 +324,14 @@ def test_export_bad_inputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["export-model", str(MM_DET), str(det_ckpt), "--out", "y.onnx", "--shape", "12xx"])
     assert "HxW" in capsys.readouterr().err
+    # opsets the whole models were not checked at (RoIAlign, MMDeploy's ReduceMean): refused
+    # before anything is built, in both frameworks
+    for config, ckpt in ((MM_DET, det_ckpt), (D2_DET, det_ckpt)):
+        for opset in ("14", "18"):
+            code, _, err = _export(capsys, config, ckpt, tmp_path / "o.onnx", "--opset", opset)
+            assert code == 2 and f"--opset {opset} is not supported" in err, err
+            assert "choose 16 or 17" in err and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o.onnx")
     # outputs that would overwrite an input, or are folders, are refused before exporting
     before = det_ckpt.read_bytes()
     code, _, err = _export(capsys, MM_DET, det_ckpt, det_ckpt)

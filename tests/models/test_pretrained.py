@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from rest_dense.models import (CheckpointFormatError, CheckpointMismatchError,
                                CheckpointValueError, ResTv1, ResTv2, create_model,
@@ -435,3 +436,27 @@ def test_infer_arch_names_registered_and_unregistered(zoo):
     assert guess.name is None and guess.family == "restv2"
     assert guess.embed_dims == TINY_ARCH["embed_dims"] and guess.depths == (1, 1, 1, 1)
     assert guess.sr_ratios == TINY_ARCH["sr_ratios"]
+
+
+def test_whole_model_checkpoint_values_are_checked_beyond_the_backbone():
+    """A detector's checkpoint with NaN in a head (or a negative BatchNorm variance in the
+    neck) is refused naming the entry, as the backbone's own entries are; evaluation or
+    inference would otherwise run to "complete" on nothing."""
+    from rest_dense.models import check_model_checkpoint
+
+    class Detector(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone = ResTv2(arch=TINY_ARCH)
+            self.neck = nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 3)
+
+    model = Detector()
+    good = model.state_dict()
+    assert check_model_checkpoint(model, good, complete=True).matched
+    for key, value, named in (("head.weight", float("nan"), r"head\.weight \(12 NaN\)"),
+                              ("neck.running_var", -1.0, r"running_var.*negative|negative.*neck")):
+        bad = {k: v.clone() for k, v in good.items()}
+        bad[key].fill_(value)
+        with pytest.raises(CheckpointValueError, match=f"outside the backbone.*({named})"):
+            check_model_checkpoint(model, bad, complete=True)

@@ -193,6 +193,8 @@ EXPORT_CASES = [
     ("batch-zero", ["restv2_tiny", "--batch", "0"], ["--batch"], 2),
     ("atol-nan", ["restv2_tiny", "--atol", "nan"], ["--atol"], 2),
     ("opset-unsupported", ["restv2_tiny", "--opset", "99"], ["--opset 99"], 2),
+    ("opset-before-attention", ["restv2_tiny", "--opset", "13"],
+     ["--opset 13", "choose 14..", "from opset 14"], 2),
     ("static-without-shape", ["restv2_tiny", "--static"], ["--static needs --shape"], 2),
     ("out-in-missing-folder", ["restv2_tiny", "--out", "{d}/no/such/m.onnx"],
      ["does not exist", "create it first"], 1),
