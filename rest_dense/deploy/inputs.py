@@ -26,7 +26,8 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
         inputs: paths or shell-style patterns (``'data/*.jpg'``, ``'imgs/**/*.png'``).
 
     Returns:
-        The image paths, each once, in the order given (sorted within a folder or pattern).
+        The image paths, each file once (also when links reach it under other names), in
+        the order given (sorted within a folder or pattern).
 
     Raises:
         FileNotFoundError: an input is neither an existing file, nor a folder, nor a pattern
@@ -54,7 +55,7 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
                                     "a folder of images or a glob pattern)")
     seen, unique = set(), []
     for path in found:
-        key = os.path.abspath(path)
+        key = os.path.realpath(path)  # one file reached by links (or a loop of them): once
         if key not in seen:
             seen.add(key)
             unique.append(path)

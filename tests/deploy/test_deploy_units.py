@@ -2,6 +2,7 @@
 replacements registered with MMDeploy, and the validity rules of traced graphs (checked
 against ONNX Runtime)."""
 import json
+import os
 import warnings
 
 import numpy as np
@@ -43,6 +44,9 @@ def test_collect_images_files_folders_globs_and_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="holds no image"):
         collect_images([str(empty)])
+    # a link loop under a recursive pattern: each file once, not once per path through it
+    os.symlink(tmp_path, sub / "loop")
+    assert collect_images([str(tmp_path / "**" / "*.jpg")]) == [str(b)]
 
 
 def test_read_image_decodes_and_names_bad_files(tmp_path):
