@@ -26,8 +26,8 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
         inputs: paths or shell-style patterns (``'data/*.jpg'``, ``'imgs/**/*.png'``).
 
     Returns:
-        The image paths, each file once (also when links reach it under other names), in
-        the order given (sorted within a folder or pattern).
+        The image paths, each once (also when linked folders reach a file by several
+        paths), in the order given (sorted within a folder or pattern).
 
     Raises:
         FileNotFoundError: an input is neither an existing file, nor a folder, nor a pattern
@@ -55,7 +55,10 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
                                     "a folder of images or a glob pattern)")
     seen, unique = set(), []
     for path in found:
-        key = os.path.realpath(path)  # one file reached by links (or a loop of them): once
+        # one file reached through linked folders (a loop under '**'): once; links to
+        # files are inputs of their own
+        key = os.path.join(os.path.realpath(os.path.dirname(path) or "."),
+                           os.path.basename(path))
         if key not in seen:
             seen.add(key)
             unique.append(path)

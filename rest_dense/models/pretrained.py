@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -100,6 +101,18 @@ def _short(keys: Sequence[str], n: int = 12) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
+def _arrays_to_tensors(obj: object) -> object:
+    """numpy arrays (and those in dicts) of a plain pickle as tensors."""
+    import numpy as np
+
+    if isinstance(obj, np.ndarray):
+        return torch.from_numpy(obj if obj.flags.c_contiguous and obj.flags.writeable
+                                else obj.copy())  # 0-d arrays stay 0-d
+    if isinstance(obj, dict):
+        return {k: _arrays_to_tensors(v) for k, v in obj.items()}
+    return obj
+
+
 def _load_file(path: str, weights_only: bool, map_location) -> object:
     if not os.path.exists(path):
         raise FileNotFoundError(2, f"checkpoint file not found: {path!r}", path)
@@ -122,10 +135,16 @@ def _load_file(path: str, weights_only: bool, map_location) -> object:
                 f"{_describe_file(path, kind)} that cannot be read (damaged or truncated?): {e}") from e
     if named_st:
         raise CheckpointFormatError(f"{_describe_file(path, kind)}, although it is named .safetensors")
-    if kind == "pickle":
-        raise CheckpointFormatError(
-            f"{_describe_file(path, kind)}; torch.load cannot read it. (Detectron2 model-zoo "
-            ".pkl files load through rest_dense.d2's RestDetectionCheckpointer.)")
+    if kind == "pickle":  # detectron2's model-zoo .pkl: numpy arrays in dicts
+        try:
+            obj = safe_load.load_pickle_file(path, trusted=True if not weights_only else None)
+        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+            if isinstance(e, pickle.UnpicklingError) and "allow-list" in str(e):
+                raise
+            raise CheckpointFormatError(
+                f"{_describe_file(path, kind)} that cannot be read (damaged or truncated?): "
+                f"{type(e).__name__}: {e}") from e
+        return _arrays_to_tensors(obj)
     if kind not in ("torch-zip", "torch-legacy"):
         raise CheckpointFormatError(f"{_describe_file(path, kind)}, not a checkpoint")
     try:

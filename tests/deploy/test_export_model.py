@@ -274,16 +274,15 @@ def test_detectron2_global_and_failures(tmp_path, capsys, d2_ckpt, toy_root, one
     results = dep.check(out, [(120, 152)])
     assert not results[0].ok and "boxes differ" in results[0].describe()
 
-    # NaN weights: detectron2 drops non-finite detections, so nothing is left to compare,
-    # which fails the check rather than passing it vacuously
+    # NaN weights in a head: refused by name before anything is exported (it used to get
+    # through to a check with nothing to compare)
     sd = torch.load(d2_ckpt, weights_only=True)
     sd["model"]["roi_heads.box_predictor.bbox_pred.bias"][:] = math.nan
     torch.save(sd, tmp_path / "nan.pth")
     code, text, err = _export(capsys, D2_DET, tmp_path / "nan.pth", tmp_path / "nan.onnx",
                               "--cfg-options", *opts, sizes=["120x152"])
-    assert code == 1 and "nothing was compared" in text and "FAILED" in err
-    # the graph that failed its check never took the name, and left nothing beside it
-    assert "not written" in err and not (tmp_path / "nan.onnx").exists()
+    assert code == 2 and "outside the backbone" in err and "bbox_pred.bias" in err, err
+    assert not (tmp_path / "nan.onnx").exists()
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 

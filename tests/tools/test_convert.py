@@ -199,3 +199,33 @@ def test_infer_model_name_covers_every_released_variant():
         wrapped = {"model": {"backbone.bottom_up." + k: v for k, v in sd.items()}}
         assert infer_model_name(wrapped) == canonical_name(name), name
 
+
+
+def test_detectron2_model_zoo_pickle_converts(tmp_path, capsys):
+    """A detectron2 .pkl (numpy arrays in a dict, as the model zoo ships) converts like a
+    .pth, 0-d entries included; a pickle that would run code is refused, nothing run."""
+    import pickle
+
+    model = create_model("restv2_tiny")
+    sd = {"backbone.bottom_up." + k: v.numpy() for k, v in model.state_dict().items()}
+    src = tmp_path / "zoo.pkl"
+    with open(src, "wb") as f:
+        pickle.dump({"model": sd, "__author__": "someone"}, f)
+    out = tmp_path / "core.pth"
+    assert main(["convert", str(src), str(out), "--to", "core"]) == 0
+    got = read_state_dict(str(out))
+    for k, v in model.state_dict().items():
+        assert torch.equal(got[k], v), k
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    with open(tmp_path / "evil.pkl", "wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "evil.pkl"), str(tmp_path / "e.pth"),
+                 "--to", "core"]) != 0
+    assert "allow-list" in capsys.readouterr().err
+    assert not marker.exists() and not (tmp_path / "e.pth").exists()
