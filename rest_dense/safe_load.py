@@ -167,7 +167,8 @@ logger = logging.getLogger("rest_dense.safe_load")
 
 #: how the command-line tools let a user mark a checkpoint as their own
 TRUST_HINT = ("if you produced it yourself, mark it as trusted with `--trust-checkpoint {path}` "
-              "(rest-dense train / rest-dense test), from Python rest_dense.safe_load.trust(path); "
+              "(rest-dense train / test / infer / export-model; rest-dense convert: "
+              "--unsafe-load), from Python rest_dense.safe_load.trust(path); "
               "files of unknown origin should never need that")
 
 
