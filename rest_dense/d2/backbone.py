@@ -151,7 +151,9 @@ def _model_head_reads(model) -> Dict[str, List[str]]:
 
 def check_head_features(backbone: Backbone, reads, hint: str = "") -> None:
     """Refuse, when the model is built, heads that read maps the backbone does not give
-    (detectron2 would fail at the first forward with a bare ``KeyError: 'p6'``).
+    (detectron2 would fail at the first forward with a bare ``KeyError: 'p6'``). The yacs
+    builders call it when they are ``MODEL.BACKBONE.NAME``: their config describes the
+    whole model, heads included.
 
     Args:
         backbone: the built backbone (its ``output_shape()`` names what it gives).

@@ -163,8 +163,10 @@ def test_d2_fpn_on_stage1_to_stage3_pools_its_last_level(one_thread):
     tiny = ["MODEL.DEVICE", "cpu", "MODEL.RESTV2.ARCH.EMBED_DIMS", "[16, 32, 64, 128]",
             "MODEL.RESTV2.ARCH.DEPTHS", "[1, 1, 1, 1]"]
     feats = '["stage1", "stage2", "stage3"]'
+    # the config describes a model: its RPN reads the four levels this FPN gives
     cfg = setup_yaml_config(config, tiny + ["MODEL.RESTV2.OUT_FEATURES", feats,
-                                            "MODEL.FPN.IN_FEATURES", feats])
+                                            "MODEL.FPN.IN_FEATURES", feats,
+                                            "MODEL.RPN.IN_FEATURES", '["p2", "p3", "p4", "p5"]'])
     fpn = build_backbone(cfg)
     assert fpn.top_block.in_feature == "p4"
     out = fpn(torch.randn(1, 3, 64, 96))
