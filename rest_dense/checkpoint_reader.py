@@ -168,8 +168,12 @@ def _tensors(mapping: Mapping[str, Any]) -> Dict[str, Tensor]:
             continue
         if isinstance(v, Tensor):
             out[k] = v
-        elif isinstance(v, np.ndarray) and v.dtype != object:
-            out[k] = torch.from_numpy(np.ascontiguousarray(v))
+        elif isinstance(v, np.ndarray):
+            from .models.pretrained import array_to_tensor
+
+            tensor = array_to_tensor(v)  # 0-d stays 0-d (num_batches_tracked)
+            if tensor is not None:
+                out[k] = tensor
     return out
 
 

@@ -26,6 +26,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -622,8 +623,12 @@ def _previous_results(out_dir: str) -> List[str]:
             raise OutputFolderInUseError(f"--out {out_dir}: {name} is not a folder this tool "
                                          "wrote (a link or a file); choose another folder")
         for entry in sorted(os.listdir(folder)):
+            if entry.startswith("."):  # .DS_Store and the like: left alone, not in the way
+                continue
             path = os.path.join(folder, entry)
-            ours = doc.get("status") == "running" or entry in listed
+            # a run that did not finish (killed, interrupted, failed while writing) wrote
+            # files its summary could not list yet
+            ours = doc.get("status") in ("running", "interrupted") or entry in listed
             (files if ours and os.path.isfile(path) and not os.path.islink(path)
              else foreign).append(path)
     if foreign:
@@ -717,6 +722,9 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
             predictor = build_predictor(config, checkpoint, device, cfg_options, trusted)
         for path in _previous_results(out_dir):  # overwrite: the old run's files, no others
             os.remove(path)
+        for name in OUTPUT_ENTRIES[1:]:  # its folders too, once empty
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(out_dir, name))
         return _run_inference(predictor, paths, out_dir, device, score_thr, draw, progress)
 
 

@@ -53,16 +53,15 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
         else:
             raise FileNotFoundError(f"input {item!r} does not exist (expected an image file, "
                                     "a folder of images or a glob pattern)")
-    seen, unique = set(), []
+    # one file reached through linked folders (a loop under '**'): once, by its shortest
+    # path, where it came first; links to files are inputs of their own
+    best: dict = {}
     for path in found:
-        # one file reached through linked folders (a loop under '**'): once; links to
-        # files are inputs of their own
         key = os.path.join(os.path.realpath(os.path.dirname(path) or "."),
                            os.path.basename(path))
-        if key not in seen:
-            seen.add(key)
-            unique.append(path)
-    return unique
+        if key not in best or len(path) < len(best[key]):
+            best[key] = path
+    return list(best.values())
 
 
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:

@@ -101,13 +101,24 @@ def _short(keys: Sequence[str], n: int = 12) -> str:
     return ", ".join(keys[:n]) + (f", ... (+{len(keys) - n})" if len(keys) > n else "")
 
 
+def array_to_tensor(array) -> Optional[Tensor]:
+    """A numeric numpy array as a tensor of the same shape (0-d stays 0-d), any byte order;
+    None for strings and objects."""
+    if array.dtype.kind not in "biufc":
+        return None
+    if not array.dtype.isnative:
+        array = array.astype(array.dtype.newbyteorder("="))
+    return torch.from_numpy(array if array.flags.c_contiguous and array.flags.writeable
+                            else array.copy())
+
+
 def _arrays_to_tensors(obj: object) -> object:
-    """numpy arrays (and those in dicts) of a plain pickle as tensors."""
+    """numpy arrays (and those in dicts) of a plain pickle as tensors (other arrays left)."""
     import numpy as np
 
     if isinstance(obj, np.ndarray):
-        return torch.from_numpy(obj if obj.flags.c_contiguous and obj.flags.writeable
-                                else obj.copy())  # 0-d arrays stay 0-d
+        tensor = array_to_tensor(obj)
+        return obj if tensor is None else tensor
     if isinstance(obj, dict):
         return {k: _arrays_to_tensors(v) for k, v in obj.items()}
     return obj

@@ -356,3 +356,46 @@ def test_resolve_device(device, result, match, capsys):
     assert resolve_device(device) == result
     if device == "cuda" and not torch.cuda.is_available():
         assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_overwrite_takes_only_a_runs_own_files(tmp_path):
+    """What infer --overwrite may remove: the files a finished run's summary lists; all of
+    preds/ and vis/ of a run that did not finish (killed, interrupted, failed while
+    writing); never a foreign summary, unlisted files of a finished run, or dotfiles."""
+    from rest_dense.deploy.infer import OutputFolderInUseError, _previous_results
+
+    out = tmp_path / "out"
+    (out / "preds").mkdir(parents=True)
+    (out / "vis").mkdir()
+    (out / "preds" / "a.json").write_text("{}")
+    (out / "vis" / ".DS_Store").write_text("")
+    head = {"config": "c.py", "checkpoint": "k.pth"}
+    for status, extra in (("interrupted", {"interrupted_by": "an error", "images": []}),
+                          ("running", {})):
+        (out / "summary.json").write_text(json.dumps(dict(head, status=status, **extra)))
+        assert _previous_results(str(out)) == [str(out / "preds" / "a.json"),
+                                                str(out / "summary.json")]
+    done = dict(head, status="complete", images=[{"input": "a.png", "pred": "x/preds/a.json"}])
+    (out / "summary.json").write_text(json.dumps(done))
+    assert _previous_results(str(out))[0] == str(out / "preds" / "a.json")
+    (out / "preds" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputFolderInUseError, match="did not write.*notes.txt"):
+        _previous_results(str(out))
+    (out / "summary.json").write_text('{"accuracy": 0.9}')
+    with pytest.raises(OutputFolderInUseError, match="no rest-dense infer run wrote"):
+        _previous_results(str(out))
+
+
+def test_pickled_arrays_become_tensors_of_their_shape():
+    """detectron2 .pkl entries: 0-d arrays stay 0-d, other byte orders convert, strings and
+    objects are not tensors (left out, not a crash)."""
+    from rest_dense.checkpoint_reader import _tensors
+    from rest_dense.models.pretrained import array_to_tensor
+
+    assert array_to_tensor(np.array(5)).shape == ()
+    big = np.arange(4, dtype=">f4")
+    assert torch.equal(array_to_tensor(big), torch.arange(4.0))
+    assert array_to_tensor(np.array(["x", "y"])) is None
+    assert array_to_tensor(np.array([{}], dtype=object)) is None
+    got = _tensors({"n": np.array(3), "s": np.array(["x"]), "w": np.ones((2, 2))})
+    assert set(got) == {"n", "w"} and got["n"].shape == ()
