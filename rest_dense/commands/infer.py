@@ -18,8 +18,9 @@ Written under --out:
                         on, inputs not processed
 
 --out must not hold another run's results (summary.json, preds/, vis/) unless --overwrite is
-given, which removes them first (only the files that run's summary.json lists; files it
-does not list are never removed: the run is refused); a folder another live infer is writing into is refused
+given, which removes them first (the files that run's summary.json lists, or all of
+preds/ and vis/ of a run that did not finish; files a finished run does not list are never
+removed: the run is refused); a folder another live infer is writing into is refused
 (naming that process). SIGINT / SIGTERM stop between images and leave summary.json with
 "status": "interrupted" and the inputs not processed (exit code 130).
 
