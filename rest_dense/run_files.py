@@ -272,11 +272,13 @@ def read_pointer(folder: PathLike, pointer: str = POINTER_NAME) -> Optional[str]
     return recorded if osp.isfile(recorded) else None
 
 
-def earlier_run_warning(candidates: Sequence[str], folder: PathLike) -> Optional[str]:
+def earlier_run_warning(folder: PathLike, pattern: Union[str, Pattern[str]],
+                        final_names: Iterable[str] = ()) -> Optional[str]:
     """The warning for a run started anew (no ``--resume``) in a folder that holds an
-    earlier run's checkpoints (``candidates``, from :func:`resume_candidates`), which its
-    own checkpoints may overwrite or, past ``max_keep_ckpts``, delete; None if there are
-    none."""
+    earlier run's checkpoints (:func:`resume_candidates` with ``pattern`` and
+    ``final_names``), which its own checkpoints may overwrite or, past ``max_keep_ckpts``,
+    delete; None if there are none."""
+    candidates = resume_candidates(folder, pattern, final_names=final_names)
     if not candidates:
         return None
     return (f"{os.fspath(folder)} holds checkpoints of an earlier run (newest: "

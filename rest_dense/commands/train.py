@@ -404,10 +404,9 @@ def run(args: argparse.Namespace) -> int:
         with hold_folder(cfg.work_dir, "training"):
             if not args.resume:
                 from ..mm.run_files import CHECKPOINT_PATTERN
-                from ..run_files import earlier_run_warning, resume_candidates
+                from ..run_files import earlier_run_warning
 
-                warning = earlier_run_warning(
-                    resume_candidates(cfg.work_dir, CHECKPOINT_PATTERN), cfg.work_dir)
+                warning = earlier_run_warning(cfg.work_dir, CHECKPOINT_PATTERN)
                 if warning:
                     print(f"rest-dense train: warning: {warning}", file=sys.stderr)
             runner = build_runner(cfg)

@@ -6,6 +6,7 @@ checkpoints: ``backbone.bottom_up.stem.proj.0.weight``, ``backbone.bottom_up.sta
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 from typing import Dict, List, Mapping, Sequence, Union
@@ -23,7 +24,7 @@ __all__ = [
     "D2ResTv2", "D2ResTv1", "build_restv2_backbone", "build_restv2_fpn_backbone",
     "build_retinanet_restv2_fpn_backbone", "build_rest_backbone", "build_rest_fpn_backbone",
     "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages", "check_head_features",
-    "HEAD_FEATURE_NODES",
+    "checks_heads", "HEAD_FEATURE_NODES",
 ]
 
 _STAGE_NAMES = tuple(f"stage{i + 1}" for i in range(len(STAGE_STRIDES)))
@@ -153,7 +154,7 @@ def check_head_features(backbone: Backbone, reads, hint: str = "") -> None:
     """Refuse, when the model is built, heads that read maps the backbone does not give
     (detectron2 would fail at the first forward with a bare ``KeyError: 'p6'``). The yacs
     builders call it when they are ``MODEL.BACKBONE.NAME``: their config describes the
-    whole model, heads included.
+    whole model, heads included (:func:`checks_heads`).
 
     Args:
         backbone: the built backbone (its ``output_shape()`` names what it gives).
@@ -176,13 +177,35 @@ def check_head_features(backbone: Backbone, reads, hint: str = "") -> None:
                              f"not give (it gives {given})" + (f"; {hint}" if hint else ""))
 
 
+def checks_heads(hint: str):
+    """Decorator for a registered backbone builder: when it is the model's own
+    (``MODEL.BACKBONE.NAME``, so its config describes the whole model), the heads' maps are
+    checked against what it built (:func:`check_head_features`, ``hint`` naming the setting
+    that changes them). Called as a part of another builder, which may add maps of its
+    own, it checks nothing."""
+    def wrap(builder):
+        @functools.wraps(builder)
+        def build(cfg: CfgNode, input_shape: ShapeSpec) -> Backbone:
+            backbone = builder(cfg, input_shape)
+            if cfg.MODEL.BACKBONE.NAME == builder.__name__:
+                check_head_features(backbone, cfg, hint)
+            return backbone
+        return build
+    return wrap
+
+
+_FPN_HINT = ("MODEL.FPN.IN_FEATURES picks the levels; the build_*_fpn_backbone builders add "
+             "p6 by max-pooling, the build_retinanet_*_fpn_backbone builders p6 and p7")
+
+
 # --------------------------------------------------------------------------------- builders
 @BACKBONE_REGISTRY.register()
+@checks_heads("MODEL.RESTV2.OUT_FEATURES picks the stages")
 def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
     """ResTv2 from ``MODEL.RESTV2`` and ``MODEL.BACKBONE.FREEZE_AT``."""
     c = cfg.MODEL.RESTV2
     window = list(c.WINDOW_SIZE)
-    backbone = D2ResTv2(
+    return D2ResTv2(
         arch=restv2_arch_from_cfg(cfg),
         in_channels=input_shape.channels,
         out_features=c.OUT_FEATURES,
@@ -194,27 +217,14 @@ def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
         with_cp=c.CP_LEVEL or c.WITH_CP,
         fast_paths=_fast_paths(c),
     )
-    return _checked_bottom_up(cfg, backbone, "RESTV2")
-
-
-def _checked_bottom_up(cfg: CfgNode, backbone: Backbone, node: str) -> Backbone:
-    if _is_models_backbone(cfg, "build_restv2_backbone", "build_rest_backbone"):
-        check_head_features(backbone, cfg, f"MODEL.{node}.OUT_FEATURES picks the stages")
-    return backbone
-
-
-def _is_models_backbone(cfg: CfgNode, *builders: str) -> bool:
-    """Whether one of ``builders`` is the model's own (``MODEL.BACKBONE.NAME``), not a
-    part of another builder (which may add maps of its own): only then do the heads read
-    what it gives."""
-    return cfg.MODEL.BACKBONE.NAME in builders
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads("MODEL.REST.OUT_FEATURES picks the stages")
 def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
     """ResTv1 from ``MODEL.REST`` and ``MODEL.BACKBONE.FREEZE_AT``."""
     c = cfg.MODEL.REST
-    backbone = D2ResTv1(
+    return D2ResTv1(
         arch=rest_arch_from_cfg(cfg),
         in_channels=input_shape.channels,
         out_features=c.OUT_FEATURES,
@@ -224,7 +234,6 @@ def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
         with_cp=c.CP_LEVEL or c.WITH_CP,
         fast_paths=_fast_paths(c),
     )
-    return _checked_bottom_up(cfg, backbone, "REST")
 
 
 def _fast_paths(node: CfgNode) -> bool:
@@ -237,7 +246,7 @@ def _fast_paths(node: CfgNode) -> bool:
 
 
 def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
-    fpn = FPN(
+    return FPN(
         bottom_up=bottom_up,
         in_features=cfg.MODEL.FPN.IN_FEATURES,
         out_channels=cfg.MODEL.FPN.OUT_CHANNELS,
@@ -245,15 +254,6 @@ def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
         top_block=top_block,
         fuse_type=cfg.MODEL.FPN.FUSE_TYPE,
     )
-    if _is_models_backbone(cfg, *_FPN_BUILDERS):
-        check_head_features(fpn, cfg, "MODEL.FPN.IN_FEATURES picks the levels; the "
-                                      "build_*_fpn_backbone builders add p6 by max-pooling, "
-                                      "the build_retinanet_*_fpn_backbone builders p6 and p7")
-    return fpn
-
-
-_FPN_BUILDERS = ("build_restv2_fpn_backbone", "build_retinanet_restv2_fpn_backbone",
-                 "build_rest_fpn_backbone", "build_retinanet_rest_fpn_backbone")
 
 
 def _max_pool(cfg: CfgNode, bottom_up: Backbone) -> LastLevelMaxPool:
@@ -273,6 +273,7 @@ def _p6p7(cfg: CfgNode, bottom_up: Backbone) -> LastLevelP6P7:
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads(_FPN_HINT)
 def build_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv2 + FPN (``MODEL.FPN``) + ``LastLevelMaxPool`` (P2-P6), as for Mask R-CNN."""
     bottom_up = build_restv2_backbone(cfg, input_shape)
@@ -280,6 +281,7 @@ def build_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads(_FPN_HINT)
 def build_retinanet_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv2 + FPN + ``LastLevelP6P7`` on the last input map (P3-P7 with
     ``FPN.IN_FEATURES = [stage2, stage3, stage4]``), as for RetinaNet."""
@@ -288,6 +290,7 @@ def build_retinanet_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) ->
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads(_FPN_HINT)
 def build_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv1 + FPN + ``LastLevelMaxPool``."""
     bottom_up = build_rest_backbone(cfg, input_shape)
@@ -295,6 +298,7 @@ def build_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads(_FPN_HINT)
 def build_retinanet_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv1 + FPN + ``LastLevelP6P7``, as for RetinaNet."""
     bottom_up = build_rest_backbone(cfg, input_shape)

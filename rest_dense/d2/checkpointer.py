@@ -28,12 +28,14 @@ damaged ones with a warning, and says so plainly when there is nothing to resume
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils import comm
 from fvcore.common.checkpoint import _IncompatibleKeys
 from torch import nn
 
@@ -154,6 +156,16 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
                 "rest_dense: --resume: no checkpoint in %s to resume from; starting from %s",
                 self.save_dir, f"the weights {path}" if path else "scratch")
         return self.load(path, checkpointables=[])
+
+    def warn_if_earlier_run(self) -> None:
+        """For a run started without ``--resume``: warn (main process) when the output
+        folder holds an earlier run's checkpoints, which this run's may overwrite or delete
+        (:func:`rest_dense.run_files.earlier_run_warning`)."""
+        if self.save_dir and comm.is_main_process():
+            warning = run_files.earlier_run_warning(self.save_dir, CHECKPOINT_PATTERN,
+                                                    final_names=FINAL_NAMES)
+            if warning:
+                logging.getLogger("rest_dense.d2").warning("rest_dense: %s", warning)
 
     def load_to_resume(self, path: str) -> Dict[str, Any]:
         """Continue a run from ``path`` (``--resume FILE``): model, optimizer, scheduler and

@@ -35,7 +35,6 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
-from .. import run_files
 from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..configs import building_from_config
 from ..utils import scale_count
@@ -616,11 +615,8 @@ def lazy_train(cfg: DictConfig, resume: bool = False,
     else:
         if not (resume and checkpointer.has_checkpoint()):
             check_weights_file(cfg.train.init_checkpoint, "train.init_checkpoint")
-        if not resume and comm.is_main_process():
-            warning = run_files.earlier_run_warning(checkpointer.resume_candidates(),
-                                                    cfg.train.output_dir)
-            if warning:
-                logger.warning(warning)
+        if not resume:
+            checkpointer.warn_if_earlier_run()
         checkpointer.resume_or_load(cfg.train.init_checkpoint, resume=resume)
         start_iter = trainer.iter + 1 if resume and checkpointer.has_checkpoint() else 0
     trainer.train(start_iter, cfg.train.max_iter)

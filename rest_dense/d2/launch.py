@@ -39,7 +39,6 @@ from detectron2.utils import comm
 from ..configs import ConfigBuildError, building_from_config
 from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
-from .. import run_files
 from ..safe_load import trust
 from ..utils import env_var, error_text
 from .checkpointer import RestDetectionCheckpointer
@@ -268,19 +267,11 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         trainer.start_iter = trainer.iter + 1
     else:
         if not args.resume:
-            _warn_earlier_run(trainer.checkpointer)
+            trainer.checkpointer.warn_if_earlier_run()
         if not (args.resume and trainer.checkpointer.has_checkpoint()):
             check_weights_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
         trainer.resume_or_load(resume=bool(args.resume))
     return trainer.train()
-
-
-def _warn_earlier_run(checkpointer) -> None:
-    if checkpointer.save_dir and comm.is_main_process():
-        warning = run_files.earlier_run_warning(checkpointer.resume_candidates(),
-                                                checkpointer.save_dir)
-        if warning:
-            logging.getLogger("rest_dense.d2").warning("rest_dense: %s", warning)
 
 
 def _main_lazy(args: argparse.Namespace) -> Dict[str, Any]:

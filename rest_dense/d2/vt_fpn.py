@@ -26,7 +26,7 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from torch import Tensor
 
 from ..models import VTFPN
-from .backbone import build_rest_backbone, build_restv2_backbone, check_head_features
+from .backbone import build_rest_backbone, build_restv2_backbone, checks_heads
 
 __all__ = ["D2VTFPN", "vt_fpn_kwargs_from_cfg", "build_restv2_vt_fpn_backbone",
            "build_rest_vt_fpn_backbone", "build_restv1_vt_fpn_backbone"]
@@ -147,20 +147,16 @@ def _check_bottom_up_features(cfg: CfgNode, key: str) -> None:
 def _build(cfg: CfgNode, bottom_up: Backbone) -> D2VTFPN:
     kwargs = vt_fpn_kwargs_from_cfg(cfg)
     try:
-        neck = D2VTFPN(bottom_up, **kwargs)
+        return D2VTFPN(bottom_up, **kwargs)
     except (TypeError, ValueError) as err:  # the core names its argument; add the config node
         raise type(err)(f"MODEL.VT_FPN: {err}") from err
-    if cfg.MODEL.BACKBONE.NAME in _VT_FPN_BUILDERS:  # not a part of another builder
-        check_head_features(neck, cfg, "MODEL.VT_FPN.IN_FEATURES picks the levels, and "
-                                       "MODEL.VT_FPN.NUM_OUTS 5 adds p6")
-    return neck
 
 
-_VT_FPN_BUILDERS = ("build_restv2_vt_fpn_backbone", "build_rest_vt_fpn_backbone",
-                    "build_restv1_vt_fpn_backbone")
+_HINT = "MODEL.VT_FPN.IN_FEATURES picks the levels, and MODEL.VT_FPN.NUM_OUTS 5 adds p6"
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads(_HINT)
 def build_restv2_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
     """ResTv2 (``MODEL.RESTV2``) + VT-FPN (``MODEL.VT_FPN``): ``p2..p5`` (+ ``p6`` with
     ``NUM_OUTS: 5``)."""
@@ -169,6 +165,7 @@ def build_restv2_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFP
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads(_HINT)
 def build_rest_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
     """ResTv1 (``MODEL.REST``) + VT-FPN (``MODEL.VT_FPN``)."""
     _check_bottom_up_features(cfg, "REST")
@@ -176,6 +173,7 @@ def build_rest_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
 
 
 @BACKBONE_REGISTRY.register()
+@checks_heads(_HINT)
 def build_restv1_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
     """:func:`build_rest_vt_fpn_backbone` under the name that matches the ResTv2 builder."""
     return build_rest_vt_fpn_backbone(cfg, input_shape)
