@@ -305,12 +305,15 @@ def check_checkpoint(model: Any, ckpt: ModelCheckpoint, *, complete: bool,
         msg = str(err)
         lead = f"{purpose}: " if purpose else ""
         if expect and ckpt.framework and ckpt.framework != expect:
+            # the other framework's key names: what the model check would say of them
+            # (another backbone, backbone weights only, ...) is a consequence, not the cause
+            to = "d2" if expect == "detectron2" else "mmdet/mmseg"
             raise CheckpointMismatchError(
-                f"{lead}{ckpt.source} is a {FRAMEWORK_NAMES[ckpt.framework]} checkpoint "
-                f"({ckpt.layout}), but the config is a {FRAMEWORK_NAMES[expect]} config: the "
-                "other framework's layout and key names (convert its backbone with "
-                "`rest-dense convert`, or use it with a config of its own framework). "
-                f"Details: {msg}") from err
+                f"{lead}{ckpt.source} is a {FRAMEWORK_NAMES[ckpt.framework]} checkpoint, "
+                f"but the config is a {FRAMEWORK_NAMES[expect]} config, whose models name "
+                "their weights differently: use the file with a config of its own framework, "
+                f"or take its backbone over with `rest-dense convert SRC DST --to {to}` "
+                "(as pretrained weights: the rest of the model does not carry over)") from err
         own = list(getattr(model, "module", model).state_dict())
         hint = _prefix_hint(own, ckpt.state_dict)
         if purpose == "--resume":

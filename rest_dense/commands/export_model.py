@@ -146,6 +146,7 @@ def _export_and_check(args: argparse.Namespace, sizes) -> int:
         for p in exp.problems:
             print(f"  warning: the graph is not valid for a check image: {p}", file=sys.stderr)
         if args.no_check:
+            _warn_unchecked(dep, exp.trace_size)
             staged.commit()
             return 0
         tol = Tolerances(args.box_atol, args.score_atol, args.mask_iou, args.seg_agreement,
@@ -166,3 +167,20 @@ def _export_and_check(args: argparse.Namespace, sizes) -> int:
                               threads=args.threads)
         print(format_table([(os.path.basename(args.out), r) for r in lat]))
     return 0
+
+
+def _warn_unchecked(dep, trace_size) -> None:
+    """What --no-check leaves unknown: the graph was compared with PyTorch at no size, and
+    serves other sizes only where the backbone takes the branches traced."""
+    from ..deploy.shapes import first_unserved_size
+    from ..utils import format_size
+
+    print("  warning: --no-check: ONNX Runtime was not compared with PyTorch", file=sys.stderr)
+    if dep.backbone is None:
+        return
+    unserved = first_unserved_size(dep.backbone, trace_size, divisor=dep.divisor)
+    if unserved is not None:
+        print(f"  warning: the graph (traced at network input {format_size(trace_size)}) differs "
+              f"from PyTorch at some network inputs, e.g. {format_size(unserved)} (shape branches "
+              "the trace did not take, see docs/deploy.md); check the sizes you will serve with "
+              "--check-shapes / --check-images", file=sys.stderr)

@@ -27,7 +27,8 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
 
     Returns:
         The image paths, each once (also when linked folders reach a file by several
-        paths), in the order given (sorted within a folder or pattern).
+        paths), in the order given (sorted within a folder or pattern); links to missing
+        files are kept, for the reader to report.
 
     Raises:
         FileNotFoundError: an input is neither an existing file, nor a folder, nor a pattern
@@ -40,16 +41,19 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
             found.append(item)
         elif os.path.isdir(item):
             files = sorted(str(p) for p in Path(item).rglob("*")
-                           if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                           if _file_or_broken_link(p) and p.suffix.lower() in IMAGE_SUFFIXES)
             if not files:
                 raise FileNotFoundError(f"folder {item!r} holds no image files "
                                         f"({', '.join(IMAGE_SUFFIXES)})")
             found += files
         elif glob.has_magic(item):
-            files = sorted(p for p in glob.glob(item, recursive=True) if os.path.isfile(p))
+            files = sorted(p for p in glob.glob(item, recursive=True) if _file_or_broken_link(p))
             if not files:
                 raise FileNotFoundError(f"no file matches the pattern {item!r}")
             found += files
+        elif os.path.islink(item):
+            raise FileNotFoundError(f"input {item!r} is a link to {os.readlink(item)!r}, which "
+                                    "does not exist")
         else:
             raise FileNotFoundError(f"input {item!r} does not exist (expected an image file, "
                                     "a folder of images or a glob pattern)")
@@ -64,6 +68,12 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
     return list(best.values())
 
 
+def _file_or_broken_link(path: Union[str, os.PathLike]) -> bool:
+    """A file, or a link whose target is gone: an input that cannot be read is reported
+    (as skipped, by :func:`read_image`'s error), never dropped unseen."""
+    return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
+
+
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """Decode an image file into an ``(H, W, 3)`` uint8 BGR array (the frameworks' layout).
 
@@ -76,6 +86,9 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
 
     path = os.fspath(path)
     if not os.path.isfile(path):
+        if os.path.islink(path) and not os.path.exists(path):
+            raise ImageReadError(f"image {path!r} is a link to {os.readlink(path)!r}, "
+                                 "which does not exist")
         raise ImageReadError(f"image {path!r} does not exist")
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:

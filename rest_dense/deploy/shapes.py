@@ -41,7 +41,7 @@ from torch import nn
 
 __all__ = ["StageBranches", "find_backbone", "stage_windows", "windowed_stages", "stage_branches",
            "graph_problems", "trace_problems", "trace_side_problems", "min_valid_side",
-           "default_trace_shape", "coverage", "choose_trace_size"]
+           "default_trace_shape", "coverage", "choose_trace_size", "first_unserved_size"]
 
 Size = Tuple[int, int]
 
@@ -240,7 +240,8 @@ def coverage(backbone: nn.Module, size: Size) -> int:
 
 def choose_trace_size(backbone: nn.Module, sizes: Sequence[Size], divisor: int = 1,
                       candidates: Optional[Iterable[int]] = None) -> Tuple[Size, List[str]]:
-    """A trace input valid for every one of ``sizes`` that takes as many branches as possible.
+    """A trace input valid for every one of ``sizes``; among those, one that serves every size
+    (no :func:`trace_problems`) where there is one, taking as many branches as possible.
 
     Args:
         backbone: a ResT backbone.
@@ -267,9 +268,34 @@ def choose_trace_size(backbone: nn.Module, sizes: Sequence[Size], divisor: int =
     best, best_key, best_problems = None, None, None
     for h, w in itertools.product(cands, cands):
         problems = [p for s in sizes for p in graph_problems(backbone, (h, w), s)]
-        # fewest problems, then most branches traced, then closest to the sizes served
+        # fewest problems, then fewest branches left untraced (a trace that serves every
+        # size first), most traced, then closest to the sizes served
         dist = min((abs(math.log(h / s[0])) + abs(math.log(w / s[1])) for s in sizes), default=0.0)
-        key = (len(problems), -coverage(backbone, (h, w)), dist, h * w)
+        key = (len(problems), len(trace_problems(backbone, (h, w))), -coverage(backbone, (h, w)),
+               dist, h * w)
         if best_key is None or key < best_key:
             best, best_key, best_problems = (h, w), key, problems
     return best, best_problems
+
+
+def first_unserved_size(backbone: nn.Module, traced: Size, divisor: int = 1,
+                        max_side: int = 1344) -> Optional[Size]:
+    """The smallest backbone input (sides multiples of ``divisor``, at least
+    :func:`min_valid_side`, at most ``max_side``) at which a graph traced at ``traced`` would
+    differ from eager (:func:`graph_problems`), or None when it serves all of them.
+
+    Args:
+        backbone: a ResT backbone.
+        traced: backbone input ``(H, W)`` the graph was traced at.
+        divisor: inputs are padded to a multiple of this.
+        max_side: the largest side tried.
+    """
+    step = max(int(divisor), 1)
+    first = -(-max(min_valid_side(backbone), step) // step) * step
+    sides = list(range(first, max_side + 1, step))
+    if len(sides) > 160:  # unpadded inputs: every side to 160, then a spread of the others
+        sides = sorted(set(sides[:160] + sides[160::len(sides) // 160 + 1]))
+    for h, w in sorted(itertools.product(sides, sides), key=lambda s: (s[0] * s[1], s)):
+        if graph_problems(backbone, traced, (h, w)):
+            return h, w
+    return None

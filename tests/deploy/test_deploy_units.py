@@ -49,6 +49,18 @@ def test_collect_images_files_folders_globs_and_errors(tmp_path):
     assert collect_images([str(tmp_path / "**" / "*.jpg")]) == [str(b)]
 
 
+def test_links_to_missing_files_are_inputs_the_reader_reports(tmp_path):
+    a = _write_png(tmp_path / "a.png")
+    os.symlink(tmp_path / "gone.png", tmp_path / "b.png")
+    os.symlink(tmp_path / "gone.txt", tmp_path / "c.txt")  # not an image name: not taken
+    assert collect_images([str(tmp_path)]) == [str(a), str(tmp_path / "b.png")]
+    assert collect_images([str(tmp_path / "*.png")]) == [str(a), str(tmp_path / "b.png")]
+    with pytest.raises(ImageReadError, match="b.png.* is a link to .*gone.png.*does not exist"):
+        read_image(tmp_path / "b.png")
+    with pytest.raises(FileNotFoundError, match="b.png.* is a link to .*gone.png"):
+        collect_images([str(tmp_path / "b.png")])
+
+
 def test_read_image_decodes_and_names_bad_files(tmp_path):
     img = read_image(_write_png(tmp_path / "ok.png", 7, 9))
     assert img.shape == (7, 9, 3) and img.dtype == np.uint8

@@ -287,6 +287,24 @@ def test_detectron2_global_and_failures(tmp_path, capsys, d2_ckpt, toy_root, one
     assert not [p for p in os.listdir(tmp_path) if p.startswith(".")]
 
 
+def test_no_check_says_what_it_left_unchecked(tmp_path, capsys, d2_ckpt, one_thread):
+    options = {"MODEL.RESTV2.ATTN_MODE": "win", "MODEL.RESTV2.WINDOW_SIZE": [8]}
+    opts = ["--cfg-options", *[f"{k}={v}" for k, v in options.items()]]
+    out = tmp_path / "win.onnx"
+    # traced at 64x64 the windows of stage 2 cover the whole map: larger inputs need them
+    code = main(["export-model", str(D2_DET), str(d2_ckpt), "--out", str(out), "--shape",
+                 "64x64", "--no-check", *opts])
+    err = capsys.readouterr().err
+    assert code == 0 and out.exists() and onnx.load(str(out)).graph.node
+    assert "--no-check: ONNX Runtime was not compared with PyTorch" in err, err
+    assert "differs from PyTorch at some network inputs, e.g." in err, err
+    # global attention on inputs padded to 32 takes no shape branch: every size is served
+    code = main(["export-model", str(D2_DET), str(d2_ckpt), "--out", str(out), "--no-check",
+                 "--check-shapes", "120x152"])
+    err = capsys.readouterr().err
+    assert code == 0 and "not compared" in err and "differs from PyTorch" not in err, err
+
+
 @pytest.mark.slow
 def test_graph_not_valid_at_a_check_size_fails(tmp_path, capsys, d2_ckpt, one_thread):
     # traced at 64x64, the 8-token windows of stage 2 cover the whole map: the graph has no

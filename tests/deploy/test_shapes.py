@@ -105,3 +105,23 @@ def test_checks_build_inputs_with_the_models_channels(tmp_path, tiny_arch, one_t
     exp = ex.export_onnx(model, tmp_path / "c1.onnx", shape=(257, 384))
     results = ex.check_onnx(model, exp.path, [(257, 391), (97, 131)])
     assert len(results) == 2 and all(r.ok for r in results), [r.describe() for r in results]
+
+
+def test_first_unserved_size_finds_the_smallest_input_a_trace_misses(tiny_arch):
+    model = ResTv2(dict(tiny_arch, depths=(1, 2, 2, 1)), attn_mode="win", window_size=8)
+    serving = shapes.default_trace_shape(model)
+    assert shapes.first_unserved_size(model, serving, divisor=32) is None
+    assert shapes.first_unserved_size(model, serving, divisor=1) is None
+    # every map a multiple of its window and sr_ratio: padding and crops untraced
+    found = shapes.first_unserved_size(model, (256, 512), divisor=1)
+    assert found is not None and shapes.graph_problems(model, (256, 512), found)
+    low = shapes.min_valid_side(model)
+    smaller = [(h, w) for h in range(low, found[0] + 1) for w in range(low, found[1] + 1)
+               if h * w < found[0] * found[1]]
+    assert not any(shapes.graph_problems(model, (256, 512), s) for s in smaller)
+    # padded to 32: the crops are never needed; the window padding still is
+    padded = shapes.first_unserved_size(model, (256, 512), divisor=32)
+    assert padded is not None and padded[0] % 32 == 0 and padded[1] % 32 == 0
+    glob = ResTv2(dict(tiny_arch), attn_mode="global")
+    assert shapes.first_unserved_size(glob, (256, 256), divisor=32) is None
+    assert shapes.first_unserved_size(glob, (256, 256), divisor=1) == (1, 1)  # needs the crop

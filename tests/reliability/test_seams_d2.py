@@ -34,7 +34,7 @@ from rest_dense.cli import main as cli
 from rest_dense.models import CheckpointError
 
 from conftest import REPO
-from test_seams import DET, SITE, _opts, toy  # noqa: F401  (toy: the MMDetection fixture)
+from test_seams import DET, SITE, _cli, _opts, toy  # noqa: F401  (toy: the MMDetection fixture)
 
 pytestmark = pytest.mark.timeout(600, func_only=True)
 
@@ -152,6 +152,19 @@ def test_d2_refuses_the_other_frameworks_checkpoint(d2, toy, seg, source, tmp_pa
     bb = [k for k in own if k.startswith("backbone.bottom_up.")]
     assert bb and all(torch.equal(own[k], mm["backbone." + k[len("backbone.bottom_up."):]])
                       for k in bb if "backbone." + k[len("backbone.bottom_up."):] in mm)
+
+
+def test_mm_resume_from_a_d2_checkpoint_names_the_framework(toy, d2, tmp_path, capsys):
+    """``--resume`` of an MMDetection config with detectron2's training checkpoint: named as
+    the other framework's file, not as "backbone weights only" or "another model"."""
+    root = toy[0]
+    opts = [f"{k}={v}" for k, v in _opts(root).items()]
+    code, text = _cli(["train", str(DET), "--work-dir", str(tmp_path / "w"), "--threads", "1",
+                       "--resume", str(d2[0]), "train_cfg.max_iters=3", *opts], capsys)
+    assert code == 2 and "is a detectron2 checkpoint" in text, text
+    assert "MMDetection / MMSegmentation (mmengine) config" in text and "--to mmdet" in text
+    assert "backbone only" not in text and "another model" not in text, text
+    assert not (tmp_path / "w" / "iter_3.pth").exists()
 
 
 def test_d2_cli_test_refuses_mm_checkpoint(toy, capsys):
