@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 from contextlib import contextmanager
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from mmengine.config import Config
@@ -30,8 +30,8 @@ from ..configs import config_framework
 from .registration import register_once
 
 __all__ = ["ResTLayerDecayOptimizerConstructor", "stage_lr_scales", "BF16OptimWrapper",
-           "set_mixed_precision", "amp_unavailable_fallback", "check_decay_rate",
-           "check_num_layers"]
+           "set_mixed_precision", "bf16_wrapper_defaults", "MMDET_AUTOCAST_MODULES",
+           "amp_unavailable_fallback", "check_decay_rate", "check_num_layers"]
 
 _PARAMWISE_EXAMPLE = ("paramwise_cfg=dict(decay_rate=0.9, num_layers=4, decay_type='stage_wise')")
 
@@ -237,11 +237,12 @@ class BF16OptimWrapper(OptimWrapper):
 
     - ``None`` (default): the whole forward pass (data preprocessor, model, losses), as
       ``AmpOptimWrapper`` does. Right for MMSegmentation models, whose ops all have bf16
-      kernels.
+      kernels. On an MMDetection detector: :data:`MMDET_AUTOCAST_MODULES` instead.
     - submodule names, e.g. ``('backbone', 'neck')``: only these submodules' forward; their
       outputs are cast back to fp32, so the rest (heads, losses) trains in fp32. Needed for
-      MMDetection's two-stage detectors: mmcv's ``nms`` and ``RoIAlign`` have no bf16
-      kernels (CPU or CUDA). :func:`set_mixed_precision` picks this for MMDetection configs.
+      MMDetection's detectors: mmcv's ``nms`` and ``RoIAlign`` have no bf16 kernels (CPU or
+      CUDA). :func:`bf16_wrapper_defaults` writes it into MMDetection configs. A repeated
+      name counts once; an empty list is refused (it would run nothing in bf16).
 
     The optimizer, ``paramwise_cfg`` and ``constructor`` (e.g.
     ``'ResTLayerDecayOptimizerConstructor'``) of the config apply as for any optimizer
@@ -282,7 +283,17 @@ class BF16OptimWrapper(OptimWrapper):
         self.cast_dtype = torch.bfloat16
         if isinstance(autocast_modules, str):
             autocast_modules = [autocast_modules]
-        self.autocast_modules = None if autocast_modules is None else tuple(autocast_modules)
+        if autocast_modules is not None:
+            autocast_modules = tuple(dict.fromkeys(autocast_modules))  # each once, in order
+            if not autocast_modules:
+                raise ValueError("BF16OptimWrapper autocast_modules is empty, which would run "
+                                 "nothing in bf16: name submodules (e.g. ['backbone', 'neck']), "
+                                 "or leave it None for the whole forward pass")
+            bad = [m for m in autocast_modules if not isinstance(m, str) or not m]
+            if bad:
+                raise TypeError(f"BF16OptimWrapper autocast_modules must be submodule names, "
+                                f"got {bad!r}")
+        self.autocast_modules = autocast_modules
         self.cache_enabled = cache_enabled
         if loss_scale is not None:
             print_log(f"BF16OptimWrapper: loss_scale={loss_scale!r} ignored (bf16 needs no loss "
@@ -318,26 +329,45 @@ class BF16OptimWrapper(OptimWrapper):
             AttributeError: an ``autocast_modules`` name that the model does not have.
         """
         device_type = _module_device(model).type
+        core = model.module if is_model_wrapper(model) else model
+        modules = self._modules_of(core)
         if device_type not in self._enabled_on and self.autocast_enabled(device_type):
             print_log(f"BF16OptimWrapper: bf16 autocast on {device_type} for "
-                      f"{', '.join(self.autocast_modules or ['the whole forward pass'])}, "
+                      f"{', '.join(modules or ['the whole forward pass'])}, "
                       "no loss scaling", logger="current")
-        if self.autocast_modules is None:
+        if modules is None:
             with super().optim_context(model), self._autocast(device_type):
                 yield
             return
-        core = model.module if is_model_wrapper(model) else model
-        patched = []
+        patched = []  # (module, the forward its instance had, or None)
         try:
-            for name in self.autocast_modules:
+            for name in modules:
                 sub = core.get_submodule(name)
-                patched.append(sub)
+                patched.append((sub, sub.__dict__.get("forward")))
                 sub.forward = self._bf16_forward(sub.forward, device_type)
             with super().optim_context(model):
                 yield
         finally:
-            for sub in patched:
-                del sub.forward  # the class's forward again
+            for sub, own in reversed(patched):
+                if own is None:
+                    del sub.forward  # the class's forward again
+                else:
+                    sub.forward = own  # an instance's own forward (a wrapper of the user's)
+
+    def _modules_of(self, core: nn.Module) -> Optional[Tuple[str, ...]]:
+        """``autocast_modules``; unset on an MMDetection detector (a config that did not go
+        through :func:`bf16_wrapper_defaults`, e.g. MMDetection's own ``tools/train.py``):
+        :data:`MMDET_AUTOCAST_MODULES`, those it has."""
+        if self.autocast_modules is not None:
+            return self.autocast_modules
+        try:
+            from mmdet.models.detectors import BaseDetector
+        except ImportError:
+            return None
+        if not isinstance(core, BaseDetector):
+            return None
+        return tuple(m for m in MMDET_AUTOCAST_MODULES
+                     if isinstance(getattr(core, m, None), nn.Module))
 
     def _bf16_forward(self, forward: Callable, device_type: str) -> Callable:
         """``forward`` run under bf16 autocast, its outputs cast back to fp32."""
@@ -406,6 +436,33 @@ def amp_unavailable_fallback(cfg: Config) -> bool:
     return True
 
 
+#: what a :class:`BF16OptimWrapper` runs in bf16 in an MMDetection model by default: mmcv's
+#: nms / RoIAlign in the heads have no bf16 kernels (CPU or CUDA)
+MMDET_AUTOCAST_MODULES = ("backbone", "neck")
+
+
+def bf16_wrapper_defaults(cfg: Config) -> Config:
+    """The settings a :class:`BF16OptimWrapper` of ``cfg`` takes from the config's model, as
+    the config reached it (``--amp-dtype bf16``, ``--cfg-options optim_wrapper.type=...``,
+    the config itself): for MMDetection configs ``autocast_modules=['backbone', 'neck']``
+    (those the model has) unless the config sets it, since mmcv's nms / RoIAlign in the
+    heads have no bf16 kernels. Other wrappers are left alone.
+
+    Args:
+        cfg: a loaded config; modified in place.
+
+    Returns:
+        ``cfg``.
+    """
+    optim = cfg.get("optim_wrapper")
+    if not optim or optim.get("type") != "BF16OptimWrapper":
+        return cfg
+    if "autocast_modules" not in optim and _is_mmdet(cfg):
+        model = cfg.get("model") or {}
+        optim.autocast_modules = [m for m in MMDET_AUTOCAST_MODULES if model.get(m)]
+    return cfg
+
+
 def set_mixed_precision(cfg: Config, amp: Union[bool, str, torch.dtype] = True) -> Config:
     """Switch a config's optimizer wrapper to mixed precision, keeping its optimizer,
     ``constructor``, ``paramwise_cfg``, ``clip_grad`` and ``accumulative_counts``.
@@ -435,15 +492,11 @@ def set_mixed_precision(cfg: Config, amp: Union[bool, str, torch.dtype] = True) 
         raise KeyError("mixed precision needs an `optim_wrapper` in the config")
     optim = cfg.optim_wrapper
     if precision is None and optim.get("type") == "BF16OptimWrapper":
-        return cfg
+        return bf16_wrapper_defaults(cfg)
     if precision == "bfloat16":
         optim.type = "BF16OptimWrapper"
         _drop(optim, _AMP_ONLY_KEYS)
-        if "autocast_modules" not in optim and _is_mmdet(cfg):
-            # mmcv's nms / RoIAlign in the heads have no bf16 kernels
-            model = cfg.get("model") or {}
-            optim.autocast_modules = [m for m in ("backbone", "neck") if model.get(m)]
-        return cfg
+        return bf16_wrapper_defaults(cfg)
     optim.type = "AmpOptimWrapper"
     _drop(optim, _BF16_ONLY_KEYS)  # fp16 autocasts the whole forward
     optim.setdefault("loss_scale", "dynamic")

@@ -47,7 +47,7 @@ from .run_files import find_resume_checkpoint, make_checkpoint_hooks_atomic
 from .schedule import SCALE_SCHEDULE_KEY, scale_schedule
 from ..distributed import setup_mm_distributed
 from .necks import check_neck_levels
-from .optim import amp_unavailable_fallback, set_mixed_precision
+from .optim import amp_unavailable_fallback, bf16_wrapper_defaults, set_mixed_precision
 from .safe_load import install_checkpoint_loader, trust_checkpoints
 from .utils import (check_neck_channels, default_work_dir, detect_framework,
                     install_config_format_cache, load_config, wrap_for_tta)
@@ -204,6 +204,7 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,
 
     if amp:
         set_mixed_precision(cfg, amp)
+    bf16_wrapper_defaults(cfg)  # also a config that names the wrapper itself
     if amp_unavailable_fallback(cfg):
         print_log("rest_dense: no GPU found; mixed precision (AmpOptimWrapper) needs one, "
                   "training in fp32 with OptimWrapper instead", logger="current")

@@ -459,7 +459,8 @@ class ResTBase(nn.Module):
         if level == "none" or not torch.is_grad_enabled():
             return block(x)
         if level == "block":
-            if x.requires_grad:
+            # also when only the weights record (a frozen stem before stage 1)
+            if x.requires_grad or any(p.requires_grad for p in block.parameters()):
                 return cp.checkpoint(_BlockRecompute(block), x, use_reentrant=False)
             return block(x)
         return block(x, recompute=level)

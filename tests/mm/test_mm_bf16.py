@@ -83,6 +83,24 @@ def test_bf16_optim_wrapper_autocasts_only_the_named_modules():
             pass
 
 
+def test_bf16_optim_wrapper_names_once_and_restores_an_instance_forward():
+    model = _Net()
+    own = model.body.forward  # an instance's own forward (a user's wrapper)
+    model.body.forward = lambda x: own(x)
+    users = model.body.forward
+    wrapper = _wrapper(model, autocast_modules=["body", "body"])
+    assert wrapper.autocast_modules == ("body",)
+    with wrapper.optim_context(model):
+        out = model(torch.randn(4, 8))
+        assert model.seen == [torch.bfloat16]
+    wrapper.update_params(out.pow(2).mean())
+    assert vars(model.body)["forward"] is users  # put back, not deleted
+    with pytest.raises(ValueError, match="autocast_modules is empty"):
+        _wrapper(model, autocast_modules=[])
+    with pytest.raises(TypeError, match="submodule names"):
+        _wrapper(model, autocast_modules=["body", 3])
+
+
 def test_bf16_optim_wrapper_refuses_fp16_and_drops_a_grad_scaler_state():
     model = _Net()
     with pytest.raises(ValueError, match="bf16 only"):
@@ -134,6 +152,30 @@ def test_set_mixed_precision_keeps_the_optimizer_settings():
     assert "cache_enabled" not in cfg.optim_wrapper
     with pytest.raises(ValueError, match="mixed-precision dtype"):
         set_mixed_precision(cfg, "int8")
+
+
+def test_bf16_wrapper_named_by_type_alone_gets_the_detector_defaults():
+    """``--cfg-options optim_wrapper.type=BF16OptimWrapper`` (no ``--amp-dtype``): the
+    MMDetection defaults apply as with ``--amp-dtype bf16`` (the whole forward crashed in
+    mmcv's nms)."""
+    from rest_dense.mm.optim import bf16_wrapper_defaults
+
+    cfg = load("toy/mask_rcnn_restv2_toy.py")
+    cfg.optim_wrapper.type = "BF16OptimWrapper"
+    bf16_wrapper_defaults(cfg)
+    assert cfg.optim_wrapper.autocast_modules == ["backbone", "neck"]
+    seg = load("toy/upernet_restv2_toy.py")
+    seg.optim_wrapper.type = "BF16OptimWrapper"
+    assert "autocast_modules" not in bf16_wrapper_defaults(seg).optim_wrapper
+    # the wrapper on a detector without the setting (MMDetection's own tools/train.py)
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules()
+    detector = MODELS.build(cfg.model)
+    wrapper = _wrapper(detector)
+    assert wrapper._modules_of(detector) == ("backbone", "neck")
+    assert _wrapper(_Net())._modules_of(_Net()) is None
 
 
 def test_train_config_amp_bf16_stays_on_cpu():

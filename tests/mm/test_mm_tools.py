@@ -258,7 +258,7 @@ def _upernet(arch=TINY_ARCH, seed=0):
     ("wider", "wrong variant"),
     ("no_decode_head", "decode_head.conv_seg"),
     ("backbone_only", "weights of the ResT backbone only"),
-    ("d2_layout", "weights of the ResT backbone only"),
+    ("d2_layout", "is a detectron2 checkpoint"),
 ])
 def test_test_checkpoint_must_cover_the_model(case, expect, tmp_path):
     """mmengine would evaluate these with randomly initialised layers and a log line."""

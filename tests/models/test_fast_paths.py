@@ -1242,6 +1242,32 @@ def test_with_cp_levels_same_outputs_and_grads(kind, fast_on):
         _assert_same(_run(model, x, fast_on), ref, atol=1e-9, rtol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["v2", "v1"])
+def test_with_cp_block_recomputes_behind_a_frozen_stem(kind):
+    """``frozen_stages=0`` (detectron2's FREEZE_AT 1): stage 1's input records nothing, its
+    blocks' weights do; the blocks are still recomputed (they used to keep everything)."""
+    torch.manual_seed(0)
+    cls, arch = (ResTv2, ARCH) if kind == "v2" else (ResTv1, ARCH_V1)
+    x = torch.randn(1, 3, 64, 64)
+    grads, runs = [], []
+    for level in (False, True):
+        model = cls(arch=arch, frozen_stages=0, with_cp=level).train()
+        if grads:
+            model.load_state_dict(ref_state)
+        else:
+            ref_state = model.state_dict()
+        calls = []
+        block = getattr(model, "stage1")[0]
+        block.register_forward_pre_hook(lambda *a: calls.append(1))
+        sum(o.sum() for o in model(x)).backward()
+        runs.append(len(calls))
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert runs == [1, 2]  # once, then forward + recomputation in backward
+    assert grads[0].keys() == grads[1].keys() and any(k.startswith("stage1.") for k in grads[0])
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], rtol=1e-5, atol=1e-6)
+
+
 def test_with_cp_level_names_and_errors():
     assert CP_LEVELS == ("none", "mlp", "block")
     assert check_cp_level(False) == (False, "none")
