@@ -18,13 +18,14 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 from torch import Tensor
 
 from ..models import STAGE_STRIDES, ResTv1, ResTv2
+from ..models.base import check_flag, check_int
 from .config import rest_arch_from_cfg, restv2_arch_from_cfg
 
 __all__ = [
     "D2ResTv2", "D2ResTv1", "build_restv2_backbone", "build_restv2_fpn_backbone",
     "build_retinanet_restv2_fpn_backbone", "build_rest_backbone", "build_rest_fpn_backbone",
     "build_retinanet_rest_fpn_backbone", "freeze_at_to_frozen_stages", "check_head_features",
-    "checks_heads", "HEAD_FEATURE_NODES",
+    "checks_heads", "check_in_features", "HEAD_FEATURE_NODES",
 ]
 
 _STAGE_NAMES = tuple(f"stage{i + 1}" for i in range(len(STAGE_STRIDES)))
@@ -48,7 +49,8 @@ class _D2BackboneMixin:
         self._out_features = [f.name for f in self.feature_info]
         self._out_feature_strides = {f.name: f.stride for f in self.feature_info}
         self._out_feature_channels = {f.name: f.channels for f in self.feature_info}
-        self._size_divisibility = int(size_divisibility)
+        # 0: no padding (detectron2's meaning)
+        self._size_divisibility = check_int(size_divisibility, "size_divisibility", low=0)
 
     @property
     def size_divisibility(self) -> int:
@@ -111,10 +113,7 @@ class D2ResTv1(_D2BackboneMixin, ResTv1, Backbone):
 def freeze_at_to_frozen_stages(freeze_at: int) -> int:
     """detectron2's ``MODEL.BACKBONE.FREEZE_AT`` (0 nothing, 1 stem, 2 stem + stage1, ...,
     5 everything) as the core models' ``frozen_stages`` (-1 nothing, 0 stem, k stem + 1..k)."""
-    freeze_at = int(freeze_at)
-    if not 0 <= freeze_at <= 5:
-        raise ValueError(f"MODEL.BACKBONE.FREEZE_AT must be in 0..5 for ResT backbones, got {freeze_at}")
-    return freeze_at - 1
+    return check_int(freeze_at, "MODEL.BACKBONE.FREEZE_AT (0..5 for ResT backbones)", 0, 5) - 1
 
 
 # ------------------------------------------------------------------ the maps the heads read
@@ -238,11 +237,34 @@ def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
 
 def _fast_paths(node: CfgNode) -> bool:
     """``FAST_PATHS``, switched off by the deprecated ``FUSED_ATTN: False`` too."""
-    if not node.FUSED_ATTN:
+    if not check_flag(node.FUSED_ATTN, "MODEL.*.FUSED_ATTN"):
         warnings.warn("MODEL.*.FUSED_ATTN is deprecated; use FAST_PATHS", DeprecationWarning,
                       stacklevel=2)
         return False
-    return bool(node.FAST_PATHS)
+    return check_flag(node.FAST_PATHS, "MODEL.*.FAST_PATHS")
+
+
+def check_in_features(cfg: CfgNode, neck: str, key: str) -> None:
+    """``MODEL.<neck>.IN_FEATURES`` must name maps that ``MODEL.<key>.OUT_FEATURES`` emits
+    (checked before anything is built, under both keys).
+
+    Raises:
+        ValueError: an empty list, or names of maps the backbone does not emit.
+    """
+    wanted = list(cfg.MODEL[neck].IN_FEATURES)
+    emitted = list(cfg.MODEL[key].OUT_FEATURES)
+    if not wanted:
+        raise ValueError(f"MODEL.{neck}.IN_FEATURES is empty; name maps of "
+                         f"MODEL.{key}.OUT_FEATURES {emitted}")
+    missing = [f for f in wanted if f not in emitted]
+    if missing:
+        raise ValueError(f"MODEL.{neck}.IN_FEATURES {wanted} reads {missing}, which "
+                         f"MODEL.{key}.OUT_FEATURES {emitted} does not emit")
+    if neck == "FPN":  # detectron2's FPN: strides from fine to coarse, each twice the last
+        stages = [_STAGE_NAMES.index(f) for f in wanted]
+        if stages != list(range(stages[0], stages[0] + len(stages))):
+            raise ValueError(f"MODEL.FPN.IN_FEATURES {wanted} must be consecutive stages from "
+                             "fine to coarse, e.g. ['stage2', 'stage3', 'stage4']")
 
 
 def _fpn(cfg: CfgNode, bottom_up: Backbone, top_block) -> FPN:
@@ -276,6 +298,7 @@ def _p6p7(cfg: CfgNode, bottom_up: Backbone) -> LastLevelP6P7:
 @checks_heads(_FPN_HINT)
 def build_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv2 + FPN (``MODEL.FPN``) + ``LastLevelMaxPool`` (P2-P6), as for Mask R-CNN."""
+    check_in_features(cfg, "FPN", "RESTV2")
     bottom_up = build_restv2_backbone(cfg, input_shape)
     return _fpn(cfg, bottom_up, _max_pool(cfg, bottom_up))
 
@@ -285,6 +308,7 @@ def build_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
 def build_retinanet_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv2 + FPN + ``LastLevelP6P7`` on the last input map (P3-P7 with
     ``FPN.IN_FEATURES = [stage2, stage3, stage4]``), as for RetinaNet."""
+    check_in_features(cfg, "FPN", "RESTV2")
     bottom_up = build_restv2_backbone(cfg, input_shape)
     return _fpn(cfg, bottom_up, _p6p7(cfg, bottom_up))
 
@@ -293,6 +317,7 @@ def build_retinanet_restv2_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) ->
 @checks_heads(_FPN_HINT)
 def build_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv1 + FPN + ``LastLevelMaxPool``."""
+    check_in_features(cfg, "FPN", "REST")
     bottom_up = build_rest_backbone(cfg, input_shape)
     return _fpn(cfg, bottom_up, _max_pool(cfg, bottom_up))
 
@@ -301,5 +326,6 @@ def build_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
 @checks_heads(_FPN_HINT)
 def build_retinanet_rest_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> FPN:
     """ResTv1 + FPN + ``LastLevelP6P7``, as for RetinaNet."""
+    check_in_features(cfg, "FPN", "REST")
     bottom_up = build_rest_backbone(cfg, input_shape)
     return _fpn(cfg, bottom_up, _p6p7(cfg, bottom_up))

@@ -18,6 +18,7 @@ from typing import Dict
 from detectron2.config import CfgNode as CN
 
 from ..models import DEFAULT_WINDOW_SIZE, STAGE_STRIDES, get_model_entry
+from ..models.base import check_int
 
 __all__ = ["add_restv2_config", "add_rest_config", "add_rest_solver_config", "add_vt_fpn_config",
            "restv2_arch_from_cfg", "rest_arch_from_cfg"]
@@ -179,8 +180,14 @@ def _arch(node: CN, family: str, key: str) -> Dict:
     over = node.ARCH
     for field in ("EMBED_DIMS", "NUM_HEADS", "DEPTHS", "SR_RATIOS"):
         if len(over[field]):
-            spec[field.lower()] = tuple(int(v) for v in over[field])
+            # checked here, under the config's key: yacs does not type list elements
+            spec[field.lower()] = tuple(check_int(v, f"{key}.ARCH.{field}[{i}]", low=1)
+                                        for i, v in enumerate(over[field]))
     if over.MLP_RATIO:
+        if isinstance(over.MLP_RATIO, bool) or not isinstance(over.MLP_RATIO, (int, float)):
+            raise TypeError(f"{key}.ARCH.MLP_RATIO must be a number, got {over.MLP_RATIO!r}")
+        if not over.MLP_RATIO > 0:
+            raise ValueError(f"{key}.ARCH.MLP_RATIO must be positive, got {over.MLP_RATIO!r}")
         spec["mlp_ratio"] = float(over.MLP_RATIO)
     return spec
 

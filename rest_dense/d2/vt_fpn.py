@@ -26,7 +26,7 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from torch import Tensor
 
 from ..models import VTFPN
-from .backbone import build_rest_backbone, build_restv2_backbone, checks_heads
+from .backbone import build_rest_backbone, build_restv2_backbone, check_in_features, checks_heads
 
 __all__ = ["D2VTFPN", "vt_fpn_kwargs_from_cfg", "build_restv2_vt_fpn_backbone",
            "build_rest_vt_fpn_backbone", "build_restv1_vt_fpn_backbone"]
@@ -135,15 +135,6 @@ def vt_fpn_kwargs_from_cfg(cfg: CfgNode) -> Dict[str, Any]:
     return kwargs
 
 
-def _check_bottom_up_features(cfg: CfgNode, key: str) -> None:
-    wanted = list(cfg.MODEL.VT_FPN.IN_FEATURES)
-    emitted = list(cfg.MODEL[key].OUT_FEATURES)
-    missing = [f for f in wanted if f not in emitted]
-    if missing:
-        raise ValueError(f"MODEL.VT_FPN.IN_FEATURES {wanted} reads {missing}, which "
-                         f"MODEL.{key}.OUT_FEATURES {emitted} does not emit")
-
-
 def _build(cfg: CfgNode, bottom_up: Backbone) -> D2VTFPN:
     kwargs = vt_fpn_kwargs_from_cfg(cfg)
     try:
@@ -160,7 +151,7 @@ _HINT = "MODEL.VT_FPN.IN_FEATURES picks the levels, and MODEL.VT_FPN.NUM_OUTS 5 
 def build_restv2_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
     """ResTv2 (``MODEL.RESTV2``) + VT-FPN (``MODEL.VT_FPN``): ``p2..p5`` (+ ``p6`` with
     ``NUM_OUTS: 5``)."""
-    _check_bottom_up_features(cfg, "RESTV2")
+    check_in_features(cfg, "VT_FPN", "RESTV2")
     return _build(cfg, build_restv2_backbone(cfg, input_shape))
 
 
@@ -168,7 +159,7 @@ def build_restv2_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFP
 @checks_heads(_HINT)
 def build_rest_vt_fpn_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2VTFPN:
     """ResTv1 (``MODEL.REST``) + VT-FPN (``MODEL.VT_FPN``)."""
-    _check_bottom_up_features(cfg, "REST")
+    check_in_features(cfg, "VT_FPN", "REST")
     return _build(cfg, build_rest_backbone(cfg, input_shape))
 
 

@@ -17,6 +17,7 @@ from mmengine.logging import print_log
 from mmengine.model import BaseModule, initialize
 
 from ..models import CheckpointError, LoadReport, ResTv1, ResTv2, load_checkpoint
+from ..models.base import check_flag
 from ..models.pretrained import read_state_dict
 
 __all__ = ["MMResTv2", "MMResTv1", "load_pretrained_cfg"]
@@ -79,7 +80,7 @@ def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
         raise ValueError("Pretrained init_cfg needs a 'checkpoint'")
     checkpoint = str(cfg["checkpoint"])
     map_location = cfg.get("map_location") or "cpu"
-    weights_only = bool(cfg.get("weights_only", True))
+    weights_only = check_flag(cfg.get("weights_only", True), "Pretrained init_cfg weights_only")
     source = _read_source(checkpoint, map_location, weights_only)
 
     prefix = cfg.get("prefix")
@@ -92,7 +93,8 @@ def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
 
     name = type(model).__name__
     try:
-        report = load_checkpoint(model, source, strict=bool(cfg.get("strict", False)),
+        report = load_checkpoint(model, source,
+                                 strict=check_flag(cfg.get("strict", False), "Pretrained init_cfg strict"),
                                  weights_only=weights_only, map_location=map_location, log=None)
     except CheckpointError as err:
         raise type(err)(f"{name}: cannot load {checkpoint!r}: {err}") from err

@@ -296,14 +296,17 @@ def window_unpartition(windows: Tensor, window_size: Tuple[int, int],
 
 
 def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
-    """The released code's initialisation: truncated normal for conv/linear, unit norms."""
+    """The released code's initialisation: truncated normal for conv/linear, unit norms;
+    BatchNorm statistics (also of SyncBatchNorm) back to those of a new model."""
     for m in module.modules():
         if isinstance(m, (nn.Linear, nn.Conv2d)):
             nn.init.trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.BatchNorm2d)):
+        elif isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
             if m.weight is not None:
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.reset_running_stats()
 

@@ -40,7 +40,8 @@ __all__ = ["load_checkpoint", "read_state_dict", "normalize_state_dict", "rename
 logger = logging.getLogger("rest_dense")
 
 # prefixes tried in this order; the first one that some keys carry selects the backbone
-_BACKBONE_PREFIXES = ("backbone.bottom_up.", "backbone.")
+# (``bottom_up.``: a detectron2 FPN's own state dict, or a model file under prefix 'backbone.')
+_BACKBONE_PREFIXES = ("backbone.bottom_up.", "backbone.", "bottom_up.")
 _HEAD_PREFIXES = ("head.",)
 # detectron2's released spelling of the output norms, at the start or after a prefix
 _D2_NORM = re.compile(r"(^|\.)norm_(\d)\.0\.")
@@ -487,7 +488,7 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
     mismatched = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
                   for k, v in sd.items() if k in own and own[k].shape != v.shape]
     matched = [k for k in own if k in sd and own[k].shape == sd[k].shape]
-    missing = [k for k in own if k not in sd]
+    missing = [k for k in own if k not in sd and not _is_step_counter(k)]
     unexpected = [k for k in sd if k not in own]
     # only the dense-prediction additions (output norms, cross-window convs) may be absent:
     # released classification checkpoints lack them, everything else must be there
@@ -547,6 +548,12 @@ def load_checkpoint(model: nn.Module, checkpoint: PathOrStateDict,
         log.warning("rest_dense: keys not in the checkpoint keep their initialisation: %s",
                     _short(missing))
     return report
+
+
+def _is_step_counter(key: str) -> bool:
+    """BatchNorm's ``num_batches_tracked``: a step counter, not a weight (files filtered to
+    parameters and statistics lack it; ``load_state_dict`` keeps the model's own)."""
+    return key.rsplit(".", 1)[-1] == "num_batches_tracked"
 
 
 def find_backbone(model: nn.Module) -> Optional[Tuple[str, nn.Module]]:
@@ -617,7 +624,7 @@ def check_model_checkpoint(model: nn.Module, state_dict: Mapping[str, Tensor], *
     own = getattr(model, "module", model).state_dict()
     report = ModelCheckReport(
         matched=[k for k, v in own.items() if k in sd and tuple(sd[k].shape) == tuple(v.shape)],
-        missing=[k for k in own if k not in sd],
+        missing=[k for k in own if k not in sd and not _is_step_counter(k)],
         unexpected=[k for k in sd if k not in own],
         mismatched=[f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
                     for k, v in own.items() if k in sd and tuple(sd[k].shape) != tuple(v.shape)])

@@ -124,6 +124,41 @@ def test_unknown_name_and_freeze_at_rejected():
         build_model(small_cfg("mask_rcnn_restv2_tiny_1x.yaml", ["MODEL.BACKBONE.FREEZE_AT", "6"]))
 
 
+def _set(cfg, key, value):
+    """Set a node directly, as code (or a LazyConfig) does: past yacs' type checks."""
+    node = cfg.MODEL
+    for k in key.split(".")[:-1]:
+        node = node[k]
+    node[key.split(".")[-1]] = value
+    return cfg
+
+
+@pytest.mark.parametrize("key, value, error, match", [
+    ("RESTV2.ARCH.DEPTHS", [1, 1, 2.9, 1], TypeError, r"MODEL.RESTV2.ARCH.DEPTHS\[2\] must be an integer"),
+    ("RESTV2.ARCH.DEPTHS", [1, "1", 1, 1], TypeError, r"DEPTHS\[1\] must be an integer"),
+    ("RESTV2.ARCH.EMBED_DIMS", [True, 32, 64, 128], TypeError, r"EMBED_DIMS\[0\]"),
+    ("RESTV2.ARCH.MLP_RATIO", -1.0, ValueError, "MLP_RATIO must be positive"),
+    ("BACKBONE.FREEZE_AT", 1.7, TypeError, "FREEZE_AT"),
+    ("RESTV2.FAST_PATHS", "False", TypeError, "FAST_PATHS must be True or False"),
+    ("FPN.IN_FEATURES", ["stage1", "stage_4"], ValueError, r"reads \['stage_4'\], which MODEL.RESTV2.OUT_FEATURES"),
+    ("FPN.IN_FEATURES", ["stage4", "stage3"], ValueError, "consecutive stages from fine to coarse"),
+    ("FPN.IN_FEATURES", [], ValueError, "MODEL.FPN.IN_FEATURES is empty"),
+])
+def test_config_values_are_checked_under_their_keys(key, value, error, match):
+    """Values set past yacs' type checks (list elements, code) are refused naming the key,
+    never truncated (2.9 -> 2) or read as truthy ("False")."""
+    cfg = _set(small_cfg("mask_rcnn_restv2_tiny_1x.yaml"), key, value)
+    with pytest.raises(error, match=match):
+        build_model(cfg)
+
+
+def test_size_divisibility_is_checked():
+    for bad, error in ((31.9, TypeError), (True, TypeError), (-32, ValueError)):
+        with pytest.raises(error, match="size_divisibility"):
+            D2ResTv2(arch=dict(TINY_ARCH), size_divisibility=bad)
+    assert D2ResTv2(arch=dict(TINY_ARCH), size_divisibility=0).size_divisibility == 0
+
+
 def test_all_shipped_configs_follow_the_recipe():
     names = shipped_yaml_configs()
     expected = {f"mask_rcnn_restv2_{v}_{s}.yaml" for v in ("tiny", "small", "base") for s in ("1x", "3x")}

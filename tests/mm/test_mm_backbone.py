@@ -173,6 +173,13 @@ def test_missing_file_and_bad_init_cfg(tmp_path):
                                                revise_keys=[])).init_weights()
     with pytest.raises(ValueError, match="either"):
         MMResTv2(arch=TINY_ARCH, init_cfg=dict(type="Pretrained", checkpoint="x"), pretrained="y")
+    # a flag written as a string is refused, not read as True
+    path = tmp_path / "in1k.pth"
+    torch.save(_imagenet_style(_source_v2()), path)
+    for key in ("strict", "weights_only"):
+        with pytest.raises(TypeError, match=f"init_cfg {key} must be True or False"):
+            MMResTv2(arch=TINY_ARCH, init_cfg=dict(type="Pretrained", checkpoint=str(path),
+                                                   **{key: "False"})).init_weights()
 
 
 def test_weights_only_by_default(tmp_path):

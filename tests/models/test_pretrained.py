@@ -204,6 +204,11 @@ GOOD_CASES = {
         {}, dict(attn_mode="cwin"), {}, dict(missing_prefix="cwin_convs.")),
     "half-precision-checkpoint": (
         {}, {}, {"half": True}, dict(missing=0)),
+    # a file of parameters and statistics only: BatchNorm's step counters are no weights
+    "without-num-batches-tracked": (
+        {}, {}, {"no_counters": True}, dict(missing=0)),
+    "d2-fpn-state-dict-bottom-up-prefix": (
+        {}, {}, {"bottom_up": True}, dict(missing=0)),
     "nan-in-dropped-classifier-head": (
         {}, {}, {"nan_head": True}, dict(missing=0)),
 }
@@ -218,13 +223,20 @@ def test_key_level_accepted(case):
     model = ResTv2(arch=dict(model_kw.pop("arch", TINY_ARCH)), **model_kw)
     if opts.pop("half", False):
         source = {k: v.half() if v.is_floating_point() else v for k, v in source.items()}
+    if opts.pop("no_counters", False):
+        source = {k: v for k, v in source.items() if not k.endswith("num_batches_tracked")}
+        opts["strict"] = True
+    if opts.pop("bottom_up", False):
+        source = {**{"bottom_up." + k: v for k, v in source.items()},
+                  "fpn_lateral2.weight": torch.zeros(8, 16, 1, 1)}
     if opts.pop("nan_head", False):
         source = {**source, "head.weight": torch.full((10, 128), float("nan"))}
     report = load_checkpoint(model, {"model": source}, log=None, **opts)
     own = model.state_dict()
     assert report.loaded_keys
     for k in report.loaded_keys:
-        torch.testing.assert_close(own[k], source[k].to(own[k].dtype), rtol=0, atol=0)
+        ref = source.get(k, source.get("bottom_up." + k))
+        torch.testing.assert_close(own[k], ref.to(own[k].dtype), rtol=0, atol=0)
     if "missing" in expect:
         assert len(report.missing_keys) == expect["missing"], report.missing_keys
     if "missing_prefix" in expect:
@@ -461,3 +473,26 @@ def test_whole_model_checkpoint_values_are_checked_beyond_the_backbone():
         bad[key].fill_(value)
         with pytest.raises(CheckpointValueError, match=f"outside the backbone.*({named})"):
             check_model_checkpoint(model, bad, complete=True)
+
+
+def test_init_weights_resets_batchnorm_statistics():
+    """Re-initialising a trained (or loaded) model gives a new model's BatchNorm state, also
+    after conversion to SyncBatchNorm."""
+    fresh = ResTv2(arch=dict(TINY_ARCH)).state_dict()
+    for sync in (False, True):
+        model = ResTv2(arch=dict(TINY_ARCH)).train()
+        if sync:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model.eval()  # SyncBatchNorm trains only in a process group: set the stats by hand
+            for m in model.modules():
+                if isinstance(m, nn.SyncBatchNorm):
+                    m.running_mean.add_(1.0)
+                    m.num_batches_tracked.add_(3)
+        else:
+            model(torch.randn(2, 3, 32, 32))
+        stats = [k for k in fresh if "running_" in k or "num_batches" in k]
+        assert stats and any(not torch.equal(model.state_dict()[k], fresh[k]) for k in stats)
+        model.init_weights()
+        own = model.state_dict()
+        for k in stats:
+            assert torch.equal(own[k], fresh[k]), (sync, k)
