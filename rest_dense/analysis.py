@@ -372,7 +372,7 @@ def resolve_targets(items: Iterable[str], all_configs: bool = False) -> List[Tar
     Raises:
         ValueError: an item is neither a model name, nor a config, nor a folder.
     """
-    from .configs import config_framework, get_config_path, list_configs
+    from .configs import ConfigSyntaxError, config_framework, get_config_path, list_configs
 
     found: List[Tuple[str, str]] = []  # (kind, model name or config path), in order
     for item in items:
@@ -410,6 +410,8 @@ def resolve_targets(items: Iterable[str], all_configs: bool = False) -> List[Tar
         else:
             try:
                 kind = config_framework(name)
+            except ConfigSyntaxError:
+                raise
             except ValueError:  # an mmengine config without a model, say: analyze_mm_config names it
                 kind = "openmmlab"
             targets.append(Target(kind, name, _config_label(name)))

@@ -137,11 +137,7 @@ def read_checkpoint_object(path: PathLike, map_location: Any = "cpu", *,
     """
     from . import safe_load
 
-    path = os.path.expanduser(os.fspath(path))
-    if not os.path.exists(path):
-        raise FileNotFoundError(2, f"checkpoint {path!r} does not exist", path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(21, f"checkpoint {path!r} is a directory, not a file", path)
+    path = safe_load.checkpoint_file(path)
     kind = checkpoint_file_kind(path)
     if kind == "safetensors":
         from safetensors import SafetensorError

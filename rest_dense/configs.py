@@ -38,7 +38,8 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 __all__ = ["FRAMEWORKS", "OPENMMLAB", "DETECTRON2", "configs_root", "get_config_path",
            "list_configs", "config_framework", "framework_family", "parse_cfg_options",
-           "parse_cfg_value", "d2_opts", "ConfigBuildError", "building_from_config"]
+           "parse_cfg_value", "d2_opts", "ConfigBuildError", "ConfigSyntaxError",
+           "building_from_config"]
 
 _PACKAGE = Path(__file__).resolve().parent
 _SUFFIXES = (".py", ".yaml")
@@ -57,6 +58,10 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 # ------------------------------------------------------------------ where a config is
+class ConfigSyntaxError(ValueError):
+    """A ``.py`` config that Python cannot parse."""
+
+
 class ConfigBuildError(ValueError):
     """A config from which its model, runner or trainer cannot be built: a value the model
     refuses, an unknown type, a key of the wrong type. The message is the refusal's own;
@@ -253,7 +258,7 @@ def _read_py(path: str, text: str) -> _Facts:
     try:
         tree = ast.parse(text, filename=path)
     except SyntaxError as err:
-        raise ValueError(f"config {path} is not valid Python: {err}") from None
+        raise ConfigSyntaxError(f"config {path} is not valid Python: {err}") from None
     facts = _Facts()
     names: Set[str] = set()
     roots: Set[str] = set()

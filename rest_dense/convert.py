@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from .models import (CheckpointMismatchError, create_model, get_model_entry, list_models,
                      load_checkpoint, normalize_state_dict, read_state_dict, rename_d2_norm_keys)
 from .models.pretrained import infer_arch
+from . import safe_load
 from .run_files import StagedFile
 from .utils import same_file
 
@@ -320,10 +321,7 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
     if isinstance(src, (str, os.PathLike)):
         src = os.fspath(src)
         label = repr(src)
-        if os.path.isdir(src):
-            raise IsADirectoryError(21, f"checkpoint {src!r} is a directory, not a file", src)
-        if not os.path.isfile(src):
-            raise FileNotFoundError(2, f"checkpoint {src!r} does not exist", src)
+        safe_load.checkpoint_file(src)
     check_destination(dst, sources=[src] if isinstance(src, str) else ())
     if model is not None:
         model = get_model_entry(model).name  # unknown names fail before the file is read

@@ -417,6 +417,21 @@ def load_allow_listed(path: PathLike, map_location: Any = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+
+def checkpoint_file(path: Union[str, "os.PathLike[str]"]) -> str:
+    """``path`` (``~`` expanded) when it is a file; otherwise the error every reader gives.
+
+    Raises:
+        FileNotFoundError: nothing there (also a link to a missing file).
+        IsADirectoryError: a folder.
+    """
+    filename = osp.expanduser(os.fspath(path))
+    if osp.isdir(filename):
+        raise IsADirectoryError(21, f"checkpoint {filename!r} is a directory, not a file", filename)
+    if not osp.isfile(filename):
+        raise FileNotFoundError(2, f"checkpoint {filename!r} does not exist", filename)
+    return filename
+
 def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
                          trusted: Optional[bool] = None,
                          log: Optional[logging.Logger] = None) -> Any:
@@ -438,9 +453,7 @@ def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
             message names the file and how to mark it trusted.
         CheckpointFormatError: torch.load cannot read the file; the message says what it is.
     """
-    filename = os.fspath(path)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f"checkpoint {filename} does not exist")
+    filename = checkpoint_file(path)
     try:
         return load_allow_listed(filename, map_location)
     except pickle.UnpicklingError as err:

@@ -275,12 +275,14 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     add_restv2_config(cfg)
     add_rest_config(cfg)
     _check_yaml_file(config_file)
-    cfg.merge_from_file(config_file)
+    with building_from_config(assertions=True):  # yacs refuses unknown keys by assertion
+        cfg.merge_from_file(config_file)
     opts = list(opts)
     max_iter, others = (None, opts)  # an odd list: merge_from_list reports it
     if len(opts) % 2 == 0:
         max_iter, others = _pop_override(opts, "SOLVER.MAX_ITER")
-    cfg.merge_from_list(others)
+    with building_from_config(assertions=True):
+        cfg.merge_from_list(others)
     if max_iter is not None:
         if cfg.SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER:
             try:

@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from ..configs import building_from_config
 from ..utils import error_text, path_inside, same_file
 from .inputs import ImageReadError, collect_images, output_names, read_image
 from .logs import quiet_logs
@@ -113,10 +114,10 @@ def resolve_inputs(config: PathLike, checkpoint: PathLike,
     :func:`resolve_device`."""
     from ..configs import config_framework
 
+    from ..safe_load import checkpoint_file
+
     path = resolve_config(config)
-    checkpoint = os.fspath(checkpoint)
-    if not os.path.isfile(checkpoint):
-        raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+    checkpoint = checkpoint_file(checkpoint)
     return path, checkpoint, config_framework(path), resolve_device(device)
 
 
@@ -211,7 +212,7 @@ class MMDetPredictor(_MMPredictor):
         from mmdet.apis import DetInferencer
 
         cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
-        with quiet_logs():
+        with quiet_logs(), building_from_config(assertions=True):  # a bad value: one line
             self.inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
                                             show_progress=False)
         model = self.inferencer.model
@@ -268,7 +269,7 @@ class MMSegPredictor(_MMPredictor):
         cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
         meta = (ckpt.get("meta") or {}).get("dataset_meta") if isinstance(ckpt, dict) else None
         cfg_meta = _mm_dataset_meta(cfg) if not meta else {}
-        with quiet_logs():
+        with quiet_logs(), building_from_config(assertions=True):
             self.inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device,
                                               classes=cfg_meta.get("classes"),
                                               palette=cfg_meta.get("palette"))
@@ -320,14 +321,12 @@ class D2Predictor(Predictor):
         import torch
 
         import rest_dense.d2  # noqa: F401  (backbones)
+        from .. import safe_load
         from ..d2.checkpointer import RestDetectionCheckpointer
 
         if trusted:
-            from .. import safe_load
-
             safe_load.trust(checkpoint)
-        if not os.path.isfile(checkpoint):
-            raise FileNotFoundError(f"checkpoint {checkpoint!r} does not exist")
+        checkpoint = safe_load.checkpoint_file(checkpoint)
         if config.endswith(".py"):
             self._init_lazy(config, device, opts)
         else:
@@ -354,7 +353,7 @@ class D2Predictor(Predictor):
 
         cfg = setup_yaml_config(config, ["MODEL.DEVICE", device, "MODEL.WEIGHTS", "",
                                          *list(opts)])
-        with quiet_logs():
+        with quiet_logs(), building_from_config(assertions=True):
             self.predictor = DefaultPredictor(cfg)
         self.model = self.predictor.model
         self.aug = self.predictor.aug
@@ -378,7 +377,8 @@ class D2Predictor(Predictor):
         from ..d2.engine import instantiate_model, setup_lazy_config
 
         cfg = setup_lazy_config(config, list(opts))
-        self.model = instantiate_model(cfg).to(device)
+        with building_from_config(assertions=True):
+            self.model = instantiate_model(cfg).to(device)
         mapper = cfg.dataloader.test.mapper
         augs = instantiate(mapper.augmentations) if "augmentations" in mapper else []
         self.aug = T.AugmentationList(list(augs))

@@ -48,6 +48,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..amp import autocast_off
+from ..configs import building_from_config
 from .inputs import read_image, synthetic_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, Tolerances, compare_predictions,
@@ -312,7 +313,7 @@ class MMDeployment(Deployment):
             self.inside = "backbone, neck, head, box decoding + NMS"
         self.opset = int(opset)
         self.deploy_cfg = deploy_config(self.task, opset=self.opset)
-        with quiet_logs():
+        with quiet_logs(), building_from_config(assertions=True):  # a bad value: one line
             self.processor = build_task_processor(self.cfg, self.deploy_cfg, device)
             self.model = self.processor.build_pytorch_model(checkpoint)
         self.model.eval()

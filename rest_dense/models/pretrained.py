@@ -126,10 +126,7 @@ def _arrays_to_tensors(obj: object) -> object:
 
 
 def _load_file(path: str, weights_only: bool, map_location) -> object:
-    if not os.path.exists(path):
-        raise FileNotFoundError(2, f"checkpoint file not found: {path!r}", path)
-    if os.path.isdir(path):
-        raise IsADirectoryError(21, f"checkpoint {path!r} is a directory, not a file", path)
+    path = safe_load.checkpoint_file(path)
     kind = checkpoint_file_kind(path)
     named_st = path.lower().endswith(".safetensors")
     if kind == "safetensors":

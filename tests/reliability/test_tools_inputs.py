@@ -185,7 +185,7 @@ EXPORT_CASES = [
     ("checkpoint-of-another-variant", ["restv1_small", "--checkpoint", "{good.pth}"],
      ["restv1_lite", "restv1_small"], 1),
     ("missing-checkpoint", ["restv2_tiny", "--checkpoint", "{d}/nowhere.pth"],
-     ["nowhere.pth", "not found"], 1),
+     ["nowhere.pth", "does not exist"], 1),
     ("checkpoint-is-text", ["{text.pth}"], ["text file"], 1),
     ("window-not-multiple-of-sr", ["restv2_tiny", "--attn-mode", "win", "--window-size", "12"],
      ["window_size[0]=12", "sr_ratio 8"], 1),
