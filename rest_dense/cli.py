@@ -69,6 +69,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT
         print(f"rest-dense {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `rest-dense configs | head`: the reader left, nothing to report
+        _silence_stdout()
+        return 141  # the shell's status for SIGPIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that flushing it at exit raises no second error."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # a stdout without a file (pytest capture)
+        pass
 
 
 if __name__ == "__main__":

@@ -192,7 +192,8 @@ def get_config_path(name: PathLike) -> str:
     if rel.startswith("configs/"):
         rel = rel[len("configs/"):]
     path = root / rel
-    if path.is_file():
+    inside = rel and os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
+    if inside and path.is_file():  # never a file beside the configs ('../setup.py')
         return str(path)
     close = difflib.get_close_matches(rel, list_configs(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `rest-dense configs` lists them"

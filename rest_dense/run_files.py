@@ -34,6 +34,7 @@ import os.path as osp
 import re
 import secrets
 import signal
+import stat
 import threading
 import time
 from typing import Any, Callable, Iterable, List, Optional, Pattern, Sequence, Union
@@ -109,6 +110,16 @@ def _commit(tmp: str, path: str, write: Callable[[Any], None], binary: bool) -> 
     return path
 
 
+def _mode_for(dst: str) -> int:
+    """The permission bits a file written to ``dst`` should have."""
+    try:
+        return stat.S_IMODE(os.stat(dst).st_mode)
+    except OSError:
+        mask = os.umask(0)
+        os.umask(mask)
+        return 0o666 & ~mask
+
+
 class StagedFile:
     """An output written under a hidden temporary name beside ``dst`` and given its name
     only by :meth:`commit`, once it has been checked: an interrupted or failed command
@@ -139,7 +150,10 @@ class StagedFile:
         self._previous_handler: Optional[list] = None  # [handler] while ours is installed
 
     def commit(self) -> str:
-        """Give the checked file its final name (atomically); returns it."""
+        """Give the checked file its final name (atomically); returns it. The file gets the
+        mode of the one it replaces, or of a newly created file (``0o666`` less the umask):
+        writers that create their file private (safetensors: 0600) do not decide it."""
+        os.chmod(self.path, _mode_for(self.dst))
         os.replace(self.path, self.dst)
         self.committed = True
         _fsync_folder(osp.dirname(osp.abspath(self.dst)))

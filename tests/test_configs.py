@@ -80,6 +80,27 @@ def test_cli_configs(capsys):
     assert main(["configs", "--path", "toy/upernet_restv2_toy.py"]) == 0
     assert os.path.isfile(capsys.readouterr().out.strip())
     assert main(["configs", "zzz*"]) == 1
+    # --path: a shipped config only, of the framework asked for
+    capsys.readouterr()
+    assert main(["configs", "--path", ""]) == 2
+    assert "--path needs a config name" in capsys.readouterr().err
+    assert main(["configs", "--path", "../pyproject.toml"]) == 2  # beside the configs folder
+    assert "no config file '../pyproject.toml'" in capsys.readouterr().err
+    assert main(["configs", "--framework", "d2", "--path", "toy/upernet_restv2_toy.py"]) == 2
+    assert "is a mmseg config, not d2" in capsys.readouterr().err
+    assert main(["configs", "--framework", "openmmlab", "--path", "toy/upernet_restv2_toy.py"]) == 0
+
+
+def test_cli_output_to_a_closed_pipe_is_quiet():
+    """`rest-dense configs | head -1`: the first line, and no traceback when head leaves."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")  # each line written at once: head leaves early
+    proc = subprocess.run(f"{sys.executable} -m rest_dense.cli configs | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.stdout.count("\n") == 1 and proc.stdout.strip(), proc.stdout
+    assert "Traceback" not in proc.stderr and "BrokenPipe" not in proc.stderr, proc.stderr
 
 
 # ------------------------------------------------------------------ which framework

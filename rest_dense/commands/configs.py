@@ -28,14 +28,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..configs import config_framework, configs_root, get_config_path, list_configs
+    from ..configs import (config_framework, configs_root, framework_family, get_config_path,
+                           list_configs)
 
-    if args.path:
+    if args.path is not None:
+        if not args.path.strip():
+            print("rest-dense configs: error: --path needs a config name", file=sys.stderr)
+            return 2
         try:
-            print(get_config_path(args.path))
-        except FileNotFoundError as err:
+            path = get_config_path(args.path)
+            kind = config_framework(path) if args.framework else None
+        except (FileNotFoundError, ValueError) as err:
             print(f"rest-dense configs: error: {error_text(err)}", file=sys.stderr)
             return 2
+        if kind is not None and args.framework not in (kind, framework_family(kind)):
+            print(f"rest-dense configs: error: {args.path} is a {kind} config, not "
+                  f"{args.framework}", file=sys.stderr)
+            return 2
+        print(path)
         return 0
     names = list_configs(args.pattern, args.framework)
     if not names:

@@ -193,15 +193,23 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
         if filename.endswith(".pkl"):
             data = safe_load.load_pickle_file(filename, log=self.logger)
             if not isinstance(data, Mapping):
-                raise ValueError(f"{filename}: expected a dict, got {type(data).__name__}")
+                raise safe_load.CheckpointFormatError(
+                    f"checkpoint {filename!r} holds a {type(data).__name__}, not a checkpoint "
+                    "(a dict of arrays)")
             if "model" in data and "__author__" in data:  # detectron2 model-zoo layout
                 self.logger.info("Reading a file from '%s'", data["__author__"])
                 return dict(data)
             # Caffe2 / Detectron1 layout: weights (under "blobs" for detection models),
             # optimizer momenta left out; names are matched heuristically
             blobs = data.get("blobs", data)
-            return {"model": {k: v for k, v in blobs.items() if not k.endswith("_momentum")},
-                    "__author__": "Caffe2", "matching_heuristics": True}
+            arrays = {k: v for k, v in blobs.items() if isinstance(v, (np.ndarray, torch.Tensor))
+                      and not k.endswith("_momentum")} if isinstance(blobs, Mapping) else {}
+            if not arrays:
+                names = ", ".join(map(str, list(blobs)[:8])) if isinstance(blobs, Mapping) else ""
+                raise safe_load.CheckpointFormatError(
+                    f"checkpoint {filename!r} holds no arrays (entries: {names or 'none'}); it "
+                    "is not a model checkpoint")
+            return {"model": arrays, "__author__": "Caffe2", "matching_heuristics": True}
         loaded = read_checkpoint_object(filename, map_location="cpu", log=self.logger)
         if filename.endswith(".pyth"):  # pycls
             if not isinstance(loaded, Mapping) or "model_state" not in loaded:

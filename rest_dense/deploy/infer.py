@@ -557,6 +557,14 @@ def _write_outputs(predictor: Predictor, image: np.ndarray, pred: Prediction, pa
     return entry
 
 
+def _remove_outputs(out_dir: str, stem: str) -> None:
+    """Remove what :func:`_write_outputs` may have written of one image (best effort), so
+    that no file of a failed image stays behind unlisted."""
+    for sub, suffix in (("preds", ".json"), ("preds", ".png"), ("vis", ".jpg")):
+        with contextlib.suppress(OSError):
+            os.remove(os.path.join(out_dir, sub, stem + suffix))
+
+
 class OutputFolderInUseError(ValueError):
     """``--out`` holds the results of another run and ``overwrite`` was not given."""
 
@@ -774,8 +782,17 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                 bar.write(f"failed {path}: {error}")
                 done_inputs.add(path)
                 continue
-            summary.processed.append(_write_outputs(predictor, image, pred, path, stems[path],
-                                                    out_dir, score_thr, draw))
+            try:
+                entry = _write_outputs(predictor, image, pred, path, stems[path], out_dir,
+                                       score_thr, draw)
+            except OSError as e:  # this image's files (a full disk fails the next ones too)
+                _remove_outputs(out_dir, stems[path])
+                error = f"writing its outputs failed: {' '.join(error_text(e).split())}"
+                summary.failed.append({"input": path, "error": error})
+                bar.write(f"failed {path}: {error}")
+                done_inputs.add(path)
+                continue
+            summary.processed.append(entry)
             done_inputs.add(path)
     finally:
         for sig, old in handlers.items():

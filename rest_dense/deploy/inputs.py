@@ -52,8 +52,7 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
                 raise FileNotFoundError(f"no file matches the pattern {item!r}")
             found += files
         elif os.path.islink(item):
-            raise FileNotFoundError(f"input {item!r} is a link to {os.readlink(item)!r}, which "
-                                    "does not exist")
+            raise FileNotFoundError(f"input {item!r} {_broken_link(item)}")
         else:
             raise FileNotFoundError(f"input {item!r} does not exist (expected an image file, "
                                     "a folder of images or a glob pattern)")
@@ -74,6 +73,11 @@ def _file_or_broken_link(path: Union[str, os.PathLike]) -> bool:
     return os.path.isfile(path) or (os.path.islink(path) and not os.path.exists(path))
 
 
+def _broken_link(path: str) -> str:
+    return (f"is a link to {os.readlink(path)!r}, which leads to no file (missing, or a loop "
+            "of links)")
+
+
 def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     """Decode an image file into an ``(H, W, 3)`` uint8 BGR array (the frameworks' layout).
 
@@ -87,8 +91,7 @@ def read_image(path: Union[str, os.PathLike]) -> np.ndarray:
     path = os.fspath(path)
     if not os.path.isfile(path):
         if os.path.islink(path) and not os.path.exists(path):
-            raise ImageReadError(f"image {path!r} is a link to {os.readlink(path)!r}, "
-                                 "which does not exist")
+            raise ImageReadError(f"image {path!r} {_broken_link(path)}")
         raise ImageReadError(f"image {path!r} does not exist")
     data = np.fromfile(path, dtype=np.uint8)
     if data.size == 0:
@@ -105,7 +108,8 @@ def output_names(paths: Sequence[str]) -> Dict[str, str]:
 
     The stem is the file name without its suffix; inputs that share one (``a/x.jpg`` and
     ``b/x.png``) get their parent folders prepended (``a_x``, ``b_x``) and, if still equal,
-    a counter.
+    a counter. A stem longer than :data:`MAX_STEM_BYTES` (UTF-8) is cut and given a hash of
+    the whole, so that every output name (stem + suffix) fits the file systems' 255 bytes.
     """
     stems: Dict[str, str] = {}
     by_stem: Dict[str, List[str]] = {}
@@ -118,6 +122,7 @@ def output_names(paths: Sequence[str]) -> Dict[str, str]:
             if len(group) > 1:
                 parts = Path(os.path.abspath(path)).parts[:-1]
                 name = "_".join(list(parts[-1:]) + [stem]).lstrip("_")
+            name = _short_stem(name)
             base, k = name, 1
             while name in used:
                 k += 1
@@ -125,6 +130,21 @@ def output_names(paths: Sequence[str]) -> Dict[str, str]:
             used.add(name)
             stems[path] = name
     return stems
+
+
+#: the longest output stem, in UTF-8 bytes: room for a counter and the longest suffix
+MAX_STEM_BYTES = 200
+
+
+def _short_stem(name: str) -> str:
+    data = name.encode("utf-8", "surrogateescape")
+    if len(data) <= MAX_STEM_BYTES:
+        return name
+    import hashlib
+
+    digest = hashlib.sha1(data).hexdigest()[:10]
+    head = data[:MAX_STEM_BYTES - 11].decode("utf-8", "ignore")  # whole characters only
+    return f"{head}_{digest}"
 
 
 def synthetic_image(height: int, width: int, seed: int = 0) -> np.ndarray:

@@ -55,7 +55,7 @@ def test_links_to_missing_files_are_inputs_the_reader_reports(tmp_path):
     os.symlink(tmp_path / "gone.txt", tmp_path / "c.txt")  # not an image name: not taken
     assert collect_images([str(tmp_path)]) == [str(a), str(tmp_path / "b.png")]
     assert collect_images([str(tmp_path / "*.png")]) == [str(a), str(tmp_path / "b.png")]
-    with pytest.raises(ImageReadError, match="b.png.* is a link to .*gone.png.*does not exist"):
+    with pytest.raises(ImageReadError, match="b.png.* is a link to .*gone.png.*leads to no file"):
         read_image(tmp_path / "b.png")
     with pytest.raises(FileNotFoundError, match="b.png.* is a link to .*gone.png"):
         collect_images([str(tmp_path / "b.png")])
@@ -75,6 +75,15 @@ def test_read_image_decodes_and_names_bad_files(tmp_path):
 def test_output_names_are_distinct():
     names = output_names(["x/a.png", "y/a.jpg", "b.png"])
     assert len(set(names.values())) == 3 and names["b.png"] == "b"
+
+
+def test_output_names_fit_the_file_systems_limit():
+    long_a, long_b = "a" * 251 + ".png", "a" * 250 + "b.png"
+    names = output_names([long_a, long_b, "é" * 200 + ".jpg", "x/c.png"])
+    assert len(set(names.values())) == 4 and names["x/c.png"] == "c"
+    for name in names.values():
+        assert len((name + "_99.json").encode()) <= 255, name
+    assert names[long_a].startswith("a" * 150)  # readable: the start of the name is kept
 
 
 def test_synthetic_image_is_deterministic_and_sized():

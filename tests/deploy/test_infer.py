@@ -258,3 +258,33 @@ def test_tools_are_thin_wrappers_that_import_no_framework():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert res.returncode == 0, res.stderr
     assert "rest-dense export-model" in res.stdout and "--check-shapes" in res.stdout
+
+
+@pytest.mark.slow
+def test_infer_one_image_that_cannot_be_written_stops_no_run(tmp_path, capsys, det_ckpt, toy_root,
+                                                          monkeypatch, one_thread):
+    """A long file name (its outputs' names are shortened) and a picture the writer refuses:
+    that image is listed as failed, with no file of it left, and the others are done."""
+    import cv2
+
+    good = val_images(toy_root)[:2]
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    long_name = imgs / ("a" * 251 + ".png")
+    long_name.write_bytes(good[0].read_bytes())
+    (imgs / "refused.png").write_bytes(good[0].read_bytes())
+    (imgs / "fine.png").write_bytes(good[1].read_bytes())
+    real = cv2.imwrite
+    monkeypatch.setattr(cv2, "imwrite", lambda path, img, *a: False if "refused" in path
+                        else real(path, img, *a))
+    code, text, err = _infer(capsys, MM_DET, det_ckpt, [imgs], tmp_path / "out")
+    summary = _summary(tmp_path / "out")
+    assert code == 1 and summary["status"] == "errors", err
+    assert [f["input"] for f in summary["failed"]] == [str(imgs / "refused.png")]
+    assert "writing its outputs failed: could not write" in summary["failed"][0]["error"]
+    done = sorted(os.path.basename(i["input"]) for i in summary["images"])
+    assert done == sorted([long_name.name, "fine.png"])
+    for item in summary["images"]:
+        assert os.path.getsize(item["pred"]) > 0 and os.path.getsize(item["vis"]) > 1000
+    left = [p for sub in ("preds", "vis") for p in os.listdir(tmp_path / "out" / sub)]
+    assert not [p for p in left if p.startswith("refused")], left

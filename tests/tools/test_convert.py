@@ -72,6 +72,11 @@ def test_cli_round_trip_imagenet_mmdet_d2_core(imagenet_ckpt, tmp_path, capsys):
         for got in (mm_sd["backbone." + k], d2_sd["backbone.bottom_up." + k], core_sd[k]):
             assert got.dtype == v.dtype and torch.equal(got, v), k
     assert not _leftovers(tmp_path)
+    # every output has the mode of a newly created file (safetensors creates its file 0600)
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in (mm, d2, core):
+        assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask, (path, oct(os.stat(path).st_mode))
 
 
 def test_dense_cwin_checkpoint_uses_released_d2_norm_spelling(tmp_path):
