@@ -377,10 +377,21 @@ def _variant_note(model: nn.Module, state_dict: Mapping[str, Tensor]) -> str:
         return ""
     backbone = dict(model.named_modules())[prefix[:-1]] if prefix else model
     part = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-    part = rename_d2_norm_keys(part)
-    guess = infer_arch(part)
-    theirs = str(guess) if guess.family else "absent"
     ours = describe_model(backbone)
+    if not part:
+        # not where this model keeps it: a bare backbone, or another framework's layout
+        from .models.pretrained import normalize_state_dict
+
+        guess = infer_arch(rename_d2_norm_keys(normalize_state_dict(state_dict)[0]))
+        if not guess.family:
+            return "; it holds no ResT backbone"
+        which = ("the config's backbone" if str(guess) == ours
+                 else f"{guess} (the config's is {ours})")
+        return (f"; it holds {which}, but not under {prefix!r} as this model has it: backbone "
+                "weights only, or a checkpoint of the other framework (`rest-dense convert` "
+                "moves a backbone between the layouts)")
+    guess = infer_arch(rename_d2_norm_keys(part))
+    theirs = str(guess) if guess.family else "absent"
     if theirs == ours:
         return ""
     return f"; its backbone is {theirs}, the config's {ours}"

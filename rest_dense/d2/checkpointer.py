@@ -248,7 +248,9 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
             rest = sorted({k.split(".", 1)[0] for k in sd if not k.startswith("backbone.")}
                           - {"head", "data_preprocessor"}
                           ) if any(k.startswith("backbone.") for k in sd) else []
-            if rest:  # a whole MMDetection / MMSegmentation model
+            if self.require_complete:
+                pass  # refused below (_load_model), with the reason: no note before it
+            elif rest:  # a whole MMDetection / MMSegmentation model
                 self.logger.warning(
                     "%s is a whole model of another framework (%s besides backbone.*): only "
                     "its ResT backbone is loaded; the rest of this model keeps its "

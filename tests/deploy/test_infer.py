@@ -20,7 +20,7 @@ from rest_dense.deploy.predictions import (Tolerances, compare_predictions, dete
 from _toy import (D2_DET, D2_OPTIONS, D2_VT_FPN, DET_OPTIONS, MM_DET, MM_SEG,  # noqa: F401
                   d2_ckpt, d2_opts, det_ckpt, mm_config, seg_ckpt, toy_root, trained,
                   untrained_checkpoint, val_images)
-from conftest import REPO
+from conftest import REPO, without_logging_errors
 
 # every test here may start a process: a hung one fails after the timeout (pytest-timeout)
 pytestmark = pytest.mark.timeout(600, func_only=True)
@@ -191,7 +191,7 @@ def test_infer_detectron2_sem_seg_writes_label_maps(tmp_path, tmp_path_factory, 
 
 
 @pytest.mark.slow
-def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thread):
+def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, d2_ckpt, toy_root, one_thread):
     good = val_images(toy_root)[0]
     broken = tmp_path / "imgs" / "broken.jpg"
     broken.parent.mkdir()
@@ -234,6 +234,29 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, toy_root, one_thr
         assert code == 2 and re.search(pattern, err), (pattern, err)
         assert not (tmp_path / "o3").exists()  # no empty results folder left behind
         assert "unexpected key" not in text  # mmengine's key dump is not shown first
+
+    # a config that does not build, a folder for a checkpoint, a bare backbone, a detectron2
+    # pickle that is no checkpoint: one line each (they gave tracebacks)
+    import pickle as pkl
+
+    bare = tmp_path / "bare.pth"
+    sd = torch.load(det_ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    torch.save({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, bare)
+    (tmp_path / "dict.pkl").write_bytes(pkl.dumps({"a": 1, "b": [1, 2]}))
+    cases = [
+        ((MM_DET, det_ckpt, [good], "--cfg-options", "model.nonexistent_key=1"),
+         "the config does not build: .*nonexistent_key"),
+        ((D2_DET, d2_ckpt, [good], "--cfg-options", "MODEL.NOPE=1"),
+         "the config does not build: Non-existent key: MODEL.NOPE"),
+        ((MM_DET, tmp_path, [good]), "is a directory, not a file"),
+        ((MM_DET, bare, [good]), "it holds the config's backbone, but not under 'backbone.'"),
+        ((D2_DET, tmp_path / "dict.pkl", [good]), r"holds no arrays \(entries: a, b\)"),
+    ]
+    for (config, ckpt, inputs, *extra), pattern in cases:
+        code, text, err = _infer(capsys, config, ckpt, inputs, tmp_path / "o6", *extra)
+        err = without_logging_errors(err)
+        assert code == 2 and re.search(pattern, err), (pattern, err)
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
 
     # another variant of the same model: the message names both backbones
     wide = untrained_checkpoint(tmp_path / "wide.pth", MM_DET, {
