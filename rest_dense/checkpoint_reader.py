@@ -341,17 +341,20 @@ def read_for_deployment(path: Union[str, os.PathLike], trusted: bool = False) ->
     """
     from . import safe_load
 
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    path = safe_load.checkpoint_file(path)
     if trusted:
         safe_load.trust(path)
     try:
-        return read_model_checkpoint(path, map_location="cpu").to_mmengine()
+        ckpt = read_model_checkpoint(path, map_location="cpu").to_mmengine()
     except (FileNotFoundError, ValueError, safe_load.UntrustedCheckpointError):
         raise
     except Exception as e:  # corrupt / foreign files: name the file
         raise ValueError(f"checkpoint {path!r} cannot be read: {type(e).__name__}: {e}") from e
+    if "meta" in ckpt and not isinstance(ckpt["meta"], Mapping):
+        # the frameworks' loaders look names up in it (`'dataset_meta' in meta`)
+        raise CheckpointFormatError(f"checkpoint {path!r}: its 'meta' entry is "
+                                    f"{type(ckpt['meta']).__name__}, not a dict")
+    return ckpt
 
 
 def model_state_dict(checkpoint: Any) -> Dict[str, Tensor]:

@@ -89,6 +89,8 @@ def test_cli_configs(capsys):
     assert main(["configs", "--framework", "d2", "--path", "toy/upernet_restv2_toy.py"]) == 2
     assert "is a mmseg config, not d2" in capsys.readouterr().err
     assert main(["configs", "--framework", "openmmlab", "--path", "toy/upernet_restv2_toy.py"]) == 0
+    # a fragment of no one framework is printed whatever --framework says
+    assert main(["configs", "--framework", "mmdet", "--path", "_base_/schedules/adamw_1x.py"]) == 0
 
 
 def test_cli_output_to_a_closed_pipe_is_quiet():

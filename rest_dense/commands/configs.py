@@ -37,10 +37,13 @@ def run(args: argparse.Namespace) -> int:
             return 2
         try:
             path = get_config_path(args.path)
-            kind = config_framework(path) if args.framework else None
-        except (FileNotFoundError, ValueError) as err:
+        except FileNotFoundError as err:
             print(f"rest-dense configs: error: {error_text(err)}", file=sys.stderr)
             return 2
+        try:
+            kind = config_framework(path) if args.framework else None
+        except ValueError:  # a fragment (a _base_ schedule) belongs to no one framework
+            kind = None
         if kind is not None and args.framework not in (kind, framework_family(kind)):
             print(f"rest-dense configs: error: {args.path} is a {kind} config, not "
                   f"{args.framework}", file=sys.stderr)

@@ -186,6 +186,17 @@ def _check_fit(model, checkpoint: Any, path: str, config: str,
     return unexpected
 
 
+def check_mm_model_builds(cfg) -> None:
+    """Build an OpenMMLab config's model once, without weights, so that a bad value in the
+    config is named as the config's (:class:`rest_dense.configs.ConfigBuildError`, one line)
+    before the framework builds it again and loads the weights, whose errors are the
+    checkpoint's."""
+    from ..mm.utils import build_model
+
+    with quiet_logs(), building_from_config(assertions=True):
+        build_model(cfg)
+
+
 class _MMPredictor(Predictor):
     """Shared set-up of the OpenMMLab inferencers."""
 
@@ -197,6 +208,7 @@ class _MMPredictor(Predictor):
         install_checkpoint_loader()
         ckpt = read_for_deployment(checkpoint, trusted=trusted)
         cfg = _mm_config(config, cfg_options)
+        check_mm_model_builds(cfg)
         return cfg, ckpt
 
 
@@ -212,7 +224,7 @@ class MMDetPredictor(_MMPredictor):
         from mmdet.apis import DetInferencer
 
         cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
-        with quiet_logs(), building_from_config(assertions=True):  # a bad value: one line
+        with quiet_logs():
             self.inferencer = DetInferencer(model=cfg, weights=checkpoint, device=device,
                                             show_progress=False)
         model = self.inferencer.model
@@ -269,7 +281,7 @@ class MMSegPredictor(_MMPredictor):
         cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
         meta = (ckpt.get("meta") or {}).get("dataset_meta") if isinstance(ckpt, dict) else None
         cfg_meta = _mm_dataset_meta(cfg) if not meta else {}
-        with quiet_logs(), building_from_config(assertions=True):
+        with quiet_logs():
             self.inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device,
                                               classes=cfg_meta.get("classes"),
                                               palette=cfg_meta.get("palette"))

@@ -48,7 +48,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..amp import autocast_off
-from ..configs import building_from_config
 from .inputs import read_image, synthetic_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, Tolerances, compare_predictions,
@@ -293,7 +292,7 @@ class MMDeployment(Deployment):
 
         from ..mm.safe_load import install_checkpoint_loader
         from ..checkpoint_reader import check_checkpoint_fits, model_state_dict, read_for_deployment
-        from .infer import _mm_config
+        from .infer import _mm_config, check_mm_model_builds
         from .mmdeploy_support import deploy_config
 
         install_checkpoint_loader()
@@ -313,7 +312,8 @@ class MMDeployment(Deployment):
             self.inside = "backbone, neck, head, box decoding + NMS"
         self.opset = int(opset)
         self.deploy_cfg = deploy_config(self.task, opset=self.opset)
-        with quiet_logs(), building_from_config(assertions=True):  # a bad value: one line
+        check_mm_model_builds(self.cfg)  # a bad value in the config: one line, as such
+        with quiet_logs():
             self.processor = build_task_processor(self.cfg, self.deploy_cfg, device)
             self.model = self.processor.build_pytorch_model(checkpoint)
         self.model.eval()

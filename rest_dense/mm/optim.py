@@ -366,8 +366,9 @@ class BF16OptimWrapper(OptimWrapper):
             return None
         if not isinstance(core, BaseDetector):
             return None
-        return tuple(m for m in MMDET_AUTOCAST_MODULES
-                     if isinstance(getattr(core, m, None), nn.Module))
+        present = tuple(m for m in MMDET_AUTOCAST_MODULES
+                        if isinstance(getattr(core, m, None), nn.Module))
+        return present or None  # none at the top (a student / teacher pair): the whole forward
 
     def _bf16_forward(self, forward: Callable, device_type: str) -> Callable:
         """``forward`` run under bf16 autocast, its outputs cast back to fp32."""
@@ -459,7 +460,9 @@ def bf16_wrapper_defaults(cfg: Config) -> Config:
         return cfg
     if "autocast_modules" not in optim and _is_mmdet(cfg):
         model = cfg.get("model") or {}
-        optim.autocast_modules = [m for m in MMDET_AUTOCAST_MODULES if model.get(m)]
+        present = [m for m in MMDET_AUTOCAST_MODULES if model.get(m)]
+        if present:  # a detector without them at the top (SoftTeacher): left as it is
+            optim.autocast_modules = present
     return cfg
 
 

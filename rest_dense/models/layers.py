@@ -295,6 +295,21 @@ def window_unpartition(windows: Tensor, window_size: Tuple[int, int],
     return x
 
 
+#: the normalisation layers :func:`reset_norm` resets (BatchNorm of any rank, SyncBatchNorm)
+NORM_TYPES = (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+
+
+def reset_norm(m: nn.Module) -> None:
+    """A normalisation layer as newly built: unit weight, zero bias, and (BatchNorm) the
+    running statistics and step counter of a new layer."""
+    if getattr(m, "weight", None) is not None:
+        nn.init.ones_(m.weight)
+    if getattr(m, "bias", None) is not None:
+        nn.init.zeros_(m.bias)
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        m.reset_running_stats()
+
+
 def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
     """The released code's initialisation: truncated normal for conv/linear, unit norms;
     BatchNorm statistics (also of SyncBatchNorm) back to those of a new model."""
@@ -303,10 +318,6 @@ def trunc_normal_init(module: nn.Module, std: float = 0.02) -> None:
             nn.init.trunc_normal_(m.weight, std=std)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.LayerNorm, nn.modules.batchnorm._BatchNorm)):
-            if m.weight is not None:
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.reset_running_stats()
+        elif isinstance(m, NORM_TYPES):
+            reset_norm(m)
 

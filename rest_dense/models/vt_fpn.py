@@ -40,6 +40,7 @@ from torch import Tensor, nn
 
 from .base import check_channel_list, check_flag, check_input_matches, check_int
 from .functional import tracing
+from .layers import NORM_TYPES, reset_norm
 
 __all__ = ["VTFPN", "FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector",
            "TokenNorm", "NORM_LAYERS", "TOKENIZERS"]
@@ -458,16 +459,15 @@ class VTFPN(nn.Module):
         self.init_weights()
 
     def init_weights(self) -> None:
-        """Xavier-uniform convs and linear layers with zero biases, unit norms, and a
-        truncated-normal (std 0.02) position grid."""
+        """Xavier-uniform convs and linear layers with zero biases, unit norms (BatchNorm
+        statistics those of a new layer), and a truncated-normal (std 0.02) position grid."""
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.xavier_uniform_(m.weight)
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
-            elif isinstance(m, (nn.BatchNorm1d, nn.LayerNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+            elif isinstance(m, NORM_TYPES):
+                reset_norm(m)
             elif isinstance(m, _Tokenizer) and m.pos_encoding:
                 nn.init.trunc_normal_(m.pos_embed, std=0.02)
 

@@ -243,7 +243,10 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, d2_ckpt, toy_root
     sd = torch.load(det_ckpt, map_location="cpu", weights_only=False)["state_dict"]
     torch.save({k[len("backbone."):]: v for k, v in sd.items() if k.startswith("backbone.")}, bare)
     (tmp_path / "dict.pkl").write_bytes(pkl.dumps({"a": 1, "b": [1, 2]}))
+    torch.save({"state_dict": sd, "meta": None}, tmp_path / "meta_none.pth")
     cases = [
+        # a checkpoint problem met while the framework builds: the checkpoint's, not the config's
+        ((MM_DET, tmp_path / "meta_none.pth", [good]), "its 'meta' entry is NoneType, not a dict"),
         ((MM_DET, det_ckpt, [good], "--cfg-options", "model.nonexistent_key=1"),
          "the config does not build: .*nonexistent_key"),
         ((D2_DET, d2_ckpt, [good], "--cfg-options", "MODEL.NOPE=1"),

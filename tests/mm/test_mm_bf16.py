@@ -176,6 +176,33 @@ def test_bf16_wrapper_named_by_type_alone_gets_the_detector_defaults():
     wrapper = _wrapper(detector)
     assert wrapper._modules_of(detector) == ("backbone", "neck")
     assert _wrapper(_Net())._modules_of(_Net()) is None
+    # a detector with neither at the top (SoftTeacher's student / teacher): left to the
+    # whole forward, as before, never an empty list
+    semi = load("toy/mask_rcnn_restv2_toy.py")
+    semi.model = dict(type="SoftTeacher", detector=semi.model, data_preprocessor=None)
+    semi.optim_wrapper.type = "BF16OptimWrapper"
+    assert "autocast_modules" not in bf16_wrapper_defaults(semi).optim_wrapper
+    from mmdet.models.detectors import BaseDetector
+
+    class Pair(BaseDetector):
+        def __init__(self):
+            super().__init__()
+            self.student = _Net()
+
+        def loss(self, *a):
+            pass
+
+        def predict(self, *a):
+            pass
+
+        def _forward(self, *a):
+            pass
+
+        def extract_feat(self, *a):
+            pass
+
+    pair = Pair()
+    assert _wrapper(pair)._modules_of(pair) is None
 
 
 def test_train_config_amp_bf16_stays_on_cpu():

@@ -307,6 +307,19 @@ def test_init_weights_and_norm_options():
     assert not any(isinstance(m, (torch.nn.BatchNorm1d, torch.nn.LayerNorm)) for m in plain.modules())
     assert isinstance(TokenNorm(4, "none").norm, torch.nn.Identity)
     assert VTFPN(CH, transformer_depth=0, **KW).eval()(feats(1, sizes=ODD_SIZES[:4]))[0].shape == (1, 16, 25, 33)
+    # BatchNorm statistics of a trained neck go back to a new layer's (SyncBatchNorm too)
+    for neck in (VTFPN(CH, **KW), torch.nn.SyncBatchNorm.convert_sync_batchnorm(VTFPN(CH, **KW))):
+        bns = [m for m in neck.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        assert bns
+        for m in bns:
+            m.running_mean.add_(1.0)
+            m.num_batches_tracked.add_(2)
+            torch.nn.init.constant_(m.weight, 3.0)
+        neck.init_weights()
+        for m in bns:
+            assert torch.equal(m.running_mean, torch.zeros_like(m.running_mean))
+            assert torch.equal(m.running_var, torch.ones_like(m.running_var))
+            assert int(m.num_batches_tracked) == 0 and torch.equal(m.weight, torch.ones_like(m.weight))
 
 
 def test_fpn_baseline():
