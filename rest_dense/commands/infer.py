@@ -98,6 +98,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)
     for item in summary.failed:
         print(f"failed {item['input']}: {item['error']}", file=sys.stderr)
+    if summary.not_images:
+        k = len(summary.not_images)
+        print(f"note: {k} file{'s' if k != 1 else ''} of the input folders left out for "
+              f"{'their suffixes' if k != 1 else 'its suffix'} (e.g. {summary.not_images[0]}; "
+              "summary.json lists them; name a file to take it as an image)", file=sys.stderr)
     n = len(summary.processed)
     what = ("detections" if summary.task == "det" else "label maps")
     print(f"{n} image{'s' if n != 1 else ''} processed ({summary.framework}, {what}), "

@@ -531,6 +531,8 @@ class InferenceSummary:
         skipped: per input that could not be read as an image: ``input`` and ``error``.
         failed: per image the model failed on (an extreme aspect ratio; or, when it is every
             image with one error, a bad config): ``input`` and ``error``.
+        not_images: files of the input folders left out for their suffix (not in
+            :data:`~rest_dense.deploy.inputs.IMAGE_SUFFIXES`).
         seconds: wall time of the predictions (model set-up excluded).
     """
 
@@ -540,6 +542,7 @@ class InferenceSummary:
     processed: List[Dict[str, Any]] = field(default_factory=list)
     skipped: List[Dict[str, str]] = field(default_factory=list)
     failed: List[Dict[str, str]] = field(default_factory=list)
+    not_images: List[str] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -710,7 +713,9 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
     if not 0.0 <= float(score_thr) <= 1.0:
         raise ValueError(f"score_thr must lie in [0, 1], got {score_thr}")
     out_dir = os.fspath(out_dir)
-    paths = collect_images(inputs)
+    not_images: List[str] = []
+    paths = collect_images(inputs, left_out=not_images)
+    not_images = [p for p in not_images if not path_inside(p, out_dir)]  # not our own files
     # a re-run with --out inside an input folder must not read its own results as images
     # (files named one by one are kept: the user chose them)
     named = {os.path.abspath(os.fspath(i)) for i in inputs if os.path.isfile(os.fspath(i))}
@@ -745,11 +750,13 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
         for name in OUTPUT_ENTRIES[1:]:  # its folders too, once empty
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.join(out_dir, name))
-        return _run_inference(predictor, paths, out_dir, device, score_thr, draw, progress)
+        return _run_inference(predictor, paths, out_dir, device, score_thr, draw, progress,
+                              not_images)
 
 
 def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device: str,
-                   score_thr: float, draw: bool, progress: bool) -> InferenceSummary:
+                   score_thr: float, draw: bool, progress: bool,
+                   not_images: Sequence[str] = ()) -> InferenceSummary:
     import signal
     import threading
 
@@ -758,7 +765,8 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
     os.makedirs(os.path.join(out_dir, "preds"), exist_ok=True)
     if draw:
         os.makedirs(os.path.join(out_dir, "vis"), exist_ok=True)
-    summary = InferenceSummary(out_dir, predictor.framework, predictor.task)
+    summary = InferenceSummary(out_dir, predictor.framework, predictor.task,
+                               not_images=list(not_images))
     stems = output_names(paths)
     # written first, so that preds/ and vis/ always come with the summary of their run
     _write_summary(out_dir, {"status": "running", "config": str(predictor.config),
@@ -821,7 +829,7 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                "device": getattr(predictor, "device", device),
                "score_thr": score_thr, "classes": predictor.classes,
                "images": summary.processed, "skipped": summary.skipped,
-               "failed": summary.failed,
+               "failed": summary.failed, "not_images": summary.not_images,
                "not_processed": left, "seconds": round(summary.seconds, 3)}
         if interrupted:
             doc["interrupted_by"] = stop[0] if stop else "an error"

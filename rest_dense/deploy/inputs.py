@@ -4,7 +4,7 @@ from __future__ import annotations
 import glob
 import os
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -12,18 +12,22 @@ __all__ = ["IMAGE_SUFFIXES", "ImageReadError", "collect_images", "read_image", "
            "synthetic_image"]
 
 #: file suffixes taken from folders (files named explicitly may have any suffix)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm",
+                  ".gif")
 
 
 class ImageReadError(ValueError):
     """An image file that does not exist or cannot be decoded."""
 
 
-def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
+def collect_images(inputs: Sequence[Union[str, os.PathLike]],
+                   left_out: Optional[List[str]] = None) -> List[str]:
     """Expand image files, folders (recursively, by suffix) and glob patterns.
 
     Args:
         inputs: paths or shell-style patterns (``'data/*.jpg'``, ``'imgs/**/*.png'``).
+        left_out: if given, the files of the folders that were not taken (no image suffix;
+            hidden files aside) are appended to it, for the caller to report.
 
     Returns:
         The image paths, each once (also when linked folders reach a file by several
@@ -40,8 +44,11 @@ def collect_images(inputs: Sequence[Union[str, os.PathLike]]) -> List[str]:
         if os.path.isfile(item):
             found.append(item)
         elif os.path.isdir(item):
-            files = sorted(str(p) for p in Path(item).rglob("*")
-                           if _file_or_broken_link(p) and p.suffix.lower() in IMAGE_SUFFIXES)
+            entries = [p for p in Path(item).rglob("*") if _file_or_broken_link(p)]
+            files = sorted(str(p) for p in entries if p.suffix.lower() in IMAGE_SUFFIXES)
+            if left_out is not None:
+                left_out += sorted(str(p) for p in entries if p.suffix.lower() not in
+                                   IMAGE_SUFFIXES and not p.name.startswith("."))
             if not files:
                 raise FileNotFoundError(f"folder {item!r} holds no image files "
                                         f"({', '.join(IMAGE_SUFFIXES)})")

@@ -49,6 +49,16 @@ def test_collect_images_files_folders_globs_and_errors(tmp_path):
     assert collect_images([str(tmp_path / "**" / "*.jpg")]) == [str(b)]
 
 
+def test_files_left_out_of_a_folder_are_reported(tmp_path):
+    a = _write_png(tmp_path / "a.png")
+    (tmp_path / "notes.txt").write_text("x")
+    (tmp_path / ".hidden").write_text("x")
+    (tmp_path / "anim.gif").write_bytes(b"GIF89a")  # an image suffix: taken, read later
+    left: list = []
+    assert collect_images([str(tmp_path)], left_out=left) == [str(a), str(tmp_path / "anim.gif")]
+    assert left == [str(tmp_path / "notes.txt")]
+
+
 def test_links_to_missing_files_are_inputs_the_reader_reports(tmp_path):
     a = _write_png(tmp_path / "a.png")
     os.symlink(tmp_path / "gone.png", tmp_path / "b.png")

@@ -197,12 +197,16 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, d2_ckpt, toy_root
     broken.parent.mkdir()
     broken.write_bytes(b"\x89PNG but not really")
     os.symlink(good, broken.parent / "good.png")
+    (broken.parent / "notes.txt").write_text("not an image")
 
-    # a folder with an unreadable image: the rest is processed, the file reported
+    # a folder with an unreadable image: the rest is processed, the file reported; a file
+    # that is no image by its suffix is left out, and said to be
     code, text, err = _infer(capsys, MM_DET, det_ckpt, [broken.parent], tmp_path / "o1")
     assert code == 0 and "skipped" in err and "broken.jpg" in err
+    assert "note: 1 file of the input folders left out for its suffix" in err and "notes.txt" in err
     summary = _summary(tmp_path / "o1")
     assert len(summary["images"]) == 1 and summary["skipped"][0]["input"].endswith("broken.jpg")
+    assert summary["not_images"] == [str(broken.parent / "notes.txt")]
     # nothing could be processed: exit 1, and the summary does not call the run complete
     code, text, err = _infer(capsys, MM_DET, det_ckpt, [broken], tmp_path / "o2")
     assert code == 1 and "no image could be processed" in err
