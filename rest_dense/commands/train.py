@@ -258,6 +258,20 @@ def check_output_options(args: argparse.Namespace) -> None:
         raise UsageError(str(err)) from None
 
 
+def check_config_not_overwritten(config: str, out_dir: str, written_name: str) -> None:
+    """Training writes the config as run to ``out_dir/written_name``: refuse when that is
+    the user's config file itself (``--work-dir`` = the config's folder).
+
+    Raises:
+        ValueError: naming the file and what to do.
+    """
+    written = os.path.join(os.fspath(out_dir), written_name)
+    if os.path.exists(written) and same_file(written, config):
+        raise ValueError(f"the output folder {out_dir} holds the config {config}, which training "
+                         f"would overwrite with the config as run ({written_name}); choose "
+                         "another --work-dir / output folder")
+
+
 def fix_resume(args: argparse.Namespace) -> None:
     """``--resume`` takes an optional value, so ``--resume KEY=V`` / ``--resume KEY V``
     would swallow an override: a value that is no file but looks like an override goes
@@ -361,7 +375,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("train", error_text(err))
 
     if args.family == "detectron2":
-        from ..d2.launch import check_args, launch_main
+        from ..d2.launch import check_args, launch_main, output_dir_of
 
         lazy = bool(args.lazy) or (args.config_framework == "d2-lazy" if args.config_framework
                                    else args.config_path.endswith(".py"))
@@ -371,13 +385,16 @@ def run(args: argparse.Namespace) -> int:
         ns.opts = amp + ns.opts
         try:
             check_args(ns)
+            out_dir = args.work_dir or output_dir_of(ns)  # the config's, when not given
+            if not args.eval_only:
+                check_config_not_overwritten(args.config_path, out_dir, "config.yaml")
         except (FileNotFoundError, ValueError) as err:
             return fail("train", error_text(err))
         from ..runlock import FolderBusyError, hold_folder
 
         try:  # one live run per output folder (rest_dense.runlock), held by machine 0
-            with (hold_folder(args.work_dir, "training", primary=ns.machine_rank == 0)
-                  if args.work_dir and not args.eval_only else contextlib.nullcontext()):
+            with (hold_folder(out_dir, "training", primary=ns.machine_rank == 0)
+                  if not args.eval_only else contextlib.nullcontext()):
                 results = launch_main(ns)
         except (FolderBusyError, ConfigBuildError, FileNotFoundError) as err:
             return fail("train", error_text(err))  # also the dataset's files
@@ -396,6 +413,11 @@ def run(args: argparse.Namespace) -> int:
                            launcher=args.launcher or "none",
                            auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
     except (FileNotFoundError, ValueError, KeyError) + CHECKPOINT_ERRORS as err:
+        return fail("train", error_text(err))
+    try:  # mmengine writes the config as run to <work dir>/<its file name>
+        check_config_not_overwritten(args.config_path, cfg.work_dir,
+                                     os.path.basename(args.config_path))
+    except ValueError as err:
         return fail("train", error_text(err))
     from ..distributed import close_process_group
     from ..runlock import FolderBusyError, hold_folder

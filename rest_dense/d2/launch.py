@@ -342,6 +342,36 @@ def check_args(args: argparse.Namespace) -> None:
     normalize_overrides(getattr(args, "opts", None) or [], lazy)
 
 
+def output_dir_of(args: argparse.Namespace) -> str:
+    """The folder a job writes to: the config's ``OUTPUT_DIR`` / ``train.output_dir`` after
+    the job's overrides (``--work-dir`` included), as the processes will resolve it.
+
+    Raises:
+        ConfigBuildError: the config or an override does not load.
+    """
+    import logging
+    import warnings
+
+    lazy = bool(getattr(args, "lazy", False)) or is_lazy_config(args.config_file)
+    # the job reads the config again and says what it has to say (device, AMP) then
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), building_from_config(assertions=True):
+            warnings.simplefilter("ignore")
+            return _output_dir(args, lazy)
+    finally:
+        logging.disable(previous)
+
+
+def _output_dir(args: argparse.Namespace, lazy: bool) -> str:
+    if lazy:
+        return os.fspath(setup_lazy_config(args.config_file,
+                                           job_overrides(args, lazy=True)).train.output_dir)
+    return os.fspath(setup_yaml_config(args.config_file,
+                                       job_overrides(args, lazy=False)).OUTPUT_DIR)
+
+
 def check_machines(num_machines: int, machine_rank: int, dist_url: Optional[str]) -> None:
     """A job of several machines needs this machine's rank in ``0..num_machines-1`` and the
     address of machine 0 (``tcp://HOST:PORT``, the same on every machine): with a wrong

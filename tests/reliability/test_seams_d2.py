@@ -178,16 +178,19 @@ def test_d2_cli_test_refuses_mm_checkpoint(toy, capsys):
 
 # ------------------------------------------------- detectron2: runs cannot trample
 @pytest.mark.timeout(240)
-@pytest.mark.parametrize("second", ["same-work-dir", "same-work-dir-resume"])
+@pytest.mark.parametrize("second", ["same-work-dir", "same-work-dir-resume", "config-output-dir"])
 def test_d2_work_dir_lock(toy, tmp_path, second, capsys, subprocess_env):
     """A live ``rest-dense train`` of the detectron2 config holds its output folder: a
     second one (a fresh run or ``--resume``) is refused naming its pid and command line,
-    and writes nothing there."""
+    and writes nothing there; also when the folder is the config's OUTPUT_DIR, not
+    ``--work-dir``."""
     root = toy[0]
     work = tmp_path / "w"
+    where = (["OUTPUT_DIR", str(work)] if second == "config-output-dir"
+             else ["--work-dir", str(work)])
     first = subprocess.Popen(
-        [PY, "-m", "rest_dense.cli", "train", str(D2), "--work-dir", str(work),
-         *_d2_opts(root, iters=100000)], cwd=REPO, env=subprocess_env,
+        [PY, "-m", "rest_dense.cli", "train", str(D2), *_d2_opts(root, iters=100000), *where],
+        cwd=REPO, env=subprocess_env,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
@@ -199,7 +202,7 @@ def test_d2_work_dir_lock(toy, tmp_path, second, capsys, subprocess_env):
         os.killpg(first.pid, signal.SIGSTOP)
         time.sleep(0.5)
         before = sorted(p.name for p in work.iterdir())
-        code = cli(["train", str(D2), "--work-dir", str(work), *_d2_opts(root),
+        code = cli(["train", str(D2), *_d2_opts(root), *where,
                     *(["--resume"] if second.endswith("resume") else [])])
         err = capsys.readouterr().err
         assert code == 2 and f"pid {first.pid}" in err and "in use by another live training" \

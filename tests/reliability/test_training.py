@@ -42,7 +42,7 @@ import torch
 from rest_dense import safe_load
 from rest_dense.run_files import SAVE_PAUSE_ENV, resume_candidates
 
-from conftest import TINY_ARCH
+from conftest import REPO, TINY_ARCH
 
 # every test here may start a process: a hung one fails after the timeout (pytest-timeout)
 pytestmark = pytest.mark.timeout(1200, func_only=True)
@@ -543,3 +543,26 @@ def test_config_formatting_is_memoized(monkeypatch):
     install_config_format_cache()  # idempotent
     cfg.train_cfg.max_iters = 7
     assert "max_iters=7" in cfg.pretty_text and len(calls) == 2
+
+
+def test_training_never_writes_over_its_own_config(tmp_path, capsys):
+    """--work-dir = the config's folder: training would replace the user's config with the
+    config as run (mmengine: <work dir>/<config name>; detectron2: <output dir>/config.yaml)."""
+    from rest_dense.cli import main as cli
+
+    mm = tmp_path / "mm" / "my.py"
+    mm.parent.mkdir()
+    shutil.copy(REPO / "configs/toy/mask_rcnn_restv2_toy.py", mm)
+    d2 = tmp_path / "d2" / "config.yaml"
+    d2.parent.mkdir()
+    base = REPO / "configs/detectron2/Base-RCNN-FPN-ResTv2.yaml"
+    d2.write_text((REPO / "configs/detectron2/toy/mask_rcnn_restv2_toy.yaml").read_text()
+                  .replace('"../Base-RCNN-FPN-ResTv2.yaml"', f'"{base}"'))
+    for config, extra in ((mm, ["train_cfg.max_iters=2"]),
+                          (d2, ["MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "2"])):
+        before = config.read_bytes()
+        code = cli(["train", str(config), "--work-dir", str(config.parent), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and f"holds the config {config}" in err and "would overwrite" in err, err
+        assert config.read_bytes() == before
+        assert sorted(p.name for p in config.parent.iterdir()) == [config.name]
