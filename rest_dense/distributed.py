@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["LOCALHOST", "DEFAULT_TIMEOUT", "cuda_usable", "default_backend", "find_free_port",
+__all__ = ["LOCALHOST", "DEFAULT_TIMEOUT", "LaunchError", "cuda_usable", "default_backend", "find_free_port",
            "close_process_group",
            "local_dist_url", "get_rank", "get_world_size", "init_from_env", "launch",
            "local_process_group", "ddp_device_ids", "wrap_ddp", "params_without_grad",
@@ -48,6 +48,11 @@ _LOCAL_GROUP: Optional[Any] = None
 
 #: normalisation layers that need a process group and GPUs, and what replaces them on CPU
 _SYNC_BN_TYPES = ("SyncBN", "MMSyncBN", "TorchSyncBN")
+
+
+class LaunchError(RuntimeError):
+    """A distributed job started without what its launcher provides (``torchrun``'s
+    environment): the user's command, not the code, is wrong."""
 
 
 def cuda_usable(device: Optional[str] = None) -> bool:
@@ -120,8 +125,9 @@ def init_from_env(backend: Optional[str] = None, timeout: Any = None) -> bool:
         True if this call initialised the group, False if one existed already.
 
     Raises:
-        RuntimeError: ``torch.distributed`` is unavailable, or the environment lacks
-            ``RANK`` / ``WORLD_SIZE`` (not started by torchrun).
+        RuntimeError: ``torch.distributed`` is unavailable.
+        LaunchError: the environment lacks ``RANK`` / ``WORLD_SIZE`` (not started by
+            torchrun).
     """
     if not dist.is_available():
         raise RuntimeError("this PyTorch build has no torch.distributed")
@@ -130,7 +136,7 @@ def init_from_env(backend: Optional[str] = None, timeout: Any = None) -> bool:
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
                if k not in os.environ]
     if missing:
-        raise RuntimeError(f"distributed launch needs {', '.join(missing)} in the environment; "
+        raise LaunchError(f"distributed launch needs {', '.join(missing)} in the environment; "
                            "start the job with torchrun (e.g. bash tools/dist_train.sh)")
     backend = backend or default_backend()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])

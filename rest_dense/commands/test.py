@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                           cfg_options=overrides(args), launcher=args.launcher or "none")
     except (FileNotFoundError, ValueError, KeyError) as err:
         return fail("test", error_text(err))
-    from ..distributed import close_process_group
+    from ..distributed import LaunchError, close_process_group
 
     try:
         runner = build_runner(cfg)
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         close_process_group()
     except CHECKPOINT_ERRORS as err:
         return fail("test", error_text(err))
-    except (ConfigBuildError, FileNotFoundError) as err:  # also the dataset's files
+    except (ConfigBuildError, FileNotFoundError, LaunchError) as err:  # also the dataset's files
         return fail("test", error_text(err))
     print_metrics(metrics, args.save_metrics)
     return 0

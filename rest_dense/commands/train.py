@@ -419,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
                                      os.path.basename(args.config_path))
     except ValueError as err:
         return fail("train", error_text(err))
-    from ..distributed import close_process_group
+    from ..distributed import LaunchError, close_process_group
     from ..runlock import FolderBusyError, hold_folder
 
     try:  # one live run per work dir (rest_dense.runlock): checked before anything is written
@@ -442,7 +442,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("train", error_text(err))
     except CHECKPOINT_ERRORS as err:
         return fail("train", error_text(err))
-    except (ConfigBuildError, FileNotFoundError) as err:  # also the dataset, when the loaders
-        return fail("train", error_text(err))                  # are built
+    except (ConfigBuildError, FileNotFoundError, LaunchError) as err:  # also the dataset,
+        return fail("train", error_text(err))                  # when the loaders are built
     print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
     return 0

@@ -566,3 +566,14 @@ def test_training_never_writes_over_its_own_config(tmp_path, capsys):
         assert code == 2 and f"holds the config {config}" in err and "would overwrite" in err, err
         assert config.read_bytes() == before
         assert sorted(p.name for p in config.parent.iterdir()) == [config.name]
+
+
+def test_launcher_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
+    from rest_dense.cli import main as cli
+
+    for key in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    code = cli(["train", "toy/mask_rcnn_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
+                "--launcher", "pytorch"])
+    err = capsys.readouterr().err
+    assert code == 2 and "start the job with torchrun" in err and "Traceback" not in err, err
