@@ -8,11 +8,14 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count", "path_inside", "same_file",
-           "check_output_path"]
+           "check_output_path", "MAX_COUNT"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
 _OLD_PREFIX = "RESTDENSE_"
+#: the largest count of iterations / epochs a run may ask for: the frameworks' loggers and
+#: ETA estimates convert it to a C int
+MAX_COUNT = 2 ** 31 - 1
 
 
 def env_var(name: str, default: Optional[str] = None) -> Optional[str]:

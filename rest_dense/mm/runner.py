@@ -71,11 +71,15 @@ LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 def _check_count(value: Any, key: str, minimum: int = 1) -> int:
     import numbers
 
+    from ..utils import MAX_COUNT
+
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{key} must be a whole number, got {value!r} "
                          f"({type(value).__name__}); it is never rounded")
     if value < minimum:
         raise ValueError(f"{key} must be at least {minimum}, got {value}")
+    if value > MAX_COUNT:  # the frameworks' loggers and ETA take it as a C int
+        raise ValueError(f"{key} must be at most {MAX_COUNT}, got {value}")
     return int(value)
 
 

@@ -577,3 +577,17 @@ def test_launcher_without_torchrun_is_one_line(tmp_path, capsys, monkeypatch):
                 "--launcher", "pytorch"])
     err = capsys.readouterr().err
     assert code == 2 and "start the job with torchrun" in err and "Traceback" not in err, err
+
+
+def test_iteration_counts_past_a_c_int_are_refused(tmp_path, capsys):
+    """2**64 iterations crashed after the first one (the loggers' ETA takes a C int)."""
+    from rest_dense.cli import main as cli
+
+    huge = str(2 ** 64)
+    for args in (["toy/mask_rcnn_restv2_toy.py", f"train_cfg.max_iters={huge}"],
+                 ["detectron2/toy/mask_rcnn_restv2_toy.yaml", "MODEL.DEVICE", "cpu",
+                  "SOLVER.MAX_ITER", huge]):
+        code = cli(["train", args[0], "--work-dir", str(tmp_path / "w"), *args[1:]])
+        err = capsys.readouterr().err
+        assert code == 2 and "must be at most 2147483647" in err, err
+        assert not (tmp_path / "w").exists() or not list((tmp_path / "w").glob("*.pth"))
