@@ -151,7 +151,7 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
         if resume:
             found = self.find_resume_checkpoint()
             if found is not None:
-                return self.load(found)
+                return self._load_whole(found)
             self.logger.warning(
                 "rest_dense: --resume: no checkpoint in %s to resume from; starting from %s",
                 self.save_dir, f"the weights {path}" if path else "scratch")
@@ -184,7 +184,16 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
                 f"--resume {path}: not a detectron2 training checkpoint ({what}); resuming "
                 "needs one written by detectron2 training (model_*.pth). To start from its "
                 "weights, set MODEL.WEIGHTS (LazyConfig: train.init_checkpoint) instead")
-        return self.load(path)
+        return self._load_whole(path)
+
+    def _load_whole(self, path: str) -> Dict[str, Any]:
+        """:meth:`load` for resuming: the file must hold every entry of this model (another
+        model's file is refused by name, before its optimizer state fails to fit)."""
+        previous, self.require_complete, self._purpose = self.require_complete, True, "--resume"
+        try:
+            return self.load(path)
+        finally:
+            self.require_complete, self._purpose = previous, ""
 
     # ------------------------------------------------------------------ reading
     def _read_native(self, filename: str) -> Dict[str, Any]:
@@ -229,6 +238,7 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
     #: skipped with detectron2's warning, as fine-tuning on another dataset needs
     require_complete: bool = False
     _loading: str = "checkpoint"
+    _purpose: str = ""  # what the messages name the load by ("--resume")
 
     _read: Optional[ModelCheckpoint] = None
 
@@ -276,7 +286,7 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
                                                      source=f"checkpoint {self._loading!r}")
                 read.state_dict = checkpoint["model"]
                 check_checkpoint(self.model, read, complete=self.require_complete,
-                                 expect="detectron2")
+                                 expect="detectron2", purpose=self._purpose)
             return super()._load_model(checkpoint)
         prefix, backbone = find_rest_backbone(self.model)
         if self.require_complete:

@@ -167,6 +167,20 @@ def test_mm_resume_from_a_d2_checkpoint_names_the_framework(toy, d2, tmp_path, c
     assert not (tmp_path / "w" / "iter_3.pth").exists()
 
 
+def test_d2_resume_from_another_models_file_is_one_line(toy, d2, tmp_path, capsys):
+    """``--resume`` with a detectron2 training checkpoint that lacks part of the model (here:
+    the ROI heads): named before loading, not a traceback about parameter groups."""
+    obj = torch.load(d2[0], map_location="cpu", weights_only=False)
+    obj["model"] = {k: v for k, v in obj["model"].items() if not k.startswith("roi_heads.")}
+    other = tmp_path / "other.pth"
+    torch.save(obj, other)
+    code = cli(["train", str(D2), "--work-dir", str(tmp_path / "w"), "--resume", str(other),
+                *_d2_opts(toy[0])])
+    err = capsys.readouterr().err
+    assert code == 2 and "--resume: checkpoint" in err and "partial or cut-off" in err, err
+    assert "roi_heads." in err and "Traceback" not in err, err
+
+
 def test_d2_cli_test_refuses_mm_checkpoint(toy, capsys):
     """The same through ``rest-dense test`` on the detectron2 config (exit 2, one line)."""
     code = cli(["test", str(D2), str(toy[2]), "--toy-root", str(toy[0]), "--threads", "1",
