@@ -43,6 +43,7 @@ from torch import nn
 
 from ..configs import building_from_config, get_config_path, parse_cfg_options
 from ..models import CheckpointMismatchError
+from ..run_files import ResumeError
 from .run_files import find_resume_checkpoint, make_checkpoint_hooks_atomic
 from .schedule import SCALE_SCHEDULE_KEY, scale_schedule
 from ..distributed import setup_mm_distributed
@@ -453,7 +454,7 @@ def check_test_checkpoint(model: nn.Module, checkpoint: str) -> None:
 
 
 def _check_whole_model(model: nn.Module, checkpoint: str, complete: bool,
-                       purpose: str = "") -> None:
+                       purpose: str = "") -> Any:
     """Read ``checkpoint`` with the loader mmengine then uses (local files:
     :func:`rest_dense.checkpoint_reader.read_model_checkpoint`, the same normalised state
     dict) and check it against ``model``."""
@@ -463,6 +464,7 @@ def _check_whole_model(model: nn.Module, checkpoint: str, complete: bool,
     data = CheckpointLoader.load_checkpoint(checkpoint, map_location="cpu")
     ckpt = normalize_model_checkpoint(data, source=f"checkpoint {checkpoint!r}")
     check_checkpoint(model, ckpt, complete=complete, expect="mmengine", purpose=purpose)
+    return data
 
 
 def check_start_checkpoint(model: nn.Module, cfg: Config) -> None:
@@ -478,8 +480,15 @@ def check_start_checkpoint(model: nn.Module, cfg: Config) -> None:
     if not path:
         return
     resume = bool(cfg.get("resume"))
-    _check_whole_model(model, os.fspath(path), complete=resume,
-                       purpose="--resume" if resume else "load_from")
+    data = _check_whole_model(model, os.fspath(path), complete=resume,
+                              purpose="--resume" if resume else "load_from")
+    meta = data.get("meta") if isinstance(data, Mapping) else None
+    if resume and not (isinstance(meta, Mapping) and ("iter" in meta or "epoch" in meta)):
+        # mmengine's resume reads meta['iter'] / ['epoch']: a KeyError after the build
+        raise ResumeError(
+            f"--resume {path}: not an MMEngine training checkpoint (no iteration count in "
+            "its 'meta'); resuming needs one written by training (iter_*.pth / epoch_*.pth). "
+            f"To start from its weights, set load_from={path!r} instead")
 
 
 def check_same_start(cfg: Config) -> None:

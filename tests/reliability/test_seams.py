@@ -23,7 +23,7 @@ from rest_dense.data.toy import generate_toy_dataset
 from rest_dense.checkpoint_reader import normalize_model_checkpoint, read_model_checkpoint
 from rest_dense.models import CheckpointError, CheckpointMismatchError
 
-from conftest import REPO
+from conftest import REPO, without_logging_errors
 
 # every test here may start a process: a hung one fails after the timeout (pytest-timeout)
 pytestmark = pytest.mark.timeout(600, func_only=True)
@@ -195,6 +195,19 @@ def test_cli_resume_from_another_models_file(toy, tmp_path, capsys):
                        "--resume", str(other), "train_cfg.max_iters=3", *opts], capsys)
     assert code == 2 and "--resume" in text and "another model" in text, text
     assert "parameter groups" not in text
+
+
+def test_cli_resume_from_weights_without_training_state(toy, tmp_path, capsys):
+    """The model's own weights as a bare state dict: no iteration to resume from (mmengine's
+    resume stopped on KeyError 'meta'); load_from is named instead."""
+    root, work, ckpt, sd = toy
+    bare = tmp_path / "bare.pth"
+    torch.save(sd, bare)
+    opts = [f"{k}={v}" for k, v in _opts(root).items()]
+    code, text = _cli(["train", str(DET), "--work-dir", str(tmp_path / "w"), "--threads", "1",
+                       "--resume", str(bare), "train_cfg.max_iters=3", *opts], capsys)
+    assert code == 2 and "not an MMEngine training checkpoint" in text and "load_from=" in text
+    assert "Traceback" not in without_logging_errors(text), text
 
 
 def test_cli_infer_refuses_cwin_checkpoint_in_global_config(toy, tmp_path, capsys):
