@@ -277,11 +277,26 @@ def fix_resume(args: argparse.Namespace) -> None:
     would swallow an override: a value that is no file but looks like an override goes
     back to the overrides."""
     value = getattr(args, "resume", None)
-    if value in (None, "auto") or os.path.exists(value):
-        return
-    if "=" in value or _D2_KEY.match(value):
+    if value not in (None, "auto") and _looks_like_override(value):
         args.overrides.insert(0, value)
         args.resume = "auto"
+
+
+def _looks_like_override(value: str) -> bool:
+    return not os.path.exists(value) and ("=" in value or bool(_D2_KEY.match(value)))
+
+
+def fix_trust(args: argparse.Namespace) -> None:
+    """``--trust-checkpoint PATH [PATH ...]`` takes every word after it, so overrides written
+    after it (``--trust-checkpoint x.pth train_cfg.max_iters=2``) were read as paths and
+    silently dropped: from the first word that is no path but looks like an override, the
+    words go back to the overrides."""
+    values = list(getattr(args, "trust_checkpoint", None) or [])
+    for i, value in enumerate(values):
+        if _looks_like_override(value):
+            args.trust_checkpoint = values[:i]
+            args.overrides = values[i:] + list(args.overrides or [])
+            return
 
 
 def overrides(args: argparse.Namespace) -> List[str]:
@@ -359,6 +374,7 @@ def prepare_run(args: argparse.Namespace) -> None:
     resolve_config(args)
     check_family_options(args)
     fix_resume(args)
+    fix_trust(args)
     check_output_options(args)
     if getattr(args, "weights_only", False) and getattr(args, "trust_checkpoint", False):
         raise UsageError("--weights-only (trust nothing) contradicts --trust-checkpoint")

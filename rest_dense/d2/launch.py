@@ -279,6 +279,10 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
         if not (args.resume and trainer.checkpointer.has_checkpoint()):
             check_weights_file(cfg.MODEL.WEIGHTS, "MODEL.WEIGHTS")
         trainer.resume_or_load(resume=bool(args.resume))
+    if trainer.start_iter >= trainer.max_iter:
+        logging.getLogger("rest_dense.d2").warning(
+            "rest_dense: resumed at iteration %d and SOLVER.MAX_ITER is %d: nothing is left "
+            "to train (raise SOLVER.MAX_ITER to train on)", trainer.start_iter, trainer.max_iter)
     return trainer.train()
 
 

@@ -489,6 +489,12 @@ def check_start_checkpoint(model: nn.Module, cfg: Config) -> None:
             f"--resume {path}: not an MMEngine training checkpoint (no iteration count in "
             "its 'meta'); resuming needs one written by training (iter_*.pth / epoch_*.pth). "
             f"To start from its weights, set load_from={path!r} instead")
+    done = meta.get("iter") if resume and isinstance(meta, Mapping) else None
+    total = (cfg.get("train_cfg") or {}).get("max_iters")
+    if isinstance(done, int) and isinstance(total, int) and done >= total:
+        print_log(f"rest_dense: --resume {path}: the checkpoint is at iteration {done} and "
+                  f"train_cfg.max_iters is {total}: nothing is left to train (raise "
+                  "train_cfg.max_iters to train on)", logger="current", level=logging.WARNING)
 
 
 def check_same_start(cfg: Config) -> None:

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from collections import OrderedDict
-from typing import Any, Mapping, Optional, Tuple
+from typing import Any, Iterator, Mapping, Optional, Tuple
 
 from mmengine.config import Config, ConfigDict
+from mmengine.logging import print_log
 from mmengine.registry import init_default_scope
 from torch import nn
 
 from ..configs import OPENMMLAB, config_framework, parse_cfg_options
 from .registration import register_once
+from .schedule import SCALE_SCHEDULE_KEY
 
 __all__ = ["FRAMEWORKS", "detect_framework", "build_model", "count_parameters", "load_config",
            "default_work_dir", "is_tta_model", "wrap_for_tta", "register_once",
@@ -130,9 +133,50 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
 
     cfg = Config.fromfile(path)
     if cfg_options:
-        cfg.merge_from_dict(parse_cfg_options(cfg_options))
+        options = parse_cfg_options(cfg_options)
+        for key in options:
+            _warn_if_variable(cfg, key)
+        cfg.merge_from_dict(options)
     cfg.default_scope = detect_framework(cfg)
     return cfg
+
+
+#: the top-level names mmengine's Runner and the OpenMMLab tools read from a config; any
+#: other top-level name is a variable of the config, resolved where the config used it
+RUNNER_KEYS = frozenset({
+    "model", "work_dir", "train_dataloader", "val_dataloader", "test_dataloader", "train_cfg",
+    "val_cfg", "test_cfg", "auto_scale_lr", "optim_wrapper", "param_scheduler",
+    "val_evaluator", "test_evaluator", "default_hooks", "custom_hooks", "data_preprocessor",
+    "load_from", "resume", "launcher", "env_cfg", "log_processor", "log_level", "visualizer",
+    "default_scope", "randomness", "experiment_name", "custom_imports", "tta_model",
+    "tta_pipeline", "vis_backends", "model_wrapper_cfg", "compile", "strategy",
+    SCALE_SCHEDULE_KEY})
+
+
+def _paths_with_value(node: Any, value: Any, prefix: str = "") -> Iterator[str]:
+    if isinstance(node, Mapping):
+        for k, v in node.items():
+            yield from _paths_with_value(v, value, f"{prefix}{k}.")
+    elif isinstance(node, (list, tuple)):
+        for i, v in enumerate(node):
+            yield from _paths_with_value(v, value, f"{prefix}{i}.")
+    elif type(node) is type(value) and node == value and prefix:
+        yield prefix[:-1]
+
+
+def _warn_if_variable(cfg: Config, key: str) -> None:
+    """An override of a config variable (``max_iters=3`` where the config wrote
+    ``train_cfg = dict(max_iters=max_iters)``) changes the variable only: the config used its
+    value when it was read. Say so, naming where the old value went."""
+    if "." in key or key not in cfg or key in RUNNER_KEYS:
+        return
+    old = cfg[key]
+    used = [p for p in _paths_with_value({k: v for k, v in cfg.items() if k != key}, old)
+            if p.rsplit(".", 1)[-1] == key or isinstance(old, str)][:3]
+    where = f" (e.g. {', '.join(used)})" if used else ""
+    print_log(f"rest_dense: override {key}=...: {key} is a variable of the config, whose value "
+              f"was already used where the config refers to it{where}; override that "
+              "field itself", logger="current", level=logging.WARNING)
 
 
 def default_work_dir(config_path: str) -> str:

@@ -117,3 +117,31 @@ FULL = {
 def test_full_size_parameter_count(rel):
     model = build(load(rel))
     assert round(count_parameters(model) / 1e6, 3) == FULL[rel]
+
+
+def test_override_of_a_config_variable_says_where_its_value_went():
+    """`max_iters=3` on a config that wrote `train_cfg = dict(max_iters=max_iters)` changes
+    the variable only: a warning names the field to override (it trained 600 silently)."""
+    import logging
+
+    from mmengine.logging import MMLogger
+
+    from rest_dense.mm.utils import load_config
+
+    records = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger, handler = MMLogger.get_current_instance(), Collect(level=logging.WARNING)
+    logger.addHandler(handler)
+    try:
+        cfg = load_config(str(CONFIG_DIR / "toy/mask_rcnn_restv2_toy.py"),
+                          ["max_iters=3", "train_cfg.val_interval=5", "model.backbone.with_cp=True"])
+    finally:
+        logger.removeHandler(handler)
+    text = "\n".join(records)
+    assert "max_iters is a variable of the config" in text and "train_cfg.max_iters" in text, text
+    assert "val_interval" not in text and "with_cp" not in text  # fields: no warning
+    assert cfg.max_iters == 3 and cfg.train_cfg.max_iters != 3  # what the warning is about

@@ -210,6 +210,14 @@ def test_cli_resume_from_weights_without_training_state(toy, tmp_path, capsys):
     assert "Traceback" not in without_logging_errors(text), text
 
 
+def test_cli_resume_of_a_finished_run_says_nothing_is_left(toy, tmp_path, capsys):
+    root, work, ckpt, sd = toy
+    opts = [f"{k}={v}" for k, v in _opts(root).items()]
+    code, text = _cli(["train", str(DET), "--work-dir", str(tmp_path / "w"), "--threads", "1",
+                       "--resume", str(ckpt), "train_cfg.max_iters=1", *opts], capsys)
+    assert code == 0 and "nothing is left to train" in text, text[-2000:]
+
+
 def test_cli_infer_refuses_cwin_checkpoint_in_global_config(toy, tmp_path, capsys):
     """infer applies test's completeness rules: cwin-trained weights in a global config."""
     root, work, ckpt, sd = toy

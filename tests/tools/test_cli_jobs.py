@@ -39,6 +39,24 @@ def test_resume_does_not_swallow_an_override(argv, resume, overrides):
     assert args.resume == resume and args.overrides == overrides
 
 
+@pytest.mark.parametrize("argv,trusted,overrides", [
+    (["C", "--trust-checkpoint", "{f}", "train_cfg.max_iters=2"], ["{f}"], ["train_cfg.max_iters=2"]),
+    (["C", "--trust-checkpoint", "{f}", "{d}", "MODEL.DEVICE", "cpu"], ["{f}", "{d}"],
+     ["MODEL.DEVICE", "cpu"]),
+    (["C", "--trust-checkpoint", "{f}"], ["{f}"], []),
+    (["C", "x=1", "--trust-checkpoint", "{f}", "y=2"], ["{f}"], ["y=2", "x=1"]),
+])
+def test_trust_checkpoint_does_not_swallow_overrides(tmp_path, argv, trusted, overrides):
+    """Overrides written after --trust-checkpoint's paths were read as paths and dropped
+    (a run of 600 iterations instead of 2)."""
+    f = tmp_path / "a=b.pth"  # an existing path stays a path, even with '=' in its name
+    f.write_bytes(b"")
+    fill = lambda items: [i.format(f=f, d=tmp_path) for i in items]  # noqa: E731
+    args = build_parser("train").parse_args(["train", *fill(argv)])
+    train_cmd.fix_trust(args)
+    assert args.trust_checkpoint == fill(trusted) and args.overrides == overrides
+
+
 def test_unknown_config_suggests_names(capsys):
     assert cli(["train", "toy/mask_rcnn_restv2_toyy.py"]) == 2
     err = capsys.readouterr().err
