@@ -154,6 +154,11 @@ def _check_local_file(path: Optional[PathLike], what: str) -> None:
     if path is None:
         return
     path = os.fspath(path)
+    if "://" not in path and osp.isdir(osp.expanduser(path)):
+        # FileNotFoundError, as the callers expect of a path that holds no such file
+        hint = (" (--resume without a value resumes from the newest checkpoint of the "
+                "--work-dir)" if what.startswith("resume") else "")
+        raise FileNotFoundError(f"{what} {path} is a directory, not a file{hint}")
     if "://" not in path and not osp.isfile(osp.expanduser(path)):
         raise FileNotFoundError(f"{what} {path} does not exist")
 

@@ -591,3 +591,15 @@ def test_iteration_counts_past_a_c_int_are_refused(tmp_path, capsys):
         err = capsys.readouterr().err
         assert code == 2 and "must be at most 2147483647" in err, err
         assert not (tmp_path / "w").exists() or not list((tmp_path / "w").glob("*.pth"))
+
+
+def test_resume_or_test_with_a_folder_names_it(tmp_path, capsys):
+    from rest_dense.cli import main as cli
+
+    code = cli(["train", "toy/mask_rcnn_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
+                "--resume", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a directory, not a file" in err and "--resume without a value" in err
+    code = cli(["test", "toy/mask_rcnn_restv2_toy.py", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and f"checkpoint {tmp_path} is a directory, not a file" in err, err
