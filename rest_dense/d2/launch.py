@@ -184,6 +184,21 @@ def _check_test_datasets(names: Sequence[str], key: str) -> None:
                              f"(detectron2's DatasetCatalog){hint}")
 
 
+def _check_test_data(names: Sequence[str], key: str) -> None:
+    """Before an evaluation: each test dataset holds images (detectron2 stops on an empty
+    one by assertion, with a traceback).
+
+    Raises:
+        ConfigBuildError: naming the dataset and the key that chose it.
+    """
+    from detectron2.data import DatasetCatalog
+
+    for name in names:
+        if not len(DatasetCatalog.get(name)):
+            raise ConfigBuildError(f"{key}: dataset {name!r} holds no images; there is "
+                                   "nothing to evaluate")
+
+
 def _check_pixel_stats(mean: Sequence[float], std: Sequence[float], keys: Sequence[str]) -> None:
     mean, std = list(mean), list(std)
     if len(mean) != len(std):
@@ -264,6 +279,7 @@ def _main_yaml(args: argparse.Namespace) -> Optional[Dict[str, Any]]:
             checkpointer.load(resume_file, checkpointables=[])
         else:
             checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=bool(args.resume))
+        _check_test_data(cfg.DATASETS.TEST, "DATASETS.TEST")
         res = RestTrainer.test(cfg, model)
         if comm.is_main_process():
             verify_results(cfg, res)

@@ -181,6 +181,25 @@ def test_d2_resume_from_another_models_file_is_one_line(toy, d2, tmp_path, capsy
     assert "roi_heads." in err and "Traceback" not in err, err
 
 
+def test_d2_cli_test_on_an_empty_dataset_is_one_line(toy, d2, tmp_path, capsys):
+    """A test set without images: named before detectron2's assertion (a traceback)."""
+    import json
+    import shutil
+
+    empty = tmp_path / "empty"
+    shutil.copytree(toy[0], empty)
+    for split in ("train", "val"):
+        path = empty / "annotations" / f"instances_{split}.json"
+        doc = json.loads(path.read_text())
+        doc["images"], doc["annotations"] = [], []
+        path.write_text(json.dumps(doc))
+    code = cli(["test", str(D2), str(d2[0]), "--toy-root", str(empty), "--threads", "1",
+                "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", "0"])
+    err = without_logging_errors(capsys.readouterr().err)
+    assert code == 2 and "DATASETS.TEST: dataset 'toy_val' holds no images" in err, err
+    assert "Traceback" not in err
+
+
 def test_d2_cli_test_refuses_mm_checkpoint(toy, capsys):
     """The same through ``rest-dense test`` on the detectron2 config (exit 2, one line)."""
     code = cli(["test", str(D2), str(toy[2]), "--toy-root", str(toy[0]), "--threads", "1",
