@@ -418,19 +418,36 @@ def load_allow_listed(path: PathLike, map_location: Any = "cpu") -> Any:
 
 
 
-def checkpoint_file(path: Union[str, "os.PathLike[str]"]) -> str:
+class CheckpointIsADirectoryError(IsADirectoryError, FileNotFoundError):
+    """A folder where a checkpoint file belongs. Also a ``FileNotFoundError``: no file is
+    there, and the handlers of a missing file report it."""
+
+
+def checkpoint_file(path: Union[str, "os.PathLike[str]"], what: str = "checkpoint", *,
+                    urls: bool = False) -> str:
     """``path`` (``~`` expanded) when it is a file; otherwise the error every reader gives.
+
+    Args:
+        path: the file.
+        what: what the file is for, as the message names it (default ``'checkpoint'``).
+        urls: let ``scheme://`` paths through unchecked (default False), for callers whose
+            loader downloads them.
 
     Raises:
         FileNotFoundError: nothing there (also a link to a missing file).
-        IsADirectoryError: a folder.
+        CheckpointIsADirectoryError: a folder.
     """
-    filename = osp.expanduser(os.fspath(path))
+    filename = os.fspath(path)
+    if urls and "://" in filename:
+        return filename
+    filename = osp.expanduser(filename)
     if osp.isdir(filename):
-        raise IsADirectoryError(21, f"checkpoint {filename!r} is a directory, not a file", filename)
+        raise CheckpointIsADirectoryError(
+            21, f"{what} {filename!r} is a directory, not a file", filename)
     if not osp.isfile(filename):
-        raise FileNotFoundError(2, f"checkpoint {filename!r} does not exist", filename)
+        raise FileNotFoundError(2, f"{what} {filename!r} does not exist", filename)
     return filename
+
 
 def load_checkpoint_file(path: PathLike, map_location: Any = "cpu", *,
                          trusted: Optional[bool] = None,
@@ -484,9 +501,7 @@ def load_pickle_file(path: PathLike, *, trusted: Optional[bool] = None,
     dicts) with the allow-list; full unpickling only for trusted paths, as in
     :func:`load_checkpoint_file`.
     """
-    filename = os.fspath(path)
-    if not osp.isfile(filename):
-        raise FileNotFoundError(f"checkpoint {filename} does not exist")
+    filename = checkpoint_file(path)
     try:
         with open(filename, "rb") as f:
             return _RestrictedUnpickler(f, encoding=encoding).load()

@@ -118,6 +118,36 @@ def test_trusted_paths_are_unpickled_in_full(tmp_path, caplog):
         safe_load.load_checkpoint_file(tmp_path / "missing.pth")
 
 
+def test_one_check_of_a_checkpoint_path_for_every_reader(tmp_path, monkeypatch):
+    """safe_load.checkpoint_file is the check of the mm runner, detectron2's command line
+    and MODEL.WEIGHTS alike: a folder is named as one (and is a FileNotFoundError to the
+    handlers of missing files), ``~`` is expanded, URLs pass only where asked."""
+    from rest_dense.d2.engine import check_weights_file
+    from rest_dense.mm.runner import _check_local_file
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "w.pth").write_bytes(b"x")
+    assert safe_load.checkpoint_file("~/w.pth") == str(tmp_path / "w.pth")
+    assert safe_load.checkpoint_file("https://x/w.pth", urls=True) == "https://x/w.pth"
+    with pytest.raises(FileNotFoundError, match="'https://x/w.pth' does not exist"):
+        safe_load.checkpoint_file("https://x/w.pth")
+    for check in (lambda p: safe_load.checkpoint_file(p, "MODEL.WEIGHTS", urls=True),
+                  lambda p: check_weights_file(p, "MODEL.WEIGHTS"),
+                  lambda p: _check_local_file(p, "MODEL.WEIGHTS")):
+        with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS .* is a directory, not a file"):
+            check(str(tmp_path))
+        with pytest.raises(IsADirectoryError):
+            check(str(tmp_path))
+        with pytest.raises(FileNotFoundError, match="MODEL.WEIGHTS .*nope.pth' does not exist"):
+            check("~/nope.pth")
+        check("~/w.pth")
+        check("detectron2://ImageNetPretrained/MSRA/R-50.pkl")
+    with pytest.raises(FileNotFoundError, match="--resume without a value"):
+        _check_local_file(str(tmp_path), "resume checkpoint")
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pkl' does not exist"):
+        safe_load.load_pickle_file(tmp_path / "nope.pkl")
+
+
 def test_plain_pickles_use_the_same_allow_list(tmp_path):
     good = tmp_path / "weights.pkl"
     with open(good, "wb") as f:

@@ -116,6 +116,14 @@ class RestDetectionCheckpointer(DetectionCheckpointer):
         run_files.atomic_write_text(os.path.join(self.save_dir, run_files.POINTER_NAME),
                                 last_filename_basename)
 
+    # ------------------------------------------------------------------ loading
+    def load(self, path: str, checkpointables: Optional[List[str]] = None) -> Dict[str, Any]:
+        """detectron2's ``load``, with ``~`` expanded in local paths as every reader of the
+        package does (detectron2 takes ``~/w.pth`` for a missing file)."""
+        if path and "://" not in path:
+            path = os.path.expanduser(path)
+        return super().load(path, checkpointables=checkpointables)
+
     # ------------------------------------------------------------------ resuming
     def resume_candidates(self) -> List[str]:
         """The output folder's checkpoints, the one to resume from first

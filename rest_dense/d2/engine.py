@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 
 from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..configs import building_from_config
+from ..safe_load import checkpoint_file
 from ..utils import scale_count
 from .backbone import check_head_features
 from .checkpointer import RestDetectionCheckpointer
@@ -236,9 +237,8 @@ def check_weights_file(weights, key: str) -> None:
     Raises:
         FileNotFoundError: naming ``key`` and the path.
     """
-    if weights and isinstance(weights, str) and "://" not in weights \
-            and not os.path.exists(weights):
-        raise FileNotFoundError(f"{key} {weights!r} does not exist")
+    if weights and isinstance(weights, str):
+        checkpoint_file(weights, key, urls=True)
 
 
 def _check_yaml_file(config_file: str) -> None:

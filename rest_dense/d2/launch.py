@@ -39,7 +39,7 @@ from detectron2.utils import comm
 from ..configs import ConfigBuildError, building_from_config
 from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
-from ..safe_load import trust
+from ..safe_load import checkpoint_file, trust
 from ..utils import env_var, error_text
 from .checkpointer import RestDetectionCheckpointer
 from .data import register_toy_datasets, register_toy_sem_seg_datasets
@@ -359,8 +359,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise FileNotFoundError(f"config file {args.config_file} does not exist")
     for what, path in (("resume checkpoint", _resume_file(args)),
                        ("checkpoint", getattr(args, "weights", None))):
-        if path and "://" not in path and not os.path.isfile(path):
-            raise FileNotFoundError(f"{what} {path} does not exist")
+        if path:
+            checkpoint_file(path, what, urls=True)
     if args.num_gpus < 1 or args.num_machines < 1:
         raise ValueError(f"--num-gpus ({args.num_gpus}) and --num-machines ({args.num_machines}) "
                          "must be at least 1")

@@ -44,6 +44,7 @@ from torch import nn
 from ..configs import building_from_config, get_config_path, parse_cfg_options
 from ..models import CheckpointMismatchError
 from ..run_files import ResumeError
+from ..safe_load import checkpoint_file
 from .run_files import find_resume_checkpoint, make_checkpoint_hooks_atomic
 from .schedule import SCALE_SCHEDULE_KEY, scale_schedule
 from ..distributed import setup_mm_distributed
@@ -153,14 +154,13 @@ def _set_work_dir(cfg: Config, config: ConfigLike, work_dir: Optional[PathLike])
 def _check_local_file(path: Optional[PathLike], what: str) -> None:
     if path is None:
         return
-    path = os.fspath(path)
-    if "://" not in path and osp.isdir(osp.expanduser(path)):
-        # FileNotFoundError, as the callers expect of a path that holds no such file
-        hint = (" (--resume without a value resumes from the newest checkpoint of the "
-                "--work-dir)" if what.startswith("resume") else "")
-        raise FileNotFoundError(f"{what} {path} is a directory, not a file{hint}")
-    if "://" not in path and not osp.isfile(osp.expanduser(path)):
-        raise FileNotFoundError(f"{what} {path} does not exist")
+    try:
+        checkpoint_file(path, what, urls=True)
+    except IsADirectoryError as err:
+        if not what.startswith("resume"):
+            raise
+        raise type(err)(err.errno, f"{err.strerror} (--resume without a value resumes from "
+                        "the newest checkpoint of the --work-dir)", err.filename) from None
 
 
 def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,

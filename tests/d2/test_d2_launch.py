@@ -49,7 +49,7 @@ def test_train_net_command_line(tmp_path):
         check_args(lazy)
     weights = argparse.Namespace(**{**vars(parser.parse_args(["--config-file", LAZY_CONFIG])),
                                     "weights": str(tmp_path / "nope.pth")})
-    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match="checkpoint .*nope.pth' does not exist"):
         check_args(weights)
 
 

@@ -148,7 +148,7 @@ def test_cli_rejects_options_of_the_other_framework(capsys):
     assert cli(["test", config, "model.pth", "--tta"]) == 2
     assert "--tta" in capsys.readouterr().err
     assert cli(["test", config, "missing_model.pth"]) == 2
-    assert "checkpoint missing_model.pth does not exist" in capsys.readouterr().err
+    assert "checkpoint 'missing_model.pth' does not exist" in capsys.readouterr().err
     assert cli(["train", config, "SOLVER.MAX_ITER"]) == 2
     assert "has no value" in capsys.readouterr().err
 

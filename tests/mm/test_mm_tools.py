@@ -304,7 +304,7 @@ def test_cli_test_refuses_a_checkpoint_of_another_model(tmp_path, capsys, one_th
 def test_cli_errors_name_the_problem(tmp_path, capsys):
     cfg = "upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py"
     assert cli(["test", cfg, str(tmp_path / "missing.pth")]) == 2
-    assert "missing.pth does not exist" in capsys.readouterr().err
+    assert "missing.pth' does not exist" in capsys.readouterr().err
     assert cli(["train", cfg, "--num-gpus", "2"]) == 2
     err = capsys.readouterr().err
     assert "--num-gpus" in err and "MMDetection / MMSegmentation" in err

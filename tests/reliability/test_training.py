@@ -602,4 +602,4 @@ def test_resume_or_test_with_a_folder_names_it(tmp_path, capsys):
     assert code == 2 and "is a directory, not a file" in err and "--resume without a value" in err
     code = cli(["test", "toy/mask_rcnn_restv2_toy.py", str(tmp_path)])
     err = capsys.readouterr().err
-    assert code == 2 and f"checkpoint {tmp_path} is a directory, not a file" in err, err
+    assert code == 2 and f"checkpoint '{tmp_path}' is a directory, not a file" in err, err
