@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count", "path_inside", "same_file",
-           "check_output_path", "MAX_COUNT"]
+           "check_output_path", "MAX_COUNT", "check_count"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
@@ -16,6 +16,26 @@ _OLD_PREFIX = "RESTDENSE_"
 #: the largest count of iterations / epochs a run may ask for: the frameworks' loggers and
 #: ETA estimates convert it to a C int
 MAX_COUNT = 2 ** 31 - 1
+
+
+def check_count(value: object, key: str, minimum: int = 1) -> int:
+    """A count of iterations or epochs from a config (``max_iters``, ``SOLVER.MAX_ITER``):
+    a whole number from ``minimum`` to :data:`MAX_COUNT`, named by ``key`` otherwise.
+
+    Raises:
+        ValueError: a bool, a number with a fraction (never rounded: ``2.5`` would train 2
+            iterations), or a value out of range.
+    """
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{key} must be a whole number, got {value!r} "
+                         f"({type(value).__name__}); it is never rounded")
+    if value < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, got {value}")
+    if value > MAX_COUNT:  # the frameworks' loggers and ETA take it as a C int
+        raise ValueError(f"{key} must be at most {MAX_COUNT}, got {value}")
+    return int(value)
 
 
 def env_var(name: str, default: Optional[str] = None) -> Optional[str]:

@@ -38,7 +38,7 @@ from omegaconf import DictConfig
 from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..configs import building_from_config
 from ..safe_load import checkpoint_file
-from ..utils import scale_count
+from ..utils import check_count, scale_count
 from .backbone import check_head_features
 from .checkpointer import RestDetectionCheckpointer
 from .config import add_rest_config, add_restv2_config
@@ -179,12 +179,11 @@ def scale_yaml_schedule(cfg: CfgNode, max_iter: int,
         What changed: ``{key: (old, new)}``.
 
     Raises:
-        ValueError: ``max_iter`` < 1.
+        ValueError: ``max_iter`` or the config's ``SOLVER.MAX_ITER`` is not a count
+            (:func:`rest_dense.utils.check_count`).
     """
-    max_iter = int(max_iter)
-    if max_iter < 1:
-        raise ValueError(f"SOLVER.MAX_ITER must be at least 1, got {max_iter}")
-    old = int(cfg.SOLVER.MAX_ITER)
+    max_iter = check_count(max_iter, "SOLVER.MAX_ITER")
+    old = check_count(cfg.SOLVER.MAX_ITER, "the config's SOLVER.MAX_ITER")
     ratio = max_iter / float(old)
     changes: Dict[str, Tuple[Any, Any]] = {"SOLVER.MAX_ITER": (old, max_iter)}
     cfg.SOLVER.MAX_ITER = max_iter

@@ -40,7 +40,7 @@ from ..configs import ConfigBuildError, building_from_config
 from ..distributed import launch as launch_processes
 from ..distributed import local_process_group
 from ..safe_load import checkpoint_file, trust
-from ..utils import env_var, error_text
+from ..utils import check_count, env_var, error_text
 from .checkpointer import RestDetectionCheckpointer
 from .data import register_toy_datasets, register_toy_sem_seg_datasets
 from .engine import (RestTrainer, check_weights_file, default_setup, is_lazy_config,
@@ -231,16 +231,7 @@ def _check_run_settings(cfg) -> None:
                        ("MODEL.PIXEL_MEAN", "MODEL.PIXEL_STD"))
     _check_periods(cfg.SOLVER.CHECKPOINT_PERIOD, cfg.TEST.EVAL_PERIOD,
                    ("SOLVER.CHECKPOINT_PERIOD", "TEST.EVAL_PERIOD"))
-    _check_max_iter(cfg.SOLVER.MAX_ITER, "SOLVER.MAX_ITER")
-
-
-def _check_max_iter(max_iter: Any, key: str) -> None:
-    from ..utils import MAX_COUNT
-
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"{key} must be a positive integer, got {max_iter!r}")
-    if max_iter > MAX_COUNT:  # detectron2's ETA takes it as a C int
-        raise ValueError(f"{key} must be at most {MAX_COUNT}, got {max_iter}")
+    check_count(cfg.SOLVER.MAX_ITER, "SOLVER.MAX_ITER")
 
 
 def _check_lazy_run_settings(cfg) -> None:
@@ -257,7 +248,7 @@ def _check_lazy_run_settings(cfg) -> None:
         _check_pixel_stats(model.pixel_mean, model.pixel_std,
                            ("model.pixel_mean", "model.pixel_std"))
     train = cfg.get("train", {})
-    _check_max_iter(train.get("max_iter", 1), "train.max_iter")
+    check_count(train.get("max_iter", 1), "train.max_iter")
     period = train.get("checkpointer", {}).get("period", 1)
     _check_periods(period, train.get("eval_period", 0),
                    ("train.checkpointer.period", "train.eval_period"))

@@ -44,6 +44,7 @@ from torch import nn
 from ..configs import building_from_config, get_config_path, parse_cfg_options
 from ..models import CheckpointMismatchError
 from ..run_files import ResumeError
+from ..utils import check_count
 from ..safe_load import checkpoint_file
 from .run_files import find_resume_checkpoint, make_checkpoint_hooks_atomic
 from .schedule import SCALE_SCHEDULE_KEY, scale_schedule
@@ -70,21 +71,6 @@ LAUNCHERS = ("none", "pytorch", "slurm", "mpi")
 # mmengine DictAction's rules, for every command
 
 
-def _check_count(value: Any, key: str, minimum: int = 1) -> int:
-    import numbers
-
-    from ..utils import MAX_COUNT
-
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{key} must be a whole number, got {value!r} "
-                         f"({type(value).__name__}); it is never rounded")
-    if value < minimum:
-        raise ValueError(f"{key} must be at least {minimum}, got {value}")
-    if value > MAX_COUNT:  # the frameworks' loggers and ETA take it as a C int
-        raise ValueError(f"{key} must be at most {MAX_COUNT}, got {value}")
-    return int(value)
-
-
 def check_train_loop(cfg: Config, minimum_length: int = 1) -> None:
     """Refuse a ``train_cfg`` whose counts are not whole numbers (``max_iters=2.5`` would
     train 2 iterations) or are below 1, naming the key.
@@ -103,7 +89,7 @@ def check_train_loop(cfg: Config, minimum_length: int = 1) -> None:
     for key, minimum in (("max_iters", minimum_length), ("max_epochs", minimum_length),
                          ("val_interval", 1), ("val_begin", 0)):
         if train_cfg.get(key) is not None:
-            _check_count(train_cfg[key], f"train_cfg.{key}", minimum)
+            check_count(train_cfg[key], f"train_cfg.{key}", minimum)
 
 
 def resolve_config(config: ConfigLike) -> Union[str, Config]:
@@ -121,7 +107,7 @@ def _load(config: ConfigLike, cfg_options: CfgOptions) -> Config:
     options = parse_cfg_options(cfg_options)
     max_iters = options.pop("train_cfg.max_iters", None)
     if max_iters is not None:  # checked before the schedule is scaled to it
-        _check_count(max_iters, "train_cfg.max_iters")
+        check_count(max_iters, "train_cfg.max_iters")
     resolved = resolve_config(config)
     if isinstance(resolved, Config):
         import rest_dense.mm  # noqa: F401  (registers the backbones)

@@ -195,8 +195,9 @@ def test_cli_bad_config_value_is_one_line(tmp_path, capsys, command, opts, named
     # a misspelt key would be added (and the config's own 270k iterations trained)
     ("train.max_iters=1", "no key 'train.max_iters' (nothing under 'train' of that name); "
                           "did you mean train.max_iter?"),
-    ("train.max_iter=abc", "train.max_iter must be a positive integer, got 'abc'"),
-    ("train.max_iter=2.5", "train.max_iter must be a positive integer, got 2.5"),
+    ("train.max_iter=abc", "train.max_iter must be a whole number, got 'abc'"),
+    ("train.max_iter=2.5", "train.max_iter must be a whole number, got 2.5"),
+    ("train.max_iter=0", "train.max_iter must be at least 1, got 0"),
     ("train.max_iter=[1,2", "cannot parse the override"),
 ])
 def test_cli_bad_lazy_config_value_is_one_line(tmp_path, capsys, option, named):
@@ -237,7 +238,13 @@ def test_cli_bad_solver_value_and_missing_data_are_one_line(tmp_path, capsys, to
                           "False"], "SOLVER.CHECKPOINT_PERIOD must be >= 1"),
                         # a std of 0 made every input inf; a short mean, a tensor shape error
                         (["MODEL.PIXEL_STD", "[1.0, 2.0, 0.0]"], "MODEL.PIXEL_STD values must be > 0"),
-                        (["MODEL.PIXEL_MEAN", "[1.0, 2.0]"], "one value per input channel")):
+                        (["MODEL.PIXEL_MEAN", "[1.0, 2.0]"], "one value per input channel"),
+                        # one check_count for both frameworks, with and without scaling
+                        (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER must be at least 1, got 0"),
+                        (["SOLVER.MAX_ITER", "2.5"], "SOLVER.MAX_ITER must be an integer"),
+                        (["SOLVER.MAX_ITER", str(2 ** 31)], "SOLVER.MAX_ITER must be at most"),
+                        (["SOLVER.SCALE_SCHEDULE_WITH_MAX_ITER", "False", "SOLVER.MAX_ITER",
+                          "2.5"], "for config key: SOLVER.MAX_ITER")):
         assert cli([*argv, "--toy-root", str(toy_root), *opts]) == 2
         err = capsys.readouterr().err
         assert "the config does not build" in err and named in err
