@@ -94,12 +94,39 @@ def building_from_config(assertions: bool = False) -> Iterator[None]:
         message = str(e.args[0] if isinstance(e, KeyError) and e.args else e)
         if isinstance(e, KeyError) and message and " " not in message:
             message = f"no {message!r} where the config asks for it (KeyError)"
+        empty = _empty_dataset(e)
+        if empty:
+            message = empty
         if isinstance(e, AssertionError) and not message:  # a bare assert: show it
             import traceback
 
             frame = traceback.extract_tb(e.__traceback__)[-1]
             message = f"assertion failed at {frame.filename}:{frame.lineno}: {frame.line}"
         raise ConfigBuildError(f"the config does not build: {message}") from e
+
+
+def _empty_dataset(error: BaseException) -> Optional[str]:
+    """What to say of an error raised while an MMEngine dataset with no samples initialised
+    (its serialisation fails with numpy's "need at least one array to concatenate", which
+    names neither the dataset nor its files); ``None`` for any other error."""
+    tb = error.__traceback__
+    while tb is not None:
+        dataset = tb.tb_frame.f_locals.get("self") if tb.tb_frame.f_code.co_name in (
+            "full_init", "_serialize_data") else None
+        data_list = getattr(dataset, "data_list", None)
+        if isinstance(data_list, list) and not data_list and hasattr(dataset, "ann_file"):
+            filters = getattr(dataset, "filter_cfg", None)
+            ann_file = getattr(dataset, "ann_file", None)
+            where = (f"ann_file {ann_file!r}" if ann_file else
+                     f"data_prefix {dict(getattr(dataset, 'data_prefix', None) or {})!r}")
+            return (f"dataset {type(dataset).__name__} holds no samples ({where}, data_root "
+                    f"{getattr(dataset, 'data_root', None)!r}"
+                    + (f", after filter_cfg {dict(filters)!r}" if filters else "")
+                    + (": check that the annotation file lists images"
+                       + (" with annotations" if filters else "") if ann_file
+                       else ": no image with the suffix the dataset reads is there") + ")")
+        tb = tb.tb_next
+    return None
 
 
 def configs_root() -> Path:

@@ -603,3 +603,53 @@ def test_resume_or_test_with_a_folder_names_it(tmp_path, capsys):
     code = cli(["test", "toy/mask_rcnn_restv2_toy.py", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and f"checkpoint '{tmp_path}' is a directory, not a file" in err, err
+
+
+@pytest.mark.parametrize("command", ["train", "test"])
+def test_a_dataset_without_samples_is_named(tmp_path, capsys, command):
+    """An MMEngine dataset whose annotation file lists no images (or none left after
+    filter_cfg) failed in numpy ("need at least one array to concatenate"), naming nothing."""
+    import json
+
+    from rest_dense.cli import main as cli
+
+    root = tmp_path / "data"
+    (root / "annotations").mkdir(parents=True)
+    classes = [{"id": i + 1, "name": n} for i, n in enumerate(("square", "circle", "triangle"))]
+    (root / "annotations" / "empty.json").write_text(
+        json.dumps({"images": [], "annotations": [], "categories": classes}))
+    sets = ("train_dataloader", "val_dataloader", "test_dataloader")
+    options = [f"{s}.dataset.{k}={v}" for s in sets
+               for k, v in (("data_root", f"{root}/"), ("ann_file", "annotations/empty.json"))]
+    options.append(f"val_evaluator.ann_file={root}/annotations/empty.json")
+    options.append(f"test_evaluator.ann_file={root}/annotations/empty.json")
+    checkpoint = tmp_path / "model.pth"
+    if command == "test":
+        from rest_dense.configs import get_config_path
+        from rest_dense.mm.utils import build_model, load_config
+
+        model = build_model(load_config(str(get_config_path("toy/mask_rcnn_restv2_toy.py"))))
+        torch.save({"state_dict": model.state_dict(), "meta": {}}, checkpoint)
+    argv = (["train", "toy/mask_rcnn_restv2_toy.py", "--work-dir", str(tmp_path / "w")]
+            if command == "train" else
+            ["test", "toy/mask_rcnn_restv2_toy.py", str(checkpoint), "--work-dir",
+             str(tmp_path / "w")])
+    code = cli([*argv, "--cfg-options", *options])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "dataset CocoDataset holds no samples" in err and "annotations/empty.json" in err, err
+    assert "need at least one array" not in err
+
+
+def test_a_segmentation_folder_without_images_is_named(tmp_path, capsys):
+    from rest_dense.cli import main as cli
+
+    root = tmp_path / "seg"
+    for sub in ("images/training", "annotations/training"):
+        (root / sub).mkdir(parents=True)
+    (root / "images" / "training" / "notes.txt").write_text("not an image")
+    code = cli(["train", "toy/upernet_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
+                "--cfg-options", f"train_dataloader.dataset.data_root={root}/"])
+    err = capsys.readouterr().err
+    assert code != 0 and "dataset BaseSegDataset holds no samples" in err, err
+    assert f"{root}/images/training" in err and "need at least one array" not in err
