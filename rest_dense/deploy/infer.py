@@ -671,6 +671,23 @@ def _write_summary(out_dir: str, doc: Dict[str, Any]) -> str:
     return path
 
 
+#: OpenCV's assertions when a resize would give an image a side of 0 pixels
+_ZERO_SIZE_RESIZE = ("inv_scale_x > 0", "inv_scale_y > 0", "dsize.area() > 0")
+
+
+def _prediction_error(error: BaseException, image: Any) -> str:
+    """What the summary says of one image's failed prediction: the error in one line, and
+    for an image too thin for the test pipeline's resize (one side scaled to 0 pixels,
+    OpenCV's assertion) its size and why."""
+    text = " ".join(error_text(error).split())
+    shape = getattr(image, "shape", None)
+    if any(a in text for a in _ZERO_SIZE_RESIZE) and shape is not None and len(shape) >= 2:
+        return (f"the {shape[0]}x{shape[1]} image is too thin for the test pipeline: its "
+                f"resize keeps the aspect ratio and scales the short side to 0 pixels "
+                f"(OpenCV: {type(error).__name__}: {text})")
+    return f"{type(error).__name__}: {text}"
+
+
 def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathLike],
                   out_dir: PathLike, device: str = "cpu", score_thr: float = 0.3,
                   cfg_options: CfgOptions = None, draw: bool = True,
@@ -797,7 +814,7 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
             try:
                 pred = predictor.predict(image)
             except Exception as e:  # one image (extreme aspect ratio, ...) stops no run
-                error = f"prediction failed: {type(e).__name__}: {' '.join(error_text(e).split())}"
+                error = f"prediction failed: {_prediction_error(e, image)}"
                 summary.failed.append({"input": path, "error": error})
                 bar.write(f"failed {path}: {error}")
                 done_inputs.add(path)

@@ -318,3 +318,22 @@ def test_infer_one_image_that_cannot_be_written_stops_no_run(tmp_path, capsys, d
         assert os.path.getsize(item["pred"]) > 0 and os.path.getsize(item["vis"]) > 1000
     left = [p for sub in ("preds", "vis") for p in os.listdir(tmp_path / "out" / sub)]
     assert not [p for p in left if p.startswith("refused")], left
+
+
+@pytest.mark.slow
+def test_infer_image_too_thin_for_the_resize_is_named(tmp_path, capsys, det_ckpt, toy_root,
+                                                     one_thread):
+    """A 1x300 image: the keep-ratio resize of the test pipeline scales its short side to 0
+    pixels, and OpenCV's assertion alone named neither the size nor the cause."""
+    import cv2
+
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    cv2.imwrite(str(imgs / "thin.png"), np.full((1, 300, 3), 128, np.uint8))
+    (imgs / "fine.png").write_bytes(val_images(toy_root)[0].read_bytes())
+    code, text, err = _infer(capsys, MM_DET, det_ckpt, [imgs], tmp_path / "out")
+    summary = _summary(tmp_path / "out")
+    assert code == 1 and summary["status"] == "errors", err
+    assert [os.path.basename(f["input"]) for f in summary["failed"]] == ["thin.png"]
+    assert "the 1x300 image is too thin for the test pipeline" in summary["failed"][0]["error"]
+    assert [os.path.basename(i["input"]) for i in summary["images"]] == ["fine.png"]
