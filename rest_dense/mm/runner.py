@@ -486,6 +486,44 @@ def check_start_checkpoint(model: nn.Module, cfg: Config) -> None:
         print_log(f"rest_dense: --resume {path}: the checkpoint is at iteration {done} and "
                   f"train_cfg.max_iters is {total}: nothing is left to train (raise "
                   "train_cfg.max_iters to train on)", logger="current", level=logging.WARNING)
+    if resume and isinstance(data, Mapping):
+        changed = scheduler_changes(data.get("param_schedulers"), cfg.get("param_scheduler"))
+        if changed:
+            print_log(f"rest_dense: --resume {path}: the learning-rate schedule goes on as the "
+                      f"checkpoint saved it, not as this config sets it ({'; '.join(changed)}): "
+                      "mmengine restores the saved schedulers whole. To train on the new "
+                      "schedule, start from the weights (load_from) instead",
+                      logger="current", level=logging.WARNING)
+
+
+#: the settings of a parameter scheduler that place it in the run
+_SCHEDULE_KEYS = ("begin", "end", "T_max", "milestones", "total_iters", "power", "eta_min",
+                  "step_size", "gamma")
+
+
+def scheduler_changes(saved: Any, configured: Any) -> List[str]:
+    """Where a checkpoint's parameter schedulers differ from the config's
+    ``param_scheduler`` (``'param_scheduler[1].end: 2 saved, 4 configured'``). Only
+    schedulers counted in the same unit are compared (iteration-based ones, or epoch-based
+    ones not converted to iterations); an empty list when nothing differs or the two cannot
+    be matched one to one."""
+    if isinstance(configured, Mapping):
+        configured = [configured]
+    if not isinstance(saved, list) or not isinstance(configured, (list, tuple)) \
+            or len(saved) != len(configured):
+        return []
+    changes = []
+    for i, (state, conf) in enumerate(zip(saved, configured)):
+        if not isinstance(state, Mapping) or not isinstance(conf, Mapping) \
+                or (conf.get("by_epoch", True) and conf.get("convert_to_iter_based")):
+            continue
+        for key in _SCHEDULE_KEYS:
+            if key in conf and key in state:
+                want = list(conf[key]) if isinstance(conf[key], (list, tuple)) else conf[key]
+                have = list(state[key]) if isinstance(state[key], (list, tuple)) else state[key]
+                if want != have:
+                    changes.append(f"param_scheduler[{i}].{key}: {have} saved, {want} configured")
+    return changes
 
 
 def check_same_start(cfg: Config) -> None:

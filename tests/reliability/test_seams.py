@@ -218,6 +218,35 @@ def test_cli_resume_of_a_finished_run_says_nothing_is_left(toy, tmp_path, capsys
     assert code == 0 and "nothing is left to train" in text, text[-2000:]
 
 
+def test_cli_resume_with_a_longer_schedule_says_the_saved_one_goes_on(toy, tmp_path, capsys):
+    """mmengine restores a resumed run's schedulers whole: with train_cfg.max_iters raised,
+    the scaled cosine's end and T_max of the config are not used, and that is said."""
+    import shutil
+
+    root, work, ckpt, sd = toy
+    mine = tmp_path / "iter_2.pth"
+    shutil.copy(ckpt, mine)
+    opts = [f"{k}={v}" for k, v in _opts(root).items()]
+    code, text = _cli(["train", str(DET), "--work-dir", str(tmp_path / "w"), "--threads", "1",
+                       "--resume", str(mine), "train_cfg.max_iters=3", *opts], capsys)
+    assert code == 0, text[-2000:]
+    assert "the learning-rate schedule goes on as the checkpoint saved it" in text, text[-3000:]
+    assert "param_scheduler[1].end: 2 saved, 3 configured" in text
+
+
+def test_scheduler_changes_compares_like_with_like():
+    from rest_dense.mm.runner import scheduler_changes
+
+    saved = [{"begin": 0, "end": 2, "by_epoch": False, "milestones": [1]}]
+    assert scheduler_changes(saved, [dict(begin=0, end=2, by_epoch=False)]) == []
+    assert scheduler_changes(saved, dict(begin=0, end=5, milestones=(1,), by_epoch=False)) == [
+        "param_scheduler[0].end: 2 saved, 5 configured"]
+    # epochs converted to iterations are not comparable; nor are lists of other lengths
+    assert scheduler_changes(saved, [dict(end=5, by_epoch=True, convert_to_iter_based=True)]) == []
+    assert scheduler_changes(saved, [dict(end=5), dict(end=6)]) == []
+    assert scheduler_changes(None, [dict(end=5)]) == []
+
+
 def test_cli_infer_refuses_cwin_checkpoint_in_global_config(toy, tmp_path, capsys):
     """infer applies test's completeness rules: cwin-trained weights in a global config."""
     root, work, ckpt, sd = toy
