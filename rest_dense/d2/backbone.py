@@ -249,9 +249,14 @@ def check_in_features(cfg: CfgNode, neck: str, key: str) -> None:
     (checked before anything is built, under both keys).
 
     Raises:
+        TypeError: not a list.
         ValueError: an empty list, or names of maps the backbone does not emit.
     """
-    wanted = list(cfg.MODEL[neck].IN_FEATURES)
+    wanted = cfg.MODEL[neck].IN_FEATURES
+    if isinstance(wanted, str) or not isinstance(wanted, (list, tuple)):
+        raise TypeError(f"MODEL.{neck}.IN_FEATURES must be a list of backbone maps, got "
+                        f"{wanted!r}")
+    wanted = list(wanted)
     emitted = list(cfg.MODEL[key].OUT_FEATURES)
     if not wanted:
         raise ValueError(f"MODEL.{neck}.IN_FEATURES is empty; name maps of "

@@ -76,8 +76,8 @@ def add_vt_fpn_config(cfg: CN) -> None:
         DEPTH: transformer layers over the tokens of all levels (1).
         NUM_HEADS: attention heads of the token transformer (16).
         POS_ENCODING: the tokenizer's position encoding (False, as in the paper's final model).
-        NORM: norm of the token path: ``"BN"`` (``"SyncBN"`` is accepted and means BN), ``"LN"``,
-            ``"none"``; ``""`` (default) = the core module's default, BN.
+        NORM: norm of the token path: ``"BN"``, ``"SyncBN"`` (the paper's; one process is
+            plain BN), ``"LN"``, ``"none"``; ``""`` (default) = the core module's default, BN.
 
     ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` (default 1.0 = off): semantic-segmentation
     training crops (:class:`RestTrainer` with ``SemanticSegmentor``) are re-drawn up to 10

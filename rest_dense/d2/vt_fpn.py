@@ -26,6 +26,7 @@ from detectron2.modeling.backbone import BACKBONE_REGISTRY, Backbone
 from torch import Tensor
 
 from ..models import VTFPN
+from ..models.base import check_flag, check_int
 from .backbone import build_rest_backbone, build_restv2_backbone, check_in_features, checks_heads
 
 __all__ = ["D2VTFPN", "vt_fpn_kwargs_from_cfg", "build_restv2_vt_fpn_backbone",
@@ -106,32 +107,46 @@ class D2VTFPN(Backbone):
         return dict(zip(self._out_features, outs))
 
 
-#: ``MODEL.VT_FPN.NORM`` (detectron2 spellings) -> the core's ``norm_layer``; SyncBN is the
-#: core's BatchNorm, which detectron2's DDP training does not convert: BN per process
-_D2_NORMS = {"BN": "bn", "SyncBN": "bn", "bn": "bn", "LN": "ln", "ln": "ln", "none": "none"}
+#: ``MODEL.VT_FPN.NORM`` (detectron2 spellings) -> the core's ``norm_layer``
+_D2_NORMS = {"BN": "bn", "bn": "bn", "SyncBN": "syncbn", "syncbn": "syncbn", "LN": "ln",
+             "ln": "ln", "none": None}
 
 
 def vt_fpn_kwargs_from_cfg(cfg: CfgNode) -> Dict[str, Any]:
     """``MODEL.VT_FPN`` as :class:`D2VTFPN` / :class:`~rest_dense.models.VTFPN` arguments
-    (everything but ``bottom_up``)."""
+    (everything but ``bottom_up``), each value checked under its key: yacs checks the types
+    of merged values only, and a config built in Python could hold ``8.7`` or ``'False'``.
+
+    Raises:
+        TypeError / ValueError: naming the key.
+    """
     c = cfg.MODEL.VT_FPN
+
+    def count(key: str, low: int = 1) -> int:
+        return check_int(c[key], f"MODEL.VT_FPN.{key}", low=low)
+
+    features = c.IN_FEATURES
+    if isinstance(features, str) or not isinstance(features, (list, tuple)):
+        raise TypeError(f"MODEL.VT_FPN.IN_FEATURES must be a list of backbone maps, got "
+                        f"{features!r}")
+    if not isinstance(c.TOKENIZER, str):
+        raise TypeError(f"MODEL.VT_FPN.TOKENIZER must be a string, got {c.TOKENIZER!r}")
     kwargs: Dict[str, Any] = dict(
-        in_features=list(c.IN_FEATURES),
-        out_channels=int(c.OUT_CHANNELS),
-        num_outs=int(c.NUM_OUTS) or None,
-        num_tokens=int(c.NUM_TOKENS),
-        token_channels=int(c.TOKEN_CHANNELS),
-        tokenizer=str(c.TOKENIZER),
-        transformer_depth=int(c.DEPTH),
-        num_heads=int(c.NUM_HEADS),
-        pos_encoding=bool(c.POS_ENCODING),
+        in_features=list(features),
+        out_channels=count("OUT_CHANNELS"),
+        num_outs=count("NUM_OUTS", low=0) or None,
+        num_tokens=count("NUM_TOKENS"),
+        token_channels=count("TOKEN_CHANNELS"),
+        tokenizer=c.TOKENIZER,
+        transformer_depth=count("DEPTH", low=0),
+        num_heads=count("NUM_HEADS"),
+        pos_encoding=check_flag(c.POS_ENCODING, "MODEL.VT_FPN.POS_ENCODING"),
     )
-    if c.NORM:
-        norm = _D2_NORMS.get(str(c.NORM))
-        if norm is None:
-            raise ValueError(f"MODEL.VT_FPN.NORM must be one of {sorted(_D2_NORMS)} (or empty: "
+    if c.NORM != "":
+        if not isinstance(c.NORM, str) or c.NORM not in _D2_NORMS:
+            raise ValueError(f"MODEL.VT_FPN.NORM must be one of {sorted(_D2_NORMS)} (or \"\": "
                              f"the module's default, BatchNorm), got {c.NORM!r}")
-        kwargs["norm_layer"] = None if norm == "none" else norm
+        kwargs["norm_layer"] = _D2_NORMS[c.NORM]
     return kwargs
 
 

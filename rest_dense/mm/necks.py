@@ -48,7 +48,7 @@ _FPN_ONLY = {
 }
 
 #: ``norm_cfg['type']`` (mmengine spelling) -> the core's ``norm_layer``
-_NORM_TYPES = {"BN": "bn", "BN1d": "bn", "SyncBN": "bn", "MMSyncBN": "bn", "LN": "ln"}
+_NORM_TYPES = {"BN": "bn", "BN1d": "bn", "SyncBN": "syncbn", "MMSyncBN": "syncbn", "LN": "ln"}
 
 
 def _norm_layer_from_cfg(norm_cfg: Any) -> Optional[str]:

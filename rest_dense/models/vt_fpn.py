@@ -45,18 +45,18 @@ from .layers import NORM_TYPES, reset_norm
 __all__ = ["VTFPN", "FilterTokenizer", "RecurrentTokenizer", "TokenTransformer", "Projector",
            "TokenNorm", "NORM_LAYERS", "TOKENIZERS"]
 
-#: spellings of ``norm_layer``: BatchNorm (the paper's SyncBN after conversion), LayerNorm, none
-NORM_LAYERS: Tuple[Optional[str], ...] = ("bn", "ln", None)
+#: spellings of ``norm_layer``: BatchNorm, SyncBatchNorm (the paper's), LayerNorm, none
+NORM_LAYERS: Tuple[Optional[str], ...] = ("bn", "syncbn", "ln", None)
 #: kinds of tokenizer of :class:`VTFPN`
 TOKENIZERS: Tuple[str, ...] = ("filter", "recurrent")
 
 
 def _check_norm(norm_layer: Optional[str]) -> Optional[str]:
-    if isinstance(norm_layer, str) and norm_layer.lower() in ("bn", "ln", "none"):
+    if isinstance(norm_layer, str) and norm_layer.lower() in ("bn", "syncbn", "ln", "none"):
         return None if norm_layer.lower() == "none" else norm_layer.lower()
     if norm_layer is None:
         return None
-    raise ValueError(f"norm_layer must be 'bn', 'ln' or None, got {norm_layer!r}")
+    raise ValueError(f"norm_layer must be 'bn', 'syncbn', 'ln' or None, got {norm_layer!r}")
 
 
 def _softmax(x: Tensor, dim: int) -> Tensor:
@@ -70,14 +70,16 @@ def _softmax(x: Tensor, dim: int) -> Tensor:
 class TokenNorm(nn.Module):
     """Normalisation of tokens ``(B, L, C)`` over their channels.
 
-    ``'bn'`` wraps an ``nn.BatchNorm1d`` applied to the ``(B, C, L)`` view, so
-    ``nn.SyncBatchNorm.convert_sync_batchnorm`` turns it into SyncBN (the paper trains
-    VT-FPN with SyncBN); statistics are taken over images and tokens. ``'ln'`` is a
-    LayerNorm (batch-independent in training too); ``None`` is the identity.
+    ``'bn'`` wraps an ``nn.BatchNorm1d`` applied to the ``(B, C, L)`` view; statistics are
+    taken over images and tokens. ``'syncbn'`` is the same with ``nn.SyncBatchNorm``
+    (statistics over the images of every process in distributed training, as the paper
+    trains VT-FPN; one process is plain BatchNorm, and the frameworks turn it back into
+    ``BatchNorm1d`` where they revert SyncBN). ``'ln'`` is a LayerNorm (batch-independent in
+    training too); ``None`` is the identity.
 
     Args:
         dim (int): channels C.
-        kind (str | None): ``'bn'``, ``'ln'`` or None. Default: ``'bn'``.
+        kind (str | None): ``'bn'``, ``'syncbn'``, ``'ln'`` or None. Default: ``'bn'``.
     """
 
     def __init__(self, dim: int, kind: Optional[str] = "bn"):
@@ -85,17 +87,19 @@ class TokenNorm(nn.Module):
         self.kind = _check_norm(kind)
         if self.kind == "bn":
             self.norm = nn.BatchNorm1d(dim)
+        elif self.kind == "syncbn":
+            self.norm = nn.SyncBatchNorm(dim)
         elif self.kind == "ln":
             self.norm = nn.LayerNorm(dim)
         else:
             self.norm = nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.kind == "bn":
+        if self.kind in ("bn", "syncbn"):
             if self.training and not tracing() and x.shape[0] * x.shape[1] == 1:
-                raise ValueError("norm_layer='bn' needs more than one token per batch in "
-                                 "training (batch 1 x 1 token here); use more images or "
-                                 "tokens, or norm_layer='ln' / None")
+                raise ValueError(f"norm_layer={self.kind!r} needs more than one token per "
+                                 "batch in training (batch 1 x 1 token here); use more images "
+                                 "or tokens, or norm_layer='ln' / None")
             return self.norm(x.transpose(1, 2)).transpose(1, 2)
         return self.norm(x)
 
@@ -413,7 +417,8 @@ class VTFPN(nn.Module):
             Default: 16.
         pos_encoding (bool): position encoding in the tokenizers. Default: False.
         norm_layer (str | None): norm of the token path (:class:`TokenNorm`): ``'bn'``
-            (BatchNorm, convertible to SyncBN), ``'ln'`` or None. Default: ``'bn'``.
+            (BatchNorm), ``'syncbn'`` (SyncBatchNorm, the paper's), ``'ln'`` or None.
+            Default: ``'bn'``.
     """
 
     def __init__(self, in_channels: Sequence[int], out_channels: int = 256,

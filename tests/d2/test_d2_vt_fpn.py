@@ -1,6 +1,8 @@
 """VT-FPN in detectron2: the registered builders (ResTv2 and ResTv1) emit p2..p5 (p6) with
 their shapes, SemanticSegmentor + SemSegFPNHead consume them unchanged at an odd size, a
 training step on the toy label maps, the shipped yaml / LazyConfig configs, named errors."""
+import re
+
 import pytest
 import torch
 
@@ -147,6 +149,34 @@ def test_errors_name_the_key():
     assert build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "LN"])).backbone.neck.norm_layer == "ln"
     with pytest.raises(ValueError, match="MODEL.VT_FPN.NORM"):
         build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "GN"]))
+    # SyncBN is the paper's: nn.SyncBatchNorm (plain BatchNorm in one process)
+    neck = build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "SyncBN"])).backbone.neck
+    assert neck.norm_layer == "syncbn"
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in neck.modules())
+    # yacs takes None for a str key: it is not "the default BN"
+    with pytest.raises(ValueError, match="MODEL.VT_FPN.NORM .*got None"):
+        build_model(_cfg(extra=["MODEL.VT_FPN.NORM", "None"]))
+
+
+@pytest.mark.parametrize("key,value,named", [
+    ("NUM_TOKENS", 8.7, "MODEL.VT_FPN.NUM_TOKENS must be an integer, got 8.7"),
+    ("NUM_OUTS", 4.5, "MODEL.VT_FPN.NUM_OUTS must be an integer, got 4.5"),
+    ("NUM_OUTS", None, "MODEL.VT_FPN.NUM_OUTS must be an integer, got None"),
+    ("OUT_CHANNELS", None, "MODEL.VT_FPN.OUT_CHANNELS must be an integer, got None"),
+    ("NUM_HEADS", True, "MODEL.VT_FPN.NUM_HEADS must be an integer, got the bool True"),
+    ("DEPTH", -1, "MODEL.VT_FPN.DEPTH must be >= 0, got -1"),
+    ("POS_ENCODING", "False", "MODEL.VT_FPN.POS_ENCODING must be True or False"),
+    ("IN_FEATURES", None, "MODEL.VT_FPN.IN_FEATURES must be a list"),
+    ("TOKENIZER", 1, "MODEL.VT_FPN.TOKENIZER must be a string"),
+])
+def test_values_set_in_python_are_checked_not_coerced(key, value, named):
+    """yacs checks the types of merged values only: a config edited in Python could hold
+    8.7 tokens (built as 8) or 'False' (built as True)."""
+    cfg = _cfg()
+    cfg.defrost()
+    cfg.MODEL.VT_FPN[key] = value
+    with pytest.raises((TypeError, ValueError), match=re.escape(named)):
+        build_model(cfg)
 
 
 def test_heads_reading_maps_the_neck_lacks_are_refused_when_built():

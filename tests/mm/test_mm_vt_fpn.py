@@ -66,7 +66,8 @@ def test_adapter_arguments_and_init_cfg(request):
     neck = MODELS.build(dict(type="VTFPN", in_channels=DIMS, out_channels=16, token_channels=32,
                              num_heads=4, norm_cfg=dict(type="SyncBN", requires_grad=True),
                              init_cfg=dict(type="Constant", layer="Conv2d", val=0.5, bias=0.0)))
-    assert neck.norm_layer == "bn" and not neck.is_init
+    assert neck.norm_layer == "syncbn" and not neck.is_init
+    assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in neck.modules())
     neck.init_weights()
     assert neck.is_init and (neck.lateral_convs[0].weight == 0.5).all()
     neck.init_weights()  # a second call (a parent's) only warns: the init_cfg result stays

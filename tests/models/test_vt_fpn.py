@@ -214,7 +214,7 @@ def test_traced_and_onnx_graphs_follow_the_input_size():
     (dict(out_channels=0), ValueError, "out_channels must be >= 1"),
     (dict(tokenizer="cluster"), ValueError, "unknown tokenizer 'cluster'"),
     (dict(num_outs=3), ValueError, r"num_outs \(3\) must be at least the number of levels"),
-    (dict(norm_layer="gn"), ValueError, "norm_layer must be 'bn', 'ln' or None"),
+    (dict(norm_layer="gn"), ValueError, "norm_layer must be 'bn', 'syncbn', 'ln' or None"),
     (dict(pos_encoding="yes"), TypeError, "pos_encoding must be True or False"),
     (dict(transformer_depth=-1), ValueError, "transformer_depth must be >= 0"),
 ])
@@ -300,6 +300,20 @@ def test_init_weights_and_norm_options():
     assert neck.tokenizers[0].pos_embed.abs().sum() > 0
     assert neck.lateral_convs[0].weight.abs().sum() > 0 and neck.lateral_convs[0].bias.abs().sum() == 0
     assert isinstance(neck.transformer[0].norm.norm, torch.nn.LayerNorm)
+    # 'syncbn' builds SyncBatchNorm: in one process the same numbers as 'bn', trained or
+    # not, and back to BatchNorm where a framework reverts SyncBN
+    torch.manual_seed(0)
+    bn = VTFPN(CH, **KW)
+    sbn = VTFPN(CH, norm_layer="syncbn", **KW)
+    sbn.load_state_dict(bn.state_dict())
+    assert sum(isinstance(m, torch.nn.SyncBatchNorm) for m in sbn.modules()) == \
+        sum(isinstance(m, torch.nn.BatchNorm1d) for m in bn.modules()) > 0
+    x = feats(2, sizes=ODD_SIZES[:4])
+    for mode in (True, False):
+        for a, b in zip(bn.train(mode)(x), sbn.train(mode)(x)):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="norm_layer='syncbn' needs more than one token"):
+        VTFPN(CH, **{**KW, "num_tokens": 1}, norm_layer="syncbn").train()(feats(1, sizes=ODD_SIZES[:4]))
     # 'bn' converts to SyncBN; None leaves the token path without norms
     sync = torch.nn.SyncBatchNorm.convert_sync_batchnorm(VTFPN(CH, **KW))
     assert any(isinstance(m, torch.nn.SyncBatchNorm) for m in sync.modules())

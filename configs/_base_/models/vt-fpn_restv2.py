@@ -15,4 +15,5 @@ model = dict(
         tokenizer='filter',
         transformer_depth=1,
         num_heads=16,
-        pos_encoding=False))
+        pos_encoding=False,
+        norm_cfg=dict(type='SyncBN', requires_grad=True)))  # as the paper trains VT-FPN

@@ -49,6 +49,7 @@ model = L(SemanticSegmentor)(
         transformer_depth=1,
         num_heads=16,
         pos_encoding=False,
+        norm_layer="syncbn",  # the token path's norm, as the paper trains VT-FPN
     ),
     sem_seg_head=L(SemSegFPNHead)(
         input_shape={name: L(ShapeSpec)(channels="${....backbone.out_channels}", stride=stride)
