@@ -114,6 +114,27 @@ def load_pretrained_cfg(model, cfg: Mapping) -> LoadReport:
     return report
 
 
+def init_cfg_entries(init_cfg: InitCfg, owner: str = "") -> List[Mapping]:
+    """The entries of an ``init_cfg`` (a dict, a list of dicts or None), each checked to be
+    a dict with a ``'type'``; ``owner`` prefixes the message.
+
+    Raises:
+        TypeError: anything else (a checkpoint path given as the string itself too).
+    """
+    prefix = f"{owner} " if owner else ""
+    if isinstance(init_cfg, (str, bytes)):
+        raise TypeError(f"{prefix}init_cfg must be a dict or a list of dicts, got the string "
+                        f"{init_cfg!r}; a checkpoint is dict(type='Pretrained', "
+                        f"checkpoint={init_cfg!r})")
+    if init_cfg is not None and not isinstance(init_cfg, (Mapping, list, tuple)):
+        raise TypeError(f"{prefix}init_cfg must be a dict or a list of dicts, got {init_cfg!r}")
+    cfgs = [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg or [])
+    for cfg in cfgs:
+        if not isinstance(cfg, Mapping) or "type" not in cfg:
+            raise TypeError(f"{prefix}init_cfg entries must be dicts with a 'type', got {cfg!r}")
+    return cfgs
+
+
 class _InitCfgMixin:
     """Gives a core ResT backbone mmengine's ``init_cfg`` / ``init_weights`` contract.
 
@@ -127,10 +148,7 @@ class _InitCfgMixin:
             if init_cfg is not None:
                 raise ValueError("pass either 'pretrained' or 'init_cfg', not both")
             init_cfg = dict(type="Pretrained", checkpoint=pretrained)
-        cfgs = [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg or [])
-        for cfg in cfgs:
-            if not isinstance(cfg, Mapping) or "type" not in cfg:
-                raise TypeError(f"init_cfg entries must be dicts with a 'type', got {cfg!r}")
+        cfgs = init_cfg_entries(init_cfg)
         if sum(_is_pretrained(c) for c in cfgs) > 1:
             raise ValueError("init_cfg may hold at most one Pretrained entry")
         super().__init__(**kwargs)

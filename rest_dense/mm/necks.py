@@ -20,16 +20,16 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from mmengine.logging import print_log
 from mmengine.model import BaseModule, initialize
 
 from ..models import VTFPN
+from .backbones import InitCfg, init_cfg_entries
 
 __all__ = ["MMVTFPN", "check_neck_levels"]
 
-InitCfg = Union[Dict[str, Any], List[Dict[str, Any]], None]
 
 #: mmdet ``FPN`` arguments that VT-FPN has no equivalent for, with what to do instead
 _FPN_ONLY = {
@@ -98,10 +98,7 @@ class MMVTFPN(VTFPN, BaseModule):
         if fpn_only:
             raise TypeError("VTFPN does not take " + "; ".join(
                 f"{k!r} ({_FPN_ONLY[k]})" for k in fpn_only))
-        cfgs = [init_cfg] if isinstance(init_cfg, Mapping) else list(init_cfg or [])
-        for cfg in cfgs:
-            if not isinstance(cfg, Mapping) or "type" not in cfg:
-                raise TypeError(f"VTFPN init_cfg entries must be dicts with a 'type', got {cfg!r}")
+        init_cfg_entries(init_cfg, "VTFPN")
         super().__init__(in_channels=in_channels, **kwargs)  # the core initialises its weights
         self.init_cfg = copy.deepcopy(init_cfg)
         self._built = True

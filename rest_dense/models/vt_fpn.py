@@ -104,6 +104,20 @@ class TokenNorm(nn.Module):
         return self.norm(x)
 
 
+def _check_tokens(owner: str, tokens: Tensor, token_channels: int) -> None:
+    """``(B, L, token_channels)`` tokens, at least one per image."""
+    if not isinstance(tokens, Tensor) or tokens.dim() != 3:
+        raise ValueError(f"{owner} takes (B, L, C) tokens, got "
+                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
+    if tracing():  # sizes are traced values there
+        return
+    if tokens.shape[2] != token_channels:
+        raise ValueError(f"{owner} was built for tokens of {token_channels} channels, got "
+                         f"{tokens.shape[2]}")
+    if tokens.shape[1] < 1:  # a softmax over no tokens would leave the map as it was
+        raise ValueError(f"{owner} got no tokens (L = 0)")
+
+
 def _check_map_and_tokens(owner: str, x: Tensor, channels: int,
                           tokens: Optional[Tensor] = None, token_channels: int = 0) -> None:
     """A ``(B, C, H, W)`` map with ``channels`` and, if given, ``(B, L, token_channels)``
@@ -111,20 +125,15 @@ def _check_map_and_tokens(owner: str, x: Tensor, channels: int,
     if not isinstance(x, Tensor) or x.dim() != 4:
         raise ValueError(f"{owner} takes a (B, C, H, W) map, got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
-    if tokens is not None and (not isinstance(tokens, Tensor) or tokens.dim() != 3):
-        raise ValueError(f"{owner} takes (B, L, C) tokens, got "
-                         f"{tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__}")
-    if tracing():  # sizes are traced values there
+    if tokens is not None:
+        _check_tokens(owner, tokens, token_channels)
+    if tracing():
         return
     if x.shape[1] != channels:
         raise ValueError(f"{owner} was built for {channels} map channels, got {x.shape[1]}")
-    if tokens is not None:
-        if tokens.shape[0] != x.shape[0]:
-            raise ValueError(f"{owner} got tokens of {tokens.shape[0]} images for a map of "
-                             f"{x.shape[0]}; each image has its own tokens")
-        if tokens.shape[2] != token_channels:
-            raise ValueError(f"{owner} was built for tokens of {token_channels} channels, got "
-                             f"{tokens.shape[2]}")
+    if tokens is not None and tokens.shape[0] != x.shape[0]:
+        raise ValueError(f"{owner} got tokens of {tokens.shape[0]} images for a map of "
+                         f"{x.shape[0]}; each image has its own tokens")
 
 
 class _Tokenizer(nn.Module):
@@ -331,6 +340,7 @@ class TokenTransformer(nn.Module):
         Returns:
             ``(B, N, C_T)`` tokens (and the weights).
         """
+        _check_tokens(type(self).__name__, t, self.dim)
         weights = self.attention_weights(t)
         mixed = (weights @ self._heads(t)).transpose(1, 2).reshape(t.shape)
         t = t + mixed

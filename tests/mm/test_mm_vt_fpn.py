@@ -3,13 +3,14 @@ VT-FPN config built with a small backbone and run on an odd size, real training 
 toy data (mmseg VT-FPN, mmdet Mask R-CNN with VT-FPN, mmdet RetinaNet with VT-FPN through the
 Runner), and the errors of careless configs."""
 import copy
+import re
 
 import pytest
 import torch
 from mmengine.config import Config
 from mmengine.dataset import pseudo_collate
 from mmengine.optim import build_optim_wrapper
-from mmengine.registry import Registry, init_default_scope
+from mmengine.registry import DefaultScope, Registry, init_default_scope
 
 import rest_dense.mm  # noqa: F401
 from rest_dense.mm import MMVTFPN
@@ -245,3 +246,21 @@ def test_careless_configs_are_named_errors():
     cfg.model.neck.token_channels = 100
     with pytest.raises(ValueError, match="token_channels"):
         build(cfg)
+
+
+@pytest.mark.parametrize("bad,named", [
+    ("work_dirs/neck.pth", "got the string 'work_dirs/neck.pth'; a checkpoint is "
+                           "dict(type='Pretrained', checkpoint='work_dirs/neck.pth')"),
+    (5, "init_cfg must be a dict or a list of dicts, got 5"),
+    ([dict(type="Constant", val=1.0, layer="Conv2d"), "x"], "entries must be dicts with a 'type', got 'x'"),
+])
+def test_init_cfg_of_another_shape_is_named(bad, named):
+    """One check (mm.backbones.init_cfg_entries) for the backbones and the neck; a path
+    given as init_cfg itself was reported by its first character ('w')."""
+    from mmseg.registry import MODELS
+
+    for cfg in (dict(type="VTFPN", in_channels=DIMS, out_channels=16, token_channels=32,
+                     num_heads=4), dict(type="ResTv2", arch="tiny")):
+        with DefaultScope.overwrite_default_scope("mmseg"):
+            with pytest.raises(TypeError, match=re.escape(named)):
+                MODELS.build(dict(cfg, init_cfg=bad))

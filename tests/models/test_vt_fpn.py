@@ -265,6 +265,12 @@ def test_submodules_refuse_maps_and_tokens_that_do_not_belong_together():
         (lambda: FilterTokenizer(32, 4, 64)(x[0]), r"\(B, C, H, W\) map, got \(32, 8, 8\)"),
         (lambda: RecurrentTokenizer(32, 64)(x, torch.randn(3, 4, 64)), "tokens of 3 images"),
         (lambda: RecurrentTokenizer(32, 64)(x, torch.randn(4, 64)), r"\(B, L, C\) tokens"),
+        # a softmax over no tokens returned the map unchanged
+        (lambda: Projector(32, 64)(x, torch.randn(2, 0, 64)), r"got no tokens \(L = 0\)"),
+        (lambda: RecurrentTokenizer(32, 64)(x, torch.randn(2, 0, 64)), "got no tokens"),
+        # the transformer failed in a matmul
+        (lambda: TokenTransformer(16, 4)(torch.randn(2, 5, 12)), "tokens of 16 channels, got 12"),
+        (lambda: TokenTransformer(16, 4)(torch.randn(5, 16)), r"\(B, L, C\) tokens"),
     ]
     for call, named in cases:
         with pytest.raises(ValueError, match=named):
