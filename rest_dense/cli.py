@@ -69,6 +69,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT
         print(f"rest-dense {args.command}: interrupted", file=sys.stderr)
         return 130
+    except ModuleNotFoundError as err:  # an optional dependency (a core install lacks it)
+        from .utils import missing_package_hint
+
+        hint = missing_package_hint(err)
+        if hint is None:
+            raise
+        print(f"rest-dense {args.command}: error: {hint}", file=sys.stderr)
+        return 2
     except BrokenPipeError:  # `rest-dense configs | head`: the reader left, nothing to report
         _silence_stdout()
         return 141  # the shell's status for SIGPIPE

@@ -8,7 +8,8 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count", "path_inside", "same_file",
-           "check_output_path", "MAX_COUNT", "check_count"]
+           "check_output_path", "MAX_COUNT", "check_count", "OPTIONAL_PACKAGES",
+           "missing_package_hint"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
@@ -16,6 +17,34 @@ _OLD_PREFIX = "RESTDENSE_"
 #: the largest count of iterations / epochs a run may ask for: the frameworks' loggers and
 #: ETA estimates convert it to a C int
 MAX_COUNT = 2 ** 31 - 1
+
+
+#: top-level modules of the optional dependencies -> how a wheel user installs them
+OPTIONAL_PACKAGES = {
+    "fvcore": "pip install fvcore (FLOP counts; also in rest_dense[d2])",
+    "onnx": "pip install onnx onnxruntime (or rest_dense[deploy])",
+    "onnxruntime": "pip install onnxruntime (or rest_dense[deploy])",
+    "safetensors": "pip install safetensors",
+    "mmengine": "pip install 'rest_dense[mm]' (mmcv with compiled ops: see the README)",
+    "mmcv": "pip install 'rest_dense[mm]' (mmcv with compiled ops: see the README)",
+    "mmdet": "pip install 'rest_dense[mm]'",
+    "mmseg": "pip install 'rest_dense[mm]'",
+    "mmdeploy": "pip install --no-deps mmdeploy==1.3.1 and 'rest_dense[deploy]'",
+    "detectron2": ("pip install 'rest_dense[d2]', then detectron2 itself: pip install "
+                   "--no-build-isolation 'git+https://github.com/facebookresearch/detectron2.git'"),
+    "pycocotools": "pip install pycocotools",
+    "matplotlib": "pip install matplotlib",
+}
+
+
+def missing_package_hint(error: BaseException) -> Optional[str]:
+    """One line for a ``ModuleNotFoundError`` of an optional dependency (which package, how
+    to install it); ``None`` for any other error or module."""
+    name = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    root = (name or "").split(".")[0]
+    if root not in OPTIONAL_PACKAGES:
+        return None
+    return f"this needs {root}, which is not installed: {OPTIONAL_PACKAGES[root]}"
 
 
 def check_count(value: object, key: str, minimum: int = 1) -> int:

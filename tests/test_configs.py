@@ -91,6 +91,15 @@ def test_cli_configs(capsys):
     assert main(["configs", "--framework", "openmmlab", "--path", "toy/upernet_restv2_toy.py"]) == 0
     # a fragment of no one framework is printed whatever --framework says
     assert main(["configs", "--framework", "mmdet", "--path", "_base_/schedules/adamw_1x.py"]) == 0
+    # a word without wildcards matches the names that contain it; a folder is named as one
+    capsys.readouterr()
+    assert main(["configs", "toy"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()[:-1]]
+    assert listed and all("toy" in name for name in listed)
+    assert "toy/upernet_restv2_toy.py" in listed and "detectron2/toy/mask_rcnn_restv2_toy.yaml" in listed
+    for folder in ("mask_rcnn", "toy/"):
+        assert main(["configs", "--path", folder]) == 2
+        assert f"{folder} is a folder of configs" in capsys.readouterr().err
 
 
 def test_cli_output_to_a_closed_pipe_is_quiet():

@@ -140,3 +140,35 @@ def test_installed_demo_runs(installed):
     metrics = list((work / "wd").rglob("metrics.json"))
     assert metrics, "the demo wrote no metrics.json"
     assert (work / "data" / "toy").is_dir()
+
+
+def test_wheel_built_from_the_sdist_ships_the_configs(wheel, tmp_path):
+    """`python -m build` makes the wheel from the sdist: the sdist must carry configs/ (and
+    the tests and tools that check it), or the wheel ships no config."""
+    src = wheel.parent.parent / "src"
+    sdist_dir = tmp_path / "sdist"
+    _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check",
+          "--outdir", sdist_dir, src],
+         cwd=tmp_path, env=dict(os.environ))
+    sdists = list(sdist_dir.glob("rest_dense-*.tar.gz"))
+    assert len(sdists) == 1, sdists
+    import tarfile
+
+    with tarfile.open(sdists[0]) as tar:
+        names = tar.getnames()
+    top = names[0].split("/")[0]
+    for rel in ("configs/toy/mask_rcnn_restv2_toy.py", "configs/_base_/default_runtime_det.py",
+                "tests/conftest.py", "tests/models/test_vt_fpn.py", "tools/run_tests.sh",
+                "MANIFEST.in"):
+        assert f"{top}/{rel}" in names, rel
+    assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
+    out = tmp_path / "wheel_from_sdist"
+    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+          "-w", out, sdists[0]], cwd=tmp_path, env=dict(os.environ))
+    built = list(out.glob("rest_dense-*.whl"))
+    assert len(built) == 1, built
+    from_sdist = sorted(n for n in zipfile.ZipFile(built[0]).namelist()
+                        if n.startswith("rest_dense/.mim/configs/"))
+    direct = sorted(n for n in zipfile.ZipFile(wheel).namelist()
+                    if n.startswith("rest_dense/.mim/configs/"))
+    assert from_sdist == direct and len(direct) > 30

@@ -19,7 +19,8 @@ HELP = "list the shipped configs (or print one's path)"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pattern", nargs="?", default="*",
-                        help="shell-style filter on the config name (default: all)")
+                        help="shell-style filter on the config name (default: all); a word "
+                        "without wildcards matches the names that contain it")
     parser.add_argument("--framework",
                         choices=["mmdet", "mmseg", "d2", "d2-lazy", "openmmlab", "detectron2"],
                         help="only configs of this framework (d2: detectron2 yaml, d2-lazy: "
@@ -36,6 +37,12 @@ def run(args: argparse.Namespace) -> int:
             print("rest-dense configs: error: --path needs a config name", file=sys.stderr)
             return 2
         try:
+            folder = configs_root() / args.path.strip().rstrip("/")
+            if folder.is_dir():
+                print(f"rest-dense configs: error: {args.path} is a folder of configs; list "
+                      f"them with: rest-dense configs '{args.path.strip().rstrip('/')}/*'",
+                      file=sys.stderr)
+                return 2
             path = get_config_path(args.path)
         except FileNotFoundError as err:
             print(f"rest-dense configs: error: {error_text(err)}", file=sys.stderr)
@@ -50,7 +57,12 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(path)
         return 0
-    names = list_configs(args.pattern, args.framework)
+    pattern = args.pattern if any(c in args.pattern for c in "*?[") else f"*{args.pattern}*"
+    try:
+        names = list_configs(pattern, args.framework)
+    except FileNotFoundError as err:  # an install without its configs
+        print(f"rest-dense configs: error: {error_text(err)}", file=sys.stderr)
+        return 2
     if not names:
         print(f"no shipped config matches {args.pattern!r}"
               + (f" for {args.framework}" if args.framework else ""))

@@ -138,7 +138,18 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
             _warn_if_variable(cfg, key)
         cfg.merge_from_dict(options)
     cfg.default_scope = detect_framework(cfg)
+    _check_installed(cfg.default_scope, path)
     return cfg
+
+
+def _check_installed(scope: str, path: str) -> None:
+    """The toolbox of a config's scope must be importable: without it the config's types
+    fail one by one as "not in the registry" (a visualizer first), naming no package."""
+    import importlib.util
+
+    if importlib.util.find_spec(scope) is None:
+        raise ModuleNotFoundError(f"{path} is a config of {scope}, which is not installed",
+                                  name=scope)
 
 
 #: the top-level names mmengine's Runner and the OpenMMLab tools read from a config; any

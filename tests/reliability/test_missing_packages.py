@@ -1,0 +1,65 @@
+"""A core install (the wheel alone) lacks the optional packages: each command that needs one
+names it and how to install it, in one line, instead of a traceback. The packages are made
+unimportable in a child interpreter (a meta-path finder that refuses them), as on a machine
+without them."""
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytestmark = pytest.mark.timeout(600)
+
+BLOCKER = textwrap.dedent('''
+    import os, sys
+    _BLOCK = set(os.environ["BLOCK_MODULES"].split(","))
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in _BLOCK:
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+    sys.meta_path.insert(0, _Block())
+''')
+
+
+@pytest.fixture(scope="module")
+def blocker(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("blocker")
+    (folder / "sitecustomize.py").write_text(BLOCKER)
+    return folder
+
+
+def _run(blocker, subprocess_env, tmp_path, module, args):
+    env = dict(subprocess_env, BLOCK_MODULES=module,
+               PYTHONPATH=f"{blocker}:{subprocess_env['PYTHONPATH']}")
+    proc = subprocess.run([sys.executable, "-m", "rest_dense.cli", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=300)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("module,args,how", [
+    ("fvcore", ["flops", "restv2_tiny"], "pip install fvcore"),
+    ("onnx", ["export", "restv2_tiny", "--out", "m.onnx"], "pip install onnx"),
+    ("detectron2", ["flops", "detectron2/toy/mask_rcnn_restv2_toy.yaml"], "detectron2.git"),
+    ("detectron2", ["train", "detectron2/toy/mask_rcnn_restv2_toy.yaml"], "detectron2.git"),
+    ("mmdet", ["train", "toy/mask_rcnn_restv2_toy.py"], "rest_dense[mm]"),
+    ("mmseg", ["flops", "toy/upernet_restv2_toy.py"], "rest_dense[mm]"),
+    ("mmengine", ["test", "toy/mask_rcnn_restv2_toy.py", "m.pth"], "rest_dense[mm]"),
+])
+def test_a_missing_optional_package_is_named(blocker, subprocess_env, tmp_path, module, args, how):
+    (tmp_path / "m.pth").write_bytes(b"")
+    code, err = _run(blocker, subprocess_env, tmp_path, module, args)
+    assert code == 2, err[-2000:]
+    assert f"this needs {module}, which is not installed" in err and how in err, err[-2000:]
+    assert "Traceback" not in err
+
+
+def test_blocking_works_and_other_packages_still_run(blocker, subprocess_env, tmp_path):
+    """The blocker makes the package unimportable, and nothing else: with fvcore blocked,
+    the conversion of a checkpoint still runs."""
+    env = dict(subprocess_env, BLOCK_MODULES="fvcore",
+               PYTHONPATH=f"{blocker}:{subprocess_env['PYTHONPATH']}")
+    probe = subprocess.run([sys.executable, "-c", "import fvcore"], env=env,
+                           capture_output=True, text=True)
+    assert probe.returncode != 0 and "No module named 'fvcore'" in probe.stderr
+    code, err = _run(blocker, subprocess_env, tmp_path, "fvcore", ["configs", "toy/*"])
+    assert code == 0, err
