@@ -372,15 +372,16 @@ def resolve_targets(items: Iterable[str], all_configs: bool = False) -> List[Tar
     Raises:
         ValueError: an item is neither a model name, nor a config, nor a folder.
     """
-    from .configs import ConfigSyntaxError, config_framework, get_config_path, list_configs
+    from .configs import (ConfigSyntaxError, config_framework, get_config_folder,
+                          get_config_path, list_configs)
 
     found: List[Tuple[str, str]] = []  # (kind, model name or config path), in order
     for item in items:
         item = str(item)
         if _is_model_name(item) and not os.path.exists(item):
             found.append(("backbone", canonical_name(item)))
-        elif os.path.isdir(item):
-            paths = _configs_under(item)
+        elif get_config_folder(item):
+            paths = _configs_under(get_config_folder(item))
             if not paths:
                 raise ValueError(f"folder {item!r} holds no config (.py / .yaml) files")
             found += [("config", p) for p in paths]

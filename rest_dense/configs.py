@@ -193,6 +193,28 @@ def _package_config(name: str) -> str:
                             f"{' and '.join(tried)})")
 
 
+def _shipped_relative(name: str) -> str:
+    """``name`` relative to the shipped configs folder (a leading ``configs/`` dropped)."""
+    rel = Path(name).as_posix()
+    return rel[len("configs/"):] if rel.startswith("configs/") else rel
+
+
+def get_config_folder(name: PathLike, local: bool = True) -> Optional[str]:
+    """Absolute path of a folder of configs: an existing folder (with ``local``), else one
+    of the shipped configs folder (``'mask_rcnn'``, ``'configs/upernet'``, in a wheel and a
+    clone alike); ``None`` when ``name`` is neither."""
+    name = os.fspath(name)
+    if local and os.path.isdir(name):
+        return os.path.abspath(name)
+    root = configs_root()
+    rel = _shipped_relative(name).rstrip("/")
+    path = root / rel
+    if rel and rel != "." and path.is_dir() \
+            and os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+        return str(path)
+    return None
+
+
 def get_config_path(name: PathLike) -> str:
     """Absolute path of a config.
 
@@ -212,12 +234,11 @@ def get_config_path(name: PathLike) -> str:
         return os.path.abspath(name)
     if "::" in name:
         return _package_config(name)
-    if os.path.isdir(name):
-        raise FileNotFoundError(f"config {name!r} is a folder, not a config file")
+    if os.path.isdir(name) or get_config_folder(name, local=False):
+        raise FileNotFoundError(f"config {name!r} is a folder of configs, not a config file; "
+                                f"`rest-dense configs '{name.rstrip('/')}/*'` lists them")
     root = configs_root()
-    rel = Path(name).as_posix()
-    if rel.startswith("configs/"):
-        rel = rel[len("configs/"):]
+    rel = _shipped_relative(name)
     path = root / rel
     inside = rel and os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
     if inside and path.is_file():  # never a file beside the configs ('../setup.py')

@@ -99,7 +99,7 @@ def test_cli_configs(capsys):
     assert "toy/upernet_restv2_toy.py" in listed and "detectron2/toy/mask_rcnn_restv2_toy.yaml" in listed
     for folder in ("mask_rcnn", "toy/"):
         assert main(["configs", "--path", folder]) == 2
-        assert f"{folder} is a folder of configs" in capsys.readouterr().err
+        assert f"'{folder}' is a folder of configs" in capsys.readouterr().err
 
 
 def test_cli_output_to_a_closed_pipe_is_quiet():

@@ -37,12 +37,6 @@ def run(args: argparse.Namespace) -> int:
             print("rest-dense configs: error: --path needs a config name", file=sys.stderr)
             return 2
         try:
-            folder = configs_root() / args.path.strip().rstrip("/")
-            if folder.is_dir():
-                print(f"rest-dense configs: error: {args.path} is a folder of configs; list "
-                      f"them with: rest-dense configs '{args.path.strip().rstrip('/')}/*'",
-                      file=sys.stderr)
-                return 2
             path = get_config_path(args.path)
         except FileNotFoundError as err:
             print(f"rest-dense configs: error: {error_text(err)}", file=sys.stderr)

@@ -228,3 +228,16 @@ def test_cli_params_only_shipped_configs(capsys):
     for line, name in zip(lines, [MASK_RCNN_T, "detectron2/mask_rcnn_restv2_tiny_1x.yaml"]):
         assert line.split()[0] == "49.941M" and "(backbone 29.667M)" in line
         assert line.endswith(name)
+
+
+def test_cli_shipped_folder_from_any_directory(capsys, tmp_path, monkeypatch):
+    """`rest-dense flops configs/upernet` (the README's example) from a folder that is not
+    the checkout: the shipped folder, as a shipped file name resolves (a wheel has no
+    ./configs)."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("configs/toy", "toy/"):
+        assert main(["flops", "--params-only", "--no-progress", name]) == 0
+        lines = capsys.readouterr().out.strip().splitlines()
+        assert len(lines) == 7 and all(" toy/" in line or line.split()[-1].startswith("toy/")
+                                       for line in lines), lines
+    assert main(["flops", "--params-only", "--no-progress", "no_such_folder"]) == 2
