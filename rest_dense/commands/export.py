@@ -109,6 +109,9 @@ def _check_arguments(args: argparse.Namespace) -> Optional[str]:
     if not args.no_onnx and not low <= args.opset <= high:
         return (f"--opset {args.opset} is not supported; choose {low}..{high} (the attention "
                 f"exports from opset {MIN_OPSET})")
+    if args.no_onnx and not args.compile and args.program is None:
+        return ("--no-onnx leaves nothing to do: add --compile [BACKEND] (check torch.compile) "
+                "or --program FILE (a torch.export program), or drop --no-onnx")
     if args.static and args.dynamic:
         return "--static and --dynamic contradict each other"
     if args.dynamic and not args.compile:

@@ -280,6 +280,10 @@ def test_cli_rejects_bad_input(tiny_cli_model, tmp_path, capsys):
     assert "--static needs --shape" in capsys.readouterr().err
     assert main(["export", "restv2_tiny", "--window-size", "8", "8"]) == 2
     assert "1 or 4 values" in capsys.readouterr().err
+    # it printed nothing and exited 0, having checked and written nothing
+    assert main(["export", "restv2_tiny", "--no-onnx", "--check-shapes", "64x64"]) == 2
+    assert "--no-onnx leaves nothing to do" in capsys.readouterr().err
+    assert tiny_cli_model == []
 
 
 @pytest.mark.slow
