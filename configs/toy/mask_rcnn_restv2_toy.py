@@ -1,5 +1,5 @@
 # Mask R-CNN + FPN with a small, randomly initialised ResTv2 on the synthetic toy-shapes
-# dataset (rest_dense/data/toy.py; make it with `python tools/make_toy_data.py`).
+# dataset (rest_dense/data/toy.py; make it with `python -m rest_dense.data.toy`).
 # Sized to train in a few minutes on a 2-core CPU: 128x128 images, a 4-stage ResTv2 with
 # 32..256 channels, 64-channel FPN and heads, anchors/sampling scaled down to the small images.
 # Run end to end with `python tools/demo.py` (or any mmdet-style train script).

@@ -1,5 +1,5 @@
 # RetinaNet + FPN with a small, randomly initialised ResTv2 on the synthetic toy-shapes
-# dataset (rest_dense/data/toy.py; make it with `python tools/make_toy_data.py`).
+# dataset (rest_dense/data/toy.py; make it with `python -m rest_dense.data.toy`).
 # The toy Mask R-CNN's data, backbone and schedule (configs/toy/mask_rcnn_restv2_toy.py)
 # with the head of the shipped RetinaNet (configs/retinanet/, _base_/models/
 # retinanet_restv2_fpn.py), scaled down: FPN on stages 2-4 plus two extra levels, 64

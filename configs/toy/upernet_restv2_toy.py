@@ -1,5 +1,5 @@
 # UperNet with a small, randomly initialised ResTv2 on the synthetic toy-shapes dataset
-# (ADE20K-style layout written by `python tools/make_toy_data.py`).
+# (ADE20K-style layout written by `python -m rest_dense.data.toy`).
 # Label maps: 0 = background (a real class here), 1 = circle, 2 = square, 3 = triangle,
 # so reduce_zero_label=False and num_classes=4.
 # Sized to train in a few minutes on a 2-core CPU; run with `python tools/demo.py --task seg`.

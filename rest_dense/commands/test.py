@@ -32,7 +32,7 @@ from ..configs import ConfigBuildError
 from ..utils import error_text
 from .train import (CHECKPOINT_ERRORS, add_common_arguments, add_overrides_argument,
                     add_trust_argument, allow_intermixed, d2_namespace, fail, overrides,
-                    prepare_run, print_metrics, UsageError)
+                    prepare_run, print_metrics, toy_data_hint, UsageError)
 
 HELP = "evaluate a checkpoint (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             results = launch_main(ns)
         except CHECKPOINT_ERRORS + (ConfigBuildError, FileNotFoundError) as err:
-            return fail("test", error_text(err))
+            return fail("test", toy_data_hint(args, error_text(err)))
         if results is not None:
             print_metrics(results, args.save_metrics)
         return 0
@@ -89,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
                           trust=args.trust_checkpoint, tta=bool(args.tta),
                           show_dir=args.show_dir, show=bool(args.show),
                           wait_time=2.0 if args.wait_time is None else args.wait_time,
-                          cfg_options=overrides(args), launcher=args.launcher or "none")
+                          cfg_options=overrides(args), launcher=args.launcher or "none",
+                          toy_root=args.toy_root)
     except (FileNotFoundError, ValueError, KeyError) as err:
         return fail("test", error_text(err))
     from ..distributed import LaunchError, close_process_group
@@ -103,6 +104,6 @@ def run(args: argparse.Namespace) -> int:
     except CHECKPOINT_ERRORS as err:
         return fail("test", error_text(err))
     except (ConfigBuildError, FileNotFoundError, LaunchError) as err:  # also the dataset's files
-        return fail("test", error_text(err))
+        return fail("test", toy_data_hint(args, error_text(err)))
     print_metrics(metrics, args.save_metrics)
     return 0

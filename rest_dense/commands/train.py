@@ -71,7 +71,7 @@ _MM_ONLY = {"auto_scale_lr": "--auto-scale-lr", "launcher": "--launcher", "tta":
             "show_dir": "--show-dir", "show": "--show", "wait_time": "--wait-time"}
 _D2_ONLY = {"num_gpus": "--num-gpus", "num_machines": "--num-machines",
             "machine_rank": "--machine-rank", "dist_url": "--dist-url", "eval_only": "--eval-only",
-            "lazy": "--lazy", "toy_root": "--toy-root"}
+            "lazy": "--lazy"}
 _FAMILY_NAMES = {"openmmlab": "an MMDetection / MMSegmentation", "detectron2": "a detectron2"}
 _D2_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
@@ -126,6 +126,11 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         "several on a CPU shared with other jobs")
     parser.add_argument("--cfg-options", nargs="+", default=[], metavar="KEY=VALUE",
                         help="config overrides, like the trailing ones")
+    parser.add_argument("--toy-root", default=None, metavar="DIR",
+                        help="the toy configs' dataset (`python -m rest_dense.data.toy` writes "
+                        "it): detectron2 registers it as toy_train / toy_val (default: "
+                        "$REST_DENSE_TOY_ROOT or data/toy); OpenMMLab configs read it instead "
+                        "of their data/toy/")
     mm = parser.add_argument_group("MMDetection / MMSegmentation")
     mm.add_argument("--launcher", choices=("none", "pytorch", "slurm", "mpi"), default=None,
                     help="job launcher for distributed runs (default: none)")
@@ -139,9 +144,6 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                     help="torch.distributed init URL (default: a per-user localhost port)")
     d2.add_argument("--lazy", action="store_true", default=None,
                     help="CONFIG is a LazyConfig (default: by extension, .py)")
-    d2.add_argument("--toy-root", default=None,
-                    help="toy dataset registered as toy_train / toy_val "
-                    "(default: $REST_DENSE_TOY_ROOT or data/toy)")
 
 
 def add_overrides_argument(parser: argparse.ArgumentParser) -> None:
@@ -321,7 +323,7 @@ def d2_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespace:
         # None: not given; 0 is a value (refused by check_args), never "the default"
         num_gpus=_given(args.num_gpus, 1), num_machines=machines,
         machine_rank=_given(args.machine_rank, 0), dist_url=url,
-        lazy=bool(args.lazy), toy_root=args.toy_root or env_var("TOY_ROOT", "data/toy"),
+        lazy=bool(args.lazy), toy_root=toy_data_root(args),
         cpu_threads=args.threads or 0, output_dir=args.work_dir,
         trust_checkpoint=list(getattr(args, "trust_checkpoint", None) or []), **extra)
 
@@ -363,6 +365,36 @@ def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None)
 
 
 # ----------------------------------------------------------------------------- running
+#: torch's BatchNorm in training on a map with one value per channel (batch 1, 1x1 map)
+_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+
+
+def one_value_per_channel(err: BaseException, batch_key: str) -> str:
+    """torch's message for a BatchNorm that got one value per channel in training, with the
+    cause a config can change."""
+    return (f"{error_text(err)}: a BatchNorm of the model (in a head, e.g. UPerHead's 1x1 "
+            f"pooling branch) saw one image with a 1x1 map in training; train with at least 2 "
+            f"images per process ({batch_key}), or with SyncBN over several processes")
+
+
+def toy_data_root(args: argparse.Namespace) -> str:
+    """The toy dataset the run reads: ``--toy-root``, else ``$REST_DENSE_TOY_ROOT`` (for
+    detectron2), else ``data/toy``."""
+    from ..data.toy import DEFAULT_TOY_ROOT
+
+    if args.toy_root:
+        return args.toy_root
+    return (env_var("TOY_ROOT", DEFAULT_TOY_ROOT) if args.family == "detectron2"
+            else DEFAULT_TOY_ROOT)
+
+
+def toy_data_hint(args: argparse.Namespace, message: str) -> str:
+    """A missing-file message, with how to write the toy dataset when the file is one of it."""
+    from ..data.toy import missing_toy_data_hint
+
+    return missing_toy_data_hint(message, toy_data_root(args))
+
+
 def prepare_run(args: argparse.Namespace) -> None:
     """What ``train`` and ``test`` do before running: the config resolved, the options
     checked against its framework and against each other, the thread count set.
@@ -413,7 +445,11 @@ def run(args: argparse.Namespace) -> int:
                   if not args.eval_only else contextlib.nullcontext()):
                 results = launch_main(ns)
         except (FolderBusyError, ConfigBuildError, FileNotFoundError) as err:
-            return fail("train", error_text(err))  # also the dataset's files
+            return fail("train", toy_data_hint(args, error_text(err)))  # the dataset's files
+        except ValueError as err:
+            if _ONE_VALUE_PER_CHANNEL not in str(err):
+                raise
+            return fail("train", one_value_per_channel(err, "SOLVER.IMS_PER_BATCH"))
         except CHECKPOINT_ERRORS as err:
             return fail("train", error_text(err))
         if results:
@@ -427,7 +463,8 @@ def run(args: argparse.Namespace) -> int:
         cfg = train_config(args.config_path, work_dir=args.work_dir, amp=amp_setting(args),
                            resume=args.resume, cfg_options=overrides(args),
                            launcher=args.launcher or "none",
-                           auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint)
+                           auto_scale_lr=bool(args.auto_scale_lr), trust=args.trust_checkpoint,
+                           toy_root=args.toy_root)
     except (FileNotFoundError, ValueError, KeyError) + CHECKPOINT_ERRORS as err:
         return fail("train", error_text(err))
     try:  # mmengine writes the config as run to <work dir>/<its file name>
@@ -459,6 +496,10 @@ def run(args: argparse.Namespace) -> int:
     except CHECKPOINT_ERRORS as err:
         return fail("train", error_text(err))
     except (ConfigBuildError, FileNotFoundError, LaunchError) as err:  # also the dataset,
-        return fail("train", error_text(err))                  # when the loaders are built
+        return fail("train", toy_data_hint(args, error_text(err)))  # when loaders are built
+    except ValueError as err:
+        if _ONE_VALUE_PER_CHANNEL not in str(err):
+            raise
+        return fail("train", one_value_per_channel(err, "train_dataloader.batch_size"))
     print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
     return 0

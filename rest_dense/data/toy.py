@@ -295,9 +295,16 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         Paths of the written artefacts (``root``, ``train_json``, ``val_json``, ...).
 
     Raises:
-        ValueError: ``out_dir`` is a file, or holds files that are no toy dataset
+        ValueError: a count below 1 (``size`` below 16), a probability outside [0, 1];
+            ``out_dir`` is a file, or holds files that are no toy dataset
             (:func:`toy_root_problem`).
     """
+    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1),
+                             ("size", size, 16), ("max_objects", max_objects, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    if not 0.0 <= class_color_prob <= 1.0:  # NaN fails too
+        raise ValueError(f"class_color_prob must be in [0, 1], got {class_color_prob!r}")
     root = Path(out_dir)
     splits = tuple(splits or ("train", "val"))
     counts = {"train": num_train, "val": num_val}
@@ -360,3 +367,59 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         meta_path.write_text(json.dumps({"params": params, "stats": stats}, indent=2))
         marker.unlink()
     return paths
+
+
+#: where the shipped toy configs read the dataset (relative to the working directory)
+DEFAULT_TOY_ROOT = "data/toy"
+
+
+def missing_toy_data_hint(message: str, root: Union[str, os.PathLike] = DEFAULT_TOY_ROOT) -> str:
+    """``message`` (an error about a missing file), with how to write the toy dataset when
+    the file is one of ``root``'s."""
+    root = os.path.normpath(os.fspath(root))
+    if root not in message and os.path.abspath(root) not in message:
+        return message
+    return (f"{message}; the toy configs read the synthetic toy-shapes dataset at {root}: "
+            f"write it with `python -m rest_dense.data.toy --out {root}` (or `rest-dense demo`), "
+            "or point --toy-root (REST_DENSE_TOY_ROOT) at one")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m rest_dense.data.toy [--out DIR] ...``: write the toy dataset."""
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="python -m rest_dense.data.toy",
+        description="Write the synthetic toy-shapes dataset (COCO instances + ADE20K-style "
+        "label maps) that the toy configs read. The output is a pure function of the "
+        "arguments; an existing dataset with the same parameters is left alone unless "
+        "--overwrite is given.")
+    p.add_argument("--out", default=DEFAULT_TOY_ROOT,
+                   help=f"dataset root (default: {DEFAULT_TOY_ROOT})")
+    p.add_argument("--num-train", type=int, default=300, help="training images (default: 300)")
+    p.add_argument("--num-val", type=int, default=50, help="validation images (default: 50)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default: 128)")
+    p.add_argument("--max-objects", type=int, default=4, help="most shapes per image (default: 4)")
+    p.add_argument("--class-color-prob", type=float, default=0.75,
+                   help="probability that a shape is coloured from its class's hue range "
+                   "(default: 0.75)")
+    p.add_argument("--seed", type=int, default=0, help="base random seed (default: 0)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="regenerate even if a matching dataset exists")
+    args = p.parse_args(argv)
+    try:
+        paths = generate_toy_dataset(args.out, num_train=args.num_train, num_val=args.num_val,
+                                     size=args.size, seed=args.seed,
+                                     max_objects=args.max_objects,
+                                     class_color_prob=args.class_color_prob,
+                                     overwrite=args.overwrite)
+    except (ValueError, OSError) as err:
+        print(f"{p.prog}: error: {err}", file=__import__("sys").stderr)
+        return 2
+    for key, path in paths.items():
+        print(f"{key:17s} {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -52,7 +52,7 @@ from ..distributed import setup_mm_distributed
 from .necks import check_neck_levels
 from .optim import amp_unavailable_fallback, bf16_wrapper_defaults, set_mixed_precision
 from .safe_load import install_checkpoint_loader, trust_checkpoints
-from .utils import (check_neck_channels, default_work_dir, detect_framework,
+from .utils import (check_neck_channels, default_work_dir, detect_framework, set_toy_root,
                     install_config_format_cache, load_config, wrap_for_tta)
 
 __all__ = ["LAUNCHERS", "parse_cfg_options", "check_train_loop", "resolve_config", "train_config", "test_config",
@@ -153,7 +153,7 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,
                  amp: Union[bool, str] = False,
                  resume: Union[bool, str, PathLike, None] = None, cfg_options: CfgOptions = None,
                  launcher: str = "none", auto_scale_lr: bool = False,
-                 trust: Iterable[PathLike] = ()) -> Config:
+                 trust: Iterable[PathLike] = (), toy_root: Optional[PathLike] = None) -> Config:
     """The training config as :func:`train` runs it, with the trusted paths registered.
 
     Args:
@@ -175,6 +175,8 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,
         trust: checkpoints (or folders) of the user's own that may be unpickled in full if
             ``weights_only=True`` and the allow-list refuse them (``--trust-checkpoint``).
             Nothing else is: not the work dir, not the ``resume`` file.
+        toy_root: the toy dataset's folder, for the paths of a config under ``data/toy/``
+            (the shipped toy configs'; :func:`rest_dense.mm.utils.set_toy_root`).
 
     Returns:
         The config (``work_dir``, ``resume`` / ``load_from``, optimizer wrapper set).
@@ -194,6 +196,8 @@ def train_config(config: ConfigLike, work_dir: Optional[PathLike] = None,
         resume_file = os.fspath(resume)
         _check_local_file(resume_file, "resume checkpoint")
     cfg = _load(config, cfg_options)
+    if toy_root is not None:
+        set_toy_root(cfg, toy_root)
     check_train_loop(cfg)
     cfg.launcher = launcher
     _set_work_dir(cfg, config, work_dir)
@@ -266,14 +270,17 @@ def enable_visualization(cfg: Config, show_dir: Optional[PathLike] = None, show:
 def test_config(config: ConfigLike, checkpoint: PathLike, work_dir: Optional[PathLike] = None,
                 trust: Iterable[PathLike] = (), tta: bool = False,
                 show_dir: Optional[PathLike] = None, show: bool = False, wait_time: float = 2.0,
-                cfg_options: CfgOptions = None, launcher: str = "none") -> Config:
+                cfg_options: CfgOptions = None, launcher: str = "none",
+                toy_root: Optional[PathLike] = None) -> Config:
     """The test config as :func:`test` runs it (``load_from`` set, the ``trust`` paths
-    registered). Arguments as in :func:`test`."""
+    registered). Arguments as in :func:`test`; ``toy_root`` as in :func:`train_config`."""
     if launcher not in LAUNCHERS:
         raise ValueError(f"launcher {launcher!r} is not one of {', '.join(LAUNCHERS)}")
     checkpoint = os.fspath(checkpoint)
     _check_local_file(checkpoint, "checkpoint")
     cfg = _load(config, cfg_options)
+    if toy_root is not None:
+        set_toy_root(cfg, toy_root)
     cfg.launcher = launcher
     _set_work_dir(cfg, config, work_dir)
     cfg.load_from = checkpoint

@@ -5,7 +5,7 @@ import importlib
 import logging
 import os
 from collections import OrderedDict
-from typing import Any, Iterator, Mapping, Optional, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Tuple, Union
 
 from mmengine.config import Config, ConfigDict
 from mmengine.logging import print_log
@@ -140,6 +140,42 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     cfg.default_scope = detect_framework(cfg)
     _check_installed(cfg.default_scope, path)
     return cfg
+
+
+def set_toy_root(cfg: Config, root: Union[str, "os.PathLike[str]"]) -> List[str]:
+    """Point a config's paths under ``data/toy/`` (where the shipped toy configs read the
+    toy dataset, relative to the working directory) at ``root`` instead, in place.
+
+    Returns:
+        The keys changed (``'train_dataloader.dataset.data_root'``, ...).
+
+    Raises:
+        ValueError: the config has no path under ``data/toy/`` (it reads no toy data).
+    """
+    from ..data.toy import DEFAULT_TOY_ROOT
+
+    old = DEFAULT_TOY_ROOT.rstrip("/") + "/"
+    new = os.fspath(root).rstrip("/") + "/"
+    changed: List[str] = []
+
+    def walk(node: Any, where: str) -> None:
+        items = (node.items() if isinstance(node, Mapping) else
+                 enumerate(node) if isinstance(node, list) else ())
+        for key, value in list(items):
+            name = f"{where}.{key}" if where else str(key)
+            if isinstance(value, str) and (value.startswith(old) or value == old.rstrip("/")):
+                node[key] = new + value[len(old):]
+                changed.append(name)
+            else:
+                walk(value, name)
+
+    for key in list(cfg.keys()):
+        if key in RUNNER_KEYS:  # not the config's variables: they were used already
+            walk(cfg[key], key)
+    if not changed:
+        raise ValueError(f"--toy-root: the config reads nothing under {old} (only the toy "
+                         "configs do); set its data paths with overrides instead")
+    return changed
 
 
 def _check_installed(scope: str, path: str) -> None:
