@@ -208,7 +208,7 @@ def warn_if_bf16_emulated(device: Union[str, torch.device, None] = "cpu",
             "bf16 autocast on a CPU without native bf16 (no avx512_bf16 / amx_bf16 flag, "
             "or Arm bf16 feature; torch CPU capability %s): bf16 matrix products are "
             "emulated, measured 6-18x slower than fp32 for ResTv2-T and Swin-T on an AVX2 "
-            "CPU (docs/bench_peers.md). "
+            "CPU (rest_dense's docs/bench_peers.md). "
             "Train in fp32 here, or in bf16 on a GPU or a CPU with AVX-512 BF16 / AMX.",
             capability)
     return True

@@ -137,7 +137,9 @@ def init_from_env(backend: Optional[str] = None, timeout: Any = None) -> bool:
                if k not in os.environ]
     if missing:
         raise LaunchError(f"distributed launch needs {', '.join(missing)} in the environment; "
-                           "start the job with torchrun (e.g. bash tools/dist_train.sh)")
+                           "start the job with torchrun, e.g. `torchrun --nproc_per_node 2 -m "
+                           "rest_dense.cli train CONFIG --launcher pytorch` (a clone also has "
+                           "tools/dist_train.sh)")
     backend = backend or default_backend()
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if backend == "nccl":

@@ -84,7 +84,7 @@ def mmdeploy_available() -> Tuple[bool, str]:
     except Exception as e:  # ImportError, or a broken install
         return False, (f"{type(e).__name__}: {e}; install it with `pip install --no-deps "
                        "mmdeploy==1.3.1 aenum multiprocess terminaltables` "
-                       "(or `pip install -e .[deploy]` plus that line)")
+                       "(or `pip install 'rest_dense[deploy]'` plus that line)")
     return True, ""
 
 
