@@ -446,12 +446,12 @@ def run(args: argparse.Namespace) -> int:
                 results = launch_main(ns)
         except (FolderBusyError, ConfigBuildError, FileNotFoundError) as err:
             return fail("train", toy_data_hint(args, error_text(err)))  # the dataset's files
-        except ValueError as err:
+        except CHECKPOINT_ERRORS as err:
+            return fail("train", error_text(err))
+        except ValueError as err:  # after the checkpoint errors, some of which are ValueErrors
             if _ONE_VALUE_PER_CHANNEL not in str(err):
                 raise
             return fail("train", one_value_per_channel(err, "SOLVER.IMS_PER_BATCH"))
-        except CHECKPOINT_ERRORS as err:
-            return fail("train", error_text(err))
         if results:
             print_metrics(results)
         return 0
@@ -497,7 +497,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("train", error_text(err))
     except (ConfigBuildError, FileNotFoundError, LaunchError) as err:  # also the dataset,
         return fail("train", toy_data_hint(args, error_text(err)))  # when loaders are built
-    except ValueError as err:
+    except ValueError as err:  # after the checkpoint errors, some of which are ValueErrors
         if _ONE_VALUE_PER_CHANNEL not in str(err):
             raise
         return fail("train", one_value_per_channel(err, "train_dataloader.batch_size"))
