@@ -241,8 +241,8 @@ def get_config_path(name: PathLike) -> str:
     rel = _shipped_relative(name)
     path = root / rel
     inside = rel and os.path.realpath(path).startswith(os.path.realpath(root) + os.sep)
-    if inside and path.is_file():  # never a file beside the configs ('../setup.py')
-        return str(path)
+    if inside and path.is_file() and path.suffix in _SUFFIXES:  # never a file beside the
+        return str(path)                                     # configs ('../setup.py') or a README
     close = difflib.get_close_matches(rel, list_configs(), n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(close)}?" if close else "; `rest-dense configs` lists them"
     raise FileNotFoundError(f"no config file {name!r} and no shipped config of that name under "

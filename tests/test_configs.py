@@ -305,3 +305,10 @@ def test_d2_opts_errors():
         d2_opts(["MODEL.DEVICE"], "d2")
     with pytest.raises(ValueError, match="key=value"):
         d2_opts(["train.max_iter", "10"], "d2-lazy")
+
+
+def test_a_shipped_readme_is_no_config(capsys):
+    """configs/README.md sits in the configs folder but is no config."""
+    with pytest.raises(FileNotFoundError, match="no config file 'README.md'"):
+        get_config_path("README.md")
+    assert main(["configs", "--path", "detectron2/README.md"]) == 2

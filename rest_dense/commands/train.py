@@ -501,5 +501,6 @@ def run(args: argparse.Namespace) -> int:
         if _ONE_VALUE_PER_CHANNEL not in str(err):
             raise
         return fail("train", one_value_per_channel(err, "train_dataloader.batch_size"))
-    print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
+    if os.environ.get("RANK", "0") == "0":  # once per job, not once per process
+        print(f"rest-dense train: done; logs and checkpoints in {os.path.abspath(cfg.work_dir)}")
     return 0

@@ -167,8 +167,9 @@ def test_dist_train_sh_on_cpu(toy_root, tmp_path, subprocess_env):
     assert "dist backend 'nccl' -> 'gloo'" in log
     assert "Distributed training: True" in log and "GPU number: 2" in log
     assert re.search(r"Iter\(train\) \[3/3\]", log), log[-3000:]
-    # both ranks end their process group before exit (none aborts after training)
-    assert log.count("rest-dense train: done") == 2 and "terminate called" not in log
+    # both ranks end their process group before exit (none aborts after training: torchrun
+    # exits 0), and the job says it is done once
+    assert log.count("rest-dense train: done") == 1 and "terminate called" not in log
     ckpt = work / "iter_3.pth"
     assert ckpt.is_file() and ckpt.stat().st_size > 0
     scalars = list(work.glob("*/vis_data/scalars.json"))
