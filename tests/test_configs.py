@@ -307,8 +307,9 @@ def test_d2_opts_errors():
         d2_opts(["train.max_iter", "10"], "d2-lazy")
 
 
-def test_a_shipped_readme_is_no_config(capsys):
+def test_a_shipped_readme_is_no_config(capsys, tmp_path, monkeypatch):
     """configs/README.md sits in the configs folder but is no config."""
+    monkeypatch.chdir(tmp_path)  # no README.md of the user's here
     with pytest.raises(FileNotFoundError, match="no config file 'README.md'"):
         get_config_path("README.md")
     assert main(["configs", "--path", "detectron2/README.md"]) == 2
