@@ -201,6 +201,15 @@ def build_config(task: str, options: DemoOptions, work_dir: str):
 
 
 # ----------------------------------------------------------------------------- running
+def _quiet_stdout(quiet: bool):
+    """With ``quiet``: what the frameworks print to stdout (pycocotools' evaluation tables)
+    goes nowhere; the demo's own lines and every warning and error still show."""
+    import contextlib
+    import io
+
+    return contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
+
+
 def _metrics_hook():
     """A hook that keeps the metrics of the latest validation run (``hook.metrics``)."""
     from mmengine.hooks import Hook
@@ -255,10 +264,11 @@ def run_task(task: str, options: DemoOptions) -> Dict[str, Any]:
     cfg = build_config(task, options, work_dir)
     max_iters = cfg.train_cfg.max_iters
     t0 = time.time()
-    runner = Runner.from_cfg(cfg)
-    recorder = _metrics_hook()
-    runner.register_hook(recorder)
-    val_loop = runner.val_loop  # builds the val dataloader and evaluator
+    with _quiet_stdout(options.quiet):  # pycocotools reports loading the annotations
+        runner = Runner.from_cfg(cfg)
+        recorder = _metrics_hook()
+        runner.register_hook(recorder)
+        val_loop = runner.val_loop  # builds the val dataloader and evaluator
 
     # The randomly initialised model, exactly as training will start from it. init_weights() of
     # mmengine modules runs once, so train() keeps these weights; the RNG state is restored so
@@ -270,7 +280,8 @@ def run_task(task: str, options: DemoOptions) -> Dict[str, Any]:
         t = time.time()
         print(f"[demo] {task}: evaluating the untrained model on {len(val_loop.dataloader.dataset)} "
               "images ...", flush=True)
-        baseline = _to_float(val_loop.run())
+        with _quiet_stdout(options.quiet):  # pycocotools prints its tables itself
+            baseline = _to_float(val_loop.run())
         _set_rng_state(state)
         print(f"[demo] {task}: untrained model evaluated in {time.time() - t:.1f} s", flush=True)
         if not baseline:
@@ -282,7 +293,8 @@ def run_task(task: str, options: DemoOptions) -> Dict[str, Any]:
         print(f"[demo] {task}: training {max_iters} iterations "
               f"(batch {cfg.train_dataloader.batch_size}) ...", flush=True)
         t = time.time()
-        runner.train()  # validates once at the end (val_interval == max_iters)
+        with _quiet_stdout(options.quiet):
+            runner.train()  # validates once at the end (val_interval == max_iters)
         train_time = time.time() - t
         trained = _to_float(recorder.metrics)
         if not trained:

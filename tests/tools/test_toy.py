@@ -146,6 +146,8 @@ def test_demo_short_run_from_any_directory(tmp_path, monkeypatch, one_thread, ca
                 "--size", "64x64", "--num-vis", "1", "--threads", "1", "--quiet"]) == 0
     out = capsys.readouterr().out
     assert "=== toy det" in out and "=== toy seg" in out and "[demo] done" in out
+    # --quiet: pycocotools' own printing stays out too
+    assert "Average Precision" not in out and "loading annotations" not in out, out
     assert toy_dataset_ready(tmp_path / "data" / "toy", num_train=8, num_val=4, size=64)
     for folder, keys in (("mask_rcnn", ("coco/bbox_mAP", "coco/segm_mAP")),
                          ("upernet", ("mIoU", "aAcc"))):
