@@ -42,12 +42,17 @@ def test_missing_toy_data_says_how_to_write_it(tmp_path, capsys, monkeypatch, co
     assert "Traceback" not in without_logging_errors(err)
 
 
+def _train_toy_upernet(tmp_path, root, batch_size):
+    """One iteration of the toy UperNet on a toy dataset written at ``root``."""
+    generate_toy_dataset(root, num_train=2, num_val=1, size=64)
+    return cli(["train", "toy/upernet_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
+                "--toy-root", str(root), "--threads", "1", "train_cfg.max_iters=1",
+                f"train_dataloader.batch_size={batch_size}", "train_dataloader.num_workers=0"])
+
+
 def test_openmmlab_toy_configs_take_the_toy_root(tmp_path, capsys):
     root = tmp_path / "elsewhere"
-    generate_toy_dataset(root, num_train=2, num_val=1, size=64)
-    code = cli(["train", "toy/upernet_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
-                "--toy-root", str(root), "--threads", "1", "train_cfg.max_iters=1",
-                "train_dataloader.batch_size=2", "train_dataloader.num_workers=0"])
+    code = _train_toy_upernet(tmp_path, root, batch_size=2)
     err = capsys.readouterr().err
     assert code == 0, err[-3000:]
     assert (tmp_path / "w" / "iter_1.pth").is_file()
@@ -61,11 +66,7 @@ def test_openmmlab_toy_configs_take_the_toy_root(tmp_path, capsys):
 def test_batch_of_one_for_a_head_with_batchnorm_is_one_line(tmp_path, capsys):
     """UPerHead's 1x1 pooling branch has a BatchNorm: one image per step fails in torch's
     check at the first step; the batch size is named instead of a traceback."""
-    root = tmp_path / "toy"
-    generate_toy_dataset(root, num_train=2, num_val=1, size=64)
-    code = cli(["train", "toy/upernet_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
-                "--toy-root", str(root), "--threads", "1", "train_cfg.max_iters=1",
-                "train_dataloader.batch_size=1", "train_dataloader.num_workers=0"])
+    code = _train_toy_upernet(tmp_path, tmp_path / "toy", batch_size=1)
     err = capsys.readouterr().err
     assert code == 2 and "train_dataloader.batch_size" in err and "at least 2 images" in err
     assert "Traceback" not in without_logging_errors(err)
