@@ -566,6 +566,8 @@ def _autocast_enabled(device_type: str) -> bool:
     except TypeError:  # torch < 2.4 takes no device type
         return bool(torch.is_autocast_enabled()) if device_type == "cuda" else \
             bool(torch.is_autocast_cpu_enabled()) if device_type == "cpu" else False
+    except RuntimeError:  # a device without autocast (meta: shape inference)
+        return False
 
 
 class _BlockRecompute:

@@ -311,6 +311,16 @@ def _precision(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, "fp32")
 
 
+def autocast_off(device_type: str):
+    """``torch.autocast(device_type, enabled=False)``; nothing for a device type autocast
+    does not know (``'meta'``, in shape inference), where it would raise."""
+    try:
+        torch.get_autocast_dtype(device_type)
+    except RuntimeError:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def compute_dtype(x: Tensor) -> Optional[torch.dtype]:
     """The dtype the GEMMs of ``x``'s layer run in: the autocast dtype when autocast is on
     for ``x``'s device (float64 excepted: autocast leaves it alone), else ``x.dtype``; None

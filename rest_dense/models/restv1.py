@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .base import UNSET, ArchType, ResTBase, check_flag, check_rate, deprecated_alias, resolve_arch
-from .functional import _check_batch_statistics, library_safe_conv
+from .functional import _check_batch_statistics, autocast_off, library_safe_conv
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
                      trunc_normal_init)
@@ -94,7 +94,7 @@ class EMSA(ReducedKVAttention):
             # logits, fp32 for reduced ones), with autocast off (it would cast back down)
             wide = torch.float64 if logits.dtype in (torch.float32, torch.float64) \
                 else torch.float32
-            with torch.autocast(logits.device.type, enabled=False):
+            with autocast_off(logits.device.type):
                 attn = self._mix_heads(logits.to(wide))
             attn = attn.to(v.dtype)
             if drop:
@@ -203,7 +203,7 @@ class ResTv1(ResTBase):
 
         dims = self.embed_dims
         self.stem = BasicStemV1(self.in_channels, dims[0])
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths), device="cpu").tolist()
         cur = 0
         for i in range(4):
             if i > 0:

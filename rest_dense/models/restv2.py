@@ -271,7 +271,7 @@ class ResTv2(ResTBase):
 
         dims = self.embed_dims
         self.stem = ConvStemV2(self.in_channels, dims[0], fast_paths=fast_paths)
-        dpr = torch.linspace(0, drop_path_rate, sum(self.depths)).tolist()
+        dpr = torch.linspace(0, drop_path_rate, sum(self.depths), device="cpu").tolist()
         cur = 0
         for i in range(4):
             if i > 0:

@@ -389,3 +389,23 @@ def test_fused_attn_is_a_deprecated_alias_of_fast_paths(cls):
         model = cls(arch=arch, fused_attn=False)
     assert not model.stage1[0].attn.fast_paths
     assert cls(arch=arch).stage1[0].attn.fast_paths
+
+
+@pytest.mark.parametrize("name", ["restv2_tiny", "restv1_lite"])
+def test_meta_device_shape_inference(name):
+    """Built under torch.device('meta') (deferred initialisation, shape inference): the
+    same output shapes as on the CPU, forward and backward, without data (autocast has no
+    meta device, and the stochastic-depth rates were computed on the default device)."""
+    from rest_dense.models import create_model
+
+    x = torch.randn(2, 3, 61, 97)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        want = [tuple(o.shape) for o in create_model(name).eval()(x)]
+    with torch.device("meta"):
+        model = create_model(name, drop_path_rate=0.1)
+    assert all(p.is_meta for p in model.parameters())
+    outs = model.train()(x.to("meta"))
+    assert [tuple(o.shape) for o in outs] == want
+    sum(o.sum() for o in outs).backward()
+    assert all(p.grad is not None and p.grad.is_meta for p in model.parameters() if p.requires_grad)
