@@ -69,7 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C: one line and the shell's status for SIGINT
         print(f"rest-dense {args.command}: interrupted", file=sys.stderr)
         return 130
-    except ModuleNotFoundError as err:  # an optional dependency (a core install lacks it)
+    except ImportError as err:  # an optional dependency (a core install lacks it)
         from .utils import missing_package_hint
 
         hint = missing_package_hint(err)

@@ -38,13 +38,17 @@ OPTIONAL_PACKAGES = {
 
 
 def missing_package_hint(error: BaseException) -> Optional[str]:
-    """One line for a ``ModuleNotFoundError`` of an optional dependency (which package, how
-    to install it); ``None`` for any other error or module."""
-    name = getattr(error, "name", None) if isinstance(error, ModuleNotFoundError) else None
+    """One line for an ``ImportError`` of an optional dependency: which package, and how to
+    install it (a package that imports only in part, such as mmcv without its compiled ops,
+    is named as such); ``None`` for any other error or module."""
+    name = getattr(error, "name", None) if isinstance(error, ImportError) else None
     root = (name or "").split(".")[0]
     if root not in OPTIONAL_PACKAGES:
         return None
-    return f"this needs {root}, which is not installed: {OPTIONAL_PACKAGES[root]}"
+    if isinstance(error, ModuleNotFoundError) and name == root:
+        return f"this needs {root}, which is not installed: {OPTIONAL_PACKAGES[root]}"
+    return (f"this needs {root}, whose install is incomplete ({error}): "
+            f"{OPTIONAL_PACKAGES[root]}")
 
 
 def check_count(value: object, key: str, minimum: int = 1) -> int:
@@ -167,7 +171,15 @@ def removed_if_left_empty(folder: Union[str, "os.PathLike[str]"]) -> Iterator[li
 def error_text(e: BaseException) -> str:
     """An error's message for a one-line report: an ``OSError(errno, text, path)`` shows its
     text (which names the path already) without ``[Errno N]`` and the repeated path; a
-    ``KeyError`` its message without the quotes ``str()`` adds."""
+    ``KeyError`` its message without the quotes ``str()`` adds; a failed download says so."""
+    from urllib.error import HTTPError, URLError
+
+    if isinstance(e, ImportError) and missing_package_hint(e):
+        return missing_package_hint(e)
+    if isinstance(e, URLError) and not isinstance(e, HTTPError):
+        return f"cannot download from the URL: {e.reason}"
+    if isinstance(e, HTTPError):
+        return f"cannot download {e.url or 'from the URL'}: HTTP {e.code} {e.msg}"
     if isinstance(e, OSError) and e.strerror:
         if e.filename is None or str(e.filename) in e.strerror:
             return e.strerror

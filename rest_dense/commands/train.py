@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import os
 import pickle
+from urllib.error import URLError
 import re
 import sys
 from typing import Any, Dict, List, Optional
@@ -77,9 +78,10 @@ _D2_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
 
 #: checkpoint errors reported as a one-line error: a file refused by the trust policy or by
-#: torch.load(weights_only=True) (rest_dense.safe_load.UntrustedCheckpointError is one), and
-#: checkpoints to resume from that cannot be read (rest_dense.run_files.ResumeError)
-CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError, CheckpointError)
+#: torch.load(weights_only=True) (rest_dense.safe_load.UntrustedCheckpointError is one),
+#: checkpoints to resume from that cannot be read (rest_dense.run_files.ResumeError), and a
+#: checkpoint URL that cannot be downloaded
+CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError, CheckpointError, URLError)
 
 
 class UsageError(Exception):
@@ -365,16 +367,23 @@ def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None)
 
 
 # ----------------------------------------------------------------------------- running
-#: torch's BatchNorm in training on a map with one value per channel (batch 1, 1x1 map)
-_ONE_VALUE_PER_CHANNEL = "Expected more than 1 value per channel when training"
+#: torch's BatchNorm in training on a map with one value per channel (batch 1, 1x1 map), and
+#: the VT-FPN token norm's own check of the same (batch 1, 1 token)
+_ONE_VALUE_PER_CHANNEL = ("Expected more than 1 value per channel when training",
+                          "needs more than one token per batch in training")
+
+
+def _one_value_per_channel(err: BaseException) -> bool:
+    return any(text in str(err) for text in _ONE_VALUE_PER_CHANNEL)
 
 
 def one_value_per_channel(err: BaseException, batch_key: str) -> str:
     """torch's message for a BatchNorm that got one value per channel in training, with the
     cause a config can change."""
     return (f"{error_text(err)}: a BatchNorm of the model (in a head, e.g. UPerHead's 1x1 "
-            f"pooling branch) saw one image with a 1x1 map in training; train with at least 2 "
-            f"images per process ({batch_key}), or with SyncBN over several processes")
+            f"pooling branch, or VT-FPN's token norm) saw one value per channel in training; "
+            f"train with at least 2 images per process ({batch_key}), or with SyncBN over "
+            "several processes")
 
 
 def toy_data_root(args: argparse.Namespace) -> str:
@@ -392,7 +401,9 @@ def toy_data_hint(args: argparse.Namespace, message: str) -> str:
     """A missing-file message, with how to write the toy dataset when the file is one of it."""
     from ..data.toy import missing_toy_data_hint
 
-    return missing_toy_data_hint(message, toy_data_root(args))
+    option = ("--toy-root (or REST_DENSE_TOY_ROOT)" if args.family == "detectron2"
+              else "--toy-root")
+    return missing_toy_data_hint(message, toy_data_root(args), option=option)
 
 
 def prepare_run(args: argparse.Namespace) -> None:
@@ -410,6 +421,10 @@ def prepare_run(args: argparse.Namespace) -> None:
     check_output_options(args)
     if getattr(args, "weights_only", False) and getattr(args, "trust_checkpoint", False):
         raise UsageError("--weights-only (trust nothing) contradicts --trust-checkpoint")
+    if args.toy_root is not None and not args.toy_root.strip():
+        raise UsageError("--toy-root needs a folder (it was empty)")
+    if getattr(args, "checkpoint", None) is not None and not str(args.checkpoint).strip():
+        raise UsageError("the checkpoint to evaluate is an empty string")
     if args.threads:
         import torch
 
@@ -449,7 +464,7 @@ def run(args: argparse.Namespace) -> int:
         except CHECKPOINT_ERRORS as err:
             return fail("train", error_text(err))
         except ValueError as err:  # after the checkpoint errors, some of which are ValueErrors
-            if _ONE_VALUE_PER_CHANNEL not in str(err):
+            if not _one_value_per_channel(err):
                 raise
             return fail("train", one_value_per_channel(err, "SOLVER.IMS_PER_BATCH"))
         if results:
@@ -498,7 +513,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigBuildError, FileNotFoundError, LaunchError) as err:  # also the dataset,
         return fail("train", toy_data_hint(args, error_text(err)))  # when loaders are built
     except ValueError as err:  # after the checkpoint errors, some of which are ValueErrors
-        if _ONE_VALUE_PER_CHANNEL not in str(err):
+        if not _one_value_per_channel(err):
             raise
         return fail("train", one_value_per_channel(err, "train_dataloader.batch_size"))
     if os.environ.get("RANK", "0") == "0":  # once per job, not once per process

@@ -373,15 +373,24 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
 DEFAULT_TOY_ROOT = "data/toy"
 
 
-def missing_toy_data_hint(message: str, root: Union[str, os.PathLike] = DEFAULT_TOY_ROOT) -> str:
-    """``message`` (an error about a missing file), with how to write the toy dataset when
-    the file is one of ``root``'s."""
+#: the dataset's own files and folders, as missing-file messages name them
+_TOY_PARTS = ("annotations/instances_", "annotations/training", "annotations/validation",
+              "images/training", "images/validation", "/train/", "/val/")
+
+
+def missing_toy_data_hint(message: str, root: Union[str, os.PathLike] = DEFAULT_TOY_ROOT,
+                          option: str = "--toy-root") -> str:
+    """``message``, with how to write the toy dataset when it says that one of ``root``'s
+    files or folders is missing (any other message is returned as it is)."""
     root = os.path.normpath(os.fspath(root))
-    if root not in message and os.path.abspath(root) not in message:
+    missing = "No such file or directory" in message or "does not exist" in message
+    ours = (root in message or os.path.abspath(root) in message) and \
+        any(part in message for part in _TOY_PARTS)
+    if not (missing and ours):
         return message
     return (f"{message}; the toy configs read the synthetic toy-shapes dataset at {root}: "
-            f"write it with `python -m rest_dense.data.toy --out {root}` (or `rest-dense demo`), "
-            "or point --toy-root (REST_DENSE_TOY_ROOT) at one")
+            f"write it with `python -m rest_dense.data.toy --out {root}` (or `rest-dense demo "
+            f"--data-root {root}`), or point {option} at one")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

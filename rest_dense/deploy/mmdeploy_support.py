@@ -82,6 +82,11 @@ def mmdeploy_available() -> Tuple[bool, str]:
     try:
         import mmdeploy  # noqa: F401
     except Exception as e:  # ImportError, or a broken install
+        from ..utils import missing_package_hint
+
+        hint = missing_package_hint(e) if getattr(e, "name", "mmdeploy") != "mmdeploy" else None
+        if hint:  # MMDeploy is there, one of its needs is not
+            return False, hint
         return False, (f"{type(e).__name__}: {e}; install it with `pip install --no-deps "
                        "mmdeploy==1.3.1 aenum multiprocess terminaltables` "
                        "(or `pip install 'rest_dense[deploy]'` plus that line)")

@@ -105,9 +105,10 @@ def resolve_config(config: ConfigLike) -> Union[str, Config]:
 
 def _load(config: ConfigLike, cfg_options: CfgOptions) -> Config:
     options = parse_cfg_options(cfg_options)
+    given = "train_cfg.max_iters" in options
     max_iters = options.pop("train_cfg.max_iters", None)
-    if max_iters is not None:  # checked before the schedule is scaled to it
-        check_count(max_iters, "train_cfg.max_iters")
+    if given:  # checked before the schedule is scaled to it (None too: never dropped)
+        max_iters = check_count(max_iters, "train_cfg.max_iters")
     resolved = resolve_config(config)
     if isinstance(resolved, Config):
         import rest_dense.mm  # noqa: F401  (registers the backbones)

@@ -63,3 +63,16 @@ def test_blocking_works_and_other_packages_still_run(blocker, subprocess_env, tm
     assert probe.returncode != 0 and "No module named 'fvcore'" in probe.stderr
     code, err = _run(blocker, subprocess_env, tmp_path, "fvcore", ["configs", "toy/*"])
     assert code == 0, err
+
+
+def test_a_package_that_imports_in_part_is_named_as_such():
+    from rest_dense.utils import error_text, missing_package_hint
+
+    ext = ModuleNotFoundError("No module named 'mmcv._ext'", name="mmcv._ext")
+    assert "this needs mmcv, whose install is incomplete" in missing_package_hint(ext)
+    c_ext = ImportError("cannot import name '_C' from 'detectron2'", name="detectron2")
+    assert "this needs detectron2, whose install is incomplete" in error_text(c_ext)
+    whole = ModuleNotFoundError("No module named 'fvcore'", name="fvcore")
+    assert error_text(whole).startswith("this needs fvcore, which is not installed")
+    assert missing_package_hint(ModuleNotFoundError("x", name="rest_dense.nothing")) is None
+    assert missing_package_hint(ValueError("mmdet")) is None

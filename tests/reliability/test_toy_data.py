@@ -70,3 +70,45 @@ def test_batch_of_one_for_a_head_with_batchnorm_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "train_dataloader.batch_size" in err and "at least 2 images" in err
     assert "Traceback" not in without_logging_errors(err)
+
+
+def test_empty_toy_root_and_empty_checkpoint_are_refused(tmp_path, capsys):
+    """An empty --toy-root pointed the data at / ; an empty checkpoint reached detectron2's
+    eval-only check with a traceback."""
+    assert cli(["train", "toy/retinanet_restv2_toy.py", "--toy-root", "",
+                "--work-dir", str(tmp_path / "w")]) == 2
+    assert "--toy-root needs a folder" in capsys.readouterr().err
+    for config in ("toy/retinanet_restv2_toy.py", "detectron2/toy/retinanet_restv2_toy.yaml"):
+        assert cli(["test", config, " ", "--work-dir", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err
+        assert "the checkpoint to evaluate is an empty string" in err and "Traceback" not in err
+
+
+def test_vt_fpn_token_norm_with_one_value_is_one_line(tmp_path, capsys):
+    root = tmp_path / "toy"
+    generate_toy_dataset(root, num_train=2, num_val=1, size=64)
+    code = cli(["train", "toy/vt_fpn_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
+                "--toy-root", str(root), "--threads", "1", "train_cfg.max_iters=1",
+                "train_dataloader.batch_size=1", "model.neck.num_tokens=1",
+                "train_dataloader.num_workers=0"])
+    err = capsys.readouterr().err
+    assert code == 2 and "needs more than one token" in err and "train_dataloader.batch_size" in err
+    assert "Traceback" not in without_logging_errors(err)
+
+
+def test_max_iters_none_is_refused_not_dropped(tmp_path, capsys):
+    """`train_cfg.max_iters=None` was dropped and the config's 600 iterations trained."""
+    assert cli(["train", "toy/retinanet_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
+                "train_cfg.max_iters=None"]) == 2
+    assert "train_cfg.max_iters must be a whole number, got None" in capsys.readouterr().err
+
+
+def test_a_checkpoint_url_that_does_not_download_is_one_line():
+    from urllib.error import HTTPError, URLError
+
+    from rest_dense.utils import error_text
+
+    assert error_text(URLError(OSError(-2, "Name or service not known"))).startswith(
+        "cannot download from the URL:")
+    assert error_text(HTTPError("https://x/w.pth", 404, "Not Found", {}, None)) == \
+        "cannot download https://x/w.pth: HTTP 404 Not Found"
