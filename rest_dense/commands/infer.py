@@ -109,13 +109,16 @@ def run(args: argparse.Namespace) -> int:
           f"{len(summary.skipped)} skipped, {len(summary.failed)} failed, "
           f"{summary.seconds:.1f} s; results in {summary.out_dir}")
     errors = {item["error"] for item in summary.failed}
-    if summary.failed and n == 0 and len(errors) == 1:
+    model_failed = [item for item in summary.failed if item.get("cause") != "image"]
+    if model_failed and n == 0 and len(errors) == 1:
         print(f"error: the model failed on every image with the same error, a problem of the "
               f"config or checkpoint rather than of the images: {errors.pop()}", file=sys.stderr)
         return 2
     if summary.failed:
-        print(f"error: the model failed on {len(summary.failed)} image(s); the others' results "
-              "are written (summary.json lists both)", file=sys.stderr)
+        others = ("the others' results are written (summary.json lists both)" if n else
+                  "no image could be processed (summary.json lists why)")
+        print(f"error: the model failed on {len(summary.failed)} image(s); {others}",
+              file=sys.stderr)
         return 1
     if n == 0:
         print("error: no image could be processed", file=sys.stderr)

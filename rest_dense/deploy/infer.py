@@ -675,14 +675,19 @@ def _write_summary(out_dir: str, doc: Dict[str, Any]) -> str:
 _ZERO_SIZE_RESIZE = ("inv_scale_x > 0", "inv_scale_y > 0", "dsize.area() > 0")
 
 
+def _too_thin(error: BaseException) -> bool:
+    """Whether a prediction failed for the image's size (OpenCV's zero-size resize)."""
+    return any(a in str(error) for a in _ZERO_SIZE_RESIZE)
+
+
 def _prediction_error(error: BaseException, image: Any) -> str:
     """What the summary says of one image's failed prediction: the error in one line, and
     for an image too thin for the test pipeline's resize (one side scaled to 0 pixels,
     OpenCV's assertion) its size and why."""
     text = " ".join(error_text(error).split())
     shape = getattr(image, "shape", None)
-    if any(a in text for a in _ZERO_SIZE_RESIZE) and shape is not None and len(shape) >= 2:
-        return (f"the {shape[0]}x{shape[1]} image is too thin for the test pipeline: its "
+    if _too_thin(error) and shape is not None and len(shape) >= 2:
+        return (f"the {shape[0]}x{shape[1]} (height x width) image is too thin for the test pipeline: its "
                 f"resize keeps the aspect ratio and scales the short side to 0 pixels "
                 f"(OpenCV: {type(error).__name__}: {text})")
     return f"{type(error).__name__}: {text}"
@@ -815,7 +820,8 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                 pred = predictor.predict(image)
             except Exception as e:  # one image (extreme aspect ratio, ...) stops no run
                 error = f"prediction failed: {_prediction_error(e, image)}"
-                summary.failed.append({"input": path, "error": error})
+                summary.failed.append({"input": path, "error": error,
+                                       **({"cause": "image"} if _too_thin(e) else {})})
                 bar.write(f"failed {path}: {error}")
                 done_inputs.add(path)
                 continue

@@ -335,5 +335,11 @@ def test_infer_image_too_thin_for_the_resize_is_named(tmp_path, capsys, det_ckpt
     summary = _summary(tmp_path / "out")
     assert code == 1 and summary["status"] == "errors", err
     assert [os.path.basename(f["input"]) for f in summary["failed"]] == ["thin.png"]
-    assert "the 1x300 image is too thin for the test pipeline" in summary["failed"][0]["error"]
+    assert "the 1x300 (height x width) image is too thin for the test pipeline" in \
+        summary["failed"][0]["error"]
+    assert summary["failed"][0]["cause"] == "image"
     assert [os.path.basename(i["input"]) for i in summary["images"]] == ["fine.png"]
+    # only thin images: image problems, not "the config or checkpoint", and no "others"
+    code, text, err = _infer(capsys, MM_DET, det_ckpt, [imgs / "thin.png"], tmp_path / "out2")
+    assert code == 1 and "no image could be processed" in err, err
+    assert "config or checkpoint" not in err and "the others' results" not in err
