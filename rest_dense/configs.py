@@ -234,9 +234,13 @@ def get_config_path(name: PathLike) -> str:
         return os.path.abspath(name)
     if "::" in name:
         return _package_config(name)
-    if os.path.isdir(name) or get_config_folder(name, local=False):
+    shipped = get_config_folder(name, local=False)
+    if shipped:
+        rel = _shipped_relative(name).rstrip("/")
         raise FileNotFoundError(f"config {name!r} is a folder of configs, not a config file; "
-                                f"`rest-dense configs '{name.rstrip('/')}/*'` lists them")
+                                f"`rest-dense configs '{rel}/*'` lists them")
+    if os.path.isdir(name):
+        raise FileNotFoundError(f"config {name!r} is a folder, not a config file")
     root = configs_root()
     rel = _shipped_relative(name)
     path = root / rel

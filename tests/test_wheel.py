@@ -145,7 +145,13 @@ def test_installed_demo_runs(installed):
 def test_wheel_built_from_the_sdist_ships_the_configs(wheel, tmp_path):
     """`python -m build` makes the wheel from the sdist: the sdist must carry configs/ (and
     the tests and tools that check it), or the wheel ships no config."""
-    src = wheel.parent.parent / "src"
+    src = tmp_path / "src"
+    shutil.copytree(wheel.parent.parent / "src", src)
+    junk = ["tools/work_dirs/run/iter_1.pth", "tests/outputs/run/log.json", "docs/run.log",
+            "tests/.pytest_cache/README.md", "tests/__pycache__/x.cpython-311.pyc"]
+    for rel in junk:  # what runs leave in a working copy
+        (src / rel).parent.mkdir(parents=True, exist_ok=True)
+        (src / rel).write_text("x")
     sdist_dir = tmp_path / "sdist"
     _run([sys.executable, "-m", "build", "--sdist", "--no-isolation", "--skip-dependency-check",
           "--outdir", sdist_dir, src],
@@ -159,9 +165,10 @@ def test_wheel_built_from_the_sdist_ships_the_configs(wheel, tmp_path):
     top = names[0].split("/")[0]
     for rel in ("configs/toy/mask_rcnn_restv2_toy.py", "configs/_base_/default_runtime_det.py",
                 "tests/conftest.py", "tests/models/test_vt_fpn.py", "tools/run_tests.sh",
-                "MANIFEST.in"):
+                "MANIFEST.in", "rest_dense/data/toy.py", "rest_dense/models/restv2.py"):
         assert f"{top}/{rel}" in names, rel
     assert not [n for n in names if n.endswith(".pyc") or "__pycache__" in n]
+    assert not [n for n in names if any(n.endswith(rel) for rel in junk)]
     out = tmp_path / "wheel_from_sdist"
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
           "-w", out, sdists[0]], cwd=tmp_path, env=dict(os.environ))

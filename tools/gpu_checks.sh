@@ -12,16 +12,19 @@
 #   DEVICE=cpu SHAPES=64x64:1 ITERS=1 DTYPES=fp32 MODES=infer bash tools/gpu_checks.sh
 #                                               # a dry run of the script on the CPU
 set -uo pipefail
+OUT=$(realpath -m "${OUT:-gpu_checks}")  # relative to where the script was started
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-OUT=${OUT:-gpu_checks}
-DEVICE=${DEVICE:-cuda}
+DEVICE=${DEVICE-cuda}
 PY=${PYTHON:-python3}
-SHAPES=${SHAPES:-"512x512:2 800x1216:1"}   # HxW:batch pairs
-ITERS=${ITERS:-10}
-DTYPES=${DTYPES:-"fp32 fp16 bf16"}
-MODES=${MODES:-"infer train"}
+SHAPES=${SHAPES-"512x512:2 800x1216:1"}   # HxW:batch pairs
+ITERS=${ITERS-10}
+DTYPES=${DTYPES-"fp32 fp16 bf16"}
+MODES=${MODES-"infer train"}
 BENCH_EXTRA=${BENCH_EXTRA:-}                # more `rest-dense bench` options
-mkdir -p "$OUT"
+mkdir -p "$OUT" && [ -w "$OUT" ] || { echo "gpu_checks: cannot write to OUT=$OUT" >&2; exit 2; }
+for name in SHAPES DTYPES MODES DEVICE ITERS; do
+    [ -n "${!name// /}" ] || { echo "gpu_checks: $name is empty" >&2; exit 2; }
+done
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 status=0
 

@@ -295,14 +295,20 @@ def generate_toy_dataset(out_dir: Union[str, os.PathLike] = "data/toy", num_trai
         Paths of the written artefacts (``root``, ``train_json``, ``val_json``, ...).
 
     Raises:
-        ValueError: a count below 1 (``size`` below 16), a probability outside [0, 1];
+        ValueError: a count below 1 (``size`` outside 16..2048, a negative seed), a
+            probability outside [0, 1], an empty ``out_dir``;
             ``out_dir`` is a file, or holds files that are no toy dataset
             (:func:`toy_root_problem`).
     """
-    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1),
-                             ("size", size, 16), ("max_objects", max_objects, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    for name, value, low, high in (("num_train", num_train, 1, None),
+                                   ("num_val", num_val, 1, None), ("size", size, 16, 2048),
+                                   ("max_objects", max_objects, 1, None), ("seed", seed, 0, None)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low \
+                or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise ValueError(f"{name} must be an integer {bound}, got {value!r}")
+    if not os.fspath(out_dir).strip():
+        raise ValueError("the dataset folder is an empty path")
     if not 0.0 <= class_color_prob <= 1.0:  # NaN fails too
         raise ValueError(f"class_color_prob must be in [0, 1], got {class_color_prob!r}")
     root = Path(out_dir)

@@ -13,7 +13,7 @@ from conftest import REPO
 @pytest.mark.timeout(600)
 def test_gpu_checks_script_dry_run(tmp_path, subprocess_env):
     out = tmp_path / "out"
-    env = dict(subprocess_env, OUT=str(out), DEVICE="cpu", SHAPES="32x32:1", ITERS="1",
+    env = dict(subprocess_env, OUT="out", DEVICE="cpu", SHAPES="32x32:1", ITERS="1",  # cwd-relative
                DTYPES="fp32 bf16", MODES="infer", BENCH_EXTRA="--no-memory",
                PYTHON=sys.executable, OMP_NUM_THREADS="1")
     proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_checks.sh")], cwd=tmp_path, env=env,
