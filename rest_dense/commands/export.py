@@ -165,6 +165,15 @@ def run(args: argparse.Namespace) -> int:
         return _fail(error_text(e), 1)
 
     # everything that can be refused is refused before exporting or compiling
+    if out is not None:
+        import importlib.util
+
+        for needed in ("onnx", "onnxruntime"):  # the export, then its checks
+            if importlib.util.find_spec(needed) is None:
+                from ..utils import OPTIONAL_PACKAGES
+
+                return _fail(f"this needs {needed}, which is not installed: "
+                             f"{OPTIONAL_PACKAGES[needed]}")
     if args.compile:
         try:
             ex.compile_model(model, backend=args.compile, dynamic=True if args.dynamic else None)

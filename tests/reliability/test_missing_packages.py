@@ -44,6 +44,10 @@ def _run(blocker, subprocess_env, tmp_path, module, args):
     ("mmdet", ["train", "toy/mask_rcnn_restv2_toy.py"], "rest_dense[mm]"),
     ("mmseg", ["flops", "toy/upernet_restv2_toy.py"], "rest_dense[mm]"),
     ("mmengine", ["test", "toy/mask_rcnn_restv2_toy.py", "m.pth"], "rest_dense[mm]"),
+    # refused before the work, not after it
+    ("onnxruntime", ["export", "restv2_tiny", "--out", "m.onnx"], "pip install onnxruntime"),
+    ("matplotlib", ["bench", "restv2_tiny", "--shape", "32x32", "--plot", "p.png"],
+     "pip install matplotlib"),
 ])
 def test_a_missing_optional_package_is_named(blocker, subprocess_env, tmp_path, module, args, how):
     (tmp_path / "m.pth").write_bytes(b"")
@@ -51,6 +55,7 @@ def test_a_missing_optional_package_is_named(blocker, subprocess_env, tmp_path, 
     assert code == 2, err[-2000:]
     assert f"this needs {module}, which is not installed" in err and how in err, err[-2000:]
     assert "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "p.png").exists()
 
 
 def test_blocking_works_and_other_packages_still_run(blocker, subprocess_env, tmp_path):
