@@ -235,9 +235,46 @@ def launch(main_func: Callable, num_processes: int, num_machines: int = 1, machi
         dist_url = local_dist_url()
     import torch.multiprocessing as mp
 
-    mp.spawn(_worker, nprocs=num_processes, daemon=False,
-             args=(main_func, world_size, num_processes, machine_rank, dist_url,
-                   backend or default_backend(), _timeout(timeout), tuple(args)))
+    try:
+        mp.spawn(_worker, nprocs=num_processes, daemon=False,
+                 args=(main_func, world_size, num_processes, machine_rank, dist_url,
+                       backend or default_backend(), _timeout(timeout), tuple(args)))
+    except mp.ProcessRaisedException as err:
+        problem = worker_problem(str(err))
+        if problem is None:
+            raise
+        raise WorkerError(problem) from None
+
+
+#: errors a single-process run reports in one line (the input is wrong, not the code): a
+#: worker that raised one of these is reported the same way, without its traceback
+ONE_LINE_ERRORS = ("ConfigBuildError", "FileNotFoundError", "IsADirectoryError",
+                   "CheckpointIsADirectoryError", "CheckpointError", "CheckpointFormatError",
+                   "CheckpointMismatchError", "UntrustedCheckpointError", "ResumeError",
+                   "UnpicklingError", "FolderBusyError")
+
+
+class WorkerError(LaunchError):
+    """A worker process stopped on an error of the input (:data:`ONE_LINE_ERRORS`); the
+    message is the worker's."""
+
+
+def worker_problem(report: str) -> Optional[str]:
+    """The worker's message when ``report`` (``torch.multiprocessing``'s text of a worker's
+    traceback) ends in one of :data:`ONE_LINE_ERRORS`; ``None`` otherwise (a bug keeps its
+    traceback)."""
+    import re
+
+    rank = re.search(r"-- Process (\d+) terminated", report)
+    lines = [line for line in report.strip().splitlines() if line.strip()]
+    match = re.match(r"^([\w.]+?)(?:\.(\w+))?: (.*)$", lines[-1]) if lines else None
+    if match is None:
+        return None
+    name = (match.group(2) or match.group(1)).rsplit(".", 1)[-1]
+    if name not in ONE_LINE_ERRORS:
+        return None
+    where = f"process {rank.group(1)}: " if rank else ""
+    return f"{where}{match.group(3)}"
 
 
 # ------------------------------------------------------------------------------- DDP

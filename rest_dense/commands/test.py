@@ -74,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
             check_args(ns)
         except (FileNotFoundError, ValueError) as err:
             return fail("test", error_text(err))
+        from ..distributed import LaunchError
+
         try:
             results = launch_main(ns)
-        except CHECKPOINT_ERRORS + (ConfigBuildError, FileNotFoundError) as err:
+        except CHECKPOINT_ERRORS + (ConfigBuildError, FileNotFoundError, LaunchError) as err:
             return fail("test", toy_data_hint(args, error_text(err)))
         if results is not None:
             print_metrics(results, args.save_metrics)

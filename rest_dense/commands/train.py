@@ -453,13 +453,14 @@ def run(args: argparse.Namespace) -> int:
                 check_config_not_overwritten(args.config_path, out_dir, "config.yaml")
         except (FileNotFoundError, ValueError) as err:
             return fail("train", error_text(err))
+        from ..distributed import LaunchError
         from ..runlock import FolderBusyError, hold_folder
 
         try:  # one live run per output folder (rest_dense.runlock), held by machine 0
             with (hold_folder(out_dir, "training", primary=ns.machine_rank == 0)
                   if not args.eval_only else contextlib.nullcontext()):
                 results = launch_main(ns)
-        except (FolderBusyError, ConfigBuildError, FileNotFoundError) as err:
+        except (FolderBusyError, ConfigBuildError, FileNotFoundError, LaunchError) as err:
             return fail("train", toy_data_hint(args, error_text(err)))  # the dataset's files
         except CHECKPOINT_ERRORS as err:
             return fail("train", error_text(err))

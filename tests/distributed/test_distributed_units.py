@@ -226,3 +226,38 @@ def test_launcher_scripts_command_line(tmp_path, script, args, env):
     assert opts["--nproc_per_node"] == args[n_files]
     assert words[7:] == ["-m", "rest_dense.cli", command, *args[:n_files], "--launcher", "pytorch",
                          *args[n_files + 1:]]
+
+
+def test_worker_errors_of_the_input_are_one_line_and_bugs_keep_their_traceback():
+    from rest_dense.distributed import worker_problem
+
+    report = ("\n\n-- Process 1 terminated with the following error:\nTraceback (most recent "
+              "call last):\n  File \"x.py\", line 1, in f\nrest_dense.configs.ConfigBuildError: "
+              "the config does not build: Dataset 'toy_train' is empty!\n")
+    assert worker_problem(report) == \
+        "process 1: the config does not build: Dataset 'toy_train' is empty!"
+    assert worker_problem(report.replace("rest_dense.configs.ConfigBuildError",
+                                         "FileNotFoundError")).startswith("process 1: the config")
+    assert worker_problem(report.replace("rest_dense.configs.ConfigBuildError",
+                                         "ZeroDivisionError")) is None
+    assert worker_problem("") is None
+
+
+@pytest.mark.slow
+def test_d2_two_cpu_processes_on_an_empty_dataset_is_one_line(tmp_path, capsys):
+    """A worker of a multi-process detectron2 run that stops on the input (here: a training
+    set without images) is reported as single-process runs report it, not with
+    torch.multiprocessing's traceback of the worker."""
+    from rest_dense.cli import main as cli
+    from rest_dense.data.toy import generate_toy_dataset
+
+    root = tmp_path / "toy"
+    generate_toy_dataset(root, num_train=2, num_val=1, size=64)
+    for image in (root / "images" / "training").glob("*.png"):
+        image.unlink()
+    code = cli(["train", "detectron2/toy/sem_seg_restv2_vt_fpn_toy.yaml", "--num-gpus", "2",
+                "--toy-root", str(root), "--work-dir", str(tmp_path / "w"), "--threads", "1",
+                "MODEL.DEVICE", "cpu", "SOLVER.MAX_ITER", "1", "SOLVER.IMS_PER_BATCH", "4"])
+    err = capsys.readouterr().err
+    assert code == 2 and "the config does not build: Dataset 'toy_sem_seg_train' is empty" in err
+    assert "Traceback" not in err and "ProcessRaisedException" not in err
