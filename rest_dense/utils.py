@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count", "path_inside", "same_file",
            "check_output_path", "MAX_COUNT", "check_count", "OPTIONAL_PACKAGES",
-           "missing_package_hint"]
+           "missing_package_hint", "require_package"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
@@ -35,6 +35,20 @@ OPTIONAL_PACKAGES = {
     "pycocotools": "pip install pycocotools",
     "matplotlib": "pip install matplotlib",
 }
+
+
+def require_package(name: str, why: str = "") -> None:
+    """Raise the ``ModuleNotFoundError`` of a missing optional package before the work that
+    needs it starts (the commands report it with :func:`missing_package_hint`).
+
+    Raises:
+        ModuleNotFoundError: ``name`` is not installed (``why`` ends the message).
+    """
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ModuleNotFoundError(f"No module named {name!r}" + (f": {why}" if why else ""),
+                                  name=name)
 
 
 def missing_package_hint(error: BaseException) -> Optional[str]:

@@ -147,15 +147,10 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             print(f"rest-dense bench: error: {opt}: {problem}", file=sys.stderr)
             return 2
-    if args.plot:
-        import importlib.util
+    if args.plot:  # before any timing, not after
+        from ..utils import require_package
 
-        if importlib.util.find_spec("matplotlib") is None:  # before any timing, not after
-            from ..utils import OPTIONAL_PACKAGES
-
-            print(f"rest-dense bench: error: --plot needs matplotlib, which is not installed: "
-                  f"{OPTIONAL_PACKAGES['matplotlib']}", file=sys.stderr)
-            return 2
+        require_package("matplotlib", "--plot draws with it")
     if necks and not models and not args.configs:
         if args.plot:
             print("rest-dense bench: error: --plot draws backbone and whole-model rows; the neck "

@@ -166,14 +166,10 @@ def run(args: argparse.Namespace) -> int:
 
     # everything that can be refused is refused before exporting or compiling
     if out is not None:
-        import importlib.util
+        from ..utils import require_package
 
         for needed in ("onnx", "onnxruntime"):  # the export, then its checks
-            if importlib.util.find_spec(needed) is None:
-                from ..utils import OPTIONAL_PACKAGES
-
-                return _fail(f"this needs {needed}, which is not installed: "
-                             f"{OPTIONAL_PACKAGES[needed]}")
+            require_package(needed)
     if args.compile:
         try:
             ex.compile_model(model, backend=args.compile, dynamic=True if args.dynamic else None)

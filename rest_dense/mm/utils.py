@@ -13,6 +13,7 @@ from mmengine.registry import init_default_scope
 from torch import nn
 
 from ..configs import OPENMMLAB, config_framework, parse_cfg_options
+from ..utils import require_package
 from .registration import register_once
 from .schedule import SCALE_SCHEDULE_KEY
 
@@ -138,7 +139,8 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
             _warn_if_variable(cfg, key)
         cfg.merge_from_dict(options)
     cfg.default_scope = detect_framework(cfg)
-    _check_installed(cfg.default_scope, path)
+    # without the toolbox, the config's types fail one by one as "not in the registry"
+    require_package(cfg.default_scope, f"{path} is a config of {cfg.default_scope}")
     return cfg
 
 
@@ -176,16 +178,6 @@ def set_toy_root(cfg: Config, root: Union[str, "os.PathLike[str]"]) -> List[str]
         raise ValueError(f"--toy-root: the config reads nothing under {old} (only the toy "
                          "configs do); set its data paths with overrides instead")
     return changed
-
-
-def _check_installed(scope: str, path: str) -> None:
-    """The toolbox of a config's scope must be importable: without it the config's types
-    fail one by one as "not in the registry" (a visualizer first), naming no package."""
-    import importlib.util
-
-    if importlib.util.find_spec(scope) is None:
-        raise ModuleNotFoundError(f"{path} is a config of {scope}, which is not installed",
-                                  name=scope)
 
 
 #: the top-level names mmengine's Runner and the OpenMMLab tools read from a config; any
