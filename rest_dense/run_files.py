@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import os.path as osp
+import pickle
 import re
 import secrets
 import signal
@@ -38,12 +39,14 @@ import stat
 import threading
 import time
 from typing import Any, Callable, Iterable, List, Optional, Pattern, Sequence, Union
+from urllib.error import URLError
 
 import torch
 
+from .safe_load import CheckpointError
 from .utils import env_var, path_inside
 
-__all__ = ["SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
+__all__ = ["CHECKPOINT_ERRORS", "SAVE_PAUSE_ENV", "POINTER_NAME", "ResumeError", "atomic_save", "atomic_write_text",
            "StagedFile", "temporary_name", "remove_stale_temporaries", "read_pointer",
            "resume_candidates", "select_resume_checkpoint"]
 
@@ -118,6 +121,13 @@ def _mode_for(dst: str) -> int:
         mask = os.umask(0)
         os.umask(mask)
         return 0o666 & ~mask
+
+
+#: checkpoint errors that the commands report in one line: a file refused by the trust policy or
+#: by ``torch.load(weights_only=True)`` (:class:`rest_dense.safe_load.UntrustedCheckpointError`
+#: is one), a checkpoint to resume from that cannot be read (:class:`ResumeError`), one that
+#: does not fit the model, and a checkpoint URL that cannot be downloaded
+CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError, CheckpointError, URLError)
 
 
 class StagedFile:

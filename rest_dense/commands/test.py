@@ -29,8 +29,9 @@ from __future__ import annotations
 import argparse
 
 from ..configs import ConfigBuildError
+from ..run_files import CHECKPOINT_ERRORS
 from ..utils import error_text
-from .train import (CHECKPOINT_ERRORS, add_common_arguments, add_overrides_argument,
+from .train import (add_common_arguments, add_overrides_argument,
                     add_trust_argument, allow_intermixed, d2_namespace, fail, overrides,
                     prepare_run, print_metrics, toy_data_hint, UsageError)
 

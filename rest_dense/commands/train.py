@@ -54,16 +54,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import pickle
-from urllib.error import URLError
 import re
 import sys
 from typing import Any, Dict, List, Optional
 
-from ..run_files import ResumeError  # light: torch only
+from ..run_files import CHECKPOINT_ERRORS  # light: torch only
 from ..utils import check_output_path, env_var, error_text, positive_int, same_file
 from ..configs import ConfigBuildError
-from ..models.pretrained import CheckpointError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -76,12 +73,6 @@ _D2_ONLY = {"num_gpus": "--num-gpus", "num_machines": "--num-machines",
 _FAMILY_NAMES = {"openmmlab": "an MMDetection / MMSegmentation", "detectron2": "a detectron2"}
 _D2_KEY = re.compile(r"^[A-Z][A-Z0-9_]*(\.[A-Z0-9_]+)+$")
 
-
-#: checkpoint errors reported as a one-line error: a file refused by the trust policy or by
-#: torch.load(weights_only=True) (rest_dense.safe_load.UntrustedCheckpointError is one),
-#: checkpoints to resume from that cannot be read (rest_dense.run_files.ResumeError), and a
-#: checkpoint URL that cannot be downloaded
-CHECKPOINT_ERRORS = (pickle.UnpicklingError, ResumeError, CheckpointError, URLError)
 
 
 class UsageError(Exception):

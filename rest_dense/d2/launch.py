@@ -460,7 +460,7 @@ def cli_main(argv: Optional[Sequence[str]] = None) -> int:
         check_args(args)
     except (FileNotFoundError, ValueError) as err:
         parser.error(str(err))
-    from ..commands.train import CHECKPOINT_ERRORS
+    from ..run_files import CHECKPOINT_ERRORS
 
     try:
         launch_main(args)
