@@ -35,7 +35,8 @@ from torch import nn
 __all__ = ["LOCALHOST", "DEFAULT_TIMEOUT", "LaunchError", "cuda_usable", "default_backend", "find_free_port",
            "close_process_group",
            "local_dist_url", "get_rank", "get_world_size", "init_from_env", "launch",
-           "local_process_group", "ddp_device_ids", "wrap_ddp", "params_without_grad",
+           "local_process_group", "ddp_device_ids", "BatchNormXd", "revert_sync_batchnorm",
+           "revert_sync_batchnorm_on_cpu", "wrap_ddp", "params_without_grad",
            "assert_replicas_in_sync", "prepare_mm_config", "setup_mm_distributed"]
 
 #: the only address single-machine jobs listen on
@@ -289,6 +290,67 @@ def ddp_device_ids(module: nn.Module) -> Optional[List[int]]:
     return None
 
 
+class BatchNormXd(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the channels (dim 1) of inputs of any rank from 2 on, as
+    ``nn.SyncBatchNorm`` takes them; what :func:`revert_sync_batchnorm` puts in its place."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of 2 or more dimensions, got {input.dim()}")
+
+
+def revert_sync_batchnorm(module: nn.Module) -> Tuple[nn.Module, List[str]]:
+    """Replace every ``nn.SyncBatchNorm`` in ``module`` by a :class:`BatchNormXd` that holds
+    the same parameter and buffer tensors (an optimizer built before keeps working; state
+    dicts keep their keys).
+
+    Args:
+        module: the model; changed in place (a SyncBatchNorm given alone is returned new).
+
+    Returns:
+        The module (new only if ``module`` itself was a SyncBatchNorm) and the names of the
+        replaced layers.
+    """
+    found: List[str] = []
+
+    def convert(node: nn.Module, name: str) -> nn.Module:
+        if isinstance(node, nn.SyncBatchNorm):
+            bn = BatchNormXd(node.num_features, node.eps, node.momentum, node.affine,
+                             node.track_running_stats)
+            if node.affine:
+                bn.weight, bn.bias = node.weight, node.bias
+            if node.track_running_stats:
+                bn.running_mean, bn.running_var = node.running_mean, node.running_var
+                bn.num_batches_tracked = node.num_batches_tracked
+            bn.train(node.training)
+            found.append(name or "(the module)")
+            return bn
+        for child_name, child in node.named_children():
+            new = convert(child, f"{name}.{child_name}" if name else child_name)
+            if new is not child:
+                setattr(node, child_name, new)
+        return node
+
+    return convert(module, ""), found
+
+
+def revert_sync_batchnorm_on_cpu(model: nn.Module) -> nn.Module:
+    """A multi-process job of a CPU model: SyncBatchNorm layers become BatchNorm (DDP
+    refuses SyncBatchNorm in CPU modules), with a warning naming them."""
+    if get_world_size() == 1 or any(p.device.type != "cpu" for p in model.parameters()):
+        return model
+    model, found = revert_sync_batchnorm(model)
+    if found and get_rank() == 0:
+        import logging
+
+        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        logging.getLogger(__name__).warning(
+            "rest_dense: SyncBatchNorm -> BatchNorm in %d layer(s) of this CPU job (%s): "
+            "SyncBatchNorm needs GPUs; each process normalises over its own batch",
+            len(found), shown)
+    return model
+
+
 def wrap_ddp(model: nn.Module, ddp_class: Optional[Callable[..., nn.Module]] = None,
              **kwargs: Any) -> nn.Module:
     """Wrap ``model`` for data-parallel training when the job has several processes.
@@ -303,9 +365,12 @@ def wrap_ddp(model: nn.Module, ddp_class: Optional[Callable[..., nn.Module]] = N
 
     Returns:
         ``model`` itself outside a process group (or with one process), else the wrapper.
+        A CPU model's ``nn.SyncBatchNorm`` layers become BatchNorm first (see
+        :func:`revert_sync_batchnorm`), with a warning.
     """
     if get_world_size() == 1:
         return model
+    model = revert_sync_batchnorm_on_cpu(model)
     if ddp_class is None:
         from torch.nn.parallel import DistributedDataParallel as ddp_class
     kwargs.setdefault("device_ids", ddp_device_ids(model))
@@ -371,6 +436,10 @@ def _replace_sync_bn(node: Any, found: List[str], path: str = "") -> Any:
         if node.get("type") in _SYNC_BN_TYPES:
             found.append(f"{path or 'cfg'}: {node['type']}")
             node["type"] = "BN"
+        if isinstance(node.get("norm_layer"), str) and node["norm_layer"].lower() == "syncbn":
+            # the core's spelling (VTFPN's norm_layer)
+            found.append(f"{path + '.' if path else ''}norm_layer: {node['norm_layer']}")
+            node["norm_layer"] = "bn"
         for key in list(node.keys()):
             node[key] = _replace_sync_bn(node[key], found, f"{path}.{key}" if path else str(key))
     elif isinstance(node, list):
@@ -389,8 +458,8 @@ def prepare_mm_config(cfg: MutableMapping, cuda: Optional[bool] = None) -> List[
     * the DDP wrapper gets ``device_ids=None`` (mmengine passes ``[LOCAL_RANK]``, which DDP
       refuses for CPU modules), ``broadcast_buffers=False`` and
       ``find_unused_parameters=False`` unless the config says otherwise;
-    * SyncBN layers (``norm_cfg=dict(type='SyncBN')``, ``sync_bn='torch'``) become BN:
-      PyTorch's and mmcv's SyncBN only run on GPUs.
+    * SyncBN layers (``norm_cfg=dict(type='SyncBN')``, ``norm_layer='syncbn'``,
+      ``sync_bn='torch'``) become BN: PyTorch's and mmcv's SyncBN only run on GPUs.
 
     Args:
         cfg: an mmengine ``Config`` (or a dict of the same layout); modified in place.

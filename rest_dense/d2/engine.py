@@ -35,6 +35,7 @@ from detectron2.evaluation import COCOEvaluator, DatasetEvaluator, inference_on_
 from detectron2.utils import comm
 from omegaconf import DictConfig
 
+from .. import distributed
 from ..amp import accelerator_available, parse_precision, resolve_amp, warn_if_bf16_emulated
 from ..configs import building_from_config
 from ..safe_load import checkpoint_file
@@ -408,9 +409,11 @@ def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
 
 def _create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     """detectron2's ``create_ddp_model``, for CPU models too: DDP takes no ``device_ids``
-    there (CPU-only jobs run with gloo, see :mod:`rest_dense.distributed`)."""
+    there, and SyncBatchNorm layers (a lazy config's) become BatchNorm, which DDP takes
+    (CPU-only jobs run with gloo, see :mod:`rest_dense.distributed`)."""
     if all(p.device.type == "cpu" for p in model.parameters()):
         kwargs.setdefault("device_ids", None)
+        model = distributed.revert_sync_batchnorm_on_cpu(model)
     return create_ddp_model(model, **kwargs)
 
 

@@ -373,9 +373,20 @@ def d2_records(settings: Sequence[Setting], vt_fpn: bool = False) -> List[Dict[s
         torch.manual_seed(distributed.get_rank())
         model = build_model(cfg)
         model.train()
+        optimizer = build_optimizer(cfg, model)
+        sync_bn = 0
+        if setting.get("sync_bn_modules"):
+            # as a lazy config builds them (norm_layer='syncbn'): wrap_ddp reverts them on
+            # the CPU, keeping the parameters the optimizer already holds
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            sync_bn = sum(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+            assert sync_bn > 0
         ddp = distributed.wrap_ddp(model, broadcast_buffers=False)
         assert ddp is not model and not ddp.find_unused_parameters
-        optimizer = build_optimizer(cfg, model)
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in ddp.modules())
+        model = ddp.module
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        assert all(id(p) in in_optimizer for p in model.parameters() if p.requires_grad)
 
         def step(i: int) -> float:
             with EventStorage(i) as storage:
@@ -387,7 +398,9 @@ def d2_records(settings: Sequence[Setting], vt_fpn: bool = False) -> List[Dict[s
                 optimizer.step()
             return float(loss.detach())
 
-        return _train_and_check(f"{'d2_vt_fpn' if vt_fpn else 'd2'}:{name}", ddp, step)
+        record = _train_and_check(f"{'d2_vt_fpn' if vt_fpn else 'd2'}:{name}", ddp, step)
+        record["sync_bn_reverted"] = sync_bn
+        return record
 
     return [one(name, setting) for name, setting in settings]
 

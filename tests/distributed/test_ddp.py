@@ -67,7 +67,7 @@ VT_FPN_SETTINGS = {
                      ("hwin+with_cp+drop_path", {"attn_mode": "hwin", "with_cp": True,
                                                  "drop_path_rate": 0.3})],
     "mmdet_vt_fpn": [("global", {})],
-    "d2_vt_fpn": [("global", {}),
+    "d2_vt_fpn": [("global+SyncBatchNorm", {"sync_bn_modules": True}),
                   ("cwin+with_cp+drop_path", {"attn_mode": "cwin", "with_cp": True,
                                               "drop_path_rate": 0.3})],
 }
@@ -131,8 +131,13 @@ def test_detectron2_mask_rcnn_ddp_replicas_identical(ddp_results):
 def test_vt_fpn_ddp_replicas_identical(ddp_results, group):
     """The VT-FPN toy models (MMSegmentation semantic FPN head, MMDetection Mask R-CNN,
     detectron2 SemanticSegmentor) keep bit-identical replicas; every neck parameter gets a
-    gradient in every step (no ``find_unused_parameters`` needed)."""
-    _check_records(ddp_results[group]["records"], VT_FPN_SETTINGS[group], group)
+    gradient in every step (no ``find_unused_parameters`` needed); a model built with
+    SyncBatchNorm layers trains on the CPU, as BatchNorm."""
+    records = _check_records(ddp_results[group]["records"], VT_FPN_SETTINGS[group], group)
+    for record, (_, setting) in zip(records, VT_FPN_SETTINGS[group]):
+        if setting.get("sync_bn_modules"):
+            # SyncBatchNorm layers (a lazy config's norm_layer='syncbn') trained as BatchNorm
+            assert record["sync_bn_reverted"] > 0, record
 
 
 # ------------------------------------------------------------------------ end to end

@@ -92,6 +92,53 @@ def test_prepare_mm_config_on_cpu():
     assert distributed.prepare_mm_config(cfg, cuda=False) == []  # idempotent
 
 
+def test_prepare_mm_config_reverts_the_core_spelling_of_syncbn():
+    cfg = _mm_cfg(launcher="pytorch")
+    cfg.model.neck = dict(type="VTFPN", in_channels=[8, 16], norm_layer="SyncBN")
+    changes = distributed.prepare_mm_config(cfg, cuda=False)
+    assert cfg.model.neck.norm_layer == "bn"
+    assert any("model.neck.norm_layer: SyncBN" in line for line in changes), changes
+
+
+def test_revert_sync_batchnorm_keeps_tensors_and_outputs(one_thread):
+    """SyncBatchNorm layers (of the VT-FPN token path: 3-D inputs; of a conv net: 4-D)
+    become BatchNormXd holding the same tensors: an optimizer built before keeps them,
+    state dict keys stay, and training-mode outputs equal plain BatchNorm's."""
+    from rest_dense.models import VTFPN
+
+    torch.manual_seed(0)
+    neck = VTFPN(in_channels=(8, 16), out_channels=16, num_tokens=4, token_channels=32,
+                 num_heads=2, norm_layer="syncbn")
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.SyncBatchNorm(4))
+    for model, inputs in ((neck, [torch.randn(2, 8, 8, 8), torch.randn(2, 16, 4, 4)]),
+                          (net, torch.randn(2, 3, 5, 5))):
+        model.train()
+        params = dict(model.named_parameters())
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        expected = model(inputs)
+        model.load_state_dict(state)  # running statistics as before the pass
+        sync_names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.SyncBatchNorm)]
+        out, found = distributed.revert_sync_batchnorm(model)
+        assert out is model and found == sync_names and found
+        assert not any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules())
+        assert all(isinstance(model.get_submodule(n), distributed.BatchNormXd) for n in found)
+        assert all(p is params[n] for n, p in model.named_parameters())
+        assert model.state_dict().keys() == state.keys()
+        got = model(inputs)
+        for a, b in zip(got if isinstance(got, (list, tuple)) else [got],
+                        expected if isinstance(expected, (list, tuple)) else [expected]):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a layer given alone comes back new; inputs of one dimension are refused by name
+    bn, found = distributed.revert_sync_batchnorm(torch.nn.SyncBatchNorm(3))
+    assert isinstance(bn, distributed.BatchNormXd) and found == ["(the module)"]
+    with pytest.raises(ValueError, match="2 or more dimensions"):
+        bn(torch.randn(3))
+    # outside a process group nothing is changed
+    sync = torch.nn.Sequential(torch.nn.SyncBatchNorm(3))
+    assert distributed.revert_sync_batchnorm_on_cpu(sync) is sync
+    assert isinstance(sync[0], torch.nn.SyncBatchNorm)
+
+
 def test_prepare_mm_config_keeps_gpu_and_single_process_configs():
     for cfg, cuda in ((_mm_cfg(launcher="pytorch"), True), (_mm_cfg(launcher="none"), False),
                       (_mm_cfg(), False)):
