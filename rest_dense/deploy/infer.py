@@ -142,6 +142,12 @@ def _mm_dataset_meta(cfg) -> Dict[str, Any]:
     return {k: list(v) for k, v in meta.items() if k in ("classes", "palette")}
 
 
+def _seg_palette(num_classes: int) -> List[Tuple[int, int, int]]:
+    """A fixed colour per class for a model that names none."""
+    rng = np.random.RandomState(0)
+    return [tuple(int(c) for c in rgb) for rgb in rng.randint(0, 256, size=(num_classes, 3))]
+
+
 # ------------------------------------------------------------------ predictors
 class Predictor:
     """One framework's model behind a common interface.
@@ -287,9 +293,17 @@ class MMSegPredictor(_MMPredictor):
                                               palette=cfg_meta.get("palette"))
         model = self.inferencer.model
         _check_fit(model, ckpt, checkpoint, config)
-        classes = self.inferencer.visualizer.dataset_meta.get("classes")
         n = model.decode_head.num_classes
+        # the names and colours the model carries (from the checkpoint, else the config);
+        # the inferencer's visualizer starts with Cityscapes' and takes the model's only
+        # in its own drawing call, which draw() does not use
+        meta = dict(getattr(model, "dataset_meta", None) or {})
+        classes, palette = meta.get("classes"), meta.get("palette")
         self.classes = list(classes) if classes and len(classes) == n else [str(i) for i in range(n)]
+        if not palette or len(palette) != n:
+            palette = _seg_palette(n)
+        self.inferencer.visualizer.dataset_meta = {
+            "classes": self.classes, "palette": [tuple(int(c) for c in rgb) for rgb in palette]}
 
     def predict_sample(self, image: np.ndarray):
         """The ``SegDataSample`` for one BGR image."""

@@ -91,6 +91,16 @@ def test_infer_mmseg_matches_test_step(tmp_path, capsys, seg_ckpt, toy_root, one
     assert code == 0, err
     summary = _check_files(out, len(images), ".png")
     by_image = {os.path.basename(i["input"]): i["pred"] for i in summary["images"]}
+    # the checkpoint's names and colours, not the visualizer's default (Cityscapes')
+    ckpt_meta = torch.load(seg_ckpt, map_location="cpu", weights_only=False)["meta"]["dataset_meta"]
+    assert summary["classes"] == list(ckpt_meta["classes"]) == [
+        "background", "circle", "square", "triangle"]
+    from rest_dense.deploy.infer import MMSegPredictor
+
+    predictor = MMSegPredictor(str(MM_SEG), str(seg_ckpt))
+    drawn = predictor.inferencer.visualizer.dataset_meta
+    assert drawn["classes"] == summary["classes"]
+    assert [tuple(c) for c in drawn["palette"]] == [tuple(c) for c in ckpt_meta["palette"]]
 
     cfg = mm_config(MM_SEG, data_root=toy_root)
     model = init_model(cfg, str(seg_ckpt), device="cpu").eval()
