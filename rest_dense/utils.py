@@ -185,9 +185,14 @@ def removed_if_left_empty(folder: Union[str, "os.PathLike[str]"]) -> Iterator[li
 def error_text(e: BaseException) -> str:
     """An error's message for a one-line report: an ``OSError(errno, text, path)`` shows its
     text (which names the path already) without ``[Errno N]`` and the repeated path; a
-    ``KeyError`` its message without the quotes ``str()`` adds; a failed download says so."""
+    ``KeyError`` its message without the quotes ``str()`` adds; a failed download says so;
+    an error that PyTorch re-raised from a DataLoader worker shows the worker's error, not
+    its traceback."""
     from urllib.error import HTTPError, URLError
 
+    worker = _data_loader_worker_error(e)
+    if worker is not None:
+        return worker
     if isinstance(e, ImportError) and missing_package_hint(e):
         return missing_package_hint(e)
     if isinstance(e, URLError) and not isinstance(e, HTTPError):
@@ -201,6 +206,32 @@ def error_text(e: BaseException) -> str:
     if isinstance(e, KeyError) and len(e.args) == 1:
         return str(e.args[0])
     return str(e)
+
+
+_WORKER_ERROR = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\s*\n"
+                           r"Original Traceback \(most recent call last\):\n")
+_ERRNO = re.compile(r"^\[Errno \d+\] ")
+
+
+def _data_loader_worker_error(e: BaseException) -> Optional[str]:
+    """``'<message> (in DataLoader worker process N)'`` for an error that
+    ``torch.utils.data`` re-raised in the main process with the worker's traceback as its
+    message; None for any other error."""
+    text = str(e.args[0]) if len(e.args) == 1 else str(e)
+    match = _WORKER_ERROR.match(text)
+    if match is None:
+        return None
+    name, where = match.groups()
+    tail = text[match.end():]
+    # the traceback ends in "<name>: <message>" (the message may span lines)
+    start = tail.rfind(f"\n{name}: ")
+    if start < 0:
+        start = tail.rfind(f"\n{name}\n")
+        message = name if start >= 0 else tail.strip().splitlines()[-1]
+    else:
+        message = tail[start + len(name) + 3:].strip()
+    message = _ERRNO.sub("", message)
+    return f"{message} ({where})"
 
 
 def _finite_float(text: str):

@@ -78,3 +78,48 @@ def test_check_output_path(tmp_path):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             check_output_path(**kwargs)
+
+
+class _Files:
+    """A dataset whose items are files to open (the second is missing or unreadable)."""
+
+    def __init__(self, paths):
+        self.paths = paths
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        if str(self.paths[i]).endswith(".json"):
+            import json
+
+            return json.loads(open(self.paths[i]).read())["x"]
+        with open(self.paths[i], "rb") as f:
+            return len(f.read())
+
+
+@pytest.mark.timeout(120)
+def test_error_text_of_a_data_loader_worker_is_the_workers_error(tmp_path):
+    """torch re-raises a worker's error with the worker's traceback as its message: the
+    one-line report keeps the error and says where it happened."""
+    import torch
+
+    from rest_dense.utils import error_text
+
+    good = tmp_path / "a.png"
+    good.write_bytes(b"x")
+    cases = [(tmp_path / "gone.png", FileNotFoundError,
+              f"No such file or directory: '{tmp_path / 'gone.png'}' (in DataLoader worker process 0)")]
+    bad_json = tmp_path / "b.json"
+    bad_json.write_text("{}")
+    cases.append((bad_json, KeyError, "'x' (in DataLoader worker process 0)"))
+    for path, kind, expected in cases:
+        loader = torch.utils.data.DataLoader(_Files([good, path]), batch_size=None, num_workers=1)
+        with pytest.raises(kind) as info:
+            list(loader)
+        assert "Original Traceback" in str(info.value)  # what torch gives
+        text = error_text(info.value)
+        assert text == expected, text
+        assert "\n" not in text and "Traceback" not in text
+    # other errors are as before
+    assert error_text(ValueError("Caught nothing")) == "Caught nothing"
