@@ -327,7 +327,8 @@ def fail(command: str, message: str) -> int:
 
 
 def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None) -> None:
-    """Print the final metrics (flattened) and optionally save them as JSON."""
+    """Print the final metrics (flattened) and optionally save them as JSON (standard JSON:
+    a metric without a value, NaN or infinite, is written as null and named in a warning)."""
     import json
     import math
 
@@ -350,10 +351,18 @@ def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None)
         for k, v in flat.items():
             shown = f"{v:.4f}" if isinstance(v, float) and math.isfinite(v) else v
             print(f"  {k:<{width}}  {shown}")
+    undefined = [k for k, v in flat.items() if isinstance(v, float) and not math.isfinite(v)]
+    if undefined:
+        shown = ", ".join(undefined[:6]) + (f" and {len(undefined) - 6} more"
+                                             if len(undefined) > 6 else "")
+        print(f"warning: {len(undefined)} metric(s) without a value (NaN): {shown}; the "
+              f"evaluation found nothing to score for them (no annotated objects or labelled "
+              f"pixels in the set, or no predictions)", file=sys.stderr)
     if save:
         os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
         with open(save, "w") as f:
-            json.dump(flat, f, indent=2)
+            json.dump({k: None if k in undefined else v for k, v in flat.items()}, f, indent=2,
+                      allow_nan=False)
         print(f"metrics saved to {save}")
 
 

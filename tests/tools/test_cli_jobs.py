@@ -27,6 +27,24 @@ def test_overrides_may_follow_options():
     assert args.tta and args.weights_only
 
 
+def test_metrics_without_a_value_are_null_in_standard_json(tmp_path, capsys):
+    """An evaluation with nothing to score gives NaN metrics: --save-metrics writes standard
+    JSON (null) and a warning names them; finite values are kept as they are."""
+    import json
+
+    out = tmp_path / "m.json"
+    train_cmd.print_metrics({"sem_seg": {"mIoU": float("nan"), "aAcc": 97.5},
+                             "bbox/AP": float("inf")}, str(out))
+    text = out.read_text()
+    assert json.loads(text) == {"sem_seg/mIoU": None, "sem_seg/aAcc": 97.5, "bbox/AP": None}
+    assert "NaN" not in text and "Infinity" not in text
+    err = capsys.readouterr().err
+    assert "2 metric(s) without a value" in err and "sem_seg/mIoU" in err and "bbox/AP" in err
+    train_cmd.print_metrics({"mIoU": 40.0}, str(out))
+    assert json.loads(out.read_text()) == {"mIoU": 40.0}
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv,resume,overrides", [
     (["C", "--resume"], "auto", []),
     (["C", "--resume", "a.b=1"], "auto", ["a.b=1"]),
