@@ -176,6 +176,13 @@ def _package_config(name: str) -> str:
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", package) or not rel:
         raise FileNotFoundError(f"config {name!r}: expected PACKAGE::PATH, e.g. "
                                 "mmdet::swin/mask-rcnn_swin-t-p4-w7_fpn_1x_coco.py")
+    if package == "rest_dense":  # ours: the shipped configs, in a clone too
+        path = configs_root() / _shipped_relative(rel)
+        if path.is_file() and os.path.realpath(path).startswith(
+                os.path.realpath(configs_root()) + os.sep):
+            return str(path)
+        raise FileNotFoundError(f"config {name!r}: no shipped config {rel!r} under "
+                                f"{configs_root()}; `rest-dense configs` lists them")
     try:
         spec = importlib.util.find_spec(package)
     except (ImportError, ValueError):
@@ -191,6 +198,32 @@ def _package_config(name: str) -> str:
                 return str(path)
     raise FileNotFoundError(f"config {name!r}: no such config in {package} (looked for "
                             f"{' and '.join(tried)})")
+
+
+def install_config_scope() -> None:
+    """Let mmengine configs inherit the shipped ones as ``_base_ = 'rest_dense::NAME'`` (as
+    ``'mmdet::NAME'`` works for MMDetection's), in a wheel and a clone alike.
+
+    mmengine resolves ``package::`` prefixes only for the OpenMMLab packages it knows; this
+    wraps its path lookup so that ``rest_dense::`` goes to :func:`get_config_path` and every
+    other path to mmengine unchanged. Importing ``rest_dense.mm`` installs it, so it works
+    in the ``rest-dense`` commands and in scripts that import ``rest_dense.mm`` before they
+    read the config (``custom_imports`` come too late: mmengine reads ``_base_`` first).
+    """
+    from mmengine.config import Config
+
+    original = Config.__dict__["_get_cfg_path"].__func__
+    if getattr(original, "_rest_dense_scope", False):
+        return
+
+    def _get_cfg_path(cfg_path: str, filename: str):
+        if isinstance(cfg_path, str) and cfg_path.startswith("rest_dense::"):
+            # the shipped configs set their own default_scope: read them as local files
+            return get_config_path(cfg_path), None
+        return original(cfg_path, filename)
+
+    _get_cfg_path._rest_dense_scope = True  # type: ignore[attr-defined]
+    Config._get_cfg_path = staticmethod(_get_cfg_path)
 
 
 def _shipped_relative(name: str) -> str:
@@ -527,6 +560,7 @@ def config_framework(config: Union[PathLike, Mapping]) -> str:
     except ImportError:
         raise ValueError(f"cannot tell whether {path} is for MMDetection or MMSegmentation "
                          "without mmengine (not installed); set default_scope in it") from None
+    install_config_scope()
     return _loaded_framework(Config.fromfile(path), path)
 
 

@@ -151,7 +151,7 @@ else
         MMCV_WITH_OPS=1 MAX_JOBS="$(nproc)" pip install "${PIPQ[@]}" -c "$CONSTRAINTS" \
             --no-build-isolation --no-binary mmcv "mmcv==2.1.0"
         log "restoring a setuptools that torch accepts"
-        pip install "${PIPQ[@]}" "setuptools>=77.0.3"
+        pip install "${PIPQ[@]}" "setuptools>=77.0.3,<81"
         mmcv_ok || { echo "[setup] ERROR: mmcv 2.1.0 ops not importable after build" >&2; exit 1; }
     fi
 fi

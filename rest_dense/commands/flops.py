@@ -106,8 +106,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         targets = an.resolve_targets(items, all_configs=args.all) if items or args.all else []
-    except ValueError as e:
-        print(f"rest-dense flops: {e}", file=sys.stderr)
+    except (ValueError, FileNotFoundError) as e:  # also a config whose _base_ is missing
+        print(f"rest-dense flops: {error_text(e)}", file=sys.stderr)
         return 2
     neck_kwargs = {}
     if args.cfg_options:

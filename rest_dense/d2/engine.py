@@ -385,6 +385,33 @@ def _lazy_yaml(config_file: str) -> bool:
     return isinstance(doc, dict) and "MODEL" not in doc and ("train" in doc or "model" in doc)
 
 
+def _load_lazy(config_file: str) -> DictConfig:
+    """``LazyConfig.load``; what the config's own code raises while it runs (a typo, a
+    division by zero, a relative import of a missing file) is the config's error:
+    :class:`~rest_dense.configs.ConfigBuildError` naming the line. A missing package that
+    the commands know (detectron2, fvcore, ...) stays an ImportError, which they name with
+    its install hint."""
+    import traceback
+
+    from ..configs import ConfigBuildError
+
+    try:
+        return LazyConfig.load(config_file)
+    except ImportError as e:
+        from ..utils import missing_package_hint
+
+        if missing_package_hint(e):  # a package of ours that is missing: the command names it
+            raise
+        error = e
+    except Exception as e:  # noqa: BLE001  the config is Python: anything may come out
+        error = e
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if not f.filename.startswith(os.path.dirname(os.path.dirname(torch.__file__)))]
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    raise ConfigBuildError(f"the config {config_file} does not load: {type(error).__name__}: "
+                           f"{error}{where}") from error
+
+
 def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
     """Load a LazyConfig file and apply ``key=value`` overrides. ``train.amp.precision``
     (``"float16"``, the default, or ``"bfloat16"``) is set, and ``train.amp.enabled`` turned
@@ -392,7 +419,7 @@ def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
     if str(config_file).endswith((".yaml", ".yml")) and not _lazy_yaml(config_file):
         raise ValueError(f"{config_file} is a yacs (yaml) config, not a LazyConfig (a .py file, "
                          "or the config.yaml a LazyConfig run saves); drop --lazy")
-    cfg = LazyConfig.load(config_file)
+    cfg = _load_lazy(config_file)
     check_lazy_overrides(cfg, opts)
     try:
         cfg = LazyConfig.apply_overrides(cfg, list(opts))

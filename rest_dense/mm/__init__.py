@@ -24,6 +24,7 @@ from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as _ENGINE_CONSTRUCTORS
 from .backbones import MMResTv1, MMResTv2, load_pretrained_cfg
 from .necks import MMVTFPN
 from .optim import ResTLayerDecayOptimizerConstructor, stage_lr_scales
+from ..configs import install_config_scope
 from .utils import register_once
 from .safe_load import install_checkpoint_loader, trust_checkpoints
 
@@ -43,6 +44,7 @@ UNAVAILABLE: Dict[str, str] = {}
 
 
 
+install_config_scope()  # _base_ = 'rest_dense::NAME'
 register_once(_ENGINE_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
           ResTLayerDecayOptimizerConstructor)
 

@@ -237,7 +237,8 @@ def resolve_arch(arch: ArchType, zoo: Mapping[str, Mapping], defaults: Mapping,
     """Turn a variant name or an arch dict into a complete, validated arch dict.
 
     Args:
-        arch: a key of ``zoo`` (case-insensitive) or a dict with ``embed_dims``,
+        arch: a key of ``zoo`` or a registered model name of the family (``'restv2_tiny'``;
+            case-insensitive), or a dict with ``embed_dims``,
             ``num_heads``, ``depths``, ``sr_ratios`` (4 integers each) and optionally the
             keys of ``defaults``.
         zoo: the family's named variants.
@@ -257,11 +258,21 @@ def resolve_arch(arch: ArchType, zoo: Mapping[str, Mapping], defaults: Mapping,
             not divisible by ``num_heads``.
     """
     if isinstance(arch, str):
-        key = arch.lower()
+        key = arch.strip().lower()
         if key not in zoo:
-            raise ValueError(
-                f"unknown {model_name} arch {arch!r}; choose one of {sorted(zoo)} or pass a dict "
-                f"with {sorted(set(zoo[next(iter(zoo))]))}")
+            from .registry import get_model_entry, list_models
+
+            try:  # a model name of this family ('restv2_tiny', 'rest_small') names its arch
+                entry = get_model_entry(key)
+            except ValueError:
+                entry = None
+            names = [n for n in list_models() if get_model_entry(n).cls.ARCHS is zoo]
+            if entry is None or getattr(entry.cls, "ARCHS", None) is not zoo:
+                raise ValueError(
+                    f"unknown {model_name} arch {arch!r}; choose one of {sorted(zoo)} (or a "
+                    f"model name: {', '.join(names)}) or pass a dict with "
+                    f"{sorted(set(zoo[next(iter(zoo))]))}")
+            key = entry.arch
         spec = dict(zoo[key])
     elif isinstance(arch, Mapping):
         spec = dict(arch)

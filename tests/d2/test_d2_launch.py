@@ -73,3 +73,26 @@ def test_cuda_device_without_a_gpu_falls_back_to_cpu_with_a_warning(lazy, caplog
     key = "train.device" if lazy else "MODEL.DEVICE"
     assert any(key in r.getMessage() and "running on the CPU" in r.getMessage()
                for r in caplog.records)
+
+
+@pytest.mark.parametrize("body,named", [
+    ("dataloader = 1 / 0\n", "ZeroDivisionError: division by zero"),
+    ("from .nothere import x\ndataloader = 1\n", "nothere.py has to exist"),
+    ("import notapackage_xyz\ndataloader = 1\n", "No module named 'notapackage_xyz'"),
+])
+def test_a_lazy_config_that_fails_to_load_is_one_line(tmp_path, capsys, body, named):
+    """A LazyConfig whose own code raises is the config's error: one line naming the
+    error and the config's line, in train and in flops."""
+    from rest_dense.cli import main
+
+    path = tmp_path / "lz.py"
+    path.write_text(body + "lr_multiplier = None\n")
+    for command in ("train", "flops"):
+        try:
+            rc = main([command, str(path)])
+        except SystemExit as exit:
+            rc = exit.code
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert named in err and f"{path}:" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1, err

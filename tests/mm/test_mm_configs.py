@@ -145,3 +145,55 @@ def test_override_of_a_config_variable_says_where_its_value_went():
     assert "max_iters is a variable of the config" in text and "train_cfg.max_iters" in text, text
     assert "val_interval" not in text and "with_cp" not in text  # fields: no warning
     assert cfg.max_iters == 3 and cfg.train_cfg.max_iters != 3  # what the warning is about
+
+
+def test_user_configs_inherit_shipped_and_toolbox_configs(tmp_path, capsys):
+    """A config of one's own inherits a shipped one as `rest_dense::NAME` (as `mmdet::NAME`
+    works for MMDetection's), and an MMDetection config by `mmdet::` (mmengine finds it
+    through pkg_resources: the pinned setuptools keeps it); both build and run."""
+    import torch
+
+    from rest_dense.cli import main
+    from rest_dense.configs import config_framework
+    from rest_dense.mm.utils import load_config
+
+    ours = tmp_path / "mine.py"
+    ours.write_text("_base_ = 'rest_dense::toy/mask_rcnn_restv2_toy.py'\n"
+                    "model = dict(backbone=dict(drop_path_rate=0.1))\n")
+    cfg = load_config(str(ours))
+    assert cfg.default_scope == "mmdet" and config_framework(str(ours)) == "mmdet"
+    assert cfg.model.backbone.type == "ResTv2" and cfg.model.backbone.drop_path_rate == 0.1
+    assert cfg.model.backbone.arch.embed_dims == (32, 64, 128, 256)  # the base's values
+
+    theirs = tmp_path / "theirs.py"
+    theirs.write_text(
+        "_base_ = 'mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py'\n"
+        "custom_imports = dict(imports=['rest_dense.mm'], allow_failed_imports=False)\n"
+        "model = dict(backbone=dict(_delete_=True, type='ResTv2', arch='restv2_tiny'),\n"
+        "             neck=dict(in_channels=[96, 192, 384, 768]))\n")
+    model = build(load_config(str(theirs)))
+    feats = model.extract_feat(torch.randn(1, 3, 64, 64))
+    assert len(feats) == 5 and all(torch.isfinite(f).all() for f in feats)
+
+    # a name that is not shipped, a missing _base_ file, a syntax error (framework given or
+    # not): one line naming it, without the --framework hint, which would not help
+    bad = tmp_path / "bad.py"
+    bad.write_text("_base_ = 'rest_dense::toy/no_such_config.py'\n")
+    gone = tmp_path / "gone.py"
+    gone.write_text("_base_ = 'nothere.py'\n")
+    broken = tmp_path / "broken.py"
+    broken.write_text("_base_ = ['x.py'\nmodel = dict(\n")
+    for argv, named in ((["flops", bad], "no shipped config 'toy/no_such_config.py'"),
+                        (["train", bad], "no shipped config 'toy/no_such_config.py'"),
+                        (["flops", gone], str(tmp_path / "nothere.py")),
+                        (["train", gone], str(tmp_path / "nothere.py")),
+                        (["train", broken, "--framework", "openmmlab"], "is not valid Python"),
+                        (["train", broken], "is not valid Python")):
+        try:
+            rc = main([str(a) for a in argv])
+        except SystemExit as exit:
+            rc = exit.code
+        err = capsys.readouterr().err
+        assert rc != 0 and named in err, (argv, err)
+        assert "Traceback" not in err and "--framework" not in err, (argv, err)
+        assert len(err.strip().splitlines()) <= 2, err  # argparse may print its usage line

@@ -368,6 +368,11 @@ def test_bad_input_errors():
         ResTv2(arch="huge")
     with pytest.raises(ValueError, match="unknown ResTv1 arch"):
         ResTv1(arch="tiny")
+    # a model name of the family names its arch; one of the other family does not
+    assert ResTv2(arch="RestV2_Small").arch == ResTv2(arch="small").arch
+    assert ResTv1(arch="rest_base").arch == ResTv1(arch="base").arch
+    with pytest.raises(ValueError, match=r"unknown ResTv2 arch 'rest_small'.*restv2_tiny"):
+        ResTv2(arch="rest_small")
     with pytest.raises(ValueError, match="unknown attn_mode 'swin'"):
         ResTv2(arch=TINY, attn_mode="swin")
     with pytest.raises(ValueError, match=r"window_size\[1\]=6 .* sr_ratio 4"):
