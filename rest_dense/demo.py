@@ -341,9 +341,15 @@ def run_demo(options: Optional[DemoOptions] = None) -> List[Dict[str, Any]]:
     """
     options = options or DemoOptions()
     options.validate()
+    from .configs import config_framework
     from .data.toy import generate_toy_dataset, toy_dataset_ready, toy_root_problem
     from .runlock import hold_folder
-    from .utils import check_output_path
+    from .utils import check_output_path, require_package
+
+    for task in options.tasks:  # before any folder or image is written
+        framework = config_framework(TASKS[task]["config"])
+        for package in ("mmengine", framework):
+            require_package(package, f"the demo's {task!r} task runs {framework}")
 
     check_output_path(options.work_dir, "--work-dir", folder=True)
     check_output_path(options.data_root, "--data-root", folder=True)

@@ -164,6 +164,11 @@ def run(args: argparse.Namespace) -> int:
         # includes the checkpoint errors (wrong variant, not a checkpoint, bad values)
         return _fail(error_text(e), 1)
 
+    if not os.path.isfile(args.model) and not args.checkpoint:
+        # a name alone builds the architecture with random weights: useful to test a
+        # deployment, not to deploy
+        print(f"rest-dense export: warning: no --checkpoint: {args.model} is exported with "
+              "randomly initialised weights", file=sys.stderr)
     # everything that can be refused is refused before exporting or compiling
     if out is not None:
         from ..utils import require_package

@@ -48,6 +48,9 @@ def _run(blocker, subprocess_env, tmp_path, module, args):
     ("onnxruntime", ["export", "restv2_tiny", "--out", "m.onnx"], "pip install onnxruntime"),
     ("matplotlib", ["bench", "restv2_tiny", "--shape", "32x32", "--plot", "p.png"],
      "pip install matplotlib"),
+    # before the toy data and the work dir are written
+    ("mmengine", ["demo", "--data-root", "d", "--work-dir", "w"], "rest_dense[mm]"),
+    ("mmseg", ["demo", "--task", "seg", "--data-root", "d", "--work-dir", "w"], "rest_dense[mm]"),
 ])
 def test_a_missing_optional_package_is_named(blocker, subprocess_env, tmp_path, module, args, how):
     (tmp_path / "m.pth").write_bytes(b"")
@@ -56,6 +59,7 @@ def test_a_missing_optional_package_is_named(blocker, subprocess_env, tmp_path, 
     assert f"this needs {module}, which is not installed" in err and how in err, err[-2000:]
     assert "Traceback" not in err
     assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "p.png").exists()
+    assert not (tmp_path / "d").exists() and not (tmp_path / "w").exists()
 
 
 def test_blocking_works_and_other_packages_still_run(blocker, subprocess_env, tmp_path):

@@ -236,9 +236,12 @@ def test_cli_export_and_check(tiny_cli_model, tmp_path, capsys):
     out = tmp_path / "m.onnx"
     rc = main(["export", "restv2_tiny", "--out", str(out), "--check-shapes", "131x201",
                "257x391", "--batch", "2"])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert rc == 0, text
     assert out.is_file() and tiny_cli_model == [("restv2_tiny", "global")]
+    # a name without --checkpoint exports random weights: said, not silent
+    assert "no --checkpoint" in captured.err and "randomly initialised" in captured.err
     assert "traced at 257x385" in text and "dynamic batch/height/width" in text
     assert text.count(" ok") == 2 and "2x3x131x201" in text and "FAIL" not in text
 
@@ -293,8 +296,10 @@ def test_cli_exports_a_released_variant_from_its_checkpoint(tmp_path, capsys, on
     torch.save(create_model("restv2_tiny").state_dict(), ckpt)
     out = tmp_path / "restv2_tiny.onnx"
     rc = main(["export", str(ckpt), "--out", str(out), "--check-shapes", "129x161"])
-    text = capsys.readouterr().out
+    captured = capsys.readouterr()
+    text = captured.out
     assert rc == 0, text
+    assert "randomly initialised" not in captured.err
     assert out.stat().st_size > 50e6  # 28M float32 parameters
     assert "1x3x129x161" in text and " ok" in text
 
