@@ -147,6 +147,10 @@ def run(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"rest-dense flops: {error_text(e)}", file=sys.stderr)
         return 2
+    if not results:  # --all with every target skipped (their toolboxes missing)
+        print("rest-dense flops: no target could be counted (see the skipped ones above)",
+              file=sys.stderr)
+        return 1
     if args.check_math and not args.params_only:
         for target, r in zip([t for t in targets if t.kind == "backbone"],
                              [r for r in results if r.framework == "backbone"]):

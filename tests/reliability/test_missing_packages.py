@@ -85,3 +85,12 @@ def test_a_package_that_imports_in_part_is_named_as_such():
     assert error_text(whole).startswith("this needs fvcore, which is not installed")
     assert missing_package_hint(ModuleNotFoundError("x", name="rest_dense.nothing")) is None
     assert missing_package_hint(ValueError("mmdet")) is None
+
+
+def test_flops_all_with_every_toolbox_missing_fails(blocker, subprocess_env, tmp_path):
+    """`flops --all` skips the configs whose toolbox is missing; when that leaves nothing,
+    it says so and fails instead of printing an empty table with status 0."""
+    code, err = _run(blocker, subprocess_env, tmp_path, "mmengine,mmdet,mmseg,detectron2",
+                     ["flops", "--all", "--params-only", "--no-progress"])
+    assert code == 1, err[-2000:]
+    assert "skipping" in err and "no target could be counted" in err and "Traceback" not in err
