@@ -117,6 +117,9 @@ def _empty_dataset(error: BaseException) -> Optional[str]:
         if isinstance(data_list, list) and not data_list and hasattr(dataset, "ann_file"):
             filters = getattr(dataset, "filter_cfg", None)
             ann_file = getattr(dataset, "ann_file", None)
+            unmatched = _unmatched_classes(dataset, ann_file)
+            if unmatched:
+                return unmatched
             where = (f"ann_file {ann_file!r}" if ann_file else
                      f"data_prefix {dict(getattr(dataset, 'data_prefix', None) or {})!r}")
             return (f"dataset {type(dataset).__name__} holds no samples ({where}, data_root "
@@ -127,6 +130,26 @@ def _empty_dataset(error: BaseException) -> Optional[str]:
                        else ": no image with the suffix the dataset reads is there") + ")")
         tb = tb.tb_next
     return None
+
+
+def _unmatched_classes(dataset: Any, ann_file: Optional[str]) -> Optional[str]:
+    """An MMDetection COCO dataset left empty because none of the config's class names is a
+    category of its annotation file: say so, naming both; ``None`` otherwise."""
+    classes = list((getattr(dataset, "metainfo", None) or {}).get("classes") or ())
+    cat_ids = getattr(dataset, "cat_ids", None)
+    if not classes or cat_ids is None or len(cat_ids) or not ann_file:
+        return None
+    import json
+
+    try:
+        with open(ann_file) as f:
+            names = [c.get("name") for c in json.load(f).get("categories", [])]
+    except (OSError, ValueError, AttributeError):
+        return None
+    shown = names[:12] + (["..."] if len(names) > 12 else [])
+    return (f"dataset {type(dataset).__name__} holds no samples: none of its classes {classes} "
+            f"is a category of {ann_file} (categories: {shown}); set the dataset's "
+            "metainfo=dict(classes=(...)) to the file's category names")
 
 
 def configs_root() -> Path:

@@ -9,7 +9,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count", "path_inside", "same_file",
            "check_output_path", "MAX_COUNT", "check_count", "OPTIONAL_PACKAGES",
-           "missing_package_hint", "require_package"]
+           "missing_package_hint", "require_package", "ImageReadError", "reading_images"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
 ENV_PREFIX = "REST_DENSE_"
@@ -206,6 +206,36 @@ def error_text(e: BaseException) -> str:
     if isinstance(e, KeyError) and len(e.args) == 1:
         return str(e.args[0])
     return str(e)
+
+
+class ImageReadError(ValueError):
+    """An image of a dataset that cannot be decoded (a corrupt file, or not an image)."""
+
+
+_FAILED_IMAGE = re.compile(r"failed to load image: (\S.*?)\s*(\(in DataLoader worker process \d+\))?$")
+#: what PIL raises for files it cannot decode (detectron2 reads images with PIL)
+_PIL_DECODE = ("cannot identify image file", "image file is truncated", "Truncated File Read",
+               "broken data stream", "Corrupt JPEG")
+
+
+@contextlib.contextmanager
+def reading_images() -> Iterator[None]:
+    """Training or testing: an image the toolbox cannot decode becomes
+    :class:`ImageReadError`, one line naming the file where the toolbox names it (mmcv's
+    ``failed to load image`` assertion, PIL's errors), instead of an assertion traceback."""
+    try:
+        yield
+    except AssertionError as e:
+        match = _FAILED_IMAGE.search(error_text(e))
+        if match is None:
+            raise
+        raise ImageReadError(f"cannot decode the image {match.group(1)} (a corrupt file, or not "
+                             "an image)") from e
+    except OSError as e:
+        text = error_text(e)
+        if isinstance(e, FileNotFoundError) or not any(m in text for m in _PIL_DECODE):
+            raise
+        raise ImageReadError(f"an image of the dataset cannot be decoded: {text}") from e
 
 
 _WORKER_ERROR = re.compile(r"Caught (\w+) (in DataLoader worker process \d+)\.\s*\n"

@@ -123,3 +123,58 @@ def test_error_text_of_a_data_loader_worker_is_the_workers_error(tmp_path):
         assert "\n" not in text and "Traceback" not in text
     # other errors are as before
     assert error_text(ValueError("Caught nothing")) == "Caught nothing"
+
+
+class _LoadImages:
+    """Images decoded the way the toolboxes do: mmcv's LoadImageFromFile, or PIL."""
+
+    def __init__(self, path, how):
+        self.path, self.how = str(path), how
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        if self.how == "mmcv":
+            from mmcv.transforms import LoadImageFromFile
+
+            return LoadImageFromFile()(dict(img_path=self.path))["img"].shape
+        from PIL import Image
+
+        with Image.open(self.path) as img:
+            return img.convert("RGB").size
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("how", ["mmcv", "pil"])
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reading_images_names_an_image_that_cannot_be_decoded(tmp_path, how, workers):
+    """A corrupt image met while training or testing (mmcv's assertion, PIL's error; in the
+    main process or in a DataLoader worker) is one ImageReadError, naming the file where the
+    toolbox names it; other errors pass unchanged."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from rest_dense.utils import ImageReadError, reading_images
+
+    good = tmp_path / "good.png"
+    Image.fromarray(np.random.RandomState(0).randint(0, 256, (64, 64, 3), np.uint8)).save(good)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(good.read_bytes()[:40])  # a PNG cut inside its header
+    loader = torch.utils.data.DataLoader(_LoadImages(bad, how), batch_size=None,
+                                         num_workers=workers)
+    with pytest.raises(ImageReadError) as info:
+        with reading_images():
+            list(loader)
+    text = str(info.value)
+    assert "\n" not in text and "Traceback" not in text
+    if how == "mmcv":
+        assert text == f"cannot decode the image {bad} (a corrupt file, or not an image)"
+    else:
+        assert text.startswith("an image of the dataset cannot be decoded")
+    assert list(torch.utils.data.DataLoader(_LoadImages(good, how), batch_size=None))
+    for other in (AssertionError("x"), FileNotFoundError(2, "gone", "/x"), OSError("disk")):
+        with pytest.raises(type(other)):
+            with reading_images():
+                raise other

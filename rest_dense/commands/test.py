@@ -30,7 +30,7 @@ import argparse
 
 from ..configs import ConfigBuildError
 from ..run_files import CHECKPOINT_ERRORS
-from ..utils import error_text
+from ..utils import ImageReadError, error_text, reading_images
 from .train import (add_common_arguments, add_overrides_argument,
                     add_trust_argument, allow_intermixed, d2_namespace, fail, overrides,
                     prepare_run, print_metrics, toy_data_hint, UsageError)
@@ -78,8 +78,10 @@ def run(args: argparse.Namespace) -> int:
         from ..distributed import LaunchError
 
         try:
-            results = launch_main(ns)
-        except CHECKPOINT_ERRORS + (ConfigBuildError, FileNotFoundError, LaunchError) as err:
+            with reading_images():
+                results = launch_main(ns)
+        except CHECKPOINT_ERRORS + (ConfigBuildError, FileNotFoundError, LaunchError,
+                                    ImageReadError) as err:
             return fail("test", toy_data_hint(args, error_text(err)))
         if results is not None:
             print_metrics(results, args.save_metrics)
@@ -102,11 +104,12 @@ def run(args: argparse.Namespace) -> int:
         runner = build_runner(cfg)
         check_test_checkpoint(runner.model, cfg.load_from)
         build_loops(runner, "test")  # a bad loader / evaluator value: one line
-        metrics = runner.test()
+        with reading_images():
+            metrics = runner.test()
         close_process_group()
     except CHECKPOINT_ERRORS as err:
         return fail("test", error_text(err))
-    except (ConfigBuildError, FileNotFoundError, LaunchError) as err:  # also the dataset's files
+    except (ConfigBuildError, FileNotFoundError, LaunchError, ImageReadError) as err:  # also the dataset's files
         return fail("test", toy_data_hint(args, error_text(err)))
     print_metrics(metrics, args.save_metrics)
     return 0

@@ -59,7 +59,8 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..run_files import CHECKPOINT_ERRORS  # light: torch only
-from ..utils import check_output_path, env_var, error_text, positive_int, same_file
+from ..utils import (ImageReadError, check_output_path, env_var, error_text, positive_int,
+                     reading_images, same_file)
 from ..configs import ConfigBuildError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
@@ -460,9 +461,10 @@ def run(args: argparse.Namespace) -> int:
 
         try:  # one live run per output folder (rest_dense.runlock), held by machine 0
             with (hold_folder(out_dir, "training", primary=ns.machine_rank == 0)
-                  if not args.eval_only else contextlib.nullcontext()):
+                  if not args.eval_only else contextlib.nullcontext()), reading_images():
                 results = launch_main(ns)
-        except (FolderBusyError, ConfigBuildError, FileNotFoundError, LaunchError) as err:
+        except (FolderBusyError, ConfigBuildError, FileNotFoundError, LaunchError,
+                ImageReadError) as err:
             return fail("train", toy_data_hint(args, error_text(err)))  # the dataset's files
         except CHECKPOINT_ERRORS as err:
             return fail("train", error_text(err))
@@ -507,9 +509,10 @@ def run(args: argparse.Namespace) -> int:
             check_start_checkpoint(runner.model, cfg)
             build_loops(runner, "train")  # a bad loader / optimizer value: one line
             check_resume_optimizer(runner, cfg)
-            runner.train()
+            with reading_images():
+                runner.train()
             close_process_group()
-    except FolderBusyError as err:
+    except (FolderBusyError, ImageReadError) as err:
         return fail("train", error_text(err))
     except CHECKPOINT_ERRORS as err:
         return fail("train", error_text(err))

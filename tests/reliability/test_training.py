@@ -641,6 +641,28 @@ def test_a_dataset_without_samples_is_named(tmp_path, capsys, command):
     assert "need at least one array" not in err
 
 
+def test_class_names_that_match_no_category_are_named(tmp_path, capsys, toy_root):
+    """A COCO file of one's own whose category names differ from the config's classes
+    leaves the dataset empty: the message says so, naming both, instead of blaming the
+    annotations."""
+    import json
+
+    from rest_dense.cli import main as cli
+
+    data = json.loads((toy_root / "annotations" / "instances_train.json").read_text())
+    for category in data["categories"]:
+        category["name"] = "pet_" + category["name"]
+    ann = tmp_path / "renamed.json"
+    ann.write_text(json.dumps(data))
+    code = cli(["train", "toy/mask_rcnn_restv2_toy.py", "--work-dir", str(tmp_path / "w"),
+                "--cfg-options", f"train_dataloader.dataset.data_root={toy_root}/",
+                f"train_dataloader.dataset.ann_file={ann}"])
+    err = capsys.readouterr().err
+    assert code != 0 and "none of its classes ['circle', 'square', 'triangle']" in err, err
+    assert str(ann) in err and "pet_circle" in err and "metainfo=dict(classes=" in err
+    assert "Traceback" not in err
+
+
 def test_a_segmentation_folder_without_images_is_named(tmp_path, capsys):
     from rest_dense.cli import main as cli
 
