@@ -24,7 +24,7 @@ removed: the run is refused); a folder another live infer is writing into is ref
 (naming that process). SIGINT / SIGTERM stop between images and leave summary.json with
 "status": "interrupted" and the inputs not processed (exit code 130).
 
-Images that cannot be decoded are skipped and listed; images the model fails on (a 1-pixel
+Images that cannot be decoded are skipped and listed; images the model fails on (a 1x300
 strip) are listed as failed while the others are processed. Exit code 1 when no image could
 be processed or the model failed on some; 2 for a bad config, checkpoint or argument, also
 when the model fails on every image with one error.

@@ -827,7 +827,6 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                 image = read_image(path)
             except ImageReadError as e:
                 summary.skipped.append({"input": path, "error": str(e)})
-                bar.write(f"skipped: {e}")
                 done_inputs.add(path)
                 continue
             try:
@@ -836,7 +835,6 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                 error = f"prediction failed: {_prediction_error(e, image)}"
                 summary.failed.append({"input": path, "error": error,
                                        **({"cause": "image"} if _too_thin(e) else {})})
-                bar.write(f"failed {path}: {error}")
                 done_inputs.add(path)
                 continue
             try:
@@ -846,7 +844,6 @@ def _run_inference(predictor: Predictor, paths: List[str], out_dir: str, device:
                 _remove_outputs(out_dir, stems[path])
                 error = f"writing its outputs failed: {' '.join(error_text(e).split())}"
                 summary.failed.append({"input": path, "error": error})
-                bar.write(f"failed {path}: {error}")
                 done_inputs.add(path)
                 continue
             summary.processed.append(entry)

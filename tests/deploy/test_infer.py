@@ -213,6 +213,8 @@ def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, d2_ckpt, toy_root
     # that is no image by its suffix is left out, and said to be
     code, text, err = _infer(capsys, MM_DET, det_ckpt, [broken.parent], tmp_path / "o1")
     assert code == 0 and "skipped" in err and "broken.jpg" in err
+    # listed once, at the end (not also while running)
+    assert sum("broken.jpg" in line for line in err.splitlines()) == 1, err
     assert "note: 1 file of the input folders left out for its suffix" in err and "notes.txt" in err
     summary = _summary(tmp_path / "o1")
     assert len(summary["images"]) == 1 and summary["skipped"][0]["input"].endswith("broken.jpg")
