@@ -430,6 +430,18 @@ class D2Predictor(Predictor):
         names = list(getattr(self.metadata, key, None) or [])
         if not names and self.task != "seg":  # a toy config before its data is registered
             names = toy_class_names(getattr(self.metadata, "name", "")) or []
+        json_file = getattr(self.metadata, "json_file", None)
+        if not names and self.task != "seg" and json_file:
+            # register_coco_instances: detectron2 sets the names when it reads the file,
+            # in category-id order; read only the categories here
+            import json
+
+            try:
+                with open(json_file) as f:
+                    categories = json.load(f).get("categories") or []
+                names = [c["name"] for c in sorted(categories, key=lambda c: c["id"])]
+            except (OSError, ValueError, KeyError, TypeError, AttributeError):
+                names = []
         self.classes = names if len(names) == n else [f"class_{i}" for i in range(n)]
 
     def model_inputs(self, image: np.ndarray) -> Dict[str, Any]:

@@ -201,6 +201,30 @@ def test_infer_detectron2_sem_seg_writes_label_maps(tmp_path, tmp_path_factory, 
 
 
 @pytest.mark.slow
+def test_infer_detectron2_names_the_classes_of_a_registered_coco_file(tmp_path, capsys, d2_ckpt,
+                                                                      toy_root, one_thread):
+    """A dataset of one's own registered with register_coco_instances: detectron2 learns
+    its class names only when it reads the file; infer reads them from its categories."""
+    import uuid
+
+    from detectron2.data.datasets import register_coco_instances
+
+    data = json.loads((toy_root / "annotations" / "instances_val.json").read_text())
+    for category in data["categories"]:
+        category["name"] = "pet_" + category["name"]
+    ann = tmp_path / "mine.json"
+    ann.write_text(json.dumps(data))
+    name = f"mine_{uuid.uuid4().hex[:8]}"
+    register_coco_instances(name, {}, str(ann), str(toy_root / "val"))
+    out = tmp_path / "out"
+    code, text, err = _infer(capsys, D2_DET, d2_ckpt, val_images(toy_root)[:1], out,
+                             "--cfg-options", f"DATASETS.TEST=('{name}',)")
+    assert code == 0, err
+    expected = [c["name"] for c in sorted(data["categories"], key=lambda c: c["id"])]
+    assert _summary(out)["classes"] == expected and expected[0].startswith("pet_")
+
+
+@pytest.mark.slow
 def test_infer_bad_input(tmp_path, capsys, det_ckpt, seg_ckpt, d2_ckpt, toy_root, one_thread):
     good = val_images(toy_root)[0]
     broken = tmp_path / "imgs" / "broken.jpg"
