@@ -19,7 +19,9 @@ checkpoint_interval = max_iters // 4  # a killed run loses at most a quarter (--
 scale_schedule_with_max_iters = True
 norm_cfg = dict(type='BN', requires_grad=True)  # single process on CPU: no SyncBN
 # background covers ~85% of the pixels; down-weighting it gets the heads past the
-# "everything is background" stage within the first ~100 iterations
+# "everything is background" stage within the first ~100 iterations. With class weights,
+# MMSegmentation 1.2's cross-entropy fails on the ignore label 255: for label maps of your
+# own that use it, set class_weight=None in both heads' loss_decode
 class_weight = [0.2, 1.0, 1.0, 1.0]
 
 model = dict(
