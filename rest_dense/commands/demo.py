@@ -13,7 +13,7 @@ Examples:
   rest-dense demo --task all --threads 1 # both, one CPU thread
   rest-dense demo --max-iters 20         # quick smoke run
   rest-dense demo --max-iters 0          # evaluate the untrained model only
-  bash tools/run_main.sh                 # set up the environment, then the demo
+  bash tools/run_main.sh                 # in a clone: set up the environment, then the demo
 
 On a CPU shared with other work, `--threads 1` (and OMP_WAIT_POLICY=PASSIVE in the
 environment) keeps OpenMP workers from spinning.

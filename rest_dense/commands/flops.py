@@ -9,8 +9,8 @@ input with the channels of --neck-channels. Default input sizes: backbones 224x2
 detection 800x1280, segmentation 512x2048, necks 800x1216; --shape sets one size
 (HxW) for every target. Attention products are counted (fused SDPA like the explicit
 matmuls); conventions: rest_dense.analysis.CONVENTIONS. --markdown writes the table with the
-conventions; docs/flops.md is that document plus notes on the papers' figures
-(`python tools/flops_doc.py`).
+conventions; docs/flops.md of the repository is that document plus notes on the papers'
+figures.
 
 Examples:
 

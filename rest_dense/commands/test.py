@@ -12,7 +12,8 @@ Examples:
   rest-dense test upernet/upernet_restv2-t_8xb2-160k_ade20k-512x512.py CHECKPOINT --tta
   rest-dense test CONFIG CHECKPOINT --show-dir vis --save-metrics metrics.json
   rest-dense test CONFIG old_run.pth --trust-checkpoint old_run.pth   # your own odd file
-  bash tools/dist_test.sh CONFIG CHECKPOINT 8
+  torchrun --nproc_per_node 8 -m rest_dense.cli test CONFIG CHECKPOINT --launcher pytorch
+                                   # 8 GPUs (in a clone: bash tools/dist_test.sh CONFIG CHECKPOINT 8)
   rest-dense test detectron2/mask_rcnn_restv2_tiny_3x.yaml model_final.pth --num-gpus 8
   rest-dense test detectron2/toy/mask_rcnn_restv2_toy.yaml outputs/model_final.pth \\
       --threads 1 MODEL.DEVICE cpu

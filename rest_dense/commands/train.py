@@ -17,7 +17,8 @@ Examples:
   rest-dense train CONFIG --work-dir work_dirs/run1 --resume      # latest checkpoint there
   rest-dense train CONFIG --resume work_dirs/run1/iter_8000.pth   # that checkpoint
   rest-dense train toy/mask_rcnn_restv2_toy.py train_cfg.max_iters=60   # short, same shape
-  bash tools/dist_train.sh CONFIG 8                               # 8 GPUs through torchrun
+  torchrun --nproc_per_node 8 -m rest_dense.cli train CONFIG --launcher pytorch   # 8 GPUs
+                                   # (in a clone: bash tools/dist_train.sh CONFIG 8)
   rest-dense train detectron2/mask_rcnn_restv2_tiny_3x.yaml --num-gpus 8
   rest-dense train detectron2/toy/mask_rcnn_restv2_toy.yaml --threads 1 \\
       MODEL.DEVICE cpu SOLVER.MAX_ITER 100
