@@ -51,6 +51,7 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         module.add_arguments(p)
+    parser.subcommand_parsers = sub.choices  # type: ignore[attr-defined]  (for their errors)
     return parser
 
 
@@ -60,7 +61,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     first = next((a for a in argv if not a.startswith("-")), None)
     only = first if first in SUBCOMMANDS else None
     parser = build_parser(only)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # reported with the subcommand's usage, not the top level's
+        sub = parser.subcommand_parsers.get(args.command) if args.command else None
+        (sub or parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

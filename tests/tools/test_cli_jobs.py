@@ -108,3 +108,17 @@ def test_tool_scripts_are_thin(script, command):
     assert "sys.path" not in text and command in text
     code = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     assert len(code) < 25, f"tools/{script} should only call into rest_dense"
+
+
+@pytest.mark.parametrize("argv,prog", [
+    (["infer", "C", "K", "imgs", "--out", "o", "--no-such-option", "1"], "rest-dense infer"),
+    (["train", "C", "--no-such-option"], "rest-dense train"),
+    (["--no-such-option"], "rest-dense"),
+])
+def test_unknown_options_get_the_subcommands_usage(argv, prog, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert f"{prog}: error: unrecognized arguments: --no-such-option" in err, err
+    assert err.startswith(f"usage: {prog}"), err
