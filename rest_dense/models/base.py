@@ -177,6 +177,19 @@ def check_per_stage(value, name: str, low: int = 1, n: int = 4) -> Tuple[int, ..
     return tuple(check_int(v, f"{name}[{i}]", low=low) for i, v in enumerate(values))
 
 
+def check_num_outs(num_outs: Optional[int], levels: int) -> int:
+    """A neck's ``num_outs``: None (one output per input level) or an int of at least the
+    number of levels (the extra, coarser ones are pooled, see
+    :func:`rest_dense.models.fpn.pool_extra_levels`)."""
+    if num_outs is None:
+        return levels
+    num_outs = check_int(num_outs, "num_outs")
+    if num_outs < levels:
+        raise ValueError(f"num_outs ({num_outs}) must be at least the number of levels, "
+                         f"len(in_channels) = {levels}")
+    return num_outs
+
+
 def check_channel_list(in_channels, owner: str) -> Tuple[int, ...]:
     """A neck's ``in_channels``: an ordered sequence of positive ints, one per level.
 

@@ -9,12 +9,21 @@ framework.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import check_channel_list, check_input_matches, check_int
+from .base import check_channel_list, check_input_matches, check_int, check_num_outs
+
+
+def pool_extra_levels(outs: List[Tensor], num_outs: int) -> List[Tensor]:
+    """``outs`` followed by coarser levels up to ``num_outs`` maps, each the stride-2 max
+    pooling (kernel 1) of the one before, as MMDetection's FPN adds them without extra convs."""
+    outs = list(outs)
+    while len(outs) < num_outs:
+        outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+    return outs
 
 __all__ = ["FPN"]
 
@@ -36,11 +45,7 @@ class FPN(nn.Module):
         super().__init__()
         self.in_channels = check_channel_list(in_channels, "FPN")
         self.out_channels = check_int(out_channels, "out_channels", 1)
-        n = len(self.in_channels)
-        self.num_outs = n if num_outs is None else check_int(num_outs, "num_outs")
-        if self.num_outs < n:
-            raise ValueError(f"num_outs ({self.num_outs}) must be at least the number of "
-                             f"levels, len(in_channels) = {n}")
+        self.num_outs = check_num_outs(num_outs, len(self.in_channels))
         c = self.out_channels
         self.lateral_convs = nn.ModuleList(nn.Conv2d(ci, c, 1) for ci in self.in_channels)
         self.fpn_convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in self.in_channels)
@@ -74,6 +79,4 @@ class FPN(nn.Module):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(
                 laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest")
         outs = [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
-        for _ in range(self.num_outs - len(outs)):
-            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
-        return tuple(outs)
+        return tuple(pool_extra_levels(outs, self.num_outs))

@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import check_channel_list, check_flag, check_input_matches, check_int
+from .base import check_channel_list, check_flag, check_input_matches, check_int, check_num_outs
+from .fpn import pool_extra_levels
 from .functional import tracing
 from .layers import NORM_TYPES, reset_norm
 
@@ -447,10 +448,7 @@ class VTFPN(nn.Module):
                              f"num_heads ({self.num_heads})")
         self.transformer_depth = check_int(transformer_depth, "transformer_depth", 0)
         n = len(self.in_channels)
-        self.num_outs = n if num_outs is None else check_int(num_outs, "num_outs")
-        if self.num_outs < n:
-            raise ValueError(f"num_outs ({self.num_outs}) must be at least the number of "
-                             f"levels, len(in_channels) = {n}")
+        self.num_outs = check_num_outs(num_outs, n)
         if tokenizer not in TOKENIZERS:
             raise ValueError(f"unknown tokenizer {tokenizer!r}; choose one of {TOKENIZERS}")
         self.tokenizer = tokenizer
@@ -549,8 +547,7 @@ class VTFPN(nn.Module):
             else:
                 out = proj(lat, level_tokens)
             outs.append(out)
-        for _ in range(self.num_outs - n):
-            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+        outs = pool_extra_levels(outs, self.num_outs)
         if keep:
             weights["tokenizer"].extend(tok_w)
         return tuple(outs)
