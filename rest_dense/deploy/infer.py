@@ -33,7 +33,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -140,6 +140,28 @@ def _mm_dataset_meta(cfg) -> Dict[str, Any]:
     ds = cfg.test_dataloader.dataset
     meta = dict(ds.get("metainfo") or {})
     return {k: list(v) for k, v in meta.items() if k in ("classes", "palette")}
+
+
+def _is_name_list(value: Any, n: int) -> bool:
+    return isinstance(value, (list, tuple)) and len(value) == n
+
+
+def _rgb_list(value: Any, n: int) -> Optional[List[Tuple[int, int, int]]]:
+    """``value`` as ``n`` RGB triples of ints in 0..255; None if it is not that."""
+    if not isinstance(value, (list, tuple)) or len(value) != n:
+        return None
+    out = []
+    for rgb in value:
+        if not isinstance(rgb, (list, tuple)) or len(rgb) != 3:
+            return None
+        try:
+            triple = tuple(int(c) for c in rgb)
+        except (TypeError, ValueError):
+            return None
+        if any(c != float(x) or not 0 <= c <= 255 for c, x in zip(triple, rgb)):
+            return None
+        out.append(triple)
+    return out
 
 
 def _seg_palette(num_classes: int) -> List[Tuple[int, int, int]]:
@@ -286,24 +308,22 @@ class MMSegPredictor(_MMPredictor):
 
         cfg, ckpt = self._prepare(config, checkpoint, cfg_options, trusted)
         meta = (ckpt.get("meta") or {}).get("dataset_meta") if isinstance(ckpt, dict) else None
-        cfg_meta = _mm_dataset_meta(cfg) if not meta else {}
+        meta = dict(meta) if isinstance(meta, Mapping) else {}
+        cfg_meta = _mm_dataset_meta(cfg)
         with quiet_logs():
-            self.inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device,
-                                              classes=cfg_meta.get("classes"),
-                                              palette=cfg_meta.get("palette"))
+            self.inferencer = MMSegInferencer(model=cfg, weights=checkpoint, device=device)
         model = self.inferencer.model
         _check_fit(model, ckpt, checkpoint, config)
         n = model.decode_head.num_classes
-        # the names and colours the model carries (from the checkpoint, else the config);
-        # the inferencer's visualizer starts with Cityscapes' and takes the model's only
-        # in its own drawing call, which draw() does not use
-        meta = dict(getattr(model, "dataset_meta", None) or {})
-        classes, palette = meta.get("classes"), meta.get("palette")
-        self.classes = list(classes) if classes and len(classes) == n else [str(i) for i in range(n)]
-        if not palette or len(palette) != n:
-            palette = _seg_palette(n)
-        self.inferencer.visualizer.dataset_meta = {
-            "classes": self.classes, "palette": [tuple(int(c) for c in rgb) for rgb in palette]}
+        # names and colours: the checkpoint's, else the config's test set's, else numbers
+        # and fixed colours (the inferencer's visualizer starts with Cityscapes' and takes
+        # the model's only in its own drawing call, which draw() does not use)
+        classes = next((list(m["classes"]) for m in (meta, cfg_meta)
+                        if _is_name_list(m.get("classes"), n)), None)
+        self.classes = [str(c) for c in classes] if classes else [str(i) for i in range(n)]
+        palette = next((_rgb_list(m.get("palette"), n) for m in (meta, cfg_meta)
+                        if _rgb_list(m.get("palette"), n)), None) or _seg_palette(n)
+        self.inferencer.visualizer.dataset_meta = {"classes": self.classes, "palette": palette}
 
     def predict_sample(self, image: np.ndarray):
         """The ``SegDataSample`` for one BGR image."""

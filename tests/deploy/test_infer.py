@@ -115,6 +115,35 @@ def test_infer_mmseg_matches_test_step(tmp_path, capsys, seg_ckpt, toy_root, one
     assert len(seen) >= 2  # the maps are not constant
 
 
+def test_infer_mmseg_names_and_colours_without_checkpoint_meta(tmp_path, seg_ckpt, one_thread):
+    """A checkpoint without meta (converted, released) takes the config's names and colours;
+    a palette that is no list of RGB triples in 0..255 is replaced, never drawn with."""
+    from rest_dense.deploy.infer import MMSegPredictor, _seg_palette
+
+    state = torch.load(seg_ckpt, map_location="cpu", weights_only=False)
+    config_classes = ["background", "circle", "square", "triangle"]
+    config_palette = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200)]
+    cases = [
+        ({}, config_classes, config_palette),
+        ({"dataset_meta": {"classes": ["a", "b", "c", "d"], "palette": [[300, -5, 0]] * 4}},
+         ["a", "b", "c", "d"], config_palette),
+        ({"dataset_meta": {"classes": [1, 2, 3, 4], "palette": {"a": 1}}},
+         ["1", "2", "3", "4"], config_palette),
+    ]
+    for i, (meta, classes, palette) in enumerate(cases):
+        ckpt = tmp_path / f"c{i}.pth"
+        torch.save({"state_dict": state["state_dict"], "meta": meta}, ckpt)
+        predictor = MMSegPredictor(str(MM_SEG), str(ckpt))
+        drawn = predictor.inferencer.visualizer.dataset_meta
+        assert predictor.classes == classes and drawn["classes"] == classes
+        assert [tuple(c) for c in drawn["palette"]] == palette
+    # neither the checkpoint nor the config names them: numbers and fixed colours
+    predictor = MMSegPredictor(str(MM_SEG), str(tmp_path / "c0.pth"),
+                               cfg_options={"test_dataloader.dataset.metainfo": None})
+    assert predictor.classes == ["0", "1", "2", "3"]
+    assert predictor.inferencer.visualizer.dataset_meta["palette"] == _seg_palette(4)
+
+
 @pytest.mark.slow
 def test_infer_detectron2_matches_test_loader(tmp_path, capsys, d2_ckpt, toy_root, one_thread):
     from detectron2.data import build_detection_test_loader
