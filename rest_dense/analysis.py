@@ -553,13 +553,11 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
     Returns:
         The :class:`AnalysisResult`.
     """
-    from .configs import building_from_config, get_config_path, parse_cfg_options
+    from .configs import building_from_config, get_config_path, parse_cfg_options, read_mm_config
     from .mm.utils import build_model, is_tta_model, load_config
 
-    from mmengine.config import Config
-
     path = get_config_path(path)
-    if "model" not in Config.fromfile(path):
+    if "model" not in read_mm_config(path):
         raise NoModelInConfig(f"{_config_label(path)} defines no model (a deployment config?)")
     cfg = load_config(path, parse_cfg_options(cfg_options))
     framework = cfg.default_scope

@@ -357,9 +357,9 @@ def _config_is_segmenter(config: str) -> bool:
 
 def _config_has_rest_backbone(config: str) -> bool:
     """Whether a config's backbone is a ResT (so attention options apply to it)."""
-    from mmengine.config import Config
+    from .configs import read_mm_config
 
-    cfg = Config.fromfile(get_config_path(config))
+    cfg = read_mm_config(get_config_path(config))
     model = cfg.model.module if "module" in cfg.model else cfg.model  # TTA wrappers
     return str(model.get("backbone", {}).get("type", "")).split(".")[-1] in ("ResTv2", "ResTv1")
 

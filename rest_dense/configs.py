@@ -249,6 +249,50 @@ def install_config_scope() -> None:
     Config._get_cfg_path = staticmethod(_get_cfg_path)
 
 
+def config_load_error(path: PathLike, error: BaseException) -> "ConfigBuildError":
+    """The one-line error for a config file whose own code raised while it was read (a
+    typo, a division by zero, an import of something missing): the error and the config's
+    line that raised it."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(error.__traceback__)
+              if "site-packages" not in f.filename and os.sep + "lib" + os.sep + "python"
+              not in f.filename and not f.filename.startswith("<")]
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return ConfigBuildError(f"the config {os.fspath(path)} does not load: "
+                            f"{type(error).__name__}: {error}{where}")
+
+
+def read_mm_config(path: PathLike):
+    """``mmengine.Config.fromfile`` for the package: ``rest_dense::`` bases resolve (see
+    :func:`install_config_scope`), and what the file (or a ``_base_`` of it) does wrong is
+    one line: :class:`ConfigSyntaxError`, ``FileNotFoundError`` for a missing file, or
+    :class:`ConfigBuildError` (:func:`config_load_error`). A missing package that the
+    commands know stays an ImportError, which they name with its install hint.
+
+    Returns:
+        The ``mmengine.Config``.
+    """
+    from mmengine.config import Config
+
+    from .utils import missing_package_hint
+
+    install_config_scope()
+    path = os.fspath(path)
+    try:
+        return Config.fromfile(path)
+    except SyntaxError as err:  # the file or one of its _base_ files
+        raise ConfigSyntaxError(f"config {path} is not valid Python: {err}") from None
+    except FileNotFoundError:
+        raise
+    except ImportError as err:
+        if missing_package_hint(err):
+            raise
+        raise config_load_error(path, err) from err
+    except Exception as err:  # noqa: BLE001  a config is Python: anything may come out
+        raise config_load_error(path, err) from err
+
+
 def _shipped_relative(name: str) -> str:
     """``name`` relative to the shipped configs folder (a leading ``configs/`` dropped)."""
     rel = Path(name).as_posix()
@@ -579,12 +623,11 @@ def config_framework(config: Union[PathLike, Mapping]) -> str:
     if framework:
         return framework
     try:  # written in a way that only running it tells: load it with mmengine
-        from mmengine.config import Config
+        import mmengine  # noqa: F401
     except ImportError:
         raise ValueError(f"cannot tell whether {path} is for MMDetection or MMSegmentation "
                          "without mmengine (not installed); set default_scope in it") from None
-    install_config_scope()
-    return _loaded_framework(Config.fromfile(path), path)
+    return _loaded_framework(read_mm_config(path), path)
 
 
 def framework_family(framework: str) -> str:

@@ -334,20 +334,38 @@ def revert_sync_batchnorm(module: nn.Module) -> Tuple[nn.Module, List[str]]:
     return convert(module, ""), found
 
 
-def revert_sync_batchnorm_on_cpu(model: nn.Module) -> nn.Module:
+def revert_sync_batchnorm_on_cpu(model: nn.Module,
+                                 ddp_kwargs: Optional[MutableMapping[str, Any]] = None) -> nn.Module:
     """A multi-process job of a CPU model: SyncBatchNorm layers become BatchNorm (DDP
-    refuses SyncBatchNorm in CPU modules), with a warning naming them."""
+    refuses SyncBatchNorm in CPU modules), with a warning naming them.
+
+    SyncBatchNorm keeps the same running statistics in every process; as BatchNorm each
+    process would gather its own, and the processes would evaluate (and rank 0 save)
+    different models. So where layers were replaced, ``ddp_kwargs['broadcast_buffers']``
+    becomes True: every forward starts from rank 0's statistics.
+
+    Args:
+        model: the model about to be wrapped in DDP.
+        ddp_kwargs: the wrapper's keyword arguments, updated in place.
+
+    Returns:
+        The model (the same object unless it was itself a SyncBatchNorm).
+    """
     if get_world_size() == 1 or any(p.device.type != "cpu" for p in model.parameters()):
         return model
     model, found = revert_sync_batchnorm(model)
-    if found and get_rank() == 0:
-        import logging
+    if found:
+        if ddp_kwargs is not None:
+            ddp_kwargs["broadcast_buffers"] = True
+        if get_rank() == 0:
+            import logging
 
-        shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        logging.getLogger(__name__).warning(
-            "rest_dense: SyncBatchNorm -> BatchNorm in %d layer(s) of this CPU job (%s): "
-            "SyncBatchNorm needs GPUs; each process normalises over its own batch",
-            len(found), shown)
+            shown = ", ".join(found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4
+                                             else "")
+            logging.getLogger(__name__).warning(
+                "rest_dense: SyncBatchNorm -> BatchNorm in %d layer(s) of this CPU job (%s): "
+                "SyncBatchNorm needs GPUs; each process normalises over its own batch, with "
+                "rank 0's running statistics (DDP broadcast_buffers=True)", len(found), shown)
     return model
 
 
@@ -370,7 +388,7 @@ def wrap_ddp(model: nn.Module, ddp_class: Optional[Callable[..., nn.Module]] = N
     """
     if get_world_size() == 1:
         return model
-    model = revert_sync_batchnorm_on_cpu(model)
+    model = revert_sync_batchnorm_on_cpu(model, kwargs)
     if ddp_class is None:
         from torch.nn.parallel import DistributedDataParallel as ddp_class
     kwargs.setdefault("device_ids", ddp_device_ids(model))
@@ -459,7 +477,9 @@ def prepare_mm_config(cfg: MutableMapping, cuda: Optional[bool] = None) -> List[
       refuses for CPU modules), ``broadcast_buffers=False`` and
       ``find_unused_parameters=False`` unless the config says otherwise;
     * SyncBN layers (``norm_cfg=dict(type='SyncBN')``, ``norm_layer='syncbn'``,
-      ``sync_bn='torch'``) become BN: PyTorch's and mmcv's SyncBN only run on GPUs.
+      ``sync_bn='torch'``) become BN: PyTorch's and mmcv's SyncBN only run on GPUs; the DDP
+      wrapper then broadcasts rank 0's BatchNorm statistics (``broadcast_buffers=True``,
+      unless the config sets it), so that every process holds the same model, as with SyncBN.
 
     Args:
         cfg: an mmengine ``Config`` (or a dict of the same layout); modified in place.
@@ -486,6 +506,7 @@ def prepare_mm_config(cfg: MutableMapping, cuda: Optional[bool] = None) -> List[
         dist_cfg["backend"] = "gloo"
 
     wrapper = cfg.get("model_wrapper_cfg")
+    user_broadcast = wrapper is not None and "broadcast_buffers" in wrapper
     if wrapper is None:
         wrapper = {"type": "MMDistributedDataParallel", "broadcast_buffers": False,
                    "find_unused_parameters": bool(cfg.get("find_unused_parameters", False))}
@@ -507,6 +528,16 @@ def prepare_mm_config(cfg: MutableMapping, cuda: Optional[bool] = None) -> List[
     if cfg.get("sync_bn"):
         changes.append(f"sync_bn={cfg['sync_bn']!r} dropped (SyncBN needs GPUs)")
         cfg["sync_bn"] = None
+        found.append("sync_bn")
+    if found:
+        ddp_wrapper = cfg.get("model_wrapper_cfg")
+        if ddp_wrapper is not None and not user_broadcast and ddp_wrapper.get(
+                "type", "MMDistributedDataParallel") in ("MMDistributedDataParallel",
+                                                         "DistributedDataParallel"):
+            # the same running statistics in every process, as SyncBN keeps them
+            ddp_wrapper["broadcast_buffers"] = True
+            changes.append("DDP broadcast_buffers=True (rank 0's BatchNorm statistics "
+                           "everywhere, as SyncBN keeps them the same)")
     return changes
 
 

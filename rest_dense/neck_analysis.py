@@ -284,15 +284,13 @@ def analyze_whole_model(config: str, shape: Tuple[int, int], label: Optional[str
         ValueError: the config's neck is another type, or sets options the neck-alone count
             does not (its count would not be comparable).
     """
-    from mmengine.config import Config
-
     from .analysis import analyze_config
-    from .configs import get_config_path
+    from .configs import get_config_path, read_mm_config
 
     path = get_config_path(config)
     res = analyze_config(path, tuple(shape), cache=cache)
     mods = res.flops.by_module
-    neck_cfg = Config.fromfile(path).model.get("neck")
+    neck_cfg = read_mm_config(path).model.get("neck")
     neck = mods.get("model.neck") if neck_cfg is not None else None
     backbone = mods["model.backbone"]
     key = alone = None

@@ -77,7 +77,9 @@ def add_vt_fpn_config(cfg: CN) -> None:
         NUM_HEADS: attention heads of the token transformer (16).
         POS_ENCODING: the tokenizer's position encoding (False, as in the paper's final model).
         NORM: norm of the token path: ``"BN"``, ``"SyncBN"`` (the paper's; one process is
-            plain BN), ``"LN"``, ``"none"``; ``""`` (default) = the core module's default, BN.
+            plain BN; multi-process CPU jobs train it as BN with rank 0's statistics, see
+            :func:`rest_dense.distributed.revert_sync_batchnorm_on_cpu`), ``"LN"``,
+            ``"none"``; ``""`` (default) = the core module's default, BN.
 
     ``INPUT.CROP.SINGLE_CATEGORY_MAX_AREA`` (default 1.0 = off): semantic-segmentation
     training crops (:class:`RestTrainer` with ``SemanticSegmentor``) are re-drawn up to 10

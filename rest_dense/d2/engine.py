@@ -391,25 +391,17 @@ def _load_lazy(config_file: str) -> DictConfig:
     :class:`~rest_dense.configs.ConfigBuildError` naming the line. A missing package that
     the commands know (detectron2, fvcore, ...) stays an ImportError, which they name with
     its install hint."""
-    import traceback
-
-    from ..configs import ConfigBuildError
+    from ..configs import config_load_error
+    from ..utils import missing_package_hint
 
     try:
         return LazyConfig.load(config_file)
     except ImportError as e:
-        from ..utils import missing_package_hint
-
         if missing_package_hint(e):  # a package of ours that is missing: the command names it
             raise
-        error = e
+        raise config_load_error(config_file, e) from e
     except Exception as e:  # noqa: BLE001  the config is Python: anything may come out
-        error = e
-    frames = [f for f in traceback.extract_tb(error.__traceback__)
-              if not f.filename.startswith(os.path.dirname(os.path.dirname(torch.__file__)))]
-    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
-    raise ConfigBuildError(f"the config {config_file} does not load: {type(error).__name__}: "
-                           f"{error}{where}") from error
+        raise config_load_error(config_file, e) from e
 
 
 def setup_lazy_config(config_file: str, opts: Sequence[str] = ()) -> DictConfig:
@@ -440,7 +432,7 @@ def _create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:
     (CPU-only jobs run with gloo, see :mod:`rest_dense.distributed`)."""
     if all(p.device.type == "cpu" for p in model.parameters()):
         kwargs.setdefault("device_ids", None)
-        model = distributed.revert_sync_batchnorm_on_cpu(model)
+        model = distributed.revert_sync_batchnorm_on_cpu(model, kwargs)
     return create_ddp_model(model, **kwargs)
 
 

@@ -18,7 +18,6 @@ Builders (``MODEL.BACKBONE.NAME``): ``build_restv2_vt_fpn_backbone`` (``MODEL.RE
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Dict, Optional, Sequence
 
 from detectron2.config import CfgNode
@@ -148,12 +147,6 @@ def vt_fpn_kwargs_from_cfg(cfg: CfgNode) -> Dict[str, Any]:
             raise ValueError(f"MODEL.VT_FPN.NORM must be one of {sorted(_D2_NORMS)} (or \"\": "
                              f"the module's default, BatchNorm), got {c.NORM!r}")
         kwargs["norm_layer"] = _D2_NORMS[c.NORM]
-    if kwargs.get("norm_layer") == "syncbn" and str(cfg.MODEL.DEVICE).startswith("cpu"):
-        # DDP refuses SyncBatchNorm in CPU modules; in one process the two are the same
-        logging.getLogger(__name__).warning(
-            "rest_dense: MODEL.VT_FPN.NORM SyncBN -> BN on the CPU (SyncBatchNorm needs GPUs "
-            "when several processes train; one process computes the same)")
-        kwargs["norm_layer"] = "bn"
     return kwargs
 
 

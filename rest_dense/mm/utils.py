@@ -132,12 +132,9 @@ def load_config(path: str, cfg_options: Optional[dict] = None) -> Config:
     """
     import rest_dense.mm  # noqa: F401  (registers the backbones)
 
-    try:
-        cfg = Config.fromfile(path)
-    except SyntaxError as err:  # the file or one of its _base_ files
-        from ..configs import ConfigSyntaxError
+    from ..configs import read_mm_config
 
-        raise ConfigSyntaxError(f"config {path} is not valid Python: {err}") from None
+    cfg = read_mm_config(path)
     if cfg_options:
         options = parse_cfg_options(cfg_options)
         for key in options:

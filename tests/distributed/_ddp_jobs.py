@@ -400,6 +400,7 @@ def d2_records(settings: Sequence[Setting], vt_fpn: bool = False) -> List[Dict[s
 
         record = _train_and_check(f"{'d2_vt_fpn' if vt_fpn else 'd2'}:{name}", ddp, step)
         record["sync_bn_reverted"] = sync_bn
+        record["broadcast_buffers"] = bool(ddp.broadcast_buffers)
         return record
 
     return [one(name, setting) for name, setting in settings]

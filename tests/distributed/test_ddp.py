@@ -138,6 +138,8 @@ def test_vt_fpn_ddp_replicas_identical(ddp_results, group):
         if setting.get("sync_bn_modules"):
             # SyncBatchNorm layers (a lazy config's norm_layer='syncbn') trained as BatchNorm
             assert record["sync_bn_reverted"] > 0, record
+            # rank 0's running statistics everywhere, as SyncBatchNorm keeps them equal
+            assert record["broadcast_buffers"], record
 
 
 # ------------------------------------------------------------------------ end to end

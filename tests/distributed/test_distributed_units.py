@@ -80,7 +80,8 @@ def test_prepare_mm_config_on_cpu():
     cfg = _mm_cfg(launcher="pytorch", sync_bn="torch")
     changes = distributed.prepare_mm_config(cfg, cuda=False)
     assert cfg.env_cfg.dist_cfg == dict(backend="gloo", timeout=60)
-    assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel", broadcast_buffers=False,
+    # SyncBN became BN: rank 0's statistics everywhere, as SyncBN keeps them equal
+    assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel", broadcast_buffers=True,
                                          find_unused_parameters=False, device_ids=None)
     assert cfg.model.decode_head.norm_cfg.type == "BN"
     assert cfg.model.auxiliary_head[0].norm_cfg.type == "BN"
@@ -88,8 +89,19 @@ def test_prepare_mm_config_on_cpu():
     text = "\n".join(changes)
     assert "'gloo'" in text and "device_ids=None" in text
     assert "model.decode_head.norm_cfg: SyncBN" in text and "auxiliary_head[0]" in text
-    assert "sync_bn='torch' dropped" in text
+    assert "sync_bn='torch' dropped" in text and "broadcast_buffers=True" in text
     assert distributed.prepare_mm_config(cfg, cuda=False) == []  # idempotent
+    # without SyncBN the buffers stay each process's (mmengine's default for CPU jobs here);
+    # a config's own choice is kept
+    plain = _mm_cfg(launcher="pytorch")
+    plain.model.decode_head.norm_cfg.type = "BN"
+    plain.model.auxiliary_head[0].norm_cfg.type = "BN"
+    distributed.prepare_mm_config(plain, cuda=False)
+    assert plain.model_wrapper_cfg.broadcast_buffers is False
+    own = _mm_cfg(launcher="pytorch", model_wrapper_cfg=dict(type="MMDistributedDataParallel",
+                                                             broadcast_buffers=False))
+    distributed.prepare_mm_config(own, cuda=False)
+    assert own.model_wrapper_cfg.broadcast_buffers is False
 
 
 def test_prepare_mm_config_reverts_the_core_spelling_of_syncbn():
@@ -150,7 +162,8 @@ def test_prepare_mm_config_keeps_gpu_and_single_process_configs():
                                                              find_unused_parameters=True))
     distributed.prepare_mm_config(cfg, cuda=False)
     assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel",
-                                         find_unused_parameters=True, device_ids=None)
+                                         find_unused_parameters=True, device_ids=None,
+                                         broadcast_buffers=True)  # its SyncBN became BN
     cfg = _mm_cfg(launcher="pytorch", model_wrapper_cfg=dict(type="MMFullyShardedDataParallel"))
     distributed.prepare_mm_config(cfg, cuda=False)
     assert cfg.model_wrapper_cfg == dict(type="MMFullyShardedDataParallel")

@@ -183,12 +183,18 @@ def test_user_configs_inherit_shipped_and_toolbox_configs(tmp_path, capsys):
     gone.write_text("_base_ = 'nothere.py'\n")
     broken = tmp_path / "broken.py"
     broken.write_text("_base_ = ['x.py'\nmodel = dict(\n")
+    raising = tmp_path / "raising.py"
+    raising.write_text("_base_ = 'rest_dense::toy/vt_fpn_restv2_toy.py'\n"
+                       "train_cfg = dict(max_iters=1 / 0)\n")
     for argv, named in ((["flops", bad], "no shipped config 'toy/no_such_config.py'"),
                         (["train", bad], "no shipped config 'toy/no_such_config.py'"),
                         (["flops", gone], str(tmp_path / "nothere.py")),
                         (["train", gone], str(tmp_path / "nothere.py")),
                         (["train", broken, "--framework", "openmmlab"], "is not valid Python"),
-                        (["train", broken], "is not valid Python")):
+                        (["train", broken], "is not valid Python"),
+                        (["train", raising], f"ZeroDivisionError: division by zero (at {raising}:2)"),
+                        (["flops", raising], "ZeroDivisionError"),
+                        (["bench", "--configs", raising, "--shape", "32x32"], "ZeroDivisionError")):
         try:
             rc = main([str(a) for a in argv])
         except SystemExit as exit:
