@@ -513,6 +513,18 @@ class _MMWrapper(nn.Module):
         return self.model._forward(x, self.samples)
 
 
+def _arch_key(arch: str) -> str:
+    """A config's arch string as the key of the arch tables (``'Tiny'``, ``'restv2_tiny'``
+    -> ``'tiny'``), as the backbones read it."""
+    from .models.registry import get_model_entry
+
+    key = arch.strip().lower()
+    try:
+        return get_model_entry(key).arch
+    except ValueError:
+        return key
+
+
 def _attach_paper_figures(res: AnalysisResult, model_type: Any, family: Optional[str],
                           arch: Optional[str], attn_mode: str) -> None:
     model_type = str(model_type).split(".")[-1]
@@ -575,7 +587,7 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
                          backbone_params=count_parameters(model.backbone), notes=notes)
     bb = cfg.model.get("backbone", {})
     family = {"ResTv2": "restv2", "ResTv1": "restv1"}.get(str(bb.get("type", "")).split(".")[-1])
-    arch = bb.get("arch") if isinstance(bb.get("arch"), str) else None
+    arch = _arch_key(bb.get("arch")) if isinstance(bb.get("arch"), str) else None
     model_type = cfg.model.get("type")
     head = (cfg.model.get("decode_head") or {}).get("type") if model_type == "EncoderDecoder" else None
     if head is not None and str(head).split(".")[-1] != "UPerHead":

@@ -253,13 +253,17 @@ def _data_loader_worker_error(e: BaseException) -> Optional[str]:
         return None
     name, where = match.groups()
     tail = text[match.end():]
-    # the traceback ends in "<name>: <message>" (the message may span lines)
-    start = tail.rfind(f"\n{name}: ")
-    if start < 0:
-        start = tail.rfind(f"\n{name}\n")
-        message = name if start >= 0 else tail.strip().splitlines()[-1]
+    # the traceback ends in "[module.]<name>: <message>", the message perhaps over lines
+    lines = tail.rstrip().splitlines()
+    head = re.compile(rf"^(?:[\w.]+\.)?{re.escape(name)}(?:: (.*))?$")
+    at = next((i for i in range(len(lines) - 1, -1, -1) if head.match(lines[i])), None)
+    if at is None:
+        message = lines[-1].strip() if lines else name
     else:
-        message = tail[start + len(name) + 3:].strip()
+        first = head.match(lines[at]).group(1)
+        message = " ".join(part.strip() for part in [first or name, *lines[at + 1:]] if part.strip())
+    if name == "KeyError" and len(message) >= 2 and message[0] == message[-1] and message[0] in "'\"":
+        message = message[1:-1]  # str() of a KeyError quotes its key
     message = _ERRNO.sub("", message)
     return f"{message} ({where})"
 

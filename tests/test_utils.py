@@ -80,6 +80,10 @@ def test_check_output_path(tmp_path):
             check_output_path(**kwargs)
 
 
+class _OwnError(Exception):
+    """An error of a module of one's own (its traceback line is module-qualified)."""
+
+
 class _Files:
     """A dataset whose items are files to open (the second is missing or unreadable)."""
 
@@ -90,6 +94,8 @@ class _Files:
         return len(self.paths)
 
     def __getitem__(self, i):
+        if str(self.paths[i]).endswith(".own"):
+            raise _OwnError("line one\nline two")
         if str(self.paths[i]).endswith(".json"):
             import json
 
@@ -112,7 +118,8 @@ def test_error_text_of_a_data_loader_worker_is_the_workers_error(tmp_path):
               f"No such file or directory: '{tmp_path / 'gone.png'}' (in DataLoader worker process 0)")]
     bad_json = tmp_path / "b.json"
     bad_json.write_text("{}")
-    cases.append((bad_json, KeyError, "'x' (in DataLoader worker process 0)"))
+    cases.append((bad_json, KeyError, "x (in DataLoader worker process 0)"))
+    cases.append((tmp_path / "c.own", _OwnError, "line one line two (in DataLoader worker process 0)"))
     for path, kind, expected in cases:
         loader = torch.utils.data.DataLoader(_Files([good, path]), batch_size=None, num_workers=1)
         with pytest.raises(kind) as info:

@@ -359,7 +359,7 @@ def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None)
     if undefined:
         shown = ", ".join(undefined[:6]) + (f" and {len(undefined) - 6} more"
                                              if len(undefined) > 6 else "")
-        print(f"warning: {len(undefined)} metric(s) without a value (NaN): {shown}; the "
+        print(f"warning: {len(undefined)} metric(s) without a value (NaN or infinite): {shown}; the "
               f"evaluation found nothing to score for them (no annotated objects or labelled "
               f"pixels in the set, or no predictions)", file=sys.stderr)
     if save:
