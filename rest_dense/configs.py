@@ -283,7 +283,11 @@ def read_mm_config(path: PathLike):
         return Config.fromfile(path)
     except SyntaxError as err:  # the file or one of its _base_ files
         raise ConfigSyntaxError(f"config {path} is not valid Python: {err}") from None
-    except FileNotFoundError:
+    except FileNotFoundError as err:
+        missing = getattr(err, "filename", None)
+        if missing and os.path.isfile(path) and os.path.abspath(missing) != os.path.abspath(path):
+            raise FileNotFoundError(
+                f"config {path}: its _base_ {os.path.normpath(missing)} does not exist") from None
         raise
     except ImportError as err:
         if missing_package_hint(err):

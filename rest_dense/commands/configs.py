@@ -51,7 +51,10 @@ def run(args: argparse.Namespace) -> int:
             return 2
         print(path)
         return 0
-    pattern = args.pattern if any(c in args.pattern for c in "*?[") else f"*{args.pattern}*"
+    word = args.pattern
+    if word.startswith("rest_dense::"):  # the spelling configs inherit them by
+        word = word[len("rest_dense::"):]
+    pattern = word if any(c in word for c in "*?[") else f"*{word}*"
     try:
         names = list_configs(pattern, args.framework)
     except FileNotFoundError as err:  # an install without its configs
