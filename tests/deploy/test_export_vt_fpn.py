@@ -67,7 +67,7 @@ def test_detectron2_vt_fpn_tracing_adapter(tmp_path, capsys, toy_root, tmp_path_
                                            one_thread):
     ckpt = trained("d2_vt_fpn", tmp_path_factory)
     out = tmp_path / "d2_vt_fpn.onnx"
-    # 97x301 gives a second padded network input (128x416 besides 128x192)
+    # 97x301: another network input size (resized by MAX_SIZE_TEST, padded in the graph)
     code, text, lines = _export(capsys, D2_VT_FPN, ckpt, out, "--check-images",
                                 str(val_images(toy_root, "ade")[0]), sizes=SIZES + ["97x301"])
     _assert_maps_agree(code, text, lines, 4)
