@@ -143,6 +143,10 @@ def _export_and_check(args: argparse.Namespace, sizes) -> int:
               f"{exp.seconds:.1f} s")
         print(f"  inputs {exp.inputs}, outputs {exp.outputs}")
         print(f"  inside the graph: {exp.inside}")
+        if exp.min_side > 1:
+            print(f"  note: in this attention mode the graph serves backbone inputs of at least "
+                  f"{exp.min_side} px a side (each windowed map one window large; smaller ones "
+                  f"differ from PyTorch); `rest_dense.min_side` in the graph's metadata says so")
         for p in exp.problems:
             print(f"  warning: the graph is not valid for a check image: {p}", file=sys.stderr)
         if args.no_check:

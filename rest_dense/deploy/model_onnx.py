@@ -53,7 +53,7 @@ from .logs import quiet_logs
 from .predictions import (Detections, Prediction, Tolerances, compare_predictions,
                           from_d2_instances, from_d2_sem_seg, from_det_sample, from_seg_sample)
 from .runtime import ParityResult, make_session
-from .shapes import choose_trace_size, find_backbone, graph_problems
+from .shapes import choose_trace_size, find_backbone, graph_problems, min_valid_side
 
 __all__ = ["DEFAULT_OPSET", "SUPPORTED_OPSETS", "check_opset", "ExportResult", "CheckResult", "Deployment", "MMDeployment",
            "D2Deployment", "load_deployment", "make_session", "quiet_logs"]
@@ -94,6 +94,9 @@ class ExportResult:
         problems: sizes the trace cannot serve (see :func:`shapes.graph_problems`); empty
             when the trace serves every check size.
         seconds: export time.
+        min_side: the smallest backbone input side the graph serves (window modes: each
+            windowed map at least one window large, :func:`shapes.min_valid_side`; 1 in
+            the other modes), also in the graph's metadata as ``rest_dense.min_side``.
     """
 
     path: str
@@ -106,6 +109,7 @@ class ExportResult:
     inside: str
     problems: List[str] = field(default_factory=list)
     seconds: float = 0.0
+    min_side: int = 1
 
 
 #: a whole-model check result is a :class:`~rest_dense.deploy.runtime.ParityResult` (``image``,
@@ -213,9 +217,17 @@ class Deployment:
         import onnx
 
         onnx.checker.check_model(path)
+        low = min_valid_side(self.backbone) if self.backbone is not None else 1
+        if low > 1:  # what the graph serves, for whoever deploys it (as `rest-dense export`)
+            from .backbone_onnx import MIN_SIDE_METADATA
+
+            graph = onnx.load(path)
+            entry = graph.metadata_props.add()
+            entry.key, entry.value = MIN_SIDE_METADATA, str(low)
+            onnx.save(graph, path)
         names_in, names_out = _graph_io(path)
         return ExportResult(path, self.framework, self.tool, trace, self.opset, names_in,
-                            names_out, self.inside, problems, seconds)
+                            names_out, self.inside, problems, seconds, low)
 
     def check(self, onnx_path: PathLike, check_sizes: Sequence[Size] = (),
               check_images: Sequence[str] = (), trace_size: Optional[Size] = None,

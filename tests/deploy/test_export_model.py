@@ -132,9 +132,17 @@ def test_upernet_mmdeploy_attention_modes(tmp_path, capsys, mode, seg_ckpt, toy_
     lines = _checked_lines(text)
     assert all("pixel_agreement 1" in ln for ln in lines), text
     assert max(_metric(ln, "classes") for ln in lines) >= 2  # the maps are not constant
-    dims = onnx.load(str(out)).graph.input[0].type.tensor_type.shape.dim
+    graph = onnx.load(str(out))
+    dims = graph.graph.input[0].type.tensor_type.shape.dim
     assert all(d.dim_param for d in dims[2:])  # dynamic height and width
     _assert_windows(MM_SEG, mode, _network_inputs(text))
+    # the window modes' smallest served input is said, and written into the graph
+    meta = {p.key: p.value for p in graph.metadata_props}
+    if mode == "global":
+        assert "rest_dense.min_side" not in meta and "serves backbone inputs" not in text
+    else:
+        side = int(meta["rest_dense.min_side"])
+        assert side > 1 and f"serves backbone inputs of at least {side} px" in text
     if bench:
         table = [ln for ln in text.splitlines() if ln.startswith("| upernet.onnx")]
         assert len(table) == 3 and all(float(c) > 0 for ln in table for c in ln.split("|")[4:6])
