@@ -186,6 +186,12 @@ def _window_sizes(value, attn_mode: str, sr_ratios: Sequence[int]) -> Tuple[int,
             if ws % sr:
                 raise ValueError(f"window_size[{i}]={ws} must be a positive multiple of stage "
                                  f"{i + 1}'s sr_ratio {sr} in attn_mode {attn_mode!r}")
+    elif sizes != tuple(DEFAULT_WINDOW_SIZE):
+        import warnings
+
+        # e.g. Swin's window_size=7 carried over: global attention has no windows
+        warnings.warn(f"window_size={value!r} has no effect with attn_mode='global' (it sizes "
+                      "the windows of the 'win', 'cwin' and 'hwin' modes)", stacklevel=4)
     return sizes
 
 

@@ -377,6 +377,9 @@ def test_bad_input_errors():
         ResTv2(arch=TINY, attn_mode="swin")
     with pytest.raises(ValueError, match=r"window_size\[1\]=6 .* sr_ratio 4"):
         ResTv2(arch=TINY, attn_mode="win", window_size=(64, 6, 16, 8))
+    # a window size (Swin's 7, carried over) in global mode is said to do nothing
+    with pytest.warns(UserWarning, match="window_size=7 has no effect with attn_mode='global'"):
+        ResTv2(arch=TINY, window_size=7)
     with pytest.raises(ValueError, match="out_indices"):
         ResTv2(arch=TINY, out_indices=(0, 4))
     with pytest.raises(ValueError, match="missing"):
