@@ -197,11 +197,33 @@ _FPN_HINT = ("MODEL.FPN.IN_FEATURES picks the levels; the build_*_fpn_backbone b
              "p6 by max-pooling, the build_retinanet_*_fpn_backbone builders p6 and p7")
 
 
+#: the inputs the ResT ImageNet weights were trained on (configs/detectron2/Base-ResT-Recipe.yaml)
+IMAGENET_INPUT = dict(FORMAT="RGB", PIXEL_MEAN=[123.675, 116.28, 103.53],
+                      PIXEL_STD=[58.395, 57.12, 57.375])
+
+
+def warn_on_caffe_inputs(cfg: CfgNode) -> None:
+    """Warn when pretrained weights meet detectron2's caffe-style ResNet inputs (BGR, std 1),
+    which a config built on a ResNet one keeps unless it sets them: the ResT weights were
+    trained on RGB images normalised with ImageNet's mean and std."""
+    if not str(cfg.MODEL.get("WEIGHTS", "") or ""):
+        return
+    fmt, std = cfg.INPUT.get("FORMAT", "BGR"), list(cfg.MODEL.get("PIXEL_STD", []))
+    if fmt != "RGB" or (std and max(std) <= 2.0):
+        warnings.warn(
+            f"MODEL.WEIGHTS is given and the inputs are INPUT.FORMAT {fmt}, MODEL.PIXEL_STD "
+            f"{std} (detectron2's caffe-style ResNet settings?); the ResT weights were trained "
+            f"on {IMAGENET_INPUT['FORMAT']} images with PIXEL_MEAN {IMAGENET_INPUT['PIXEL_MEAN']}"
+            f" and PIXEL_STD {IMAGENET_INPUT['PIXEL_STD']} (_BASE_: Base-ResT-Recipe.yaml sets "
+            "them)", stacklevel=2)
+
+
 # --------------------------------------------------------------------------------- builders
 @BACKBONE_REGISTRY.register()
 @checks_heads("MODEL.RESTV2.OUT_FEATURES picks the stages")
 def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
     """ResTv2 from ``MODEL.RESTV2`` and ``MODEL.BACKBONE.FREEZE_AT``."""
+    warn_on_caffe_inputs(cfg)
     c = cfg.MODEL.RESTV2
     window = list(c.WINDOW_SIZE)
     return D2ResTv2(
@@ -222,6 +244,7 @@ def build_restv2_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv2:
 @checks_heads("MODEL.REST.OUT_FEATURES picks the stages")
 def build_rest_backbone(cfg: CfgNode, input_shape: ShapeSpec) -> D2ResTv1:
     """ResTv1 from ``MODEL.REST`` and ``MODEL.BACKBONE.FREEZE_AT``."""
+    warn_on_caffe_inputs(cfg)
     c = cfg.MODEL.REST
     return D2ResTv1(
         arch=rest_arch_from_cfg(cfg),

@@ -361,3 +361,34 @@ def test_resume_from_a_file_needs_detectron2_training_state(tmp_path, caplog):
     with caplog.at_level(logging.INFO):
         RestDetectionCheckpointer(model).load(str(tmp_path / "mmpretrain.pth"))
     assert "another framework" not in caplog.text and "backbone-only" in caplog.text
+
+
+def test_pretrained_weights_with_caffe_style_inputs_warn():
+    """A config built on a detectron2 ResNet one keeps BGR inputs with std 1: with ResT
+    weights that is a silent mismatch, so building the backbone warns; the shipped recipe
+    (RGB, ImageNet mean / std) and training from scratch do not."""
+    import warnings
+
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_backbone
+
+    import rest_dense.d2
+    from rest_dense.configs import get_config_path
+
+    cfg = get_cfg()
+    rest_dense.d2.add_restv2_config(cfg)
+    cfg.merge_from_file(get_config_path("detectron2/mask_rcnn_restv2_tiny_3x.yaml"))
+    cfg.MODEL.RESTV2.ARCH.EMBED_DIMS = [16, 32, 64, 128]
+    cfg.MODEL.RESTV2.ARCH.DEPTHS = [1, 1, 1, 1]
+    cfg.MODEL.WEIGHTS = "checkpoints/restv2_tiny_224.pth"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_backbone(cfg)  # the shipped inputs: no warning
+    cfg.INPUT.FORMAT, cfg.MODEL.PIXEL_MEAN = "BGR", [103.53, 116.28, 123.675]
+    cfg.MODEL.PIXEL_STD = [1.0, 1.0, 1.0]
+    with pytest.warns(UserWarning, match="INPUT.FORMAT BGR, MODEL.PIXEL_STD .*Base-ResT-Recipe"):
+        build_backbone(cfg)
+    cfg.MODEL.WEIGHTS = ""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        build_backbone(cfg)  # from scratch: the inputs are the user's choice
