@@ -9,6 +9,7 @@ released wrapping of the weights (ImageNet, mmseg, detectron2) loads unchanged.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from typing import Any, Dict, List, Mapping, Optional, Union
@@ -135,6 +136,22 @@ def init_cfg_entries(init_cfg: InitCfg, owner: str = "") -> List[Mapping]:
     return cfgs
 
 
+def _check_keys(cls: type, kwargs: Mapping[str, Any]) -> None:
+    """Keys the core backbone does not take, named with the likely cause: another
+    backbone's settings merged in from a ``_base_`` config (Swin's ``embed_dims``, ...)."""
+    core = next(c for c in cls.__mro__ if c in (ResTv2, ResTv1))
+    params = inspect.signature(core.__init__).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(k for k in kwargs if k not in params)
+    if unknown:
+        taken = {k for k in params if k != "self"} | {"init_cfg", "pretrained"}
+        raise TypeError(f"{core.__name__} does not take {unknown} (settings of another "
+                        f"backbone kept from a _base_ config? replace it with "
+                        f"backbone=dict(_delete_=True, type='{core.__name__}', ...)); it takes "
+                        f"{sorted(taken)}")
+
+
 class _InitCfgMixin:
     """Gives a core ResT backbone mmengine's ``init_cfg`` / ``init_weights`` contract.
 
@@ -151,6 +168,7 @@ class _InitCfgMixin:
         cfgs = init_cfg_entries(init_cfg)
         if sum(_is_pretrained(c) for c in cfgs) > 1:
             raise ValueError("init_cfg may hold at most one Pretrained entry")
+        _check_keys(type(self), kwargs)
         super().__init__(**kwargs)
         self.init_cfg = copy.deepcopy(init_cfg)
 

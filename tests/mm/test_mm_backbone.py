@@ -263,3 +263,18 @@ def test_pretrained_from_url(tmp_path, monkeypatch):
         server.shutdown()
     assert all(torch.equal(backbone.state_dict()[k], v) for k, v in sd.items())
     assert list((tmp_path / "hub").rglob("model_final.pth"))
+
+
+def test_another_backbones_keys_name_delete(capsys):
+    """Swin's settings left in the backbone dict by a _base_ config (no _delete_=True) are
+    named, with the fix; through the whole detector build too, in one line."""
+    from rest_dense.cli import main as cli
+    from rest_dense.mm import MMResTv2
+
+    with pytest.raises(TypeError, match=r"ResTv2 does not take \['depths', 'embed_dims'\].*"
+                                        r"_delete_=True"):
+        MMResTv2(arch="tiny", embed_dims=96, depths=[2, 2, 6, 2])
+    rc = cli(["flops", "toy/mask_rcnn_restv2_toy.py", "--params-only", "--cfg-options",
+              "model.backbone.patch_norm=True"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "ResTv2 does not take ['patch_norm']" in err and "Traceback" not in err
