@@ -477,9 +477,10 @@ def prepare_mm_config(cfg: MutableMapping, cuda: Optional[bool] = None) -> List[
       refuses for CPU modules), ``broadcast_buffers=False`` and
       ``find_unused_parameters=False`` unless the config says otherwise;
     * SyncBN layers (``norm_cfg=dict(type='SyncBN')``, ``norm_layer='syncbn'``,
-      ``sync_bn='torch'``) become BN: PyTorch's and mmcv's SyncBN only run on GPUs; the DDP
-      wrapper then broadcasts rank 0's BatchNorm statistics (``broadcast_buffers=True``,
-      unless the config sets it), so that every process holds the same model, as with SyncBN.
+      ``sync_bn='torch'``) become BN: PyTorch's and mmcv's SyncBN only run on GPUs; a hook
+      then gives every process rank 0's BatchNorm statistics after each iteration
+      (``custom_hooks``: ``RestBroadcastBuffersHook``), so that the processes validate and
+      save one model, as with SyncBN.
 
     Args:
         cfg: an mmengine ``Config`` (or a dict of the same layout); modified in place.
@@ -506,7 +507,6 @@ def prepare_mm_config(cfg: MutableMapping, cuda: Optional[bool] = None) -> List[
         dist_cfg["backend"] = "gloo"
 
     wrapper = cfg.get("model_wrapper_cfg")
-    user_broadcast = wrapper is not None and "broadcast_buffers" in wrapper
     if wrapper is None:
         wrapper = {"type": "MMDistributedDataParallel", "broadcast_buffers": False,
                    "find_unused_parameters": bool(cfg.get("find_unused_parameters", False))}
@@ -530,14 +530,14 @@ def prepare_mm_config(cfg: MutableMapping, cuda: Optional[bool] = None) -> List[
         cfg["sync_bn"] = None
         found.append("sync_bn")
     if found:
-        ddp_wrapper = cfg.get("model_wrapper_cfg")
-        if ddp_wrapper is not None and not user_broadcast and ddp_wrapper.get(
-                "type", "MMDistributedDataParallel") in ("MMDistributedDataParallel",
-                                                         "DistributedDataParallel"):
-            # the same running statistics in every process, as SyncBN keeps them
-            ddp_wrapper["broadcast_buffers"] = True
-            changes.append("DDP broadcast_buffers=True (rank 0's BatchNorm statistics "
-                           "everywhere, as SyncBN keeps them the same)")
+        # the same running statistics in every process, as SyncBN keeps them: rank 0's,
+        # after every iteration (rest_dense.mm.hooks.BroadcastBuffersHook)
+        hooks = list(cfg.get("custom_hooks") or [])
+        if not any(isinstance(h, Mapping) and h.get("type") == "RestBroadcastBuffersHook"
+                   for h in hooks):
+            cfg["custom_hooks"] = hooks + [{"type": "RestBroadcastBuffersHook"}]
+            changes.append("rank 0's BatchNorm statistics to every process after each "
+                           "iteration (custom_hooks: RestBroadcastBuffersHook)")
     return changes
 
 

@@ -19,9 +19,11 @@ from __future__ import annotations
 import importlib
 from typing import Dict, List
 
+from mmengine.registry import HOOKS as _ENGINE_HOOKS
 from mmengine.registry import OPTIM_WRAPPER_CONSTRUCTORS as _ENGINE_CONSTRUCTORS
 
 from .backbones import MMResTv1, MMResTv2, load_pretrained_cfg
+from .hooks import BroadcastBuffersHook
 from .necks import MMVTFPN
 from .optim import ResTLayerDecayOptimizerConstructor, stage_lr_scales
 from ..configs import install_config_scope
@@ -45,6 +47,7 @@ UNAVAILABLE: Dict[str, str] = {}
 
 
 install_config_scope()  # _base_ = 'rest_dense::NAME'
+register_once(_ENGINE_HOOKS, "RestBroadcastBuffersHook", BroadcastBuffersHook)
 register_once(_ENGINE_CONSTRUCTORS, "ResTLayerDecayOptimizerConstructor",
           ResTLayerDecayOptimizerConstructor)
 

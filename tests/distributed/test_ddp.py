@@ -10,6 +10,7 @@ The jobs themselves live in ``_ddp_jobs.py`` (spawned workers import them by nam
 """
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -184,6 +185,58 @@ def test_dist_train_sh_on_cpu(toy_root, tmp_path, subprocess_env):
     metrics = [json.loads(line) for line in scalars[0].read_text().splitlines()]
     val = [m for m in metrics if "coco/bbox_mAP" in m]
     assert val and 0.0 <= val[-1]["coco/bbox_mAP"] <= 1.0 and 0.0 <= val[-1]["coco/segm_mAP"] <= 1.0
+
+
+BN_PROBE = """
+import json, os
+import torch.distributed as dist
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class BNProbeHook(Hook):
+    priority = "LOW"  # after the package's hooks, before the checkpoint is saved
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        model = getattr(runner.model, "module", runner.model)
+        sums = [float(b.double().sum()) for n, b in model.named_buffers() if "running" in n]
+        with open(os.path.join(os.environ["BN_PROBE_DIR"], f"rank{dist.get_rank()}.jsonl"),
+                  "a") as f:
+            f.write(json.dumps(sums) + "\\n")
+"""
+
+
+def test_dist_train_sh_syncbn_on_cpu_keeps_one_model(toy_root, tmp_path, subprocess_env):
+    """SyncBN layers train as BatchNorm in a CPU job: after every iteration each process
+    holds rank 0's statistics (what it validates with, what rank 0 saves), as SyncBN keeps
+    them equal; a probe hook records them per rank."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "bnprobe.py").write_text(BN_PROBE)
+    env = dict(subprocess_env, PYTHON=sys.executable, BN_PROBE_DIR=str(probe),
+               PYTHONPATH=f"{probe}{os.pathsep}{subprocess_env['PYTHONPATH']}")
+    env.pop("PORT", None)
+    config = tmp_path / "syncbn_vt_fpn.py"  # a config of one's own on a shipped one
+    config.write_text(
+        "_base_ = 'rest_dense::toy/vt_fpn_restv2_toy.py'\n"
+        "custom_imports = dict(imports=['rest_dense.mm', 'bnprobe'], allow_failed_imports=False)\n"
+        "custom_hooks = [dict(type='BNProbeHook')]\n"
+        "model = dict(neck=dict(norm_cfg=dict(type='SyncBN')),\n"
+        "             decode_head=dict(norm_cfg=dict(type='SyncBN', requires_grad=True)))\n")
+    work = tmp_path / "work"
+    log = _run(["bash", "tools/dist_train.sh", str(config), "2", "--toy-root",
+                str(toy_root), "--work-dir", str(work), "--threads", "1", "--cfg-options",
+                *TINY_MM_OPTIONS, "model.neck.in_channels=[16,32,64,128]",
+                "train_cfg.max_iters=3", "train_cfg.val_interval=3",
+                "default_hooks.checkpoint.interval=3"], env)
+    assert "SyncBN -> BN" in log and "RestBroadcastBuffersHook" in log
+    ranks = [[json.loads(line) for line in (probe / f"rank{r}.jsonl").read_text().splitlines()]
+             for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 3 and ranks[0][0], ranks
+    assert ranks[0] == ranks[1]  # the same statistics in both processes at every iteration
+    assert ranks[0][0] != ranks[0][-1]  # and they were trained
+    assert (work / "iter_3.pth").is_file()
 
 
 def test_detectron2_num_gpus_2_on_cpu(toy_root, tmp_path, subprocess_env):

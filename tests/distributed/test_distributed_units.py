@@ -80,28 +80,26 @@ def test_prepare_mm_config_on_cpu():
     cfg = _mm_cfg(launcher="pytorch", sync_bn="torch")
     changes = distributed.prepare_mm_config(cfg, cuda=False)
     assert cfg.env_cfg.dist_cfg == dict(backend="gloo", timeout=60)
-    # SyncBN became BN: rank 0's statistics everywhere, as SyncBN keeps them equal
-    assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel", broadcast_buffers=True,
+    assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel", broadcast_buffers=False,
                                          find_unused_parameters=False, device_ids=None)
+    # SyncBN became BN: rank 0's statistics everywhere after each iteration, as SyncBN
+    # keeps them equal (mmengine's validation does not pass through DDP's forward)
+    assert cfg.custom_hooks == [dict(type="RestBroadcastBuffersHook")]
     assert cfg.model.decode_head.norm_cfg.type == "BN"
     assert cfg.model.auxiliary_head[0].norm_cfg.type == "BN"
     assert cfg.sync_bn is None
     text = "\n".join(changes)
     assert "'gloo'" in text and "device_ids=None" in text
     assert "model.decode_head.norm_cfg: SyncBN" in text and "auxiliary_head[0]" in text
-    assert "sync_bn='torch' dropped" in text and "broadcast_buffers=True" in text
+    assert "sync_bn='torch' dropped" in text and "RestBroadcastBuffersHook" in text
     assert distributed.prepare_mm_config(cfg, cuda=False) == []  # idempotent
-    # without SyncBN the buffers stay each process's (mmengine's default for CPU jobs here);
-    # a config's own choice is kept
+    assert cfg.custom_hooks == [dict(type="RestBroadcastBuffersHook")]
+    # without SyncBN the buffers stay each process's, as in any BatchNorm job
     plain = _mm_cfg(launcher="pytorch")
     plain.model.decode_head.norm_cfg.type = "BN"
     plain.model.auxiliary_head[0].norm_cfg.type = "BN"
     distributed.prepare_mm_config(plain, cuda=False)
-    assert plain.model_wrapper_cfg.broadcast_buffers is False
-    own = _mm_cfg(launcher="pytorch", model_wrapper_cfg=dict(type="MMDistributedDataParallel",
-                                                             broadcast_buffers=False))
-    distributed.prepare_mm_config(own, cuda=False)
-    assert own.model_wrapper_cfg.broadcast_buffers is False
+    assert not plain.get("custom_hooks")
 
 
 def test_prepare_mm_config_reverts_the_core_spelling_of_syncbn():
@@ -162,8 +160,7 @@ def test_prepare_mm_config_keeps_gpu_and_single_process_configs():
                                                              find_unused_parameters=True))
     distributed.prepare_mm_config(cfg, cuda=False)
     assert cfg.model_wrapper_cfg == dict(type="MMDistributedDataParallel",
-                                         find_unused_parameters=True, device_ids=None,
-                                         broadcast_buffers=True)  # its SyncBN became BN
+                                         find_unused_parameters=True, device_ids=None)
     cfg = _mm_cfg(launcher="pytorch", model_wrapper_cfg=dict(type="MMFullyShardedDataParallel"))
     distributed.prepare_mm_config(cfg, cuda=False)
     assert cfg.model_wrapper_cfg == dict(type="MMFullyShardedDataParallel")
