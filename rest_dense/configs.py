@@ -255,12 +255,19 @@ def config_load_error(path: PathLike, error: BaseException) -> "ConfigBuildError
     line that raised it."""
     import traceback
 
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    # the config's own frames: not the toolboxes', Python's or this package's
     frames = [f for f in traceback.extract_tb(error.__traceback__)
               if "site-packages" not in f.filename and os.sep + "lib" + os.sep + "python"
-              not in f.filename and not f.filename.startswith("<")]
+              not in f.filename and not f.filename.startswith(("<", package))]
     where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    text = str(error)
+    cut = text.find(", the current sys.path is")  # mmengine's custom_imports failure
+    if cut > 0:
+        text = text[:cut] + " (not importable from here: install it or set PYTHONPATH)"
+    text = " ".join(text.split())
     return ConfigBuildError(f"the config {os.fspath(path)} does not load: "
-                            f"{type(error).__name__}: {error}{where}")
+                            f"{type(error).__name__}: {text}{where}")
 
 
 def read_mm_config(path: PathLike):
@@ -287,7 +294,8 @@ def read_mm_config(path: PathLike):
         missing = getattr(err, "filename", None)
         if missing and os.path.isfile(path) and os.path.abspath(missing) != os.path.abspath(path):
             raise FileNotFoundError(
-                f"config {path}: its _base_ {os.path.normpath(missing)} does not exist") from None
+                f"config {path}: the _base_ file {os.path.normpath(missing)} does not exist"
+            ) from None
         raise
     except ImportError as err:
         if missing_package_hint(err):

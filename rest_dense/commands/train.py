@@ -207,7 +207,8 @@ def resolve_config(args: argparse.Namespace) -> None:
     """Set ``args.config_path`` (file, shipped name or ``pkg::path``), ``args.family``
     (``'openmmlab'`` / ``'detectron2'``) and, when read from the config,
     ``args.config_framework`` (:func:`rest_dense.configs.config_framework`)."""
-    from ..configs import ConfigSyntaxError, config_framework, framework_family, get_config_path
+    from ..configs import (ConfigBuildError, ConfigSyntaxError, config_framework, framework_family,
+                           get_config_path)
 
     try:
         args.config_path = get_config_path(args.config)
@@ -219,7 +220,7 @@ def resolve_config(args: argparse.Namespace) -> None:
         return
     try:
         args.config_framework = config_framework(args.config_path)
-    except (ConfigSyntaxError, FileNotFoundError) as err:  # no framework would read it
+    except (ConfigSyntaxError, ConfigBuildError, FileNotFoundError) as err:  # none would read it
         raise UsageError(error_text(err)) from None
     except ValueError as err:
         raise UsageError(f"{err}; pass --framework openmmlab or --framework detectron2") from None
