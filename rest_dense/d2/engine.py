@@ -275,8 +275,15 @@ def setup_yaml_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     add_restv2_config(cfg)
     add_rest_config(cfg)
     _check_yaml_file(config_file)
-    with building_from_config(assertions=True):  # yacs refuses unknown keys by assertion
-        cfg.merge_from_file(config_file)
+    try:
+        with building_from_config(assertions=True):  # yacs refuses unknown keys by assertion
+            cfg.merge_from_file(config_file)
+    except FileNotFoundError as err:  # the config is there (checked): one of its _BASE_
+        missing = getattr(err, "filename", None)
+        if not missing:
+            raise
+        raise FileNotFoundError(f"config {config_file}: the _BASE_ file "
+                                f"{os.path.normpath(missing)} does not exist") from None
     opts = list(opts)
     max_iter, others = (None, opts)  # an odd list: merge_from_list reports it
     if len(opts) % 2 == 0:

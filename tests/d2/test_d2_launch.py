@@ -96,3 +96,15 @@ def test_a_lazy_config_that_fails_to_load_is_one_line(tmp_path, capsys, body, na
         assert rc == 2, err
         assert named in err and f"{path}:" in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_missing_base_yaml_is_named_as_such(tmp_path, capsys):
+    from rest_dense.cli import main
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("_BASE_: nothere.yaml\nMODEL:\n  DEVICE: cpu\n")
+    for command in ("train", "flops"):
+        rc = main([command, str(config)])
+        err = capsys.readouterr().err
+        assert rc == 2 and f"config {config}: the _BASE_ file {tmp_path / 'nothere.yaml'} does " \
+                           "not exist" in err and "Traceback" not in err, err
