@@ -4,6 +4,8 @@ import argparse
 
 import pytest
 
+from conftest import without_logging_errors
+
 from _d2_utils import LAZY_CONFIG, config_path  # noqa: F401,I100
 
 from rest_dense.d2.launch import (build_parser, check_args, job_overrides,  # noqa: E402
@@ -92,7 +94,7 @@ def test_a_lazy_config_that_fails_to_load_is_one_line(tmp_path, capsys, body, na
             rc = main([command, str(path)])
         except SystemExit as exit:
             rc = exit.code
-        err = capsys.readouterr().err
+        err = without_logging_errors(capsys.readouterr().err)
         assert rc == 2, err
         assert named in err and f"{path}:" in err and "Traceback" not in err, err
         assert len(err.strip().splitlines()) == 1, err
@@ -105,6 +107,6 @@ def test_a_missing_base_yaml_is_named_as_such(tmp_path, capsys):
     config.write_text("_BASE_: nothere.yaml\nMODEL:\n  DEVICE: cpu\n")
     for command in ("train", "flops"):
         rc = main([command, str(config)])
-        err = capsys.readouterr().err
+        err = without_logging_errors(capsys.readouterr().err)
         assert rc == 2 and f"config {config}: the _BASE_ file {tmp_path / 'nothere.yaml'} does " \
                            "not exist" in err and "Traceback" not in err, err
