@@ -96,8 +96,9 @@ class BF16Trainer(SimpleTrainer):
         self.precision = torch.bfloat16
         self.device_type = device_type or _model_device_type(model)
         warn_if_bf16_emulated(self.device_type, logger)
-        logger.info("BF16Trainer: forward passes in bf16 autocast on %s, no grad scaler",
-                    self.device_type)
+        # through detectron2's logger, whose handlers its setup attaches (the training log)
+        logging.getLogger("detectron2.rest_dense").info(
+            "BF16Trainer: forward passes in bf16 autocast on %s, no grad scaler", self.device_type)
 
     def run_step(self) -> None:
         """One iteration: data, bf16 forward, fp32 backward and optimizer step."""
