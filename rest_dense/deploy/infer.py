@@ -321,8 +321,8 @@ class MMSegPredictor(_MMPredictor):
         classes = next((list(m["classes"]) for m in (meta, cfg_meta)
                         if _is_name_list(m.get("classes"), n)), None)
         self.classes = [str(c) for c in classes] if classes else [str(i) for i in range(n)]
-        palette = next((_rgb_list(m.get("palette"), n) for m in (meta, cfg_meta)
-                        if _rgb_list(m.get("palette"), n)), None) or _seg_palette(n)
+        palettes = (_rgb_list(m.get("palette"), n) for m in (meta, cfg_meta))
+        palette = next((p for p in palettes if p), None) or _seg_palette(n)
         self.inferencer.visualizer.dataset_meta = {"classes": self.classes, "palette": palette}
 
     def predict_sample(self, image: np.ndarray):
