@@ -28,7 +28,7 @@ from __future__ import annotations
 import hashlib
 import os
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Mapping, Optional, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -38,11 +38,10 @@ from .models import (CheckpointMismatchError, create_model, get_model_entry, lis
 from .models.pretrained import infer_arch
 from . import safe_load
 from .run_files import StagedFile
-from .utils import same_file
+from .utils import check_output_path
 
 __all__ = ["LAYOUTS", "LAYOUT_PREFIXES", "ConversionResult", "convert_checkpoint",
-           "infer_model_name", "to_layout", "save_state_dict", "file_sha256",
-           "check_destination"]
+           "infer_model_name", "to_layout", "save_state_dict", "file_sha256"]
 
 #: output layouts and the prefix each puts before the backbone keys
 LAYOUT_PREFIXES: Dict[str, str] = {"core": "", "mmdet": "backbone.", "mmseg": "backbone.",
@@ -197,48 +196,6 @@ def file_sha256(path: Union[str, os.PathLike]) -> str:
     return h.hexdigest()
 
 
-def check_destination(dst: Union[str, os.PathLike], example: str = "converted.pth",
-                      sources: Iterable[Union[str, os.PathLike, None]] = ()) -> str:
-    """Check that an output file can be created at ``dst``, before any work is done.
-
-    Args:
-        dst: the output file.
-        example: a file name for the message when ``dst`` is a folder.
-        sources: the files the command reads (checkpoint, config, ...; None entries are
-            skipped): ``dst`` must be none of them, also through another path or a link.
-
-    Returns:
-        Its folder (absolute).
-
-    Raises:
-        ValueError: ``dst`` is one of ``sources``.
-        IsADirectoryError: ``dst`` is an existing folder.
-        FileNotFoundError: ``dst``'s folder does not exist (folders are not created: a
-            mistyped folder would otherwise go unnoticed).
-        NotADirectoryError: ``dst``'s folder is a file.
-        PermissionError: the folder is not writable.
-    """
-    dst = os.fspath(dst)
-    for src in sources:
-        if src is not None and same_file(src, dst):
-            raise ValueError(f"the output {dst!r} is the same file as the input "
-                             f"{os.fspath(src)!r}; write to another file")
-    if os.path.isdir(dst):
-        raise IsADirectoryError(21, f"destination {dst!r} is a folder; give a file name "
-                                    f"(e.g. {os.path.join(dst, example)!r})", dst)
-    folder = os.path.dirname(os.path.abspath(dst))
-    if not os.path.exists(folder):
-        raise FileNotFoundError(2, f"the folder of destination {dst!r} does not exist: "
-                                   f"{folder!r}; create it first", folder)
-    if not os.path.isdir(folder):
-        raise NotADirectoryError(20, f"the folder of destination {dst!r} is not a folder: "
-                                     f"{folder!r} is a file", folder)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise PermissionError(13, f"cannot write to the folder of destination {dst!r}: "
-                                  f"{folder!r}", folder)
-    return folder
-
-
 def _verify(path: str, model: nn.Module, expected: Mapping[str, Tensor]) -> List[str]:
     """Load the file at ``path`` into ``model`` and compare it with ``expected``; returns the
     dense-only keys the file lacks. Raises :class:`CheckpointMismatchError` on anything else:
@@ -293,16 +250,15 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
         :class:`ConversionResult` with the variant, the SHA-256 and the tensor count.
 
     Every check that needs no conversion runs first (layout, model name, source file,
-    destination folder), then the source must load into the variant (shapes, values), and
-    only then is anything written.
+    destination), then the source must load into the variant (shapes, values), and only
+    then is anything written (missing folders of ``dst`` are created then).
 
     Raises:
-        ValueError: unknown layout or model name, or ``src`` and ``dst`` are the same file
-            (also through another path or a link).
-        FileNotFoundError: ``src`` does not exist, or ``dst``'s folder does not exist.
-        IsADirectoryError / NotADirectoryError / PermissionError: ``src`` or ``dst`` is a
-            folder, ``dst``'s folder is a file or not writable (see
-            :func:`check_destination`).
+        ValueError: unknown layout or model name; ``dst`` is ``src`` (also through another
+            path or a link), a folder, below a file, or not writable
+            (:func:`rest_dense.utils.check_output_path`).
+        FileNotFoundError: ``src`` does not exist.
+        IsADirectoryError: ``src`` is a folder.
         CheckpointFormatError: ``src`` is not a checkpoint (empty, text, JSON, truncated,
             safetensors under another name, ...); the message says what it is.
         CheckpointMismatchError: the checkpoint does not fit the variant, or the written file
@@ -322,7 +278,8 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
         src = os.fspath(src)
         label = repr(src)
         safe_load.checkpoint_file(src)
-    check_destination(dst, sources=[src] if isinstance(src, str) else ())
+    check_output_path(dst, "the destination", [src] if isinstance(src, str) else (),
+                      example="converted.pth")
     if model is not None:
         model = get_model_entry(model).name  # unknown names fail before the file is read
     backbone, dropped = normalize_state_dict(read_state_dict(src, weights_only=weights_only))

@@ -140,8 +140,8 @@ class StagedFile:
     :func:`remove_stale_temporaries` recognises.
 
     Args:
-        dst: the final path (its folder must exist:
-            :func:`rest_dense.convert.check_destination`).
+        dst: the final path (checked by :func:`rest_dense.utils.check_output_path`; its
+            missing folders are created on entering the block).
         suffix: appended to the temporary name (:func:`temporary_name`), for writers that
             pick a format by the file's ending (``'.onnx'``, ``'.safetensors'``).
 
@@ -170,6 +170,7 @@ class StagedFile:
         return self.dst
 
     def __enter__(self) -> "StagedFile":
+        os.makedirs(osp.dirname(osp.abspath(self.dst)), exist_ok=True)
         # SIGTERM (a job scheduler, `kill`) would end the process without unwinding, leaving
         # the temporary file: it raises SystemExit(143) here instead, so that __exit__ runs
         if threading.current_thread() is threading.main_thread():

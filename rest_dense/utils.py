@@ -8,7 +8,7 @@ from typing import Iterable, Iterator, Optional, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count", "path_inside", "same_file",
-           "check_output_path", "MAX_COUNT", "check_count", "OPTIONAL_PACKAGES",
+           "check_output_path", "make_parent_folder", "MAX_COUNT", "check_count", "OPTIONAL_PACKAGES",
            "missing_package_hint", "require_package", "ImageReadError", "reading_images"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
@@ -350,25 +350,32 @@ def same_file(a: Union[str, "os.PathLike[str]"], b: Union[str, "os.PathLike[str]
 
 def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
                       inputs: Iterable[Optional[Union[str, "os.PathLike[str]"]]] = (),
-                      folder: bool = False) -> str:
-    """Refuse, before any work, an output path that cannot be created or would destroy an
-    input: one of ``inputs`` (also through a link or another spelling), a folder where a
-    file is meant (or a file where a folder is meant), or a path below an existing file.
-    Missing folders are fine (the command creates them).
+                      folder: bool = False, example: str = "") -> str:
+    """The one rule for the files and folders a command writes, checked before any work:
+    refuse a path that would destroy an input (one of ``inputs``, also through a link or
+    another spelling), a folder where a file is meant (or a file where a folder is meant), a
+    path below an existing file, or a place this process cannot write. Missing folders are
+    fine: the writers create them (:func:`make_parent_folder`), as MMEngine's and
+    detectron2's tools do. Nothing is created here.
 
     Args:
         path: the output file (or folder, with ``folder=True``).
-        what: the option's name, for the message (``'--save-metrics'``).
+        what: how the message names the path (``'--save-metrics'``, ``'the destination'``).
         inputs: the files the command reads (None entries are skipped).
         folder: ``path`` is a folder.
+        example: a file name the message suggests when a folder is given for a file.
 
     Returns:
         ``path`` as a string.
 
     Raises:
-        ValueError: any of the above, naming the path and the option.
+        ValueError: any of the above, naming the path and ``what``.
     """
+    import tempfile
+
     path = os.fspath(path)
+    if not path:
+        raise ValueError(f"{what}: an empty path")
     full = os.path.abspath(path)  # (no trailing separator: "afile/" is checked as "afile")
     for src in inputs:
         if src is not None and same_file(src, path):
@@ -377,11 +384,27 @@ def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
     if folder and os.path.exists(full) and not os.path.isdir(full):
         raise ValueError(f"{what} {path!r} is a file, not a folder")
     if not folder and (os.path.isdir(full) or path.endswith(("/", os.sep))):
-        raise ValueError(f"{what} {path!r} is a folder; give a file name inside it")
-    parent = os.path.dirname(full)
+        hint = f" (e.g. {os.path.join(path, example)!r})" if example else ""
+        raise ValueError(f"{what} {path!r} is a folder; give a file name inside it{hint}")
+    parent = full if folder else os.path.dirname(full)
     while parent and not os.path.exists(parent):
         parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
     if parent and not os.path.isdir(parent):
         raise ValueError(f"{what} {path!r} lies below {parent!r}, which is a file")
+    if parent:
+        try:  # permissions alone do not tell (root, read-only or virtual file systems)
+            with tempfile.TemporaryFile(dir=parent):
+                pass
+        except OSError as e:
+            raise ValueError(f"{what} {path!r}: cannot write into {parent!r}: "
+                             f"{e.strerror or e}") from None
+    return path
+
+
+def make_parent_folder(path: Union[str, "os.PathLike[str]"]) -> str:
+    """Create the missing folders above the output file ``path`` (checked by
+    :func:`check_output_path`); returns ``path`` as a string."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     return path
 

@@ -67,17 +67,28 @@ def test_check_output_path(tmp_path):
     (tmp_path / "ckpt.pth").write_text("weights")
     check_output_path(tmp_path / "new" / "m.json", "--save-metrics")  # missing folders: fine
     check_output_path(tmp_path / "new" / "sub", "--work-dir", folder=True)
+    assert not (tmp_path / "new").exists()  # checked, not created
     cases = [
         (dict(path=str(tmp_path / "afile") + "/", what="--work-dir", folder=True), "is a file"),
         (dict(path=tmp_path / "afile" / "x", what="--work-dir", folder=True), "which is a file"),
         (dict(path=str(tmp_path / "newdir") + "/", what="--save-metrics"), "is a folder"),
         (dict(path=tmp_path, what="--save-metrics"), "is a folder"),
+        (dict(path=tmp_path, what="--out", example="m.onnx"), "give a file name inside it .e.g. "),
+        (dict(path="", what="--out"), "an empty path"),
         (dict(path=tmp_path / "." / "ckpt.pth", what="--save-metrics",
               inputs=[tmp_path / "ckpt.pth"]), "same file as the input"),
     ]
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             check_output_path(**kwargs)
+
+
+def test_make_parent_folder(tmp_path):
+    from rest_dense.utils import make_parent_folder
+
+    path = tmp_path / "a" / "b" / "f.txt"
+    assert make_parent_folder(path) == str(path)
+    assert (tmp_path / "a" / "b").is_dir() and not path.exists()
 
 
 class _OwnError(Exception):

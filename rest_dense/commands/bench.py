@@ -30,13 +30,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import statistics
 import sys
 from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
-from ..utils import error_text
+from ..utils import error_text, make_parent_folder
 from .outputs import output_problem, write_document
 
 if TYPE_CHECKING:
@@ -143,9 +142,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     for opt, path, example in (("--markdown", args.markdown, "bench.md"),
                                ("--plot", args.plot, "bench.png")):
-        problem = output_problem(path, example)
+        problem = output_problem(path, opt, example)
         if problem:
-            print(f"rest-dense bench: error: {opt}: {problem}", file=sys.stderr)
+            print(f"rest-dense bench: error: {problem}", file=sys.stderr)
             return 2
     if args.plot:  # before any timing, not after
         from ..utils import require_package
@@ -382,8 +381,7 @@ def plot_rows(rows: Sequence["BenchRow"], path: str, device: str = "cpu",
     axes[0].legend(fontsize=7)
     fig.suptitle(title or f"{bm.describe_device(device)}, torch {torch.__version__}")
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(make_parent_folder(path), dpi=120)
     plt.close(fig)
     return path
 

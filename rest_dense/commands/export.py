@@ -46,7 +46,7 @@ from typing import Optional
 # light: torch and the core models (which the package imports); onnx is imported when used
 from ..deploy.backbone_onnx import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
 from ..models import ATTN_MODES
-from ..utils import error_text, format_size, size_arg
+from ..utils import check_output_path, error_text, format_size, size_arg
 
 HELP = "export a backbone to ONNX and check ONNX / torch.compile against eager PyTorch"
 
@@ -126,7 +126,6 @@ def _check_arguments(args: argparse.Namespace) -> Optional[str]:
 def run(args: argparse.Namespace) -> int:
     import pickle
 
-    from ..convert import check_destination
     from ..deploy import backbone_onnx as ex
     from ..run_files import StagedFile
 
@@ -152,9 +151,10 @@ def run(args: argparse.Namespace) -> int:
             out = stem + ("" if args.attn_mode == "global" else f"_{args.attn_mode}") + ".onnx"
     try:
         sources = [args.model if os.path.isfile(args.model) else None, args.checkpoint]
-        for path, example in ((out, "backbone.onnx"), (args.program, "backbone.pt2")):
+        for option, path, example in (("--out", out, "backbone.onnx"),
+                                      ("--program", args.program, "backbone.pt2")):
             if path is not None:
-                check_destination(path, example=example, sources=sources)
+                check_output_path(path, option, sources, example=example)
         if out is not None and args.program is not None and \
                 os.path.abspath(out) == os.path.abspath(args.program):
             raise ValueError(f"--out and --program name the same file {out!r}")

@@ -120,8 +120,9 @@ def _export_and_check(args: argparse.Namespace, sizes) -> int:
     from ..run_files import StagedFile
     from ..utils import format_size
 
-    # a missing folder is created, as by the library
-    problem = output_problem(args.out, "model.onnx", sources=[args.checkpoint, args.config])
+    # the one output rule (utils.check_output_path): missing folders are created on writing
+    problem = output_problem(args.out, "--out", "model.onnx",
+                             sources=[args.checkpoint, args.config])
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

@@ -85,9 +85,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from .outputs import output_problem, write_document
 
-    problem = output_problem(args.markdown, example="flops.md")
+    problem = output_problem(args.markdown, "--markdown", "flops.md")
     if problem:  # before counting, which can take minutes
-        print(f"rest-dense flops: error: --markdown: {problem}", file=sys.stderr)
+        print(f"rest-dense flops: error: {problem}", file=sys.stderr)
         return 2
     if not args.targets and not args.all:
         print("rest-dense flops: nothing to count: give TARGETs or --all "

@@ -2,36 +2,30 @@
 checked before any work is done, written with a one-line error if the write still fails."""
 from __future__ import annotations
 
-import os
 import sys
-import tempfile
 from typing import Optional, Sequence
 
 
-def output_problem(path: Optional[str], example: str,
+def output_problem(path: Optional[str], option: str, example: str,
                    sources: Sequence[Optional[str]] = ()) -> Optional[str]:
-    """Why ``path`` cannot take an output file (its missing folders are created), or None.
+    """Why ``path`` cannot take an output file, or None
+    (:func:`rest_dense.utils.check_output_path`: the one rule; missing folders are created
+    when the file is written).
 
     Args:
         path: the file the command will write (None: nothing to check).
+        option: the option that named it (``'--markdown'``), for the message.
         example: a file name for the message when ``path`` is a folder.
-        sources: files the command reads, which ``path`` must not be
-            (:func:`rest_dense.convert.check_destination`).
+        sources: files the command reads, which ``path`` must not be.
     """
     if not path:
         return None
-    from ..convert import check_destination
+    from ..utils import check_output_path
 
     try:
-        if not os.path.isdir(path):
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        folder = check_destination(path, example=example, sources=sources)
-        with tempfile.TemporaryFile(dir=folder):
-            pass  # permissions alone do not tell (root, read-only or virtual file systems)
+        check_output_path(path, option, sources, example=example)
     except ValueError as e:
         return str(e)
-    except OSError as e:
-        return f"cannot write {path!r}: {e.strerror or e}"
     return None
 
 
@@ -41,8 +35,10 @@ def write_document(command: str, path: Optional[str], text: str,
     ``option`` (what the command printed is on stdout already)."""
     if not path:
         return 0
+    from ..utils import make_parent_folder
+
     try:
-        with open(path, "w", encoding="utf-8") as f:
+        with open(make_parent_folder(path), "w", encoding="utf-8") as f:
             f.write(text)
     except OSError as e:
         print(f"rest-dense {command}: error: {option}: cannot write {path!r}: "

@@ -60,8 +60,8 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from ..run_files import CHECKPOINT_ERRORS  # light: torch only
-from ..utils import (ImageReadError, check_output_path, env_var, error_text, positive_int,
-                     reading_images, same_file)
+from ..utils import (ImageReadError, check_output_path, env_var, error_text,
+                     make_parent_folder, positive_int, reading_images, same_file)
 from ..configs import ConfigBuildError
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
@@ -364,8 +364,7 @@ def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None)
               f"evaluation found nothing to score for them (no annotated objects or labelled "
               f"pixels in the set, or no predictions)", file=sys.stderr)
     if save:
-        os.makedirs(os.path.dirname(os.path.abspath(save)), exist_ok=True)
-        with open(save, "w") as f:
+        with open(make_parent_folder(save), "w") as f:
             json.dump({k: None if k in undefined else v for k, v in flat.items()}, f, indent=2,
                       allow_nan=False)
         print(f"metrics saved to {save}")

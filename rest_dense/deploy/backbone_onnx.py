@@ -464,7 +464,7 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
 
     Args:
         model: a core backbone.
-        path: ONNX file to write; its folder must exist.
+        path: ONNX file to write (missing folders are created).
         shape: ``(H, W)`` to trace at. Default: :func:`default_trace_shape` (dynamic) -- a
             given shape must pass :func:`trace_problems` when ``dynamic``.
         dynamic: free batch, height and width; False fixes them to ``batch`` x ``shape``.
@@ -477,8 +477,9 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
     Raises:
         ValueError: no ``shape`` for a static export, a dynamic trace at a shape that would
             fix a shape-dependent branch, an opset below :data:`MIN_OPSET`.
-        OSError: ``path`` is a folder or its folder does not exist (checked before tracing;
-            see :func:`rest_dense.convert.check_destination`).
+        ValueError: also ``path`` is a folder, lies below a file or cannot be written
+            (checked before tracing: :func:`rest_dense.utils.check_output_path`; missing
+            folders are created).
     """
     import onnx
 
@@ -504,9 +505,9 @@ def export_onnx(model: nn.Module, path: Union[str, os.PathLike], shape: Optional
         axes = {"input": {0: "batch", 2: "height", 3: "width"}}
         axes.update({n: {0: "batch", 2: f"{n}_height", 3: f"{n}_width"} for n in names})
     x = torch.randn(1 if dynamic else batch, model.in_channels, *shape)
-    from ..convert import check_destination
+    from ..utils import check_output_path, make_parent_folder
 
-    check_destination(path)
+    make_parent_folder(check_output_path(path, "the ONNX file", example="backbone.onnx"))
     t0 = time.perf_counter()
     low = min_valid_side(model) if dynamic else 1
     traced = _MinSideGuard(model, low) if low > 1 else model

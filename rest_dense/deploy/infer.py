@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from ..configs import building_from_config
-from ..utils import error_text, path_inside, same_file
+from ..utils import check_output_path, error_text, path_inside, same_file
 from .inputs import ImageReadError, collect_images, output_names, read_image
 from .logs import quiet_logs
 from .predictions import (Detections, Prediction, SegMap, detections_to_json, from_d2_instances,
@@ -792,8 +792,10 @@ def run_inference(config: PathLike, checkpoint: PathLike, inputs: Sequence[PathL
         raise FileNotFoundError(f"every input image lies in --out {out_dir}; give the images "
                                 "or an output folder outside them")
     paths = kept
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise OutputFolderInUseError(f"--out {out_dir} is a file, not a folder")
+    try:  # a file, below a file, not writable
+        check_output_path(out_dir, "--out", folder=True)
+    except ValueError as e:
+        raise OutputFolderInUseError(str(e)) from None
     previous = _previous_results(out_dir) if os.path.isdir(out_dir) else []
     if previous and not overwrite:
         raise OutputFolderInUseError(

@@ -206,8 +206,9 @@ class Deployment:
         Returns:
             :class:`ExportResult`.
         """
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        from ..utils import check_output_path, make_parent_folder
+
+        path = make_parent_folder(check_output_path(path, "the ONNX file", example="model.onnx"))
         inputs = [self.input_size(self.prepare(img)) for _, img in _check_images(check_sizes, check_images)]
         trace, problems = self.choose_trace_size(inputs, shape)
         t0 = time.perf_counter()

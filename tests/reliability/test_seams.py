@@ -339,6 +339,12 @@ def test_cli_infer_out_reuse_and_interruption(toy, tmp_path, capsys):
     code, text = _cli(["infer", str(DET), str(ckpt), str(imgs[0]), "--out", str(out),
                        "--quiet", "--no-vis"], capsys)
     assert code == 2 and "--overwrite" in text and "results of another run" in text
+    # the one output rule: --out a file, or below one, is refused before anything is built
+    for bad, words in ((out / "summary.json", "is a file, not a folder"),
+                       (out / "summary.json" / "sub", "which is a file")):
+        code, text = _cli(["infer", str(DET), str(ckpt), str(imgs[0]), "--out", str(bad),
+                           "--quiet", "--no-vis"], capsys)
+        assert code == 2 and "--out" in text and words in text and "Traceback" not in text, text
     # a file the run's summary does not list is not the run's: kept, and the run refused
     (out / "preds" / "stale-other-image.json").write_text("{}")
     code, text = _cli(["infer", str(DET), str(ckpt), str(imgs[0]), "--out", str(out),

@@ -115,8 +115,6 @@ CONVERT_CASES = [
      ["unknown model", "restv3_tiny"]),
     ("another-variant-named", ["{good.pth}", "{out}", "--to", "core", "--model", "restv1_base"],
      ["restv1_lite", "restv1_base", "not written"]),
-    ("destination-in-missing-folder", ["{good.pth}", "{d}/no/such/dir/out.pth", "--to", "core"],
-     ["does not exist", "create it first"]),
     ("destination-is-folder", ["{good.pth}", "{folder}", "--to", "core"], ["is a folder"]),
     ("destination-folder-is-file", ["{good.pth}", "{text.pth}/out.pth", "--to", "core"],
      ["is a file"]),
@@ -151,7 +149,7 @@ def test_convert_refuses(files, argv, expect, capsys, tmp_path):
 
 def test_convert_library_errors_are_typed(files, tmp_path):
     """The library raises typed errors the CLI turns into messages."""
-    from rest_dense.convert import check_destination, convert_checkpoint
+    from rest_dense.convert import convert_checkpoint
     from rest_dense.models import CheckpointFormatError, CheckpointValueError
 
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -160,10 +158,21 @@ def test_convert_library_errors_are_typed(files, tmp_path):
         convert_checkpoint(files["empty.pth"], tmp_path / "x.pth")
     with pytest.raises(CheckpointValueError, match="NaN"):
         convert_checkpoint(files["nan.pth"], tmp_path / "x.pth")
-    with pytest.raises(NotADirectoryError):
-        check_destination(files["text.pth"] / "x.pth")
-    assert check_destination(tmp_path / "x.pth") == str(tmp_path)
+    with pytest.raises(ValueError, match="which is a file"):
+        convert_checkpoint(files["good.pth"], files["text.pth"] / "sub" / "x.pth")
+    with pytest.raises(ValueError, match="is a folder"):
+        convert_checkpoint(files["good.pth"], tmp_path)
     assert os.listdir(tmp_path) == []
+
+
+def test_convert_creates_missing_folders(files, tmp_path, capsys):
+    """The one output rule (utils.check_output_path): missing folders are created when the
+    file is written, as by flops --markdown, bench, export-model and --save-metrics."""
+    dst = tmp_path / "no" / "such" / "dir" / "out.pth"
+    rc, out, err = _run(["convert", str(files["good.pth"]), str(dst), "--to", "core"], capsys)
+    assert rc == 0, err
+    assert dst.is_file() and dst.stat().st_size > 0
+    assert sorted(p.name for p in dst.parent.iterdir()) == ["out.pth"]  # no temporaries
 
 
 # --------------------------------------------------------------------------- export
@@ -196,8 +205,9 @@ EXPORT_CASES = [
     ("opset-before-attention", ["restv2_tiny", "--opset", "13"],
      ["--opset 13", "choose 14..", "from opset 14"], 2),
     ("static-without-shape", ["restv2_tiny", "--static"], ["--static needs --shape"], 2),
-    ("out-in-missing-folder", ["restv2_tiny", "--out", "{d}/no/such/m.onnx"],
-     ["does not exist", "create it first"], 1),
+    ("out-below-a-file", ["restv2_tiny", "--out", "{text.pth}/sub/m.onnx"],
+     ["--out", "which is a file"], 1),
+    ("out-is-a-folder", ["restv2_tiny", "--out", "{d}"], ["--out", "is a folder", "backbone.onnx"], 1),
     # the output must not overwrite what the command reads
     ("out-is-the-checkpoint", ["restv2_tiny", "--checkpoint", "{good.pth}", "--out",
                                "{good.pth}"], ["same file", "good.pth"], 1),
