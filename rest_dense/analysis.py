@@ -36,7 +36,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import torch
 from torch import nn
 
-from .models import canonical_name, create_model, list_models
+from .models import ConfigWarning, canonical_name, create_model, list_models
 
 __all__ = [
     "GROUPS", "DEFAULT_SHAPES", "SDPA_OPS", "CONVENTIONS",
@@ -581,6 +581,7 @@ def analyze_mm_config(path: str, shape: Optional[Tuple[int, int]] = None,
     shape = tuple(shape or DEFAULT_SHAPES[framework])
     with warnings.catch_warnings(), building_from_config(assertions=True):
         warnings.simplefilter("ignore")  # the frameworks' deprecation notices
+        warnings.simplefilter("default", ConfigWarning)  # but not ours about the config
         model = build_model(cfg).eval()
     label = _config_label(path)
     res = AnalysisResult(label, framework, shape, count_parameters(model),

@@ -18,7 +18,7 @@ from detectron2.modeling.backbone.fpn import FPN, LastLevelMaxPool, LastLevelP6P
 from torch import Tensor
 
 from ..models import STAGE_STRIDES, ResTv1, ResTv2
-from ..models.base import check_flag, check_int
+from ..models.base import ConfigWarning, check_flag, check_int
 from .config import rest_arch_from_cfg, restv2_arch_from_cfg
 
 __all__ = [
@@ -215,7 +215,7 @@ def warn_on_caffe_inputs(cfg: CfgNode) -> None:
             f"{std} (detectron2's caffe-style ResNet settings?); the ResT weights were trained "
             f"on {IMAGENET_INPUT['FORMAT']} images with PIXEL_MEAN {IMAGENET_INPUT['PIXEL_MEAN']}"
             f" and PIXEL_STD {IMAGENET_INPUT['PIXEL_STD']} (_BASE_: Base-ResT-Recipe.yaml sets "
-            "them)", stacklevel=2)
+            "them)", ConfigWarning, stacklevel=2)
 
 
 # --------------------------------------------------------------------------------- builders

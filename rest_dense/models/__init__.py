@@ -1,5 +1,5 @@
 """Pure-PyTorch ResT backbones: importing this imports no detection/segmentation framework."""
-from .base import STAGE_STRIDES, FeatureInfo
+from .base import STAGE_STRIDES, ConfigWarning, FeatureInfo
 from .pretrained import (CheckpointError, CheckpointFormatError, CheckpointMismatchError,
                          CheckpointValueError, LoadReport, ModelCheckReport,
                          check_model_checkpoint, find_backbone, load_checkpoint, matching_keys,
@@ -16,7 +16,7 @@ __getattr__ = _module_getattr(__name__)  # old submodule names (rest_dense._move
 
 __all__ = [
     "ResTv2", "ResTv1", "RESTV2_ARCHS", "RESTV1_ARCHS", "ATTN_MODES", "DEFAULT_WINDOW_SIZE",
-    "STAGE_STRIDES", "FeatureInfo", "create_model", "list_models", "canonical_name",
+    "STAGE_STRIDES", "FeatureInfo", "ConfigWarning", "create_model", "list_models", "canonical_name",
     "get_model_entry", "ModelEntry", "load_checkpoint", "read_state_dict", "normalize_state_dict",
     "rename_d2_norm_keys", "matching_keys", "LoadReport", "CheckpointError",
     "CheckpointFormatError", "CheckpointMismatchError", "CheckpointValueError",

@@ -23,6 +23,12 @@ ArchType = Union[str, Mapping]
 STAGE_STRIDES: Tuple[int, ...] = (4, 8, 16, 32)
 
 
+class ConfigWarning(UserWarning):
+    """A setting that takes no effect, or another than its user likely meant (a Swin
+    ``window_size`` in global mode, ResNet input settings with ResT weights). Its own
+    category, so that tools that silence the frameworks' notices keep these."""
+
+
 @dataclass(frozen=True)
 class FeatureInfo:
     """One emitted feature map of a backbone.

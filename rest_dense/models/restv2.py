@@ -10,8 +10,8 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from .base import (UNSET, ArchType, ResTBase, check_flag, check_int, check_per_stage,
-                   check_rate, deprecated_alias, resolve_arch)
+from .base import (UNSET, ArchType, ConfigWarning, ResTBase, check_flag, check_int,
+                   check_per_stage, check_rate, deprecated_alias, resolve_arch)
 from . import functional as fast
 from .registry import ModelEntry, register_model
 from .layers import (Block, PixelAttention, ReducedKVAttention, multi_head_attention,
@@ -191,7 +191,8 @@ def _window_sizes(value, attn_mode: str, sr_ratios: Sequence[int]) -> Tuple[int,
 
         # e.g. Swin's window_size=7 carried over: global attention has no windows
         warnings.warn(f"window_size={value!r} has no effect with attn_mode='global' (it sizes "
-                      "the windows of the 'win', 'cwin' and 'hwin' modes)", stacklevel=4)
+                      "the windows of the 'win', 'cwin' and 'hwin' modes)", ConfigWarning,
+                      stacklevel=4)
     return sizes
 
 

@@ -230,6 +230,17 @@ def test_cli_params_only_shipped_configs(capsys):
         assert line.endswith(name)
 
 
+def test_cli_keeps_the_config_warnings(capsys):
+    """flops silences the frameworks' notices while it builds a config's model, not ours
+    about the config (a Swin window_size carried into global attention)."""
+    from rest_dense.models import ConfigWarning
+
+    with pytest.warns(ConfigWarning, match="window_size=7 has no effect"):
+        assert main(["flops", "--params-only", "--no-progress", "toy/mask_rcnn_restv2_toy.py",
+                     "--cfg-options", "model.backbone.window_size=7"]) == 0
+    assert capsys.readouterr().out.strip().endswith("toy/mask_rcnn_restv2_toy.py")
+
+
 def test_cli_shipped_folder_from_any_directory(capsys, tmp_path, monkeypatch):
     """`rest-dense flops configs/upernet` (the README's example) from a folder that is not
     the checkout: the shipped folder, as a shipped file name resolves (a wheel has no
