@@ -302,8 +302,13 @@ class ConfigModel(nn.Module):
                     raise ValueError(f"{config}: ResTv1 has global attention only")
                 backbone["attn_mode"] = attn_mode
         self.forced_kernel = _FORCED_KERNEL.get(attn_impl)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        from .configs import building_from_config
+        from .models import ConfigWarning
+
+        # one line for a config that does not build, worded as by every command
+        with warnings.catch_warnings(), building_from_config(assertions=True):
+            warnings.simplefilter("ignore")  # the frameworks' deprecation notices
+            warnings.simplefilter("default", ConfigWarning)  # but not ours about the config
             self.model = build_model(cfg)
         if cfg.default_scope == "mmseg":
             from mmseg.structures import SegDataSample as Sample

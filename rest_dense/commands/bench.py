@@ -112,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         sizes = [parse_size(s) for s in args.shape]
     except ValueError as e:
-        print(f"rest-dense bench: --shape: {e}", file=sys.stderr)
+        print(f"rest-dense bench: error: --shape: {e}", file=sys.stderr)
         return 2
     from ..configs import DETECTRON2, config_framework
 
@@ -165,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
                                 progress=not args.no_progress, cp_levels=args.with_cp,
                                 interleave=args.interleave)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rest-dense bench: {error_text(e)}", file=sys.stderr)
+        print(f"rest-dense bench: error: {error_text(e)}", file=sys.stderr)
         return 2
     try:
         notes = bm.autocast_notes(rows, device)
@@ -233,7 +233,7 @@ def _neck_table(args: argparse.Namespace, necks, sizes, device: str):
                                   memory=not args.no_memory, threads=args.threads,
                                   log=None if args.no_progress else print)
     except (ValueError, FileNotFoundError) as e:
-        print(f"rest-dense bench: {error_text(e)}", file=sys.stderr)
+        print(f"rest-dense bench: error: {error_text(e)}", file=sys.stderr)
         return None
     if args.threads:
         torch.set_num_threads(args.threads)

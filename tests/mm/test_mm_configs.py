@@ -185,6 +185,9 @@ def test_user_configs_inherit_shipped_and_toolbox_configs(tmp_path, capsys):
     gone.write_text("_base_ = 'nothere.py'\n")
     broken = tmp_path / "broken.py"
     broken.write_text("_base_ = ['x.py'\nmodel = dict(\n")
+    unbuildable = tmp_path / "unbuildable.py"
+    unbuildable.write_text("_base_ = 'rest_dense::toy/mask_rcnn_restv2_toy.py'\n"
+                           "model = dict(backbone=dict(attn_mode='swin'))\n")
     raising = tmp_path / "raising.py"
     raising.write_text("_base_ = 'rest_dense::toy/vt_fpn_restv2_toy.py'\n"
                        "train_cfg = dict(max_iters=1 / 0)\n")
@@ -196,7 +199,10 @@ def test_user_configs_inherit_shipped_and_toolbox_configs(tmp_path, capsys):
                         (["train", broken], "is not valid Python"),
                         (["train", raising], f"ZeroDivisionError: division by zero (at {raising}:2)"),
                         (["flops", raising], "ZeroDivisionError"),
-                        (["bench", "--configs", raising, "--shape", "32x32"], "ZeroDivisionError")):
+                        (["bench", "--configs", raising, "--shape", "32x32"], "ZeroDivisionError"),
+                        (["bench", "--configs", unbuildable, "--shape", "32x32", "--no-progress"],
+                         "the config does not build: unknown attn_mode 'swin'"),
+                        (["flops", unbuildable], "the config does not build: unknown attn_mode")):
         try:
             rc = main([str(a) for a in argv])
         except SystemExit as exit:
@@ -205,3 +211,5 @@ def test_user_configs_inherit_shipped_and_toolbox_configs(tmp_path, capsys):
         assert rc != 0 and named in err, (argv, err)
         assert "Traceback" not in err and "--framework" not in err, (argv, err)
         assert len(err.strip().splitlines()) <= 2, err  # argparse may print its usage line
+        if argv[0] == "bench":  # a config that fails to load and one that fails to build
+            assert err.startswith("rest-dense bench: error: "), err
