@@ -486,6 +486,11 @@ def _read_yaml(path: str, text: str) -> _Facts:
     keys = re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:", text, flags=re.MULTILINE)
     if not keys or any(k == "_BASE_" or k.isupper() for k in keys):
         facts.family = "detectron2"
+        base = re.search(r"^_BASE_\s*:\s*[\"']?([^\"'#\n]+?)[\"']?\s*(#.*)?$", text,
+                         flags=re.MULTILINE)
+        if base:  # detectron2 resolves it against the file's folder
+            facts.bases.append(os.path.normpath(os.path.join(os.path.dirname(path),
+                                                             base.group(1).strip())))
         return facts
     facts.family = "openmmlab"
     try:
@@ -541,6 +546,18 @@ def _chain(path: str, seen: Set[str]) -> Iterable[tuple]:
                 continue
         if os.path.isfile(base):
             yield from _chain(base, seen)
+
+
+def config_files(config: PathLike) -> List[str]:
+    """The files a config is read from: the file itself and the files it builds on
+    (``_base_`` / ``_BASE_`` chains, files a LazyConfig imports relatively). A command's
+    output must be none of them (:func:`rest_dense.utils.check_output_path`). Unreadable
+    configs give what can be named (the file, if it exists): their loading reports them."""
+    try:
+        path = os.path.abspath(get_config_path(config))
+        return [p for p, _ in _chain(path, set()) if os.path.isfile(p)]
+    except (ValueError, OSError, SyntaxError):
+        return [os.fspath(config)] if os.path.isfile(os.fspath(config)) else []
 
 
 def _framework_of_model_type(model_type: Any) -> Optional[str]:

@@ -279,7 +279,7 @@ def convert_checkpoint(src: PathOrStateDict, dst: Union[str, os.PathLike], to: s
         label = repr(src)
         safe_load.checkpoint_file(src)
     check_output_path(dst, "the destination", [src] if isinstance(src, str) else (),
-                      example="converted.pth")
+                      example="converted.pth", replaced=True)
     if model is not None:
         model = get_model_entry(model).name  # unknown names fail before the file is read
     backbone, dropped = normalize_state_dict(read_state_dict(src, weights_only=weights_only))

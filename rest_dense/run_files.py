@@ -74,6 +74,8 @@ def temporary_name(path: PathLike) -> str:
     """A fresh hidden temporary file name next to ``path`` (same folder, same file system)."""
     path = os.fspath(path)
     folder, base = osp.split(osp.abspath(path))
+    # a long name keeps its start: the temporary one must fit the file system's limit too
+    base = base[:200] if len(base.encode("utf-8", "surrogateescape")) > 200 else base
     return osp.join(folder, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
@@ -141,7 +143,8 @@ class StagedFile:
 
     Args:
         dst: the final path (checked by :func:`rest_dense.utils.check_output_path`; its
-            missing folders are created on entering the block).
+            missing folders are created on entering the block and removed again, if left
+            empty, when the file is not committed). A link is written through.
         suffix: appended to the temporary name (:func:`temporary_name`), for writers that
             pick a format by the file's ending (``'.onnx'``, ``'.safetensors'``).
 
@@ -155,22 +158,29 @@ class StagedFile:
 
     def __init__(self, dst: PathLike, suffix: str = ""):
         self.dst = os.fspath(dst)
-        self.path = temporary_name(self.dst) + suffix
+        # a link is written through (its target gets the file), as open() would
+        self._target = osp.realpath(self.dst)
+        self.path = temporary_name(self._target) + suffix
         self.committed = False
         self._previous_handler: Optional[list] = None  # [handler] while ours is installed
+        self._created: List[str] = []
 
     def commit(self) -> str:
         """Give the checked file its final name (atomically); returns it. The file gets the
         mode of the one it replaces, or of a newly created file (``0o666`` less the umask):
         writers that create their file private (safetensors: 0600) do not decide it."""
-        os.chmod(self.path, _mode_for(self.dst))
-        os.replace(self.path, self.dst)
+        os.chmod(self.path, _mode_for(self._target))
+        os.replace(self.path, self._target)
         self.committed = True
-        _fsync_folder(osp.dirname(osp.abspath(self.dst)))
+        _fsync_folder(osp.dirname(self._target))
         return self.dst
 
     def __enter__(self) -> "StagedFile":
-        os.makedirs(osp.dirname(osp.abspath(self.dst)), exist_ok=True)
+        from .utils import missing_folders
+
+        folder = osp.dirname(self._target)
+        self._created = missing_folders(folder)
+        os.makedirs(folder, exist_ok=True)
         # SIGTERM (a job scheduler, `kill`) would end the process without unwinding, leaving
         # the temporary file: it raises SystemExit(143) here instead, so that __exit__ runs
         if threading.current_thread() is threading.main_thread():
@@ -182,8 +192,12 @@ class StagedFile:
             previous = self._previous_handler[0]
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
             self._previous_handler = None
-        if not self.committed and osp.exists(self.path):
-            os.remove(self.path)
+        if not self.committed:
+            if osp.exists(self.path):
+                os.remove(self.path)
+            from .utils import remove_if_empty
+
+            remove_if_empty(self._created)  # the folders made for the file, if left empty
 
 
 def _exit_on_sigterm(signum, frame) -> None:

@@ -4,11 +4,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from typing import Iterable, Iterator, Optional, Tuple, Union
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
            "guess_config_framework", "scale_count", "path_inside", "same_file",
-           "check_output_path", "make_parent_folder", "MAX_COUNT", "check_count", "OPTIONAL_PACKAGES",
+           "check_output_path", "make_parent_folder", "missing_folders", "MAX_COUNT", "check_count", "OPTIONAL_PACKAGES",
            "missing_package_hint", "require_package", "ImageReadError", "reading_images"]
 
 #: the prefix of every environment variable the package reads (``REST_DENSE_TOY_ROOT``, ...)
@@ -159,19 +159,28 @@ def positive_int(text: str) -> int:
     return value
 
 
+def remove_if_empty(folders: Sequence[str]) -> None:
+    """Remove those of ``folders`` (deepest first) that exist and are empty: the folders a
+    refused or failed command created for its output."""
+    for folder in folders:
+        try:
+            if os.path.isdir(folder) and not os.listdir(folder):
+                os.rmdir(folder)
+        except OSError:
+            return
+
+
 @contextlib.contextmanager
 def removed_if_left_empty(folder: Union[str, "os.PathLike[str]"]) -> Iterator[list]:
     """For a command's output folder that the block may create: when the block fails (an
-    exception, or a nonzero exit status appended to the yielded list) and the folder did
-    not exist before it and is still empty, the folder is removed (a refused command leaves
-    nothing behind)."""
-    folder = os.path.abspath(os.fspath(folder))
-    created = not os.path.exists(folder)
+    exception, or a nonzero exit status appended to the yielded list), the folders on the
+    way to it that did not exist before and are still empty are removed (a refused command
+    leaves nothing behind)."""
+    created = missing_folders(os.path.abspath(os.fspath(folder)))
     status: list = []
 
     def remove() -> None:
-        if created and os.path.isdir(folder) and not os.listdir(folder):
-            os.rmdir(folder)
+        remove_if_empty(created)
 
     try:
         yield status
@@ -348,15 +357,28 @@ def same_file(a: Union[str, "os.PathLike[str]"], b: Union[str, "os.PathLike[str]
         return False
 
 
+def missing_folders(folder: Union[str, "os.PathLike[str]"]) -> List[str]:
+    """The folders on the way to ``folder`` (itself included) that do not exist, deepest
+    first, as the path spells them (no ``..`` folded away)."""
+    folder = os.fspath(folder) or "."
+    missing = []
+    while folder and not os.path.lexists(folder):
+        missing.append(folder)
+        up = os.path.dirname(folder)
+        folder = "" if up == folder else up
+    return missing
+
+
 def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
                       inputs: Iterable[Optional[Union[str, "os.PathLike[str]"]]] = (),
-                      folder: bool = False, example: str = "") -> str:
+                      folder: bool = False, example: str = "", replaced: bool = False) -> str:
     """The one rule for the files and folders a command writes, checked before any work:
-    refuse a path that would destroy an input (one of ``inputs``, also through a link or
-    another spelling), a folder where a file is meant (or a file where a folder is meant), a
-    path below an existing file, or a place this process cannot write. Missing folders are
-    fine: the writers create them (:func:`make_parent_folder`), as MMEngine's and
-    detectron2's tools do. Nothing is created here.
+    refuse an empty path, one that would destroy an input (one of ``inputs``, also through a
+    link or another spelling), a folder where a file is meant (or a file where a folder is
+    meant), a path below an existing file (as the system resolves it: ``afile/../x`` too), a
+    file name too long for the file system, or a place this process cannot write. Missing
+    folders are fine: the writers create them (:func:`make_parent_folder`), as MMEngine's
+    and detectron2's tools do. Nothing is created here.
 
     Args:
         path: the output file (or folder, with ``folder=True``).
@@ -364,6 +386,10 @@ def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
         inputs: the files the command reads (None entries are skipped).
         folder: ``path`` is a folder.
         example: a file name the message suggests when a folder is given for a file.
+        replaced: the writer renames a finished temporary file onto ``path``
+            (:class:`rest_dense.run_files.StagedFile`): an existing ``path`` that is not a
+            regular file (a device such as ``/dev/null``, a pipe) is refused, as the rename
+            would replace it.
 
     Returns:
         ``path`` as a string.
@@ -375,29 +401,43 @@ def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
 
     path = os.fspath(path)
     if not path:
-        raise ValueError(f"{what}: an empty path")
-    full = os.path.abspath(path)  # (no trailing separator: "afile/" is checked as "afile")
+        raise ValueError(f"{what}: an empty path; give a {'folder' if folder else 'file'} name")
     for src in inputs:
         if src is not None and same_file(src, path):
             raise ValueError(f"{what} {path!r} is the same file as the input {os.fspath(src)!r}; "
                              "it would be overwritten: give another path")
+    full = os.path.abspath(path)  # (no trailing separator: "afile/" is checked as "afile")
     if folder and os.path.exists(full) and not os.path.isdir(full):
         raise ValueError(f"{what} {path!r} is a file, not a folder")
     if not folder and (os.path.isdir(full) or path.endswith(("/", os.sep))):
         hint = f" (e.g. {os.path.join(path, example)!r})" if example else ""
         raise ValueError(f"{what} {path!r} is a folder; give a file name inside it{hint}")
-    parent = full if folder else os.path.dirname(full)
-    while parent and not os.path.exists(parent):
-        parent = os.path.dirname(parent) if os.path.dirname(parent) != parent else ""
-    if parent and not os.path.isdir(parent):
-        raise ValueError(f"{what} {path!r} lies below {parent!r}, which is a file")
-    if parent:
-        try:  # permissions alone do not tell (root, read-only or virtual file systems)
-            with tempfile.TemporaryFile(dir=parent):
-                pass
-        except OSError as e:
-            raise ValueError(f"{what} {path!r}: cannot write into {parent!r}: "
-                             f"{e.strerror or e}") from None
+    if replaced and os.path.exists(path) and not os.path.isfile(path):
+        raise ValueError(f"{what} {path!r} exists and is not a regular file (a device or a "
+                         "pipe?); writing would replace it: give a file name")
+    # the folders as the system resolves them: walk the path as spelled
+    spelled = path.rstrip("/" + os.sep) if folder else os.path.dirname(path)
+    missing = missing_folders(spelled or ".")
+    parent = os.path.dirname(missing[-1]) if missing else (spelled or ".")
+    parent = parent or "."
+    if os.path.lexists(parent) and not os.path.isdir(parent):
+        shown = os.path.normpath(os.path.join(os.getcwd(), parent))
+        raise ValueError(f"{what} {path!r} lies below {shown!r}, which is a file")
+    name_max = 255
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        pass
+    for name in path.replace(os.sep, "/").split("/"):
+        if len(name.encode("utf-8", "surrogateescape")) > name_max:
+            raise ValueError(f"{what}: the name {name[:24]!r}... is too long ({len(name)} "
+                             f"characters; at most {name_max} here)")
+    try:  # permissions alone do not tell (root, read-only or virtual file systems)
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as e:
+        raise ValueError(f"{what} {path!r}: cannot write into {parent!r}: "
+                         f"{e.strerror or e}") from None
     return path
 
 
@@ -405,6 +445,6 @@ def make_parent_folder(path: Union[str, "os.PathLike[str]"]) -> str:
     """Create the missing folders above the output file ``path`` (checked by
     :func:`check_output_path`); returns ``path`` as a string."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     return path
 

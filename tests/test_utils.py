@@ -1,6 +1,8 @@
 """Small shared helpers (rest_dense.utils)."""
 import warnings
 
+import os
+
 import pytest
 
 from rest_dense.utils import env_var
@@ -81,6 +83,66 @@ def test_check_output_path(tmp_path):
     for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
             check_output_path(**kwargs)
+
+
+def test_check_output_path_as_the_system_resolves_it(tmp_path):
+    """Paths that only look fine once normalised, names too long for the file system, and
+    files a rename would replace are refused before any work (a hostile tester's cases)."""
+    from rest_dense.utils import check_output_path
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="which is a file"):
+        check_output_path(f"{tmp_path}/afile/../x.pth", "the destination")
+    with pytest.raises(ValueError, match="too long"):
+        check_output_path(tmp_path / ("c" * 300 + ".pth"), "--out")
+    check_output_path(tmp_path / ("a" * 240 + ".pth"), "--out")  # long, but legal
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match="not a regular file"):
+        check_output_path(fifo, "the destination", replaced=True)
+    check_output_path(fifo, "--markdown")  # written through by open(): fine
+    with pytest.raises(ValueError, match="an empty path"):
+        check_output_path("", "--save-metrics")
+
+
+def test_missing_folders_and_remove_if_empty(tmp_path):
+    from rest_dense.utils import missing_folders, remove_if_empty, removed_if_left_empty
+
+    deep = tmp_path / "a" / "b" / "c"
+    assert missing_folders(deep) == [str(deep), str(deep.parent), str(deep.parent.parent)]
+    assert missing_folders(tmp_path) == []
+    with pytest.raises(RuntimeError):
+        with removed_if_left_empty(deep):
+            deep.mkdir(parents=True)
+            raise RuntimeError("the command failed")
+    assert not (tmp_path / "a").exists()  # every folder it made, not only the deepest
+    (deep / "kept").mkdir(parents=True)
+    remove_if_empty(missing_folders(deep))  # nothing missing: nothing removed
+    remove_if_empty([str(deep), str(deep.parent)])  # not empty: kept
+    assert (deep / "kept").is_dir()
+
+
+def test_staged_file_folders_and_links(tmp_path):
+    """StagedFile creates the missing folders of its file and removes them again when the
+    file is not committed; a link is written through, as open() would."""
+    from rest_dense.run_files import StagedFile
+
+    dst = tmp_path / "new" / "sub" / "out.bin"
+    with StagedFile(dst) as staged:
+        assert dst.parent.is_dir()
+    assert not (tmp_path / "new").exists()
+    with StagedFile(dst) as staged:
+        open(staged.path, "w").write("data")
+        staged.commit()
+    assert dst.read_text() == "data"
+    target = tmp_path / "target.bin"
+    target.write_text("old")
+    link = tmp_path / "link.bin"
+    link.symlink_to(target)
+    with StagedFile(link) as staged:
+        open(staged.path, "w").write("new")
+        staged.commit()
+    assert link.is_symlink() and target.read_text() == "new"
 
 
 def test_make_parent_folder(tmp_path):

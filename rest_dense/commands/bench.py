@@ -30,6 +30,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import statistics
 import sys
@@ -43,6 +44,9 @@ if TYPE_CHECKING:
     from ..neck_bench import NeckBenchRow
 
 HELP = "latency, throughput and peak memory of backbones and whole models (CPU or CUDA)"
+
+#: the endings --plot takes (matplotlib picks the image format by the ending)
+PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 
 
@@ -140,12 +144,24 @@ def run(args: argparse.Namespace) -> int:
     if necks and (len(set(args.batch)) != 1 or len(args.dtypes) != 1):
         print(_NECK_OPTIONS_ERROR, file=sys.stderr)
         return 2
+    from ..configs import config_files
+    from ..utils import same_file
+
+    read = [f for config in args.configs for f in config_files(config)]
     for opt, path, example in (("--markdown", args.markdown, "bench.md"),
                                ("--plot", args.plot, "bench.png")):
-        problem = output_problem(path, opt, example)
+        problem = output_problem(path, opt, example, sources=read)
         if problem:
             print(f"rest-dense bench: error: {problem}", file=sys.stderr)
             return 2
+    if args.markdown and args.plot and same_file(args.markdown, args.plot):
+        print(f"rest-dense bench: error: --markdown and --plot name the same file "
+              f"{args.plot!r}", file=sys.stderr)
+        return 2
+    if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in PLOT_FORMATS:
+        print(f"rest-dense bench: error: --plot {args.plot!r}: give a file ending in one of "
+              f"{', '.join(PLOT_FORMATS)} (the ending picks the image format)", file=sys.stderr)
+        return 2
     if args.plot:  # before any timing, not after
         from ..utils import require_package
 

@@ -143,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
         window = args.window_size[0] if len(args.window_size) == 1 else tuple(args.window_size)
     out = None
     if not args.no_onnx:
-        if args.out:
+        if args.out is not None:
             out = args.out
         else:
             stem = args.model if not os.path.isfile(args.model) else \
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         for option, path, example in (("--out", out, "backbone.onnx"),
                                       ("--program", args.program, "backbone.pt2")):
             if path is not None:
-                check_output_path(path, option, sources, example=example)
+                check_output_path(path, option, sources, example=example, replaced=True)
         if out is not None and args.program is not None and \
                 os.path.abspath(out) == os.path.abspath(args.program):
             raise ValueError(f"--out and --program name the same file {out!r}")

@@ -121,8 +121,11 @@ def _export_and_check(args: argparse.Namespace, sizes) -> int:
     from ..utils import format_size
 
     # the one output rule (utils.check_output_path): missing folders are created on writing
-    problem = output_problem(args.out, "--out", "model.onnx",
-                             sources=[args.checkpoint, args.config])
+    from ..configs import config_files
+
+    problem = output_problem(args.out, "--out", "model.onnx", sources=[
+        args.checkpoint, args.config, *config_files(args.config), *args.check_images],
+        replaced=True)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2

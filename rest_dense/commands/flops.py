@@ -85,10 +85,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     from .outputs import output_problem, write_document
 
-    problem = output_problem(args.markdown, "--markdown", "flops.md")
-    if problem:  # before counting, which can take minutes
-        print(f"rest-dense flops: error: {problem}", file=sys.stderr)
-        return 2
     if not args.targets and not args.all:
         print("rest-dense flops: nothing to count: give TARGETs or --all "
               "(e.g. `rest-dense flops restv2_tiny`)", file=sys.stderr)
@@ -108,6 +104,13 @@ def run(args: argparse.Namespace) -> int:
         targets = an.resolve_targets(items, all_configs=args.all) if items or args.all else []
     except (ValueError, FileNotFoundError) as e:  # also a config whose _base_ is missing
         print(f"rest-dense flops: {error_text(e)}", file=sys.stderr)
+        return 2
+    from ..configs import config_files
+
+    read = [f for t in targets if t.kind != "backbone" for f in config_files(t.name)]
+    problem = output_problem(args.markdown, "--markdown", "flops.md", sources=read)
+    if problem:  # before counting, which can take minutes
+        print(f"rest-dense flops: error: {problem}", file=sys.stderr)
         return 2
     neck_kwargs = {}
     if args.cfg_options:

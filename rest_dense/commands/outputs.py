@@ -7,7 +7,7 @@ from typing import Optional, Sequence
 
 
 def output_problem(path: Optional[str], option: str, example: str,
-                   sources: Sequence[Optional[str]] = ()) -> Optional[str]:
+                   sources: Sequence[Optional[str]] = (), replaced: bool = False) -> Optional[str]:
     """Why ``path`` cannot take an output file, or None
     (:func:`rest_dense.utils.check_output_path`: the one rule; missing folders are created
     when the file is written).
@@ -17,13 +17,15 @@ def output_problem(path: Optional[str], option: str, example: str,
         option: the option that named it (``'--markdown'``), for the message.
         example: a file name for the message when ``path`` is a folder.
         sources: files the command reads, which ``path`` must not be.
+        replaced: the file is staged and renamed onto ``path`` (see
+            :func:`rest_dense.utils.check_output_path`).
     """
-    if not path:
+    if path is None:
         return None
     from ..utils import check_output_path
 
     try:
-        check_output_path(path, option, sources, example=example)
+        check_output_path(path, option, sources, example=example, replaced=replaced)
     except ValueError as e:
         return str(e)
     return None

@@ -244,18 +244,49 @@ def check_output_options(args: argparse.Namespace) -> None:
               getattr(args, "resume", None) if isinstance(getattr(args, "resume", None), str)
               else None]
     try:
-        if getattr(args, "work_dir", None):
+        if getattr(args, "work_dir", None) is not None:
             check_output_path(args.work_dir, "--work-dir", folder=True)
         # MMEngine puts a relative --show-dir under <work dir>/<timestamp>/: a new folder
-        if getattr(args, "show_dir", None) and os.path.isabs(args.show_dir):
-            check_output_path(args.show_dir, "--show-dir", folder=True)
-        if getattr(args, "save_metrics", None):
+        show_dir = getattr(args, "show_dir", None)
+        if show_dir is not None and (not show_dir or os.path.isabs(show_dir)):
+            check_output_path(show_dir, "--show-dir", folder=True)
+        if getattr(args, "save_metrics", None) is not None:
             if getattr(args, "work_dir", None) and same_file(args.save_metrics, args.work_dir):
                 raise ValueError(f"--save-metrics {args.save_metrics!r} is the --work-dir; "
                                  "give a file name (e.g. inside it)")
+            config = getattr(args, "config_path", None)
+            if config:
+                from ..configs import config_files
+
+                inputs += config_files(config)
             check_output_path(args.save_metrics, "--save-metrics", inputs)
+            check_replaces_metrics(args.save_metrics)
     except ValueError as err:
         raise UsageError(str(err)) from None
+
+
+def check_replaces_metrics(path: str) -> None:
+    """``--save-metrics`` replaces an existing file only if it holds metrics (a JSON object
+    of names and values, as it writes): not a dataset's annotations or another file the
+    config names.
+
+    Raises:
+        ValueError: ``path`` holds something else.
+    """
+    if not os.path.isfile(path):
+        return
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        ok = isinstance(data, dict) and all(
+            not isinstance(v, (dict, list)) for v in data.values())
+    except (OSError, ValueError):
+        ok = os.path.getsize(path) == 0
+    if not ok:
+        raise ValueError(f"--save-metrics {path!r} exists and holds no metrics (an annotation "
+                         "or other data file?); it would be overwritten: give another path")
 
 
 def check_config_not_overwritten(config: str, out_dir: str, written_name: str) -> None:

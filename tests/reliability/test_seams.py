@@ -439,10 +439,20 @@ def test_cli_test_refuses_outputs_that_would_destroy_inputs(toy, tmp_path, capsy
                        "--save-metrics", str(ckpt), *opts], capsys)
     assert code == 2 and "same file as the input" in text and ckpt.stat().st_size == size
     (tmp_path / "afile").write_text("x")
+    ann = tmp_path / "instances.json"  # e.g. a dataset's annotations
+    ann.write_text('{"images": [], "annotations": []}')
+    base = tmp_path / "base.py"
+    base.write_text(f"_base_ = {str(DET)!r}\n")
+    config = tmp_path / "mine.py"
+    config.write_text("_base_ = './base.py'\n")
     for flags, message in ((["--work-dir", str(tmp_path / "afile")], "is a file, not a folder"),
-                           (["--show-dir", str(tmp_path / "afile" / "v")], "which is a file")):
-        code, text = _cli(["test", str(DET), str(ckpt), *flags, *opts], capsys)
+                           (["--show-dir", str(tmp_path / "afile" / "v")], "which is a file"),
+                           (["--save-metrics", str(ann)], "holds no metrics"),
+                           (["--save-metrics", str(DET)], "same file as the input"),
+                           (["--save-metrics", ""], "an empty path")):
+        code, text = _cli(["test", str(config), str(ckpt), *flags, *opts], capsys)
         assert code == 2 and message in text, text
+    assert ann.read_text().startswith('{"images"') and base.read_text().startswith("_base_")
 
 
 # ------------------------------------------------------------------ 3. the toolboxes' tools

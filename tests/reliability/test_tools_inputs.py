@@ -165,6 +165,40 @@ def test_convert_library_errors_are_typed(files, tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_outputs_never_overwrite_the_configs_they_read(tmp_path, capsys):
+    """flops / bench --markdown and --plot, export-model --out and --save-metrics refuse the
+    files the command reads: the config, the files it builds on (_base_), check images,
+    a dataset's annotations."""
+    import shutil
+
+    from rest_dense.commands.train import check_replaces_metrics
+    from rest_dense.configs import configs_root
+
+    cfgs = tmp_path / "cfgs"
+    shutil.copytree(configs_root() / "toy", cfgs / "toy")
+    shutil.copytree(configs_root() / "_base_", cfgs / "_base_")
+    config, base = cfgs / "toy" / "retinanet_restv2_toy.py", cfgs / "toy" / "mask_rcnn_restv2_toy.py"
+    before = {p: p.read_bytes() for p in (config, base)}
+    for argv in (["flops", config, "--params-only", "--markdown", base],
+                 ["flops", config, "--params-only", "--markdown", config],
+                 ["bench", "--configs", config, "--shape", "32x32", "--markdown", base],
+                 ["bench", "--configs", config, "--shape", "32x32", "--plot", tmp_path / "p.txt"],
+                 ["bench", "restv2_tiny", "--plot", tmp_path / "p.png", "--markdown",
+                  tmp_path / "p.png"],
+                 ["flops", config, "--params-only", "--markdown", ""]):
+        rc, out, err = _run([str(a) for a in argv] + ["--no-progress"], capsys)
+        assert rc == 2 and err.count("\n") == 1 and "error:" in err, (argv, err)
+        assert "Traceback" not in err
+    assert {p: p.read_bytes() for p in (config, base)} == before
+    ann = tmp_path / "instances_val.json"
+    ann.write_text('{"images": [], "annotations": [], "categories": []}')
+    with pytest.raises(ValueError, match="holds no metrics"):
+        check_replaces_metrics(str(ann))
+    metrics = tmp_path / "m.json"
+    metrics.write_text('{"coco/bbox_mAP": 0.5, "coco/segm_mAP": null}')
+    check_replaces_metrics(str(metrics))  # a previous run's metrics: replaced
+
+
 def test_convert_creates_missing_folders(files, tmp_path, capsys):
     """The one output rule (utils.check_output_path): missing folders are created when the
     file is written, as by flops --markdown, bench, export-model and --save-metrics."""
