@@ -488,9 +488,9 @@ def _read_yaml(path: str, text: str) -> _Facts:
         facts.family = "detectron2"
         base = re.search(r"^_BASE_\s*:\s*[\"']?([^\"'#\n]+?)[\"']?\s*(#.*)?$", text,
                          flags=re.MULTILINE)
-        if base:  # detectron2 resolves it against the file's folder
-            facts.bases.append(os.path.normpath(os.path.join(os.path.dirname(path),
-                                                             base.group(1).strip())))
+        if base:  # detectron2 expands ~ and resolves it against the file's folder
+            facts.bases.append(os.path.normpath(os.path.join(
+                os.path.dirname(path), os.path.expanduser(base.group(1).strip()))))
         return facts
     facts.family = "openmmlab"
     try:

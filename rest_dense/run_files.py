@@ -75,7 +75,9 @@ def temporary_name(path: PathLike) -> str:
     path = os.fspath(path)
     folder, base = osp.split(osp.abspath(path))
     # a long name keeps its start: the temporary one must fit the file system's limit too
-    base = base[:200] if len(base.encode("utf-8", "surrogateescape")) > 200 else base
+    encoded = base.encode("utf-8", "surrogateescape")
+    if len(encoded) > 200:  # bytes: the file system's limit is in bytes
+        base = encoded[:200].decode("utf-8", "ignore")
     return osp.join(folder, f".{base}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 

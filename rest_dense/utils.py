@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["ENV_PREFIX", "env_var", "parse_size", "size_arg", "format_size", "positive_int",
@@ -399,22 +400,34 @@ def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
     """
     import tempfile
 
-    path = os.fspath(path)
+    path = given = os.fspath(path)
     if not path:
         raise ValueError(f"{what}: an empty path; give a {'folder' if folder else 'file'} name")
     for src in inputs:
         if src is not None and same_file(src, path):
             raise ValueError(f"{what} {path!r} is the same file as the input {os.fspath(src)!r}; "
                              "it would be overwritten: give another path")
+    if os.path.islink(path.rstrip("/" + os.sep) or path):
+        # the writers write through a link: its target is what is checked
+        path = os.path.realpath(path)
+        if os.path.islink(path):
+            raise ValueError(f"{what} {given!r} is a symbolic link that resolves to no path "
+                             "(a loop)")
+        for src in inputs:
+            if src is not None and same_file(src, path):
+                raise ValueError(f"{what} {given!r} links to the input {os.fspath(src)!r}; it "
+                                 "would be overwritten: give another path")
     full = os.path.abspath(path)  # (no trailing separator: "afile/" is checked as "afile")
     if folder and os.path.exists(full) and not os.path.isdir(full):
         raise ValueError(f"{what} {path!r} is a file, not a folder")
     if not folder and (os.path.isdir(full) or path.endswith(("/", os.sep))):
         hint = f" (e.g. {os.path.join(path, example)!r})" if example else ""
         raise ValueError(f"{what} {path!r} is a folder; give a file name inside it{hint}")
-    if replaced and os.path.exists(path) and not os.path.isfile(path):
-        raise ValueError(f"{what} {path!r} exists and is not a regular file (a device or a "
-                         "pipe?); writing would replace it: give a file name")
+    if not folder and os.path.exists(path) and not os.path.isfile(path) and (
+            replaced or stat.S_ISFIFO(os.stat(path).st_mode)):
+        # a staged writer would replace a device; a pipe blocks a writer until read
+        raise ValueError(f"{what} {given!r} exists and is not a regular file (a device or a "
+                         "pipe); give a file name")
     # the folders as the system resolves them: walk the path as spelled
     spelled = path.rstrip("/" + os.sep) if folder else os.path.dirname(path)
     missing = missing_folders(spelled or ".")
@@ -422,29 +435,32 @@ def check_output_path(path: Union[str, "os.PathLike[str]"], what: str,
     parent = parent or "."
     if os.path.lexists(parent) and not os.path.isdir(parent):
         shown = os.path.normpath(os.path.join(os.getcwd(), parent))
-        raise ValueError(f"{what} {path!r} lies below {shown!r}, which is a file")
+        kind = "a link to nothing" if os.path.islink(parent) else "a file"
+        raise ValueError(f"{what} {given!r} lies below {shown!r}, which is {kind}")
     name_max = 255
     try:
         name_max = os.pathconf(parent, "PC_NAME_MAX")
     except (OSError, ValueError):
         pass
     for name in path.replace(os.sep, "/").split("/"):
-        if len(name.encode("utf-8", "surrogateescape")) > name_max:
-            raise ValueError(f"{what}: the name {name[:24]!r}... is too long ({len(name)} "
-                             f"characters; at most {name_max} here)")
+        size = len(name.encode("utf-8", "surrogateescape"))
+        if size > name_max:
+            raise ValueError(f"{what}: the name {name[:24]!r}... is too long ({size} bytes; "
+                             f"at most {name_max} here)")
     try:  # permissions alone do not tell (root, read-only or virtual file systems)
         with tempfile.TemporaryFile(dir=parent):
             pass
     except OSError as e:
-        raise ValueError(f"{what} {path!r}: cannot write into {parent!r}: "
+        raise ValueError(f"{what} {given!r}: cannot write into {parent!r}: "
                          f"{e.strerror or e}") from None
-    return path
+    return given
 
 
 def make_parent_folder(path: Union[str, "os.PathLike[str]"]) -> str:
     """Create the missing folders above the output file ``path`` (checked by
-    :func:`check_output_path`); returns ``path`` as a string."""
+    :func:`check_output_path`; a link's target's folders); returns ``path`` as a string."""
     path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    target = os.path.realpath(path) if os.path.islink(path) else path
+    os.makedirs(os.path.dirname(target) or ".", exist_ok=True)
     return path
 

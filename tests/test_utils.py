@@ -98,11 +98,38 @@ def test_check_output_path_as_the_system_resolves_it(tmp_path):
     check_output_path(tmp_path / ("a" * 240 + ".pth"), "--out")  # long, but legal
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
-    with pytest.raises(ValueError, match="not a regular file"):
-        check_output_path(fifo, "the destination", replaced=True)
-    check_output_path(fifo, "--markdown")  # written through by open(): fine
+    for replaced in (True, False):  # a rename would replace it; open() would block on it
+        with pytest.raises(ValueError, match="not a regular file"):
+            check_output_path(fifo, "the destination", replaced=replaced)
     with pytest.raises(ValueError, match="an empty path"):
         check_output_path("", "--save-metrics")
+    with pytest.raises(ValueError, match="too long .* bytes"):  # bytes, not characters
+        check_output_path(tmp_path / ("中" * 100 + ".pth"), "--out")
+
+
+def test_check_output_path_checks_what_a_link_points_to(tmp_path):
+    """The writers write through links, so a link's target is checked: below a file, a
+    loop, an input; a link into a missing folder is fine (its folders are made)."""
+    from rest_dense.utils import check_output_path, make_parent_folder
+
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "into_file.pth").symlink_to(tmp_path / "afile" / "x.pth")
+    with pytest.raises(ValueError, match="which is a file"):
+        check_output_path(tmp_path / "into_file.pth", "the destination")
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    with pytest.raises(ValueError, match="a loop"):
+        check_output_path(tmp_path / "loop_a", "--markdown")
+    (tmp_path / "cfg.py").write_text("x = 1")
+    (tmp_path / "to_cfg.md").symlink_to(tmp_path / "cfg.py")
+    with pytest.raises(ValueError, match="same file as the input|links to the input"):
+        check_output_path(tmp_path / "to_cfg.md", "--markdown", [tmp_path / "cfg.py"])
+    far = tmp_path / "far.md"
+    far.symlink_to(tmp_path / "new" / "sub" / "t.md")
+    check_output_path(far, "--markdown")
+    with open(make_parent_folder(far), "w") as f:
+        f.write("table")
+    assert (tmp_path / "new" / "sub" / "t.md").read_text() == "table" and far.is_symlink()
 
 
 def test_missing_folders_and_remove_if_empty(tmp_path):

@@ -45,9 +45,6 @@ if TYPE_CHECKING:
 
 HELP = "latency, throughput and peak memory of backbones and whole models (CPU or CUDA)"
 
-#: the endings --plot takes (matplotlib picks the image format by the ending)
-PLOT_FORMATS = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -154,18 +151,22 @@ def run(args: argparse.Namespace) -> int:
         if problem:
             print(f"rest-dense bench: error: {problem}", file=sys.stderr)
             return 2
-    if args.markdown and args.plot and same_file(args.markdown, args.plot):
+    if args.markdown and args.plot and (same_file(args.markdown, args.plot) or os.path.realpath(
+            args.markdown) == os.path.realpath(args.plot)):
         print(f"rest-dense bench: error: --markdown and --plot name the same file "
               f"{args.plot!r}", file=sys.stderr)
-        return 2
-    if args.plot is not None and os.path.splitext(args.plot)[1].lower() not in PLOT_FORMATS:
-        print(f"rest-dense bench: error: --plot {args.plot!r}: give a file ending in one of "
-              f"{', '.join(PLOT_FORMATS)} (the ending picks the image format)", file=sys.stderr)
         return 2
     if args.plot:  # before any timing, not after
         from ..utils import require_package
 
         require_package("matplotlib", "--plot draws with it")
+        from matplotlib.figure import Figure
+
+        formats = sorted(Figure().canvas.get_supported_filetypes())
+        if os.path.splitext(args.plot)[1].lower().lstrip(".") not in formats:
+            print(f"rest-dense bench: error: --plot {args.plot!r}: give a file ending in one of "
+                  f".{', .'.join(formats)} (the ending picks the image format)", file=sys.stderr)
+            return 2
     if necks and not models and not args.configs:
         if args.plot:
             print("rest-dense bench: error: --plot draws backbone and whole-model rows; the neck "

@@ -156,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
             if path is not None:
                 check_output_path(path, option, sources, example=example, replaced=True)
         if out is not None and args.program is not None and \
-                os.path.abspath(out) == os.path.abspath(args.program):
+                os.path.realpath(out) == os.path.realpath(args.program):
             raise ValueError(f"--out and --program name the same file {out!r}")
         model = ex.build_model(args.model, attn_mode=args.attn_mode, checkpoint=args.checkpoint,
                                window_size=window)

@@ -28,13 +28,15 @@ default and cannot be combined with --trust-checkpoint.
 from __future__ import annotations
 
 import argparse
+import os
 
 from ..configs import ConfigBuildError
 from ..run_files import CHECKPOINT_ERRORS
 from ..utils import ImageReadError, error_text, reading_images
 from .train import (add_common_arguments, add_overrides_argument,
-                    add_trust_argument, allow_intermixed, d2_namespace, fail, overrides,
-                    prepare_run, print_metrics, toy_data_hint, UsageError)
+                    add_trust_argument, allow_intermixed, check_config_not_overwritten,
+                    d2_namespace, fail, overrides, prepare_run, print_metrics, toy_data_hint,
+                    UsageError)
 
 HELP = "evaluate a checkpoint (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -69,11 +71,13 @@ def run(args: argparse.Namespace) -> int:
         return fail("test", error_text(err))
 
     if args.family == "detectron2":
-        from ..d2.launch import check_args, launch_main
+        from ..d2.launch import check_args, launch_main, output_dir_of
 
         ns = d2_namespace(args, eval_only=True, weights=args.checkpoint)
         try:
             check_args(ns)
+            check_config_not_overwritten(args.config_path, args.work_dir or output_dir_of(ns),
+                                         "config.yaml")
         except (FileNotFoundError, ValueError) as err:
             return fail("test", error_text(err))
         from ..distributed import LaunchError
@@ -98,6 +102,11 @@ def run(args: argparse.Namespace) -> int:
                           cfg_options=overrides(args), launcher=args.launcher or "none",
                           toy_root=args.toy_root)
     except (FileNotFoundError, ValueError, KeyError) as err:
+        return fail("test", error_text(err))
+    try:  # mmengine writes the config as run to <work dir>/<its file name>
+        check_config_not_overwritten(args.config_path, cfg.work_dir,
+                                     os.path.basename(args.config_path))
+    except ValueError as err:
         return fail("test", error_text(err))
     from ..distributed import LaunchError, close_process_group
 

@@ -266,9 +266,9 @@ def check_output_options(args: argparse.Namespace) -> None:
 
 
 def check_replaces_metrics(path: str) -> None:
-    """``--save-metrics`` replaces an existing file only if it holds metrics (a JSON object
-    of names and values, as it writes): not a dataset's annotations or another file the
-    config names.
+    """``--save-metrics`` replaces an existing file only if it holds metrics (a small JSON
+    object of names and values, some of them numbers, as it writes): not a dataset's
+    annotations, a class list or another file the config names.
 
     Raises:
         ValueError: ``path`` holds something else.
@@ -277,30 +277,39 @@ def check_replaces_metrics(path: str) -> None:
         return
     import json
 
-    try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
-        ok = isinstance(data, dict) and all(
-            not isinstance(v, (dict, list)) for v in data.values())
-    except (OSError, ValueError):
-        ok = os.path.getsize(path) == 0
+    ok = os.path.getsize(path) == 0
+    if 0 < os.path.getsize(path) <= (1 << 20):  # metrics files are small: larger ones are not
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+            values = list(data.values()) if isinstance(data, dict) else [[]]
+            ok = all(not isinstance(v, (dict, list)) for v in values) and any(
+                v is None or isinstance(v, (int, float)) and not isinstance(v, bool)
+                for v in values)
+        except (OSError, ValueError):
+            ok = False
     if not ok:
         raise ValueError(f"--save-metrics {path!r} exists and holds no metrics (an annotation "
                          "or other data file?); it would be overwritten: give another path")
 
 
 def check_config_not_overwritten(config: str, out_dir: str, written_name: str) -> None:
-    """Training writes the config as run to ``out_dir/written_name``: refuse when that is
-    the user's config file itself (``--work-dir`` = the config's folder).
+    """Training and testing write the config as run to ``out_dir/written_name``: refuse when
+    that is the user's config file or a file it builds on (``--work-dir`` = its folder).
 
     Raises:
         ValueError: naming the file and what to do.
     """
+    from ..configs import config_files
+
     written = os.path.join(os.fspath(out_dir), written_name)
-    if os.path.exists(written) and same_file(written, config):
-        raise ValueError(f"the output folder {out_dir} holds the config {config}, which training "
-                         f"would overwrite with the config as run ({written_name}); choose "
-                         "another --work-dir / output folder")
+    if not os.path.exists(written):
+        return
+    for read in [config] + config_files(config):  # the config and every file it builds on
+        if same_file(written, read):
+            raise ValueError(f"the output folder {out_dir} holds the config file {read}, which "
+                             f"the run would overwrite with the config as run "
+                             f"({written_name}); choose another --work-dir / output folder")
 
 
 def fix_resume(args: argparse.Namespace) -> None:

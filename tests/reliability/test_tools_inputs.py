@@ -194,9 +194,43 @@ def test_outputs_never_overwrite_the_configs_they_read(tmp_path, capsys):
     ann.write_text('{"images": [], "annotations": [], "categories": []}')
     with pytest.raises(ValueError, match="holds no metrics"):
         check_replaces_metrics(str(ann))
+    classes = tmp_path / "classes.json"
+    classes.write_text('{"0": "circle", "1": "square"}')
+    with pytest.raises(ValueError, match="holds no metrics"):
+        check_replaces_metrics(str(classes))
     metrics = tmp_path / "m.json"
-    metrics.write_text('{"coco/bbox_mAP": 0.5, "coco/segm_mAP": null}')
+    metrics.write_text('{"coco/bbox_mAP": 0.5, "coco/segm_mAP": null, '
+                       '"coco/bbox_mAP_copypaste": "0.5 0.7"}')
     check_replaces_metrics(str(metrics))  # a previous run's metrics: replaced
+
+
+def test_runs_never_overwrite_a_file_the_config_builds_on(tmp_path, monkeypatch):
+    """train / test write the config as run into the work dir: refused when that is the
+    config or a file of its _base_ / _BASE_ chain (also a `~` base of detectron2)."""
+    from rest_dense.commands.train import check_config_not_overwritten
+    from rest_dense.configs import config_files, configs_root
+
+    (tmp_path / "c4").mkdir()
+    (tmp_path / "c5").mkdir()
+    base = tmp_path / "c4" / "retinanet_restv2_toy.py"
+    base.write_text(f"_base_ = {str(configs_root() / 'toy' / 'retinanet_restv2_toy.py')!r}\n")
+    config = tmp_path / "c5" / "retinanet_restv2_toy.py"
+    config.write_text("_base_ = '../c4/retinanet_restv2_toy.py'\n")
+    with pytest.raises(ValueError, match="holds the config file .*c4"):
+        check_config_not_overwritten(str(config), str(tmp_path / "c4"), base.name)
+    check_config_not_overwritten(str(config), str(tmp_path / "other"), base.name)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "hb.yaml").write_text("MODEL:\n  DEVICE: cpu\n")
+    (tmp_path / "c5" / "c.yaml").write_text("_BASE_: ~/hb.yaml\nSOLVER:\n  MAX_ITER: 1\n")
+    assert str(tmp_path / "hb.yaml") in config_files(str(tmp_path / "c5" / "c.yaml"))
+
+
+def test_export_out_and_program_through_a_link(files, tmp_path, capsys):
+    (tmp_path / "p.pt2").symlink_to(tmp_path / "e.onnx")
+    rc, out, err = _run(["export", "restv1_lite", "--static", "--shape", "64x64", "--out",
+                         str(tmp_path / "e.onnx"), "--program", str(tmp_path / "p.pt2")], capsys)
+    assert rc != 0 and "name the same file" in err and "exported" not in out
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.pt2"]
 
 
 def test_convert_creates_missing_folders(files, tmp_path, capsys):

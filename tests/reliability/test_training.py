@@ -563,7 +563,7 @@ def test_training_never_writes_over_its_own_config(tmp_path, capsys):
         before = config.read_bytes()
         code = cli(["train", str(config), "--work-dir", str(config.parent), *extra])
         err = capsys.readouterr().err
-        assert code == 2 and f"holds the config {config}" in err and "would overwrite" in err, err
+        assert code == 2 and f"holds the config file {config}" in err and "would overwrite" in err, err
         assert config.read_bytes() == before
         assert sorted(p.name for p in config.parent.iterdir()) == [config.name]
 
