@@ -59,7 +59,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 # ------------------------------------------------------------------ where a config is
 class ConfigSyntaxError(ValueError):
-    """A ``.py`` config that Python cannot parse."""
+    """A config file that cannot be read as one: a ``.py`` config Python cannot parse, a
+    ``_base_`` that is no file name."""
 
 
 class ConfigBuildError(ValueError):
@@ -286,6 +287,13 @@ def read_mm_config(path: PathLike):
 
     install_config_scope()
     path = os.fspath(path)
+    try:  # a malformed _base_ (or syntax) anywhere in the chain, named before mmengine trips
+        for _ in _chain(os.path.abspath(path), set()):
+            pass
+    except ConfigSyntaxError:
+        raise
+    except (ValueError, OSError):
+        pass  # what mmengine reads differently, it reports below
     try:
         return Config.fromfile(path)
     except SyntaxError as err:  # the file or one of its _base_ files
@@ -469,6 +477,10 @@ def _read_py(path: str, text: str) -> _Facts:
                 facts.model_type = _dict_type(value) or facts.model_type
             elif target.id == "_base_":
                 items = value.elts if isinstance(value, (ast.List, ast.Tuple)) else [value]
+                if any(isinstance(item, ast.Constant) and not isinstance(item.value, str)
+                       for item in items):
+                    raise ConfigSyntaxError(f"config {path}: _base_ must be a config file "
+                                            f"name or a list of them, got {ast.unparse(value)}")
                 for item in items:
                     s = _literal_str(item)
                     if s:
@@ -506,6 +518,11 @@ def _read_yaml(path: str, text: str) -> _Facts:
         if isinstance(model, dict) and isinstance(model.get("type"), str):
             facts.model_type = model["type"]
         bases = data.get("_base_") or []
+        if not isinstance(bases, (str, list)) or not all(isinstance(b, str) for b in
+                                                          ([bases] if isinstance(bases, str)
+                                                           else bases)):
+            raise ConfigSyntaxError(f"config {path}: _base_ must be a config file name or a "
+                                    f"list of them, got {bases!r}")
         for s in [bases] if isinstance(bases, str) else list(bases):
             if isinstance(s, str):
                 facts.bases.append(s if "::" in s else

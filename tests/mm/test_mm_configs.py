@@ -185,6 +185,10 @@ def test_user_configs_inherit_shipped_and_toolbox_configs(tmp_path, capsys):
     gone.write_text("_base_ = 'nothere.py'\n")
     broken = tmp_path / "broken.py"
     broken.write_text("_base_ = ['x.py'\nmodel = dict(\n")
+    base5 = tmp_path / "base5.py"
+    base5.write_text("_base_ = 5\n")
+    on_base5 = tmp_path / "on_base5.yaml"
+    on_base5.write_text("_base_: ./base5.py\n")
     unbuildable = tmp_path / "unbuildable.py"
     unbuildable.write_text("_base_ = 'rest_dense::toy/mask_rcnn_restv2_toy.py'\n"
                            "model = dict(backbone=dict(attn_mode='swin'))\n")
@@ -202,7 +206,10 @@ def test_user_configs_inherit_shipped_and_toolbox_configs(tmp_path, capsys):
                         (["bench", "--configs", raising, "--shape", "32x32"], "ZeroDivisionError"),
                         (["bench", "--configs", unbuildable, "--shape", "32x32", "--no-progress"],
                          "the config does not build: unknown attn_mode 'swin'"),
-                        (["flops", unbuildable], "the config does not build: unknown attn_mode")):
+                        (["flops", unbuildable], "the config does not build: unknown attn_mode"),
+                        (["flops", base5], "_base_ must be a config file name or a list"),
+                        (["train", base5], "_base_ must be a config file name or a list"),
+                        (["flops", on_base5], f"config {base5}: _base_ must be")):
         try:
             rc = main([str(a) for a in argv])
         except SystemExit as exit:
