@@ -27,9 +27,9 @@ from __future__ import annotations
 
 import argparse
 import pickle
-import sys
 
 from ..convert import LAYOUTS  # light: torch and the core models, which the package imports
+from . import fail
 
 HELP = "convert a checkpoint between the released, mmdet/mmseg, detectron2 and core layouts"
 
@@ -67,8 +67,7 @@ def run(args: argparse.Namespace) -> int:
         # the core's checkpoint errors are ValueErrors; OSError: missing file, a folder, an
         # unwritable destination; an UnpicklingError: SRC holds more than weights_only=True
         # admits (the message names --unsafe-load)
-        print(f"error: {_message(e)}", file=sys.stderr)
-        return 1
+        return fail("convert", _message(e), 1)
     print(f"model: {res.model} (verified in attn_mode {res.attn_mode}); layout: {res.layout}; "
           f"{res.num_tensors} tensors written")
     if res.dropped:

@@ -47,6 +47,7 @@ from typing import Optional
 from ..deploy.backbone_onnx import DEFAULT_CHECK_SIZES, DEFAULT_OPSET
 from ..models import ATTN_MODES
 from ..utils import check_output_path, error_text, format_size, size_arg
+from . import fail
 
 HELP = "export a backbone to ONNX and check ONNX / torch.compile against eager PyTorch"
 
@@ -90,8 +91,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _fail(message: str, code: int = 2) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return code
+    return fail("export", message, code)
 
 
 def _check_arguments(args: argparse.Namespace) -> Optional[str]:

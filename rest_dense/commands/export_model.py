@@ -37,6 +37,7 @@ import sys
 
 from ..utils import error_text, fraction, non_negative_float, size_arg
 from .outputs import output_problem
+from . import fail
 
 HELP = "export a detector / segmenter to ONNX and check it with ONNX Runtime"
 
@@ -96,12 +97,10 @@ def run(args: argparse.Namespace) -> int:
     sizes = list(args.check_shapes) if args.check_shapes is not None else \
         [size_arg(s) for s in _DEFAULT_CHECKS]
     if args.threads < 1 or args.runs < 1:
-        print("error: --threads and --runs must be at least 1", file=sys.stderr)
-        return 2
+        return fail("export-model", "--threads and --runs must be at least 1")
     if not args.no_check and not sizes and not args.check_images:
-        print("error: nothing to check: give --check-shapes or --check-images, or --no-check",
-              file=sys.stderr)
-        return 2
+        return fail("export-model", "nothing to check: give --check-shapes or --check-images, "
+                    "or --no-check")
     torch.set_num_threads(args.threads)
     trust(*args.trust_checkpoint)
     # a --out folder this command creates is removed again if it fails
@@ -127,8 +126,7 @@ def _export_and_check(args: argparse.Namespace, sizes) -> int:
         args.checkpoint, args.config, *config_files(args.config), *args.check_images],
         replaced=True)
     if problem:
-        print(f"error: {problem}", file=sys.stderr)
-        return 2
+        return fail("export-model", problem)
     # the graph gets its name only once it passed the checks (StagedFile); the temporary
     # name ends in .onnx, the one ending MMDeploy writes
     with StagedFile(args.out, ".onnx") as staged:
@@ -139,8 +137,7 @@ def _export_and_check(args: argparse.Namespace, sizes) -> int:
                              check_images=args.check_images)
         except (FileNotFoundError, ValueError, ImportError, OSError,
                 pickle.UnpicklingError) as e:
-            print(f"error: {error_text(e)}", file=sys.stderr)
-            return 2
+            return fail("export-model", error_text(e))
         size_mb = os.path.getsize(exp.path) / 2 ** 20
         print(f"exported {args.out} ({size_mb:.1f} MiB) with {exp.tool}, opset {exp.opset}, "
               f"traced at network input {format_size(exp.trace_size)}, dynamic height/width, "

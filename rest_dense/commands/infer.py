@@ -45,6 +45,7 @@ import argparse
 import sys
 
 from ..utils import error_text
+from . import fail
 
 HELP = "run a trained model on images (pictures + JSON / label PNGs)"
 
@@ -88,12 +89,10 @@ def run(args: argparse.Namespace) -> int:
                                 draw=not args.no_vis, progress=not args.quiet,
                                 overwrite=args.overwrite)
     except InferenceInterrupted as e:
-        print(f"error: {error_text(e)}", file=sys.stderr)
-        return 130
+        return fail("infer", error_text(e), 130)
     except (FileNotFoundError, ValueError, ImportError, OSError, pickle.UnpicklingError,
             FolderBusyError) as e:
-        print(f"error: {error_text(e)}", file=sys.stderr)
-        return 2
+        return fail("infer", error_text(e))
     for item in summary.skipped:
         print(f"skipped {item['input']}: {item['error']}", file=sys.stderr)
     for item in summary.failed:
@@ -111,16 +110,12 @@ def run(args: argparse.Namespace) -> int:
     errors = {item["error"] for item in summary.failed}
     model_failed = [item for item in summary.failed if item.get("cause") != "image"]
     if model_failed and n == 0 and len(errors) == 1:
-        print(f"error: the model failed on every image with the same error, a problem of the "
-              f"config or checkpoint rather than of the images: {errors.pop()}", file=sys.stderr)
-        return 2
+        return fail("infer", "the model failed on every image with the same error, a problem "
+                    f"of the config or checkpoint rather than of the images: {errors.pop()}")
     if summary.failed:
         others = ("the others' results are written (summary.json lists both)" if n else
                   "no image could be processed (summary.json lists why)")
-        print(f"error: the model failed on {len(summary.failed)} image(s); {others}",
-              file=sys.stderr)
-        return 1
+        return fail("infer", f"the model failed on {len(summary.failed)} image(s); {others}", 1)
     if n == 0:
-        print("error: no image could be processed", file=sys.stderr)
-        return 1
+        return fail("infer", "no image could be processed", 1)
     return 0

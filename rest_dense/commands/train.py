@@ -63,6 +63,7 @@ from ..run_files import CHECKPOINT_ERRORS  # light: torch only
 from ..utils import (ImageReadError, check_output_path, env_var, error_text,
                      make_parent_folder, positive_int, reading_images, same_file)
 from ..configs import ConfigBuildError
+from . import fail
 
 HELP = "train a detector / segmentor (MMDetection, MMSegmentation or detectron2 config)"
 
@@ -364,11 +365,6 @@ def d2_namespace(args: argparse.Namespace, **extra: Any) -> argparse.Namespace:
         lazy=bool(args.lazy), toy_root=toy_data_root(args),
         cpu_threads=args.threads or 0, output_dir=args.work_dir,
         trust_checkpoint=list(getattr(args, "trust_checkpoint", None) or []), **extra)
-
-
-def fail(command: str, message: str) -> int:
-    print(f"rest-dense {command}: error: {message}", file=sys.stderr)
-    return 2
 
 
 def print_metrics(metrics: Optional[Dict[str, Any]], save: Optional[str] = None) -> None:
