@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Sequence
@@ -40,6 +41,8 @@ def _assert_refused(rc, err: str, expect: Sequence[str], status=None) -> None:
         assert rc == status, err
     assert "Traceback" not in err and 'File "' not in err, err
     assert "error:" in err, err
+    # commands.fail's one form, which argparse's refusals share
+    assert re.search(r"^rest-dense [a-z-]+: error: ", err, re.MULTILINE), err
     for text in expect:
         assert text in err, f"{text!r} not in: {err}"
 
