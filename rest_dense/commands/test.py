@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             check_args(ns)
             check_config_not_overwritten(args.config_path, args.work_dir or output_dir_of(ns),
-                                         "config.yaml")
+                                         "config.yaml", bases_only=True)
         except (FileNotFoundError, ValueError) as err:
             return fail("test", error_text(err))
         from ..distributed import LaunchError
@@ -105,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
         return fail("test", error_text(err))
     try:  # mmengine writes the config as run to <work dir>/<its file name>
         check_config_not_overwritten(args.config_path, cfg.work_dir,
-                                     os.path.basename(args.config_path))
+                                     os.path.basename(args.config_path), bases_only=True)
     except ValueError as err:
         return fail("test", error_text(err))
     from ..distributed import LaunchError, close_process_group

@@ -294,9 +294,12 @@ def check_replaces_metrics(path: str) -> None:
                          "or other data file?); it would be overwritten: give another path")
 
 
-def check_config_not_overwritten(config: str, out_dir: str, written_name: str) -> None:
+def check_config_not_overwritten(config: str, out_dir: str, written_name: str,
+                                 bases_only: bool = False) -> None:
     """Training and testing write the config as run to ``out_dir/written_name``: refuse when
     that is the user's config file or a file it builds on (``--work-dir`` = its folder).
+    ``bases_only`` (test): only the files it builds on; evaluating the config a training
+    run saved into its own folder rewrites it with the same config, as the toolboxes do.
 
     Raises:
         ValueError: naming the file and what to do.
@@ -306,7 +309,10 @@ def check_config_not_overwritten(config: str, out_dir: str, written_name: str) -
     written = os.path.join(os.fspath(out_dir), written_name)
     if not os.path.exists(written):
         return
-    for read in [config] + config_files(config):  # the config and every file it builds on
+    files = [config] + config_files(config)  # the config and every file it builds on
+    for read in files:
+        if bases_only and same_file(read, config):
+            continue  # test: rewriting a run's saved config in its own folder, as mmdet does
         if same_file(written, read):
             raise ValueError(f"the output folder {out_dir} holds the config file {read}, which "
                              f"the run would overwrite with the config as run "

@@ -222,6 +222,13 @@ def test_runs_never_overwrite_a_file_the_config_builds_on(tmp_path, monkeypatch)
     with pytest.raises(ValueError, match="holds the config file .*c4"):
         check_config_not_overwritten(str(config), str(tmp_path / "c4"), base.name)
     check_config_not_overwritten(str(config), str(tmp_path / "other"), base.name)
+    with pytest.raises(ValueError, match="holds the config file .*c4"):  # test: bases still
+        check_config_not_overwritten(str(config), str(tmp_path / "c4"), base.name,
+                                     bases_only=True)
+    # test of the config a run saved into its own folder (mmdet's tools/test.py habit): fine
+    check_config_not_overwritten(str(config), str(tmp_path / "c5"), config.name, bases_only=True)
+    with pytest.raises(ValueError, match="holds the config file"):  # train: refused
+        check_config_not_overwritten(str(config), str(tmp_path / "c5"), config.name)
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / "hb.yaml").write_text("MODEL:\n  DEVICE: cpu\n")
     (tmp_path / "c5" / "c.yaml").write_text("_BASE_: ~/hb.yaml\nSOLVER:\n  MAX_ITER: 1\n")
